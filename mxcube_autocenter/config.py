@@ -1,0 +1,102 @@
+"""Typed configuration of the AutoCenter hardware object.
+
+Beamline staff write these properties in the hardware object's XML file (see
+``hardware_objects_xml/auto_centring.xml`` and ``docs/configuration.md``).
+mxcubecore passes every XML property to :class:`AutoCenterConfig`; a value of
+the wrong type or out of range is refused with a message that names the
+property and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Literal
+
+from mxcubecore.BaseHardwareObjects import ConfiguredObject
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+SCAN_TYPES = ("OSC", "Helical")
+
+
+class AutoCenterConfig(ConfiguredObject.HOConfig):
+    """XML properties of ``mxcube_autocenter.AutoCenter``.
+
+    Undeclared properties are reported by mxcubecore (a warning, or an error
+    in its "strict" validation mode), so a misspelt property never passes
+    silently.
+    """
+
+    username: str = Field(default="Optical ML centring", description="Name shown in MXCuBE.")
+    centring_model: str | None = Field(
+        default=None,
+        description="Keras model file for centring; empty: the shipped default model.",
+    )
+    recording_enabled: bool = Field(
+        default=True,
+        description="Record camera frames during the configured collection types.",
+    )
+    record_directory: str = Field(
+        default="{data_directory}/autocenter_frames",
+        description=(
+            "Where recordings go: absolute, or a template with {data_directory}, "
+            "the collection's data directory."
+        ),
+    )
+    record_frame_rate: float = Field(
+        default=10.0, gt=0, le=100, description="Frames recorded per second."
+    )
+    record_scan_types: list[Literal["OSC", "Helical"]] = Field(
+        default=list(SCAN_TYPES),
+        description="Collection types to record, from 'OSC' (rotational) and 'Helical'.",
+    )
+
+    @field_validator("record_scan_types", mode="before")
+    @classmethod
+    def _parse_list(cls, value):
+        # XML properties arrive as text such as '["OSC", "Helical"]'.
+        if isinstance(value, str):
+            try:
+                return ast.literal_eval(value)
+            except (ValueError, SyntaxError) as err:
+                raise ValueError(
+                    f"expected a list such as {list(SCAN_TYPES)!r}, got {value!r}"
+                ) from err
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _explain_errors(cls, data, handler):
+        # pydantic's own report is terse; name each property, its value, what
+        # it means and where to fix it, as beamline staff read it in the log.
+        try:
+            return handler(data)
+        except ValidationError as err:
+            raise ValueError(
+                "invalid AutoCenter configuration (fix it in the hardware "
+                "object's XML file, see docs/configuration.md):\n"
+                + describe_errors(err, cls)
+            ) from None
+
+
+def describe_errors(error: ValidationError, model) -> str:
+    """One line per invalid property of a pydantic ``ValidationError``.
+
+    Parameters
+    ----------
+    error : pydantic.ValidationError
+        The error raised while validating ``model``.
+    model : type of pydantic.BaseModel
+        The configuration model, for the properties' descriptions.
+
+    Returns
+    -------
+    str
+        Lines of the form ``<property> = <value>: <problem> (<meaning>)``.
+    """
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "(configuration)"
+        field = model.model_fields.get(name)
+        meaning = f" ({field.description})" if field and field.description else ""
+        lines.append(f"  {name} = {item.get('input')!r}: {item['msg']}{meaning}")
+    return "\n".join(lines)

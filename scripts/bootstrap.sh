@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Creates .venv and installs mxcube-autocenter into it (editable, with the test
+# extras). Called by `make`; does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+STAMP=$VENV/.installed
+
+# python-ldap (a dependency of mxcubecore) compiles against these headers.
+SYSTEM_PACKAGES="libldap2-dev libsasl2-dev"
+
+missing_system_packages() {
+    local missing=""
+    for pkg in $SYSTEM_PACKAGES; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing="$missing $pkg"
+    done
+    echo "$missing"
+}
+
+find_python() {
+    for candidate in "${PYTHON:-}" python3.11 python3.10 python3; do
+        [ -n "$candidate" ] || continue
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if "$candidate" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] < (3, 12)))'; then
+            echo "$candidate"
+            return
+        fi
+    done
+    echo "error: mxcubecore needs Python 3.10 or 3.11; install python3.11 or set PYTHON=/path/to/python3.11" >&2
+    exit 1
+}
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ]; then
+    exit 0
+fi
+
+if command -v dpkg-query >/dev/null 2>&1; then
+    missing=$(missing_system_packages)
+    if [ -n "$missing" ]; then
+        if [ "$(id -u)" -eq 0 ]; then
+            echo "Installing system packages:$missing"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+        else
+            echo "error: python-ldap needs the system packages:$missing" >&2
+            echo "       run: sudo apt-get install$missing   (then run make again)" >&2
+            exit 1
+        fi
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$(find_python)" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+touch "$STAMP"

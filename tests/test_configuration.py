@@ -1,0 +1,51 @@
+"""Configuration errors of the AutoCenter object, as beamline staff meet them."""
+
+import logging
+import shutil
+
+import pytest
+
+from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
+
+
+def _config_with(tmp_path, old, new):
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    xml = config / "auto_centring.xml"
+    text = xml.read_text()
+    assert old in text
+    xml.write_text(text.replace(old, new))
+    return config
+
+
+def _logged(caplog):
+    return "\n".join(
+        str(r.exc_info[1]) if r.exc_info else r.getMessage() for r in caplog.records
+    )
+
+
+def test_malformed_property_gives_clear_error(tmp_path, caplog):
+    config = _config_with(
+        tmp_path,
+        "<record_frame_rate>10</record_frame_rate>",
+        "<record_frame_rate>fast</record_frame_rate>",
+    )
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            assert bl.get_object_by_role("auto_centring") is None
+            with pytest.raises(LookupError, match="beamline.yaml"):
+                auto_centring(bl)
+    messages = _logged(caplog)
+    assert "record_frame_rate = 'fast'" in messages
+    assert "Frames recorded per second" in messages
+    assert "docs/configuration.md" in messages
+
+
+def test_unknown_scan_type_is_refused(tmp_path, caplog):
+    config = _config_with(tmp_path, '["OSC", "Helical"]', '["OSC", "Mesh"]')
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            assert bl.get_object_by_role("auto_centring") is None
+    messages = _logged(caplog)
+    assert "record_scan_types" in messages
+    assert "'OSC' or 'Helical'" in messages

@@ -1,0 +1,42 @@
+"""The AutoCenter hardware object inside a real mxcubecore beamline."""
+
+import numpy as np
+import pytest
+
+from mxcube_autocenter.AutoCenter import AutoCenter
+from mxcube_autocenter.beamline import auto_centring, virtual_beamline_dir
+
+
+def test_plugin_loads_from_xml_with_its_properties(beamline):
+    ho = beamline.get_object_by_role("auto_centring")
+    assert isinstance(ho, AutoCenter)
+    assert ho is auto_centring(beamline)
+    settings = ho.settings()
+    assert settings["record_frame_rate"] == 10.0
+    assert settings["record_scan_types"] == ["OSC", "Helical"]
+    assert settings["recording_enabled"] is True
+    assert ho.get_property("record_frame_rate") == 10.0
+
+
+def test_sample_view_camera_and_motors_reachable(beamline):
+    frame = beamline.sample_view.get_snapshot(return_as_array=True)
+    assert frame.ndim == 3 and frame.shape[2] == 3
+    assert frame.dtype == np.uint8
+    assert frame.std() > 0  # a real image, not a blank buffer
+
+    motors = beamline.diffractometer.get_motors()
+    for role in ("omega", "phiy", "phiz", "sampx", "sampy"):
+        assert role in motors
+    assert beamline.diffractometer.zoom is not None
+    assert all(v > 0 for v in beamline.diffractometer.get_pixels_per_mm())
+    assert len(beamline.beam.get_beam_position_on_screen()) == 2
+    for role in ("detector", "collect", "queue_manager", "queue_model"):
+        assert beamline.get_object_by_role(role) is not None
+
+
+def test_motor_moves_are_seen_through_the_beamline(beamline):
+    phiy = beamline.diffractometer.phiy
+    start = phiy.get_value()
+    phiy.set_value(start + 0.05, timeout=10)
+    assert phiy.get_value() == pytest.approx(start + 0.05, abs=1e-6)
+    phiy.set_value(start, timeout=10)
