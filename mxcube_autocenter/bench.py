@@ -1,0 +1,32 @@
+"""``mxcube-autocenter bench``: speed and memory figures, printed, never asserted.
+
+Each benchmark is a function ``(quick: bool) -> dict[str, float]`` that times
+the real code path (and, where the issue asks, the slow reference path in the
+same run, so that ratios survive noisy machines). ``run_all`` merges their
+figures into one flat dictionary, the JSON object of ``bench --json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+Benchmark = Callable[[bool], dict]
+
+
+def _registry() -> list[tuple[str, Benchmark]]:
+    # Imported lazily: each benchmark pulls in its own heavy dependencies.
+    return []
+
+
+def run_all(quick: bool = False, only: list[str] | None = None, progress=print) -> dict:
+    """Run the benchmarks and return all their figures in one dictionary."""
+    figures: dict = {}
+    for name, bench in _registry():
+        if only and name not in only:
+            continue
+        progress(f"[bench] {name} ...")
+        start = time.perf_counter()
+        figures.update(bench(quick))
+        progress(f"[bench] {name} done in {time.perf_counter() - start:.1f} s")
+    return figures
