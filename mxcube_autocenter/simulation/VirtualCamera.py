@@ -1,0 +1,128 @@
+"""The on-axis camera of the virtual beamline.
+
+Renders the mounted virtual sample at the current motor positions and zoom
+and serves it like an MD camera: an ``imageReceived(jpeg_bytes, width,
+height)`` stream and ``get_last_image() -> (rgb_bytes, width, height)``.
+Rendering and JPEG encoding run on gevent's thread pool, so the event loop
+never waits for them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import gevent
+import gevent.lock
+import numpy as np
+from mxcubecore import HardwareRepository as HWR
+from mxcubecore.BaseHardwareObjects import HardwareObject
+
+from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Look, Renderer, random_look
+
+
+class VirtualCamera(HardwareObject):
+    """Simulated MD3 sample-view camera.
+
+    XML properties: ``width``, ``height`` (pixels), ``fps`` (frames per second
+    of the ``imageReceived`` stream, default 25), ``jpeg_quality``,
+    ``latency_s`` (delay between exposure and delivery), ``look``
+    (``default`` or ``random``) and ``look_seed``.
+    """
+
+    def init(self):
+        super().init()
+        self._width = int(self.get_property("width", 1280))
+        self._height = int(self.get_property("height", 1024))
+        self._fps = float(self.get_property("fps", 25))
+        if not 1 <= self._fps <= 100:
+            raise ValueError(f"{self.load_name}: fps = {self._fps}: give 1 to 100 frames per second")
+        self._jpeg_quality = int(self.get_property("jpeg_quality", 90))
+        self._latency_s = float(self.get_property("latency_s", 0.02))
+        look = DEFAULT_LOOK
+        if self.get_property("look", "default") == "random":
+            look = random_look(np.random.default_rng(int(self.get_property("look_seed", 0))))
+        self._lock = gevent.lock.BoundedSemaphore()
+        self.set_look(look)
+        self.frame_number = 0
+        self._streaming = True
+        self._stream_task = gevent.spawn(self._stream)
+        self.update_state(self.STATES.READY)
+
+    def set_look(self, look: Look):
+        """Change the optics and lighting (the next frame is rendered anew)."""
+        with self._lock:
+            self.look = look
+            self._renderer = Renderer(self._width, self._height, look)
+            self._key = None
+            self._rgb = None
+            self._jpeg = None
+
+    def _scene(self):
+        """Everything a frame depends on, as a hashable key and its parts."""
+        bl = HWR.beamline
+        diffr = bl.diffractometer
+        motors = {name: float(diffr.get_motors()[name].get_value()) for name in CENTRING_MOTORS}
+        ppmm = tuple(diffr.get_pixels_per_mm())
+        beam = tuple(bl.beam.get_beam_position_on_screen())
+        mounted = bl.sample_changer.mounted
+        key = (tuple(motors.values()), ppmm, beam, id(mounted), id(self.look))
+        return key, motors, ppmm, beam, mounted
+
+    def _render(self, motors, ppmm, beam, mounted):
+        if mounted is None:
+            rgb = self._renderer.render_empty()
+        else:
+            rgb = self._renderer.render(mounted.sample, motors, ppmm, beam)
+        ok, jpeg = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self._jpeg_quality]
+        )
+        return rgb, jpeg.tobytes()
+
+    def _update(self):
+        """Render a new frame if the scene changed since the last one."""
+        with self._lock:
+            key, motors, ppmm, beam, mounted = self._scene()
+            if key != self._key:
+                pool = gevent.get_hub().threadpool
+                self._rgb, self._jpeg = pool.apply(self._render, (motors, ppmm, beam, mounted))
+                self._key = key
+                self.frame_number += 1
+
+    def _stream(self):
+        period = 1.0 / self._fps
+        while self._streaming:
+            start = time.monotonic()
+            try:
+                self._update()
+                gevent.sleep(self._latency_s)
+                self.emit("imageReceived", self._jpeg, self._width, self._height)
+            except Exception:
+                self.log.exception("virtual camera: could not render a frame")
+            gevent.sleep(max(0.0, period - (time.monotonic() - start)))
+
+    def stop_streaming(self):
+        self._streaming = False
+
+    def get_last_image(self):
+        """The current frame as ``(rgb_bytes, width, height)``, like MDCameraMockup."""
+        self._update()
+        return self._rgb.tobytes(), self._width, self._height
+
+    def get_last_frame(self) -> np.ndarray:
+        """The current frame as an RGB uint8 array (height, width, 3)."""
+        self._update()
+        return self._rgb
+
+    def get_width(self) -> int:
+        return self._width
+
+    def get_height(self) -> int:
+        return self._height
+
+    def set_live(self, state) -> bool:
+        return True
+
+    def get_available_stream_sizes(self):
+        return [(self._width, self._height), (self._width // 2, self._height // 2)]

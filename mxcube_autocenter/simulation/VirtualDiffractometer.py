@@ -1,0 +1,42 @@
+"""An MD3-like diffractometer whose image scale follows the zoom."""
+
+from __future__ import annotations
+
+import ast
+
+from mxcubecore.HardwareObjects.abstract.AbstractDiffractometer import (
+    AbstractDiffractometer,
+    DiffractometerConstraint,
+    DiffractometerHead,
+    DiffractometerPhase,
+)
+from mxcubecore.HardwareObjects.mockup.DiffractometerMockup import DiffractometerMockup
+
+# MD3 on-axis camera scales at its zoom levels, pixels per micrometre.
+DEFAULT_PIXELS_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0, 4.2, 6.0)
+
+
+class VirtualDiffractometer(DiffractometerMockup):
+    """DiffractometerMockup with zoom-dependent pixels_per_mm and motors at rest.
+
+    XML property ``pixels_per_um``: the scale at each zoom level (level 1
+    first), pixels per micrometre.
+    """
+
+    def init(self):
+        # The mockup parks every motor at a random position; a virtual MD3 starts at rest.
+        AbstractDiffractometer.init(self)
+        self.head_type = DiffractometerHead.MINI_KAPPA
+        self.current_phase = DiffractometerPhase.CENTRE
+        self.current_constraint = DiffractometerConstraint.RELEASE
+        scales = self.get_property("pixels_per_um", DEFAULT_PIXELS_PER_UM)
+        if isinstance(scales, str):
+            scales = ast.literal_eval(scales)
+        self.pixels_per_um = tuple(float(s) for s in scales)
+        self.update_state(self.STATES.READY)
+
+    def get_pixels_per_mm(self):
+        """Horizontal and vertical image scale at the current zoom, pixels per mm."""
+        level = self.zoom.get_value().value
+        scale = self.pixels_per_um[min(max(int(level), 1), len(self.pixels_per_um)) - 1] * 1000.0
+        return scale, scale

@@ -1,0 +1,71 @@
+"""A sample changer that mounts virtual samples on the virtual goniometer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mxcubecore.HardwareObjects.mockup.SampleChangerMockup import SampleChangerMockup
+
+from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
+from mxcube_autocenter.simulation.sample import VirtualSample, make_sample
+
+
+@dataclass
+class MountedSample:
+    """The sample on the goniometer with its diffraction ground truth."""
+
+    sample: VirtualSample
+    diffraction: DiffractionModel
+    crystal_id: str = ""
+    _best: tuple = field(default=None, repr=False)
+
+    def best_point(self):
+        """``(point, rc)``: where to centre for the most reflections (cached)."""
+        if self._best is None:
+            self._best = self.diffraction.best_point()
+        return self._best
+
+
+class VirtualSampleChanger(SampleChangerMockup):
+    """SampleChangerMockup whose positions hold reproducible virtual samples.
+
+    The sample at basket ``b``, position ``p`` is made from seed
+    ``seed + 100 * b + p``; :meth:`mount` puts any sample on the goniometer
+    directly (tests and the demo use it). XML properties: ``seed``,
+    ``beam_width_um``, ``beam_height_um``, ``beam_profile``.
+    """
+
+    def init(self):
+        super().init()
+        self.mounted = None
+        self.beam = Beam(
+            width_um=float(self.get_property("beam_width_um", 20.0)),
+            height_um=float(self.get_property("beam_height_um", 5.0)),
+            profile=self.get_property("beam_profile", "gaussian"),
+        )
+
+    def seed_at(self, basket: int, position: int) -> int:
+        return int(self.get_property("seed", 1000)) + 100 * int(basket) + int(position)
+
+    def load(self, sample, wait=False):
+        loaded = super().load(sample, wait)
+        basket, position = self._selected_basket, self._selected_sample
+        self.mount(make_sample(self.seed_at(basket, position)), crystal_id=f"{basket}:{position}")
+        return loaded
+
+    def unload(self, sample_slot=None, wait=None):
+        super().unload(sample_slot, wait)
+        self.mount(None)
+
+    def mount(self, sample: VirtualSample | None, crystal_id: str | None = None) -> MountedSample | None:
+        """Put ``sample`` on the goniometer (None: nothing mounted) and announce it."""
+        if sample is None:
+            self.mounted = None
+        else:
+            self.mounted = MountedSample(
+                sample=sample,
+                diffraction=DiffractionModel(sample, self.beam),
+                crystal_id=crystal_id or f"seed{sample.seed}",
+            )
+        self.emit("virtualSampleMounted", (self.mounted,))
+        return self.mounted

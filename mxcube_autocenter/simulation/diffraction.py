@@ -1,0 +1,164 @@
+"""Diffraction ground truth: reflection counts for any goniometer position.
+
+The expected reflection count (RC) of a detector frame is the crystals'
+capacity times their illuminated volume weighted by the beam profile and
+the crystals' internal quality field, plus a small background from the
+liquid and ice. Volumes are integrated over a fixed cloud of points inside
+each crystal, so the count is a smooth, deterministic function of the motor
+positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from mxcube_autocenter.geometry import beam_frame, centred_motors, sample_to_screen
+from mxcube_autocenter.simulation.sample import VirtualSample
+
+# Omega angles over which the best point is judged: a rotation collection sees all of them.
+JUDGING_OMEGAS = (0.0, 45.0, 90.0, 135.0)
+
+
+@dataclass(frozen=True)
+class Beam:
+    """The X-ray beam at the sample.
+
+    Attributes
+    ----------
+    width_um, height_um : float
+        Full width at half maximum (Gaussian) or full size (top-hat), um.
+    profile : {"gaussian", "tophat"}
+    """
+
+    width_um: float = 20.0
+    height_um: float = 5.0
+    profile: str = "gaussian"
+
+    def weight(self, dx_mm, dy_mm) -> np.ndarray:
+        """Relative intensity (peak 1) at horizontal and vertical offsets from the beam centre."""
+        fx, fy = self.width_um * 1e-3, self.height_um * 1e-3
+        if self.profile == "tophat":
+            return ((np.abs(dx_mm) <= fx / 2) & (np.abs(dy_mm) <= fy / 2)).astype(np.float64)
+        return np.exp(-4 * np.log(2) * ((dx_mm / fx) ** 2 + (dy_mm / fy) ** 2))
+
+
+class DiffractionModel:
+    """Reflection counts of one sample, with its integration points cached.
+
+    Parameters
+    ----------
+    sample : VirtualSample
+    beam : Beam
+    points_per_crystal : int
+        Integration points inside each crystal; more is smoother and slower.
+    background_rc : float
+        Mean spots per frame from the liquid film when the beam crosses it.
+    """
+
+    def __init__(self, sample: VirtualSample, beam: Beam = Beam(), points_per_crystal=4000, background_rc=0.5):
+        self.sample = sample
+        self.beam = beam
+        self.background_rc = background_rc
+        rng = np.random.default_rng(sample.seed + 7919)
+        self._points, self._weights = [], []
+        for crystal in sample.crystals:
+            lo, hi = crystal.vertices.min(axis=0), crystal.vertices.max(axis=0)
+            pts = np.empty((0, 3))
+            while len(pts) < points_per_crystal:
+                cand = rng.uniform(lo, hi, size=(points_per_crystal * 2, 3))
+                pts = np.concatenate([pts, cand[crystal.contains(cand)]])
+            pts = pts[:points_per_crystal]
+            dv_um3 = crystal.volume_um3 / len(pts)
+            self._points.append(pts)
+            self._weights.append(crystal.capacity * crystal.quality(pts) * dv_um3)
+        self._all_points = np.concatenate(self._points) if self._points else np.zeros((0, 3))
+        self._all_weights = np.concatenate(self._weights) if self._weights else np.zeros(0)
+
+    def expected_rc(self, motors) -> float:
+        """Expected reflection count of a frame taken at these motor positions."""
+        rc = self._crystal_rc(self._all_points, self._all_weights, motors)
+        return float(rc + self._background(motors))
+
+    def sample_rc(self, motors, rng) -> int:
+        """A Poisson draw of the reflection count at these motor positions."""
+        return int(rng.poisson(self.expected_rc(motors)))
+
+    def _crystal_rc(self, points, weights, motors) -> float:
+        if len(points) == 0:
+            return 0.0
+        offsets = beam_frame(points, motors)
+        return float(np.sum(weights * self.beam.weight(offsets[:, 0], offsets[:, 1])))
+
+    def _background(self, motors) -> float:
+        """Liquid scattering where the beam crosses the film, plus ice rings."""
+        sample = self.sample
+        bg = 0.0
+        film_xy, _ = sample_to_screen(sample.film_points(), motors, (1.0, 1.0), (0.0, 0.0))
+        hull = cv2.convexHull(film_xy.astype(np.float32))
+        if cv2.pointPolygonTest(hull, (0.0, 0.0), False) >= 0:
+            bg += self.background_rc
+        if len(sample.ice):
+            offsets = beam_frame(sample.ice[:, :3], motors)
+            hit = np.hypot(offsets[:, 0], offsets[:, 1]) < sample.ice[:, 3]
+            bg += 3.0 * np.count_nonzero(hit)
+        return bg
+
+    def mean_rc_centred(self, point, omegas=JUDGING_OMEGAS) -> float:
+        """Mean crystal reflection count over omega with ``point`` centred in the beam."""
+        return float(np.mean([self._crystal_rc(self._all_points, self._all_weights, centred_motors(point, w)) for w in omegas]))
+
+    def best_point(self, n_candidates=400, refine_um=8.0, step_um=2.0):
+        """The point to centre for the most reflections over a rotation.
+
+        Searches the crystals' integration points, then refines on a fine
+        grid around the best of them.
+
+        Returns
+        -------
+        point : (3,) ndarray or None
+            ``(a, u, v)`` in mm; None for an empty loop.
+        rc : float
+            Its mean reflection count over :data:`JUDGING_OMEGAS`.
+        """
+        if len(self._all_points) == 0:
+            return None, 0.0
+        rng = np.random.default_rng(self.sample.seed + 104729)
+        idx = rng.choice(len(self._all_points), size=min(n_candidates, len(self._all_points)), replace=False)
+        scores = self._centred_scores(self._all_points[idx])
+        best = self._all_points[idx[np.argmax(scores)]]
+        steps = np.arange(-refine_um, refine_um + 1e-9, step_um) * 1e-3
+        grid = best + np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
+        scores = self._centred_scores(grid)
+        i = int(np.argmax(scores))
+        return grid[i], float(scores[i])
+
+    def _centred_scores(self, candidates, chunk=128) -> np.ndarray:
+        """Mean reflection count over the judging omegas for each centred candidate point."""
+        pts, w = self._all_points, self._all_weights
+        total = np.zeros(len(candidates))
+        for start in range(0, len(candidates), chunk):
+            cand = candidates[start : start + chunk]
+            # Offsets of every integration point from the beam through each candidate.
+            d = pts[:, None, :] - cand[None, :, :]
+            for omega in np.radians(JUDGING_OMEGAS):
+                dy = d[..., 1] * np.sin(omega) + d[..., 2] * np.cos(omega)
+                total[start : start + chunk] += w @ self.beam.weight(d[..., 0], dy)
+        return total / len(JUDGING_OMEGAS)
+
+    def beam_hits_crystal(self, motors) -> bool:
+        """Whether the beam centre line passes through any crystal at these positions."""
+        return any(
+            cv2.pointPolygonTest(hull, (0.0, 0.0), False) >= 0
+            for hull in self.crystal_outlines(motors, (1.0, 1.0), (0.0, 0.0))
+        )
+
+    def crystal_outlines(self, motors, pixels_per_mm, beam_position) -> list:
+        """Projected outline of each crystal on screen, as (K, 1, 2) float32 hulls in pixels."""
+        outlines = []
+        for crystal in self.sample.crystals:
+            xy, _ = sample_to_screen(crystal.vertices, motors, pixels_per_mm, beam_position)
+            outlines.append(cv2.convexHull(xy.astype(np.float32)))
+        return outlines

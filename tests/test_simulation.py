@@ -1,0 +1,119 @@
+"""The virtual beamline's pure parts: samples, geometry, rendering, diffraction."""
+
+import numpy as np
+import pytest
+
+from mxcube_autocenter.geometry import beam_frame, centred_motors, point_in_beam, sample_to_screen
+from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
+from mxcube_autocenter.simulation.render import Renderer, random_look
+from mxcube_autocenter.simulation.sample import CRYSTAL_HABITS, make_sample
+
+PPMM = (1300.0, 1300.0)
+BEAM = (640.0, 512.0)
+
+
+def motors(omega=0.0, **kw):
+    return {"omega": omega, "phiy": 0.0, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0, **kw}
+
+
+def sample_with_crystal(seed=3):
+    sample = make_sample(seed, n_crystals=1, habits=("cube", "plate"))
+    assert sample.crystals
+    return sample
+
+
+def test_samples_are_reproducible_and_varied():
+    a, b = make_sample(11), make_sample(11)
+    np.testing.assert_array_equal(a.loop_outline, b.loop_outline)
+    assert [c.habit for c in a.crystals] == [c.habit for c in b.crystals]
+    samples = [make_sample(seed) for seed in range(60)]
+    assert any(s.is_empty for s in samples)
+    assert {s.loop_kind for s in samples} == {"plain", "mesh"}
+    assert {c.habit for s in samples for c in s.crystals} == set(CRYSTAL_HABITS)
+    sizes = [s.loop_size_um for s in samples]
+    assert min(sizes) < 250 and max(sizes) > 500
+    assert make_sample(5, n_crystals=0).is_empty
+
+
+def test_crystals_lie_in_the_loop_and_differ_in_quality():
+    sample = make_sample(21, n_crystals=2)
+    lo, hi = sample.loop_outline.min(axis=0), sample.loop_outline.max(axis=0)
+    for crystal in sample.crystals:
+        assert np.all(crystal.centre[0] >= lo[0]) and np.all(crystal.centre[0] <= hi[0])
+        pts = crystal.vertices.mean(axis=0) + (crystal.vertices - crystal.centre) * 0.9
+        q = crystal.quality(pts)
+        assert q.min() >= 0 and q.max() <= 1 and q.std() > 0.01
+
+
+def test_centred_point_projects_onto_the_beam_at_every_omega():
+    point = np.array([0.05, -0.03, 0.07])
+    for omega in (0, 37, 90, 180, 271):
+        xy, depth = sample_to_screen(point[None], centred_motors(point, omega), PPMM, BEAM)
+        np.testing.assert_allclose(xy[0], BEAM, atol=1e-9)
+        assert depth[0] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(point_in_beam(centred_motors(point, 33)), point)
+
+
+def test_screen_position_follows_the_sine_that_sample_centring_fits():
+    sample = sample_with_crystal()
+    centre = sample.crystals[0].centre
+    omegas = np.arange(0, 360, 30)
+    ys = np.array([sample_to_screen(centre[None], motors(o), PPMM, BEAM)[0][0, 1] for o in omegas])
+    xs = np.array([sample_to_screen(centre[None], motors(o), PPMM, BEAM)[0][0, 0] for o in omegas])
+    # y = offset + r sin(omega + phase), exactly: fit by linear least squares.
+    w = np.radians(omegas)
+    design = np.column_stack([np.ones_like(w), np.sin(w), np.cos(w)])
+    coef, residual, *_ = np.linalg.lstsq(design, ys, rcond=None)
+    assert np.allclose(design @ coef, ys, atol=1e-6)
+    assert np.hypot(coef[1], coef[2]) == pytest.approx(np.hypot(*centre[1:]) * PPMM[1])
+    assert np.ptp(xs) == pytest.approx(0.0, abs=1e-9)  # rotation does not move points along the spindle
+
+
+def test_rendering_is_deterministic_for_a_seed_and_shows_the_sample():
+    sample = sample_with_crystal()
+    m = motors(20, phiy=float(sample.loop_centre[0]))
+    first = Renderer(640, 512, seed=4).render(sample, m, (650.0, 650.0), (320, 256))
+    again = Renderer(640, 512, seed=4).render(sample, m, (650.0, 650.0), (320, 256))
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (512, 640, 3) and first.dtype == np.uint8
+    empty = Renderer(640, 512, seed=4).render_empty()
+    # The loop darkens the picture where it is drawn.
+    assert first.mean() < empty.mean() - 1
+
+
+def test_domain_randomisation_changes_the_look():
+    rng = np.random.default_rng(0)
+    looks = [random_look(rng) for _ in range(10)]
+    assert len({lk.tint for lk in looks}) > 1
+    assert len({lk.brightness for lk in looks}) > 1
+    fixed = random_look(rng, lighting=False, tint=False, blur=False, noise=False, jpeg=False)
+    assert fixed.jpeg_quality is None and fixed.brightness == Renderer().look.brightness
+
+
+def test_reflection_count_is_high_on_the_crystal_and_low_beside_it():
+    sample = sample_with_crystal()
+    model = DiffractionModel(sample, Beam())
+    point, rc = model.best_point()
+    assert rc > 5
+    on = model.expected_rc(centred_motors(point, 0))
+    away = model.expected_rc(centred_motors(point + np.array([0.0, 0.0, 1.0]), 0))
+    assert on > 5 * max(away, 1)
+    assert model.beam_hits_crystal(centred_motors(point, 0))
+    # The best point beats the crystal's centre or equals it.
+    assert rc >= model.mean_rc_centred(sample.crystals[0].centre) - 1e-9
+    assert model.sample_rc(centred_motors(point, 0), np.random.default_rng(0)) >= 0
+
+
+def test_empty_loop_has_no_best_point_and_only_background():
+    model = DiffractionModel(make_sample(8, n_crystals=0), Beam())
+    assert model.best_point() == (None, 0.0)
+    assert model.expected_rc(motors()) < 5
+
+
+def test_beam_profile_weights():
+    gauss, top = Beam(20, 5), Beam(20, 5, "tophat")
+    assert gauss.weight(0.0, 0.0) == pytest.approx(1.0)
+    assert gauss.weight(0.010, 0.0) == pytest.approx(0.5)  # half maximum at half width
+    assert top.weight(0.009, 0.002) == 1.0 and top.weight(0.011, 0.0) == 0.0
+    offsets = beam_frame(np.array([[0.01, 0.0, 0.0]]), motors())
+    np.testing.assert_allclose(offsets[0], [0.01, 0.0, 0.0])
