@@ -1,0 +1,133 @@
+"""The virtual beamline booted as a real mxcubecore beamline."""
+
+import time
+
+import gevent
+import numpy as np
+import pytest
+
+from mxcube_autocenter.geometry import beam_frame, sample_to_screen
+from mxcube_autocenter.simulation.sample import make_sample
+
+
+class SignalLog:
+    """Records the signals of a hardware object (slots are held by weak reference)."""
+
+    def __init__(self, hwobj, *signals):
+        self.calls = []
+        self._slots = {}
+        for name in signals:
+            self._slots[name] = self._make_slot(name)
+            hwobj.connect(name, self._slots[name])
+
+    def _make_slot(self, name):
+        def slot(*args, **kwargs):
+            self.calls.append((name, args))
+
+        return slot
+
+    def names(self):
+        return [name for name, _ in self.calls]
+
+    def wait_for(self, name, timeout=30):
+        with gevent.Timeout(timeout, AssertionError(f"no {name} signal within {timeout} s")):
+            while name not in self.names():
+                gevent.sleep(0.02)
+
+
+def tick(gaps, period=0.005):
+    """Measure the gevent loop's responsiveness: append each gap between wake-ups (s)."""
+    last = time.monotonic()
+    while True:
+        gevent.sleep(period)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+
+
+def screen_position(beamline, point):
+    diffr = beamline.diffractometer
+    motors = beamline.sample_view.get_positions()
+    xy, _ = sample_to_screen(
+        np.asarray(point)[None], motors, diffr.get_pixels_per_mm(), beamline.beam.get_beam_position_on_screen()
+    )
+    return xy[0]
+
+
+def test_camera_renders_the_mounted_sample_and_follows_zoom(beamline):
+    camera = beamline.sample_view.camera
+    mounted = beamline.sample_changer.mount(make_sample(3, n_crystals=1))
+    beamline.diffractometer.phiy.set_value(float(mounted.sample.loop_centre[0]), timeout=10)
+    frame = beamline.sample_view.get_snapshot(return_as_array=True)
+    assert frame.shape == (camera.get_height(), camera.get_width(), 3)
+    beamline.sample_changer.mount(None)
+    empty = beamline.sample_view.get_snapshot(return_as_array=True)
+    assert frame.mean() < empty.mean() - 1
+
+    zoom = beamline.diffractometer.zoom
+    low = beamline.diffractometer.get_pixels_per_mm()[0]
+    zoom.set_value(zoom.VALUES.LEVEL4, timeout=5)
+    gevent.sleep(0.3)
+    assert beamline.diffractometer.get_pixels_per_mm()[0] == pytest.approx(4 * low)
+    zoom.set_value(zoom.VALUES.LEVEL1, timeout=5)
+    gevent.sleep(0.3)
+
+
+def test_camera_streams_jpeg_frames_without_blocking(beamline):
+    camera = beamline.sample_view.camera
+    log = SignalLog(camera, "imageReceived")
+    gaps = []
+
+    task = gevent.spawn(tick, gaps)
+    motor = beamline.diffractometer.omega
+    motor.set_value(motor.get_value() + 180, timeout=0)  # motion forces a new render every frame
+    gevent.sleep(1.0)
+    task.kill()
+    jpeg, width, height = log.calls[-1][1]
+    assert jpeg[:2] == b"\xff\xd8" and (width, height) == (camera.get_width(), camera.get_height())
+    assert len(log.calls) >= 15  # 25 fps configured; at least 8 fps required
+    assert max(gaps) < 0.1
+
+
+def test_three_click_centring_brings_the_best_point_into_the_beam(beamline):
+    mounted = beamline.sample_changer.mount(make_sample(23, n_crystals=1, habits=("cube",)))
+    point, _ = mounted.best_point()
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, "centringSuccessful", "centringFailed")
+    sample_view.start_manual_centring(3)
+    for _ in range(3):
+        x, y = screen_position(beamline, point)
+        sample_view.image_clicked(x, y)
+    log.wait_for("centringSuccessful")
+    gevent.sleep(0.2)
+    motors = sample_view.get_positions()
+    for omega in (0.0, 45.0, 90.0, 200.0):
+        offsets = beam_frame(np.asarray(point)[None], {**motors, "omega": omega})[0]
+        assert abs(offsets[0]) < 0.002 and abs(offsets[1]) < 0.002  # mm
+
+
+def test_motor_faults_can_be_injected(beamline):
+    phiz = beamline.diffractometer.phiz
+    start = phiz.get_value()
+    phiz.inject_fault("fail")
+    with pytest.raises(RuntimeError, match="simulated motor fault"):
+        phiz.set_value(start + 0.1, timeout=5)
+    phiz.inject_fault("timeout")
+    with pytest.raises(RuntimeError, match="timed out"):
+        phiz.set_value(start + 0.1, timeout=0.3)
+    phiz.update_state(phiz.STATES.READY)
+    phiz.set_value(start, timeout=5)
+    assert phiz.get_value() == pytest.approx(start)
+    with pytest.raises(ValueError, match="limits"):
+        phiz.set_value(50.0, timeout=5)
+
+
+def test_sample_changer_mounts_reproducible_samples(beamline):
+    changer = beamline.sample_changer
+    changer.load((2, 3))
+    first = changer.mounted.sample
+    assert changer.mounted.crystal_id == "2:3"
+    changer.load((2, 3))
+    np.testing.assert_array_equal(first.loop_outline, changer.mounted.sample.loop_outline)
+    changer.unload()
+    assert changer.mounted is None
