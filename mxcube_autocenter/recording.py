@@ -1,0 +1,1195 @@
+"""Recording on-axis camera frames during X-ray collections, one HDF5 file each.
+
+MXCuBE delivers camera frames in its gevent event loop, which must never
+block. :class:`RecordingWriter` takes each frame with :meth:`~RecordingWriter.submit`
+(a non-blocking queue put) and a real OS thread writes it into a
+:class:`FrameStore`. Frames that arrive faster than they can be written are
+dropped and counted. :func:`read_recording`, :func:`summarise` and
+:func:`contact_sheet` read a recording back; the file layout is described in
+``docs/data-formats.md``, section "Camera recordings".
+
+A typical use from a hardware object::
+
+    writer = RecordingWriter(
+        lambda: FrameStore.create(directory, "sample1_run1", metadata),
+        on_error=log.error,
+    )
+    # for each camera frame, in the event loop:
+    writer.submit(jpeg_bytes, time.time(), motor_positions, frame_number)
+    # when the collection ends:
+    summary = writer.close("complete")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import cv2
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MOTOR_NAMES = ("omega", "phiy", "phiz", "sampx", "sampy")
+MOTOR_UNITS = ("deg", "mm", "mm", "mm", "mm")
+STORAGES = ("jpeg", "raw")
+COMPRESSIONS = ("lzf", "gzip")
+FINAL_STATUSES = ("complete", "failed", "aborted")
+
+_JPEG_MAGIC = b"\xff\xd8"
+# Rows of the per-frame 1-D datasets per HDF5 chunk: a few minutes at 25 fps.
+_ROWS_PER_CHUNK = 4096
+# How often the writer thread wakes when no frame arrives, to flush on time
+# and to notice close().
+_POLL_S = 0.1
+# Extra time close() gives the writer thread to close the file after the
+# queue has been drained or discarded.
+_CLOSE_GRACE_S = 10.0
+
+
+class RecordingError(Exception):
+    """A recording cannot be created, written or read; the message says why and what to do."""
+
+
+def unique_path(directory, name: str, suffix: str = ".h5") -> Path:
+    """The first free file name among ``name``, ``name_2``, ``name_3``, ... in ``directory``.
+
+    Parameters
+    ----------
+    directory : path
+        Directory of the file.
+    name : str
+        File name without suffix.
+    suffix : str
+        File name suffix.
+
+    Returns
+    -------
+    pathlib.Path
+        ``<directory>/<name><suffix>`` if no such file exists, otherwise
+        ``<directory>/<name>_<k><suffix>`` with the smallest free ``k >= 2``.
+    """
+    directory = Path(directory)
+    candidate = directory / f"{name}{suffix}"
+    k = 2
+    while candidate.exists():
+        candidate = directory / f"{name}_{k}{suffix}"
+        k += 1
+    return candidate
+
+
+def check_free_space(directory, min_free_mb: float, path=None) -> None:
+    """Raise :class:`RecordingError` if ``directory`` has less than ``min_free_mb`` free.
+
+    Parameters
+    ----------
+    directory : path
+        Directory whose file system is checked.
+    min_free_mb : float
+        Minimum free space, in MB (10**6 bytes); 0 disables the check.
+    path : path, optional
+        The recording being written, named in the message.
+    """
+    if min_free_mb <= 0:
+        return
+    free_mb = shutil.disk_usage(directory).free / 1e6
+    if free_mb < min_free_mb:
+        what = f"while writing {path}" if path else f"for a new recording in {directory}"
+        raise RecordingError(
+            f"disk almost full {what}: {free_mb:.0f} MB free on {directory}, "
+            f"{min_free_mb:.0f} MB required: free space or set record_directory"
+        )
+
+
+def describe_write_error(err: OSError, path) -> str:
+    """One line naming the file, the cause of a failed write and the fix.
+
+    Parameters
+    ----------
+    err : OSError
+        The error raised while writing.
+    path : path
+        The file being written.
+
+    Returns
+    -------
+    str
+        For example ``"disk full while writing /data/x.h5: free space or set record_directory"``.
+    """
+    causes = {
+        errno.ENOSPC: ("disk full", "free space or set record_directory"),
+        errno.EDQUOT: ("disk quota exceeded", "free space or set record_directory"),
+        errno.EFBIG: (
+            "file size limit reached",
+            "raise the file size limit (ulimit -f) or lower max_frames",
+        ),
+        errno.EACCES: ("permission denied", "make the directory writable or set record_directory"),
+        errno.EPERM: ("permission denied", "make the directory writable or set record_directory"),
+        errno.EROFS: ("read-only file system", "set record_directory to a writable directory"),
+    }
+    cause, fix = causes.get(
+        err.errno, (err.strerror or str(err), "check the disk and record_directory")
+    )
+    return f"{cause} while writing {path}: {fix}"
+
+
+def decode_jpeg(data) -> np.ndarray:
+    """Decode a JPEG image to an RGB array.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The JPEG file content.
+
+    Returns
+    -------
+    ndarray of uint8, shape (H, W, 3)
+        The image, RGB channel order.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is not a decodable JPEG.
+    """
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("camera frame is not a decodable JPEG image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an RGB array as JPEG, as the camera sends frames.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        The image, RGB channel order.
+    quality : int
+        JPEG quality, 0 to 100.
+
+    Returns
+    -------
+    bytes
+    """
+    ok, encoded = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise ValueError(f"cannot encode an array of shape {rgb.shape} as JPEG")
+    return encoded.tobytes()
+
+
+def motor_row(motors) -> np.ndarray:
+    """Motor positions as one row in the order of :data:`MOTOR_NAMES`.
+
+    Parameters
+    ----------
+    motors : mapping or sequence
+        Positions by name (``omega`` in deg; ``phiy``, ``phiz``, ``sampx``,
+        ``sampy`` in mm), as ``get_value_motors`` returns them, or five
+        positions in that order. A missing or ``None`` position becomes NaN.
+
+    Returns
+    -------
+    ndarray of float64, shape (5,)
+    """
+    if isinstance(motors, Mapping):
+        motors = [motors.get(name) for name in MOTOR_NAMES]
+    if len(motors) != len(MOTOR_NAMES):
+        raise ValueError(
+            f"expected {len(MOTOR_NAMES)} motor positions {MOTOR_NAMES}, got {len(motors)}"
+        )
+    return np.array([np.nan if m is None else m for m in motors], dtype=np.float64)
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _attr_value(key: str, value):
+    """An HDF5 attribute value: numbers and text as they are, dicts and lists as JSON text."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=_json_default)
+    if isinstance(value, np.ndarray):
+        return json.dumps(value.tolist())
+    if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
+        return value
+    raise TypeError(
+        f"recording metadata {key!r} = {value!r}: use a number, text, list or dict"
+    )
+
+
+def _json_default(value):
+    # numpy numbers and arrays from the beamline objects, inside lists and dicts.
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{value!r} cannot be stored as JSON")
+
+
+def _python_value(value):
+    """The Python value of an HDF5 attribute written by :func:`_attr_value`."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+class _GuardedFile:
+    """The file object HDF5 writes through, which never reports a failed write.
+
+    HDF5 cannot recover from a failed write: closing the file retries it, and
+    h5py may then crash the whole process (seen on EFBIG with HDF5 1.14).
+    This file records the first ``OSError``, ignores later writes so that the
+    file stays as it was, and reports success to HDF5; :class:`FrameStore`
+    raises the recorded error itself. Writes go straight to the operating
+    system, so whatever HDF5 has flushed survives a killed process.
+    """
+
+    def __init__(self, path: Path):
+        self._raw = io.FileIO(path, "x+")
+        self.error: OSError | None = None
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return self._raw.seek(offset, whence)
+
+    def tell(self):
+        return self._raw.tell()
+
+    def readinto(self, buffer):
+        return self._raw.readinto(buffer)
+
+    def read(self, size=-1):
+        return self._raw.read(size)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += self._raw.write(view[written:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                self._raw.truncate(size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def flush(self):
+        # Unbuffered: every write is already with the operating system.
+        pass
+
+    def close(self):
+        self._raw.close()
+
+
+class FrameStore:
+    """One HDF5 file of camera frames and motor positions for one collection.
+
+    Create it with :meth:`create`. It is not thread-safe: use it from one
+    thread at a time (:class:`RecordingWriter` uses it from its own thread).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The HDF5 file.
+    storage : {"jpeg", "raw"}
+        How frames are stored.
+    frames_dropped : int
+        Frames lost before reaching the store, counted by the caller and
+        written to the file at each flush.
+    min_free_mb : float
+        Free space, in MB, below which writing stops (0: no check).
+    """
+
+    def __init__(self, path, h5file, guarded, storage, compression, flush_interval_s, min_free_mb):
+        # Use FrameStore.create(): it makes the file and its layout.
+        self.path = Path(path)
+        self.storage = storage
+        self.frames_dropped = 0
+        self.min_free_mb = min_free_mb
+        self._h5 = h5file
+        self._guarded = guarded
+        self._compression = compression
+        self._flush_interval_s = flush_interval_s
+        self._frames = h5file["frames"]
+        self._kept = 0
+        self._flushed = 0
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        directory,
+        name: str,
+        metadata: Mapping,
+        storage: str = "jpeg",
+        compression: str = "lzf",
+        flush_interval_s: float = 2.0,
+        min_free_mb: float = 0.0,
+    ) -> "FrameStore":
+        """Create ``<directory>/<name>.h5`` (or ``<name>_2.h5``, ... : never overwrites).
+
+        Parameters
+        ----------
+        directory : path
+            Where the file goes; created if missing.
+        name : str
+            File name without ``.h5``, for example ``<prefix>_<run number>``.
+        metadata : mapping
+            The collection's scan metadata, stored as attributes of
+            ``/collection``: ``experiment_type`` ("OSC" or "Helical"),
+            ``osc_start`` (deg), ``osc_range`` (deg), ``number_of_images``,
+            ``exposure_time`` (s), ``helical_start`` and ``helical_end``
+            (motor positions by name), ``file_template``, ``master_file``
+            (EIGER master file path), ``collection_start`` (unix s),
+            ``sample_id``, ``crystal_id``, ``beamline``, ``zoom``,
+            ``pixels_per_mm`` (x, y), ``beam_position`` (x, y, pixels on the
+            camera frame), ``beam_size_um`` (x, y). Numbers and text are stored
+            as they are, lists and dicts as JSON text, ``None`` is left out.
+        storage : {"jpeg", "raw"}
+            "jpeg" keeps the camera's JPEG bytes (compact); "raw" decodes them
+            and keeps RGB pixels.
+        compression : {"lzf", "gzip"}
+            Compression of raw frames; lzf is fast enough for 25 fps, gzip
+            (level 1) gives smaller files.
+        flush_interval_s : float
+            Longest time, in s, between flushes to disk: a crash loses at most
+            the frames of this interval.
+        min_free_mb : float
+            Free space, in MB, below which the recording is refused or
+            stopped; 0 disables the check.
+
+        Raises
+        ------
+        RecordingError
+            If the directory cannot be created or written, or has too little
+            free space.
+        """
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r}: use one of {STORAGES}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression={compression!r}: use one of {COMPRESSIONS}")
+        if os.sep in name:
+            raise ValueError(f"recording name {name!r} holds {os.sep!r}: give the directory apart")
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RecordingError(
+                f"cannot create the recording directory {directory} ({err.strerror}): "
+                "set record_directory to a writable directory"
+            ) from err
+        check_free_space(directory, min_free_mb)
+        while True:
+            path = unique_path(directory, name)
+            try:
+                guarded = _GuardedFile(path)
+                break
+            except FileExistsError:
+                continue  # another recorder took this name since unique_path looked
+            except OSError as err:
+                raise RecordingError(
+                    f"cannot create {path} ({err.strerror}): make {directory} writable "
+                    "or set record_directory"
+                ) from err
+        h5file = None
+        try:
+            # The default (earliest) file format on purpose: a file left open by a
+            # killed process with libver="latest" is refused until `h5clear -s`.
+            h5file = h5py.File(guarded, "w")
+            _write_layout(h5file, metadata, storage)
+            h5file.flush()
+            if guarded.error is not None:
+                raise RecordingError(describe_write_error(guarded.error, path))
+        except Exception:
+            # A file without its layout is of no use to anyone.
+            if h5file is not None:
+                h5file.close()
+            guarded.close()
+            path.unlink()
+            raise
+        return cls(path, h5file, guarded, storage, compression, flush_interval_s, min_free_mb)
+
+    @property
+    def frames_kept(self) -> int:
+        """Frames appended so far."""
+        return self._kept
+
+    @property
+    def frames_flushed(self) -> int:
+        """Frames on disk at the last flush: what survives a crash now."""
+        return self._flushed
+
+    def append(self, image: bytes, timestamp: float, motors, frame_number: int) -> None:
+        """Add one camera frame.
+
+        Parameters
+        ----------
+        image : bytes
+            The camera frame as JPEG bytes; decoded to RGB for raw storage.
+        timestamp : float
+            Wall-clock time the frame was received, unix s.
+        motors : mapping or sequence
+            Motor positions at that time, see :func:`motor_row`.
+        frame_number : int
+            The camera's frame counter, or a running index.
+
+        Raises
+        ------
+        ValueError
+            If the frame is not a JPEG, has another size than the first frame,
+            or ``motors`` has the wrong length; nothing is written then.
+        OSError
+            If writing failed (disk full, file size limit); stop writing.
+        RecordingError
+            If free space fell below ``min_free_mb``; stop writing.
+        """
+        # Everything is checked before the first write, so that a refused frame
+        # leaves all datasets the same length.
+        if self.storage == "jpeg":
+            if bytes(image[:2]) != _JPEG_MAGIC:
+                raise ValueError("camera frame is not a JPEG image (no JPEG start marker)")
+            pixels = np.frombuffer(image, np.uint8)
+            images = self._frames["jpeg"]
+        else:
+            pixels = decode_jpeg(image)
+            images = self._rgb_dataset(pixels.shape)
+        row = motor_row(motors)
+        n = self._kept
+        datasets = [self._frames[name] for name in ("timestamp", "motors", "camera_frame")]
+        for dataset in [*datasets, images]:
+            dataset.resize(n + 1, axis=0)
+        self._frames["timestamp"][n] = timestamp
+        self._frames["motors"][n] = row
+        self._frames["camera_frame"][n] = frame_number
+        images[n] = pixels
+        self._kept = n + 1
+        self._raise_write_error()
+        self.flush_if_due()
+
+    def _rgb_dataset(self, shape) -> h5py.Dataset:
+        if "rgb" not in self._frames:
+            # The frame size is known with the first frame only.
+            return self._frames.create_dataset(
+                "rgb",
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                chunks=(1, *shape),
+                dtype=np.uint8,
+                compression=self._compression,
+                compression_opts=1 if self._compression == "gzip" else None,
+            )
+        rgb = self._frames["rgb"]
+        if shape != rgb.shape[1:]:
+            raise ValueError(f"camera frame is {shape}, the recording's frames {rgb.shape[1:]}")
+        return rgb
+
+    def flush_if_due(self) -> None:
+        """Flush if ``flush_interval_s`` has passed since the last flush, and check free space.
+
+        Raises
+        ------
+        OSError, RecordingError
+            As :meth:`append`.
+        """
+        if time.monotonic() - self._last_flush >= self._flush_interval_s:
+            check_free_space(self.path.parent, self.min_free_mb, self.path)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the frame counts and everything buffered to disk.
+
+        Raises
+        ------
+        OSError
+            If writing failed.
+        """
+        self._h5.attrs["frames_kept"] = self._kept
+        self._h5.attrs["frames_dropped"] = self.frames_dropped
+        self._h5.flush()
+        self._raise_write_error()
+        self._flushed = self._kept
+        self._last_flush = time.monotonic()
+
+    def close(self, status: str = "complete", error: str | None = None) -> None:
+        """Record the final status and counts, and close the file.
+
+        Parameters
+        ----------
+        status : {"complete", "failed", "aborted"}
+            How the recording ended.
+        error : str, optional
+            What went wrong, stored as the ``error`` attribute.
+
+        Raises
+        ------
+        OSError
+            If the final write failed (the file is closed all the same and
+            keeps status "recording").
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status={status!r}: use one of {FINAL_STATUSES}")
+        if self._closed:
+            return
+        self._closed = True
+        failed_before = self._guarded.error is not None
+        try:
+            self._h5.attrs["status"] = status
+            self._h5.attrs["finished"] = _now_iso()
+            if error:
+                self._h5.attrs["error"] = error
+            self.flush()
+        except OSError:
+            if not failed_before:
+                raise
+        finally:
+            self._h5.close()
+            self._guarded.close()
+
+    def _raise_write_error(self):
+        if self._guarded.error is not None:
+            raise self._guarded.error
+
+
+def _write_layout(h5file: h5py.File, metadata: Mapping, storage: str) -> None:
+    h5file.attrs["format_version"] = FORMAT_VERSION
+    h5file.attrs["status"] = "recording"
+    h5file.attrs["storage"] = storage
+    h5file.attrs["frames_kept"] = 0
+    h5file.attrs["frames_dropped"] = 0
+    h5file.attrs["created"] = _now_iso()
+    collection = h5file.create_group("collection")
+    for key, value in metadata.items():
+        if value is not None:
+            collection.attrs[key] = _attr_value(key, value)
+    frames = h5file.create_group("frames")
+    growing = dict(maxshape=(None,), chunks=(_ROWS_PER_CHUNK,))
+    timestamp = frames.create_dataset("timestamp", shape=(0,), dtype=np.float64, **growing)
+    timestamp.attrs["units"] = "s since 1970-01-01 UTC (wall clock at reception)"
+    motors = frames.create_dataset(
+        "motors",
+        shape=(0, len(MOTOR_NAMES)),
+        maxshape=(None, len(MOTOR_NAMES)),
+        chunks=(_ROWS_PER_CHUNK, len(MOTOR_NAMES)),
+        dtype=np.float64,
+    )
+    motors.attrs["names"] = list(MOTOR_NAMES)
+    motors.attrs["units"] = list(MOTOR_UNITS)
+    frames.create_dataset("camera_frame", shape=(0,), dtype=np.int64, **growing)
+    if storage == "jpeg":
+        # Each element a reference into the file heap: a small chunk suffices.
+        frames.create_dataset(
+            "jpeg", shape=(0,), maxshape=(None,), chunks=(256,), dtype=h5py.vlen_dtype(np.uint8)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingSummary:
+    """How a recording ended, as :meth:`RecordingWriter.close` reports it.
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        The HDF5 file; None if it could not be created.
+    status : str
+        "complete", "failed" or "aborted"; "recording" if the writer thread
+        did not finish in time and still holds the file.
+    frames_kept, frames_dropped : int
+        Frames written, and frames submitted but not written.
+    error : str or None
+        What went wrong, naming the file and the fix.
+    """
+
+    path: Path | None
+    status: str
+    frames_kept: int
+    frames_dropped: int
+    error: str | None
+
+
+class RecordingWriter:
+    """Writes camera frames to a :class:`FrameStore` from its own thread.
+
+    :meth:`submit` never blocks and never raises, so it can be called from
+    the gevent event loop for every camera frame. A real daemon thread (gevent
+    is patched with ``thread=False`` in MXCuBE) drains a bounded queue into
+    the store. A frame that finds the queue full is dropped and counted. The
+    first write error (disk full, file size limit, too little free space)
+    stops the recording: the store is closed as "failed", ``on_error`` is
+    called once, and later frames are dropped.
+
+    Parameters
+    ----------
+    store : FrameStore or callable returning one
+        A callable (such as ``lambda: FrameStore.create(...)``) is called on
+        the writer thread, so that creating the file does not block the caller.
+    max_queue : int
+        Frames waiting to be written before new ones are dropped.
+    max_frames : int, optional
+        Frames kept at most; later ones are dropped and counted.
+    on_error : callable, optional
+        ``on_error(message)``, called once on the writer thread when the
+        recording stops on an error; the message names the file, the cause and
+        the fix. Hand it to the event loop yourself if it touches greenlets.
+    """
+
+    def __init__(
+        self,
+        store: FrameStore | Callable[[], FrameStore],
+        max_queue: int = 50,
+        max_frames: int | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ):
+        self._store_or_factory = store
+        self._max_frames = max_frames
+        self._on_error = on_error
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._store: FrameStore | None = None
+        # Each counter is written by one thread only, so no lock is needed.
+        self._submitted = 0
+        self._queued = 0
+        self._dropped_at_submit = 0
+        self._dropped_by_writer = 0
+        self._error: str | None = None
+        self._final_status = "complete"
+        self._drain_deadline = float("inf")
+        self._closing = threading.Event()
+        self._summary: RecordingSummary | None = None
+        self._thread = threading.Thread(target=self._run, name="frame-recording", daemon=True)
+        self._thread.start()
+
+    @property
+    def error(self) -> str | None:
+        """The error that stopped the recording, if any."""
+        return self._error
+
+    @property
+    def frames_submitted(self) -> int:
+        """Frames given to :meth:`submit`."""
+        return self._submitted
+
+    @property
+    def frames_dropped(self) -> int:
+        """Frames submitted that will not be written (so far)."""
+        return self._dropped_at_submit + self._dropped_by_writer
+
+    @property
+    def path(self) -> Path | None:
+        """The recording's file, once created."""
+        return self._store.path if self._store is not None else None
+
+    def submit(
+        self, jpeg: bytes, timestamp: float, motors, frame_number: int | None = None
+    ) -> bool:
+        """Queue one camera frame for writing, without blocking.
+
+        Parameters
+        ----------
+        jpeg : bytes
+            The camera frame, JPEG.
+        timestamp : float
+            Wall-clock time the frame was received, unix s.
+        motors : mapping or sequence
+            Motor positions at that time, see :func:`motor_row`.
+        frame_number : int, optional
+            The camera's frame counter; by default the number of frames
+            submitted before this one.
+
+        Returns
+        -------
+        bool
+            True if queued; False if dropped (queue full, ``max_frames``
+            reached, recording stopped or closed).
+        """
+        number = self._submitted if frame_number is None else frame_number
+        self._submitted += 1
+        if (
+            self._error is not None
+            or self._closing.is_set()
+            or (self._max_frames is not None and self._queued >= self._max_frames)
+        ):
+            self._dropped_at_submit += 1
+            return False
+        try:
+            self._queue.put_nowait((jpeg, timestamp, motors, number))
+        except queue.Full:
+            self._dropped_at_submit += 1
+            return False
+        self._queued += 1
+        return True
+
+    def close(self, status: str = "complete", timeout_s: float = 30.0) -> RecordingSummary:
+        """Write what is queued, close the file and stop the thread.
+
+        Cooperative under gevent: it waits with ``time.sleep``, which the
+        monkey-patched event loop turns into a yield.
+
+        Parameters
+        ----------
+        status : {"complete", "failed", "aborted"}
+            The final status, unless an error already made it "failed".
+        timeout_s : float
+            Time, in s, to write the queued frames; frames still queued then
+            are dropped and counted.
+
+        Returns
+        -------
+        RecordingSummary
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status={status!r}: use one of {FINAL_STATUSES}")
+        if self._summary is not None:
+            return self._summary
+        self._final_status = status
+        self._drain_deadline = time.monotonic() + timeout_s
+        self._closing.set()
+        finished = _wait_for_thread(self._thread, timeout_s + _CLOSE_GRACE_S)
+        # Frames queued after the thread stopped (a race with an error) are dropped.
+        self._dropped_by_writer += self._queue.qsize() if finished else 0
+        store = self._store
+        error = self._error
+        if not finished:
+            error = (
+                f"the writer thread was still writing {store.path if store else 'the recording'} "
+                f"after {timeout_s + _CLOSE_GRACE_S:.0f} s: check the disk"
+            )
+            log.error(error)
+        self._summary = RecordingSummary(
+            path=store.path if store else None,
+            status=("failed" if self._error else self._final_status) if finished else "recording",
+            frames_kept=store.frames_kept if store else 0,
+            frames_dropped=self.frames_dropped,
+            error=error,
+        )
+        return self._summary
+
+    def _run(self):
+        try:
+            store = self._store_or_factory
+            self._store = store if isinstance(store, FrameStore) else store()
+            self._write_frames(self._store)
+            self._store.frames_dropped = self.frames_dropped
+            self._store.close(self._final_status)
+        except Exception as err:
+            self._fail(err)
+
+    def _write_frames(self, store: FrameStore):
+        while True:
+            try:
+                jpeg, timestamp, motors, number = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                store.flush_if_due()
+                continue
+            if time.monotonic() > self._drain_deadline:
+                self._dropped_by_writer += 1
+                continue
+            store.frames_dropped = self.frames_dropped
+            try:
+                store.append(jpeg, timestamp, motors, number)
+            except ValueError as err:
+                self._dropped_by_writer += 1
+                log.warning("camera frame %s dropped from %s: %s", number, store.path, err)
+
+    def _fail(self, err: Exception):
+        path = self._store.path if self._store is not None else None
+        if isinstance(err, RecordingError):
+            message = str(err)
+        elif isinstance(err, OSError):
+            message = describe_write_error(err, path)
+        else:
+            message = f"unexpected error while writing {path} ({err!r}): please report it"
+            log.exception(message)
+        self._error = message
+        log.error("camera recording stopped: %s", message)
+        self._discard_queue()
+        if self._store is not None:
+            self._store.frames_dropped = self.frames_dropped
+            try:
+                self._store.close("failed", error=message)
+            except Exception as close_err:
+                log.warning("%s could not be marked failed: %s", path, close_err)
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:
+                log.exception("on_error callback of the camera recording failed")
+
+    def _discard_queue(self):
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._dropped_by_writer += 1
+
+
+def _wait_for_thread(thread: threading.Thread, timeout_s: float) -> bool:
+    # Polling with time.sleep rather than thread.join: under gevent's
+    # monkey-patching time.sleep yields to the event loop, join would block it.
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not thread.is_alive()
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """A recording read back by :func:`read_recording`.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The HDF5 file.
+    status : str
+        "complete", "failed", "aborted", or "recording" if the writer
+        stopped without closing the file (killed, or a write failed).
+    storage : {"jpeg", "raw"}
+        How frames are stored.
+    metadata : dict
+        The collection's scan metadata (attributes of ``/collection``).
+    frames_kept, frames_dropped : int
+        The counts the writer last wrote.
+    created, finished : str or None
+        ISO 8601 local times the file was created and closed.
+    error : str or None
+        Why the recording failed, if it did.
+    timestamps : ndarray of float64, shape (N,)
+        Wall-clock reception time of each frame, unix s.
+    motors : ndarray of float64, shape (N, 5)
+        Motor positions of each frame, columns :data:`MOTOR_NAMES`.
+    camera_frames : ndarray of int64, shape (N,)
+        The camera's frame counter of each frame.
+    """
+
+    path: Path
+    status: str
+    storage: str
+    metadata: dict
+    frames_kept: int
+    frames_dropped: int
+    created: str | None
+    finished: str | None
+    error: str | None
+    timestamps: np.ndarray
+    motors: np.ndarray
+    camera_frames: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def motor(self, name: str) -> np.ndarray:
+        """Positions of one motor (``omega`` in deg, the others in mm), one per frame."""
+        if name not in MOTOR_NAMES:
+            raise KeyError(f"no motor {name!r} in a recording: use one of {MOTOR_NAMES}")
+        return self.motors[:, MOTOR_NAMES.index(name)]
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` as an RGB array of uint8, shape (H, W, 3)."""
+        i = range(len(self))[i]
+        try:
+            with h5py.File(self.path, "r") as h5file:
+                if self.storage == "raw":
+                    return h5file["frames/rgb"][i]
+                return decode_jpeg(h5file["frames/jpeg"][i])
+        except (OSError, RuntimeError, ValueError) as err:
+            raise RecordingError(
+                f"frame {i} of {self.path} cannot be read ({err}): the recording "
+                "probably stopped before it was written"
+            ) from err
+
+
+def read_recording(path) -> Recording:
+    """Read a recording's metadata, counts, timestamps and motor positions.
+
+    Frames are read one at a time with :meth:`Recording.frame`. Of a file
+    left by a killed writer, only the frames flushed before are returned.
+
+    Parameters
+    ----------
+    path : path
+        A recording written by :class:`FrameStore`.
+
+    Returns
+    -------
+    Recording
+
+    Raises
+    ------
+    RecordingError
+        If the file is missing, not HDF5, not a recording, or of a newer format.
+    """
+    path = Path(path)
+    try:
+        h5file = h5py.File(path, "r")
+    except OSError as err:
+        raise RecordingError(f"cannot open the recording {path}: {err}") from err
+    with h5file:
+        attrs = {key: _python_value(value) for key, value in h5file.attrs.items()}
+        version = attrs.get("format_version")
+        if version is None or "frames" not in h5file:
+            raise RecordingError(f"{path} is not a camera recording (no format_version attribute)")
+        if version > FORMAT_VERSION:
+            raise RecordingError(
+                f"{path} has recording format {version}, this mxcube-autocenter reads up to "
+                f"{FORMAT_VERSION}: upgrade mxcube-autocenter"
+            )
+        frames = h5file["frames"]
+        # Rows appended after the last flush of a killed writer may be partial.
+        n = min(attrs["frames_kept"], *(len(dataset) for dataset in frames.values()))
+        return Recording(
+            path=path,
+            status=attrs["status"],
+            storage=attrs["storage"],
+            metadata={
+                key: _python_value(value) for key, value in h5file["collection"].attrs.items()
+            },
+            frames_kept=attrs["frames_kept"],
+            frames_dropped=attrs["frames_dropped"],
+            created=attrs.get("created"),
+            finished=attrs.get("finished"),
+            error=attrs.get("error"),
+            timestamps=frames["timestamp"][:n],
+            motors=frames["motors"][:n],
+            camera_frames=frames["camera_frame"][:n],
+        )
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%H:%M:%S.%f")[:-4]
+
+
+def summarise(path) -> str:
+    """A human-readable summary of a recording.
+
+    Parameters
+    ----------
+    path : path
+        A recording written by :class:`FrameStore`.
+
+    Returns
+    -------
+    str
+        Several lines: status, frames kept and dropped, time span and mean
+        frame rate, experiment type, master file, and each motor's range.
+    """
+    rec = read_recording(path)
+    status = rec.status
+    if status == "recording":
+        status += " (the writer stopped without closing the file)"
+    submitted = rec.frames_kept + rec.frames_dropped
+    dropped_pct = 100.0 * rec.frames_dropped / submitted if submitted else 0.0
+    lines = [
+        f"{rec.path}",
+        f"  status       {status}",
+        f"  frames       {len(rec)} readable, {rec.frames_kept} kept, "
+        f"{rec.frames_dropped} dropped ({dropped_pct:.1f} %), {rec.storage} storage",
+    ]
+    if rec.error:
+        lines.append(f"  error        {rec.error}")
+    if len(rec):
+        start, end = rec.timestamps[0], rec.timestamps[-1]
+        span = end - start
+        rate = f", {(len(rec) - 1) / span:.1f} frames/s" if span > 0 else ""
+        day = datetime.datetime.fromtimestamp(start).date().isoformat()
+        lines.append(f"  time         {day} {_clock(start)} to {_clock(end)}: {span:.2f} s{rate}")
+    lines.append(f"  experiment   {rec.metadata.get('experiment_type', 'unknown')}")
+    lines.append(f"  master file  {rec.metadata.get('master_file', 'unknown')}")
+    for name, unit in zip(MOTOR_NAMES, MOTOR_UNITS):
+        positions = rec.motor(name)
+        if np.isfinite(positions).any():
+            low, high = np.nanmin(positions), np.nanmax(positions)
+            lines.append(f"  {name:<12} {low:.3f} to {high:.3f} {unit}")
+        else:
+            lines.append(f"  {name:<12} not recorded")
+    return "\n".join(lines)
+
+
+def contact_sheet(path, out_png, n: int = 16, columns: int = 4, tile_width: int = 320) -> Path:
+    """Write a PNG grid of evenly spaced frames of a recording.
+
+    Each tile is a downscaled frame with the beam position marked by a red
+    cross and the frame's index, reception time and omega written on it.
+
+    Parameters
+    ----------
+    path : path
+        A recording written by :class:`FrameStore`.
+    out_png : path
+        The PNG file to write.
+    n : int
+        Frames shown at most.
+    columns : int
+        Tiles per row.
+    tile_width : int
+        Width of a tile, in pixels.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_png``.
+
+    Raises
+    ------
+    RecordingError
+        If the recording holds no readable frame.
+    """
+    rec = read_recording(path)
+    if not len(rec):
+        raise RecordingError(f"{rec.path} holds no frames: nothing to show")
+    indices = np.unique(np.linspace(0, len(rec) - 1, min(n, len(rec))).round().astype(int))
+    tiles = [_tile(rec, i, tile_width) for i in indices]
+    blank = np.zeros_like(tiles[0])
+    tiles += [blank] * (-len(tiles) % columns)
+    rows = [np.hstack(tiles[k : k + columns]) for k in range(0, len(tiles), columns)]
+    out_png = Path(out_png)
+    if not cv2.imwrite(str(out_png), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)):
+        raise RecordingError(f"cannot write {out_png}: check the directory exists and is writable")
+    return out_png
+
+
+def _tile(rec: Recording, i: int, width: int) -> np.ndarray:
+    frame = rec.frame(i)
+    scale = width / frame.shape[1]
+    tile = cv2.resize(frame, (width, round(frame.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    beam = rec.metadata.get("beam_position")
+    if beam is not None:
+        centre = (round(beam[0] * scale), round(beam[1] * scale))
+        cv2.drawMarker(tile, centre, (255, 0, 0), cv2.MARKER_CROSS, markerSize=16, thickness=2)
+    omega = rec.motor("omega")[i]
+    for line, text in enumerate(
+        (f"#{i}  {_clock(rec.timestamps[i])}", f"omega {omega:.2f} deg")
+    ):
+        origin = (6, 18 + 18 * line)
+        # Dark outline under light text: readable on bright and dark images.
+        for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
+            cv2.putText(
+                tile, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, thickness, cv2.LINE_AA
+            )
+    return tile
+
+
+def synthetic_frame(width: int = 1280, height: int = 1024, seed: int = 0) -> np.ndarray:
+    """An on-axis camera-like RGB frame: lit background, sample pin, loop, crystal, noise.
+
+    Parameters
+    ----------
+    width, height : int
+        Frame size, in pixels.
+    seed : int
+        Seed of the sensor noise.
+
+    Returns
+    -------
+    ndarray of uint8, shape (height, width, 3)
+    """
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    # Bright, slightly uneven back-light, as through the on-axis optics.
+    light = 200 - 60 * ((x / width - 0.5) ** 2 + (y / height - 0.5) ** 2)
+    image = np.dstack([light * 0.85, light * 0.92, light]).astype(np.float32)
+    cx, cy = width // 2, height // 2
+    cv2.rectangle(image, (0, cy - 25), (cx - 220, cy + 25), (60, 60, 70), -1)
+    cv2.ellipse(image, (cx - 40, cy), (190, 140), 0, 0, 360, (40, 40, 50), 6)
+    crystal = np.array([[-30, -40], [50, -20], [35, 45], [-45, 25]]) + (cx, cy)
+    cv2.fillPoly(image, [crystal], (150, 170, 120))
+    image = cv2.GaussianBlur(image, (0, 0), 1.5)
+    image += np.random.default_rng(seed).normal(0, 4, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def benchmark(quick: bool = False) -> dict:
+    """Record 1280x1024 JPEG frames at 25 fps from a greenlet and time the event loop.
+
+    gevent must already be monkey-patched (``patch_all(thread=False)``), as
+    in MXCuBE and the command line.
+
+    Parameters
+    ----------
+    quick : bool
+        Record for about 3 s instead of 10 s.
+
+    Returns
+    -------
+    dict
+        ``record_fps`` (frames stored per second), ``record_dropped_pct``
+        (percent of frames submitted that were dropped) and
+        ``record_max_stall_ms`` (longest the event loop was held, ms).
+    """
+    import tempfile
+
+    import gevent
+
+    duration_s, fps = (3.0 if quick else 10.0), 25.0
+    jpeg = encode_jpeg(synthetic_frame())
+    with tempfile.TemporaryDirectory() as directory:
+        writer = RecordingWriter(
+            lambda: FrameStore.create(directory, "benchmark", {"experiment_type": "OSC"})
+        )
+        feeding = gevent.spawn(_feed, writer, jpeg, fps, duration_s)
+        ticking = gevent.spawn(_max_stall_s, feeding)
+        elapsed_s = feeding.get()
+        max_stall_s = ticking.get()
+        summary = writer.close("complete")
+    submitted = summary.frames_kept + summary.frames_dropped
+    return {
+        "record_fps": summary.frames_kept / elapsed_s,
+        "record_dropped_pct": 100.0 * summary.frames_dropped / max(submitted, 1),
+        "record_max_stall_ms": 1000.0 * max_stall_s,
+    }
+
+
+def _feed(writer: RecordingWriter, jpeg: bytes, fps: float, duration_s: float) -> float:
+    """Submit ``jpeg`` at ``fps`` for ``duration_s``, as the camera does; return the time taken."""
+    import gevent
+
+    start = time.monotonic()
+    k = 0
+    while (now := time.monotonic()) - start < duration_s:
+        omega = 36.0 * (now - start)  # a 10 s, 360 deg rotation
+        writer.submit(jpeg, time.time(), (omega, 0.1, -0.2, 0.0, 0.0))
+        k += 1
+        gevent.sleep(max(0.0, start + k / fps - time.monotonic()))
+    return time.monotonic() - start
+
+
+def _max_stall_s(until) -> float:
+    """Longest time, in s, a 5 ms sleep of this greenlet took while ``until`` runs."""
+    import gevent
+
+    longest = 0.0
+    last = time.monotonic()
+    while not until.ready():
+        gevent.sleep(0.005)
+        now = time.monotonic()
+        longest = max(longest, now - last)
+        last = now
+    return longest
