@@ -1,0 +1,262 @@
+"""Synthetic EIGER files: the writer's layout, and reading them back one frame at a time."""
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
+from mxcube_autocenter.simulation.eiger import (
+    DEAD,
+    EIGER_4M,
+    EIGER_16M,
+    GAP,
+    HOT,
+    SMALL,
+    DetectorGeometry,
+    write_eiger_collection,
+)
+
+START = 1_700_000_000.123456  # unix s, wall clock
+FRAME_TIME = 0.1
+COUNT_TIME = 0.0999
+N_FRAMES = 25
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """25 frames in 3 data files, with per-frame start times by a detector clock 0.12 s ahead."""
+    rng = np.random.default_rng(5)
+    frame_starts = START + 0.12 + np.arange(N_FRAMES) * FRAME_TIME + rng.normal(0, 0.002, N_FRAMES)
+    written = write_eiger_collection(
+        tmp_path_factory.mktemp("eiger"), "xtal_1", list(range(0, 5 * N_FRAMES, 5)),
+        start_time=START, frame_time=FRAME_TIME, count_time=COUNT_TIME,
+        images_per_file=10, seed=3, frame_start_times=frame_starts,
+    )  # fmt: skip
+    return written, frame_starts
+
+
+def small_collection(directory, n_frames=3, images_per_file=1, **kwargs):
+    return write_eiger_collection(
+        directory, "xtal_2", [20] * n_frames, start_time=START, frame_time=FRAME_TIME,
+        count_time=COUNT_TIME, images_per_file=images_per_file, **kwargs,
+    )  # fmt: skip
+
+
+def test_real_eiger2_sizes_are_whole_modules():
+    for geometry, n_modules in ((EIGER_4M, 8), (EIGER_16M, 32)):
+        gaps = geometry.gap_mask()
+        assert gaps.shape == (geometry.height, geometry.width)
+        module_pixels = geometry.module_width * geometry.module_height
+        assert np.count_nonzero(~gaps) == n_modules * module_pixels
+    with pytest.raises(ValueError, match="not a whole number"):
+        DetectorGeometry("odd", 500, 514, 250, 238, 12, 38, 250.0, 257.0)
+
+
+def test_files_are_named_and_linked_as_the_eiger_filewriter_does(collection):
+    written, _ = collection
+    assert written.master_path.name == "xtal_1_master.h5"
+    assert [p.name for p in written.data_paths] == [f"xtal_1_data_00000{k}.h5" for k in (1, 2, 3)]
+    assert sorted(p.name for p in written.master_path.parent.iterdir()) == sorted(
+        [written.master_path.name, *(p.name for p in written.data_paths)]
+    )
+    with h5py.File(written.master_path) as f:
+        assert f["entry"].attrs["NX_class"] == "NXentry"
+        for k, path in enumerate(written.data_paths, start=1):
+            link = f["entry/data"].get(f"data_{k:06d}", getlink=True)
+            assert isinstance(link, h5py.ExternalLink)
+            assert (link.filename, link.path) == (path.name, "/entry/data/data")
+            assert f[f"entry/data/data_{k:06d}"].shape[1:] == (SMALL.height, SMALL.width)
+
+
+def test_master_file_holds_the_nexus_and_detector_specific_metadata(collection):
+    written, _ = collection
+    with h5py.File(written.master_path) as f:
+        detector = f["entry/instrument/detector"]
+        assert detector.attrs["NX_class"] == "NXdetector"
+        assert detector["count_time"][()] == COUNT_TIME
+        assert detector["frame_time"][()] == FRAME_TIME
+        assert detector["count_time"].attrs["units"] == b"s"
+        assert detector["x_pixel_size"][()] == pytest.approx(75e-6)
+        assert detector["y_pixel_size"].attrs["units"] == b"m"
+        assert detector["beam_center_x"][()] == SMALL.beam_center_x
+        assert detector["beam_center_y"].attrs["units"] == b"pixel"
+        assert detector["detector_distance"][()] == pytest.approx(SMALL.distance / 1e3)
+        assert detector["sensor_material"][()] == b"Si"
+        assert detector["sensor_thickness"][()] == pytest.approx(450e-6)
+        assert f["entry/instrument/beam/incident_wavelength"][()] == SMALL.wavelength
+        specific = detector["detectorSpecific"]
+        assert specific["nimages"][()] == N_FRAMES
+        assert specific["ntrigger"][()] == 1
+        assert specific["data_collection_date"][()] == b"2023-11-14T22:13:20.123456+00:00"
+        assert (specific["x_pixels_in_detector"][()], specific["y_pixels_in_detector"][()]) == (512, 514)
+        assert specific["countrate_correction_count_cutoff"][()] == detector["saturation_value"][()]
+        mask = specific["pixel_mask"][()]
+    assert mask.dtype == np.uint32
+    gaps = SMALL.gap_mask()
+    assert np.all(mask[gaps] & GAP) and not np.any(mask[~gaps] & GAP)
+    assert np.count_nonzero(mask & HOT) >= 3 and np.count_nonzero(mask & DEAD) >= 3
+
+
+def test_frames_are_bitshuffle_lz4_one_chunk_per_frame(collection):
+    written, _ = collection
+    for k, path in enumerate(written.data_paths):
+        with h5py.File(path) as f:
+            data = f["entry/data/data"]
+            assert data.dtype == np.uint32
+            assert data.chunks == (1, SMALL.height, SMALL.width)
+            plist = data.id.get_create_plist()
+            filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
+            assert [code for code, *_ in filters] == [hdf5plugin.BSHUF_ID]
+            assert filters[0][2][4] == 2  # bitshuffle's compression option: 2 = LZ4
+            assert data.attrs["image_nr_low"] == 10 * k + 1
+            assert data.attrs["image_nr_high"] == min(10 * (k + 1), N_FRAMES)
+
+
+def test_timing_reads_back_as_written(collection):
+    written, frame_starts = collection
+    with open_master(written.master_path) as series:
+        assert series.nimages == N_FRAMES
+        assert series.count_time == COUNT_TIME and series.frame_time == FRAME_TIME
+        assert series.start_time == pytest.approx(START, abs=1e-6)
+        windows = series.frame_windows()
+    assert windows.shape == (N_FRAMES, 2)
+    np.testing.assert_allclose(windows[:, 0], frame_starts, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(windows[:, 1] - windows[:, 0], COUNT_TIME, rtol=0, atol=1e-6)
+
+
+def test_windows_follow_frame_time_without_per_frame_times(tmp_path):
+    written = small_collection(tmp_path, n_frames=4)
+    with h5py.File(written.master_path) as f:
+        assert "start_time" not in f["entry/instrument/detector"]
+    with open_master(written.master_path) as series:
+        assert series.frame_start_times is None
+        windows = series.frame_windows()
+    expected_start = START + FRAME_TIME * np.arange(4)
+    np.testing.assert_allclose(windows, np.column_stack([expected_start, expected_start + COUNT_TIME]), atol=1e-6)
+
+
+def test_frames_read_one_at_a_time_with_their_valid_pixels(collection):
+    written, _ = collection
+    with open_master(written.master_path) as series:
+        assert (series.width, series.height) == (SMALL.width, SMALL.height)
+        assert (series.pixel_size, series.distance, series.wavelength) == pytest.approx((0.075, 60.0, 0.9763))
+        for index in (0, 9, 10, 24):
+            frame, valid = series.frame(index)
+            with h5py.File(written.data_paths[index // 10]) as f:
+                np.testing.assert_array_equal(frame, f["entry/data/data"][index % 10])
+            flagged = series.pixel_mask != 0
+            assert not np.any(valid[flagged])
+            assert np.all(frame[series.pixel_mask & GAP != 0] == 0xFFFFFFFF)
+            assert np.all(frame[series.pixel_mask & HOT != 0] == series.count_cutoff)
+            assert np.array_equal(valid, ~flagged & (frame < series.count_cutoff))
+        with pytest.raises(IndexError):
+            series.frame(N_FRAMES)
+
+
+def test_spots_are_exactly_the_requested_counts_off_masked_pixels(collection):
+    written, _ = collection
+    assert [len(p) for p in written.spot_positions] == list(range(0, 5 * N_FRAMES, 5))
+    with open_master(written.master_path) as series:
+        mask = series.pixel_mask
+    for positions in written.spot_positions:
+        columns, rows = np.floor(positions).astype(int).T
+        assert not np.any(mask[rows, columns])
+
+
+def test_sixteen_bit_frames_use_the_sixteen_bit_invalid_value(tmp_path):
+    written = small_collection(tmp_path, n_frames=1, bit_depth=16)
+    with open_master(written.master_path) as series:
+        frame, valid = series.frame(0)
+        assert frame.dtype == np.uint16 and series.count_cutoff == 0xFFFE
+        assert np.all(frame[series.pixel_mask & GAP != 0] == 0xFFFF)
+        assert not np.any(valid[series.pixel_mask != 0])
+
+
+def test_an_empty_collection_still_has_a_master_file(tmp_path):
+    written = write_eiger_collection(tmp_path, "empty", [], start_time=START, frame_time=0.1, count_time=0.1)
+    assert written.data_paths == () and written.nimages == 0
+    with open_master(written.master_path) as series:
+        assert series.nimages == 0 and series.frame_windows().shape == (0, 2)
+
+
+def test_a_failed_write_leaves_no_master_and_no_partial_files(tmp_path):
+    too_many = SMALL.width * SMALL.height  # more spots than a frame holds: fails at frame 3
+    with pytest.raises(ValueError, match="do not fit"):
+        write_eiger_collection(
+            tmp_path, "xtal_3", [10, 10, too_many], start_time=START, frame_time=0.1, count_time=0.1,
+            images_per_file=1,
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+# Errors: each names the offending file.
+
+
+def test_missing_master_file(tmp_path):
+    path = tmp_path / "nothing_master.h5"
+    with pytest.raises(EigerFileError, match="nothing_master.h5"):
+        open_master(path)
+
+
+def test_master_file_of_garbage_bytes(tmp_path):
+    path = tmp_path / "garbage_master.h5"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(EigerFileError, match="garbage_master.h5.*truncated or corrupt"):
+        open_master(path)
+
+
+def test_an_hdf5_file_that_is_not_an_eiger_master(tmp_path):
+    path = tmp_path / "other_master.h5"
+    with h5py.File(path, "w") as f:
+        f["entry/title"] = "not a detector"
+    with pytest.raises(EigerFileError, match="other_master.h5.*not an EIGER master file"):
+        open_master(path)
+
+
+def test_missing_data_file(tmp_path):
+    written = small_collection(tmp_path)
+    written.data_paths[1].unlink()
+    with pytest.raises(EigerFileError, match="xtal_2_data_000002.h5: data file missing"):
+        open_master(written.master_path)
+
+
+def test_truncated_data_file(tmp_path):
+    written = small_collection(tmp_path)
+    path = written.data_paths[2]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(EigerFileError, match="xtal_2_data_000003.h5.*truncated or corrupt"):
+        open_master(written.master_path)
+
+
+def test_truncated_master_file(tmp_path):
+    written = small_collection(tmp_path)
+    path = written.master_path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(EigerFileError, match="xtal_2_master.h5.*truncated or corrupt"):
+        open_master(path)
+
+
+def test_corrupt_frame_is_reported_when_read(tmp_path):
+    written = small_collection(tmp_path, images_per_file=3)
+    path = written.data_paths[0]
+    with h5py.File(path) as f:
+        chunk = f["entry/data/data"].id.get_chunk_info(1)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(b"\xff" * chunk.size)
+    with open_master(written.master_path) as series:
+        series.frame(0)
+        with pytest.raises(EigerFileError, match="xtal_2_data_000001.h5: cannot read image 2"):
+            series.frame(1)
+
+
+def test_missing_compression_filter(tmp_path):
+    written = small_collection(tmp_path)
+    # HDF5 as it is without hdf5plugin: no bitshuffle filter.
+    h5py.h5z.unregister_filter(hdf5plugin.BSHUF_ID)
+    try:
+        with pytest.raises(EigerFileError, match="xtal_2_data_000001.h5.*pip install hdf5plugin"):
+            open_master(written.master_path)
+    finally:
+        hdf5plugin.register("bshuf")
