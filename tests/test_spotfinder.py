@@ -1,0 +1,227 @@
+"""The DIALS dispersion spot finder on synthetic EIGER frames with known spots."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mxcube_autocenter.labelling import spotfinder
+from mxcube_autocenter.labelling.eiger import open_master, valid_pixels
+from mxcube_autocenter.labelling.spotfinder import (
+    SpotFinderParams,
+    count_reflections,
+    find_spots,
+    resolution_radius,
+)
+from mxcube_autocenter.simulation import eiger
+from mxcube_autocenter.simulation.eiger import HOT, SMALL, FrameSimulator, write_eiger_collection
+
+
+@pytest.fixture(scope="module")
+def known_counts(tmp_path_factory):
+    """40 frames of 0 to 150 spots, written as EIGER files and spot-found frame by frame."""
+    counts = np.random.default_rng(11).integers(0, 151, size=40)
+    counts[:4] = (0, 1, 2, 150)
+    written = write_eiger_collection(
+        tmp_path_factory.mktemp("rc"), "rc", counts, start_time=1.7e9, frame_time=0.1, count_time=0.1, seed=8
+    )
+    with open_master(written.master_path) as series:
+        found = [find_spots(*series.frame(i)) for i in range(series.nimages)]
+    return counts, written.spot_positions, found
+
+
+def test_reflection_counts_match_the_truth(known_counts):
+    counts, _, found = known_counts
+    error = np.array([spots.count for spots in found]) - counts
+    within = np.abs(error) <= np.maximum(3, 0.1 * counts)
+    print(
+        f"\nspot count within max(3, 10%) of the truth on {within.mean():.0%} of {counts.size} frames; "
+        f"exact on {np.mean(error == 0):.0%}; mean |error| {np.abs(error).mean():.2f}, worst {error[np.argmax(np.abs(error))]:+d}"
+    )
+    assert within.mean() >= 0.95
+
+
+def test_centroids_land_on_the_true_spot_centres(known_counts):
+    _, positions, found = known_counts
+    distances = [
+        np.linalg.norm(spots.centroids[:, None] - truth[None], axis=2).min(axis=1)
+        for spots, truth in zip(found, positions)
+        if spots.count and len(truth)
+    ]
+    distances = np.concatenate(distances)
+    print(f"\ncentroid to true centre: median {np.median(distances):.2f} px, 99% within {np.percentile(distances, 99):.2f} px")
+    assert np.percentile(distances, 99) < 0.5
+
+
+def test_spot_list_fields(known_counts):
+    _, _, found = known_counts
+    spots = found[3]
+    assert spots.centroids.shape == (spots.count, 2)
+    assert np.all(spots.sizes >= 3) and np.all(spots.intensities > 0)
+    rows = spots.centroids[:, 1]
+    assert np.all(np.diff(rows) >= 0)  # sorted by row
+
+
+def test_background_only_frames_give_almost_no_spots():
+    simulator = FrameSimulator(SMALL, seed=4)
+    for _ in range(10):
+        frame, _ = simulator.frame(0)
+        assert count_reflections(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)) <= 2
+
+
+def _bright_blobs(shape, rng, n=30, size=5):
+    """Boolean image with n bright square blobs away from the edges."""
+    blobs = np.zeros(shape, bool)
+    for row, column in zip(rng.integers(10, shape[0] - 10, n), rng.integers(10, shape[1] - 10, n)):
+        blobs[row : row + size, column : column + size] = True
+    return blobs
+
+
+def test_masked_pixels_never_make_spots():
+    simulator = FrameSimulator(SMALL, seed=5)
+    frame, _ = simulator.frame(0)
+    blobs = _bright_blobs(frame.shape, np.random.default_rng(0))
+    frame[blobs] = 5000
+    mask = simulator.pixel_mask | np.where(blobs, np.uint32(HOT), np.uint32(0))
+    valid = valid_pixels(frame, mask, simulator.count_cutoff)
+    assert find_spots(frame, valid).count == 0
+    # Unmasked, the same blobs are spots: the mask, not the data, kept them out.
+    assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)).count > 20
+
+
+def test_saturated_pixels_never_make_spots():
+    simulator = FrameSimulator(SMALL, seed=6)
+    frame, _ = simulator.frame(0)
+    blobs = _bright_blobs(frame.shape, np.random.default_rng(1))
+    frame[blobs] = simulator.count_cutoff + np.random.default_rng(2).integers(0, 1000, np.count_nonzero(blobs))
+    assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)).count == 0
+
+
+def test_masked_pixels_do_not_poison_their_neighbours():
+    simulator = FrameSimulator(SMALL, seed=7)
+    frame, positions = simulator.frame(40)
+    valid = valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
+    # Huge values on masked pixels right beside every spot change nothing.
+    columns, rows = np.floor(positions).astype(int).T
+    frame[rows, columns + 3] = simulator.invalid
+    valid[rows, columns + 3] = False
+    spots = find_spots(frame, valid)
+    assert spots.count == 40
+    assert np.linalg.norm(spots.centroids[:, None] - positions[None], axis=2).min(axis=1).max() < 0.5
+
+
+def _reference_strong_pixels(frame, valid, params):
+    """DIALS' dispersion test written out pixel by pixel, for checking the vectorised one."""
+    kx, ky = params.kernel_size
+    strong = np.zeros(frame.shape, bool)
+    for row in range(frame.shape[0]):
+        for column in range(frame.shape[1]):
+            if not valid[row, column]:
+                continue
+            box = (slice(max(0, row - ky), row + ky + 1), slice(max(0, column - kx), column + kx + 1))
+            values = frame[box][valid[box]].astype(np.float64)
+            n = values.size
+            if n < params.min_count:
+                continue
+            mean, variance = values.mean(), values.var(ddof=1)
+            value = frame[row, column]
+            strong[row, column] = (
+                mean > 0
+                and variance / mean > params.gain * (1 + params.sigma_background * np.sqrt(2 / (n - 1)))
+                and value > mean + params.sigma_strong * np.sqrt(params.gain * mean)
+                and value > params.global_threshold
+            )
+    return strong
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SpotFinderParams(), SpotFinderParams(kernel_size=(2, 4), min_local=20, sigma_background=3, global_threshold=5)],
+)
+def test_vectorised_threshold_matches_the_definition(monkeypatch, params):
+    # Strips of 7 rows, so that strip edges fall inside spots.
+    monkeypatch.setattr(spotfinder, "_STRIP_PIXELS", 7 * 64)
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(1.5, size=(61, 64)).astype(np.uint32)
+    frame[ndimage.binary_dilation(_bright_blobs(frame.shape, rng, n=8, size=1), iterations=2)] += 40
+    valid = rng.random(frame.shape) > 0.1
+    strong = np.zeros(frame.size, bool)
+    strong[spotfinder._strong_pixels(frame, valid, params, None)] = True
+    expected = _reference_strong_pixels(frame, valid, params)
+    assert expected.sum() > 20
+    np.testing.assert_array_equal(strong.reshape(frame.shape), expected)
+
+
+def test_spots_join_pixels_sharing_an_edge_not_a_corner():
+    rng = np.random.default_rng(4)
+    pixels = rng.random((80, 90)) < 0.2
+    labels = spotfinder._label_4_connected(np.flatnonzero(pixels), pixels.shape[1])
+    expected, n = ndimage.label(pixels)  # default structure: edge neighbours
+    assert labels.max() + 1 == n
+    # Same partition: each component maps to exactly one expected label.
+    pairs = np.unique(np.column_stack([labels, expected[pixels]]), axis=0)
+    assert len(pairs) == n
+
+
+def test_resolution_radius():
+    geometry = SMALL
+    d = geometry.wavelength / (2 * np.sin(np.radians(15)))  # 2 theta = 30 degrees
+    expected = geometry.distance * np.tan(np.radians(30)) / geometry.pixel_size
+    assert resolution_radius(d, geometry) == pytest.approx(expected)
+    assert resolution_radius(0.5 * geometry.wavelength, geometry) == np.inf
+
+
+def test_resolution_limits_drop_spots_outside_the_shell():
+    simulator = FrameSimulator(SMALL, seed=9)
+    frame, positions = simulator.frame(400)
+    valid = valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
+    params = SpotFinderParams(d_min=4.0, d_max=8.0)
+    r_inner, r_outer = resolution_radius(8.0, SMALL), resolution_radius(4.0, SMALL)
+    radius = np.hypot(positions[:, 0] - SMALL.beam_center_x, positions[:, 1] - SMALL.beam_center_y)
+    surely_in = np.count_nonzero((radius > r_inner + 3) & (radius < r_outer - 3))
+    maybe_in = np.count_nonzero((radius > r_inner - 3) & (radius < r_outer + 3))
+    found = find_spots(frame, valid, params, geometry=SMALL)
+    assert surely_in <= found.count <= maybe_in
+    assert 0 < found.count < 400
+    found_radius = np.hypot(*(found.centroids - [SMALL.beam_center_x, SMALL.beam_center_y]).T)
+    assert np.all((found_radius > r_inner - 1) & (found_radius < r_outer + 1))
+    with pytest.raises(ValueError, match="need the detector geometry"):
+        find_spots(frame, valid, params)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_local": 1},
+        {"min_local": 50},
+        {"kernel_size": (0, 3)},
+        {"gain": 0},
+        {"min_spot_size": 5, "max_spot_size": 4},
+        {"d_min": 3.0, "d_max": 2.0},
+    ],
+)
+def test_parameters_are_checked(kwargs):
+    with pytest.raises(ValueError):
+        SpotFinderParams(**kwargs)
+
+
+def test_min_local_zero_means_the_whole_box():
+    assert SpotFinderParams(min_local=0).min_count == 49
+
+
+def test_frame_and_mask_must_agree():
+    with pytest.raises(ValueError, match="differ in shape"):
+        find_spots(np.zeros((10, 10)), np.ones((10, 11), bool))
+    with pytest.raises(ValueError, match="one 2D detector frame"):
+        find_spots(np.zeros((2, 10, 10)))
+
+
+def test_benchmarks_report_their_figures():
+    figures = {**spotfinder.benchmark(quick=True), **eiger.benchmark(quick=True)}
+    print("\n" + ", ".join(f"{key} = {value:.3g}" for key, value in figures.items()))
+    assert set(figures) == {
+        "spotfind_s_per_4m_frame",
+        "spotfind_s_per_16m_frame",
+        "eiger_write_ms_per_frame_small",
+        "eiger_write_ms_per_frame_4m",
+    }
+    assert all(value > 0 for value in figures.values())
