@@ -47,7 +47,7 @@ _CELL_MARGIN = _STAMP_RADIUS
 _SUBPIXEL = 4  # spot centres lie on a 1/4 pixel grid
 _SIGMAS = np.linspace(0.6, 1.5, 10)  # spot widths, pixels (Gaussian sigma)
 # Spot intensities follow Wilson statistics (exponential) above a floor that
-# keeps the faintest spot findable over the background, photons.
+# keeps the faintest spot findable over the background, counts.
 _MIN_INTENSITY = 400.0
 _MEAN_EXTRA_INTENSITY = 4000.0
 _SOLVENT_RING_D = 3.7  # Angstrom: the water / solvent ring
@@ -154,8 +154,9 @@ class EigerCollection:
 def background_model(geometry: DetectorGeometry) -> np.ndarray:
     """Mean background counts per pixel of one frame, shape (height, width).
 
-    Air and solvent scatter falling off from the direct beam, plus a faint
-    solvent ring at 3.7 Angstrom; between 0.3 and about 2.3 counts.
+    Air and solvent scatter falling off from the direct beam (1.5 counts at
+    the beam, about 0.4 in the corners) plus a faint solvent ring at 3.7
+    Angstrom (up to 0.8 counts more).
     """
     half_diagonal = np.hypot(geometry.width, geometry.height) / 2
     ring = resolution_radius(_SOLVENT_RING_D, geometry)
