@@ -103,7 +103,7 @@ class EigerSeries:
         self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
         self.frame_start_times = self._frame_times(detector, "start_time")
         self.frame_stop_times = self._frame_times(detector, "stop_time")
-        mask = self._value(specific, "pixel_mask", read=False)
+        mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
         self.pixel_mask = np.asarray(mask[()], dtype=np.uint32)
         self._blocks = self._data_blocks()
@@ -123,13 +123,16 @@ class EigerSeries:
             )
         return self._file[name]
 
-    def _value(self, group: h5py.Group, name: str, read: bool = True):
+    def _value(self, group: h5py.Group, name: str):
+        return self._dataset(group, name)[()]
+
+    def _dataset(self, group: h5py.Group, name: str) -> h5py.Dataset:
         if name not in group:
             raise EigerFileError(
                 f"{self.master_path}: no {group.name}/{name}, so not a complete EIGER master file: "
                 f"give the <prefix>_master.h5 that the detector wrote, or {_COPY_AGAIN}"
             )
-        return group[name][()] if read else group[name]
+        return group[name]
 
     def _unix_time(self, text: str, what: str) -> float:
         try:

@@ -225,8 +225,9 @@ class _BackgroundSampler:
         self.mean = levels.astype(np.float32)[self.level]
         self._offset = self.level.astype(np.int32) * self._BUCKETS
         k = np.arange(self._MAX_COUNT)
-        pmf = np.exp(-levels[:, None]) * np.cumprod(np.where(k > 0, levels[:, None] / np.maximum(k, 1), 1.0), axis=1)
-        self._cdf = np.cumsum(pmf, axis=1)
+        # pmf(k) = pmf(k - 1) * mean / k, from pmf(0) = exp(-mean).
+        ratios = np.where(k > 0, levels[:, None] / np.maximum(k, 1), 1.0)
+        self._cdf = np.cumsum(np.exp(-levels[:, None]) * np.cumprod(ratios, axis=1), axis=1)
         edges = np.arange(self._BUCKETS + 1) / self._BUCKETS
         table = np.empty((self._LEVELS, self._BUCKETS), np.uint8)
         for level, cdf in enumerate(self._cdf):
