@@ -31,14 +31,17 @@ import logging
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import cv2
+import gevent
 import h5py
 import numpy as np
+from gevent import monkey
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +263,29 @@ class _GuardedFile:
 
     HDF5 cannot recover from a failed write: closing the file retries it, and
     h5py may then crash the whole process (seen on EFBIG with HDF5 1.14).
-    This file records the first ``OSError``, ignores later writes so that the
-    file stays as it was, and reports success to HDF5; :class:`FrameStore`
-    raises the recorded error itself. Writes go straight to the operating
-    system, so whatever HDF5 has flushed survives a killed process.
+    This file records the first ``OSError`` and reports success to HDF5;
+    :class:`FrameStore` raises the recorded error itself.
+
+    A write can fail half-way through a flush, leaving metadata that points
+    past the end of the file. So the bytes each write overwrites are kept
+    until the next :meth:`commit` (a successful flush); after a failed write
+    they are put back, the file is cut to its committed size, and later
+    writes are ignored: the file stays as it was at the last flush.
+    Writes go straight to the operating system, so whatever HDF5 has flushed
+    also survives a killed process.
     """
 
     def __init__(self, path: Path):
         self._raw = io.FileIO(path, "x+")
         self.error: OSError | None = None
+        self._committed_size = 0
+        self._undo: list[tuple[int, bytes]] = []
+
+    def commit(self):
+        """Make the file as it is now the state to return to after a failed write."""
+        if self.error is None:
+            self._undo.clear()
+            self._committed_size = os.fstat(self._raw.fileno()).st_size
 
     def seek(self, offset, whence=os.SEEK_SET):
         return self._raw.seek(offset, whence)
@@ -285,12 +302,16 @@ class _GuardedFile:
     def write(self, data):
         view = memoryview(data).cast("B")
         if self.error is None:
+            offset = self._raw.tell()
             try:
+                if offset < self._committed_size:
+                    size = min(len(view), self._committed_size - offset)
+                    self._undo.append((offset, os.pread(self._raw.fileno(), size, offset)))
                 written = 0
                 while written < len(view):
                     written += self._raw.write(view[written:])
             except OSError as err:
-                self.error = err
+                self._roll_back(err)
         return len(view)
 
     def truncate(self, size=None):
@@ -298,8 +319,18 @@ class _GuardedFile:
             try:
                 self._raw.truncate(size)
             except OSError as err:
-                self.error = err
+                self._roll_back(err)
         return size
+
+    def _roll_back(self, err: OSError):
+        self.error = err
+        try:
+            # Overwriting bytes already on disk needs no new space.
+            for offset, original in reversed(self._undo):
+                os.pwrite(self._raw.fileno(), original, offset)
+            self._raw.truncate(self._committed_size)
+        except OSError as undo_err:
+            log.warning("%s could not be put back as at its last flush: %s", self._raw.name, undo_err)
 
     def flush(self):
         # Unbuffered: every write is already with the operating system.
@@ -429,6 +460,7 @@ class FrameStore:
             h5file.flush()
             if guarded.error is not None:
                 raise RecordingError(describe_write_error(guarded.error, path))
+            guarded.commit()
         except Exception:
             # A file without its layout is of no use to anyone.
             if h5file is not None:
@@ -532,10 +564,14 @@ class FrameStore:
         OSError
             If writing failed.
         """
+        # Frames first, counts after: a process killed in between leaves counts
+        # that never promise a frame that is not on disk.
+        self._h5.flush()
         self._h5.attrs["frames_kept"] = self._kept
         self._h5.attrs["frames_dropped"] = self.frames_dropped
         self._h5.flush()
         self._raise_write_error()
+        self._guarded.commit()
         self._flushed = self._kept
         self._last_flush = time.monotonic()
 
@@ -1005,7 +1041,7 @@ def summarise(path) -> str:
     rec = read_recording(path)
     status = rec.status
     if status == "recording":
-        status += " (the writer stopped without closing the file)"
+        status += " (still being written, or the writer stopped without closing the file)"
     submitted = rec.frames_kept + rec.frames_dropped
     dropped_pct = 100.0 * rec.frames_dropped / submitted if submitted else 0.0
     lines = [
@@ -1144,10 +1180,11 @@ def benchmark(quick: bool = False) -> dict:
         (percent of frames submitted that were dropped) and
         ``record_max_stall_ms`` (longest the event loop was held, ms).
     """
-    import tempfile
-
-    import gevent
-
+    if not monkey.is_module_patched("time"):
+        raise RuntimeError(
+            "the recording benchmark needs gevent's event loop: call "
+            "gevent.monkey.patch_all(thread=False) first, as MXCuBE does"
+        )
     duration_s, fps = (3.0 if quick else 10.0), 25.0
     jpeg = encode_jpeg(synthetic_frame())
     with tempfile.TemporaryDirectory() as directory:
@@ -1169,8 +1206,6 @@ def benchmark(quick: bool = False) -> dict:
 
 def _feed(writer: RecordingWriter, jpeg: bytes, fps: float, duration_s: float) -> float:
     """Submit ``jpeg`` at ``fps`` for ``duration_s``, as the camera does; return the time taken."""
-    import gevent
-
     start = time.monotonic()
     k = 0
     while (now := time.monotonic()) - start < duration_s:
@@ -1183,8 +1218,6 @@ def _feed(writer: RecordingWriter, jpeg: bytes, fps: float, duration_s: float) -
 
 def _max_stall_s(until) -> float:
     """Longest time, in s, a 5 ms sleep of this greenlet took while ``until`` runs."""
-    import gevent
-
     longest = 0.0
     last = time.monotonic()
     while not until.ready():

@@ -1,0 +1,342 @@
+"""Camera recordings: real HDF5 files, a real writer thread, real crashes and full disks."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import cv2
+import gevent
+import h5py
+import numpy as np
+import pytest
+
+from mxcube_autocenter.recording import (
+    MOTOR_NAMES,
+    FrameStore,
+    RecordingError,
+    RecordingWriter,
+    contact_sheet,
+    decode_jpeg,
+    encode_jpeg,
+    read_recording,
+    summarise,
+    synthetic_frame,
+    unique_path,
+)
+
+METADATA = {
+    "experiment_type": "Helical",
+    "osc_start": 10.0,
+    "osc_range": 0.1,
+    "number_of_images": 3600,
+    "exposure_time": 0.01,
+    "helical_start": {"phiy": 0.1, "phiz": -0.2, "sampx": 0.0, "sampy": 0.05},
+    "helical_end": {"phiy": 0.3, "phiz": -0.2, "sampx": 0.01, "sampy": 0.05},
+    "file_template": "lyso1_1_%06d.h5",
+    "master_file": "/data/visit/lyso1/lyso1_1_master.h5",
+    "collection_start": 1.7e9,
+    "sample_id": 42,
+    "crystal_id": "lyso1-x1",
+    "beamline": "VIRTUAL",
+    "zoom": 4,
+    "pixels_per_mm": [1480.5, 1480.5],
+    "beam_position": [640, 512],
+    "beam_size_um": [20.0, 5.0],
+    "comment": None,
+}
+
+
+def _frames(count, width=160, height=128):
+    """Small distinct RGB frames and their JPEG encodings."""
+    rgbs = [synthetic_frame(width, height, seed=k) for k in range(count)]
+    return rgbs, [encode_jpeg(rgb) for rgb in rgbs]
+
+
+def _motors(k):
+    return {"omega": 0.5 * k, "phiy": 0.1, "phiz": -0.2, "sampx": 0.001 * k, "sampy": None}
+
+
+def _run_script(script, *args, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.mark.parametrize("storage", ["jpeg", "raw"])
+def test_round_trip(tmp_path, storage):
+    rgbs, jpegs = _frames(5)
+    store = FrameStore.create(tmp_path / "new" / "dir", "lyso1_1", METADATA, storage=storage)
+    start = time.time()
+    for k, jpeg in enumerate(jpegs):
+        store.append(jpeg, start + 0.04 * k, _motors(k), 1000 + k)
+    store.frames_dropped = 2
+    store.close("complete")
+
+    rec = read_recording(store.path)
+    assert store.path == tmp_path / "new" / "dir" / "lyso1_1.h5"
+    assert (rec.status, rec.storage, len(rec)) == ("complete", storage, 5)
+    assert (rec.frames_kept, rec.frames_dropped, rec.error) == (5, 2, None)
+    assert rec.created and rec.finished
+    expected = {key: value for key, value in METADATA.items() if value is not None}
+    assert rec.metadata == expected
+    np.testing.assert_array_equal(rec.timestamps, start + 0.04 * np.arange(5))
+    np.testing.assert_array_equal(rec.camera_frames, 1000 + np.arange(5))
+    np.testing.assert_array_equal(rec.motor("omega"), 0.5 * np.arange(5))
+    assert np.isnan(rec.motor("sampy")).all()
+    with h5py.File(store.path, "r") as h5file:
+        assert list(h5file["frames/motors"].attrs["names"]) == list(MOTOR_NAMES)
+        assert h5file["collection"].attrs["number_of_images"] == 3600
+        assert json.loads(h5file["collection"].attrs["helical_start"])["phiy"] == 0.1
+    for k, jpeg in enumerate(jpegs):
+        decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(rec.frame(k), decoded)
+    assert rec.frame(-1).shape == rgbs[-1].shape
+
+
+def test_never_overwrites(tmp_path):
+    first = FrameStore.create(tmp_path, "run", METADATA)
+    second = FrameStore.create(tmp_path, "run", METADATA)
+    assert (first.path.name, second.path.name) == ("run.h5", "run_2.h5")
+    assert unique_path(tmp_path, "run") == tmp_path / "run_3.h5"
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize("status", ["complete", "failed", "aborted"])
+def test_status_and_counts_at_close(tmp_path, status):
+    _, jpegs = _frames(3)
+    store = FrameStore.create(tmp_path, "run", {}, storage="raw", compression="gzip")
+    for k, jpeg in enumerate(jpegs):
+        store.append(jpeg, time.time(), _motors(k), k)
+    assert read_recording(store.path).status == "recording"
+    store.frames_dropped = 7
+    store.close(status, error="beam lost" if status == "failed" else None)
+    rec = read_recording(store.path)
+    assert (rec.status, rec.frames_kept, rec.frames_dropped) == (status, 3, 7)
+    assert rec.error == ("beam lost" if status == "failed" else None)
+
+
+def test_bad_frames_are_refused_without_writing(tmp_path):
+    _, jpegs = _frames(1)
+    store = FrameStore.create(tmp_path, "run", {}, storage="raw")
+    store.append(jpegs[0], time.time(), _motors(0), 0)
+    with pytest.raises(ValueError, match="JPEG"):
+        store.append(b"\xff\xd8 truncated", time.time(), _motors(1), 1)
+    with pytest.raises(ValueError, match="frames"):
+        store.append(encode_jpeg(synthetic_frame(64, 64)), time.time(), _motors(1), 1)
+    with pytest.raises(ValueError, match="motor positions"):
+        store.append(jpegs[0], time.time(), [0.0, 1.0], 1)
+    store.close()
+    assert len(read_recording(store.path)) == 1
+
+
+def test_writer_counts_dropped_frames(tmp_path):
+    class SlowStore(FrameStore):
+        def append(self, *args):
+            time.sleep(0.02)
+            super().append(*args)
+
+    _, jpegs = _frames(1)
+    writer = RecordingWriter(
+        lambda: SlowStore.create(tmp_path, "run", METADATA), max_queue=2, max_frames=30
+    )
+    accepted = [writer.submit(jpegs[0], time.time(), _motors(k)) for k in range(200)]
+    summary = writer.close("complete")
+    assert summary.status == "complete" and summary.error is None
+    assert summary.frames_kept == sum(accepted) <= 30
+    assert summary.frames_dropped > 100
+    assert summary.frames_kept + summary.frames_dropped == writer.frames_submitted == 200
+    rec = read_recording(summary.path)
+    assert (rec.frames_kept, rec.frames_dropped) == (summary.frames_kept, summary.frames_dropped)
+    # Without a camera counter, frames are numbered in submission order: gaps are drops.
+    assert list(rec.camera_frames) == [k for k, ok in enumerate(accepted) if ok]
+    assert writer.submit(jpegs[0], time.time(), _motors(0)) is False
+
+
+KILLED_WRITER = """
+    import sys, time
+    from mxcube_autocenter.recording import FrameStore, encode_jpeg, synthetic_frame
+    directory, storage = sys.argv[1:]
+    jpegs = [encode_jpeg(synthetic_frame(640, 512, seed=k)) for k in range(4)]
+    store = FrameStore.create(directory, "killed", {"experiment_type": "OSC"},
+                              storage=storage, flush_interval_s=0.1)
+    print(store.path, flush=True)
+    flushed = 0
+    for k in range(100000):
+        store.append(jpegs[k % 4], time.time(), [k, 0, 0, 0, 0], k)
+        if store.frames_flushed != flushed:
+            flushed = store.frames_flushed
+            print(flushed, flush=True)
+        time.sleep(0.005)
+"""
+
+
+@pytest.mark.parametrize("storage", ["jpeg", "raw"])
+def test_killed_writer_leaves_a_readable_file(tmp_path, storage):
+    process = _run_script(KILLED_WRITER, tmp_path, storage)
+    path = process.stdout.readline().strip()
+    flushed = [int(process.stdout.readline()) for _ in range(5)]
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+
+    rec = read_recording(path)
+    assert rec.status == "recording" and rec.finished is None
+    assert len(rec) >= flushed[-1] > flushed[0] > 0
+    np.testing.assert_array_equal(rec.motor("omega"), np.arange(len(rec)))
+    assert rec.frame(len(rec) - 1).shape == (512, 640, 3)
+    assert "the writer stopped without closing the file" in summarise(path)
+
+
+def test_unwritable_directory(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    directory = tmp_path / "afile" / "sub"
+    with pytest.raises(RecordingError, match=f"{re.escape(str(directory))}.*record_directory"):
+        FrameStore.create(directory, "run", METADATA)
+
+    messages = []
+    writer = RecordingWriter(
+        lambda: FrameStore.create(directory, "run", METADATA), on_error=messages.append
+    )
+    deadline = time.monotonic() + 10
+    while writer.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.submit(b"\xff\xd8", time.time(), _motors(0)) is False
+    summary = writer.close()
+    assert len(messages) == 1 and str(directory) in messages[0]
+    assert (summary.path, summary.status, summary.error) == (None, "failed", messages[0])
+    assert summary.frames_dropped == 1
+
+
+def test_too_little_free_space(tmp_path):
+    with pytest.raises(RecordingError, match=f"disk almost full.*{re.escape(str(tmp_path))}"):
+        FrameStore.create(tmp_path, "run", METADATA, min_free_mb=1e12)
+
+    _, jpegs = _frames(1)
+    messages = []
+    store = FrameStore.create(tmp_path, "run", METADATA, flush_interval_s=0.05)
+    writer = RecordingWriter(store, on_error=messages.append)
+    writer.submit(jpegs[0], time.time(), _motors(0))
+    store.min_free_mb = 1e12  # the disk fills up during the collection
+    deadline = time.monotonic() + 10
+    while writer.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    summary = writer.close()
+    assert len(messages) == 1 and str(store.path) in messages[0]
+    assert "free space or set record_directory" in messages[0]
+    rec = read_recording(store.path)
+    assert (rec.status, rec.error, summary.status) == ("failed", messages[0], "failed")
+
+
+FULL_DISK_WRITER = """
+    import json, resource, signal, sys, time
+    from mxcube_autocenter.recording import (
+        FrameStore, RecordingWriter, encode_jpeg, synthetic_frame)
+    directory = sys.argv[1]
+    jpeg = encode_jpeg(synthetic_frame())
+    messages = []
+    writer = RecordingWriter(
+        lambda: FrameStore.create(directory, "full", {"experiment_type": "OSC"},
+                                  flush_interval_s=0.05),
+        on_error=messages.append)
+    # The file may grow to 2 MB; past that, writes fail with EFBIG.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+    for k in range(40):
+        writer.submit(jpeg, time.time(), [k, 0, 0, 0, 0])
+        time.sleep(0.02)
+    after = writer.submit(jpeg, time.time(), [40, 0, 0, 0, 0])
+    summary = writer.close()
+    print(json.dumps({"messages": messages, "after": after, "path": str(summary.path),
+                      "status": summary.status, "error": summary.error,
+                      "kept": summary.frames_kept, "dropped": summary.frames_dropped}))
+"""
+
+
+def test_full_disk_stops_the_recording(tmp_path):
+    process = _run_script(FULL_DISK_WRITER, tmp_path)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    result = json.loads(out)
+    assert len(result["messages"]) == 1
+    assert "file size limit reached while writing" in result["messages"][0]
+    assert result["path"] in result["messages"][0]
+    assert result["after"] is False
+    assert (result["status"], result["error"]) == ("failed", result["messages"][0])
+    assert result["kept"] + result["dropped"] == 41
+    assert 0 < result["kept"] < 15
+    # What was flushed before the error stays readable.
+    rec = read_recording(result["path"])
+    assert len(rec) > 0 and rec.frame(0).shape == (1024, 1280, 3)
+
+
+@pytest.mark.parametrize("storage", ["jpeg", "raw"])
+def test_event_loop_stays_responsive(tmp_path, storage):
+    jpeg = encode_jpeg(synthetic_frame())
+    writer = RecordingWriter(lambda: FrameStore.create(tmp_path, "run", METADATA, storage=storage))
+
+    def camera():
+        start = time.monotonic()
+        for k in range(50):  # 2 s at 25 fps
+            writer.submit(jpeg, time.time(), _motors(k))
+            gevent.sleep(max(0.0, start + (k + 1) / 25 - time.monotonic()))
+
+    def ticker(until):
+        gaps, last = [], time.monotonic()
+        while not until.ready():
+            gevent.sleep(0.005)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+        return max(gaps)
+
+    feeding = gevent.spawn(camera)
+    max_gap = gevent.spawn(ticker, feeding).get()
+    summary = writer.close()
+    assert max_gap < 0.1, f"event loop stalled {max_gap * 1000:.0f} ms"
+    assert summary.status == "complete" and summary.frames_kept > 0
+    assert summary.frames_kept + summary.frames_dropped == 50
+
+
+def test_summary_and_contact_sheet(tmp_path):
+    _, jpegs = _frames(6, width=640, height=512)
+    metadata = dict(METADATA, beam_position=[320, 256])
+    store = FrameStore.create(tmp_path, "run", metadata)
+    for k in range(20):
+        store.append(jpegs[k % 6], 1.7e9 + 0.1 * k, _motors(k), k)
+    store.frames_dropped = 5
+    store.close("complete")
+
+    text = summarise(store.path)
+    for expected in (
+        "complete",
+        "20 kept, 5 dropped (20.0 %)",
+        "1.90 s, 10.0 frames/s",
+        "Helical",
+        METADATA["master_file"],
+        "omega        0.000 to 9.500 deg",
+        "sampy        not recorded",
+    ):
+        assert expected in text
+
+    sheet = contact_sheet(store.path, tmp_path / "sheet.png", n=6, columns=4, tile_width=160)
+    image = cv2.imread(str(sheet))
+    assert image.shape == (2 * 128, 4 * 160, 3)
+    # The red beam cross (BGR) at the beam position of the first tile.
+    assert tuple(image[64, 80]) == (0, 0, 255)
+    assert not image[128:, 320:].any()  # the two unused tiles stay black
+    with pytest.raises(RecordingError, match="not a camera recording"):
+        h5py.File(tmp_path / "other.h5", "w").close()
+        read_recording(tmp_path / "other.h5")
+
+
+def test_decode_jpeg_refuses_garbage():
+    with pytest.raises(ValueError, match="JPEG"):
+        decode_jpeg(b"not a jpeg")
