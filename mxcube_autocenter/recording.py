@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import cv2
 import gevent
@@ -659,7 +659,7 @@ class RecordingSummary:
         "complete", "failed" or "aborted"; "recording" if the writer thread
         did not finish in time and still holds the file.
     frames_kept, frames_dropped : int
-        Frames written, and frames submitted but not written.
+        Frames in the file, and frames submitted but not in the file.
     error : str or None
         What went wrong, naming the file and the fix.
     """
@@ -811,6 +811,9 @@ class RecordingWriter:
         # Frames queued after the thread stopped (a race with an error) are dropped.
         self._dropped_by_writer += self._queue.qsize() if finished else 0
         store = self._store
+        # After a failed write the file holds the frames of its last flush only.
+        kept = store.frames_flushed if store else 0
+        lost = store.frames_kept - kept if store else 0
         error = self._error
         if not finished:
             error = (
@@ -821,8 +824,8 @@ class RecordingWriter:
         self._summary = RecordingSummary(
             path=store.path if store else None,
             status=("failed" if self._error else self._final_status) if finished else "recording",
-            frames_kept=store.frames_kept if store else 0,
-            frames_dropped=self.frames_dropped,
+            frames_kept=kept,
+            frames_dropped=self.frames_dropped + lost,
             error=error,
         )
         return self._summary
@@ -898,7 +901,7 @@ def _wait_for_thread(thread: threading.Thread, timeout_s: float) -> bool:
     return not thread.is_alive()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Recording:
     """A recording read back by :func:`read_recording`.
 
@@ -988,7 +991,10 @@ def read_recording(path) -> Recording:
     try:
         h5file = h5py.File(path, "r")
     except OSError as err:
-        raise RecordingError(f"cannot open the recording {path}: {err}") from err
+        raise RecordingError(
+            f"cannot open the recording {path} ({err}): check the path and that the "
+            "file is complete"
+        ) from err
     with h5file:
         attrs = {key: _python_value(value) for key, value in h5file.attrs.items()}
         version = attrs.get("format_version")

@@ -273,9 +273,10 @@ def test_full_disk_stops_the_recording(tmp_path):
     assert (result["status"], result["error"]) == ("failed", result["messages"][0])
     assert result["kept"] + result["dropped"] == 41
     assert 0 < result["kept"] < 15
-    # What was flushed before the error stays readable.
+    # The file is put back as at its last flush, and that stays readable.
     rec = read_recording(result["path"])
-    assert len(rec) > 0 and rec.frame(0).shape == (1024, 1280, 3)
+    assert rec.status == "recording" and len(rec) == result["kept"] > 0
+    assert rec.frame(len(rec) - 1).shape == (1024, 1280, 3)
 
 
 @pytest.mark.parametrize("storage", ["jpeg", "raw"])
@@ -332,11 +333,13 @@ def test_summary_and_contact_sheet(tmp_path):
     # The red beam cross (BGR) at the beam position of the first tile.
     assert tuple(image[64, 80]) == (0, 0, 255)
     assert not image[128:, 320:].any()  # the two unused tiles stay black
-    with pytest.raises(RecordingError, match="not a camera recording"):
-        h5py.File(tmp_path / "other.h5", "w").close()
+
+
+def test_unreadable_inputs(tmp_path):
+    h5py.File(tmp_path / "other.h5", "w").close()
+    with pytest.raises(RecordingError, match="other.h5 is not a camera recording"):
         read_recording(tmp_path / "other.h5")
-
-
-def test_decode_jpeg_refuses_garbage():
+    with pytest.raises(RecordingError, match="missing.h5.*check the path"):
+        read_recording(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="JPEG"):
         decode_jpeg(b"not a jpeg")
