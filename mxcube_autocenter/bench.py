@@ -15,8 +15,17 @@ Benchmark = Callable[[bool], dict]
 
 
 def _registry() -> list[tuple[str, Benchmark]]:
-    # Imported lazily: each benchmark pulls in its own heavy dependencies.
-    return []
+    # Imported here: each benchmark pulls in its own heavy dependencies.
+    from mxcube_autocenter import recording
+    from mxcube_autocenter.labelling import spotfinder
+    from mxcube_autocenter.simulation import eiger, render
+
+    return [
+        ("render", render.benchmark),
+        ("eiger_write", eiger.benchmark),
+        ("recording", recording.benchmark),
+        ("spotfinding", spotfinder.benchmark),
+    ]
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, progress=print) -> dict:

@@ -6,7 +6,7 @@ import gevent
 import numpy as np
 import pytest
 
-from mxcube_autocenter.geometry import beam_frame, sample_to_screen
+from mxcube_autocenter.geometry import beam_frame, centred_motors, sample_to_screen
 from mxcube_autocenter.simulation.sample import make_sample
 
 
@@ -131,3 +131,68 @@ def test_sample_changer_mounts_reproducible_samples(beamline):
     np.testing.assert_array_equal(first.loop_outline, changer.mounted.sample.loop_outline)
     changer.unload()
     assert changer.mounted is None
+
+
+COLLECT_SIGNALS = (
+    "collectOscillationStarted",
+    "collectStarted",
+    "collectImageTaken",
+    "collectOscillationFinished",
+    "collectOscillationFailed",
+    "collectEnded",
+)
+
+
+@pytest.mark.parametrize("kind", ["Helical", "OSC"])
+def test_collections_move_the_goniometer_and_write_eiger_files(beamline, tmp_path, kind):
+    from mxcube_autocenter.labelling.eiger import open_master
+    from mxcube_autocenter.labelling.spotfinder import count_reflections
+    from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
+
+    mounted = beamline.sample_changer.mount(make_sample(16))
+    log = SignalLog(beamline.collect, *COLLECT_SIGNALS)
+    omega_log = SignalLog(beamline.diffractometer.omega, "valueChanged")
+    helical = helical_end_points(mounted, np.random.default_rng(0)) if kind == "Helical" else None
+    point, _ = mounted.best_point()
+    beamline.diffractometer.set_value_motors(
+        {m: v for m, v in centred_motors(point).items() if m != "omega"}, timeout=30
+    )
+    run_collection(beamline, tmp_path, "x", experiment_type=kind, helical=helical, n_images=20,
+                   exposure_time=0.04, osc_range=1.0)
+    names = log.names()
+    assert names[0] == "collectOscillationStarted"
+    assert names.count("collectImageTaken") == 20
+    assert "collectOscillationFinished" in names and "collectOscillationFailed" not in names
+    assert names.index("collectStarted") < names.index("collectImageTaken")
+    images = [args[0] for name, args in log.calls if name == "collectImageTaken"]
+    assert images == list(range(1, 21))
+    # The motors moved continuously through the scan, not in one jump.
+    scanned = {round(args[0], 3) for _, args in omega_log.calls if 0.0 < args[0] < 20.0}
+    assert len(scanned) > 20
+    assert beamline.diffractometer.omega.get_value() == pytest.approx(20.0)
+    if kind == "Helical":
+        assert beamline.diffractometer.phiy.get_value() == pytest.approx(helical[1]["phiy"])
+
+    record = beamline.collect.last_collection
+    assert record["master_file"] == str(tmp_path / "x_1_master.h5")
+    with open_master(record["master_file"]) as series:
+        assert series.nimages == 20
+        windows = series.frame_windows()
+        np.testing.assert_allclose(windows[:, 0], record["detector_frame_starts"], atol=1e-6)
+        found = [count_reflections(*series.frame(i)) for i in range(series.nimages)]
+    truth = record["reflection_counts"]
+    assert max(truth) > 0
+    for f, t in zip(found, truth):
+        assert abs(f - t) <= max(3, 0.1 * t)
+
+
+def test_failing_collection_reports_failure(beamline, tmp_path):
+    from mxcube_autocenter.simulation.experiments import run_collection
+
+    beamline.sample_changer.mount(make_sample(16))
+    log = SignalLog(beamline.collect, *COLLECT_SIGNALS)
+    beamline.collect.inject_failure(at_image=5)
+    run_collection(beamline, tmp_path, "bad", n_images=20, exposure_time=0.02)
+    names = log.names()
+    assert "collectOscillationFailed" in names and "collectOscillationFinished" not in names
+    assert names.count("collectImageTaken") == 5

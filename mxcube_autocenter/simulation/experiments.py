@@ -1,0 +1,65 @@
+"""Running collections on the booted virtual beamline, as the MXCuBE queue would."""
+
+from __future__ import annotations
+
+import gevent
+import numpy as np
+
+from mxcube_autocenter.geometry import centred_motors
+from mxcube_autocenter.simulation.collection import TRANSLATION_MOTORS, collection_parameters
+
+
+def helical_end_points(mounted, rng, length_mm=None):
+    """Start and end motor positions of a helical line through the sample.
+
+    The line crosses the loop through its best point (or the loop centre for
+    an empty loop), in a random direction in the loop plane, so the beam
+    passes from liquid over crystal and back: many different reflection counts.
+    """
+    sample = mounted.sample
+    point, _ = mounted.best_point()
+    centre = sample.loop_centre if point is None else point
+    in_plane = np.cross(sample.loop_normal, [1.0, 0.0, 0.0])
+    angle = rng.uniform(0, np.pi)
+    direction = np.cos(angle) * np.array([1.0, 0.0, 0.0]) + np.sin(angle) * in_plane
+    half = 0.5 * (length_mm or sample.loop_size_um * 1e-3)
+    start, end = centre - half * direction, centre + half * direction
+    return (
+        {m: centred_motors(start)[m] for m in TRANSLATION_MOTORS},
+        {m: centred_motors(end)[m] for m in TRANSLATION_MOTORS},
+    )
+
+
+def run_collection(beamline, directory, prefix, *, experiment_type="OSC", helical=None, timeout=300, **params):
+    """Run one collection through ``beamline.collect`` and wait for it to end.
+
+    Parameters
+    ----------
+    beamline : Beamline
+        The booted virtual beamline.
+    directory, prefix : str
+        Where the detector files go and their prefix.
+    experiment_type : {"OSC", "Helical"}
+    helical : (dict, dict), optional
+        Start and end translation motor positions of a helical scan.
+    timeout : float
+        Seconds to wait for the collection, s.
+    **params
+        Passed to :func:`collection_parameters` (n_images, exposure_time,
+        osc_start, osc_range, sample_id, crystal_id, run_number).
+
+    Returns
+    -------
+    dict
+        The collection parameters used.
+    """
+    collect = beamline.collect
+    dc_params = collection_parameters(directory, prefix, experiment_type=experiment_type, **params)
+    collect.set_helical(experiment_type == "Helical")
+    if experiment_type == "Helical":
+        start, end = helical
+        collect.set_helical_pos({"1": start, "2": end})
+    with gevent.Timeout(timeout, TimeoutError(f"collection {prefix} did not end within {timeout} s")):
+        task = collect.collect("mxcube-autocenter", [dc_params])
+        task.join()
+    return dc_params
