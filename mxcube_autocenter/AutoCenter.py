@@ -1,8 +1,8 @@
 """The AutoCenter hardware object: the plugin's single point of contact with MXCuBE.
 
 It stays thin: it reads its XML configuration, finds the beamline objects it
-works with through ``HWR.beamline`` and connects them to the plain algorithm
-modules of this package.
+works with through ``HWR.beamline`` and connects them to the plain modules of
+this package.
 
 Add it to a beamline with a role in ``beamline.yaml``::
 
@@ -10,14 +10,21 @@ Add it to a beamline with a role in ``beamline.yaml``::
 
 and an XML file such as ``hardware_objects_xml/auto_centring.xml``. Reach it
 with ``HWR.beamline.get_object_by_role("auto_centring")``.
+
+Recording: during the collections of the configured types, the camera frames
+with the motor positions of the moment go to one HDF5 file per collection
+(:mod:`mxcube_autocenter.collection_recorder`).
 """
 
 from __future__ import annotations
 
+import gevent
+from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
 
+from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig
-
+from mxcube_autocenter.geometry import CENTRING_MOTORS
 
 class AutoCenter(HardwareObject):
     """Optical crystal centring and training-frame recording for MXCuBE."""
@@ -30,8 +37,82 @@ class AutoCenter(HardwareObject):
             "AutoCenter configured: %s",
             ", ".join(f"{k}={v!r}" for k, v in self.settings().items()),
         )
+        self._helical_positions = None
+        self.recorder = None
+        self._connect_collect()
         self.update_state(self.STATES.READY)
 
     def settings(self) -> dict:
         """The validated XML properties, by name."""
         return {name: getattr(self.config, name) for name in AutoCenterConfig.model_fields}
+
+    # -- recording ------------------------------------------------------------
+
+    def _connect_collect(self):
+        bl = HWR.beamline
+        collect, sample_view = bl.collect, bl.sample_view
+        if collect is None or sample_view is None or sample_view.camera is None:
+            self.log.warning("AutoCenter: no collect object or sample-view camera; recording is off")
+            return
+        self.recorder = CollectionRecorder(
+            settings=lambda: self.config,
+            camera=sample_view.camera,
+            snapshot=lambda: sample_view.get_snapshot(return_as_array=True),
+            read_motors=self._read_motors,
+            context=self._recording_context,
+            log=self.log,
+        )
+        self.connect(collect, "collectOscillationStarted", self._collection_started)
+        # Collect objects may send both, or either, and some send them twice.
+        self.connect(collect, "collectOscillationFinished", self._collection_finished)
+        self.connect(collect, "collectEnded", self._collection_finished)
+        self.connect(collect, "collectOscillationFailed", self._collection_failed)
+        # Helical end points reach the collect object only through set_helical_pos.
+        original = collect.set_helical_pos
+
+        def set_helical_pos(arg):
+            self._helical_positions = arg
+            return original(arg)
+
+        collect.set_helical_pos = set_helical_pos
+
+    def _read_motors(self) -> dict:
+        motors = HWR.beamline.diffractometer.get_motors()
+        return {name: motors[name].get_value() for name in CENTRING_MOTORS if name in motors}
+
+    def _recording_context(self) -> dict:
+        bl = HWR.beamline
+        diffr = bl.diffractometer
+        zoom = diffr.zoom.get_value() if getattr(diffr, "zoom", None) else None
+        loaded = bl.sample_changer.get_loaded_sample() if bl.sample_changer else None
+        width, height = (bl.beam.get_beam_size() if bl.beam else (None, None))
+        return {
+            "beamline": getattr(bl.session, "beamline_name", None),
+            "zoom": getattr(zoom, "name", zoom),
+            "pixels_per_mm": list(diffr.get_pixels_per_mm()),
+            "beam_position": list(bl.beam.get_beam_position_on_screen()),
+            "beam_size_um": [1000 * width, 1000 * height] if width else None,
+            "loaded_sample": loaded.get_address() if loaded is not None else None,
+        }
+
+    def _collection_started(self, *args):
+        dc_params = find_dc_params(args, HWR.beamline.collect.current_dc_parameters)
+        if dc_params is None:
+            self.log.warning("AutoCenter: collection started without parameters; not recording")
+            return
+        try:
+            self.recorder.start(dc_params, self._helical_positions)
+        except Exception:
+            # Recording must never disturb the collection.
+            self.log.exception("AutoCenter: could not start recording")
+
+    def _stop_recording(self, status):
+        # Spawned: closing the file must not hold up the collect object's greenlet.
+        if self.recorder is not None and self.recorder.recording:
+            gevent.spawn(self.recorder.stop, status)
+
+    def _collection_finished(self, *args):
+        self._stop_recording("complete")
+
+    def _collection_failed(self, *args):
+        self._stop_recording("failed")

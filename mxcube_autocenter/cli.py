@@ -62,6 +62,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """Summarise a camera recording and write a contact sheet of its frames."""
+    from mxcube_autocenter.recording import RecordingError, contact_sheet, summarise
+
+    status = 0
+    for path in args.recordings:
+        try:
+            print(summarise(path))
+            png = Path(args.png) if args.png and len(args.recordings) == 1 else Path(path).with_suffix(".png")
+            contact_sheet(path, png, n=args.frames)
+            print(f"  contact sheet {png}")
+        except (OSError, RecordingError) as err:
+            print(f"{path}: {err}", file=sys.stderr)
+            status = 1
+    return status
+
+
 class _ImageProgress:
     """A tqdm bar advanced by the collect object's ``collectImageTaken`` signal."""
 
@@ -154,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
     sim.add_argument("--out", default="out/simulate", help="output directory (default: %(default)s)")
     sim.set_defaults(func=cmd_simulate)
+    inspect = sub.add_parser("inspect", help="summarise camera recordings and write contact sheets")
+    inspect.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
+    inspect.add_argument("--png", help="contact sheet path (one recording; default: next to it)")
+    inspect.add_argument("--frames", type=int, default=16, help="frames on the sheet (default: %(default)s)")
+    inspect.set_defaults(func=cmd_inspect)
+
     bench = sub.add_parser("bench", help="speed and memory benchmarks, printed as figures")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (under 5 minutes)")

@@ -13,6 +13,7 @@ import ast
 from typing import Literal
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
+from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
@@ -48,6 +49,25 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     record_scan_types: list[Literal["OSC", "Helical"]] = Field(
         default=list(SCAN_TYPES),
         description="Collection types to record, from 'OSC' (rotational) and 'Helical'.",
+    )
+
+    record_source: Literal["stream", "poll"] = Field(
+        default="stream",
+        description="'stream': the camera's imageReceived signal; 'poll': sample_view snapshots.",
+    )
+    record_storage: Literal["jpeg", "raw"] = Field(
+        default="jpeg", description="Frames kept as the camera's JPEG (compact) or as raw RGB."
+    )
+    record_max_frames: int = Field(default=20000, gt=0, description="Frames kept at most per collection.")
+    record_min_free_mb: float = Field(
+        default=1000.0, ge=0, description="Free disk space below which recording stops, MB."
+    )
+    record_camera_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds without a camera frame after which recording stops."
+    )
+    master_file_template: str = Field(
+        default=DEFAULT_MASTER_FILE_TEMPLATE,
+        description="EIGER master file of a collection, over dc_params['fileinfo'] keys.",
     )
 
     @field_validator("record_scan_types", mode="before")

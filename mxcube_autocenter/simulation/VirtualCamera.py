@@ -46,8 +46,8 @@ class VirtualCamera(HardwareObject):
         self._lock = gevent.lock.BoundedSemaphore()
         self.set_look(look)
         self.frame_number = 0
-        self._streaming = True
-        self._stream_task = gevent.spawn(self._stream)
+        self._stream_task = None
+        self.start_streaming()
         self.update_state(self.STATES.READY)
 
     def set_look(self, look: Look):
@@ -92,7 +92,7 @@ class VirtualCamera(HardwareObject):
 
     def _stream(self):
         period = 1.0 / self._fps
-        while self._streaming:
+        while True:
             start = time.monotonic()
             try:
                 self._update()
@@ -102,8 +102,16 @@ class VirtualCamera(HardwareObject):
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
 
+    def start_streaming(self, *args, **kwargs):
+        """Start the ``imageReceived`` stream (it starts with the object)."""
+        if self._stream_task is None:
+            self._stream_task = gevent.spawn(self._stream)
+
     def stop_streaming(self):
-        self._streaming = False
+        """Stop the ``imageReceived`` stream, as a camera that fails would."""
+        if self._stream_task is not None:
+            self._stream_task.kill()
+            self._stream_task = None
 
     def get_last_image(self):
         """The current frame as ``(rgb_bytes, width, height)``, like MDCameraMockup."""

@@ -20,7 +20,8 @@ from mxcubecore import HardwareRepository as HWR
 from mxcubecore.HardwareObjects.mockup.CollectMockup import CollectMockup
 
 from mxcube_autocenter.simulation import eiger
-from mxcube_autocenter.simulation.collection import master_file_path, scan_plan
+from mxcube_autocenter.collection_recorder import master_file_path
+from mxcube_autocenter.simulation.collection import scan_plan
 
 _MOTION_STEP_S = 0.01
 DETECTORS = {"small": eiger.SMALL, "4M": eiger.EIGER_4M, "16M": eiger.EIGER_16M}

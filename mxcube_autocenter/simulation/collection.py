@@ -14,18 +14,6 @@ import numpy as np
 TRANSLATION_MOTORS = ("phiy", "phiz", "sampx", "sampy")
 
 
-def master_file_path(fileinfo: dict) -> str:
-    """EIGER master file of a collection, as the EIGER detector objects name it.
-
-    Parameters
-    ----------
-    fileinfo : dict
-        ``dc_params["fileinfo"]`` with ``directory``, ``prefix`` and ``run_number``.
-    """
-    name = f"{fileinfo['prefix']}_{fileinfo['run_number']}_master.h5"
-    return os.path.join(fileinfo["directory"], name)
-
-
 @dataclass(frozen=True)
 class ScanPlan:
     """Where the goniometer is at each moment of a scan.

@@ -1,0 +1,219 @@
+"""Recording camera frames during collections: the scan bookkeeping.
+
+:class:`CollectionRecorder` turns the collect object's signals into one
+frame store per collection (see :mod:`mxcube_autocenter.recording` and
+``docs/data-formats.md``). It is driven by the AutoCenter hardware object and
+runs entirely in the gevent loop, where its only work per camera frame is a
+timestamp, five motor positions and a non-blocking hand-off to the writer
+thread. Collect implementations differ in the arguments of their signals and
+may repeat the finish signals; the recorder relies on neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import gevent
+
+from mxcube_autocenter.recording import FrameStore, RecordingWriter, encode_jpeg
+
+DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
+
+
+def master_file_path(fileinfo: dict, template: str = DEFAULT_MASTER_FILE_TEMPLATE) -> str:
+    """The EIGER master file of a collection.
+
+    Parameters
+    ----------
+    fileinfo : dict
+        ``dc_params["fileinfo"]``: ``directory``, ``prefix``, ``run_number``.
+    template : str
+        Format string over the ``fileinfo`` keys; the EIGER detector objects
+        of mxcubecore write ``<prefix>_<run>_master.h5`` in the data directory.
+    """
+    return os.path.normpath(template.format(**fileinfo))
+
+
+def recording_directory(template: str, fileinfo: dict) -> str:
+    """Where a collection's recording goes: ``template`` with ``{data_directory}`` filled in."""
+    return os.path.normpath(template.format(data_directory=fileinfo["directory"]))
+
+
+def recording_name(fileinfo: dict) -> str:
+    """File name (without suffix) of a collection's recording, after its detector files."""
+    return f"{fileinfo['prefix']}_{fileinfo['run_number']}_camera"
+
+
+def find_dc_params(args, fallback=None):
+    """The data collection parameters among a signal's arguments.
+
+    Collect objects pass them at different positions (CollectMockup: the 5th
+    of 6); take the first dictionary that describes a collection.
+    """
+    for arg in args:
+        if isinstance(arg, dict) and "oscillation_sequence" in arg:
+            return arg
+    return fallback
+
+
+def collection_metadata(dc_params: dict, helical_positions, context: dict, master_template: str) -> dict:
+    """The ``/collection`` attributes of a recording (see docs/data-formats.md)."""
+    osc = dc_params["oscillation_sequence"][0]
+    sample = dc_params.get("sample_reference") or {}
+    kind = dc_params.get("experiment_type")
+    metadata = {
+        "experiment_type": kind,
+        "osc_start": osc.get("start"),
+        "osc_range": osc.get("range"),
+        "number_of_images": osc.get("number_of_images"),
+        "exposure_time": osc.get("exposure_time"),
+        "file_template": dc_params["fileinfo"].get("template"),
+        "master_file": master_file_path(dc_params["fileinfo"], master_template),
+        "collection_start": time.time(),
+        "sample_id": sample.get("blSampleId"),
+        "crystal_id": sample.get("crystal_id") or context.get("loaded_sample") or sample.get("blSampleId"),
+        **{k: v for k, v in context.items() if k != "loaded_sample"},
+    }
+    if kind == "Helical" and helical_positions:
+        metadata["helical_start"] = helical_positions.get("1")
+        metadata["helical_end"] = helical_positions.get("2")
+    return metadata
+
+
+class CollectionRecorder:
+    """Records the camera during collections of the configured types.
+
+    Parameters
+    ----------
+    settings : callable
+        Returns the current AutoCenter configuration (read at each collection start).
+    camera : HardwareObject
+        The sample-view camera (``imageReceived`` stream, ``get_last_image``).
+    snapshot : callable
+        Returns the current frame as an RGB array, for the ``poll`` source.
+    read_motors : callable
+        Returns the centring motor positions by name.
+    context : callable
+        Returns beamline metadata for the recording (beamline, zoom,
+        pixels_per_mm, beam_position, beam_size_um, loaded_sample).
+    log : logging.Logger
+    """
+
+    def __init__(self, settings, camera, snapshot, read_motors, context, log=None):
+        self._settings = settings
+        self._camera = camera
+        self._snapshot = snapshot
+        self._read_motors = read_motors
+        self._context = context
+        self.log = log or logging.getLogger("HWR")
+        self._writer = None
+        self._tasks = []
+        self._next_due = 0.0
+        self._last_frame_time = 0.0
+        self._error = None
+        self._streamed = False
+        self.last_summary = None
+
+    @property
+    def recording(self) -> bool:
+        return self._writer is not None
+
+    def start(self, dc_params: dict, helical_positions=None):
+        """Begin recording a collection if its type is configured."""
+        cfg = self._settings()
+        kind = dc_params.get("experiment_type")
+        if not cfg.recording_enabled or kind not in cfg.record_scan_types:
+            self.log.debug("AutoCenter: not recording a %s collection", kind)
+            return
+        if self.recording:
+            self.stop("aborted")
+        fileinfo = dc_params["fileinfo"]
+        directory = recording_directory(cfg.record_directory, fileinfo)
+        metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
+        self._error = None
+        self._writer = RecordingWriter(
+            lambda: FrameStore.create(
+                directory, recording_name(fileinfo), metadata, storage=cfg.record_storage,
+                min_free_mb=cfg.record_min_free_mb,
+            ),
+            max_queue=max(8, int(2 * cfg.record_frame_rate)),
+            max_frames=cfg.record_max_frames,
+            on_error=self._writer_failed,
+        )
+        self._period = 1.0 / cfg.record_frame_rate
+        self._next_due = 0.0
+        self._last_frame_time = time.time()
+        self._streamed = cfg.record_source == "stream"
+        if self._streamed:
+            self._camera.connect("imageReceived", self.frame_received)
+        else:
+            self._tasks.append(gevent.spawn(self._poll))
+        self._tasks.append(gevent.spawn(self._watch, cfg.record_camera_timeout_s))
+        self.log.info("AutoCenter: recording the camera during %s collection %s to %s", kind, fileinfo["prefix"], directory)
+
+    def frame_received(self, image, *args):
+        """``imageReceived`` slot: keep frames at the configured rate."""
+        now = time.time()
+        self._last_frame_time = now
+        if self._writer is None or now < self._next_due:
+            return
+        # Schedule on a fixed grid so the rate does not drift with camera jitter.
+        self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
+        self._writer.submit(image, now, self._read_motors())
+
+    def _poll(self):
+        """The ``poll`` source: snapshot the sample view at the configured rate."""
+        pool = gevent.get_hub().threadpool
+        while self._writer is not None:
+            start = time.time()
+            rgb = self._snapshot()
+            self._last_frame_time = time.time()
+            motors = self._read_motors()
+            jpeg = pool.apply(encode_jpeg, (rgb,))
+            if self._writer is not None:
+                self._writer.submit(jpeg, start, motors)
+            gevent.sleep(max(0.0, self._period - (time.time() - start)))
+
+    def _watch(self, camera_timeout_s):
+        """Stop the recording on a writer error or when the camera falls silent."""
+        while self._writer is not None:
+            gevent.sleep(0.25)
+            if self._error is not None:
+                self.log.error("AutoCenter: recording stopped: %s", self._error)
+                self.stop("failed")
+            elif time.time() - self._last_frame_time > camera_timeout_s:
+                self.log.error(
+                    "AutoCenter: the camera sent no frame for %.0f s; recording stopped "
+                    "(check the sample-view camera, or set record_source to 'poll')",
+                    camera_timeout_s,
+                )
+                self.stop("failed")
+
+    def _writer_failed(self, message):
+        # Called on the writer thread: leave the stopping to the event loop.
+        self._error = message
+
+    def stop(self, status: str = "complete"):
+        """End the current recording (does nothing when none is running)."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return None
+        if self._streamed:
+            self._camera.disconnect("imageReceived", self.frame_received)
+        current = gevent.getcurrent()
+        for task in self._tasks:
+            if task is not current:
+                task.kill(block=False)
+        self._tasks = []
+        summary = writer.close(status)
+        self.last_summary = summary
+        level = logging.INFO if summary.error is None else logging.ERROR
+        self.log.log(
+            level,
+            "AutoCenter: recording %s: %d frames kept, %d dropped in %s%s",
+            summary.status, summary.frames_kept, summary.frames_dropped, summary.path,
+            f" ({summary.error})" if summary.error else "",
+        )
+        return summary

@@ -1,0 +1,166 @@
+"""Recording camera frames through the AutoCenter object during virtual collections."""
+
+import logging
+import time
+
+import gevent
+import numpy as np
+import pytest
+
+from mxcube_autocenter.beamline import auto_centring
+from mxcube_autocenter.recording import read_recording
+from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
+from mxcube_autocenter.simulation.sample import make_sample
+from tests.helpers import tick
+
+
+@pytest.fixture
+def autocenter(beamline):
+    ho = auto_centring(beamline)
+    saved = ho.config.model_copy()
+    beamline.sample_changer.mount(make_sample(16))
+    yield ho
+    for name in type(ho.config).model_fields:
+        setattr(ho.config, name, getattr(saved, name))
+    beamline.collect.inject_failure(None)
+
+
+def wait_for_summary(ho, timeout=10):
+    with gevent.Timeout(timeout, AssertionError("the recording did not close")):
+        while ho.recorder.recording or ho.recorder.last_summary is None:
+            gevent.sleep(0.05)
+    return ho.recorder.last_summary
+
+
+def collect(beamline, directory, kind, prefix="x", **params):
+    mounted = beamline.sample_changer.mounted
+    helical = helical_end_points(mounted, np.random.default_rng(1)) if kind == "Helical" else None
+    params = {"n_images": 30, "exposure_time": 0.05, "osc_range": 1.0, **params}
+    run_collection(beamline, directory, prefix, experiment_type=kind, helical=helical, **params)
+    return beamline.collect.last_collection
+
+
+@pytest.mark.parametrize("kind", ["Helical", "OSC"])
+def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, autocenter, tmp_path, kind):
+    autocenter.recorder.last_summary = None
+    record = collect(beamline, tmp_path, kind)
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "complete" and summary.error is None
+    assert summary.path == tmp_path / "autocenter_frames" / "x_1_camera.h5"
+    rec = read_recording(summary.path)
+    assert rec.status == "complete"
+    meta = rec.metadata
+    assert meta["experiment_type"] == kind
+    assert meta["master_file"] == record["master_file"]
+    assert meta["number_of_images"] == 30
+    assert meta["pixels_per_mm"] == list(beamline.diffractometer.get_pixels_per_mm())
+    if kind == "Helical":
+        assert meta["helical_start"]["phiy"] == pytest.approx(record["plan"].start["phiy"])
+        assert meta["helical_end"]["sampx"] == pytest.approx(record["plan"].end["sampx"])
+
+    # Frames at ~10/s spanning the exposure.
+    plan, start = record["plan"], record["wall_start"]
+    during = (rec.timestamps >= start) & (rec.timestamps <= start + plan.duration)
+    assert during.sum() >= 0.8 * 10 * plan.duration
+    assert rec.timestamps[during].min() < start + 0.2
+    assert rec.timestamps[during].max() > start + plan.duration - 0.2
+    assert rec.frame(0).shape == (1024, 1280, 3)
+
+    # Motor positions per frame are those of the scan at that moment, within
+    # one motion step of the simulated MD3 scan plus the camera latency.
+    omega = rec.motor("omega")[during]
+    expected = np.array([plan.motors_at(t - start)["omega"] for t in rec.timestamps[during]])
+    speed = plan.omega_range / plan.exposure_time  # deg/s
+    assert np.max(np.abs(omega - expected)) <= speed * 0.04
+    for name in ("phiy", "sampx", "sampy"):
+        got = rec.motor(name)[during]
+        want = np.array([plan.motors_at(t - start)[name] for t in rec.timestamps[during]])
+        span = abs(plan.end[name] - plan.start[name]) / plan.duration * 0.04
+        assert np.max(np.abs(got - want)) <= span + 1e-4
+
+
+def test_unconfigured_collection_type_records_nothing(beamline, autocenter, tmp_path):
+    autocenter.config.record_scan_types = ["Helical"]
+    collect(beamline, tmp_path, "OSC", n_images=10)
+    gevent.sleep(0.3)
+    assert not (tmp_path / "autocenter_frames").exists()
+
+
+def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_path):
+    autocenter.recorder.last_summary = None
+    beamline.collect.inject_failure(at_image=10)
+    collect(beamline, tmp_path, "OSC")
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "failed"
+    assert read_recording(summary.path).status == "failed"
+
+
+def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline, autocenter, tmp_path, caplog):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the recording directory should be")
+    autocenter.config.record_directory = str(blocker / "frames")
+    autocenter.recorder.last_summary = None
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        record = collect(beamline, tmp_path, "OSC", n_images=20)
+        summary = wait_for_summary(autocenter)
+    assert summary.status == "failed"
+    assert str(blocker) in caplog.text
+    # The collection went on as if nothing had happened.
+    assert len(record["reflection_counts"]) == 20
+    assert (tmp_path / "x_1_master.h5").exists()
+
+
+def test_event_loop_keeps_ticking_while_recording_at_25_fps(beamline, autocenter, tmp_path):
+    autocenter.config.record_frame_rate = 25
+    autocenter.recorder.last_summary = None
+    gaps = []
+    ticker = gevent.spawn(tick, gaps)
+    collect(beamline, tmp_path, "OSC", n_images=60, exposure_time=0.05)
+    summary = wait_for_summary(autocenter)
+    ticker.kill()
+    assert summary.frames_kept >= 0.8 * 25 * 3.0
+    assert summary.frames_dropped == 0
+    assert max(gaps) < 0.1
+
+
+def test_camera_that_stops_sending_stops_the_recording(beamline, autocenter, tmp_path, caplog):
+    autocenter.config.record_camera_timeout_s = 0.5
+    autocenter.recorder.last_summary = None
+    camera = beamline.sample_view.camera
+    camera.stop_streaming()
+    try:
+        with caplog.at_level(logging.ERROR, logger="HWR"):
+            collect(beamline, tmp_path, "OSC", n_images=30)
+            summary = wait_for_summary(autocenter)
+    finally:
+        camera.start_streaming()
+    assert summary.status == "failed"
+    assert "sent no frame" in caplog.text
+
+
+def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):
+    autocenter.config.record_source = "poll"
+    autocenter.recorder.last_summary = None
+    start = time.time()
+    collect(beamline, tmp_path, "OSC", n_images=20)
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "complete" and summary.frames_kept >= 5
+    rec = read_recording(summary.path)
+    assert rec.timestamps.min() >= start
+
+
+def test_inspect_prints_a_summary_and_writes_a_contact_sheet(beamline, autocenter, tmp_path, capsys):
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    autocenter.recorder.last_summary = None
+    collect(beamline, tmp_path, "OSC", n_images=10)
+    path = wait_for_summary(autocenter).path
+    png = tmp_path / "sheet.png"
+    assert main(["inspect", str(path), "--png", str(png), "--frames", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "x_1_master.h5" in out
+    assert cv2.imread(str(png)).shape[2] == 3
+    assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
+    assert "missing.h5" in capsys.readouterr().err
