@@ -31,8 +31,13 @@ def cmd_demo(args) -> int:
             print(f"  {role:<16} {type(obj).__name__ if obj is not None else 'NOT LOADED'}")
         ho = auto_centring(beamline)
         print("AutoCenter settings:")
-        for name, value in ho.settings().items():
-            print(f"  {name:<20} {value!r}")
+        settings = ho.settings()
+        width = max(map(len, settings))
+        for name, value in settings.items():
+            print(f"  {name:<{width}} {value!r}")
+        beamline.sample_changer.load((1, 1))
+        sample = beamline.sample_changer.mounted.sample
+        print(f"Mounted virtual sample 1:1 (seed {sample.seed}): {sample.loop_kind} loop, {len(sample.crystals)} crystal(s)")
         motors = beamline.diffractometer.get_value_motors(
             ["omega", "phiy", "phiz", "sampx", "sampy"]
         )
