@@ -11,7 +11,7 @@ from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.recording import read_recording
 from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import tick
+from tests.helpers import SignalLog, tick
 
 
 @pytest.fixture
@@ -115,10 +115,12 @@ def test_event_loop_keeps_ticking_while_recording_at_25_fps(beamline, autocenter
     autocenter.recorder.last_summary = None
     gaps = []
     ticker = gevent.spawn(tick, gaps)
+    delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
     collect(beamline, tmp_path, "OSC", n_images=60, exposure_time=0.05)
     summary = wait_for_summary(autocenter)
     ticker.kill()
-    assert summary.frames_kept >= 0.8 * 25 * 3.0
+    # Every frame the camera delivered (25/s, fewer on a loaded machine) was kept.
+    assert summary.frames_kept >= 0.9 * min(len(delivered.calls), 25 * 3.0)
     assert summary.frames_dropped == 0
     assert max(gaps) < 0.1
 
