@@ -1,0 +1,550 @@
+"""The training set: camera crops around the beam labelled with reflection counts.
+
+One HDF5 file holds one row per labelled camera frame: the frame cropped to
+a square of ``stored_crop_um`` around the beam (JPEG), where the beam lies
+in the crop, the camera scale, the motor positions and the reflection count
+of the detector frame exposed at that moment. ``append_recording`` adds the
+rows of one camera recording; ``read_dataset`` opens the set for training
+with every label in memory and images read one row at a time. The layout is
+described in ``docs/data-formats.md``, section "Training set".
+
+Appending is safe against crashes: rows are written past the committed
+row count (the root attribute ``n_rows``), which is raised only once they
+are all on disk; readers never look past it, and the next append first
+trims whatever a killed append left behind. A new set is created under a
+temporary name and renamed once its layout is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+from mxcube_autocenter import __version__
+from mxcube_autocenter.labelling.matching import MatchResult
+from mxcube_autocenter.recording import (
+    MOTOR_NAMES,
+    MOTOR_UNITS,
+    Recording,
+    _now_iso,
+    decode_jpeg,
+    encode_jpeg,
+    read_recording,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_STORED_CROP_UM = 600.0
+DEFAULT_JPEG_QUALITY = 95
+TOOL = f"mxcube-autocenter {__version__}"
+
+# Rows per HDF5 chunk, and rows prepared in memory before each write.
+_ROWS_PER_CHUNK = 256
+# Free space kept beyond a batch's size when writing, bytes.
+_SPARE_BYTES = 50_000_000
+
+_TEXT = h5py.string_dtype()
+_JPEG = h5py.vlen_dtype(np.uint8)
+# Per-row datasets under /rows: dtype and shape of one row.
+ROW_FIELDS = {
+    "jpeg": (_JPEG, ()),
+    "beam_xy": (np.float64, (2,)),
+    "pixels_per_mm": (np.float64, (2,)),
+    "zoom": (_TEXT, ()),
+    "omega": (np.float64, ()),
+    "motors": (np.float64, (len(MOTOR_NAMES),)),
+    "rc": (np.float32, ()),
+    "scan_id": (_TEXT, ()),
+    "crystal_id": (_TEXT, ()),
+    "scan_type": (_TEXT, ()),
+    "timestamp": (np.float64, ()),
+    "detector_frame": (np.int32, ()),
+    "recording_frame": (np.int32, ()),
+    "padded": (np.bool_, ()),
+}
+# Per-recording datasets under /recordings.
+RECORDING_FIELDS = {
+    "scan_id": _TEXT,
+    "fingerprint": _TEXT,
+    "first_row": np.int64,
+    "n_rows": np.int64,
+    "provenance": _TEXT,
+}
+# Labels that read_dataset loads into memory: every row field but the images.
+LABELS = tuple(name for name in ROW_FIELDS if name != "jpeg")
+
+
+class DatasetError(Exception):
+    """A training set or a recording cannot be written or read; the message names the file and the fix."""
+
+
+def crop_around_beam(frame: np.ndarray, beam_xy, pixels_per_mm, size_um: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Cut a square of ``size_um`` centred on the beam out of a camera frame.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (H, W) or (H, W, C)
+    beam_xy : (float, float)
+        Beam position on the frame, pixels from its top-left corner.
+    pixels_per_mm : (float, float)
+        Camera scale along x and y, pixels/mm.
+    size_um : float
+        Side of the square, um.
+
+    Returns
+    -------
+    crop : ndarray, shape (h, w) or (h, w, C)
+        ``w = round(size_um * pixels_per_mm[0] / 1000)``, ``h`` likewise;
+        parts beyond the frame edge repeat the edge pixels.
+    beam_in_crop : ndarray of float, shape (2,)
+        Beam position in the crop, pixels.
+    padded : bool
+        Whether the square reached past the frame edge.
+
+    Raises
+    ------
+    ValueError
+        If the square misses the frame entirely (beam far outside it).
+    """
+    height, width = frame.shape[:2]
+    crop_w = max(1, round(size_um * 1e-3 * pixels_per_mm[0]))
+    crop_h = max(1, round(size_um * 1e-3 * pixels_per_mm[1]))
+    x0 = int(np.floor(beam_xy[0] - crop_w / 2 + 0.5))
+    y0 = int(np.floor(beam_xy[1] - crop_h / 2 + 0.5))
+    x1, y1 = x0 + crop_w, y0 + crop_h
+    inside = frame[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)]
+    if inside.size == 0:
+        raise ValueError(f"a {size_um} um square around the beam at {tuple(beam_xy)} misses the {width}x{height} frame")
+    pads = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
+    padded = any(pads)
+    crop = cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REPLICATE) if padded else inside.copy()
+    return crop, np.array([beam_xy[0] - x0, beam_xy[1] - y0], dtype=np.float64), padded
+
+
+def recording_fingerprint(recording: Recording) -> str:
+    """A content hash of a recording: the same collection gives the same hash wherever the file lies.
+
+    SHA-256 (hex) of the timestamps, motor positions, camera frame counters
+    and collection metadata; cheap, as the images are not read.
+    """
+    digest = hashlib.sha256()
+    for array in (recording.timestamps, recording.motors, recording.camera_frames):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(recording.metadata, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def scan_id(recording: Recording, fingerprint: str) -> str:
+    """Stable id of a recording in a training set: its file stem and the start of its fingerprint."""
+    return f"{recording.path.stem}-{fingerprint[:8]}"
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What ``append_recording`` did.
+
+    Attributes
+    ----------
+    scan_id : str
+        The recording's id in the set (of the earlier copy for a duplicate).
+    rows : int
+        Rows appended (0 for a duplicate).
+    n_unlabelled : int
+        Matched camera frames left out because their detector frame has no
+        reflection count (not in the spot-count file).
+    duplicate : bool
+        Whether the recording was already in the set and was skipped.
+    message : str
+        One line for the user.
+    """
+
+    scan_id: str
+    rows: int
+    n_unlabelled: int
+    duplicate: bool
+    message: str
+
+
+def find_recording(dataset_path, fingerprint: str) -> str | None:
+    """Scan id of the recording with this fingerprint in the set; None if absent or no set exists."""
+    path = Path(dataset_path)
+    if not path.exists():
+        return None
+    with _open(path, "r") as h5file:
+        return _find(h5file, fingerprint)
+
+
+def append_recording(
+    dataset_path,
+    recording_path,
+    counts_per_detector_frame,
+    match_result: MatchResult,
+    *,
+    stored_crop_um: float = DEFAULT_STORED_CROP_UM,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    provenance: dict | None = None,
+) -> AppendResult:
+    """Add the labelled camera frames of one recording to a training set.
+
+    Every camera frame matched to a detector frame with a reflection count
+    becomes a row: the frame cropped around the beam, its labels and motor
+    positions. The set is created if missing. A recording already in the
+    set (same fingerprint) is skipped. Rows count only once all are written
+    (see the module description); on an error the set is left as it was.
+
+    Parameters
+    ----------
+    dataset_path : path
+        The training set (HDF5).
+    recording_path : path
+        A camera recording; its metadata must hold ``pixels_per_mm`` and
+        ``beam_position``.
+    counts_per_detector_frame : array_like of float, shape (nimages,)
+        Reflection count of each detector frame (0-based); NaN for unknown.
+    match_result : MatchResult
+        ``match_frames`` of the recording's camera frames, in their order.
+    stored_crop_um : float
+        Side of the stored square, um: large enough for any training crop
+        and its rotations.
+    jpeg_quality : int
+        JPEG quality of the stored crops, 0 to 100.
+    provenance : dict, optional
+        More to record about the recording (label source, spot-finder
+        parameters, ...), JSON-ready.
+
+    Returns
+    -------
+    AppendResult
+
+    Raises
+    ------
+    DatasetError
+        If the set cannot be opened or written, the recording lacks the
+        camera scale or beam position, or the match does not fit it.
+    RecordingError
+        If the recording or one of its frames cannot be read.
+    """
+    dataset_path = Path(dataset_path)
+    recording = read_recording(recording_path)
+    fingerprint = recording_fingerprint(recording)
+    scan = scan_id(recording, fingerprint)
+    counts = np.asarray(counts_per_detector_frame, dtype=np.float64)
+    frames = np.asarray(match_result.detector_frame)
+    if frames.shape != recording.timestamps.shape:
+        raise DatasetError(
+            f"{recording.path}: {frames.size} matched camera frames for {len(recording)} in the recording: "
+            "match the frames of this recording"
+        )
+    if frames.max(initial=-1) >= counts.size:
+        raise DatasetError(
+            f"{recording.path}: matched to detector frame {frames.max()} but only {counts.size} counts given: "
+            "give one count per detector frame"
+        )
+    ppmm, beam = _camera_geometry(recording)
+    matched = np.flatnonzero(frames >= 0)
+    labelled = matched[np.isfinite(counts[frames[matched]])]
+    _create_if_missing(dataset_path)
+    with _open(dataset_path, "r+") as h5file:
+        known = _find(h5file, fingerprint)
+        if known is not None:
+            message = f"{recording.path} is already in {dataset_path} as {known}: skipped"
+            log.info(message)
+            return AppendResult(known, 0, 0, True, message)
+        first = int(h5file.attrs["n_rows"])
+        n_recordings = int(h5file.attrs["n_recordings"])
+        # Left by an append that was killed: never counted, now dropped.
+        _resize(h5file["rows"], first)
+        _resize(h5file["recordings"], n_recordings)
+        constant = {
+            "pixels_per_mm": ppmm,
+            "zoom": str(recording.metadata.get("zoom", "")),
+            "scan_id": scan,
+            "crystal_id": str(recording.metadata.get("crystal_id", recording.metadata.get("sample_id", ""))),
+            "scan_type": str(recording.metadata.get("experiment_type", "")),
+        }
+        try:
+            for start in range(0, labelled.size, _ROWS_PER_CHUNK):
+                batch = labelled[start : start + _ROWS_PER_CHUNK]
+                rows = _rows(recording, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality)
+                _write_rows(h5file, dataset_path, first + start, {**rows, **constant})
+            entry = {
+                "scan_id": scan,
+                "recording": str(recording.path.resolve()),
+                "recording_status": recording.status,
+                "fingerprint": fingerprint,
+                "master_file": recording.metadata.get("master_file"),
+                "experiment_type": recording.metadata.get("experiment_type"),
+                "crystal_id": constant["crystal_id"],
+                "rows": int(labelled.size),
+                "unlabelled_matched_frames": int(matched.size - labelled.size),
+                "matching": match_result.stats(),
+                "stored_crop_um": stored_crop_um,
+                "jpeg_quality": jpeg_quality,
+                "appended": _now_iso(),
+                "tool": TOOL,
+                **(provenance or {}),
+            }
+            _append_recording(h5file["recordings"], n_recordings, {
+                "scan_id": scan, "fingerprint": fingerprint, "first_row": first,
+                "n_rows": labelled.size, "provenance": json.dumps(entry),
+            })  # fmt: skip
+            # The rows are on disk before the counts that make them visible.
+            h5file.flush()
+            h5file.attrs["n_rows"] = first + labelled.size
+            h5file.attrs["n_recordings"] = n_recordings + 1
+            h5file.flush()
+        except BaseException:
+            _roll_back(h5file, first, n_recordings)
+            raise
+    message = f"{recording.path}: {labelled.size} rows appended to {dataset_path} as {scan}"
+    return AppendResult(scan, int(labelled.size), int(matched.size - labelled.size), False, message)
+
+
+def _camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels_per_mm, beam_position) of a recording, checked."""
+    values = []
+    for key in ("pixels_per_mm", "beam_position"):
+        value = recording.metadata.get(key)
+        array = np.asarray(value if value is not None else [], dtype=np.float64).ravel()
+        if array.shape != (2,) or not np.all(np.isfinite(array)) or (key == "pixels_per_mm" and np.any(array <= 0)):
+            raise DatasetError(
+                f"{recording.path}: collection metadata {key} is {value!r}, not [x, y]: record with the "
+                "AutoCenter object, which stores the camera scale and beam position, or add the attribute"
+            )
+        values.append(array)
+    return values[0], values[1]
+
+
+def _rows(recording, batch, frames, counts, ppmm, beam, size_um, quality) -> dict:
+    """Per-row columns of some camera frames of a recording."""
+    jpegs = np.empty(batch.size, dtype=object)
+    beam_xy = np.empty((batch.size, 2))
+    padded = np.empty(batch.size, bool)
+    for k, i in enumerate(batch):
+        frame = recording.frame(int(i))
+        try:
+            crop, beam_xy[k], padded[k] = crop_around_beam(frame, beam, ppmm, size_um)
+        except ValueError as err:
+            raise DatasetError(f"{recording.path}: frame {i}: {err}: check the beam_position metadata") from err
+        jpegs[k] = np.frombuffer(encode_jpeg(crop, quality), np.uint8)
+    return {
+        "jpeg": jpegs,
+        "beam_xy": beam_xy,
+        "omega": recording.motors[batch, MOTOR_NAMES.index("omega")],
+        "motors": recording.motors[batch],
+        "rc": counts[frames[batch]],
+        "timestamp": recording.timestamps[batch],
+        "detector_frame": frames[batch],
+        "recording_frame": batch,
+        "padded": padded,
+    }
+
+
+def _create_if_missing(path: Path) -> None:
+    """Create an empty set, complete or not at all: written as ``<name>.tmp``, then renamed."""
+    if path.exists():
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(temporary, "w") as h5file:
+            h5file.attrs["format_version"] = FORMAT_VERSION
+            h5file.attrs["n_rows"] = 0
+            h5file.attrs["n_recordings"] = 0
+            h5file.attrs["provenance"] = json.dumps(
+                {"created": _now_iso(), "tool": TOOL, "layout": "docs/data-formats.md, Training set"}
+            )
+            rows = h5file.create_group("rows")
+            for name, (dtype, shape) in ROW_FIELDS.items():
+                rows.create_dataset(
+                    name, shape=(0, *shape), maxshape=(None, *shape), chunks=(_ROWS_PER_CHUNK, *shape), dtype=dtype
+                )
+            rows["motors"].attrs["names"] = list(MOTOR_NAMES)
+            rows["motors"].attrs["units"] = list(MOTOR_UNITS)
+            recordings = h5file.create_group("recordings")
+            for name, dtype in RECORDING_FIELDS.items():
+                recordings.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,), dtype=dtype)
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise DatasetError(f"{path}: cannot create the training set ({err}): check the directory is writable") from err
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    try:
+        h5file = h5py.File(path, mode)
+    except OSError as err:
+        raise DatasetError(
+            f"{path}: cannot open the training set ({err}): check the path; to append, close programs "
+            "reading it (a training run holds it open)"
+        ) from err
+    version = h5file.attrs.get("format_version")
+    if version is None or "rows" not in h5file or "n_rows" not in h5file.attrs:
+        h5file.close()
+        raise DatasetError(f"{path}: not a training set (no format_version, n_rows or /rows): give another --out")
+    if version > FORMAT_VERSION:
+        h5file.close()
+        raise DatasetError(
+            f"{path}: training set format {version}, this mxcube-autocenter reads up to {FORMAT_VERSION}: upgrade it"
+        )
+    return h5file
+
+
+def _find(h5file: h5py.File, fingerprint: str) -> str | None:
+    n = int(h5file.attrs["n_recordings"])
+    recordings = h5file["recordings"]
+    fingerprints = recordings["fingerprint"].asstr()[:n]
+    hits = np.flatnonzero(fingerprints == fingerprint)
+    return recordings["scan_id"].asstr()[hits[0]] if hits.size else None
+
+
+def _resize(group: h5py.Group, n: int) -> None:
+    for dataset in group.values():
+        if dataset.shape[0] != n:
+            dataset.resize(n, axis=0)
+
+
+def _append_recording(group: h5py.Group, at: int, values: dict) -> None:
+    for name, value in values.items():
+        dataset = group[name]
+        dataset.resize(at + 1, axis=0)
+        dataset[at] = value
+
+
+def _write_rows(h5file: h5py.File, path: Path, at: int, columns: dict) -> None:
+    n = len(columns["jpeg"])
+    size = sum(len(j) for j in columns["jpeg"]) + n * 200
+    free = shutil.disk_usage(path.parent).free
+    if free < size + _SPARE_BYTES:
+        raise DatasetError(
+            f"{path}: disk almost full ({free / 1e6:.0f} MB free): free space or write the set elsewhere"
+        )
+    rows = h5file["rows"]
+    for name, value in columns.items():
+        dataset = rows[name]
+        dataset.resize(at + n, axis=0)
+        # A value of one row (the recording's scale, ids) is broadcast to all.
+        dataset[at : at + n] = value
+
+
+def _roll_back(h5file: h5py.File, n_rows: int, n_recordings: int) -> None:
+    try:
+        _resize(h5file["rows"], n_rows)
+        _resize(h5file["recordings"], n_recordings)
+        h5file.flush()
+    except Exception as err:
+        # The counts still hide the rows; the next append trims them.
+        log.warning("%s: could not trim the rows of a failed append (%s)", h5file.filename, err)
+
+
+class Dataset:
+    """A training set opened by ``read_dataset``.
+
+    All labels are in memory as arrays of ``len(dataset)`` rows; images are
+    read one row at a time, so indexing is cheap and any sampler or
+    ``tf.data`` pipeline can shuffle freely. The HDF5 file is opened on the
+    first image read in each process (safe to pass to worker processes).
+
+    Attributes
+    ----------
+    path : Path
+    rc : ndarray of float32
+        Reflection count of each row.
+    beam_xy : ndarray of float, shape (n, 2)
+        Beam position in the stored crop, pixels.
+    pixels_per_mm : ndarray of float, shape (n, 2)
+        Camera scale along x and y, pixels/mm.
+    omega : ndarray of float
+        deg.
+    motors : ndarray of float, shape (n, 5)
+        ``omega`` (deg), ``phiy``, ``phiz``, ``sampx``, ``sampy`` (mm).
+    timestamp : ndarray of float
+        Camera frame reception time, unix s.
+    zoom, scan_id, crystal_id, scan_type : ndarray of str
+    detector_frame, recording_frame : ndarray of int32
+        0-based detector frame and row of the camera frame in its recording.
+    padded : ndarray of bool
+        Whether the crop was padded by edge replication.
+    provenance : dict
+        The set's creation record, with ``recordings``: one dict per
+        recording (source files, spot-finder parameters, matching statistics).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with _open(path, "r") as h5file:
+            self.n = int(h5file.attrs["n_rows"])
+            n_recordings = int(h5file.attrs["n_recordings"])
+            rows = h5file["rows"]
+            for name in LABELS:
+                dataset = rows[name]
+                values = dataset.asstr()[: self.n].astype(str) if dataset.dtype == _TEXT else dataset[: self.n]
+                setattr(self, name, values)
+            self.provenance = json.loads(h5file.attrs["provenance"])
+            self.provenance["recordings"] = [
+                json.loads(text) for text in h5file["recordings/provenance"].asstr()[:n_recordings]
+            ]
+        self._file = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def jpeg(self, i: int) -> bytes:
+        """The stored JPEG of row ``i``, for decoders of their own (``tf.io.decode_jpeg``)."""
+        i = range(self.n)[i]
+        if self._pid != os.getpid():
+            # A handle inherited through fork is not safe to use: open anew.
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file["rows/jpeg"][i].tobytes()
+
+    def image(self, i: int) -> np.ndarray:
+        """Row ``i``'s crop as RGB uint8, shape (h, w, 3); the beam is at ``beam_xy[i]``."""
+        return decode_jpeg(self.jpeg(i))
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+        self._pid = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_dataset(path) -> Dataset:
+    """Open a training set for reading.
+
+    Parameters
+    ----------
+    path : path
+        Written by ``append_recording`` (or ``mxcube-autocenter label``).
+
+    Returns
+    -------
+    Dataset
+        Use as a context manager, or ``close()`` it.
+
+    Raises
+    ------
+    DatasetError
+        If the file is missing, not a training set, or of a newer format.
+    """
+    return Dataset(Path(path))
