@@ -1,0 +1,514 @@
+"""Labelling camera recordings with reflection counts into a training set.
+
+For each camera recording: find the collection's EIGER master file, count
+the reflections of every detector frame (our spot finder, in parallel
+processes, or a spot-count file), match the camera frames to the detector
+frames in time, and append the matched frames to the training set
+(``labelling.dataset``). A recording that cannot be labelled (missing or
+corrupt files) gets an error entry naming the file; the others are still
+labelled, and the set only ever holds complete recordings.
+
+The command line runs ``label_recordings`` and prints ``format_summary``::
+
+    mxcube-autocenter label RECORDINGS... --out dataset.h5 [--spots-from counts.csv] [--nproc N]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from mxcube_autocenter.labelling.dataset import (
+    DEFAULT_STORED_CROP_UM,
+    DatasetError,
+    append_recording,
+    find_recording,
+    read_dataset,
+    recording_fingerprint,
+)
+from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
+from mxcube_autocenter.labelling.matching import (
+    estimate_clock_offset,
+    match_frames,
+    regular_windows,
+)
+from mxcube_autocenter.labelling.spotfinder import SpotFinderParams, count_reflections
+from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
+from mxcube_autocenter.recording import RecordingError, read_recording
+
+log = logging.getLogger(__name__)
+
+# The virtual camera's delay from exposure to delivery; MD cameras take tens of ms.
+DEFAULT_CAMERA_LATENCY_S = 0.02
+DEFAULT_TOLERANCE_S = 0.005
+# Detector frames per task sent to a worker process: enough that each task
+# opens the master file for many frames, few enough (at least _MIN_TASKS
+# tasks) that the workers finish together.
+_MAX_FRAMES_PER_TASK = 16
+_MIN_TASKS = 16
+
+
+class LabellingError(Exception):
+    """A recording cannot be labelled; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class RecordingLabels:
+    """How one recording was labelled.
+
+    Attributes
+    ----------
+    recording : Path
+    status : {"labelled", "duplicate", "error"}
+    message : str
+        One line: rows added, why it was skipped, or the error naming the file.
+    scan_id : str or None
+        Its id in the training set.
+    rows : int
+        Rows added to the set.
+    detector_frames : int
+        Frames in the collection.
+    matching : dict
+        ``MatchResult.stats()``: camera frames matched and dropped, clock
+        offset and how it was found, timing residuals; empty when not matched.
+    n_unlabelled : int
+        Matched camera frames whose detector frame had no count (spot-count file).
+    spot_finding_s, total_s : float
+        Seconds spent counting reflections, and in all.
+    """
+
+    recording: Path
+    status: str
+    message: str
+    scan_id: str | None = None
+    rows: int = 0
+    detector_frames: int = 0
+    matching: dict = field(default_factory=dict)
+    n_unlabelled: int = 0
+    spot_finding_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """What ``label_recordings`` did.
+
+    Attributes
+    ----------
+    dataset : Path
+    recordings : list of RecordingLabels
+        In the order given.
+    histogram : Path or None
+        PNG of the reflection counts of every row of the set; None when the set is empty.
+    rc_stats : dict
+        Over every row of the set: ``n_rows``, ``mean``, ``median``, ``p90``,
+        ``max``, ``zero_fraction``.
+    seconds : float
+    """
+
+    dataset: Path
+    recordings: list
+    histogram: Path | None
+    rc_stats: dict
+    seconds: float
+
+    def _count(self, status: str) -> int:
+        return sum(entry.status == status for entry in self.recordings)
+
+    @property
+    def n_labelled(self) -> int:
+        return self._count("labelled")
+
+    @property
+    def n_duplicates(self) -> int:
+        return self._count("duplicate")
+
+    @property
+    def n_errors(self) -> int:
+        """Recordings that could not be labelled: a non-zero exit status for the command line."""
+        return self._count("error")
+
+    @property
+    def rows_added(self) -> int:
+        return sum(entry.rows for entry in self.recordings)
+
+
+def count_spots(master_file, params: SpotFinderParams = SpotFinderParams(), *, executor: Executor | None = None,
+                progress: bool = False) -> np.ndarray:  # fmt: skip
+    """Reflection count of every frame of an EIGER collection, with the spot finder.
+
+    Frames are read one at a time, in tasks of up to 16 consecutive frames
+    that each open the master file; with an executor, the tasks run in its
+    worker processes.
+
+    Parameters
+    ----------
+    master_file : path
+        ``<prefix>_master.h5``.
+    params : SpotFinderParams
+    executor : concurrent.futures.Executor, optional
+        Runs the tasks (``ProcessPoolExecutor``); default: this process.
+    progress : bool
+        Show a tqdm bar of the frames.
+
+    Returns
+    -------
+    ndarray of float, shape (nimages,)
+
+    Raises
+    ------
+    EigerFileError
+        If the master file, a data file or a frame cannot be read.
+    """
+    with open_master(master_file) as series:
+        n = series.nimages
+    size = max(1, min(_MAX_FRAMES_PER_TASK, math.ceil(n / _MIN_TASKS)))
+    tasks = [range(start, min(start + size, n)) for start in range(0, n, size)]
+    count = partial(_count_frames, str(master_file), params)
+    results = map(count, tasks) if executor is None else executor.map(count, tasks)
+    counts = np.zeros(n)
+    with tqdm(total=n, desc=Path(master_file).name, unit="frame", leave=False, disable=not progress) as bar:
+        for task, task_counts in zip(tasks, results):
+            counts[task.start : task.stop] = task_counts
+            bar.update(len(task))
+    return counts
+
+
+def _count_frames(master_file: str, params: SpotFinderParams, frames: range) -> list:
+    with open_master(master_file) as series:
+        return [count_reflections(*series.frame(i), params, geometry=series) for i in frames]
+
+
+def _one_thread_per_worker():
+    # The workers are the parallelism: OpenCV threads in each would oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+def _executor(nproc: int) -> ProcessPoolExecutor:
+    # "spawn": forking a process with threads (tqdm's monitor, gevent's hub) can deadlock the child.
+    return ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread_per_worker)  # fmt: skip
+
+
+def find_master_file(recording) -> Path:
+    """The EIGER master file of a recording's collection.
+
+    The path in the collection metadata (``master_file``) if it exists, else a
+    file of that name next to the recording or in the directory above it
+    (data copied elsewhere with its recordings).
+
+    Parameters
+    ----------
+    recording : Recording
+        From ``recording.read_recording``.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    LabellingError
+        If the metadata names no master file or none of the places holds it.
+    """
+    recorded = recording.metadata.get("master_file")
+    if not recorded:
+        raise LabellingError(
+            f"{recording.path}: no master_file in its collection metadata: the recording was not made by "
+            "the AutoCenter object during a collection; it cannot be labelled"
+        )
+    recorded = Path(recorded)
+    candidates = [recorded, recording.path.parent / recorded.name, recording.path.parent.parent / recorded.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise LabellingError(
+        f"{recorded}: EIGER master file of {recording.path} not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}): copy the collection's files next to the recording"
+    )
+
+
+def label_recordings(
+    recordings,
+    out,
+    *,
+    spots_from=None,
+    nproc: int = 1,
+    params: SpotFinderParams = SpotFinderParams(),
+    clock_offset: float | None = None,
+    tolerance: float = DEFAULT_TOLERANCE_S,
+    camera_latency: float = DEFAULT_CAMERA_LATENCY_S,
+    regularise: bool = True,
+    stored_crop_um: float = DEFAULT_STORED_CROP_UM,
+    progress: bool = True,
+) -> LabelSummary:
+    """Label camera recordings with reflection counts and append them to a training set.
+
+    Parameters
+    ----------
+    recordings : iterable of path
+        Camera recordings (``recording.FrameStore`` files).
+    out : path
+        The training set; created if missing, appended to otherwise
+        (recordings already in it are skipped). The reflection count
+        histogram goes next to it as ``<out stem>_rc_histogram.png``.
+    spots_from : path, optional
+        Per-image counts from another spot finder (``spots_file``) instead of
+        our spot finder; with several recordings it needs a ``master_file``
+        column. The master files are still needed, for their exposure times.
+    nproc : int
+        Processes counting reflections (1: this process only).
+    params : SpotFinderParams
+    clock_offset : float, optional
+        Detector clock minus camera clock, s; estimated per recording from
+        the motion (``matching.estimate_clock_offset``) by default.
+    tolerance : float
+        Largest distance outside an exposure window for a match, s.
+    camera_latency : float
+        Time from a camera frame's exposure to its timestamp, s: subtracted
+        from the timestamps before matching.
+    regularise : bool
+        Match against exposure windows on the detector's fitted constant
+        frame clock (``matching.regular_windows``) rather than the jittery
+        recorded ones, where the frames are regular.
+    stored_crop_um : float
+        Side of the stored crops, um.
+    progress : bool
+        Show tqdm progress bars.
+
+    Returns
+    -------
+    LabelSummary
+
+    Raises
+    ------
+    SpotsFileError, LabellingError
+        If ``spots_from`` cannot be read or does not say which rows belong
+        to which of several recordings.
+    DatasetError
+        If ``out`` exists but is not a readable training set.
+    """
+    started = time.perf_counter()
+    recordings = [Path(r) for r in recordings]
+    out = Path(out)
+    if out.exists():
+        read_dataset(out).close()
+    spot_counts = None if spots_from is None else read_spot_counts(spots_from)
+    if spot_counts is not None and spot_counts.master_files is None and len(recordings) > 1:
+        raise LabellingError(
+            f"{spot_counts.path}: no master_file column, so its counts fit one collection, not {len(recordings)}: "
+            "add a master_file column naming each row's master file, or label one recording at a time"
+        )
+    options = dict(spot_counts=spot_counts, params=params, clock_offset=clock_offset, tolerance=tolerance,
+                   camera_latency=camera_latency, regularise=regularise, stored_crop_um=stored_crop_um)  # fmt: skip
+    executor = _executor(nproc) if nproc > 1 and spot_counts is None else None
+    entries = []
+    try:
+        for path in tqdm(recordings, desc="labelling", unit="recording", disable=not progress):
+            try:
+                entry = _label_one(path, out, executor=executor, progress=progress, **options)
+            except BrokenProcessPool as err:
+                # A worker died (a crash in a decompressor?): this recording fails, the pool is renewed.
+                entry = RecordingLabels(path, "error", f"{path}: a spot-finding process died ({err}); please report it")
+                executor.shutdown(cancel_futures=True)
+                executor = _executor(nproc)
+            if entry.status == "error":
+                log.error(entry.message)
+            entries.append(entry)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    rc = read_dataset(out).rc if out.exists() else np.zeros(0)
+    histogram = rc_histogram(rc, out.with_name(f"{out.stem}_rc_histogram.png"), title=out.name) if rc.size else None
+    return LabelSummary(out, entries, histogram, rc_statistics(rc), time.perf_counter() - started)
+
+
+def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offset, tolerance, camera_latency,
+               regularise, stored_crop_um) -> RecordingLabels:  # fmt: skip
+    started = time.perf_counter()
+    try:
+        recording = read_recording(path)
+        known = find_recording(out, recording_fingerprint(recording))
+        if known is not None:
+            message = f"{path}: already in {out} as {known}: skipped"
+            log.info(message)
+            return RecordingLabels(path, "duplicate", message, scan_id=known)
+        master = find_master_file(recording)
+        with open_master(master) as series:
+            nimages, windows = series.nimages, series.frame_windows()
+        spot_started = time.perf_counter()
+        if spot_counts is None:
+            counts = count_spots(master, params, executor=executor, progress=progress)
+            source = {"label_source": "spot finder", "spot_finder": asdict(params)}
+        else:
+            counts = spot_counts.for_collection(nimages, master)
+            source = {"label_source": str(spot_counts.path.resolve()), "spots_column": spot_counts.column}
+        spot_finding_s = time.perf_counter() - spot_started
+        fitted = regular_windows(windows) if regularise else None
+        if fitted is not None and fitted.regular:
+            windows = fitted.windows
+        offset = clock_offset
+        if offset is None:
+            offset = _estimate_offset(recording, windows)
+        match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
+        if match.n_matched == 0:
+            raise LabellingError(
+                f"{path}: no camera frame falls in an exposure window of {master} (clock offset "
+                f"{float(offset):+.3f} s, {match.offset_method}): the recording does not cover this collection; "
+                "if it does, give clock_offset"
+            )
+        provenance = {
+            "master_file": str(master.resolve()),
+            "detector_frames": nimages,
+            "camera_latency_s": camera_latency,
+            "tolerance_s": tolerance,
+            "windows": {
+                "regularised": bool(fitted is not None and fitted.regular),
+                "jitter_s": None if fitted is None else fitted.jitter_s,
+            },
+            **source,
+        }
+        appended = append_recording(out, path, counts, match, stored_crop_um=stored_crop_um, provenance=provenance)
+    except (RecordingError, EigerFileError, SpotsFileError, DatasetError, LabellingError) as err:
+        return RecordingLabels(path, "error", str(err), total_s=time.perf_counter() - started)
+    return RecordingLabels(
+        path,
+        "duplicate" if appended.duplicate else "labelled",
+        appended.message,
+        scan_id=appended.scan_id,
+        rows=appended.rows,
+        detector_frames=nimages,
+        matching=match.stats(),
+        n_unlabelled=appended.n_unlabelled,
+        spot_finding_s=spot_finding_s,
+        total_s=time.perf_counter() - started,
+    )
+
+
+def _estimate_offset(recording, windows):
+    metadata = recording.metadata
+    if "osc_start" not in metadata or "osc_range" not in metadata:
+        raise LabellingError(
+            f"{recording.path}: no osc_start/osc_range in its collection metadata, so the camera and detector "
+            "clocks cannot be related by the motion: give clock_offset (detector minus camera clock, s)"
+        )
+    try:
+        return estimate_clock_offset(
+            recording.timestamps, recording.motor("omega"), windows, float(metadata["osc_start"]),
+            float(metadata["osc_range"]), collection_start=metadata.get("collection_start"),
+        )  # fmt: skip
+    except ValueError as err:
+        raise LabellingError(f"{recording.path}: {err}; give clock_offset") from err
+
+
+def rc_statistics(rc) -> dict:
+    """Summary of reflection counts: ``n_rows``, ``mean``, ``median``, ``p90``, ``max``, ``zero_fraction``."""
+    rc = np.asarray(rc, dtype=np.float64)
+    if rc.size == 0:
+        return {"n_rows": 0}
+    return {
+        "n_rows": int(rc.size),
+        "mean": float(rc.mean()),
+        "median": float(np.median(rc)),
+        "p90": float(np.percentile(rc, 90)),
+        "max": float(rc.max()),
+        "zero_fraction": float(np.mean(rc == 0)),
+    }
+
+
+def rc_histogram(rc, path, *, title: str = "") -> Path:
+    """Write a histogram of reflection counts (log count axis) as a PNG.
+
+    Parameters
+    ----------
+    rc : array_like of float
+        Reflection counts, one per sample.
+    path : path
+        The PNG; written under a temporary name and renamed.
+    title : str
+        Added to the plot title.
+
+    Returns
+    -------
+    Path
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rc = np.asarray(rc, dtype=np.float64)
+    path = Path(path)
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    # Integer-wide bins while they fit, so that zero counts get a bar of their own.
+    top = max(1.0, float(rc.max()))
+    bins = np.arange(-0.5, top + 1.5) if top <= 200 else np.linspace(0, top, 101)
+    axes.hist(rc, bins=bins, color="tab:blue")
+    axes.set_yscale("log")
+    axes.set_xlabel("reflection count (spots per detector frame)")
+    axes.set_ylabel("camera frames")
+    axes.set_title(f"Reflection counts of {rc.size} samples" + (f": {title}" if title else ""))
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def format_summary(summary: LabelSummary) -> str:
+    """Lines for the command line: each recording's outcome, the reflection counts, the histogram."""
+    lines = [
+        f"Labelled {summary.n_labelled} of {len(summary.recordings)} recordings into {summary.dataset} "
+        f"({summary.rows_added} rows added; {summary.n_duplicates} already there, {summary.n_errors} failed) "
+        f"in {summary.seconds:.1f} s"
+    ]
+    for entry in summary.recordings:
+        lines.append(f"  {entry.recording.name}: {entry.status}")
+        if entry.status != "labelled":
+            lines.append(f"    {entry.message}")
+            continue
+        m = entry.matching
+        lines.append(
+            f"    {entry.rows} rows; {m['n_camera']} camera frames: {m['n_matched']} matched, {m['n_dropped']} dropped "
+            f"({m['n_before']} before, {m['n_after']} after the exposures, {m['n_gap']} in gaps)"
+            + (f", {entry.n_unlabelled} without a count" if entry.n_unlabelled else "")
+        )
+        offset = f"    clock offset {m['clock_offset_s']:+.4f} s ({m['offset_method']}"
+        if m["timing_residual_rms_s"] is not None:
+            offset += (
+                f"; timing residual rms {1e3 * m['timing_residual_rms_s']:.2f} ms, "
+                f"max {1e3 * m['timing_residual_max_s']:.2f} ms; about {100 * m['neighbour_risk']:.1f} % "
+                "of frames may carry a neighbouring detector frame's count"
+            )
+        if m["offset_note"]:
+            offset += f"; {m['offset_note']}"
+        lines.append(offset + ")")
+        lines.append(
+            f"    {entry.detector_frames} detector frames, reflections counted in {entry.spot_finding_s:.1f} s, "
+            f"{entry.total_s:.1f} s in all"
+        )
+    rc = summary.rc_stats
+    if rc["n_rows"]:
+        lines.append(
+            f"Reflection counts of the {rc['n_rows']} rows in the set: mean {rc['mean']:.1f}, median "
+            f"{rc['median']:.0f}, 90th percentile {rc['p90']:.0f}, max {rc['max']:.0f}, "
+            f"{100 * rc['zero_fraction']:.0f} % zero"
+        )
+    if summary.histogram is not None:
+        lines.append(f"Histogram: {summary.histogram}")
+    return "\n".join(lines)
