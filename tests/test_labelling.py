@@ -1,0 +1,542 @@
+"""Labelling: camera-to-detector time matching, spot-count files, the training set and the pipeline."""
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mxcube_autocenter.geometry import centred_motors
+from mxcube_autocenter.labelling.dataset import (
+    DatasetError,
+    append_recording,
+    crop_around_beam,
+    read_dataset,
+)
+from mxcube_autocenter.labelling.matching import (
+    ClockOffset,
+    estimate_clock_offset,
+    match_frames,
+    regular_windows,
+)
+from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
+from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
+from mxcube_autocenter.recording import FrameStore, encode_jpeg, read_recording
+from mxcube_autocenter.simulation.collection import ScanPlan
+from mxcube_autocenter.simulation.diffraction import DiffractionModel
+from mxcube_autocenter.simulation.eiger import write_eiger_collection
+from mxcube_autocenter.simulation.render import Renderer
+from mxcube_autocenter.simulation.sample import make_sample
+
+START = 1_700_000_000.0  # unix s, wall clock
+FRAME_TIME = 0.05
+CLOCK_OFFSET = 0.12  # detector clock minus wall clock, as the virtual collect object
+JITTER = 0.002  # detector time stamps, s
+LATENCY = 0.02  # camera: exposure to reception, s
+TOLERANCE = 0.005
+
+
+# Time matching, on timestamps alone -------------------------------------------------
+
+
+@dataclass
+class Timing:
+    windows: np.ndarray  # detector exposure windows, detector clock
+    received: np.ndarray  # camera timestamps (reception), wall clock
+    omegas: np.ndarray  # omega read at reception
+    exposed: np.ndarray  # true moment each camera frame was exposed, wall clock
+    wall_start: float
+
+
+def helical_timing(seed, *, n_images=40, count_time=FRAME_TIME * 0.999, osc_range=0.5, fps=None):
+    """A helical scan as the virtual beamline runs it: camera frames from 0.5 s before to 0.5 s after."""
+    rng = np.random.default_rng(seed)
+    wall = START + 10 * seed
+    starts = wall + np.arange(n_images) * FRAME_TIME + CLOCK_OFFSET + rng.normal(0, JITTER, n_images)
+    fps = rng.uniform(10, 25) if fps is None else fps
+    exposed = np.arange(wall - 0.5, wall + n_images * FRAME_TIME + 0.5, 1 / fps) + rng.uniform(0, 1 / fps)
+    received = exposed + LATENCY
+    # Omega turns by osc_range per frame during the scan, and rests before and after it.
+    omegas = 30.0 + np.clip((received - wall) / FRAME_TIME, 0, n_images) * osc_range
+    return Timing(np.column_stack([starts, starts + count_time]), received, omegas, exposed, wall)
+
+
+def true_frames(exposed, wall_start, n_images=40, count_time=FRAME_TIME * 0.999):
+    """Detector frame exposed at each camera exposure by the wall-clock schedule; -1: none.
+
+    As ``match_frames`` decides: the window holding the moment, else the
+    nearest one within the tolerance.
+    """
+    since = (np.asarray(exposed) - wall_start)[:, None]
+    starts = np.arange(n_images) * FRAME_TIME
+    outside = np.maximum(np.maximum(starts - since, since - starts - count_time), 0.0)
+    frame = np.argmin(outside, axis=1)
+    frame[outside.min(axis=1) > TOLERANCE] = -1
+    return frame
+
+
+def near_a_boundary(exposed, wall_start, n_images=40, count_time=FRAME_TIME * 0.999, within=0.0015):
+    """Camera exposures within 1.5 ms of a moment where the matched frame changes.
+
+    The fitted frame clock, from 40 time stamps of 2 ms jitter, is accurate to
+    about 0.5 ms: these frames may go either way.
+    """
+    starts = np.arange(n_images) * FRAME_TIME
+    ends = starts + count_time
+    edges = np.concatenate([starts, starts - TOLERANCE, ends, ends + TOLERANCE, (ends[:-1] + starts[1:]) / 2])
+    since = np.asarray(exposed) - wall_start
+    return np.min(np.abs(since[:, None] - edges), axis=1) <= within
+
+
+def test_matching_assigns_every_frame_of_a_helical_scan_with_an_estimated_offset():
+    wrong_total = frames_total = 0
+    for seed in range(20):
+        timing = helical_timing(seed)
+        fitted = regular_windows(timing.windows)
+        assert fitted.regular and 0.001 < fitted.jitter_s < 0.003
+        offset = estimate_clock_offset(timing.received, timing.omegas, fitted.windows, 30.0, 0.5)
+        assert isinstance(offset, ClockOffset) and offset.method == "omega"
+        assert offset == pytest.approx(CLOCK_OFFSET, abs=0.001)
+        assert offset.n_used >= 15 and offset.residual_rms_s < 0.001
+        match = match_frames(timing.received - LATENCY, fitted.windows, clock_offset=offset, tolerance=TOLERANCE)
+        truth = true_frames(timing.exposed, timing.wall_start)
+        # Every frame is matched to the right detector frame, or dropped if outside the
+        # scan, unless it was exposed within 1.5 ms of a boundary; there, to a neighbour.
+        wrong = match.detector_frame != truth
+        assert not np.any(wrong & ~near_a_boundary(timing.exposed, timing.wall_start)), seed
+        neighbour = (np.abs(match.detector_frame - truth) == 1) | (np.minimum(match.detector_frame, truth) < 0)
+        assert np.all(neighbour[wrong])
+        wrong_total += np.count_nonzero(wrong)
+        frames_total += np.count_nonzero(truth >= 0)
+        # Frames before and after the scan are dropped and counted.
+        since = timing.exposed - timing.wall_start
+        dropped = match.detector_frame < 0
+        assert match.n_before == np.count_nonzero(dropped & (since < 0)) >= 5
+        assert match.n_after == np.count_nonzero(dropped & (since > 40 * FRAME_TIME)) >= 5
+        assert match.n_gap == 0 and match.n_matched + match.n_dropped == timing.received.size
+        stats = match.stats()
+        assert stats["offset_method"] == "omega" and stats["n_matched"] == match.n_matched
+        assert stats["timing_residual_rms_s"] < 0.001 and stats["neighbour_risk"] < 0.02
+        assert stats["window_residual_max_s"] <= FRAME_TIME / 2 + TOLERANCE
+        json.dumps(stats)
+    assert wrong_total <= 0.01 * frames_total
+
+
+def test_recorded_jittery_windows_alone_mismatch_more_frames():
+    wrong = {True: 0, False: 0}
+    for seed in range(20):
+        timing = helical_timing(seed)
+        truth = true_frames(timing.exposed, timing.wall_start)
+        for regular in (True, False):
+            windows = regular_windows(timing.windows).windows if regular else timing.windows
+            offset = estimate_clock_offset(timing.received, timing.omegas, windows, 30.0, 0.5)
+            match = match_frames(timing.received - LATENCY, windows, clock_offset=offset)
+            wrong[regular] += np.count_nonzero(match.detector_frame != truth)
+    assert wrong[True] < wrong[False] / 2
+
+
+def test_frames_in_shutter_closed_gaps_are_dropped():
+    count_time = 0.03  # 20 ms closed between frames
+    timing = helical_timing(3, count_time=count_time, fps=23.0)
+    fitted = regular_windows(timing.windows)
+    offset = estimate_clock_offset(timing.received, timing.omegas, fitted.windows, 30.0, 0.5)
+    match = match_frames(timing.received - LATENCY, fitted.windows, clock_offset=offset, tolerance=TOLERANCE)
+    truth = true_frames(timing.exposed, timing.wall_start, count_time=count_time)
+    clear = ~near_a_boundary(timing.exposed, timing.wall_start, count_time=count_time)
+    np.testing.assert_array_equal(match.detector_frame[clear], truth[clear])
+    since = timing.exposed - timing.wall_start
+    in_gaps = (match.detector_frame < 0) & (since > 0) & (since < 40 * FRAME_TIME)
+    assert match.n_gap == np.count_nonzero(in_gaps) > 5
+    assert match.n_matched + match.n_dropped == timing.received.size
+
+
+def test_match_frames_takes_the_nearest_centre_where_windows_overlap_and_bridges_small_gaps():
+    windows = np.array([[0.0, 1.0], [0.9, 2.0], [2.003, 3.0]])
+    match = match_frames([0.92, 0.99, 2.0025, 2.001, -0.004, -0.01, 3.2], windows, clock_offset=0.0)
+    assert match.detector_frame.tolist() == [0, 1, 2, 1, 0, -1, -1]
+    assert (match.n_before, match.n_after, match.n_gap) == (1, 1, 0)
+    assert match.residual_s[0] == pytest.approx(0.42)
+    assert np.isnan(match.residual_s[-1])
+    assert match.offset_method == "given"
+    shifted = match_frames([10.5], windows, clock_offset=-9.0)
+    assert shifted.detector_frame.tolist() == [1]
+
+
+def test_regular_windows_keep_the_recorded_ones_when_frames_were_delayed():
+    starts = START + np.arange(20) * FRAME_TIME
+    starts[10:] += 0.1  # the detector waited for a trigger
+    windows = np.column_stack([starts, starts + 0.04])
+    fitted = regular_windows(windows)
+    assert not fitted.regular and fitted.jitter_s > 0.02
+    np.testing.assert_array_equal(fitted.windows, windows)
+
+
+def test_offset_falls_back_to_the_scan_start_when_omega_does_not_move():
+    timing = helical_timing(4, osc_range=0.0, fps=20.0)
+    collection_start = timing.wall_start - 0.2
+    offset = estimate_clock_offset(
+        timing.received, timing.omegas, timing.windows, 30.0, 0.0, collection_start=collection_start
+    )
+    first = timing.received[timing.received >= collection_start].min()
+    assert offset.method == "scan start" and "did not move" in offset.note
+    assert float(offset) == pytest.approx(timing.windows[0, 0] - first)
+    assert offset.n_used == 0 and np.isnan(offset.residual_rms_s)
+    match = match_frames(timing.received, timing.windows, clock_offset=offset)
+    assert match.stats()["offset_method"] == "scan start" and match.stats()["timing_residual_rms_s"] is None
+
+
+# Spot-count files ---------------------------------------------------------------------
+
+COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("counts.csv", "image,spots\n1,12\n2,0\n3,57\n5,8\n"),
+        ("counts.csv", "# image;n_spots\n1;12\n2;0\n# a comment\n3;57\n5;8\n"),
+        ("counts.tsv", "Image\tReflections\n1\t12\n2\t0\n3\t57\n5\t8\n"),
+        ("counts.txt", "image  spots  d_min\n1 12 2.1\n2 0 9.9\n3 57 1.8\n5 8 3.0\n"),
+        ("list.json", json.dumps([{"image": i, "spots": c} for i, c in COUNTS.items()])),
+        ("columns.json", json.dumps({"image": list(COUNTS), "n_spots_total": list(COUNTS.values()), "d_min": [1] * 4})),
+        ("mapping.json", json.dumps({str(i): c for i, c in COUNTS.items()})),
+        (
+            "dials.log",
+            "Number of centroids per image for imageset 0:\n"
+            "+---------+----------+-----------------+-------------------+\n"
+            "|   image |   #spots |   #spots_no_ice |   total_intensity |\n"
+            "|---------+----------+-----------------+-------------------|\n"
+            "|       1 |       12 |              10 |              5163 |\n"
+            "|       2 |        0 |               0 |                 0 |\n"
+            "|       3 |       57 |              50 |              3821 |\n"
+            "|       5 |        8 |               8 |              3821 |\n"
+            "+---------+----------+-----------------+-------------------+\n",
+        ),
+    ],
+)
+def test_spot_counts_are_read_from_csv_json_and_dials_tables(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    spots = read_spot_counts(path)
+    assert dict(zip(spots.images.tolist(), spots.counts.tolist())) == COUNTS
+    counts = spots.for_collection(6)
+    np.testing.assert_array_equal(counts, [12, 0, 57, np.nan, 8, np.nan])
+
+
+def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_path):
+    path = tmp_path / "counts.csv"
+    path.write_text("master_file,image,spots\n/data/a_1_master.h5,1,5\n/data/a_1_master.h5,2,6\nb_1_master.h5,1,9\n")
+    spots = read_spot_counts(path)
+    np.testing.assert_array_equal(spots.for_collection(2, "/elsewhere/a_1_master.h5"), [5, 6])
+    np.testing.assert_array_equal(spots.for_collection(2, Path("b_1_master.h5")), [9, np.nan])
+    with pytest.raises(SpotsFileError, match=r"counts\.csv.*no row with master_file c_1_master\.h5"):
+        spots.for_collection(2, "c_1_master.h5")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("frame,count\n1,2\n", r"columns found: frame, count; expected an image column \(image.*spots"),
+        ("image,spots\n1,many\n", "column spots holds a value that is not a number"),
+        ("image,spots\n1,2\n1,3\n", "image 1 is listed more than once"),
+        ("image,spots\n0,2\n", "do not fit a collection of 4 images"),
+        ("image,spots\n1,2\n9,3\n", "do not fit a collection of 4 images"),
+        ("image,spots\n1.5,2\n", "non-integer image numbers"),
+        ("image,spots\n", "no rows of counts"),
+        ("[1, 2]", "a JSON list must hold one object per image"),
+        ('{"image": [1, 2', "not valid JSON"),
+    ],
+)
+def test_spot_count_errors_name_the_file_and_the_expected_columns(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(SpotsFileError, match=message) as caught:
+        read_spot_counts(path).for_collection(4)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_spot_count_file(tmp_path):
+    with pytest.raises(SpotsFileError, match=r"missing\.csv: cannot read"):
+        read_spot_counts(tmp_path / "missing.csv")
+
+
+# Crops --------------------------------------------------------------------------------
+
+
+def test_crop_around_beam_is_square_in_um_and_padded_by_edge_replication():
+    frame = np.arange(100 * 80 * 3, dtype=np.uint32).reshape(80, 100, 3).astype(np.uint8)
+    crop, beam, padded = crop_around_beam(frame, (50.0, 40.0), (400.0, 200.0), 100.0)
+    assert crop.shape == (20, 40, 3) and not padded
+    np.testing.assert_array_equal(beam, [20.0, 10.0])
+    np.testing.assert_array_equal(crop, frame[30:50, 30:70])
+    crop, beam, padded = crop_around_beam(frame, (5.0, 78.0), (400.0, 400.0), 100.0)
+    assert crop.shape == (40, 40, 3) and padded
+    np.testing.assert_array_equal(beam, [20.0, 20.0])
+    np.testing.assert_array_equal(crop[:22, 15:], frame[58:80, 0:25])
+    np.testing.assert_array_equal(crop[:22, :15], np.repeat(frame[58:80, :1], 15, axis=1))
+    np.testing.assert_array_equal(crop[22:], np.repeat(crop[21:22], 18, axis=0))
+    with pytest.raises(ValueError, match="misses"):
+        crop_around_beam(frame, (500.0, 40.0), (400.0, 400.0), 100.0)
+
+
+# Recordings of simulated collections --------------------------------------------------
+
+N_IMAGES = 40
+CAMERA = (480, 384)  # width, height, pixels
+PIXELS_PER_MM = (500.0, 500.0)
+
+
+@dataclass
+class Collection:
+    recording: Path
+    master: Path
+    data_files: tuple
+    counts: np.ndarray  # drawn reflection count of each detector frame
+    exposed: np.ndarray  # camera exposure moments, wall clock
+    wall_start: float
+
+
+def simulate_collection(directory, name, seed, *, kind="Helical", osc_range=0.5, beam=(240.0, 192.0), fps=20.0):
+    """Camera recording and EIGER files of one collection, as the virtual beamline makes them."""
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    sample = make_sample(seed, n_crystals=1)
+    centre = sample.crystals[0].centre
+    start = centred_motors(centre - [0.06, 0.0, 0.0]) if kind == "Helical" else centred_motors(centre)
+    end = centred_motors(centre + [0.06, 0.0, 0.0]) if kind == "Helical" else start
+    translations = ("phiy", "phiz", "sampx", "sampy")
+    plan = ScanPlan(kind, 20.0, osc_range, N_IMAGES, FRAME_TIME, {m: start[m] for m in translations},
+                    {m: end[m] for m in translations})  # fmt: skip
+    model = DiffractionModel(sample, points_per_crystal=1000)
+    expected = [model.expected_rc(plan.motors_at((i + 0.5) * FRAME_TIME)) for i in range(N_IMAGES)]
+    counts = np.minimum(rng.poisson(np.add(expected, 2.0)), 400)
+    wall = START + 1000 * seed
+    starts = wall + np.arange(N_IMAGES) * FRAME_TIME + CLOCK_OFFSET + rng.normal(0, JITTER, N_IMAGES)
+    written = write_eiger_collection(
+        directory / "data", f"{name}_1", counts, start_time=starts[0], frame_time=FRAME_TIME,
+        count_time=FRAME_TIME * 0.999, seed=seed, frame_start_times=starts,
+    )  # fmt: skip
+    metadata = {
+        "experiment_type": kind, "osc_start": 20.0, "osc_range": osc_range, "number_of_images": N_IMAGES,
+        "exposure_time": FRAME_TIME, "master_file": str(written.master_path), "collection_start": wall - 0.3,
+        "sample_id": seed, "crystal_id": f"xtal-{seed}", "zoom": 2, "pixels_per_mm": list(PIXELS_PER_MM),
+        "beam_position": list(beam),
+    }  # fmt: skip
+    store = FrameStore.create(directory, f"{name}_1_camera", metadata)
+    renderer = Renderer(*CAMERA, seed=seed)
+    exposed = np.arange(wall - 0.4, wall + N_IMAGES * FRAME_TIME + 0.4, 1 / fps) + rng.uniform(0, 1 / fps)
+    for k, moment in enumerate(exposed):
+        rgb = renderer.render(sample, plan.motors_at(moment - wall), PIXELS_PER_MM, beam)
+        # The recorder stamps a frame and reads the motors when it arrives.
+        received = moment + LATENCY
+        store.append(encode_jpeg(rgb), received, plan.motors_at(received - wall), k)
+    store.close("complete")
+    return Collection(store.path, written.master_path, written.data_paths, counts, exposed, wall)
+
+
+@pytest.fixture(scope="module")
+def collections(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("collections")
+    return [
+        simulate_collection(directory, "helical", 11),
+        # Beam near the corner: the stored crops reach past the frame edge.
+        simulate_collection(directory, "rotation", 12, kind="OSC", osc_range=1.0, beam=(120.0, 300.0), fps=13.0),
+    ]
+
+
+@pytest.fixture(scope="module")
+def labelled(collections, tmp_path_factory):
+    out = tmp_path_factory.mktemp("set") / "dataset.h5"
+    summary = label_recordings([c.recording for c in collections], out, progress=False)
+    return out, summary
+
+
+def check_labels(dataset, collection, scan_id):
+    """Rows of one recording: every matched frame, with its drawn count within spot-finder accuracy."""
+    rows = np.flatnonzero(dataset.scan_id == scan_id)
+    recording = read_recording(collection.recording)
+    truth = np.floor((collection.exposed - collection.wall_start) / FRAME_TIME).astype(int)
+    in_scan = np.flatnonzero((truth >= 0) & (truth < N_IMAGES))
+    assert set(in_scan) <= set(dataset.recording_frame[rows])
+    assert rows.size <= in_scan.size + 2  # frames within the tolerance of the ends
+    frames = dataset.detector_frame[rows]
+    expected = collection.counts[frames]
+    assert np.all(np.abs(dataset.rc[rows] - expected) <= np.maximum(3, 0.1 * expected))
+    clear = ~near_a_boundary(collection.exposed[dataset.recording_frame[rows]], collection.wall_start)
+    np.testing.assert_array_equal(frames[clear], truth[dataset.recording_frame[rows]][clear])
+    np.testing.assert_allclose(dataset.timestamp[rows], recording.timestamps[dataset.recording_frame[rows]])
+    np.testing.assert_allclose(dataset.motors[rows], recording.motors[dataset.recording_frame[rows]])
+    return rows
+
+
+def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled, collections):
+    out, summary = labelled
+    assert summary.n_labelled == 2 and summary.n_errors == 0
+    with read_dataset(out) as dataset:
+        assert len(dataset) == summary.rows_added == sum(e.matching["n_matched"] for e in summary.recordings)
+        for collection, entry in zip(collections, summary.recordings):
+            assert entry.status == "labelled" and entry.detector_frames == N_IMAGES
+            assert entry.matching["offset_method"] == "omega"
+            assert entry.matching["clock_offset_s"] == pytest.approx(CLOCK_OFFSET, abs=0.001)
+            rows = check_labels(dataset, collection, entry.scan_id)
+            assert rows.size == entry.rows == entry.matching["n_matched"]
+        helical, rotation = (np.flatnonzero(dataset.scan_id == e.scan_id) for e in summary.recordings)
+        assert set(dataset.scan_type[helical]) == {"Helical"} and set(dataset.crystal_id[rotation]) == {"xtal-12"}
+        assert not dataset.padded[helical].any() and dataset.padded[rotation].all()
+        image = dataset.image(int(rotation[0]))
+        assert image.shape == (300, 300, 3) and image.dtype == np.uint8
+        np.testing.assert_allclose(dataset.beam_xy[rotation[0]], [150.0, 150.0])
+        np.testing.assert_allclose(dataset.pixels_per_mm, np.tile(PIXELS_PER_MM, (len(dataset), 1)))
+        assert set(dataset.zoom) == {"2"}
+        recordings = dataset.provenance["recordings"]
+        assert [r["master_file"] for r in recordings] == [str(c.master.resolve()) for c in collections]
+        assert recordings[0]["label_source"] == "spot finder" and recordings[0]["spot_finder"]["sigma_strong"] == 3.0
+        assert recordings[0]["matching"]["n_matched"] == helical.size and recordings[0]["windows"]["regularised"]
+        assert dataset.provenance["tool"].startswith("mxcube-autocenter")
+    assert summary.histogram == out.with_name("dataset_rc_histogram.png") and summary.histogram.stat().st_size > 0
+    assert summary.rc_stats["n_rows"] == summary.rows_added
+    text = format_summary(summary)
+    assert "Labelled 2 of 2 recordings" in text and "Histogram:" in text
+    assert re.search(r"clock offset \+0\.1[12]\d\d s \(omega; timing residual rms", text)
+
+
+def test_appending_the_same_recording_again_is_detected(labelled, collections, tmp_path):
+    out, first = labelled
+    # A copy elsewhere is the same recording.
+    copy = tmp_path / "copy.h5"
+    shutil.copy(collections[0].recording, copy)
+    summary = label_recordings([collections[1].recording, copy], out, progress=False)
+    assert [e.status for e in summary.recordings] == ["duplicate", "duplicate"]
+    assert summary.recordings[1].scan_id == first.recordings[0].scan_id
+    assert "already in" in summary.recordings[0].message
+    assert summary.rows_added == 0 and len(read_dataset(out)) == first.rows_added
+    assert "2 already there" in format_summary(summary)
+
+
+def test_two_processes_give_the_same_labels(labelled, collections, tmp_path):
+    out, _ = labelled
+    parallel = tmp_path / "parallel.h5"
+    summary = label_recordings([collections[0].recording], parallel, nproc=2, progress=False)
+    assert summary.n_labelled == 1
+    with read_dataset(out) as serial, read_dataset(parallel) as dataset:
+        rows = serial.scan_id == summary.recordings[0].scan_id
+        np.testing.assert_array_equal(dataset.rc, serial.rc[rows])
+        np.testing.assert_array_equal(dataset.recording_frame, serial.recording_frame[rows])
+
+
+def test_corrupt_and_missing_files_fail_their_recording_only(tmp_path):
+    corrupt = simulate_collection(tmp_path / "corrupt", "corrupt", 21, fps=12.0)
+    corrupt.master.write_bytes(np.random.default_rng(0).bytes(4096))
+    missing = simulate_collection(tmp_path / "missing", "missing", 22, fps=12.0)
+    missing.data_files[0].unlink()
+    good = simulate_collection(tmp_path / "good", "good", 23, fps=12.0)
+    unreadable = tmp_path / "unreadable_camera.h5"
+    unreadable.write_bytes(b"not HDF5")
+    out = tmp_path / "set" / "dataset.h5"
+    recordings = [corrupt.recording, good.recording, missing.recording, unreadable]
+    summary = label_recordings(recordings, out, progress=False)
+    assert [e.status for e in summary.recordings] == ["error", "labelled", "error", "error"]
+    assert str(corrupt.master) in summary.recordings[0].message and "corrupt" in summary.recordings[0].message
+    message = summary.recordings[2].message
+    assert str(missing.data_files[0]) in message and "data file missing" in message
+    assert str(unreadable) in summary.recordings[3].message
+    with read_dataset(out) as dataset:
+        assert len(dataset) == summary.recordings[1].rows > 0
+        assert set(dataset.scan_id) == {summary.recordings[1].scan_id}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dataset.h5", "dataset_rc_histogram.png"]
+    assert "3 failed" in format_summary(summary)
+
+
+def test_recording_without_master_file_or_camera_scale(collections, tmp_path):
+    recording = read_recording(collections[0].recording)
+    for drop, message in (("master_file", "no master_file in its collection metadata"),
+                          ("pixels_per_mm", "collection metadata pixels_per_mm is None")):  # fmt: skip
+        metadata = {k: v for k, v in recording.metadata.items() if k != drop}
+        store = FrameStore.create(tmp_path, f"no_{drop}", metadata)
+        for k in range(3):
+            store.append(encode_jpeg(np.zeros((64, 64, 3), np.uint8)), recording.timestamps[k + 20],
+                         recording.motors[k + 20], k)  # fmt: skip
+        store.close()
+        summary = label_recordings([store.path], tmp_path / "dataset.h5", progress=False)
+        assert summary.recordings[0].status == "error"
+        assert str(store.path) in summary.recordings[0].message and message in summary.recordings[0].message
+
+
+def test_spot_count_file_gives_the_labels(collections, tmp_path):
+    path = tmp_path / "counts.csv"
+    lines = ["master_file,image,n_spots"]
+    for collection in collections:
+        lines += [f"{collection.master},{i + 1},{c}" for i, c in enumerate(collection.counts) if i != 7]
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "dataset.h5"
+    summary = label_recordings([c.recording for c in collections], out, spots_from=path, progress=False)
+    assert summary.n_labelled == 2
+    with read_dataset(out) as dataset:
+        for collection, entry in zip(collections, summary.recordings):
+            rows = dataset.scan_id == entry.scan_id
+            np.testing.assert_array_equal(dataset.rc[rows], collection.counts[dataset.detector_frame[rows]])
+            assert 7 not in dataset.detector_frame[rows]
+            assert entry.n_unlabelled == entry.matching["n_matched"] - entry.rows > 0
+        assert dataset.provenance["recordings"][0]["label_source"] == str(path.resolve())
+    single = tmp_path / "single.csv"
+    single.write_text("image,spots\n1,3\n")
+    with pytest.raises(Exception, match=r"single\.csv: no master_file column"):
+        label_recordings([c.recording for c in collections], out, spots_from=single, progress=False)
+
+
+def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, monkeypatch):
+    from mxcube_autocenter.labelling import dataset as dataset_module
+
+    out = tmp_path / "dataset.h5"
+    first = label_recordings([collections[0].recording], out, progress=False).rows_added
+    calls = []
+
+    def failing_encode(rgb, quality):
+        calls.append(1)
+        if len(calls) > 300:
+            raise OSError(28, "No space left on device")
+        return encode_jpeg(rgb, quality)
+
+    # A long recording, so that its rows are written in several batches before the failure.
+    recording = read_recording(collections[1].recording)
+    store = FrameStore.create(tmp_path, "long", recording.metadata)
+    for k in range(400):
+        store.append(encode_jpeg(np.full((CAMERA[1], CAMERA[0], 3), k % 255, np.uint8)),
+                     recording.timestamps[0] + k * 0.001, recording.motors[0], k)  # fmt: skip
+    store.close()
+    match = match_frames(np.arange(400.0), [[-1.0, 500.0]])
+    monkeypatch.setattr(dataset_module, "encode_jpeg", failing_encode)
+    with pytest.raises(OSError, match="No space left"):
+        append_recording(out, store.path, [5.0], match)
+    monkeypatch.undo()
+    with read_dataset(out) as dataset:
+        assert len(dataset) == first and len(dataset.provenance["recordings"]) == 1
+    with h5py.File(out, "r") as h5file:
+        assert h5file["rows/rc"].shape[0] == first
+    # Rows written past the count by a killed process are never read, and trimmed on the next append.
+    with h5py.File(out, "r+") as h5file:
+        for dataset in h5file["rows"].values():
+            dataset.resize(first + 7, axis=0)
+    assert len(read_dataset(out)) == first
+    result = append_recording(out, store.path, [5.0], match)
+    assert result.rows == 400
+    with read_dataset(out) as dataset:
+        assert len(dataset) == first + 400 and np.all(dataset.rc[first:] == 5.0)
+        assert dataset.image(first + 399).shape == (300, 300, 3)
+    with h5py.File(out, "r") as h5file:
+        assert h5file["rows/rc"].shape[0] == first + 400
+    assert [p.name for p in tmp_path.glob("*.tmp")] == []
+
+
+def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5file:
+        h5file["x"] = 1
+    with pytest.raises(DatasetError, match=r"other\.h5: not a training set"):
+        label_recordings([collections[0].recording], other, progress=False)
+    with pytest.raises(DatasetError, match=r"missing\.h5: cannot open"):
+        read_dataset(tmp_path / "missing.h5")
