@@ -1,0 +1,280 @@
+"""Crop geometry and normalisation of the model input (numpy and OpenCV only).
+
+A model sees a square crop of the on-axis camera image centred on the point
+whose reflection count it predicts (the beam when training). The crop's
+side is fixed in micrometres, so at every zoom the model sees the same piece
+of the sample; it is converted to pixels with the image's ``pixels_per_mm``
+and resized to the model's input size (128 x 128 by default).
+
+Normalisation is per region, never per crop
+-------------------------------------------
+At centring time the model is evaluated on a dense grid of overlapping crops
+around the loop. If every crop were normalised with its own statistics, the
+same pixel would take a different value in each crop and no convolution work
+could be shared. So the statistics are computed once over a *region* (the
+stored crop of a dataset row when training; the region of interest around
+the loop when centring), and every crop of the region is normalised with
+them: ``x' = (x - offset[c]) / scale[c]`` per colour channel ``c``. This is a
+per-pixel affine map, so it commutes with resizing and with cropping: the
+region can be resized and normalised once and the crops read out of it
+(:func:`prepare_region`).
+
+Methods (:data:`NORMALISATIONS`):
+
+``"backlight"`` (default)
+    ``offset = scale = P95`` of each channel over the region: the backlight
+    level (an on-axis view is back-lit, so the brightest pixels are the empty
+    field). ``x' = x / backlight - 1``: the empty field is 0, an opaque object
+    -1, whatever the lamp brightness, the camera gain or the tint. Robust to
+    what the region contains as long as at least 5 % of it is backlight
+    (always true of a region around a loop); a region that is all film reads
+    the film as backlight, which is at most ~30 % off.
+``"standardise"``
+    ``offset`` = mean, ``scale`` = standard deviation of each channel over
+    the region (the thesis' per-image z-score). Removes brightness and
+    contrast too, but depends on the region's content: the same crystal
+    reads differently next to the dark pin than in an empty field.
+``"none"``
+    ``x' = x / 127.5 - 1``: no brightness correction (for comparisons).
+
+Statistics are computed on a subsampled grid of the region (at most about
+256 x 256 pixels), which changes them by well under 1 %.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+COLOUR_MODES = ("rgb", "grey")
+NORMALISATIONS = ("backlight", "standardise", "none")
+DEFAULT_INPUT_SIZE = 128
+DEFAULT_CROP_UM = 160.0
+BACKLIGHT_PERCENTILE = 95.0
+_STATS_SAMPLES = 256  # statistics on at most ~256 x 256 pixels of a region
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What a model's input is.
+
+    Attributes
+    ----------
+    crop_um : float
+        Side of the square crop on the sample, micrometres.
+    input_size : int
+        Side of the model input, pixels.
+    colour : {"rgb", "grey"}
+    normalisation : {"backlight", "standardise", "none"}
+        See the module documentation.
+    """
+
+    crop_um: float = DEFAULT_CROP_UM
+    input_size: int = DEFAULT_INPUT_SIZE
+    colour: str = "rgb"
+    normalisation: str = "backlight"
+
+    def __post_init__(self):
+        if self.colour not in COLOUR_MODES:
+            raise ValueError(f"colour must be one of {COLOUR_MODES}, not {self.colour!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {self.normalisation!r}")
+        if not self.crop_um > 0:
+            raise ValueError(f"crop_um must be positive, not {self.crop_um!r}")
+        if int(self.input_size) != self.input_size or self.input_size < 8:
+            raise ValueError(f"input_size must be an integer >= 8, not {self.input_size!r}")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.colour == "rgb" else 1
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (int(self.input_size), int(self.input_size), self.channels)
+
+    def to_config(self) -> dict:
+        return {**asdict(self), "crop_um": float(self.crop_um), "input_size": int(self.input_size)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "CropSpec":
+        return cls(
+            crop_um=float(config["crop_um"]),
+            input_size=int(config["input_size"]),
+            colour=str(config["colour"]),
+            normalisation=str(config["normalisation"]),
+        )
+
+
+def decode_jpeg(data) -> np.ndarray:
+    """JPEG (or PNG) bytes to an RGB uint8 image (H, W, 3)."""
+    buf = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data, dtype=np.uint8)
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"could not decode an image from {len(buf)} bytes (not a JPEG or PNG?)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg(rgb, quality: int = 90) -> bytes:
+    """An RGB uint8 image as JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def crop_side_px(crop_um: float, pixels_per_mm) -> tuple[float, float]:
+    """Width and height in image pixels of a crop of ``crop_um`` micrometres.
+
+    Parameters
+    ----------
+    crop_um : float
+    pixels_per_mm : float or (float, float)
+        Horizontal and vertical image scale.
+    """
+    ppmm = np.broadcast_to(np.asarray(pixels_per_mm, dtype=np.float64), (2,))
+    if np.any(ppmm <= 0):
+        raise ValueError(f"pixels_per_mm must be positive, not {pixels_per_mm!r}")
+    return float(crop_um * 1e-3 * ppmm[0]), float(crop_um * 1e-3 * ppmm[1])
+
+
+def crop_centred(image, centre_xy, size_px) -> np.ndarray:
+    """The window of ``size_px = (width, height)`` pixels centred on ``centre_xy``.
+
+    The window is rounded to whole pixels (its centre to within half a pixel
+    of ``centre_xy``); parts outside the image repeat the edge pixels
+    (``cv2.BORDER_REPLICATE``), so a crop near the frame border keeps its
+    size and its centre.
+    """
+    image = np.asarray(image)
+    w = max(1, int(round(size_px[0])))
+    h = max(1, int(round(size_px[1])))
+    x0 = int(np.floor(centre_xy[0] - w / 2 + 0.5))
+    y0 = int(np.floor(centre_xy[1] - h / 2 + 0.5))
+    H, W = image.shape[:2]
+    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+    if xa >= xb or ya >= yb:
+        raise ValueError(f"crop centred on {tuple(centre_xy)} of size {w}x{h} lies outside the {W}x{H} image")
+    window = image[ya:yb, xa:xb]
+    pad = (ya - y0, y0 + h - yb, xa - x0, x0 + w - xb)
+    if any(pad):
+        window = cv2.copyMakeBorder(window, *pad, cv2.BORDER_REPLICATE)
+        if image.ndim == 3 and window.ndim == 2:
+            window = window[..., None]
+    return window
+
+
+def to_colour(image, colour: str) -> np.ndarray:
+    """An RGB image (H, W, 3) in the given colour mode: (H, W, 3) or (H, W, 1)."""
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour must be one of {COLOUR_MODES}, not {colour!r}")
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if colour == "rgb":
+        if image.shape[-1] != 3:
+            raise ValueError(f"an RGB image has 3 channels, not {image.shape[-1]}")
+        return image
+    if image.shape[-1] == 1:
+        return image
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
+
+
+def resize_to(image, size) -> np.ndarray:
+    """Resize to ``size = (width, height)``: area averaging when shrinking, bilinear when enlarging."""
+    image = np.asarray(image)
+    w, h = int(size[0]), int(size[1])
+    shrink = w < image.shape[1] or h < image.shape[0]
+    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if image.ndim == 3 and out.ndim == 2:
+        out = out[..., None]
+    return out
+
+
+def region_stats(region, method: str = "backlight") -> np.ndarray:
+    """Normalisation statistics of a region: ``(2, C)`` float32, offsets then scales.
+
+    Parameters
+    ----------
+    region : (H, W, C) array
+        The region (RGB or grey), uint8 or float.
+    method : str
+        One of :data:`NORMALISATIONS` (see the module documentation).
+    """
+    if method not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {method!r}")
+    region = np.asarray(region)
+    if region.ndim == 2:
+        region = region[..., None]
+    channels = region.shape[-1]
+    if method == "none":
+        return np.full((2, channels), 127.5, dtype=np.float32)
+    step = max(1, int(np.ceil(max(region.shape[:2]) / _STATS_SAMPLES)))
+    pixels = region[::step, ::step].reshape(-1, channels).astype(np.float32)
+    if method == "backlight":
+        level = np.maximum(np.percentile(pixels, BACKLIGHT_PERCENTILE, axis=0), 1.0)
+        return np.stack([level, level]).astype(np.float32)
+    mean = pixels.mean(axis=0)
+    std = np.maximum(pixels.std(axis=0), 1.0)
+    return np.stack([mean, std]).astype(np.float32)
+
+
+def apply_stats(image, stats) -> np.ndarray:
+    """``(image - offset) / scale`` per channel, float32."""
+    stats = np.asarray(stats, dtype=np.float32)
+    return (np.asarray(image, dtype=np.float32) - stats[0]) / stats[1]
+
+
+def normalise(region, method: str = "backlight") -> np.ndarray:
+    """A region normalised with its own statistics, float32."""
+    return apply_stats(region, region_stats(region, method))
+
+
+def crop_uint8(image, centre_xy, pixels_per_mm, spec: CropSpec) -> np.ndarray:
+    """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C)."""
+    side = crop_side_px(spec.crop_um, pixels_per_mm)
+    window = crop_centred(image, centre_xy, side)
+    return to_colour(resize_to(window, (spec.input_size, spec.input_size)), spec.colour)
+
+
+def model_input(image, centre_xy, pixels_per_mm, spec: CropSpec, region=None) -> np.ndarray:
+    """The model input for the point ``centre_xy`` of an RGB image, float32 (S, S, C).
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB camera image (a dataset's stored crop, or a frame).
+    centre_xy : (float, float)
+        The point (the beam), pixels.
+    pixels_per_mm : (float, float)
+    spec : CropSpec
+    region : (H', W', 3) array, optional
+        Where the normalisation statistics come from; the whole ``image`` by
+        default.
+    """
+    stats = region_stats(to_colour(image if region is None else region, spec.colour), spec.normalisation)
+    return apply_stats(crop_uint8(image, centre_xy, pixels_per_mm, spec), stats)
+
+
+def prepare_region(region, pixels_per_mm, spec: CropSpec):
+    """A region resized to the model's scale and normalised once, for dense evaluation.
+
+    After this, the model input for any point is the ``input_size`` window of
+    the returned image centred on the point's scaled position, which equals
+    :func:`model_input` for that point up to resampling at the crop edges.
+
+    Returns
+    -------
+    image : (H', W', C) float32 ndarray
+    scale : (float, float)
+        Model pixels per region pixel, horizontally and vertically: a point
+        ``(x, y)`` of the region is at ``(x * sx, y * sy)``.
+    """
+    region = np.asarray(region)
+    side = crop_side_px(spec.crop_um, pixels_per_mm)
+    sx, sy = spec.input_size / side[0], spec.input_size / side[1]
+    size = (max(1, int(round(region.shape[1] * sx))), max(1, int(round(region.shape[0] * sy))))
+    coloured = to_colour(region, spec.colour)
+    stats = region_stats(coloured, spec.normalisation)
+    return apply_stats(to_colour(resize_to(region, size), spec.colour), stats), (sx, sy)
