@@ -1,0 +1,263 @@
+"""Datasets written straight from the virtual beamline.
+
+For tests, quick experiments and a first shipped model: each virtual sample
+is mounted with its own randomised camera look (domain randomisation), put
+at a few random omega angles and zoom levels, and moved so that chosen
+points come into the beam:
+
+- points along a line through a crystal (or the loop centre), in a random
+  direction on screen, across the whole loop: what a helical scan records,
+  from liquid over crystal and back (``line_fraction``);
+- points on the crystals' projections (``hit_fraction``);
+- points anywhere in and around the loop (the rest).
+
+For each position the full camera frame is rendered (1280 x 1024, beam at
+its centre), the ``stored_crop_um`` square around the beam is stored as
+JPEG, and the label is a Poisson draw of the ground-truth expected reflection
+count (also stored, as ``rc_expected``). The file follows the dataset
+contract of :mod:`.data`; the crystal id is the sample's (one id per
+sample, empty loops included), so the split by crystal keeps every sample in
+one subset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import h5py
+import numpy as np
+
+from mxcube_autocenter import __version__
+from mxcube_autocenter.geometry import centred_motors, sample_to_screen
+from mxcube_autocenter.learning import crops
+from mxcube_autocenter.simulation.diffraction import DiffractionModel
+from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Renderer, random_look
+from mxcube_autocenter.simulation.sample import make_sample
+
+ZOOM_PX_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0)  # the virtual MD3's zoom levels 1-5
+DATASET_FORMAT_VERSION = 1
+
+
+def _crystal_point(sample, rng):
+    """A random point inside a random crystal (a random convex combination of its corners)."""
+    crystal = sample.crystals[rng.integers(len(sample.crystals))]
+    w = rng.dirichlet(np.full(len(crystal.vertices), 0.5))
+    return w @ crystal.vertices
+
+
+def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
+                 random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, label_seed):
+    """All rows of one virtual sample, as a dict of lists."""
+    rng = np.random.default_rng(look_seed)
+    sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
+    model = DiffractionModel(sample)
+    look = random_look(rng) if random_looks else DEFAULT_LOOK
+    width, height = frame_size
+    beam = (width / 2.0, height / 2.0)
+    renderer = Renderer(width, height, look, seed=int(look_seed) % (2**31))
+    label_rng = np.random.default_rng(label_seed)
+    crystal_id = f"sim-{int(sample_seed):06d}"
+    rows = {name: [] for name in ("image", "beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "rc_expected",
+                                  "scan_id", "crystal_id", "scan_type", "timestamp", "detector_frame",
+                                  "recording_frame")}
+    per_omega = np.diff(np.linspace(0, crops_per_sample, omegas_per_sample + 1).round().astype(int))
+    for j, n_points in enumerate(per_omega):
+        omega = float(rng.uniform(0, 360))
+        level = int(rng.integers(len(zoom_levels)))
+        ppmm = (zoom_levels[level] * 1000.0, zoom_levels[level] * 1000.0)
+        ref = sample.loop_centre if sample.is_empty else _crystal_point(sample, rng)
+        motors0 = centred_motors(ref, omega)
+        # The loop on screen, as offsets from the beam (mm).
+        loop_xy, _ = sample_to_screen(sample.film_points(), motors0, (1.0, 1.0), (0.0, 0.0))
+        lo, hi = loop_xy.min(axis=0), loop_xy.max(axis=0)
+        margin = 0.3 * (hi - lo)
+        n_line = int(round(n_points * line_fraction))
+        n_hit = 0 if sample.is_empty else int(round(n_points * hit_fraction))
+        n_rand = n_points - n_line - n_hit
+        angle = rng.uniform(0, np.pi)
+        direction = np.array([np.cos(angle), np.sin(angle)])
+        half = 0.5 * rng.uniform(0.6, 1.2) * max(sample.loop_size_um * 1e-3, 0.05)
+        offsets = [direction * t for t in np.linspace(-half, half, n_line)]
+        kinds = ["line"] * n_line
+        for _ in range(n_hit):
+            xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors0, (1.0, 1.0), (0.0, 0.0))
+            offsets.append(xy[0])
+            kinds.append("hit")
+        for _ in range(n_rand):
+            offsets.append(rng.uniform(lo - margin, hi + margin))
+            kinds.append("random")
+        scan_id = f"{crystal_id}-w{j}"
+        side_px = crops.crop_side_px(stored_crop_um, ppmm)
+        for i, ((ox, oy), kind) in enumerate(zip(offsets, kinds)):
+            motors = dict(motors0, phiy=motors0["phiy"] + float(ox), phiz=motors0["phiz"] + float(oy))
+            frame = renderer.render(sample, motors, ppmm, beam)
+            stored = crops.crop_centred(frame, beam, side_px)
+            expected = model.expected_rc(motors)
+            h, w = stored.shape[:2]
+            # The beam inside the stored crop: where the frame's beam pixel landed.
+            x0 = np.floor(beam[0] - round(side_px[0]) / 2 + 0.5)
+            y0 = np.floor(beam[1] - round(side_px[1]) / 2 + 0.5)
+            rows["image"].append(np.frombuffer(crops.encode_jpeg(stored, jpeg_quality), dtype=np.uint8))
+            rows["beam_xy"].append((beam[0] - x0, beam[1] - y0))
+            rows["pixels_per_mm"].append(ppmm)
+            rows["zoom"].append(float(level + 1))
+            rows["omega"].append(omega)
+            rows["rc"].append(float(label_rng.poisson(expected)))
+            rows["rc_expected"].append(float(expected))
+            rows["scan_id"].append(scan_id)
+            rows["crystal_id"].append(crystal_id)
+            rows["scan_type"].append("Helical" if kind == "line" else f"synthetic-{kind}")
+            rows["timestamp"].append(float(k * 10000 + j * 1000 + i))
+            rows["detector_frame"].append(i)
+            rows["recording_frame"].append(i)
+    return rows
+
+
+def _worker(args):
+    kwargs = args[-1]
+    return _sample_rows(*args[:-1], **kwargs)
+
+
+def synthetic_dataset(
+    path,
+    n_samples: int = 80,
+    seed: int = 0,
+    *,
+    crops_per_sample: int = 96,
+    omegas_per_sample: int = 4,
+    stored_crop_um: float = 240.0,
+    zoom_levels=ZOOM_PX_PER_UM,
+    random_looks: bool = True,
+    frame_size=(1280, 1024),
+    jpeg_quality: int = 90,
+    empty_fraction: float = 0.15,
+    line_fraction: float = 0.4,
+    hit_fraction: float = 0.35,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write a ``dataset.h5`` of ``n_samples`` virtual samples; returns a summary.
+
+    Parameters
+    ----------
+    path : str
+        The file to write (replaced).
+    n_samples : int
+        Virtual samples (= crystal ids).
+    seed : int
+        Everything follows from it: samples, looks, positions, labels.
+    crops_per_sample : int
+        Rows per sample, spread over ``omegas_per_sample`` omega angles.
+    stored_crop_um : float
+        Side of the stored crops, um (models can use any ``crop_um`` up to it).
+    zoom_levels : sequence of float
+        Image scales to draw from, pixels per micrometre; the row's ``zoom``
+        is the 1-based index into this list.
+    random_looks : bool
+        Domain randomisation: a random camera look per sample.
+    frame_size : (int, int)
+        Rendered frame size; the beam is at its centre.
+    jpeg_quality : int
+        Of the stored crops.
+    empty_fraction : float
+        Share of empty loops.
+    line_fraction, hit_fraction : float
+        Shares of positions on a line through the crystal and on the crystals.
+    workers : int
+        Processes rendering samples in parallel.
+    progress : bool
+        Show a tqdm progress bar.
+    """
+    if max(zoom_levels) * stored_crop_um > min(frame_size):
+        raise ValueError(
+            f"a {stored_crop_um} um crop at {max(zoom_levels)} px/um does not fit in a {frame_size} frame: "
+            "lower stored_crop_um or the zoom levels"
+        )
+    root = np.random.default_rng(seed)
+    sample_seeds = root.integers(0, 10**6, size=n_samples)
+    look_seeds = root.integers(0, 2**62, size=n_samples)
+    label_seeds = root.integers(0, 2**62, size=n_samples)
+    kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
+                  stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
+                  frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
+                  line_fraction=line_fraction, hit_fraction=hit_fraction)
+    jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
+            for k in range(n_samples)]
+    provenance = {
+        "generator": "mxcube_autocenter.learning.synthetic.synthetic_dataset",
+        "package_version": __version__,
+        "seed": int(seed),
+        "n_samples": int(n_samples),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+        "zoom": "1-based index into zoom_levels (px/um)",
+        "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part"
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_worker, jobs)
+    else:
+        results = map(_worker, jobs)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=n_samples, desc="virtual samples", unit="sample")
+    n = 0
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = DATASET_FORMAT_VERSION
+            f.attrs["provenance"] = json.dumps(provenance)
+            f.attrs["stored_crop_um"] = float(stored_crop_um)
+            g = f.create_group("samples")
+            text = h5py.string_dtype()
+            specs = {
+                "image": (h5py.vlen_dtype(np.uint8), ()),
+                "beam_xy": (np.float64, (2,)),
+                "pixels_per_mm": (np.float64, (2,)),
+                "zoom": (np.float64, ()),
+                "omega": (np.float64, ()),
+                "rc": (np.float64, ()),
+                "rc_expected": (np.float64, ()),
+                "scan_id": (text, ()),
+                "crystal_id": (text, ()),
+                "scan_type": (text, ()),
+                "timestamp": (np.float64, ()),
+                "detector_frame": (np.int64, ()),
+                "recording_frame": (np.int64, ()),
+            }
+            for name, (dtype, shape) in specs.items():
+                g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=(256, *shape))
+            for rows in results:
+                m = len(rows["rc"])
+                for name in specs:
+                    ds = g[name]
+                    ds.resize(n + m, axis=0)
+                    if name == "image":
+                        for i, buf in enumerate(rows["image"]):
+                            ds[n + i] = buf
+                    else:
+                        ds[n : n + m] = np.asarray(rows[name], dtype=object if specs[name][0] is text else specs[name][0])
+                n += m
+        os.replace(tmp, path)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with h5py.File(path, "r") as f:
+        rc = f["samples/rc"][()]
+    return {
+        "path": os.path.abspath(path),
+        "rows": int(n),
+        "samples": int(n_samples),
+        "stored_crop_um": float(stored_crop_um),
+        "rc_mean": float(rc.mean()) if n else None,
+        "rc_zero_fraction": float(np.mean(rc == 0)) if n else None,
+        "rc_ge_5_fraction": float(np.mean(rc >= 5)) if n else None,
+    }
