@@ -1,0 +1,268 @@
+"""Evaluation reports and the architecture x transform sweep.
+
+:func:`evaluate` writes ``report.md`` with PNG figures and ``metrics.json``
+into a directory. For a regressor: the MSE of the transformed targets and of
+the counts, Spearman and Pearson correlations of predicted and real counts
+(and, for simulated data, of the ground-truth expected counts), a scatter
+plot of real against predicted counts with the x = y line, and galleries of
+the highest- and lowest-predicted crops and of the worst errors, with the
+beam marked. For the classifier: accuracy, balanced accuracy, the confusion
+matrix and galleries of the misclassified crops.
+
+:func:`sweep` trains every architecture with every label transform on one
+split and writes the thesis' Table 2.3 layout (test MSE per architecture
+and transform), plus the Spearman correlations, which unlike the MSE of
+different transforms can be compared across columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxcube_autocenter.learning import crops  # noqa: E402
+from mxcube_autocenter.learning.data import RowReader, read_table, row_crop  # noqa: E402
+from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
+from mxcube_autocenter.learning.training import (  # noqa: E402
+    classifier_metrics,
+    info_spec,
+    info_transform,
+    load_model,
+    predict_rows,
+    regression_metrics,
+    train,
+)
+from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
+
+
+def _rows_for(info, table, subset, model_path):
+    if subset == "all":
+        return np.arange(len(table))
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS} or 'all', not {subset!r}")
+    split = Split.from_config(info["split"])
+    rows = split.indices(table.crystal_id)[subset]
+    if len(rows) == 0:
+        raise ValueError(
+            f"{table.path}: none of the {len(getattr(split, subset))} {subset} crystals of {model_path} "
+            "is in this dataset: evaluate on a dataset with them, or pass subset='all' for a separate test set"
+        )
+    return rows
+
+
+def _gallery(path, table, rows, spec, captions, title, columns=6):
+    """A figure of the crops of ``rows`` with the beam (crop centre) marked and a caption each."""
+    rows = list(rows)
+    if not rows:
+        return None
+    n_rows = int(np.ceil(len(rows) / columns))
+    fig, axes = plt.subplots(n_rows, columns, figsize=(2.0 * columns, 2.25 * n_rows + 0.4), squeeze=False)
+    with RowReader(table.path) as reader:
+        for ax, i, caption in zip(axes.flat, rows, captions):
+            crop, _ = row_crop(reader, table, int(i), spec)
+            ax.imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray" if crop.shape[-1] == 1 else None)
+            c = spec.input_size / 2 - 0.5
+            ax.plot([c], [c], marker="+", color="red", markersize=14, mew=1.5)
+            ax.set_title(caption, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _scatter(path, real, pred, title):
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(real, pred, s=6, alpha=0.5)
+    top = max(float(np.max(real)) if len(real) else 1.0, float(np.max(pred)) if len(pred) else 1.0, 1.0)
+    ax.plot([0, top], [0, top], color="red", lw=1, label="x = y")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlim(-0.5, top * 1.3)
+    ax.set_ylim(-0.5, top * 1.3)
+    ax.set_xlabel("real reflection count")
+    ax.set_ylabel("predicted reflection count")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _confusion(path, confusion, threshold):
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    m = np.asarray(confusion)
+    ax.imshow(m, cmap="Blues")
+    for (r, c), v in np.ndenumerate(m):
+        ax.text(c, r, str(v), ha="center", va="center", color="black", fontsize=12)
+    ax.set_xticks([0, 1], ["empty", "crystal"])
+    ax.set_yticks([0, 1], ["empty", "crystal"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel(f"real (rc >= {threshold:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _fmt(v, digits=3):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery: int = 12, batch_size: int = 64) -> dict:
+    """Evaluate a model file on a dataset and write ``report.md``, figures and ``metrics.json``.
+
+    Parameters
+    ----------
+    model_path : str
+        A ``.keras`` file from :func:`training.train` or :func:`training.train_classifier`.
+    dataset_path : str
+    out_dir : str
+    subset : {"test", "validation", "train", "all"}
+        Rows of the model's stored split (by crystal id), or every row (a
+        separate test dataset).
+    gallery : int
+        Crops per gallery.
+
+    Returns
+    -------
+    dict
+        The metrics (also in ``metrics.json``).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    model, info = load_model(model_path)
+    spec = info_spec(info)
+    table = read_table(dataset_path)
+    rows = _rows_for(info, table, subset, model_path)
+    print(f"evaluating {model_path} on {len(rows)} {subset} rows of {dataset_path}")
+    raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
+    rc = table.rc[rows]
+    arch = info["architecture"]["name"]
+    lines = [f"# Evaluation of `{os.path.basename(model_path)}`", "",
+             f"- model: `{os.path.abspath(model_path)}` ({arch}, {info['architecture'].get('params')} parameters, "
+             f"{info['task']})",
+             f"- dataset: `{os.path.abspath(dataset_path)}`, {subset} subset: {len(rows)} crops, "
+             f"{len(set(table.crystal_id[rows]))} crystals",
+             f"- input: {spec.crop_um:g} um crops at {spec.input_size} x {spec.input_size} {spec.colour}, "
+             f"{spec.normalisation} normalisation", ""]
+    figures = {}
+    if info["task"] == "regression":
+        transform = info_transform(info)
+        pred = transform.inverse(raw)
+        metrics = regression_metrics(rc, pred, transform.forward(rc), raw)
+        if "rc_expected" in table.extra:
+            metrics["spearman_expected"] = regression_metrics(table.extra["rc_expected"][rows], pred)["spearman"]
+        metrics.update(subset=subset, transform=transform.name)
+        lines += ["| metric | value |", "|---|---|",
+                  f"| MSE ({transform.name} targets) | {_fmt(metrics['mse'], 4)} |",
+                  f"| MSE (counts) | {_fmt(metrics['mse_counts'], 1)} |",
+                  f"| Spearman (real vs predicted counts) | {_fmt(metrics['spearman'])} |",
+                  f"| Pearson (real vs predicted counts) | {_fmt(metrics['pearson'])} |"]
+        if "spearman_expected" in metrics:
+            lines.append(f"| Spearman (expected vs predicted counts) | {_fmt(metrics['spearman_expected'])} |")
+        lines.append("")
+        figures["scatter"] = _scatter(os.path.join(out_dir, "scatter.png"), rc, pred,
+                                      f"{arch}, {transform.name}: Spearman {_fmt(metrics['spearman'])}")
+        order = np.argsort(pred)
+        k = min(gallery, len(rows))
+        error = np.abs(raw - transform.forward(rc))
+        worst = np.argsort(error)[::-1][:k]
+        for name, sel, title in (
+            ("highest", order[::-1][:k], "highest predicted counts"),
+            ("lowest", order[:k], "lowest predicted counts"),
+            ("worst", worst, f"worst errors ({transform.name} targets)"),
+        ):
+            captions = [f"real {rc[j]:.0f} / pred {pred[j]:.0f}" for j in sel]
+            figures[name] = _gallery(os.path.join(out_dir, f"gallery_{name}.png"), table, rows[sel], spec, captions,
+                                     f"{title} (real / predicted; beam: red cross)")
+    else:
+        threshold = float(info["threshold"])
+        truth = rc >= threshold
+        metrics = classifier_metrics(truth, raw)
+        metrics.update(subset=subset, threshold=threshold)
+        lines += ["| metric | value |", "|---|---|",
+                  f"| accuracy | {_fmt(metrics['accuracy'])} |",
+                  f"| balanced accuracy | {_fmt(metrics['balanced_accuracy'])} |",
+                  f"| crystal share (rc >= {threshold:g}) | {_fmt(metrics['positive_fraction'])} |", ""]
+        (tn, fp), (fn, tp) = metrics["confusion"]
+        lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
+                  f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
+        figures["confusion"] = _confusion(os.path.join(out_dir, "confusion.png"), metrics["confusion"], threshold)
+        wrong = np.flatnonzero(truth != (raw >= 0.5))
+        wrong = wrong[np.argsort(np.abs(raw[wrong] - truth[wrong]))[::-1]][:gallery]
+        captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" for j in wrong]
+        figures["misclassified"] = _gallery(os.path.join(out_dir, "gallery_misclassified.png"), table, rows[wrong], spec,
+                                            captions, "misclassified (real count / crystal probability)")
+    for name, fig in figures.items():
+        if fig:
+            lines += [f"## {name}", "", f"![{name}]({fig})", ""]
+    metrics["figures"] = {k: v for k, v in figures.items() if v}
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), transforms=TRANSFORMS, **train_kwargs) -> dict:
+    """Train every architecture with every transform; write the Table 2.3 layout.
+
+    Parameters
+    ----------
+    dataset_path : str
+    out_dir : str
+        One sub-directory per combination (``<arch>-<transform>``), plus
+        ``sweep.md`` and ``sweep.json``.
+    archs, transforms : sequence of str
+    **train_kwargs
+        Passed to :func:`training.train` (crop_um, input_size, epochs,
+        batch_size, patience, seed, ...); the same seed gives every
+        combination the same split.
+
+    Returns
+    -------
+    dict
+        ``{arch: {transform: test metrics}}``.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    table = {}
+    combos = [(a, t) for a in archs for t in transforms]
+    for arch, name in tqdm(combos, desc="sweep", unit="model"):
+        result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)
+        table.setdefault(arch, {})[name] = {**result.metrics["test"], "seconds": result.seconds,
+                                            "best_epoch": result.best_epoch, "model": result.model_path}
+        _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs)
+    return table
+
+
+def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs):
+    header = "| architecture | " + " | ".join(transforms) + " |"
+    rule = "|---|" + "---|" * len(transforms)
+    lines = ["# Architecture x transform sweep", "", f"dataset: `{os.path.abspath(dataset_path)}`; "
+             f"training options: `{json.dumps(train_kwargs, default=str)}`", "",
+             "## Test MSE (transformed targets; the thesis' Table 2.3 layout)", "", header, rule]
+    for arch, row in table.items():
+        lines.append(f"| {arch} | " + " | ".join(_fmt(row.get(t, {}).get("mse"), 4) for t in transforms) + " |")
+    lines += ["", "## Test Spearman correlation of predicted and real counts", "", header, rule]
+    for arch, row in table.items():
+        lines.append(f"| {arch} | " + " | ".join(_fmt(row.get(t, {}).get("spearman")) for t in transforms) + " |")
+    lines += ["", "MSEs of different transforms are in different units: compare them within a column, "
+              "and compare columns by the Spearman correlation.", ""]
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(table, f, indent=2)

@@ -1,0 +1,521 @@
+"""Training the regressors and the classifier; self-describing model files.
+
+Model files
+-----------
+A trained model is saved as one ``.keras`` file that says everything needed
+to use it: its last layer is a :class:`ModelInfo` identity layer whose Keras
+config holds the metadata as JSON text, so ``keras.saving.load_model``
+restores it with the model (once this module is imported, which registers
+the layer), and no side file can get lost. The metadata:
+
+``format`` (``"mxcube_autocenter.model"``), ``format_version`` (1),
+``package_version``; ``task`` (``"regression"`` or ``"classifier"``);
+``input``: ``crop_um``, ``input_size``, ``colour``, ``normalisation`` (see
+:mod:`.crops`); ``transform`` (regression: name and fitted parameters) or
+``threshold`` (classifier: a crystal is ``rc >= threshold``);
+``architecture``: name, spec and parameter count; ``data``: the dataset's
+path, sizes, label statistics and provenance; ``split``: seed, fractions and
+the crystal ids of each subset; ``training``: epochs, batch size, learning
+rate, augmentation, seed, strategy, time, library versions; ``metrics`` on
+the validation and test subsets.
+
+:func:`load_model` refuses, with an error naming the file and the fix, a
+file with no metadata, an unknown format version, or a network whose input
+shape disagrees with its metadata.
+
+Distribution
+------------
+``strategy=None`` picks :func:`default_strategy`: a
+``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` is set (create it at the
+start of the program, before other TensorFlow work), a
+``MirroredStrategy`` on several GPUs, else TensorFlow's default strategy
+(here: the CPU). ``batch_size`` is the global batch, split over replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
+
+from mxcube_autocenter import __version__  # noqa: E402
+from mxcube_autocenter.learning import architectures, crops  # noqa: E402
+from mxcube_autocenter.learning.data import Table, make_dataset, read_table  # noqa: E402
+from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal  # noqa: E402
+from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
+
+MODEL_FORMAT = "mxcube_autocenter.model"
+MODEL_FORMAT_VERSION = 1
+DEFAULT_THRESHOLD = 5.0
+DEFAULT_TRANSFORM = "log"
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used, with what to do about it."""
+
+
+@keras.saving.register_keras_serializable(package="mxcube_autocenter", name="ModelInfo")
+class ModelInfo(keras.layers.Layer):
+    """Identity layer carrying the model's metadata (JSON text) in its config."""
+
+    def __init__(self, info="{}", **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.info_json = info if isinstance(info, str) else json.dumps(info, sort_keys=True)
+
+    @property
+    def info(self) -> dict:
+        return json.loads(self.info_json)
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "info": self.info_json}
+
+
+def attach_info(model: keras.Model, info: dict) -> keras.Model:
+    """The same network (shared layers and weights) with ``info`` as its metadata.
+
+    An existing :class:`ModelInfo` at the output is replaced.
+    """
+    output = model.outputs[0]
+    last = model.layers[-1]
+    if isinstance(last, ModelInfo):
+        output = last.input
+    tagged = ModelInfo(json.dumps(info, sort_keys=True, default=_json_default), name="model_info")(output)
+    return keras.Model(model.inputs, tagged, name=model.name)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _refuse(path, problem, fix):
+    raise ModelFileError(f"{path}: {problem}. {fix}")
+
+
+def load_model(path):
+    """Load a model file written by :func:`train` or :func:`train_classifier`.
+
+    Returns
+    -------
+    model : keras.Model
+    info : dict
+        Its metadata (see the module documentation).
+
+    Raises
+    ------
+    ModelFileError
+        No such file, not a Keras file, no metadata, an unknown format
+        version, incomplete metadata, or an input shape that disagrees with
+        the metadata.
+    """
+    path = str(path)
+    retrain = "Train a model with mxcube_autocenter.learning.training.train (the `train` command)"
+    if not os.path.exists(path):
+        _refuse(path, "no such model file", "Give the path of a .keras file written by mxcube_autocenter")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many kinds for a bad file
+        _refuse(path, f"Keras could not read it as a model ({type(err).__name__}: {err})",
+                f"It must be a .keras file written by mxcube_autocenter. {retrain}")
+    tags = [layer for layer in model.layers if isinstance(layer, ModelInfo)]
+    if not tags:
+        _refuse(path, "the model has no mxcube_autocenter metadata (no ModelInfo layer)",
+                f"{retrain}, or add the metadata with learning.training.attach_info(model, info) and save again")
+    try:
+        info = tags[-1].info
+    except ValueError as err:
+        _refuse(path, f"its metadata is not valid JSON ({err})", retrain)
+    if info.get("format") != MODEL_FORMAT:
+        _refuse(path, f"its metadata has format {info.get('format')!r}, not {MODEL_FORMAT!r}", retrain)
+    version = info.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        _refuse(
+            path,
+            f"model format_version {version!r} written by mxcube_autocenter {info.get('package_version')}; "
+            f"this version ({__version__}) reads format_version {MODEL_FORMAT_VERSION}",
+            f"Use the mxcube_autocenter version that wrote it, or retrain. {retrain}",
+        )
+    missing = [key for key in ("task", "input", "architecture") if key not in info]
+    task = info.get("task")
+    if task == "regression" and "transform" not in info:
+        missing.append("transform")
+    if task == "classifier" and "threshold" not in info:
+        missing.append("threshold")
+    if missing:
+        _refuse(path, f"its metadata lacks {missing}", retrain)
+    if task not in ("regression", "classifier"):
+        _refuse(path, f"unknown task {task!r} in its metadata", retrain)
+    try:
+        spec = crops.CropSpec.from_config(info["input"])
+        if task == "regression":
+            transform_from_config(info["transform"])
+    except (KeyError, TypeError, ValueError) as err:
+        _refuse(path, f"invalid input or transform metadata ({err})", retrain)
+    expected = (None, *spec.input_shape)
+    actual = tuple(model.input_shape)
+    if actual != expected:
+        _refuse(
+            path,
+            f"the network takes inputs of shape {actual[1:]} but its metadata describes "
+            f"{spec.input_size} x {spec.input_size} {spec.colour} crops {expected[1:]}",
+            f"The metadata does not belong to this network. {retrain}",
+        )
+    return model, info
+
+
+def info_spec(info: dict) -> crops.CropSpec:
+    """The crop specification of a model's metadata."""
+    return crops.CropSpec.from_config(info["input"])
+
+
+def info_transform(info: dict) -> LabelTransform:
+    """The fitted label transform of a regression model's metadata."""
+    return transform_from_config(info["transform"])
+
+
+def default_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored with ``TF_CONFIG``, Mirrored on several GPUs, else the default strategy."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` and :func:`train_classifier` return.
+
+    Attributes
+    ----------
+    model_path : str
+        The saved ``.keras`` file (with metadata).
+    info : dict
+        Its metadata.
+    history : dict
+        Per-epoch losses and metrics (Keras' ``History.history``).
+    metrics : dict
+        Validation and test figures.
+    seconds : float
+        Wall time of ``fit``.
+    best_epoch : int
+        1-based epoch whose weights were kept.
+    out_dir : str
+    """
+
+    model_path: str
+    info: dict
+    history: dict
+    metrics: dict
+    seconds: float
+    best_epoch: int
+    out_dir: str = ""
+    model: object = field(default=None, repr=False)
+
+
+def regression_metrics(rc_true, rc_pred, y_true=None, y_pred=None) -> dict:
+    """MSE (transformed and in counts), Spearman and Pearson correlations of predicted counts."""
+    rc_true = np.asarray(rc_true, dtype=np.float64)
+    rc_pred = np.asarray(rc_pred, dtype=np.float64)
+    out = {"n": int(len(rc_true)), "mse_counts": float(np.mean((rc_true - rc_pred) ** 2)) if len(rc_true) else None}
+    if y_true is not None:
+        out["mse"] = float(np.mean((np.asarray(y_true) - np.asarray(y_pred)) ** 2))
+    varied = len(rc_true) > 2 and np.ptp(rc_true) > 0 and np.ptp(rc_pred) > 0
+    out["spearman"] = float(scipy_stats.spearmanr(rc_true, rc_pred).statistic) if varied else None
+    out["pearson"] = float(scipy_stats.pearsonr(rc_true, rc_pred).statistic) if varied else None
+    return out
+
+
+def classifier_metrics(truth, probability, threshold=0.5) -> dict:
+    """Accuracy, balanced accuracy and the confusion matrix ``[[TN, FP], [FN, TP]]``."""
+    truth = np.asarray(truth).astype(bool).ravel()
+    pred = np.asarray(probability).ravel() >= threshold
+    tn = int(np.sum(~truth & ~pred))
+    fp = int(np.sum(~truth & pred))
+    fn = int(np.sum(truth & ~pred))
+    tp = int(np.sum(truth & pred))
+    rates = [tp / (tp + fn) if tp + fn else None, tn / (tn + fp) if tn + fp else None]
+    rates = [r for r in rates if r is not None]
+    return {
+        "n": int(len(truth)),
+        "accuracy": float(np.mean(truth == pred)) if len(truth) else None,
+        "balanced_accuracy": float(np.mean(rates)) if rates else None,
+        "confusion": [[tn, fp], [fn, tp]],
+        "positive_fraction": float(np.mean(truth)) if len(truth) else None,
+    }
+
+
+def predict_rows(model, table: Table, rows, spec: crops.CropSpec, batch_size=64) -> np.ndarray:
+    """The model's raw outputs for dataset rows, in row order, (N,)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0)
+    ds = make_dataset(table, rows, np.zeros(len(rows)), spec, batch_size=batch_size, shuffle=False)
+    return np.asarray(model.predict(ds.map(lambda x, y: x), verbose=0), dtype=np.float64).reshape(-1)
+
+
+def _fit(
+    task,
+    dataset_path,
+    arch,
+    out,
+    *,
+    transform_name,
+    threshold,
+    crop_um,
+    input_size,
+    colour,
+    normalisation,
+    epochs,
+    batch_size,
+    patience,
+    seed,
+    strategy,
+    augment,
+    jitter,
+    learning_rate,
+    cache,
+    fractions,
+    verbose,
+    split,
+) -> TrainResult:
+    if architectures.task_of(arch) != task:
+        raise ValueError(f"architecture {arch!r} is a {architectures.task_of(arch)} model, not a {task} one")
+    keras.utils.set_random_seed(int(seed))
+    out = str(out)
+    os.makedirs(out, exist_ok=True)
+    table = read_table(dataset_path)
+    spec = crops.CropSpec(crop_um=crop_um, input_size=input_size, colour=colour, normalisation=normalisation)
+    if split is None:
+        split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions)
+    elif not isinstance(split, Split):
+        split = Split.from_config(split)
+    split = split.with_rows(table.crystal_id)
+    idx = split.indices(table.crystal_id)
+    for name in ("train", "validation"):
+        if len(idx[name]) == 0:
+            raise ValueError(f"{dataset_path}: the {name} subset has no rows")
+
+    transform = None
+    if task == "regression":
+        transform = get_transform(transform_name).fit(table.rc[idx["train"]])
+        targets = transform.forward(table.rc)
+        loss, metrics, monitor = "mse", [], "val_loss"
+    else:
+        targets = (table.rc >= threshold).astype(np.float64)
+        loss, metrics, monitor = "binary_crossentropy", ["accuracy"], "val_loss"
+
+    strategy = strategy or default_strategy()
+    with strategy.scope():
+        model = architectures.build(arch, spec.input_shape)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+
+    common = dict(spec=spec, batch_size=batch_size, cache=cache)
+    train_ds = make_dataset(table, idx["train"], targets[idx["train"]], shuffle=True, seed=seed,
+                            augment=augment, jitter=jitter, **common)
+    val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, **common)
+
+    chief = _is_chief(strategy)
+    work = out if chief else tempfile.mkdtemp(prefix="autocenter-worker-")
+    checkpoint = os.path.join(work, "checkpoint.keras")
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
+        keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # the dataset shuffles itself
+    seconds = time.perf_counter() - start
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best_epoch = int(np.argmin(hist[monitor])) + 1 if hist.get(monitor) else len(hist.get("loss", []))
+
+    results = {}
+    for name in ("validation", "test"):
+        rows = idx[name]
+        raw = predict_rows(model, table, rows, spec)
+        if task == "regression":
+            results[name] = regression_metrics(table.rc[rows], transform.inverse(raw), targets[rows], raw)
+            if "rc_expected" in table.extra and len(rows):
+                exp = table.extra["rc_expected"][rows]
+                results[name]["spearman_expected"] = regression_metrics(exp, transform.inverse(raw))["spearman"]
+        else:
+            results[name] = classifier_metrics(targets[rows], raw)
+
+    info = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": task,
+        "input": {**spec.to_config(), "channels": spec.channels, "normalisation_region": "the stored crop (dataset) / the region of interest (centring)"},
+        "architecture": {**architectures.describe(arch), "params": int(model.count_params())},
+        "data": table.summary(),
+        "split": split.to_config(),
+        "training": {
+            "epochs": int(epochs),
+            "epochs_run": len(hist.get("loss", [])),
+            "best_epoch": best_epoch,
+            "batch_size": int(batch_size),
+            "learning_rate": float(learning_rate),
+            "optimizer": "adam",
+            "loss": loss,
+            "patience": int(patience),
+            "seed": int(seed),
+            "augment": augment,
+            "jitter": float(jitter),
+            "strategy": type(strategy).__name__,
+            "replicas": int(strategy.num_replicas_in_sync),
+            "seconds": round(seconds, 2),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "metrics": results,
+    }
+    if task == "regression":
+        info["transform"] = transform.to_config()
+    else:
+        info["threshold"] = float(threshold)
+
+    final = attach_info(model, info)
+    model_path = os.path.join(work, "model.keras")
+    final.save(model_path)
+    if chief:
+        with open(os.path.join(out, "info.json"), "w") as f:
+            json.dump(info, f, indent=2, default=_json_default)
+    return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
+                       best_epoch=best_epoch, out_dir=out, model=final)
+
+
+def train(
+    dataset_path,
+    arch: str = architectures.DEFAULT_REGRESSOR,
+    transform: str = DEFAULT_TRANSFORM,
+    out="out/model",
+    *,
+    crop_um: float = crops.DEFAULT_CROP_UM,
+    input_size: int = crops.DEFAULT_INPUT_SIZE,
+    colour: str = "rgb",
+    normalisation: str = "backlight",
+    epochs: int = 30,
+    batch_size: int = 32,
+    patience: int = 5,
+    seed: int = 0,
+    strategy=None,
+    augment: str = "dihedral",
+    jitter: float = 0.0,
+    learning_rate: float = 1e-3,
+    cache=True,
+    fractions=DEFAULT_FRACTIONS,
+    split=None,
+    verbose: int = 2,
+) -> TrainResult:
+    """Train a reflection-count regressor (Adam + MSE, early stopping on validation MSE).
+
+    Parameters
+    ----------
+    dataset_path : str
+        A ``dataset.h5`` (see :mod:`.data`).
+    arch : str
+        One of :data:`architectures.REGRESSORS`.
+    transform : {"vanilla", "log", "tanh"}
+        Label transform (:mod:`.transforms`), fitted on the training subset.
+    out : str
+        Output directory: ``model.keras`` (with metadata), ``checkpoint.keras``
+        (best epoch so far, without metadata), ``history.csv``, ``info.json``.
+    crop_um, input_size, colour, normalisation
+        The model input (:class:`crops.CropSpec`).
+    epochs, batch_size, patience : int
+        Maximum epochs, global batch size, epochs without improvement of the
+        validation loss before stopping (the best weights are restored).
+    seed : int
+        Seeds the split, the weights, the shuffling and the augmentation.
+    strategy : tf.distribute.Strategy, optional
+        :func:`default_strategy` when None.
+    augment : {"dihedral", "flips", "none"}
+    jitter : float
+        Brightness/contrast/blur jitter strength, 0 for none.
+    learning_rate : float
+    cache : bool or str
+        Keep decoded crops in memory (True), in a file (a path or ``"file"``),
+        or re-read them every epoch (False: datasets larger than memory).
+    fractions : (float, float, float)
+        Train/validation/test shares of crystals.
+    split : Split or dict, optional
+        A given split instead of a new one (e.g. a previous model's).
+    verbose : int
+        Keras ``fit`` verbosity (1: progress bar, 2: a line per epoch).
+    """
+    return _fit("regression", dataset_path, arch, out, transform_name=transform, threshold=None, crop_um=crop_um,
+                input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
+                batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
+                jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
+                split=split)
+
+
+def train_classifier(
+    dataset_path,
+    out="out/classifier",
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    arch: str = "classifier",
+    crop_um: float = crops.DEFAULT_CROP_UM,
+    input_size: int = crops.DEFAULT_INPUT_SIZE,
+    colour: str = "rgb",
+    normalisation: str = "backlight",
+    epochs: int = 30,
+    batch_size: int = 32,
+    patience: int = 5,
+    seed: int = 0,
+    strategy=None,
+    augment: str = "dihedral",
+    jitter: float = 0.0,
+    learning_rate: float = 1e-3,
+    cache=True,
+    fractions=DEFAULT_FRACTIONS,
+    split=None,
+    verbose: int = 2,
+) -> TrainResult:
+    """Train the crystal/empty classifier: label ``rc >= threshold``, binary cross-entropy, accuracy.
+
+    Parameters as :func:`train`; ``threshold`` is the reflection count from
+    which a crop counts as a crystal (default 5 spots).
+    """
+    return _fit("classifier", dataset_path, arch, out, transform_name=None, threshold=threshold, crop_um=crop_um,
+                input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
+                batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
+                jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
+                split=split)
