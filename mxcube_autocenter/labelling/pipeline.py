@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 # The virtual camera's delay from exposure to delivery; MD cameras take tens of ms.
 DEFAULT_CAMERA_LATENCY_S = 0.02
 DEFAULT_TOLERANCE_S = 0.005
-# Detector frames per task sent to a worker process: enough that each task
-# opens the master file for many frames, few enough (at least _MIN_TASKS
-# tasks) that the workers finish together.
+# Detector frames per task sent to a worker process: enough to outweigh the
+# cost of a task, few enough (at least _MIN_TASKS tasks) that the workers
+# finish together.
 _MAX_FRAMES_PER_TASK = 16
 _MIN_TASKS = 16
 
@@ -149,9 +149,9 @@ def count_spots(master_file, params: SpotFinderParams = SpotFinderParams(), *, e
                 progress: bool = False) -> np.ndarray:  # fmt: skip
     """Reflection count of every frame of an EIGER collection, with the spot finder.
 
-    Frames are read one at a time, in tasks of up to 16 consecutive frames
-    that each open the master file; with an executor, the tasks run in its
-    worker processes.
+    Frames are read one at a time, in tasks of up to 16 consecutive frames;
+    with an executor, the tasks run in its worker processes, each of which
+    keeps the collection open from one task to the next.
 
     Parameters
     ----------
@@ -179,16 +179,35 @@ def count_spots(master_file, params: SpotFinderParams = SpotFinderParams(), *, e
     count = partial(_count_frames, str(master_file), params)
     results = map(count, tasks) if executor is None else executor.map(count, tasks)
     counts = np.zeros(n)
-    with tqdm(total=n, desc=Path(master_file).name, unit="frame", leave=False, disable=not progress) as bar:
-        for task, task_counts in zip(tasks, results):
-            counts[task.start : task.stop] = task_counts
-            bar.update(len(task))
+    try:
+        with tqdm(total=n, desc=Path(master_file).name, unit="frame", leave=False, disable=not progress) as bar:
+            for task, task_counts in zip(tasks, results):
+                counts[task.start : task.stop] = task_counts
+                bar.update(len(task))
+    finally:
+        if executor is None:
+            _close_series()
     return counts
 
 
+# The EIGER collection a process is counting, kept open between its tasks
+# (worker processes live for one label_recordings call): opening one reads
+# its whole pixel mask, about 60 ms for a 4M.
+_open_series = {}
+
+
 def _count_frames(master_file: str, params: SpotFinderParams, frames: range) -> list:
-    with open_master(master_file) as series:
-        return [count_reflections(*series.frame(i), params, geometry=series) for i in frames]
+    if master_file not in _open_series:
+        _close_series()
+        _open_series[master_file] = open_master(master_file)
+    series = _open_series[master_file]
+    return [count_reflections(*series.frame(i), params, geometry=series) for i in frames]
+
+
+def _close_series():
+    for series in _open_series.values():
+        series.close()
+    _open_series.clear()
 
 
 def _one_thread_per_worker():
@@ -320,8 +339,12 @@ def label_recordings(
             try:
                 entry = _label_one(path, out, executor=executor, progress=progress, **options)
             except BrokenProcessPool as err:
-                # A worker died (a crash in a decompressor?): this recording fails, the pool is renewed.
-                entry = RecordingLabels(path, "error", f"{path}: a spot-finding process died ({err}); please report it")
+                # A worker died: this recording fails, the pool is renewed.
+                entry = RecordingLabels(
+                    path, "error",
+                    f"{path}: a spot-finding process died ({err}): a script that calls label_recordings with "
+                    "nproc > 1 must do so under `if __name__ == '__main__':`; otherwise use nproc=1 and report it",
+                )  # fmt: skip
                 executor.shutdown(cancel_futures=True)
                 executor = _executor(nproc)
             if entry.status == "error":
