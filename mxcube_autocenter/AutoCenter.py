@@ -14,6 +14,11 @@ with ``HWR.beamline.get_object_by_role("auto_centring")``.
 Recording: during the collections of the configured types, the camera frames
 with the motor positions of the moment go to one HDF5 file per collection
 (:mod:`mxcube_autocenter.collection_recorder`).
+
+Centring: :meth:`AutoCenter.centre` runs the optical ML centring
+(:mod:`mxcube_autocenter.centring.procedure`); with ``centring_enabled`` the
+object also takes over ``SampleView.start_auto_centring``, which the web UI's
+auto-centring button and the queue's auto loop centring on mount call.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import gevent
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
 
+from mxcube_autocenter.centring import procedure, report
+from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -39,7 +46,13 @@ class AutoCenter(HardwareObject):
         )
         self._helical_positions = None
         self.recorder = None
+        self.predictor = None
+        self.centring_error = None
+        self.last_result = None
         self._connect_collect()
+        self._load_models()
+        if self.config.centring_enabled and self.predictor is not None:
+            self._take_over_auto_centring()
         self.update_state(self.STATES.READY)
 
     def settings(self) -> dict:
@@ -116,3 +129,86 @@ class AutoCenter(HardwareObject):
 
     def _collection_failed(self, *args):
         self._stop_recording("failed")
+
+    # -- centring -------------------------------------------------------------
+
+    def _load_models(self):
+        """Load the models now, so that a missing or wrong model shows at start-up, not at the first click."""
+        try:
+            self.predictor = load_predictor(self.config.centring_model, self.config.centring_classifier)
+        except PredictorError as err:
+            self.centring_error = str(err)
+            self.log.error("AutoCenter: optical ML centring unavailable: %s", err)
+        else:
+            self.log.info("AutoCenter: centring with %s", self.predictor.describe())
+
+    def centring_settings(self, n_angles=None) -> procedure.CentringSettings:
+        cfg = self.config
+        return procedure.CentringSettings(
+            n_angles=n_angles or cfg.centring_angles,
+            roi_width_um=cfg.roi_width_um,
+            roi_height_um=cfg.roi_height_um,
+            stride_px=cfg.heatmap_stride_px,
+            min_score=cfg.min_score,
+            min_crystal_probability=cfg.min_crystal_probability,
+            fallback=cfg.no_crystal_fallback,
+            pin_side=cfg.pin_side,
+            max_displacement_mm=cfg.max_displacement_mm,
+            move_timeout_s=cfg.move_timeout_s,
+        )
+
+    def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
+        """Centre the crystal in the beam (blocking; call it from a greenlet or a script).
+
+        Parameters
+        ----------
+        n_angles : int, optional
+            Omega angles over 180 degrees; default: the ``centring_angles`` property.
+        save : bool
+            Save the heatmap overlays and a JSON record to ``centring_save_directory``.
+
+        Returns
+        -------
+        CentringResult
+            ``success`` False, with the reason, when no crystal was found or the
+            centring failed; the sample is then where it started.
+        """
+        bl = procedure.Beamline(HWR.beamline)
+        if self.predictor is None:
+            return procedure.CentringResult(
+                success=False, message=self.centring_error, method="none", start_positions=bl.positions()
+            )
+        self.emit("centringProgress", ("Optical ML centring started",))
+        result = procedure.centre(bl, self.predictor, self.centring_settings(n_angles), self.log)
+        self.last_result = result
+        (self.user_log.info if result.success else self.user_log.warning)(f"Optical ML centring: {result.message}")
+        self.emit("centringProgress", (result.message,))
+        if save and self.config.centring_save_directory:
+            gevent.get_hub().threadpool.spawn(
+                report.save, result, self.config.centring_save_directory, bl.beam_position()
+            )
+        return result
+
+    def _take_over_auto_centring(self):
+        """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""
+        HWR.beamline.sample_view.start_auto_centring = self.start_auto_centring
+        self.log.info("AutoCenter: SampleView automatic centring now runs the optical ML centring")
+
+    def start_auto_centring(self):
+        """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
+        sample_view = HWR.beamline.sample_view
+        if sample_view.current_centring_procedure is not None:
+            self.log.error("AutoCenter: already centring")
+            return
+        diffr = HWR.beamline.diffractometer
+        diffr.wait_status_ready(60)
+        diffr.set_phase(diffr.get_phase_enum.CENTRE)
+        sample_view.current_centring_method = "Automatic"
+        sample_view.emit("centringStarted", ("Automatic",))
+        sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
+        sample_view.current_centring_procedure.link(sample_view.auto_centring_done)
+
+    def _auto_centring(self):
+        # SampleView.auto_centring_done accepts the centring when this returns positions.
+        result = self.centre()
+        return result.centred_positions if result.success else None

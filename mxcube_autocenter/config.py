@@ -30,7 +30,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     username: str = Field(default="Optical ML centring", description="Name shown in MXCuBE.")
     centring_model: str | None = Field(
         default=None,
-        description="Keras model file for centring; empty: the shipped default model.",
+        description="Keras regressor file for centring; empty: the shipped default model in models/.",
     )
     recording_enabled: bool = Field(
         default=True,
@@ -68,6 +68,35 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     master_file_template: str = Field(
         default=DEFAULT_MASTER_FILE_TEMPLATE,
         description="EIGER master file of a collection, over dc_params['fileinfo'] keys.",
+    )
+
+    centring_enabled: bool = Field(
+        default=True,
+        description="Take over SampleView's automatic centring (web UI button, queue auto loop centring).",
+    )
+    centring_classifier: str | None = Field(
+        default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
+    )
+    centring_angles: int = Field(default=3, ge=2, le=12, description="Omega angles over 180 degrees used for the fit.")
+    roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
+    roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
+    heatmap_stride_px: float = Field(default=6.0, gt=0, le=64, description="Heatmap grid step on the image, pixels.")
+    min_score: float = Field(
+        default=5.0, description="Smallest predicted reflection count at the best point that counts as a crystal."
+    )
+    min_crystal_probability: float = Field(
+        default=0.5, ge=0, le=1, description="Smallest classifier probability that counts as a crystal."
+    )
+    no_crystal_fallback: Literal["none", "loop"] = Field(
+        default="none", description="With no crystal found: 'none' (fail, no move) or 'loop' (centre the loop tip)."
+    )
+    pin_side: Literal["left", "right"] = Field(default="left", description="Side from which the pin enters the image.")
+    max_displacement_mm: float = Field(
+        default=1.0, gt=0, description="Largest move of a translation motor a centring may make, mm."
+    )
+    move_timeout_s: float = Field(default=30.0, gt=0, description="Time allowed for each motor move, s.")
+    centring_save_directory: str | None = Field(
+        default=None, description="Where each centring's heatmap PNGs and JSON record go; empty: not saved."
     )
 
     @field_validator("record_scan_types", mode="before")

@@ -18,3 +18,15 @@ def beamline():
     """The virtual beamline with the AutoCenter object, booted once per test module."""
     with hardware_repository() as bl:
         yield bl
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small real regressor trained for two epochs on virtual-beamline crops (about 20 s)."""
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+    from mxcube_autocenter.learning.training import train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    synthetic_dataset(root / "data.h5", n_samples=6, seed=1, crops_per_sample=24, stored_crop_um=240, progress=False)
+    result = train(root / "data.h5", "fcn", "log", root / "model", crop_um=120, input_size=48, epochs=2, batch_size=16, verbose=0)
+    return result.model_path

@@ -49,5 +49,6 @@ class VirtualMotor(MotorMockup):
         gevent.sleep(after_s)
         if kind == "timeout":
             gevent.sleep(1e9)
-        self.update_state(self.STATES.FAULT)
+        # A stalled move: the motor stops where it is and reports the error.
+        self.update_state(self.STATES.READY)
         raise RuntimeError(f"{self.username}: simulated motor fault")

@@ -1,0 +1,1 @@
+"""Optical crystal centring: loop finding, dense heatmaps, peak picking, the multi-angle procedure."""

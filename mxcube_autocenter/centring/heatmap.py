@@ -1,0 +1,304 @@
+"""Dense heatmaps of a crop regressor, computed once over a whole region.
+
+A crop model (convolutions, max pooling, then dense layers or global
+pooling) evaluated on every crop of a grid repeats almost all of its work:
+neighbouring crops share most pixels. Rewritten as a fully convolutional
+network, it runs once over the region and yields every grid point at once:
+
+- a 'valid' convolution or pooling is the same layer on a larger input;
+- ``Flatten`` + the first ``Dense`` is a convolution whose kernel covers the
+  whole final feature map of one crop; later ``Dense`` layers are 1x1
+  convolutions;
+- ``GlobalAveragePooling2D`` is an average pooling with the same window;
+- dropout and the metadata layer do nothing at inference.
+
+Outputs then come on a grid whose step is the network's total pooling
+factor; shifting the input by fractions of that step and interleaving the
+results gives finer grids. The result equals cropping each grid point and
+calling the model (:func:`reference_heatmap`), up to float rounding, because
+the crops are cut from the same resized and normalised region.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+class HeatmapError(ValueError):
+    """A model that cannot be evaluated densely, or a region too small for it."""
+
+
+@dataclass
+class Heatmap:
+    """Model predictions on a grid of crop centres.
+
+    Attributes
+    ----------
+    values : (H, W) ndarray
+        The model's output at each grid point (in the model's label space).
+    xs, ys : ndarray
+        Screen x of each column and y of each row, pixels.
+    """
+
+    values: np.ndarray
+    xs: np.ndarray
+    ys: np.ndarray
+
+
+def _layer_kind(layer) -> str:
+    return type(layer).__name__
+
+
+def _downsampling(layer) -> int:
+    """The stride of a convolution or pooling layer (1 for anything else)."""
+    kind = _layer_kind(layer)
+    if kind == "Conv2D":
+        return int(layer.get_config()["strides"][0])
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        return int(layer.get_config()["pool_size"][0])
+    return 1
+
+
+def fully_convolutional(model, subdivision: int = 1):
+    """The fully convolutional twin of a crop model, sharing its weights.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A chain of Conv2D ('valid', equal strides), MaxPooling2D /
+        AveragePooling2D, Dropout, Activation, then Flatten + Dense layers or
+        GlobalAveragePooling2D (+ Dense).
+    subdivision : int
+        Make the output grid this many times denser, in one pass: the last
+        strided convolutions lose their stride and every later layer is
+        dilated instead (the "a trous" algorithm), which gives exactly the
+        outputs of the shifted crops. Pooling cannot be dilated here: a model
+        that would need it raises :class:`HeatmapError` (use input shifts).
+
+    Returns
+    -------
+    fcn : keras.Model
+        Takes images of any size (at least the crop size).
+    step : int
+        Input pixels between neighbouring outputs.
+    """
+    import keras
+
+    layers = list(model.layers)
+    destrided, remaining = set(), subdivision
+    for index in reversed(range(len(layers))):
+        factor = _downsampling(layers[index])
+        if remaining == 1 or factor == 1:
+            continue
+        if remaining % factor:
+            break
+        destrided.add(index)
+        remaining //= factor
+    if remaining != 1:
+        raise HeatmapError(f"{model.name}: the output grid cannot be subdivided by {subdivision}")
+
+    inputs = keras.Input((None, None, model.input_shape[3]))
+    x = inputs
+    step, dilation = 1, 1
+    feature = np.array(model.input_shape[1:3])  # spatial size of one crop's feature map
+    flattened = False
+    for index, layer in enumerate(layers):
+        kind = _layer_kind(layer)
+        if kind in ("InputLayer", "Dropout", "SpatialDropout2D", "ModelInfo"):
+            continue
+        if kind == "Conv2D":
+            cfg = layer.get_config()
+            stride = int(cfg["strides"][0])
+            if cfg["padding"] != "valid" or tuple(cfg["dilation_rate"]) != (1, 1) or len(set(cfg["strides"])) != 1:
+                raise HeatmapError(
+                    f"layer {layer.name}: dense heatmaps need 'valid' convolutions "
+                    "(a 'same' convolution pads each crop differently from the whole region); "
+                    "retrain with a fully convolutional architecture such as 'fcn'"
+                )
+            feature = (feature - np.array(cfg["kernel_size"])) // stride + 1
+            step *= stride
+            if index in destrided:
+                cfg.update(strides=(1, 1), dilation_rate=(dilation, dilation))
+                dilation *= stride
+            elif dilation > 1:
+                cfg.update(dilation_rate=(dilation, dilation))
+            conv = keras.layers.Conv2D.from_config(cfg)
+            x = conv(x)
+            conv.set_weights(layer.get_weights())
+        elif kind in ("MaxPooling2D", "AveragePooling2D"):
+            cfg = layer.get_config()
+            pool = tuple(cfg["pool_size"])
+            if tuple(cfg["strides"] or pool) != pool or cfg["padding"] != "valid":
+                raise HeatmapError(f"layer {layer.name}: only non-overlapping 'valid' pooling is supported")
+            if dilation > 1 or index in destrided:
+                raise HeatmapError(f"layer {layer.name}: pooling cannot be subdivided; use input shifts")
+            x = type(layer).from_config(cfg)(x)
+            step *= pool[0]
+            feature = feature // np.array(pool)
+        elif kind == "GlobalAveragePooling2D":
+            if dilation > 1:
+                raise HeatmapError(f"layer {layer.name}: global pooling cannot be subdivided; use input shifts")
+            x = keras.layers.AveragePooling2D(pool_size=tuple(int(v) for v in feature), strides=1)(x)
+            feature = np.array([1, 1])
+            flattened = True
+        elif kind == "Flatten":
+            flattened = True
+        elif kind == "Dense":
+            if not flattened:
+                raise HeatmapError(f"layer {layer.name}: Dense before Flatten or global pooling")
+            kernel, bias = layer.get_weights()
+            kh, kw = (int(v) for v in feature)
+            conv = keras.layers.Conv2D(
+                kernel.shape[1], (kh, kw), dilation_rate=dilation,
+                activation=layer.get_config()["activation"], name=f"{layer.name}_conv",
+            )
+            x = conv(x)
+            conv.set_weights([kernel.reshape(kh, kw, -1, kernel.shape[1]), bias])
+            feature = np.array([1, 1])
+        elif kind in ("Activation", "ReLU"):
+            x = type(layer).from_config(layer.get_config())(x)
+        else:
+            raise HeatmapError(f"layer {layer.name} ({kind}) cannot be evaluated densely")
+    return keras.Model(inputs, x, name=f"{model.name}_dense"), step // subdivision
+
+
+class DenseEvaluator:
+    """A crop model evaluated densely, on grids as fine as asked.
+
+    Builds (and keeps) the fully convolutional twin for each subdivision it
+    needs; a model whose grid cannot be subdivided in one pass (pooling after
+    the subdivided layers) is evaluated on shifted copies of the input.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.input_size = int(model.input_shape[1])
+        self._twins = {1: fully_convolutional(model)}
+
+    @property
+    def step(self) -> int:
+        """Model pixels between outputs without subdivision."""
+        return self._twins[1][1]
+
+    def twin(self, stride_model_px: float):
+        """``(fcn, out_step, shifts)`` for a grid no coarser than ``stride_model_px`` (model pixels)."""
+        n = 1
+        while self.step / n > stride_model_px and n < self.step:
+            n *= 2
+        if n not in self._twins:
+            try:
+                self._twins[n] = fully_convolutional(self.model, n)
+            except HeatmapError:
+                self._twins[n] = None
+        if self._twins[n] is None:
+            fcn, step = self._twins[1]
+            return fcn, step, [i * step // n for i in range(n)]
+        fcn, step = self._twins[n]
+        return fcn, step, [0]
+
+
+def prepare_region(frame, roi, crop_px, input_size, normalise):
+    """Resize the region (with half a crop of margin) to the model's scale and normalise it.
+
+    Parameters
+    ----------
+    frame : (H, W, 3) uint8 ndarray
+    roi : Roi
+        Crop centres are searched inside it.
+    crop_px : float
+        Crop side on the frame, pixels.
+    input_size : int
+        Model input side, pixels.
+    normalise : callable
+        ``normalise(region) -> float32 array``, per region (never per crop,
+        so that every crop of the region sees the same transformation).
+
+    Returns
+    -------
+    region : (h, w, C) float32 ndarray
+        The normalised region at model scale.
+    origin : (float, float)
+        Frame position of the region's pixel (0, 0), pixels.
+    scale : float
+        Model pixels per frame pixel.
+    """
+    half = crop_px / 2
+    x0, y0 = roi.x0 - half, roi.y0 - half
+    width, height = roi.width + crop_px, roi.height + crop_px
+    scale = input_size / crop_px
+    out_w, out_h = int(round(width * scale)), int(round(height * scale))
+    # An affine warp samples outside the frame by edge replication, so the
+    # region may overhang the image without special cases.
+    matrix = np.array([[scale, 0, -x0 * scale], [0, scale, -y0 * scale]], dtype=np.float64)
+    region = cv2.warpAffine(frame, matrix, (out_w, out_h), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return normalise(region), (x0, y0), scale
+
+
+def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -> Heatmap:
+    """Evaluate a model densely on a prepared region.
+
+    Parameters
+    ----------
+    evaluator : DenseEvaluator
+    region, origin, scale : from :func:`prepare_region`
+    stride_px : float
+        Wanted grid step on the frame, pixels (the grid is at most this coarse).
+
+    Returns
+    -------
+    Heatmap
+    """
+    size = evaluator.input_size
+    fcn, step, shifts = evaluator.twin(stride_px * scale)
+    h, w = region.shape[:2]
+    if h < size or w < size:
+        raise HeatmapError(f"region {w}x{h} is smaller than one crop ({size} px)")
+    outputs = {(dy, dx): np.asarray(fcn(region[None, dy:, dx:], training=False))[0, ..., 0] for dy in shifts for dx in shifts}
+    # Keep the outputs whose whole crop lies in the region (pooling that floors
+    # odd sizes can leave a few more).
+    n_rows = min(min(o.shape[0] for o in outputs.values()), (h - size - shifts[-1]) // step + 1)
+    n_cols = min(min(o.shape[1] for o in outputs.values()), (w - size - shifts[-1]) // step + 1)
+    k = len(shifts)
+    values = np.empty((n_rows * k, n_cols * k), dtype=np.float32)
+    for i, dy in enumerate(shifts):
+        for j, dx in enumerate(shifts):
+            values[i::k, j::k] = outputs[dy, dx][:n_rows, :n_cols]
+    starts_y = (np.arange(n_rows)[:, None] * step + np.array(shifts)[None, :]).ravel()
+    starts_x = (np.arange(n_cols)[:, None] * step + np.array(shifts)[None, :]).ravel()
+    # Output (row, col) is the crop starting there; its centre is half a crop further.
+    ys = origin[1] + (starts_y + size / 2) / scale
+    xs = origin[0] + (starts_x + size / 2) / scale
+    return Heatmap(values=values, xs=xs, ys=ys)
+
+
+def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=256) -> Heatmap:
+    """The slow path: cut every crop of the grid from the prepared region and call the model.
+
+    ``xs`` and ``ys`` are the grid of a :func:`dense_heatmap` result, so both
+    paths evaluate the same crops.
+    """
+    starts_x = np.rint((np.asarray(xs) - origin[0]) * scale - input_size / 2).astype(int)
+    starts_y = np.rint((np.asarray(ys) - origin[1]) * scale - input_size / 2).astype(int)
+    crops = []
+    values = np.empty((len(starts_y), len(starts_x)), dtype=np.float32)
+    index = []
+    for i, y in enumerate(starts_y):
+        for j, x in enumerate(starts_x):
+            crops.append(region[y : y + input_size, x : x + input_size])
+            index.append((i, j))
+            if len(crops) == batch:
+                _predict_into(model, crops, index, values)
+                crops, index = [], []
+    if crops:
+        _predict_into(model, crops, index, values)
+    return Heatmap(values=values, xs=np.asarray(xs), ys=np.asarray(ys))
+
+
+def _predict_into(model, crops, index, values):
+    out = np.asarray(model(np.stack(crops), training=False))[:, 0]
+    for (i, j), v in zip(index, out):
+        values[i, j] = v

@@ -1,0 +1,281 @@
+"""The multi-angle optical centring procedure.
+
+At each of several omega angles: find the loop (lucid3), predict a dense
+heatmap over the loop, take its peak; feed the peaks to mxcubecore's
+standard centring fit (``sample_centring.center``, exactly what the
+three-click centring uses) and move there, refusing moves beyond the
+configured limits. Any failure, and an abort, put the sample back where it
+was. Inference and lucid run on gevent's thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import gevent
+import numpy as np
+from mxcubecore.HardwareObjects import sample_centring
+
+from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi
+from mxcube_autocenter.centring.peak import find_peak
+from mxcube_autocenter.geometry import CENTRING_MOTORS
+
+MOVE_TIMEOUT_S = 30.0
+TRANSLATION_TOLERANCE_MM = 1e-3
+OMEGA_TOLERANCE_DEG = 0.05
+
+
+class CentringFailed(RuntimeError):
+    """Centring stopped: no loop, no crystal, a refused move or a motor error."""
+
+
+class NoCrystalFound(CentringFailed):
+    """The heatmap found nothing worth shooting at."""
+
+
+@dataclass
+class AngleResult:
+    """What the procedure saw at one omega angle."""
+
+    omega: float
+    loop: tuple | None
+    roi: Roi
+    point: tuple
+    score: float
+    crystal_probability: float | None
+    heatmap: object = field(repr=False, default=None)
+    frame: np.ndarray = field(repr=False, default=None)
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class CentringResult:
+    """Outcome of one centring (what ``AutoCenter.centre`` returns).
+
+    Attributes
+    ----------
+    success : bool
+    message : str
+    method : str
+        ``"ml"`` (heatmap peaks), ``"loop"`` (the fallback to loop centring) or ``"none"``.
+    start_positions, centred_positions : dict
+        Centring motor positions before and after (None when nothing moved).
+    angles : list of AngleResult
+    timings : dict
+        Seconds spent in loop finding, inference and moves.
+    elapsed_s : float
+    """
+
+    success: bool
+    message: str
+    method: str
+    start_positions: dict
+    centred_positions: dict | None = None
+    angles: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class CentringSettings:
+    """Parameters of the procedure (from the AutoCenter XML properties)."""
+
+    n_angles: int = 3
+    roi_width_um: float = 700.0
+    roi_height_um: float = 600.0
+    stride_px: float = 6.0
+    min_score: float = 5.0
+    min_crystal_probability: float = 0.5
+    fallback: str = "none"
+    pin_side: str = "left"
+    max_displacement_mm: float = 1.0
+    move_timeout_s: float = MOVE_TIMEOUT_S
+    loop_search_rotations: int = 4
+
+
+class Beamline:
+    """The beamline objects the procedure drives, looked up through ``HWR.beamline``."""
+
+    def __init__(self, hwr_beamline):
+        self.sample_view = hwr_beamline.sample_view
+        self.diffractometer = hwr_beamline.diffractometer
+        self.beam = hwr_beamline.beam
+
+    def positions(self) -> dict:
+        motors = self.diffractometer.get_motors()
+        return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
+
+    def snapshot(self) -> np.ndarray:
+        return self.sample_view.get_snapshot(return_as_array=True)
+
+    def pixels_per_mm(self):
+        return tuple(self.diffractometer.get_pixels_per_mm())
+
+    def beam_position(self):
+        return tuple(self.beam.get_beam_position_on_screen())
+
+    def move(self, positions: dict, timeout: float):
+        """Move and check arrival: a motor that fails in a simultaneous move does not raise."""
+        self.diffractometer.set_value_motors(positions, timeout=timeout)
+        now = self.positions()
+        for name, target in positions.items():
+            tolerance = OMEGA_TOLERANCE_DEG if name == "omega" else TRANSLATION_TOLERANCE_MM
+            if abs(now[name] - target) > tolerance:
+                raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {target:.4f}")
+
+    def rotate(self, degrees: float, timeout: float):
+        self.diffractometer.get_motors()["omega"].set_value_relative(degrees, timeout=timeout)
+
+    def check_move(self, start: dict, target: dict, max_displacement_mm: float):
+        """Refuse a move beyond the displacement limit or a motor's limits."""
+        motors = self.diffractometer.get_motors()
+        for name, value in target.items():
+            if not np.isfinite(value):
+                raise CentringFailed(f"refusing to move {name} to {value}: not a number")
+            if name != "omega" and abs(value - start[name]) > max_displacement_mm:
+                raise CentringFailed(
+                    f"refusing to move {name} by {value - start[name]:+.3f} mm: more than "
+                    f"max_displacement_mm = {max_displacement_mm} (raise it in the AutoCenter XML if the loop is far off)"
+                )
+            low, high = motors[name].get_limits()
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise CentringFailed(f"refusing to move {name} to {value:.4f}: outside its limits ({low}, {high})")
+
+
+def _in_thread(func, *args):
+    return gevent.get_hub().threadpool.apply(func, args)
+
+
+def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
+    """Look for the loop, rotating by 90 degrees between tries as MXCuBE's auto_center does."""
+    for attempt in range(settings.loop_search_rotations + 1):
+        frame = bl.snapshot()
+        start = time.perf_counter()
+        tip = _in_thread(find_loop, frame, settings.pin_side)
+        timings["loop_s"] = timings.get("loop_s", 0.0) + time.perf_counter() - start
+        if tip is not None:
+            return frame, tip
+        if attempt < settings.loop_search_rotations:
+            log.info("AutoCenter: no loop in view, rotating omega by 90 degrees (%d/%d)", attempt + 1, settings.loop_search_rotations)
+            bl.rotate(90.0, settings.move_timeout_s)
+    raise CentringFailed(
+        f"no loop found by lucid3 after {settings.loop_search_rotations} rotations of 90 degrees: "
+        "check that a sample is mounted and in the field of view"
+    )
+
+
+def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> CentringResult:
+    """Run the procedure; on any failure or abort the sample goes back to where it was.
+
+    Parameters
+    ----------
+    bl : Beamline
+    predictor : object
+        ``predictor.predict(frame, roi, pixels_per_mm, stride_px)`` returning
+        ``(heatmap_in_counts, crystal_probability_heatmap_or_None)``.
+    settings : CentringSettings
+    log : logging.Logger, optional
+
+    Returns
+    -------
+    CentringResult
+        ``success`` False with the reason in ``message`` when no crystal is
+        found or the centring fails; the motors are then where they started.
+    """
+    log = log or logging.getLogger("HWR")
+    t0 = time.perf_counter()
+    start = bl.positions()
+    result = CentringResult(success=False, message="", method="none", start_positions=start)
+    timings = result.timings
+    try:
+        frame, tip = _find_loop_rotating(bl, settings, timings, log)
+        ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+        sample_centring.start(
+            bl.sample_view.centring_motors, ppmm[0], ppmm[1], beam[0], beam[1],
+            chi_angle=bl.sample_view.chi_angle, n_points=settings.n_angles,
+        )
+        fit = sample_centring.CURRENT_CENTRING
+        for i in range(settings.n_angles):
+            if i > 0:
+                frame = bl.snapshot()
+                t = time.perf_counter()
+                tip = _in_thread(find_loop, frame, settings.pin_side) or tip
+                timings["loop_s"] += time.perf_counter() - t
+            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
+            result.angles.append(angle)
+            log.info(
+                "AutoCenter: omega %.1f: best point (%.0f, %.0f), score %.1f%s", angle.omega, *angle.point, angle.score,
+                "" if angle.crystal_probability is None else f", crystal probability {angle.crystal_probability:.2f}",
+            )
+            if not _is_crystal(angle, settings):
+                if settings.fallback != "loop":
+                    raise NoCrystalFound(
+                        f"no crystal found at omega {angle.omega:.1f} (score {angle.score:.1f} < min_score "
+                        f"{settings.min_score}): the loop looks empty"
+                    )
+                angle.point = tip
+                result.method = "loop"
+                log.warning("AutoCenter: no crystal found at omega %.1f: centring the loop tip instead", angle.omega)
+            sample_centring.user_click(*angle.point, wait=True)
+            if fit.ready() and i < settings.n_angles - 1:
+                fit.get()  # the fit gave up (a motor failed): re-raise its error
+        fitted = _by_role(bl, fit.get())
+        target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
+        bl.check_move(start, target, settings.max_displacement_mm)
+        t = time.perf_counter()
+        bl.move(target, settings.move_timeout_s)
+        timings["move_s"] = time.perf_counter() - t
+        result.success = True
+        result.method = "ml" if result.method == "none" else result.method
+        result.centred_positions = bl.positions()
+        result.message = f"centred ({result.method}) in {time.perf_counter() - t0:.1f} s"
+        return result
+    except (Exception, gevent.GreenletExit) as err:
+        result.message = str(err) or type(err).__name__
+        _restore(bl, start, settings.move_timeout_s, log)
+        if isinstance(err, gevent.GreenletExit):
+            raise
+        if not isinstance(err, CentringFailed):
+            log.exception("AutoCenter: centring failed")
+        return result
+    finally:
+        if sample_centring.CURRENT_CENTRING is not None and not sample_centring.CURRENT_CENTRING.ready():
+            sample_centring.CURRENT_CENTRING.kill(block=False)
+        result.elapsed_s = time.perf_counter() - t0
+
+
+def _by_role(bl: Beamline, fitted: dict) -> dict:
+    """sample_centring returns positions keyed by motor object; key them by role."""
+    roles = {id(m.motor): name for name, m in bl.sample_view.centring_motors.items()}
+    return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
+
+
+def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
+    roi = loop_roi(tip, frame.shape, ppmm, width_um=settings.roi_width_um, height_um=settings.roi_height_um, pin_side=settings.pin_side)
+    t = time.perf_counter()
+    counts, probability = _in_thread(predictor.predict, frame, roi, ppmm, settings.stride_px)
+    elapsed = time.perf_counter() - t
+    timings["inference_s"] = timings.get("inference_s", 0.0) + elapsed
+    peak = find_peak(counts)
+    prob = None if probability is None else float(probability.values[peak.row, peak.col])
+    return AngleResult(
+        omega=bl.positions()["omega"], loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score,
+        crystal_probability=prob, heatmap=counts, frame=frame, elapsed_s=elapsed,
+    )
+
+
+def _is_crystal(angle: AngleResult, settings: CentringSettings) -> bool:
+    if not np.isfinite(angle.score) or angle.score < settings.min_score:
+        return False
+    return angle.crystal_probability is None or angle.crystal_probability >= settings.min_crystal_probability
+
+
+def _restore(bl: Beamline, start: dict, timeout: float, log):
+    """Put the sample back; log, never raise, if even that fails."""
+    try:
+        bl.move(start, timeout)
+        log.info("AutoCenter: sample returned to its starting position")
+    except Exception:
+        log.exception("AutoCenter: could not return the sample to its starting position %s", start)

@@ -1,0 +1,73 @@
+"""Saving a centring for people: heatmap overlays (PNG) and a JSON record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mxcube_autocenter.centring.procedure import AngleResult, CentringResult
+
+
+def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
+    """The frame with the heatmap over the searched region, the loop tip, the chosen point and the beam.
+
+    Returns
+    -------
+    (H, W, 3) uint8 ndarray
+        RGB image.
+    """
+    image = angle.frame.copy()
+    hm = angle.heatmap
+    if hm is not None and hm.values.size:
+        x0, x1 = int(round(hm.xs[0])), int(round(hm.xs[-1])) + 1
+        y0, y1 = int(round(hm.ys[0])), int(round(hm.ys[-1])) + 1
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, image.shape[1]), min(y1, image.shape[0])
+        if x1 > x0 and y1 > y0:
+            values = np.nan_to_num(hm.values.astype(np.float32))
+            span = float(values.max() - values.min()) or 1.0
+            scaled = ((values - values.min()) / span * 255).astype(np.uint8)
+            colour = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+            colour = cv2.resize(colour, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+            image[y0:y1, x0:x1] = cv2.addWeighted(image[y0:y1, x0:x1], 1 - alpha, colour, alpha, 0)
+    roi = angle.roi
+    cv2.rectangle(image, (roi.x0, roi.y0), (roi.x1 - 1, roi.y1 - 1), (80, 160, 255), 1)
+    if angle.loop is not None:
+        cv2.drawMarker(image, tuple(int(v) for v in angle.loop), (0, 200, 255), cv2.MARKER_DIAMOND, 18, 2)
+    cv2.circle(image, tuple(int(round(v)) for v in angle.point), 10, (0, 255, 0), 2, cv2.LINE_AA)
+    cv2.drawMarker(image, tuple(int(round(v)) for v in beam_position), (255, 0, 0), cv2.MARKER_CROSS, 30, 2)
+    label = f"omega {angle.omega:.1f}  score {angle.score:.1f}"
+    if angle.crystal_probability is not None:
+        label += f"  p(crystal) {angle.crystal_probability:.2f}"
+    cv2.putText(image, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
+    return image
+
+
+def record(result: CentringResult) -> dict:
+    """The JSON-able record of a centring (no images)."""
+    angles = []
+    for angle in result.angles:
+        fields = {f.name: getattr(angle, f.name) for f in dataclasses.fields(angle) if f.name not in ("heatmap", "frame")}
+        fields["roi"] = dataclasses.asdict(angle.roi)
+        angles.append(fields)
+    out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "angles"}
+    out["angles"] = angles
+    return json.loads(json.dumps(out, default=float))
+
+
+def save(result: CentringResult, directory, beam_position) -> Path:
+    """Write ``centring_<time>_omega<angle>.png`` overlays and ``centring_<time>.json``; returns the JSON path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{int(time.time() * 1000) % 1000:03d}"
+    for angle in result.angles:
+        png = directory / f"centring_{stamp}_omega{angle.omega:.0f}.png"
+        cv2.imwrite(str(png), cv2.cvtColor(overlay(angle, beam_position), cv2.COLOR_RGB2BGR))
+    path = directory / f"centring_{stamp}.json"
+    path.write_text(json.dumps(record(result), indent=2))
+    return path

@@ -1,0 +1,119 @@
+"""Dense heatmaps: the fast path equals cropping every grid point and calling the model."""
+
+import keras
+import numpy as np
+import pytest
+
+from mxcube_autocenter.centring.heatmap import (
+    DenseEvaluator,
+    Heatmap,
+    HeatmapError,
+    dense_heatmap,
+    prepare_region,
+    reference_heatmap,
+)
+from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi
+from mxcube_autocenter.centring.peak import find_peak
+from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
+from mxcube_autocenter.simulation.render import Renderer
+from mxcube_autocenter.simulation.sample import make_sample
+
+PPMM = (1300.0, 1300.0)
+
+
+def frame_of(seed=3, omega=0.0, pin_side="left"):
+    sample = make_sample(seed, n_crystals=1, pin_side=pin_side)
+    motors = {"omega": omega, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    return Renderer().render(sample, motors, PPMM, (640, 512))
+
+
+def standardise(region):
+    region = region.astype(np.float32)
+    return (region - region.mean()) / (region.std() + 1e-6)
+
+
+def assert_fast_equals_reference(model, frame, roi, crop_px, stride_px, every=7):
+    evaluator = DenseEvaluator(model)
+    region, origin, scale = prepare_region(frame, roi, crop_px, evaluator.input_size, standardise)
+    fast = dense_heatmap(evaluator, region, origin, scale, stride_px)
+    assert np.all(np.diff(fast.xs) <= stride_px + 1e-9) and np.all(np.diff(fast.ys) <= stride_px + 1e-9)
+    # Every 7th row and column of the grid (about 1/50 of it) through the slow path.
+    ref = reference_heatmap(model, region, origin, scale, evaluator.input_size, fast.xs[::every], fast.ys[::every])
+    np.testing.assert_allclose(ref.values, fast.values[::every, ::every], atol=1e-5, rtol=1e-4)
+    assert fast.xs[0] < roi.x0 + stride_px and fast.xs[-1] > roi.x1 - stride_px
+    return fast
+
+
+def test_trained_fcn_dense_heatmap_equals_crop_by_crop(tiny_model):
+    predictor = load_predictor(tiny_model)
+    frame = frame_of()
+    roi = Roi(500, 300, 900, 700)
+    assert_fast_equals_reference(predictor.regressor.model, frame, roi, 156.0, 6.0)
+    counts, probability = predictor.predict(frame, roi, PPMM, 6.0)
+    assert probability is None and np.all(np.isfinite(counts.values)) and counts.values.min() >= -1e-3
+
+
+def test_pooling_and_dense_head_model_equals_crop_by_crop():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.Dropout(0.25),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    assert_fast_equals_reference(model, frame_of(), Roi(560, 420, 720, 600), 40.0, 3.0, every=5)
+
+
+def test_same_padding_is_refused():
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3, padding="same"), keras.layers.Flatten(), keras.layers.Dense(1)])
+    with pytest.raises(HeatmapError, match="'valid'"):
+        DenseEvaluator(model)
+
+
+def test_missing_or_wrong_model_is_refused(tmp_path, tiny_model):
+    with pytest.raises(PredictorError, match="no such model file"):
+        load_predictor(tmp_path / "nothing.keras")
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(PredictorError, match="garbage.keras"):
+        load_predictor(garbage)
+    with pytest.raises(PredictorError, match="not a crystal/empty classifier"):
+        load_predictor(tiny_model, tiny_model)
+
+
+def test_peak_is_the_smoothed_maximum():
+    values = np.zeros((20, 30), np.float32)
+    values[5:8, 20:23] = 10.0
+    values[15, 3] = 40.0  # a single hot cell
+    hm = Heatmap(values, xs=np.arange(30) * 4.0, ys=np.arange(20) * 4.0)
+    peak = find_peak(hm, sigma_cells=1.5)
+    assert (peak.row, peak.col) == (6, 21)
+    assert (peak.x, peak.y) == (84.0, 24.0)
+    assert find_peak(hm, sigma_cells=0).col == 3
+    values[:] = np.nan
+    assert np.isfinite(find_peak(Heatmap(values, hm.xs, hm.ys)).x)
+
+
+@pytest.mark.parametrize("pin_side", ["left", "right"])
+def test_lucid_finds_the_loop_tip_on_either_side(pin_side):
+    sample = make_sample(3, n_crystals=1, pin_side=pin_side)
+    tip_index = np.argmax(sample.loop_outline[:, 0]) if pin_side == "left" else np.argmin(sample.loop_outline[:, 0])
+    frame = frame_of(pin_side=pin_side)
+    tip = find_loop(frame, pin_side)
+    assert tip is not None
+    expected_x = 640 + PPMM[0] * (sample.loop_outline[tip_index, 0] - sample.loop_centre[0])
+    assert abs(tip[0] - expected_x) < 60
+    roi = loop_roi(tip, frame.shape, PPMM, width_um=500, height_um=400, pin_side=pin_side)
+    assert roi.width > 0 and roi.height > 0
+    assert (roi.x0 < tip[0] < roi.x1)
+
+
+def test_no_loop_in_an_empty_field():
+    assert find_loop(Renderer().render_empty()) is None
