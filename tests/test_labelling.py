@@ -391,7 +391,7 @@ def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled
         assert image.shape == (300, 300, 3) and image.dtype == np.uint8
         np.testing.assert_allclose(dataset.beam_xy[rotation[0]], [150.0, 150.0])
         np.testing.assert_allclose(dataset.pixels_per_mm, np.tile(PIXELS_PER_MM, (len(dataset), 1)))
-        assert set(dataset.zoom) == {"2"}
+        assert set(dataset.zoom) == {"2"} and dataset.stored_crop_um == 600.0
         recordings = dataset.provenance["recordings"]
         assert [r["master_file"] for r in recordings] == [str(c.master.resolve()) for c in collections]
         assert recordings[0]["label_source"] == "spot finder" and recordings[0]["spot_finder"]["sigma_strong"] == 3.0

@@ -300,6 +300,9 @@ def append_recording(
             })  # fmt: skip
             # The rows are on disk before the counts that make them visible.
             h5file.flush()
+            # Every row's crop is at least this large (a smaller side only lowers it).
+            previous = h5file.attrs.get("stored_crop_um", np.inf)
+            h5file.attrs["stored_crop_um"] = min(float(previous), float(stored_crop_um))
             h5file.attrs["n_rows"] = first + labelled.size
             h5file.attrs["n_recordings"] = n_recordings + 1
             h5file.flush()
@@ -475,6 +478,8 @@ class Dataset:
         0-based detector frame and row of the camera frame in its recording.
     padded : ndarray of bool
         Whether the crop was padded by edge replication.
+    stored_crop_um : float or None
+        Side of the smallest stored crop, um; None for an empty set.
     provenance : dict
         The set's creation record, with ``recordings``: one dict per
         recording (source files, spot-finder parameters, matching statistics).
@@ -484,6 +489,7 @@ class Dataset:
         self.path = path
         with _open(path, "r") as h5file:
             self.n = int(h5file.attrs["n_rows"])
+            self.stored_crop_um = float(h5file.attrs["stored_crop_um"]) if "stored_crop_um" in h5file.attrs else None
             n_recordings = int(h5file.attrs["n_recordings"])
             rows = h5file["rows"]
             for name in LABELS:
