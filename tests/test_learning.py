@@ -1,0 +1,459 @@
+"""Learning pipeline: crops, transforms, augmentation, split, architectures, data, training, evaluation.
+
+Models are tiny (32 x 32 inputs) and datasets a few hundred crops from the
+virtual beamline, so the whole file runs in about a minute on two cores.
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mxcube_autocenter.learning import crops  # noqa: E402
+from mxcube_autocenter.learning.split import Split, split_by_crystal  # noqa: E402
+from mxcube_autocenter.learning.transforms import TANH_CLIP, TRANSFORMS, get_transform, transform_from_config  # noqa: E402
+
+SMALL = 32  # model input side in these tests
+
+
+# ---------------------------------------------------------------- test data
+
+
+def make_dataset_file(path, n_samples=20, seed=7, crops_per_sample=16):
+    """A dataset.h5 in the contract's layout, rendered from the virtual beamline."""
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    return synthetic_dataset(path, n_samples, seed, crops_per_sample=crops_per_sample, omegas_per_sample=2,
+                             progress=False)
+
+
+def make_rows_layout_file(path, source):
+    """The same rows in the labelling code's layout: /rows, jpeg, n_rows, stored_crop_um per recording."""
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as f:
+        n = src["samples/rc"].shape[0]
+        f.attrs["format_version"] = 1
+        f.attrs["n_rows"] = n - 5  # the last rows are an uncommitted append
+        f.attrs["n_recordings"] = 1
+        f.attrs["provenance"] = json.dumps({"tool": "test"})
+        rows = f.create_group("rows")
+        for name in src["samples"]:
+            target = "jpeg" if name == "image" else name
+            data = src["samples"][name][()]
+            if name == "zoom":
+                data = np.array([f"{z:g}" for z in data], dtype=object)
+                rows.create_dataset(target, data=data, dtype=h5py.string_dtype())
+            elif name == "image":
+                ds = rows.create_dataset(target, shape=(n,), dtype=h5py.vlen_dtype(np.uint8))
+                for i, buf in enumerate(data):
+                    ds[i] = buf
+            else:
+                rows.create_dataset(target, data=data)
+        rec = f.create_group("recordings")
+        rec.create_dataset("provenance", data=[json.dumps({"stored_crop_um": 240.0})], dtype=h5py.string_dtype())
+
+
+@pytest.fixture(scope="module")
+def dataset_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("learning") / "dataset.h5")
+    make_dataset_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_path, tmp_path_factory):
+    from mxcube_autocenter.learning.training import train
+
+    out = tmp_path_factory.mktemp("model")
+    return train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=8, batch_size=16,
+                 patience=3, seed=0, verbose=0)
+
+
+# ---------------------------------------------------------------- crops
+
+
+def test_crop_geometry_and_border_replication():
+    assert crops.crop_side_px(100, (2000.0, 1000.0)) == (200.0, 100.0)
+    image = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30, 1).repeat(3, axis=2)
+    crop = crops.crop_centred(image, (15, 10), (6, 4))
+    assert crop.shape == (4, 6, 3)
+    assert np.array_equal(crop, image[8:12, 12:18])
+    edge = crops.crop_centred(image, (0, 0), (6, 6))  # three pixels outside on each side
+    assert edge.shape == (6, 6, 3)
+    assert np.array_equal(edge[3:, 3:], image[:3, :3])
+    assert np.all(edge[:3, 3] == image[0, 0])  # replicated
+    with pytest.raises(ValueError, match="outside"):
+        crops.crop_centred(image, (100, 100), (6, 6))
+
+
+def test_backlight_normalisation_removes_brightness_and_tint():
+    rng = np.random.default_rng(0)
+    scene = np.ones((60, 60), np.float32)
+    scene[20:40, 20:40] = 0.4  # an object on an empty field
+    scene += rng.normal(0, 0.005, scene.shape)
+    bright = np.clip(scene[..., None] * np.array([230, 240, 220]), 0, 255).astype(np.uint8)
+    dim = np.clip(scene[..., None] * np.array([120, 100, 130]), 0, 255).astype(np.uint8)
+    a, b = crops.normalise(bright, "backlight"), crops.normalise(dim, "backlight")
+    assert np.abs(a - b).max() < 0.03
+    assert abs(float(np.median(a[:10, :10]))) < 0.02  # the empty field is 0
+    assert abs(float(a[30, 30].mean()) + 0.6) < 0.03  # the object is -0.6
+    z = crops.normalise(dim, "standardise")
+    assert np.allclose(z.reshape(-1, 3).mean(0), 0, atol=1e-4)
+
+
+def test_model_input_shapes_and_colour():
+    rgb = np.full((300, 300, 3), 200, np.uint8)
+    rgb[140:160, 140:160] = 50
+    spec = crops.CropSpec(crop_um=100, input_size=64)
+    x = crops.model_input(rgb, (150, 150), (2000.0, 2000.0), spec)
+    assert x.shape == (64, 64, 3) and x.dtype == np.float32
+    assert x[32, 32].max() < -0.5 and abs(x[0, 0]).max() < 1e-6
+    grey = crops.model_input(rgb, (150, 150), (2000.0, 2000.0), crops.CropSpec(100, 64, "grey"))
+    assert grey.shape == (64, 64, 1)
+    with pytest.raises(ValueError, match="colour"):
+        crops.CropSpec(colour="cmyk")
+
+
+def test_region_normalisation_lets_crops_share_one_prepared_region():
+    rng = np.random.default_rng(1)
+    region = rng.integers(0, 255, size=(400, 400, 3), dtype=np.uint8)
+    region = np.ascontiguousarray(np.repeat(np.repeat(region[::8, ::8], 8, 0), 8, 1))  # smooth-ish
+    spec = crops.CropSpec(crop_um=100, input_size=50)
+    ppmm = (1000.0, 1000.0)  # 100 um = 100 px -> scale 0.5
+    prepared, (sx, sy) = crops.prepare_region(region, ppmm, spec)
+    assert prepared.shape == (200, 200, 3) and (sx, sy) == (0.5, 0.5)
+    centre = (200, 180)
+    per_crop = crops.model_input(region, centre, ppmm, spec)
+    window = prepared[90 - 25 : 90 + 25, 100 - 25 : 100 + 25]
+    assert np.allclose(per_crop, window, atol=1e-5)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_transforms_invert_exactly_and_travel_as_config(name):
+    rng = np.random.default_rng(2)
+    rc = np.concatenate([np.zeros(50), rng.poisson(3, 100), rng.lognormal(3, 1, 100).round()])
+    transform = get_transform(name).fit(rc)
+    y = transform.forward(rc)
+    exact = rc
+    if name == "tanh":
+        # tanh saturates: exact up to z = arctanh(1 - 1e-7) = 8.4, clipped beyond (documented).
+        z = (rc - transform.mean) / transform.std
+        assert z.max() > 8.4
+        exact = np.where(z < 8.3, rc, transform.mean + np.arctanh(TANH_CLIP) * transform.std)
+    assert np.allclose(transform.inverse(y), exact, rtol=1e-9, atol=1e-9)
+    clone = transform_from_config(json.loads(json.dumps(transform.to_config())))
+    assert type(clone) is type(transform)
+    assert np.array_equal(clone.forward(rc), y)
+    if name == "vanilla":
+        assert abs(y.mean()) < 1e-9 and abs(y.std() - 1) < 1e-9
+    if name == "log":
+        assert np.isclose(transform.forward([0.0])[0], (0 - transform.mean) / transform.std)
+    if name == "tanh":
+        assert np.all(np.abs(y) < 1)
+        assert np.all(np.isfinite(transform.inverse([-3.0, 1.0, 3.0])))  # clipped predictions
+    with pytest.raises(RuntimeError, match="not fitted"):
+        get_transform(name).forward(rc)
+
+
+def test_unknown_transform_is_refused():
+    with pytest.raises(ValueError, match="unknown label transform"):
+        get_transform("sqrt")
+    with pytest.raises(ValueError, match="unknown label transform"):
+        transform_from_config({"name": "sqrt"})
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augmentation_yields_the_eight_distinct_dihedral_images():
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.augment import augmenter, dihedral_np, dihedral_tf
+
+    image = np.arange(5 * 5 * 2, dtype=np.float32).reshape(5, 5, 2)
+    images = [dihedral_np(image, k) for k in range(8)]
+    assert len({im.tobytes() for im in images}) == 8
+    for k in range(8):
+        assert np.array_equal(dihedral_tf(tf.constant(image), tf.constant(k)).numpy(), images[k])
+    seen = {name: set() for name in ("dihedral", "flips")}
+    for name in seen:
+        fn = tf.function(augmenter(name))
+        for s in range(200):
+            out, label = fn(tf.constant(image), tf.constant([1.0]), tf.constant([s, 17], tf.int64))
+            seen[name].add(out.numpy().tobytes())
+            assert label.numpy()[0] == 1.0
+    assert seen["dihedral"] == {im.tobytes() for im in images}
+    flips = {images[k].tobytes() for k in (0, 2, 4, 6)}
+    assert seen["flips"] == flips
+    # The four flips are the exact symmetries of a rectangular beam: a horizontal bar stays horizontal.
+    bar = np.zeros((5, 5, 1), np.float32)
+    bar[2, 1:4] = 1
+    for k in (0, 2, 4, 6):
+        assert np.array_equal(dihedral_np(bar, k), bar)
+
+
+def test_jitter_is_seeded():
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.augment import augmenter
+
+    fn = augmenter("none", jitter_strength=0.5)
+    image = tf.random.stateless_uniform((16, 16, 3), seed=(1, 2))
+    a, _ = fn(image, tf.constant([0.0]), tf.constant([3, 4], tf.int64))
+    b, _ = fn(image, tf.constant([0.0]), tf.constant([3, 4], tf.int64))
+    c, _ = fn(image, tf.constant([0.0]), tf.constant([5, 4], tf.int64))
+    assert np.array_equal(a.numpy(), b.numpy())
+    assert not np.array_equal(a.numpy(), c.numpy())
+
+
+# ---------------------------------------------------------------- split
+
+
+def test_split_never_shares_a_crystal():
+    ids = [f"c{i % 50}" for i in range(1000)]
+    split = split_by_crystal(ids, seed=3)
+    sets = [set(split.train), set(split.validation), set(split.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(ids)
+    assert (len(sets[0]), len(sets[1]), len(sets[2])) == (30, 10, 10)
+    idx = split.indices(ids)
+    assert sum(len(v) for v in idx.values()) == 1000
+    for name, rows in idx.items():
+        assert {ids[i] for i in rows} <= set(getattr(split, name))
+    assert split_by_crystal(ids, seed=3) == split
+    assert split_by_crystal(ids, seed=4) != split
+    assert Split.from_config(json.loads(json.dumps(split.to_config()))) == split
+    assert split.rows == {"train": 600, "validation": 200, "test": 200}
+    with pytest.raises(ValueError, match="at least 3"):
+        split_by_crystal(["a", "b", "a"])
+    with pytest.raises(ValueError, match="both"):
+        Split(train=("a",), validation=("a",), test=("b",))
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def expected_thesis_params(c8, mpool, c16, f256, f128, f64, input_shape=(128, 128, 3)):
+    """Parameters implied by a spec: 3x3 'same' convolutions, 2x2 poolings, flatten, dense layers."""
+    h, w, channels = input_shape
+    n = 0
+    for filters, count in ((8, c8), (16, c16)):
+        for _ in range(count):
+            n += (9 * channels + 1) * filters
+            channels = filters
+    width = (h // 2**mpool) * (w // 2**mpool) * channels
+    for units, count in ((256, f256), (128, f128), (64, f64)):
+        for _ in range(count):
+            n += (width + 1) * units
+            width = units
+    return n + width + 1
+
+
+def test_every_architecture_builds_with_the_parameter_count_of_its_spec():
+    from mxcube_autocenter.learning import architectures as A
+
+    assert len(A.THESIS_SPECS) == 10 and list(A.THESIS_SPECS) == [f"a{i}" for i in range(1, 11)]
+    depths = []
+    for name, spec in A.THESIS_SPECS.items():
+        model = A.build(name, (128, 128, 3))
+        counts = (spec.c8, spec.mpool, spec.c16, spec.f256, spec.f128, spec.f64)
+        assert model.count_params() == expected_thesis_params(*counts), name
+        assert model.output_shape == (None, 1)
+        layers = spec.layers()
+        assert layers.count("MPOOL") == spec.mpool and layers[-1] == "OUT"
+        assert layers.index("C8" if spec.c8 else "C16") == 0
+        depths.append(spec.c8 + spec.c16 + spec.f256 + spec.f128 + spec.f64)
+        assert A.build(name, (SMALL, SMALL, 3)).count_params() == expected_thesis_params(*counts, (SMALL, SMALL, 3))
+    assert depths == sorted(depths) and depths[0] < depths[-1]  # increasingly deep
+    classifier = A.build("classifier", (128, 128, 3))
+    expected = 28 * 32 + (9 * 32 + 1) * 32 + (9 * 32 + 1) * 64 + (16 * 16 * 64 + 1) * 64 + 65
+    assert classifier.count_params() == expected
+    for name in A.ARCHITECTURES:
+        model = A.build(name, (128, 128, 3))
+        assert model.output_shape == (None, 1)
+        assert A.describe(name)["name"] == name
+    with pytest.raises(ValueError, match="unknown architecture"):
+        A.build("a11")
+
+
+def test_fcn_evaluates_a_region_exactly_like_its_crops():
+    from mxcube_autocenter.learning import architectures as A
+
+    model = A.build("fcn", (SMALL, SMALL, 3))
+    dense = A.dense_evaluator(model)
+    step = A.output_stride("fcn")
+    region = np.random.default_rng(4).normal(size=(1, SMALL + 2 * step, SMALL + step, 3)).astype(np.float32)
+    heat = dense.predict(region, verbose=0)
+    assert heat.shape == (1, 3, 2, 1)
+    batch = np.stack([region[0, i * step : i * step + SMALL, j * step : j * step + SMALL]
+                      for i in range(3) for j in range(2)])
+    per_crop = model.predict(batch, verbose=0).reshape(3, 2)
+    assert np.allclose(heat[0, ..., 0], per_crop, atol=1e-5)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
+    from mxcube_autocenter.learning.data import DatasetError, load_inputs, make_dataset, read_table
+
+    table = read_table(dataset_path)
+    assert len(table) == 320 and table.stored_crop_um == 240.0
+    assert len(set(table.crystal_id)) == 20
+    assert "rc_expected" in table.extra
+    assert np.array_equal(table.rc, np.round(table.rc)) and table.rc.max() > 5
+    spec = crops.CropSpec(crop_um=160, input_size=SMALL)
+    rows = np.arange(0, 40)
+    ds = make_dataset(table, rows, table.rc[rows], spec, batch_size=16, shuffle=False)
+    batches = list(ds)
+    assert [b[0].shape[0] for b in batches] == [16, 16, 8]
+    x = np.concatenate([b[0].numpy() for b in batches])
+    y = np.concatenate([b[1].numpy() for b in batches])
+    assert x.shape == (40, SMALL, SMALL, 3) and y.shape == (40, 1)
+    assert np.array_equal(y[:, 0], table.rc[rows].astype(np.float32))
+    assert np.allclose(x, load_inputs(table, rows, spec), atol=1e-5)
+    # Shuffled, augmented, cached: the same rows, other order, each epoch anew.
+    ds = make_dataset(table, rows, rows.astype(float), spec, batch_size=40, shuffle=True, seed=1,
+                      augment="dihedral", cache=True)
+    first = np.concatenate([b[1].numpy() for b in ds])[:, 0]
+    second = np.concatenate([b[1].numpy() for b in ds])[:, 0]
+    assert sorted(first) == sorted(second) == list(rows.astype(float))
+    assert not np.array_equal(first, second)
+    with pytest.raises(DatasetError, match="crop_um <= 240"):
+        make_dataset(table, rows, table.rc[rows], crops.CropSpec(crop_um=300, input_size=SMALL))
+    # The labelling code's layout reads the same, up to its committed rows.
+    other = str(tmp_path / "rows.h5")
+    make_rows_layout_file(other, dataset_path)
+    alt = read_table(other)
+    assert len(alt) == 315 and alt.stored_crop_um == 240.0 and alt.image_dataset == "rows/jpeg"
+    assert np.array_equal(alt.rc, table.rc[:315]) and np.array_equal(alt.zoom, table.zoom[:315])
+    assert np.allclose(load_inputs(alt, [3], spec), load_inputs(table, [3], spec))
+    broken = str(tmp_path / "broken.h5")
+    with h5py.File(broken, "w") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["stored_crop_um"] = 240.0
+        f.create_group("samples").create_dataset("rc", data=np.zeros(3))
+    with pytest.raises(DatasetError, match="lacks the datasets"):
+        read_table(broken)
+    with pytest.raises(DatasetError, match="no such dataset"):
+        read_table(str(tmp_path / "missing.h5"))
+
+
+# ---------------------------------------------------------------- training and model files
+
+
+def test_training_lowers_validation_loss_and_saves_a_self_describing_model(trained, dataset_path):
+    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.learning.training import info_spec, info_transform, load_model, predict_rows
+
+    table = read_table(dataset_path)
+    split = Split.from_config(trained.info["split"])
+    idx = split.indices(table.crystal_id)
+    transform = info_transform(trained.info)
+    constant_mse = float(np.mean(transform.forward(table.rc[idx["validation"]]) ** 2))  # predicting the mean
+    val = trained.history["val_loss"]
+    assert min(val) < 0.8 * constant_mse
+    assert min(val) < val[0]
+    assert os.path.exists(os.path.join(trained.out_dir, "checkpoint.keras"))
+    assert os.path.exists(os.path.join(trained.out_dir, "history.csv"))
+
+    model, info = load_model(trained.model_path)
+    assert info["format_version"] == 1 and info["task"] == "regression"
+    assert info["input"] == {**crops.CropSpec(160, SMALL).to_config(), "channels": 3,
+                             "normalisation_region": info["input"]["normalisation_region"]}
+    assert info["architecture"]["name"] == "fcn" and info["architecture"]["params"] == model.count_params()
+    assert info["transform"]["name"] == "log" and info["transform"] == transform.to_config()
+    assert set(info["split"]["test"]) == set(split.test) and info["split"]["seed"] == 0
+    assert info["data"]["rows"] == 320 and info["data"]["crystals"] == 20
+    for key in ("package_version", "training", "metrics", "created"):
+        assert key in info
+    assert info["training"]["best_epoch"] == int(np.argmin(val)) + 1
+    assert info["metrics"]["test"]["n"] == len(idx["test"])
+    rows = idx["test"][:10]
+    again = predict_rows(model, table, rows, info_spec(info))
+    before = predict_rows(trained.model, table, rows, info_spec(info))
+    assert np.allclose(again, before, atol=1e-6)
+    assert np.isclose(info["metrics"]["validation"]["mse"], min(val), rtol=1e-3)
+
+    import keras
+
+    plain = keras.saving.load_model(trained.model_path, compile=False)  # no special loader needed
+    assert json.loads(plain.get_layer("model_info").get_config()["info"])["task"] == "regression"
+
+
+def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained, tmp_path):
+    from mxcube_autocenter.learning import architectures as A
+    from mxcube_autocenter.learning.training import ModelFileError, attach_info, load_model
+
+    bare = str(tmp_path / "bare.keras")
+    A.build("fcn", (SMALL, SMALL, 3)).save(bare)
+    with pytest.raises(ModelFileError, match="no mxcube_autocenter metadata") as err:
+        load_model(bare)
+    assert bare in str(err.value) and "train" in str(err.value)
+
+    wrong = str(tmp_path / "wrong_shape.keras")
+    attach_info(A.build("fcn", (48, 48, 3)), trained.info).save(wrong)
+    with pytest.raises(ModelFileError, match=r"inputs of shape \(48, 48, 3\).*32 x 32") as err:
+        load_model(wrong)
+    assert wrong in str(err.value)
+
+    future = str(tmp_path / "future.keras")
+    attach_info(A.build("fcn", (SMALL, SMALL, 3)), {**trained.info, "format_version": 99}).save(future)
+    with pytest.raises(ModelFileError, match="format_version 99"):
+        load_model(future)
+
+    incomplete = str(tmp_path / "incomplete.keras")
+    info = {k: v for k, v in trained.info.items() if k != "transform"}
+    attach_info(A.build("fcn", (SMALL, SMALL, 3)), info).save(incomplete)
+    with pytest.raises(ModelFileError, match="lacks"):
+        load_model(incomplete)
+
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(ModelFileError, match="could not read"):
+        load_model(str(garbage))
+    with pytest.raises(ModelFileError, match="no such model file"):
+        load_model(str(tmp_path / "missing.keras"))
+
+
+# ---------------------------------------------------------------- classifier, evaluation, sweep
+
+
+def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_path):
+    from mxcube_autocenter.learning.evaluate import evaluate, sweep
+    from mxcube_autocenter.learning.training import load_model, train_classifier
+
+    result = train_classifier(dataset_path, str(tmp_path / "clf"), threshold=5, crop_um=160, input_size=SMALL,
+                              epochs=3, batch_size=16, patience=2, seed=0, verbose=0)
+    model, info = load_model(result.model_path)
+    assert info["task"] == "classifier" and info["threshold"] == 5.0
+    assert info["architecture"]["name"] == "classifier"
+    assert model.output_shape == (None, 1)
+    report = evaluate(result.model_path, dataset_path, str(tmp_path / "clf_report"))
+    assert sum(map(sum, report["confusion"])) == report["n"]
+    assert report["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert os.path.exists(tmp_path / "clf_report" / "confusion.png")
+
+    out = tmp_path / "report"
+    metrics = evaluate(trained.model_path, dataset_path, str(out))
+    assert metrics["mse"] == pytest.approx(trained.metrics["test"]["mse"], rel=1e-4)
+    assert -1 <= metrics["spearman"] <= 1 and -1 <= metrics["pearson"] <= 1
+    for name in ("report.md", "metrics.json", "scatter.png", "gallery_highest.png", "gallery_lowest.png",
+                 "gallery_worst.png"):
+        assert (out / name).stat().st_size > 0, name
+    text = (out / "report.md").read_text()
+    assert "Spearman" in text and "![scatter](scatter.png)" in text
+    with pytest.raises(ValueError, match="subset"):
+        evaluate(trained.model_path, dataset_path, str(out), subset="holdout")
+
+    table = sweep(dataset_path, str(tmp_path / "sweep"), archs=("a1",), transforms=("vanilla", "tanh"),
+                  crop_um=160, input_size=SMALL, epochs=1, batch_size=32, verbose=0)
+    assert set(table["a1"]) == {"vanilla", "tanh"}
+    text = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| architecture | vanilla | tanh |" in text and "| a1 |" in text
