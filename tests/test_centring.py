@@ -1,0 +1,138 @@
+"""Optical ML centring on the virtual beamline, through SampleView as the web UI runs it."""
+
+import logging
+
+import gevent
+import numpy as np
+import pytest
+
+from mxcube_autocenter.beamline import auto_centring
+from mxcube_autocenter.centring.predictor import load_predictor
+from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.simulation.sample import make_sample
+from tests.helpers import SignalLog, tick
+
+CENTRING_SIGNALS = ("centringStarted", "centringSuccessful", "centringFailed", "centringAccepted")
+
+
+@pytest.fixture
+def autocenter(beamline, tiny_model):
+    """The AutoCenter object with a small trained model, in charge of SampleView's auto-centring."""
+    ho = auto_centring(beamline)
+    saved = ho.config.model_copy()
+    ho.predictor = load_predictor(tiny_model)
+    ho._take_over_auto_centring()
+    ho.config.min_score = -1e9  # the small model only has to steer the procedure here
+    ho.config.move_timeout_s = 5.0
+    yield ho
+    for name in type(ho.config).model_fields:
+        setattr(ho.config, name, getattr(saved, name))
+    for motor in beamline.diffractometer.get_motors().values():
+        motor.inject_fault(None)
+
+
+def positions(beamline):
+    motors = beamline.diffractometer.get_motors()
+    return {name: motors[name].get_value() for name in CENTRING_MOTORS}
+
+
+def mount_at_start(beamline, seed=16, **kw):
+    mounted = beamline.sample_changer.mount(make_sample(seed, **kw))
+    centre = mounted.sample.loop_centre
+    beamline.diffractometer.set_value_motors(
+        {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
+    )
+    return mounted
+
+
+def run_auto_centring(beamline, timeout=60):
+    """Press the auto-centring button: SampleView.start_auto_centring, then wait for the outcome."""
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    with gevent.Timeout(timeout, AssertionError("centring did not end")):
+        while "centringAccepted" not in log.names():
+            gevent.sleep(0.05)
+    return log
+
+
+def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline, autocenter):
+    mount_at_start(beamline)
+    gaps = []
+    ticker = gevent.spawn(tick, gaps)
+    log = run_auto_centring(beamline)
+    ticker.kill()
+    names = log.names()
+    assert names[0] == "centringStarted" and log.calls[0][1] == ("Automatic",)
+    assert "centringSuccessful" in names
+    accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
+    assert accepted[0] is True and accepted[1]["valid"]
+    result = autocenter.last_result
+    assert result.success and result.method == "ml" and len(result.angles) == 3
+    omegas = [a.omega for a in result.angles]
+    assert np.allclose(np.diff(omegas), 90.0, atol=0.1)
+    assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
+    assert beamline.sample_view.current_centring_procedure is None
+    assert max(gaps) < 0.1  # the UI stays responsive
+
+
+def test_no_loop_in_view_fails_without_moving(beamline, autocenter, caplog):
+    beamline.sample_changer.mount(None)
+    start = positions(beamline)
+    with caplog.at_level(logging.INFO, logger="HWR"):
+        log = run_auto_centring(beamline)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert "no loop found" in autocenter.last_result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    autocenter.config.max_displacement_mm = 10.0
+    # Only omega turns during the fit: the first sampx move is the final centring move.
+    beamline.diffractometer.sampx.inject_fault("fail", after_s=0.02)
+    result = autocenter.centre()
+    assert not result.success
+    assert "sampx" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    autocenter.config.max_displacement_mm = 1e-6
+    result = autocenter.centre()
+    assert not result.success and "max_displacement_mm" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_abort_puts_the_sample_back(beamline, autocenter):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    gevent.sleep(1.0)  # somewhere in the middle: the loop found, omega turning
+    beamline.sample_view.cancel_centring()
+    assert "centringFailed" in log.names()
+    gevent.sleep(0.5)
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    assert beamline.sample_view.current_centring_procedure is None
+
+
+def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
+    import json
+
+    import cv2
+
+    mount_at_start(beamline)
+    autocenter.config.centring_save_directory = str(tmp_path)
+    result = autocenter.centre()
+    assert result.success
+    with gevent.Timeout(20):
+        while not list(tmp_path.glob("*.json")):
+            gevent.sleep(0.1)
+    gevent.sleep(0.3)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["success"] and len(record["angles"]) == 3
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
