@@ -48,9 +48,10 @@ def test_trained_fcn_dense_heatmap_equals_crop_by_crop(tiny_model):
     predictor = load_predictor(tiny_model)
     frame = frame_of()
     roi = Roi(500, 300, 900, 700)
-    assert_fast_equals_reference(predictor.regressor.model, frame, roi, 156.0, 6.0)
-    counts, probability = predictor.predict(frame, roi, PPMM, 6.0)
-    assert probability is None and np.all(np.isfinite(counts.values)) and counts.values.min() >= -1e-3
+    assert_fast_equals_reference(predictor.model, frame, roi, 156.0, 6.0)
+    counts = predictor.predict(frame, roi, PPMM, 6.0)
+    assert np.all(np.isfinite(counts.values)) and counts.values.min() >= -1e-3
+    assert predictor.crystal_probability(frame, (700.0, 500.0), roi, PPMM) is None
 
 
 def test_pooling_and_dense_head_model_equals_crop_by_crop():

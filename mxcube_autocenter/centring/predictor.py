@@ -23,73 +23,85 @@ class PredictorError(ValueError):
     """A model that is missing or cannot be used for centring."""
 
 
-class DenseModel:
-    """One model file evaluated densely over a region of a frame."""
+def _load(path):
+    from mxcube_autocenter.learning.training import ModelFileError, info_spec, load_model
 
-    def __init__(self, path):
-        from mxcube_autocenter.learning import crops
-        from mxcube_autocenter.learning.training import ModelFileError, info_spec, load_model
-
-        try:
-            self.model, self.info = load_model(path)
-            self.evaluator = DenseEvaluator(self.model)
-        except (ModelFileError, HeatmapError) as err:
-            raise PredictorError(f"{path}: {err}") from err
-        self.path = Path(path)
-        self.spec = info_spec(self.info)
-        self._crops = crops
-
-    def normalise(self, region) -> np.ndarray:
-        """The model's input normalisation, applied once to the whole region."""
-        coloured = self._crops.to_colour(region, self.spec.colour)
-        return self._crops.apply_stats(coloured, self._crops.region_stats(coloured, self.spec.normalisation))
-
-    def prepare(self, frame, roi, pixels_per_mm):
-        crop_px = self.spec.crop_um * pixels_per_mm[0] / 1000.0
-        return prepare_region(frame, roi, crop_px, self.spec.input_size, self.normalise)
-
-    def heatmap(self, prepared, stride_px) -> Heatmap:
-        return dense_heatmap(self.evaluator, *prepared, stride_px)
+    try:
+        model, info = load_model(path)
+    except ModelFileError as err:
+        raise PredictorError(str(err)) from err
+    return model, info, info_spec(info)
 
 
 class Predictor:
-    """Predicted reflection counts (and crystal probabilities) over a region of a frame.
+    """Predicted reflection counts over a region of a frame, and a crystal check at a point.
 
     Parameters
     ----------
-    regressor : DenseModel
-        Predicts the transformed reflection count of the crop centred on each point.
-    classifier : DenseModel, optional
-        Predicts the probability that the crop shows a crystal.
+    regressor_path : path
+        Predicts the (transformed) reflection count of the crop centred on
+        each point; evaluated densely (:mod:`.heatmap`).
+    classifier_path : path, optional
+        Predicts the probability that a crop shows a crystal; evaluated on the
+        one crop at the heatmap's peak, so it needs no dense form.
     """
 
-    def __init__(self, regressor: DenseModel, classifier: DenseModel | None = None):
+    def __init__(self, regressor_path, classifier_path=None):
+        from mxcube_autocenter.learning import crops
         from mxcube_autocenter.learning.training import info_transform
 
-        self.regressor = regressor
-        self.classifier = classifier
-        self.transform = info_transform(regressor.info)
+        self._crops = crops
+        self.regressor_path = Path(regressor_path)
+        self.model, self.info, self.spec = _load(regressor_path)
+        if self.info.get("task") != "regression":
+            raise PredictorError(
+                f"{regressor_path}: a {self.info.get('task')} model, not a regressor: set centring_model to a regressor"
+            )
+        try:
+            self.evaluator = DenseEvaluator(self.model)
+        except HeatmapError as err:
+            raise PredictorError(f"{regressor_path}: {err}") from err
+        self.transform = info_transform(self.info)
+        self.classifier = None
+        if classifier_path:
+            model, info, spec = _load(classifier_path)
+            if info.get("task") != "classifier":
+                raise PredictorError(f"{classifier_path}: not a crystal/empty classifier: fix centring_classifier")
+            self.classifier = (Path(classifier_path), model, spec)
 
     def describe(self) -> str:
-        text = f"regressor {self.regressor.path.name} ({self.regressor.info['architecture']})"
+        text = f"regressor {self.regressor_path.name} ({self.info['architecture']['name']})"
         if self.classifier is not None:
-            text += f", classifier {self.classifier.path.name}"
+            text += f", classifier {self.classifier[0].name}"
         return text
 
-    def predict(self, frame, roi, pixels_per_mm, stride_px):
-        """Heatmaps over ``roi``: reflection counts, and crystal probability (or None).
+    def _normalise(self, spec):
+        crops = self._crops
 
-        The classifier's grid is sampled at the regressor's grid points
-        (nearest), so both maps share coordinates.
+        def normalise(region):
+            coloured = crops.to_colour(region, spec.colour)
+            return crops.apply_stats(coloured, crops.region_stats(coloured, spec.normalisation))
+
+        return normalise
+
+    def predict(self, frame, roi, pixels_per_mm, stride_px) -> Heatmap:
+        """Predicted reflection counts (inverse-transformed) on a grid over ``roi``."""
+        crop_px = self.spec.crop_um * pixels_per_mm[0] / 1000.0
+        prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self._normalise(self.spec))
+        raw = dense_heatmap(self.evaluator, *prepared, stride_px)
+        return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
+
+    def crystal_probability(self, frame, point, roi, pixels_per_mm) -> float | None:
+        """The classifier's probability of a crystal in the crop at ``point`` (None without one).
+
+        Normalised with the statistics of the same region as the heatmap.
         """
-        raw = self.regressor.heatmap(self.regressor.prepare(frame, roi, pixels_per_mm), stride_px)
-        counts = Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
         if self.classifier is None:
-            return counts, None
-        prob = self.classifier.heatmap(self.classifier.prepare(frame, roi, pixels_per_mm), stride_px)
-        cols = np.abs(prob.xs[None, :] - counts.xs[:, None]).argmin(axis=1)
-        rows = np.abs(prob.ys[None, :] - counts.ys[:, None]).argmin(axis=1)
-        return counts, Heatmap(prob.values[np.ix_(rows, cols)], counts.xs, counts.ys)
+            return None
+        _, model, spec = self.classifier
+        region = frame[roi.y0 : roi.y1, roi.x0 : roi.x1]
+        crop = self._crops.model_input(frame, point, pixels_per_mm, spec, region=region)
+        return float(np.asarray(model(crop[None], training=False))[0, 0])
 
 
 def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
@@ -98,8 +110,9 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
     Raises
     ------
     PredictorError
-        A file that is missing, not a model of this package, or not
-        evaluable as a dense heatmap; the message names the file and the fix.
+        A file that is missing, not a model of this package, or a regressor
+        that cannot be evaluated as a dense heatmap; the message names the
+        file and the fix.
     """
     regressor_path = Path(regressor_path) if regressor_path else DEFAULT_REGRESSOR
     if not regressor_path.exists():
@@ -107,12 +120,6 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
             f"{regressor_path}: no such model file: set the centring_model property to a model trained with "
             "`mxcube-autocenter train`, or restore the shipped models/ directory"
         )
-    regressor = DenseModel(regressor_path)
-    if regressor.info.get("task") != "regression":
-        raise PredictorError(f"{regressor_path}: a {regressor.info.get('task')} model, not a regressor: set centring_model to a regressor")
-    classifier = None
-    if classifier_path or DEFAULT_CLASSIFIER.exists():
-        classifier = DenseModel(classifier_path or DEFAULT_CLASSIFIER)
-        if classifier.info.get("task") != "classifier":
-            raise PredictorError(f"{classifier.path}: not a crystal/empty classifier: fix centring_classifier")
-    return Predictor(regressor, classifier)
+    if classifier_path is None and DEFAULT_CLASSIFIER.exists():
+        classifier_path = DEFAULT_CLASSIFIER
+    return Predictor(regressor_path, classifier_path)

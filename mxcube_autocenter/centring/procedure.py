@@ -172,9 +172,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     Parameters
     ----------
     bl : Beamline
-    predictor : object
-        ``predictor.predict(frame, roi, pixels_per_mm, stride_px)`` returning
-        ``(heatmap_in_counts, crystal_probability_heatmap_or_None)``.
+    predictor : Predictor
+        ``predict(frame, roi, pixels_per_mm, stride_px) -> Heatmap`` of
+        reflection counts and ``crystal_probability(frame, point, roi,
+        pixels_per_mm) -> float or None``.
     settings : CentringSettings
     log : logging.Logger, optional
 
@@ -255,11 +256,11 @@ def _by_role(bl: Beamline, fitted: dict) -> dict:
 def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
     roi = loop_roi(tip, frame.shape, ppmm, width_um=settings.roi_width_um, height_um=settings.roi_height_um, pin_side=settings.pin_side)
     t = time.perf_counter()
-    counts, probability = _in_thread(predictor.predict, frame, roi, ppmm, settings.stride_px)
+    counts = _in_thread(predictor.predict, frame, roi, ppmm, settings.stride_px)
+    peak = find_peak(counts)
+    prob = _in_thread(predictor.crystal_probability, frame, (peak.x, peak.y), roi, ppmm)
     elapsed = time.perf_counter() - t
     timings["inference_s"] = timings.get("inference_s", 0.0) + elapsed
-    peak = find_peak(counts)
-    prob = None if probability is None else float(probability.values[peak.row, peak.col])
     return AngleResult(
         omega=bl.positions()["omega"], loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score,
         crystal_probability=prob, heatmap=counts, frame=frame, elapsed_s=elapsed,
