@@ -84,6 +84,124 @@ def cmd_inspect(args) -> int:
     return status
 
 
+def cmd_label(args) -> int:
+    """Label camera recordings with reflection counts into a training set."""
+    from mxcube_autocenter.labelling.dataset import DatasetError
+    from mxcube_autocenter.labelling.pipeline import LabellingError, format_summary, label_recordings
+    from mxcube_autocenter.labelling.spots_file import SpotsFileError
+
+    try:
+        summary = label_recordings(
+            args.recordings, args.out, spots_from=args.spots_from, nproc=args.nproc, clock_offset=args.clock_offset
+        )
+    except (DatasetError, LabellingError, SpotsFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 1 if summary.n_errors else 0
+
+
+def _train_options(args) -> dict:
+    return {
+        "crop_um": args.crop_um,
+        "input_size": args.input_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "patience": args.patience,
+        "seed": args.seed,
+    }
+
+
+def cmd_train(args) -> int:
+    """Train a reflection-count regressor (or the crystal/empty classifier)."""
+    from mxcube_autocenter.learning.training import train, train_classifier
+
+    if args.arch == "classifier":
+        result = train_classifier(args.dataset, args.out, **_train_options(args))
+    else:
+        result = train(args.dataset, args.arch, args.transform, args.out, **_train_options(args))
+    print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
+    for subset, metrics in result.metrics.items():
+        print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Train every architecture with every label transform into one report."""
+    from mxcube_autocenter.learning.evaluate import sweep
+
+    sweep(args.dataset, args.out, archs=args.archs, **_train_options(args))
+    print(f"Sweep report: {Path(args.out) / 'sweep.md'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluation report of a model on a training set's test split."""
+    from mxcube_autocenter.learning.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.dataset, args.out, subset=args.subset)
+    print(f"Report: {Path(args.out) / 'report.md'}")
+    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_heatmap(args) -> int:
+    """Loop, heatmap and best point of camera images (steps 1-4 of the centring)."""
+    import json
+    import time
+
+    import cv2
+
+    from mxcube_autocenter.centring import report
+    from mxcube_autocenter.centring.loop import find_loop
+    from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
+    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
+
+    try:
+        predictor = load_predictor(args.model, args.classifier)
+    except PredictorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = CentringSettings(stride_px=args.stride, min_score=args.min_score, pin_side=args.pin_side)
+    ppmm = (args.pixels_per_mm, args.pixels_per_mm)
+    status = 0
+    for path in args.images:
+        start = time.perf_counter()
+        entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None}
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            entry["error"] = f"cannot read {path} as an image (JPEG, PNG, ...)"
+            status = 1
+        else:
+            frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            tip = find_loop(frame, args.pin_side)
+            if tip is not None:
+                angle = analyse_frame(predictor, frame, tip, ppmm, settings)
+                entry.update(
+                    loop=[round(v, 1) for v in tip], score=round(angle.score, 2),
+                    crystal_found=is_crystal(angle, settings), crystal_probability=angle.crystal_probability,
+                )
+                entry["best"] = [round(v, 1) for v in angle.point] if entry["crystal_found"] else None
+                if args.png:
+                    beam = args.beam or (frame.shape[1] / 2, frame.shape[0] / 2)
+                    out = Path(args.png)
+                    if len(args.images) > 1:
+                        out.mkdir(parents=True, exist_ok=True)
+                        out = out / (Path(path).stem + "_heatmap.png")
+                    cv2.imwrite(str(out), cv2.cvtColor(report.overlay(angle, beam), cv2.COLOR_RGB2BGR))
+        entry["elapsed_s"] = round(time.perf_counter() - start, 3)
+        if args.json:
+            print(json.dumps(entry))
+        else:
+            print(
+                f"{path}: " + (entry.get("error") or (
+                    "no loop found" if entry["loop"] is None else
+                    f"loop {entry['loop']}, best {entry['best']}, score {entry['score']}, "
+                    f"crystal {'found' if entry['crystal_found'] else 'not found'} ({entry['elapsed_s']} s)"))
+            )
+    return status
+
+
 class _ImageProgress:
     """A tqdm bar advanced by the collect object's ``collectImageTaken`` signal."""
 
@@ -155,6 +273,8 @@ def cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mxcube_autocenter.learning.crops import DEFAULT_CROP_UM, DEFAULT_INPUT_SIZE
+
     parser = argparse.ArgumentParser(
         prog="mxcube-autocenter",
         description=(
@@ -176,6 +296,57 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
     sim.add_argument("--out", default="out/simulate", help="output directory (default: %(default)s)")
     sim.set_defaults(func=cmd_simulate)
+    label = sub.add_parser("label", help="label camera recordings with reflection counts into a training set")
+    label.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
+    label.add_argument("--out", required=True, help="training set HDF5 (created or appended to)")
+    label.add_argument("--spots-from", help="per-image spot counts (CSV/JSON from DIALS, dozor, ...) instead of our spot finder")
+    label.add_argument("--nproc", type=int, default=1, help="processes for spot finding (default: %(default)s)")
+    label.add_argument("--clock-offset", type=float, help="detector clock minus camera clock, s (default: estimated)")
+    label.set_defaults(func=cmd_label)
+
+    def add_train_options(p):
+        p.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
+        p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+        p.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping) (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--patience", type=int, default=5, help="early-stopping patience, epochs (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
+    train.add_argument("dataset", metavar="DATASET.h5")
+    train.add_argument("--arch", default="fcn", help="a1..a10, fcn, fcn_gap or classifier (default: %(default)s)")
+    train.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
+    train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
+    add_train_options(train)
+    train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser("sweep", help="all architectures x label transforms into one report")
+    sweep.add_argument("dataset", metavar="DATASET.h5")
+    sweep.add_argument("--out", required=True, help="report directory")
+    sweep.add_argument("--archs", nargs="+", default=[f"a{i}" for i in range(1, 11)], help="architectures (default: a1..a10)")
+    add_train_options(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    evaluate = sub.add_parser("evaluate", help="evaluation report of a model on a training set")
+    evaluate.add_argument("model", metavar="MODEL.keras")
+    evaluate.add_argument("dataset", metavar="DATASET.h5")
+    evaluate.add_argument("--out", required=True, help="report directory")
+    evaluate.add_argument("--subset", default="test", choices=["test", "validation", "train", "all"])
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    heatmap = sub.add_parser("heatmap", help="loop, heatmap and best point of OAV camera images")
+    heatmap.add_argument("images", nargs="+", metavar="IMAGE")
+    heatmap.add_argument("--pixels-per-mm", type=float, required=True, help="image scale, pixels per mm")
+    heatmap.add_argument("--beam", type=lambda t: tuple(float(v) for v in t.split(",")), help="beam position X,Y (default: image centre)")
+    heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
+    heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
+    heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
+    heatmap.add_argument("--stride", type=float, default=6.0, help="grid step, pixels (default: %(default)s)")
+    heatmap.add_argument("--min-score", type=float, default=5.0, help="smallest predicted reflection count of a crystal")
+    heatmap.add_argument("--json", action="store_true", help="one JSON object per image")
+    heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a directory for several images)")
+    heatmap.set_defaults(func=cmd_heatmap)
+
     inspect = sub.add_parser("inspect", help="summarise camera recordings and write contact sheets")
     inspect.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
     inspect.add_argument("--png", help="contact sheet path (one recording; default: next to it)")

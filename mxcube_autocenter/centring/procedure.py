@@ -210,7 +210,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
                 "AutoCenter: omega %.1f: best point (%.0f, %.0f), score %.1f%s", angle.omega, *angle.point, angle.score,
                 "" if angle.crystal_probability is None else f", crystal probability {angle.crystal_probability:.2f}",
             )
-            if not _is_crystal(angle, settings):
+            if not is_crystal(angle, settings):
                 if settings.fallback != "loop":
                     raise NoCrystalFound(
                         f"no crystal found at omega {angle.omega:.1f} (score {angle.score:.1f} < min_score "
@@ -253,21 +253,33 @@ def _by_role(bl: Beamline, fitted: dict) -> dict:
     return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
 
 
-def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
-    roi = loop_roi(tip, frame.shape, ppmm, width_um=settings.roi_width_um, height_um=settings.roi_height_um, pin_side=settings.pin_side)
-    t = time.perf_counter()
-    counts = _in_thread(predictor.predict, frame, roi, ppmm, settings.stride_px)
+def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, omega=float("nan")) -> AngleResult:
+    """Steps 2-4 on one frame: region around the loop tip, heatmap, peak, crystal check.
+
+    Runs where it is called (the procedure calls it on a worker thread).
+    """
+    start = time.perf_counter()
+    roi = loop_roi(
+        tip, frame.shape, pixels_per_mm, width_um=settings.roi_width_um, height_um=settings.roi_height_um,
+        pin_side=settings.pin_side,
+    )
+    counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px)
     peak = find_peak(counts)
-    prob = _in_thread(predictor.crystal_probability, frame, (peak.x, peak.y), roi, ppmm)
-    elapsed = time.perf_counter() - t
-    timings["inference_s"] = timings.get("inference_s", 0.0) + elapsed
+    prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm)
     return AngleResult(
-        omega=bl.positions()["omega"], loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score,
-        crystal_probability=prob, heatmap=counts, frame=frame, elapsed_s=elapsed,
+        omega=omega, loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score, crystal_probability=prob,
+        heatmap=counts, frame=frame, elapsed_s=time.perf_counter() - start,
     )
 
 
-def _is_crystal(angle: AngleResult, settings: CentringSettings) -> bool:
+def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
+    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions()["omega"])
+    timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
+    return angle
+
+
+def is_crystal(angle: AngleResult, settings: CentringSettings) -> bool:
+    """Whether the best point of an angle is good enough to shoot at."""
     if not np.isfinite(angle.score) or angle.score < settings.min_score:
         return False
     return angle.crystal_probability is None or angle.crystal_probability >= settings.min_crystal_probability
