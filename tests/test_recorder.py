@@ -166,3 +166,26 @@ def test_inspect_prints_a_summary_and_writes_a_contact_sheet(beamline, autocente
     assert cv2.imread(str(png)).shape[2] == 3
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
     assert "missing.h5" in capsys.readouterr().err
+
+
+def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter, tmp_path, capsys):
+    from mxcube_autocenter.cli import main
+    from mxcube_autocenter.labelling.dataset import read_dataset
+
+    autocenter.recorder.last_summary = None
+    record = collect(beamline, tmp_path, "Helical", n_images=30)
+    recording = wait_for_summary(autocenter).path
+    out = tmp_path / "dataset.h5"
+    assert main(["label", str(recording), "--out", str(out)]) == 0
+    assert str(recording.name) in capsys.readouterr().out
+    data = read_dataset(out)
+    assert len(data) >= 10
+    # Each row carries the reflection count of the detector frame exposed at that moment.
+    truth = np.asarray(record["reflection_counts"], dtype=float)
+    frames = np.asarray(data.detector_frame)
+    assert frames.min() >= 0 and frames.max() < 30
+    assert np.mean(np.abs(np.asarray(data.rc) - truth[frames]) <= np.maximum(3, 0.1 * truth[frames])) >= 0.9
+    assert data.image(0).ndim == 3
+    # Labelling the same recording again is detected and skipped.
+    assert main(["label", str(recording), "--out", str(out)]) == 0
+    assert len(read_dataset(out)) == len(data)
