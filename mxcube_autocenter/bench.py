@@ -17,6 +17,7 @@ Benchmark = Callable[[bool], dict]
 def _registry() -> list[tuple[str, Benchmark]]:
     # Imported here: each benchmark pulls in its own heavy dependencies.
     from mxcube_autocenter import recording
+    from mxcube_autocenter.centring import benchmark as centring
     from mxcube_autocenter.labelling import spotfinder
     from mxcube_autocenter.simulation import eiger, render
 
@@ -25,6 +26,7 @@ def _registry() -> list[tuple[str, Benchmark]]:
         ("eiger_write", eiger.benchmark),
         ("recording", recording.benchmark),
         ("spotfinding", spotfinder.benchmark),
+        ("centring", centring.benchmark),
     ]
 
 

@@ -112,6 +112,18 @@ def _train_options(args) -> dict:
     }
 
 
+def cmd_synthesize(args) -> int:
+    """A training set made straight from the virtual beamline's ground truth (domain-randomised)."""
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    summary = synthetic_dataset(
+        args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
+        random_looks=not args.fixed_look,
+    )
+    print(", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
     from mxcube_autocenter.learning.training import train, train_classifier
@@ -311,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--patience", type=int, default=5, help="early-stopping patience, epochs (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0)
+
+    synth = sub.add_parser("synthesize", help="a training set straight from the virtual beamline (domain-randomised)")
+    synth.add_argument("out", metavar="DATASET.h5")
+    synth.add_argument("--samples", type=int, default=150, help="virtual samples (default: %(default)s)")
+    synth.add_argument("--crops-per-sample", type=int, default=96, help="rows per sample (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
+    synth.set_defaults(func=cmd_synthesize)
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
     train.add_argument("dataset", metavar="DATASET.h5")

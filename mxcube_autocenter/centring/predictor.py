@@ -75,7 +75,8 @@ class Predictor:
             text += f", classifier {self.classifier[0].name}"
         return text
 
-    def _normalise(self, spec):
+    def normaliser(self, spec):
+        """The model input normalisation of ``spec``, applied once to a whole region."""
         crops = self._crops
 
         def normalise(region):
@@ -87,7 +88,7 @@ class Predictor:
     def predict(self, frame, roi, pixels_per_mm, stride_px) -> Heatmap:
         """Predicted reflection counts (inverse-transformed) on a grid over ``roi``."""
         crop_px = self.spec.crop_um * pixels_per_mm[0] / 1000.0
-        prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self._normalise(self.spec))
+        prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self.normaliser(self.spec))
         raw = dense_heatmap(self.evaluator, *prepared, stride_px)
         return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
 

@@ -1,0 +1,100 @@
+"""Centring benchmarks: dense heatmap against crop-by-crop, lucid3, a full centring."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from mxcube_autocenter.centring.heatmap import DenseEvaluator, dense_heatmap, prepare_region, reference_heatmap
+from mxcube_autocenter.centring.loop import Roi, find_loop
+from mxcube_autocenter.centring.predictor import load_predictor
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def heatmap_figures(predictor, frame, quick: bool) -> dict:
+    """A 512 x 512-pixel region at a 4-pixel stride, fast path and reference path, same model and grid.
+
+    The frame's scale is chosen so that one crop is the model's input size
+    (no resampling); the reference path's time is measured on a sample of
+    the grid's crops and scaled to the whole grid (its cost is per crop).
+    """
+    spec = predictor.spec
+    ppmm = (spec.input_size / spec.crop_um * 1000.0,) * 2
+    roi = Roi(384, 256, 384 + 512, 256 + 512)
+    evaluator = predictor.evaluator
+    normalise = predictor.normaliser(spec)
+    crop_px = spec.crop_um * ppmm[0] / 1000.0
+    region, origin, scale = prepare_region(frame, roi, crop_px, spec.input_size, normalise)
+    dense_heatmap(evaluator, region, origin, scale, 4.0)  # build and trace once
+    before = _rss_mb()
+    runs = 2 if quick else 5
+    start = time.perf_counter()
+    for _ in range(runs):
+        fast = dense_heatmap(evaluator, region, origin, scale, 4.0)
+    fast_s = (time.perf_counter() - start) / runs
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    n_grid = fast.values.size
+    sample = 256 if quick else 2048
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(len(fast.ys), size=int(np.sqrt(sample)), replace=False))
+    cols = np.sort(rng.choice(len(fast.xs), size=int(np.sqrt(sample)), replace=False))
+    start = time.perf_counter()
+    ref = reference_heatmap(predictor.model, region, origin, scale, spec.input_size, fast.xs[cols], fast.ys[rows])
+    per_crop = (time.perf_counter() - start) / ref.values.size
+    reference_s = per_crop * n_grid
+    return {
+        "heatmap_grid_points": float(n_grid),
+        "heatmap_fast_s": fast_s,
+        "heatmap_reference_s": reference_s,
+        "heatmap_reference_crops_per_s": 1.0 / per_crop,
+        "heatmap_speedup": reference_s / fast_s,
+        "heatmap_max_abs_diff": float(np.abs(ref.values - fast.values[np.ix_(rows, cols)]).max()),
+        "heatmap_peak_mem_mb": max(peak_mb, 0.0),
+    }
+
+
+def centring_wall_s(n: int = 3) -> float:
+    """Median wall time of full 3-angle centrings through SampleView on the virtual beamline, moves included."""
+    from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    times = []
+    with hardware_repository() as bl:
+        ho = auto_centring(bl)
+        zoom = bl.diffractometer.zoom
+        zoom.set_value(zoom.VALUES.LEVEL3, timeout=5)
+        for seed in range(n):
+            mounted = bl.sample_changer.mount(make_sample(90000 + seed, n_crystals=1))
+            centre = mounted.sample.loop_centre
+            bl.diffractometer.set_value_motors(
+                {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
+            )
+            start = time.perf_counter()
+            ho.centre(save=False)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def benchmark(quick: bool = False) -> dict:
+    """Heatmap fast/reference/speed-up/memory, lucid3 time and centring wall time (the shipped model)."""
+    from mxcube_autocenter.simulation.render import Renderer
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    predictor = load_predictor()
+    sample = make_sample(3, n_crystals=1)
+    motors = {"omega": 30.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    frame = Renderer().render(sample, motors, (1300.0, 1300.0), (640, 512))
+    figures = heatmap_figures(predictor, frame, quick)
+    runs = 3 if quick else 10
+    start = time.perf_counter()
+    for _ in range(runs):
+        find_loop(frame)
+    figures["lucid_s"] = (time.perf_counter() - start) / runs
+    figures["centring_wall_s"] = centring_wall_s(n=2 if quick else 5)
+    return figures
