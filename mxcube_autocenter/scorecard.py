@@ -1,0 +1,377 @@
+"""Scoring centring methods against the virtual beamline's ground truth.
+
+Plain functions, no beamline: the demo (:mod:`mxcube_autocenter.demo`)
+centres each held-out sample with every method, and this module turns the
+goniometer positions it ends at into figures.
+
+Per centring (:func:`score_position`):
+
+- **hit**: the beam centre line passes through a crystal at every
+  verification angle (omega 0, 45, 90 and 135 degrees) with the translation
+  motors where the centring left them
+  (``DiffractionModel.beam_hits_crystal``);
+- **distance**: 3D distance, um, from the sample point in the beam and in
+  focus (``geometry.point_in_beam``) to the ground-truth best point
+  (``MountedSample.best_point()``);
+- **RC fraction**: the mean reflection count over a rotation with that
+  point centred (``DiffractionModel.mean_rc_centred``) over the best
+  point's.
+
+Per method (:func:`summarise`), over the samples with crystals:
+``hit_rate``, ``median_dist_um``, ``p90_dist_um``, ``median_rc_fraction``;
+over the empty loops: ``empty_refused_rate`` (the method refused and left
+the sample where it was); over all: ``median_wall_s`` and ``exposures``
+(X-ray exposures per centring, 0 for optical methods).
+
+:func:`mesh_scan` is the X-ray reference: a raster of exposures over the
+loop at two orthogonal omega angles, the best of each combined into a 3D
+point; it needs no camera but costs one exposure per grid point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mxcube_autocenter.geometry import centred_motors, point_in_beam
+
+# Angles at which a centred crystal must be in the beam: those over which the best point is judged.
+VERIFY_OMEGAS = (0.0, 45.0, 90.0, 135.0)
+TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
+# A translation motor that moved less than this did not move, mm.
+MOVE_TOLERANCE_MM = 1e-3
+METHODS = ("ml", "lucid", "loop_centre", "mesh_oracle")
+
+# The project's targets for the optical ML centring: (figure, comparison, value).
+TARGETS = (
+    ("hit_rate", ">=", 0.95),
+    ("median_dist_um", "<=", 10.0),
+    ("median_rc_fraction", ">=", 0.8),
+    ("empty_refused_rate", ">=", 0.95),
+    ("exposures", "<=", 0),
+    ("median_wall_s", "<=", 10.0),
+)
+
+FIGURES = ("hit_rate", "median_dist_um", "p90_dist_um", "median_rc_fraction", "empty_refused_rate",
+           "median_wall_s", "exposures")  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """One centring of one sample by one method, scored.
+
+    Attributes
+    ----------
+    method : str
+    sample : str
+        The held-out sample's name (e.g. ``seed50003``).
+    has_crystal : bool
+    refused : bool
+        The method declined to centre (no crystal, no loop) and left the
+        sample where it was.
+    final_motors : dict
+        Centring motor positions after the centring.
+    wall_s : float or None
+        Seconds from start to outcome; None where the method is not timed
+        (ground-truth shortcuts).
+    exposures : int
+        X-ray exposures the method used.
+    hits : list of bool or None
+        Beam on a crystal at each of :data:`VERIFY_OMEGAS` (None: empty loop).
+    dist_um : float or None
+    rc_fraction : float or None
+    message : str
+        What the method said (its result or error).
+    """
+
+    method: str
+    sample: str
+    has_crystal: bool
+    refused: bool
+    final_motors: dict
+    wall_s: float | None = None
+    exposures: int = 0
+    hits: list | None = None
+    dist_um: float | None = None
+    rc_fraction: float | None = None
+    message: str = ""
+
+    @property
+    def hit(self) -> bool | None:
+        return None if self.hits is None else bool(all(self.hits))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["hit"] = self.hit
+        out["final_motors"] = {k: float(v) for k, v in self.final_motors.items()}
+        return out
+
+
+def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> bool:
+    """Whether any translation motor moved by more than ``tolerance_mm`` (omega turning does not count)."""
+    return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATIONS if m in start and m in final)
+
+
+def distance_um(final_motors: dict, best_point) -> float:
+    """3D distance, um, from the point in the beam and in focus to ``best_point`` (mm)."""
+    return float(np.linalg.norm(point_in_beam(final_motors) - np.asarray(best_point, dtype=np.float64)) * 1000.0)
+
+
+def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
+    """Whether the beam passes through a crystal at each omega, translations as in ``final_motors``."""
+    return [bool(diffraction.beam_hits_crystal({**final_motors, "omega": float(w)})) for w in omegas]
+
+
+def rc_fraction(diffraction, final_motors: dict, best_rc: float) -> float | None:
+    """Mean reflection count over a rotation about the point in the beam, over the best point's (None if no best)."""
+    if not best_rc or best_rc <= 0:
+        return None
+    return float(diffraction.mean_rc_centred(point_in_beam(final_motors)) / best_rc)
+
+
+def score_position(diffraction, best_point, best_rc: float, final_motors: dict, omegas=VERIFY_OMEGAS) -> dict:
+    """``hits``, ``dist_um`` and ``rc_fraction`` of a goniometer position (all None for an empty loop).
+
+    Parameters
+    ----------
+    diffraction : DiffractionModel
+        Anything with ``beam_hits_crystal(motors)`` and ``mean_rc_centred(point)``.
+    best_point : (3,) array_like or None
+        The ground-truth best point, mm; None for an empty loop.
+    best_rc : float
+        Its mean reflection count over a rotation.
+    final_motors : dict
+        Centring motor positions (omega is replaced by each of ``omegas``).
+    """
+    if best_point is None:
+        return {"hits": None, "dist_um": None, "rc_fraction": None}
+    return {
+        "hits": beam_hits(diffraction, final_motors, omegas),
+        "dist_um": distance_um(final_motors, best_point),
+        "rc_fraction": rc_fraction(diffraction, final_motors, best_rc),
+    }
+
+
+def _median(values):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(values)) if values else None
+
+
+def _percentile(values, q):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.percentile(values, q)) if values else None
+
+
+def _rate(flags):
+    flags = list(flags)
+    return float(np.mean(flags)) if flags else None
+
+
+def summarise_method(outcomes) -> dict:
+    """The figures of one method's outcomes (see the module documentation).
+
+    A rate or median over no samples is None (e.g. ``empty_refused_rate``
+    without empty loops).
+    """
+    outcomes = list(outcomes)
+    crystal = [o for o in outcomes if o.has_crystal]
+    empty = [o for o in outcomes if not o.has_crystal]
+    exposures = [int(o.exposures) for o in outcomes]
+    return {
+        "n": len(outcomes),
+        "n_crystal": len(crystal),
+        "n_empty": len(empty),
+        "hit_rate": _rate(bool(o.hit) for o in crystal),
+        "median_dist_um": _median(o.dist_um for o in crystal),
+        "p90_dist_um": _percentile((o.dist_um for o in crystal), 90),
+        "median_rc_fraction": _median(o.rc_fraction for o in crystal),
+        "empty_refused_rate": _rate(o.refused for o in empty),
+        "crystal_refused_rate": _rate(o.refused for o in crystal),
+        "median_wall_s": _median(o.wall_s for o in outcomes),
+        "exposures": int(np.median(exposures)) if exposures else 0,
+        "total_exposures": int(sum(exposures)),
+    }
+
+
+def summarise(outcomes, methods=METHODS) -> dict:
+    """``{method: figures}`` for every method in ``methods`` (in that order), then any other seen."""
+    outcomes = list(outcomes)
+    names = list(methods) + sorted({o.method for o in outcomes} - set(methods))
+    return {name: summarise_method(o for o in outcomes if o.method == name) for name in names}
+
+
+def check_targets(figures: dict, targets=TARGETS) -> list:
+    """Each target with the method's value and whether it is met (None: no value to judge).
+
+    Returns
+    -------
+    list of dict
+        ``figure``, ``op``, ``target``, ``value``, ``met``.
+    """
+    rows = []
+    for name, op, target in targets:
+        value = figures.get(name)
+        if value is None:
+            met = None
+        elif op == ">=":
+            met = bool(value >= target)
+        else:
+            met = bool(value <= target)
+        rows.append({"figure": name, "op": op, "target": target, "value": value, "met": met})
+    return rows
+
+
+@dataclass
+class MeshResult:
+    """An X-ray mesh scan of the loop at two omega angles.
+
+    Attributes
+    ----------
+    point : (3,) ndarray or None
+        Best sample point, mm; None when refused.
+    best_rc : float
+        Highest reflection count seen on either grid.
+    exposures : int
+        Grid points exposed, both grids.
+    refused : bool
+        ``best_rc`` below the threshold: no crystal worth shooting at.
+    grids : list of dict
+        Per omega: ``omega``, ``xs`` and ``ys`` (offsets, mm), ``rc`` (2D array).
+    """
+
+    point: np.ndarray | None
+    best_rc: float
+    exposures: int
+    refused: bool
+    grids: list = field(default_factory=list, repr=False)
+
+
+def _grid_axis(lo, hi, step):
+    n = max(1, int(math.floor((hi - lo) / step + 1e-9)) + 1)
+    start = 0.5 * (lo + hi) - 0.5 * (n - 1) * step
+    return start + step * np.arange(n)
+
+
+def mesh_scan(rc_at, loop_points, centre, *, step_um: float = 10.0, margin_um: float = 20.0,
+              omegas=(0.0, 90.0), threshold: float = 5.0) -> MeshResult:  # fmt: skip
+    """Raster the beam over the loop at two orthogonal omegas and combine the best points.
+
+    At each omega the loop is put on the rotation axis through ``centre``
+    (``centred_motors``) and the beam rastered in ``step_um`` steps over the
+    loop's projection (its bounding box plus ``margin_um``): ``phiy``
+    moves along the spindle, ``phiz`` across it. The best grid point of
+    the first omega fixes the sample coordinate seen across the spindle
+    there, that of the second the other one; the coordinate along the
+    spindle is the mean of the two.
+
+    Parameters
+    ----------
+    rc_at : callable
+        ``rc_at(motors) -> float``: the reflection count of an exposure at
+        these centring motor positions (``DiffractionModel.expected_rc``).
+    loop_points : (N, 3) array_like
+        Points outlining the loop (e.g. ``VirtualSample.film_points()``), mm.
+    centre : (3,) array_like
+        The loop's centre, mm.
+    step_um, margin_um : float
+    omegas : (float, float)
+        Two angles 90 degrees apart.
+    threshold : float
+        Refuse (no crystal) when no exposure reaches this count.
+    """
+    if len(omegas) != 2 or not np.isclose(abs((omegas[1] - omegas[0]) % 180.0), 90.0):
+        raise ValueError(f"mesh_scan needs two omegas 90 degrees apart, not {omegas}")
+    centre = np.asarray(centre, dtype=np.float64)
+    pts = np.asarray(loop_points, dtype=np.float64).reshape(-1, 3)
+    step, margin = step_um * 1e-3, margin_um * 1e-3
+    grids, best = [], []
+    for omega in omegas:
+        motors0 = centred_motors(centre, omega)
+        w = np.radians(omega)
+        along = pts[:, 0] - centre[0]
+        across = (pts[:, 1] - centre[1]) * np.sin(w) + (pts[:, 2] - centre[2]) * np.cos(w)
+        xs = _grid_axis(along.min() - margin, along.max() + margin, step)
+        ys = _grid_axis(across.min() - margin, across.max() + margin, step)
+        rc = np.empty((len(ys), len(xs)))
+        for i, dy in enumerate(ys):
+            for j, dx in enumerate(xs):
+                rc[i, j] = rc_at({**motors0, "phiy": motors0["phiy"] + float(dx), "phiz": float(dy)})
+        i, j = np.unravel_index(int(np.argmax(rc)), rc.shape)
+        grids.append({"omega": float(omega), "xs": xs, "ys": ys, "rc": rc})
+        best.append((float(xs[j]), float(ys[i]), float(rc[i, j])))
+    exposures = int(sum(g["rc"].size for g in grids))
+    best_rc = max(b[2] for b in best)
+    if best_rc < threshold:
+        return MeshResult(None, best_rc, exposures, True, grids)
+    # The beam through the best point of omega w hits the points with
+    # (u - cu) sin w + (v - cv) cos w = dy: two such lines 90 degrees apart fix (u, v).
+    w1, w2 = np.radians(omegas[0]), np.radians(omegas[1])
+    m = np.array([[np.sin(w1), np.cos(w1)], [np.sin(w2), np.cos(w2)]])
+    du, dv = np.linalg.solve(m, [best[0][1], best[1][1]])
+    a = centre[0] + 0.5 * (best[0][0] + best[1][0])
+    return MeshResult(np.array([a, centre[1] + du, centre[2] + dv]), best_rc, exposures, False, grids)
+
+
+# -- presentation ----------------------------------------------------------------
+
+_COLUMNS = (
+    ("method", "method", "{}"),
+    ("hit_rate", "hit rate", "{:.0%}"),
+    ("median_dist_um", "median dist um", "{:.1f}"),
+    ("p90_dist_um", "p90 dist um", "{:.1f}"),
+    ("median_rc_fraction", "median RC frac", "{:.2f}"),
+    ("empty_refused_rate", "empty refused", "{:.0%}"),
+    ("median_wall_s", "s/centring", "{:.1f}"),
+    ("exposures", "exposures", "{:d}"),
+)
+
+
+def _cell(value, fmt) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table_rows(methods: dict) -> list:
+    """Header and one row of formatted cells per method."""
+    rows = [[title for _, title, _ in _COLUMNS]]
+    for name, figures in methods.items():
+        rows.append([name] + [_cell(figures.get(key), fmt) for key, _, fmt in _COLUMNS[1:]])
+    return rows
+
+
+def format_table(methods: dict) -> str:
+    """The scorecard as a fixed-width text table (for the terminal)."""
+    rows = table_rows(methods)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(methods: dict) -> str:
+    """The scorecard as a Markdown table."""
+    rows = table_rows(methods)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def format_targets(checks: list) -> str:
+    """Markdown lines: each target, the value reached, met or not."""
+    lines = ["| figure | target | ML | met |", "|---|---|---|---|"]
+    fmts = dict((key, fmt) for key, _, fmt in _COLUMNS)
+    for c in checks:
+        fmt = fmts.get(c["figure"], "{}")
+        target = _cell(c["target"], fmt) if c["figure"] != "exposures" else str(c["target"])
+        met = "-" if c["met"] is None else ("yes" if c["met"] else "**no**")
+        lines.append(f"| {c['figure']} | {c['op']} {target} | {_cell(c['value'], fmt)} | {met} |")
+    return "\n".join(lines)

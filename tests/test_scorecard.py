@@ -1,0 +1,166 @@
+"""The scorecard's figures on hand-made positions, outcomes and a fake diffraction model."""
+
+import numpy as np
+import pytest
+
+from mxcube_autocenter import scorecard
+from mxcube_autocenter.geometry import beam_frame, centred_motors
+from mxcube_autocenter.scorecard import Outcome
+
+CRYSTAL = np.array([0.05, -0.03, 0.02])  # mm
+
+
+class FakeDiffraction:
+    """A spherical crystal at CRYSTAL: a hit within RADIUS of the beam, counts a Gaussian of the distance."""
+
+    RADIUS = 0.015
+    SIGMA = 0.02
+
+    def __init__(self, centre=CRYSTAL, peak=100.0):
+        self.centre = np.asarray(centre)
+        self.peak = peak
+        self.calls = 0
+
+    def _offset(self, motors):
+        x, y, _ = beam_frame(self.centre[None], motors)[0]
+        return np.hypot(x, y)
+
+    def beam_hits_crystal(self, motors):
+        return self._offset(motors) < self.RADIUS
+
+    def expected_rc(self, motors):
+        self.calls += 1
+        return float(self.peak * np.exp(-self._offset(motors) ** 2 / (2 * self.SIGMA**2)))
+
+    def mean_rc_centred(self, point):
+        d = np.linalg.norm(np.asarray(point) - self.centre)
+        return float(self.peak * np.exp(-(d**2) / (2 * self.SIGMA**2)))
+
+
+def test_moved_ignores_omega_and_tiny_changes():
+    start = centred_motors(CRYSTAL, 10.0)
+    assert not scorecard.moved(start, {**start, "omega": 200.0})
+    assert not scorecard.moved(start, {**start, "sampx": start["sampx"] + 0.0005})
+    assert scorecard.moved(start, {**start, "phiz": 0.002})
+
+
+def test_distance_is_zero_when_centred_and_follows_the_offset():
+    assert scorecard.distance_um(centred_motors(CRYSTAL, 33.0), CRYSTAL) == pytest.approx(0.0, abs=1e-9)
+    off = {**centred_motors(CRYSTAL), "sampx": CRYSTAL[1] + 0.006, "sampy": CRYSTAL[2] - 0.008}
+    assert scorecard.distance_um(off, CRYSTAL) == pytest.approx(10.0)
+    # phiz moves the goniometer: the point in the beam and in focus moves with it.
+    lifted = {**centred_motors(CRYSTAL, 0.0), "phiz": 0.012}
+    assert scorecard.distance_um(lifted, CRYSTAL) == pytest.approx(12.0)
+
+
+def test_score_position_centred_and_off_and_empty():
+    model = FakeDiffraction()
+    good = scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL, 77.0))
+    assert good["hits"] == [True, True, True, True]
+    assert good["dist_um"] == pytest.approx(0.0, abs=1e-9)
+    assert good["rc_fraction"] == pytest.approx(1.0)
+    # 10 um off along the spindle: still inside the 15 um crystal at every angle.
+    near = scorecard.score_position(model, CRYSTAL, 100.0, {**centred_motors(CRYSTAL), "phiy": CRYSTAL[0] + 0.01})
+    assert all(near["hits"]) and near["dist_um"] == pytest.approx(10.0)
+    assert near["rc_fraction"] == pytest.approx(np.exp(-0.5 * (10 / 20) ** 2))
+    # 20 um off across the spindle: missed at some angles, not at others.
+    across = scorecard.score_position(model, CRYSTAL, 100.0, {**centred_motors(CRYSTAL), "sampx": CRYSTAL[1] + 0.02})
+    assert across["hits"][0] and not across["hits"][2] and not all(across["hits"])
+    assert scorecard.score_position(model, None, 0.0, centred_motors(CRYSTAL)) == {
+        "hits": None, "dist_um": None, "rc_fraction": None}
+    assert scorecard.rc_fraction(model, centred_motors(CRYSTAL), 0.0) is None
+
+
+def _outcome(method, sample, crystal, *, refused=False, hits=None, dist=None, frac=None, wall=1.0, exposures=0):
+    return Outcome(method, sample, crystal, refused, centred_motors(CRYSTAL), wall, exposures, hits, dist, frac)
+
+
+def test_summarise_method_figures():
+    outcomes = [
+        _outcome("ml", "a", True, hits=[True] * 4, dist=2.0, frac=0.9, wall=4.0),
+        _outcome("ml", "b", True, hits=[True, True, False, True], dist=30.0, frac=0.5, wall=6.0),
+        _outcome("ml", "c", True, hits=[True] * 4, dist=4.0, frac=1.0, wall=5.0),
+        _outcome("ml", "d", True, refused=True, hits=[False] * 4, dist=300.0, frac=0.0, wall=3.0),
+        _outcome("ml", "e", False, refused=True, wall=2.0),
+        _outcome("ml", "f", False, refused=False, wall=8.0),
+    ]
+    figures = scorecard.summarise_method(outcomes)
+    assert figures["n"] == 6 and figures["n_crystal"] == 4 and figures["n_empty"] == 2
+    assert figures["hit_rate"] == pytest.approx(0.5)
+    assert figures["median_dist_um"] == pytest.approx(17.0)
+    assert figures["p90_dist_um"] == pytest.approx(np.percentile([2, 30, 4, 300], 90))
+    assert figures["median_rc_fraction"] == pytest.approx(0.7)
+    assert figures["empty_refused_rate"] == pytest.approx(0.5)
+    assert figures["crystal_refused_rate"] == pytest.approx(0.25)
+    assert figures["median_wall_s"] == pytest.approx(4.5)
+    assert figures["exposures"] == 0 and figures["total_exposures"] == 0
+    assert figures["hit_rate"] is not None and outcomes[1].hit is False and outcomes[4].hit is None
+
+
+def test_summarise_without_empties_or_timings_gives_none():
+    outcomes = [
+        _outcome("mesh_oracle", "a", True, hits=[True] * 4, dist=3.0, frac=0.95, wall=None, exposures=1200),
+        _outcome("mesh_oracle", "b", True, hits=[True] * 4, dist=5.0, frac=0.9, wall=None, exposures=800),
+        _outcome("loop_centre", "a", True, hits=[False] * 4, dist=80.0, frac=0.1, wall=None),
+    ]
+    summary = scorecard.summarise(outcomes)
+    assert list(summary) == list(scorecard.METHODS)
+    mesh = summary["mesh_oracle"]
+    assert mesh["empty_refused_rate"] is None and mesh["median_wall_s"] is None
+    assert mesh["exposures"] == 1000 and mesh["total_exposures"] == 2000
+    assert summary["ml"]["n"] == 0 and summary["ml"]["hit_rate"] is None
+    assert summary["loop_centre"]["hit_rate"] == 0.0
+
+
+def test_check_targets():
+    figures = {"hit_rate": 1.0, "median_dist_um": 12.0, "median_rc_fraction": 0.8, "empty_refused_rate": None,
+               "exposures": 0, "median_wall_s": 4.0}
+    checks = {c["figure"]: c for c in scorecard.check_targets(figures)}
+    assert checks["hit_rate"]["met"] is True
+    assert checks["median_dist_um"]["met"] is False
+    assert checks["median_rc_fraction"]["met"] is True  # the bound itself meets the target
+    assert checks["empty_refused_rate"]["met"] is None
+    assert checks["exposures"]["met"] is True and checks["median_wall_s"]["met"] is True
+    text = scorecard.format_targets(list(checks.values()))
+    assert "**no**" in text and "median_dist_um" in text
+
+
+def test_mesh_scan_finds_the_crystal_in_3d_and_counts_exposures():
+    model = FakeDiffraction()
+    loop = np.array([[a, u, v] for a in (-0.15, 0.15) for u in (-0.1, 0.1) for v in (-0.1, 0.1)])
+    result = scorecard.mesh_scan(model.expected_rc, loop, np.zeros(3), step_um=10.0, margin_um=20.0)
+    assert not result.refused
+    # Grids of 35 x 25 points at omega 0 (and 90): the loop's 300 x 200 um projection plus margins.
+    assert [g["rc"].shape for g in result.grids] == [(25, 35), (25, 35)]
+    assert result.exposures == 2 * 25 * 35 == model.calls
+    assert np.all(np.abs(result.point - CRYSTAL) <= 0.005 + 1e-9)  # within half a step per axis
+    assert result.best_rc > 80.0
+
+
+def test_mesh_scan_other_angles_and_refusal():
+    model = FakeDiffraction()
+    loop = np.array([[a, u, v] for a in (-0.1, 0.1) for u in (-0.1, 0.1) for v in (-0.1, 0.1)])
+    result = scorecard.mesh_scan(model.expected_rc, loop, [0.01, 0.0, 0.0], step_um=5.0, omegas=(30.0, 120.0))
+    assert np.all(np.abs(result.point - CRYSTAL) <= 0.0025 + 1e-9)
+    weak = FakeDiffraction(peak=3.0)
+    refused = scorecard.mesh_scan(weak.expected_rc, loop, np.zeros(3), threshold=5.0)
+    assert refused.refused and refused.point is None and refused.exposures > 0
+    with pytest.raises(ValueError, match="90 degrees"):
+        scorecard.mesh_scan(weak.expected_rc, loop, np.zeros(3), omegas=(0.0, 45.0))
+
+
+def test_tables_show_every_method_and_dashes_for_missing_values():
+    outcomes = [
+        _outcome("ml", "a", True, hits=[True] * 4, dist=2.0, frac=0.9, wall=4.0),
+        _outcome("ml", "e", False, refused=True, wall=2.0),
+    ]
+    summary = scorecard.summarise(outcomes)
+    text = scorecard.format_table(summary)
+    lines = text.splitlines()
+    assert lines[0].startswith("method") and set(lines[1]) <= {"-", " "}
+    assert len(lines) == 2 + len(scorecard.METHODS)
+    assert "100%" in lines[2] and "2.0" in lines[2]
+    assert lines[3].split()[1] == "-"  # lucid: nothing run
+    md = scorecard.markdown_table(summary).splitlines()
+    assert md[0].startswith("| method") and len(md) == 2 + len(scorecard.METHODS)
+    assert all(o.to_dict()["method"] == "ml" for o in outcomes)
