@@ -118,3 +118,19 @@ def test_lucid_finds_the_loop_tip_on_either_side(pin_side):
 
 def test_no_loop_in_an_empty_field():
     assert find_loop(Renderer().render_empty()) is None
+
+
+def test_sample_mask_covers_the_loop_and_not_the_empty_field():
+    from mxcube_autocenter.centring.loop import sample_mask
+
+    sample = make_sample(3, n_crystals=1)
+    frame = frame_of()
+    tip = find_loop(frame)
+    roi = loop_roi(tip, frame.shape, PPMM)
+    mask = sample_mask(frame, roi, tip)
+    crystal = sample.crystals[0].centre
+    x = 640 + PPMM[0] * (crystal[0] - sample.loop_centre[0]) - roi.x0
+    assert mask.shape == (roi.height, roi.width)
+    assert 0.02 < mask.mean() < 0.6  # the loop, not the whole region
+    assert mask[:, int(x)].any()  # the crystal's column is inside the sample
+    assert not mask[0, -1] and not mask[-1, -1]  # far corners are empty field

@@ -88,3 +88,53 @@ def loop_roi(tip, image_shape, pixels_per_mm, *, width_um=700.0, height_um=600.0
 
 def _clip(value, high) -> int:
     return int(round(min(max(value, 0), high)))
+
+
+def sample_mask(frame, roi: Roi, tip, *, darkness=0.08, close_px=15, scale=4) -> np.ndarray:
+    """Where the sample is inside the region: the convex hull of the dark object at the loop tip.
+
+    A crystal sits in the loop, so the beam should never be sent to the empty
+    field around it, however a model responds to vignetting or flare there.
+    Dark pixels are those ``darkness`` (fraction) below the local backlight,
+    estimated by a grey-level closing wider than the loop's fibres; the
+    component that reaches the loop tip, after closing gaps of ``close_px``,
+    gives the hull.
+
+    Parameters
+    ----------
+    frame : (H, W, 3) uint8 ndarray
+    roi : Roi
+    tip : (float, float)
+        Loop tip found by lucid3, pixels.
+
+    Returns
+    -------
+    (roi.height, roi.width) bool ndarray
+        True inside the sample; all True when no dark object is found, so the
+        caller falls back to the whole region.
+    """
+    import cv2
+
+    grey = cv2.cvtColor(frame[roi.y0 : roi.y1, roi.x0 : roi.x1], cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(grey, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA).astype(np.float32)
+    k = 2 * max(3, 61 // scale) + 1
+    backlight = cv2.morphologyEx(small, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
+    backlight = cv2.GaussianBlur(backlight, (k, k), 0)
+    dark = (small < backlight * (1 - darkness)).astype(np.uint8)
+    c = max(3, close_px // scale) | 1
+    dark = cv2.morphologyEx(dark, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
+    n, labels = cv2.connectedComponents(dark)
+    full = np.ones((roi.height, roi.width), bool)
+    if n < 2:
+        return full
+    tx = int(np.clip((tip[0] - roi.x0) / scale, 0, small.shape[1] - 1))
+    ty = int(np.clip((tip[1] - roi.y0) / scale, 0, small.shape[0] - 1))
+    near = labels[max(ty - c, 0) : ty + c + 1, max(tx - c, 0) : tx + c + 1]
+    ids = near[near > 0]
+    if ids.size == 0:
+        return full
+    ys, xs = np.nonzero(labels == np.bincount(ids).argmax())
+    hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32) * scale)
+    mask = np.zeros((roi.height, roi.width), np.uint8)
+    cv2.fillConvexPoly(mask, hull, 1)
+    return mask.astype(bool)

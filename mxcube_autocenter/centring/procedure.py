@@ -18,7 +18,7 @@ import gevent
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi
+from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -91,6 +91,7 @@ class CentringSettings:
     fallback: str = "none"
     pin_side: str = "left"
     max_displacement_mm: float = 1.0
+    x_tolerance_um: float = 30.0
     move_timeout_s: float = MOVE_TIMEOUT_S
     loop_search_rotations: int = 4
 
@@ -204,7 +205,8 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
                 t = time.perf_counter()
                 tip = _in_thread(find_loop, frame, settings.pin_side) or tip
                 timings["loop_s"] += time.perf_counter() - t
-            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
+            x_near = result.angles[0].point[0] if result.angles else None
+            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings, x_near)
             result.angles.append(angle)
             log.info(
                 "AutoCenter: omega %.1f: best point (%.0f, %.0f), score %.1f%s", angle.omega, *angle.point, angle.score,
@@ -253,10 +255,17 @@ def _by_role(bl: Beamline, fitted: dict) -> dict:
     return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
 
 
-def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, omega=float("nan")) -> AngleResult:
+def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, omega=float("nan"), x_near=None) -> AngleResult:
     """Steps 2-4 on one frame: region around the loop tip, heatmap, peak, crystal check.
 
     Runs where it is called (the procedure calls it on a worker thread).
+
+    Parameters
+    ----------
+    x_near : float, optional
+        Screen x of the point chosen at an earlier angle. Rotation does not
+        move a point along the spindle, so the peak is sought within
+        ``settings.x_tolerance_um`` of it: the same crystal at every angle.
     """
     start = time.perf_counter()
     roi = loop_roi(
@@ -264,7 +273,15 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
         pin_side=settings.pin_side,
     )
     counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px)
-    peak = find_peak(counts)
+    inside = sample_mask(frame, roi, tip)
+    cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
+    rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
+    mask = inside[np.ix_(rows, cols)]
+    if x_near is not None:
+        near = np.abs(counts.xs - x_near) <= settings.x_tolerance_um * pixels_per_mm[0] / 1000.0
+        if (mask & near[None, :]).any():
+            mask = mask & near[None, :]
+    peak = find_peak(counts, mask=mask if mask.any() else None)
     prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm)
     return AngleResult(
         omega=omega, loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score, crystal_probability=prob,
@@ -272,8 +289,8 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     )
 
 
-def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
-    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions()["omega"])
+def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings, x_near) -> AngleResult:
+    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions()["omega"], x_near)
     timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
     return angle
 
