@@ -14,6 +14,11 @@ The dataset contract (written by the labelling code and by
   datasets of the same length (e.g. the simulator's ``rc_expected``) are
   read into :attr:`Table.extra`.
 
+The layout the labelling code (``mxcube_autocenter.labelling.dataset``)
+writes is read too: group ``/rows`` with the JPEGs in ``jpeg``, only the
+first ``n_rows`` (root attribute) rows committed, ``zoom`` as text and
+``stored_crop_um`` per recording in ``/recordings/provenance``.
+
 Everything but the images is read into memory (:func:`read_table`, a few
 tens of bytes a row). Images are read lazily, one row at a time, by a
 parallel ``tf.data`` map over shuffled row indices, so datasets larger than
@@ -64,11 +69,14 @@ class Table:
     beam_xy, pixels_per_mm : (N, 2) float64
     zoom, omega, timestamp : (N,) float64
     detector_frame, recording_frame : (N,) int64
-    stored_crop_um : float
+    stored_crop_um : float or None
+        None when a labelling-layout file does not record it.
     format_version : int
     provenance : dict or str
     extra : dict
-        Other per-row datasets (e.g. ``rc_expected``).
+        Other numeric per-row datasets (e.g. ``rc_expected``, ``padded``).
+    image_dataset : str
+        Where the JPEG crops are: ``samples/image`` or ``rows/jpeg``.
     """
 
     path: str
@@ -87,6 +95,7 @@ class Table:
     format_version: int
     provenance: object
     extra: dict = field(default_factory=dict)
+    image_dataset: str = "samples/image"
 
     def __len__(self):
         return len(self.rc)
@@ -99,7 +108,7 @@ class Table:
             "rows": int(len(rc)),
             "crystals": int(len(set(self.crystal_id))),
             "scans": int(len(set(self.scan_id))),
-            "stored_crop_um": float(self.stored_crop_um),
+            "stored_crop_um": None if self.stored_crop_um is None else float(self.stored_crop_um),
             "format_version": int(self.format_version),
             "rc": {
                 "mean": float(rc.mean()) if len(rc) else None,
@@ -111,8 +120,45 @@ class Table:
         }
 
 
+def _stored_crop_um(f, layout):
+    """Side of the stored crops: the root attribute, else (labelling layout) the smallest of the recordings'."""
+    if "stored_crop_um" in f.attrs:
+        return float(f.attrs["stored_crop_um"])
+    if layout == "rows" and "recordings/provenance" in f:
+        n = int(f.attrs.get("n_recordings", f["recordings/provenance"].shape[0]))
+        sides = []
+        for text in f["recordings/provenance"].asstr()[:n]:
+            try:
+                sides.append(float(json.loads(text)["stored_crop_um"]))
+            except (KeyError, TypeError, ValueError):
+                pass
+        if sides:
+            return min(sides)
+    return None
+
+
+def _as_float(values) -> np.ndarray:
+    """Numbers, or text that should be numbers (NaN where it is not)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "fiub":
+        return values.astype(np.float64)
+    out = np.full(values.shape, np.nan)
+    for i, v in enumerate(_text(values.ravel())):
+        try:
+            out.flat[i] = float(v)
+        except ValueError:
+            pass
+    return out
+
+
 def read_table(path) -> Table:
     """Read and check everything but the images of a dataset file.
+
+    Two layouts are read: the contract's (``/samples`` with ``image``, root
+    attribute ``stored_crop_um``) and the one the labelling code writes
+    (``/rows`` with ``jpeg``, only the first ``n_rows`` rows committed,
+    ``stored_crop_um`` per recording in ``/recordings/provenance``, ``zoom``
+    as text).
 
     Raises
     ------
@@ -137,19 +183,30 @@ def read_table(path) -> Table:
                 f"{path}: dataset format_version {int(version)}, this code reads version {FORMAT_VERSION}: "
                 "relabel the recordings with this version of mxcube_autocenter"
             )
-        if "stored_crop_um" not in f.attrs:
-            raise DatasetError(f"{path}: no root attribute 'stored_crop_um' (side of the stored crops, um)")
-        if "samples" not in f:
-            raise DatasetError(f"{path}: no group '/samples'")
-        g = f["samples"]
-        missing = [name for name in REQUIRED if name not in g]
+        if "samples" in f:
+            layout, g, image_name = "samples", f["samples"], "image"
+        elif "rows" in f and "n_rows" in f.attrs:
+            layout, g, image_name = "rows", f["rows"], "jpeg"
+        else:
+            raise DatasetError(f"{path}: no group '/samples' (nor the labelling code's '/rows' with the attribute n_rows)")
+        required = [image_name if name == "image" else name for name in REQUIRED]
+        missing = [name for name in required if name not in g]
         if missing:
-            raise DatasetError(f"{path}: /samples lacks the datasets {missing} (see docs/learning.md for the format)")
+            raise DatasetError(f"{path}: /{layout} lacks the datasets {missing} (see docs/learning.md for the format)")
         lengths = {name: g[name].shape[0] for name in g if isinstance(g[name], h5py.Dataset)}
-        n = lengths["image"]
-        unequal = {name: m for name, m in lengths.items() if m != n}
-        if unequal:
-            raise DatasetError(f"{path}: /samples datasets differ in length: image has {n} rows, {unequal}")
+        if layout == "rows":
+            n = int(f.attrs["n_rows"])
+            short = {name: m for name, m in lengths.items() if m < n}
+            if short:
+                raise DatasetError(f"{path}: n_rows is {n} but /rows datasets are shorter: {short}")
+        else:
+            n = lengths[image_name]
+            unequal = {name: m for name, m in lengths.items() if m != n}
+            if unequal:
+                raise DatasetError(f"{path}: /samples datasets differ in length: image has {n} rows, {unequal}")
+        stored = _stored_crop_um(f, layout)
+        if stored is None and layout == "samples":
+            raise DatasetError(f"{path}: no root attribute 'stored_crop_um' (side of the stored crops, um)")
         provenance = f.attrs.get("provenance", "{}")
         if isinstance(provenance, bytes):
             provenance = provenance.decode()
@@ -157,12 +214,12 @@ def read_table(path) -> Table:
             provenance = json.loads(provenance)
         except (TypeError, ValueError):
             provenance = str(provenance)
-        arrays = {name: g[name][()] for name in NUMERIC}
-        texts = {name: _text(g[name][()]) for name in TEXT}
+        arrays = {name: g[name][:n] for name in NUMERIC}
+        texts = {name: _text(g[name][:n]) for name in TEXT}
         extra = {
-            name: g[name][()]
+            name: g[name][:n]
             for name in g
-            if name not in REQUIRED and isinstance(g[name], h5py.Dataset) and g[name].dtype.kind in "fiub"
+            if name not in required and isinstance(g[name], h5py.Dataset) and g[name].dtype.kind in "fiub"
         }
         table = Table(
             path=path,
@@ -172,15 +229,16 @@ def read_table(path) -> Table:
             scan_type=texts["scan_type"],
             beam_xy=np.asarray(arrays["beam_xy"], dtype=np.float64).reshape(n, 2),
             pixels_per_mm=np.asarray(arrays["pixels_per_mm"], dtype=np.float64).reshape(n, 2),
-            zoom=np.asarray(arrays["zoom"], dtype=np.float64).reshape(n),
+            zoom=_as_float(arrays["zoom"]).reshape(n),
             omega=np.asarray(arrays["omega"], dtype=np.float64).reshape(n),
             timestamp=np.asarray(arrays["timestamp"], dtype=np.float64).reshape(n),
             detector_frame=np.asarray(arrays["detector_frame"], dtype=np.int64).reshape(n),
             recording_frame=np.asarray(arrays["recording_frame"], dtype=np.int64).reshape(n),
-            stored_crop_um=float(f.attrs["stored_crop_um"]),
+            stored_crop_um=stored,
             format_version=int(version),
             provenance=provenance,
             extra=extra,
+            image_dataset=f"{layout}/{image_name}",
         )
     if np.any(~np.isfinite(table.rc)) or np.any(table.rc < 0):
         raise DatasetError(f"{path}: reflection counts must be finite and >= 0")
@@ -190,8 +248,9 @@ def read_table(path) -> Table:
 class RowReader:
     """Reads the stored images of a dataset one row at a time (thread-safe)."""
 
-    def __init__(self, path):
+    def __init__(self, path, image_dataset: str = "samples/image"):
         self.path = str(path)
+        self.image_dataset = image_dataset
         self._file = None
         self._lock = threading.Lock()
 
@@ -200,7 +259,7 @@ class RowReader:
         with self._lock:
             if self._file is None:
                 self._file = h5py.File(self.path, "r")
-            data = self._file["samples/image"][int(i)]
+            data = self._file[self.image_dataset][int(i)]
         try:
             return crops.decode_jpeg(data)
         except ValueError as err:
@@ -239,7 +298,7 @@ def row_crop(reader: RowReader, table: Table, i: int, spec: crops.CropSpec):
 
 def check_crop_fits(table: Table, spec: crops.CropSpec):
     """Refuse a crop larger than the dataset's stored crops (it would be padded)."""
-    if spec.crop_um > table.stored_crop_um * (1 + 1e-6):
+    if table.stored_crop_um is not None and spec.crop_um > table.stored_crop_um * (1 + 1e-6):
         raise DatasetError(
             f"{table.path}: crop of {spec.crop_um} um asked for, the dataset stores only "
             f"{table.stored_crop_um} um around the beam: choose crop_um <= {table.stored_crop_um}"
@@ -255,7 +314,7 @@ def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> 
         from tqdm import tqdm
 
         iterator = tqdm(iterator, total=len(rows), desc="crops", unit="crop")
-    with RowReader(table.path) as reader:
+    with RowReader(table.path, table.image_dataset) as reader:
         for k, i in iterator:
             crop, stats = row_crop(reader, table, int(i), spec)
             out[k] = crops.apply_stats(crop, stats)
@@ -307,7 +366,7 @@ def make_dataset(
         raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
     if len(rows) == 0:
         raise ValueError(f"{table.path}: no rows to stream")
-    reader = RowReader(table.path)
+    reader = RowReader(table.path, table.image_dataset)
     size, channels = int(spec.input_size), spec.channels
 
     def load(i):

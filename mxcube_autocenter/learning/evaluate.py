@@ -65,7 +65,7 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
         return None
     n_rows = int(np.ceil(len(rows) / columns))
     fig, axes = plt.subplots(n_rows, columns, figsize=(2.0 * columns, 2.25 * n_rows + 0.4), squeeze=False)
-    with RowReader(table.path) as reader:
+    with RowReader(table.path, table.image_dataset) as reader:
         for ax, i, caption in zip(axes.flat, rows, captions):
             crop, _ = row_crop(reader, table, int(i), spec)
             ax.imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray" if crop.shape[-1] == 1 else None)
