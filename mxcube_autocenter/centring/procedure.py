@@ -237,6 +237,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         return result
     except (Exception, gevent.GreenletExit) as err:
         result.message = str(err) or type(err).__name__
+        _stop_motion(bl)
         _restore(bl, start, settings.move_timeout_s, log)
         if isinstance(err, gevent.GreenletExit):
             raise
@@ -244,8 +245,6 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
             log.exception("AutoCenter: centring failed")
         return result
     finally:
-        if sample_centring.CURRENT_CENTRING is not None and not sample_centring.CURRENT_CENTRING.ready():
-            sample_centring.CURRENT_CENTRING.kill(block=False)
         result.elapsed_s = time.perf_counter() - t0
 
 
@@ -300,6 +299,16 @@ def is_crystal(angle: AngleResult, settings: CentringSettings) -> bool:
     if not np.isfinite(angle.score) or angle.score < settings.min_score:
         return False
     return angle.crystal_probability is None or angle.crystal_probability >= settings.min_crystal_probability
+
+
+def _stop_motion(bl: Beamline):
+    """Stop the fit (it may be turning omega) and every centring motor, before moving back."""
+    fit = sample_centring.CURRENT_CENTRING
+    if fit is not None and not fit.ready():
+        fit.kill(block=True)
+    motors = bl.diffractometer.get_motors()
+    for name in CENTRING_MOTORS:
+        motors[name].abort()
 
 
 def _restore(bl: Beamline, start: dict, timeout: float, log):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import gevent
 import gevent.lock
 import numpy as np
@@ -19,6 +18,7 @@ from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Look, Renderer, random_look
 
 
@@ -75,10 +75,7 @@ class VirtualCamera(HardwareObject):
             rgb = self._renderer.render_empty()
         else:
             rgb = self._renderer.render(mounted.sample, motors, ppmm, beam)
-        ok, jpeg = cv2.imencode(
-            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self._jpeg_quality]
-        )
-        return rgb, jpeg.tobytes()
+        return rgb, encode_jpeg(rgb, self._jpeg_quality)
 
     def _update(self):
         """Render a new frame if the scene changed since the last one."""

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from mxcube_autocenter.geometry import sample_to_screen
+from mxcube_autocenter.recording import decode_jpeg, encode_jpeg
 from mxcube_autocenter.simulation.sample import VirtualSample
 
 _SHIFT = 4  # sub-pixel bits for OpenCV drawing
@@ -226,7 +227,7 @@ class Renderer:
             window = np.s_[dy : dy + self.height, dx : dx + self.width]
             frame = cv2.subtract(cv2.add(frame, self._noise_up[window]), self._noise_down[window])
         if look.jpeg_quality:
-            frame = jpeg_roundtrip(frame, look.jpeg_quality)
+            frame = decode_jpeg(encode_jpeg(frame, int(look.jpeg_quality)))
         return frame
 
     def _draw_pin(self, dark, sample, project, ppmm):
@@ -290,12 +291,6 @@ def _blur(layer, sigma) -> np.ndarray:
     if factor == 1:
         return small
     return cv2.resize(small, (layer.shape[1], layer.shape[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def jpeg_roundtrip(frame, quality) -> np.ndarray:
-    """The RGB frame after JPEG compression at ``quality`` (0-100)."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def benchmark(quick: bool = False) -> dict:
