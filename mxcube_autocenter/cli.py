@@ -16,36 +16,34 @@ def _patch_gevent():
 
 
 def cmd_demo(args) -> int:
-    """Boot the virtual beamline with the plugin, report what loaded, save a snapshot."""
+    """The main job on the virtual beamline: record, label, train, centre held-out samples, score."""
     _patch_gevent()
-    import cv2
+    import contextlib
+    import json
 
-    from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.demo import DemoError, format_scorecard, run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with hardware_repository(args.config) as beamline:
-        print("Loaded hardware objects:")
-        for role in beamline.get_roles():
-            obj = beamline.get_object_by_role(role)
-            print(f"  {role:<16} {type(obj).__name__ if obj is not None else 'NOT LOADED'}")
-        ho = auto_centring(beamline)
-        print("AutoCenter settings:")
-        settings = ho.settings()
-        width = max(map(len, settings))
-        for name, value in settings.items():
-            print(f"  {name:<{width}} {value!r}")
-        beamline.sample_changer.load((1, 1))
-        sample = beamline.sample_changer.mounted.sample
-        print(f"Mounted virtual sample 1:1 (seed {sample.seed}): {sample.loop_kind} loop, {len(sample.crystals)} crystal(s)")
-        motors = beamline.diffractometer.get_value_motors(
-            ["omega", "phiy", "phiz", "sampx", "sampy"]
-        )
-        print("Motors:", ", ".join(f"{k}={v:.3f}" for k, v in motors.items()))
-        frame = beamline.sample_view.get_snapshot(return_as_array=True)
-        path = out / "snapshot.png"
-        cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        print(f"Camera snapshot {frame.shape[1]}x{frame.shape[0]} saved to {path}")
+    options = {
+        name: getattr(args, name)
+        for name in ("n_train", "n_heldout", "n_empty", "epochs", "input_size", "nproc", "seed")
+        if getattr(args, name) is not None
+    }
+    try:
+        # Only the scorecard goes to stdout: the beamline's messages and progress go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_demo(
+                args.out, quick=args.quick, use_shipped_model=args.use_shipped_model, model=args.model,
+                classifier_model=args.classifier, classifier=not args.no_classifier, keep_data=args.keep_data,
+                config_dir=args.config, progress=not args.no_progress, **options,
+            )
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("methods", "learning", "n_samples", "n_empty")} | {
+            k: result[k] for k in ("targets", "timings_s", "model", "report")}))
+    else:
+        print(format_scorecard(result))
     return 0
 
 
@@ -296,9 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = sub.add_parser("demo", help="run the main job on the virtual beamline")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on the virtual beamline: record, label, train, centre held-out samples, score",
+        description=(
+            "Record helical and rotational collections of training samples through the AutoCenter object, label "
+            "them with reflection counts, train a model, centre held-out samples with the optical ML centring, "
+            "MXCuBE's lucid centring, the loop centre and an X-ray mesh scan, and score them against the ground "
+            "truth. Writes report.md with figures; prints the scorecard."
+        ),
+    )
+    demo.add_argument("--out", default="out/demo", help="report directory (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true",
+                      help="no recording or training: centre 6 samples with the shipped model (about 2 minutes)")
+    demo.add_argument("--use-shipped-model", action="store_true",
+                      help="centre with the shipped model (models/) instead of the one trained in this run")
+    demo.add_argument("--model", help="centre with this regressor .keras file (no training)")
+    demo.add_argument("--classifier", help="with --model: this crystal/empty classifier .keras file")
+    demo.add_argument("--no-classifier", action="store_true", help="train no crystal/empty classifier")
+    demo.add_argument("--json", action="store_true", help="print the scorecard as JSON only (progress on stderr)")
+    demo.add_argument("--n-train", type=int, help="training samples (default: 16; --quick: none)")
+    demo.add_argument("--n-heldout", type=int, help="held-out samples to centre (default: 20; --quick: 6)")
+    demo.add_argument("--n-empty", type=int, help="of which empty loops (default: 4; --quick: 2)")
+    demo.add_argument("--epochs", type=int, help="most training epochs (default: 12)")
+    demo.add_argument("--input-size", type=int, help="model input side, pixels (default: 64)")
+    demo.add_argument("--nproc", type=int, help="spot-finding processes (default: up to 2)")
+    demo.add_argument("--seed", type=int, help="seeds looks, start positions and samples (default: 0)")
+    demo.add_argument("--keep-data", action="store_true", help="keep the EIGER files and camera recordings (large)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
-    demo.add_argument("--out", default="out/demo", help="output directory (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulate", help="virtual beamline: sample gallery and a helical + rotational collection")

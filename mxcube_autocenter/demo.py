@@ -1,0 +1,926 @@
+"""The main job on the virtual beamline: record, label, train, centre, score.
+
+``mxcube-autocenter demo`` (what ``make demo`` runs) boots the virtual
+beamline as a real mxcubecore HardwareRepository with the AutoCenter object
+and runs the whole loop the plugin is made for:
+
+1. **Record.** Mount training samples, run a helical and a rotational
+   collection of each through the collect object; the AutoCenter object
+   records the camera during both, as it would during user operation.
+2. **Label.** Count the reflections of every EIGER frame with the spot
+   finder and match the camera frames to them in time
+   (:func:`labelling.pipeline.label_recordings`).
+3. **Train.** A regressor of the reflection count (and the crystal/empty
+   classifier) with quick settings, and the learning report on the
+   held-out crystals of the split.
+4. **Centre.** Mount held-out samples (other seeds, shapes and lighting,
+   some empty loops), put each where a freshly mounted sample is (in view,
+   not centred) and centre it with each method: the optical ML centring
+   through ``SampleView.start_auto_centring`` exactly as the web UI's button
+   runs it, MXCuBE's own lucid loop centring, a person clicking the loop's
+   centre, and an X-ray mesh scan.
+5. **Score** against the ground truth (:mod:`mxcube_autocenter.scorecard`)
+   and write ``report.md`` with figures.
+
+``run_demo`` takes every size as a parameter, so the tests run it small.
+gevent must be monkey-patched before it is called (the command line and the
+test suite do so first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from mxcube_autocenter import scorecard  # noqa: E402
+from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
+from mxcube_autocenter.scorecard import METHODS, Outcome  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Seeds of the training samples and of the held-out samples never overlap.
+TRAIN_SEED0 = 10_000
+HELDOUT_SEED0 = 50_000
+ZOOM_LEVEL = "LEVEL3"  # 1.3 pixels per um: a 985 x 788 um view, the loop fills a good part of it
+CENTRING_TIMEOUT_S = 120.0
+# Held-out samples cycle through these variations of make_sample's defaults.
+HELDOUT_VARIANTS = (
+    ("default", {}),
+    ("ice", {"ice": True}),
+    ("mesh loop", {"loop_kinds": ("mesh",)}),
+    ("needles and rods", {"habits": ("needle", "rod")}),
+    ("small loop", {"loop_size_um": (120.0, 300.0)}),
+    ("plates", {"habits": ("plate",)}),
+)
+# A classifier trained in the run centres only if it separates crystals from empty crops on its validation
+# crystals at least this well (balanced accuracy); a coin-flip classifier would refuse crystals at random.
+CLASSIFIER_MIN_BALANCED_ACCURACY = 0.7
+FULL = dict(n_train=16, n_heldout=20, n_empty=4)
+QUICK = dict(n_train=0, n_heldout=6, n_empty=2)
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run (no model to centre with, nothing labelled, ...); the message says what to do."""
+
+
+@dataclass
+class _Watcher:
+    """Receives SampleView's centringAccepted (slots are weak references: keep this object alive)."""
+
+    calls: list = field(default_factory=list)
+
+    def accepted(self, *args):
+        self.calls.append(args)
+
+
+def _say(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- logging ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_logging(log_path: Path):
+    """Send the beamline's log to ``log_path`` instead of the terminal while the demo runs."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    saved_root_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    silenced = []
+
+    def silence():
+        for name in [None, *logging.root.manager.loggerDict]:
+            logger = logging.getLogger(name) if name else root
+            if not isinstance(logger, logging.Logger):
+                continue
+            for h in logger.handlers:
+                if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr,
+                                                                                    sys.__stdout__, sys.__stderr__):
+                    silenced.append((h, h.level))
+                    h.setLevel(logging.CRITICAL + 1)
+
+    silence()
+    try:
+        yield silence  # call again once the beamline has added its handlers
+    finally:
+        for h, level in silenced:
+            h.setLevel(level)
+        root.removeHandler(handler)
+        root.setLevel(saved_root_level)
+        handler.close()
+
+
+# -- the beamline -------------------------------------------------------------------
+
+
+def _set_zoom(bl, level: str = ZOOM_LEVEL, timeout: float = 10.0):
+    """Set the zoom and wait until it is there (the mockup zoom returns before it moves)."""
+    import gevent
+
+    zoom = bl.diffractometer.zoom
+    target = zoom.VALUES[level]
+    zoom.set_value(target, timeout=timeout)
+    with gevent.Timeout(timeout, DemoError(f"the zoom did not reach {level} within {timeout} s")):
+        while zoom.get_value() != target:
+            gevent.sleep(0.02)
+
+
+def _positions(bl) -> dict:
+    motors = bl.diffractometer.get_motors()
+    return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
+
+
+def _move(bl, positions: dict, timeout: float = 30.0):
+    bl.diffractometer.set_value_motors({k: float(v) for k, v in positions.items()}, timeout=timeout)
+
+
+def _wait_recording(ho, timeout: float = 60.0):
+    """The summary of the recording the last collection made (None if there was none)."""
+    import gevent
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not ho.recorder.recording and ho.recorder.last_summary is not None:
+            return ho.recorder.last_summary
+        gevent.sleep(0.05)
+    return None
+
+
+def _sample_text(sample) -> str:
+    crystals = ", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in sample.crystals) or "empty"
+    return f"{sample.loop_kind} loop {sample.loop_size_um:.0f} um, {crystals}"
+
+
+# -- 1. recording ---------------------------------------------------------------------
+
+
+def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_time, rng, progress) -> list:
+    """Mount each training sample, collect helically and rotationally; returns the recordings."""
+    from tqdm import tqdm
+
+    from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
+    from mxcube_autocenter.simulation.render import random_look
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    recordings, failures = [], []
+    bar = tqdm(seeds, desc="1/5 recording collections", unit="sample", disable=not progress)
+    for seed in bar:
+        bl.sample_view.camera.set_look(random_look(rng))
+        mounted = bl.sample_changer.mount(make_sample(int(seed)), crystal_id=f"seed{seed}")
+        point, _ = mounted.best_point()
+        centre = mounted.sample.loop_centre if point is None else point
+        # A person centres roughly: a few um off the best point.
+        aim = centre + rng.normal(0.0, 0.01, 3) * np.array([1.0, 1.0, 1.0])
+        scans = [
+            ("Helical", {"helical": helical_end_points(mounted, rng), "osc_range": 0.2}),
+            ("OSC", {"osc_range": 2.0}),
+        ]
+        for run, (kind, extra) in enumerate(scans, start=1):
+            # Start where the scan starts, so that the collection does not wait for omega to turn there.
+            osc_start = float(rng.uniform(0, 360))
+            first = extra["helical"][0] if kind == "Helical" else centred_motors(aim)
+            _move(bl, {**{m: first[m] for m in ("phiy", "phiz", "sampx", "sampy")}, "omega": osc_start})
+            ho.recorder.last_summary = None
+            run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,
+                           exposure_time=exposure_time, osc_start=osc_start, crystal_id=mounted.crystal_id,
+                           **extra)  # fmt: skip
+            summary = _wait_recording(ho)
+            if summary is not None and summary.status == "complete":
+                recordings.append(Path(summary.path))
+            else:
+                failures.append(f"seed {seed} {kind}: {summary}")
+        bar.set_postfix_str(_sample_text(mounted.sample)[:60])
+    for failure in failures:
+        log.warning("recording failed: %s", failure)
+    return recordings
+
+
+# -- 3. training ----------------------------------------------------------------------
+
+
+def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, crop_um, batch_size, patience, seed,
+           classifier: bool) -> dict:  # fmt: skip
+    from mxcube_autocenter.learning.evaluate import evaluate
+    from mxcube_autocenter.learning.training import train, train_classifier
+
+    common = dict(crop_um=crop_um, input_size=input_size, batch_size=batch_size, patience=patience, seed=seed,
+                  verbose=2)  # fmt: skip
+    _say(f"3/5 training the regressor (fcn, log counts, {input_size} px input, up to {epochs} epochs)")
+    reg = train(dataset, "fcn", "log", out / "regressor", epochs=epochs, **common)
+    split = reg.info["split"]
+    # The test subset may be empty in tiny runs: then the report is on the validation crystals.
+    subset = "test" if split["rows"].get("test") else "validation"
+    learning = {
+        "source": "trained in this run",
+        "model": reg.model_path,
+        "rows": dict(split["rows"]),
+        "crystals": {k: len(split[k]) for k in ("train", "validation", "test")},
+        "report_subset": subset,
+        "regressor_s": round(reg.seconds, 1),
+        "epochs_run": reg.info["training"]["epochs_run"],
+        "best_epoch": reg.best_epoch,
+        "params": reg.info["architecture"]["params"],
+        "input_size": input_size,
+        "crop_um": crop_um,
+    }
+    metrics = evaluate(reg.model_path, dataset, out / "regressor_report", subset=subset)
+    learning["spearman"] = metrics.get("spearman")
+    learning["pearson"] = metrics.get("pearson")
+    learning["regressor_report"] = str(out / "regressor_report" / "report.md")
+    learning["scatter"] = str(out / "regressor_report" / metrics["figures"]["scatter"]) if metrics.get(
+        "figures", {}).get("scatter") else None
+    learning["classifier"] = None
+    learning["classifier_accuracy"] = None
+    learning["classifier_s"] = 0.0
+    if classifier:
+        _say(f"3/5 training the crystal/empty classifier (up to {classifier_epochs} epochs)")
+        clf = train_classifier(dataset, out / "classifier", epochs=classifier_epochs, split=split, **common)
+        cm = evaluate(clf.model_path, dataset, out / "classifier_report", subset=subset)
+        validation = (clf.metrics.get("validation") or {}).get("balanced_accuracy")
+        used = validation is not None and validation >= CLASSIFIER_MIN_BALANCED_ACCURACY
+        learning.update(classifier=clf.model_path, classifier_accuracy=cm.get("accuracy"),
+                        classifier_balanced_accuracy=cm.get("balanced_accuracy"),
+                        classifier_validation_balanced_accuracy=validation, classifier_used=used,
+                        classifier_s=round(clf.seconds, 1),
+                        classifier_report=str(out / "classifier_report" / "report.md"))  # fmt: skip
+        if not used:
+            _say(f"the classifier is not used for centring: validation balanced accuracy {validation} < "
+                 f"{CLASSIFIER_MIN_BALANCED_ACCURACY}")  # fmt: skip
+    learning["train_s"] = round(learning["regressor_s"] + learning["classifier_s"], 1)
+    return learning
+
+
+def _model_file_learning(predictor) -> dict:
+    """The learning figures a model file carries in its metadata (a model not trained in this run)."""
+    from mxcube_autocenter.learning.training import load_model
+
+    info = predictor.info
+    test = (info.get("metrics") or {}).get("test") or {}
+    learning = {
+        "source": "model file metadata",
+        "model": str(predictor.regressor_path),
+        "rows": (info.get("split") or {}).get("rows"),
+        "report_subset": "test",
+        "spearman": test.get("spearman"),
+        "pearson": test.get("pearson"),
+        "regressor_s": (info.get("training") or {}).get("seconds"),
+        "params": (info.get("architecture") or {}).get("params"),
+        "input_size": predictor.spec.input_size,
+        "crop_um": predictor.spec.crop_um,
+        "classifier": None,
+        "classifier_accuracy": None,
+        "classifier_s": None,
+    }
+    if predictor.classifier is not None:
+        path = predictor.classifier[0]
+        _, cinfo = load_model(path)
+        ctest = (cinfo.get("metrics") or {}).get("test") or {}
+        learning.update(classifier=str(path), classifier_accuracy=ctest.get("accuracy"),
+                        classifier_s=(cinfo.get("training") or {}).get("seconds"))  # fmt: skip
+    times = [t for t in (learning["regressor_s"], learning["classifier_s"]) if t is not None]
+    learning["train_s"] = round(sum(times), 1) if times else None
+    return learning
+
+
+# -- 4. centring ----------------------------------------------------------------------
+
+
+def _run_sample_view_centring(bl, watcher: _Watcher, start_call, timeout: float = CENTRING_TIMEOUT_S):
+    """Start a SampleView centring and wait for centringAccepted; returns (accepted, seconds)."""
+    import gevent
+
+    watcher.calls.clear()
+    t0 = time.perf_counter()
+    start_call()
+    deadline = time.monotonic() + timeout
+    while not watcher.calls:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(Exception):
+                bl.sample_view.cancel_centring()
+            return False, time.perf_counter() - t0, f"no centringAccepted within {timeout} s"
+        gevent.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    accepted = bool(watcher.calls[0][0]) if watcher.calls[0] else False
+    # Let SampleView finish its bookkeeping (current_centring_procedure reset) before the next one.
+    while bl.sample_view.current_centring_procedure is not None and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    return accepted, elapsed, ""
+
+
+def _thumbnail(angle, motors, mounted, ppmm, beam, label, width=400):
+    """The ML overlay of one angle with the ground truth drawn on: crystal outlines and the best point (yellow)."""
+    import cv2
+
+    from mxcube_autocenter.centring import report
+
+    image = report.overlay(angle, beam)
+    view = {**motors, "omega": float(angle.omega)}
+    for hull in mounted.diffraction.crystal_outlines(view, ppmm, beam):
+        cv2.polylines(image, [np.round(hull).astype(np.int32)], True, (255, 230, 0), 2, cv2.LINE_AA)
+    point, _ = mounted.best_point()
+    if point is not None:
+        xy, _ = sample_to_screen(point[None], view, ppmm, beam)
+        cv2.circle(image, tuple(int(round(v)) for v in xy[0]), 7, (255, 230, 0), 2, cv2.LINE_AA)
+    height = int(round(image.shape[0] * width / image.shape[1]))
+    small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    cv2.putText(small, label, (6, height - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return small
+
+
+def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, rng, progress):
+    """Centre every held-out sample with every method; returns outcomes, per-sample rows and ML thumbnails."""
+    from tqdm import tqdm
+
+    from mxcube_autocenter.simulation.render import random_look
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    sv = bl.sample_view
+    watcher = _Watcher()
+    sv.connect("centringAccepted", watcher.accepted)
+    ppmm = tuple(bl.diffractometer.get_pixels_per_mm())
+    beam = tuple(bl.beam.get_beam_position_on_screen())
+    outcomes, rows, thumbs = [], [], []
+    bar = tqdm(samples, desc="4/5 centring held-out samples", unit="sample", disable=not progress)
+    for spec in bar:
+        bl.sample_view.camera.set_look(random_look(rng))
+        sample = make_sample(spec["seed"], **spec["kwargs"])
+        name = f"seed{spec['seed']}"
+        mounted = bl.sample_changer.mount(sample, crystal_id=name)
+        best, best_rc = mounted.best_point()
+        has_crystal = best is not None
+        centre = sample.loop_centre
+        # Just mounted: the loop in view but not centred, at any omega.
+        start = {"omega": float(rng.uniform(0, 360)), "phiy": float(centre[0] + rng.uniform(-0.08, 0.08)),
+                 "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}  # fmt: skip
+        row = {"sample": name, "seed": spec["seed"], "variant": spec["variant"], "has_crystal": has_crystal,
+               "description": _sample_text(sample), "best_rc": best_rc, "start": start}  # fmt: skip
+        for method in methods:
+            _move(bl, start)
+            wall, exposures, message, accepted = None, 0, "", None
+            if method == "ml":
+                ho.last_result = None
+                accepted, wall, message = _run_sample_view_centring(bl, watcher, sv.start_auto_centring)
+                final = _positions(bl)
+                result = ho.last_result
+                if result is not None:
+                    message = message or result.message
+                    if result.angles:
+                        label = f"{name} ({spec['variant']}): {'centred' if accepted else 'refused'}"
+                        thumbs.append(_thumbnail(result.angles[0], start, mounted, ppmm, beam, label))
+                refused = not accepted and not scorecard.moved(start, final)
+            elif method == "lucid":
+                accepted, wall, message = _run_sample_view_centring(bl, watcher, lambda: type(sv).start_auto_centring(sv))
+                final = _positions(bl)
+                refused = not accepted and not scorecard.moved(start, final)
+                message = message or ("accepted" if accepted else "rejected")
+            elif method == "loop_centre":
+                final = centred_motors(centre, start["omega"])
+                refused = False
+                message = "loop centre (ground truth)"
+            elif method == "mesh_oracle":
+                mesh = scorecard.mesh_scan(mounted.diffraction.expected_rc, sample.film_points(), centre,
+                                           step_um=mesh_step_um, threshold=mesh_threshold)  # fmt: skip
+                exposures = mesh.exposures
+                refused = mesh.refused
+                final = dict(start) if mesh.refused else centred_motors(mesh.point, start["omega"])
+                message = f"best RC {mesh.best_rc:.1f} in {mesh.exposures} exposures"
+            else:
+                raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
+            score = scorecard.score_position(mounted.diffraction, best, best_rc, final)
+            outcome = Outcome(method=method, sample=name, has_crystal=has_crystal, refused=bool(refused),
+                              final_motors=final, wall_s=wall, exposures=int(exposures), message=str(message),
+                              **score)  # fmt: skip
+            outcomes.append(outcome)
+            row[method] = outcome.to_dict()
+        rows.append(row)
+        ml = row.get("ml")
+        if ml:
+            bar.set_postfix_str(
+                f"ML: {'refused' if ml['refused'] else 'hit' if ml['hit'] else 'miss' if has_crystal else 'moved'}"
+                + (f" {ml['dist_um']:.0f} um" if ml["dist_um"] is not None else "") + f", {ml['wall_s']:.1f} s"
+            )
+    sv.disconnect("centringAccepted", watcher.accepted)
+    return outcomes, rows, thumbs
+
+
+def heldout_samples(n: int, n_empty: int, seed: int = 0) -> list:
+    """The held-out samples: seeds, empty or not, and a variation of shape each."""
+    rng = np.random.default_rng(seed + 7)
+    n_empty = min(max(n_empty, 0), n)
+    empty = set(rng.choice(n, size=n_empty, replace=False).tolist()) if n_empty else set()
+    specs = []
+    for k in range(n):
+        variant, kwargs = HELDOUT_VARIANTS[k % len(HELDOUT_VARIANTS)]
+        kwargs = dict(kwargs)
+        if k in empty:
+            kwargs["n_crystals"] = 0
+            variant = f"empty, {variant}"
+        else:
+            kwargs["n_crystals"] = int(rng.choice([1, 1, 1, 2]))
+        specs.append({"seed": HELDOUT_SEED0 + 1000 * seed + k, "variant": variant, "kwargs": kwargs})
+    return specs
+
+
+# -- 5. figures and the report -------------------------------------------------------
+
+
+def _error_figures(outcomes, figures: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    colours = {"ml": "tab:red", "lucid": "tab:blue", "loop_centre": "tab:green", "mesh_oracle": "tab:purple"}
+    by_method = {}
+    for o in outcomes:
+        if o.has_crystal and o.dist_um is not None:
+            by_method.setdefault(o.method, []).append(o)
+    out = {}
+    fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bins = np.logspace(-0.3, 3.3, 28)
+    for method, items in by_method.items():
+        d = np.clip([o.dist_um for o in items], bins[0], bins[-1])
+        ax_h.hist(d, bins=bins, histtype="step", lw=2, color=colours.get(method), label=method)
+        s = np.sort(d)
+        ax_c.step(np.r_[bins[0], s, bins[-1]], np.r_[0.0, np.arange(1, len(s) + 1) / len(s), 1.0], where="post",
+                  lw=2, color=colours.get(method), label=method)
+    for ax in (ax_h, ax_c):
+        ax.set_xscale("log")
+        ax.set_xlim(bins[0], bins[-1])
+        ax.axvline(10, color="grey", ls="--", lw=1)
+        ax.set_xlabel("distance from the best point, um (3D)")
+    ax_h.set_ylabel("samples")
+    ax_h.set_title("centring error (samples with crystals)", fontsize=10)
+    ax_c.set_ylabel("fraction of samples within")
+    ax_c.set_ylim(0, 1.02)
+    ax_c.set_title("cumulative; dashed: the 10 um target", fontsize=10)
+    ax_c.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(figures / "centring_errors.png", dpi=100)
+    plt.close(fig)
+    out["centring_errors"] = "figures/centring_errors.png"
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = [m for m in METHODS if m in by_method]
+    for i, method in enumerate(names):
+        fr = [o.rc_fraction for o in by_method[method] if o.rc_fraction is not None]
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(fr))
+        ax.scatter(np.full(len(fr), i) + jitter, fr, s=18, alpha=0.7, color=colours.get(method))
+        if fr:
+            ax.plot([i - 0.3, i + 0.3], [np.median(fr)] * 2, color="black", lw=2)
+    ax.axhline(0.8, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("mean RC over a rotation / best point's")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title("reflections reached (bar: median; dashed: the 0.8 target)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figures / "rc_fraction.png", dpi=100)
+    plt.close(fig)
+    out["rc_fraction"] = "figures/rc_fraction.png"
+    return out
+
+
+def _thumbnail_sheet(thumbs, path: Path, columns: int = 4):
+    import cv2
+
+    if not thumbs:
+        return None
+    h, w = thumbs[0].shape[:2]
+    n_rows = int(np.ceil(len(thumbs) / columns))
+    sheet = np.full((n_rows * (h + 4), columns * (w + 4), 3), 255, np.uint8)
+    for k, t in enumerate(thumbs):
+        r, c = divmod(k, columns)
+        t = t[:h, :w]
+        sheet[r * (h + 4) : r * (h + 4) + t.shape[0], c * (w + 4) : c * (w + 4) + t.shape[1]] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def _fmt(value, fmt="{:.1f}"):
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _rel(path, root: Path):
+    if not path:
+        return None
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return str(path)
+
+
+def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: dict):
+    methods = result["methods"]
+    learning = result["learning"]
+    lines = [
+        "# mxcube-autocenter demo on the virtual beamline", "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {settings['mode']}; {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}); {result['timings_s']['total']:.0f} s in all.", "",
+        f"Centring model: `{_rel(result['model']['regressor'], out)}`"
+        + (f" with classifier `{_rel(result['model']['classifier'], out)}`" if result["model"]["classifier"] else
+           " (no classifier)") + f" ({result['model']['source']}).", "",
+        "## Scorecard", "",
+        f"{result['n_samples']} held-out samples ({result['n_samples'] - result['n_empty']} with crystals, "
+        f"{result['n_empty']} empty loops), each centred by every method from the same start: the loop in view "
+        "but not centred, at a random omega.", "",
+        scorecard.markdown_table(methods), "",
+        "- **ml**: this plugin, through `SampleView.start_auto_centring()` as the web UI's button runs it.",
+        "- **lucid**: MXCuBE's default automatic centring (lucid3 finds the loop tip; three angles).",
+        "- **loop_centre**: the loop's true centre centred, what a person clicking the middle of the loop gets "
+        "(ground truth, not timed).",
+        f"- **mesh_oracle**: an X-ray mesh scan of the loop at omega 0 and 90 degrees in {settings['mesh_step_um']:g} um "
+        f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
+        "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
+        f"{_fmt((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
+        "",
+        "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
+        "3D, from the point in the beam and in focus to the ground-truth best point. RC fraction: mean reflection "
+        "count over a rotation about that point, over the best point's. Empty refused: the method declined and "
+        "left the sample where it was. Medians and hit rates are over the samples with crystals.", "",
+        "## Targets of the optical ML centring", "",
+        scorecard.format_targets(result["targets"]), "",
+        "## Centring errors", "",
+        f"![centring errors]({figures['centring_errors']})", "",
+        f"![RC fraction]({figures['rc_fraction']})", "",
+    ]
+    if figures.get("ml_heatmaps"):
+        lines += ["## ML heatmaps", "",
+                  "First angle of each ML centring: the predicted reflection counts over the searched region, the "
+                  "loop tip (diamond), the chosen point (green circle), the beam (red cross); the ground truth in "
+                  "yellow (crystal outlines, best point). The plugin's own overlays of every angle, with a JSON "
+                  f"record of each centring, are in `{_rel(settings['centring_dir'], out)}/`.", "",
+                  f"![ML heatmaps]({figures['ml_heatmaps']})", ""]  # fmt: skip
+    lines += ["## Per sample", "",
+              "| sample | variant | contents | best RC | " + " | ".join(f"{m} um" for m in settings["methods"]) + " |",
+              "|---|---|---|---|" + "---|" * len(settings["methods"])]  # fmt: skip
+    for row in rows:
+        cells = []
+        for m in settings["methods"]:
+            o = row.get(m)
+            if o is None:
+                cells.append("-")
+            elif o["refused"]:
+                cells.append("refused")
+            elif row["has_crystal"]:
+                cells.append(f"{_fmt(o['dist_um'], '{:.0f}')} {'hit' if o['hit'] else 'miss'}")
+            else:
+                cells.append("moved")
+        lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {_fmt(row['best_rc'], '{:.0f}')} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "## Learning", ""]
+    lr = learning
+    if lr["source"] == "trained in this run":
+        data = result["data"]
+        lines += [
+            f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
+            f"rotational collections ({data['n_images']} images of {data['exposure_time']:g} s each, camera recorded "
+            f"at {data['frame_rate']:g} frames/s), labelled into {data['rows']} rows in {data['label_s']:.0f} s "
+            f"(reflection counts: mean {_fmt(data['rc_stats'].get('mean'))}, "
+            f"{_fmt(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
+            f"- split by crystal: {lr['crystals']} crystals, {lr['rows']} rows.",
+            f"- regressor: fcn, log counts, {lr['crop_um']:g} um crops at {lr['input_size']} px, {lr['params']} "
+            f"parameters; {lr['epochs_run']} epochs (best {lr['best_epoch']}) in {lr['regressor_s']:.0f} s.",
+            f"- **{lr['report_subset']} Spearman** (real vs predicted counts, held-out crystals): "
+            f"**{_fmt(lr['spearman'], '{:.3f}')}**; classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}"
+            f" ({_fmt(lr['classifier_s'], '{:.0f}')} s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            (f"- the classifier centres only if its validation balanced accuracy reaches "
+             f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {_fmt(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
+             f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
+             + ("" if result["model"]["source"] == "trained in this run" else " (but centring uses another model)")
+             + "." if lr.get("classifier") else "- no classifier trained."),
+            f"- labelling details: `{_rel(data.get('labelling'), out)}`.",
+            f"- reports: [regressor]({_rel(lr['regressor_report'], out)})"
+            + (f", [classifier]({_rel(lr.get('classifier_report'), out)})" if lr.get("classifier_report") else "")
+            + ".",
+        ]
+        if data.get("histogram"):
+            lines += ["", f"![reflection counts of the training set]({_rel(data['histogram'], out)})"]
+        if lr.get("scatter"):
+            lines += ["", f"![regressor scatter]({_rel(lr['scatter'], out)})"]
+        if data.get("contact_sheet"):
+            lines += ["", "A training recording (the camera during a helical collection):", "",
+                      f"![recording]({_rel(data['contact_sheet'], out)})"]  # fmt: skip
+    else:
+        lines += [
+            f"No training in this run: the centring model's own metadata says test Spearman "
+            f"{_fmt(lr['spearman'], '{:.3f}')}, classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}, "
+            f"training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+        ]
+    lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
+    lines += ["", f"Log of the beamline: `{_rel(settings['log'], out)}`; scorecard as JSON: `scorecard.json`.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+# -- the whole job ---------------------------------------------------------------------
+
+
+def _check_gevent():
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        raise DemoError("gevent is not monkey-patched: call gevent.monkey.patch_all(thread=False) before anything "
+                        "else, as MXCuBE and the mxcube-autocenter command do")  # fmt: skip
+
+
+def _clean(out: Path):
+    """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
+    for name in ("data", "learning", "centring", "figures"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("report.md", "scorecard.json", "demo.log", "samples.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+
+
+def run_demo(
+    out="out/demo",
+    *,
+    quick: bool = False,
+    use_shipped_model: bool = False,
+    model=None,
+    classifier_model=None,
+    n_train: int | None = None,
+    n_heldout: int | None = None,
+    n_empty: int | None = None,
+    n_images: int = 80,
+    exposure_time: float = 0.04,
+    frame_rate: float = 25.0,
+    epochs: int = 12,
+    classifier_epochs: int = 8,
+    classifier: bool = True,
+    input_size: int = 64,
+    crop_um: float = 160.0,
+    batch_size: int = 32,
+    patience: int = 4,
+    nproc: int | None = None,
+    methods=METHODS,
+    mesh_step_um: float = 10.0,
+    mesh_threshold: float = 5.0,
+    keep_data: bool = False,
+    seed: int = 0,
+    config_dir=None,
+    progress: bool = True,
+) -> dict:
+    """Run the demo into directory ``out``; returns the scorecard (what ``--json`` prints).
+
+    Parameters
+    ----------
+    out : path
+        Report directory: ``report.md``, ``scorecard.json``, ``figures/``,
+        ``centring/`` (the plugin's overlays), ``learning/``, ``demo.log``.
+    quick : bool
+        No recording or training: centre fewer samples with the shipped
+        model (or ``model``).
+    use_shipped_model : bool
+        Centre with the shipped model (``models/``) even after training.
+    model, classifier_model : path, optional
+        Centre with these model files instead (no training).
+    n_train, n_heldout, n_empty : int, optional
+        Training samples, held-out samples, of which empty loops; defaults
+        :data:`FULL` or :data:`QUICK`.
+    n_images, exposure_time : int, float
+        Images and seconds per image of each training collection.
+    frame_rate : float
+        Camera frames recorded per second (the ``record_frame_rate`` property).
+    epochs, classifier_epochs, input_size, crop_um, batch_size, patience
+        Training settings; ``classifier`` False trains no classifier.
+    nproc : int, optional
+        Spot-finding processes (default: up to 2).
+    methods : sequence of str
+        Centring methods to compare, from :data:`scorecard.METHODS`.
+    mesh_step_um, mesh_threshold : float
+        The mesh scan's grid step and the count below which it refuses.
+    keep_data : bool
+        Keep the EIGER files and camera recordings (``data/``, large).
+    seed : int
+        Seeds the looks, start positions and samples (with fixed offsets).
+    config_dir : path, optional
+        Beamline configuration (default: the virtual beamline).
+    progress : bool
+        tqdm progress bars on stderr.
+
+    Returns
+    -------
+    dict
+        ``methods`` (figures per method), ``learning`` (``spearman``,
+        ``classifier_accuracy``, ``train_s``, ...), ``n_samples``,
+        ``n_empty``, plus ``targets``, ``timings_s``, ``model``, ``report``.
+    """
+    _check_gevent()
+    import warnings
+
+    import gevent
+    from tqdm import tqdm
+
+    from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.centring.predictor import Predictor, PredictorError, load_predictor
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    defaults = QUICK if quick else FULL
+    n_train = defaults["n_train"] if n_train is None else n_train
+    n_heldout = defaults["n_heldout"] if n_heldout is None else n_heldout
+    n_empty = defaults["n_empty"] if n_empty is None else n_empty
+    nproc = nproc or max(1, min(2, os.cpu_count() or 1))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise DemoError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+    train_here = not (quick or model)
+    if train_here and n_train < 3:
+        raise DemoError(f"n_train = {n_train}: training needs at least 3 samples (the split is by crystal)")
+    out.mkdir(parents=True, exist_ok=True)
+    _clean(out)
+    rng = np.random.default_rng(seed)
+    timings = {}
+    data_dir, learning_dir, centring_dir = out / "data", out / "learning", out / "centring"
+    mode = ("quick: no training, centring with the shipped model" if quick and not model else
+            "no training, centring with the given model" if model else
+            "full: record, label, train, centre with the shipped model" if use_shipped_model else
+            "full: record, label, train, centre with the model trained here")  # fmt: skip
+    settings = {"mode": mode, "methods": list(methods), "mesh_step_um": mesh_step_um,
+                "mesh_threshold": mesh_threshold, "centring_dir": centring_dir, "log": out / "demo.log"}  # fmt: skip
+    result = {}
+
+    with _quiet_logging(out / "demo.log") as silence, warnings.catch_warnings():
+        # Keras warns on every classifier call that the input is not given by its name.
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+        t = time.perf_counter()
+        with hardware_repository(config_dir) as bl:
+            silence()
+            ho = auto_centring(bl)
+            _set_zoom(bl)
+            timings["boot"] = time.perf_counter() - t
+            _say(f"virtual beamline booted in {timings['boot']:.1f} s; zoom {ZOOM_LEVEL} "
+                 f"({bl.diffractometer.get_pixels_per_mm()[0] / 1000:g} px/um); {mode}")  # fmt: skip
+
+            data = {}
+            learning = None
+            trained = None
+            if train_here:
+                # 1. record
+                t = time.perf_counter()
+                ho.config.recording_enabled = True
+                ho.config.record_frame_rate = float(frame_rate)
+                ho.config.record_min_free_mb = 0.0
+                seeds = [TRAIN_SEED0 + 1000 * seed + i for i in range(n_train)]
+                recordings = _record_training_data(bl, ho, data_dir, seeds, n_images=n_images,
+                                                   exposure_time=exposure_time, rng=rng, progress=progress)  # fmt: skip
+                timings["record"] = time.perf_counter() - t
+                if not recordings:
+                    raise DemoError(f"no camera recording was made (see {out / 'demo.log'})")
+                figures_dir = out / "figures"
+                figures_dir.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(Exception):
+                    from mxcube_autocenter.recording import contact_sheet
+
+                    data["contact_sheet"] = str(contact_sheet(recordings[0], figures_dir / "training_recording.png",
+                                                              n=8, columns=4, tile_width=240))  # fmt: skip
+                # 2. label
+                from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
+
+                t = time.perf_counter()
+                _say(f"2/5 labelling {len(recordings)} recordings (spot finding in {nproc} processes)")
+                dataset = learning_dir / "dataset.h5"
+                learning_dir.mkdir(parents=True, exist_ok=True)
+                summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress)
+                timings["label"] = time.perf_counter() - t
+                (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
+                if summary.rows_added == 0:
+                    raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
+                data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
+                            n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
+                            frame_rate=frame_rate, rows=summary.rows_added,
+                            label_errors=summary.n_errors, rc_stats=summary.rc_stats,
+                            histogram=str(summary.histogram) if summary.histogram else None,
+                            label_s=timings["label"])  # fmt: skip
+                if not keep_data:
+                    shutil.rmtree(data_dir, ignore_errors=True)
+                # 3. train
+                t = time.perf_counter()
+                learning = _train(dataset, learning_dir, epochs=epochs, classifier_epochs=classifier_epochs,
+                                  input_size=input_size, crop_um=crop_um, batch_size=batch_size, patience=patience,
+                                  seed=seed, classifier=classifier)  # fmt: skip
+                timings["train"] = time.perf_counter() - t
+                trained = (learning["model"], learning["classifier"] if learning.get("classifier_used") else None)
+
+            # The model the plugin centres with.
+            t = time.perf_counter()
+            try:
+                if model:
+                    predictor, source = Predictor(model, classifier_model), "given model file"
+                elif trained and not use_shipped_model:
+                    predictor, source = Predictor(*trained), "trained in this run"
+                else:
+                    predictor, source = load_predictor(), "shipped model"
+            except PredictorError as err:
+                raise DemoError(
+                    f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
+                    "--model MODEL.keras"
+                ) from err
+            ho.predictor = predictor
+            ho.centring_error = None
+            ho._take_over_auto_centring()
+            ho.config.centring_save_directory = str(centring_dir)
+            if learning is None:
+                learning = _model_file_learning(predictor)
+            timings["load_model"] = time.perf_counter() - t
+            _say(f"centring with {predictor.describe()} ({source})")
+
+            # 4. centre the held-out samples
+            t = time.perf_counter()
+            specs = heldout_samples(n_heldout, n_empty, seed)
+            outcomes, rows, thumbs = _centre_heldout(bl, ho, specs, methods=methods, mesh_step_um=mesh_step_um,
+                                                     mesh_threshold=mesh_threshold, rng=rng, progress=progress)  # fmt: skip
+            timings["centre"] = time.perf_counter() - t
+            # The plugin saves its overlays on a worker thread: let it finish.
+            n_ml = sum(o.method == "ml" for o in outcomes)
+            deadline = time.monotonic() + 30
+            while len(list(centring_dir.glob("*.json"))) < n_ml and time.monotonic() < deadline:
+                gevent.sleep(0.1)
+            gevent.sleep(0.5)
+
+        # 5. score and report
+        t = time.perf_counter()
+        with tqdm(total=1, desc="5/5 scoring and report", disable=not progress) as bar:
+            methods_figures = scorecard.summarise(outcomes)  # every method, run or not (n = 0)
+            figures = _error_figures(outcomes, out / "figures")
+            sheet = _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")
+            if sheet is not None:
+                figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
+            learning_out = {k: learning.get(k) for k in ("spearman", "classifier_accuracy", "train_s")}
+            learning_out.update({k: v for k, v in learning.items() if k not in learning_out})
+            result = {
+                "methods": methods_figures,
+                "learning": learning_out,
+                "n_samples": len(specs),
+                "n_empty": sum(not r["has_crystal"] for r in rows),
+                "targets": scorecard.check_targets(methods_figures.get("ml", {})),
+                "model": {"regressor": str(predictor.regressor_path),
+                          "classifier": str(predictor.classifier[0]) if predictor.classifier else None,
+                          "source": source},  # fmt: skip
+                "data": data,
+                "timings_s": {},
+                "report": str(out / "report.md"),
+            }
+            timings["report"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t_start
+            result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+            _write_report(out, result, rows, figures, settings)
+            with open(out / "scorecard.json", "w") as f:
+                json.dump(result, f, indent=2, default=_json_default)
+            with open(out / "samples.json", "w") as f:
+                json.dump(rows, f, indent=1, default=_json_default)
+            bar.update(1)
+    return json.loads(json.dumps(result, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def format_scorecard(result: dict) -> str:
+    """The scorecard table and the learning line, for the terminal."""
+    lr = result["learning"]
+    lines = [
+        f"Scorecard: {result['n_samples']} held-out samples ({result['n_empty']} empty loops)",
+        "",
+        scorecard.format_table(result["methods"]),
+        "",
+        f"Learning ({lr.get('source')}): Spearman {_fmt(lr.get('spearman'), '{:.3f}')}, classifier accuracy "
+        f"{_fmt(lr.get('classifier_accuracy'), '{:.3f}')}, training {_fmt(lr.get('train_s'), '{:.0f}')} s",
+        "ML targets: " + ", ".join(
+            f"{c['figure']} {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a'}" for c in result["targets"]
+        ),
+        f"Report: {result['report']} ({result['timings_s']['total']:.0f} s)",
+    ]
+    return "\n".join(lines)

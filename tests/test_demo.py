@@ -1,0 +1,76 @@
+"""The demo end to end in a very small configuration: record, label, train, centre, score, report."""
+
+import json
+
+import pytest
+
+from mxcube_autocenter import scorecard
+from mxcube_autocenter.demo import DemoError, format_scorecard, heldout_samples, run_demo
+
+FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle")
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """3 training samples with short collections, 2 held-out samples of which 1 empty, 1 epoch (about 1.5 min)."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(out, n_train=3, n_heldout=2, n_empty=1, n_images=20, epochs=1, classifier_epochs=1,
+                      input_size=48, nproc=2, progress=False)
+    return out, result
+
+
+def test_demo_writes_the_report_and_the_scorecard(small_demo):
+    out, result = small_demo
+    assert set(result) >= {"methods", "learning", "n_samples", "n_empty"}
+    assert list(result["methods"]) == list(FIGURES)
+    for figures in result["methods"].values():
+        assert set(scorecard.FIGURES) <= set(figures)
+    assert set(result["learning"]) >= {"spearman", "classifier_accuracy", "train_s"}
+    assert result["learning"]["source"] == "trained in this run" and result["learning"]["train_s"] > 0
+    assert result["n_samples"] == 2 and result["n_empty"] == 1
+
+    ml, lucid, mesh = (result["methods"][m] for m in ("ml", "lucid", "mesh_oracle"))
+    assert ml["n"] == 2 and ml["n_crystal"] == 1 and ml["exposures"] == 0 and lucid["exposures"] == 0
+    assert ml["median_wall_s"] > 0 and lucid["median_wall_s"] > 0
+    assert mesh["exposures"] > 100 and mesh["median_dist_um"] is not None
+    assert mesh["empty_refused_rate"] == 1.0  # an empty loop gives no reflections on the mesh
+    assert result["methods"]["loop_centre"]["empty_refused_rate"] == 0.0
+
+    report = (out / "report.md").read_text()
+    assert "## Scorecard" in report and "| mesh_oracle |" in report and "Spearman" in report
+    for name in ("centring_errors.png", "rc_fraction.png", "training_recording.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+    assert (out / "learning" / "regressor_report" / "report.md").is_file()
+    assert (out / "learning" / "dataset_rc_histogram.png").is_file()
+    # The plugin saved its heatmap overlays of each ML centring.
+    assert len(list((out / "centring").glob("centring_*.json"))) == 2
+    assert list((out / "centring").glob("centring_*_omega*.png"))
+    saved = json.loads((out / "scorecard.json").read_text())
+    assert saved["methods"] == result["methods"]
+    assert "Scorecard" in format_scorecard(result)
+    assert not (out / "data").exists()  # the large raw data is removed unless keep_data
+
+
+def test_demo_with_a_given_model_runs_without_training(small_demo, tmp_path):
+    out, first = small_demo
+    model = first["model"]["regressor"]
+    result = run_demo(tmp_path, model=model, n_heldout=1, n_empty=0, methods=("ml", "loop_centre"), progress=False)
+    assert result["learning"]["source"] == "model file metadata"
+    assert result["n_samples"] == 1 and result["n_empty"] == 0
+    assert result["methods"]["ml"]["n"] == 1 and result["methods"]["lucid"]["n"] == 0
+    assert "timings_s" in result and "record" not in result["timings_s"]
+
+
+def test_heldout_samples_are_reproducible_and_disjoint_from_training():
+    specs = heldout_samples(10, 3, seed=0)
+    assert specs == heldout_samples(10, 3, seed=0)
+    assert sum(s["kwargs"]["n_crystals"] == 0 for s in specs) == 3
+    assert all(s["kwargs"]["n_crystals"] >= 1 for s in specs if not s["variant"].startswith("empty"))
+    assert len({s["seed"] for s in specs}) == 10 and min(s["seed"] for s in specs) >= 50_000
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(DemoError, match="at least 3"):
+        run_demo(tmp_path, n_train=2)
+    with pytest.raises(DemoError, match="unknown methods"):
+        run_demo(tmp_path, methods=("ml", "guess"))
