@@ -306,15 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="out/demo", help="report directory (default: %(default)s)")
     demo.add_argument("--quick", action="store_true",
-                      help="no recording or training: centre 6 samples with the shipped model (about 2 minutes)")
+                      help="no recording or training: centre 10 samples with the shipped model (under 3 minutes)")
     demo.add_argument("--use-shipped-model", action="store_true",
                       help="centre with the shipped model (models/) instead of the one trained in this run")
     demo.add_argument("--model", help="centre with this regressor .keras file (no training)")
     demo.add_argument("--classifier", help="with --model: this crystal/empty classifier .keras file")
     demo.add_argument("--no-classifier", action="store_true", help="train no crystal/empty classifier")
     demo.add_argument("--json", action="store_true", help="print the scorecard as JSON only (progress on stderr)")
-    demo.add_argument("--n-train", type=int, help="training samples (default: 16; --quick: none)")
-    demo.add_argument("--n-heldout", type=int, help="held-out samples to centre (default: 20; --quick: 6)")
+    demo.add_argument("--n-train", type=int, help="training samples (default: 20; --quick: none)")
+    demo.add_argument("--n-heldout", type=int, help="held-out samples to centre (default: 20; --quick: 10)")
     demo.add_argument("--n-empty", type=int, help="of which empty loops (default: 4; --quick: 2)")
     demo.add_argument("--epochs", type=int, help="most training epochs (default: 12)")
     demo.add_argument("--input-size", type=int, help="model input side, pixels (default: 64)")

@@ -67,8 +67,8 @@ HELDOUT_VARIANTS = (
 # A classifier trained in the run centres only if it separates crystals from empty crops on its validation
 # crystals at least this well (balanced accuracy); a coin-flip classifier would refuse crystals at random.
 CLASSIFIER_MIN_BALANCED_ACCURACY = 0.7
-FULL = dict(n_train=16, n_heldout=20, n_empty=4)
-QUICK = dict(n_train=0, n_heldout=6, n_empty=2)
+FULL = dict(n_train=20, n_heldout=20, n_empty=4)
+QUICK = dict(n_train=0, n_heldout=10, n_empty=2)
 
 
 class DemoError(RuntimeError):
