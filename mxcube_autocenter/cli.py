@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,14 +55,24 @@ def cmd_bench(args) -> int:
 
     from mxcube_autocenter.bench import run_all
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    figures = run_all(quick=args.quick, only=args.only, progress=log)
     if args.json:
+        # Only the JSON object goes to stdout: hardware-object logs and
+        # progress, wherever their handlers write, go to stderr meanwhile.
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            figures = run_all(quick=args.quick, only=args.only, progress=print)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
         print(json.dumps(figures, sort_keys=True))
-    else:
-        width = max(map(len, figures), default=0)
-        for name, value in figures.items():
-            print(f"{name:<{width}}  {value:.4g}")
+        return 0
+    figures = run_all(quick=args.quick, only=args.only, progress=print)
+    width = max(map(len, figures), default=0)
+    for name, value in figures.items():
+        print(f"{name:<{width}}  {value:.4g}")
     return 0
 
 
