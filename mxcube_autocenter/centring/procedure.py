@@ -214,10 +214,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
             )
             if not is_crystal(angle, settings):
                 if settings.fallback != "loop":
-                    raise NoCrystalFound(
-                        f"no crystal found at omega {angle.omega:.1f} (score {angle.score:.1f} < min_score "
-                        f"{settings.min_score}): the loop looks empty"
-                    )
+                    raise NoCrystalFound(f"no crystal found at omega {angle.omega:.1f} ({_why_not(angle, settings)}): the loop looks empty")
                 angle.point = tip
                 result.method = "loop"
                 log.warning("AutoCenter: no crystal found at omega %.1f: centring the loop tip instead", angle.omega)
@@ -309,6 +306,12 @@ def _stop_motion(bl: Beamline):
     motors = bl.diffractometer.get_motors()
     for name in CENTRING_MOTORS:
         motors[name].abort()
+
+
+def _why_not(angle: AngleResult, settings: CentringSettings) -> str:
+    if not np.isfinite(angle.score) or angle.score < settings.min_score:
+        return f"score {angle.score:.1f} < min_score {settings.min_score}"
+    return f"crystal probability {angle.crystal_probability:.2f} < min_crystal_probability {settings.min_crystal_probability}"
 
 
 def _restore(bl: Beamline, start: dict, timeout: float, log):
