@@ -51,7 +51,7 @@ import numpy as np
 COLOUR_MODES = ("rgb", "grey")
 NORMALISATIONS = ("backlight", "standardise", "none")
 DEFAULT_INPUT_SIZE = 128
-DEFAULT_CROP_UM = 160.0
+DEFAULT_CROP_UM = 240.0
 BACKLIGHT_PERCENTILE = 95.0
 _STATS_SAMPLES = 256  # statistics on at most ~256 x 256 pixels of a region
 

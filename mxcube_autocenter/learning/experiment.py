@@ -17,10 +17,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def run(out, *, n_samples=80, crops_per_sample=96, seed=0, arch="fcn", transform="log", input_size=128,
-        classifier_input_size=None, crop_um=160.0, epochs=30, classifier_epochs=15, batch_size=32, patience=5,
-        threshold=5.0, workers=2, skip_classifier=False) -> dict:
-    """Run the measurement into directory ``out``; returns the summary."""
+def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch="fcn", transform="log",
+        input_size=128, classifier_input_size=None, crop_um=240.0, epochs=30, classifier_epochs=15, batch_size=32,
+        patience=5, threshold=5.0, workers=2, skip_classifier=False, dataset=None) -> dict:
+    """Run the measurement into directory ``out``; returns the summary.
+
+    ``dataset``: an existing dataset file to use instead of generating
+    ``out/dataset.h5`` from ``n_samples`` virtual samples (seed ``dataset_seed``).
+    """
     import numpy as np
 
     from mxcube_autocenter.learning.data import read_table
@@ -30,12 +34,12 @@ def run(out, *, n_samples=80, crops_per_sample=96, seed=0, arch="fcn", transform
     from mxcube_autocenter.learning.training import train, train_classifier
 
     os.makedirs(out, exist_ok=True)
-    dataset = os.path.join(out, "dataset.h5")
+    dataset = dataset or os.path.join(out, "dataset.h5")
     summary = {"seed": seed}
     if not os.path.exists(dataset):
         start = time.perf_counter()
-        summary["dataset"] = synthetic_dataset(dataset, n_samples, seed, crops_per_sample=crops_per_sample,
-                                               workers=workers)
+        summary["dataset"] = synthetic_dataset(dataset, n_samples, dataset_seed, crops_per_sample=crops_per_sample,
+                                               workers=workers, progress=False)
         summary["dataset"]["seconds"] = round(time.perf_counter() - start, 1)
     table = read_table(dataset)
     summary.setdefault("dataset", {}).update(rows=len(table), crystals=len(set(table.crystal_id)))
@@ -46,7 +50,8 @@ def run(out, *, n_samples=80, crops_per_sample=96, seed=0, arch="fcn", transform
                    **common)
     summary["regressor"] = {
         "arch": arch, "transform": transform, "input_size": input_size, "params": result.info["architecture"]["params"],
-        "train_seconds": round(result.seconds, 1), "epochs_run": result.info["training"]["epochs_run"],
+        "train_seconds": round(result.seconds, 1), "train_cpu_seconds": result.info["training"]["cpu_seconds"],
+        "epochs_run": result.info["training"]["epochs_run"],
         "best_epoch": result.best_epoch, "split_rows": result.info["split"]["rows"],
         "test": evaluate(result.model_path, dataset, os.path.join(out, "regressor_report")),
         "model": result.model_path,
@@ -66,7 +71,8 @@ def run(out, *, n_samples=80, crops_per_sample=96, seed=0, arch="fcn", transform
             ceiling = float(np.mean((table.extra["rc_expected"][rows] >= threshold) == (table.rc[rows] >= threshold)))
         summary["classifier"] = {
             "input_size": classifier_input_size or input_size, "params": clf.info["architecture"]["params"],
-            "train_seconds": round(clf.seconds, 1), "epochs_run": clf.info["training"]["epochs_run"],
+            "train_seconds": round(clf.seconds, 1), "train_cpu_seconds": clf.info["training"]["cpu_seconds"],
+            "epochs_run": clf.info["training"]["epochs_run"],
             "best_epoch": clf.best_epoch, "test": test, "label_noise_ceiling": ceiling, "model": clf.model_path,
         }
         print(json.dumps(summary["classifier"], default=str), flush=True)
@@ -82,9 +88,12 @@ def run(out, *, n_samples=80, crops_per_sample=96, seed=0, arch="fcn", transform
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/learning")
-    parser.add_argument("--samples", type=int, default=80)
-    parser.add_argument("--crops-per-sample", type=int, default=96)
+    parser.add_argument("--dataset", default=None, help="use this dataset file instead of generating one")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--crops-per-sample", type=int, default=48)
+    parser.add_argument("--dataset-seed", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop-um", type=float, default=240.0)
     parser.add_argument("--arch", default="fcn")
     parser.add_argument("--transform", default="log")
     parser.add_argument("--input-size", type=int, default=128)
@@ -95,7 +104,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-classifier", action="store_true")
     args = parser.parse_args(argv)
-    run(args.out, n_samples=args.samples, crops_per_sample=args.crops_per_sample, seed=args.seed, arch=args.arch,
+    run(args.out, n_samples=args.samples, crops_per_sample=args.crops_per_sample, dataset_seed=args.dataset_seed,
+        seed=args.seed, arch=args.arch, crop_um=args.crop_um, dataset=args.dataset,
         transform=args.transform, input_size=args.input_size, classifier_input_size=args.classifier_input_size,
         epochs=args.epochs, classifier_epochs=args.classifier_epochs, patience=args.patience, workers=args.workers,
         skip_classifier=args.skip_classifier)
