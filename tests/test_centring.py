@@ -136,3 +136,20 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
     assert record["success"] and len(record["angles"]) == 3
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
+
+
+def test_queue_entry_centres_or_fails_with_the_reason(beamline, autocenter):
+    from mxcubecore.queue_entry.base_queue_entry import QueueExecutionException
+
+    from mxcube_autocenter.queue_entry import OpticalMLCentring, OpticalMLCentringQueueEntry
+
+    mount_at_start(beamline)
+    entry = OpticalMLCentringQueueEntry(data_model=OpticalMLCentring(n_angles=3))
+    entry.execute()
+    assert entry.get_data_model().result.success
+    assert entry.get_type_str() == "Optical ML centring"
+
+    beamline.sample_changer.mount(None)
+    failing = OpticalMLCentringQueueEntry(data_model=OpticalMLCentring())
+    with pytest.raises(QueueExecutionException, match="no loop found"):
+        failing.execute()
