@@ -17,7 +17,9 @@ The pipeline (see ``docs/learning.md``):
   ``.keras`` model files (``load_model``);
 - :mod:`.evaluate`: Markdown reports with figures and the architecture x
   transform sweep;
-- :mod:`.synthetic`: datasets written straight from the virtual beamline.
+- :mod:`.synthetic`: datasets written straight from the virtual beamline;
+- :mod:`.experiment`: the reference measurement (``python -m
+  mxcube_autocenter.learning.experiment``).
 
 Importing this package does not import TensorFlow; the modules that need it
 (``augment``, ``data``, ``architectures``, ``training``, ``evaluate``) do.

@@ -34,6 +34,7 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
     from mxcube_autocenter.learning.training import train, train_classifier
 
     os.makedirs(out, exist_ok=True)
+    given = dataset
     dataset = dataset or os.path.join(out, "dataset.h5")
     summary = {"seed": seed}
     if not os.path.exists(dataset):
@@ -42,6 +43,13 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
                                                workers=workers, progress=False)
         summary["dataset"]["seconds"] = round(time.perf_counter() - start, 1)
     table = read_table(dataset)
+    if "dataset" not in summary and given is None:
+        # A file left in `out` by an earlier run must be the one asked for.
+        prov = table.provenance if isinstance(table.provenance, dict) else {}
+        wanted = {"n_samples": n_samples, "seed": dataset_seed, "crops_per_sample": crops_per_sample}
+        found = {k: prov.get(k) for k in wanted}
+        if found != wanted:
+            raise ValueError(f"{dataset} was made with {found}, not {wanted}: delete it, or pass it as dataset=")
     summary.setdefault("dataset", {}).update(rows=len(table), crystals=len(set(table.crystal_id)))
     print(json.dumps(summary["dataset"]), flush=True)
 
