@@ -133,9 +133,10 @@ def test_collections_move_the_goniometer_and_write_eiger_files(beamline, tmp_pat
     # The motors moved continuously through the scan, not in one jump.
     scanned = {round(args[0], 3) for _, args in omega_log.calls if 0.0 < args[0] < 20.0}
     assert len(scanned) > 20
-    assert beamline.diffractometer.omega.get_value() == pytest.approx(20.0)
+    assert beamline.diffractometer.omega.get_value() == pytest.approx(20.0, abs=1e-4)
     if kind == "Helical":
-        assert beamline.diffractometer.phiy.get_value() == pytest.approx(helical[1]["phiy"])
+        # Within the motors' reporting tolerance (0.1 um in the virtual beamline's XML).
+        assert beamline.diffractometer.phiy.get_value() == pytest.approx(helical[1]["phiy"], abs=1e-4)
 
     record = beamline.collect.last_collection
     assert record["master_file"] == str(tmp_path / "x_1_master.h5")
