@@ -188,7 +188,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     bytes
     """
     ok, encoded = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        ".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     )
     if not ok:
         raise ValueError(f"cannot encode an array of shape {rgb.shape} as JPEG")

@@ -107,23 +107,6 @@ class CropSpec:
         )
 
 
-def decode_jpeg(data) -> np.ndarray:
-    """JPEG (or PNG) bytes to an RGB uint8 image (H, W, 3)."""
-    buf = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"could not decode an image from {len(buf)} bytes (not a JPEG or PNG?)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def encode_jpeg(rgb, quality: int = 90) -> bytes:
-    """An RGB uint8 image as JPEG bytes."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
-
-
 def crop_side_px(crop_um: float, pixels_per_mm) -> tuple[float, float]:
     """Width and height in image pixels of a crop of ``crop_um`` micrometres.
 

@@ -42,6 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.augment import augmenter  # noqa: E402
+from mxcube_autocenter.recording import decode_jpeg  # noqa: E402
 
 FORMAT_VERSION = 1
 NUMERIC = ("beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
@@ -261,7 +262,7 @@ class RowReader:
                 self._file = h5py.File(self.path, "r")
             data = self._file[self.image_dataset][int(i)]
         try:
-            return crops.decode_jpeg(data)
+            return decode_jpeg(data)
         except ValueError as err:
             raise DatasetError(f"{self.path}: row {i}: {err}") from err
 

@@ -30,6 +30,7 @@ import numpy as np
 from mxcube_autocenter import __version__
 from mxcube_autocenter.geometry import centred_motors, sample_to_screen
 from mxcube_autocenter.learning import crops
+from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Renderer, random_look
 from mxcube_autocenter.simulation.sample import make_sample
@@ -97,7 +98,7 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
             # The beam inside the stored crop: where the frame's beam pixel landed.
             x0 = np.floor(beam[0] - round(side_px[0]) / 2 + 0.5)
             y0 = np.floor(beam[1] - round(side_px[1]) / 2 + 0.5)
-            rows["image"].append(np.frombuffer(crops.encode_jpeg(stored, jpeg_quality), dtype=np.uint8))
+            rows["image"].append(np.frombuffer(encode_jpeg(stored, jpeg_quality), dtype=np.uint8))
             rows["beam_xy"].append((beam[0] - x0, beam[1] - y0))
             rows["pixels_per_mm"].append(ppmm)
             rows["zoom"].append(float(level + 1))
