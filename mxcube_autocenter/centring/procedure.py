@@ -1,10 +1,11 @@
 """The multi-angle optical centring procedure.
 
-At each of several omega angles: find the loop (lucid3), predict a dense
-heatmap over the loop, take its peak; feed the peaks to mxcubecore's
-standard centring fit (``sample_centring.center``, exactly what the
-three-click centring uses) and move there, refusing moves beyond the
-configured limits. Any failure, and an abort, put the sample back where it
+At each of several omega angles: find the loop (lucid3) and predict a dense
+heatmap over the loop; fuse the heatmaps into the one sample point with the
+best predicted count over the rotation; feed its projections to
+mxcubecore's standard centring fit (``sample_centring.center``, exactly
+what the three-click centring uses) and move there, refusing moves beyond
+the configured limits. Any failure, and an abort, put the sample back where it
 was. Inference and lucid run on gevent's thread pool, never on the event loop.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
 from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi, sample_mask
+from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -37,7 +39,12 @@ class NoCrystalFound(CentringFailed):
 
 @dataclass
 class AngleResult:
-    """What the procedure saw at one omega angle."""
+    """What the procedure saw at one omega angle.
+
+    ``point``, ``score`` and ``crystal_probability`` are the view's own
+    heatmap peak until the views are fused, then the chosen sample point's
+    projection in this view. ``mask`` marks the grid points inside the loop.
+    """
 
     omega: float
     loop: tuple | None
@@ -45,7 +52,9 @@ class AngleResult:
     point: tuple
     score: float
     crystal_probability: float | None
+    motors: dict | None = None
     heatmap: object = field(repr=False, default=None)
+    mask: np.ndarray = field(repr=False, default=None)
     frame: np.ndarray = field(repr=False, default=None)
     elapsed_s: float = 0.0
 
@@ -59,13 +68,15 @@ class CentringResult:
     success : bool
     message : str
     method : str
-        ``"ml"`` (heatmap peaks), ``"loop"`` (the fallback to loop centring) or ``"none"``.
+        ``"ml"`` (fused heatmaps), ``"loop"`` (the fallback to loop centring) or ``"none"``.
     start_positions, centred_positions : dict
         Centring motor positions before and after (None when nothing moved).
     angles : list of AngleResult
     timings : dict
-        Seconds spent in loop finding, inference and moves.
+        Seconds spent in loop finding, inference, fusing and moves.
     elapsed_s : float
+    point : tuple or None
+        The chosen sample point ``(a, u, v)``, mm.
     """
 
     success: bool
@@ -76,6 +87,7 @@ class CentringResult:
     angles: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    point: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,6 @@ class CentringSettings:
     fallback: str = "none"
     pin_side: str = "left"
     max_displacement_mm: float = 1.0
-    x_tolerance_um: float = 30.0
     move_timeout_s: float = MOVE_TIMEOUT_S
     loop_search_rotations: int = 4
 
@@ -170,6 +181,11 @@ def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
 def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> CentringResult:
     """Run the procedure; on any failure or abort the sample goes back to where it was.
 
+    The views are taken first (omega turning by ``180 / (n_angles - 1)``
+    degrees between them), their heatmaps fused into one sample point
+    (:func:`.fusion.fuse_views`), and that point's projections clicked into
+    mxcubecore's sine fit as it turns on through the same steps.
+
     Parameters
     ----------
     bl : Beamline
@@ -191,37 +207,31 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     start = bl.positions()
     result = CentringResult(success=False, message="", method="none", start_positions=start)
     timings = result.timings
+    step_deg = 180.0 / (settings.n_angles - 1)
     try:
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
         ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
-        sample_centring.start(
-            bl.sample_view.centring_motors, ppmm[0], ppmm[1], beam[0], beam[1],
-            chi_angle=bl.sample_view.chi_angle, n_points=settings.n_angles,
-        )
-        fit = sample_centring.CURRENT_CENTRING
         for i in range(settings.n_angles):
             if i > 0:
+                bl.rotate(step_deg, settings.move_timeout_s)
                 frame = bl.snapshot()
                 t = time.perf_counter()
                 tip = _in_thread(find_loop, frame, settings.pin_side) or tip
                 timings["loop_s"] += time.perf_counter() - t
-            x_near = result.angles[0].point[0] if result.angles else None
-            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings, x_near)
+            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
             result.angles.append(angle)
-            log.info(
-                "AutoCenter: omega %.1f: best point (%.0f, %.0f), score %.1f%s", angle.omega, *angle.point, angle.score,
-                "" if angle.crystal_probability is None else f", crystal probability {angle.crystal_probability:.2f}",
-            )
-            if not is_crystal(angle, settings):
-                if settings.fallback != "loop":
-                    raise NoCrystalFound(f"no crystal found at omega {angle.omega:.1f} ({_why_not(angle, settings)}): the loop looks empty")
-                angle.point = tip
-                result.method = "loop"
-                log.warning("AutoCenter: no crystal found at omega %.1f: centring the loop tip instead", angle.omega)
-            sample_centring.user_click(*angle.point, wait=True)
-            if fit.ready() and i < settings.n_angles - 1:
-                fit.get()  # the fit gave up (a motor failed): re-raise its error
-        fitted = _by_role(bl, fit.get())
+            log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
+        t = time.perf_counter()
+        point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
+        timings["fusion_s"] = time.perf_counter() - t
+        if point is None:
+            if settings.fallback != "loop":
+                raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty")
+            point = triangulate([a.loop for a in result.angles], [a.motors for a in result.angles], ppmm, beam)
+            result.method = "loop"
+            log.warning("AutoCenter: no crystal found: centring the loop tip instead")
+        result.point = tuple(float(v) for v in point)
+        fitted = _fit_point(bl, point, ppmm, beam, settings.n_angles)
         target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
         bl.check_move(start, target, settings.max_displacement_mm)
         t = time.perf_counter()
@@ -245,23 +255,54 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         result.elapsed_s = time.perf_counter() - t0
 
 
+def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: CentringSettings):
+    """Fuse the views into one sample point; None when it is not worth shooting at.
+
+    Each angle's ``point``, ``score`` and ``crystal_probability`` become
+    those of the fused point's projection in that view.
+    """
+    views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.motors, a.mask) for a in angles]
+    fused = fuse_views(views, pixels_per_mm, beam_position)
+    for angle, score in zip(angles, fused.scores):
+        angle.point = project(fused.point, angle.motors, pixels_per_mm, beam_position)
+        angle.score = score
+        angle.crystal_probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
+    return fused.point if is_crystal(angles, settings) else None
+
+
+def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int) -> dict:
+    """Click the point's projections into mxcubecore's sine fit as it turns omega; its centred positions.
+
+    The fit is the one the three-click centring uses, so the final motor
+    positions follow the site's motor directions and conventions.
+    """
+    sample_centring.start(
+        bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], beam_position[0], beam_position[1],
+        chi_angle=bl.sample_view.chi_angle, n_points=n_angles,
+    )
+    fit = sample_centring.CURRENT_CENTRING
+    for i in range(n_angles):
+        sample_centring.user_click(*project(point, bl.positions(), pixels_per_mm, beam_position), wait=True)
+        if fit.ready() and i < n_angles - 1:
+            fit.get()  # the fit gave up (a motor failed): re-raise its error
+    return _by_role(bl, fit.get())
+
+
 def _by_role(bl: Beamline, fitted: dict) -> dict:
     """sample_centring returns positions keyed by motor object; key them by role."""
     roles = {id(m.motor): name for name, m in bl.sample_view.centring_motors.items()}
     return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
 
 
-def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, omega=float("nan"), x_near=None) -> AngleResult:
+def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, motors=None) -> AngleResult:
     """Steps 2-4 on one frame: region around the loop tip, heatmap, peak, crystal check.
 
     Runs where it is called (the procedure calls it on a worker thread).
 
     Parameters
     ----------
-    x_near : float, optional
-        Screen x of the point chosen at an earlier angle. Rotation does not
-        move a point along the spindle, so the peak is sought within
-        ``settings.x_tolerance_um`` of it: the same crystal at every angle.
+    motors : dict, optional
+        Centring motor positions of the frame (kept with the result for fusing views).
     """
     start = time.perf_counter()
     roi = loop_roi(
@@ -273,29 +314,38 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
     mask = inside[np.ix_(rows, cols)]
-    if x_near is not None:
-        near = np.abs(counts.xs - x_near) <= settings.x_tolerance_um * pixels_per_mm[0] / 1000.0
-        if (mask & near[None, :]).any():
-            mask = mask & near[None, :]
     peak = find_peak(counts, mask=mask if mask.any() else None)
     prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm)
     return AngleResult(
-        omega=omega, loop=tip, roi=roi, point=(peak.x, peak.y), score=peak.score, crystal_probability=prob,
-        heatmap=counts, frame=frame, elapsed_s=time.perf_counter() - start,
+        omega=float("nan") if motors is None else motors["omega"], loop=tip, roi=roi, point=(peak.x, peak.y),
+        score=peak.score, crystal_probability=prob, motors=motors, heatmap=counts, mask=mask, frame=frame,
+        elapsed_s=time.perf_counter() - start,
     )
 
 
-def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings, x_near) -> AngleResult:
-    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions()["omega"], x_near)
+def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
+    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions())
     timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
     return angle
 
 
-def is_crystal(angle: AngleResult, settings: CentringSettings) -> bool:
-    """Whether the best point of an angle is good enough to shoot at."""
-    if not np.isfinite(angle.score) or angle.score < settings.min_score:
+def is_crystal(angles, settings: CentringSettings) -> bool:
+    """Whether the chosen point is good enough to shoot at.
+
+    Its mean predicted count over the views must reach ``min_score`` and,
+    with a classifier, its mean crystal probability ``min_crystal_probability``.
+
+    Parameters
+    ----------
+    angles : AngleResult or sequence of AngleResult
+        The views, each scored at the chosen point's projection.
+    """
+    angles = [angles] if isinstance(angles, AngleResult) else list(angles)
+    score = float(np.mean([a.score for a in angles]))
+    if not np.isfinite(score) or score < settings.min_score:
         return False
-    return angle.crystal_probability is None or angle.crystal_probability >= settings.min_crystal_probability
+    probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
+    return not probs or float(np.mean(probs)) >= settings.min_crystal_probability
 
 
 def _stop_motion(bl: Beamline):
@@ -308,10 +358,12 @@ def _stop_motion(bl: Beamline):
         motors[name].abort()
 
 
-def _why_not(angle: AngleResult, settings: CentringSettings) -> str:
-    if not np.isfinite(angle.score) or angle.score < settings.min_score:
-        return f"score {angle.score:.1f} < min_score {settings.min_score}"
-    return f"crystal probability {angle.crystal_probability:.2f} < min_crystal_probability {settings.min_crystal_probability}"
+def _why_not(angles, settings: CentringSettings) -> str:
+    score = float(np.mean([a.score for a in angles]))
+    if not np.isfinite(score) or score < settings.min_score:
+        return f"score {score:.1f} < min_score {settings.min_score}"
+    prob = float(np.mean([a.crystal_probability for a in angles if a.crystal_probability is not None]))
+    return f"crystal probability {prob:.2f} < min_crystal_probability {settings.min_crystal_probability}"
 
 
 def _restore(bl: Beamline, start: dict, timeout: float, log):

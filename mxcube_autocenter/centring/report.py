@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import time
@@ -11,6 +12,40 @@ import cv2
 import numpy as np
 
 from mxcube_autocenter.centring.procedure import AngleResult, CentringResult
+
+
+def heatmap_rgb(values) -> np.ndarray:
+    """Heatmap values as colours, lowest to highest from black through red to yellow (inferno).
+
+    Parameters
+    ----------
+    values : (H, W) array_like
+        NaN counts as 0.
+
+    Returns
+    -------
+    (H, W, 3) uint8 ndarray
+        RGB image, one pixel per grid point.
+    """
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32))
+    span = float(values.max() - values.min()) or 1.0
+    scaled = ((values - values.min()) / span * 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def heatmap_png_base64(values, alpha=0.5) -> str:
+    """Heatmap values as a base64 PNG (RGBA, uniform opacity ``alpha``), one pixel per grid point.
+
+    The form the MXCuBE web UI draws over a grid shape's cells
+    (``SampleView.set_grid_data`` with the beamline's default
+    ``mesh_result_format`` PNG).
+    """
+    rgba = cv2.cvtColor(heatmap_rgb(values), cv2.COLOR_RGB2BGRA)
+    rgba[..., 3] = int(round(255 * alpha))
+    ok, png = cv2.imencode(".png", rgba)
+    if not ok:
+        raise ValueError("could not encode the heatmap as PNG")
+    return base64.b64encode(png.tobytes()).decode("ascii")
 
 
 def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
@@ -29,11 +64,7 @@ def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
         x0, y0 = max(x0, 0), max(y0, 0)
         x1, y1 = min(x1, image.shape[1]), min(y1, image.shape[0])
         if x1 > x0 and y1 > y0:
-            values = np.nan_to_num(hm.values.astype(np.float32))
-            span = float(values.max() - values.min()) or 1.0
-            scaled = ((values - values.min()) / span * 255).astype(np.uint8)
-            colour = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-            colour = cv2.resize(colour, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+            colour = cv2.resize(heatmap_rgb(hm.values), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
             image[y0:y1, x0:x1] = cv2.addWeighted(image[y0:y1, x0:x1], 1 - alpha, colour, alpha, 0)
     roi = angle.roi
     cv2.rectangle(image, (roi.x0, roi.y0), (roi.x1 - 1, roi.y1 - 1), (80, 160, 255), 1)
@@ -52,7 +83,7 @@ def record(result: CentringResult) -> dict:
     """The JSON-able record of a centring (no images)."""
     angles = []
     for angle in result.angles:
-        fields = {f.name: getattr(angle, f.name) for f in dataclasses.fields(angle) if f.name not in ("heatmap", "frame")}
+        fields = {f.name: getattr(angle, f.name) for f in dataclasses.fields(angle) if f.name not in ("heatmap", "mask", "frame")}
         fields["roi"] = dataclasses.asdict(angle.roi)
         angles.append(fields)
     out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "angles"}

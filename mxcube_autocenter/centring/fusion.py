@@ -1,0 +1,187 @@
+"""One 3D best point from the heatmaps of several omega angles.
+
+Each view's heatmap predicts the reflection count with the beam through a
+screen point at that omega. A sample point ``(a, u, v)`` projects into every
+view (:func:`mxcube_autocenter.geometry.sample_to_screen`), so its expected
+count over the rotation is estimated by the mean of the views' predictions
+at its projections: the quantity the ground-truth best point maximises.
+Choosing the 3D point with the best mean, instead of each view's own peak,
+keeps the views on the same crystal and averages the views' errors.
+
+All positions are in the conventions of :mod:`mxcube_autocenter.geometry`;
+screen positions in pixels, sample positions in mm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mxcube_autocenter.centring.peak import smooth
+from mxcube_autocenter.geometry import sample_to_screen
+
+# Stands for "outside a view's region or mask"; finite so interpolation stays finite.
+_EXCLUDED = -1e9
+
+
+@dataclass(frozen=True)
+class View:
+    """One omega angle's heatmap, in screen pixels.
+
+    Attributes
+    ----------
+    values : (H, W) ndarray
+        Predicted reflection counts on the grid.
+    xs, ys : (W,), (H,) ndarray
+        Screen x of each column and y of each row, evenly spaced, pixels.
+    motors : dict
+        Centring motor positions the frame was taken at (``omega`` in degrees).
+    mask : (H, W) bool ndarray, optional
+        Grid points that may hold the best point (e.g. inside the loop).
+    """
+
+    values: np.ndarray
+    xs: np.ndarray
+    ys: np.ndarray
+    motors: dict
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FusedPoint:
+    """The best sample point over all views.
+
+    Attributes
+    ----------
+    point : (3,) ndarray
+        ``(a, u, v)``, mm.
+    score : float
+        Mean smoothed prediction over the views at its projections.
+    scores : tuple of float
+        Each view's smoothed prediction there.
+    """
+
+    point: np.ndarray
+    score: float
+    scores: tuple
+
+
+def _interp_1d(values, coords, axis):
+    """Linear interpolation of ``values`` along ``axis`` at fractional indices ``coords``.
+
+    Indices outside the grid give :data:`_EXCLUDED`: the grid is padded
+    with it on both sides, so no separate test is needed.
+    """
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (1, 1)
+    padded = np.pad(values, pad, constant_values=_EXCLUDED)
+    c = np.clip(np.asarray(coords, dtype=np.float32) + 1, 0, values.shape[axis] + 1)
+    lo = np.minimum(c.astype(np.int32), values.shape[axis])
+    w = (c - lo).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    w = w.reshape(shape)
+    return np.take(padded, lo, axis=axis) * (1 - w) + np.take(padded, lo + 1, axis=axis) * w
+
+
+def _prepared(view: View, sigma_cells: float) -> np.ndarray:
+    values = smooth(view.values, sigma_cells).astype(np.float32)
+    if view.mask is not None and view.mask.any():
+        values = np.where(view.mask, values, _EXCLUDED)
+    return values
+
+
+def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0) -> FusedPoint:
+    """The sample point whose projections have the best mean predicted count.
+
+    Searches a grid of sample points: along the spindle the columns of the
+    first view's heatmap, across it a square grid in ``(u, v)`` covering
+    every view's rows, both at the heatmap stride. All views must share the
+    translation motors (only omega differs), as they do while centring.
+
+    Parameters
+    ----------
+    views : sequence of View
+        At least two, at different omegas (not 180 degrees apart only).
+    pixels_per_mm : (float, float)
+        Horizontal and vertical image scale, pixels per mm.
+    beam_position : (float, float)
+        Beam on screen, pixels.
+    step_px : float, optional
+        Grid step, pixels; default: the first view's row spacing.
+    sigma_cells : float
+        Smoothing of each heatmap before fusing, grid cells (as :func:`.peak.find_peak`).
+
+    Returns
+    -------
+    FusedPoint
+    """
+    if len(views) < 2:
+        raise ValueError(f"fusing needs at least two views, got {len(views)}")
+    motors = views[0].motors
+    ppx, ppy = (float(p) for p in pixels_per_mm)
+    if step_px is None:
+        step_px = abs(views[0].ys[1] - views[0].ys[0]) if len(views[0].ys) > 1 else 1.0
+    step = float(step_px)
+    xs = np.asarray(views[0].xs, dtype=np.float64)
+    # Offsets along each view's vertical from the spindle, mm: every row of every view is covered.
+    reach = max(
+        np.abs((np.asarray(v.ys, dtype=np.float64) - beam_position[1]) / ppy + motors["phiz"]).max() for v in views
+    )
+    offsets = np.arange(-reach, reach + step / ppy, step / ppy)
+    du, dv = np.meshgrid(offsets, offsets, indexing="ij")
+    total = np.zeros((len(offsets), len(offsets), len(xs)), np.float32)
+    per_view = []
+    for view in views:
+        values = _prepared(view, sigma_cells)
+        vx = np.asarray(view.xs, dtype=np.float64)
+        vy = np.asarray(view.ys, dtype=np.float64)
+        columns = _interp_1d(values, (xs - vx[0]) / (vx[1] - vx[0]) if len(vx) > 1 else np.zeros_like(xs), axis=1)
+        omega = np.radians(view.motors["omega"])
+        y = beam_position[1] + ppy * (du * np.sin(omega) + dv * np.cos(omega) - view.motors["phiz"])
+        rows = (y - vy[0]) / (vy[1] - vy[0]) if len(vy) > 1 else np.zeros_like(y)
+        score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
+        per_view.append(score)
+        total += score
+    total /= len(views)
+    i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
+    point = np.array([
+        motors["phiy"] + (xs[k] - beam_position[0]) / ppx,
+        motors["sampx"] + du[i, j],
+        motors["sampy"] + dv[i, j],
+    ])
+    return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
+
+
+def triangulate(points, motors_list, pixels_per_mm, beam_position) -> np.ndarray:
+    """The sample point that best projects onto given screen points (least squares).
+
+    Parameters
+    ----------
+    points : sequence of (float, float)
+        A screen point per view, pixels.
+    motors_list : sequence of dict
+        Motor positions of each view (only omega may differ).
+    pixels_per_mm, beam_position
+        As in :func:`fuse_views`.
+
+    Returns
+    -------
+    (3,) ndarray
+        ``(a, u, v)``, mm.
+    """
+    ppx, ppy = (float(p) for p in pixels_per_mm)
+    m0 = motors_list[0]
+    a = m0["phiy"] + np.mean([(p[0] - beam_position[0]) / ppx for p in points])
+    omegas = np.radians([m["omega"] for m in motors_list])
+    design = np.column_stack([np.sin(omegas), np.cos(omegas)])
+    target = np.array([(p[1] - beam_position[1]) / ppy + m["phiz"] for p, m in zip(points, motors_list)])
+    (du, dv), *_ = np.linalg.lstsq(design, target, rcond=None)
+    return np.array([a, m0["sampx"] + du, m0["sampy"] + dv])
+
+
+def project(point, motors, pixels_per_mm, beam_position) -> tuple:
+    """Screen position, pixels, of a sample point at these motor positions."""
+    xy, _ = sample_to_screen(np.asarray(point)[None], motors, pixels_per_mm, beam_position)
+    return float(xy[0, 0]), float(xy[0, 1])

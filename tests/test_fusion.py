@@ -1,0 +1,77 @@
+"""Fusing the heatmaps of several omega angles into one sample point."""
+
+import numpy as np
+import pytest
+
+from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate
+from mxcube_autocenter.geometry import centred_motors
+
+PPMM = (1300.0, 1300.0)
+BEAM = (640.0, 512.0)
+MOTORS = {"omega": 30.0, "phiy": 0.05, "phiz": 0.01, "sampx": -0.02, "sampy": 0.03}
+XS = np.arange(300.0, 1000.0, 6.0)
+YS = np.arange(150.0, 900.0, 6.0)
+
+
+def blob_view(omega, centres, sigma_px=12.0, heights=None):
+    """A heatmap with Gaussian peaks at the projections of ``centres`` (sample points) at ``omega``."""
+    motors = dict(MOTORS, omega=omega)
+    gx, gy = np.meshgrid(XS, YS)
+    values = np.zeros_like(gx)
+    for centre, height in zip(centres, heights or [100.0] * len(centres)):
+        x, y = project(centre, motors, PPMM, BEAM)
+        values += height * np.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * sigma_px**2))
+    return View(values, XS, YS, motors)
+
+
+def test_projection_of_a_centred_point_is_the_beam():
+    point = np.array([0.1, -0.05, 0.07])
+    for omega in (0.0, 37.0, 90.0, 200.0):
+        assert project(point, centred_motors(point, omega), PPMM, BEAM) == pytest.approx(BEAM, abs=1e-9)
+
+
+def test_fused_point_recovers_a_crystal_seen_in_every_view():
+    crystal = np.array([0.12, 0.05, -0.08])
+    views = [blob_view(w, [crystal]) for w in (30.0, 120.0, 210.0)]
+    fused = fuse_views(views, PPMM, BEAM)
+    # Within one grid step (6 px = 4.6 um) in every direction.
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+    # The peak height after the light smoothing (one 6 px cell) of a 12 px wide peak.
+    assert fused.score == pytest.approx(100.0 * 12.0**2 / (12.0**2 + 6.0**2), rel=0.05)
+    assert len(fused.scores) == 3
+
+
+def test_fusion_ignores_a_peak_seen_in_one_view_only():
+    crystal = np.array([0.12, 0.05, -0.08])
+    views = [blob_view(w, [crystal], heights=[60.0]) for w in (30.0, 120.0, 210.0)]
+    # A brighter feature in the middle view that the other views do not confirm.
+    middle = views[1]
+    gx, gy = np.meshgrid(XS, YS)
+    glare = 150.0 * np.exp(-((gx - 400.0) ** 2 + (gy - 300.0) ** 2) / (2 * 12.0**2))
+    views[1] = View(middle.values + glare, XS, YS, middle.motors)
+    fused = fuse_views(views, PPMM, BEAM)
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+
+
+def test_mask_excludes_points_outside_the_loop():
+    crystal, other = np.array([0.12, 0.05, -0.08]), np.array([-0.05, 0.0, 0.02])
+    views = []
+    for w in (30.0, 120.0, 210.0):
+        view = blob_view(w, [crystal, other], heights=[100.0, 50.0])
+        x, _ = project(crystal, view.motors, PPMM, BEAM)
+        mask = np.broadcast_to(np.abs(XS - x) > 40, view.values.shape)
+        views.append(View(view.values, XS, YS, view.motors, mask))
+    fused = fuse_views(views, PPMM, BEAM)
+    assert np.abs(fused.point - other).max() * 1000 < 6 / 1.3
+
+
+def test_triangulate_inverts_projection():
+    point = np.array([0.02, 0.11, -0.04])
+    motors = [dict(MOTORS, omega=w) for w in (10.0, 100.0, 190.0)]
+    clicks = [project(point, m, PPMM, BEAM) for m in motors]
+    assert triangulate(clicks, motors, PPMM, BEAM) == pytest.approx(point, abs=1e-9)
+
+
+def test_fusing_one_view_is_refused():
+    with pytest.raises(ValueError, match="at least two views"):
+        fuse_views([blob_view(0.0, [np.zeros(3)])], PPMM, BEAM)
