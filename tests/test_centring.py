@@ -6,8 +6,10 @@ import gevent
 import numpy as np
 import pytest
 
+from mxcube_autocenter import scorecard
 from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.centring.predictor import load_predictor
+from mxcube_autocenter.demo import heldout_samples
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.simulation.sample import make_sample
 from tests.helpers import SignalLog, tick
@@ -153,3 +155,33 @@ def test_queue_entry_centres_or_fails_with_the_reason(beamline, autocenter):
     failing = OpticalMLCentringQueueEntry(data_model=OpticalMLCentring())
     with pytest.raises(QueueExecutionException, match="no loop found"):
         failing.execute()
+
+
+@pytest.fixture
+def shipped_autocenter(beamline):
+    """The AutoCenter object as a beamline gets it: the shipped model(s) and the default thresholds."""
+    ho = auto_centring(beamline)
+    saved = ho.predictor
+    ho.predictor = load_predictor()
+    ho._take_over_auto_centring()
+    yield ho
+    ho.predictor = saved
+
+
+HELDOUT = {spec["seed"]: spec for spec in heldout_samples(16, 2, seed=3)}
+
+
+@pytest.mark.parametrize("seed", [53002, 53005, 53007])
+def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
+    spec = HELDOUT[seed]
+    mounted = beamline.sample_changer.mount(make_sample(seed, **spec["kwargs"]))
+    centre = mounted.sample.loop_centre
+    beamline.diffractometer.set_value_motors(
+        {"omega": 40.0, "phiy": float(centre[0]) + 0.05, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
+    )
+    log = run_auto_centring(beamline)
+    accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
+    assert accepted[0] is True, shipped_autocenter.last_result.message
+    best, best_rc = mounted.best_point()
+    score = scorecard.score_position(mounted.diffraction, best, best_rc, positions(beamline))
+    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
