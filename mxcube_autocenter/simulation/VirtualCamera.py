@@ -46,6 +46,9 @@ class VirtualCamera(HardwareObject):
         self._lock = gevent.lock.BoundedSemaphore()
         self.set_look(look)
         self.frame_number = 0
+        # mxcubeweb's sample view reads it (the video streamer's stream id);
+        # this camera feeds no video streamer, so it only names the camera.
+        self.stream_hash = self.load_name
         self._stream_task = None
         self.start_streaming()
         self.update_state(self.STATES.READY)
