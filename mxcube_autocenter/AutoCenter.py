@@ -33,6 +33,12 @@ from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_pa
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
+def _omega_gap(a: float, b: float) -> float:
+    """Smallest angle between two omega positions, degrees."""
+    gap = abs(a - b) % 360.0
+    return min(gap, 360.0 - gap)
+
+
 class AutoCenter(HardwareObject):
     """Optical crystal centring and training-frame recording for MXCuBE."""
 
@@ -49,6 +55,7 @@ class AutoCenter(HardwareObject):
         self.predictor = None
         self.centring_error = None
         self.last_result = None
+        self._heatmap_shape_id = None
         self._connect_collect()
         self._load_models()
         if self.config.centring_enabled and self.predictor is not None:
@@ -183,11 +190,62 @@ class AutoCenter(HardwareObject):
         self.last_result = result
         (self.user_log.info if result.success else self.user_log.warning)(f"Optical ML centring: {result.message}")
         self.emit("centringProgress", (result.message,))
+        self._publish_heatmap(result)
         if save and self.config.centring_save_directory:
             gevent.get_hub().threadpool.spawn(
                 report.save, result, self.config.centring_save_directory, bl.beam_position()
             )
         return result
+
+    def _publish_heatmap(self, result: procedure.CentringResult):
+        """Show the heatmap of the view on screen now as a grid result, where the web UI draws it.
+
+        The grid covers the heatmap's points in the view taken at the omega
+        the goniometer is at now (after a failure, which puts the sample
+        back, the first view) and moves with the sample like any shape; its
+        result is a PNG of the heatmap (MXCuBE's default
+        ``mesh_result_format``). The previous centring's grid is replaced.
+        Nothing is shown when no view was taken within SampleView's
+        ``hide_grid_threshold`` of the current omega. Never raises: the
+        centring's outcome stands whatever happens here.
+        """
+        sample_view = HWR.beamline.sample_view
+        try:
+            if self._heatmap_shape_id is not None:
+                sample_view.delete_shape(self._heatmap_shape_id)
+                self._heatmap_shape_id = None
+            now = sample_view.get_positions()
+            angle = min(result.angles, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)
+            # A grid more than hide_grid_threshold away in omega is hidden by SampleView.
+            if angle is None or angle.heatmap is None or angle.heatmap.values.size == 0 \
+                    or _omega_gap(angle.omega, now["omega"]) > sample_view.hide_grid_threshold:
+                return
+            hm = angle.heatmap
+            ppmm = HWR.beamline.diffractometer.get_pixels_per_mm()
+            step_x = float(hm.xs[1] - hm.xs[0]) if len(hm.xs) > 1 else self.config.heatmap_stride_px
+            step_y = float(hm.ys[1] - hm.ys[0]) if len(hm.ys) > 1 else self.config.heatmap_stride_px
+            x0, y0 = float(hm.xs[0]) - step_x / 2, float(hm.ys[0]) - step_y / 2
+            # The view was taken with the translations where the centring started
+            # (only omega turns until the final move); get_centred_point_from_coord
+            # works from the motors as they are now, so shift it back by the move.
+            corner = sample_view.get_centred_point_from_coord(x0, y0, return_by_names=True)
+            for name in ("phiy", "phiz", "sampx", "sampy"):
+                corner[name] += result.start_positions[name] - now[name]
+            grid = sample_view.add_shape_from_mpos([corner], (x0, y0), "G")
+            grid.label = "ML heatmap"
+            grid.name = f"ML heatmap omega {angle.omega % 360:.0f}"
+            grid.num_cols, grid.num_rows = len(hm.xs), len(hm.ys)
+            grid.cell_width, grid.cell_height = 1000 * step_x / ppmm[0], 1000 * step_y / ppmm[1]
+            grid.cell_h_space = grid.cell_v_space = 0
+            grid.width, grid.height = step_x * grid.num_cols, step_y * grid.num_rows
+            grid.pixels_per_mm = list(ppmm)
+            grid.beam_pos = list(HWR.beamline.beam.get_beam_position_on_screen())
+            grid.update_position(sample_view.motor_positions_to_screen)
+            self._heatmap_shape_id = grid.id
+            sample_view.emit("shapesChanged")
+            sample_view.set_grid_data(grid.id, report.heatmap_png_base64(hm.values), "")
+        except Exception:
+            self.log.exception("AutoCenter: could not publish the centring heatmap")
 
     def _take_over_auto_centring(self):
         """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""

@@ -1,0 +1,76 @@
+"""The centring heatmap published on SampleView as a grid result (what the web UI draws), without the web server."""
+
+import base64
+
+import cv2
+import numpy as np
+import pytest
+
+from mxcube_autocenter.beamline import auto_centring
+from mxcube_autocenter.geometry import CENTRING_MOTORS
+
+# Basket 1 position 1 holds a sample the shipped model centres from any start;
+# basket 5 position 8 an empty loop it refuses (VirtualSampleChanger seed 1000: seeds 1101 and 1508).
+CRYSTAL, EMPTY = "1:01", "5:08"
+
+
+@pytest.fixture
+def autocenter(beamline):
+    """The AutoCenter object with the shipped model, the motors at rest and no shapes."""
+    beamline.sample_view.clear_all()
+    beamline.diffractometer.set_value_motors({name: 0.0 for name in CENTRING_MOTORS}, timeout=30)
+    return auto_centring(beamline)
+
+
+def grids(beamline):
+    return beamline.sample_view.get_grids()
+
+
+def view_at_current_omega(beamline, result):
+    """The centring's view taken at the omega the goniometer is at now (the one the UI can show)."""
+    omega = beamline.sample_view.get_positions()["omega"]
+    (angle,) = [a for a in result.angles if abs((a.omega - omega + 180) % 360 - 180) < 0.1]
+    return angle
+
+
+def decode(result) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(result), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter):
+    beamline.sample_changer.load(CRYSTAL, wait=True)
+    result = autocenter.centre(save=False)
+    assert result.success, result.message
+    (grid,) = grids(beamline)
+    angle = view_at_current_omega(beamline, result)
+    hm = angle.heatmap
+    png = decode(grid.get_result())
+    assert png.shape == (len(hm.ys), len(hm.xs), 4) == (grid.num_rows, grid.num_cols, 4)
+    # The hottest cell is drawn brightest (inferno: bright yellow at the top).
+    row, col = np.unravel_index(np.nanargmax(hm.values), hm.values.shape)
+    assert png[row, col, :3].sum() == png[..., :3].sum(axis=-1).max()
+    # The grid follows the sample: the point chosen in that view is now in the beam.
+    ppmm = beamline.diffractometer.get_pixels_per_mm()
+    step = hm.xs[1] - hm.xs[0]
+    corner_then = np.array([hm.xs[0] - step / 2, hm.ys[0] - step / 2])
+    point_now = np.array(grid.screen_coord[:2]) + np.array(angle.point) - corner_then
+    beam = np.array(beamline.beam.get_beam_position_on_screen())
+    assert np.linalg.norm(point_now - beam) < 0.03 * ppmm[0]  # 30 um
+    assert grid.cell_width == pytest.approx(1000 * step / ppmm[0])
+
+    again = autocenter.centre(save=False)
+    assert again.success and len(grids(beamline)) == 1  # the last centring's heatmap only
+
+
+def test_a_refused_centring_shows_the_heatmap_where_the_sample_is_again(beamline, autocenter):
+    beamline.sample_changer.load(EMPTY, wait=True)
+    start = beamline.sample_view.get_positions()
+    result = autocenter.centre(save=False)
+    assert not result.success and "no crystal" in result.message
+    assert beamline.sample_view.get_positions() == pytest.approx(start, abs=1e-3)
+    (grid,) = grids(beamline)
+    hm = view_at_current_omega(beamline, result).heatmap
+    assert grid.state == "SAVED"  # shown: taken at the omega the sample is back at
+    half = (hm.xs[1] - hm.xs[0]) / 2
+    assert tuple(grid.screen_coord[:2]) == pytest.approx((hm.xs[0] - half, hm.ys[0] - half), abs=1.5)
+    assert decode(grid.get_result()).shape[:2] == hm.values.shape
