@@ -18,7 +18,9 @@ with the motor positions of the moment go to one HDF5 file per collection
 Centring: :meth:`AutoCenter.centre` runs the optical ML centring
 (:mod:`mxcube_autocenter.centring.procedure`); with ``centring_enabled`` the
 object also takes over ``SampleView.start_auto_centring``, which the web UI's
-auto-centring button and the queue's auto loop centring on mount call.
+auto-centring button and the queue's auto loop centring on mount call,
+and shows each centring's heatmap on SampleView as a grid result, which the
+web UI draws over the camera image.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
+
 
 def _omega_gap(a: float, b: float) -> float:
     """Smallest angle between two omega positions, degrees."""

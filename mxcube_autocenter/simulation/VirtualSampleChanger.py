@@ -26,6 +26,11 @@ class MountedSample:
         return self._best
 
 
+def sample_seed(seed: int, basket: int, position: int) -> int:
+    """Seed of the virtual sample at ``basket``, ``position`` of a changer configured with ``seed``."""
+    return int(seed) + 100 * int(basket) + int(position)
+
+
 class VirtualSampleChanger(SampleChangerMockup):
     """SampleChangerMockup whose positions hold reproducible virtual samples.
 
@@ -45,7 +50,7 @@ class VirtualSampleChanger(SampleChangerMockup):
         )
 
     def seed_at(self, basket: int, position: int) -> int:
-        return int(self.get_property("seed", 1000)) + 100 * int(basket) + int(position)
+        return sample_seed(self.get_property("seed", 1000), basket, position)
 
     def load(self, sample, wait=False):
         loaded = super().load(sample, wait)

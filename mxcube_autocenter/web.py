@@ -1,0 +1,146 @@
+"""The MXCuBE web server (mxcubeweb, the ``web`` extra) on the virtual beamline.
+
+``mxcube-autocenter web`` and the end-to-end tests start the real
+``mxcubeweb-server`` from PyPI with the virtual beamline's configuration,
+in which the AutoCenter object runs the web UI's auto-centring button and
+the queue's auto loop centring on mount. The configuration directory holds
+``mxcube-web/server.yaml`` and ``ui.yaml``; :func:`server_command` writes a
+copy of ``mxcube-web/`` whose ``server.yaml`` has the host, port and user
+database asked for, and puts it first on mxcubecore's lookup path, so the
+shipped files stay untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mxcube_autocenter.beamline import mxcubecore_mockup_dir, virtual_beamline_dir
+
+WEB_CONFIG = "mxcube-web"
+DEFAULT_HOST = "127.0.0.1"
+# mxcubeweb's default, and where its UI development server sends API calls.
+DEFAULT_PORT = 8081
+API = "/mxcube/api/v0.1"
+# What the lims mockup (lims.xml: ISPyBClientMockup) accepts: this proposal,
+# and any password except "wrong".
+LOGIN_PROPOSAL = "idtest0"
+LOGIN_PASSWORD = "idtest0"
+
+
+class WebSetupError(RuntimeError):
+    """mxcubeweb is missing, or the configuration directory cannot serve it."""
+
+
+def server_executable() -> Path:
+    """The ``mxcubeweb-server`` script of this Python environment.
+
+    Raises
+    ------
+    WebSetupError
+        If mxcubeweb is not installed.
+    """
+    beside = Path(sys.executable).with_name("mxcubeweb-server")
+    found = beside if beside.is_file() else shutil.which("mxcubeweb-server")
+    if not found:
+        raise WebSetupError(
+            "mxcubeweb-server not found: install the web extra (`pip install -e '.[web]'`; `make test` does it)"
+        )
+    return Path(found)
+
+
+def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, config_dir=None,
+                   ui_build=None) -> list:  # fmt: skip
+    """Write the server's run-time configuration and return the command that starts it.
+
+    Parameters
+    ----------
+    state_dir : path
+        Directory for the run-time ``mxcube-web/`` copy and the user database
+        (created; reused by later runs).
+    host, port
+        Where the server listens.
+    config_dir : path, optional
+        Beamline configuration directory with ``mxcube-web/``; default: the
+        virtual beamline.
+    ui_build : path, optional
+        A built mxcubeweb UI (its ``ui/build`` folder) for the server to serve.
+
+    Returns
+    -------
+    list of str
+        ``mxcubeweb-server -r <lookup path> [-s <ui_build>]``.
+
+    Raises
+    ------
+    WebSetupError
+        If mxcubeweb is missing or ``config_dir`` has no ``mxcube-web/server.yaml``.
+    """
+    executable = server_executable()
+    import ruamel.yaml  # mxcubeweb's own YAML reader, installed with it
+
+    config_dir = Path(config_dir) if config_dir else virtual_beamline_dir()
+    source = config_dir / WEB_CONFIG
+    if not (source / "server.yaml").is_file():
+        raise WebSetupError(
+            f"{source / 'server.yaml'} not found: mxcubeweb needs a {WEB_CONFIG}/ folder with server.yaml and "
+            "ui.yaml in the beamline configuration directory (see hardware_objects_xml/virtual_beamline/)"
+        )
+    state_dir = Path(state_dir).resolve()
+    target = state_dir / WEB_CONFIG
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    yaml = ruamel.yaml.YAML()
+    settings = yaml.load((source / "server.yaml").read_text())
+    settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
+    with (target / "server.yaml").open("w") as out:
+        yaml.dump(settings, out)
+    # The first directory holding mxcube-web/ wins; the mockup directory holds the camera images.
+    lookup = os.pathsep.join(str(p) for p in (state_dir, config_dir.resolve(), mxcubecore_mockup_dir()))
+    command = [str(executable), "-r", lookup]
+    if ui_build:
+        command += ["-s", str(Path(ui_build).resolve())]
+    return command
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port nobody listens on now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(url: str, process, timeout: float = 120.0):
+    """Wait until the server at ``url`` answers its login-info route.
+
+    Parameters
+    ----------
+    url : str
+        ``http://host:port``.
+    process : subprocess.Popen
+        The server: if it exits, waiting stops with its exit status.
+    timeout : float
+        Seconds (loading the beamline and the models takes 10-40 s).
+
+    Raises
+    ------
+    WebSetupError
+        If the server exited or did not answer in time.
+    """
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise WebSetupError(f"mxcubeweb-server exited with status {process.returncode} before it was ready")
+        try:
+            if requests.get(f"{url}{API}/login/login_info", timeout=5).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise WebSetupError(f"mxcubeweb-server at {url} not ready after {timeout:.0f} s")
