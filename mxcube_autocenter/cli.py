@@ -48,6 +48,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_web(args) -> int:
+    """Start the MXCuBE web server (mxcubeweb) on the virtual beamline, with the plugin's centring."""
+    from mxcube_autocenter.web import API, WebSetupError, server_command
+
+    try:
+        command = server_command(args.state_dir, host=args.host, port=args.port, config_dir=args.config,
+                                 ui_build=args.ui_build)
+    except WebSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    url = f"http://{args.host}:{args.port}"
+    print(f"MXCuBE web server: {url} (API {url}{API}), the virtual beamline with the optical ML centring")
+    print("Log in with proposal idtest0 and any password but 'wrong' (the LIMS mockup)")
+    if not args.ui_build:
+        print("No UI is served: start mxcubeweb's UI development server (it proxies to 127.0.0.1:8081) "
+              "or pass --ui-build; see docs/web.md")
+    print("Stop with Ctrl-C", flush=True)
+    # The server replaces this process: Ctrl-C and the exit status are its own.
+    os.execv(command[0], command)
+
+
 def cmd_bench(args) -> int:
     """Run the benchmarks and print their figures."""
     _patch_gevent()
@@ -407,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--png", help="contact sheet path (one recording; default: next to it)")
     inspect.add_argument("--frames", type=int, default=16, help="frames on the sheet (default: %(default)s)")
     inspect.set_defaults(func=cmd_inspect)
+
+    webp = sub.add_parser("web", help="the MXCuBE web server (mxcubeweb) on the virtual beamline, with the plugin")
+    webp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    webp.add_argument("--port", type=int, default=8081,
+                      help="port (default: %(default)s, where mxcubeweb's UI development server expects it)")
+    webp.add_argument("--state-dir", default="out/web", help="run-time configuration and user database (default: %(default)s)")
+    webp.add_argument("--ui-build", help="a built mxcubeweb UI (its ui/build folder) to serve")
+    webp.add_argument("--config", help="beamline configuration directory with mxcube-web/ (default: virtual beamline)")
+    webp.set_defaults(func=cmd_web)
 
     bench = sub.add_parser("bench", help="speed and memory benchmarks, printed as figures")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
