@@ -75,3 +75,15 @@ def test_triangulate_inverts_projection():
 def test_fusing_one_view_is_refused():
     with pytest.raises(ValueError, match="at least two views"):
         fuse_views([blob_view(0.0, [np.zeros(3)])], PPMM, BEAM)
+
+
+def test_floor_prefers_a_point_seen_in_every_view():
+    crystal = np.array([0.12, 0.05, -0.08])
+    views = [blob_view(w, [crystal], heights=[30.0]) for w in (30.0, 120.0, 210.0)]
+    # A strong feature in two views whose projections in the third fall on nothing.
+    bright = np.array([-0.05, 0.0, 0.02])
+    views[:2] = [blob_view(v.motors["omega"], [crystal, bright], heights=[30.0, 200.0]) for v in views[:2]]
+    assert np.abs(fuse_views(views, PPMM, BEAM).point - bright).max() * 1000 < 6 / 1.3
+    fused = fuse_views(views, PPMM, BEAM, floor=10.0)
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+    assert min(fused.scores) >= 10.0

@@ -92,13 +92,16 @@ def _prepared(view: View, sigma_cells: float) -> np.ndarray:
     return values
 
 
-def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0) -> FusedPoint:
+def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0, floor=None) -> FusedPoint:
     """The sample point whose projections have the best mean predicted count.
 
     Searches a grid of sample points: along the spindle the columns of the
     first view's heatmap, across it a square grid in ``(u, v)`` covering
     every view's rows, both at the heatmap stride. All views must share the
     translation motors (only omega differs), as they do while centring.
+    With ``floor``, only points predicted at least ``floor`` in every view
+    compete (the beam must meet the crystal at every angle), unless there
+    are none.
 
     Parameters
     ----------
@@ -112,6 +115,8 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         Grid step, pixels; default: the first view's row spacing.
     sigma_cells : float
         Smoothing of each heatmap before fusing, grid cells (as :func:`.peak.find_peak`).
+    floor : float, optional
+        Smallest prediction in any view of a point that may win.
 
     Returns
     -------
@@ -132,6 +137,7 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     offsets = np.arange(-reach, reach + step / ppy, step / ppy)
     du, dv = np.meshgrid(offsets, offsets, indexing="ij")
     total = np.zeros((len(offsets), len(offsets), len(xs)), np.float32)
+    lowest = np.full_like(total, np.inf)
     per_view = []
     for view in views:
         values = _prepared(view, sigma_cells)
@@ -144,7 +150,10 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         per_view.append(score)
         total += score
+        np.minimum(lowest, score, out=lowest)
     total /= len(views)
+    if floor is not None and (lowest >= floor).any():
+        total = np.where(lowest >= floor, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
     point = np.array([
         motors["phiy"] + (xs[k] - beam_position[0]) / ppx,

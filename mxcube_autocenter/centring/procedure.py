@@ -262,7 +262,7 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
     those of the fused point's projection in that view.
     """
     views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.motors, a.mask) for a in angles]
-    fused = fuse_views(views, pixels_per_mm, beam_position)
+    fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score)
     for angle, score in zip(angles, fused.scores):
         angle.point = project(fused.point, angle.motors, pixels_per_mm, beam_position)
         angle.score = score
@@ -332,8 +332,9 @@ def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleRes
 def is_crystal(angles, settings: CentringSettings) -> bool:
     """Whether the chosen point is good enough to shoot at.
 
-    Its mean predicted count over the views must reach ``min_score`` and,
-    with a classifier, its mean crystal probability ``min_crystal_probability``.
+    Its predicted count must reach ``min_score`` in every view (the beam
+    has to meet the crystal at every angle) and, with a classifier, its
+    mean crystal probability over the views ``min_crystal_probability``.
 
     Parameters
     ----------
@@ -341,7 +342,7 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
         The views, each scored at the chosen point's projection.
     """
     angles = [angles] if isinstance(angles, AngleResult) else list(angles)
-    score = float(np.mean([a.score for a in angles]))
+    score = min(a.score for a in angles)
     if not np.isfinite(score) or score < settings.min_score:
         return False
     probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
@@ -359,9 +360,9 @@ def _stop_motion(bl: Beamline):
 
 
 def _why_not(angles, settings: CentringSettings) -> str:
-    score = float(np.mean([a.score for a in angles]))
+    score = min(a.score for a in angles)
     if not np.isfinite(score) or score < settings.min_score:
-        return f"score {score:.1f} < min_score {settings.min_score}"
+        return f"score {score:.1f} < min_score {settings.min_score} in at least one view"
     prob = float(np.mean([a.crystal_probability for a in angles if a.crystal_probability is not None]))
     return f"crystal probability {prob:.2f} < min_crystal_probability {settings.min_crystal_probability}"
 
