@@ -139,6 +139,7 @@ def _train_options(args) -> dict:
         "batch_size": args.batch_size,
         "patience": args.patience,
         "seed": args.seed,
+        "label": args.label,
     }
 
 
@@ -148,7 +149,8 @@ def cmd_synthesize(args) -> int:
 
     summary = synthetic_dataset(
         args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
-        random_looks=not args.fixed_look,
+        random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
+        near_fraction=args.near_fraction, workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -159,7 +161,7 @@ def cmd_train(args) -> int:
     from mxcube_autocenter.learning.training import train, train_classifier
 
     if args.arch == "classifier":
-        result = train_classifier(args.dataset, args.out, **_train_options(args))
+        result = train_classifier(args.dataset, args.out, threshold=args.threshold, **_train_options(args))
     else:
         result = train(args.dataset, args.arch, args.transform, args.out, **_train_options(args))
     print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
@@ -379,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--patience", type=int, default=5, help="early-stopping patience, epochs (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--label", default="rc", choices=["rc", "rc_expected"],
+                       help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
+                            "(rc_expected) (default: %(default)s)")
 
     synth = sub.add_parser("synthesize", help="a training set straight from the virtual beamline (domain-randomised)")
     synth.add_argument("out", metavar="DATASET.h5")
@@ -386,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--crops-per-sample", type=int, default=96, help="rows per sample (default: %(default)s)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
+    synth.add_argument("--line-fraction", type=float, default=0.4,
+                       help="share of positions on a line through a crystal (default: %(default)s)")
+    synth.add_argument("--hit-fraction", type=float, default=0.35,
+                       help="share of positions on the crystals (default: %(default)s)")
+    synth.add_argument("--near-fraction", type=float, default=0.0,
+                       help="share of positions near the crystals' edges (default: %(default)s)")
+    synth.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
     synth.set_defaults(func=cmd_synthesize)
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
@@ -393,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", default="fcn", help="a1..a10, fcn, fcn_gap or classifier (default: %(default)s)")
     train.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
+    train.add_argument("--threshold", type=float, default=5.0,
+                       help="classifier: the count from which a crop is a crystal (default: %(default)s)")
     add_train_options(train)
     train.set_defaults(func=cmd_train)
 

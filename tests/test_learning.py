@@ -422,6 +422,47 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
         load_model(str(tmp_path / "missing.keras"))
 
 
+def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):
+    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.learning.training import load_model, train, train_classifier
+
+    table = read_table(dataset_path)
+    small = dict(crop_um=160, input_size=SMALL, epochs=1, batch_size=32, seed=0, verbose=0)
+    result = train(dataset_path, "fcn", "log", str(tmp_path / "expected"), label="rc_expected", **small)
+    _, info = load_model(result.model_path)
+    assert info["label"] == "rc_expected" and info["training"]["label"] == "rc_expected"
+    train_rows = Split.from_config(info["split"]).indices(table.crystal_id)["train"]
+    fitted = get_transform("log").fit(table.extra["rc_expected"][train_rows])
+    assert info["transform"] == fitted.to_config() != get_transform("log").fit(table.rc[train_rows]).to_config()
+    assert "spearman_expected" in info["metrics"]["test"]
+
+    clf = train_classifier(dataset_path, str(tmp_path / "clf"), label="rc_expected", arch="classifier", **small)
+    assert clf.info["label"] == "rc_expected"
+    assert 0 <= clf.metrics["test"]["accuracy_expected"] <= 1 and 0 <= clf.metrics["test"]["accuracy"] <= 1
+
+    with pytest.raises(ValueError, match="label 'expected'.*rc_expected"):
+        train(dataset_path, "fcn", "log", str(tmp_path / "bad"), label="expected", **small)
+    recorded_only = str(tmp_path / "recorded_only.h5")
+    make_rows_layout_file(recorded_only, dataset_path)
+    with h5py.File(recorded_only, "a") as f:
+        del f["rows/rc_expected"]
+    with pytest.raises(ValueError, match="recorded_only.h5.*has none: use label='rc'"):
+        train(recorded_only, "fcn", "log", str(tmp_path / "none"), label="rc_expected", **small)
+
+
+def test_near_positions_scatter_around_the_crystals(tmp_path):
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    path = str(tmp_path / "near.h5")
+    synthetic_dataset(path, 3, 11, crops_per_sample=16, omegas_per_sample=2, line_fraction=0.25, hit_fraction=0.25,
+                      near_fraction=0.25, empty_fraction=0.0, progress=False)
+    with h5py.File(path, "r") as f:
+        kinds = f["samples/scan_type"].asstr()[()]
+    assert len(kinds) == 48 and np.sum(kinds == "synthetic-near") == 12
+    with pytest.raises(ValueError, match="at most 1"):
+        synthetic_dataset(path, 1, 0, line_fraction=0.5, hit_fraction=0.3, near_fraction=0.3, progress=False)
+
+
 # ---------------------------------------------------------------- classifier, evaluation, sweep
 
 

@@ -32,9 +32,11 @@ from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.data import RowReader, read_table, row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
+    DEFAULT_LABEL,
     classifier_metrics,
     info_spec,
     info_transform,
+    label_counts,
     load_model,
     predict_rows,
     regression_metrics,
@@ -161,7 +163,10 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     if info["task"] == "regression":
         transform = info_transform(info)
         pred = transform.inverse(raw)
-        metrics = regression_metrics(rc, pred, transform.forward(rc), raw)
+        # The MSE against the targets the model learnt (see training.LABELS), the correlations against the
+        # recorded counts (and the expected ones where the dataset has them).
+        learnt = label_counts(table, info.get("label", DEFAULT_LABEL), dataset_path)[rows]
+        metrics = regression_metrics(rc, pred, transform.forward(learnt), raw)
         if "rc_expected" in table.extra:
             metrics["spearman_expected"] = regression_metrics(table.extra["rc_expected"][rows], pred)["spearman"]
         metrics.update(subset=subset, transform=transform.name)
@@ -177,7 +182,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
                                       f"{arch}, {transform.name}: Spearman {_fmt(metrics['spearman'])}")
         order = np.argsort(pred)
         k = min(gallery, len(rows))
-        error = np.abs(raw - transform.forward(rc))
+        error = np.abs(raw - transform.forward(learnt))
         worst = np.argsort(error)[::-1][:k]
         for name, sel, title in (
             ("highest", order[::-1][:k], "highest predicted counts"),
@@ -191,10 +196,14 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         threshold = float(info["threshold"])
         truth = rc >= threshold
         metrics = classifier_metrics(truth, raw)
+        if "rc_expected" in table.extra:
+            metrics["accuracy_expected"] = classifier_metrics(table.extra["rc_expected"][rows] >= threshold, raw)["accuracy"]
         metrics.update(subset=subset, threshold=threshold)
         lines += ["| metric | value |", "|---|---|",
                   f"| accuracy | {_fmt(metrics['accuracy'])} |",
                   f"| balanced accuracy | {_fmt(metrics['balanced_accuracy'])} |",
+                  *([f"| accuracy against the expected counts | {_fmt(metrics['accuracy_expected'])} |"]
+                    if "accuracy_expected" in metrics else []),
                   f"| crystal share (rc >= {threshold:g}) | {_fmt(metrics['positive_fraction'])} |", ""]
         (tn, fp), (fn, tp) = metrics["confusion"]
         lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",

@@ -9,6 +9,10 @@ points come into the beam:
   direction on screen, across the whole loop: what a helical scan records,
   from liquid over crystal and back (``line_fraction``);
 - points on the crystals' projections (``hit_fraction``);
+- points near a crystal, scattered around a point of it by
+  :data:`NEAR_SIGMA_UM` on screen (``near_fraction``): the beam on, across
+  and just off the crystal's edges, where the count changes fastest and
+  which the other kinds seldom sample for a crystal of tens of um;
 - points anywhere in and around the loop (the rest).
 
 For each position the full camera frame is rendered (1280 x 1024, beam at
@@ -37,6 +41,9 @@ from mxcube_autocenter.simulation.sample import make_sample
 
 ZOOM_PX_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0)  # the virtual MD3's zoom levels 1-5
 DATASET_FORMAT_VERSION = 1
+# Spread of the "near" points around a crystal point, um on screen: a few beam widths (the beam is 20 x 5 um),
+# so that about half of them fall off a needle or a small crystal and the rest on it.
+NEAR_SIGMA_UM = 20.0
 
 
 def _crystal_point(sample, rng):
@@ -47,7 +54,8 @@ def _crystal_point(sample, rng):
 
 
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
-                 random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, label_seed):
+                 random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, near_fraction,
+                 label_seed):
     """All rows of one virtual sample, as a dict of lists."""
     rng = np.random.default_rng(look_seed)
     sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
@@ -74,7 +82,8 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         margin = 0.3 * (hi - lo)
         n_line = int(round(n_points * line_fraction))
         n_hit = 0 if sample.is_empty else int(round(n_points * hit_fraction))
-        n_rand = n_points - n_line - n_hit
+        n_near = 0 if sample.is_empty else int(round(n_points * near_fraction))
+        n_rand = max(n_points - n_line - n_hit - n_near, 0)
         angle = rng.uniform(0, np.pi)
         direction = np.array([np.cos(angle), np.sin(angle)])
         half = 0.5 * rng.uniform(0.6, 1.2) * max(sample.loop_size_um * 1e-3, 0.05)
@@ -84,6 +93,10 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
             xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors0, (1.0, 1.0), (0.0, 0.0))
             offsets.append(xy[0])
             kinds.append("hit")
+        for _ in range(n_near):
+            xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors0, (1.0, 1.0), (0.0, 0.0))
+            offsets.append(xy[0] + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
+            kinds.append("near")
         for _ in range(n_rand):
             offsets.append(rng.uniform(lo - margin, hi + margin))
             kinds.append("random")
@@ -134,6 +147,7 @@ def synthetic_dataset(
     empty_fraction: float = 0.15,
     line_fraction: float = 0.4,
     hit_fraction: float = 0.35,
+    near_fraction: float = 0.0,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -162,8 +176,11 @@ def synthetic_dataset(
         Of the stored crops.
     empty_fraction : float
         Share of empty loops.
-    line_fraction, hit_fraction : float
-        Shares of positions on a line through the crystal and on the crystals.
+    line_fraction, hit_fraction, near_fraction : float
+        Shares of positions on a line through the crystal, on the crystals
+        and near them (see the module documentation); the rest are anywhere
+        around the loop. Their sum is at most 1. On empty loops the hit and
+        near positions are anywhere around the loop too.
     workers : int
         Processes rendering samples in parallel.
     progress : bool
@@ -174,6 +191,9 @@ def synthetic_dataset(
             f"a {stored_crop_um} um crop at {max(zoom_levels)} px/um does not fit in a {frame_size} frame: "
             "lower stored_crop_um or the zoom levels"
         )
+    fractions = {"line_fraction": line_fraction, "hit_fraction": hit_fraction, "near_fraction": near_fraction}
+    if min(fractions.values()) < 0 or sum(fractions.values()) > 1 + 1e-9:
+        raise ValueError(f"position shares {fractions}: each must be >= 0 and their sum at most 1: lower some of them")
     root = np.random.default_rng(seed)
     sample_seeds = root.integers(0, 10**6, size=n_samples)
     look_seeds = root.integers(0, 2**62, size=n_samples)
@@ -181,7 +201,7 @@ def synthetic_dataset(
     kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
                   stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
-                  line_fraction=line_fraction, hit_fraction=hit_fraction)
+                  line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction)
     jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
             for k in range(n_samples)]
     provenance = {

@@ -12,7 +12,8 @@ the layer), and no side file can get lost. The metadata:
 ``package_version``; ``task`` (``"regression"`` or ``"classifier"``);
 ``input``: ``crop_um``, ``input_size``, ``colour``, ``normalisation`` (see
 :mod:`.crops`); ``transform`` (regression: name and fitted parameters) or
-``threshold`` (classifier: a crystal is ``rc >= threshold``);
+``threshold`` (classifier: a crystal is ``rc >= threshold``); ``label``:
+the counts learnt (:data:`LABELS`);
 ``architecture``: name, spec and parameter count; ``data``: the dataset's
 path, sizes, label statistics and provenance; ``split``: seed, fractions and
 the crystal ids of each subset; ``training``: epochs, batch size, learning
@@ -59,6 +60,11 @@ MODEL_FORMAT = "mxcube_autocenter.model"
 MODEL_FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 5.0
 DEFAULT_TRANSFORM = "log"
+# The counts a model learns: "rc", the reflection count as recorded (on a beamline, and in the synthetic sets a
+# Poisson draw of the expected count), or "rc_expected", the simulator's noise-free expected count (synthetic
+# sets only), which spares the model the Poisson noise.
+LABELS = ("rc", "rc_expected")
+DEFAULT_LABEL = "rc"
 
 
 class ModelFileError(ValueError):
@@ -285,6 +291,18 @@ def predict_rows(model, table: Table, rows, spec: crops.CropSpec, batch_size=64)
     return np.asarray(model.predict(ds.map(lambda x, y: x), verbose=0), dtype=np.float64).reshape(-1)
 
 
+def label_counts(table: Table, label: str, dataset_path) -> np.ndarray:
+    """The counts a model learns from: ``table.rc`` or the ground-truth ``rc_expected`` column."""
+    if label == "rc":
+        return table.rc
+    if "rc_expected" not in table.extra:
+        raise ValueError(
+            f"{dataset_path}: label='rc_expected' needs the ground-truth expected counts (the rc_expected column "
+            "that `mxcube-autocenter synthesize` writes), and this dataset has none: use label='rc'"
+        )
+    return table.extra["rc_expected"]
+
+
 def _fit(
     task,
     dataset_path,
@@ -293,6 +311,7 @@ def _fit(
     *,
     transform_name,
     threshold,
+    label,
     crop_um,
     input_size,
     colour,
@@ -312,6 +331,8 @@ def _fit(
 ) -> TrainResult:
     if architectures.task_of(arch) != task:
         raise ValueError(f"architecture {arch!r} is a {architectures.task_of(arch)} model, not a {task} one")
+    if label not in LABELS:
+        raise ValueError(f"label {label!r}: choose one of {LABELS} (rc_expected only for synthetic datasets)")
     keras.utils.set_random_seed(int(seed))
     out = str(out)
     os.makedirs(out, exist_ok=True)
@@ -327,13 +348,14 @@ def _fit(
         if len(idx[name]) == 0:
             raise ValueError(f"{dataset_path}: the {name} subset has no rows")
 
+    counts = label_counts(table, label, dataset_path)
     transform = None
     if task == "regression":
-        transform = get_transform(transform_name).fit(table.rc[idx["train"]])
-        targets = transform.forward(table.rc)
+        transform = get_transform(transform_name).fit(counts[idx["train"]])
+        targets = transform.forward(counts)
         loss, metrics, monitor = "mse", [], "val_loss"
     else:
-        targets = (table.rc >= threshold).astype(np.float64)
+        targets = (counts >= threshold).astype(np.float64)
         loss, metrics, monitor = "binary_crossentropy", ["accuracy"], "val_loss"
 
     strategy = strategy or default_strategy()
@@ -367,13 +389,18 @@ def _fit(
     for name in ("validation", "test"):
         rows = idx[name]
         raw = predict_rows(model, table, rows, spec)
+        # Figures against the drawn counts (what a beamline measures) whatever the label, and against the
+        # expected counts where the dataset has them.
         if task == "regression":
             results[name] = regression_metrics(table.rc[rows], transform.inverse(raw), targets[rows], raw)
             if "rc_expected" in table.extra and len(rows):
                 exp = table.extra["rc_expected"][rows]
                 results[name]["spearman_expected"] = regression_metrics(exp, transform.inverse(raw))["spearman"]
         else:
-            results[name] = classifier_metrics(targets[rows], raw)
+            results[name] = classifier_metrics(table.rc[rows] >= threshold, raw)
+            if "rc_expected" in table.extra and len(rows):
+                exp = table.extra["rc_expected"][rows]
+                results[name]["accuracy_expected"] = classifier_metrics(exp >= threshold, raw)["accuracy"]
 
     info = {
         "format": MODEL_FORMAT,
@@ -381,6 +408,7 @@ def _fit(
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task": task,
+        "label": label,
         "input": {**spec.to_config(), "channels": spec.channels, "normalisation_region": "the stored crop (dataset) / the region of interest (centring)"},
         "architecture": {**architectures.describe(arch), "params": int(model.count_params())},
         "data": table.summary(),
@@ -393,6 +421,7 @@ def _fit(
             "learning_rate": float(learning_rate),
             "optimizer": "adam",
             "loss": loss,
+            "label": label,
             "patience": int(patience),
             "seed": int(seed),
             "augment": augment,
@@ -428,6 +457,7 @@ def train(
     transform: str = DEFAULT_TRANSFORM,
     out="out/model",
     *,
+    label: str = DEFAULT_LABEL,
     crop_um: float = crops.DEFAULT_CROP_UM,
     input_size: int = crops.DEFAULT_INPUT_SIZE,
     colour: str = "rgb",
@@ -458,6 +488,11 @@ def train(
     out : str
         Output directory: ``model.keras`` (with metadata), ``checkpoint.keras``
         (best epoch so far, without metadata), ``history.csv``, ``info.json``.
+    label : {"rc", "rc_expected"}
+        The counts to learn: ``"rc"``, the recorded reflection counts (all a
+        beamline dataset has), or ``"rc_expected"``, the noise-free expected
+        counts a synthetic dataset also stores (the simulator's ground truth).
+        Stored in the metadata; the test figures are given against both.
     crop_um, input_size, colour, normalisation
         The model input (:class:`crops.CropSpec`).
     epochs, batch_size, patience : int
@@ -481,7 +516,8 @@ def train(
     verbose : int
         Keras ``fit`` verbosity (1: progress bar, 2: a line per epoch).
     """
-    return _fit("regression", dataset_path, arch, out, transform_name=transform, threshold=None, crop_um=crop_um,
+    return _fit("regression", dataset_path, arch, out, transform_name=transform, threshold=None, label=label,
+                crop_um=crop_um,
                 input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
                 batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
                 jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
@@ -493,6 +529,7 @@ def train_classifier(
     out="out/classifier",
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    label: str = DEFAULT_LABEL,
     arch: str = "classifier",
     crop_um: float = crops.DEFAULT_CROP_UM,
     input_size: int = crops.DEFAULT_INPUT_SIZE,
@@ -511,12 +548,17 @@ def train_classifier(
     split=None,
     verbose: int = 2,
 ) -> TrainResult:
-    """Train the crystal/empty classifier: label ``rc >= threshold``, binary cross-entropy, accuracy.
+    """Train the crystal/empty classifier: label ``counts >= threshold``, binary cross-entropy, accuracy.
 
     Parameters as :func:`train`; ``threshold`` is the reflection count from
-    which a crop counts as a crystal (default 5 spots).
+    which a crop counts as a crystal (default 5 spots), applied to the
+    counts ``label`` names (``"rc"``: the recorded ones; ``"rc_expected"``:
+    the noise-free expected ones of a synthetic dataset). The metrics give
+    the accuracy against the recorded counts, and (``accuracy_expected``)
+    against the expected ones where the dataset has them.
     """
-    return _fit("classifier", dataset_path, arch, out, transform_name=None, threshold=threshold, crop_um=crop_um,
+    return _fit("classifier", dataset_path, arch, out, transform_name=None, threshold=threshold, label=label,
+                crop_um=crop_um,
                 input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
                 batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
                 jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
