@@ -108,6 +108,11 @@ class Predictor:
 def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
     """The centring models: the configured files, or the ones shipped in ``models/``.
 
+    With no (or an empty) ``regressor_path``, ``models/default_regressor.keras``;
+    with no (or an empty) ``classifier_path``, ``models/default_classifier.keras``
+    where it exists, else no classifier (empty loops are then refused by
+    ``min_score`` alone).
+
     Raises
     ------
     PredictorError
@@ -121,6 +126,6 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
             f"{regressor_path}: no such model file: set the centring_model property to a model trained with "
             "`mxcube-autocenter train`, or restore the shipped models/ directory"
         )
-    if classifier_path is None and DEFAULT_CLASSIFIER.exists():
+    if not classifier_path and DEFAULT_CLASSIFIER.exists():  # an empty XML property means the shipped one too
         classifier_path = DEFAULT_CLASSIFIER
     return Predictor(regressor_path, classifier_path)
