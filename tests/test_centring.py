@@ -185,3 +185,15 @@ def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     best, best_rc = mounted.best_point()
     score = scorecard.score_position(mounted.diffraction, best, best_rc, positions(beamline))
     assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_autocenter):
+    changer = beamline.sample_changer
+    mounted = changer.mount(make_sample(changer.seed_at(5, 8)))  # an empty loop of the virtual sample changer
+    assert mounted.sample.crystals == []
+    beamline.diffractometer.set_value_motors({name: 0.0 for name in CENTRING_MOTORS}, timeout=30)
+    start = positions(beamline)
+    log = run_auto_centring(beamline)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert "no crystal found" in shipped_autocenter.last_result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-4)
