@@ -14,7 +14,8 @@ from mxcube_autocenter.centring.heatmap import (
     prepare_region,
 )
 
-MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
+# Package data, so that a plain (non-editable) install has them too.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_REGRESSOR = MODELS_DIR / "default_regressor.keras"
 DEFAULT_CLASSIFIER = MODELS_DIR / "default_classifier.keras"
 
@@ -124,7 +125,7 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
     if not regressor_path.exists():
         raise PredictorError(
             f"{regressor_path}: no such model file: set the centring_model property to a model trained with "
-            "`mxcube-autocenter train`, or restore the shipped models/ directory"
+            "`mxcube-autocenter train`, or reinstall mxcube-autocenter to restore its shipped models"
         )
     if not classifier_path and DEFAULT_CLASSIFIER.exists():  # an empty XML property means the shipped one too
         classifier_path = DEFAULT_CLASSIFIER
