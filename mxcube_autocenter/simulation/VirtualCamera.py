@@ -92,7 +92,8 @@ class VirtualCamera(HardwareObject):
 
     def _stream(self):
         period = 1.0 / self._fps
-        while True:
+        # Ends with the HardwareRepository (torn down by tests and the demo): nothing is left to film.
+        while HWR.beamline is not None:
             start = time.monotonic()
             try:
                 self._update()
