@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mxcube_autocenter.AutoCenter import AutoCenter
-from mxcube_autocenter.beamline import auto_centring, virtual_beamline_dir
+from mxcube_autocenter.beamline import auto_centring
 
 
 def test_plugin_loads_from_xml_with_its_properties(beamline):

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from mxcube_autocenter.centring.heatmap import DenseEvaluator, dense_heatmap, prepare_region, reference_heatmap
+from mxcube_autocenter.centring.heatmap import dense_heatmap, prepare_region, reference_heatmap
 from mxcube_autocenter.centring.loop import Roi, find_loop
 from mxcube_autocenter.centring.predictor import load_predictor
 

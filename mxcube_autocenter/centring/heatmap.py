@@ -21,7 +21,6 @@ the crops are cut from the same resized and normalised region.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
