@@ -273,8 +273,8 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
 def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int) -> dict:
     """Click the point's projections into mxcubecore's sine fit as it turns omega; its centred positions.
 
-    The fit is the one the three-click centring uses, so the final motor
-    positions follow the site's motor directions and conventions.
+    The fit is the one the three-click centring uses: it turns omega and
+    computes the final motor positions exactly as for clicks by hand.
     """
     sample_centring.start(
         bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], beam_position[0], beam_position[1],
