@@ -50,7 +50,7 @@ def cmd_demo(args) -> int:
 
 def cmd_web(args) -> int:
     """Start the MXCuBE web server (mxcubeweb) on the virtual beamline, with the plugin's centring."""
-    from mxcube_autocenter.web import API, WebSetupError, server_command
+    from mxcube_autocenter.web import API, DEFAULT_PORT, LOGIN_PROPOSAL, WebSetupError, server_command
 
     try:
         command = server_command(args.state_dir, host=args.host, port=args.port, config_dir=args.config,
@@ -60,9 +60,9 @@ def cmd_web(args) -> int:
         return 2
     url = f"http://{args.host}:{args.port}"
     print(f"MXCuBE web server: {url} (API {url}{API}), the virtual beamline with the optical ML centring")
-    print("Log in with proposal idtest0 and any password but 'wrong' (the LIMS mockup)")
+    print(f"Log in with proposal {LOGIN_PROPOSAL} and any password but 'wrong' (the LIMS mockup)")
     if not args.ui_build:
-        print("No UI is served: start mxcubeweb's UI development server (it proxies to 127.0.0.1:8081) "
+        print(f"No UI is served: start mxcubeweb's UI development server (it proxies to 127.0.0.1:{DEFAULT_PORT}) "
               "or pass --ui-build; see docs/web.md")
     print("Stop with Ctrl-C", flush=True)
     # The server replaces this process: Ctrl-C and the exit status are its own.
@@ -443,9 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--frames", type=int, default=16, help="frames on the sheet (default: %(default)s)")
     inspect.set_defaults(func=cmd_inspect)
 
+    from mxcube_autocenter import web  # light: mxcubeweb itself is only needed to run the server
+
     webp = sub.add_parser("web", help="the MXCuBE web server (mxcubeweb) on the virtual beamline, with the plugin")
-    webp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    webp.add_argument("--port", type=int, default=8081,
+    webp.add_argument("--host", default=web.DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    webp.add_argument("--port", type=int, default=web.DEFAULT_PORT,
                       help="port (default: %(default)s, where mxcubeweb's UI development server expects it)")
     webp.add_argument("--state-dir", default="out/web", help="run-time configuration and user database (default: %(default)s)")
     webp.add_argument("--ui-build", help="a built mxcubeweb UI (its ui/build folder) to serve")
