@@ -294,7 +294,8 @@ def _by_role(bl: Beamline, fitted: dict) -> dict:
     return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
 
 
-def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, motors=None) -> AngleResult:
+def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettings, motors=None,
+                  classify=True) -> AngleResult:  # fmt: skip
     """Steps 2-4 on one frame: region around the loop tip, heatmap, peak, crystal check.
 
     Runs where it is called (the procedure calls it on a worker thread).
@@ -303,6 +304,9 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     ----------
     motors : dict, optional
         Centring motor positions of the frame (kept with the result for fusing views).
+    classify : bool
+        Ask the classifier about the peak; the procedure asks about the fused
+        point instead, once the views are fused.
     """
     start = time.perf_counter()
     roi = loop_roi(
@@ -315,7 +319,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
     mask = inside[np.ix_(rows, cols)]
     peak = find_peak(counts, mask=mask if mask.any() else None)
-    prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm)
+    prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm) if classify else None
     return AngleResult(
         omega=float("nan") if motors is None else motors["omega"], loop=tip, roi=roi, point=(peak.x, peak.y),
         score=peak.score, crystal_probability=prob, motors=motors, heatmap=counts, mask=mask, frame=frame,
@@ -324,7 +328,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
 
 
 def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
-    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions())
+    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions(), False)
     timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
     return angle
 
