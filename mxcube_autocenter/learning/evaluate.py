@@ -33,6 +33,7 @@ from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
     DEFAULT_LABEL,
     classifier_metrics,
+    expected_count_metrics,
     info_spec,
     info_transform,
     label_counts,
@@ -166,8 +167,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         # recorded counts (and the expected ones where the dataset has them).
         learnt = label_counts(table, info.get("label", DEFAULT_LABEL), dataset_path)[rows]
         metrics = regression_metrics(rc, pred, transform.forward(learnt), raw)
-        if "rc_expected" in table.extra:
-            metrics["spearman_expected"] = regression_metrics(table.extra["rc_expected"][rows], pred)["spearman"]
+        metrics.update(expected_count_metrics(table, rows, pred))
         metrics.update(subset=subset, transform=transform.name)
         lines += ["| metric | value |", "|---|---|",
                   f"| MSE ({transform.name} targets) | {_fmt(metrics['mse'], 4)} |",
@@ -195,8 +195,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         threshold = float(info["threshold"])
         truth = rc >= threshold
         metrics = classifier_metrics(truth, raw)
-        if "rc_expected" in table.extra:
-            metrics["accuracy_expected"] = classifier_metrics(table.extra["rc_expected"][rows] >= threshold, raw)["accuracy"]
+        metrics.update(expected_count_metrics(table, rows, raw, threshold))
         metrics.update(subset=subset, threshold=threshold)
         lines += ["| metric | value |", "|---|---|",
                   f"| accuracy | {_fmt(metrics['accuracy'])} |",

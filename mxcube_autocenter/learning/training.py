@@ -282,6 +282,25 @@ def classifier_metrics(truth, probability, threshold=0.5) -> dict:
     }
 
 
+def expected_count_metrics(table: Table, rows, prediction, threshold=None) -> dict:
+    """Figures against the simulator's noise-free counts, where the dataset has them (else empty).
+
+    Parameters
+    ----------
+    prediction : (N,) ndarray
+        Predicted counts (regressor: gives ``spearman_expected``) or, with
+        ``threshold``, crystal probabilities (classifier: ``accuracy_expected``).
+    threshold : float, optional
+        The classifier's crystal threshold on the counts.
+    """
+    if "rc_expected" not in table.extra or len(rows) == 0:
+        return {}
+    expected = table.extra["rc_expected"][rows]
+    if threshold is None:
+        return {"spearman_expected": regression_metrics(expected, prediction)["spearman"]}
+    return {"accuracy_expected": classifier_metrics(expected >= threshold, prediction)["accuracy"]}
+
+
 def predict_rows(model, table: Table, rows, spec: crops.CropSpec, batch_size=64) -> np.ndarray:
     """The model's raw outputs for dataset rows, in row order, (N,)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -392,15 +411,12 @@ def _fit(
         # Figures against the drawn counts (what a beamline measures) whatever the label, and against the
         # expected counts where the dataset has them.
         if task == "regression":
-            results[name] = regression_metrics(table.rc[rows], transform.inverse(raw), targets[rows], raw)
-            if "rc_expected" in table.extra and len(rows):
-                exp = table.extra["rc_expected"][rows]
-                results[name]["spearman_expected"] = regression_metrics(exp, transform.inverse(raw))["spearman"]
+            pred = transform.inverse(raw)
+            results[name] = regression_metrics(table.rc[rows], pred, targets[rows], raw)
+            results[name].update(expected_count_metrics(table, rows, pred))
         else:
             results[name] = classifier_metrics(table.rc[rows] >= threshold, raw)
-            if "rc_expected" in table.extra and len(rows):
-                exp = table.extra["rc_expected"][rows]
-                results[name]["accuracy_expected"] = classifier_metrics(exp >= threshold, raw)["accuracy"]
+            results[name].update(expected_count_metrics(table, rows, raw, threshold))
 
     info = {
         "format": MODEL_FORMAT,
