@@ -53,6 +53,12 @@ def _crystal_point(sample, rng):
     return w @ crystal.vertices
 
 
+def _crystal_offset(sample, motors, rng) -> np.ndarray:
+    """Screen offset from the beam, mm, of a random point of a random crystal."""
+    xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors, (1.0, 1.0), (0.0, 0.0))
+    return xy[0]
+
+
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
                  random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, near_fraction,
                  label_seed):
@@ -90,12 +96,10 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         offsets = [direction * t for t in np.linspace(-half, half, n_line)]
         kinds = ["line"] * n_line
         for _ in range(n_hit):
-            xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors0, (1.0, 1.0), (0.0, 0.0))
-            offsets.append(xy[0])
+            offsets.append(_crystal_offset(sample, motors0, rng))
             kinds.append("hit")
         for _ in range(n_near):
-            xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors0, (1.0, 1.0), (0.0, 0.0))
-            offsets.append(xy[0] + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
+            offsets.append(_crystal_offset(sample, motors0, rng) + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
             kinds.append("near")
         for _ in range(n_rand):
             offsets.append(rng.uniform(lo - margin, hi + margin))
