@@ -450,15 +450,19 @@ def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, t
         train(recorded_only, "fcn", "log", str(tmp_path / "none"), label="rc_expected", **small)
 
 
-def test_near_positions_scatter_around_the_crystals(tmp_path):
+def test_position_kinds_of_a_synthetic_set(tmp_path):
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
 
     path = str(tmp_path / "near.h5")
     synthetic_dataset(path, 3, 11, crops_per_sample=16, omegas_per_sample=2, line_fraction=0.25, hit_fraction=0.25,
-                      near_fraction=0.25, empty_fraction=0.0, progress=False)
+                      near_fraction=0.25, region_fraction=0.25, empty_fraction=0.0, progress=False)
     with h5py.File(path, "r") as f:
         kinds = f["samples/scan_type"].asstr()[()]
-    assert len(kinds) == 48 and np.sum(kinds == "synthetic-near") == 12
+        expected = f["samples/rc_expected"][()]
+    assert len(kinds) == 48
+    assert np.sum(kinds == "synthetic-near") == 12 and np.sum(kinds == "synthetic-region") == 12
+    # The beam on a crystal counts; the region around the loop is mostly liquid, stem and background.
+    assert np.median(expected[kinds == "synthetic-hit"]) > 5 > np.median(expected[kinds == "synthetic-region"])
     with pytest.raises(ValueError, match="at most 1"):
         synthetic_dataset(path, 1, 0, line_fraction=0.5, hit_fraction=0.3, near_fraction=0.3, progress=False)
 

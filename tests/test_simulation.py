@@ -104,6 +104,21 @@ def test_reflection_count_is_high_on_the_crystal_and_low_beside_it():
     assert model.sample_rc(centred_motors(point, 0), np.random.default_rng(0)) >= 0
 
 
+def test_counts_on_screen_equal_the_counts_after_translating_the_point_into_the_beam():
+    # A sample with ice, so that film, ice and crystals all contribute.
+    sample = next(s for s in (make_sample(seed) for seed in range(50000, 50010)) if len(s.ice) and s.crystals)
+    model = DiffractionModel(sample, Beam())
+    point, _ = model.best_point()
+    seen = centred_motors(point, 30.0)
+    ppmm, beam = (1300.0, 1250.0), (640.0, 512.0)
+    rng = np.random.default_rng(1)
+    offsets_mm = np.vstack([[0.0, 0.0], rng.normal(0.0, 0.05, size=(20, 2))])
+    on_screen = model.expected_rc_on_screen(seen, ppmm, beam, beam + offsets_mm * ppmm)
+    translated = [model.expected_rc(dict(seen, phiy=seen["phiy"] + dx, phiz=seen["phiz"] + dy)) for dx, dy in offsets_mm]
+    np.testing.assert_allclose(on_screen, translated, rtol=1e-9, atol=1e-9)
+    assert on_screen[0] == pytest.approx(model.expected_rc(seen)) and on_screen[0] > 5
+
+
 def test_empty_loop_has_no_best_point_and_only_background():
     model = DiffractionModel(make_sample(8, n_crystals=0), Beam())
     assert model.best_point() == (None, 0.0)

@@ -13,12 +13,19 @@ points come into the beam:
   :data:`NEAR_SIGMA_UM` on screen (``near_fraction``): the beam on, across
   and just off the crystal's edges, where the count changes fastest and
   which the other kinds seldom sample for a crystal of tens of um;
+- points anywhere in the region a centring searches around the loop
+  (:func:`~mxcube_autocenter.centring.loop.loop_roi`: stem, rim and
+  background included), where a heatmap's false maxima come from
+  (``region_fraction``);
 - points anywhere in and around the loop (the rest).
 
-For each position the full camera frame is rendered (1280 x 1024, beam at
-its centre), the ``stored_crop_um`` square around the beam is stored as
-JPEG, and the label is a Poisson draw of the ground-truth expected reflection
-count (also stored, as ``rc_expected``). The file follows the dataset
+One camera frame is rendered per view (1280 x 1024, a crystal point in the
+beam at its centre). Bringing a point into the beam translates the sample,
+which shifts the image, so the ``stored_crop_um`` square around the point's
+position in that frame stands for the crop the camera would show (as each
+crop of a centring's heatmap does); it is stored as JPEG. The label is a
+Poisson draw of the ground-truth expected reflection count with the beam on
+that point (also stored, as ``rc_expected``). The file follows the dataset
 contract of :mod:`.data`; the crystal id is the sample's (one id per
 sample, empty loops included), so the split by crystal keeps every sample in
 one subset.
@@ -33,6 +40,7 @@ import numpy as np
 
 from mxcube_autocenter import __version__
 from mxcube_autocenter.geometry import centred_motors, sample_to_screen
+from mxcube_autocenter.centring.loop import loop_roi
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
@@ -61,7 +69,7 @@ def _crystal_offset(sample, motors, rng) -> np.ndarray:
 
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
                  random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, near_fraction,
-                 label_seed):
+                 region_fraction, label_seed):
     """All rows of one virtual sample, as a dict of lists."""
     rng = np.random.default_rng(look_seed)
     sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
@@ -89,7 +97,8 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         n_line = int(round(n_points * line_fraction))
         n_hit = 0 if sample.is_empty else int(round(n_points * hit_fraction))
         n_near = 0 if sample.is_empty else int(round(n_points * near_fraction))
-        n_rand = max(n_points - n_line - n_hit - n_near, 0)
+        n_region = int(round(n_points * region_fraction))
+        n_rand = max(n_points - n_line - n_hit - n_near - n_region, 0)
         angle = rng.uniform(0, np.pi)
         direction = np.array([np.cos(angle), np.sin(angle)])
         half = 0.5 * rng.uniform(0.6, 1.2) * max(sample.loop_size_um * 1e-3, 0.05)
@@ -104,24 +113,32 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         for _ in range(n_rand):
             offsets.append(rng.uniform(lo - margin, hi + margin))
             kinds.append("random")
+        # The region a centring searches: behind the loop's tip (the pin is on the left), stem included.
+        tip = loop_xy[np.argmax(loop_xy[:, 0])] * np.asarray(ppmm) + beam
+        roi = loop_roi(tip, (height, width), ppmm)
+        for _ in range(n_region):
+            xy = rng.uniform((roi.x0, roi.y0), (max(roi.x1, roi.x0 + 1), max(roi.y1, roi.y0 + 1)))
+            offsets.append((xy - beam) / np.asarray(ppmm))
+            kinds.append("region")
+        # One image per view: translating the sample to bring a point into the beam shifts the image, so
+        # the crop around the point's position stands for it, as each crop of a centring's heatmap does.
+        frame = renderer.render(sample, motors0, ppmm, beam)
+        positions = np.clip(beam + np.asarray(offsets).reshape(-1, 2) * np.asarray(ppmm), 0, (width - 1, height - 1))
+        expected = model.expected_rc_on_screen(motors0, ppmm, beam, positions)
         scan_id = f"{crystal_id}-w{j}"
         side_px = crops.crop_side_px(stored_crop_um, ppmm)
-        for i, ((ox, oy), kind) in enumerate(zip(offsets, kinds)):
-            motors = dict(motors0, phiy=motors0["phiy"] + float(ox), phiz=motors0["phiz"] + float(oy))
-            frame = renderer.render(sample, motors, ppmm, beam)
-            stored = crops.crop_centred(frame, beam, side_px)
-            expected = model.expected_rc(motors)
-            h, w = stored.shape[:2]
-            # The beam inside the stored crop: where the frame's beam pixel landed.
-            x0 = np.floor(beam[0] - round(side_px[0]) / 2 + 0.5)
-            y0 = np.floor(beam[1] - round(side_px[1]) / 2 + 0.5)
+        for i, (position, kind) in enumerate(zip(positions, kinds)):
+            stored = crops.crop_centred(frame, position, side_px)
+            # The point inside the stored crop: where its frame pixel landed.
+            x0 = np.floor(position[0] - round(side_px[0]) / 2 + 0.5)
+            y0 = np.floor(position[1] - round(side_px[1]) / 2 + 0.5)
             rows["image"].append(np.frombuffer(encode_jpeg(stored, jpeg_quality), dtype=np.uint8))
-            rows["beam_xy"].append((beam[0] - x0, beam[1] - y0))
+            rows["beam_xy"].append((position[0] - x0, position[1] - y0))
             rows["pixels_per_mm"].append(ppmm)
             rows["zoom"].append(float(level + 1))
             rows["omega"].append(omega)
-            rows["rc"].append(float(label_rng.poisson(expected)))
-            rows["rc_expected"].append(float(expected))
+            rows["rc"].append(float(label_rng.poisson(expected[i])))
+            rows["rc_expected"].append(float(expected[i]))
             rows["scan_id"].append(scan_id)
             rows["crystal_id"].append(crystal_id)
             rows["scan_type"].append("Helical" if kind == "line" else f"synthetic-{kind}")
@@ -152,6 +169,7 @@ def synthetic_dataset(
     line_fraction: float = 0.4,
     hit_fraction: float = 0.35,
     near_fraction: float = 0.0,
+    region_fraction: float = 0.0,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -180,10 +198,10 @@ def synthetic_dataset(
         Of the stored crops.
     empty_fraction : float
         Share of empty loops.
-    line_fraction, hit_fraction, near_fraction : float
-        Shares of positions on a line through the crystal, on the crystals
-        and near them (see the module documentation); the rest are anywhere
-        around the loop. Their sum is at most 1. On empty loops the hit and
+    line_fraction, hit_fraction, near_fraction, region_fraction : float
+        Shares of positions on a line through the crystal, on the crystals,
+        near them and anywhere in the centring region (see the module
+        documentation); the rest are anywhere around the loop. Their sum is at most 1. On empty loops the hit and
         near positions are anywhere around the loop too.
     workers : int
         Processes rendering samples in parallel.
@@ -195,7 +213,8 @@ def synthetic_dataset(
             f"a {stored_crop_um} um crop at {max(zoom_levels)} px/um does not fit in a {frame_size} frame: "
             "lower stored_crop_um or the zoom levels"
         )
-    fractions = {"line_fraction": line_fraction, "hit_fraction": hit_fraction, "near_fraction": near_fraction}
+    fractions = {"line_fraction": line_fraction, "hit_fraction": hit_fraction, "near_fraction": near_fraction,
+                 "region_fraction": region_fraction}
     if min(fractions.values()) < 0 or sum(fractions.values()) > 1 + 1e-9:
         raise ValueError(f"position shares {fractions}: each must be >= 0 and their sum at most 1: lower some of them")
     root = np.random.default_rng(seed)
@@ -205,7 +224,8 @@ def synthetic_dataset(
     kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
                   stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
-                  line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction)
+                  line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction,
+                  region_fraction=region_fraction)
     jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
             for k in range(n_samples)]
     provenance = {

@@ -79,8 +79,41 @@ class DiffractionModel:
 
     def expected_rc(self, motors) -> float:
         """Expected reflection count of a frame taken at these motor positions."""
-        rc = self._crystal_rc(self._all_points, self._all_weights, motors)
-        return float(rc + self._background(motors))
+        return float(self.expected_rc_on_screen(motors, (1.0, 1.0), (0.0, 0.0), [(0.0, 0.0)])[0])
+
+    def expected_rc_on_screen(self, motors, pixels_per_mm, beam_position, points_px, chunk=128) -> np.ndarray:
+        """Expected reflection counts with the beam on each of these screen points.
+
+        The count at a screen point is that of a frame taken after
+        translating the sample (phiy, phiz) until the point lies in the beam:
+        what a heatmap over one camera image stands for.
+
+        Parameters
+        ----------
+        motors : dict
+            Positions at which the image is seen.
+        pixels_per_mm : (float, float)
+        beam_position : (float, float)
+            Beam on screen, pixels.
+        points_px : (N, 2) array_like
+            Screen points, pixels.
+        chunk : int
+            Points per vectorised block (memory: ``chunk`` x integration points).
+
+        Returns
+        -------
+        (N,) ndarray
+            Expected counts.
+        """
+        targets = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+        scale = np.asarray(pixels_per_mm, dtype=np.float64)
+        rc = np.zeros(len(targets))
+        if len(self._all_points):
+            xy, _ = sample_to_screen(self._all_points, motors, pixels_per_mm, beam_position)
+            for start in range(0, len(targets), chunk):
+                d = (xy[None, :, :] - targets[start : start + chunk, None, :]) / scale
+                rc[start : start + chunk] = self.beam.weight(d[..., 0], d[..., 1]) @ self._all_weights
+        return rc + self._background(motors, pixels_per_mm, beam_position, targets)
 
     def sample_rc(self, motors, rng) -> int:
         """A Poisson draw of the reflection count at these motor positions."""
@@ -92,18 +125,17 @@ class DiffractionModel:
         offsets = beam_frame(points, motors)
         return float(np.sum(weights * self.beam.weight(offsets[:, 0], offsets[:, 1])))
 
-    def _background(self, motors) -> float:
-        """Liquid scattering where the beam crosses the film, plus ice rings."""
+    def _background(self, motors, pixels_per_mm, beam_position, targets) -> np.ndarray:
+        """Liquid scattering where the beam crosses the film, plus ice rings, at each screen point."""
         sample = self.sample
-        bg = 0.0
-        film_xy, _ = sample_to_screen(sample.film_points(), motors, (1.0, 1.0), (0.0, 0.0))
+        film_xy, _ = sample_to_screen(sample.film_points(), motors, pixels_per_mm, beam_position)
         hull = cv2.convexHull(film_xy.astype(np.float32))
-        if cv2.pointPolygonTest(hull, (0.0, 0.0), False) >= 0:
-            bg += self.background_rc
+        inside = np.array([cv2.pointPolygonTest(hull, (float(x), float(y)), False) >= 0 for x, y in targets])
+        bg = self.background_rc * inside
         if len(sample.ice):
-            offsets = beam_frame(sample.ice[:, :3], motors)
-            hit = np.hypot(offsets[:, 0], offsets[:, 1]) < sample.ice[:, 3]
-            bg += 3.0 * np.count_nonzero(hit)
+            ice_xy, _ = sample_to_screen(sample.ice[:, :3], motors, pixels_per_mm, beam_position)
+            d = (ice_xy[None, :, :] - targets[:, None, :]) / np.asarray(pixels_per_mm, dtype=np.float64)
+            bg = bg + 3.0 * np.count_nonzero(np.hypot(d[..., 0], d[..., 1]) < sample.ice[None, :, 3], axis=1)
         return bg
 
     def mean_rc_centred(self, point, omegas=JUDGING_OMEGAS) -> float:
