@@ -158,12 +158,22 @@ def cmd_synthesize(args) -> int:
 
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
-    from mxcube_autocenter.learning.training import train, train_classifier
+    from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
+    if args.initial_model:
+        # Fine-tuning: the network, its input and label transform are the initial model's.
+        _, info = load_model(args.initial_model)
+        args.arch = info["architecture"]["name"]
+        args.crop_um, args.input_size = info["input"]["crop_um"], info["input"]["input_size"]
+        args.transform = info.get("transform", {}).get("name", args.transform)
+        args.threshold = info.get("threshold", args.threshold)
+        print(f"Fine-tuning {args.initial_model}: {args.arch}, {args.input_size} px crops of {args.crop_um} um"
+              + (f", transform {args.transform}" if args.arch != "classifier" else ""))
+    options = dict(_train_options(args), initial_model=args.initial_model)
     if args.arch == "classifier":
-        result = train_classifier(args.dataset, args.out, threshold=args.threshold, **_train_options(args))
+        result = train_classifier(args.dataset, args.out, threshold=args.threshold, **options)
     else:
-        result = train(args.dataset, args.arch, args.transform, args.out, **_train_options(args))
+        result = train(args.dataset, args.arch, args.transform, args.out, **options)
     print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
     for subset, metrics in result.metrics.items():
         print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -410,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
     train.add_argument("--threshold", type=float, default=5.0,
                        help="classifier: the count from which a crop is a crystal (default: %(default)s)")
+    train.add_argument("--initial-model", metavar="MODEL.keras",
+                       help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
+                            "label transform and threshold are used")
     add_train_options(train)
     train.set_defaults(func=cmd_train)
 

@@ -422,6 +422,29 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
         load_model(str(tmp_path / "missing.keras"))
 
 
+def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(trained, dataset_path, tmp_path):
+    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.learning.training import info_spec, load_model, predict_rows, train
+
+    initial, initial_info = load_model(trained.model_path)
+    same = dict(crop_um=160, input_size=SMALL, batch_size=16, seed=1, verbose=0)
+    # With a learning rate of 0 the fine-tuned network is the initial one, whatever the new split.
+    result = train(dataset_path, "fcn", "log", str(tmp_path / "tuned"), epochs=1, learning_rate=0.0,
+                   initial_model=trained.model_path, **same)
+    tuned, info = load_model(result.model_path)
+    assert info["transform"] == initial_info["transform"]
+    assert info["training"]["initial_model"]["file"] == os.path.basename(trained.model_path)
+    table = read_table(dataset_path)
+    rows = np.arange(16)
+    spec = info_spec(info)
+    np.testing.assert_allclose(predict_rows(tuned, table, rows, spec), predict_rows(initial, table, rows, spec), atol=1e-5)
+    with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0: train with crop_um=160.0"):
+        train(dataset_path, "fcn", "log", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path,
+              **dict(same, crop_um=200))
+    with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):
+        train(dataset_path, "fcn", "tanh", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path, **same)
+
+
 def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):
     from mxcube_autocenter.learning.data import read_table
     from mxcube_autocenter.learning.training import load_model, train, train_classifier

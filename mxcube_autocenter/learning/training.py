@@ -347,6 +347,7 @@ def _fit(
     fractions,
     verbose,
     split,
+    initial_model=None,
 ) -> TrainResult:
     if architectures.task_of(arch) != task:
         raise ValueError(f"architecture {arch!r} is a {architectures.task_of(arch)} model, not a {task} one")
@@ -357,6 +358,10 @@ def _fit(
     os.makedirs(out, exist_ok=True)
     table = read_table(dataset_path)
     spec = crops.CropSpec(crop_um=crop_um, input_size=input_size, colour=colour, normalisation=normalisation)
+    initial = initial_info = None
+    if initial_model is not None:
+        initial, initial_info = load_model(initial_model)
+        _check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
     if split is None:
         split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions)
     elif not isinstance(split, Split):
@@ -370,7 +375,8 @@ def _fit(
     counts = label_counts(table, label, dataset_path)
     transform = None
     if task == "regression":
-        transform = get_transform(transform_name).fit(counts[idx["train"]])
+        # Fine-tuning keeps the initial model's fitted transform: the output scale its weights learnt.
+        transform = info_transform(initial_info) if initial is not None else get_transform(transform_name).fit(counts[idx["train"]])
         targets = transform.forward(counts)
         loss, metrics, monitor = "mse", [], "val_loss"
     else:
@@ -380,6 +386,8 @@ def _fit(
     strategy = strategy or default_strategy()
     with strategy.scope():
         model = architectures.build(arch, spec.input_shape)
+        if initial is not None:
+            model.set_weights(initial.get_weights())
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
 
     common = dict(spec=spec, batch_size=batch_size, cache=cache)
@@ -449,6 +457,10 @@ def _fit(
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "initial_model": None if initial is None else {
+                "file": os.path.basename(str(initial_model)), "created": initial_info.get("created"),
+                "data": initial_info.get("data"), "training": initial_info.get("training"),
+            },
         },
         "metrics": results,
     }
@@ -465,6 +477,29 @@ def _fit(
             json.dump(info, f, indent=2, default=_json_default)
     return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                        best_epoch=best_epoch, out_dir=out, model=final)
+
+
+def _check_initial(path, info, *, task, arch, spec, transform_name, threshold):
+    """Refuse to fine-tune a model whose task, architecture, input or label transform differ.
+
+    The label may differ: recorded counts and the simulator's expected counts have the same mean.
+    """
+    theirs = {
+        "task": info.get("task"),
+        "arch": info.get("architecture", {}).get("name"),
+        **{k: info.get("input", {}).get(k) for k in ("crop_um", "input_size", "colour", "normalisation")},
+        "transform": info.get("transform", {}).get("name") if task == "regression" else None,
+        "threshold": info.get("threshold") if task == "classifier" else None,
+    }
+    ours = {"task": task, "arch": arch, **spec.to_config(),
+            "transform": transform_name if task == "regression" else None,
+            "threshold": float(threshold) if task == "classifier" else None}
+    for key, value in ours.items():
+        if theirs[key] != value:
+            raise ValueError(
+                f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: train with {key}={theirs[key]!r} "
+                "(fine-tuning keeps the initial model's task, architecture, input and label transform)"
+            )
 
 
 def train(
@@ -490,6 +525,7 @@ def train(
     fractions=DEFAULT_FRACTIONS,
     split=None,
     verbose: int = 2,
+    initial_model=None,
 ) -> TrainResult:
     """Train a reflection-count regressor (Adam + MSE, early stopping on validation MSE).
 
@@ -531,13 +567,19 @@ def train(
         A given split instead of a new one (e.g. a previous model's).
     verbose : int
         Keras ``fit`` verbosity (1: progress bar, 2: a line per epoch).
+    initial_model : path, optional
+        Fine-tune: start from this model file's weights and keep its fitted
+        label transform (e.g. the shipped model on a site's own recordings).
+        Its task, architecture, input and transform must be the ones asked
+        for (a clear error names the difference); the label may differ (a
+        model trained on synthetic expected counts, tuned on recorded ones).
     """
     return _fit("regression", dataset_path, arch, out, transform_name=transform, threshold=None, label=label,
                 crop_um=crop_um,
                 input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
                 batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
                 jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
-                split=split)
+                split=split, initial_model=initial_model)
 
 
 def train_classifier(
@@ -563,6 +605,7 @@ def train_classifier(
     fractions=DEFAULT_FRACTIONS,
     split=None,
     verbose: int = 2,
+    initial_model=None,
 ) -> TrainResult:
     """Train the crystal/empty classifier: label ``counts >= threshold``, binary cross-entropy, accuracy.
 
@@ -571,11 +614,12 @@ def train_classifier(
     counts ``label`` names (``"rc"``: the recorded ones; ``"rc_expected"``:
     the noise-free expected ones of a synthetic dataset). The metrics give
     the accuracy against the recorded counts, and (``accuracy_expected``)
-    against the expected ones where the dataset has them.
+    against the expected ones where the dataset has them. ``initial_model``
+    fine-tunes a classifier file with the same threshold and input.
     """
     return _fit("classifier", dataset_path, arch, out, transform_name=None, threshold=threshold, label=label,
                 crop_um=crop_um,
                 input_size=input_size, colour=colour, normalisation=normalisation, epochs=epochs,
                 batch_size=batch_size, patience=patience, seed=seed, strategy=strategy, augment=augment,
                 jitter=jitter, learning_rate=learning_rate, cache=cache, fractions=fractions, verbose=verbose,
-                split=split)
+                split=split, initial_model=initial_model)
