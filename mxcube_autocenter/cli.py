@@ -33,7 +33,8 @@ def cmd_demo(args) -> int:
         # Only the scorecard goes to stdout: the beamline's messages and progress go to stderr.
         with contextlib.redirect_stdout(sys.stderr):
             result = run_demo(
-                args.out, quick=args.quick, use_shipped_model=args.use_shipped_model, model=args.model,
+                args.out, quick=args.quick, use_shipped_model=args.use_shipped_model, fine_tune=not args.from_scratch,
+                model=args.model,
                 classifier_model=args.classifier, classifier=not args.no_classifier, keep_data=args.keep_data,
                 config_dir=args.config, progress=not args.no_progress, **options,
             )
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no recording or training: centre 10 samples with the shipped model (under 3 minutes)")
     demo.add_argument("--use-shipped-model", action="store_true",
                       help="centre with the shipped model (models/) instead of the one trained in this run")
+    demo.add_argument("--from-scratch", action="store_true",
+                      help="train the regressor from scratch (64 px input, 160 um crops) instead of fine-tuning the "
+                           "shipped one on the recordings")
     demo.add_argument("--model", help="centre with this regressor .keras file (no training)")
     demo.add_argument("--classifier", help="with --model: this crystal/empty classifier .keras file")
     demo.add_argument("--no-classifier", action="store_true", help="train no crystal/empty classifier")

@@ -216,14 +216,22 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
 
 
 def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, crop_um, batch_size, patience, seed,
-           classifier: bool) -> dict:  # fmt: skip
+           classifier: bool, initial_model=None) -> dict:  # fmt: skip
     from mxcube_autocenter.learning.evaluate import evaluate
-    from mxcube_autocenter.learning.training import train, train_classifier
+    from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
     common = dict(crop_um=crop_um, input_size=input_size, batch_size=batch_size, patience=patience, seed=seed,
                   verbose=2)  # fmt: skip
-    _say(f"3/5 training the regressor (fcn, log counts, {input_size} px input, up to {epochs} epochs)")
-    reg = train(dataset, "fcn", "log", out / "regressor", epochs=epochs, **common)
+    if initial_model is None:
+        _say(f"3/5 training the regressor (fcn, log counts, {input_size} px input, up to {epochs} epochs)")
+        reg = train(dataset, "fcn", "log", out / "regressor", epochs=epochs, **common)
+    else:
+        _, info = load_model(initial_model)
+        crop_um, input_size = info["input"]["crop_um"], info["input"]["input_size"]
+        _say(f"3/5 fine-tuning {Path(initial_model).name} on the recordings ({input_size} px input, up to {epochs} "
+             "epochs)")  # fmt: skip
+        reg = train(dataset, info["architecture"]["name"], info["transform"]["name"], out / "regressor",
+                    epochs=epochs, initial_model=initial_model, **dict(common, crop_um=crop_um, input_size=input_size))
     split = reg.info["split"]
     # The test subset may be empty in tiny runs: then the report is on the validation crystals.
     subset = "test" if split["rows"].get("test") else "validation"
@@ -239,6 +247,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
         "params": reg.info["architecture"]["params"],
         "input_size": input_size,
         "crop_um": crop_um,
+        "fine_tuned_from": None if initial_model is None else Path(initial_model).name,
     }
     metrics = evaluate(reg.model_path, dataset, out / "regressor_report", subset=subset)
     learning["spearman"] = metrics.get("spearman")
@@ -603,7 +612,9 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"{_fmt(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
             f"- split by crystal: {lr['crystals']} crystals, {lr['rows']} rows.",
             f"- regressor: fcn, log counts, {lr['crop_um']:g} um crops at {lr['input_size']} px, {lr['params']} "
-            f"parameters; {lr['epochs_run']} epochs (best {lr['best_epoch']}) in {lr['regressor_s']:.0f} s.",
+            f"parameters; {lr['epochs_run']} epochs (best {lr['best_epoch']}) in {lr['regressor_s']:.0f} s"
+            + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
+               ", trained from scratch."),
             f"- **{lr['report_subset']} Spearman** (real vs predicted counts, held-out crystals): "
             f"**{_fmt(lr['spearman'], '{:.3f}')}**; classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}"
             f" ({_fmt(lr['classifier_s'], '{:.0f}')} s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
@@ -661,6 +672,7 @@ def run_demo(
     *,
     quick: bool = False,
     use_shipped_model: bool = False,
+    fine_tune: bool = True,
     model=None,
     classifier_model=None,
     n_train: int | None = None,
@@ -697,6 +709,11 @@ def run_demo(
         model (or ``model``).
     use_shipped_model : bool
         Centre with the shipped model (``models/``) even after training.
+    fine_tune : bool
+        Train the regressor by fine-tuning the shipped one on the recordings
+        (its input: 240 um crops at 128 px), as a beamline starting out
+        would; False trains one from scratch with ``input_size`` and
+        ``crop_um`` (the classifier always uses those).
     model, classifier_model : path, optional
         Centre with these model files instead (no training).
     n_train, n_heldout, n_empty : int, optional
@@ -737,7 +754,8 @@ def run_demo(
     from tqdm import tqdm
 
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
-    from mxcube_autocenter.centring.predictor import Predictor, PredictorError, load_predictor
+    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR, Predictor, PredictorError, load_predictor
+    from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -760,6 +778,7 @@ def run_demo(
     mode = ("quick: no training, centring with the shipped model" if quick and not model else
             "no training, centring with the given model" if model else
             "full: record, label, train, centre with the shipped model" if use_shipped_model else
+            "full: record, label, fine-tune the shipped model, centre with it" if fine_tune else
             "full: record, label, train, centre with the model trained here")  # fmt: skip
     settings = {"mode": mode, "methods": list(methods), "mesh_step_um": mesh_step_um,
                 "mesh_threshold": mesh_threshold, "centring_dir": centring_dir, "log": out / "demo.log"}  # fmt: skip
@@ -781,6 +800,8 @@ def run_demo(
             learning = None
             trained = None
             if train_here:
+                initial_model = DEFAULT_REGRESSOR if fine_tune else None
+                regressor_crop_um = load_model(initial_model)[1]["input"]["crop_um"] if fine_tune else crop_um
                 # 1. record
                 t = time.perf_counter()
                 ho.config.recording_enabled = True
@@ -808,7 +829,7 @@ def run_demo(
                 learning_dir.mkdir(parents=True, exist_ok=True)
                 # Crops a little larger than the model's (not the labelling default of 600 um): 6 times less disk.
                 summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress,
-                                           stored_crop_um=max(240.0, 1.5 * crop_um))  # fmt: skip
+                                           stored_crop_um=max(240.0, 1.5 * max(crop_um, regressor_crop_um)))  # fmt: skip
                 timings["label"] = time.perf_counter() - t
                 (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
                 if summary.rows_added == 0:
@@ -825,7 +846,7 @@ def run_demo(
                 t = time.perf_counter()
                 learning = _train(dataset, learning_dir, epochs=epochs, classifier_epochs=classifier_epochs,
                                   input_size=input_size, crop_um=crop_um, batch_size=batch_size, patience=patience,
-                                  seed=seed, classifier=classifier)  # fmt: skip
+                                  seed=seed, classifier=classifier, initial_model=initial_model)  # fmt: skip
                 timings["train"] = time.perf_counter() - t
                 trained = (learning["model"], learning["classifier"] if learning.get("classifier_used") else None)
 

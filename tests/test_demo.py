@@ -12,7 +12,7 @@ FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle")
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    """3 training samples with short collections, 2 held-out samples of which 1 empty, 1 epoch (about 1.5 min)."""
+    """3 training samples with short collections, 2 held-out samples of which 1 empty, 1 epoch of fine-tuning (about 1.5 min)."""
     out = tmp_path_factory.mktemp("demo")
     result = run_demo(out, n_train=3, n_heldout=2, n_empty=1, n_images=20, epochs=1, classifier_epochs=1,
                       input_size=48, nproc=2, progress=False)
@@ -27,6 +27,9 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
         assert set(scorecard.FIGURES) <= set(figures)
     assert set(result["learning"]) >= {"spearman", "classifier_accuracy", "train_s"}
     assert result["learning"]["source"] == "trained in this run" and result["learning"]["train_s"] > 0
+    # By default the demo fine-tunes the shipped regressor on its recordings (so with its input).
+    assert result["learning"]["fine_tuned_from"] == "default_regressor.keras"
+    assert result["learning"]["input_size"] == 128 and result["learning"]["crop_um"] == 240
     assert result["n_samples"] == 2 and result["n_empty"] == 1
 
     ml, lucid, mesh = (result["methods"][m] for m in ("ml", "lucid", "mesh_oracle"))
