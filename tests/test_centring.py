@@ -69,9 +69,9 @@ def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline,
     accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
     assert accepted[0] is True and accepted[1]["valid"]
     result = autocenter.last_result
-    assert result.success and result.method == "ml" and len(result.angles) == 3
+    assert result.success and result.method == "ml" and len(result.angles) == 4
     omegas = [a.omega for a in result.angles]
-    assert np.allclose(np.diff(omegas), 90.0, atol=0.1)
+    assert np.allclose(np.diff(omegas), 60.0, atol=0.1)
     assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
     assert beamline.sample_view.current_centring_procedure is None
     assert max(gaps) < 0.1  # the UI stays responsive
@@ -135,9 +135,9 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
             gevent.sleep(0.1)
     gevent.sleep(0.3)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert record["success"] and len(record["angles"]) == 3
+    assert record["success"] and len(record["angles"]) == 4
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 3 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
+    assert len(pngs) == 4 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
 
 
 def test_queue_entry_centres_or_fails_with_the_reason(beamline, autocenter):

@@ -10,6 +10,7 @@ import numpy as np
 from mxcube_autocenter.centring.heatmap import dense_heatmap, prepare_region, reference_heatmap
 from mxcube_autocenter.centring.loop import Roi, find_loop
 from mxcube_autocenter.centring.predictor import load_predictor
+from mxcube_autocenter.config import AutoCenterConfig
 
 
 def _rss_mb() -> float:
@@ -59,8 +60,11 @@ def heatmap_figures(predictor, frame, quick: bool) -> dict:
     }
 
 
-def centring_wall_s(n: int = 3) -> float:
-    """Median wall time of full 3-angle centrings through SampleView on the virtual beamline, moves included."""
+def centring_wall_s(n: int = 3, n_angles: int | None = 3) -> float:
+    """Median wall time of ``n`` full centrings on the virtual beamline, moves included.
+
+    ``n_angles`` views each (None: the ``centring_angles`` default).
+    """
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
     from mxcube_autocenter.simulation.sample import make_sample
 
@@ -76,7 +80,7 @@ def centring_wall_s(n: int = 3) -> float:
                 {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
             )
             start = time.perf_counter()
-            ho.centre(save=False)
+            ho.centre(n_angles=n_angles, save=False)
             times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -97,4 +101,6 @@ def benchmark(quick: bool = False) -> dict:
         find_loop(frame)
     figures["lucid_s"] = (time.perf_counter() - start) / runs
     figures["centring_wall_s"] = centring_wall_s(n=2 if quick else 5)
+    figures["centring_default_angles"] = AutoCenterConfig.model_fields["centring_angles"].default
+    figures["centring_default_angles_wall_s"] = centring_wall_s(n=2 if quick else 5, n_angles=None)
     return figures

@@ -94,7 +94,7 @@ class CentringResult:
 class CentringSettings:
     """Parameters of the procedure (from the AutoCenter XML properties)."""
 
-    n_angles: int = 3
+    n_angles: int = 4
     roi_width_um: float = 700.0
     roi_height_um: float = 600.0
     stride_px: float = 6.0
