@@ -105,7 +105,8 @@ class Table:
         """Sizes and label statistics, as stored in a model's metadata."""
         rc = self.rc
         return {
-            "path": os.path.abspath(self.path),
+            # The file name only: a model file travels, the machine it was trained on does not matter.
+            "path": os.path.basename(self.path),
             "rows": int(len(rc)),
             "crystals": int(len(set(self.crystal_id))),
             "scans": int(len(set(self.scan_id))),
