@@ -216,17 +216,19 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
 
 
 def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, crop_um, batch_size, patience, seed,
-           classifier: bool, initial_model=None) -> dict:  # fmt: skip
+           classifier: bool, initial=None) -> dict:  # fmt: skip
+    """Train (or, with ``initial = (model path, its metadata)``, fine-tune) the regressor, and the classifier."""
     from mxcube_autocenter.learning.evaluate import evaluate
-    from mxcube_autocenter.learning.training import load_model, train, train_classifier
+    from mxcube_autocenter.learning.training import train, train_classifier
 
     common = dict(crop_um=crop_um, input_size=input_size, batch_size=batch_size, patience=patience, seed=seed,
                   verbose=2)  # fmt: skip
-    if initial_model is None:
+    initial_model = None if initial is None else initial[0]
+    if initial is None:
         _say(f"3/5 training the regressor (fcn, log counts, {input_size} px input, up to {epochs} epochs)")
         reg = train(dataset, "fcn", "log", out / "regressor", epochs=epochs, **common)
     else:
-        _, info = load_model(initial_model)
+        info = initial[1]
         crop_um, input_size = info["input"]["crop_um"], info["input"]["input_size"]
         _say(f"3/5 fine-tuning {Path(initial_model).name} on the recordings ({input_size} px input, up to {epochs} "
              "epochs)")  # fmt: skip
@@ -800,8 +802,8 @@ def run_demo(
             learning = None
             trained = None
             if train_here:
-                initial_model = DEFAULT_REGRESSOR if fine_tune else None
-                regressor_crop_um = load_model(initial_model)[1]["input"]["crop_um"] if fine_tune else crop_um
+                initial = (DEFAULT_REGRESSOR, load_model(DEFAULT_REGRESSOR)[1]) if fine_tune else None
+                regressor_crop_um = initial[1]["input"]["crop_um"] if fine_tune else crop_um
                 # 1. record
                 t = time.perf_counter()
                 ho.config.recording_enabled = True
@@ -846,7 +848,7 @@ def run_demo(
                 t = time.perf_counter()
                 learning = _train(dataset, learning_dir, epochs=epochs, classifier_epochs=classifier_epochs,
                                   input_size=input_size, crop_um=crop_um, batch_size=batch_size, patience=patience,
-                                  seed=seed, classifier=classifier, initial_model=initial_model)  # fmt: skip
+                                  seed=seed, classifier=classifier, initial=initial)  # fmt: skip
                 timings["train"] = time.perf_counter() - t
                 trained = (learning["model"], learning["classifier"] if learning.get("classifier_used") else None)
 
