@@ -157,6 +157,40 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def cmd_synthesize_regions(args) -> int:
+    """A region set: whole regions of virtual-beamline frames, labelled on the grid of an fcn's crops."""
+    from mxcube_autocenter.learning.dense import synthetic_regions
+
+    summary = synthetic_regions(
+        args.out, n_samples=args.samples, seed=args.seed, views_per_sample=args.views_per_sample,
+        regions_per_view=args.regions_per_view, cells=args.cells, crop_um=args.crop_um, input_size=args.input_size,
+        random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, workers=args.workers,
+    )
+    print(", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_train_dense(args) -> int:
+    """Train the fcn regressor on a region set, every grid crop of a region at once."""
+    from mxcube_autocenter.learning.dense import RegionSetError, train_dense
+
+    try:
+        result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
+                             batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                             learning_rate=args.learning_rate, initial_model=args.initial_model)
+    except RegionSetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_training(result)
+    return 0
+
+
+def _print_training(result):
+    print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
+    for subset, metrics in result.metrics.items():
+        print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
@@ -175,9 +209,7 @@ def cmd_train(args) -> int:
         result = train_classifier(args.dataset, args.out, threshold=args.threshold, **options)
     else:
         result = train(args.dataset, args.arch, args.transform, args.out, **options)
-    print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
-    for subset, metrics in result.metrics.items():
-        print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    _print_training(result)
     return 0
 
 
@@ -429,6 +461,36 @@ def build_parser() -> argparse.ArgumentParser:
                             "label transform and threshold are used")
     add_train_options(train)
     train.set_defaults(func=cmd_train)
+
+    regions = sub.add_parser("synthesize-regions",
+                             help="whole regions of virtual-beamline frames labelled on an fcn's crop grid (dense training)")
+    regions.add_argument("out", metavar="REGIONS.h5")
+    regions.add_argument("--samples", type=int, default=300, help="virtual samples (default: %(default)s)")
+    regions.add_argument("--views-per-sample", type=int, default=4, help="random omega/zoom views (default: %(default)s)")
+    regions.add_argument("--regions-per-view", type=int, default=2, help="(default: %(default)s)")
+    regions.add_argument("--cells", type=int, default=9, help="grid crops per region side (default: %(default)s)")
+    regions.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
+    regions.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+    regions.add_argument("--crystal-fraction", type=float, default=0.5,
+                         help="share of regions centred near a crystal, the rest anywhere in the centring region "
+                              "(default: %(default)s)")
+    regions.add_argument("--seed", type=int, default=0)
+    regions.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
+    regions.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
+    regions.set_defaults(func=cmd_synthesize_regions)
+
+    dense = sub.add_parser("train-dense", help="train the fcn regressor on a region set (every grid crop at once)")
+    dense.add_argument("regions", metavar="REGIONS.h5")
+    dense.add_argument("--out", default="out/dense_model", help="output directory (default: %(default)s)")
+    dense.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
+    dense.add_argument("--label", default="rc_expected", choices=["rc", "rc_expected"], help="(default: %(default)s)")
+    dense.add_argument("--epochs", type=int, default=20, help="most epochs (early stopping) (default: %(default)s)")
+    dense.add_argument("--batch-size", type=int, default=16, help="regions per batch (default: %(default)s)")
+    dense.add_argument("--patience", type=int, default=4, help="early-stopping patience, epochs (default: %(default)s)")
+    dense.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's (default: %(default)s)")
+    dense.add_argument("--seed", type=int, default=0)
+    dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
+    dense.set_defaults(func=cmd_train_dense)
 
     sweep = sub.add_parser("sweep", help="all architectures x label transforms into one report")
     sweep.add_argument("dataset", metavar="DATASET.h5")

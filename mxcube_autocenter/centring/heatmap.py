@@ -230,11 +230,19 @@ def prepare_region(frame, roi, crop_px, input_size, normalise):
     width, height = roi.width + crop_px, roi.height + crop_px
     scale = input_size / crop_px
     out_w, out_h = int(round(width * scale)), int(round(height * scale))
-    # An affine warp samples outside the frame by edge replication, so the
-    # region may overhang the image without special cases.
+    return normalise(resample(frame, (x0, y0), scale, (out_w, out_h))), (x0, y0), scale
+
+
+def resample(frame, origin, scale, size) -> np.ndarray:
+    """The window of ``frame`` from ``origin`` (pixels), scaled by ``scale``, as an image of ``size`` (w, h).
+
+    Pixels outside the frame repeat its edge, so the window may overhang
+    the image without special cases.
+    """
+    x0, y0 = origin
     matrix = np.array([[scale, 0, -x0 * scale], [0, scale, -y0 * scale]], dtype=np.float64)
-    region = cv2.warpAffine(frame, matrix, (out_w, out_h), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return normalise(region), (x0, y0), scale
+    flags = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.warpAffine(frame, matrix, (int(size[0]), int(size[1])), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
 def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -> Heatmap:

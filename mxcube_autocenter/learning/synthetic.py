@@ -33,8 +33,10 @@ one subset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+
 import h5py
 import numpy as np
 
@@ -61,23 +63,62 @@ def _crystal_point(sample, rng):
     return w @ crystal.vertices
 
 
-def _crystal_offset(sample, motors, rng) -> np.ndarray:
+def crystal_offset(sample, motors, rng) -> np.ndarray:
     """Screen offset from the beam, mm, of a random point of a random crystal."""
     xy, _ = sample_to_screen(_crystal_point(sample, rng)[None], motors, (1.0, 1.0), (0.0, 0.0))
     return xy[0]
+
+
+def virtual_sample(sample_seed, look_seed, *, random_looks=True, frame_size=(1280, 1024), empty_fraction=0.15):
+    """``(sample, diffraction, renderer, rng)`` of one virtual sample with its camera look.
+
+    ``rng`` (seeded by ``look_seed``, after drawing the look) draws the views and positions.
+    """
+    rng = np.random.default_rng(look_seed)
+    sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
+    look = random_look(rng) if random_looks else DEFAULT_LOOK
+    renderer = Renderer(frame_size[0], frame_size[1], look, seed=int(look_seed) % (2**31))
+    return sample, DiffractionModel(sample), renderer, rng
+
+
+def random_view(sample, rng, zoom_levels=ZOOM_PX_PER_UM):
+    """A random view: a random omega and zoom level, a crystal point (the loop centre if none) in the beam.
+
+    Returns
+    -------
+    omega : float
+        Degrees.
+    level : int
+        0-based index into ``zoom_levels``.
+    pixels_per_mm : (float, float)
+    motors : dict
+        Centring motor positions of the view.
+    loop_xy : (N, 2) ndarray
+        The loop outline on screen as offsets from the beam, mm.
+    """
+    omega = float(rng.uniform(0, 360))
+    level = int(rng.integers(len(zoom_levels)))
+    ppmm = (zoom_levels[level] * 1000.0, zoom_levels[level] * 1000.0)
+    ref = sample.loop_centre if sample.is_empty else _crystal_point(sample, rng)
+    motors = centred_motors(ref, omega)
+    loop_xy, _ = sample_to_screen(sample.film_points(), motors, (1.0, 1.0), (0.0, 0.0))
+    return omega, level, ppmm, motors, loop_xy
+
+
+def centring_region(loop_xy, pixels_per_mm, beam, frame_shape):
+    """The region a centring searches (:func:`loop_roi`), behind the loop's tip (pin on the left), stem included."""
+    tip = loop_xy[np.argmax(loop_xy[:, 0])] * np.asarray(pixels_per_mm) + beam
+    return loop_roi(tip, frame_shape, pixels_per_mm)
 
 
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
                  random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, near_fraction,
                  region_fraction, label_seed):
     """All rows of one virtual sample, as a dict of lists."""
-    rng = np.random.default_rng(look_seed)
-    sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
-    model = DiffractionModel(sample)
-    look = random_look(rng) if random_looks else DEFAULT_LOOK
+    sample, model, renderer, rng = virtual_sample(sample_seed, look_seed, random_looks=random_looks,
+                                                  frame_size=frame_size, empty_fraction=empty_fraction)
     width, height = frame_size
     beam = (width / 2.0, height / 2.0)
-    renderer = Renderer(width, height, look, seed=int(look_seed) % (2**31))
     label_rng = np.random.default_rng(label_seed)
     crystal_id = f"sim-{int(sample_seed):06d}"
     rows = {name: [] for name in ("image", "beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "rc_expected",
@@ -85,13 +126,7 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
                                   "recording_frame")}
     per_omega = np.diff(np.linspace(0, crops_per_sample, omegas_per_sample + 1).round().astype(int))
     for j, n_points in enumerate(per_omega):
-        omega = float(rng.uniform(0, 360))
-        level = int(rng.integers(len(zoom_levels)))
-        ppmm = (zoom_levels[level] * 1000.0, zoom_levels[level] * 1000.0)
-        ref = sample.loop_centre if sample.is_empty else _crystal_point(sample, rng)
-        motors0 = centred_motors(ref, omega)
-        # The loop on screen, as offsets from the beam (mm).
-        loop_xy, _ = sample_to_screen(sample.film_points(), motors0, (1.0, 1.0), (0.0, 0.0))
+        omega, level, ppmm, motors0, loop_xy = random_view(sample, rng, zoom_levels)
         lo, hi = loop_xy.min(axis=0), loop_xy.max(axis=0)
         margin = 0.3 * (hi - lo)
         n_line = int(round(n_points * line_fraction))
@@ -105,17 +140,15 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         offsets = [direction * t for t in np.linspace(-half, half, n_line)]
         kinds = ["line"] * n_line
         for _ in range(n_hit):
-            offsets.append(_crystal_offset(sample, motors0, rng))
+            offsets.append(crystal_offset(sample, motors0, rng))
             kinds.append("hit")
         for _ in range(n_near):
-            offsets.append(_crystal_offset(sample, motors0, rng) + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
+            offsets.append(crystal_offset(sample, motors0, rng) + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
             kinds.append("near")
         for _ in range(n_rand):
             offsets.append(rng.uniform(lo - margin, hi + margin))
             kinds.append("random")
-        # The region a centring searches: behind the loop's tip (the pin is on the left), stem included.
-        tip = loop_xy[np.argmax(loop_xy[:, 0])] * np.asarray(ppmm) + beam
-        roi = loop_roi(tip, (height, width), ppmm)
+        roi = centring_region(loop_xy, ppmm, beam, (height, width))
         for _ in range(n_region):
             xy = rng.uniform((roi.x0, roi.y0), (max(roi.x1, roi.x0 + 1), max(roi.y1, roi.y0 + 1)))
             offsets.append((xy - beam) / np.asarray(ppmm))
@@ -151,6 +184,29 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
 def _worker(args):
     kwargs = args[-1]
     return _sample_rows(*args[:-1], **kwargs)
+
+
+@contextlib.contextmanager
+def per_sample(worker, jobs, workers: int = 1, progress: bool = True):
+    """The results of ``worker(job)`` for each job, in order, from ``workers`` processes, with a progress bar."""
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(worker, jobs)
+    else:
+        results = map(worker, jobs)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=len(jobs), desc="virtual samples", unit="sample")
+    try:
+        yield results
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
 
 
 def synthetic_dataset(
@@ -239,21 +295,9 @@ def synthetic_dataset(
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.part"
-    pool = None
-    if workers > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(_worker, jobs)
-    else:
-        results = map(_worker, jobs)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=n_samples, desc="virtual samples", unit="sample")
     n = 0
     try:
-        with h5py.File(tmp, "w") as f:
+        with per_sample(_worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = DATASET_FORMAT_VERSION
             f.attrs["provenance"] = json.dumps(provenance)
             f.attrs["stored_crop_um"] = float(stored_crop_um)
@@ -290,9 +334,6 @@ def synthetic_dataset(
                 n += m
         os.replace(tmp, path)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if os.path.exists(tmp):
             os.remove(tmp)
     with h5py.File(path, "r") as f:

@@ -361,7 +361,7 @@ def _fit(
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = load_model(initial_model)
-        _check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
+        check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
     if split is None:
         split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions)
     elif not isinstance(split, Split):
@@ -395,22 +395,9 @@ def _fit(
                             augment=augment, jitter=jitter, **common)
     val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, **common)
 
-    chief = _is_chief(strategy)
-    work = out if chief else tempfile.mkdtemp(prefix="autocenter-worker-")
-    checkpoint = os.path.join(work, "checkpoint.keras")
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True),
-        keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
-                        shuffle=False)  # the dataset shuffles itself
-    seconds = time.perf_counter() - start
-    cpu_seconds = time.process_time() - cpu_start  # all threads: wall time on a machine shared with others overstates
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    best_epoch = int(np.argmin(hist[monitor])) + 1 if hist.get(monitor) else len(hist.get("loss", []))
+    work = work_dir(out, strategy)
+    hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
+        model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor)
 
     results = {}
     for name in ("validation", "test"):
@@ -426,6 +413,75 @@ def _fit(
             results[name] = classifier_metrics(table.rc[rows] >= threshold, raw)
             results[name].update(expected_count_metrics(table, rows, raw, threshold))
 
+    training = {
+        "epochs": int(epochs),
+        "epochs_run": len(hist.get("loss", [])),
+        "best_epoch": best_epoch,
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "optimizer": "adam",
+        "loss": loss,
+        "label": label,
+        "patience": int(patience),
+        "seed": int(seed),
+        "augment": augment,
+        "jitter": float(jitter),
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+    }
+    info = model_info(
+        task, model, spec=spec, arch=arch, label=label, data=table.summary(), split=split, training=training,
+        metrics=results, strategy=strategy, transform=transform, threshold=threshold,
+        initial=None if initial is None else (initial_model, initial_info),
+        normalisation_region="the stored crop (dataset) / the region of interest (centring)",
+    )
+    final, model_path = save_model(model, info, work, out, strategy)
+    return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
+                       best_epoch=best_epoch, out_dir=out, model=final)
+
+
+def work_dir(out, strategy) -> str:
+    """Where this process writes checkpoints and the model: ``out`` on the chief, a scratch directory elsewhere."""
+    return str(out) if _is_chief(strategy) else tempfile.mkdtemp(prefix="autocenter-worker-")
+
+
+def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, verbose, monitor="val_loss"):
+    """``model.fit`` with early stopping (best weights restored), a checkpoint and a CSV history in ``work``.
+
+    Returns
+    -------
+    history : dict
+        Per-epoch figures.
+    seconds, cpu_seconds : float
+        Wall time and CPU time (all threads) of the fit.
+    best_epoch : int
+        1-based epoch whose weights were kept.
+    """
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
+        keras.callbacks.ModelCheckpoint(os.path.join(work, "checkpoint.keras"), monitor=monitor, save_best_only=True),
+        keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
+                        shuffle=False)  # the dataset shuffles itself
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # all threads: wall time on a machine shared with others overstates
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best_epoch = int(np.argmin(hist[monitor])) + 1 if hist.get(monitor) else len(hist.get("loss", []))
+    return hist, seconds, cpu_seconds, best_epoch
+
+
+def model_info(task, model, *, spec, arch, label, data, split, training, metrics, strategy, transform=None,
+               threshold=None, initial=None, normalisation_region) -> dict:
+    """A model file's metadata (see the module documentation).
+
+    ``training`` holds the run's settings and times; the strategy, machine
+    and library versions and the initial model (``(path, info)`` when
+    fine-tuning) are added to it here.
+    """
+    initial_model, initial_info = initial if initial is not None else (None, None)
     info = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
@@ -433,53 +489,43 @@ def _fit(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task": task,
         "label": label,
-        "input": {**spec.to_config(), "channels": spec.channels, "normalisation_region": "the stored crop (dataset) / the region of interest (centring)"},
+        "input": {**spec.to_config(), "channels": spec.channels, "normalisation_region": normalisation_region},
         "architecture": {**architectures.describe(arch), "params": int(model.count_params())},
-        "data": table.summary(),
+        "data": data,
         "split": split.to_config(),
         "training": {
-            "epochs": int(epochs),
-            "epochs_run": len(hist.get("loss", [])),
-            "best_epoch": best_epoch,
-            "batch_size": int(batch_size),
-            "learning_rate": float(learning_rate),
-            "optimizer": "adam",
-            "loss": loss,
-            "label": label,
-            "patience": int(patience),
-            "seed": int(seed),
-            "augment": augment,
-            "jitter": float(jitter),
+            **training,
             "strategy": type(strategy).__name__,
             "replicas": int(strategy.num_replicas_in_sync),
-            "seconds": round(seconds, 2),
-            "cpu_seconds": round(cpu_seconds, 2),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
-            "initial_model": None if initial is None else {
+            "initial_model": None if initial_info is None else {
                 "file": os.path.basename(str(initial_model)), "created": initial_info.get("created"),
                 "data": initial_info.get("data"), "training": initial_info.get("training"),
             },
         },
-        "metrics": results,
+        "metrics": metrics,
     }
     if task == "regression":
         info["transform"] = transform.to_config()
     else:
         info["threshold"] = float(threshold)
+    return info
 
+
+def save_model(model, info, work, out, strategy):
+    """Write ``work/model.keras`` with ``info`` attached (and ``out/info.json`` on the chief); ``(model, path)``."""
     final = attach_info(model, info)
     model_path = os.path.join(work, "model.keras")
     final.save(model_path)
-    if chief:
+    if _is_chief(strategy):
         with open(os.path.join(out, "info.json"), "w") as f:
             json.dump(info, f, indent=2, default=_json_default)
-    return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
-                       best_epoch=best_epoch, out_dir=out, model=final)
+    return final, model_path
 
 
-def _check_initial(path, info, *, task, arch, spec, transform_name, threshold):
+def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
     """Refuse to fine-tune a model whose task, architecture, input or label transform differ.
 
     The label may differ: recorded counts and the simulator's expected counts have the same mean.

@@ -1,0 +1,538 @@
+"""Dense training of the ``fcn`` regressor on whole regions of virtual-beamline frames.
+
+An ``fcn`` regressor evaluated on a region gives the prediction of every
+crop on a 16-pixel grid at once (:func:`.architectures.dense_evaluator`),
+which is how a centring computes its heatmaps. Trained the same way, one
+region of ``S x S`` model pixels teaches its ``n x n`` grid crops
+(``S = input_size + 16 (n - 1)``) for the work of about ``(S / input_size)^2``
+crops: with the defaults a 256-pixel region labels 81 crops for the price of
+about four. Since a region is normalised as a whole, as at centring time,
+the model also learns exactly the input a heatmap gives it.
+
+Dense labels need the count with the beam on every grid point of one frame,
+which only the virtual beamline knows
+(:meth:`~mxcube_autocenter.simulation.diffraction.DiffractionModel.expected_rc_on_screen`);
+a beamline records one count per frame, the beam's, and its data trains
+crop by crop (:func:`.training.train`, which can also fine-tune a densely
+trained model). The model file is the ordinary crop model with the usual
+metadata, so centring, evaluation and fine-tuning use it unchanged.
+
+Region sets (``regions.h5``)
+----------------------------
+``/regions/image`` (N,) JPEG bytes
+    The camera frame around the region's centre, resampled to the model's
+    scale (``crop_um`` to ``input_size`` pixels), ``S x S`` RGB, not normalised.
+``/regions/rc_expected`` (N, n, n) float32
+    Ground-truth expected reflection count with the beam on the centre of
+    each grid crop (row ``i``, column ``j``: the crop whose top-left corner
+    is at model pixel ``(16 j, 16 i)``).
+``/regions/rc`` (N, n, n) float32
+    A Poisson draw of it (what a detector would count).
+``/regions/valid`` (N, n, n) bool
+    The crop centre lies on the camera frame (a heatmap evaluates no other
+    points; outside, the resampled image repeats the frame's edge).
+``/regions/crystal_id``, ``/regions/scan_id`` (N,) str
+    One crystal id per sample (the split by crystal keeps a sample's regions
+    together) and one scan id per view.
+``/regions/omega`` (N,), ``/regions/pixels_per_mm`` (N, 2)
+Attributes: ``format`` (:data:`REGIONS_FORMAT`), ``format_version``,
+``crop_um``, ``input_size``, ``step``, ``cells``, ``provenance`` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+from mxcube_autocenter import __version__
+from mxcube_autocenter.centring.heatmap import resample
+from mxcube_autocenter.learning import crops
+from mxcube_autocenter.learning.synthetic import (
+    ZOOM_PX_PER_UM,
+    centring_region,
+    crystal_offset,
+    per_sample,
+    random_view,
+    virtual_sample,
+)
+from mxcube_autocenter.recording import encode_jpeg
+
+REGIONS_FORMAT = "mxcube_autocenter.regions"
+REGIONS_FORMAT_VERSION = 1
+FCN_STEP = 16  # model pixels between the crops of an fcn's dense output (architectures.output_stride)
+# Spread of a region's centre around a crystal point, um: the region still holds the crystal, seen off-centre.
+REGION_SPREAD_UM = 80.0
+
+
+class RegionSetError(ValueError):
+    """A region set that cannot be used, with what to do about it."""
+
+
+def region_side(cells: int, input_size: int = crops.DEFAULT_INPUT_SIZE) -> int:
+    """Side, model pixels, of a region whose dense output is ``cells x cells`` crops."""
+    if cells < 1:
+        raise ValueError(f"cells must be at least 1, not {cells}")
+    return int(input_size + FCN_STEP * (cells - 1))
+
+
+def grid_centres(origin, scale, cells: int, input_size: int) -> np.ndarray:
+    """Frame positions, pixels, of the centres of a region's grid crops: ``(cells, cells, 2)`` as (x, y).
+
+    Parameters
+    ----------
+    origin : (float, float)
+        Frame position of the region's pixel (0, 0), pixels.
+    scale : float
+        Model pixels per frame pixel.
+    """
+    offsets = (FCN_STEP * np.arange(cells) + input_size / 2.0) / scale
+    xs = origin[0] + offsets
+    ys = origin[1] + offsets
+    return np.stack(np.meshgrid(xs, ys), axis=-1)
+
+
+def _sample_regions(k, sample_seed, look_seed, *, views_per_sample, regions_per_view, cells, crop_um, input_size,
+                    zoom_levels, random_looks, frame_size, jpeg_quality, empty_fraction, crystal_fraction,
+                    label_seed):
+    """All regions of one virtual sample, as a dict of lists."""
+    sample, model, renderer, rng = virtual_sample(sample_seed, look_seed, random_looks=random_looks,
+                                                  frame_size=frame_size, empty_fraction=empty_fraction)
+    width, height = frame_size
+    beam = np.array([width / 2.0, height / 2.0])
+    side = region_side(cells, input_size)
+    label_rng = np.random.default_rng(label_seed)
+    crystal_id = f"sim-{int(sample_seed):06d}"
+    out = {name: [] for name in ("image", "rc_expected", "rc", "valid", "crystal_id", "scan_id", "omega",
+                                 "pixels_per_mm")}
+    for j in range(views_per_sample):
+        omega, _, ppmm, motors, loop_xy = random_view(sample, rng, zoom_levels)
+        frame = renderer.render(sample, motors, ppmm, tuple(beam))
+        roi = centring_region(loop_xy, ppmm, beam, (height, width))
+        scale = input_size / crops.crop_side_px(crop_um, ppmm)[0]
+        for _ in range(regions_per_view):
+            if sample.crystals and rng.random() < crystal_fraction:
+                offset = crystal_offset(sample, motors, rng) + rng.normal(0.0, REGION_SPREAD_UM * 1e-3, size=2)
+                centre = beam + offset * np.asarray(ppmm)
+            else:
+                centre = rng.uniform((roi.x0, roi.y0), (max(roi.x1, roi.x0 + 1), max(roi.y1, roi.y0 + 1)))
+            origin = centre - side / (2.0 * scale)
+            image = resample(frame, origin, scale, (side, side))
+            points = grid_centres(origin, scale, cells, input_size).reshape(-1, 2)
+            expected = model.expected_rc_on_screen(motors, ppmm, tuple(beam), points).reshape(cells, cells)
+            valid = ((points >= 0) & (points < (width, height))).all(axis=1).reshape(cells, cells)
+            out["image"].append(np.frombuffer(encode_jpeg(image, jpeg_quality), dtype=np.uint8))
+            out["rc_expected"].append(expected.astype(np.float32))
+            out["rc"].append(label_rng.poisson(expected).astype(np.float32))
+            out["valid"].append(valid)
+            out["crystal_id"].append(crystal_id)
+            out["scan_id"].append(f"{crystal_id}-w{j}")
+            out["omega"].append(omega)
+            out["pixels_per_mm"].append(ppmm)
+    return out
+
+
+def _worker(args):
+    kwargs = args[-1]
+    return _sample_regions(*args[:-1], **kwargs)
+
+
+def synthetic_regions(
+    path,
+    n_samples: int = 300,
+    seed: int = 0,
+    *,
+    views_per_sample: int = 4,
+    regions_per_view: int = 2,
+    cells: int = 9,
+    crop_um: float = crops.DEFAULT_CROP_UM,
+    input_size: int = crops.DEFAULT_INPUT_SIZE,
+    zoom_levels=ZOOM_PX_PER_UM,
+    random_looks: bool = True,
+    frame_size=(1280, 1024),
+    jpeg_quality: int = 95,
+    empty_fraction: float = 0.15,
+    crystal_fraction: float = 0.5,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write a region set (``regions.h5``, see the module documentation); returns a summary.
+
+    Parameters
+    ----------
+    path : str
+        The file to write (replaced).
+    n_samples : int
+        Virtual samples (= crystal ids), each with a random camera look
+        (domain randomisation) unless ``random_looks`` is False.
+    seed : int
+        Everything follows from it.
+    views_per_sample, regions_per_view : int
+        Random views (omega, zoom) per sample; regions cut from each view's frame.
+    cells : int
+        Grid crops per region side (the region is :func:`region_side` pixels).
+    crop_um, input_size : float, int
+        The model input the set is for (crop side on the sample, um; pixels).
+    crystal_fraction : float
+        Share of regions centred near a crystal point (:data:`REGION_SPREAD_UM`
+        around it); the others anywhere in the region a centring searches
+        (``loop_roi``: stem, rim, liquid and background included).
+    workers : int
+        Processes rendering samples in parallel.
+    """
+    if not 0.0 <= crystal_fraction <= 1.0:
+        raise ValueError(f"crystal_fraction {crystal_fraction}: give a share between 0 and 1")
+    root = np.random.default_rng(seed)
+    sample_seeds = root.integers(0, 10**6, size=n_samples)
+    look_seeds = root.integers(0, 2**62, size=n_samples)
+    label_seeds = root.integers(0, 2**62, size=n_samples)
+    kwargs = dict(views_per_sample=views_per_sample, regions_per_view=regions_per_view, cells=cells,
+                  crop_um=float(crop_um), input_size=int(input_size), zoom_levels=tuple(zoom_levels),
+                  random_looks=random_looks, frame_size=tuple(frame_size), jpeg_quality=jpeg_quality,
+                  empty_fraction=empty_fraction, crystal_fraction=crystal_fraction)
+    jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
+            for k in range(n_samples)]
+    provenance = {
+        "generator": "mxcube_autocenter.learning.dense.synthetic_regions",
+        "package_version": __version__,
+        "seed": int(seed),
+        "n_samples": int(n_samples),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+        "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part"
+    text = h5py.string_dtype()
+    specs = {
+        "image": (h5py.vlen_dtype(np.uint8), ()),
+        "rc_expected": (np.float32, (cells, cells)),
+        "rc": (np.float32, (cells, cells)),
+        "valid": (bool, (cells, cells)),
+        "crystal_id": (text, ()),
+        "scan_id": (text, ()),
+        "omega": (np.float64, ()),
+        "pixels_per_mm": (np.float64, (2,)),
+    }
+    n = 0
+    try:
+        with per_sample(_worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
+            f.attrs.update(format=REGIONS_FORMAT, format_version=REGIONS_FORMAT_VERSION, crop_um=float(crop_um),
+                           input_size=int(input_size), step=FCN_STEP, cells=int(cells),
+                           provenance=json.dumps(provenance))
+            g = f.create_group("regions")
+            for name, (dtype, shape) in specs.items():
+                g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape))
+            for regions in results:
+                m = len(regions["omega"])
+                for name, (dtype, _) in specs.items():
+                    ds = g[name]
+                    ds.resize(n + m, axis=0)
+                    if name == "image":
+                        for i, buf in enumerate(regions["image"]):
+                            ds[n + i] = buf
+                    else:
+                        ds[n : n + m] = np.asarray(regions[name], dtype=object if dtype is text else dtype)
+                n += m
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    table = read_regions(path)
+    return {"path": os.path.abspath(path), "regions": n, "samples": int(n_samples), **table.label_summary()}
+
+
+class RegionTable:
+    """A region set's labels and attributes in memory (the images stay in the file).
+
+    Attributes
+    ----------
+    path : str
+    crop_um : float
+    input_size, cells : int
+    rc_expected, rc : (N, n, n) ndarray
+    valid : (N, n, n) bool ndarray
+    crystal_id, scan_id : (N,) ndarray of str
+    provenance : dict
+    """
+
+    def __init__(self, path, attrs, columns):
+        self.path = str(path)
+        self.crop_um = float(attrs["crop_um"])
+        self.input_size = int(attrs["input_size"])
+        self.cells = int(attrs["cells"])
+        self.provenance = json.loads(attrs.get("provenance", "{}"))
+        self.rc_expected = columns["rc_expected"]
+        self.rc = columns["rc"]
+        self.valid = columns["valid"]
+        self.crystal_id = columns["crystal_id"]
+        self.scan_id = columns["scan_id"]
+
+    def __len__(self):
+        return len(self.crystal_id)
+
+    @property
+    def side(self) -> int:
+        return region_side(self.cells, self.input_size)
+
+    def label_summary(self) -> dict:
+        """Label statistics over the valid grid points."""
+        rc = self.rc_expected[self.valid]
+        return {
+            "points": int(rc.size),
+            "rc_expected_mean": float(rc.mean()) if rc.size else None,
+            "rc_expected_zero_fraction": float(np.mean(rc < 0.5)) if rc.size else None,
+            "rc_expected_ge_5_fraction": float(np.mean(rc >= 5)) if rc.size else None,
+        }
+
+    def summary(self) -> dict:
+        """Sizes and label statistics, as stored in a model's metadata."""
+        return {
+            "path": os.path.basename(self.path),
+            "kind": "regions",
+            "regions": len(self),
+            "cells": self.cells,
+            "crystals": int(len(set(self.crystal_id))),
+            "scans": int(len(set(self.scan_id))),
+            **self.label_summary(),
+            "provenance": self.provenance,
+        }
+
+
+def read_regions(path) -> RegionTable:
+    """Read a region set's labels (see the module documentation).
+
+    Raises
+    ------
+    RegionSetError
+        Not a readable HDF5 file, not a region set, or inconsistent columns.
+    """
+    path = str(path)
+    fix = "Write one with `mxcube-autocenter synthesize-regions`"
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            if attrs.get("format") != REGIONS_FORMAT:
+                raise RegionSetError(f"{path}: not a region set (format {attrs.get('format')!r}, "
+                                     f"not {REGIONS_FORMAT!r}). {fix}")
+            if int(attrs.get("format_version", -1)) != REGIONS_FORMAT_VERSION:
+                raise RegionSetError(f"{path}: region set format_version {attrs.get('format_version')!r}; this "
+                                     f"version reads {REGIONS_FORMAT_VERSION}. {fix}")
+            g = f["regions"]
+            columns = {name: g[name][()] for name in ("rc_expected", "rc", "valid")}
+            for name in ("crystal_id", "scan_id"):
+                columns[name] = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in g[name][()]])
+            n_images = g["image"].shape[0]
+    except OSError as err:
+        raise RegionSetError(f"{path}: cannot read it as HDF5 ({err}). {fix}") from err
+    except KeyError as err:
+        raise RegionSetError(f"{path}: a region set column is missing ({err}). {fix}") from err
+    lengths = {len(columns[name]) for name in columns} | {n_images}
+    if len(lengths) != 1:
+        raise RegionSetError(f"{path}: its columns have different lengths {sorted(lengths)}: the file is damaged. {fix}")
+    return RegionTable(path, attrs, columns)
+
+
+def region_dataset(table: RegionTable, rows, targets, weights, *, colour="rgb", normalisation="backlight",
+                   batch_size=16, shuffle=True, seed=0, augment="none", cache=True):
+    """A ``tf.data`` pipeline of ``(region (B, S, S, C), targets (B, n, n, 1), weights (B, n, n, 1))``.
+
+    Each region is normalised with its own statistics (as a centring
+    normalises its region); ``augment`` turns the region and its label and
+    weight grids by the same dihedral element (the grid is symmetric: its
+    crops' centres map onto each other). ``cache`` keeps the decoded
+    regions in memory after the first epoch.
+    """
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.augment import dihedral_tf, group_element
+    from mxcube_autocenter.learning.data import RowReader
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        raise RegionSetError(f"{table.path}: no regions to stream")
+    reader = RowReader(table.path, "regions/image")
+    side, channels = table.side, 3 if colour == "rgb" else 1
+
+    def load(i):
+        coloured = crops.to_colour(reader.image(int(i)), colour)
+        return coloured, crops.region_stats(coloured, normalisation)
+
+    def tf_load(i, y, w):
+        image, stats = tf.numpy_function(load, [i], [tf.uint8, tf.float32], stateful=False)
+        return tf.ensure_shape(image, (side, side, channels)), tf.ensure_shape(stats, (2, channels)), y, w
+
+    grids = (np.asarray(targets, np.float32)[..., None], np.asarray(weights, np.float32)[..., None])
+    ds = tf.data.Dataset.from_tensor_slices((rows, *grids)).map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda image, stats, y, w: ((tf.cast(image, tf.float32) - stats[0]) / stats[1], y, w),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if augment != "none":
+        def turn(example, s):
+            k = group_element(augment, tf.random.stateless_uniform([], seed=tf.cast(s, tf.int64)))
+            return tuple(dihedral_tf(t, k) for t in example)
+
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(turn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def peak_hit_rate(expected, predicted, valid, min_count: float = 5.0, share: float = 0.5) -> float | None:
+    """Share of regions whose predicted maximum lies where the count is at least ``share`` of the region's best.
+
+    Only regions whose best valid count reaches ``min_count`` are judged
+    (None when there are none): what a heatmap's maximum is for.
+    """
+    judged = hits = 0
+    for e, p, v in zip(expected, predicted, valid):
+        if not v.any() or e[v].max() < min_count:
+            continue
+        judged += 1
+        chosen = np.unravel_index(int(np.argmax(np.where(v, p, -np.inf))), p.shape)
+        hits += bool(e[chosen] >= share * e[v].max())
+    return hits / judged if judged else None
+
+
+def train_dense(
+    regions_path,
+    out="out/dense_model",
+    *,
+    transform: str = "log",
+    label: str = "rc_expected",
+    colour: str = "rgb",
+    normalisation: str = "backlight",
+    epochs: int = 20,
+    batch_size: int = 16,
+    patience: int = 4,
+    seed: int = 0,
+    strategy=None,
+    augment: str = "dihedral",
+    learning_rate: float = 1e-3,
+    cache=True,
+    fractions=None,
+    split=None,
+    verbose: int = 2,
+    initial_model=None,
+):
+    """Train an ``fcn`` regressor on a region set, every grid crop of a region at once.
+
+    Adam + MSE over the valid grid points (the others weigh nothing), early
+    stopping on the validation loss with the best weights restored, the
+    split 60/20/20 by crystal. The saved model is the crop model
+    (``input_size`` square input) with the metadata of
+    :func:`.training.train`; ``data.kind`` is ``"regions"``.
+
+    Parameters
+    ----------
+    regions_path : str
+        From :func:`synthetic_regions`.
+    out : str
+        Output directory (``model.keras``, ``checkpoint.keras``, ``history.csv``, ``info.json``).
+    transform : {"vanilla", "log", "tanh"}
+        Label transform, fitted on the training subset's valid points.
+    label : {"rc_expected", "rc"}
+        Learn the noise-free expected counts or their Poisson draws.
+    initial_model : path, optional
+        Start from this ``fcn`` model's weights and keep its label transform.
+
+    Returns
+    -------
+    TrainResult
+    """
+    import keras
+
+    from mxcube_autocenter.learning import architectures, training
+    from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal
+    from mxcube_autocenter.learning.transforms import get_transform
+
+    if label not in training.LABELS:
+        raise ValueError(f"label {label!r}: choose one of {training.LABELS}")
+    keras.utils.set_random_seed(int(seed))
+    out = str(out)
+    os.makedirs(out, exist_ok=True)
+    table = read_regions(regions_path)
+    spec = crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size, colour=colour, normalisation=normalisation)
+    initial = initial_info = None
+    if initial_model is not None:
+        initial, initial_info = training.load_model(initial_model)
+        training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
+                                transform_name=transform, threshold=None)
+    if split is None:
+        split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions or DEFAULT_FRACTIONS)
+    elif not isinstance(split, Split):
+        split = Split.from_config(split)
+    split = split.with_rows(table.crystal_id)
+    idx = split.indices(table.crystal_id)
+    for name in ("train", "validation"):
+        if len(idx[name]) == 0:
+            raise RegionSetError(f"{regions_path}: the {name} subset has no regions: give a set of more samples")
+
+    counts = table.rc_expected if label == "rc_expected" else table.rc
+    train_points = counts[idx["train"]][table.valid[idx["train"]]]
+    fitted = training.info_transform(initial_info) if initial is not None else get_transform(transform).fit(train_points)
+    targets = np.where(table.valid, fitted.forward(counts), 0.0)
+    weights = table.valid.astype(np.float32)
+
+    strategy = strategy or training.default_strategy()
+    with strategy.scope():
+        model = architectures.build("fcn", spec.input_shape)
+        if initial is not None:
+            model.set_weights(initial.get_weights())
+        region_model = architectures.dense_evaluator(model)
+        region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    common = dict(colour=colour, normalisation=normalisation, batch_size=batch_size, cache=cache)
+    train_ds = region_dataset(table, idx["train"], targets[idx["train"]], weights[idx["train"]], shuffle=True,
+                              seed=seed, augment=augment, **common)
+    val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
+                            shuffle=False, **common)
+    work = training.work_dir(out, strategy)
+    hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
+        region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose)
+
+    results = {}
+    for name in ("validation", "test"):
+        rows = idx[name]
+        if len(rows) == 0:
+            results[name] = {"n": 0}
+            continue
+        ds = region_dataset(table, rows, targets[rows], weights[rows], shuffle=False, **common)
+        raw = np.asarray(region_model.predict(ds.map(lambda x, y, w: x), verbose=0))[..., 0]
+        valid = table.valid[rows]
+        predicted = fitted.inverse(raw)
+        results[name] = training.regression_metrics(table.rc[rows][valid], predicted[valid], targets[rows][valid],
+                                                    raw[valid])
+        results[name]["spearman_expected"] = training.regression_metrics(
+            table.rc_expected[rows][valid], predicted[valid])["spearman"]
+        results[name]["peak_hit_rate"] = peak_hit_rate(table.rc_expected[rows], predicted, valid)
+        results[name]["regions"] = int(len(rows))
+
+    settings = {
+        "mode": "dense regions",
+        "epochs": int(epochs),
+        "epochs_run": len(hist.get("loss", [])),
+        "best_epoch": best_epoch,
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "optimizer": "adam",
+        "loss": "mse over the valid grid points",
+        "label": label,
+        "patience": int(patience),
+        "seed": int(seed),
+        "augment": augment,
+        "jitter": 0.0,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+    }
+    info = training.model_info(
+        "regression", model, spec=spec, arch="fcn", label=label, data=table.summary(), split=split,
+        training=settings, metrics=results, strategy=strategy, transform=fitted,
+        initial=None if initial is None else (initial_model, initial_info),
+        normalisation_region="the region (region set) / the region of interest (centring)",
+    )
+    final, model_path = training.save_model(model, info, work, out, strategy)
+    return training.TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
+                                best_epoch=best_epoch, out_dir=out, model=final)

@@ -1,0 +1,146 @@
+"""Dense training: region sets from the virtual beamline and the fcn trained on every grid crop at once.
+
+Regions are small (32-pixel model input, 5 x 5 grid crops), so the file runs
+in well under a minute on two cores.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mxcube_autocenter.learning import dense  # noqa: E402
+
+SMALL = 32
+CELLS = 5
+
+
+@pytest.fixture(scope="module")
+def regions_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "regions.h5"
+    dense.synthetic_regions(path, 12, seed=3, views_per_sample=2, regions_per_view=2, cells=CELLS, crop_um=160,
+                            input_size=SMALL, crystal_fraction=0.8, progress=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(regions_path, tmp_path_factory):
+    return dense.train_dense(regions_path, tmp_path_factory.mktemp("dense_model"), epochs=6, batch_size=8,
+                             patience=3, seed=0, verbose=0)
+
+
+def test_grid_centres_are_the_centres_of_the_crops_a_dense_output_sees():
+    # Dense output (i, j) is the crop whose top-left corner is at model pixel (16 j, 16 i).
+    origin, scale = (10.5, -20.25), 0.5
+    centres = dense.grid_centres(origin, scale, 3, SMALL)
+    assert centres.shape == (3, 3, 2)
+    for i in range(3):
+        for j in range(3):
+            expected = (origin[0] + (16 * j + SMALL / 2) / scale, origin[1] + (16 * i + SMALL / 2) / scale)
+            assert np.allclose(centres[i, j], expected)
+    assert dense.region_side(CELLS, SMALL) == SMALL + 16 * (CELLS - 1)
+
+
+def test_a_region_set_holds_regions_and_their_ground_truth_grids(regions_path):
+    table = dense.read_regions(regions_path)
+    n = len(table)
+    assert n == 12 * 2 * 2
+    assert table.rc_expected.shape == table.rc.shape == table.valid.shape == (n, CELLS, CELLS)
+    assert np.all(table.rc_expected >= 0) and np.all(table.rc == np.round(table.rc))
+    assert table.valid.mean() > 0.5
+    # One crystal id per sample (the split keeps a sample's regions together), one scan id per view.
+    assert len(set(table.crystal_id)) == 12 and len(set(table.scan_id)) == 24
+    # Regions centred near crystals: most crystal samples have a grid crop with a real count.
+    best = table.rc_expected.reshape(n, -1).max(axis=1)
+    assert np.mean(best >= 5) > 0.3
+    with h5py.File(regions_path, "r") as f:
+        from mxcube_autocenter.recording import decode_jpeg
+
+        image = decode_jpeg(f["regions/image"][0])
+    assert image.shape == (table.side, table.side, 3)
+    summary = table.summary()
+    assert summary["kind"] == "regions" and summary["points"] == int(table.valid.sum())
+
+
+def test_files_that_are_not_region_sets_are_refused_with_the_fix(tmp_path, regions_path):
+    other = tmp_path / "dataset.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format_version"] = 1
+    with pytest.raises(dense.RegionSetError, match="dataset.h5.*not a region set.*synthesize-regions"):
+        dense.read_regions(other)
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(open(regions_path, "rb").read()[:4096])
+    with pytest.raises(dense.RegionSetError, match="broken.h5: cannot read it as HDF5"):
+        dense.read_regions(broken)
+
+
+def test_augmentation_turns_the_region_and_its_label_grid_together(regions_path):
+    from mxcube_autocenter.learning import crops
+    from mxcube_autocenter.learning.augment import dihedral_np
+    from mxcube_autocenter.recording import decode_jpeg
+
+    table = dense.read_regions(regions_path)
+    labels = np.arange(CELLS * CELLS, dtype=np.float32).reshape(1, CELLS, CELLS)
+    with h5py.File(regions_path, "r") as f:
+        plain = crops.normalise(decode_jpeg(f["regions/image"][0]))
+    seen = set()
+    for seed in range(12):
+        ds = dense.region_dataset(table, [0], labels, np.ones_like(labels), augment="dihedral", seed=seed,
+                                  shuffle=False)
+        image, y, w = (np.asarray(t)[0] for t in next(iter(ds)))
+        k = next(k for k in range(8) if np.array_equal(dihedral_np(labels[0], k), y[..., 0]))
+        assert np.allclose(image, dihedral_np(plain, k), atol=1e-5)
+        assert np.all(w == 1)
+        seen.add(k)
+    assert len(seen) > 3
+
+
+def test_dense_training_lowers_the_loss_and_saves_an_ordinary_crop_model(trained, regions_path):
+    from mxcube_autocenter.learning.training import load_model
+
+    assert min(trained.history["val_loss"]) < trained.history["val_loss"][0]
+    model, info = load_model(trained.model_path)
+    assert model.input_shape == (None, SMALL, SMALL, 3)
+    assert info["architecture"]["name"] == "fcn" and info["label"] == "rc_expected"
+    assert info["data"]["kind"] == "regions" and info["training"]["mode"] == "dense regions"
+    assert info["input"]["crop_um"] == 160 and info["transform"]["name"] == "log"
+    test = info["metrics"]["test"]
+    assert test["n"] > 0 and test["regions"] > 0 and -1 <= test["spearman_expected"] <= 1
+    # No crystal in two subsets.
+    split = info["split"]
+    assert not set(split["train"]) & set(split["test"])
+
+
+def test_dense_model_evaluates_a_frame_like_any_centring_model(trained):
+    from mxcube_autocenter.centring.loop import Roi
+    from mxcube_autocenter.centring.predictor import load_predictor
+
+    predictor = load_predictor(trained.model_path)
+    frame = np.full((240, 320, 3), 200, dtype=np.uint8)
+    frame[100:140, 150:170] = 60
+    heatmap = predictor.predict(frame, Roi(100, 80, 220, 160), (400.0, 400.0), stride_px=4)
+    assert heatmap.values.shape == (len(heatmap.ys), len(heatmap.xs))
+    assert np.all(np.isfinite(heatmap.values))
+
+
+def test_dense_fine_tuning_keeps_the_initial_transform(trained, regions_path, tmp_path):
+    result = dense.train_dense(regions_path, tmp_path, epochs=1, batch_size=8, verbose=0, learning_rate=1e-4,
+                               initial_model=trained.model_path)
+    assert result.info["transform"] == trained.info["transform"]
+    assert result.info["training"]["initial_model"]["file"] == "model.keras"
+    with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):
+        dense.train_dense(regions_path, tmp_path / "x", transform="tanh", epochs=1, verbose=0,
+                          initial_model=trained.model_path)
+
+
+def test_peak_hit_rate_judges_where_the_predicted_maximum_falls():
+    expected = np.zeros((3, 2, 2))
+    expected[0, 0, 0], expected[1, 1, 1] = 10.0, 10.0  # region 2 has no crystal: not judged
+    predicted = np.zeros((3, 2, 2))
+    predicted[0, 0, 0], predicted[1, 0, 0] = 5.0, 5.0
+    valid = np.ones((3, 2, 2), dtype=bool)
+    assert dense.peak_hit_rate(expected, predicted, valid) == 0.5
+    assert dense.peak_hit_rate(expected[2:], predicted[2:], valid[2:]) is None
