@@ -51,12 +51,15 @@ from mxcube_autocenter import __version__
 from mxcube_autocenter.centring.heatmap import resample
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.learning.synthetic import (
+    JPEG,
+    TEXT,
     ZOOM_PX_PER_UM,
     centring_region,
     crystal_offset,
-    per_sample,
     random_view,
+    sample_jobs,
     virtual_sample,
+    write_per_sample,
 )
 from mxcube_autocenter.recording import encode_jpeg
 
@@ -184,16 +187,10 @@ def synthetic_regions(
     """
     if not 0.0 <= crystal_fraction <= 1.0:
         raise ValueError(f"crystal_fraction {crystal_fraction}: give a share between 0 and 1")
-    root = np.random.default_rng(seed)
-    sample_seeds = root.integers(0, 10**6, size=n_samples)
-    look_seeds = root.integers(0, 2**62, size=n_samples)
-    label_seeds = root.integers(0, 2**62, size=n_samples)
     kwargs = dict(views_per_sample=views_per_sample, regions_per_view=regions_per_view, cells=cells,
                   crop_um=float(crop_um), input_size=int(input_size), zoom_levels=tuple(zoom_levels),
                   random_looks=random_looks, frame_size=tuple(frame_size), jpeg_quality=jpeg_quality,
                   empty_fraction=empty_fraction, crystal_fraction=crystal_fraction)
-    jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
-            for k in range(n_samples)]
     provenance = {
         "generator": "mxcube_autocenter.learning.dense.synthetic_regions",
         "package_version": __version__,
@@ -202,43 +199,20 @@ def synthetic_regions(
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
         "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part"
-    text = h5py.string_dtype()
-    specs = {
-        "image": (h5py.vlen_dtype(np.uint8), ()),
+    columns = {
+        "image": (JPEG, ()),
         "rc_expected": (np.float32, (cells, cells)),
         "rc": (np.float32, (cells, cells)),
         "valid": (bool, (cells, cells)),
-        "crystal_id": (text, ()),
-        "scan_id": (text, ()),
+        "crystal_id": (TEXT, ()),
+        "scan_id": (TEXT, ()),
         "omega": (np.float64, ()),
         "pixels_per_mm": (np.float64, (2,)),
     }
-    n = 0
-    try:
-        with per_sample(_worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
-            f.attrs.update(format=REGIONS_FORMAT, format_version=REGIONS_FORMAT_VERSION, crop_um=float(crop_um),
-                           input_size=int(input_size), step=FCN_STEP, cells=int(cells),
-                           provenance=json.dumps(provenance))
-            g = f.create_group("regions")
-            for name, (dtype, shape) in specs.items():
-                g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape))
-            for regions in results:
-                m = len(regions["omega"])
-                for name, (dtype, _) in specs.items():
-                    ds = g[name]
-                    ds.resize(n + m, axis=0)
-                    if name == "image":
-                        for i, buf in enumerate(regions["image"]):
-                            ds[n + i] = buf
-                    else:
-                        ds[n : n + m] = np.asarray(regions[name], dtype=object if dtype is text else dtype)
-                n += m
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    attrs = {"format": REGIONS_FORMAT, "format_version": REGIONS_FORMAT_VERSION, "crop_um": float(crop_um),
+             "input_size": int(input_size), "step": FCN_STEP, "cells": int(cells), "provenance": json.dumps(provenance)}
+    n = write_per_sample(path, _worker, sample_jobs(n_samples, seed, kwargs), "regions", columns, attrs,
+                         workers=workers, progress=progress)
     table = read_regions(path)
     return {"path": os.path.abspath(path), "regions": n, "samples": int(n_samples), **table.label_summary()}
 

@@ -186,6 +186,55 @@ def _worker(args):
     return _sample_rows(*args[:-1], **kwargs)
 
 
+TEXT = h5py.string_dtype()
+JPEG = h5py.vlen_dtype(np.uint8)
+
+
+def sample_jobs(n_samples: int, seed: int, kwargs: dict) -> list:
+    """One job per virtual sample, all drawn from ``seed``: ``(index, sample seed, look seed, kwargs + label seed)``."""
+    root = np.random.default_rng(seed)
+    sample_seeds = root.integers(0, 10**6, size=n_samples)
+    look_seeds = root.integers(0, 2**62, size=n_samples)
+    label_seeds = root.integers(0, 2**62, size=n_samples)
+    return [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
+            for k in range(n_samples)]
+
+
+def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict, *, workers=1, progress=True) -> int:
+    """Append each job's rows (``worker(job)``: a dict of lists) to the columns of ``/group`` in a new HDF5 file.
+
+    ``columns`` maps a name to ``(dtype, shape)`` of one row (:data:`JPEG`:
+    encoded image bytes, :data:`TEXT`: strings). The file is written as
+    ``path.part`` and renamed when complete, so ``path`` is whole or absent.
+    Returns the number of rows.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part"
+    n = 0
+    try:
+        with per_sample(worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            g = f.create_group(group)
+            for name, (dtype, shape) in columns.items():
+                g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape))
+            for rows in results:
+                m = len(rows[next(iter(columns))])
+                for name, (dtype, _) in columns.items():
+                    ds = g[name]
+                    ds.resize(n + m, axis=0)
+                    if dtype is JPEG:
+                        for i, buf in enumerate(rows[name]):
+                            ds[n + i] = buf
+                    else:
+                        ds[n : n + m] = np.asarray(rows[name], dtype=object if dtype is TEXT else dtype)
+                n += m
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
 @contextlib.contextmanager
 def per_sample(worker, jobs, workers: int = 1, progress: bool = True):
     """The results of ``worker(job)`` for each job, in order, from ``workers`` processes, with a progress bar."""
@@ -273,17 +322,11 @@ def synthetic_dataset(
                  "region_fraction": region_fraction}
     if min(fractions.values()) < 0 or sum(fractions.values()) > 1 + 1e-9:
         raise ValueError(f"position shares {fractions}: each must be >= 0 and their sum at most 1: lower some of them")
-    root = np.random.default_rng(seed)
-    sample_seeds = root.integers(0, 10**6, size=n_samples)
-    look_seeds = root.integers(0, 2**62, size=n_samples)
-    label_seeds = root.integers(0, 2**62, size=n_samples)
     kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
                   stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
                   line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction,
                   region_fraction=region_fraction)
-    jobs = [(k, int(sample_seeds[k]), int(look_seeds[k]), kwargs | {"label_seed": int(label_seeds[k])})
-            for k in range(n_samples)]
     provenance = {
         "generator": "mxcube_autocenter.learning.synthetic.synthetic_dataset",
         "package_version": __version__,
@@ -293,49 +336,25 @@ def synthetic_dataset(
         "zoom": "1-based index into zoom_levels (px/um)",
         "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part"
-    n = 0
-    try:
-        with per_sample(_worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
-            f.attrs["format_version"] = DATASET_FORMAT_VERSION
-            f.attrs["provenance"] = json.dumps(provenance)
-            f.attrs["stored_crop_um"] = float(stored_crop_um)
-            g = f.create_group("samples")
-            text = h5py.string_dtype()
-            specs = {
-                "image": (h5py.vlen_dtype(np.uint8), ()),
-                "beam_xy": (np.float64, (2,)),
-                "pixels_per_mm": (np.float64, (2,)),
-                "zoom": (np.float64, ()),
-                "omega": (np.float64, ()),
-                "rc": (np.float64, ()),
-                "rc_expected": (np.float64, ()),
-                "scan_id": (text, ()),
-                "crystal_id": (text, ()),
-                "scan_type": (text, ()),
-                "timestamp": (np.float64, ()),
-                "detector_frame": (np.int64, ()),
-                "recording_frame": (np.int64, ()),
-            }
-            for name, (dtype, shape) in specs.items():
-                g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=(256, *shape))
-            for rows in results:
-                m = len(rows["rc"])
-                for name in specs:
-                    ds = g[name]
-                    ds.resize(n + m, axis=0)
-                    if name == "image":
-                        for i, buf in enumerate(rows["image"]):
-                            ds[n + i] = buf
-                    else:
-                        ds[n : n + m] = np.asarray(rows[name], dtype=object if specs[name][0] is text else specs[name][0])
-                n += m
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    columns = {
+        "image": (JPEG, ()),
+        "beam_xy": (np.float64, (2,)),
+        "pixels_per_mm": (np.float64, (2,)),
+        "zoom": (np.float64, ()),
+        "omega": (np.float64, ()),
+        "rc": (np.float64, ()),
+        "rc_expected": (np.float64, ()),
+        "scan_id": (TEXT, ()),
+        "crystal_id": (TEXT, ()),
+        "scan_type": (TEXT, ()),
+        "timestamp": (np.float64, ()),
+        "detector_frame": (np.int64, ()),
+        "recording_frame": (np.int64, ()),
+    }
+    attrs = {"format_version": DATASET_FORMAT_VERSION, "provenance": json.dumps(provenance),
+             "stored_crop_um": float(stored_crop_um)}
+    n = write_per_sample(path, _worker, sample_jobs(n_samples, seed, kwargs), "samples", columns, attrs,
+                         workers=workers, progress=progress)
     with h5py.File(path, "r") as f:
         rc = f["samples/rc"][()]
     return {
