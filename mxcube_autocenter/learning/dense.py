@@ -47,7 +47,6 @@ import os
 import h5py
 import numpy as np
 
-from mxcube_autocenter import __version__
 from mxcube_autocenter.centring.heatmap import resample
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.learning.synthetic import (
@@ -58,6 +57,7 @@ from mxcube_autocenter.learning.synthetic import (
     crystal_offset,
     random_view,
     sample_jobs,
+    set_provenance,
     virtual_sample,
     write_per_sample,
 )
@@ -191,14 +191,7 @@ def synthetic_regions(
                   crop_um=float(crop_um), input_size=int(input_size), zoom_levels=tuple(zoom_levels),
                   random_looks=random_looks, frame_size=tuple(frame_size), jpeg_quality=jpeg_quality,
                   empty_fraction=empty_fraction, crystal_fraction=crystal_fraction)
-    provenance = {
-        "generator": "mxcube_autocenter.learning.dense.synthetic_regions",
-        "package_version": __version__,
-        "seed": int(seed),
-        "n_samples": int(n_samples),
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
-        "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
-    }
+    provenance = set_provenance("mxcube_autocenter.learning.dense.synthetic_regions", seed, n_samples, kwargs)
     columns = {
         "image": (JPEG, ()),
         "rc_expected": (np.float32, (cells, cells)),

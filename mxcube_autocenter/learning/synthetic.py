@@ -200,6 +200,19 @@ def sample_jobs(n_samples: int, seed: int, kwargs: dict) -> list:
             for k in range(n_samples)]
 
 
+def set_provenance(generator: str, seed: int, n_samples: int, kwargs: dict, **notes) -> dict:
+    """Where a generated set comes from: the generator, its version, seed and arguments, and notes on columns."""
+    return {
+        "generator": generator,
+        "package_version": __version__,
+        "seed": int(seed),
+        "n_samples": int(n_samples),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
+        "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
+        **notes,
+    }
+
+
 def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict, *, workers=1, progress=True) -> int:
     """Append each job's rows (``worker(job)``: a dict of lists) to the columns of ``/group`` in a new HDF5 file.
 
@@ -327,15 +340,8 @@ def synthetic_dataset(
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
                   line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction,
                   region_fraction=region_fraction)
-    provenance = {
-        "generator": "mxcube_autocenter.learning.synthetic.synthetic_dataset",
-        "package_version": __version__,
-        "seed": int(seed),
-        "n_samples": int(n_samples),
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()},
-        "zoom": "1-based index into zoom_levels (px/um)",
-        "rc": "Poisson draw of rc_expected, the ground-truth expected reflection count",
-    }
+    provenance = set_provenance("mxcube_autocenter.learning.synthetic.synthetic_dataset", seed, n_samples, kwargs,
+                                zoom="1-based index into zoom_levels (px/um)")
     columns = {
         "image": (JPEG, ()),
         "beam_xy": (np.float64, (2,)),
