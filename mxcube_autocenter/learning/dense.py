@@ -301,12 +301,13 @@ def read_regions(path) -> RegionTable:
     return RegionTable(path, attrs, columns)
 
 
-def region_dataset(table: RegionTable, rows, targets, weights, *, colour="rgb", normalisation="backlight",
+def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.CropSpec | None = None,
                    batch_size=16, shuffle=True, seed=0, augment="none", cache=True):
     """A ``tf.data`` pipeline of ``(region (B, S, S, C), targets (B, n, n, 1), weights (B, n, n, 1))``.
 
-    Each region is normalised with its own statistics (as a centring
-    normalises its region); ``augment`` turns the region and its label and
+    ``spec`` gives the colour mode and normalisation (default: RGB,
+    backlight). Each region is normalised with its own statistics (as a
+    centring normalises its region); ``augment`` turns the region and its label and
     weight grids by the same dihedral element (the grid is symmetric: its
     crops' centres map onto each other). ``cache`` keeps the decoded
     regions in memory after the first epoch.
@@ -320,11 +321,12 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, colour="rgb", 
     if len(rows) == 0:
         raise RegionSetError(f"{table.path}: no regions to stream")
     reader = RowReader(table.path, "regions/image")
-    side, channels = table.side, 3 if colour == "rgb" else 1
+    spec = spec or crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size)
+    side, channels = table.side, spec.channels
 
     def load(i):
-        coloured = crops.to_colour(reader.image(int(i)), colour)
-        return coloured, crops.region_stats(coloured, normalisation)
+        coloured = crops.to_colour(reader.image(int(i)), spec.colour)
+        return coloured, crops.region_stats(coloured, spec.normalisation)
 
     def tf_load(i, y, w):
         image, stats = tf.numpy_function(load, [i], [tf.uint8, tf.float32], stateful=False)
@@ -451,7 +453,7 @@ def train_dense(
             model.set_weights(initial.get_weights())
         region_model = architectures.dense_evaluator(model)
         region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
-    common = dict(colour=colour, normalisation=normalisation, batch_size=batch_size, cache=cache)
+    common = dict(spec=spec, batch_size=batch_size, cache=cache)
     train_ds = region_dataset(table, idx["train"], targets[idx["train"]], weights[idx["train"]], shuffle=True,
                               seed=seed, augment=augment, **common)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
