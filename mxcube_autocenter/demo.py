@@ -179,11 +179,12 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
     from mxcube_autocenter.simulation.render import random_look
     from mxcube_autocenter.simulation.sample import make_sample
 
-    recordings, failures = [], []
+    recordings, failures, truth = [], [], {}
     bar = tqdm(seeds, desc="1/5 recording collections", unit="sample", disable=not progress)
     for seed in bar:
         bl.sample_view.camera.set_look(random_look(rng))
         mounted = bl.sample_changer.mount(make_sample(int(seed)), crystal_id=f"seed{seed}")
+        truth[mounted.crystal_id] = mounted.diffraction
         point, _ = mounted.best_point()
         centre = mounted.sample.loop_centre if point is None else point
         # A person centres roughly: a few um off the best point.
@@ -209,7 +210,29 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
         bar.set_postfix_str(_sample_text(mounted.sample)[:60])
     for failure in failures:
         log.warning("recording failed: %s", failure)
-    return recordings
+    return recordings, truth
+
+
+def _add_ground_truth(dataset: Path, truth: dict) -> None:
+    """Add ``rc_expected`` to the labelled set: each row's ground-truth expected count.
+
+    The recorded count of a row is a Poisson draw of it, found again by spot
+    finding: the true count is what a perfect model would predict, and the
+    learning report compares predictions with both.
+
+    Parameters
+    ----------
+    truth : dict
+        Crystal id to the mounted sample's ``DiffractionModel``.
+    """
+    from mxcube_autocenter.labelling.dataset import add_row_column, read_dataset
+    from mxcube_autocenter.recording import MOTOR_NAMES
+
+    with read_dataset(dataset) as rows:
+        expected = [truth[crystal].expected_rc(dict(zip(MOTOR_NAMES, motors)))
+                    for crystal, motors in zip(rows.crystal_id, rows.motors)]  # fmt: skip
+    add_row_column(dataset, "rc_expected", expected,
+                   "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
 
 
 # -- 3. training ----------------------------------------------------------------------
@@ -253,8 +276,14 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     }
     metrics = evaluate(reg.model_path, dataset, out / "regressor_report", subset=subset)
     learning["spearman"] = metrics.get("spearman")
+    learning["spearman_expected"] = metrics.get("spearman_expected")
     learning["pearson"] = metrics.get("pearson")
     learning["regressor_report"] = str(out / "regressor_report" / "report.md")
+    if initial_model is not None:
+        # The model fine-tuned from never saw any of these crystals: all of them are held out for it.
+        shipped = evaluate(initial_model, dataset, out / "initial_model_report", subset="all")
+        learning.update(initial_spearman=shipped.get("spearman"), initial_spearman_expected=shipped.get(
+            "spearman_expected"), initial_report=str(out / "initial_model_report" / "report.md"))  # fmt: skip
     learning["scatter"] = str(out / "regressor_report" / metrics["figures"]["scatter"]) if metrics.get(
         "figures", {}).get("scatter") else None
     learning["classifier"] = None
@@ -267,6 +296,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
         validation = (clf.metrics.get("validation") or {}).get("balanced_accuracy")
         used = validation is not None and validation >= CLASSIFIER_MIN_BALANCED_ACCURACY
         learning.update(classifier=clf.model_path, classifier_accuracy=cm.get("accuracy"),
+                        classifier_accuracy_expected=cm.get("accuracy_expected"),
                         classifier_balanced_accuracy=cm.get("balanced_accuracy"),
                         classifier_validation_balanced_accuracy=validation, classifier_used=used,
                         classifier_s=round(clf.seconds, 1),
@@ -290,6 +320,7 @@ def _model_file_learning(predictor) -> dict:
         "rows": (info.get("split") or {}).get("rows"),
         "report_subset": "test",
         "spearman": test.get("spearman"),
+        "spearman_expected": test.get("spearman_expected"),
         "pearson": test.get("pearson"),
         "regressor_s": (info.get("training") or {}).get("seconds"),
         "params": (info.get("architecture") or {}).get("params"),
@@ -304,6 +335,7 @@ def _model_file_learning(predictor) -> dict:
         _, cinfo = load_model(path)
         ctest = (cinfo.get("metrics") or {}).get("test") or {}
         learning.update(classifier=str(path), classifier_accuracy=ctest.get("accuracy"),
+                        classifier_accuracy_expected=ctest.get("accuracy_expected"),
                         classifier_s=(cinfo.get("training") or {}).get("seconds"))  # fmt: skip
     times = [t for t in (learning["regressor_s"], learning["classifier_s"]) if t is not None]
     learning["train_s"] = round(sum(times), 1) if times else None
@@ -617,9 +649,16 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"parameters; {lr['epochs_run']} epochs (best {lr['best_epoch']}) in {lr['regressor_s']:.0f} s"
             + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
                ", trained from scratch."),
-            f"- **{lr['report_subset']} Spearman** (real vs predicted counts, held-out crystals): "
-            f"**{_fmt(lr['spearman'], '{:.3f}')}**; classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}"
-            f" ({_fmt(lr['classifier_s'], '{:.0f}')} s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            f"- **{lr['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "
+            f"beamline's expected counts) **{_fmt(lr.get('spearman_expected'), '{:.3f}')}**, predicted vs recorded "
+            f"counts (spot finding on the EIGER frames) {_fmt(lr['spearman'], '{:.3f}')}; classifier accuracy "
+            f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
+            f"{_fmt(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({_fmt(lr['classifier_s'], '{:.0f}')}"
+            f" s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            *([f"- the model it was fine-tuned from (`{lr['fine_tuned_from']}`, which saw none of these crystals), "
+               f"on every recorded crystal: Spearman {_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} against "
+               f"the true counts, {_fmt(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
+               f"([report]({_rel(lr.get('initial_report'), out)}))."] if lr.get("fine_tuned_from") else []),
             (f"- the classifier centres only if its validation balanced accuracy reaches "
              f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {_fmt(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
              f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
@@ -640,7 +679,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     else:
         lines += [
             f"No training in this run: the centring model's own metadata says test Spearman "
-            f"{_fmt(lr['spearman'], '{:.3f}')}, classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}, "
+            f"{_fmt(lr.get('spearman_expected'), '{:.3f}')} against the true counts, {_fmt(lr['spearman'], '{:.3f}')} "
+            f"against the drawn ones, classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}, "
             f"training time {_fmt(lr['train_s'], '{:.0f}')} s.",
         ]
     lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
@@ -810,7 +850,7 @@ def run_demo(
                 ho.config.record_frame_rate = float(frame_rate)
                 ho.config.record_min_free_mb = 0.0
                 seeds = [TRAIN_SEED0 + 1000 * seed + i for i in range(n_train)]
-                recordings = _record_training_data(bl, ho, data_dir, seeds, n_images=n_images,
+                recordings, truth = _record_training_data(bl, ho, data_dir, seeds, n_images=n_images,
                                                    exposure_time=exposure_time, rng=rng, progress=progress)  # fmt: skip
                 timings["record"] = time.perf_counter() - t
                 if not recordings:
@@ -836,6 +876,7 @@ def run_demo(
                 (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
                 if summary.rows_added == 0:
                     raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
+                _add_ground_truth(dataset, truth)
                 data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
                             n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
                             frame_rate=frame_rate, rows=summary.rows_added,
@@ -896,7 +937,8 @@ def run_demo(
             sheet = _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")
             if sheet is not None:
                 figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
-            learning_out = {k: learning.get(k) for k in ("spearman", "classifier_accuracy", "train_s")}
+            learning_out = {k: learning.get(k) for k in ("spearman", "spearman_expected", "classifier_accuracy",
+                                                         "classifier_accuracy_expected", "train_s")}  # fmt: skip
             learning_out.update({k: v for k, v in learning.items() if k not in learning_out})
             result = {
                 "methods": methods_figures,
@@ -941,8 +983,13 @@ def format_scorecard(result: dict) -> str:
         "",
         scorecard.format_table(result["methods"]),
         "",
-        f"Learning ({lr.get('source')}): Spearman {_fmt(lr.get('spearman'), '{:.3f}')}, classifier accuracy "
-        f"{_fmt(lr.get('classifier_accuracy'), '{:.3f}')}, training {_fmt(lr.get('train_s'), '{:.0f}')} s",
+        f"Learning ({lr.get('source')}): Spearman {_fmt(lr.get('spearman_expected'), '{:.3f}')} against the true "
+        f"counts, {_fmt(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
+        f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {_fmt(lr.get('classifier_accuracy'), '{:.3f}')}; "
+        f"training {_fmt(lr.get('train_s'), '{:.0f}')} s"
+        + (f"; before fine-tuning ({lr['fine_tuned_from']}, every recorded crystal): Spearman "
+           f"{_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} / {_fmt(lr.get('initial_spearman'), '{:.3f}')}"
+           if lr.get("fine_tuned_from") else ""),
         "ML targets: " + ", ".join(
             f"{c['figure']} {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a'}" for c in result["targets"]
         ),

@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from mxcube_autocenter import scorecard
 from mxcube_autocenter.demo import DemoError, format_scorecard, heldout_samples, run_demo
+from mxcube_autocenter.learning.data import read_table
 
 FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle")
 
@@ -25,7 +28,13 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     assert list(result["methods"]) == list(FIGURES)
     for figures in result["methods"].values():
         assert set(scorecard.FIGURES) <= set(figures)
-    assert set(result["learning"]) >= {"spearman", "classifier_accuracy", "train_s"}
+    assert set(result["learning"]) >= {"spearman", "spearman_expected", "classifier_accuracy",
+                                       "classifier_accuracy_expected", "train_s"}  # fmt: skip
+    # The labelled set carries the virtual beamline's true counts, of which the recorded ones are draws.
+    table = read_table(out / "learning" / "dataset.h5")
+    truth = table.extra["rc_expected"]
+    assert truth.shape == table.rc.shape and np.all(truth >= 0)
+    assert spearmanr(truth, table.rc).statistic > 0.5
     assert result["learning"]["source"] == "trained in this run" and result["learning"]["train_s"] > 0
     # By default the demo fine-tunes the shipped regressor on its recordings (so with its input).
     assert result["learning"]["fine_tuned_from"] == "default_regressor.keras"

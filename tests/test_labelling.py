@@ -13,6 +13,7 @@ import pytest
 from mxcube_autocenter.geometry import centred_motors
 from mxcube_autocenter.labelling.dataset import (
     DatasetError,
+    add_row_column,
     append_recording,
     crop_around_beam,
     read_dataset,
@@ -25,6 +26,7 @@ from mxcube_autocenter.labelling.matching import (
 )
 from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
+from mxcube_autocenter.learning.data import read_table
 from mxcube_autocenter.recording import FrameStore, encode_jpeg, read_recording
 from mxcube_autocenter.simulation.collection import ScanPlan
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
@@ -540,3 +542,21 @@ def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):
         label_recordings([collections[0].recording], other, progress=False)
     with pytest.raises(DatasetError, match=r"missing\.h5: cannot open"):
         read_dataset(tmp_path / "missing.h5")
+
+
+def test_a_column_added_after_labelling_is_read_until_an_append_outgrows_it(collections, tmp_path, caplog):
+    out = tmp_path / "dataset.h5"
+    label_recordings([collections[0].recording], out, progress=False)
+    n = len(read_dataset(out))
+    truth = np.arange(n, dtype=float)
+    add_row_column(out, "rc_expected", truth, "ground truth")
+    np.testing.assert_array_equal(read_table(out).extra["rc_expected"], truth)
+    with pytest.raises(DatasetError, match=r"/rows/rc is written by the labelling"):
+        add_row_column(out, "rc", truth, "counts")
+    with pytest.raises(DatasetError, match=rf"one finite value per row \({n}\)"):
+        add_row_column(out, "rc_expected", truth[:-1], "ground truth")
+    # The next recording's rows have no such value: the set stays readable without the column.
+    label_recordings([collections[1].recording], out, progress=False)
+    table = read_table(out)
+    assert table.rc.size > n and "rc_expected" not in table.extra
+    assert "/rows/rc_expected covers" in caplog.text

@@ -313,6 +313,49 @@ def append_recording(
     return AppendResult(scan, int(labelled.size), int(matched.size - labelled.size), False, message)
 
 
+def add_row_column(dataset_path, name: str, values, description: str) -> None:
+    """Add (or replace) a numeric per-row column under ``/rows``, e.g. the simulator's ``rc_expected``.
+
+    For figures known only once every recording is labelled: the virtual
+    beamline's ground-truth counts, a second spot finder's counts. Training
+    and evaluation read such columns into ``Table.extra``. A later
+    ``append_recording`` does not extend them: add them again after it.
+
+    Parameters
+    ----------
+    dataset_path : path
+        A training set written by ``append_recording``.
+    name : str
+        Column name; not one of the labelling columns (``ROW_FIELDS``).
+    values : array_like of float, shape (n_rows,)
+        One value per committed row.
+    description : str
+        What the column holds (stored as its ``description`` attribute).
+
+    Raises
+    ------
+    DatasetError
+        If the set cannot be opened, the name is a labelling column, or the
+        values are not one finite number per row.
+    """
+    dataset_path = Path(dataset_path)
+    if name in ROW_FIELDS:
+        raise DatasetError(f"{dataset_path}: /rows/{name} is written by the labelling: give the column another name")
+    values = np.asarray(values, dtype=np.float64)
+    with _open(dataset_path, "r+") as h5file:
+        n = int(h5file.attrs["n_rows"])
+        if values.shape != (n,) or not np.all(np.isfinite(values)):
+            raise DatasetError(
+                f"{dataset_path}: column {name!r} needs one finite value per row ({n}), got shape {values.shape}: "
+                "compute it for every committed row"
+            )
+        rows = h5file["rows"]
+        if name in rows:
+            del rows[name]
+        rows.create_dataset(name, data=values)
+        rows[name].attrs["description"] = description
+
+
 def _camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
     """(pixels_per_mm, beam_position) of a recording, checked."""
     values = []

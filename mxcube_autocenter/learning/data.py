@@ -30,6 +30,7 @@ kept in memory after the first epoch, with ``cache="file"`` on disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ import tensorflow as tf  # noqa: E402
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.augment import augmenter  # noqa: E402
 from mxcube_autocenter.recording import decode_jpeg  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 NUMERIC = ("beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
@@ -199,8 +202,13 @@ def read_table(path) -> Table:
         if layout == "rows":
             n = int(f.attrs["n_rows"])
             short = {name: m for name, m in lengths.items() if m < n}
-            if short:
+            if set(short) & set(required):
                 raise DatasetError(f"{path}: n_rows is {n} but /rows datasets are shorter: {short}")
+            # A column added after labelling (add_row_column) that a later append did not extend.
+            for name in short:
+                log.warning("%s: /rows/%s covers %d of the %d rows: not read (add it again)", path, name, short[name],
+                            n)  # fmt: skip
+                del lengths[name]
         else:
             n = lengths[image_name]
             unequal = {name: m for name, m in lengths.items() if m != n}
@@ -220,8 +228,8 @@ def read_table(path) -> Table:
         texts = {name: _text(g[name][:n]) for name in TEXT}
         extra = {
             name: g[name][:n]
-            for name in g
-            if name not in required and isinstance(g[name], h5py.Dataset) and g[name].dtype.kind in "fiub"
+            for name in lengths
+            if name not in required and g[name].dtype.kind in "fiub"
         }
         table = Table(
             path=path,
