@@ -165,6 +165,7 @@ class AutoCenter(HardwareObject):
             pin_side=cfg.pin_side,
             max_displacement_mm=cfg.max_displacement_mm,
             move_timeout_s=cfg.move_timeout_s,
+            verify=cfg.verify_centring,
         )
 
     def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
@@ -218,7 +219,8 @@ class AutoCenter(HardwareObject):
                 sample_view.delete_shape(self._heatmap_shape_id)
                 self._heatmap_shape_id = None
             now = sample_view.get_positions()
-            angle = min(result.angles, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)
+            views = result.angles + ([result.verification] if result.verification else [])
+            angle = min(views, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)
             # A grid more than hide_grid_threshold away in omega is hidden by SampleView.
             if angle is None or angle.heatmap is None or angle.heatmap.values.size == 0 \
                     or _omega_gap(angle.omega, now["omega"]) > sample_view.hide_grid_threshold:
@@ -228,12 +230,12 @@ class AutoCenter(HardwareObject):
             step_x = float(hm.xs[1] - hm.xs[0]) if len(hm.xs) > 1 else self.config.heatmap_stride_px
             step_y = float(hm.ys[1] - hm.ys[0]) if len(hm.ys) > 1 else self.config.heatmap_stride_px
             x0, y0 = float(hm.xs[0]) - step_x / 2, float(hm.ys[0]) - step_y / 2
-            # The view was taken with the translations where the centring started
-            # (only omega turns until the final move); get_centred_point_from_coord
-            # works from the motors as they are now, so shift it back by the move.
+            # get_centred_point_from_coord works from the motors as they are now: shift
+            # it back to the translations the view was taken at (the fitted views' are
+            # where the centring started, the verification view's where it ended).
             corner = sample_view.get_centred_point_from_coord(x0, y0, return_by_names=True)
             for name in ("phiy", "phiz", "sampx", "sampy"):
-                corner[name] += result.start_positions[name] - now[name]
+                corner[name] += angle.motors[name] - now[name]
             grid = sample_view.add_shape_from_mpos([corner], (x0, y0), "G")
             grid.label = "ML heatmap"
             grid.name = f"ML heatmap omega {angle.omega % 360:.0f}"

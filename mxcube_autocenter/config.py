@@ -77,7 +77,12 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     centring_classifier: str | None = Field(
         default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
     )
-    centring_angles: int = Field(default=4, ge=2, le=12, description="Omega angles over 180 degrees used for the fit.")
+    centring_angles: int = Field(default=3, ge=2, le=12, description="Omega angles over 180 degrees used for the fit.")
+    verify_centring: Literal["off", "report", "require"] = Field(
+        default="report",
+        description="After the move, score the beam in one more view (half a step past the first): 'report' logs "
+        "a miss, 'require' fails on it and returns the sample (or, with the loop fallback, centres the loop).",
+    )
     roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
     roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
     heatmap_stride_px: float = Field(default=6.0, gt=0, le=64, description="Heatmap grid step on the image, pixels.")

@@ -8,6 +8,7 @@ import pytest
 
 from mxcube_autocenter import scorecard
 from mxcube_autocenter.beamline import auto_centring
+from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -69,9 +70,15 @@ def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline,
     accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
     assert accepted[0] is True and accepted[1]["valid"]
     result = autocenter.last_result
-    assert result.success and result.method == "ml" and len(result.angles) == 4
+    assert result.success and result.method == "ml" and len(result.angles) == 3
     omegas = [a.omega for a in result.angles]
-    assert np.allclose(np.diff(omegas), 60.0, atol=0.1)
+    assert np.allclose(np.diff(omegas), 90.0, atol=0.1)
+    # The check after the move: a view at omega + 45 (a direction the fit did not see), scored at the beam.
+    check = result.verification
+    assert (check.omega - omegas[0]) % 360 == pytest.approx(45.0, abs=0.1)
+    assert check.point == pytest.approx(beamline.beam.get_beam_position_on_screen())
+    assert check.motors == pytest.approx(result.centred_positions, abs=1e-3)
+    assert result.verified  # min_score is off here
     assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
     assert beamline.sample_view.current_centring_procedure is None
     assert max(gaps) < 0.1  # the UI stays responsive
@@ -135,9 +142,10 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
             gevent.sleep(0.1)
     gevent.sleep(0.3)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert record["success"] and len(record["angles"]) == 4
+    assert record["success"] and len(record["angles"]) == 3 and record["verification"]["score"] is not None
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 4 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
+    assert len(list(tmp_path.glob("*_verification_omega*.png"))) == 1
 
 
 def test_queue_entry_centres_or_fails_with_the_reason(beamline, autocenter):
@@ -197,3 +205,19 @@ def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_aut
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     assert "no crystal found" in shipped_autocenter.last_result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-4)
+
+
+def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shipped_autocenter):
+    spec = HELDOUT[53002]
+    beamline.sample_changer.mount(make_sample(53002, **spec["kwargs"]))
+    result = shipped_autocenter.centre(save=False)
+    assert result.success and result.verification.score >= shipped_autocenter.config.min_score
+    # Put the beam 150 um beyond the loop tip (the sample moves left on screen as phiy grows).
+    bl = procedure.Beamline(beamline)
+    tip_x = result.verification.loop[0]
+    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+    bl.move({"phiy": bl.positions()["phiy"] + (tip_x - beam[0]) / ppmm[0] + 0.15}, 10)
+    settings = shipped_autocenter.centring_settings()
+    check = procedure.verify(bl, shipped_autocenter.predictor, settings, 45.0, result.verification.loop, {},
+                             logging.getLogger("HWR"))
+    assert check.score < settings.min_score and not procedure.is_crystal(check, settings)

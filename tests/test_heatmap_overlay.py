@@ -27,18 +27,34 @@ def grids(beamline):
 
 
 def view_at_current_omega(beamline, result):
-    """The centring's view taken at the omega the goniometer is at now (the one the UI can show)."""
+    """The centring's view taken at the omega the goniometer is at now (the one the UI can show).
+
+    After a success that is the verification view, taken where the sample is now.
+    """
     omega = beamline.sample_view.get_positions()["omega"]
-    (angle,) = [a for a in result.angles if abs((a.omega - omega + 180) % 360 - 180) < 0.1]
+    views = result.angles + ([result.verification] if result.verification else [])
+    (angle,) = [a for a in views if abs((a.omega - omega + 180) % 360 - 180) < 0.1]
     return angle
+
+
+def grid_corner(grid) -> tuple:
+    return tuple(grid.screen_coord[:2])
+
+
+def corner_of(heatmap) -> tuple:
+    """Top-left corner of a heatmap's first cell on screen, pixels."""
+    half = (heatmap.xs[1] - heatmap.xs[0]) / 2
+    return heatmap.xs[0] - half, heatmap.ys[0] - half
 
 
 def decode(result) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(base64.b64decode(result), np.uint8), cv2.IMREAD_UNCHANGED)
 
 
-def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter):
+def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter, monkeypatch):
     beamline.sample_changer.load(CRYSTAL, wait=True)
+    # Without the verification view the fit leaves omega at the first view, taken before the move.
+    monkeypatch.setattr(autocenter.config, "verify_centring", "off")
     result = autocenter.centre(save=False)
     assert result.success, result.message
     (grid,) = grids(beamline)
@@ -52,14 +68,18 @@ def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter)
     # The grid follows the sample: the point chosen in that view is now in the beam.
     ppmm = beamline.diffractometer.get_pixels_per_mm()
     step = hm.xs[1] - hm.xs[0]
-    corner_then = np.array([hm.xs[0] - step / 2, hm.ys[0] - step / 2])
+    corner_then = np.array(corner_of(hm))
     point_now = np.array(grid.screen_coord[:2]) + np.array(angle.point) - corner_then
     beam = np.array(beamline.beam.get_beam_position_on_screen())
     assert np.linalg.norm(point_now - beam) < 0.03 * ppmm[0]  # 30 um
     assert grid.cell_width == pytest.approx(1000 * step / ppmm[0])
 
+    monkeypatch.setattr(autocenter.config, "verify_centring", "report")
     again = autocenter.centre(save=False)
     assert again.success and len(grids(beamline)) == 1  # the last centring's heatmap only
+    # Now the verification view's, taken where the sample is: the beam is its chosen point.
+    assert view_at_current_omega(beamline, again) is again.verification
+    assert grid_corner(grids(beamline)[0]) == pytest.approx(corner_of(again.verification.heatmap), abs=1.5)
 
 
 def test_a_refused_centring_shows_the_heatmap_where_the_sample_is_again(beamline, autocenter):
@@ -71,6 +91,5 @@ def test_a_refused_centring_shows_the_heatmap_where_the_sample_is_again(beamline
     (grid,) = grids(beamline)
     hm = view_at_current_omega(beamline, result).heatmap
     assert grid.state == "SAVED"  # shown: taken at the omega the sample is back at
-    half = (hm.xs[1] - hm.xs[0]) / 2
-    assert tuple(grid.screen_coord[:2]) == pytest.approx((hm.xs[0] - half, hm.ys[0] - half), abs=1.5)
+    assert grid_corner(grid) == pytest.approx(corner_of(hm), abs=1.5)
     assert decode(grid.get_result()).shape[:2] == hm.values.shape

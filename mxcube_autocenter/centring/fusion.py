@@ -163,6 +163,32 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
 
 
+def value_at(view: View, point_px, sigma_cells=1.0) -> float:
+    """A view's smoothed prediction at one screen point, as :func:`fuse_views` scores points.
+
+    Parameters
+    ----------
+    view : View
+    point_px : (float, float)
+        Screen point, pixels.
+    sigma_cells : float
+        Smoothing, grid cells.
+
+    Returns
+    -------
+    float
+        Predicted count (bilinear between grid points); 0 outside the grid
+        or its mask.
+    """
+    values = _prepared(view, sigma_cells)
+    xs, ys = np.asarray(view.xs, dtype=np.float64), np.asarray(view.ys, dtype=np.float64)
+    col = (point_px[0] - xs[0]) / (xs[1] - xs[0]) if len(xs) > 1 else 0.0
+    row = (point_px[1] - ys[0]) / (ys[1] - ys[0]) if len(ys) > 1 else 0.0
+    value = float(_interp_1d(_interp_1d(values, [col], axis=1), [row], axis=0)[0, 0])
+    # Any weight on an excluded neighbour makes it hugely negative: outside.
+    return max(value, 0.0)
+
+
 def triangulate(points, motors_list, pixels_per_mm, beam_position) -> np.ndarray:
     """The sample point that best projects onto given screen points (least squares).
 

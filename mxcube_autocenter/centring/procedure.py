@@ -5,8 +5,10 @@ heatmap over the loop; fuse the heatmaps into the one sample point with the
 best predicted count over the rotation; feed its projections to
 mxcubecore's standard centring fit (``sample_centring.center``, exactly
 what the three-click centring uses) and move there, refusing moves beyond
-the configured limits. Any failure, and an abort, put the sample back where it
-was. Inference and lucid run on gevent's thread pool, never on the event loop.
+the configured limits; then look, in one more view between the fitted
+ones, whether the beam is on a predicted crystal. Any failure, and an abort,
+put the sample back where it was. Inference and lucid run on gevent's
+thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
 from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi, sample_mask
-from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate
+from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -77,6 +79,11 @@ class CentringResult:
     elapsed_s : float
     point : tuple or None
         The chosen sample point ``(a, u, v)``, mm.
+    verification : AngleResult or None
+        The check after the move (``point``: the beam, ``score``: the
+        prediction there); None when not made.
+    verified : bool or None
+        Whether that view predicts a crystal at the beam (:func:`is_crystal`).
     """
 
     success: bool
@@ -88,13 +95,15 @@ class CentringResult:
     timings: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     point: tuple | None = None
+    verification: AngleResult | None = None
+    verified: bool | None = None
 
 
 @dataclass(frozen=True)
 class CentringSettings:
     """Parameters of the procedure (from the AutoCenter XML properties)."""
 
-    n_angles: int = 4
+    n_angles: int = 3
     roi_width_um: float = 700.0
     roi_height_um: float = 600.0
     stride_px: float = 6.0
@@ -105,6 +114,7 @@ class CentringSettings:
     max_displacement_mm: float = 1.0
     move_timeout_s: float = MOVE_TIMEOUT_S
     loop_search_rotations: int = 4
+    verify: str = "report"
 
 
 class Beamline:
@@ -184,7 +194,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     The views are taken first (omega turning by ``180 / (n_angles - 1)``
     degrees between them), their heatmaps fused into one sample point
     (:func:`.fusion.fuse_views`), and that point's projections clicked into
-    mxcubecore's sine fit as it turns on through the same steps.
+    mxcubecore's sine fit as it turns on through the same steps. Unless
+    ``settings.verify`` is ``"off"``, a last view half a step past the first
+    one (a direction none of the others saw) is scored at the beam
+    (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it.
 
     Parameters
     ----------
@@ -227,16 +240,13 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         if point is None:
             if settings.fallback != "loop":
                 raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty")
-            point = triangulate([a.loop for a in result.angles], [a.motors for a in result.angles], ppmm, beam)
-            result.method = "loop"
-            log.warning("AutoCenter: no crystal found: centring the loop tip instead")
-        result.point = tuple(float(v) for v in point)
-        fitted = _fit_point(bl, point, ppmm, beam, settings.n_angles)
-        target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
-        bl.check_move(start, target, settings.max_displacement_mm)
-        t = time.perf_counter()
-        bl.move(target, settings.move_timeout_s)
-        timings["move_s"] = time.perf_counter() - t
+            point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
+        _centre_on(bl, result, point, settings, start, ppmm, beam)
+        if settings.verify != "off" and result.method == "none":
+            check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip, timings, log)
+            result.verified = is_crystal(check, settings)
+            if not result.verified:
+                _unverified(bl, result, settings, start, ppmm, beam, log)
         result.success = True
         result.method = "ml" if result.method == "none" else result.method
         result.centred_positions = bl.positions()
@@ -270,6 +280,26 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
     return fused.point if is_crystal(angles, settings) else None
 
 
+def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, why: str):
+    """The configured fallback: the loop tip seen in the views, as a sample point."""
+    result.method = "loop"
+    log.warning("AutoCenter: %s: centring the loop tip instead", why)
+    angles = result.angles
+    return triangulate([a.loop for a in angles], [a.motors for a in angles], pixels_per_mm, beam_position)
+
+
+def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSettings, start: dict, pixels_per_mm,
+               beam_position):  # fmt: skip
+    """Fit the point's projections as omega turns and move it to the beam, within the limits."""
+    result.point = tuple(float(v) for v in point)
+    fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles)
+    target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
+    bl.check_move(start, target, settings.max_displacement_mm)
+    t = time.perf_counter()
+    bl.move(target, settings.move_timeout_s)
+    result.timings["move_s"] = result.timings.get("move_s", 0.0) + time.perf_counter() - t
+
+
 def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int) -> dict:
     """Click the point's projections into mxcubecore's sine fit as it turns omega; its centred positions.
 
@@ -286,6 +316,59 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int)
         if fit.ready() and i < n_angles - 1:
             fit.get()  # the fit gave up (a motor failed): re-raise its error
     return _by_role(bl, fit.get())
+
+
+def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip, timings: dict,
+           log) -> AngleResult:  # fmt: skip
+    """Turn omega by ``turn_deg`` and score the beam position in a new view.
+
+    The view's heatmap is predicted as in the fitted views; its smoothed
+    prediction at the beam (and the classifier's probability there) is what
+    :func:`is_crystal` then judges.
+
+    Parameters
+    ----------
+    turn_deg : float
+        Omega turn from where the fit left it, degrees.
+    tip : (float, float)
+        Loop tip of the last view, pixels: used if lucid finds none here.
+
+    Returns
+    -------
+    AngleResult
+        ``point`` is the beam, ``score`` the prediction there.
+    """
+    t = time.perf_counter()
+    bl.rotate(turn_deg, settings.move_timeout_s)
+    frame = bl.snapshot()
+    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+    tip = _in_thread(find_loop, frame, settings.pin_side) or tip
+    angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
+    peak = angle.point
+    angle.point = tuple(float(v) for v in beam)
+    angle.score = value_at(View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.motors, angle.mask),
+                           beam)  # fmt: skip
+    angle.crystal_probability = _in_thread(predictor.crystal_probability, frame, angle.point, angle.roi, ppmm)
+    timings["verify_s"] = time.perf_counter() - t
+    off_um = 1000.0 * np.hypot((peak[0] - beam[0]) / ppmm[0], (peak[1] - beam[1]) / ppmm[1])
+    log.info("AutoCenter: verification at omega %.1f: score %.1f at the beam, heatmap peak %.0f um away", angle.omega,
+             angle.score, off_um)  # fmt: skip
+    return angle
+
+
+def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
+                beam_position, log):  # fmt: skip
+    """A verification view without a crystal at the beam: log it, fall back to the loop or fail (``settings.verify``)."""
+    check = result.verification
+    why = (f"no crystal found at the beam in the verification view at omega {check.omega:.1f} "
+           f"({_why_not([check], settings)})")  # fmt: skip
+    if settings.verify == "report":
+        log.warning("AutoCenter: %s; centred all the same (verify_centring = report)", why)
+    elif settings.fallback == "loop":
+        point = _loop_fallback(result, pixels_per_mm, beam_position, log, why)
+        _centre_on(bl, result, point, settings, start, pixels_per_mm, beam_position)
+    else:
+        raise NoCrystalFound(why)
 
 
 def _by_role(bl: Beamline, fitted: dict) -> dict:
@@ -366,7 +449,7 @@ def _stop_motion(bl: Beamline):
 def _why_not(angles, settings: CentringSettings) -> str:
     score = min(a.score for a in angles)
     if not np.isfinite(score) or score < settings.min_score:
-        return f"score {score:.1f} < min_score {settings.min_score} in at least one view"
+        return f"score {score:.1f} < min_score {settings.min_score}" + (" in at least one view" if len(angles) > 1 else "")
     prob = float(np.mean([a.crystal_probability for a in angles if a.crystal_probability is not None]))
     return f"crystal probability {prob:.2f} < min_crystal_probability {settings.min_crystal_probability}"
 

@@ -81,23 +81,29 @@ def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
 
 def record(result: CentringResult) -> dict:
     """The JSON-able record of a centring (no images)."""
-    angles = []
-    for angle in result.angles:
-        fields = {f.name: getattr(angle, f.name) for f in dataclasses.fields(angle) if f.name not in ("heatmap", "mask", "frame")}
-        fields["roi"] = dataclasses.asdict(angle.roi)
-        angles.append(fields)
-    out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "angles"}
-    out["angles"] = angles
+    out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("angles", "verification")}
+    out["angles"] = [_angle_record(angle) for angle in result.angles]
+    out["verification"] = None if result.verification is None else _angle_record(result.verification)
     return json.loads(json.dumps(out, default=float))
 
 
+def _angle_record(angle) -> dict:
+    fields = {f.name: getattr(angle, f.name) for f in dataclasses.fields(angle) if f.name not in ("heatmap", "mask", "frame")}
+    fields["roi"] = dataclasses.asdict(angle.roi)
+    return fields
+
+
 def save(result: CentringResult, directory, beam_position) -> Path:
-    """Write ``centring_<time>_omega<angle>.png`` overlays and ``centring_<time>.json``; returns the JSON path."""
+    """Write ``centring_<time>_omega<angle>.png`` overlays (``centring_<time>_verification_omega<angle>.png`` for
+    the verification view) and ``centring_<time>.json``; returns the JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{int(time.time() * 1000) % 1000:03d}"
-    for angle in result.angles:
-        png = directory / f"centring_{stamp}_omega{angle.omega:.0f}.png"
+    views = [(angle, "") for angle in result.angles]
+    if result.verification is not None:
+        views.append((result.verification, "_verification"))
+    for angle, kind in views:
+        png = directory / f"centring_{stamp}{kind}_omega{angle.omega:.0f}.png"
         cv2.imwrite(str(png), cv2.cvtColor(overlay(angle, beam_position), cv2.COLOR_RGB2BGR))
     path = directory / f"centring_{stamp}.json"
     path.write_text(json.dumps(record(result), indent=2))
