@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate
+from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.geometry import centred_motors
 
 PPMM = (1300.0, 1300.0)
@@ -87,3 +87,17 @@ def test_floor_prefers_a_point_seen_in_every_view():
     fused = fuse_views(views, PPMM, BEAM, floor=10.0)
     assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
     assert min(fused.scores) >= 10.0
+
+
+def test_value_at_reads_the_smoothed_heatmap_as_the_fusion_scores_points():
+    crystal = np.array([0.12, 0.05, -0.08])
+    views = [blob_view(w, [crystal]) for w in (30.0, 120.0, 210.0)]
+    fused = fuse_views(views, PPMM, BEAM)
+    for view, score in zip(views, fused.scores):
+        assert value_at(view, project(fused.point, view.motors, PPMM, BEAM)) == pytest.approx(score, rel=1e-3)
+    view = views[0]
+    assert value_at(view, (XS[0] - 20.0, YS[0])) == 0.0  # off the grid
+    mask = np.ones(view.values.shape, bool)
+    mask[:, : len(XS) // 2] = False
+    masked = View(view.values, XS, YS, view.motors, mask)
+    assert value_at(masked, (XS[5], YS[40])) == 0.0 and value_at(masked, (XS[-5], YS[40])) >= 0.0
