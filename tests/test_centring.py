@@ -84,6 +84,35 @@ def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline,
     assert max(gaps) < 0.1  # the UI stays responsive
 
 
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A small real crystal/empty classifier trained for one epoch on virtual-beamline crops."""
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+    from mxcube_autocenter.learning.training import train_classifier
+
+    root = tmp_path_factory.mktemp("tiny_classifier")
+    synthetic_dataset(root / "data.h5", n_samples=6, seed=2, crops_per_sample=16, stored_crop_um=240, progress=False)
+    return train_classifier(root / "data.h5", root / "model", crop_um=120, input_size=48, epochs=1, batch_size=16,
+                            verbose=0).model_path  # fmt: skip
+
+
+def test_the_classifier_gives_each_view_a_crystal_probability_and_can_veto(beamline, autocenter, tiny_model,
+                                                                           tiny_classifier):  # fmt: skip
+    autocenter.predictor = load_predictor(tiny_model, tiny_classifier)
+    mount_at_start(beamline)
+    autocenter.config.min_crystal_probability = 0.0
+    result = autocenter.centre(save=False)
+    assert result.success
+    for view in [*result.angles, result.verification]:
+        assert 0.0 <= view.crystal_probability <= 1.0
+    # No crop is a crystal with certainty: the veto refuses, and the sample goes back.
+    start = positions(beamline)
+    autocenter.config.min_crystal_probability = 1.0
+    result = autocenter.centre(save=False)
+    assert not result.success and "crystal probability" in result.message and "min_crystal_probability" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_no_loop_in_view_fails_without_moving(beamline, autocenter, caplog):
     beamline.sample_changer.mount(None)
     start = positions(beamline)
