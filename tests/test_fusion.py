@@ -101,3 +101,16 @@ def test_value_at_reads_the_smoothed_heatmap_as_the_fusion_scores_points():
     mask[:, : len(XS) // 2] = False
     masked = View(view.values, XS, YS, view.motors, mask)
     assert value_at(masked, (XS[5], YS[40])) == 0.0 and value_at(masked, (XS[-5], YS[40])) >= 0.0
+
+
+def test_plateau_takes_the_middle_of_a_flat_crystal_not_its_brightest_end():
+    # A rod along the spindle predicted flat over 80 um, brighter at one end (prediction noise).
+    middle = np.array([0.12, 0.05, -0.08])
+    rod = [middle + (da, 0.0, 0.0) for da in np.linspace(-0.04, 0.04, 9)]
+    heights = [100.0] * 8 + [150.0]
+    views = [blob_view(w, rod, heights=heights) for w in (30.0, 120.0, 210.0)]
+    brightest = fuse_views(views, PPMM, BEAM)
+    centred = fuse_views(views, PPMM, BEAM, plateau=0.8)
+    assert np.linalg.norm(brightest.point - middle) * 1000 > 25
+    assert np.linalg.norm(centred.point - middle) * 1000 < 8
+    assert min(centred.scores) > 0.8 * brightest.score

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from mxcube_autocenter.centring.peak import smooth
 from mxcube_autocenter.geometry import sample_to_screen
@@ -92,7 +93,8 @@ def _prepared(view: View, sigma_cells: float) -> np.ndarray:
     return values
 
 
-def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0, floor=None) -> FusedPoint:
+def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0, floor=None,
+               plateau=None) -> FusedPoint:  # fmt: skip
     """The sample point whose projections have the best mean predicted count.
 
     Searches a grid of sample points: along the spindle the columns of the
@@ -117,6 +119,13 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         Smoothing of each heatmap before fusing, grid cells (as :func:`.peak.find_peak`).
     floor : float, optional
         Smallest prediction in any view of a point that may win.
+    plateau : float, optional
+        Take, instead of the best grid point, the grid point nearest the
+        centroid of the connected region around it that scores at least
+        ``plateau`` times its score. Predictions are flat across a crystal
+        where the true count peaks within a beam width, so the maximum
+        wanders over the plateau with the prediction's noise; its middle is
+        steadier.
 
     Returns
     -------
@@ -155,12 +164,24 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     if floor is not None and (lowest >= floor).any():
         total = np.where(lowest >= floor, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
+    if plateau is not None:
+        i, j, k = _plateau_centre(total, (i, j, k), plateau)
     point = np.array([
         motors["phiy"] + (xs[k] - beam_position[0]) / ppx,
         motors["sampx"] + du[i, j],
         motors["sampy"] + dv[i, j],
     ])
     return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
+
+
+def _plateau_centre(total, peak, fraction):
+    """The grid point nearest the centroid of the region around ``peak`` within ``fraction`` of its value."""
+    if total[peak] <= 0:
+        return peak
+    labels, _ = ndimage.label(total >= fraction * total[peak])
+    members = np.argwhere(labels == labels[peak])
+    centroid = members.mean(axis=0)
+    return tuple(members[np.argmin(np.sum((members - centroid) ** 2, axis=1))])
 
 
 def value_at(view: View, point_px, sigma_cells=1.0) -> float:
