@@ -444,6 +444,11 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, r
                 refused = mesh.refused
                 final = dict(start) if mesh.refused else centred_motors(mesh.point, start["omega"])
                 message = f"best RC {mesh.best_rc:.1f} in {mesh.exposures} exposures"
+            elif method == "optical_oracle":
+                point = scorecard.optical_oracle(sample, mounted.diffraction.beam)
+                refused = point is None
+                final = dict(start) if refused else centred_motors(point, start["omega"])
+                message = "best point of the crystals' shapes (ground truth)"
             else:
                 raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
             score = scorecard.score_position(mounted.diffraction, best, best_rc, final)
@@ -599,6 +604,9 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
         "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
         f"{_fmt((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
+        "- **optical_oracle**: the best point were every crystal of uniform quality: what exact knowledge of the "
+        "crystals' shapes and positions gives, the limit of any camera-based method (the camera shows nothing of "
+        "a crystal's inner quality; ground truth, not timed).",
         "",
         "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
         "3D, from the point in the beam and in focus to the ground-truth best point. RC fraction: mean reflection "

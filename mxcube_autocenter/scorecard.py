@@ -26,10 +26,14 @@ the sample where it was); over all: ``median_wall_s`` and ``exposures``
 :func:`mesh_scan` is the X-ray reference: a raster of exposures over the
 loop at two orthogonal omega angles, the best of each combined into a 3D
 point; it needs no camera but costs one exposure per grid point.
+:func:`optical_oracle` is the camera's limit: the best point of the same
+sample were every crystal of uniform quality, i.e. what exact knowledge of
+the crystals' shapes and positions, but not of their insides, would give.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -42,7 +46,7 @@ VERIFY_OMEGAS = (0.0, 45.0, 90.0, 135.0)
 TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
-METHODS = ("ml", "lucid", "loop_centre", "mesh_oracle")
+METHODS = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
 
 # The project's targets for the optical ML centring: (figure, comparison, value).
 TARGETS = (
@@ -112,6 +116,30 @@ class Outcome:
 def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> bool:
     """Whether any translation motor moved by more than ``tolerance_mm`` (omega turning does not count)."""
     return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATIONS if m in start and m in final)
+
+
+def optical_oracle(sample, beam):
+    """The best point a camera could find: the sample's best point were its crystals of uniform quality.
+
+    The virtual beamline draws no trace of a crystal's quality field (good
+    regions, cracks) in the camera image, so no optical method can do better
+    than knowing every crystal's shape and position exactly.
+
+    Parameters
+    ----------
+    sample : VirtualSample
+    beam : Beam
+
+    Returns
+    -------
+    (3,) ndarray or None
+        ``(a, u, v)``, mm; None for an empty loop.
+    """
+    from mxcube_autocenter.simulation.diffraction import DiffractionModel
+
+    plain = [dataclasses.replace(c, blobs=np.zeros((0, 4)), cracks=np.zeros((0, 4))) for c in sample.crystals]
+    point, _ = DiffractionModel(dataclasses.replace(sample, crystals=plain), beam).best_point()
+    return point
 
 
 def distance_um(final_motors: dict, best_point) -> float:

@@ -10,7 +10,7 @@ from mxcube_autocenter import scorecard
 from mxcube_autocenter.demo import DemoError, format_scorecard, heldout_samples, run_demo
 from mxcube_autocenter.learning.data import read_table
 
-FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle")
+FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,8 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     assert mesh["exposures"] > 100 and mesh["median_dist_um"] is not None
     assert mesh["empty_refused_rate"] == 1.0  # an empty loop gives no reflections on the mesh
     assert result["methods"]["loop_centre"]["empty_refused_rate"] == 0.0
+    optical = result["methods"]["optical_oracle"]
+    assert optical["empty_refused_rate"] == 1.0 and optical["exposures"] == 0 and optical["hit_rate"] == 1.0
 
     report = (out / "report.md").read_text()
     assert "## Scorecard" in report and "| mesh_oracle |" in report and "Spearman" in report

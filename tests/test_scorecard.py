@@ -164,3 +164,16 @@ def test_tables_show_every_method_and_dashes_for_missing_values():
     md = scorecard.markdown_table(summary).splitlines()
     assert md[0].startswith("| method") and len(md) == 2 + len(scorecard.METHODS)
     assert all(o.to_dict()["method"] == "ml" for o in outcomes)
+
+
+def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
+    from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    sample = make_sample(16)
+    real = DiffractionModel(sample, Beam())
+    best, best_rc = real.best_point()
+    point = scorecard.optical_oracle(sample, Beam())
+    score = scorecard.score_position(real, best, best_rc, centred_motors(point, 0.0))
+    assert all(score["hits"]) and 0.5 < score["rc_fraction"] <= 1.0 + 1e-9
+    assert scorecard.optical_oracle(make_sample(16, n_crystals=0), Beam()) is None
