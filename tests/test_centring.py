@@ -11,7 +11,7 @@ from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
-from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.geometry import CENTRING_MOTORS, point_in_beam
 from mxcube_autocenter.simulation.sample import make_sample
 from tests.helpers import SignalLog, tick
 
@@ -129,7 +129,9 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     autocenter.config.max_displacement_mm = 10.0
     # Only omega turns during the fit: the first sampx move is the final centring move.
     beamline.diffractometer.sampx.inject_fault("fail", after_s=0.02)
-    result = autocenter.centre()
+    log = run_auto_centring(beamline)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    result = autocenter.last_result
     assert not result.success
     assert "sampx" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
@@ -222,6 +224,22 @@ def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     best, best_rc = mounted.best_point()
     score = scorecard.score_position(mounted.diffraction, best, best_rc, positions(beamline))
     assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+def test_empty_loop_with_the_loop_fallback_centres_the_loop_and_says_so(beamline, shipped_autocenter, monkeypatch):
+    changer = beamline.sample_changer
+    mounted = changer.mount(make_sample(changer.seed_at(5, 8)))
+    beamline.diffractometer.set_value_motors({name: 0.0 for name in CENTRING_MOTORS}, timeout=30)
+    monkeypatch.setattr(shipped_autocenter.config, "no_crystal_fallback", "loop")
+    start = positions(beamline)
+    log = run_auto_centring(beamline)
+    result = shipped_autocenter.last_result
+    assert "centringSuccessful" in log.names() and result.success and result.method == "loop"
+    assert "centred (loop)" in result.message and result.verification is None
+    # lucid3's loop tip, a little inside the loop, is now in the beam: on the loop along the spindle.
+    spindle = mounted.sample.loop_outline[:, 0]
+    assert spindle.min() < point_in_beam(positions(beamline))[0] <= spindle.max()
+    assert scorecard.moved(start, positions(beamline))
 
 
 def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_autocenter):

@@ -49,3 +49,22 @@ def test_unknown_scan_type_is_refused(tmp_path, caplog):
     messages = _logged(caplog)
     assert "record_scan_types" in messages
     assert "'OSC' or 'Helical'" in messages
+
+
+def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
+    with hardware_repository() as bl:
+        ho = auto_centring(bl)
+        assert bl.sample_view.start_auto_centring.__self__ is ho  # the web UI's button runs the ML centring
+        settings = ho.centring_settings()
+        assert (settings.n_angles, settings.verify) == (3, "report")
+    config = _config_with(
+        tmp_path,
+        "</object>",
+        "<centring_enabled>False</centring_enabled><centring_angles>4</centring_angles>"
+        "<verify_centring>off</verify_centring></object>",
+    )
+    with hardware_repository(config) as bl:
+        ho = auto_centring(bl)
+        assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
+        settings = ho.centring_settings()
+        assert (settings.n_angles, settings.verify) == (4, "off")
