@@ -225,14 +225,20 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     truth : dict
         Crystal id to the mounted sample's ``DiffractionModel``.
     """
+    import gevent
+
     from mxcube_autocenter.labelling.dataset import add_row_column, read_dataset
     from mxcube_autocenter.recording import MOTOR_NAMES
 
-    with read_dataset(dataset) as rows:
-        expected = [truth[crystal].expected_rc(dict(zip(MOTOR_NAMES, motors)))
-                    for crystal, motors in zip(rows.crystal_id, rows.motors)]  # fmt: skip
-    add_row_column(dataset, "rc_expected", expected,
-                   "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
+    def compute():
+        with read_dataset(dataset) as rows:
+            expected = [truth[crystal].expected_rc(dict(zip(MOTOR_NAMES, motors)))
+                        for crystal, motors in zip(rows.crystal_id, rows.motors)]  # fmt: skip
+        add_row_column(dataset, "rc_expected", expected,
+                       "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
+
+    # Thousands of rows: off the event loop, which the beamline's greenlets share.
+    gevent.get_hub().threadpool.apply(compute)
 
 
 # -- 3. training ----------------------------------------------------------------------

@@ -349,14 +349,19 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
-    angle.score = value_at(View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.motors, angle.mask),
-                           beam)  # fmt: skip
-    angle.crystal_probability = _in_thread(predictor.crystal_probability, frame, angle.point, angle.roi, ppmm)
+    angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
     timings["verify_s"] = time.perf_counter() - t
     off_um = 1000.0 * np.hypot((peak[0] - beam[0]) / ppmm[0], (peak[1] - beam[1]) / ppmm[1])
     log.info("AutoCenter: verification at omega %.1f: score %.1f at the beam, heatmap peak %.0f um away", angle.omega,
              angle.score, off_um)  # fmt: skip
     return angle
+
+
+def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
+    """A view's smoothed prediction and crystal probability at its ``point``."""
+    view = View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.motors, angle.mask)
+    probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
+    return value_at(view, angle.point), probability
 
 
 def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
