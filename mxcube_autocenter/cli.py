@@ -151,7 +151,8 @@ def cmd_synthesize(args) -> int:
     summary = synthetic_dataset(
         args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
         random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
-        near_fraction=args.near_fraction, region_fraction=args.region_fraction, workers=args.workers,
+        near_fraction=args.near_fraction, region_fraction=args.region_fraction, empty_fraction=args.empty_fraction,
+        workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -164,7 +165,8 @@ def cmd_synthesize_regions(args) -> int:
     summary = synthetic_regions(
         args.out, n_samples=args.samples, seed=args.seed, views_per_sample=args.views_per_sample,
         regions_per_view=args.regions_per_view, cells=args.cells, crop_um=args.crop_um, input_size=args.input_size,
-        random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, workers=args.workers,
+        random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, empty_fraction=args.empty_fraction,
+        workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -431,12 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
                             "(rc_expected) (default: %(default)s)")
 
+    def add_sample_options(p):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
+        p.add_argument("--empty-fraction", type=float, default=0.15,
+                       help="share of samples with an empty loop (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
+
     synth = sub.add_parser("synthesize", help="a training set straight from the virtual beamline (domain-randomised)")
     synth.add_argument("out", metavar="DATASET.h5")
     synth.add_argument("--samples", type=int, default=150, help="virtual samples (default: %(default)s)")
     synth.add_argument("--crops-per-sample", type=int, default=96, help="rows per sample (default: %(default)s)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
+    add_sample_options(synth)
     synth.add_argument("--line-fraction", type=float, default=0.4,
                        help="share of positions on a line through a crystal (default: %(default)s)")
     synth.add_argument("--hit-fraction", type=float, default=0.35,
@@ -446,7 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--region-fraction", type=float, default=0.0,
                        help="share of positions anywhere in the region a centring searches, stem and background "
                             "included (default: %(default)s)")
-    synth.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
     synth.set_defaults(func=cmd_synthesize)
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
@@ -474,9 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     regions.add_argument("--crystal-fraction", type=float, default=0.5,
                          help="share of regions centred near a crystal, the rest anywhere in the centring region "
                               "(default: %(default)s)")
-    regions.add_argument("--seed", type=int, default=0)
-    regions.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
-    regions.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
+    add_sample_options(regions)
     regions.set_defaults(func=cmd_synthesize_regions)
 
     dense = sub.add_parser("train-dense", help="train the fcn regressor on a region set (every grid crop at once)")

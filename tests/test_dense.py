@@ -144,3 +144,16 @@ def test_peak_hit_rate_judges_where_the_predicted_maximum_falls():
     valid = np.ones((3, 2, 2), dtype=bool)
     assert dense.peak_hit_rate(expected, predicted, valid) == 0.5
     assert dense.peak_hit_rate(expected[2:], predicted[2:], valid[2:]) is None
+
+
+def test_synthesize_regions_from_the_command_line_with_only_empty_loops(tmp_path, capsys):
+    from mxcube_autocenter.cli import main
+
+    path = tmp_path / "empty.h5"
+    args = ["synthesize-regions", str(path), "--samples", "3", "--views-per-sample", "1", "--cells", "3",
+            "--crop-um", "160", "--input-size", str(SMALL), "--empty-fraction", "1", "--seed", "5"]  # fmt: skip
+    assert main(args) == 0
+    assert "regions 6" in capsys.readouterr().out
+    table = dense.read_regions(path)
+    # An empty loop diffracts no more than the liquid's background anywhere.
+    assert table.rc_expected.max() < 1.0 and table.provenance["empty_fraction"] == 1.0
