@@ -268,3 +268,27 @@ def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shippe
     check = procedure.verify(bl, shipped_autocenter.predictor, settings, 45.0, result.verification.loop, {},
                              logging.getLogger("HWR"))
     assert check.score < settings.min_score and not procedure.is_crystal(check, settings)
+
+
+def test_required_verification_refuses_an_empty_loop_that_fooled_the_fitted_views(beamline, shipped_autocenter,
+                                                                                 monkeypatch):  # fmt: skip
+    spec = HELDOUT[53015]  # an empty loop the shipped model scores above min_score at 0, 90 and 180 degrees
+    mounted = beamline.sample_changer.mount(make_sample(53015, **spec["kwargs"]))
+    assert mounted.sample.crystals == []
+    centre = mounted.sample.loop_centre
+    start = {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    beamline.diffractometer.set_value_motors(start, timeout=30)
+    monkeypatch.setattr(shipped_autocenter.config, "verify_centring", "require")
+    log = run_auto_centring(beamline)
+    result = shipped_autocenter.last_result
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert min(a.score for a in result.angles) >= shipped_autocenter.config.min_score
+    assert result.verification.score < shipped_autocenter.config.min_score and not result.verified
+    assert "no crystal found at the beam in the verification view" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    # With the loop fallback the same miss centres the loop tip instead.
+    monkeypatch.setattr(shipped_autocenter.config, "no_crystal_fallback", "loop")
+    log = run_auto_centring(beamline)
+    result = shipped_autocenter.last_result
+    assert "centringSuccessful" in log.names() and result.success and result.method == "loop"
+    assert scorecard.moved(start, positions(beamline))
