@@ -14,7 +14,7 @@ from mxcube_autocenter.centring.heatmap import (
 )
 from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi
 from mxcube_autocenter.centring.peak import find_peak
-from mxcube_autocenter.centring.predictor import DEFAULT_CLASSIFIER, Predictor, PredictorError, load_predictor
+from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.simulation.render import Renderer
 from mxcube_autocenter.simulation.sample import make_sample
 
@@ -45,17 +45,13 @@ def assert_fast_equals_reference(model, frame, roi, crop_px, stride_px, every=7)
 
 
 def test_trained_fcn_dense_heatmap_equals_crop_by_crop(tiny_model):
-    predictor = Predictor(tiny_model)
+    predictor = load_predictor(tiny_model)
     frame = frame_of()
     roi = Roi(500, 300, 900, 700)
     assert_fast_equals_reference(predictor.model, frame, roi, 156.0, 6.0)
     counts = predictor.predict(frame, roi, PPMM, 6.0)
     assert np.all(np.isfinite(counts.values)) and counts.values.min() >= -1e-3
-    assert predictor.crystal_probability(frame, (700.0, 500.0), roi, PPMM) is None  # no classifier given
-    # With no classifier configured, load_predictor adds the shipped one.
-    shipped = load_predictor(tiny_model)
-    assert shipped.classifier[0] == DEFAULT_CLASSIFIER
-    assert 0.0 <= shipped.crystal_probability(frame, (700.0, 500.0), roi, PPMM) <= 1.0
+    assert predictor.crystal_probability(frame, (700.0, 500.0), roi, PPMM) is None
 
 
 def test_pooling_and_dense_head_model_equals_crop_by_crop():
