@@ -12,7 +12,7 @@ from mxcube_autocenter.centring.heatmap import (
     prepare_region,
     reference_heatmap,
 )
-from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.simulation.render import Renderer
@@ -114,6 +114,17 @@ def test_lucid_finds_the_loop_tip_on_either_side(pin_side):
     roi = loop_roi(tip, frame.shape, PPMM, width_um=500, height_um=400, pin_side=pin_side)
     assert roi.width > 0 and roi.height > 0
     assert (roi.x0 < tip[0] < roi.x1)
+
+
+def test_loop_tips_short_of_the_farthest_along_the_spindle_move_out_to_it():
+    # 1.3 px/um: 100 um is 130 px. Two views of three stopped on the stem, 289 px short of the third.
+    tips = [(545.0, 559.0), (834.0, 706.0), (539.0, 441.0)]
+    assert consistent_tips(tips, PPMM) == [(834.0, 559.0), (834.0, 706.0), (834.0, 441.0)]
+    # Tips within 100 um of the farthest stay where lucid3 found them.
+    assert consistent_tips([(873, 640), (889, 373), (856, 370)], PPMM) == [(873, 640), (889, 373), (856, 370)]
+    # A pin from the right: the farthest tip is the leftmost.
+    mirrored = [(1280 - x, y) for x, y in tips]
+    assert consistent_tips(mirrored, PPMM, "right") == [(446.0, 559.0), (446.0, 706.0), (446.0, 441.0)]
 
 
 def test_no_loop_in_an_empty_field():

@@ -56,6 +56,41 @@ def find_loop(rgb, pin_side: str = "left"):
     return float(x), float(y)
 
 
+def consistent_tips(tips, pixels_per_mm, pin_side: str = "left", tolerance_um: float = 100.0) -> list:
+    """The loop tips of views at several omegas, those that stopped short along the spindle moved out.
+
+    The spindle is horizontal on screen, so the tip's x stays where it is
+    as omega turns (its y does not). lucid3 stops on the stem in a view
+    where the loop is faint or seen edge-on, often in two views of three,
+    and that view's region then misses the loop; it does not find a tip
+    beyond the sample. A tip more than ``tolerance_um`` short of the
+    farthest one (from the pin) takes the farthest one's x; the others are
+    kept as found, since a small shift of a region changes its heatmap's
+    edges.
+
+    Parameters
+    ----------
+    tips : sequence of (float, float)
+        Loop tip of each view, pixels (x, y).
+    pixels_per_mm : (float, float)
+    pin_side : {"left", "right"}
+        Where the pin enters the frame.
+    tolerance_um : float
+        Largest distance along the spindle from the farthest tip, um.
+
+    Returns
+    -------
+    list of (float, float)
+    """
+    tips = [(float(x), float(y)) for x, y in tips]
+    if not tips:
+        return tips
+    xs = [x for x, _ in tips]
+    farthest = max(xs) if pin_side == "left" else min(xs)
+    limit = tolerance_um * pixels_per_mm[0] / 1000.0
+    return [(farthest, y) if abs(x - farthest) > limit else (x, y) for x, y in tips]
+
+
 def loop_roi(tip, image_shape, pixels_per_mm, *, width_um=700.0, height_um=600.0, beyond_tip_um=60.0, pin_side="left") -> Roi:
     """The region searched for crystals: the whole loop behind its tip.
 

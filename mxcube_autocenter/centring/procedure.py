@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, find_loop, loop_roi, sample_mask
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -234,9 +234,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
                 t = time.perf_counter()
                 tip = _in_thread(find_loop, frame, settings.pin_side) or tip
                 timings["loop_s"] += time.perf_counter() - t
-            angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
+            angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
             result.angles.append(angle)
             log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
+        _align_tips(predictor, settings, result.angles, ppmm, timings, log)
         t = time.perf_counter()
         point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
         timings["fusion_s"] = time.perf_counter() - t
@@ -346,7 +347,7 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     frame = bl.snapshot()
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
     tip = _in_thread(find_loop, frame, settings.pin_side) or tip
-    angle = _score_angle(bl, predictor, settings, frame, tip, ppmm, timings)
+    angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
     angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
@@ -418,10 +419,20 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     )
 
 
-def _score_angle(bl, predictor, settings, frame, tip, ppmm, timings) -> AngleResult:
-    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, bl.positions(), False)
+def _score_angle(predictor, settings, frame, tip, ppmm, motors, timings) -> AngleResult:
+    angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, motors, False)
     timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
     return angle
+
+
+def _align_tips(predictor, settings, angles, ppmm, timings, log):
+    """Score again, from the farthest view's tip, a view whose loop tip lucid3 found short of it along the spindle."""
+    tips = consistent_tips([a.loop for a in angles], ppmm, settings.pin_side)
+    for k, (angle, tip) in enumerate(zip(angles, tips)):
+        if tip != tuple(angle.loop):
+            log.info("AutoCenter: omega %.1f: loop tip at x %.0f, another view's at %.0f: scoring its region from there",
+                     angle.omega, angle.loop[0], tip[0])  # fmt: skip
+            angles[k] = _score_angle(predictor, settings, angle.frame, tip, ppmm, angle.motors, timings)
 
 
 def is_crystal(angles, settings: CentringSettings) -> bool:
