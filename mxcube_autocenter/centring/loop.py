@@ -61,9 +61,9 @@ def consistent_tips(tips, pixels_per_mm, pin_side: str = "left", tolerance_um: f
 
     The spindle is horizontal on screen, so the tip's x stays where it is
     as omega turns (its y does not). lucid3 stops on the stem in a view
-    where the loop is faint or seen edge-on, often in two views of three,
-    and that view's region then misses the loop; it does not find a tip
-    beyond the sample. A tip more than ``tolerance_um`` short of the
+    where the loop is faint or seen edge-on, sometimes in two views of
+    three, and that view's region then misses the loop; a tip beyond the
+    loop has not been seen. A tip more than ``tolerance_um`` short of the
     farthest one (from the pin) takes the farthest one's x; the others are
     kept as found, since a small shift of a region changes its heatmap's
     edges.
