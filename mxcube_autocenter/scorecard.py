@@ -33,9 +33,8 @@ the crystals' shapes and positions, but not of their insides, would give.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -137,8 +136,8 @@ def optical_oracle(sample, beam):
     """
     from mxcube_autocenter.simulation.diffraction import DiffractionModel
 
-    plain = [dataclasses.replace(c, blobs=np.zeros((0, 4)), cracks=np.zeros((0, 4))) for c in sample.crystals]
-    point, _ = DiffractionModel(dataclasses.replace(sample, crystals=plain), beam).best_point()
+    plain = [replace(c, blobs=np.zeros((0, 4)), cracks=np.zeros((0, 4))) for c in sample.crystals]
+    point, _ = DiffractionModel(replace(sample, crystals=plain), beam).best_point()
     return point
 
 
