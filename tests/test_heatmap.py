@@ -145,3 +145,15 @@ def test_sample_mask_covers_the_loop_and_not_the_empty_field():
     assert 0.02 < mask.mean() < 0.6  # the loop, not the whole region
     assert mask[:, int(x)].any()  # the crystal's column is inside the sample
     assert not mask[0, -1] and not mask[-1, -1]  # far corners are empty field
+
+
+def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_process():
+    from mxcube_autocenter.centring.benchmark import added_memory_mb
+
+    def touch(mb):
+        block = np.ones(mb * 2**20, dtype=np.uint8)
+        return int(block[:: 4096].sum())
+
+    assert added_memory_mb(lambda: touch(80)) >= 60
+    # The 80 MB peak above is over: a small call reports its own few MB.
+    assert added_memory_mb(lambda: touch(1)) < 20
