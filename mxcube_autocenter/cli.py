@@ -94,7 +94,8 @@ def cmd_bench(args) -> int:
     figures = run_all(quick=args.quick, only=args.only, progress=print)
     width = max(map(len, figures), default=0)
     for name, value in figures.items():
-        print(f"{name:<{width}}  {value:.4g}")
+        # None: a figure this machine cannot measure (e.g. memory where the kernel's peak cannot be reset).
+        print(f"{name:<{width}}  {'-' if value is None else format(value, '.4g')}")
     return 0
 
 
