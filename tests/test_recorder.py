@@ -119,11 +119,18 @@ def test_event_loop_keeps_ticking_while_recording_at_25_fps(beamline, autocenter
     gaps = []
     ticker = gevent.spawn(tick, gaps)
     delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
-    collect(beamline, tmp_path, "OSC", n_images=60, exposure_time=0.05)
+    record = collect(beamline, tmp_path, "OSC", n_images=60, exposure_time=0.05)
     summary = wait_for_summary(autocenter)
     ticker.kill()
-    # Every frame the camera delivered (25/s, fewer on a loaded machine) was kept.
-    assert summary.frames_kept >= 0.9 * min(len(delivered.calls), 25 * 3.0)
+    # During the exposure the recording kept the camera's rate (25/s, fewer on a
+    # loaded machine); the rate limiter's fixed grid may skip a frame that comes
+    # early after a late one, and the camera's frames before and after the
+    # collection are not the recording's.
+    plan, start = record["plan"], record["wall_start"]
+    rec = read_recording(summary.path)
+    kept = ((rec.timestamps >= start) & (rec.timestamps <= start + plan.duration)).sum()
+    camera = [t for t in delivered.times if start <= t <= start + plan.duration]
+    assert kept >= 0.8 * min(len(camera), 25 * plan.duration)
     assert summary.frames_dropped == 0
     assert max(gaps) < 0.1
 
