@@ -180,7 +180,8 @@ def cmd_train_dense(args) -> int:
     try:
         result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
                              batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-                             learning_rate=args.learning_rate, initial_model=args.initial_model)
+                             learning_rate=args.learning_rate, initial_model=args.initial_model,
+                             peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness)
     except RegionSetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -496,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's (default: %(default)s)")
     dense.add_argument("--seed", type=int, default=0)
     dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
+    dense.add_argument("--peak-weight", type=float, default=0.0,
+                       help="weight of the loss term on where each crystal region's counts peak (default: %(default)s: MSE alone)")
+    dense.add_argument("--peak-sharpness", type=float, default=4.0,
+                       help="inverse temperature of that term's softmax, per unit of the transformed label (default: %(default)s)")
     dense.set_defaults(func=cmd_train_dense)
 
     sweep = sub.add_parser("sweep", help="all architectures x label transforms into one report")

@@ -128,12 +128,40 @@ def test_dense_model_evaluates_a_frame_like_any_centring_model(trained):
 
 def test_dense_fine_tuning_keeps_the_initial_transform(trained, regions_path, tmp_path):
     result = dense.train_dense(regions_path, tmp_path, epochs=1, batch_size=8, verbose=0, learning_rate=1e-4,
-                               initial_model=trained.model_path)
+                               initial_model=trained.model_path, peak_weight=0.5)
     assert result.info["transform"] == trained.info["transform"]
+    assert result.info["training"]["peak_weight"] == 0.5 and "KL divergence" in result.info["training"]["loss"]
+    assert np.isfinite(result.history["loss"]).all()
     assert result.info["training"]["initial_model"]["file"] == "model.keras"
     with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):
         dense.train_dense(regions_path, tmp_path / "x", transform="tanh", epochs=1, verbose=0,
                           initial_model=trained.model_path)
+
+
+def test_region_loss_is_the_masked_mse_plus_where_a_crystal_region_peaks():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(3, 4, 4)).astype(np.float32)
+    target[0, 1, 2] = 3.0  # region 0: a crystal peaking at (1, 2)
+    target[2] = -1.0  # region 2: no crystal (below peak_from)
+    valid = np.ones((3, 4, 4), np.float32)
+    valid[:, 3, :] = 0.0
+    y_true = np.stack([target, valid], axis=-1)
+
+    def loss(predicted, **kwargs):
+        return np.asarray(dense.region_loss(**kwargs)(y_true, predicted[..., None].astype(np.float32)))
+
+    mse = np.mean(valid * (target - 0.5) ** 2, axis=(1, 2))
+    assert np.allclose(loss(np.full_like(target, 0.5)), mse, rtol=1e-6)
+    # An offset common to the region changes the MSE only; invalid points change nothing.
+    shifted = target + 0.7
+    shifted[:, 3, :] = 50.0
+    peaked = loss(shifted, peak_weight=2.0, peak_from=2.0)
+    assert np.allclose(peaked, np.mean(valid * 0.49, axis=(1, 2)), atol=1e-5)
+    # Predicting region 0's peak elsewhere costs there, and only there.
+    moved = target.copy()
+    moved[0, 1, 2], moved[0, 0, 0] = target[0, 0, 0], 3.0
+    extra = loss(moved, peak_weight=2.0, peak_from=2.0) - loss(moved)
+    assert extra[0] > 0.5 and np.allclose(extra[1:], 0.0, atol=1e-6)
 
 
 def test_peak_hit_rate_judges_where_the_predicted_maximum_falls():

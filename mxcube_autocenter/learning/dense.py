@@ -68,6 +68,8 @@ REGIONS_FORMAT_VERSION = 1
 FCN_STEP = 16  # model pixels between the crops of an fcn's dense output (architectures.output_stride)
 # Spread of a region's centre around a crystal point, um: the region still holds the crystal, seen off-centre.
 REGION_SPREAD_UM = 80.0
+# Best count of a region from which the peak term of the loss applies: a crystal (the centring's min_score).
+PEAK_MIN_COUNT = 5.0
 
 
 class RegionSetError(ValueError):
@@ -350,7 +352,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def peak_hit_rate(expected, predicted, valid, min_count: float = 5.0, share: float = 0.5) -> float | None:
+def peak_hit_rate(expected, predicted, valid, min_count: float = PEAK_MIN_COUNT, share: float = 0.5) -> float | None:
     """Share of regions whose predicted maximum lies where the count is at least ``share`` of the region's best.
 
     Only regions whose best valid count reaches ``min_count`` are judged
@@ -364,6 +366,53 @@ def peak_hit_rate(expected, predicted, valid, min_count: float = 5.0, share: flo
         chosen = np.unravel_index(int(np.argmax(np.where(v, p, -np.inf))), p.shape)
         hits += bool(e[chosen] >= share * e[v].max())
     return hits / judged if judged else None
+
+
+def region_loss(peak_weight: float = 0.0, sharpness: float = 4.0, peak_from: float = -np.inf):
+    """Loss of a region's grid: MSE over its valid points, plus where its counts peak.
+
+    ``y_true`` (B, n, n, 2) holds each grid point's transformed count and
+    its valid flag (invalid points weigh nothing); ``y_pred`` (B, n, n, 1).
+    The MSE term is the mean of the squared errors over the grid, as Keras'
+    ``mse`` weighted by the flags. The peak term, ``peak_weight`` times the
+    Kullback-Leibler divergence between ``softmax(sharpness * y)`` of the
+    truth and of the prediction over the valid points, counts in regions
+    whose best true value reaches ``peak_from`` (a crystal): it asks where
+    in the region the count is highest, which is what a centring takes
+    from a heatmap. A softmax ignores an offset common to the region, and
+    with the ``log`` transform a crystal's invisible capacity (a factor on
+    all its counts) is such an offset, so the peak term is free of the
+    noise that dominates the MSE on crystal points.
+
+    Parameters
+    ----------
+    peak_weight : float
+        Weight of the peak term; 0 gives the plain masked MSE.
+    sharpness : float
+        Inverse temperature of the softmax, per unit of the transformed
+        label (with ``log``, 4 weighs a point of half the best count about
+        1/5 of the best).
+    peak_from : float
+        Transformed count from which a region's peak is learnt.
+    """
+    from keras import ops
+
+    def loss(y_true, y_pred):
+        target, valid, predicted = y_true[..., 0], y_true[..., 1], y_pred[..., 0]
+        mse = ops.mean(valid * ops.square(target - predicted), axis=(1, 2))
+        if peak_weight == 0:
+            return mse
+        # A large finite floor for invalid points: exp() gives 0 and 0 * floor stays finite.
+        outside = -1e9
+        flat = (-1, target.shape[1] * target.shape[2])
+        truth = ops.reshape(ops.where(valid > 0, sharpness * target, outside), flat)
+        guess = ops.reshape(ops.where(valid > 0, sharpness * predicted, outside), flat)
+        log_p, log_q = ops.log_softmax(truth, axis=-1), ops.log_softmax(guess, axis=-1)
+        divergence = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+        best = ops.max(ops.reshape(ops.where(valid > 0, target, outside), flat), axis=-1)
+        return mse + peak_weight * ops.where(best >= peak_from, divergence, 0.0)
+
+    return loss
 
 
 def train_dense(
@@ -386,10 +435,14 @@ def train_dense(
     split=None,
     verbose: int = 2,
     initial_model=None,
+    peak_weight: float = 0.0,
+    peak_sharpness: float = 4.0,
 ):
     """Train an ``fcn`` regressor on a region set, every grid crop of a region at once.
 
-    Adam + MSE over the valid grid points (the others weigh nothing), early
+    Adam + MSE over the valid grid points (the others weigh nothing), with
+    ``peak_weight`` > 0 plus the peak term of :func:`region_loss` in the
+    regions that hold a crystal (a best count of at least 5), early
     stopping on the validation loss with the best weights restored, the
     split 60/20/20 by crystal. The saved model is the crop model
     (``input_size`` square input) with the metadata of
@@ -407,12 +460,15 @@ def train_dense(
         Learn the noise-free expected counts or their Poisson draws.
     initial_model : path, optional
         Start from this ``fcn`` model's weights and keep its label transform.
+    peak_weight, peak_sharpness : float
+        The peak term of :func:`region_loss` (0: MSE alone).
 
     Returns
     -------
     TrainResult
     """
     import keras
+    import tensorflow as tf
 
     from mxcube_autocenter.learning import architectures, training
     from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal
@@ -452,12 +508,18 @@ def train_dense(
         if initial is not None:
             model.set_weights(initial.get_weights())
         region_model = architectures.dense_evaluator(model)
-        region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+        loss = region_loss(peak_weight, peak_sharpness, float(fitted.forward(np.array([PEAK_MIN_COUNT]))[0]))
+        region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
     common = dict(spec=spec, batch_size=batch_size, cache=cache)
+
+    def with_flags(x, y, w):
+        # region_loss reads the valid flags beside the targets.
+        return x, tf.concat([y, w], axis=-1)
+
     train_ds = region_dataset(table, idx["train"], targets[idx["train"]], weights[idx["train"]], shuffle=True,
-                              seed=seed, augment=augment, **common)
+                              seed=seed, augment=augment, **common).map(with_flags)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
-                            shuffle=False, **common)
+                            shuffle=False, **common).map(with_flags)
     work = training.work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
         region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose)
@@ -487,7 +549,11 @@ def train_dense(
         "batch_size": int(batch_size),
         "learning_rate": float(learning_rate),
         "optimizer": "adam",
-        "loss": "mse over the valid grid points",
+        "loss": "mse over the valid grid points" + (
+            f" + {peak_weight:g} x KL divergence of softmax({peak_sharpness:g} x label) over the regions "
+            f"with a count of at least {PEAK_MIN_COUNT:g}" if peak_weight else ""),
+        "peak_weight": float(peak_weight),
+        "peak_sharpness": float(peak_sharpness),
         "label": label,
         "patience": int(patience),
         "seed": int(seed),
