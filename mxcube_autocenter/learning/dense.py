@@ -381,8 +381,9 @@ def region_loss(peak_weight: float = 0.0, sharpness: float = 4.0, peak_from: flo
     in the region the count is highest, which is what a centring takes
     from a heatmap. A softmax ignores an offset common to the region, and
     with the ``log`` transform a crystal's invisible capacity (a factor on
-    all its counts) is such an offset, so the peak term is free of the
-    noise that dominates the MSE on crystal points.
+    all its counts) is nearly such an offset where the counts are well
+    above 1, so the peak term is nearly free of the noise that dominates
+    the MSE on crystal points.
 
     Parameters
     ----------
