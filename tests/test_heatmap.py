@@ -1,5 +1,7 @@
 """Dense heatmaps: the fast path equals cropping every grid point and calling the model."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from mxcube_autocenter.centring.heatmap import (
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
+from mxcube_autocenter.geometry import sample_to_screen
 from mxcube_autocenter.simulation.render import Renderer
 from mxcube_autocenter.simulation.sample import make_sample
 
@@ -157,3 +160,37 @@ def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_proce
     assert added_memory_mb(lambda: touch(80)) >= 60
     # The 80 MB peak above is over: a small call reports its own few MB.
     assert added_memory_mb(lambda: touch(1)) < 20
+
+
+def test_heatmap_command_finds_the_crystal_and_no_crystal_in_a_black_or_empty_frame(tmp_path, capsys):
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    sample = make_sample(1, n_crystals=1)
+    frames = {
+        "crystal.png": frame_of(1),
+        "black.png": np.zeros((1024, 1280, 3), np.uint8),
+        "empty.png": Renderer().render_empty(),
+    }
+    paths = []
+    for name, rgb in frames.items():
+        paths.append(str(tmp_path / name))
+        cv2.imwrite(paths[-1], cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    paths.append(str(tmp_path / "truncated.png"))
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "black.png").read_bytes()[:100])
+
+    status = main(["heatmap", *paths, "--pixels-per-mm", str(PPMM[0]), "--json"])
+    results = {Path(entry["image"]).name: entry for entry in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert status == 1  # one image could not be read
+    crystal = results["crystal.png"]
+    assert crystal["crystal_found"] and crystal["score"] >= 5.0
+    # The best point lies on the crystal: within 50 um of the projection of its centre.
+    motors = {"omega": 0.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    (expected,), _ = sample_to_screen(sample.crystals[0].centre[None], motors, PPMM, (640, 512))
+    assert np.hypot(*np.subtract(crystal["best"], expected)) < 0.05 * PPMM[0]
+    for name in ("black.png", "empty.png"):
+        assert results[name]["loop"] is None and not results[name]["crystal_found"] and results[name]["best"] is None
+    assert "truncated.png" in results["truncated.png"]["error"]
