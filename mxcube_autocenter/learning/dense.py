@@ -410,8 +410,8 @@ def region_loss(peak_weight: float = 0.0, sharpness: float = 4.0, peak_from: flo
         guess = ops.reshape(ops.where(valid > 0, sharpness * predicted, outside), flat)
         log_p, log_q = ops.log_softmax(truth, axis=-1), ops.log_softmax(guess, axis=-1)
         divergence = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
-        best = ops.max(ops.reshape(ops.where(valid > 0, target, outside), flat), axis=-1)
-        return mse + peak_weight * ops.where(best >= peak_from, divergence, 0.0)
+        crystal = ops.max(truth, axis=-1) >= sharpness * peak_from
+        return mse + peak_weight * ops.where(crystal, divergence, 0.0)
 
     return loss
 
