@@ -197,20 +197,25 @@ def _print_training(result):
 
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
+    from mxcube_autocenter.learning.architectures import task_of
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
     if args.initial_model:
-        # Fine-tuning: the network, its input and label transform are the initial model's.
+        # Fine-tuning: the network, its input and label transform are the initial model's; an fcn_classifier
+        # started from a regressor keeps its own architecture and threshold.
         _, info = load_model(args.initial_model)
-        args.arch = info["architecture"]["name"]
+        transfer = args.arch == "fcn_classifier" and info.get("task") == "regression"
+        if not transfer:
+            args.arch = info["architecture"]["name"]
+            args.threshold = info.get("threshold", args.threshold)
         args.crop_um, args.input_size = info["input"]["crop_um"], info["input"]["input_size"]
         args.transform = info.get("transform", {}).get("name", args.transform)
-        args.threshold = info.get("threshold", args.threshold)
-        print(f"Fine-tuning {args.initial_model}: {args.arch}, {args.input_size} px crops of {args.crop_um} um"
-              + (f", transform {args.transform}" if args.arch != "classifier" else ""))
+        print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
+              f"{args.input_size} px crops of {args.crop_um} um"
+              + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
     options = dict(_train_options(args), initial_model=args.initial_model)
-    if args.arch == "classifier":
-        result = train_classifier(args.dataset, args.out, threshold=args.threshold, **options)
+    if task_of(args.arch) == "classifier":
+        result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
     else:
         result = train(args.dataset, args.arch, args.transform, args.out, **options)
     _print_training(result)
@@ -460,14 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
     train.add_argument("dataset", metavar="DATASET.h5")
-    train.add_argument("--arch", default="fcn", help="a1..a10, fcn, fcn_gap or classifier (default: %(default)s)")
+    train.add_argument("--arch", default="fcn",
+                       help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: %(default)s)")
     train.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
     train.add_argument("--threshold", type=float, default=5.0,
                        help="classifier: the count from which a crop is a crystal (default: %(default)s)")
     train.add_argument("--initial-model", metavar="MODEL.keras",
                        help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
-                            "label transform and threshold are used")
+                            "label transform and threshold are used; with --arch fcn_classifier, an fcn regressor "
+                            "to start the classifier from")
     add_train_options(train)
     train.set_defaults(func=cmd_train)
 

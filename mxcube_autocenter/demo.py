@@ -296,8 +296,16 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     learning["classifier_accuracy"] = None
     learning["classifier_s"] = 0.0
     if classifier:
-        _say(f"3/5 training the crystal/empty classifier (up to {classifier_epochs} epochs)")
-        clf = train_classifier(dataset, out / "classifier", epochs=classifier_epochs, split=split, **common)
+        if initial_model is None:
+            _say(f"3/5 training the crystal/empty classifier (up to {classifier_epochs} epochs)")
+            clf = train_classifier(dataset, out / "classifier", epochs=classifier_epochs, split=split, **common)
+        else:
+            # A few thousand recorded crops teach the thesis' classifier little; the regressor has seen far more.
+            _say(f"3/5 training the crystal/empty classifier from {Path(initial_model).name} (fcn_classifier, up to "
+                 f"{classifier_epochs} epochs)")  # fmt: skip
+            clf = train_classifier(dataset, out / "classifier", arch="fcn_classifier", epochs=classifier_epochs,
+                                   split=split, initial_model=initial_model,
+                                   **dict(common, crop_um=crop_um, input_size=input_size))  # fmt: skip
         cm = evaluate(clf.model_path, dataset, out / "classifier_report", subset=subset)
         validation = (clf.metrics.get("validation") or {}).get("balanced_accuracy")
         used = validation is not None and validation >= CLASSIFIER_MIN_BALANCED_ACCURACY

@@ -39,6 +39,12 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     # By default the demo fine-tunes the shipped regressor on its recordings (so with its input).
     assert result["learning"]["fine_tuned_from"] == "default_regressor.keras"
     assert result["learning"]["input_size"] == 128 and result["learning"]["crop_um"] == 240
+    # and its crystal/empty classifier starts from the shipped regressor too.
+    from mxcube_autocenter.learning.training import load_model
+
+    _, classifier_info = load_model(result["learning"]["classifier"])
+    assert classifier_info["architecture"]["name"] == "fcn_classifier"
+    assert classifier_info["training"]["initial_model"]["file"] == "default_regressor.keras"
     assert result["n_samples"] == 2 and result["n_empty"] == 1
 
     ml, lucid, mesh = (result["methods"][m] for m in ("ml", "lucid", "mesh_oracle"))

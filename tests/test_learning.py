@@ -274,6 +274,10 @@ def test_every_architecture_builds_with_the_parameter_count_of_its_spec():
     classifier = A.build("classifier", (128, 128, 3))
     expected = 28 * 32 + (9 * 32 + 1) * 32 + (9 * 32 + 1) * 64 + (16 * 16 * 64 + 1) * 64 + 65
     assert classifier.count_params() == expected
+    # The fcn classifier is the fcn with a sigmoid: the same weights, so that it can start from a regressor.
+    fcn_classifier = A.build("fcn_classifier", (128, 128, 3))
+    assert [w.shape for w in fcn_classifier.get_weights()] == [w.shape for w in A.build("fcn").get_weights()]
+    assert A.task_of("fcn_classifier") == "classifier"
     for name in A.ARCHITECTURES:
         model = A.build(name, (128, 128, 3))
         assert model.output_shape == (None, 1)
@@ -525,3 +529,40 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert set(table["a1"]) == {"vanilla", "tanh"}
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| architecture | vanilla | tanh |" in text and "| a1 |" in text
+
+
+def test_fcn_classifier_starts_from_an_fcn_regressor(trained, dataset_path, tmp_path):
+    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.learning.training import info_spec, info_transform, load_model, predict_rows, train_classifier
+
+    regressor, regressor_info = load_model(trained.model_path)
+    same = dict(crop_um=160, input_size=SMALL, batch_size=16, seed=0, verbose=0)
+    # With a learning rate of 0 the classifier is the regressor's prediction read against the threshold.
+    result = train_classifier(dataset_path, str(tmp_path / "clf"), arch="fcn_classifier", threshold=5, epochs=1,
+                              learning_rate=0.0, initial_model=trained.model_path, **same)
+    classifier, info = load_model(result.model_path)
+    assert info["task"] == "classifier" and info["architecture"]["name"] == "fcn_classifier"
+    assert info["training"]["initial_model"]["task"] == "regression"
+    table = read_table(dataset_path)
+    rows = np.arange(len(table.rc))
+    counts = info_transform(regressor_info).inverse(predict_rows(regressor, table, rows, info_spec(regressor_info)))
+    probability = predict_rows(classifier, table, rows, info_spec(info))
+    clear = np.abs(np.log1p(counts) - np.log1p(5.0)) > 1e-3  # float32 rounding decides at the threshold itself
+    assert clear.mean() > 0.9 and 0 < (counts >= 5).mean() < 1
+    np.testing.assert_array_equal((probability >= 0.5)[clear], (counts >= 5)[clear])
+
+    # The command line keeps the classifier's architecture and takes the regressor's input.
+    from mxcube_autocenter.cli import main
+
+    assert main(["train", dataset_path, "--arch", "fcn_classifier", "--initial-model", trained.model_path,
+                 "--epochs", "1", "--out", str(tmp_path / "cli")]) == 0
+    _, cli_info = load_model(str(tmp_path / "cli" / "model.keras"))
+    assert cli_info["architecture"]["name"] == "fcn_classifier" and cli_info["threshold"] == 5.0
+    assert (cli_info["input"]["crop_um"], cli_info["input"]["input_size"]) == (160, SMALL)
+
+    with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0"):
+        train_classifier(dataset_path, str(tmp_path / "bad"), arch="fcn_classifier", epochs=1,
+                         initial_model=trained.model_path, **dict(same, crop_um=200))
+    with pytest.raises(ValueError, match="initial model has task 'regression', not 'classifier'"):
+        train_classifier(dataset_path, str(tmp_path / "bad"), arch="classifier", epochs=1,
+                         initial_model=trained.model_path, **same)

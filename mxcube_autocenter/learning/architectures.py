@@ -29,6 +29,9 @@ Classifier
 ----------
 ``"classifier"``: C32-MPOOL-C32-MPOOL-C64-MPOOL-F64-DROPOUT50 and a sigmoid
 output (the thesis' crystal/empty classifier), 3x3 ``"same"`` convolutions.
+``"fcn_classifier"``: the ``"fcn"`` regressor below with a sigmoid on its
+output, so that it can start from a trained regressor's weights: that
+network has seen far more crystals than a site's recordings hold.
 
 Compact fully convolutional regressors
 --------------------------------------
@@ -118,7 +121,7 @@ FCN_FILTERS = (16, 32, 48, 64)
 FCN_HEAD = 32
 
 REGRESSORS = (*THESIS_SPECS, "fcn", "fcn_gap")
-CLASSIFIERS = ("classifier",)
+CLASSIFIERS = ("classifier", "fcn_classifier")
 ARCHITECTURES = (*REGRESSORS, *CLASSIFIERS)
 DEFAULT_REGRESSOR = "fcn"
 
@@ -145,6 +148,8 @@ def describe(name: str) -> dict:
     else:
         spec = {"kind": name, "filters": list(FCN_FILTERS), "strides": 2, "padding": "valid", "head": FCN_HEAD,
                 "conv_dropout": CONV_DROPOUT}
+        if name == "fcn_classifier":
+            spec["output"] = "sigmoid"
     return {"name": name, "task": task, "spec": spec}
 
 
@@ -190,15 +195,22 @@ def _fcn_trunk(x):
     return layers.Dropout(CONV_DROPOUT, name="drop")(x)
 
 
-def _fcn(input_shape):
+def _fcn(input_shape, name="fcn"):
+    """The fcn regressor, or with ``name="fcn_classifier"`` the same network with a sigmoid on its output.
+
+    Both have the same weights in the same order, so a classifier can start
+    from a trained regressor (:func:`mxcube_autocenter.learning.training.transfer_regressor`).
+    """
     inputs = keras.Input(input_shape, name="crop")
     x = _fcn_trunk(inputs)
     if x.shape[1] < 1 or x.shape[2] < 1:
-        raise ValueError(f"fcn: input {input_shape} is too small (at least 31 x 31)")
+        raise ValueError(f"{name}: input {input_shape} is too small (at least 31 x 31)")
     x = layers.Conv2D(FCN_HEAD, (x.shape[1], x.shape[2]), padding="valid", activation="relu", name="head")(x)
     x = layers.Conv2D(1, 1, name="rc_map")(x)
     x = layers.Flatten(name="rc")(x)
-    return keras.Model(inputs, x, name="fcn")
+    if name == "fcn_classifier":
+        x = layers.Activation("sigmoid", name="crystal")(x)
+    return keras.Model(inputs, x, name=name)
 
 
 def _fcn_gap(input_shape):
@@ -217,8 +229,8 @@ def build(name: str, input_shape=(128, 128, 3)) -> keras.Model:
         return _thesis(name, THESIS_SPECS[name], input_shape)
     if name == "classifier":
         return _classifier(input_shape)
-    if name == "fcn":
-        return _fcn(input_shape)
+    if name in ("fcn", "fcn_classifier"):
+        return _fcn(input_shape, name)
     if name == "fcn_gap":
         return _fcn_gap(input_shape)
     raise ValueError(f"unknown architecture {name!r}: choose one of {ARCHITECTURES}")
