@@ -259,10 +259,11 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     else:
         info = initial[1]
         crop_um, input_size = info["input"]["crop_um"], info["input"]["input_size"]
+        common.update(crop_um=crop_um, input_size=input_size)  # the regressor's input, for the classifier too
         _say(f"3/5 fine-tuning {Path(initial_model).name} on the recordings ({input_size} px input, up to {epochs} "
              "epochs)")  # fmt: skip
         reg = train(dataset, info["architecture"]["name"], info["transform"]["name"], out / "regressor",
-                    epochs=epochs, initial_model=initial_model, **dict(common, crop_um=crop_um, input_size=input_size))
+                    epochs=epochs, initial_model=initial_model, **common)
     split = reg.info["split"]
     # The test subset may be empty in tiny runs: then the report is on the validation crystals.
     subset = "test" if split["rows"].get("test") else "validation"
@@ -304,8 +305,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
             _say(f"3/5 training the crystal/empty classifier from {Path(initial_model).name} (fcn_classifier, up to "
                  f"{classifier_epochs} epochs)")  # fmt: skip
             clf = train_classifier(dataset, out / "classifier", arch="fcn_classifier", epochs=classifier_epochs,
-                                   split=split, initial_model=initial_model,
-                                   **dict(common, crop_um=crop_um, input_size=input_size))  # fmt: skip
+                                   split=split, initial_model=initial_model, **common)  # fmt: skip
         cm = evaluate(clf.model_path, dataset, out / "classifier_report", subset=subset)
         validation = (clf.metrics.get("validation") or {}).get("balanced_accuracy")
         used = validation is not None and validation >= CLASSIFIER_MIN_BALANCED_ACCURACY
