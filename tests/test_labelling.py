@@ -205,6 +205,11 @@ COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
         ("counts.txt", "image  spots  d_min\n1 12 2.1\n2 0 9.9\n3 57 1.8\n5 8 3.0\n"),
         ("list.json", json.dumps([{"image": i, "spots": c} for i, c in COUNTS.items()])),
         ("columns.json", json.dumps({"image": list(COUNTS), "n_spots_total": list(COUNTS.values()), "d_min": [1] * 4})),
+        (
+            "no_ice.json",
+            json.dumps({"image": list(COUNTS), "n_spots_total": [c + 3 for c in COUNTS.values()],
+                        "n_spots_no_ice": list(COUNTS.values())}),
+        ),
         ("mapping.json", json.dumps({str(i): c for i, c in COUNTS.items()})),
         (
             "dials.log",
@@ -212,9 +217,9 @@ COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
             "+---------+----------+-----------------+-------------------+\n"
             "|   image |   #spots |   #spots_no_ice |   total_intensity |\n"
             "|---------+----------+-----------------+-------------------|\n"
-            "|       1 |       12 |              10 |              5163 |\n"
+            "|       1 |       14 |              12 |              5163 |\n"
             "|       2 |        0 |               0 |                 0 |\n"
-            "|       3 |       57 |              50 |              3821 |\n"
+            "|       3 |       61 |              57 |              3821 |\n"
             "|       5 |        8 |               8 |              3821 |\n"
             "+---------+----------+-----------------+-------------------+\n",
         ),

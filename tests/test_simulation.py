@@ -119,6 +119,20 @@ def test_counts_on_screen_equal_the_counts_after_translating_the_point_into_the_
     assert on_screen[0] == pytest.approx(model.expected_rc(seen)) and on_screen[0] > 5
 
 
+def test_ice_makes_ice_ring_spots_not_reflections():
+    sample = make_sample(50001, n_crystals=0, ice=True)
+    model = DiffractionModel(sample, Beam())
+    ball = sample.ice[0]
+    in_ice = centred_motors(ball[:3], 0.0)
+    assert model.expected_ice_spots(in_ice) >= model.ice_spots_per_ball
+    assert model.expected_rc(in_ice) <= model.background_rc
+    # Along the spindle, off the loop: no ice there at any omega.
+    beside = centred_motors(ball[:3] + np.array([2.0, 0.0, 0.0]), 0.0)
+    assert model.expected_ice_spots(beside) == 0.0
+    draws = [model.sample_ice_spots(in_ice, np.random.default_rng(k)) for k in range(200)]
+    assert np.mean(draws) == pytest.approx(model.expected_ice_spots(in_ice), rel=0.2)
+
+
 def test_empty_loop_has_no_best_point_and_only_background():
     model = DiffractionModel(make_sample(8, n_crystals=0), Beam())
     assert model.best_point() == (None, 0.0)

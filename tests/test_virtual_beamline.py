@@ -110,6 +110,7 @@ COLLECT_SIGNALS = (
 @pytest.mark.parametrize("kind", ["Helical", "OSC"])
 def test_collections_move_the_goniometer_and_write_eiger_files(beamline, tmp_path, kind):
     from mxcube_autocenter.labelling.eiger import open_master
+    from mxcube_autocenter.labelling.pipeline import DEFAULT_SPOT_FINDER
     from mxcube_autocenter.labelling.spotfinder import count_reflections
     from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
 
@@ -144,11 +145,34 @@ def test_collections_move_the_goniometer_and_write_eiger_files(beamline, tmp_pat
         assert series.nimages == 20
         windows = series.frame_windows()
         np.testing.assert_allclose(windows[:, 0], record["detector_frame_starts"], atol=1e-6)
-        found = [count_reflections(*series.frame(i)) for i in range(series.nimages)]
+        found = [count_reflections(*series.frame(i), DEFAULT_SPOT_FINDER, geometry=series)
+                 for i in range(series.nimages)]  # fmt: skip
     truth = record["reflection_counts"]
     assert max(truth) > 0
     for f, t in zip(found, truth):
         assert abs(f - t) <= max(3, 0.1 * t)
+
+
+def test_ice_in_the_beam_writes_ice_ring_spots_that_labelling_leaves_out(beamline, tmp_path):
+    from mxcube_autocenter.labelling.eiger import open_master
+    from mxcube_autocenter.labelling.pipeline import DEFAULT_SPOT_FINDER
+    from mxcube_autocenter.labelling.spotfinder import count_reflections
+    from mxcube_autocenter.simulation.experiments import run_collection
+
+    mounted = beamline.sample_changer.mount(make_sample(50001, n_crystals=0, ice=True))
+    ball = mounted.sample.ice[np.argmax(mounted.sample.ice[:, 3])]
+    beamline.diffractometer.set_value_motors(
+        {m: v for m, v in centred_motors(ball[:3]).items() if m != "omega"}, timeout=30
+    )
+    run_collection(beamline, tmp_path, "ice", n_images=12, exposure_time=0.04, osc_range=1.0)
+    record = beamline.collect.last_collection
+    with open_master(record["master_file"]) as series:
+        all_spots = [count_reflections(*series.frame(i), geometry=series) for i in range(series.nimages)]
+        reflections = [count_reflections(*series.frame(i), DEFAULT_SPOT_FINDER, geometry=series)
+                       for i in range(series.nimages)]  # fmt: skip
+    # An empty loop: the ice ball's spots (3 a frame on average) are all on the ice rings.
+    assert sum(all_spots) >= 12 and sum(all_spots) > 3 * sum(reflections)
+    assert max(abs(f - t) for f, t in zip(reflections, record["reflection_counts"])) <= 3
 
 
 def test_failing_collection_reports_failure(beamline, tmp_path):

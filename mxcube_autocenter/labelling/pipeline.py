@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 # The virtual camera's delay from exposure to delivery; MD cameras take tens of ms.
 DEFAULT_CAMERA_LATENCY_S = 0.02
 DEFAULT_TOLERANCE_S = 0.005
+# DIALS' defaults, but spots on the ice rings are left out: the count labels
+# what a crystal diffracts, and ice counted as crystal would teach a model to
+# centre on ice.
+DEFAULT_SPOT_FINDER = SpotFinderParams(ice_rings=True)
 # Detector frames per task sent to a worker process: enough to outweigh the
 # cost of a task, few enough (at least _MIN_TASKS tasks) that the workers
 # finish together.
@@ -145,7 +149,7 @@ class LabelSummary:
         return sum(entry.rows for entry in self.recordings)
 
 
-def count_spots(master_file, params: SpotFinderParams = SpotFinderParams(), *, executor: Executor | None = None,
+def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, executor: Executor | None = None,
                 progress: bool = False) -> np.ndarray:  # fmt: skip
     """Reflection count of every frame of an EIGER collection, with the spot finder.
 
@@ -158,6 +162,7 @@ def count_spots(master_file, params: SpotFinderParams = SpotFinderParams(), *, e
     master_file : path
         ``<prefix>_master.h5``.
     params : SpotFinderParams
+        Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
     executor : concurrent.futures.Executor, optional
         Runs the tasks (``ProcessPoolExecutor``); default: this process.
     progress : bool
@@ -265,7 +270,7 @@ def label_recordings(
     *,
     spots_from=None,
     nproc: int = 1,
-    params: SpotFinderParams = SpotFinderParams(),
+    params: SpotFinderParams = DEFAULT_SPOT_FINDER,
     clock_offset: float | None = None,
     tolerance: float = DEFAULT_TOLERANCE_S,
     camera_latency: float = DEFAULT_CAMERA_LATENCY_S,
@@ -290,6 +295,7 @@ def label_recordings(
     nproc : int
         Processes counting reflections (1: this process only).
     params : SpotFinderParams
+        Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
     clock_offset : float, optional
         Detector clock minus camera clock, s; estimated per recording from
         the motion (``matching.estimate_clock_offset``) by default.

@@ -81,6 +81,13 @@ class SpotFinderParams:
         Resolution limits, Angstrom: pixels outside the shell are invalid
         (neither tested nor used for the statistics of their neighbours).
         They need the detector geometry.
+    ice_rings : bool
+        Drop spots whose centroid lies on an ice ring (DIALS'
+        ``filter.ice_rings.filter``, off by default there too): ice in the
+        beam diffracts there, and a count that labels a crystal's diffraction
+        must not include it. Needs the detector geometry.
+    ice_ring_width : float
+        Full width of each ice ring in ``1/d^2``, 1/Angstrom^2 (DIALS' 0.002).
     """
 
     gain: float = 1.0
@@ -93,6 +100,8 @@ class SpotFinderParams:
     max_spot_size: int | None = 1000
     d_min: float | None = None
     d_max: float | None = None
+    ice_rings: bool = False
+    ice_ring_width: float = 0.002
 
     def __post_init__(self):
         kx, ky = self.kernel_size
@@ -110,6 +119,8 @@ class SpotFinderParams:
             )
         if self.d_min is not None and self.d_max is not None and self.d_min >= self.d_max:
             raise ValueError(f"d_min={self.d_min} A must be below d_max={self.d_max} A")
+        if self.ice_ring_width <= 0:
+            raise ValueError(f"ice_ring_width={self.ice_ring_width} 1/A^2: must be positive (DIALS uses 0.002)")
 
     @property
     def box_pixels(self) -> int:
@@ -170,6 +181,68 @@ def resolution_radius(d: float, geometry: BeamGeometry) -> float:
     return float(geometry.distance * np.tan(2.0 * np.arcsin(sin_theta)) / geometry.pixel_size)
 
 
+# Hexagonal ice Ih (P6_3/mmc), the cell DIALS' ice-ring filter uses, Angstrom.
+ICE_CELL_A, ICE_CELL_C = 4.498, 7.338
+
+
+def ice_ring_spacings(d_min: float = 1.0) -> np.ndarray:
+    """Lattice spacings of the ice rings down to ``d_min``, Angstrom, largest first.
+
+    The reflections of hexagonal ice allowed by its space group (P6_3/mmc:
+    ``00l`` and ``hh-2hl`` need even ``l``), as DIALS lists them for its
+    ice-ring filter.
+    """
+    h_max = int(np.ceil(ICE_CELL_A / d_min)) + 1
+    l_max = int(np.ceil(ICE_CELL_C / d_min))
+    h, k, l = np.mgrid[-h_max : h_max + 1, -h_max : h_max + 1, 0 : l_max + 1].reshape(3, -1)
+    inv_d2 = 4.0 / 3.0 * (h * h + h * k + k * k) / ICE_CELL_A**2 + l * l / ICE_CELL_C**2
+    # hh-2hl and its symmetry mates have h = k, k = -2h or h = -2k; 00l is among them.
+    special = (h == k) | (k == -2 * h) | (h == -2 * k)
+    allowed = (inv_d2 > 0) & (inv_d2 <= 1.0 / d_min**2) & ~(special & (l % 2 == 1))
+    return 1.0 / np.sqrt(np.unique(np.round(inv_d2[allowed], 10)))
+
+
+def d_star_sq(xy, geometry: BeamGeometry) -> np.ndarray:
+    """Squared reciprocal spacing ``1/d^2`` at detector positions, 1/Angstrom^2.
+
+    Parameters
+    ----------
+    xy : (N, 2) array_like
+        ``(x, y)``, pixels from the detector corner.
+    geometry : BeamGeometry
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    r_mm = geometry.pixel_size * np.hypot(xy[:, 0] - geometry.beam_center_x, xy[:, 1] - geometry.beam_center_y)
+    sin_theta = np.sin(0.5 * np.arctan2(r_mm, geometry.distance))
+    return (2.0 * sin_theta / geometry.wavelength) ** 2
+
+
+def on_ice_ring(xy, geometry: BeamGeometry, width: float = 0.002) -> np.ndarray:
+    """Whether each detector position lies on an ice ring.
+
+    Parameters
+    ----------
+    xy : (N, 2) array_like
+        ``(x, y)``, pixels from the detector corner.
+    geometry : BeamGeometry
+    width : float
+        Full width of a ring in ``1/d^2``, 1/Angstrom^2.
+
+    Returns
+    -------
+    (N,) ndarray of bool
+    """
+    s2 = d_star_sq(xy, geometry)
+    if s2.size == 0 or s2.max() <= 0:
+        return np.zeros(s2.size, bool)
+    rings = ice_ring_spacings(d_min=1.0 / np.sqrt(s2.max() + width)) ** -2.0  # ascending
+    if rings.size == 0:
+        return np.zeros(s2.size, bool)
+    above = np.searchsorted(rings, s2)
+    upper, lower = rings[np.minimum(above, rings.size - 1)], rings[np.maximum(above - 1, 0)]
+    return np.minimum(np.abs(s2 - upper), np.abs(s2 - lower)) <= 0.5 * width
+
+
 def find_spots(
     frame: np.ndarray,
     valid: np.ndarray | None = None,
@@ -198,8 +271,9 @@ def find_spots(
         enter the statistics of their neighbours. Default: all valid.
     params : SpotFinderParams
     geometry : BeamGeometry, optional
-        Needed only for ``params.d_min`` / ``params.d_max``: a
-        ``DetectorGeometry`` or the ``EigerSeries`` the frame came from.
+        Needed only for ``params.d_min`` / ``params.d_max`` and
+        ``params.ice_rings``: a ``DetectorGeometry`` or the ``EigerSeries``
+        the frame came from.
 
     Returns
     -------
@@ -212,9 +286,18 @@ def find_spots(
         valid = np.ascontiguousarray(valid, dtype=bool)
         if valid.shape != frame.shape:
             raise ValueError(f"valid mask {valid.shape} and frame {frame.shape} differ in shape")
+    if params.ice_rings and geometry is None:
+        raise ValueError(
+            "ice_rings=True needs the detector geometry: pass geometry= (the EigerSeries of the frame, "
+            "or a DetectorGeometry), or ice_rings=False"
+        )
     shell = _resolution_shell(params, geometry)
     strong = _strong_pixels(frame, valid, params, shell)
-    return _spots(frame, strong, params)
+    spots = _spots(frame, strong, params)
+    if params.ice_rings and spots.count:
+        keep = ~on_ice_ring(spots.centroids, geometry, params.ice_ring_width)
+        spots = SpotList(spots.centroids[keep], spots.sizes[keep], spots.intensities[keep])
+    return spots
 
 
 def count_reflections(
@@ -353,7 +436,7 @@ def benchmark(quick: bool) -> dict:
         figures = {}
         for key, geometry in (("4m", EIGER_4M), ("16m", EIGER_16M)):
             simulator = FrameSimulator(geometry, seed=1)
-            frame, _ = simulator.frame(300)
+            frame, _, _ = simulator.frame(300)
             valid = valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
             find_spots(frame, valid)  # warm-up: first-touch of the strip buffers
             times = []

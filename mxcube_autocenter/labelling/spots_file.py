@@ -16,8 +16,10 @@ Columns (case-insensitive; the first present is used):
 
 * image number, 1-based as the detector numbers images: ``image``,
   ``image_number``, ``image_nr``;
-* reflection count: ``spots``, ``n_spots``, ``n_spots_total``, ``#spots``,
-  ``reflections``, ``n_reflections``;
+* reflection count: ``n_spots_no_ice``, ``#spots_no_ice``, ``spots``,
+  ``n_spots``, ``n_spots_total``, ``#spots``, ``reflections``,
+  ``n_reflections``: DIALS' count off the ice rings comes first, as our
+  spot finder labels (``pipeline.DEFAULT_SPOT_FINDER``);
 * optional master file, for a file covering several collections:
   ``master_file`` (compared by file name with a recording's master file).
 """
@@ -33,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_COLUMNS = ("image", "image_number", "image_nr")
-SPOTS_COLUMNS = ("spots", "n_spots", "n_spots_total", "#spots", "reflections", "n_reflections")
+SPOTS_COLUMNS = (
+    "n_spots_no_ice", "#spots_no_ice", "spots", "n_spots", "n_spots_total", "#spots", "reflections", "n_reflections",
+)  # fmt: skip
 MASTER_COLUMN = "master_file"
 
 _EXPECTED = (

@@ -41,7 +41,8 @@ class VirtualCollect(CollectMockup):
         self.clock_jitter_s = float(self.get_property("detector_clock_jitter_s", 0.002))
         self.geometry = DETECTORS[str(self.get_property("detector", "small"))]
         # Spots that do not fit on a frame are clipped, as a saturated spot finder would.
-        self.max_spots = eiger.FrameSimulator(self.geometry).capacity
+        simulator = eiger.FrameSimulator(self.geometry)
+        self.max_spots, self.max_ice_spots = simulator.capacity, simulator.ice_capacity
         self._rng = np.random.default_rng(int(self.get_property("seed", 0)))
         self._helical = False
         self._helical_positions = None
@@ -79,7 +80,7 @@ class VirtualCollect(CollectMockup):
         self.emit("collectStarted", (None, 1))
         diffr.set_phase(diffr.get_phase_enum.COLLECT)
 
-        counts, frame_starts = [], []
+        counts, ice_spots, frame_starts = [], [], []
         start = time.time()
         for image in range(plan.n_images):
             if self.aborted_by_user:
@@ -97,6 +98,8 @@ class VirtualCollect(CollectMockup):
             mid = plan.motors_at((image + 0.5) * plan.exposure_time)
             count = mounted.diffraction.sample_rc(mid, self._rng) if mounted else 0
             counts.append(min(count, self.max_spots))
+            ice = mounted.diffraction.sample_ice_spots(mid, self._rng) if mounted else 0
+            ice_spots.append(min(ice, self.max_ice_spots))
             frame_starts.append(start + image * plan.exposure_time + self.clock_offset_s
                                 + self._rng.normal(0.0, self.clock_jitter_s))
             self.emit("collectImageTaken", image + 1)
@@ -118,6 +121,7 @@ class VirtualCollect(CollectMockup):
                 "geometry": self.geometry,
                 "seed": int(self._rng.integers(2**31)),
                 "frame_start_times": frame_starts,
+                "ice_spots": ice_spots,
             },
         )
         self.last_collection = {

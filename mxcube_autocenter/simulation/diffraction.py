@@ -3,9 +3,13 @@
 The expected reflection count (RC) of a detector frame is the crystals'
 capacity times their illuminated volume weighted by the beam profile and
 the crystals' internal quality field, plus a small background from the
-liquid and ice. Volumes are integrated over a fixed cloud of points inside
-each crystal, so the count is a smooth, deterministic function of the motor
+liquid. Volumes are integrated over a fixed cloud of points inside each
+crystal, so the count is a smooth, deterministic function of the motor
 positions.
+
+Ice in the beam adds spots too, but on the ice rings, where spot finders
+leave them out of the count (DIALS' ``filter.ice_rings``): they are counted
+apart, as ice-ring spots, and are not part of the reflection count.
 """
 
 from __future__ import annotations
@@ -56,12 +60,18 @@ class DiffractionModel:
         Integration points inside each crystal; more is smoother and slower.
     background_rc : float
         Mean spots per frame from the liquid film when the beam crosses it.
+    ice_spots_per_ball : float
+        Mean ice-ring spots per frame from each ice ball in the beam.
     """
 
-    def __init__(self, sample: VirtualSample, beam: Beam = Beam(), points_per_crystal=4000, background_rc=0.5):
+    def __init__(
+        self, sample: VirtualSample, beam: Beam = Beam(), points_per_crystal=4000, background_rc=0.5,
+        ice_spots_per_ball=3.0,
+    ):  # fmt: skip
         self.sample = sample
         self.beam = beam
         self.background_rc = background_rc
+        self.ice_spots_per_ball = ice_spots_per_ball
         rng = np.random.default_rng(sample.seed + 7919)
         self._points, self._weights = [], []
         for crystal in sample.crystals:
@@ -113,11 +123,27 @@ class DiffractionModel:
             for start in range(0, len(targets), chunk):
                 d = (xy[None, :, :] - targets[start : start + chunk, None, :]) / scale
                 rc[start : start + chunk] = self.beam.weight(d[..., 0], d[..., 1]) @ self._all_weights
-        return rc + self._background(motors, pixels_per_mm, beam_position, targets)
+        return rc + self._liquid(motors, pixels_per_mm, beam_position, targets)
 
     def sample_rc(self, motors, rng) -> int:
         """A Poisson draw of the reflection count at these motor positions."""
         return int(rng.poisson(self.expected_rc(motors)))
+
+    def expected_ice_spots(self, motors) -> float:
+        """Expected ice-ring spots of a frame taken at these motor positions.
+
+        Each ice ball the beam centre crosses adds ``ice_spots_per_ball``.
+        """
+        sample = self.sample
+        if not len(sample.ice):
+            return 0.0
+        ice_xy, _ = sample_to_screen(sample.ice[:, :3], motors, (1.0, 1.0), (0.0, 0.0))
+        inside = np.hypot(ice_xy[:, 0], ice_xy[:, 1]) < sample.ice[:, 3]
+        return self.ice_spots_per_ball * float(np.count_nonzero(inside))
+
+    def sample_ice_spots(self, motors, rng) -> int:
+        """A Poisson draw of the ice-ring spots at these motor positions."""
+        return int(rng.poisson(self.expected_ice_spots(motors)))
 
     def _crystal_rc(self, points, weights, motors) -> float:
         if len(points) == 0:
@@ -125,18 +151,12 @@ class DiffractionModel:
         offsets = beam_frame(points, motors)
         return float(np.sum(weights * self.beam.weight(offsets[:, 0], offsets[:, 1])))
 
-    def _background(self, motors, pixels_per_mm, beam_position, targets) -> np.ndarray:
-        """Liquid scattering where the beam crosses the film, plus ice rings, at each screen point."""
-        sample = self.sample
-        film_xy, _ = sample_to_screen(sample.film_points(), motors, pixels_per_mm, beam_position)
+    def _liquid(self, motors, pixels_per_mm, beam_position, targets) -> np.ndarray:
+        """Spots from the liquid where the beam crosses the film, at each screen point."""
+        film_xy, _ = sample_to_screen(self.sample.film_points(), motors, pixels_per_mm, beam_position)
         hull = cv2.convexHull(film_xy.astype(np.float32))
         inside = np.array([cv2.pointPolygonTest(hull, (float(x), float(y)), False) >= 0 for x, y in targets])
-        bg = self.background_rc * inside
-        if len(sample.ice):
-            ice_xy, _ = sample_to_screen(sample.ice[:, :3], motors, pixels_per_mm, beam_position)
-            d = (ice_xy[None, :, :] - targets[:, None, :]) / np.asarray(pixels_per_mm, dtype=np.float64)
-            bg = bg + 3.0 * np.count_nonzero(np.hypot(d[..., 0], d[..., 1]) < sample.ice[None, :, 3], axis=1)
-        return bg
+        return self.background_rc * inside
 
     def mean_rc_centred(self, point, omegas=JUDGING_OMEGAS) -> float:
         """Mean crystal reflection count over omega with ``point`` centred in the beam."""

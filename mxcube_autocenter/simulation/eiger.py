@@ -5,9 +5,11 @@ The files have the layout of the EIGER2 FileWriter (NeXus NXmx plus DECTRIS'
 external links to ``<prefix>_data_NNNNNN.h5`` files of up to
 ``images_per_file`` frames, each frame one bitshuffle-LZ4 compressed chunk.
 A frame holds Poisson background falling off from the beam with a faint
-solvent ring, and exactly the requested number of Bragg spots, each a
-pixel-integrated Gaussian stamp with Poisson noise. docs/data-formats.md
-lists every dataset.
+solvent ring, exactly the requested number of Bragg spots, each a
+pixel-integrated Gaussian stamp with Poisson noise, and optionally spots
+from ice, which land on the ice rings. Bragg spots are drawn off the ice
+rings, so that a spot finder that filters the rings finds them all.
+docs/data-formats.md lists every dataset.
 
 Coordinates are in pixels from the detector corner, as ``beam_center_x``:
 the centre of pixel ``(row, column)`` is at ``(column + 0.5, row + 0.5)``.
@@ -29,7 +31,13 @@ import hdf5plugin
 import numpy as np
 from scipy.special import erf
 
-from mxcube_autocenter.labelling.spotfinder import resolution_radius
+from mxcube_autocenter.labelling.spotfinder import (
+    SpotFinderParams,
+    d_star_sq,
+    ice_ring_spacings,
+    on_ice_ring,
+    resolution_radius,
+)
 
 # pixel_mask bits, as DECTRIS sets them.
 GAP = 1  # bit 0: gap between modules, no sensor
@@ -143,12 +151,15 @@ class EigerCollection:
     spot_positions : tuple of ndarray, shape (N_i, 2)
         True Bragg spot centres ``(x, y)`` of each frame, pixels from the
         detector corner.
+    ice_spot_positions : tuple of ndarray, shape (M_i, 2)
+        True centres of each frame's ice-ring spots.
     """
 
     master_path: Path
     data_paths: tuple
     nimages: int
     spot_positions: tuple
+    ice_spot_positions: tuple
 
 
 def background_model(geometry: DetectorGeometry) -> np.ndarray:
@@ -270,6 +281,8 @@ class FrameSimulator:
         Value of gap pixels (all bits set).
     capacity : int
         Most Bragg spots one frame can hold.
+    ice_capacity : int
+        Most ice-ring spots one frame can hold.
     """
 
     def __init__(self, geometry: DetectorGeometry = SMALL, *, seed: int = 0, bit_depth: int = 32):
@@ -289,8 +302,10 @@ class FrameSimulator:
         self._flagged_values = np.select(
             [flags & GAP != 0, flags & HOT != 0], [self.invalid, self.count_cutoff], 0
         ).astype(self.dtype)
-        self._usable_cells = self._cells_free_of_masked_pixels()
-        self.capacity = int(self._usable_cells.size)
+        usable = self._cells_free_of_masked_pixels()
+        self._bragg_cells, self._ice_cells, self._ice_sites = self._split_by_ice_rings(usable)
+        self.capacity = int(self._bragg_cells.size)
+        self.ice_capacity = int(self._ice_cells.size)
 
     def _cells_free_of_masked_pixels(self) -> np.ndarray:
         """Flat indices of the grid cells where a spot stamp never touches a masked pixel."""
@@ -303,14 +318,50 @@ class FrameSimulator:
         inner = cells[:, _CELL_MARGIN : _CELL - _CELL_MARGIN, :, _CELL_MARGIN : _CELL - _CELL_MARGIN]
         return np.flatnonzero(inner.all(axis=(1, 3)))
 
-    def frame(self, n_spots: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw one frame with exactly ``n_spots`` Bragg spots.
+    def _split_by_ice_rings(self, cells):
+        """Cells for Bragg spots (clear of the ice rings), cells for ice spots, and the ice spots' sites.
+
+        A cell's spot centre lies anywhere on its ``span x span`` grid of
+        sub-pixel sites. Bragg cells keep every site off the rings (of the
+        spot finder's default width), with a pixel to spare for the
+        centroid's noise; ice cells have sites on a ring's middle half, where
+        a spot finder's centroid still falls on the ring. ``sites`` lists
+        ``(cell, sub_y, sub_x)`` rows sorted by cell.
+        """
+        g = self.geometry
+        span = (_CELL - 2 * _CELL_MARGIN) * _SUBPIXEL
+        cell_y, cell_x = np.divmod(cells, g.width // _CELL)
+        corner = np.column_stack([cell_x, cell_y]) * _CELL + _CELL_MARGIN
+        # The radii a cell's sites reach, a pixel more each way for the centroid's noise.
+        low, high = corner - 1.0, corner + span / _SUBPIXEL + 1.0
+        beam = np.array([g.beam_center_x, g.beam_center_y])
+        r_min = np.hypot(*(np.clip(beam, low, high) - beam).T)
+        r_max = np.hypot(*np.maximum(np.abs(low - beam), np.abs(high - beam)).T)
+        s2_min, s2_max = (d_star_sq(np.column_stack([r + beam[0], np.full_like(r, beam[1])]), g)
+                          for r in (r_min, r_max))  # fmt: skip
+        half = 0.5 * SpotFinderParams().ice_ring_width
+        rings = ice_ring_spacings(d_min=1.0 / np.sqrt(s2_max.max() + half)) ** -2.0
+        near = np.any((s2_min[:, None] <= rings + half) & (s2_max[:, None] >= rings - half), axis=1)
+        bragg = cells[~near]
+        sub = (np.arange(span) + 0.5) / _SUBPIXEL
+        site_y, site_x = np.meshgrid(np.arange(span), np.arange(span), indexing="ij")
+        candidates = np.flatnonzero(near)
+        xy = corner[candidates, None, :] + np.stack([sub[site_x], sub[site_y]], axis=-1).reshape(1, -1, 2)
+        on_ring = on_ice_ring(xy.reshape(-1, 2), g, half).reshape(len(candidates), -1)
+        which, site = np.nonzero(on_ring)
+        sites = np.column_stack([cells[candidates][which], site_y.ravel()[site], site_x.ravel()[site]])
+        return bragg, np.unique(sites[:, 0]), sites
+
+    def frame(self, n_spots: int, n_ice_spots: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Draw one frame with exactly ``n_spots`` Bragg spots and ``n_ice_spots`` on the ice rings.
 
         Returns
         -------
         frame : ndarray, shape (height, width), of the simulator's dtype
         positions : ndarray of float, shape (n_spots, 2)
-            Spot centres ``(x, y)``, pixels from the detector corner.
+            Bragg spot centres ``(x, y)``, pixels from the detector corner.
+        ice_positions : ndarray of float, shape (n_ice_spots, 2)
+            Ice spot centres.
         """
         g = self.geometry
         if n_spots > self.capacity:
@@ -318,14 +369,26 @@ class FrameSimulator:
                 f"{n_spots} Bragg spots do not fit on one {g.name} frame (at most {self.capacity}): "
                 "simulate a larger detector (EIGER_4M or EIGER_16M)"
             )
+        if n_ice_spots > self.ice_capacity:
+            raise ValueError(
+                f"{n_ice_spots} ice spots do not fit on the ice rings of one {g.name} frame "
+                f"(at most {self.ice_capacity})"
+            )
         rng = self._rng
         counts = np.empty(g.width * g.height, self.dtype)
         self._background.draw(rng, counts)
         offsets, stamps = _spot_stamps()
-        cells = rng.choice(self._usable_cells, size=n_spots, replace=False)
-        cell_y, cell_x = np.divmod(cells, g.width // _CELL)
         span = (_CELL - 2 * _CELL_MARGIN) * _SUBPIXEL
+        bragg_cells = rng.choice(self._bragg_cells, size=n_spots, replace=False)
         sub_y, sub_x = rng.integers(0, span, size=(2, n_spots))
+        ice_cells = rng.choice(self._ice_cells, size=n_ice_spots, replace=False)
+        first = np.searchsorted(self._ice_sites[:, 0], ice_cells, side="left")
+        last = np.searchsorted(self._ice_sites[:, 0], ice_cells, side="right")
+        ice_sites = self._ice_sites[first + (rng.random(n_ice_spots) * (last - first)).astype(np.int64)]
+        cells = np.concatenate([bragg_cells, ice_cells])
+        sub_y, sub_x = np.concatenate([sub_y, ice_sites[:, 1]]), np.concatenate([sub_x, ice_sites[:, 2]])
+        n_spots = cells.size
+        cell_y, cell_x = np.divmod(cells, g.width // _CELL)
         row = cell_y * _CELL + _CELL_MARGIN + sub_y // _SUBPIXEL
         column = cell_x * _CELL + _CELL_MARGIN + sub_x // _SUBPIXEL
         phase_y, phase_x = sub_y % _SUBPIXEL, sub_x % _SUBPIXEL
@@ -339,7 +402,8 @@ class FrameSimulator:
         counts[pixels] = np.minimum(signal, self.count_cutoff)
         counts[self._flagged] = self._flagged_values
         positions = np.column_stack([column + 0.5 + offsets[phase_x], row + 0.5 + offsets[phase_y]])
-        return counts.reshape(g.height, g.width), positions
+        n_bragg = bragg_cells.size
+        return counts.reshape(g.height, g.width), positions[:n_bragg], positions[n_bragg:]
 
 
 def write_eiger_collection(
@@ -355,6 +419,7 @@ def write_eiger_collection(
     seed: int = 0,
     frame_start_times=None,
     bit_depth: int = 32,
+    ice_spots=None,
 ) -> EigerCollection:
     """Write a collection's EIGER master and data files.
 
@@ -385,6 +450,9 @@ def write_eiger_collection(
         Start of each frame by the detector's clock, unix time (s); stored as
         NXdetector ``start_time`` / ``stop_time``.
     bit_depth : {32, 16}
+    ice_spots : sequence of int, optional
+        Spots to draw on the ice rings of each frame (ice in the beam); none
+        by default.
 
     Returns
     -------
@@ -393,6 +461,9 @@ def write_eiger_collection(
     counts = np.asarray(reflection_counts, dtype=np.int64)
     if counts.ndim != 1 or np.any(counts < 0):
         raise ValueError("reflection_counts must be a sequence of counts >= 0, one per frame")
+    ice = np.zeros_like(counts) if ice_spots is None else np.asarray(ice_spots, dtype=np.int64)
+    if ice.shape != counts.shape or np.any(ice < 0):
+        raise ValueError(f"ice_spots must give a count >= 0 for each of the {counts.size} frames")
     if not 0 < count_time <= frame_time:
         raise ValueError(f"count_time={count_time} s, frame_time={frame_time} s: need 0 < count_time <= frame_time")
     if images_per_file < 1:
@@ -411,12 +482,14 @@ def write_eiger_collection(
     data_paths = tuple(directory / f"{prefix}_data_{k + 1:06d}.h5" for k in range(n_files))
     final_paths = (*data_paths, master_path)
     partial = {path: path.with_name(path.name + ".part") for path in final_paths}
-    positions = []
+    positions, ice_positions = [], []
     try:
         for k, path in enumerate(data_paths):
             first = k * images_per_file
-            block = counts[first : first + images_per_file]
-            positions += _write_data_file(partial[path], simulator, block, first)
+            block = slice(first, first + images_per_file)
+            bragg, on_rings = _write_data_file(partial[path], simulator, counts[block], ice[block], first)
+            positions += bragg
+            ice_positions += on_rings
         _write_master_file(
             partial[master_path], simulator, data_paths, counts.size,
             start_time=start_time, frame_time=frame_time, count_time=count_time,
@@ -428,7 +501,7 @@ def write_eiger_collection(
         for path in partial.values():
             path.unlink(missing_ok=True)
         raise
-    return EigerCollection(master_path, data_paths, int(counts.size), tuple(positions))
+    return EigerCollection(master_path, data_paths, int(counts.size), tuple(positions), tuple(ice_positions))
 
 
 def _group(parent, name: str, nx_class: str):
@@ -449,9 +522,9 @@ def _iso8601(unix_time: float) -> str:
     return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="microseconds")
 
 
-def _write_data_file(path: Path, simulator: FrameSimulator, counts: np.ndarray, first: int) -> list:
+def _write_data_file(path: Path, simulator: FrameSimulator, counts: np.ndarray, ice: np.ndarray, first: int):
     g = simulator.geometry
-    positions = []
+    positions, ice_positions = [], []
     with h5py.File(path, "w") as f:
         data = _group(_group(f, "entry", "NXentry"), "data", "NXdata")
         frames = data.create_dataset(
@@ -463,10 +536,11 @@ def _write_data_file(path: Path, simulator: FrameSimulator, counts: np.ndarray, 
         )
         frames.attrs["image_nr_low"] = np.int32(first + 1)
         frames.attrs["image_nr_high"] = np.int32(first + counts.size)
-        for i, n_spots in enumerate(counts):
-            frames[i], spots = simulator.frame(int(n_spots))
+        for i, (n_spots, n_ice) in enumerate(zip(counts, ice)):
+            frames[i], spots, ice_spots = simulator.frame(int(n_spots), int(n_ice))
             positions.append(spots)
-    return positions
+            ice_positions.append(ice_spots)
+    return positions, ice_positions
 
 
 def _write_master_file(path, simulator, data_paths, nimages, *, start_time, frame_time, count_time, frame_start_times):
