@@ -402,6 +402,7 @@ def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled
         recordings = dataset.provenance["recordings"]
         assert [r["master_file"] for r in recordings] == [str(c.master.resolve()) for c in collections]
         assert recordings[0]["label_source"] == "spot finder" and recordings[0]["spot_finder"]["sigma_strong"] == 3.0
+        assert recordings[0]["spot_finder"]["ice_rings"] is True
         assert recordings[0]["matching"]["n_matched"] == helical.size and recordings[0]["windows"]["regularised"]
         assert dataset.provenance["tool"].startswith("mxcube-autocenter")
     assert summary.histogram == out.with_name("dataset_rc_histogram.png") and summary.histogram.stat().st_size > 0
