@@ -212,7 +212,15 @@ def d_star_sq(xy, geometry: BeamGeometry) -> np.ndarray:
     geometry : BeamGeometry
     """
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    r_mm = geometry.pixel_size * np.hypot(xy[:, 0] - geometry.beam_center_x, xy[:, 1] - geometry.beam_center_y)
+    return d_star_sq_at_radius(np.hypot(xy[:, 0] - geometry.beam_center_x, xy[:, 1] - geometry.beam_center_y), geometry)
+
+
+def d_star_sq_at_radius(radius, geometry: BeamGeometry) -> np.ndarray:
+    """Squared reciprocal spacing ``1/d^2``, 1/Angstrom^2, at distances from the direct beam, pixels.
+
+    The inverse of :func:`resolution_radius`, as ``1/d^2``.
+    """
+    r_mm = geometry.pixel_size * np.asarray(radius, dtype=np.float64)
     sin_theta = np.sin(0.5 * np.arctan2(r_mm, geometry.distance))
     return (2.0 * sin_theta / geometry.wavelength) ** 2
 

@@ -33,7 +33,7 @@ from scipy.special import erf
 
 from mxcube_autocenter.labelling.spotfinder import (
     SpotFinderParams,
-    d_star_sq,
+    d_star_sq_at_radius,
     ice_ring_spacings,
     on_ice_ring,
     resolution_radius,
@@ -337,8 +337,7 @@ class FrameSimulator:
         beam = np.array([g.beam_center_x, g.beam_center_y])
         r_min = np.hypot(*(np.clip(beam, low, high) - beam).T)
         r_max = np.hypot(*np.maximum(np.abs(low - beam), np.abs(high - beam)).T)
-        s2_min, s2_max = (d_star_sq(np.column_stack([r + beam[0], np.full_like(r, beam[1])]), g)
-                          for r in (r_min, r_max))  # fmt: skip
+        s2_min, s2_max = d_star_sq_at_radius(r_min, g), d_star_sq_at_radius(r_max, g)
         half = 0.5 * SpotFinderParams().ice_ring_width
         rings = ice_ring_spacings(d_min=1.0 / np.sqrt(s2_max.max() + half)) ** -2.0
         near = np.any((s2_min[:, None] <= rings + half) & (s2_max[:, None] >= rings - half), axis=1)
