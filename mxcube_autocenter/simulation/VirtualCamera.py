@@ -49,6 +49,7 @@ class VirtualCamera(HardwareObject):
         # mxcubeweb's sample view reads it (the video streamer's stream id);
         # this camera feeds no video streamer, so it only names the camera.
         self.stream_hash = self.load_name
+        self._repository = HWR.get_hardware_repository()
         self._stream_task = None
         self.start_streaming()
         self.update_state(self.STATES.READY)
@@ -92,8 +93,10 @@ class VirtualCamera(HardwareObject):
 
     def _stream(self):
         period = 1.0 / self._fps
-        # Ends with the HardwareRepository (torn down by tests and the demo): nothing is left to film.
-        while HWR.beamline is not None:
+        # Ends with the HardwareRepository that loaded this camera (torn down by
+        # tests and the demo): a camera left streaming into the next repository
+        # would render for nobody and take the GIL from its event loop.
+        while self._loaded_repository_alive():
             start = time.monotonic()
             try:
                 self._update()
@@ -102,6 +105,12 @@ class VirtualCamera(HardwareObject):
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
+
+    def _loaded_repository_alive(self) -> bool:
+        try:
+            return HWR.get_hardware_repository() is self._repository
+        except RuntimeError:
+            return False
 
     def start_streaming(self, *args, **kwargs):
         """Start the ``imageReceived`` stream (it starts with the object)."""
