@@ -19,6 +19,11 @@ class VirtualMotor(MotorMockup):
     def __init__(self, name):
         super().__init__(name)
         self._fault = None
+        # MotorMockup.__init__ skips ActuatorMockup.__init__, which creates the
+        # move task that abort() reads: without it, aborting a motor that has
+        # not yet moved without waiting raises AttributeError (as a failed
+        # centring straight after boot did).
+        self._ActuatorMockup__move_task = None
 
     def init(self):
         super().init()
