@@ -1,11 +1,15 @@
-"""Configuration errors of the AutoCenter object, as beamline staff meet them."""
+"""Booting the beamline from XML: configuration errors of the AutoCenter object, as
+beamline staff meet them, a freshly booted beamline, and what a torn-down one
+leaves running."""
 
 import logging
 import shutil
 
+import gevent
 import pytest
 
 from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
+from mxcube_autocenter.geometry import CENTRING_MOTORS
 
 
 def _config_with(tmp_path, old, new):
@@ -68,3 +72,28 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
         assert (settings.n_angles, settings.verify) == (4, "off")
+
+
+def test_camera_of_a_torn_down_beamline_stops_streaming():
+    with hardware_repository() as bl:
+        old_camera = bl.sample_view.camera
+        gevent.sleep(0.2)
+        assert old_camera.frame_number > 0
+    with hardware_repository() as bl:
+        camera = bl.sample_view.camera
+        gevent.sleep(0.2)  # the old stream notices at its next frame
+        old_frames, frames = old_camera.frame_number, camera.frame_number
+        bl.diffractometer.get_motors()["phiy"].set_value(0.05, timeout=5)  # a new scene to film
+        gevent.sleep(0.3)
+        assert camera.frame_number > frames
+        assert old_camera.frame_number == old_frames
+
+
+def test_motors_of_a_fresh_beamline_can_be_aborted():
+    # A failed centring stops every centring motor before moving the sample back,
+    # also when nothing has moved since the beamline booted.
+    with hardware_repository() as bl:
+        motors = bl.diffractometer.get_motors()
+        for name in CENTRING_MOTORS:
+            motors[name].abort()
+            assert motors[name].get_state() == motors[name].STATES.READY
