@@ -1,5 +1,8 @@
 """The AutoCenter hardware object inside a real mxcubecore beamline."""
 
+import gc
+import sys
+
 import numpy as np
 import pytest
 
@@ -16,6 +19,16 @@ def test_plugin_loads_from_xml_with_its_properties(beamline):
     assert settings["record_scan_types"] == ["OSC", "Helical"]
     assert settings["recording_enabled"] is True
     assert ho.get_property("record_frame_rate") == 10.0
+
+
+def test_loaded_model_is_out_of_full_garbage_collections(beamline):
+    # A full collection walks every tracked object with the event loop waiting;
+    # TensorFlow's and the model's are frozen out of them once the model loads.
+    assert auto_centring(beamline).predictor is not None
+    keras_model = auto_centring(beamline).predictor.model
+    assert "tensorflow" in sys.modules
+    assert gc.get_freeze_count() > 100_000
+    assert not any(obj is keras_model for obj in gc.get_objects(generation=2))
 
 
 def test_sample_view_camera_and_motors_reachable(beamline):

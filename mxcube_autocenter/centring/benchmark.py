@@ -80,6 +80,27 @@ def heatmap_figures(predictor, frame, quick: bool) -> dict:
     }
 
 
+def full_gc_figures() -> dict:
+    """A full garbage collection with the model loaded, with the AutoCenter object's
+    freeze (``full_gc_ms``) and without it (``full_gc_unfrozen_ms``), ms.
+
+    The event loop waits for the whole collection.
+    """
+    import gc
+
+    from mxcube_autocenter.AutoCenter import freeze_long_lived_objects
+
+    def full_gc_ms() -> float:
+        start = time.perf_counter()
+        gc.collect()
+        return (time.perf_counter() - start) * 1000.0
+
+    gc.unfreeze()
+    unfrozen = full_gc_ms()
+    freeze_long_lived_objects()
+    return {"full_gc_ms": full_gc_ms(), "full_gc_unfrozen_ms": unfrozen, "gc_frozen_objects": float(gc.get_freeze_count())}
+
+
 def centring_wall_s(n: int = 3, n_angles: int | None = 3) -> float:
     """Median wall time of ``n`` full centrings on the virtual beamline, moves included.
 
@@ -120,6 +141,7 @@ def benchmark(quick: bool = False) -> dict:
     for _ in range(runs):
         find_loop(frame)
     figures["lucid_s"] = (time.perf_counter() - start) / runs
+    figures.update(full_gc_figures())
     figures["centring_wall_s"] = centring_wall_s(n=2 if quick else 5)
     figures["centring_default_angles"] = AutoCenterConfig.model_fields["centring_angles"].default
     figures["centring_default_angles_wall_s"] = centring_wall_s(n=2 if quick else 5, n_angles=None)
