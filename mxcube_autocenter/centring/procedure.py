@@ -256,11 +256,13 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         result.centred_positions = bl.positions()
         result.message = f"centred ({result.method}) in {time.perf_counter() - t0:.1f} s"
         return result
-    except (Exception, gevent.GreenletExit) as err:
+    except (Exception, gevent.GreenletExit, gevent.Timeout) as err:
+        # GreenletExit (an abort) and a caller's gevent.Timeout are no Exception,
+        # but the sample goes back all the same before they go on.
         result.message = str(err) or type(err).__name__
-        _stop_motion(bl)
+        _stop_motion(bl, log)
         _restore(bl, start, settings.move_timeout_s, log)
-        if isinstance(err, gevent.GreenletExit):
+        if not isinstance(err, Exception):
             raise
         if not isinstance(err, CentringFailed):
             log.exception("AutoCenter: centring failed")
@@ -296,7 +298,7 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
                beam_position):  # fmt: skip
     """Fit the point's projections as omega turns and move it to the beam, within the limits."""
     result.point = tuple(float(v) for v in point)
-    fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles)
+    fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
     target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
     bl.check_move(start, target, settings.max_displacement_mm)
     t = time.perf_counter()
@@ -304,11 +306,15 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
     result.timings["move_s"] = result.timings.get("move_s", 0.0) + time.perf_counter() - t
 
 
-def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int) -> dict:
+def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int, move_timeout_s: float) -> dict:
     """Click the point's projections into mxcubecore's sine fit as it turns omega; its centred positions.
 
     The fit is the one the three-click centring uses: it turns omega and
-    computes the final motor positions exactly as for clicks by hand.
+    computes the final motor positions exactly as for clicks by hand. Each
+    click waits at most ``move_timeout_s`` (s) for the fit's omega turn:
+    ``user_click(wait=True)`` would wait for ever when the fit dies without
+    setting its event (an omega move that times out) or when another click
+    (by hand in the web UI) ends it early.
     """
     sample_centring.start(
         bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], beam_position[0], beam_position[1],
@@ -316,9 +322,12 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int)
     )
     fit = sample_centring.CURRENT_CENTRING
     for i in range(n_angles):
-        sample_centring.user_click(*project(point, bl.positions(), pixels_per_mm, beam_position), wait=True)
+        sample_centring.user_click(*project(point, bl.positions(), pixels_per_mm, beam_position))
+        if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
+            raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
         if fit.ready() and i < n_angles - 1:
             fit.get()  # the fit gave up (a motor failed): re-raise its error
+            raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
     return _by_role(bl, fit.get())
 
 
@@ -455,14 +464,18 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
     return not probs or float(np.mean(probs)) >= settings.min_crystal_probability
 
 
-def _stop_motion(bl: Beamline):
+def _stop_motion(bl: Beamline, log):
     """Stop the fit (it may be turning omega) and every centring motor, before moving back."""
     fit = sample_centring.CURRENT_CENTRING
     if fit is not None and not fit.ready():
         fit.kill(block=True)
     motors = bl.diffractometer.get_motors()
     for name in CENTRING_MOTORS:
-        motors[name].abort()
+        try:
+            motors[name].abort()
+        except Exception:
+            # The other motors still stop, and the sample still goes back.
+            log.exception("AutoCenter: could not stop %s", name)
 
 
 def _why_not(angles, settings: CentringSettings) -> str:
