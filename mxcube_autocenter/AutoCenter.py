@@ -142,6 +142,18 @@ class AutoCenter(HardwareObject):
         except Exception:
             # Recording must never disturb the collection.
             self.log.exception("AutoCenter: could not start recording")
+            return
+        task = getattr(HWR.beamline.collect, "data_collect_task", None)
+        if task is not None:
+            task.link(self._collection_task_ended)
+
+    def _collection_task_ended(self, task):
+        # AbstractCollect.stop_collect kills the collection's greenlet, and a
+        # killed collection sends none of the signals that end a recording.
+        if isinstance(task.value, gevent.GreenletExit):
+            self._stop_recording("aborted")
+        elif task.exception is not None:
+            self._stop_recording("failed")
 
     def _stop_recording(self, status):
         # Spawned: closing the file must not hold up the collect object's greenlet.
@@ -275,7 +287,10 @@ class AutoCenter(HardwareObject):
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
         sample_view = HWR.beamline.sample_view
-        if sample_view.current_centring_procedure is not None:
+        # A dead procedure is left there when a manual centring is killed
+        # (SampleView.manual_centring_done does not catch GreenletExit): only a
+        # running one refuses, and its own signals release whoever waits.
+        if sample_view.current_centring_procedure:
             self.log.error("AutoCenter: already centring")
             return
         diffr = HWR.beamline.diffractometer
@@ -287,6 +302,11 @@ class AutoCenter(HardwareObject):
         sample_view.current_centring_procedure.link(sample_view.auto_centring_done)
 
     def _auto_centring(self):
-        # SampleView.auto_centring_done accepts the centring when this returns positions.
-        result = self.centre()
+        # SampleView.auto_centring_done accepts the centring unless this returns None,
+        # and a killed greenlet returns its GreenletExit: a cancelled centring
+        # (the sample already back where it started) must end as a failed one.
+        try:
+            result = self.centre()
+        except gevent.GreenletExit:
+            return None
         return result.centred_positions if result.success else None

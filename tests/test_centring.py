@@ -137,6 +137,28 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, autocenter):
+    from mxcubecore.HardwareObjects import sample_centring
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    autocenter.config.max_displacement_mm = 10.0
+    omega = beamline.diffractometer.omega
+    before = sample_centring.CURRENT_CENTRING
+
+    def hang_omega_once_the_fit_starts():
+        while sample_centring.CURRENT_CENTRING is before:
+            gevent.sleep(0.01)
+        omega.inject_fault("timeout")
+
+    saboteur = gevent.spawn(hang_omega_once_the_fit_starts)
+    log = run_auto_centring(beamline, timeout=30)
+    saboteur.kill()
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert "did not turn omega" in autocenter.last_result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)
@@ -144,6 +166,17 @@ def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     result = autocenter.centre()
     assert not result.success and "max_displacement_mm" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_a_dead_procedure_left_on_sample_view_does_not_block_the_button(beamline, autocenter):
+    mount_at_start(beamline)
+    # What a manual centring killed by reject_centring leaves behind.
+    stale = gevent.spawn(gevent.sleep, 10)
+    gevent.sleep(0)
+    stale.kill()
+    beamline.sample_view.current_centring_procedure = stale
+    log = run_auto_centring(beamline)
+    assert "centringSuccessful" in log.names()
 
 
 def test_abort_puts_the_sample_back(beamline, autocenter):
@@ -157,6 +190,9 @@ def test_abort_puts_the_sample_back(beamline, autocenter):
     gevent.sleep(0.5)
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
     assert beamline.sample_view.current_centring_procedure is None
+    # Nothing waiting on the centring (the queue's mount step) may take it as done.
+    assert "centringSuccessful" not in log.names()
+    assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
 
 
 def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):

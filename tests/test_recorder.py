@@ -98,6 +98,26 @@ def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_
     assert read_recording(summary.path).status == "failed"
 
 
+def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, autocenter, tmp_path):
+    autocenter.recorder.last_summary = None
+    running = gevent.spawn(collect, beamline, tmp_path, "OSC", prefix="stopped", n_images=100)
+    with gevent.Timeout(10, AssertionError("the recording did not start")):
+        while not autocenter.recorder.recording:
+            gevent.sleep(0.05)
+    gevent.sleep(0.5)
+    beamline.collect.stop_collect()  # what the queue's stop does: the collection sends no signal
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "aborted"
+    assert read_recording(summary.path).status == "aborted"
+    running.join(5)
+    # The next collection runs in full and is recorded.
+    autocenter.recorder.last_summary = None
+    record = collect(beamline, tmp_path, "OSC", prefix="after", n_images=10)
+    assert record["master_file"].endswith("after_1_master.h5")
+    assert len(record["reflection_counts"]) == 10
+    assert wait_for_summary(autocenter).status == "complete"
+
+
 def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline, autocenter, tmp_path, caplog):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the recording directory should be")

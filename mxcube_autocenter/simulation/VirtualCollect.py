@@ -82,11 +82,9 @@ class VirtualCollect(CollectMockup):
 
         counts, ice_spots, frame_starts = [], [], []
         start = time.time()
+        # stop_collect kills this greenlet; CollectMockup's aborted_by_user flag,
+        # set after the kill and never cleared, is not read.
         for image in range(plan.n_images):
-            if self.aborted_by_user:
-                self.aborted_by_user = False
-                self.ready_event.set()
-                return
             frame_end = start + (image + 1) * plan.exposure_time
             # The MD3 scan: motors move continuously, not frame by frame.
             while (now := time.time()) < frame_end:
