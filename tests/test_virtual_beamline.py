@@ -86,6 +86,22 @@ def test_motor_faults_can_be_injected(beamline):
         phiz.set_value(50.0, timeout=5)
 
 
+def test_a_move_to_a_limit_never_reports_a_position_beyond_it(beamline):
+    phiz = beamline.diffractometer.phiz
+    start = phiz.get_value()
+    low, high = phiz.get_limits()
+    seen = SignalLog(phiz, "valueChanged")
+    try:
+        phiz.set_value(high, timeout=10)
+        assert phiz.get_value() == high
+        reported = [args[0] for _, args in seen.calls]
+        assert len(reported) > 10  # positions on the way, not a jump
+        assert start <= min(reported) and max(reported) <= high
+        assert np.all(np.diff(reported) >= 0)
+    finally:
+        phiz.set_value(start, timeout=10)
+
+
 def test_sample_changer_mounts_reproducible_samples(beamline):
     changer = beamline.sample_changer
     changer.load((2, 3))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import gevent
 from mxcubecore.HardwareObjects.mockup.MotorMockup import MotorMockup
 
 FAULTS = ("fail", "timeout")
+_STEP_S = 0.02  # between reported positions, as MotorMockup
 
 
 class VirtualMotor(MotorMockup):
@@ -48,7 +51,8 @@ class VirtualMotor(MotorMockup):
 
     def _move(self, value):
         if self._fault is None:
-            return super()._move(value)
+            self._ramp(value)
+            return super()._move(value)  # already there: only its end-of-move states
         kind, after_s = self._fault
         self._fault = None
         gevent.sleep(after_s)
@@ -57,3 +61,19 @@ class VirtualMotor(MotorMockup):
         # A stalled move: the motor stops where it is and reports the error.
         self.update_state(self.STATES.READY)
         raise RuntimeError(f"{self.username}: simulated motor fault")
+
+    def _ramp(self, target: float):
+        """Move at the configured velocity, reporting positions on the way.
+
+        MotorMockup's own loop computes each position after its sleep, so it
+        reports (and the camera films) up to a step beyond the target, and so
+        beyond a limit; here no position leaves the segment to the target.
+        """
+        start = self.get_value()
+        duration = abs(target - start) / self.get_velocity()
+        self.update_specific_state(self.SPECIFIC_STATES.MOVING)
+        began = time.monotonic()
+        while (elapsed := time.monotonic() - began) < duration:
+            self.update_value(start + (target - start) * elapsed / duration)
+            gevent.sleep(_STEP_S)
+        self.update_value(target)
