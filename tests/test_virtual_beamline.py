@@ -201,3 +201,19 @@ def test_failing_collection_reports_failure(beamline, tmp_path):
     names = log.names()
     assert "collectOscillationFailed" in names and "collectOscillationFinished" not in names
     assert names.count("collectImageTaken") == 5
+
+
+def test_helical_scan_beyond_the_limits_fails_without_moving_there(beamline, tmp_path):
+    from mxcube_autocenter.simulation.experiments import run_collection
+
+    beamline.sample_changer.mount(make_sample(16))
+    phiz = beamline.diffractometer.phiz
+    low, high = phiz.get_limits()
+    start = {name: motor.get_value() for name, motor in beamline.diffractometer.get_motors().items()
+             if name in ("phiy", "phiz", "sampx", "sampy")}  # fmt: skip
+    log = SignalLog(beamline.collect, *COLLECT_SIGNALS)
+    seen = SignalLog(phiz, "valueChanged")
+    run_collection(beamline, tmp_path, "far", experiment_type="Helical", n_images=10, exposure_time=0.02,
+                   helical=(start, {**start, "phiz": high + 1.0}))  # fmt: skip
+    assert "collectOscillationFailed" in log.names() and "collectImageTaken" not in log.names()
+    assert all(low <= args[0] <= high for _, args in seen.calls)

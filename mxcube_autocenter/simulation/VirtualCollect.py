@@ -75,6 +75,11 @@ class VirtualCollect(CollectMockup):
         mounted = HWR.beamline.sample_changer.mounted
         plan = scan_plan(params, diffr.get_value_motors(), self._helical_positions if self._helical else None)
         fail_at, self._fail_at_image = self._fail_at_image, None
+        # The scan moves the motors itself (update_value), past set_value's limit check.
+        for name, value in plan.motors_at(plan.duration).items():
+            if not motors[name].validate_value(value):
+                raise ValueError(f"the scan ends at {name} = {value:.4g}, beyond its limits {motors[name].get_limits()}: "
+                                 "shorten the helical line or the oscillation")  # fmt: skip
 
         diffr.set_value_motors({"omega": plan.omega_start, **plan.start}, timeout=30)
         self.emit("collectStarted", (None, 1))
