@@ -254,6 +254,7 @@ def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_pa
         ("image,spots\n1,2\n9,3\n", "do not fit a collection of 4 images"),
         ("image,spots\n1.5,2\n", "non-integer image numbers"),
         ("image,spots\n", "no rows of counts"),
+        ('{"image": [1, 2, 3], "spots": [5, 6]}', r"columns of different lengths \(image 3, spots 2 values\)"),
         ("[1, 2]", "a JSON list must hold one object per image"),
         ('{"image": [1, 2', "not valid JSON"),
     ],
@@ -472,6 +473,17 @@ def test_recording_without_master_file_or_camera_scale(collections, tmp_path):
         summary = label_recordings([store.path], tmp_path / "dataset.h5", progress=False)
         assert summary.recordings[0].status == "error"
         assert str(store.path) in summary.recordings[0].message and message in summary.recordings[0].message
+
+
+def test_recording_without_frames_is_refused_before_spot_finding(collections, tmp_path):
+    recording = read_recording(collections[0].recording)
+    store = FrameStore.create(tmp_path, "empty", recording.metadata)
+    store.close("failed")  # a camera that sent nothing
+    summary = label_recordings([store.path], tmp_path / "dataset.h5", progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "error"
+    assert str(store.path) in entry.message and "no camera frame" in entry.message
+    assert "nothing to label" in entry.message and "clock_offset" not in entry.message
 
 
 def test_spot_count_file_gives_the_labels(collections, tmp_path):

@@ -374,6 +374,10 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
             message = f"{path}: already in {out} as {known}: skipped"
             log.info(message)
             return RecordingLabels(path, "duplicate", message, scan_id=known)
+        if len(recording.timestamps) == 0:
+            raise LabellingError(
+                f"{path}: the recording holds no camera frame (status {recording.status!r}): nothing to label"
+            )
         master = find_master_file(recording)
         with open_master(master) as series:
             nimages, windows = series.nimages, series.frame_windows()

@@ -223,10 +223,17 @@ def _spot_counts(path: Path, columns: dict) -> SpotCounts:
             f"{path}: column {image_column} holds non-integer image numbers: give 1-based image numbers"
         )
     master = by_name.get(MASTER_COLUMN)
+    counts = _numbers(path, spots_column, by_name[spots_column])
+    lengths = {image_column: images.size, spots_column: counts.size}
+    if master is not None:
+        lengths[MASTER_COLUMN] = len(master)
+    if len(set(lengths.values())) > 1:
+        found = ", ".join(f"{name} {n}" for name, n in lengths.items())
+        raise SpotsFileError(f"{path}: columns of different lengths ({found} values): give one value per image in each")
     return SpotCounts(
         path=path,
         images=images.astype(np.int64),
-        counts=_numbers(path, spots_column, by_name[spots_column]),
+        counts=counts,
         master_files=None if master is None else tuple(str(m) for m in master),
         column=spots_column,
     )
