@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -173,18 +174,34 @@ def cmd_synthesize_regions(args) -> int:
     return 0
 
 
+def _input_errors_exit_2(command):
+    """Run a learning command; a bad input ends it with its message and exit code 2, not a traceback.
+
+    The learning modules report bad files and arguments (a missing or wrong
+    model, a dataset without the needed crystals, an unknown architecture)
+    as ValueError or OSError, with the file and the fix in the message.
+    """
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_input_errors_exit_2
 def cmd_train_dense(args) -> int:
     """Train the fcn regressor on a region set, every grid crop of a region at once."""
-    from mxcube_autocenter.learning.dense import RegionSetError, train_dense
+    from mxcube_autocenter.learning.dense import train_dense
 
-    try:
-        result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
-                             batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-                             learning_rate=args.learning_rate, initial_model=args.initial_model,
-                             peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness)
-    except RegionSetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
+                         batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                         learning_rate=args.learning_rate, initial_model=args.initial_model,
+                         peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness)
     _print_training(result)
     return 0
 
@@ -195,6 +212,7 @@ def _print_training(result):
         print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 
+@_input_errors_exit_2
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
     from mxcube_autocenter.learning.architectures import task_of
@@ -222,6 +240,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+@_input_errors_exit_2
 def cmd_sweep(args) -> int:
     """Train every architecture with every label transform into one report."""
     from mxcube_autocenter.learning.evaluate import sweep
@@ -231,6 +250,7 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+@_input_errors_exit_2
 def cmd_evaluate(args) -> int:
     """Evaluation report of a model on a training set's test split."""
     from mxcube_autocenter.learning.evaluate import evaluate

@@ -449,6 +449,16 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
         train(dataset_path, "fcn", "tanh", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path, **same)
 
 
+def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tmp_path, capsys):
+    from mxcube_autocenter import cli
+
+    assert cli.main(["train", str(dataset_path), "--arch", "a11", "--out", str(tmp_path / "model")]) == 2
+    assert "unknown architecture 'a11'" in capsys.readouterr().err
+    missing = tmp_path / "missing.keras"
+    assert cli.main(["evaluate", str(missing), str(dataset_path), "--out", str(tmp_path / "report")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
 def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):
     from mxcube_autocenter.learning.data import read_table
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
