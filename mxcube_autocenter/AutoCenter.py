@@ -20,7 +20,12 @@ Centring: :meth:`AutoCenter.centre` runs the optical ML centring
 object also takes over ``SampleView.start_auto_centring``, which the web UI's
 auto-centring button and the queue's auto loop centring on mount call,
 and shows each centring's heatmap on SampleView as a grid result, which the
-web UI draws over the camera image.
+web UI draws over the camera image. One centring runs at a time: a call while
+one is running, or while a centring by hand is open on SampleView, is refused.
+
+Queue: the object registers the "Optical ML centring" queue task
+(:mod:`mxcube_autocenter.queue_entry`); list it after ``queue_manager`` in
+``beamline.yaml``.
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ from __future__ import annotations
 import gc
 
 import gevent
+import gevent.lock
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
 
 from mxcube_autocenter.centring import procedure, report
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
-from mxcube_autocenter.config import AutoCenterConfig
+from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles
 from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.queue_entry import TASK_NAME, register_queue_entry
 
 
 def freeze_long_lived_objects():
@@ -73,10 +80,12 @@ class AutoCenter(HardwareObject):
         self.centring_error = None
         self.last_result = None
         self._heatmap_shape_id = None
+        self._centring_lock = gevent.lock.Semaphore()
         self._connect_collect()
         self._load_models()
         if self.config.centring_enabled and self.predictor is not None:
             self._take_over_auto_centring()
+        self._register_queue_task()
         self.update_state(self.STATES.READY)
 
     def settings(self) -> dict:
@@ -179,10 +188,27 @@ class AutoCenter(HardwareObject):
             self.log.info("AutoCenter: centring with %s", self.predictor.describe())
             freeze_long_lived_objects()
 
+    def _register_queue_task(self):
+        if HWR.beamline.queue_manager is None:
+            # QueueManager.init replaces the mapping that registration writes into.
+            self.log.warning(
+                "AutoCenter: loaded before queue_manager, so the '%s' queue task is unavailable; "
+                "list auto_centring after queue_manager in beamline.yaml", TASK_NAME
+            )
+            return
+        register_queue_entry()
+
     def centring_settings(self, n_angles=None) -> procedure.CentringSettings:
+        """The procedure's settings from the XML properties; ``n_angles`` overrides ``centring_angles``.
+
+        Raises
+        ------
+        ValueError
+            If ``n_angles`` is outside the ``centring_angles`` property's range.
+        """
         cfg = self.config
         return procedure.CentringSettings(
-            n_angles=n_angles or cfg.centring_angles,
+            n_angles=cfg.centring_angles if n_angles is None else check_centring_angles(n_angles),
             roi_width_um=cfg.roi_width_um,
             roi_height_um=cfg.roi_height_um,
             stride_px=cfg.heatmap_stride_px,
@@ -209,15 +235,22 @@ class AutoCenter(HardwareObject):
         -------
         CentringResult
             ``success`` False, with the reason, when no crystal was found or the
-            centring failed; the sample is then where it started.
+            centring failed; the sample is then where it started. Also False,
+            with nothing moved, when a centring is already running.
+
+        Raises
+        ------
+        ValueError
+            If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
         bl = procedure.Beamline(HWR.beamline)
-        if self.predictor is None:
-            return procedure.CentringResult(
-                success=False, message=self.centring_error, method="none", start_positions=bl.positions()
-            )
-        self.emit("centringProgress", ("Optical ML centring started",))
-        result = procedure.centre(bl, self.predictor, self.centring_settings(n_angles), self.log)
+        settings = self.centring_settings(n_angles)
+        refusal = self.centring_error if self.predictor is None else self._centring_running()
+        if refusal:
+            return procedure.CentringResult(success=False, message=refusal, method="none", start_positions=bl.positions())
+        with self._centring_lock:
+            self.emit("centringProgress", ("Optical ML centring started",))
+            result = procedure.centre(bl, self.predictor, settings, self.log)
         self.last_result = result
         (self.user_log.info if result.success else self.user_log.warning)(f"Optical ML centring: {result.message}")
         self.emit("centringProgress", (result.message,))
@@ -227,6 +260,16 @@ class AutoCenter(HardwareObject):
                 report.save, result, self.config.centring_save_directory, bl.beam_position()
             )
         return result
+
+    def _centring_running(self) -> str | None:
+        """Why a centring may not start now, or None."""
+        if self._centring_lock.locked():
+            return "an optical ML centring is already running: wait for it to end, or cancel it"
+        # SampleView's own procedure: a centring by hand, or the one whose greenlet calls centre().
+        procedure_running = HWR.beamline.sample_view.current_centring_procedure
+        if procedure_running and procedure_running is not gevent.getcurrent():
+            return "a centring is open in the sample view: accept or cancel it first"
+        return None
 
     def _publish_heatmap(self, result: procedure.CentringResult):
         """Show the heatmap of the view on screen now as a grid result, where the web UI draws it.
@@ -290,8 +333,9 @@ class AutoCenter(HardwareObject):
         # A dead procedure is left there when a manual centring is killed
         # (SampleView.manual_centring_done does not catch GreenletExit): only a
         # running one refuses, and its own signals release whoever waits.
-        if sample_view.current_centring_procedure:
-            self.log.error("AutoCenter: already centring")
+        refusal = self._centring_running()
+        if refusal:
+            self.user_log.error(f"Optical ML centring not started: {refusal}")
             return
         diffr = HWR.beamline.diffractometer
         diffr.wait_status_ready(60)

@@ -10,11 +10,11 @@ property and says what is allowed.
 from __future__ import annotations
 
 import ast
-from typing import Literal
+from typing import Annotated, Literal
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
 from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
 
@@ -130,6 +130,34 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
                 "object's XML file, see docs/configuration.md):\n"
                 + describe_errors(err, cls)
             ) from None
+
+
+def check_centring_angles(n_angles) -> int:
+    """The omega angles of one centring (a script's or a queue task's), checked as the property is.
+
+    Parameters
+    ----------
+    n_angles : int
+        Omega angles over 180 degrees.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If ``n_angles`` is outside the ``centring_angles`` property's range
+        (fewer than 2 angles cannot fit a rotation axis).
+    """
+    field = AutoCenterConfig.model_fields["centring_angles"]
+    try:
+        return TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(n_angles)
+    except ValidationError as err:
+        raise ValueError(
+            f"n_angles = {n_angles!r}: {err.errors()[0]['msg']}, as for the centring_angles property "
+            f"({field.description})"
+        ) from None
 
 
 def describe_errors(error: ValidationError, model) -> str:

@@ -215,21 +215,114 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
     assert len(list(tmp_path.glob("*_verification_omega*.png"))) == 1
 
 
-def test_queue_entry_centres_or_fails_with_the_reason(beamline, autocenter):
-    from mxcubecore.queue_entry.base_queue_entry import QueueExecutionException
+@pytest.fixture
+def queue(beamline, autocenter):
+    """The queue model and manager, wired as mxcubeweb's queue wires them (its init_signals)."""
+    model, manager = beamline.queue_model, beamline.queue_manager
+    model.connect(model, "child_added", model.queue_model_child_added)
+    yield model, manager
+    if manager.is_executing():
+        manager.stop()
+    model.disconnect(model, "child_added", model.queue_model_child_added)
+    model.clear_model()
+
+
+def queue_tasks(queue, *tasks):
+    """``tasks`` added to the queue model as the web UI adds them; returns their entries.
+
+    They go into a task group of a manually mounted ("free pin") sample, which
+    the queue takes as it is, without the sample changer.
+    """
+    from mxcubecore.model import queue_model_objects as qmo
+
+    model, manager = queue
+    sample, group = qmo.Sample(), qmo.TaskGroup()
+    sample.free_pin_mode = True
+    model.add_child(model.get_model_root(), sample)
+    model.add_child(sample, group)
+    for task in tasks:
+        model.add_child(group, task)
+    return [manager.get_entry_with_model(task) for task in tasks]
+
+
+def run_queue(manager, timeout=60):
+    manager.execute()
+    with gevent.Timeout(timeout, AssertionError("the queue did not end")):
+        while manager.is_executing():
+            gevent.sleep(0.05)
+
+
+def test_queue_task_centres_and_a_failed_one_lets_the_queue_go_on(beamline, queue):
+    from mxcubecore.model.queue_model_objects import DelayTask
+    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
 
     from mxcube_autocenter.queue_entry import OpticalMLCentring, OpticalMLCentringQueueEntry
 
     mount_at_start(beamline)
-    entry = OpticalMLCentringQueueEntry(data_model=OpticalMLCentring(n_angles=3))
-    entry.execute()
-    assert entry.get_data_model().result.success
+    start = positions(beamline)
+    centring = OpticalMLCentring(n_angles=3)
+    (entry,) = queue_tasks(queue, centring)
+    assert isinstance(entry, OpticalMLCentringQueueEntry) and entry.is_enabled()
     assert entry.get_type_str() == "Optical ML centring"
+    run_queue(queue[1])
+    assert entry.status == QUEUE_ENTRY_STATUS.SUCCESS and centring.is_executed()
+    assert centring.result.success and centring.result.centred_positions == pytest.approx(positions(beamline))
+    assert scorecard.moved(start, positions(beamline))
 
     beamline.sample_changer.mount(None)
-    failing = OpticalMLCentringQueueEntry(data_model=OpticalMLCentring())
-    with pytest.raises(QueueExecutionException, match="no loop found"):
-        failing.execute()
+    start = positions(beamline)
+    failing, after = OpticalMLCentring(), DelayTask(delay=0)
+    failing_entry, after_entry = queue_tasks(queue, failing, after)
+    run_queue(queue[1])
+    assert failing_entry.status == QUEUE_ENTRY_STATUS.FAILED
+    assert "no loop found" in failing.result.message and positions(beamline) == pytest.approx(start, abs=1e-4)
+    assert after_entry.status == QUEUE_ENTRY_STATUS.SUCCESS  # the queue went on
+
+
+def test_stopping_the_queue_stops_the_centring_and_puts_the_sample_back(beamline, queue):
+    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
+
+    from mxcube_autocenter.queue_entry import OpticalMLCentring
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    (entry,) = queue_tasks(queue, OpticalMLCentring(n_angles=3))
+    queue[1].execute()
+    gevent.sleep(1.0)  # in the middle of the centring
+    queue[1].stop()
+    gevent.sleep(0.2)
+    assert not queue[1].is_executing() and entry.status == QUEUE_ENTRY_STATUS.FAILED
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    # Run alone (the web UI's "run this task"), the entry stops the same way.
+    queue[1].execute(entry)
+    gevent.sleep(1.0)
+    entry.stop()
+    gevent.sleep(0.2)
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    assert not queue[1].is_executing()
+
+
+def test_a_queue_task_with_an_impossible_angle_count_is_refused_before_it_is_queued():
+    from mxcube_autocenter.queue_entry import OpticalMLCentring
+
+    with pytest.raises(ValueError, match="n_angles = 1: .*greater than or equal to 2.*centring_angles"):
+        OpticalMLCentring(n_angles=1)
+
+
+def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter):
+    mount_at_start(beamline)
+    first = gevent.spawn(autocenter.centre, save=False)
+    gevent.sleep(0.5)
+    start = positions(beamline)
+    second = autocenter.centre(save=False)
+    assert not second.success and "already running" in second.message
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()  # the button, pressed during a script's centring
+    assert log.names() == [] and beamline.sample_view.current_centring_procedure is None
+    assert first.get(timeout=60).success
+    assert scorecard.moved(start, positions(beamline))
+    with pytest.raises(ValueError, match="n_angles = 0"):
+        autocenter.centre(n_angles=0)
 
 
 @pytest.fixture

@@ -97,3 +97,24 @@ def test_motors_of_a_fresh_beamline_can_be_aborted():
         for name in CENTRING_MOTORS:
             motors[name].abort()
             assert motors[name].get_state() == motors[name].STATES.READY
+
+
+def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_queue_manager(tmp_path, caplog):
+    from mxcubecore import queue_entry
+
+    from mxcube_autocenter.queue_entry import OpticalMLCentring, OpticalMLCentringQueueEntry
+
+    with hardware_repository():
+        assert queue_entry.MODEL_QUEUE_ENTRY_MAPPINGS[OpticalMLCentring] is OpticalMLCentringQueueEntry
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    yaml = config / "beamline.yaml"
+    lines = yaml.read_text().splitlines(keepends=True)
+    auto = next(line for line in lines if "auto_centring:" in line)
+    lines.remove(auto)
+    lines.insert(lines.index(next(line for line in lines if "queue_manager:" in line)), auto)
+    yaml.write_text("".join(lines))
+    with caplog.at_level(logging.WARNING, logger="HWR"):
+        with hardware_repository(config):
+            assert OpticalMLCentring not in queue_entry.MODEL_QUEUE_ENTRY_MAPPINGS
+    assert "list auto_centring after queue_manager in beamline.yaml" in _logged(caplog)
