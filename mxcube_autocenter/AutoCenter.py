@@ -257,9 +257,16 @@ class AutoCenter(HardwareObject):
         self._publish_heatmap(result)
         if save and self.config.centring_save_directory:
             gevent.get_hub().threadpool.spawn(
-                report.save, result, self.config.centring_save_directory, bl.beam_position()
+                self._save_record, result, self.config.centring_save_directory, bl.beam_position()
             )
         return result
+
+    def _save_record(self, result, directory, beam_position):
+        # On a pool thread: nobody waits for it, so a failure is only logged.
+        try:
+            report.save(result, directory, beam_position)
+        except OSError as err:
+            self.log.error("AutoCenter: centring record not saved (check centring_save_directory): %s", err)
 
     def _centring_running(self) -> str | None:
         """Why a centring may not start now, or None."""

@@ -261,6 +261,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _beam_position(text: str) -> tuple[float, float]:
+    """``--beam X,Y``: two numbers, pixels."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected the beam position as X,Y in pixels, e.g. 640,512") from None
+    return x, y
+
+
 def cmd_heatmap(args) -> int:
     """Loop, heatmap and best point of camera images (steps 1-4 of the centring)."""
     import json
@@ -272,6 +281,7 @@ def cmd_heatmap(args) -> int:
     from mxcube_autocenter.centring.loop import find_loop
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
+    from mxcube_autocenter.imagefiles import write_png
 
     try:
         predictor = load_predictor(args.model, args.classifier)
@@ -301,10 +311,14 @@ def cmd_heatmap(args) -> int:
                 if args.png:
                     beam = args.beam or (frame.shape[1] / 2, frame.shape[0] / 2)
                     out = Path(args.png)
-                    if len(args.images) > 1:
-                        out.mkdir(parents=True, exist_ok=True)
-                        out = out / (Path(path).stem + "_heatmap.png")
-                    cv2.imwrite(str(out), cv2.cvtColor(report.overlay(angle, beam), cv2.COLOR_RGB2BGR))
+                    try:
+                        if len(args.images) > 1:
+                            out.mkdir(parents=True, exist_ok=True)
+                            out = out / (Path(path).stem + "_heatmap.png")
+                        write_png(out, report.overlay(angle, beam))
+                    except OSError as err:
+                        entry["error"] = str(err)
+                        status = 1
         entry["elapsed_s"] = round(time.perf_counter() - start, 3)
         if args.json:
             print(json.dumps(entry))
@@ -339,10 +353,10 @@ class _ImageProgress:
 def cmd_simulate(args) -> int:
     """Gallery of one virtual sample and a helical + rotational collection of it."""
     _patch_gevent()
-    import cv2
     import numpy as np
 
     from mxcube_autocenter.beamline import hardware_repository
+    from mxcube_autocenter.imagefiles import write_png
     from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
     from mxcube_autocenter.simulation.gallery import sample_gallery
     from mxcube_autocenter.simulation.render import Renderer
@@ -359,7 +373,7 @@ def cmd_simulate(args) -> int:
             + (", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in sample.crystals) or "empty")
         )
         gallery = sample_gallery(sample, mounted.diffraction, Renderer())
-        cv2.imwrite(str(out / "gallery.png"), cv2.cvtColor(gallery, cv2.COLOR_RGB2BGR))
+        write_png(out / "gallery.png", gallery)
         print(f"Gallery (crystal outlines yellow, beam red cross, best point red circle): {out / 'gallery.png'}")
         rng = np.random.default_rng(args.seed)
         point, _ = mounted.best_point()
@@ -547,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap = sub.add_parser("heatmap", help="loop, heatmap and best point of OAV camera images")
     heatmap.add_argument("images", nargs="+", metavar="IMAGE")
     heatmap.add_argument("--pixels-per-mm", type=float, required=True, help="image scale, pixels per mm")
-    heatmap.add_argument("--beam", type=lambda t: tuple(float(v) for v in t.split(",")), help="beam position X,Y (default: image centre)")
+    heatmap.add_argument("--beam", type=_beam_position, help="beam position X,Y in pixels (default: image centre)")
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])

@@ -561,7 +561,7 @@ def _error_figures(outcomes, figures: Path) -> dict:
 
 
 def _thumbnail_sheet(thumbs, path: Path, columns: int = 4):
-    import cv2
+    from mxcube_autocenter.imagefiles import write_png
 
     if not thumbs:
         return None
@@ -573,8 +573,7 @@ def _thumbnail_sheet(thumbs, path: Path, columns: int = 4):
         t = t[:h, :w]
         sheet[r * (h + 4) : r * (h + 4) + t.shape[0], c * (w + 4) : c * (w + 4) + t.shape[1]] = t
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    return path
+    return write_png(path, sheet)
 
 
 def _fmt(value, fmt="{:.1f}"):

@@ -43,6 +43,8 @@ import h5py
 import numpy as np
 from gevent import monkey
 
+from mxcube_autocenter.imagefiles import write_png
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -959,11 +961,17 @@ class Recording:
             with h5py.File(self.path, "r") as h5file:
                 if self.storage == "raw":
                     return h5file["frames/rgb"][i]
-                return decode_jpeg(h5file["frames/jpeg"][i])
-        except (OSError, RuntimeError, ValueError) as err:
+                data = h5file["frames/jpeg"][i]
+        except (OSError, RuntimeError) as err:
             raise RecordingError(
                 f"frame {i} of {self.path} cannot be read ({err}): the recording "
                 "probably stopped before it was written"
+            ) from err
+        try:
+            return decode_jpeg(data)
+        except ValueError as err:
+            raise RecordingError(
+                f"frame {i} of {self.path} is a corrupt image ({err}): the camera sent it so"
             ) from err
 
 
@@ -1104,6 +1112,8 @@ def contact_sheet(path, out_png, n: int = 16, columns: int = 4, tile_width: int 
     ------
     RecordingError
         If the recording holds no readable frame.
+    OSError
+        If ``out_png`` cannot be written.
     """
     rec = read_recording(path)
     if not len(rec):
@@ -1114,9 +1124,7 @@ def contact_sheet(path, out_png, n: int = 16, columns: int = 4, tile_width: int 
     tiles += [blank] * (-len(tiles) % columns)
     rows = [np.hstack(tiles[k : k + columns]) for k in range(0, len(tiles), columns)]
     out_png = Path(out_png)
-    if not cv2.imwrite(str(out_png), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)):
-        raise RecordingError(f"cannot write {out_png}: check the directory exists and is writable")
-    return out_png
+    return write_png(out_png, np.vstack(rows))
 
 
 def _tile(rec: Recording, i: int, width: int) -> np.ndarray:

@@ -215,6 +215,19 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
     assert len(list(tmp_path.glob("*_verification_omega*.png"))) == 1
 
 
+def test_a_record_that_cannot_be_saved_is_logged_and_the_centring_stands(beamline, autocenter, tmp_path, caplog):
+    mount_at_start(beamline)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # where the directory should be
+    autocenter.config.centring_save_directory = str(blocked)
+    with caplog.at_level(logging.ERROR):
+        assert autocenter.centre().success
+        with gevent.Timeout(20, AssertionError("no error logged")):
+            while "centring record not saved" not in caplog.text:
+                gevent.sleep(0.1)
+    assert "check centring_save_directory" in caplog.text and str(blocked) in caplog.text
+
+
 @pytest.fixture
 def queue(beamline, autocenter):
     """The queue model and manager, wired as mxcubeweb's queue wires them (its init_signals)."""

@@ -194,3 +194,33 @@ def test_heatmap_command_finds_the_crystal_and_no_crystal_in_a_black_or_empty_fr
     for name in ("black.png", "empty.png"):
         assert results[name]["loop"] is None and not results[name]["crystal_found"] and results[name]["best"] is None
     assert "truncated.png" in results["truncated.png"]["error"]
+
+
+def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):
+    import json
+
+    from mxcube_autocenter.cli import main
+    from mxcube_autocenter.imagefiles import write_png
+
+    image = str(write_png(tmp_path / "crystal.png", frame_of(1)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--beam", "100"])
+    assert exit_info.value.code == 2
+    assert "'100': expected the beam position as X,Y in pixels" in capsys.readouterr().err
+
+    out = tmp_path / "no_such_directory" / "overlay.png"
+    status = main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--json", "--png", str(out)])
+    (entry,) = map(json.loads, capsys.readouterr().out.splitlines())
+    assert status == 1 and entry["crystal_found"]  # the image was analysed; only its overlay is missing
+    assert f"cannot write {out}" in entry["error"]
+
+
+def test_write_png_says_when_the_file_cannot_be_written(tmp_path):
+    from mxcube_autocenter.imagefiles import write_png
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(OSError, match="no_such_directory.*directory exists"):
+        write_png(tmp_path / "no_such_directory" / "x.png", rgb)
+    with pytest.raises(OSError, match="must end in .png"):
+        write_png(tmp_path / "x.jpg", rgb)
+    assert write_png(tmp_path / "x.png", rgb).stat().st_size > 0

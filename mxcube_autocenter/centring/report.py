@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from mxcube_autocenter.centring.procedure import AngleResult, CentringResult
+from mxcube_autocenter.imagefiles import write_png
 
 
 def heatmap_rgb(values) -> np.ndarray:
@@ -104,7 +105,7 @@ def save(result: CentringResult, directory, beam_position) -> Path:
         views.append((result.verification, "_verification"))
     for angle, kind in views:
         png = directory / f"centring_{stamp}{kind}_omega{angle.omega:.0f}.png"
-        cv2.imwrite(str(png), cv2.cvtColor(overlay(angle, beam_position), cv2.COLOR_RGB2BGR))
+        write_png(png, overlay(angle, beam_position))
     path = directory / f"centring_{stamp}.json"
     path.write_text(json.dumps(record(result), indent=2))
     return path
