@@ -460,6 +460,52 @@ def test_corrupt_and_missing_files_fail_their_recording_only(tmp_path):
     assert "3 failed" in format_summary(summary)
 
 
+def test_corrupt_camera_images_cost_their_own_rows_only(collections, tmp_path):
+    copy = tmp_path / "corrupt_frames_camera.h5"
+    shutil.copy(collections[0].recording, copy)
+    junk = np.frombuffer(b"\xff\xd8\xff\xe0" + np.random.default_rng(1).bytes(2000), np.uint8)
+    with h5py.File(copy, "r+") as h5file:
+        for i in (20, 21):  # in the middle of the scan: both matched
+            h5file["frames/jpeg"][i] = junk
+    summary = label_recordings([copy], tmp_path / "dataset.h5", progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "labelled" and entry.n_unreadable == 2
+    assert entry.rows == entry.matching["n_matched"] - 2
+    assert f"frame 20 of {copy} is a corrupt image" in entry.message
+    assert "2 corrupt images left out" in format_summary(summary)
+    with read_dataset(tmp_path / "dataset.h5") as dataset:
+        assert len(dataset) == entry.rows and not {20, 21} & set(dataset.recording_frame)
+        assert dataset.provenance["recordings"][0]["unreadable_frames"] == 2
+
+    with h5py.File(copy, "r+") as h5file:
+        for i in range(len(h5file["frames/jpeg"])):
+            h5file["frames/jpeg"][i] = junk
+    summary = label_recordings([copy], tmp_path / "all_corrupt.h5", progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "error" and "none of its" in entry.message and "check the camera's image format" in entry.message
+
+
+def test_an_unforeseen_error_fails_its_recording_only(collections, tmp_path, monkeypatch, caplog):
+    from mxcube_autocenter.labelling import pipeline
+
+    original = pipeline.match_frames
+    calls = []
+
+    def match_frames_with_a_bug(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug")  # a stand-in for any error no check foresaw
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "match_frames", match_frames_with_a_bug)
+    summary = label_recordings([c.recording for c in collections], tmp_path / "dataset.h5", progress=False)
+    first, second = summary.recordings
+    assert first.status == "error" and str(collections[0].recording) in first.message
+    assert "KeyError" in first.message and "please report it" in first.message
+    assert "Traceback" in caplog.text
+    assert second.status == "labelled" and second.rows > 0
+
+
 def test_recording_without_master_file_or_camera_scale(collections, tmp_path):
     recording = read_recording(collections[0].recording)
     for drop, message in (("master_file", "no master_file in its collection metadata"),

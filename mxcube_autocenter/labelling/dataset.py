@@ -35,6 +35,7 @@ from mxcube_autocenter.recording import (
     MOTOR_NAMES,
     MOTOR_UNITS,
     Recording,
+    RecordingError,
     _now_iso,
     decode_jpeg,
     encode_jpeg,
@@ -166,6 +167,9 @@ class AppendResult:
         Whether the recording was already in the set and was skipped.
     message : str
         One line for the user.
+    n_unreadable : int
+        Labelled camera frames left out because their image cannot be
+        decoded (a corrupt JPEG from the camera).
     """
 
     scan_id: str
@@ -173,6 +177,7 @@ class AppendResult:
     n_unlabelled: int
     duplicate: bool
     message: str
+    n_unreadable: int = 0
 
 
 def find_recording(dataset_path, fingerprint: str) -> str | None:
@@ -198,7 +203,8 @@ def append_recording(
 
     Every camera frame matched to a detector frame with a reflection count
     becomes a row: the frame cropped around the beam, its labels and motor
-    positions. The set is created if missing. A recording already in the
+    positions. A frame whose image cannot be decoded is left out, counted
+    and named in the recording's provenance. The set is created if missing. A recording already in the
     set (same fingerprint) is skipped. Rows count only once all are written
     (see the module description); on an error the set is left as it was.
 
@@ -230,9 +236,10 @@ def append_recording(
     ------
     DatasetError
         If the set cannot be opened or written, the recording lacks the
-        camera scale or beam position, or the match does not fit it.
+        camera scale or beam position, the match does not fit it, or none of
+        its labelled frames can be decoded.
     RecordingError
-        If the recording or one of its frames cannot be read.
+        If the recording cannot be read.
     """
     dataset_path = Path(dataset_path)
     recording = read_recording(recording_path)
@@ -272,11 +279,20 @@ def append_recording(
             "crystal_id": str(recording.metadata.get("crystal_id", recording.metadata.get("sample_id", ""))),
             "scan_type": str(recording.metadata.get("experiment_type", "")),
         }
+        unreadable = []
+        written = 0
         try:
             for start in range(0, labelled.size, _ROWS_PER_CHUNK):
                 batch = labelled[start : start + _ROWS_PER_CHUNK]
-                rows = _rows(recording, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality)
-                _write_rows(h5file, dataset_path, first + start, {**rows, **constant})
+                rows = _rows(recording, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality, unreadable)
+                if len(rows["jpeg"]):
+                    _write_rows(h5file, dataset_path, first + written, {**rows, **constant})
+                    written += len(rows["jpeg"])
+            if labelled.size and not written:
+                raise DatasetError(
+                    f"{recording.path}: none of its {labelled.size} labelled camera frames can be decoded "
+                    f"({unreadable[0]}): check the camera's image format"
+                )
             entry = {
                 "scan_id": scan,
                 "recording": str(recording.path.resolve()),
@@ -285,8 +301,10 @@ def append_recording(
                 "master_file": recording.metadata.get("master_file"),
                 "experiment_type": recording.metadata.get("experiment_type"),
                 "crystal_id": constant["crystal_id"],
-                "rows": int(labelled.size),
+                "rows": written,
                 "unlabelled_matched_frames": int(matched.size - labelled.size),
+                "unreadable_frames": len(unreadable),
+                "unreadable_first": unreadable[:3],
                 "matching": match_result.stats(),
                 "stored_crop_um": stored_crop_um,
                 "jpeg_quality": jpeg_quality,
@@ -296,21 +314,24 @@ def append_recording(
             }
             _append_recording(h5file["recordings"], n_recordings, {
                 "scan_id": scan, "fingerprint": fingerprint, "first_row": first,
-                "n_rows": labelled.size, "provenance": json.dumps(entry),
+                "n_rows": written, "provenance": json.dumps(entry),
             })  # fmt: skip
             # The rows are on disk before the counts that make them visible.
             h5file.flush()
             # Every row's crop is at least this large (a smaller side only lowers it).
             previous = h5file.attrs.get("stored_crop_um", np.inf)
             h5file.attrs["stored_crop_um"] = min(float(previous), float(stored_crop_um))
-            h5file.attrs["n_rows"] = first + labelled.size
+            h5file.attrs["n_rows"] = first + written
             h5file.attrs["n_recordings"] = n_recordings + 1
             h5file.flush()
         except BaseException:
             _roll_back(h5file, first, n_recordings)
             raise
-    message = f"{recording.path}: {labelled.size} rows appended to {dataset_path} as {scan}"
-    return AppendResult(scan, int(labelled.size), int(matched.size - labelled.size), False, message)
+    message = f"{recording.path}: {written} rows appended to {dataset_path} as {scan}"
+    if unreadable:
+        message += f"; {len(unreadable)} corrupt camera frames left out (first: {unreadable[0]})"
+        log.warning(message)
+    return AppendResult(scan, written, int(matched.size - labelled.size), False, message, len(unreadable))
 
 
 def add_row_column(dataset_path, name: str, values, description: str) -> None:
@@ -371,28 +392,38 @@ def _camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
     return values[0], values[1]
 
 
-def _rows(recording, batch, frames, counts, ppmm, beam, size_um, quality) -> dict:
-    """Per-row columns of some camera frames of a recording."""
-    jpegs = np.empty(batch.size, dtype=object)
-    beam_xy = np.empty((batch.size, 2))
-    padded = np.empty(batch.size, bool)
-    for k, i in enumerate(batch):
-        frame = recording.frame(int(i))
+def _rows(recording, batch, frames, counts, ppmm, beam, size_um, quality, unreadable: list) -> dict:
+    """Per-row columns of the decodable camera frames of ``batch``; what the others say goes to ``unreadable``."""
+    jpegs, beam_xy, padded, kept = [], [], [], []
+    for i in batch:
         try:
-            crop, beam_xy[k], padded[k] = crop_around_beam(frame, beam, ppmm, size_um)
+            frame = recording.frame(int(i))
+        except RecordingError as err:
+            # One corrupt camera image costs its own row, not the recording's.
+            unreadable.append(str(err))
+            continue
+        try:
+            crop, xy, pad = crop_around_beam(frame, beam, ppmm, size_um)
         except ValueError as err:
             raise DatasetError(f"{recording.path}: frame {i}: {err}: check the beam_position metadata") from err
-        jpegs[k] = np.frombuffer(encode_jpeg(crop, quality), np.uint8)
+        jpegs.append(np.frombuffer(encode_jpeg(crop, quality), np.uint8))
+        beam_xy.append(xy)
+        padded.append(pad)
+        kept.append(i)
+    batch = np.asarray(kept, dtype=np.int64)
+    stored = np.empty(len(jpegs), dtype=object)
+    for k, jpeg in enumerate(jpegs):  # one by one: numpy would stack arrays of equal length
+        stored[k] = jpeg
     return {
-        "jpeg": jpegs,
-        "beam_xy": beam_xy,
+        "jpeg": stored,
+        "beam_xy": np.reshape(beam_xy, (-1, 2)),
         "omega": recording.motors[batch, MOTOR_NAMES.index("omega")],
         "motors": recording.motors[batch],
         "rc": counts[frames[batch]],
         "timestamp": recording.timestamps[batch],
         "detector_frame": frames[batch],
         "recording_frame": batch,
-        "padded": padded,
+        "padded": np.asarray(padded, bool),
     }
 
 

@@ -89,6 +89,8 @@ class RecordingLabels:
         offset and how it was found, timing residuals; empty when not matched.
     n_unlabelled : int
         Matched camera frames whose detector frame had no count (spot-count file).
+    n_unreadable : int
+        Labelled camera frames left out as corrupt images.
     spot_finding_s, total_s : float
         Seconds spent counting reflections, and in all.
     """
@@ -101,6 +103,7 @@ class RecordingLabels:
     detector_frames: int = 0
     matching: dict = field(default_factory=dict)
     n_unlabelled: int = 0
+    n_unreadable: int = 0
     spot_finding_s: float = 0.0
     total_s: float = 0.0
 
@@ -416,6 +419,14 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         appended = append_recording(out, path, counts, match, stored_crop_um=stored_crop_um, provenance=provenance)
     except (RecordingError, EigerFileError, SpotsFileError, DatasetError, LabellingError) as err:
         return RecordingLabels(path, "error", str(err), total_s=time.perf_counter() - started)
+    except BrokenProcessPool:
+        raise  # label_recordings renews the pool
+    except Exception as err:
+        # Anything else is a bug or a file no check foresaw: it fails this
+        # recording, with the traceback in the log, and the others still get labelled.
+        log.exception("%s: labelling failed", path)
+        message = f"{path}: labelling failed ({type(err).__name__}: {err}); the traceback is in the log: please report it"
+        return RecordingLabels(path, "error", message, total_s=time.perf_counter() - started)
     return RecordingLabels(
         path,
         "duplicate" if appended.duplicate else "labelled",
@@ -425,6 +436,7 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         detector_frames=nimages,
         matching=match.stats(),
         n_unlabelled=appended.n_unlabelled,
+        n_unreadable=appended.n_unreadable,
         spot_finding_s=spot_finding_s,
         total_s=time.perf_counter() - started,
     )
@@ -520,6 +532,7 @@ def format_summary(summary: LabelSummary) -> str:
             f"    {entry.rows} rows; {m['n_camera']} camera frames: {m['n_matched']} matched, {m['n_dropped']} dropped "
             f"({m['n_before']} before, {m['n_after']} after the exposures, {m['n_gap']} in gaps)"
             + (f", {entry.n_unlabelled} without a count" if entry.n_unlabelled else "")
+            + (f", {entry.n_unreadable} corrupt images left out" if entry.n_unreadable else "")
         )
         offset = f"    clock offset {m['clock_offset_s']:+.4f} s ({m['offset_method']}"
         if m["timing_residual_rms_s"] is not None:
