@@ -138,9 +138,11 @@ def wait_until_ready(url: str, process, timeout: float = 120.0):
         if process.poll() is not None:
             raise WebSetupError(f"mxcubeweb-server exited with status {process.returncode} before it was ready")
         try:
-            if requests.get(f"{url}{API}/login/login_info", timeout=5).ok:
+            # A server still loading may accept the connection and not answer yet.
+            wait_s = min(5.0, max(0.5, deadline - time.monotonic()))
+            if requests.get(f"{url}{API}/login/login_info", timeout=wait_s).ok:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.5)
     raise WebSetupError(f"mxcubeweb-server at {url} not ready after {timeout:.0f} s")

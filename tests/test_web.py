@@ -249,3 +249,20 @@ def test_empty_loop_fails_visibly_and_the_sample_stays(client):
     assert FAILED in messages and ACCEPTED not in messages, messages
     assert any("no crystal found" in m for m in messages), messages
     assert client.motors() == pytest.approx(start, abs=1e-3)
+
+
+def test_waiting_for_a_server_that_never_answers_ends_with_a_clear_error():
+    import socket
+    import sys
+
+    listener = socket.socket()
+    listener.bind((web.DEFAULT_HOST, 0))
+    listener.listen()  # connections are accepted, requests never answered
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(web.WebSetupError, match="not ready after 1 s"):
+            web.wait_until_ready(f"http://{web.DEFAULT_HOST}:{listener.getsockname()[1]}", process, timeout=1.0)
+    finally:
+        process.kill()
+        process.wait()
+        listener.close()
