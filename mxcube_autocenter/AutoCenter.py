@@ -81,6 +81,7 @@ class AutoCenter(HardwareObject):
         self.last_result = None
         self._heatmap_shape_id = None
         self._centring_lock = gevent.lock.Semaphore()
+        self._button_pressed = False
         self._connect_collect()
         self._load_models()
         if self.config.centring_enabled and self.predictor is not None:
@@ -270,7 +271,7 @@ class AutoCenter(HardwareObject):
 
     def _centring_running(self) -> str | None:
         """Why a centring may not start now, or None."""
-        if self._centring_lock.locked():
+        if self._centring_lock.locked() or self._button_pressed:
             return "an optical ML centring is already running: wait for it to end, or cancel it"
         # SampleView's own procedure: a centring by hand, or the one whose greenlet calls centre().
         procedure_running = HWR.beamline.sample_view.current_centring_procedure
@@ -339,18 +340,33 @@ class AutoCenter(HardwareObject):
         sample_view = HWR.beamline.sample_view
         # A dead procedure is left there when a manual centring is killed
         # (SampleView.manual_centring_done does not catch GreenletExit): only a
-        # running one refuses, and its own signals release whoever waits.
+        # running one refuses.
         refusal = self._centring_running()
         if refusal:
-            self.user_log.error(f"Optical ML centring not started: {refusal}")
+            self._refuse_auto_centring(sample_view, refusal)
             return
-        diffr = HWR.beamline.diffractometer
-        diffr.wait_status_ready(60)
-        diffr.set_phase(diffr.get_phase_enum.CENTRE)
-        sample_view.current_centring_method = "Automatic"
-        sample_view.emit("centringStarted", ("Automatic",))
-        sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
-        sample_view.current_centring_procedure.link(sample_view.auto_centring_done)
+        # Until the procedure is on SampleView, a second press (while the
+        # diffractometer gets ready, which may take seconds) must see this one.
+        self._button_pressed = True
+        try:
+            diffr = HWR.beamline.diffractometer
+            diffr.wait_status_ready(60)
+            diffr.set_phase(diffr.get_phase_enum.CENTRE)
+            sample_view.current_centring_method = "Automatic"
+            sample_view.emit("centringStarted", ("Automatic",))
+            sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
+            sample_view.current_centring_procedure.link(sample_view.auto_centring_done)
+        finally:
+            self._button_pressed = False
+
+    def _refuse_auto_centring(self, sample_view, reason):
+        # Whoever waits for the outcome must hear of it (the queue's mount step
+        # waits for centringAccepted); SampleView's own state belongs to the
+        # centring that is running and is left alone.
+        self.user_log.error(f"Optical ML centring not started: {reason}")
+        status = {**sample_view.get_centring_status(), "valid": False, "accepted": False}
+        sample_view.emit("centringFailed", ("Automatic", status))
+        sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):
         # SampleView.auto_centring_done accepts the centring unless this returns None,

@@ -75,7 +75,7 @@ class OpticalMLCentringQueueEntry(BaseQueueEntry):
             centring.kill()
             self._centring = None
         if isinstance(result, gevent.GreenletExit):
-            raise QueueAbortedException(f"{TASK_NAME} stopped; the sample is back where it started", self)
+            raise QueueAbortedException(f"{TASK_NAME} stopped", self)
         model.result = result
         if not result.success:
             raise QueueExecutionException(f"{TASK_NAME}: {result.message}", self)

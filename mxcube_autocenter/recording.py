@@ -69,6 +69,10 @@ class RecordingError(Exception):
     """A recording cannot be created, written or read; the message says why and what to do."""
 
 
+class CorruptFrameError(RecordingError):
+    """One frame of a readable recording holds an image that cannot be decoded."""
+
+
 def unique_path(directory, name: str, suffix: str = ".h5") -> Path:
     """The first free file name among ``name``, ``name_2``, ``name_3``, ... in ``directory``.
 
@@ -169,9 +173,11 @@ def decode_jpeg(data) -> np.ndarray:
     ValueError
         If ``data`` is not a decodable JPEG.
     """
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    buffer = np.frombuffer(data, np.uint8)
+    # An empty buffer makes OpenCV raise instead of returning None.
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if bgr is None:
-        raise ValueError("camera frame is not a decodable JPEG image")
+        raise ValueError("camera frame is not a decodable JPEG image" + ("" if buffer.size else " (empty)"))
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -955,7 +961,15 @@ class Recording:
         return self.motors[:, MOTOR_NAMES.index(name)]
 
     def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` as an RGB array of uint8, shape (H, W, 3)."""
+        """Frame ``i`` as an RGB array of uint8, shape (H, W, 3).
+
+        Raises
+        ------
+        CorruptFrameError
+            If the frame's stored image cannot be decoded.
+        RecordingError
+            If the file cannot be read there.
+        """
         i = range(len(self))[i]
         try:
             with h5py.File(self.path, "r") as h5file:
@@ -970,7 +984,7 @@ class Recording:
         try:
             return decode_jpeg(data)
         except ValueError as err:
-            raise RecordingError(
+            raise CorruptFrameError(
                 f"frame {i} of {self.path} is a corrupt image ({err}): the camera sent it so"
             ) from err
 

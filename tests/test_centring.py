@@ -331,11 +331,37 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter):
     assert not second.success and "already running" in second.message
     log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
     beamline.sample_view.start_auto_centring()  # the button, pressed during a script's centring
-    assert log.names() == [] and beamline.sample_view.current_centring_procedure is None
+    # Refused, and said so to whoever waits (the queue's mount step waits for centringAccepted).
+    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+    assert beamline.sample_view.current_centring_procedure is None
     assert first.get(timeout=60).success
     assert scorecard.moved(start, positions(beamline))
     with pytest.raises(ValueError, match="n_angles = 0"):
         autocenter.centre(n_angles=0)
+
+
+def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter):
+    mount_at_start(beamline)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    gevent.joinall([gevent.spawn(beamline.sample_view.start_auto_centring) for _ in range(2)], timeout=30)
+    with gevent.Timeout(60, AssertionError("centring did not end")):
+        while [name for name, _ in log.calls].count("centringAccepted") < 2:
+            gevent.sleep(0.05)
+    assert log.names().count("centringStarted") == 1
+    accepted = [args[0] for name, args in log.calls if name == "centringAccepted"]
+    assert accepted == [False, True]  # the second press refused at once, the first centred
+    assert autocenter.last_result.success
+
+
+def test_a_second_abort_does_not_stop_the_sample_half_way_back(beamline, autocenter):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    centring = gevent.spawn(autocenter.centre, save=False)
+    gevent.sleep(1.5)  # omega has turned: going back takes a while
+    centring.kill(block=False)
+    gevent.sleep(0.1)  # now on its way back
+    centring.kill(block=True)  # Stop pressed again
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
 @pytest.fixture

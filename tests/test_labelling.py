@@ -465,8 +465,10 @@ def test_corrupt_camera_images_cost_their_own_rows_only(collections, tmp_path):
     shutil.copy(collections[0].recording, copy)
     junk = np.frombuffer(b"\xff\xd8\xff\xe0" + np.random.default_rng(1).bytes(2000), np.uint8)
     with h5py.File(copy, "r+") as h5file:
-        for i in (20, 21):  # in the middle of the scan: both matched
-            h5file["frames/jpeg"][i] = junk
+        # In the middle of the scan, so both matched: junk after a JPEG start, and an empty
+        # image (what a write that failed half-way leaves).
+        h5file["frames/jpeg"][20] = junk
+        h5file["frames/jpeg"][21] = np.zeros(0, np.uint8)
     summary = label_recordings([copy], tmp_path / "dataset.h5", progress=False)
     entry = summary.recordings[0]
     assert entry.status == "labelled" and entry.n_unreadable == 2
@@ -576,7 +578,7 @@ def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, 
     store.close()
     match = match_frames(np.arange(400.0), [[-1.0, 500.0]])
     monkeypatch.setattr(dataset_module, "encode_jpeg", failing_encode)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DatasetError, match=f"{out}: cannot write the set .*No space left.*check free space"):
         append_recording(out, store.path, [5.0], match)
     monkeypatch.undo()
     with read_dataset(out) as dataset:

@@ -487,7 +487,21 @@ def _why_not(angles, settings: CentringSettings) -> str:
 
 
 def _restore(bl: Beamline, start: dict, timeout: float, log):
-    """Put the sample back; log, never raise, if even that fails."""
+    """Put the sample back; log, never raise, if even that fails.
+
+    The move runs in a greenlet of its own and is waited for to its end: a
+    second abort (Stop pressed twice) or a caller's time-out arriving now
+    must not leave the sample half-way back.
+    """
+    moving = gevent.spawn(_move_back, bl, start, timeout, log)
+    while not moving.ready():
+        try:
+            moving.join()
+        except (gevent.GreenletExit, gevent.Timeout):
+            log.warning("AutoCenter: abort while the sample goes back to its starting position: finishing that first")
+
+
+def _move_back(bl: Beamline, start: dict, timeout: float, log):
     try:
         bl.move(start, timeout)
         log.info("AutoCenter: sample returned to its starting position")

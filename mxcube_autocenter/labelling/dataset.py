@@ -35,7 +35,7 @@ from mxcube_autocenter.recording import (
     MOTOR_NAMES,
     MOTOR_UNITS,
     Recording,
-    RecordingError,
+    CorruptFrameError,
     _now_iso,
     decode_jpeg,
     encode_jpeg,
@@ -324,6 +324,12 @@ def append_recording(
             h5file.attrs["n_rows"] = first + written
             h5file.attrs["n_recordings"] = n_recordings + 1
             h5file.flush()
+        except OSError as err:
+            _roll_back(h5file, first, n_recordings)
+            raise DatasetError(
+                f"{dataset_path}: cannot write the set ({err}): check free space, quota and permissions, "
+                "or write the set elsewhere"
+            ) from err
         except BaseException:
             _roll_back(h5file, first, n_recordings)
             raise
@@ -398,7 +404,7 @@ def _rows(recording, batch, frames, counts, ppmm, beam, size_um, quality, unread
     for i in batch:
         try:
             frame = recording.frame(int(i))
-        except RecordingError as err:
+        except CorruptFrameError as err:
             # One corrupt camera image costs its own row, not the recording's.
             unreadable.append(str(err))
             continue
