@@ -30,12 +30,15 @@ Queue: the object registers the "Optical ML centring" queue task
 
 from __future__ import annotations
 
+import functools
 import gc
+import sys
 
 import gevent
 import gevent.lock
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
+from mxcubecore.TaskUtils import TaskException
 
 from mxcube_autocenter.centring import procedure, report
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
@@ -143,35 +146,51 @@ class AutoCenter(HardwareObject):
         }
 
     def _collection_started(self, *args):
-        dc_params = find_dc_params(args, HWR.beamline.collect.current_dc_parameters)
-        if dc_params is None:
-            self.log.warning("AutoCenter: collection started without parameters; not recording")
-            return
+        # Helical end points belong to the collection they were set for.
+        helical, self._helical_positions = self._helical_positions, None
+        collect = HWR.beamline.collect
         try:
-            self.recorder.start(dc_params, self._helical_positions)
+            # AbstractMultiCollect-based objects have no current_dc_parameters.
+            dc_params = find_dc_params(args, getattr(collect, "current_dc_parameters", None))
+            if dc_params is None:
+                self.log.warning("AutoCenter: collection started without parameters; not recording")
+                return
+            self.recorder.start(dc_params, helical)
         except Exception:
             # Recording must never disturb the collection.
             self.log.exception("AutoCenter: could not start recording")
             return
-        task = getattr(HWR.beamline.collect, "data_collect_task", None)
-        if task is not None:
-            task.link(self._collection_task_ended)
+        # The collection's own greenlet, if the signal comes from it (AbstractCollect):
+        # its end tells a killed or failed collection apart.
+        task = getattr(collect, "data_collect_task", None)
+        if self.recorder.recording and task is gevent.getcurrent():
+            task.link(functools.partial(self._collection_task_ended, self.recorder.current))
 
-    def _collection_task_ended(self, task):
+    def _collection_task_ended(self, recording, task):
         # AbstractCollect.stop_collect kills the collection's greenlet, and a
         # killed collection sends none of the signals that end a recording.
         if isinstance(task.value, gevent.GreenletExit):
-            self._stop_recording("aborted")
-        elif task.exception is not None:
-            self._stop_recording("failed")
+            status = "aborted"
+        elif task.exception is not None or isinstance(task.value, TaskException):
+            status = "failed"  # TaskException: what mxcubecore's @task makes of an error
+        else:
+            status = "complete"
+        self.recorder.stop_later(status, only=recording)
 
     def _stop_recording(self, status):
-        # Spawned: closing the file must not hold up the collect object's greenlet.
-        if self.recorder is not None and self.recorder.recording:
-            gevent.spawn(self.recorder.stop, status)
+        # The recording ends now; its file closes in the background, not on the collect object's greenlet.
+        if self.recorder is not None:
+            self.recorder.stop_later(status)
 
     def _collection_finished(self, *args):
-        self._stop_recording("complete")
+        # AbstractMultiCollect sends collectEnded(owner, success, message), also from
+        # the finally of a collection being killed.
+        if isinstance(sys.exc_info()[1], gevent.GreenletExit):
+            self._stop_recording("aborted")
+        elif len(args) > 1 and args[1] is False:
+            self._stop_recording("failed")
+        else:
+            self._stop_recording("complete")
 
     def _collection_failed(self, *args):
         self._stop_recording("failed")

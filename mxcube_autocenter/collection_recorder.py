@@ -109,10 +109,10 @@ class CollectionRecorder:
         self._context = context
         self.log = log or logging.getLogger("HWR")
         self._writer = None
+        self._dc_params = None
         self._tasks = []
         self._next_due = 0.0
         self._last_frame_time = 0.0
-        self._error = None
         self._streamed = False
         self.last_summary = None
 
@@ -120,28 +120,38 @@ class CollectionRecorder:
     def recording(self) -> bool:
         return self._writer is not None
 
+    @property
+    def current(self):
+        """The running recording (an opaque token for :meth:`stop_later`), or None."""
+        return self._writer
+
     def start(self, dc_params: dict, helical_positions=None):
-        """Begin recording a collection if its type is configured."""
+        """Begin recording a collection if its type is configured.
+
+        A second start signal for the collection being recorded is ignored;
+        a new collection closes the previous recording, in the background,
+        as ``aborted`` (its end was never signalled).
+        """
+        if self._writer is not None and dc_params is self._dc_params:
+            return
         cfg = self._settings()
         kind = dc_params.get("experiment_type")
         if not cfg.recording_enabled or kind not in cfg.record_scan_types:
             self.log.debug("AutoCenter: not recording a %s collection", kind)
             return
-        if self.recording:
-            self.stop("aborted")
+        self.stop_later("aborted")
         fileinfo = dc_params["fileinfo"]
         directory = recording_directory(cfg.record_directory, fileinfo)
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
-        self._error = None
-        self._writer = RecordingWriter(
+        writer = self._writer = RecordingWriter(
             lambda: FrameStore.create(
                 directory, recording_name(fileinfo), metadata, storage=cfg.record_storage,
                 min_free_mb=cfg.record_min_free_mb,
             ),
             max_queue=max(8, int(2 * cfg.record_frame_rate)),
             max_frames=cfg.record_max_frames,
-            on_error=self._writer_failed,
         )
+        self._dc_params = dc_params
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.time()
@@ -149,8 +159,8 @@ class CollectionRecorder:
         if self._streamed:
             self._camera.connect("imageReceived", self.frame_received)
         else:
-            self._tasks.append(gevent.spawn(self._poll))
-        self._tasks.append(gevent.spawn(self._watch, cfg.record_camera_timeout_s))
+            self._tasks.append(gevent.spawn(self._poll, writer))
+        self._tasks.append(gevent.spawn(self._watch, writer, cfg.record_camera_timeout_s))
         self.log.info("AutoCenter: recording the camera during %s collection %s to %s", kind, fileinfo["prefix"], directory)
 
     def frame_received(self, image, *args):
@@ -163,25 +173,27 @@ class CollectionRecorder:
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
         self._writer.submit(image, now, self._read_motors())
 
-    def _poll(self):
+    def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""
         pool = gevent.get_hub().threadpool
-        while self._writer is not None:
+        while self._writer is writer:
             start = time.time()
             rgb = self._snapshot()
             self._last_frame_time = time.time()
             motors = self._read_motors()
             jpeg = pool.apply(encode_jpeg, (rgb,))
-            if self._writer is not None:
-                self._writer.submit(jpeg, start, motors)
+            if self._writer is writer:
+                writer.submit(jpeg, start, motors)
             gevent.sleep(max(0.0, self._period - (time.time() - start)))
 
-    def _watch(self, camera_timeout_s):
+    def _watch(self, writer, camera_timeout_s):
         """Stop the recording on a writer error or when the camera falls silent."""
-        while self._writer is not None:
+        while self._writer is writer:
             gevent.sleep(0.25)
-            if self._error is not None:
-                self.log.error("AutoCenter: recording stopped: %s", self._error)
+            if self._writer is not writer:
+                return
+            if writer.error is not None:
+                self.log.error("AutoCenter: recording stopped: %s", writer.error)
                 self.stop("failed")
             elif time.time() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
@@ -191,13 +203,26 @@ class CollectionRecorder:
                 )
                 self.stop("failed")
 
-    def _writer_failed(self, message):
-        # Called on the writer thread: leave the stopping to the event loop.
-        self._error = message
-
     def stop(self, status: str = "complete"):
-        """End the current recording (does nothing when none is running)."""
+        """End the current recording and wait until its file is closed (nothing when none is running)."""
+        writer = self._detach()
+        return None if writer is None else self._close(writer, status)
+
+    def stop_later(self, status: str, only=None):
+        """End the current recording now and close its file in the background.
+
+        For collect-object signals: the recording is over at once, so that a
+        collection starting next gets a recording of its own whatever the
+        close still has to write. With ``only`` (a :attr:`current` token),
+        only that recording is ended.
+        """
+        if self._writer is None or (only is not None and only is not self._writer):
+            return
+        gevent.spawn(self._close, self._detach(), status)
+
+    def _detach(self):
         writer, self._writer = self._writer, None
+        self._dc_params = None
         if writer is None:
             return None
         if self._streamed:
@@ -207,6 +232,9 @@ class CollectionRecorder:
             if task is not current:
                 task.kill(block=False)
         self._tasks = []
+        return writer
+
+    def _close(self, writer, status):
         summary = writer.close(status)
         self.last_summary = summary
         level = logging.INFO if summary.error is None else logging.ERROR

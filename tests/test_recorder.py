@@ -118,6 +118,53 @@ def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, au
     assert wait_for_summary(autocenter).status == "complete"
 
 
+def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its_status(beamline, autocenter, tmp_path):
+    """AbstractMultiCollect's signal sequences, sent by the collect object as such an object sends them.
+
+    Its loop ends one collection and starts the next without yielding, some
+    objects send a start twice, and a killed collection sends collectEnded
+    (owner, True, ...) from its ``finally``.
+    """
+    collect(beamline, tmp_path / "first", "Helical")  # helical end points set, and used, for this one only
+    wait_for_summary(autocenter)
+    base = beamline.collect.current_dc_parameters
+    first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
+                     for p in ("loop_a", "loop_b"))  # fmt: skip
+    collect_ho = beamline.collect
+
+    def started(params, osc_id):
+        # AbstractMultiCollect: (owner, sample_id, sample_code, sample_location, parameters, osc_id)
+        collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", params, osc_id))
+
+    started(first, 1)
+    gevent.sleep(0.6)
+    started(first, 1)  # sent twice: still one recording
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
+    started(second, 2)  # the loop's next collection, with no yield in between
+    gevent.sleep(0.6)
+
+    def killed_collection():
+        try:
+            gevent.sleep(30)
+        finally:
+            collect_ho.emit("collectEnded", None, True, "Data collection successful")
+
+    running = gevent.spawn(killed_collection)
+    gevent.sleep(0.1)
+    running.kill()
+    with gevent.Timeout(10, AssertionError("the recordings did not close")):
+        while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
+            gevent.sleep(0.05)
+    gevent.sleep(0.5)
+    recordings = {path.name: read_recording(path) for path in tmp_path.glob("autocenter_frames/loop_*.h5")}
+    assert sorted(recordings) == ["loop_a_1_camera.h5", "loop_b_1_camera.h5"]
+    assert recordings["loop_a_1_camera.h5"].status == "complete"
+    assert recordings["loop_b_1_camera.h5"].status == "aborted"
+    assert all(len(r) >= 3 for r in recordings.values())
+    # The helical end points of the earlier collection were not carried over.
+    assert "helical_start" not in recordings["loop_a_1_camera.h5"].metadata
+
+
 def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline, autocenter, tmp_path, caplog):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the recording directory should be")
