@@ -13,6 +13,9 @@ from typing import Callable
 
 Benchmark = Callable[[bool], dict]
 
+# In the order they run.
+NAMES = ("render", "eiger_write", "recording", "spotfinding", "centring")
+
 
 def _registry() -> list[tuple[str, Benchmark]]:
     # Imported here: each benchmark pulls in its own heavy dependencies.
@@ -21,13 +24,8 @@ def _registry() -> list[tuple[str, Benchmark]]:
     from mxcube_autocenter.labelling import spotfinder
     from mxcube_autocenter.simulation import eiger, render
 
-    return [
-        ("render", render.benchmark),
-        ("eiger_write", eiger.benchmark),
-        ("recording", recording.benchmark),
-        ("spotfinding", spotfinder.benchmark),
-        ("centring", centring.benchmark),
-    ]
+    benchmarks = (render.benchmark, eiger.benchmark, recording.benchmark, spotfinder.benchmark, centring.benchmark)
+    return list(zip(NAMES, benchmarks))
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, progress=print) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -146,40 +147,13 @@ def _train_options(args) -> dict:
     }
 
 
-def cmd_synthesize(args) -> int:
-    """A training set made straight from the virtual beamline's ground truth (domain-randomised)."""
-    from mxcube_autocenter.learning.synthetic import synthetic_dataset
-
-    summary = synthetic_dataset(
-        args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
-        random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
-        near_fraction=args.near_fraction, region_fraction=args.region_fraction, empty_fraction=args.empty_fraction,
-        workers=args.workers,
-    )
-    print(", ".join(f"{k} {v}" for k, v in summary.items()))
-    return 0
-
-
-def cmd_synthesize_regions(args) -> int:
-    """A region set: whole regions of virtual-beamline frames, labelled on the grid of an fcn's crops."""
-    from mxcube_autocenter.learning.dense import synthetic_regions
-
-    summary = synthetic_regions(
-        args.out, n_samples=args.samples, seed=args.seed, views_per_sample=args.views_per_sample,
-        regions_per_view=args.regions_per_view, cells=args.cells, crop_um=args.crop_um, input_size=args.input_size,
-        random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, empty_fraction=args.empty_fraction,
-        workers=args.workers,
-    )
-    print(", ".join(f"{k} {v}" for k, v in summary.items()))
-    return 0
-
-
 def _input_errors_exit_2(command):
-    """Run a learning command; a bad input ends it with its message and exit code 2, not a traceback.
+    """Run a command; a bad input ends it with its message and exit code 2, not a traceback.
 
-    The learning modules report bad files and arguments (a missing or wrong
-    model, a dataset without the needed crystals, an unknown architecture)
-    as ValueError or OSError, with the file and the fix in the message.
+    For the learning and simulation commands, whose modules report bad files
+    and arguments (a missing or wrong model, a dataset without the needed
+    crystals, an unknown architecture, an output that cannot be written) as
+    ValueError or OSError, with the file and the fix in the message.
     """
 
     @functools.wraps(command)
@@ -191,6 +165,43 @@ def _input_errors_exit_2(command):
             return 2
 
     return run
+
+
+def _refuse_to_overwrite(args):
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists: choose another name, or pass --overwrite to replace it")
+
+
+@_input_errors_exit_2
+def cmd_synthesize(args) -> int:
+    """A training set made straight from the virtual beamline's ground truth (domain-randomised)."""
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    _refuse_to_overwrite(args)
+    summary = synthetic_dataset(
+        args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
+        random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
+        near_fraction=args.near_fraction, region_fraction=args.region_fraction, empty_fraction=args.empty_fraction,
+        workers=args.workers,
+    )
+    print(", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+@_input_errors_exit_2
+def cmd_synthesize_regions(args) -> int:
+    """A region set: whole regions of virtual-beamline frames, labelled on the grid of an fcn's crops."""
+    from mxcube_autocenter.learning.dense import synthetic_regions
+
+    _refuse_to_overwrite(args)
+    summary = synthetic_regions(
+        args.out, n_samples=args.samples, seed=args.seed, views_per_sample=args.views_per_sample,
+        regions_per_view=args.regions_per_view, cells=args.cells, crop_um=args.crop_um, input_size=args.input_size,
+        random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, empty_fraction=args.empty_fraction,
+        workers=args.workers,
+    )
+    print(", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
 
 
 @_input_errors_exit_2
@@ -259,6 +270,35 @@ def cmd_evaluate(args) -> int:
     print(f"Report: {Path(args.out) / 'report.md'}")
     print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return 0
+
+
+def _number(kind, low=None, high=None, low_inclusive=True):
+    """An argparse type: a finite number of ``kind`` within bounds, or a usage error saying what is allowed."""
+    wanted = "a whole number" if kind is int else "a finite number"
+    if low is not None and high is not None:
+        wanted += f" from {low} to {high}"
+    elif low is not None:
+        wanted += f" of at least {low}" if low_inclusive else f" greater than {low}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {wanted}") from None
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {wanted}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0, low_inclusive=False)
+NON_NEGATIVE = _number(float, 0)
+FRACTION = _number(float, 0, 1)
+FINITE = _number(float)
 
 
 def _beam_position(text: str) -> tuple[float, float]:
@@ -350,6 +390,7 @@ class _ImageProgress:
         self.bar.close()
 
 
+@_input_errors_exit_2
 def cmd_simulate(args) -> int:
     """Gallery of one virtual sample and a helical + rotational collection of it."""
     _patch_gevent()
@@ -436,12 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--classifier", help="with --model: this crystal/empty classifier .keras file")
     demo.add_argument("--no-classifier", action="store_true", help="train no crystal/empty classifier")
     demo.add_argument("--json", action="store_true", help="print the scorecard as JSON only (progress on stderr)")
-    demo.add_argument("--n-train", type=int, help="training samples (default: 20; --quick: none)")
-    demo.add_argument("--n-heldout", type=int, help="held-out samples to centre (default: 20; --quick: 10)")
-    demo.add_argument("--n-empty", type=int, help="of which empty loops (default: 4; --quick: 2)")
-    demo.add_argument("--epochs", type=int, help="most training epochs (default: 12)")
-    demo.add_argument("--input-size", type=int, help="model input side, pixels (default: 64)")
-    demo.add_argument("--nproc", type=int, help="spot-finding processes (default: up to 2)")
+    demo.add_argument("--n-train", type=NON_NEGATIVE_INT, help="training samples (default: 20; --quick: none)")
+    demo.add_argument("--n-heldout", type=COUNT, help="held-out samples to centre (default: 20; --quick: 10)")
+    demo.add_argument("--n-empty", type=NON_NEGATIVE_INT, help="of which empty loops (default: 4; --quick: 2)")
+    demo.add_argument("--epochs", type=COUNT, help="most training epochs (default: 12)")
+    demo.add_argument("--input-size", type=COUNT, help="model input side, pixels (default: 64)")
+    demo.add_argument("--nproc", type=COUNT, help="spot-finding processes (default: up to 2)")
     demo.add_argument("--seed", type=int, help="seeds looks, start positions and samples (default: 0)")
     demo.add_argument("--keep-data", action="store_true", help="keep the EIGER files and camera recordings (large)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -450,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="virtual beamline: sample gallery and a helical + rotational collection")
     sim.add_argument("--seed", type=int, default=16, help="virtual sample seed (default: %(default)s)")
-    sim.add_argument("--images", type=int, default=80, help="images per collection (default: %(default)s)")
-    sim.add_argument("--exposure", type=float, default=0.05, help="exposure per image, s (default: %(default)s)")
+    sim.add_argument("--images", type=COUNT, default=80, help="images per collection (default: %(default)s)")
+    sim.add_argument("--exposure", type=POSITIVE, default=0.05, help="exposure per image, s (default: %(default)s)")
     sim.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
     sim.add_argument("--out", default="out/simulate", help="output directory (default: %(default)s)")
     sim.set_defaults(func=cmd_simulate)
@@ -459,16 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
     label.add_argument("--out", required=True, help="training set HDF5 (created or appended to)")
     label.add_argument("--spots-from", help="per-image spot counts (CSV/JSON from DIALS, dozor, ...) instead of our spot finder")
-    label.add_argument("--nproc", type=int, default=1, help="processes for spot finding (default: %(default)s)")
-    label.add_argument("--clock-offset", type=float, help="detector clock minus camera clock, s (default: estimated)")
+    label.add_argument("--nproc", type=COUNT, default=1, help="processes for spot finding (default: %(default)s)")
+    label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
     label.set_defaults(func=cmd_label)
 
     def add_train_options(p):
-        p.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
-        p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
-        p.add_argument("--epochs", type=int, default=30, help="most epochs (early stopping) (default: %(default)s)")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--patience", type=int, default=5, help="early-stopping patience, epochs (default: %(default)s)")
+        p.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
+        p.add_argument("--input-size", type=COUNT, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+        p.add_argument("--epochs", type=COUNT, default=30, help="most epochs (early stopping) (default: %(default)s)")
+        p.add_argument("--batch-size", type=COUNT, default=32)
+        p.add_argument("--patience", type=NON_NEGATIVE_INT, default=5, help="early-stopping patience, epochs (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--label", default="rc", choices=["rc", "rc_expected"],
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
@@ -477,22 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     def add_sample_options(p):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
-        p.add_argument("--empty-fraction", type=float, default=0.15,
+        p.add_argument("--empty-fraction", type=FRACTION, default=0.15,
                        help="share of samples with an empty loop (default: %(default)s)")
-        p.add_argument("--workers", type=int, default=1, help="rendering processes (default: %(default)s)")
+        p.add_argument("--workers", type=COUNT, default=1, help="rendering processes (default: %(default)s)")
+        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
     synth = sub.add_parser("synthesize", help="a training set straight from the virtual beamline (domain-randomised)")
     synth.add_argument("out", metavar="DATASET.h5")
-    synth.add_argument("--samples", type=int, default=150, help="virtual samples (default: %(default)s)")
-    synth.add_argument("--crops-per-sample", type=int, default=96, help="rows per sample (default: %(default)s)")
+    synth.add_argument("--samples", type=COUNT, default=150, help="virtual samples (default: %(default)s)")
+    synth.add_argument("--crops-per-sample", type=COUNT, default=96, help="rows per sample (default: %(default)s)")
     add_sample_options(synth)
-    synth.add_argument("--line-fraction", type=float, default=0.4,
+    synth.add_argument("--line-fraction", type=FRACTION, default=0.4,
                        help="share of positions on a line through a crystal (default: %(default)s)")
-    synth.add_argument("--hit-fraction", type=float, default=0.35,
+    synth.add_argument("--hit-fraction", type=FRACTION, default=0.35,
                        help="share of positions on the crystals (default: %(default)s)")
-    synth.add_argument("--near-fraction", type=float, default=0.0,
+    synth.add_argument("--near-fraction", type=FRACTION, default=0.0,
                        help="share of positions near the crystals' edges (default: %(default)s)")
-    synth.add_argument("--region-fraction", type=float, default=0.0,
+    synth.add_argument("--region-fraction", type=FRACTION, default=0.0,
                        help="share of positions anywhere in the region a centring searches, stem and background "
                             "included (default: %(default)s)")
     synth.set_defaults(func=cmd_synthesize)
@@ -503,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: %(default)s)")
     train.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
-    train.add_argument("--threshold", type=float, default=5.0,
+    train.add_argument("--threshold", type=FINITE, default=5.0,
                        help="classifier: the count from which a crop is a crystal (default: %(default)s)")
     train.add_argument("--initial-model", metavar="MODEL.keras",
                        help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
@@ -515,13 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     regions = sub.add_parser("synthesize-regions",
                              help="whole regions of virtual-beamline frames labelled on an fcn's crop grid (dense training)")
     regions.add_argument("out", metavar="REGIONS.h5")
-    regions.add_argument("--samples", type=int, default=300, help="virtual samples (default: %(default)s)")
-    regions.add_argument("--views-per-sample", type=int, default=4, help="random omega/zoom views (default: %(default)s)")
-    regions.add_argument("--regions-per-view", type=int, default=2, help="(default: %(default)s)")
-    regions.add_argument("--cells", type=int, default=9, help="grid crops per region side (default: %(default)s)")
-    regions.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
-    regions.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
-    regions.add_argument("--crystal-fraction", type=float, default=0.5,
+    regions.add_argument("--samples", type=COUNT, default=300, help="virtual samples (default: %(default)s)")
+    regions.add_argument("--views-per-sample", type=COUNT, default=4, help="random omega/zoom views (default: %(default)s)")
+    regions.add_argument("--regions-per-view", type=COUNT, default=2, help="(default: %(default)s)")
+    regions.add_argument("--cells", type=COUNT, default=9, help="grid crops per region side (default: %(default)s)")
+    regions.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
+    regions.add_argument("--input-size", type=COUNT, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+    regions.add_argument("--crystal-fraction", type=FRACTION, default=0.5,
                          help="share of regions centred near a crystal, the rest anywhere in the centring region "
                               "(default: %(default)s)")
     add_sample_options(regions)
@@ -532,15 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--out", default="out/dense_model", help="output directory (default: %(default)s)")
     dense.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
     dense.add_argument("--label", default="rc_expected", choices=["rc", "rc_expected"], help="(default: %(default)s)")
-    dense.add_argument("--epochs", type=int, default=20, help="most epochs (early stopping) (default: %(default)s)")
-    dense.add_argument("--batch-size", type=int, default=16, help="regions per batch (default: %(default)s)")
-    dense.add_argument("--patience", type=int, default=4, help="early-stopping patience, epochs (default: %(default)s)")
-    dense.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's (default: %(default)s)")
+    dense.add_argument("--epochs", type=COUNT, default=20, help="most epochs (early stopping) (default: %(default)s)")
+    dense.add_argument("--batch-size", type=COUNT, default=16, help="regions per batch (default: %(default)s)")
+    dense.add_argument("--patience", type=NON_NEGATIVE_INT, default=4, help="early-stopping patience, epochs (default: %(default)s)")
+    dense.add_argument("--learning-rate", type=POSITIVE, default=1e-3, help="Adam's (default: %(default)s)")
     dense.add_argument("--seed", type=int, default=0)
     dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
-    dense.add_argument("--peak-weight", type=float, default=0.0,
+    dense.add_argument("--peak-weight", type=NON_NEGATIVE, default=0.0,
                        help="weight of the loss term on where each crystal region's counts peak (default: %(default)s: MSE alone)")
-    dense.add_argument("--peak-sharpness", type=float, default=4.0,
+    dense.add_argument("--peak-sharpness", type=POSITIVE, default=4.0,
                        help="inverse temperature of that term's softmax, per unit of the transformed label (default: %(default)s)")
     dense.set_defaults(func=cmd_train_dense)
 
@@ -560,13 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     heatmap = sub.add_parser("heatmap", help="loop, heatmap and best point of OAV camera images")
     heatmap.add_argument("images", nargs="+", metavar="IMAGE")
-    heatmap.add_argument("--pixels-per-mm", type=float, required=True, help="image scale, pixels per mm")
+    heatmap.add_argument("--pixels-per-mm", type=POSITIVE, required=True, help="image scale, pixels per mm")
     heatmap.add_argument("--beam", type=_beam_position, help="beam position X,Y in pixels (default: image centre)")
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
-    heatmap.add_argument("--stride", type=float, default=6.0, help="grid step, pixels (default: %(default)s)")
-    heatmap.add_argument("--min-score", type=float, default=5.0, help="smallest predicted reflection count of a crystal")
+    heatmap.add_argument("--stride", type=POSITIVE, default=6.0, help="grid step, pixels (default: %(default)s)")
+    heatmap.add_argument("--min-score", type=FINITE, default=5.0, help="smallest predicted reflection count of a crystal")
     heatmap.add_argument("--json", action="store_true", help="one JSON object per image")
     heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a directory for several images)")
     heatmap.set_defaults(func=cmd_heatmap)
@@ -574,14 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise camera recordings and write contact sheets")
     inspect.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
     inspect.add_argument("--png", help="contact sheet path (one recording; default: next to it)")
-    inspect.add_argument("--frames", type=int, default=16, help="frames on the sheet (default: %(default)s)")
+    inspect.add_argument("--frames", type=COUNT, default=16, help="frames on the sheet (default: %(default)s)")
     inspect.set_defaults(func=cmd_inspect)
 
     from mxcube_autocenter import web  # light: mxcubeweb itself is only needed to run the server
+    from mxcube_autocenter.bench import NAMES as BENCHMARK_NAMES  # light: the benchmarks load when run
 
     webp = sub.add_parser("web", help="the MXCuBE web server (mxcubeweb) on the virtual beamline, with the plugin")
     webp.add_argument("--host", default=web.DEFAULT_HOST, help="address to listen on (default: %(default)s)")
-    webp.add_argument("--port", type=int, default=web.DEFAULT_PORT,
+    webp.add_argument("--port", type=_number(int, 1, 65535), default=web.DEFAULT_PORT,
                       help="port (default: %(default)s, where mxcubeweb's UI development server expects it)")
     webp.add_argument("--state-dir", default="out/web", help="run-time configuration and user database (default: %(default)s)")
     webp.add_argument("--ui-build", help="a built mxcubeweb UI (its ui/build folder) to serve")
@@ -591,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed and memory benchmarks, printed as figures")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (under 5 minutes)")
-    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    bench.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHMARK_NAMES,
+                       help=f"run only these benchmarks, of {', '.join(BENCHMARK_NAMES)}")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -833,7 +833,19 @@ def run_demo(
     train_here = not (quick or model)
     if train_here and n_train < 3:
         raise DemoError(f"n_train = {n_train}: training needs at least 3 samples (the split is by crystal)")
-    out.mkdir(parents=True, exist_ok=True)
+    if config_dir is not None and not (Path(config_dir) / "beamline.yaml").is_file():
+        raise DemoError(f"{config_dir} holds no beamline.yaml: give the directory of an mxcubecore beamline configuration")
+    # Checked before the previous report is removed: a wrong file name must not cost it.
+    given = None
+    if model:
+        try:
+            given = Predictor(model, classifier_model)
+        except PredictorError as err:
+            raise DemoError(f"{err}\n(the model given with --model / --classifier)") from err
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"cannot create the report directory {out} ({err}): choose another --out") from err
     _clean(out)
     rng = np.random.default_rng(seed)
     timings = {}
@@ -917,8 +929,8 @@ def run_demo(
             # The model the plugin centres with.
             t = time.perf_counter()
             try:
-                if model:
-                    predictor, source = Predictor(model, classifier_model), "given model file"
+                if given:
+                    predictor, source = given, "given model file"
                 elif trained and not use_shipped_model:
                     predictor, source = Predictor(*trained), "trained in this run"
                 else:

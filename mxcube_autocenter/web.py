@@ -78,7 +78,8 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     Raises
     ------
     WebSetupError
-        If mxcubeweb is missing or ``config_dir`` has no ``mxcube-web/server.yaml``.
+        If mxcubeweb is missing, ``config_dir`` has no ``mxcube-web/server.yaml``,
+        ``ui_build`` is not a built UI or ``state_dir`` cannot be written.
     """
     executable = server_executable()
     import ruamel.yaml  # mxcubeweb's own YAML reader, installed with it
@@ -90,15 +91,20 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
             f"{source / 'server.yaml'} not found: mxcubeweb needs a {WEB_CONFIG}/ folder with server.yaml and "
             "ui.yaml in the beamline configuration directory (see hardware_objects_xml/virtual_beamline/)"
         )
+    if ui_build and not (Path(ui_build) / "index.html").is_file():
+        raise WebSetupError(f"{ui_build} holds no index.html: give the ui/build folder of a built mxcubeweb UI")
     state_dir = Path(state_dir).resolve()
     target = state_dir / WEB_CONFIG
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target)
     yaml = ruamel.yaml.YAML()
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
-    with (target / "server.yaml").open("w") as out:
-        yaml.dump(settings, out)
+    try:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        with (target / "server.yaml").open("w") as out:
+            yaml.dump(settings, out)
+    except OSError as err:
+        raise WebSetupError(f"cannot write the server's configuration into {state_dir} ({err}): choose another --state-dir") from None
     # The first directory holding mxcube-web/ wins; the mockup directory holds the camera images.
     lookup = os.pathsep.join(str(p) for p in (state_dir, config_dir.resolve(), mxcubecore_mockup_dir()))
     command = [str(executable), "-r", lookup]

@@ -56,7 +56,8 @@ class Predictor:
         self.model, self.info, self.spec = _load(regressor_path)
         if self.info.get("task") != "regression":
             raise PredictorError(
-                f"{regressor_path}: a {self.info.get('task')} model, not a regressor: set centring_model to a regressor"
+                f"{regressor_path}: a {self.info.get('task')} model, not a regressor: give a regressor "
+                "(the centring_model property; --model on the command line)"
             )
         try:
             self.evaluator = DenseEvaluator(self.model)
@@ -67,7 +68,10 @@ class Predictor:
         if classifier_path:
             model, info, spec = _load(classifier_path)
             if info.get("task") != "classifier":
-                raise PredictorError(f"{classifier_path}: not a crystal/empty classifier: fix centring_classifier")
+                raise PredictorError(
+                    f"{classifier_path}: not a crystal/empty classifier: give one trained with `mxcube-autocenter "
+                    "train --arch classifier` or `fcn_classifier` (the centring_classifier property; --classifier on the command line)"
+                )
             self.classifier = (Path(classifier_path), model, spec)
 
     def describe(self) -> str:
@@ -124,8 +128,9 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
     regressor_path = Path(regressor_path) if regressor_path else DEFAULT_REGRESSOR
     if not regressor_path.exists():
         raise PredictorError(
-            f"{regressor_path}: no such model file: set the centring_model property to a model trained with "
-            "`mxcube-autocenter train`, or reinstall mxcube-autocenter to restore its shipped models"
+            f"{regressor_path}: no such model file: give a model trained with `mxcube-autocenter train` (the "
+            "centring_model property; --model on the command line), or reinstall mxcube-autocenter to restore "
+            "its shipped models"
         )
     if not classifier_path and DEFAULT_CLASSIFIER.exists():  # an empty XML property means the shipped one too
         classifier_path = DEFAULT_CLASSIFIER

@@ -1,0 +1,60 @@
+"""The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
+
+import pytest
+
+from mxcube_autocenter.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["heatmap", "x.png", "--pixels-per-mm", "0"], "--pixels-per-mm: '0': expected a finite number greater than 0"),
+        (["heatmap", "x.png", "--pixels-per-mm", "nan"], "'nan': expected a finite number greater than 0"),
+        (["heatmap", "x.png", "--pixels-per-mm", "100", "--stride", "-6"], "--stride: '-6'"),
+        (["heatmap", "x.png", "--pixels-per-mm", "100", "--min-score", "nan"], "--min-score: 'nan': expected a finite"),
+        (["inspect", "x.h5", "--frames", "0"], "--frames: '0': expected a whole number of at least 1"),
+        (["synthesize", "x.h5", "--line-fraction", "2"], "--line-fraction: '2': expected a finite number from 0 to 1"),
+        (["synthesize", "x.h5", "--samples", "1.5"], "--samples: '1.5': expected a whole number"),
+        (["label", "x.h5", "--out", "y.h5", "--nproc", "0"], "--nproc: '0'"),
+        (["simulate", "--images", "0"], "--images: '0'"),
+        (["web", "--port", "70000"], "--port: '70000': expected a whole number from 1 to 65535"),
+        (["bench", "--only", "renderr"], "invalid choice: 'renderr'"),
+    ],
+)
+def test_numbers_and_names_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_synthesize_never_overwrites_without_being_told(tmp_path, capsys):
+    existing = tmp_path / "labelled.h5"
+    existing.write_bytes(b"a training set that took a beamtime to label")
+    assert main(["synthesize", str(existing), "--samples", "1", "--crops-per-sample", "1"]) == 2
+    assert "exists: choose another name, or pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"a training set that took a beamtime to label"
+    blocked = tmp_path / "a_file" / "set.h5"
+    (tmp_path / "a_file").write_text("")
+    assert main(["synthesize-regions", str(blocked), "--samples", "1", "--overwrite"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("the last report")
+    assert main(["demo", "--out", str(out), "--model", str(tmp_path / "missing.keras")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.keras: no such model file" in err and "given with --model" in err
+    assert main(["demo", "--quick", "--out", str(out), "--config", str(tmp_path / "nowhere")]) == 2
+    assert "holds no beamline.yaml" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "the last report"
+
+
+def test_web_names_an_unwritable_state_directory_and_a_missing_ui_build(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert main(["web", "--state-dir", str(tmp_path / "a_file" / "state")]) == 2
+    assert "choose another --state-dir" in capsys.readouterr().err
+    assert main(["web", "--state-dir", str(tmp_path / "state"), "--ui-build", str(tmp_path / "no_ui")]) == 2
+    assert "holds no index.html" in capsys.readouterr().err
