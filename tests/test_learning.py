@@ -457,6 +457,7 @@ def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tm
     missing = tmp_path / "missing.keras"
     assert cli.main(["evaluate", str(missing), str(dataset_path), "--out", str(tmp_path / "report")]) == 2
     assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()  # a refused run leaves no empty report directory
 
 
 def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):

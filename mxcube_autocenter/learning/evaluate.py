@@ -143,11 +143,15 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     dict
         The metrics (also in ``metrics.json``).
     """
-    os.makedirs(out_dir, exist_ok=True)
     model, info = load_model(model_path)
     spec = info_spec(info)
     table = read_table(dataset_path)
     rows = _rows_for(info, table, subset, model_path)
+    # Only once the inputs are good: a refused run leaves no empty report directory behind.
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the report directory {out_dir} ({err}): choose another --out") from err
     print(f"evaluating {model_path} on {len(rows)} {subset} rows of {dataset_path}")
     raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
     rc = table.rc[rows]
