@@ -1021,11 +1021,22 @@ def read_recording(path) -> Recording:
         attrs = {key: _python_value(value) for key, value in h5file.attrs.items()}
         version = attrs.get("format_version")
         if version is None or "frames" not in h5file:
-            raise RecordingError(f"{path} is not a camera recording (no format_version attribute)")
+            kind = ("a training set: pass it to train or evaluate" if "rows" in h5file or "samples" in h5file else
+                    "a region set: pass it to train-dense" if "regions" in h5file else
+                    "no format_version attribute and no /frames group")  # fmt: skip
+            raise RecordingError(f"{path} is not a camera recording ({kind})")
         if version > FORMAT_VERSION:
             raise RecordingError(
                 f"{path} has recording format {version}, this mxcube-autocenter reads up to "
                 f"{FORMAT_VERSION}: upgrade mxcube-autocenter"
+            )
+        missing = [name for name in ("status", "storage", "frames_kept", "frames_dropped") if name not in attrs]
+        missing += [f"frames/{name}" for name in ("timestamp", "motors", "camera_frame") if name not in h5file["frames"]]
+        missing += ["collection"] if "collection" not in h5file else []
+        if missing:
+            raise RecordingError(
+                f"{path} is an incomplete camera recording (no {', '.join(missing)}): it was not written by "
+                "mxcube-autocenter's recorder, or was changed since"
             )
         frames = h5file["frames"]
         # Rows appended after the last flush of a killed writer may be partial.

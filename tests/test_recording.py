@@ -341,5 +341,15 @@ def test_unreadable_inputs(tmp_path):
         read_recording(tmp_path / "other.h5")
     with pytest.raises(RecordingError, match="missing.h5.*check the path"):
         read_recording(tmp_path / "missing.h5")
+    with h5py.File(tmp_path / "set.h5", "w") as h5file:
+        h5file.attrs["format_version"] = 1
+        h5file.create_group("rows")
+    with pytest.raises(RecordingError, match="set.h5 is not a camera recording \\(a training set: pass it to train"):
+        read_recording(tmp_path / "set.h5")
+    with h5py.File(tmp_path / "partial.h5", "w") as h5file:  # a recording's outline without its bookkeeping
+        h5file.attrs["format_version"] = 1
+        h5file.create_group("frames")
+    with pytest.raises(RecordingError, match="partial.h5 is an incomplete camera recording \\(no status, storage"):
+        read_recording(tmp_path / "partial.h5")
     with pytest.raises(ValueError, match="JPEG"):
         decode_jpeg(b"not a jpeg")
