@@ -283,10 +283,11 @@ def _number(kind, low=None, high=None, low_inclusive=True):
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
+            finite = math.isfinite(value)
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {wanted}") from None
         too_low = low is not None and (value < low if low_inclusive else value <= low)
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
+        if not finite or too_low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {wanted}")
         return value
 
@@ -483,14 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=COUNT, help="most training epochs (default: 12)")
     demo.add_argument("--input-size", type=COUNT, help="model input side, pixels (default: 64)")
     demo.add_argument("--nproc", type=COUNT, help="spot-finding processes (default: up to 2)")
-    demo.add_argument("--seed", type=int, help="seeds looks, start positions and samples (default: 0)")
+    demo.add_argument("--seed", type=NON_NEGATIVE_INT, help="seeds looks, start positions and samples (default: 0)")
     demo.add_argument("--keep-data", action="store_true", help="keep the EIGER files and camera recordings (large)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
     demo.set_defaults(func=cmd_demo)
 
     sim = sub.add_parser("simulate", help="virtual beamline: sample gallery and a helical + rotational collection")
-    sim.add_argument("--seed", type=int, default=16, help="virtual sample seed (default: %(default)s)")
+    sim.add_argument("--seed", type=NON_NEGATIVE_INT, default=16, help="virtual sample seed (default: %(default)s)")
     sim.add_argument("--images", type=COUNT, default=80, help="images per collection (default: %(default)s)")
     sim.add_argument("--exposure", type=POSITIVE, default=0.05, help="exposure per image, s (default: %(default)s)")
     sim.add_argument("--config", help="beamline configuration directory (default: virtual beamline)")
@@ -510,13 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=COUNT, default=30, help="most epochs (early stopping) (default: %(default)s)")
         p.add_argument("--batch-size", type=COUNT, default=32)
         p.add_argument("--patience", type=NON_NEGATIVE_INT, default=5, help="early-stopping patience, epochs (default: %(default)s)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
         p.add_argument("--label", default="rc", choices=["rc", "rc_expected"],
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
                             "(rc_expected) (default: %(default)s)")
 
     def add_sample_options(p):
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
         p.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
         p.add_argument("--empty-fraction", type=FRACTION, default=0.15,
                        help="share of samples with an empty loop (default: %(default)s)")
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--batch-size", type=COUNT, default=16, help="regions per batch (default: %(default)s)")
     dense.add_argument("--patience", type=NON_NEGATIVE_INT, default=4, help="early-stopping patience, epochs (default: %(default)s)")
     dense.add_argument("--learning-rate", type=POSITIVE, default=1e-3, help="Adam's (default: %(default)s)")
-    dense.add_argument("--seed", type=int, default=0)
+    dense.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
     dense.add_argument("--peak-weight", type=NON_NEGATIVE, default=0.0,
                        help="weight of the loss term on where each crystal region's counts peak (default: %(default)s: MSE alone)")

@@ -721,9 +721,12 @@ def _check_gevent():
                         "else, as MXCuBE and the mxcube-autocenter command do")  # fmt: skip
 
 
+_OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
+
+
 def _clean(out: Path):
     """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
-    for name in ("data", "learning", "centring", "figures"):
+    for name in _OWN_DIRECTORIES:
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("report.md", "scorecard.json", "demo.log", "samples.json"):
         with contextlib.suppress(FileNotFoundError):
@@ -836,6 +839,9 @@ def run_demo(
     if config_dir is not None and not (Path(config_dir) / "beamline.yaml").is_file():
         raise DemoError(f"{config_dir} holds no beamline.yaml: give the directory of an mxcubecore beamline configuration")
     # Checked before the previous report is removed: a wrong file name must not cost it.
+    for path in (model, classifier_model):
+        if path and any(Path(path).resolve().is_relative_to((out / name).resolve()) for name in _OWN_DIRECTORIES):
+            raise DemoError(f"{path} lies in {out}, whose earlier results the demo removes: copy it elsewhere first")
     given = None
     if model:
         try:

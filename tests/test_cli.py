@@ -19,6 +19,8 @@ from mxcube_autocenter.cli import main
         (["simulate", "--images", "0"], "--images: '0'"),
         (["web", "--port", "70000"], "--port: '70000': expected a whole number from 1 to 65535"),
         (["bench", "--only", "renderr"], "invalid choice: 'renderr'"),
+        (["inspect", "x.h5", "--frames", "1" + "0" * 400], "expected a whole number of at least 1"),
+        (["demo", "--seed", "-1"], "--seed: '-1': expected a whole number of at least 0"),
     ],
 )
 def test_numbers_and_names_out_of_range_are_usage_errors(argv, message, capsys):
@@ -49,6 +51,11 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     assert "missing.keras: no such model file" in err and "given with --model" in err
     assert main(["demo", "--quick", "--out", str(out), "--config", str(tmp_path / "nowhere")]) == 2
     assert "holds no beamline.yaml" in capsys.readouterr().err
+    (out / "learning").mkdir()
+    own = out / "learning" / "model.keras"
+    own.write_bytes(b"a model the last run trained")
+    assert main(["demo", "--out", str(out), "--model", str(own)]) == 2  # the demo would remove it first
+    assert "copy it elsewhere first" in capsys.readouterr().err and own.exists()
     assert (out / "report.md").read_text() == "the last report"
 
 
