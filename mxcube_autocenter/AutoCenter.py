@@ -186,11 +186,12 @@ class AutoCenter(HardwareObject):
         # AbstractMultiCollect sends collectEnded(owner, success, message), also from
         # the finally of a collection being killed.
         if isinstance(sys.exc_info()[1], gevent.GreenletExit):
-            self._stop_recording("aborted")
+            status = "aborted"
         elif len(args) > 1 and args[1] is False:
-            self._stop_recording("failed")
+            status = "failed"
         else:
-            self._stop_recording("complete")
+            status = "complete"
+        self._stop_recording(status)
 
     def _collection_failed(self, *args):
         self._stop_recording("failed")

@@ -188,7 +188,7 @@ class CollectionRecorder:
 
     def _watch(self, writer, camera_timeout_s):
         """Stop the recording on a writer error or when the camera falls silent."""
-        while self._writer is writer:
+        while True:
             gevent.sleep(0.25)
             if self._writer is not writer:
                 return
