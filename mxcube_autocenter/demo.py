@@ -214,11 +214,14 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
 
 
 def _add_ground_truth(dataset: Path, truth: dict) -> None:
-    """Add ``rc_expected`` to the labelled set: each row's ground-truth expected count.
+    """Add ``rc_expected`` and ``rc_shapes`` to the labelled set: each row's true and shapes-only expected counts.
 
-    The recorded count of a row is a Poisson draw of it, found again by spot
-    finding: the true count is what a perfect model would predict, and the
-    learning report compares predictions with both.
+    The recorded count of a row is a Poisson draw of ``rc_expected``, found
+    again by spot finding: the true count is what a perfect model would
+    predict, and the learning report compares predictions with both.
+    ``rc_shapes`` is what exact knowledge of the crystals' shapes predicts
+    (``DiffractionModel.shapes_only``), the camera's limit the report
+    compares the models with.
 
     Parameters
     ----------
@@ -231,11 +234,14 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     from mxcube_autocenter.recording import MOTOR_NAMES
 
     def compute():
+        shapes = {crystal: model.shapes_only() for crystal, model in truth.items()}
         with read_dataset(dataset) as rows:
-            expected = [truth[crystal].expected_rc(dict(zip(MOTOR_NAMES, motors)))
-                        for crystal, motors in zip(rows.crystal_id, rows.motors)]  # fmt: skip
-        add_row_column(dataset, "rc_expected", expected,
+            positions = [(c, dict(zip(MOTOR_NAMES, motors))) for c, motors in zip(rows.crystal_id, rows.motors)]
+        add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in positions],
                        "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
+        add_row_column(dataset, "rc_shapes", [shapes[c].expected_rc(m) for c, m in positions],
+                       "virtual beamline: the expected count were every crystal of uniform quality and median "
+                       "capacity, what exact knowledge of the crystals' shapes predicts (the camera's limit)")  # fmt: skip
 
     # Thousands of rows: off the event loop, which the beamline's greenlets share.
     gevent.get_hub().threadpool.apply(compute)
@@ -291,6 +297,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
         shipped = evaluate(initial_model, dataset, out / "initial_model_report", subset="all")
         learning.update(initial_spearman=shipped.get("spearman"), initial_spearman_expected=shipped.get(
             "spearman_expected"), initial_report=str(out / "initial_model_report" / "report.md"))  # fmt: skip
+    learning.update(_camera_limit(dataset, split, subset))
     learning["scatter"] = str(out / "regressor_report" / metrics["figures"]["scatter"]) if metrics.get(
         "figures", {}).get("scatter") else None
     learning["classifier"] = None
@@ -320,6 +327,17 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
                  f"{CLASSIFIER_MIN_BALANCED_ACCURACY}")  # fmt: skip
     learning["train_s"] = round(learning["regressor_s"] + learning["classifier_s"], 1)
     return learning
+
+
+def _camera_limit(dataset: Path, split: dict, subset: str) -> dict:
+    """The camera's limit on the report's rows (``scorecard.camera_limit``), its threshold fitted on the training rows."""
+    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.learning.split import Split
+
+    table = read_table(dataset)
+    rows = Split.from_config(split).with_rows(table.crystal_id).indices(table.crystal_id)
+    limit = scorecard.camera_limit(table.extra["rc_shapes"], table.extra["rc_expected"], rows["train"], rows[subset])
+    return {f"camera_{k}": v for k, v in limit.items()}
 
 
 def _model_file_learning(predictor) -> dict:
@@ -676,6 +694,12 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
             f"{_fmt(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({_fmt(lr['classifier_s'], '{:.0f}')}"
             f" s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            f"- the camera's limit on the same rows, the counts exact knowledge of every crystal's shape and "
+            f"position predicts (uniform quality, median capacity: the camera shows neither): Spearman "
+            f"{_fmt(lr.get('camera_spearman_expected'), '{:.3f}')} against the true counts, classifier accuracy "
+            f"{_fmt(lr.get('camera_classifier_accuracy_expected'), '{:.3f}')} (from "
+            f"{_fmt(lr.get('camera_count_threshold'), '{:.1f}')} predicted spots, the best threshold on the training "
+            f"rows).",
             *([f"- the model it was fine-tuned from (`{lr['fine_tuned_from']}`, which saw none of these crystals), "
                f"on every recorded crystal: Spearman {_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} against "
                f"the true counts, {_fmt(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
@@ -1026,6 +1050,9 @@ def format_scorecard(result: dict) -> str:
         f"counts, {_fmt(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
         f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {_fmt(lr.get('classifier_accuracy'), '{:.3f}')}; "
         f"training {_fmt(lr.get('train_s'), '{:.0f}')} s"
+        + (f"; the camera's limit on the same rows: Spearman {_fmt(lr.get('camera_spearman_expected'), '{:.3f}')}, "
+           f"classifier accuracy {_fmt(lr.get('camera_classifier_accuracy_expected'), '{:.3f}')}"
+           if "camera_spearman_expected" in lr else "")
         + (f"; before fine-tuning ({lr['fine_tuned_from']}, every recorded crystal): Spearman "
            f"{_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} / {_fmt(lr.get('initial_spearman'), '{:.3f}')}"
            if lr.get("fine_tuned_from") else ""),

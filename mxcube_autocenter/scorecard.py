@@ -34,7 +34,7 @@ the crystals' shapes and positions, but not of their insides, would give.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -135,10 +135,66 @@ def optical_oracle(sample, beam):
         ``(a, u, v)``, mm; None for an empty loop.
     """
     from mxcube_autocenter.simulation.diffraction import DiffractionModel
+    from mxcube_autocenter.simulation.sample import uniform_crystals
 
-    plain = [replace(c, blobs=np.zeros((0, 4)), cracks=np.zeros((0, 4))) for c in sample.crystals]
-    point, _ = DiffractionModel(replace(sample, crystals=plain), beam).best_point()
+    point, _ = DiffractionModel(uniform_crystals(sample), beam).best_point()
     return point
+
+
+def camera_limit(rc_shapes, rc_expected, fit_rows, rows, threshold: float = 5.0) -> dict:
+    """The learning figures of the camera's limit on a labelled set of the virtual beamline.
+
+    ``rc_shapes`` are the counts exact knowledge of the crystals' shapes
+    and positions predicts (``DiffractionModel.shapes_only``): what a model
+    that reads the camera images perfectly could at best say, since they
+    show nothing of a crystal's quality or capacity. Its figures bound
+    those of any model on the same rows.
+
+    Parameters
+    ----------
+    rc_shapes, rc_expected : (N,) array_like
+        Shapes-only and true expected reflection counts of every row.
+    fit_rows : array_like of int
+        Rows on which the count threshold of the classification is chosen
+        (the training rows: a classifier learns its threshold there).
+    rows : array_like of int
+        Rows scored (the held-out ones).
+    threshold : float
+        Reflection count from which a crop counts as a crystal.
+
+    Returns
+    -------
+    dict
+        ``spearman_expected`` (rank correlation with the true counts on
+        ``rows``; None with fewer than 2 distinct values),
+        ``classifier_accuracy_expected`` (accuracy of ``rc_shapes >= t``
+        against ``rc_expected >= threshold`` on ``rows``; None if no rows),
+        ``count_threshold`` (``t``, the best on ``fit_rows``).
+    """
+    from scipy.stats import spearmanr
+
+    shapes, truth = np.asarray(rc_shapes, dtype=np.float64), np.asarray(rc_expected, dtype=np.float64)
+    fit, rows = np.asarray(fit_rows, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    order = np.argsort(shapes[fit], kind="stable")
+    g, crystal = shapes[fit][order], truth[fit][order] >= threshold
+    # Calling the rows from k on crystals: the empty ones before k and the crystal ones from k are right.
+    right = np.concatenate([[0], np.cumsum(~crystal)]) + crystal.sum() - np.concatenate([[0], np.cumsum(crystal)])
+    right[1:-1][g[1:] == g[:-1]] = -1  # no threshold separates equal counts
+    k = int(np.argmax(right))
+    if not len(g):
+        count_threshold = float(threshold)
+    elif k == len(g):
+        count_threshold = np.inf
+    else:
+        count_threshold = float(g[0] if k == 0 else 0.5 * (g[k - 1] + g[k]))
+    scored, labels = shapes[rows], truth[rows]
+    accuracy = float(np.mean((scored >= count_threshold) == (labels >= threshold))) if len(rows) else None
+    distinct = len(rows) > 1 and np.ptp(scored) > 0 and np.ptp(labels) > 0
+    return {
+        "spearman_expected": float(spearmanr(scored, labels).statistic) if distinct else None,
+        "classifier_accuracy_expected": accuracy,
+        "count_threshold": count_threshold,
+    }
 
 
 def distance_um(final_motors: dict, best_point) -> float:

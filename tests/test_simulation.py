@@ -1,12 +1,14 @@
 """The virtual beamline's pure parts: samples, geometry, rendering, diffraction."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from mxcube_autocenter.geometry import beam_frame, centred_motors, point_in_beam, sample_to_screen
 from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
 from mxcube_autocenter.simulation.render import Renderer, random_look
-from mxcube_autocenter.simulation.sample import CRYSTAL_HABITS, make_sample
+from mxcube_autocenter.simulation.sample import CRYSTAL_HABITS, MEDIAN_CAPACITY, make_sample
 
 PPMM = (1300.0, 1300.0)
 BEAM = (640.0, 512.0)
@@ -102,6 +104,25 @@ def test_reflection_count_is_high_on_the_crystal_and_low_beside_it():
     # The best point beats the crystal's centre or equals it.
     assert rc >= model.mean_rc_centred(sample.crystals[0].centre) - 1e-9
     assert model.sample_rc(centred_motors(point, 0), np.random.default_rng(0)) >= 0
+
+
+def test_shapes_only_counts_follow_the_crystal_shape_not_its_quality_or_capacity():
+    sample = sample_with_crystal()
+    model = DiffractionModel(sample, Beam(), background_rc=0.7)
+    shapes = model.shapes_only()
+    crystal = shapes.sample.crystals[0]
+    assert crystal.capacity == MEDIAN_CAPACITY and not len(crystal.blobs) and not len(crystal.cracks)
+    assert len(sample.crystals[0].blobs)  # the sample itself is unchanged
+    assert shapes.beam is model.beam and shapes.background_rc == 0.7
+    on = centred_motors(sample.crystals[0].centre, 0)
+    away = centred_motors(sample.crystals[0].centre + np.array([0.0, 0.0, 1.0]), 0)
+    assert shapes.expected_rc(on) > 5 * max(shapes.expected_rc(away), 1)
+    # A crystal diffracting five times as much, or with other good regions and cracks, looks the same to a camera.
+    other = replace(sample, crystals=[replace(sample.crystals[0], capacity=5 * sample.crystals[0].capacity,
+                                              blobs=np.zeros((0, 4)))])  # fmt: skip
+    other_model = DiffractionModel(other, Beam(), background_rc=0.7)
+    assert other_model.expected_rc(on) > 1.5 * model.expected_rc(on)
+    assert other_model.shapes_only().expected_rc(on) == pytest.approx(shapes.expected_rc(on), rel=1e-9)
 
 
 def test_counts_on_screen_equal_the_counts_after_translating_the_point_into_the_beam():

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from mxcube_autocenter.geometry import beam_frame, centred_motors, sample_to_screen
-from mxcube_autocenter.simulation.sample import VirtualSample
+from mxcube_autocenter.simulation.sample import MEDIAN_CAPACITY, VirtualSample, uniform_crystals
 
 # Omega angles over which the best point is judged: a rotation collection sees all of them.
 JUDGING_OMEGAS = (0.0, 45.0, 90.0, 135.0)
@@ -70,6 +70,7 @@ class DiffractionModel:
     ):  # fmt: skip
         self.sample = sample
         self.beam = beam
+        self.points_per_crystal = points_per_crystal
         self.background_rc = background_rc
         self.ice_spots_per_ball = ice_spots_per_ball
         rng = np.random.default_rng(sample.seed + 7919)
@@ -86,6 +87,17 @@ class DiffractionModel:
             self._weights.append(crystal.capacity * crystal.quality(pts) * dv_um3)
         self._all_points = np.concatenate(self._points) if self._points else np.zeros((0, 3))
         self._all_weights = np.concatenate(self._weights) if self._weights else np.zeros(0)
+
+    def shapes_only(self) -> DiffractionModel:
+        """The counts exact knowledge of the crystals' shapes and positions predicts.
+
+        Every crystal of uniform quality and of the median capacity: the
+        camera shows neither a crystal's quality field nor its capacity, so
+        no prediction from camera images can follow the counts more closely
+        than this model does (the liquid's background is kept).
+        """
+        return DiffractionModel(uniform_crystals(self.sample, MEDIAN_CAPACITY), self.beam, self.points_per_crystal,
+                                self.background_rc, self.ice_spots_per_ball)  # fmt: skip
 
     def expected_rc(self, motors) -> float:
         """Expected reflection count of a frame taken at these motor positions."""

@@ -8,13 +8,15 @@ on the virtual beamline can be reproduced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.spatial import ConvexHull
 
 CRYSTAL_HABITS = ("cube", "plate", "rod", "needle")
 LOOP_KINDS = ("plain", "mesh")
+# Median diffraction capacity of a crystal, reflections per um^3 (drawn lognormal around it).
+MEDIAN_CAPACITY = 0.03
 
 
 @dataclass
@@ -174,6 +176,22 @@ class VirtualSample:
         return np.concatenate(rings)
 
 
+def uniform_crystals(sample: VirtualSample, capacity: float | None = None) -> VirtualSample:
+    """The sample with every crystal of uniform quality (no good regions, no cracks).
+
+    The camera image shows a crystal's shape and position but nothing of its
+    quality field, nor of its diffraction capacity: with ``capacity`` given,
+    every crystal also has that capacity (reflections per um^3), and the
+    counts are what exact knowledge of the shapes alone predicts.
+    """
+    crystals = [
+        replace(c, blobs=np.zeros((0, 4)), cracks=np.zeros((0, 4)),
+                capacity=c.capacity if capacity is None else float(capacity))
+        for c in sample.crystals
+    ]  # fmt: skip
+    return replace(sample, crystals=crystals)
+
+
 def _rotation(rng) -> np.ndarray:
     """A uniformly random 3D rotation matrix."""
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -269,7 +287,7 @@ def _make_crystal(rng, habit, size, position, loop_normal) -> Crystal:
     return Crystal(
         vertices=vertices,
         habit=habit,
-        capacity=float(np.exp(rng.normal(np.log(0.03), 0.5))),
+        capacity=float(np.exp(rng.normal(np.log(MEDIAN_CAPACITY), 0.5))),
         blobs=np.column_stack([blob_centres, blob_radii]),
         cracks=np.column_stack([normals, offsets]).reshape(-1, 4),
         crack_width=0.03 * size,
