@@ -220,8 +220,8 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     again by spot finding: the true count is what a perfect model would
     predict, and the learning report compares predictions with both.
     ``rc_shapes`` is what exact knowledge of the crystals' shapes predicts
-    (``DiffractionModel.shapes_only``), the camera's limit the report
-    compares the models with.
+    (``DiffractionModel.shapes_only``), the reference the report compares
+    the models with.
 
     Parameters
     ----------
@@ -236,12 +236,12 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     def compute():
         shapes = {crystal: model.shapes_only() for crystal, model in truth.items()}
         with read_dataset(dataset) as rows:
-            positions = [(c, dict(zip(MOTOR_NAMES, motors))) for c, motors in zip(rows.crystal_id, rows.motors)]
-        add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in positions],
+            crystal_motors = [(c, dict(zip(MOTOR_NAMES, m))) for c, m in zip(rows.crystal_id, rows.motors)]
+        add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in crystal_motors],
                        "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
-        add_row_column(dataset, "rc_shapes", [shapes[c].expected_rc(m) for c, m in positions],
+        add_row_column(dataset, "rc_shapes", [shapes[c].expected_rc(m) for c, m in crystal_motors],
                        "virtual beamline: the expected count were every crystal of uniform quality and median "
-                       "capacity, what exact knowledge of the crystals' shapes predicts (the camera's limit)")  # fmt: skip
+                       "capacity, what exact knowledge of the crystals' shapes predicts")  # fmt: skip
 
     # Thousands of rows: off the event loop, which the beamline's greenlets share.
     gevent.get_hub().threadpool.apply(compute)
@@ -297,7 +297,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
         shipped = evaluate(initial_model, dataset, out / "initial_model_report", subset="all")
         learning.update(initial_spearman=shipped.get("spearman"), initial_spearman_expected=shipped.get(
             "spearman_expected"), initial_report=str(out / "initial_model_report" / "report.md"))  # fmt: skip
-    learning.update(_camera_limit(dataset, split, subset))
+    learning.update(_shapes_reference(dataset, split, subset))
     learning["scatter"] = str(out / "regressor_report" / metrics["figures"]["scatter"]) if metrics.get(
         "figures", {}).get("scatter") else None
     learning["classifier"] = None
@@ -329,15 +329,17 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     return learning
 
 
-def _camera_limit(dataset: Path, split: dict, subset: str) -> dict:
-    """The camera's limit on the report's rows (``scorecard.camera_limit``), its threshold fitted on the training rows."""
+def _shapes_reference(dataset: Path, split: dict, subset: str) -> dict:
+    """``scorecard.shapes_reference`` on the report's rows, its count threshold fitted on the training rows."""
     from mxcube_autocenter.learning.data import read_table
     from mxcube_autocenter.learning.split import Split
+    from mxcube_autocenter.learning.training import DEFAULT_THRESHOLD
 
     table = read_table(dataset)
-    rows = Split.from_config(split).with_rows(table.crystal_id).indices(table.crystal_id)
-    limit = scorecard.camera_limit(table.extra["rc_shapes"], table.extra["rc_expected"], rows["train"], rows[subset])
-    return {f"camera_{k}": v for k, v in limit.items()}
+    rows = Split.from_config(split).indices(table.crystal_id)
+    reference = scorecard.shapes_reference(table.extra["rc_shapes"], table.extra["rc_expected"], rows["train"],
+                                           rows[subset], DEFAULT_THRESHOLD)  # fmt: skip
+    return {f"shapes_{k}": v for k, v in reference.items()}
 
 
 def _model_file_learning(predictor) -> dict:
@@ -694,12 +696,12 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
             f"{_fmt(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({_fmt(lr['classifier_s'], '{:.0f}')}"
             f" s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
-            f"- the camera's limit on the same rows, the counts exact knowledge of every crystal's shape and "
-            f"position predicts (uniform quality, median capacity: the camera shows neither): Spearman "
-            f"{_fmt(lr.get('camera_spearman_expected'), '{:.3f}')} against the true counts, classifier accuracy "
-            f"{_fmt(lr.get('camera_classifier_accuracy_expected'), '{:.3f}')} (from "
-            f"{_fmt(lr.get('camera_count_threshold'), '{:.1f}')} predicted spots, the best threshold on the training "
-            f"rows).",
+            f"- the same rows predicted from the crystals' shapes alone (exact shapes and positions, uniform "
+            f"quality, median capacity: the camera shows neither quality nor capacity), a reference for any model: "
+            f"Spearman {_fmt(lr.get('shapes_spearman_expected'), '{:.3f}')} against the true counts, classifier "
+            f"accuracy {_fmt(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')} (a crystal from "
+            f"{_fmt(lr.get('shapes_count_threshold'), '{:.1f}')} shapes-only spots, the best threshold on the "
+            f"training rows).",
             *([f"- the model it was fine-tuned from (`{lr['fine_tuned_from']}`, which saw none of these crystals), "
                f"on every recorded crystal: Spearman {_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} against "
                f"the true counts, {_fmt(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
@@ -1050,9 +1052,9 @@ def format_scorecard(result: dict) -> str:
         f"counts, {_fmt(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
         f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {_fmt(lr.get('classifier_accuracy'), '{:.3f}')}; "
         f"training {_fmt(lr.get('train_s'), '{:.0f}')} s"
-        + (f"; the camera's limit on the same rows: Spearman {_fmt(lr.get('camera_spearman_expected'), '{:.3f}')}, "
-           f"classifier accuracy {_fmt(lr.get('camera_classifier_accuracy_expected'), '{:.3f}')}"
-           if "camera_spearman_expected" in lr else "")
+        + (f"; from the crystals' shapes alone: Spearman {_fmt(lr.get('shapes_spearman_expected'), '{:.3f}')}, "
+           f"classifier accuracy {_fmt(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"
+           if "shapes_spearman_expected" in lr else "")
         + (f"; before fine-tuning ({lr['fine_tuned_from']}, every recorded crystal): Spearman "
            f"{_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} / {_fmt(lr.get('initial_spearman'), '{:.3f}')}"
            if lr.get("fine_tuned_from") else ""),

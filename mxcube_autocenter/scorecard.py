@@ -141,14 +141,16 @@ def optical_oracle(sample, beam):
     return point
 
 
-def camera_limit(rc_shapes, rc_expected, fit_rows, rows, threshold: float = 5.0) -> dict:
-    """The learning figures of the camera's limit on a labelled set of the virtual beamline.
+def shapes_reference(rc_shapes, rc_expected, fit_rows, rows, threshold: float) -> dict:
+    """The learning figures of a prediction from the crystals' shapes alone, on a labelled virtual-beamline set.
 
     ``rc_shapes`` are the counts exact knowledge of the crystals' shapes
-    and positions predicts (``DiffractionModel.shapes_only``): what a model
-    that reads the camera images perfectly could at best say, since they
-    show nothing of a crystal's quality or capacity. Its figures bound
-    those of any model on the same rows.
+    and positions gives (``DiffractionModel.shapes_only``), without their
+    quality fields and capacities, which the camera does not show: a
+    reference for what reading the camera images could reach. Not a strict
+    bound: quality is taken uniform at its base level, so these counts are
+    low, and good regions tend to lie near a crystal's centre, which a model
+    could learn.
 
     Parameters
     ----------
@@ -166,10 +168,11 @@ def camera_limit(rc_shapes, rc_expected, fit_rows, rows, threshold: float = 5.0)
     -------
     dict
         ``spearman_expected`` (rank correlation with the true counts on
-        ``rows``; None with fewer than 2 distinct values),
+        ``rows``; None with fewer than 3 rows or no spread),
         ``classifier_accuracy_expected`` (accuracy of ``rc_shapes >= t``
         against ``rc_expected >= threshold`` on ``rows``; None if no rows),
-        ``count_threshold`` (``t``, the best on ``fit_rows``).
+        ``count_threshold`` (``t``, the best on ``fit_rows``, in the
+        shapes-only counts' own scale; ``threshold`` without fit rows).
     """
     from scipy.stats import spearmanr
 
@@ -183,15 +186,15 @@ def camera_limit(rc_shapes, rc_expected, fit_rows, rows, threshold: float = 5.0)
     k = int(np.argmax(right))
     if not len(g):
         count_threshold = float(threshold)
-    elif k == len(g):
-        count_threshold = np.inf
+    elif k == len(g):  # every fit row empty: call none a crystal, with a finite threshold for the JSON
+        count_threshold = float(np.nextafter(g[-1], np.inf))
     else:
-        count_threshold = float(g[0] if k == 0 else 0.5 * (g[k - 1] + g[k]))
+        count_threshold = float(g[k])
     scored, labels = shapes[rows], truth[rows]
     accuracy = float(np.mean((scored >= count_threshold) == (labels >= threshold))) if len(rows) else None
-    distinct = len(rows) > 1 and np.ptp(scored) > 0 and np.ptp(labels) > 0
+    spread = len(rows) > 2 and np.ptp(scored) > 0 and np.ptp(labels) > 0
     return {
-        "spearman_expected": float(spearmanr(scored, labels).statistic) if distinct else None,
+        "spearman_expected": float(spearmanr(scored, labels).statistic) if spread else None,
         "classifier_accuracy_expected": accuracy,
         "count_threshold": count_threshold,
     }

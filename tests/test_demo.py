@@ -35,12 +35,13 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     truth = table.extra["rc_expected"]
     assert truth.shape == table.rc.shape and np.all(truth >= 0)
     assert spearmanr(truth, table.rc).statistic > 0.5
-    # and the camera's limit: the counts the crystals' shapes alone predict, scored on the report's rows.
+    # and the counts the crystals' shapes alone predict, the models' reference, scored on the report's rows.
     shapes = table.extra["rc_shapes"]
     assert shapes.shape == truth.shape and spearmanr(shapes, truth).statistic > 0.8
-    limit = result["learning"]
-    assert 0.5 <= limit["camera_classifier_accuracy_expected"] <= 1.0 and limit["camera_count_threshold"] > 0
-    assert limit["camera_spearman_expected"] is None or -1 <= limit["camera_spearman_expected"] <= 1
+    learning = result["learning"]
+    assert 0.5 <= learning["shapes_classifier_accuracy_expected"] <= 1.0
+    assert 0 < learning["shapes_count_threshold"] < np.inf
+    assert learning["shapes_spearman_expected"] is None or -1 <= learning["shapes_spearman_expected"] <= 1
     assert result["learning"]["source"] == "trained in this run" and result["learning"]["train_s"] > 0
     # By default the demo fine-tunes the shipped regressor on its recordings (so with its input).
     assert result["learning"]["fine_tuned_from"] == "default_regressor.keras"
@@ -64,7 +65,7 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
 
     report = (out / "report.md").read_text()
     assert "## Scorecard" in report and "| mesh_oracle |" in report and "Spearman" in report
-    assert "the camera's limit on the same rows" in report and "camera's limit" in format_scorecard(result)
+    assert "predicted from the crystals' shapes alone" in report and "shapes alone" in format_scorecard(result)
     for name in ("centring_errors.png", "rc_fraction.png", "training_recording.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert (out / "learning" / "regressor_report" / "report.md").is_file()

@@ -196,6 +196,44 @@ def test_heatmap_command_finds_the_crystal_and_no_crystal_in_a_black_or_empty_fr
     assert "truncated.png" in results["truncated.png"]["error"]
 
 
+# The loop in each real photograph (tests/data/real_oav), drawn by hand: x0, y0, x1, y1 in pixels (1024 x 768).
+REAL_LOOPS = {
+    "dls_generate_snapshot_input.png": (470, 310, 580, 420),
+    "dls_ins_15_33_0.png": (290, 320, 470, 430),
+    "dls_ins_15_33_90.png": (280, 350, 450, 440),
+    "dls_thau_1_91_0.png": (395, 285, 640, 420),
+    "dls_thau_1_91_90.png": (395, 335, 565, 420),
+}
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_heatmap_keeps_its_best_point_in_the_loop_of_real_photographs(tmp_path, capsys, mirrored):
+    """Real OAV images, pin from the right (and mirrored, pin from the left): the pin and stem never win."""
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    data = Path(__file__).parent / "data" / "real_oav"
+    paths = []
+    for name in REAL_LOOPS:
+        image = cv2.imread(str(data / name))
+        paths.append(str(tmp_path / name))
+        cv2.imwrite(paths[-1], image[:, ::-1] if mirrored else image)
+    status = main(["heatmap", *paths, "--pixels-per-mm", "1000", "--pin-side", "left" if mirrored else "right",
+                   "--json"])  # fmt: skip
+    assert status == 0
+    results = {Path(entry["image"]).name: entry for entry in map(json.loads, capsys.readouterr().out.splitlines())}
+    for name, (x0, y0, x1, y1) in REAL_LOOPS.items():
+        if mirrored:
+            x0, x1 = 1023 - x1, 1023 - x0
+        entry = results[name]
+        for key in ("loop", "best"):
+            x, y = entry[key]
+            assert x0 <= x <= x1 and y0 <= y <= y1, (name, key, entry[key])
+
+
 def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):
     import json
 

@@ -179,19 +179,25 @@ def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
     assert scorecard.optical_oracle(make_sample(16, n_crystals=0), Beam()) is None
 
 
-def test_camera_limit_fits_its_threshold_on_the_training_rows_and_scores_the_held_out_ones():
+def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the_held_out_ones():
     shapes = np.array([0.0, 0.5, 2.0, 3.0, 8.0, 40.0, 0.2, 1.0, 2.5, 30.0])
     truth = np.array([0.0, 0.5, 1.0, 6.0, 20.0, 90.0, 0.0, 4.0, 7.0, 60.0])
     train, held_out = np.arange(6), np.arange(6, 10)
-    limit = scorecard.camera_limit(shapes, truth, train, held_out)
-    # On the training rows a crystal (true count >= 5) starts between shapes-only counts 2 and 3.
-    assert limit["count_threshold"] == pytest.approx(2.5)
-    # Held out: 0.2 and 1.0 called empty (right), 2.5 and 30 called crystals (right).
-    assert limit["classifier_accuracy_expected"] == 1.0
-    assert limit["spearman_expected"] == pytest.approx(1.0)
-    assert scorecard.camera_limit(shapes, truth, train, [8, 7])["classifier_accuracy_expected"] == 1.0
+    reference = scorecard.shapes_reference(shapes, truth, train, held_out, 5.0)
+    # On the training rows a crystal (true count >= 5) starts at shapes-only count 3.
+    assert reference["count_threshold"] == 3.0
+    # Held out: 0.2, 1.0 and 2.5 called empty, 30 a crystal: 2.5 (7 true spots) is the one error.
+    assert reference["classifier_accuracy_expected"] == 0.75
+    assert reference["spearman_expected"] == pytest.approx(1.0)
+    assert scorecard.shapes_reference(shapes, truth, train, [8, 7], 5.0)["spearman_expected"] is None  # 2 rows
     # Equal counts cannot be split: a threshold between them is not offered.
-    tied = scorecard.camera_limit(np.ones(4), np.array([0.0, 0.0, 9.0, 9.0]), np.arange(4), np.arange(4))
+    tied = scorecard.shapes_reference(np.ones(4), np.array([0.0, 0.0, 9.0, 9.0]), np.arange(4), np.arange(4), 5.0)
     assert tied["classifier_accuracy_expected"] == 0.5 and tied["spearman_expected"] is None
+    # Neighbouring floats are split exactly.
+    close = scorecard.shapes_reference(np.array([1.0, np.nextafter(1.0, 2.0)]), np.array([0.0, 9.0]), [0, 1], [0, 1], 5.0)
+    assert close["classifier_accuracy_expected"] == 1.0
+    # Only empty training rows: nothing is called a crystal, with a finite threshold (scorecard.json is JSON).
+    empty = scorecard.shapes_reference(shapes, np.zeros(10), train, held_out, 5.0)
+    assert np.isfinite(empty["count_threshold"]) and empty["count_threshold"] > shapes[train].max()
     # No training rows: the count threshold is the crystal threshold itself.
-    assert scorecard.camera_limit(shapes, truth, [], held_out)["count_threshold"] == 5.0
+    assert scorecard.shapes_reference(shapes, truth, [], held_out, 5.0)["count_threshold"] == 5.0

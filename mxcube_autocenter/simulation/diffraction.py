@@ -89,12 +89,13 @@ class DiffractionModel:
         self._all_weights = np.concatenate(self._weights) if self._weights else np.zeros(0)
 
     def shapes_only(self) -> DiffractionModel:
-        """The counts exact knowledge of the crystals' shapes and positions predicts.
+        """A model of the same sample whose crystals differ only in shape and position.
 
-        Every crystal of uniform quality and of the median capacity: the
-        camera shows neither a crystal's quality field nor its capacity, so
-        no prediction from camera images can follow the counts more closely
-        than this model does (the liquid's background is kept).
+        Every crystal of uniform quality (its base level) and of the median
+        capacity: the camera shows neither a crystal's quality field nor its
+        capacity, so its counts are what exact knowledge of the shapes and
+        positions predicts, a reference for predictions from camera images.
+        The beam, the liquid's background and the ice are kept.
         """
         return DiffractionModel(uniform_crystals(self.sample, MEDIAN_CAPACITY), self.beam, self.points_per_crystal,
                                 self.background_rc, self.ice_spots_per_ball)  # fmt: skip
