@@ -218,7 +218,8 @@ def cmd_train_dense(args) -> int:
 
 
 def _print_training(result):
-    print(f"Model: {result.model_path} ({result.seconds:.0f} s, best epoch {result.best_epoch})")
+    best = f"best epoch {result.best_epoch}" if result.best_epoch else "no epoch improved on the initial model: kept"
+    print(f"Model: {result.model_path} ({result.seconds:.0f} s, {best})")
     for subset, metrics in result.metrics.items():
         print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
@@ -242,7 +243,7 @@ def cmd_train(args) -> int:
         print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
               f"{args.input_size} px crops of {args.crop_um} um"
               + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
-    options = dict(_train_options(args), initial_model=args.initial_model)
+    options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate)
     if task_of(args.arch) == "classifier":
         result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
     else:
@@ -505,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
     label.set_defaults(func=cmd_label)
 
+    LEARNING_RATE_HELP = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
+
     def add_train_options(p):
         p.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
         p.add_argument("--input-size", type=COUNT, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
@@ -552,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
                             "label transform and threshold are used; with --arch fcn_classifier, an fcn regressor "
                             "to start the classifier from")
+    train.add_argument("--learning-rate", type=POSITIVE, help=LEARNING_RATE_HELP)
     add_train_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -578,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--epochs", type=COUNT, default=20, help="most epochs (early stopping) (default: %(default)s)")
     dense.add_argument("--batch-size", type=COUNT, default=16, help="regions per batch (default: %(default)s)")
     dense.add_argument("--patience", type=NON_NEGATIVE_INT, default=4, help="early-stopping patience, epochs (default: %(default)s)")
-    dense.add_argument("--learning-rate", type=POSITIVE, default=1e-3, help="Adam's (default: %(default)s)")
+    dense.add_argument("--learning-rate", type=POSITIVE, help=LEARNING_RATE_HELP)
     dense.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
     dense.add_argument("--peak-weight", type=NON_NEGATIVE, default=0.0,

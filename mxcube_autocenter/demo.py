@@ -687,7 +687,9 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"{_fmt(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
             f"- split by crystal: {lr['crystals']} crystals, {lr['rows']} rows.",
             f"- regressor: fcn, log counts, {lr['crop_um']:g} um crops at {lr['input_size']} px, {lr['params']} "
-            f"parameters; {lr['epochs_run']} epochs (best {lr['best_epoch']}) in {lr['regressor_s']:.0f} s"
+            f"parameters; {lr['epochs_run']} epochs ("
+            + (f"best {lr['best_epoch']}" if lr["best_epoch"] else "none better than the starting weights, kept")
+            + f") in {lr['regressor_s']:.0f} s"
             + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
                ", trained from scratch."),
             f"- **{lr['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "

@@ -449,6 +449,49 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
         train(dataset_path, "fcn", "tanh", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path, **same)
 
 
+def test_fine_tuning_keeps_the_starting_weights_when_no_epoch_improves_on_them(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.training import fit_with_early_stopping
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+
+    def fit(y_train, y_val, keep_start):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+        y_val = model.predict(x, verbose=0) if y_val is None else y_val
+        start = model.get_weights()
+        train_ds = tf.data.Dataset.from_tensor_slices((x, y_train)).batch(16)
+        val_ds = tf.data.Dataset.from_tensor_slices((x, y_val)).batch(16)
+        hist, _, _, best = fit_with_early_stopping(model, train_ds, val_ds, str(tmp_path), epochs=3, patience=1,
+                                                   verbose=0, keep_start=keep_start)  # fmt: skip
+        kept = all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
+        return hist, best, kept
+
+    noise = (10 * rng.normal(size=(64, 1))).astype("float32")
+    # The starting weights are exact on the validation set and training on noise only pulls them away.
+    hist, best, kept = fit(noise, None, keep_start=True)
+    assert min(hist["val_loss"]) > 0 and best == 0 and kept
+    # Without keep_start (training from scratch) the least bad epoch is kept.
+    hist, best, kept = fit(noise, None, keep_start=False)
+    assert best >= 1 and not kept
+    # Training that helps is kept.
+    target = (x @ np.array([1.0, -2.0, 0.5, 3.0], dtype="float32"))[:, None]
+    hist, best, kept = fit(target, target, keep_start=True)
+    assert best >= 1 and not kept
+
+
+def test_fine_tuning_takes_smaller_steps_by_default():
+    from mxcube_autocenter.learning.training import FINE_TUNE_LEARNING_RATE, LEARNING_RATE, learning_rate_for
+
+    assert learning_rate_for(None, None) == LEARNING_RATE == 1e-3
+    assert learning_rate_for(None, "shipped.keras") == FINE_TUNE_LEARNING_RATE == 1e-4
+    assert learning_rate_for(3e-4, "shipped.keras") == 3e-4 and learning_rate_for(0.0, None) == 0.0
+
+
 def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tmp_path, capsys):
     from mxcube_autocenter import cli
 

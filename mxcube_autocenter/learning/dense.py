@@ -430,7 +430,7 @@ def train_dense(
     seed: int = 0,
     strategy=None,
     augment: str = "dihedral",
-    learning_rate: float = 1e-3,
+    learning_rate: float | None = None,
     cache=True,
     fractions=None,
     split=None,
@@ -459,8 +459,12 @@ def train_dense(
         Label transform, fitted on the training subset's valid points.
     label : {"rc_expected", "rc"}
         Learn the noise-free expected counts or their Poisson draws.
+    learning_rate : float, optional
+        Adam's; by default ``training.LEARNING_RATE``, or
+        ``training.FINE_TUNE_LEARNING_RATE`` with ``initial_model``.
     initial_model : path, optional
-        Start from this ``fcn`` model's weights and keep its label transform.
+        Start from this ``fcn`` model's weights and keep its label transform;
+        they are kept if no epoch improves their validation loss.
     peak_weight, peak_sharpness : float
         The peak term of :func:`region_loss` (0: MSE alone).
 
@@ -478,6 +482,7 @@ def train_dense(
     if label not in training.LABELS:
         raise ValueError(f"label {label!r}: choose one of {training.LABELS}")
     keras.utils.set_random_seed(int(seed))
+    learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
     os.makedirs(out, exist_ok=True)
     table = read_regions(regions_path)
@@ -523,7 +528,8 @@ def train_dense(
                             shuffle=False, **common).map(with_flags)
     work = training.work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
-        region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose)
+        region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose,
+        keep_start=initial is not None)
 
     results = {}
     for name in ("validation", "test"):
