@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
     label.set_defaults(func=cmd_label)
 
-    LEARNING_RATE_HELP = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
+    # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).
+    learning_rate_help = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
 
     def add_train_options(p):
         p.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
                             "label transform and threshold are used; with --arch fcn_classifier, an fcn regressor "
                             "to start the classifier from")
-    train.add_argument("--learning-rate", type=POSITIVE, help=LEARNING_RATE_HELP)
+    train.add_argument("--learning-rate", type=POSITIVE, help=learning_rate_help)
     add_train_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -582,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--epochs", type=COUNT, default=20, help="most epochs (early stopping) (default: %(default)s)")
     dense.add_argument("--batch-size", type=COUNT, default=16, help="regions per batch (default: %(default)s)")
     dense.add_argument("--patience", type=NON_NEGATIVE_INT, default=4, help="early-stopping patience, epochs (default: %(default)s)")
-    dense.add_argument("--learning-rate", type=POSITIVE, help=LEARNING_RATE_HELP)
+    dense.add_argument("--learning-rate", type=POSITIVE, help=learning_rate_help)
     dense.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
     dense.add_argument("--peak-weight", type=NON_NEGATIVE, default=0.0,

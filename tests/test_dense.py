@@ -127,15 +127,20 @@ def test_dense_model_evaluates_a_frame_like_any_centring_model(trained):
 
 
 def test_dense_fine_tuning_keeps_the_initial_transform(trained, regions_path, tmp_path):
-    result = dense.train_dense(regions_path, tmp_path, epochs=1, batch_size=8, verbose=0, learning_rate=1e-4,
+    result = dense.train_dense(regions_path, tmp_path, epochs=1, batch_size=8, verbose=0,
                                initial_model=trained.model_path, peak_weight=0.5)
     assert result.info["transform"] == trained.info["transform"]
+    assert result.info["training"]["learning_rate"] == 1e-4  # fine-tuning's smaller default step
     assert result.info["training"]["peak_weight"] == 0.5 and "KL divergence" in result.info["training"]["loss"]
     assert np.isfinite(result.history["loss"]).all()
     assert result.info["training"]["initial_model"]["file"] == "model.keras"
     with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):
         dense.train_dense(regions_path, tmp_path / "x", transform="tanh", epochs=1, verbose=0,
                           initial_model=trained.model_path)
+    # An epoch that changes nothing does not beat the starting weights: they are kept.
+    same = dense.train_dense(regions_path, tmp_path / "same", epochs=1, batch_size=8, verbose=0, learning_rate=0.0,
+                             initial_model=trained.model_path)
+    assert same.best_epoch == 0 and not (tmp_path / "same" / "checkpoint.keras").exists()
 
 
 def test_region_loss_is_the_masked_mse_plus_where_a_crystal_region_peaks():

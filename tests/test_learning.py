@@ -436,6 +436,8 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
     result = train(dataset_path, "fcn", "log", str(tmp_path / "tuned"), epochs=1, learning_rate=0.0,
                    initial_model=trained.model_path, **same)
     tuned, info = load_model(result.model_path)
+    assert result.best_epoch == 0  # no epoch improved on the starting weights: they are kept
+    assert not os.path.exists(tmp_path / "tuned" / "checkpoint.keras")
     assert info["transform"] == initial_info["transform"]
     assert info["training"]["initial_model"]["file"] == os.path.basename(trained.model_path)
     table = read_table(dataset_path)
@@ -490,6 +492,12 @@ def test_fine_tuning_takes_smaller_steps_by_default():
     assert learning_rate_for(None, None) == LEARNING_RATE == 1e-3
     assert learning_rate_for(None, "shipped.keras") == FINE_TUNE_LEARNING_RATE == 1e-4
     assert learning_rate_for(3e-4, "shipped.keras") == 3e-4 and learning_rate_for(0.0, None) == 0.0
+    from mxcube_autocenter.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "set.h5"]).learning_rate is None
+    assert parser.parse_args(["train", "set.h5", "--learning-rate", "3e-4"]).learning_rate == 3e-4
+    assert parser.parse_args(["train-dense", "regions.h5"]).learning_rate is None
 
 
 def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tmp_path, capsys):

@@ -481,14 +481,18 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
     seconds, cpu_seconds : float
         Wall time and CPU time (all threads) of the fit.
     best_epoch : int
-        1-based epoch whose weights were kept; 0 for the starting weights.
+        1-based epoch whose weights were kept; 0 for the starting weights
+        (then no ``checkpoint.keras`` is written).
     """
+    start_loss = None
     if keep_start:
         start_weights = model.get_weights()
-        start_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+        start_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)[monitor.removeprefix("val_")])
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
-        keras.callbacks.ModelCheckpoint(os.path.join(work, "checkpoint.keras"), monitor=monitor, save_best_only=True),
+        # Only epochs better than the starting weights are checkpointed when those compete.
+        keras.callbacks.ModelCheckpoint(os.path.join(work, "checkpoint.keras"), monitor=monitor, save_best_only=True,
+                                        initial_value_threshold=start_loss),
         keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
         keras.callbacks.TerminateOnNaN(),
     ]
@@ -502,6 +506,8 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
     if keep_start and not min(hist.get(monitor, [np.inf])) < start_loss:
         model.set_weights(start_weights)
         best_epoch = 0
+        if verbose:
+            print(f"No epoch improved on the starting weights ({monitor} {start_loss:.4g}): they are kept.")
     return hist, seconds, cpu_seconds, best_epoch
 
 
