@@ -174,7 +174,7 @@ def shapes_reference(rc_shapes, rc_expected, fit_rows, rows, threshold: float) -
         ``count_threshold`` (``t``, the best on ``fit_rows``, in the
         shapes-only counts' own scale; ``threshold`` without fit rows).
     """
-    from scipy.stats import spearmanr
+    from mxcube_autocenter.learning.training import classifier_metrics, regression_metrics
 
     shapes, truth = np.asarray(rc_shapes, dtype=np.float64), np.asarray(rc_expected, dtype=np.float64)
     fit, rows = np.asarray(fit_rows, dtype=np.int64), np.asarray(rows, dtype=np.int64)
@@ -191,11 +191,10 @@ def shapes_reference(rc_shapes, rc_expected, fit_rows, rows, threshold: float) -
     else:
         count_threshold = float(g[k])
     scored, labels = shapes[rows], truth[rows]
-    accuracy = float(np.mean((scored >= count_threshold) == (labels >= threshold))) if len(rows) else None
-    spread = len(rows) > 2 and np.ptp(scored) > 0 and np.ptp(labels) > 0
+    # Scored as the models are (training.expected_count_metrics).
     return {
-        "spearman_expected": float(spearmanr(scored, labels).statistic) if spread else None,
-        "classifier_accuracy_expected": accuracy,
+        "spearman_expected": regression_metrics(labels, scored)["spearman"],
+        "classifier_accuracy_expected": classifier_metrics(labels >= threshold, scored >= count_threshold)["accuracy"],
         "count_threshold": count_threshold,
     }
 
