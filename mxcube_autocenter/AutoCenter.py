@@ -233,6 +233,7 @@ class AutoCenter(HardwareObject):
             roi_width_um=cfg.roi_width_um,
             roi_height_um=cfg.roi_height_um,
             stride_px=cfg.heatmap_stride_px,
+            heatmap_symmetries=cfg.heatmap_symmetries,
             min_score=cfg.min_score,
             min_crystal_probability=cfg.min_crystal_probability,
             fallback=cfg.no_crystal_fallback,

@@ -86,6 +86,11 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
     roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
     heatmap_stride_px: float = Field(default=6.0, gt=0, le=64, description="Heatmap grid step on the image, pixels.")
+    heatmap_symmetries: Literal["dihedral", "flips", "none"] = Field(
+        default="none",
+        description="Average each heatmap over the region's flips and quarter turns ('dihedral', 8 passes), its "
+        "flips ('flips', 4) or not at all ('none', 1).",
+    )
     min_score: float = Field(
         default=5.0, description="Smallest predicted reflection count at the best point that counts as a crystal."
     )

@@ -13,6 +13,7 @@ from mxcube_autocenter.centring.heatmap import (
     dense_heatmap,
     prepare_region,
     reference_heatmap,
+    symmetric_heatmap,
 )
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi
 from mxcube_autocenter.centring.peak import find_peak
@@ -51,8 +52,12 @@ def test_trained_fcn_dense_heatmap_equals_crop_by_crop(tiny_model):
     predictor = load_predictor(tiny_model)
     frame = frame_of()
     roi = Roi(500, 300, 900, 700)
-    assert_fast_equals_reference(predictor.model, frame, roi, 156.0, 6.0)
+    fast = assert_fast_equals_reference(predictor.model, frame, roi, 156.0, 6.0)
     counts = predictor.predict(frame, roi, PPMM, 6.0)
+    # A model whose grid is subdivided in one pass keeps every grid point when averaged over turns.
+    turned = predictor.predict(frame, roi, PPMM, 6.0, "dihedral")
+    np.testing.assert_array_equal(turned.xs, fast.xs)
+    np.testing.assert_array_equal(turned.ys, fast.ys)
     assert np.all(np.isfinite(counts.values)) and counts.values.min() >= -1e-3
     assert predictor.crystal_probability(frame, (700.0, 500.0), roi, PPMM) is None
 
@@ -73,6 +78,35 @@ def test_pooling_and_dense_head_model_equals_crop_by_crop():
         ]
     )
     assert_fast_equals_reference(model, frame_of(), Roi(560, 420, 720, 600), 40.0, 3.0, every=5)
+
+
+@pytest.mark.parametrize("symmetries", ["flips", "dihedral"])
+def test_symmetric_heatmap_is_the_mean_over_the_turned_crops(symmetries):
+    # A pooling model evaluates its grid on shifted inputs; the symmetric grid must keep them aligned.
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1),
+    ])
+    evaluator = DenseEvaluator(model)
+    roi = Roi(560, 420, 730, 580)
+    region, origin, scale = prepare_region(frame_of(), roi, 40.0, 32, standardise)
+    assert len(evaluator.twin(1.5 * scale)[2]) == 4  # four shifted inputs per axis
+    plain = dense_heatmap(evaluator, region, origin, scale, 1.5)
+    turned = symmetric_heatmap(evaluator, region, origin, scale, 1.5, symmetries)
+    # The same grid, less at most the far edge points that have no mirror image.
+    np.testing.assert_array_equal(turned.xs, plain.xs[: len(turned.xs)])
+    np.testing.assert_array_equal(turned.ys, plain.ys[: len(turned.ys)])
+    assert len(plain.xs) - len(turned.xs) < 4 and len(plain.ys) - len(turned.ys) < 4
+    ref = reference_heatmap(model, region, origin, scale, 32, turned.xs[::7], turned.ys[::7], symmetries=symmetries)
+    np.testing.assert_allclose(ref.values, turned.values[::7, ::7], atol=1e-5, rtol=1e-4)
+    assert np.abs(turned.values - plain.values[: len(turned.ys), : len(turned.xs)]).max() > 1e-3
+    with pytest.raises(HeatmapError, match="'dihedral', 'flips', 'none'"):
+        symmetric_heatmap(evaluator, region, origin, scale, 1.5, "rotations")
 
 
 def test_same_padding_is_refused():

@@ -261,9 +261,7 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
     """
     size = evaluator.input_size
     fcn, step, shifts = evaluator.twin(stride_px * scale)
-    h, w = region.shape[:2]
-    if h < size or w < size:
-        raise HeatmapError(f"region {w}x{h} is smaller than one crop ({size} px)")
+    h, w = _check_region(region, size)
     outputs = {(dy, dx): np.asarray(fcn(region[None, dy:, dx:], training=False))[0, ..., 0] for dy in shifts for dx in shifts}
     # Keep the outputs whose whole crop lies in the region (pooling that floors
     # odd sizes can leave a few more).
@@ -282,12 +280,79 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
     return Heatmap(values=values, xs=xs, ys=ys)
 
 
-def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=256) -> Heatmap:
+def _check_region(region, size):
+    h, w = region.shape[:2]
+    if h < size or w < size:
+        raise HeatmapError(f"region {w}x{h} is smaller than one crop ({size} px)")
+    return h, w
+
+
+def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px, symmetries="dihedral") -> Heatmap:
+    """The mean of the dense heatmaps of the region turned and mirrored, each turned back.
+
+    A model trained on every flip and rotation of its crops
+    (:mod:`mxcube_autocenter.learning.augment`) should predict the same for
+    each, but does not exactly; averaging over them (test-time augmentation)
+    cancels part of its error. Each grid point then gets the mean of the
+    model's outputs (its label space) on the turned copies of its crop.
+
+    Parameters
+    ----------
+    evaluator, region, origin, scale, stride_px
+        As :func:`dense_heatmap`.
+    symmetries : {'dihedral', 'flips', 'none'}
+        The group elements averaged (``augment.GROUP_ELEMENTS``): all eight
+        flips and quarter turns, the four flips (the exact symmetries of a
+        rectangular beam; half the cost), or none (:func:`dense_heatmap`).
+
+    Returns
+    -------
+    Heatmap
+        On the grid of :func:`dense_heatmap`, less the grid points at the far
+        edges that have no mirror image on the grid (none for a model whose
+        grid is subdivided in one pass, such as 'fcn').
+    """
+    from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np, inverse_element
+
+    if symmetries not in GROUP_ELEMENTS:
+        raise HeatmapError(f"heatmap symmetries must be one of {sorted(GROUP_ELEMENTS)}, not {symmetries!r}")
+    size = evaluator.input_size
+    h, w = _check_region(region, size)
+    _, step, shifts = evaluator.twin(stride_px * scale)
+    fine = step // len(shifts)
+
+    def symmetric_length(length):
+        # A grid that starts at 0 and ends exactly one crop from the far edge
+        # maps onto itself when mirrored; with input shifts its point count must
+        # also be a multiple of the shifts.
+        points = (length - size) // fine + 1
+        points -= points % len(shifts)
+        return size + (points - 1) * fine
+
+    region = region[: symmetric_length(h), : symmetric_length(w)]
+    first = dense_heatmap(evaluator, region, origin, scale, stride_px)
+    total = first.values.astype(np.float64)
+    for k in GROUP_ELEMENTS[symmetries][1:]:
+        turned = dense_heatmap(evaluator, dihedral_np(region, k), origin, scale, stride_px).values
+        values = dihedral_np(turned, inverse_element(k))
+        if values.shape != total.shape:
+            raise HeatmapError(f"{evaluator.model.name}: its grid does not map onto itself when turned; "
+                               "use heatmap symmetries 'none'")
+        total += values
+    return Heatmap(values=(total / len(GROUP_ELEMENTS[symmetries])).astype(np.float32), xs=first.xs, ys=first.ys)
+
+
+def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=256, symmetries="none") -> Heatmap:
     """The slow path: cut every crop of the grid from the prepared region and call the model.
 
-    ``xs`` and ``ys`` are the grid of a :func:`dense_heatmap` result, so both
-    paths evaluate the same crops.
+    ``xs`` and ``ys`` are the grid of a :func:`dense_heatmap` (or
+    :func:`symmetric_heatmap`) result, so both paths evaluate the same
+    crops; with ``symmetries`` each crop is turned by every element of the
+    group and the model's outputs averaged.
     """
+    from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np
+
+    elements = GROUP_ELEMENTS[symmetries]
     starts_x = np.rint((np.asarray(xs) - origin[0]) * scale - input_size / 2).astype(int)
     starts_y = np.rint((np.asarray(ys) - origin[1]) * scale - input_size / 2).astype(int)
     crops = []
@@ -295,9 +360,10 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
     index = []
     for i, y in enumerate(starts_y):
         for j, x in enumerate(starts_x):
-            crops.append(region[y : y + input_size, x : x + input_size])
+            crop = region[y : y + input_size, x : x + input_size]
+            crops.extend(dihedral_np(crop, k) for k in elements)
             index.append((i, j))
-            if len(crops) == batch:
+            if len(index) * len(elements) >= batch:
                 _predict_into(model, crops, index, values)
                 crops, index = [], []
     if crops:
@@ -306,6 +372,7 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
 
 
 def _predict_into(model, crops, index, values):
-    out = np.asarray(model(np.stack(crops), training=False))[:, 0]
+    """Each grid point's mean output over its consecutive crops (one per group element)."""
+    out = np.asarray(model(np.stack(crops), training=False))[:, 0].reshape(len(index), -1).mean(axis=1)
     for (i, j), v in zip(index, out):
         values[i, j] = v

@@ -10,8 +10,8 @@ from mxcube_autocenter.centring.heatmap import (
     DenseEvaluator,
     Heatmap,
     HeatmapError,
-    dense_heatmap,
     prepare_region,
+    symmetric_heatmap,
 )
 
 # Package data, so that a plain (non-editable) install has them too.
@@ -90,11 +90,15 @@ class Predictor:
 
         return normalise
 
-    def predict(self, frame, roi, pixels_per_mm, stride_px) -> Heatmap:
-        """Predicted reflection counts (inverse-transformed) on a grid over ``roi``."""
+    def predict(self, frame, roi, pixels_per_mm, stride_px, symmetries="none") -> Heatmap:
+        """Predicted reflection counts (inverse-transformed) on a grid over ``roi``.
+
+        ``symmetries`` averages the model over turned copies of the region
+        (:func:`.heatmap.symmetric_heatmap`).
+        """
         crop_px = self.spec.crop_um * pixels_per_mm[0] / 1000.0
         prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self.normaliser(self.spec))
-        raw = dense_heatmap(self.evaluator, *prepared, stride_px)
+        raw = symmetric_heatmap(self.evaluator, *prepared, stride_px, symmetries)
         return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
 
     def crystal_probability(self, frame, point, roi, pixels_per_mm) -> float | None:

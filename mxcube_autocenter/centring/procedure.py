@@ -107,6 +107,7 @@ class CentringSettings:
     roi_width_um: float = 700.0
     roi_height_um: float = 600.0
     stride_px: float = 6.0
+    heatmap_symmetries: str = "none"
     min_score: float = 5.0
     min_crystal_probability: float = 0.5
     fallback: str = "none"
@@ -414,7 +415,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
         tip, frame.shape, pixels_per_mm, width_um=settings.roi_width_um, height_um=settings.roi_height_um,
         pin_side=settings.pin_side,
     )
-    counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px)
+    counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px, settings.heatmap_symmetries)
     inside = sample_mask(frame, roi, tip, pixels_per_mm, settings.pin_side)
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)

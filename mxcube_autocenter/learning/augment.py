@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 AUGMENTATIONS = ("dihedral", "flips", "none")
-GROUP_SIZE = {"dihedral": 8, "flips": 4, "none": 1}
-# Indices (into the dihedral group) of the exact symmetries of a rectangular beam.
-_FLIPS = (0, 2, 4, 6)  # identity, 180 degrees, left-right flip, up-down flip
+# The group elements each mode draws from; "flips" holds the exact symmetries of a
+# rectangular beam: identity, 180 degrees, left-right flip, up-down flip.
+GROUP_ELEMENTS = {"dihedral": tuple(range(8)), "flips": (0, 2, 4, 6), "none": (0,)}
 
 
 def dihedral_np(image, k: int) -> np.ndarray:
@@ -45,6 +45,11 @@ def dihedral_np(image, k: int) -> np.ndarray:
     if k >= 4:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
+
+
+def inverse_element(k: int) -> int:
+    """The element that undoes element ``k``: turns back, and every flip undoes itself."""
+    return (-int(k)) % 4 if k < 4 else int(k)
 
 
 def dihedral_tf(image, k):
@@ -58,11 +63,9 @@ def group_element(mode: str, u):
     """The group element for a uniform random ``u`` in [0, 1) under ``mode``."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, not {mode!r}")
-    n = GROUP_SIZE[mode]
-    i = tf.minimum(tf.cast(tf.floor(u * n), tf.int32), n - 1)
-    if mode == "flips":
-        return tf.gather(tf.constant(_FLIPS, tf.int32), i)
-    return i
+    elements = GROUP_ELEMENTS[mode]
+    i = tf.minimum(tf.cast(tf.floor(u * len(elements)), tf.int32), len(elements) - 1)
+    return tf.gather(tf.constant(elements, tf.int32), i)
 
 
 def _gaussian_blur(image, sigma, radius=4):
