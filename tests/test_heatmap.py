@@ -15,11 +15,11 @@ from mxcube_autocenter.centring.heatmap import (
     reference_heatmap,
     symmetric_heatmap,
 )
-from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.geometry import sample_to_screen
-from mxcube_autocenter.simulation.render import Renderer
+from mxcube_autocenter.simulation.render import Look, Renderer
 from mxcube_autocenter.simulation.sample import make_sample
 
 PPMM = (1300.0, 1300.0)
@@ -162,6 +162,28 @@ def test_loop_tips_short_of_the_farthest_along_the_spindle_move_out_to_it():
     # A pin from the right: the farthest tip is the leftmost.
     mirrored = [(1280 - x, y) for x, y in tips]
     assert consistent_tips(mirrored, PPMM, "right") == [(446.0, 559.0), (446.0, 706.0), (446.0, 441.0)]
+
+
+@pytest.mark.parametrize("pin_side", ["left", "right"])
+def test_a_faint_loop_past_where_lucid_stops_is_followed_to_its_tip(pin_side):
+    # A defocused mesh loop of the demo's held-out samples (seed50008): lucid3 stops where the stem meets it.
+    look = Look(tint=(0.84, 0.98, 0.81), brightness=0.644, vignetting=0.586, hotspot=(0.665, 0.385, 0.054),
+                flare=0.089, blur_px=1.93, numerical_aperture=0.0755, noise=6.1, jpeg_quality=66, front_light=0.506,
+                rim_darkness=0.688, film_opacity=0.299, crystal_opacity=0.311)  # fmt: skip
+    sample = make_sample(50008, loop_kinds=("mesh",), n_crystals=2, pin_side=pin_side)
+    motors = {"omega": 399.85, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    frame = Renderer(look=look).render(sample, motors, PPMM, (640, 512))
+    outline, _ = sample_to_screen(sample.loop_outline, motors, PPMM, (640, 512))
+    loop_tip_x = outline[:, 0].max() if pin_side == "left" else outline[:, 0].min()
+    lucid = find_loop(frame, pin_side)
+    assert abs(lucid[0] - loop_tip_x) > 400  # on the stem, 0.3 mm and more short of the loop's tip
+    tip = extend_tip(frame, lucid, PPMM, pin_side)
+    assert 0 < (loop_tip_x - tip[0] if pin_side == "left" else tip[0] - loop_tip_x) < 40  # just inside the rim
+    assert abs(tip[1] - outline[np.argmin(np.abs(outline[:, 0] - loop_tip_x)), 1]) < 60
+    # Where lucid3 found the tip, it stays.
+    well_lit = frame_of(pin_side=pin_side)
+    found = find_loop(well_lit, pin_side)
+    assert extend_tip(well_lit, found, PPMM, pin_side) == found
 
 
 def test_no_loop_in_an_empty_field():

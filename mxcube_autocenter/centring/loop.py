@@ -155,23 +155,11 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     import cv2
 
     pixels_per_um = pixels_per_mm[0] / 1000.0
-    grey = cv2.cvtColor(frame[roi.y0 : roi.y1, roi.x0 : roi.x1], cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(grey, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA).astype(np.float32)
-    backlight = _backlight(small)
-    dark = (small < backlight * (1 - darkness)).astype(np.uint8)
-    c = max(3, close_px // scale) | 1
-    dark = cv2.morphologyEx(dark, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
-    n, labels = cv2.connectedComponents(dark)
     full = np.ones((roi.height, roi.width), bool)
-    if n < 2:
+    found = _tip_component(frame, roi, tip, darkness, close_px, scale)
+    if found is None:
         return full
-    tx = int(np.clip((tip[0] - roi.x0) / scale, 0, small.shape[1] - 1))
-    ty = int(np.clip((tip[1] - roi.y0) / scale, 0, small.shape[0] - 1))
-    near = labels[max(ty - c, 0) : ty + c + 1, max(tx - c, 0) : tx + c + 1]
-    ids = near[near > 0]
-    if ids.size == 0:
-        return full
-    component = (labels == np.bincount(ids).argmax()).astype(np.uint8)
+    component, small, backlight = found
     # The metal pin is opaque and far thicker than loop fibres or crystals:
     # an opening wider than ~120 um keeps only it; it is no place for the beam.
     pin_k = max(3, int(pin_um * pixels_per_um / scale)) | 1
@@ -190,6 +178,87 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     mask = np.zeros((roi.height, roi.width), np.uint8)
     cv2.fillConvexPoly(mask, hull, 1)
     return mask.astype(bool)
+
+
+def _tip_component(frame, roi: Roi, tip, darkness, close_px, scale):
+    """The dark object at the loop tip inside ``roi``, on a grid ``scale`` times coarser.
+
+    Returns ``(component uint8, grey float32, backlight float32)`` at the
+    coarse scale, or None when no dark object touches the tip.
+    """
+    import cv2
+
+    grey = cv2.cvtColor(frame[roi.y0 : roi.y1, roi.x0 : roi.x1], cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(grey, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA).astype(np.float32)
+    backlight = _backlight(small)
+    dark = (small < backlight * (1 - darkness)).astype(np.uint8)
+    c = max(3, close_px // scale) | 1
+    dark = cv2.morphologyEx(dark, cv2.MORPH_CLOSE, np.ones((c, c), np.uint8))
+    n, labels = cv2.connectedComponents(dark)
+    if n < 2:
+        return None
+    tx = int(np.clip((tip[0] - roi.x0) / scale, 0, small.shape[1] - 1))
+    ty = int(np.clip((tip[1] - roi.y0) / scale, 0, small.shape[0] - 1))
+    near = labels[max(ty - c, 0) : ty + c + 1, max(tx - c, 0) : tx + c + 1]
+    ids = near[near > 0]
+    if ids.size == 0:
+        return None
+    return (labels == np.bincount(ids).argmax()).astype(np.uint8), small, backlight
+
+
+def extend_tip(frame, tip, pixels_per_mm, pin_side="left", *, reach_um=800.0, height_um=600.0, tolerance_um=50.0,
+               inset_um=25.0, darkness=0.08, close_px=15, scale=4):  # fmt: skip
+    """The loop tip moved out to the far end of the dark object that lucid3's tip lies on.
+
+    lucid3 stops at the stem when the loop is faint against the backlight
+    (defocused, or a thin mesh loop), and then every view's region misses
+    the loop. The loop is still darker than the backlight and joined to the
+    stem, so the dark object at lucid3's tip reaches out to the loop's real
+    tip. Found as :func:`sample_mask` finds the sample.
+
+    Parameters
+    ----------
+    frame : (H, W, 3) uint8 ndarray
+    tip : (float, float)
+        Loop tip found by lucid3, pixels.
+    pixels_per_mm : (float, float)
+    pin_side : {"left", "right"}
+    reach_um : float
+        How far past lucid3's tip, away from the pin, the object is followed, um.
+    height_um : float
+        Height of the window searched, centred on the tip, um.
+    tolerance_um : float
+        An object ending less than this past lucid3's tip leaves the tip as found, um.
+    inset_um : float
+        The tip is put this far inside the object's end, as lucid3 puts it
+        inside the rim: the dark object ends beyond the fibre, by its
+        half-width and blur, um.
+
+    Returns
+    -------
+    (float, float)
+        The tip, pixels: just inside the object's far end (at the middle of
+        its last columns), or ``tip`` itself.
+    """
+    px, py = pixels_per_mm[0] / 1000.0, pixels_per_mm[1] / 1000.0
+    h, w = frame.shape[:2]
+    back, ahead = 100.0 * px, reach_um * px  # a little behind the tip, so the object at it is whole
+    x0, x1 = (tip[0] - back, tip[0] + ahead) if pin_side == "left" else (tip[0] - ahead, tip[0] + back)
+    roi = Roi(_clip(x0, w), _clip(tip[1] - height_um * py / 2, h), _clip(x1, w), _clip(tip[1] + height_um * py / 2, h))
+    if roi.width < 2 * scale or roi.height < 2 * scale:
+        return tip
+    found = _tip_component(frame, roi, tip, darkness, close_px, scale)
+    if found is None:
+        return tip
+    component = found[0]
+    cols = np.nonzero(component.any(axis=0))[0]
+    end = cols.max() if pin_side == "left" else cols.min()
+    x = roi.x0 + (end + 0.5) * scale
+    if (x - tip[0] if pin_side == "left" else tip[0] - x) <= tolerance_um * px:
+        return tip
+    last = component[:, max(end - 2, 0) : end + 3]
+    x += -inset_um * px if pin_side == "left" else inset_um * px
+    return float(x), float(roi.y0 + (np.nonzero(last)[0].mean() + 0.5) * scale)
 
 
 def _backlight(grey) -> np.ndarray:

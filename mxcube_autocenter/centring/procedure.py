@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, consistent_tips, find_loop, loop_roi, sample_mask
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -174,13 +174,27 @@ def _in_thread(func, *args):
     return gevent.get_hub().threadpool.apply(func, args)
 
 
+def _lucid_and_extended_tips(frame, pin_side, pixels_per_mm):
+    tip = find_loop(frame, pin_side)
+    return tip, None if tip is None else extend_tip(frame, tip, pixels_per_mm, pin_side)
+
+
+def _loop_tip(bl: Beamline, frame, settings: CentringSettings, timings, log):
+    """The loop tip on ``frame``: lucid3's, moved out to the loop's end when lucid3 stopped on the stem."""
+    start = time.perf_counter()
+    found, tip = _in_thread(_lucid_and_extended_tips, frame, settings.pin_side, bl.pixels_per_mm())
+    timings["loop_s"] = timings.get("loop_s", 0.0) + time.perf_counter() - start
+    if tip != found:
+        log.info("AutoCenter: lucid3's loop tip (%.0f, %.0f) lies on a dark object that reaches (%.0f, %.0f): "
+                 "taking that as the tip", *found, *tip)  # fmt: skip
+    return tip
+
+
 def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
     """Look for the loop, rotating by 90 degrees between tries as MXCuBE's auto_center does."""
     for attempt in range(settings.loop_search_rotations + 1):
         frame = bl.snapshot()
-        start = time.perf_counter()
-        tip = _in_thread(find_loop, frame, settings.pin_side)
-        timings["loop_s"] = timings.get("loop_s", 0.0) + time.perf_counter() - start
+        tip = _loop_tip(bl, frame, settings, timings, log)
         if tip is not None:
             return frame, tip
         if attempt < settings.loop_search_rotations:
@@ -232,9 +246,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
             if i > 0:
                 bl.rotate(step_deg, settings.move_timeout_s)
                 frame = bl.snapshot()
-                t = time.perf_counter()
-                tip = _in_thread(find_loop, frame, settings.pin_side) or tip
-                timings["loop_s"] += time.perf_counter() - t
+                tip = _loop_tip(bl, frame, settings, timings, log) or tip
             angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
             result.angles.append(angle)
             log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
@@ -356,7 +368,7 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     bl.rotate(turn_deg, settings.move_timeout_s)
     frame = bl.snapshot()
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
-    tip = _in_thread(find_loop, frame, settings.pin_side) or tip
+    tip = _loop_tip(bl, frame, settings, {}, log) or tip  # timed within verify_s
     angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
