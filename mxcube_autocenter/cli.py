@@ -320,7 +320,7 @@ def cmd_heatmap(args) -> int:
     import cv2
 
     from mxcube_autocenter.centring import report
-    from mxcube_autocenter.centring.loop import find_loop
+    from mxcube_autocenter.centring.loop import loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
     from mxcube_autocenter.imagefiles import write_png
@@ -342,7 +342,7 @@ def cmd_heatmap(args) -> int:
             status = 1
         else:
             frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            tip = find_loop(frame, args.pin_side)
+            _, tip = loop_tips(frame, ppmm, args.pin_side)
             if tip is not None:
                 angle = analyse_frame(predictor, frame, tip, ppmm, settings)
                 entry.update(

@@ -56,6 +56,18 @@ def find_loop(rgb, pin_side: str = "left"):
     return float(x), float(y)
 
 
+def loop_tips(rgb, pixels_per_mm, pin_side: str = "left"):
+    """lucid3's loop tip, and the tip to use: moved out along a faint loop (:func:`extend_tip`).
+
+    Returns
+    -------
+    ((float, float), (float, float)) or (None, None)
+        Pixels; None when lucid3 finds no loop.
+    """
+    found = find_loop(rgb, pin_side)
+    return found, None if found is None else extend_tip(rgb, found, pixels_per_mm, pin_side)
+
+
 def consistent_tips(tips, pixels_per_mm, pin_side: str = "left", tolerance_um: float = 100.0) -> list:
     """The loop tips of views at several omegas, those that stopped short along the spindle moved out.
 

@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi, sample_mask
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -174,15 +174,10 @@ def _in_thread(func, *args):
     return gevent.get_hub().threadpool.apply(func, args)
 
 
-def _lucid_and_extended_tips(frame, pin_side, pixels_per_mm):
-    tip = find_loop(frame, pin_side)
-    return tip, None if tip is None else extend_tip(frame, tip, pixels_per_mm, pin_side)
-
-
 def _loop_tip(bl: Beamline, frame, settings: CentringSettings, timings, log):
     """The loop tip on ``frame``: lucid3's, moved out to the loop's end when lucid3 stopped on the stem."""
     start = time.perf_counter()
-    found, tip = _in_thread(_lucid_and_extended_tips, frame, settings.pin_side, bl.pixels_per_mm())
+    found, tip = _in_thread(loop_tips, frame, bl.pixels_per_mm(), settings.pin_side)
     timings["loop_s"] = timings.get("loop_s", 0.0) + time.perf_counter() - start
     if tip != found:
         log.info("AutoCenter: lucid3's loop tip (%.0f, %.0f) lies on a dark object that reaches (%.0f, %.0f): "
