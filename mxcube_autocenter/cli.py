@@ -330,7 +330,8 @@ def cmd_heatmap(args) -> int:
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = CentringSettings(stride_px=args.stride, min_score=args.min_score, pin_side=args.pin_side)
+    settings = CentringSettings(stride_px=args.stride, heatmap_symmetries=args.symmetries, min_score=args.min_score,
+                                pin_side=args.pin_side)
     ppmm = (args.pixels_per_mm, args.pixels_per_mm)
     status = 0
     for path in args.images:
@@ -615,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
     heatmap.add_argument("--stride", type=POSITIVE, default=6.0, help="grid step, pixels (default: %(default)s)")
     heatmap.add_argument("--min-score", type=FINITE, default=5.0, help="smallest predicted reflection count of a crystal")
+    heatmap.add_argument("--symmetries", default="none", choices=["none", "flips", "dihedral"],
+                         help="average the heatmap over the region's flips (and quarter turns), as the "
+                         "heatmap_symmetries property (default: %(default)s)")
     heatmap.add_argument("--json", action="store_true", help="one JSON object per image")
     heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a directory for several images)")
     heatmap.set_defaults(func=cmd_heatmap)

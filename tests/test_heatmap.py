@@ -247,6 +247,10 @@ def test_heatmap_command_finds_the_crystal_and_no_crystal_in_a_black_or_empty_fr
     motors = {"omega": 0.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
     (expected,), _ = sample_to_screen(sample.crystals[0].centre[None], motors, PPMM, (640, 512))
     assert np.hypot(*np.subtract(crystal["best"], expected)) < 0.05 * PPMM[0]
+    # Averaged over the region's flips and quarter turns, the heatmap still finds it.
+    assert main(["heatmap", paths[0], "--pixels-per-mm", str(PPMM[0]), "--json", "--symmetries", "dihedral"]) == 0
+    turned = json.loads(capsys.readouterr().out)
+    assert turned["crystal_found"] and np.hypot(*np.subtract(turned["best"], expected)) < 0.05 * PPMM[0]
     for name in ("black.png", "empty.png"):
         assert results[name]["loop"] is None and not results[name]["crystal_found"] and results[name]["best"] is None
     assert "truncated.png" in results["truncated.png"]["error"]
