@@ -626,3 +626,11 @@ def test_a_column_added_after_labelling_is_read_until_an_append_outgrows_it(coll
     table = read_table(out)
     assert table.rc.size > n and "rc_expected" not in table.extra
     assert "/rows/rc_expected covers" in caplog.text
+    # Later appends leave the outgrown column as it is, and it can be added again over all rows.
+    third = simulate_collection(tmp_path, "third", 13)
+    before = len(read_dataset(out))
+    summary = label_recordings([third.recording], out, progress=False)
+    n_all = len(read_dataset(out))
+    assert n_all > before, summary
+    add_row_column(out, "rc_expected", np.ones(n_all), "ground truth")
+    assert read_table(out).extra["rc_expected"].shape == (n_all,)

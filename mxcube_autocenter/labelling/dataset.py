@@ -493,7 +493,9 @@ def _find(h5file: h5py.File, fingerprint: str) -> str | None:
 
 def _resize(group: h5py.Group, n: int) -> None:
     for dataset in group.values():
-        if dataset.shape[0] != n:
+        # A column added after labelling (add_row_column) is not resizable and keeps its
+        # length: readers leave it out once appends outgrow it.
+        if dataset.shape[0] != n and dataset.maxshape[0] is None:
             dataset.resize(n, axis=0)
 
 
