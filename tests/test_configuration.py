@@ -60,18 +60,18 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         ho = auto_centring(bl)
         assert bl.sample_view.start_auto_centring.__self__ is ho  # the web UI's button runs the ML centring
         settings = ho.centring_settings()
-        assert (settings.n_angles, settings.verify) == (3, "report")
+        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (3, "report", "none")
     config = _config_with(
         tmp_path,
         "</object>",
         "<centring_enabled>False</centring_enabled><centring_angles>4</centring_angles>"
-        "<verify_centring>off</verify_centring></object>",
+        "<verify_centring>off</verify_centring><heatmap_symmetries>flips</heatmap_symmetries></object>",
     )
     with hardware_repository(config) as bl:
         ho = auto_centring(bl)
         assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
-        assert (settings.n_angles, settings.verify) == (4, "off")
+        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (4, "off", "flips")
 
 
 def test_camera_of_a_torn_down_beamline_stops_streaming():

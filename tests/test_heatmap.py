@@ -15,7 +15,7 @@ from mxcube_autocenter.centring.heatmap import (
     reference_heatmap,
     symmetric_heatmap,
 )
-from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi
+from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.geometry import sample_to_screen
@@ -98,15 +98,19 @@ def test_symmetric_heatmap_is_the_mean_over_the_turned_crops(symmetries):
     assert len(evaluator.twin(1.5 * scale)[2]) == 4  # four shifted inputs per axis
     plain = dense_heatmap(evaluator, region, origin, scale, 1.5)
     turned = symmetric_heatmap(evaluator, region, origin, scale, 1.5, symmetries)
-    # The same grid, less at most the far edge points that have no mirror image.
-    np.testing.assert_array_equal(turned.xs, plain.xs[: len(turned.xs)])
-    np.testing.assert_array_equal(turned.ys, plain.ys[: len(turned.ys)])
-    assert len(plain.xs) - len(turned.xs) < 4 and len(plain.ys) - len(turned.ys) < 4
+    np.testing.assert_array_equal(turned.xs, plain.xs)  # the same grid
+    np.testing.assert_array_equal(turned.ys, plain.ys)
     ref = reference_heatmap(model, region, origin, scale, 32, turned.xs[::7], turned.ys[::7], symmetries=symmetries)
     np.testing.assert_allclose(ref.values, turned.values[::7, ::7], atol=1e-5, rtol=1e-4)
-    assert np.abs(turned.values - plain.values[: len(turned.ys), : len(turned.xs)]).max() > 1e-3
+    assert np.abs(turned.values - plain.values).max() > 1e-3
     with pytest.raises(HeatmapError, match="'dihedral', 'flips', 'none'"):
         symmetric_heatmap(evaluator, region, origin, scale, 1.5, "rotations")
+    # A grid step of 6 px cannot be split evenly into input shifts: no mirror image, refused.
+    uneven = keras.Sequential([keras.Input((30, 30, 3)), keras.layers.Conv2D(4, 3, strides=3),
+                               keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(1)])
+    region, origin, scale = prepare_region(frame_of(), roi, 40.0, 30, standardise)
+    with pytest.raises(HeatmapError, match="not divided evenly"):
+        symmetric_heatmap(DenseEvaluator(uneven), region, origin, scale, 1.5, symmetries)
 
 
 def test_same_padding_is_refused():
@@ -180,6 +184,13 @@ def test_a_faint_loop_past_where_lucid_stops_is_followed_to_its_tip(pin_side):
     tip = extend_tip(frame, lucid, PPMM, pin_side)
     assert 0 < (loop_tip_x - tip[0] if pin_side == "left" else tip[0] - loop_tip_x) < 40  # just inside the rim
     assert abs(tip[1] - outline[np.argmin(np.abs(outline[:, 0] - loop_tip_x)), 1]) < 60
+    # The tip lies on the loop, so the sample mask, grown from the tip, finds the loop there.
+    roi = loop_roi(tip, frame.shape, PPMM, pin_side=pin_side)
+    assert not sample_mask(frame, roi, tip, PPMM, pin_side).all()
+    # An object that runs on out of the image has no known end: lucid3's tip stays.
+    cut = frame[:, : int(loop_tip_x) - 60] if pin_side == "left" else frame[:, int(loop_tip_x) + 60 :]
+    lucid_cut = (lucid[0], lucid[1]) if pin_side == "left" else (lucid[0] - (int(loop_tip_x) + 60), lucid[1])
+    assert extend_tip(np.ascontiguousarray(cut), lucid_cut, PPMM, pin_side) == lucid_cut
     # Where lucid3 found the tip, it stays.
     well_lit = frame_of(pin_side=pin_side)
     found = find_loop(well_lit, pin_side)
@@ -191,8 +202,6 @@ def test_no_loop_in_an_empty_field():
 
 
 def test_sample_mask_covers_the_loop_and_not_the_empty_field():
-    from mxcube_autocenter.centring.loop import sample_mask
-
     sample = make_sample(3, n_crystals=1)
     frame = frame_of()
     tip = find_loop(frame)

@@ -287,7 +287,7 @@ def _check_region(region, size):
     return h, w
 
 
-def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px, symmetries="dihedral") -> Heatmap:
+def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px, symmetries="none") -> Heatmap:
     """The mean of the dense heatmaps of the region turned and mirrored, each turned back.
 
     A model trained on every flip and rotation of its crops
@@ -308,23 +308,32 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
     Returns
     -------
     Heatmap
-        On the grid of :func:`dense_heatmap`, less the grid points at the far
-        edges that have no mirror image on the grid (none for a model whose
-        grid is subdivided in one pass, such as 'fcn').
+        On the grid of :func:`dense_heatmap`.
+
+    Raises
+    ------
+    HeatmapError
+        Unknown ``symmetries``, or a model whose input shifts are not evenly
+        spaced (its grid has no mirror image).
     """
     from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np, inverse_element
 
     if symmetries not in GROUP_ELEMENTS:
         raise HeatmapError(f"heatmap symmetries must be one of {sorted(GROUP_ELEMENTS)}, not {symmetries!r}")
+    if len(GROUP_ELEMENTS[symmetries]) == 1:
+        return dense_heatmap(evaluator, region, origin, scale, stride_px)
     size = evaluator.input_size
     h, w = _check_region(region, size)
     _, step, shifts = evaluator.twin(stride_px * scale)
+    if step % len(shifts):
+        raise HeatmapError(f"{evaluator.model.name}: its grid step of {step} px is not divided evenly by "
+                           f"{len(shifts)} input shifts, so the grid has no mirror image: use heatmap symmetries 'none'")
     fine = step // len(shifts)
 
     def symmetric_length(length):
-        # A grid that starts at 0 and ends exactly one crop from the far edge
-        # maps onto itself when mirrored; with input shifts its point count must
-        # also be a multiple of the shifts.
+        # The grid dense_heatmap keeps (its point count a multiple of the shifts)
+        # maps onto itself when mirrored once it ends exactly one crop from the
+        # far edge: trim the region there, which drops no grid point.
         points = (length - size) // fine + 1
         points -= points % len(shifts)
         return size + (points - 1) * fine
@@ -334,11 +343,7 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
     total = first.values.astype(np.float64)
     for k in GROUP_ELEMENTS[symmetries][1:]:
         turned = dense_heatmap(evaluator, dihedral_np(region, k), origin, scale, stride_px).values
-        values = dihedral_np(turned, inverse_element(k))
-        if values.shape != total.shape:
-            raise HeatmapError(f"{evaluator.model.name}: its grid does not map onto itself when turned; "
-                               "use heatmap symmetries 'none'")
-        total += values
+        total += dihedral_np(turned, inverse_element(k))
     return Heatmap(values=(total / len(GROUP_ELEMENTS[symmetries])).astype(np.float32), xs=first.xs, ys=first.ys)
 
 

@@ -242,15 +242,17 @@ def extend_tip(frame, tip, pixels_per_mm, pin_side="left", *, reach_um=800.0, he
     tolerance_um : float
         An object ending less than this past lucid3's tip leaves the tip as found, um.
     inset_um : float
-        The tip is put this far inside the object's end, as lucid3 puts it
-        inside the rim: the dark object ends beyond the fibre, by its
+        The tip is put about this far inside the object's end, as lucid3 puts
+        it inside the rim: the dark object ends beyond the fibre, by its
         half-width and blur, um.
 
     Returns
     -------
     (float, float)
-        The tip, pixels: just inside the object's far end (at the middle of
-        its last columns), or ``tip`` itself.
+        The tip, pixels: the object's pixel nearest ``inset_um`` inside its
+        far end (level with the middle of its last columns), or ``tip``
+        itself, also when the object runs on out of the searched window or
+        the image.
     """
     px, py = pixels_per_mm[0] / 1000.0, pixels_per_mm[1] / 1000.0
     h, w = frame.shape[:2]
@@ -265,12 +267,18 @@ def extend_tip(frame, tip, pixels_per_mm, pin_side="left", *, reach_um=800.0, he
     component = found[0]
     cols = np.nonzero(component.any(axis=0))[0]
     end = cols.max() if pin_side == "left" else cols.min()
-    x = roi.x0 + (end + 0.5) * scale
-    if (x - tip[0] if pin_side == "left" else tip[0] - x) <= tolerance_um * px:
+    if end == (component.shape[1] - 1 if pin_side == "left" else 0):
+        return tip  # runs on out of the window or the image: where it ends is unknown
+    x_end = roi.x0 + (end + 0.5) * scale
+    if (x_end - tip[0] if pin_side == "left" else tip[0] - x_end) <= tolerance_um * px:
         return tip
-    last = component[:, max(end - 2, 0) : end + 3]
-    x += -inset_um * px if pin_side == "left" else inset_um * px
-    return float(x), float(roi.y0 + (np.nonzero(last)[0].mean() + 0.5) * scale)
+    # Inset from the end, then onto the nearest pixel of the object itself, so that the
+    # sample mask (which starts from the tip) finds the loop there.
+    row = np.nonzero(component[:, max(end - 2, 0) : end + 3])[0].mean()
+    col = end - inset_um * px / scale if pin_side == "left" else end + inset_um * px / scale
+    ys, xs = np.nonzero(component)
+    nearest = int(np.argmin((xs - col) ** 2 + (ys - row) ** 2))
+    return float(roi.x0 + (xs[nearest] + 0.5) * scale), float(roi.y0 + (ys[nearest] + 0.5) * scale)
 
 
 def _backlight(grey) -> np.ndarray:

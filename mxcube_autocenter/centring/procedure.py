@@ -216,7 +216,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     ----------
     bl : Beamline
     predictor : Predictor
-        ``predict(frame, roi, pixels_per_mm, stride_px) -> Heatmap`` of
+        ``predict(frame, roi, pixels_per_mm, stride_px, symmetries) -> Heatmap`` of
         reflection counts and ``crystal_probability(frame, point, roi,
         pixels_per_mm) -> float or None``.
     settings : CentringSettings
