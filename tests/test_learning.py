@@ -569,10 +569,20 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert info["task"] == "classifier" and info["threshold"] == 5.0
     assert info["architecture"]["name"] == "classifier"
     assert model.output_shape == (None, 1)
-    report = evaluate(result.model_path, dataset_path, str(tmp_path / "clf_report"))
+    report = evaluate(result.model_path, dataset_path, str(tmp_path / "clf_report"), collections=1)
     assert sum(map(sum, report["confusion"])) == report["n"]
     assert report["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
     assert os.path.exists(tmp_path / "clf_report" / "confusion.png")
+    # Every test collection once, the errors shared out over them, the report listing the worst.
+    by_scan = report["collections"]
+    assert sum(c["crops"] for c in by_scan) == report["n"] and len({c["scan_id"] for c in by_scan}) == len(by_scan)
+    wrong = report["confusion"][0][1] + report["confusion"][1][0]
+    assert sum(c["crops"] * (1 - c["accuracy"]) for c in by_scan) == pytest.approx(wrong)
+    if wrong:
+        assert sum(c["share_of_error"] for c in by_scan) == pytest.approx(1.0)
+    text = (tmp_path / "clf_report" / "report.md").read_text()
+    assert f"## error by collection (the 1 of {len(by_scan)} with the largest share)" in text
+    assert f"| {by_scan[0]['scan_id']} |" in text
 
     out = tmp_path / "report"
     metrics = evaluate(trained.model_path, dataset_path, str(out))
@@ -583,6 +593,10 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
         assert (out / name).stat().st_size > 0, name
     text = (out / "report.md").read_text()
     assert "Spearman" in text and "![scatter](scatter.png)" in text
+    by_scan = metrics["collections"]
+    assert sum(c["crops"] * c["mse"] for c in by_scan) / metrics["n"] == pytest.approx(metrics["mse"], rel=1e-4)
+    assert [c["share_of_error"] for c in by_scan] == sorted((c["share_of_error"] for c in by_scan), reverse=True)
+    assert "| median real count | median predicted count | spearman | mse | share of error |" in text
     with pytest.raises(ValueError, match="subset"):
         evaluate(trained.model_path, dataset_path, str(out), subset="holdout")
 
@@ -591,6 +605,18 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert set(table["a1"]) == {"vanilla", "tanh"}
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| architecture | vanilla | tanh |" in text and "| a1 |" in text
+
+
+def test_collection_shares_rank_the_collections_by_their_part_of_the_loss():
+    from mxcube_autocenter.learning.evaluate import collection_shares
+
+    scans = np.array(["a", "b", "a", "c", "b", "a"])
+    groups = collection_shares(scans, [0.0, 1.0, 0.0, 0.0, 2.0, 1.0])
+    assert [g[0] for g in groups] == ["b", "a", "c"]
+    assert [list(g[1]) for g in groups] == [[1, 4], [0, 2, 5], [3]]
+    assert [g[2] for g in groups] == pytest.approx([0.75, 0.25, 0.0])
+    # No loss at all: every share 0, in the order the collections first appear.
+    assert [(g[0], g[2]) for g in collection_shares(scans, np.zeros(6))] == [("a", 0.0), ("b", 0.0), ("c", 0.0)]
 
 
 def test_fcn_classifier_starts_from_an_fcn_regressor(trained, dataset_path, tmp_path):

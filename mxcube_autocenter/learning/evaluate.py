@@ -7,7 +7,10 @@ the counts, Spearman and Pearson correlations of predicted and real counts
 plot of real against predicted counts with the x = y line, and galleries of
 the highest- and lowest-predicted crops and of the worst errors, with the
 beam marked. For the classifier: accuracy, balanced accuracy, the confusion
-matrix and galleries of the misclassified crops.
+matrix and galleries of the misclassified crops. For both, a table of the
+collections (scan ids) that make most of the error: figures over a whole
+subset hide that one collection, a rotation centred on a crystal's edge or a
+loop seen edge-on, can make most of it, and site data come by collection.
 
 :func:`sweep` trains every architecture with every label transform on one
 split and writes the thesis' Table 2.3 layout (test MSE per architecture
@@ -119,11 +122,59 @@ def _confusion(path, confusion, threshold):
     return os.path.basename(path)
 
 
+def collection_shares(scan_ids, loss) -> list[tuple[str, np.ndarray, float]]:
+    """Each collection's rows and share of the total loss, largest share first.
+
+    Parameters
+    ----------
+    scan_ids : (N,) array of str
+        The collection (scan id) of each evaluated row.
+    loss : (N,) array of float
+        Each row's loss: 1 for a misclassified crop, the squared error of a
+        regressor's transformed target.
+
+    Returns
+    -------
+    list of (scan_id, indices into the N rows, share)
+        ``share`` is the collection's part of the summed loss (0 for every
+        collection when there is no loss); ties keep the order of first
+        appearance.
+    """
+    scan_ids = np.asarray(scan_ids)
+    loss = np.asarray(loss, dtype=np.float64)
+    total = float(loss.sum())
+    _, first = np.unique(scan_ids, return_index=True)
+    groups = []
+    for scan in scan_ids[np.sort(first)]:
+        members = np.flatnonzero(scan_ids == scan)
+        groups.append((str(scan), members, float(loss[members].sum()) / total if total > 0 else 0.0))
+    return sorted(groups, key=lambda group: -group[2])
+
+
+def _collection_table(table, rows, groups, columns, limit):
+    """Markdown lines and JSON records of the collections: ``columns`` maps a key to ``(f(indices), digits)``."""
+    records = []
+    for scan, members, share in groups:
+        first = rows[members[0]]
+        record = {"scan_id": scan, "scan_type": str(table.scan_type[first]), "crystal_id": str(table.crystal_id[first]),
+                  "crops": int(len(members)), "share_of_error": share}
+        record.update({name: f(members) for name, (f, _) in columns.items()})
+        records.append(record)
+    digits = {"share_of_error": 3, **{name: d for name, (_, d) in columns.items()}}
+    keys = ["scan_id", "scan_type", "crystal_id", "crops", *columns, "share_of_error"]
+    lines = [f"## error by collection (the {min(limit, len(records))} of {len(records)} with the largest share)", "",
+             "| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
+    for record in records[:limit]:
+        lines.append("| " + " | ".join(_fmt(record[k], digits.get(k, 3)) for k in keys) + " |")
+    return lines + [""], records
+
+
 def _fmt(v, digits=3):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery: int = 12, batch_size: int = 64) -> dict:
+def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery: int = 12, batch_size: int = 64,
+             collections: int = 10) -> dict:
     """Evaluate a model file on a dataset and write ``report.md``, figures and ``metrics.json``.
 
     Parameters
@@ -137,6 +188,9 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         separate test dataset).
     gallery : int
         Crops per gallery.
+    collections : int
+        Collections listed in the report's error table (``metrics.json``
+        lists all).
 
     Returns
     -------
@@ -186,6 +240,12 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         order = np.argsort(pred)
         k = min(gallery, len(rows))
         error = np.abs(raw - transform.forward(learnt))
+        by_collection = _collection_table(table, rows, collection_shares(table.scan_id[rows], error ** 2), {
+            "median_real_count": (lambda m: float(np.median(rc[m])), 1),
+            "median_predicted_count": (lambda m: float(np.median(pred[m])), 1),
+            "spearman": (lambda m: regression_metrics(rc[m], pred[m])["spearman"], 3),
+            "mse": (lambda m: float(np.mean(error[m] ** 2)), 4),
+        }, collections)
         worst = np.argsort(error)[::-1][:k]
         for name, sel, title in (
             ("highest", order[::-1][:k], "highest predicted counts"),
@@ -211,11 +271,18 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
                   f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
         figures["confusion"] = _confusion(os.path.join(out_dir, "confusion.png"), metrics["confusion"], threshold)
-        wrong = np.flatnonzero(truth != (raw >= 0.5))
+        mistaken = truth != (raw >= 0.5)
+        by_collection = _collection_table(table, rows, collection_shares(table.scan_id[rows], mistaken), {
+            "crystal_share": (lambda m: float(np.mean(truth[m])), 3),
+            "accuracy": (lambda m: float(np.mean(~mistaken[m])), 3),
+        }, collections)
+        wrong = np.flatnonzero(mistaken)
         wrong = wrong[np.argsort(np.abs(raw[wrong] - truth[wrong]))[::-1]][:gallery]
         captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" for j in wrong]
         figures["misclassified"] = _gallery(os.path.join(out_dir, "gallery_misclassified.png"), table, rows[wrong], spec,
                                             captions, "misclassified (real count / crystal probability)")
+    lines += by_collection[0]
+    metrics["collections"] = by_collection[1]
     for name, fig in figures.items():
         if fig:
             lines += [f"## {name}", "", f"![{name}]({fig})", ""]
