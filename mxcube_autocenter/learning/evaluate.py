@@ -240,7 +240,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         order = np.argsort(pred)
         k = min(gallery, len(rows))
         error = np.abs(raw - transform.forward(learnt))
-        by_collection = _collection_table(table, rows, collection_shares(table.scan_id[rows], error ** 2), {
+        collection_lines, collection_records = _collection_table(table, rows, collection_shares(
+            table.scan_id[rows], error ** 2), {
             "median_real_count": (lambda m: float(np.median(rc[m])), 1),
             "median_predicted_count": (lambda m: float(np.median(pred[m])), 1),
             "spearman": (lambda m: regression_metrics(rc[m], pred[m])["spearman"], 3),
@@ -272,7 +273,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
                   f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
         figures["confusion"] = _confusion(os.path.join(out_dir, "confusion.png"), metrics["confusion"], threshold)
         mistaken = truth != (raw >= 0.5)
-        by_collection = _collection_table(table, rows, collection_shares(table.scan_id[rows], mistaken), {
+        collection_lines, collection_records = _collection_table(table, rows, collection_shares(
+            table.scan_id[rows], mistaken), {
             "crystal_share": (lambda m: float(np.mean(truth[m])), 3),
             "accuracy": (lambda m: float(np.mean(~mistaken[m])), 3),
         }, collections)
@@ -281,8 +283,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" for j in wrong]
         figures["misclassified"] = _gallery(os.path.join(out_dir, "gallery_misclassified.png"), table, rows[wrong], spec,
                                             captions, "misclassified (real count / crystal probability)")
-    lines += by_collection[0]
-    metrics["collections"] = by_collection[1]
+    lines += collection_lines
+    metrics["collections"] = collection_records
     for name, fig in figures.items():
         if fig:
             lines += [f"## {name}", "", f"![{name}]({fig})", ""]
