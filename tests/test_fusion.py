@@ -13,9 +13,9 @@ XS = np.arange(300.0, 1000.0, 6.0)
 YS = np.arange(150.0, 900.0, 6.0)
 
 
-def blob_view(omega, centres, sigma_px=12.0, heights=None):
+def blob_view(omega, centres, sigma_px=12.0, heights=None, motors=MOTORS):
     """A heatmap with Gaussian peaks at the projections of ``centres`` (sample points) at ``omega``."""
-    motors = dict(MOTORS, omega=omega)
+    motors = dict(motors, omega=omega)
     gx, gy = np.meshgrid(XS, YS)
     values = np.zeros_like(gx)
     for centre, height in zip(centres, heights or [100.0] * len(centres)):
@@ -39,6 +39,17 @@ def test_fused_point_recovers_a_crystal_seen_in_every_view():
     # The peak height after the light smoothing (one 6 px cell) of a 12 px wide peak.
     assert fused.score == pytest.approx(100.0 * 12.0**2 / (12.0**2 + 6.0**2), rel=0.05)
     assert len(fused.scores) == 3
+
+
+def test_views_taken_before_and_after_a_move_fuse_into_one_point():
+    crystal = np.array([0.12, 0.05, -0.08])
+    moved = {"phiy": 0.08, "phiz": 0.0, "sampx": 0.01, "sampy": -0.02}
+    after = [blob_view(w, [crystal], motors=moved) for w in (75.0, 165.0, 255.0)]
+    before = [blob_view(w, [crystal]) for w in (30.0, 120.0, 210.0)]
+    for views in (after + before, before + after):
+        fused = fuse_views(views, PPMM, BEAM)
+        assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+        assert min(fused.scores) > 0.9 * fused.score
 
 
 def test_fusion_ignores_a_peak_seen_in_one_view_only():

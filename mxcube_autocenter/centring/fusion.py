@@ -99,8 +99,9 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
 
     Searches a grid of sample points: along the spindle the columns of the
     first view's heatmap, across it a square grid in ``(u, v)`` covering
-    every view's rows, both at the heatmap stride. All views must share the
-    translation motors (only omega differs), as they do while centring.
+    every view's rows, both at the heatmap stride. The views may have been
+    taken at different translation motor positions (before and after a
+    move); the grid follows the first view's.
     With ``floor``, only points predicted at least ``floor`` in every view
     compete (the beam must meet the crystal at every angle), unless there
     are none.
@@ -141,7 +142,9 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     xs = np.asarray(views[0].xs, dtype=np.float64)
     # Offsets along each view's vertical from the spindle, mm: every row of every view is covered.
     reach = max(
-        np.abs((np.asarray(v.ys, dtype=np.float64) - beam_position[1]) / ppy + motors["phiz"]).max() for v in views
+        np.abs((np.asarray(v.ys, dtype=np.float64) - beam_position[1]) / ppy + v.motors["phiz"]).max()
+        + np.hypot(v.motors["sampx"] - motors["sampx"], v.motors["sampy"] - motors["sampy"])
+        for v in views
     )
     offsets = np.arange(-reach, reach + step / ppy, step / ppy)
     du, dv = np.meshgrid(offsets, offsets, indexing="ij")
@@ -152,9 +155,12 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         values = _prepared(view, sigma_cells)
         vx = np.asarray(view.xs, dtype=np.float64)
         vy = np.asarray(view.ys, dtype=np.float64)
-        columns = _interp_1d(values, (xs - vx[0]) / (vx[1] - vx[0]) if len(vx) > 1 else np.zeros_like(xs), axis=1)
-        omega = np.radians(view.motors["omega"])
-        y = beam_position[1] + ppy * (du * np.sin(omega) + dv * np.cos(omega) - view.motors["phiz"])
+        m = view.motors
+        x = xs + ppx * (motors["phiy"] - m["phiy"])
+        columns = _interp_1d(values, (x - vx[0]) / (vx[1] - vx[0]) if len(vx) > 1 else np.zeros_like(x), axis=1)
+        omega = np.radians(m["omega"])
+        u, v = du + (motors["sampx"] - m["sampx"]), dv + (motors["sampy"] - m["sampy"])
+        y = beam_position[1] + ppy * (u * np.sin(omega) + v * np.cos(omega) - m["phiz"])
         rows = (y - vy[0]) / (vy[1] - vy[0]) if len(vy) > 1 else np.zeros_like(y)
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         per_view.append(score)
