@@ -240,7 +240,6 @@ class AutoCenter(HardwareObject):
             pin_side=cfg.pin_side,
             max_displacement_mm=cfg.max_displacement_mm,
             move_timeout_s=cfg.move_timeout_s,
-            refine_passes=cfg.refine_passes,
             verify=cfg.verify_centring,
         )
 

@@ -78,11 +78,6 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
     )
     centring_angles: int = Field(default=3, ge=2, le=12, description="Omega angles over 180 degrees used for the fit.")
-    refine_passes: int = Field(
-        default=1, ge=0, le=3,
-        description="Passes of views taken again from the centred position (crystal in focus at every angle), each "
-        "fused and fitted as the first; 0: centre from the first views alone.",
-    )
     verify_centring: Literal["off", "report", "require"] = Field(
         default="report",
         description="After the move, score the beam in one more view (half a step past the first): 'report' logs "

@@ -401,14 +401,14 @@ def _run_sample_view_centring(bl, watcher: _Watcher, start_call, timeout: float 
     return accepted, elapsed, ""
 
 
-def _thumbnail(angle, mounted, ppmm, beam, label, width=400):
+def _thumbnail(angle, motors, mounted, ppmm, beam, label, width=400):
     """The ML overlay of one angle with the ground truth drawn on: crystal outlines and the best point (yellow)."""
     import cv2
 
     from mxcube_autocenter.centring import report
 
     image = report.overlay(angle, beam)
-    view = angle.motors
+    view = {**motors, "omega": float(angle.omega)}
     for hull in mounted.diffraction.crystal_outlines(view, ppmm, beam):
         cv2.polylines(image, [np.round(hull).astype(np.int32)], True, (255, 230, 0), 2, cv2.LINE_AA)
     point, _ = mounted.best_point()
@@ -458,9 +458,9 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, r
                 result = ho.last_result
                 if result is not None:
                     message = message or result.message
-                    if result.passes:
+                    if result.angles:
                         label = f"{name} ({spec['variant']}): {'centred' if accepted else 'refused'}"
-                        thumbs.append(_thumbnail(result.passes[0][0], mounted, ppmm, beam, label))
+                        thumbs.append(_thumbnail(result.angles[0], start, mounted, ppmm, beam, label))
                 refused = not accepted and not scorecard.moved(start, final)
             elif method == "lucid":
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, lambda: type(sv).start_auto_centring(sv))

@@ -1,6 +1,5 @@
 """Optical ML centring on the virtual beamline, through SampleView as the web UI runs it."""
 
-import dataclasses
 import logging
 
 import gevent
@@ -74,12 +73,6 @@ def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline,
     assert result.success and result.method == "ml" and len(result.angles) == 3
     omegas = [a.omega for a in result.angles]
     assert np.allclose(np.diff(omegas), 90.0, atol=0.1)
-    # refine_passes = 1: the views again from where the first pass centred, at the same angles.
-    first, second = result.passes
-    assert second is result.angles and len(first) == 3
-    assert np.allclose((np.array(omegas) - [a.omega for a in first]) % 360, 0.0, atol=0.1)
-    start, moved = first[0].motors, second[0].motors
-    assert scorecard.moved(start, moved) and not any(scorecard.moved(moved, a.motors) for a in second)
     # The check after the move: a view at omega + 45 (a direction the fit did not see), scored at the beam.
     check = result.verification
     assert (check.omega - omegas[0]) % 360 == pytest.approx(45.0, abs=0.1)
@@ -217,11 +210,8 @@ def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
     gevent.sleep(0.3)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["success"] and len(record["angles"]) == 3 and record["verification"]["score"] is not None
-    # Centred from the refining pass: its views are the record's angles, the first pass's are kept beside them.
-    assert [len(views) for views in record["passes"]] == [3, 3] and record["passes"][1] == record["angles"]
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 7 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
-    assert len(list(tmp_path.glob("*_pass1_omega*.png"))) == 3
+    assert len(pngs) == 4 and cv2.imread(str(pngs[0])).shape == (1024, 1280, 3)
     assert len(list(tmp_path.glob("*_verification_omega*.png"))) == 1
 
 
@@ -430,26 +420,6 @@ def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_aut
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     assert "no crystal found" in shipped_autocenter.last_result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-4)
-
-
-def test_a_refining_pass_that_sees_no_crystal_leaves_the_sample_where_it_is(beamline, shipped_autocenter, caplog):
-    changer = beamline.sample_changer
-    changer.mount(make_sample(changer.seed_at(5, 8)))  # an empty loop
-    beamline.diffractometer.set_value_motors({name: 0.0 for name in CENTRING_MOTORS}, timeout=30)
-    bl, predictor = procedure.Beamline(beamline), shipped_autocenter.predictor
-    settings = shipped_autocenter.centring_settings()
-    # A first pass told to take anything (min_score off) centres some point of the empty loop ...
-    first = dataclasses.replace(settings, min_score=-1e9, refine_passes=0, verify="off")
-    result = procedure.centre(bl, predictor, first, logging.getLogger("HWR"))
-    assert result.success and len(result.passes) == 1
-    centred = positions(beamline)
-    # ... where a refining pass with the default threshold sees no crystal: it moves nothing.
-    with caplog.at_level(logging.WARNING):
-        moved = procedure._refine(bl, predictor, settings, result, result.start_positions, 90.0,
-                                  logging.getLogger("HWR"), 2)  # fmt: skip
-    assert not moved and "pass 2 sees no crystal" in caplog.text and "staying where pass 1 centred" in caplog.text
-    assert len(result.passes) == 2 and result.angles is result.passes[0]
-    assert not scorecard.moved(centred, positions(beamline))
 
 
 def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shipped_autocenter):

@@ -74,11 +74,6 @@ class CentringResult:
     start_positions, centred_positions : dict
         Centring motor positions before and after (None when nothing moved).
     angles : list of AngleResult
-        The views of the pass the sample was centred from.
-    passes : list of list of AngleResult
-        The views of every pass, in order: the first, then each refining
-        pass (``refine_passes``); a refining pass that sees no crystal is
-        the last, and the sample stays where the pass before centred it.
     timings : dict
         Seconds spent in loop finding, inference, fusing and moves.
     elapsed_s : float
@@ -97,7 +92,6 @@ class CentringResult:
     start_positions: dict
     centred_positions: dict | None = None
     angles: list = field(default_factory=list)
-    passes: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     point: tuple | None = None
@@ -125,8 +119,6 @@ class CentringSettings:
     # The middle of the fused score's plateau, not its maximum (fuse_views): on the demo's held-out
     # crystals 0.8 of the peak did as well as 0.7 and better than 0.9 (docs/centring.md, step 4).
     plateau: float = 0.8
-    # Once centred the crystal is in focus at every angle: one more pass of views from there (docs/centring.md, step 6).
-    refine_passes: int = 1
 
 
 class Beamline:
@@ -215,12 +207,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     The views are taken first (omega turning by ``180 / (n_angles - 1)``
     degrees between them), their heatmaps fused into one sample point
     (:func:`.fusion.fuse_views`), and that point's projections clicked into
-    mxcubecore's sine fit as it turns on through the same steps. From
-    there, ``settings.refine_passes`` times, the views are taken, fused and
-    fitted again (:func:`_refine`). Unless ``settings.verify`` is ``"off"``,
-    a last view half a step past the first one (a direction none of the
-    others saw) is scored at the beam (:func:`verify`): ``"report"`` logs a
-    miss, ``"require"`` fails on it.
+    mxcubecore's sine fit as it turns on through the same steps. Unless
+    ``settings.verify`` is ``"off"``, a last view half a step past the first
+    one (a direction none of the others saw) is scored at the beam
+    (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it.
 
     Parameters
     ----------
@@ -247,20 +237,25 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     try:
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
         ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
-        result.angles = _views(bl, predictor, settings, frame, tip, step_deg, timings, log)
-        result.passes.append(result.angles)
-        point = _fused_point(predictor, result.angles, ppmm, beam, settings, timings)
+        for i in range(settings.n_angles):
+            if i > 0:
+                bl.rotate(step_deg, settings.move_timeout_s)
+                frame = bl.snapshot()
+                tip = _loop_tip(bl, frame, settings, timings, log) or tip
+            angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
+            result.angles.append(angle)
+            log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
+        _align_tips(predictor, settings, result.angles, ppmm, timings, log)
+        t = time.perf_counter()
+        point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
+        timings["fusion_s"] = time.perf_counter() - t
         if point is None:
             if settings.fallback != "loop":
                 raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty")
             point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
         _centre_on(bl, result, point, settings, start, ppmm, beam)
-        for n in range(settings.refine_passes if result.method == "none" else 0):
-            if not _refine(bl, predictor, settings, result, start, step_deg, log, n + 2):
-                break
         if settings.verify != "off" and result.method == "none":
-            check = result.verification = verify(bl, predictor, settings, step_deg / 2, result.angles[-1].loop, timings,
-                                                 log)  # fmt: skip
+            check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip, timings, log)
             result.verified = is_crystal(check, settings)
             if not result.verified:
                 _unverified(bl, result, settings, start, ppmm, beam, log)
@@ -282,55 +277,6 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         return result
     finally:
         result.elapsed_s = time.perf_counter() - t0
-
-
-def _refine(bl: Beamline, predictor, settings: CentringSettings, result: CentringResult, start: dict,
-            step_deg: float, log, number: int) -> bool:  # fmt: skip
-    """Pass ``number``: the views again from the centred position, fused, and the move; False when they see no crystal.
-
-    Centred, the crystal is near the rotation axis: in focus at every angle
-    and near the middle of every view. A pass that sees no crystal leaves
-    the sample where the pass before centred it.
-    """
-    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
-    log.info("AutoCenter: pass %d: the views again, centred", number)
-    frame = bl.snapshot()
-    tip = _loop_tip(bl, frame, settings, result.timings, log) or result.angles[-1].loop
-    angles = _views(bl, predictor, settings, frame, tip, step_deg, result.timings, log)
-    result.passes.append(angles)
-    point = _fused_point(predictor, angles, ppmm, beam, settings, result.timings)
-    if point is None:
-        log.warning("AutoCenter: pass %d sees no crystal (%s): staying where pass %d centred", number,
-                    _why_not(angles, settings), number - 1)  # fmt: skip
-        return False
-    log.info("AutoCenter: pass %d moves the point by %.1f um", number, 1000.0 * np.linalg.norm(point - result.point))
-    result.angles = angles
-    _centre_on(bl, result, point, settings, start, ppmm, beam)
-    return True
-
-
-def _views(bl: Beamline, predictor, settings: CentringSettings, frame, tip, step_deg: float, timings: dict,
-           log) -> list:  # fmt: skip
-    """Score ``frame`` and the views as omega turns on by ``step_deg``: ``settings.n_angles`` in all."""
-    ppmm = bl.pixels_per_mm()
-    angles = []
-    for i in range(settings.n_angles):
-        if i > 0:
-            bl.rotate(step_deg, settings.move_timeout_s)
-            frame = bl.snapshot()
-            tip = _loop_tip(bl, frame, settings, timings, log) or tip
-        angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
-        angles.append(angle)
-        log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
-    _align_tips(predictor, settings, angles, ppmm, timings, log)
-    return angles
-
-
-def _fused_point(predictor, angles, pixels_per_mm, beam_position, settings: CentringSettings, timings: dict):
-    t = time.perf_counter()
-    point = _in_thread(_choose_point, predictor, angles, pixels_per_mm, beam_position, settings)
-    timings["fusion_s"] = timings.get("fusion_s", 0.0) + time.perf_counter() - t
-    return point
 
 
 def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: CentringSettings):

@@ -82,10 +82,8 @@ def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
 
 def record(result: CentringResult) -> dict:
     """The JSON-able record of a centring (no images)."""
-    skip = ("angles", "passes", "verification")
-    out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in skip}
+    out = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("angles", "verification")}
     out["angles"] = [_angle_record(angle) for angle in result.angles]
-    out["passes"] = [[_angle_record(angle) for angle in views] for views in result.passes]
     out["verification"] = None if result.verification is None else _angle_record(result.verification)
     return json.loads(json.dumps(out, default=float))
 
@@ -97,17 +95,12 @@ def _angle_record(angle) -> dict:
 
 
 def save(result: CentringResult, directory, beam_position) -> Path:
-    """Write ``centring_<time>_omega<angle>.png`` overlays of the views centred from
-    (``centring_<time>_pass<n>_omega<angle>.png`` for the other passes' views,
-    ``centring_<time>_verification_omega<angle>.png`` for the verification view) and
-    ``centring_<time>.json``; returns the JSON path."""
+    """Write ``centring_<time>_omega<angle>.png`` overlays (``centring_<time>_verification_omega<angle>.png`` for
+    the verification view) and ``centring_<time>.json``; returns the JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{int(time.time() * 1000) % 1000:03d}"
     views = [(angle, "") for angle in result.angles]
-    for n, others in enumerate(result.passes, 1):
-        if others is not result.angles:
-            views += [(angle, f"_pass{n}") for angle in others]
     if result.verification is not None:
         views.append((result.verification, "_verification"))
     for angle, kind in views:
