@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -22,7 +23,6 @@ def cmd_demo(args) -> int:
     """The main job on the virtual beamline: record, label, train, centre held-out samples, score."""
     _patch_gevent()
     import contextlib
-    import json
 
     from mxcube_autocenter.demo import DemoError, format_scorecard, run_demo
 
@@ -75,8 +75,6 @@ def cmd_web(args) -> int:
 def cmd_bench(args) -> int:
     """Run the benchmarks and print their figures."""
     _patch_gevent()
-    import json
-
     from mxcube_autocenter.bench import run_all
 
     if args.json:
@@ -273,6 +271,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _demo_samples(run) -> list:
+    """The per-sample rows of a demo report (its directory or its samples.json)."""
+    path = Path(run)
+    path = path / "samples.json" if path.is_dir() else path
+    try:
+        rows = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: give a demo report directory (mxcube-autocenter demo --out DIR)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a demo's samples.json ({err}): run the demo again") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "sample" in r for r in rows):
+        raise ValueError(f"{path} is not a demo's samples.json (no list of samples): run the demo again")
+    return rows
+
+
+@_input_errors_exit_2
+def cmd_compare(args) -> int:
+    """Compare one method's outcomes in two demo runs, sample by sample."""
+    from mxcube_autocenter.scorecard import compare_runs, format_comparison
+
+    if len(args.runs) % 2:
+        raise ValueError(f"{len(args.runs)} runs given: give pairs, RUN_A RUN_B [RUN_A RUN_B ...]")
+    rows = [_demo_samples(run) for run in args.runs]
+    comparison = compare_runs(list(zip(rows[0::2], rows[1::2])), method=args.method)
+    print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
+    return 0
+
+
 def _number(kind, low=None, high=None, low_inclusive=True):
     """An argparse type: a finite number of ``kind`` within bounds, or a usage error saying what is allowed."""
     wanted = "a whole number" if kind is int else "a finite number"
@@ -314,7 +340,6 @@ def _beam_position(text: str) -> tuple[float, float]:
 
 def cmd_heatmap(args) -> int:
     """Loop, heatmap and best point of camera images (steps 1-4 of the centring)."""
-    import json
     import time
 
     import cv2
@@ -622,6 +647,22 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--json", action="store_true", help="one JSON object per image")
     heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a directory for several images)")
     heatmap.set_defaults(func=cmd_heatmap)
+
+    from mxcube_autocenter.scorecard import METHODS  # light: numpy and the geometry
+
+    compare = sub.add_parser(
+        "compare", help="one centring method's outcomes in two demo runs, sample by sample",
+        description="Pair the held-out samples of two demo runs (the same --seed and --n-heldout, e.g. with "
+        "two models or two AutoCenter configurations) and print each sample's outcome in both, the hits gained "
+        "and lost and the mean change of the RC fraction per crystal with its standard error. Several pairs "
+        "(runs of other seeds) are pooled.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN",
+                         help="demo report directories (or their samples.json) in pairs: RUN_A RUN_B [RUN_A RUN_B "
+                         "...], A the reference")  # fmt: skip
+    compare.add_argument("--method", default="ml", choices=list(METHODS), help="method compared (default: %(default)s)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    compare.set_defaults(func=cmd_compare)
 
     inspect = sub.add_parser("inspect", help="summarise camera recordings and write contact sheets")
     inspect.add_argument("recordings", nargs="+", metavar="RECORDING.h5")

@@ -460,3 +460,140 @@ def format_targets(checks: list) -> str:
         met = "-" if c["met"] is None else ("yes" if c["met"] else "**no**")
         lines.append(f"| {c['figure']} | {c['op']} {target} | {_cell(c['value'], fmt)} | {met} |")
     return "\n".join(lines)
+
+
+# RC fractions closer than this count as unchanged in a paired comparison.
+RC_FRACTION_TOLERANCE = 0.01
+
+
+def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
+    """One method's outcomes on each held-out sample of two runs, side by side.
+
+    Parameters
+    ----------
+    rows_a, rows_b : sequence of dict
+        The per-sample rows of two runs on the same held-out samples (a demo
+        report's ``samples.json``), A the reference.
+    method : str
+        The method compared (a key of each row).
+
+    Returns
+    -------
+    list of dict
+        Per sample of A, in its order: ``sample``, ``description``,
+        ``has_crystal`` and the method's outcomes ``a`` and ``b``.
+
+    Raises
+    ------
+    ValueError
+        If the runs hold different samples, or a row lacks the method.
+    """
+    rows_a, rows_b = list(rows_a), list(rows_b)
+    names_a = [(r["sample"], r.get("description")) for r in rows_a]
+    names_b = [(r["sample"], r.get("description")) for r in rows_b]
+    if sorted(names_a) != sorted(names_b):
+        raise ValueError(
+            f"the runs centred different samples ({len(rows_a)} and {len(rows_b)} rows, "
+            f"{len(set(names_a) ^ set(names_b))} not in both): run both with the same --seed and --n-heldout"
+        )
+    by_name = {r["sample"]: r for r in rows_b}
+    paired = []
+    for row in rows_a:
+        other = by_name[row["sample"]]
+        if method not in row or method not in other:
+            raise ValueError(f"sample {row['sample']} has no {method!r} outcome in both runs: compare a method both ran")
+        paired.append({"sample": row["sample"], "description": row.get("description", ""),
+                       "has_crystal": bool(row["has_crystal"]), "a": row[method], "b": other[method]})  # fmt: skip
+    return paired
+
+
+def compare_runs(pairs, method: str = "ml") -> dict:
+    """How one method's outcomes changed, crystal by crystal, between runs on the same held-out samples.
+
+    A change to the centring (a setting, a model) is judged on the same
+    samples, seen the same way, crystal by crystal: the medians of one run's
+    16 crystals move by several um and a few hundredths of RC fraction when
+    only the heatmaps' noise changes; the mean of the paired differences
+    and its standard error show whether the change helps. Pairs of runs of
+    other seeds are pooled.
+
+    Parameters
+    ----------
+    pairs : sequence of (rows_a, rows_b)
+        Per pair, the per-sample rows of the reference run A and of run B
+        on the same samples (:func:`pair_samples`).
+    method : str
+
+    Returns
+    -------
+    dict
+        ``method``, ``n_crystal``, ``n_empty``; ``hits_a``, ``hits_b``,
+        ``hits_gained``, ``hits_lost`` (sample names); ``rc_fraction_diff_mean``
+        and ``rc_fraction_diff_se`` (B - A over the crystals, a refusal
+        counting as 0; se None for fewer than two), ``rc_fraction_up``,
+        ``rc_fraction_down`` (changes beyond :data:`RC_FRACTION_TOLERANCE`);
+        ``dist_diff_median_um`` (B - A where neither refused);
+        ``empty_refused_a``, ``empty_refused_b``; ``wall_s_median_a``,
+        ``wall_s_median_b``; ``samples`` (:func:`pair_samples` of every pair).
+
+    Raises
+    ------
+    ValueError
+        As :func:`pair_samples`.
+    """
+    samples = [s for rows_a, rows_b in pairs for s in pair_samples(rows_a, rows_b, method)]
+    crystals = [s for s in samples if s["has_crystal"]]
+    empty = [s for s in samples if not s["has_crystal"]]
+    d_rc = np.array([(s["b"]["rc_fraction"] or 0.0) - (s["a"]["rc_fraction"] or 0.0) for s in crystals], dtype=float)
+    d_dist = [s["b"]["dist_um"] - s["a"]["dist_um"] for s in crystals if not (s["a"]["refused"] or s["b"]["refused"])]
+    return {
+        "method": method,
+        "n_crystal": len(crystals),
+        "n_empty": len(empty),
+        "hits_a": sum(bool(s["a"]["hit"]) for s in crystals),
+        "hits_b": sum(bool(s["b"]["hit"]) for s in crystals),
+        "hits_gained": [s["sample"] for s in crystals if s["b"]["hit"] and not s["a"]["hit"]],
+        "hits_lost": [s["sample"] for s in crystals if s["a"]["hit"] and not s["b"]["hit"]],
+        "rc_fraction_diff_mean": float(d_rc.mean()) if d_rc.size else None,
+        "rc_fraction_diff_se": float(d_rc.std(ddof=1) / np.sqrt(d_rc.size)) if d_rc.size > 1 else None,
+        "rc_fraction_up": int(np.sum(d_rc > RC_FRACTION_TOLERANCE)),
+        "rc_fraction_down": int(np.sum(d_rc < -RC_FRACTION_TOLERANCE)),
+        "dist_diff_median_um": _median(d_dist),
+        "empty_refused_a": sum(bool(s["a"]["refused"]) for s in empty),
+        "empty_refused_b": sum(bool(s["b"]["refused"]) for s in empty),
+        "wall_s_median_a": _median(s["a"]["wall_s"] for s in samples),
+        "wall_s_median_b": _median(s["b"]["wall_s"] for s in samples),
+        "samples": samples,
+    }
+
+
+def format_comparison(comparison: dict) -> str:
+    """A paired comparison (:func:`compare_runs`) as text: one line per sample, then the summary."""
+
+    def outcome(o, has_crystal):
+        if o["refused"]:
+            return "refused"
+        if not has_crystal:
+            return "moved"
+        return f"{'hit ' if o['hit'] else 'miss'} {_cell(o['dist_um'], '{:.1f}'):>6} um  RC {_cell(o['rc_fraction'], '{:.2f}')}"
+
+    width = max([len(s["sample"]) for s in comparison["samples"]] + [6])
+    lines = [f"{'sample':<{width}}  {'A':<26}  {'B':<26}  description"]
+    for s in comparison["samples"]:
+        a, b = (outcome(s[k], s["has_crystal"]) for k in ("a", "b"))
+        lines.append(f"{s['sample']:<{width}}  {a:<26}  {b:<26}  {s['description']}")
+    c = comparison
+    se = "" if c["rc_fraction_diff_se"] is None else f" +- {c['rc_fraction_diff_se']:.3f}"
+    mean = "-" if c["rc_fraction_diff_mean"] is None else f"{c['rc_fraction_diff_mean']:+.3f}{se}"
+    dist = "-" if c["dist_diff_median_um"] is None else f"{c['dist_diff_median_um']:+.1f} um"
+    lines += [
+        "",
+        f"{c['method']}, B against A (samples with crystals: {c['n_crystal']}, empty loops: {c['n_empty']}):",
+        f"  crystals hit: {c['hits_a']} -> {c['hits_b']}"
+        f" (gained: {', '.join(c['hits_gained']) or 'none'}; lost: {', '.join(c['hits_lost']) or 'none'})",
+        f"  RC fraction, mean change per crystal: {mean} ({c['rc_fraction_up']} up, {c['rc_fraction_down']} down)",
+        f"  distance to the best point, median change: {dist}",
+        f"  empty loops refused: {c['empty_refused_a']} -> {c['empty_refused_b']}",
+        f"  median s per centring: {_cell(c['wall_s_median_a'], '{:.1f}')} -> {_cell(c['wall_s_median_b'], '{:.1f}')}",
+    ]
+    return "\n".join(lines)

@@ -89,6 +89,26 @@ def test_demo_with_a_given_model_runs_without_training(small_demo, tmp_path):
     assert "timings_s" in result and "record" not in result["timings_s"]
 
 
+def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo, tmp_path, capsys):
+    from mxcube_autocenter.cli import main
+
+    out, _ = small_demo
+    assert main(["compare", str(out), str(out / "samples.json"), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert (same["n_crystal"], same["n_empty"]) == (1, 1)
+    assert same["rc_fraction_diff_mean"] == 0 and same["hits_a"] == same["hits_b"] and not same["hits_lost"]
+    assert main(["compare", str(out), str(out), "--method", "mesh_oracle"]) == 0
+    assert "mesh_oracle, B against A (samples with crystals: 1, empty loops: 1)" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "samples.json").write_text(json.dumps(json.loads((out / "samples.json").read_text())[:1]))
+    assert main(["compare", str(out), str(other)]) == 2
+    assert "the runs centred different samples" in capsys.readouterr().err
+    (other / "samples.json").write_text("{not json")
+    assert main(["compare", str(out), str(other)]) == 2
+    assert f"{other / 'samples.json'} is not a demo's samples.json" in capsys.readouterr().err
+
+
 def test_heldout_samples_are_reproducible_and_disjoint_from_training():
     specs = heldout_samples(10, 3, seed=0)
     assert specs == heldout_samples(10, 3, seed=0)

@@ -201,3 +201,34 @@ def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the
     assert np.isfinite(empty["count_threshold"]) and empty["count_threshold"] > shapes[train].max()
     # No training rows: the count threshold is the crystal threshold itself.
     assert scorecard.shapes_reference(shapes, truth, [], held_out, 5.0)["count_threshold"] == 5.0
+
+
+def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4.0):
+    outcome = {"hit": hit, "dist_um": dist, "rc_fraction": rc, "refused": refused, "wall_s": wall}
+    return {"sample": name, "description": f"loop of {name}", "has_crystal": has_crystal, "ml": outcome}
+
+
+def test_compare_runs_pairs_each_crystal_and_pools_the_seeds():
+    seed0_a = [_row("s0", True, True, 10.0, 0.8), _row("s1", True, False, 50.0, 0.1), _row("e0", False, refused=True)]
+    seed0_b = [_row("e0", False), _row("s1", True, True, 8.0, 0.9, wall=7.0), _row("s0", True, True, 12.0, 0.7)]
+    seed1_a = [_row("s0", True, True, 5.0, 0.9)]  # the same name in another seed's run: paired within its run
+    seed1_b = [_row("s0", True, False, 30.0, 0.0, refused=True)]
+    c = scorecard.compare_runs([(seed0_a, seed0_b), (seed1_a, seed1_b)])
+    assert (c["n_crystal"], c["n_empty"], c["hits_a"], c["hits_b"]) == (3, 1, 2, 2)
+    assert c["hits_gained"] == ["s1"] and c["hits_lost"] == ["s0"]
+    diffs = np.array([-0.1, 0.8, -0.9])  # a refusal counts as RC fraction 0
+    assert c["rc_fraction_diff_mean"] == pytest.approx(diffs.mean())
+    assert c["rc_fraction_diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert (c["rc_fraction_up"], c["rc_fraction_down"]) == (1, 2)
+    assert c["dist_diff_median_um"] == pytest.approx(-20.0)  # +2 and -42; the refused one is left out
+    assert (c["empty_refused_a"], c["empty_refused_b"]) == (1, 0)
+    assert [s["sample"] for s in c["samples"]] == ["s0", "s1", "e0", "s0"]
+    text = scorecard.format_comparison(c)
+    assert "crystals hit: 2 -> 2 (gained: s1; lost: s0)" in text and "1 up, 2 down" in text
+
+
+def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():
+    with pytest.raises(ValueError, match="different samples.*same --seed and --n-heldout"):
+        scorecard.compare_runs([([_row("s0", True)], [_row("s9", True)])])
+    with pytest.raises(ValueError, match="no 'lucid' outcome"):
+        scorecard.compare_runs([([_row("s0", True)], [_row("s0", True)])], method="lucid")
