@@ -109,6 +109,22 @@ def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo
     assert f"{other / 'samples.json'} is not a demo's samples.json" in capsys.readouterr().err
 
 
+def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
+    from mxcube_autocenter.cli import main
+
+    out, result = small_demo
+    assert main(["scorecard", str(out), "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert pooled["n_runs"] == 1 and set(pooled["methods"]) == set(FIGURES)
+    for name, figures in pooled["methods"].items():  # one run pooled: its own scorecard, with intervals
+        assert {k: figures[k] for k in scorecard.FIGURES} == {k: result["methods"][name][k] for k in scorecard.FIGURES}
+        assert len(figures["hit_rate_ci95"]) == 2 and len(figures["empty_refused_rate_ci95"]) == 2
+    assert main(["scorecard", str(out)]) == 0
+    assert "2 held-out samples (1 empty loops) of 1 runs" in capsys.readouterr().out
+    assert main(["scorecard", str(out), str(out / "samples.json")]) == 2
+    assert "more than one run" in capsys.readouterr().err
+
+
 def test_heldout_samples_are_reproducible_and_disjoint_from_training():
     specs = heldout_samples(10, 3, seed=0)
     assert specs == heldout_samples(10, 3, seed=0)

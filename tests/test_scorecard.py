@@ -97,6 +97,45 @@ def test_summarise_method_figures():
     assert figures["hit_rate"] is not None and outcomes[1].hit is False and outcomes[4].hit is None
 
 
+def test_wilson_interval():
+    # 0 or n successes: one bound at the edge, the other z^2 / (n + z^2) away from it.
+    assert scorecard.wilson_interval(0, 10) == pytest.approx([0.0, 1.96**2 / (10 + 1.96**2)])
+    assert scorecard.wilson_interval(10, 10) == pytest.approx([10 / (10 + 1.96**2), 1.0])
+    low, high = scorecard.wilson_interval(13, 16)
+    assert low < 13 / 16 < high and (round(low, 3), round(high, 3)) == (0.570, 0.934)
+    # More samples, narrower interval around the same rate.
+    low_many, high_many = scorecard.wilson_interval(130, 160)
+    assert low < low_many < 13 / 16 < high_many < high
+    assert scorecard.wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="from 0 to n"):
+        scorecard.wilson_interval(5, 4)
+
+
+def test_summarise_gives_the_rates_intervals():
+    outcomes = [_outcome("ml", "a", True, hits=[True] * 4), _outcome("ml", "b", True, hits=[False] * 4),
+                _outcome("ml", "e", False, refused=True)]  # fmt: skip
+    figures = scorecard.summarise_method(outcomes)
+    assert figures["hit_rate_ci95"] == pytest.approx(scorecard.wilson_interval(1, 2))
+    assert figures["empty_refused_rate_ci95"] == pytest.approx(scorecard.wilson_interval(1, 1))
+    assert scorecard.summarise_method(outcomes[:2])["empty_refused_rate_ci95"] is None
+    assert "50% (9-91%)" in scorecard.format_table({"ml": figures})
+    checks = {c["figure"]: c for c in scorecard.check_targets(figures)}
+    assert checks["hit_rate"]["interval"] == figures["hit_rate_ci95"] and checks["exposures"]["interval"] is None
+    assert "| hit_rate | >= 95% | 50% (9-91%) | **no** |" in scorecard.format_targets(list(checks.values()))
+
+
+def test_pool_outcomes_joins_runs_of_other_samples():
+    seed0 = [_outcome("ml", "s0", True, hits=[True] * 4, dist=3.0, frac=0.9), _outcome("ml", "e0", False, refused=True)]
+    seed1 = [_outcome("ml", "s1", True, hits=[False] * 4, dist=90.0, frac=0.1)]
+    runs = [[{"sample": o.sample, "has_crystal": o.has_crystal, "ml": o.to_dict()} for o in run] for run in (seed0, seed1)]
+    pooled = scorecard.pool_outcomes(runs)
+    assert pooled == seed0 + seed1
+    figures = scorecard.summarise(pooled)["ml"]
+    assert (figures["n_crystal"], figures["n_empty"], figures["hit_rate"]) == (2, 1, 0.5)
+    with pytest.raises(ValueError, match="1 samples are in more than one run.*s1.*different --seed"):
+        scorecard.pool_outcomes([runs[1], runs[1]])
+
+
 def test_summarise_without_empties_or_timings_gives_none():
     outcomes = [
         _outcome("mesh_oracle", "a", True, hits=[True] * 4, dist=3.0, frac=0.95, wall=None, exposures=1200),
