@@ -312,9 +312,11 @@ def cmd_scorecard(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        n, n_empty = (sum(len(rows) for rows in runs), sum(not r["has_crystal"] for rows in runs for r in rows))
-        print(f"Scorecard: {n} held-out samples ({n_empty} empty loops) of {len(runs)} runs; rates with their 95 % "
-              f"interval\n\n{scorecard.format_table(methods)}\n\n{scorecard.format_targets(result['targets'])}")
+        n = sum(len(rows) for rows in runs)
+        n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
+        print(f"Scorecard: {n} held-out samples, {n_empty} of them empty loops, from {len(runs)} demo run(s); rates "
+              f"with their 95 % interval\n\n{scorecard.format_table(methods)}\n\n"
+              f"{scorecard.format_targets(result['targets'])}")
     return 0
 
 
@@ -683,15 +685,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     compare.set_defaults(func=cmd_compare)
 
-    pooled = sub.add_parser(
+    scorecard_parser = sub.add_parser(
         "scorecard", help="one scorecard over the held-out samples of several demo runs",
         description="Pool the per-sample outcomes of demo runs of different --seed into one scorecard, with the "
         "95 %% (Wilson) interval of each rate: one run's 16 crystals leave a hit rate uncertain by about +-20 "
         "points, so judge the targets over several seeds.",
     )
-    pooled.add_argument("runs", nargs="+", metavar="RUN", help="demo report directories (or their samples.json)")
-    pooled.add_argument("--json", action="store_true", help="print the pooled scorecard as JSON")
-    pooled.set_defaults(func=cmd_scorecard)
+    scorecard_parser.add_argument("runs", nargs="+", metavar="RUN", help="demo report directories (or their samples.json)")
+    scorecard_parser.add_argument("--json", action="store_true", help="print the pooled scorecard as JSON")
+    scorecard_parser.set_defaults(func=cmd_scorecard)
 
     inspect = sub.add_parser("inspect", help="summarise camera recordings and write contact sheets")
     inspect.add_argument("recordings", nargs="+", metavar="RECORDING.h5")

@@ -21,8 +21,9 @@ Per method (:func:`summarise`), over the samples with crystals:
 ``hit_rate``, ``median_dist_um``, ``p90_dist_um``, ``median_rc_fraction``;
 over the empty loops: ``empty_refused_rate`` (the method refused and left
 the sample where it was); over all: ``median_wall_s`` and ``exposures``
-(X-ray exposures per centring, 0 for optical methods). Each rate comes with
-its 95 % Wilson interval (``hit_rate_ci95``, ``empty_refused_rate_ci95``):
+(X-ray exposures per centring, 0 for optical methods). The hit and
+empty-loop rates come with their 95 % Wilson intervals (``hit_rate_ci95``,
+``empty_refused_rate_ci95``):
 over one demo's 16 crystals a hit rate of 81 % is anything from 57 % to
 93 %. :func:`pool_outcomes` joins the samples of several runs (other seeds)
 into one scorecard, whose intervals are narrower.
@@ -38,6 +39,7 @@ the crystals' shapes and positions, but not of their insides, would give.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -302,12 +304,12 @@ def summarise_method(outcomes) -> dict:
         "n": len(outcomes),
         "n_crystal": len(crystal),
         "n_empty": len(empty),
-        "hit_rate": _rate(bool(o.hit) for o in crystal),
+        "hit_rate": hits / len(crystal) if crystal else None,
         "hit_rate_ci95": wilson_interval(hits, len(crystal)),
         "median_dist_um": _median(o.dist_um for o in crystal),
         "p90_dist_um": _percentile((o.dist_um for o in crystal), 90),
         "median_rc_fraction": _median(o.rc_fraction for o in crystal),
-        "empty_refused_rate": _rate(o.refused for o in empty),
+        "empty_refused_rate": empty_refused / len(empty) if empty else None,
         "empty_refused_rate_ci95": wilson_interval(empty_refused, len(empty)),
         "crystal_refused_rate": _rate(o.refused for o in crystal),
         "median_wall_s": _median(o.wall_s for o in outcomes),
@@ -337,15 +339,24 @@ def pool_outcomes(runs, methods=METHODS) -> list:
         If a sample appears twice (a run given twice, or two runs of the same
         ``--seed``): it would count double.
     """
-    names = [row["sample"] for rows in runs for row in rows]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, n in Counter(row["sample"] for rows in runs for row in rows).items() if n > 1)
     if repeated:
         raise ValueError(
             f"{len(repeated)} samples are in more than one run (e.g. {repeated[0]}): pool runs of different --seed"
         )
     keys = [f.name for f in fields(Outcome)]
-    return [Outcome(**{k: row[method][k] for k in keys if k in row[method]})
-            for rows in runs for row in rows for method in methods if method in row]  # fmt: skip
+    outcomes = []
+    for rows in runs:
+        for row in rows:
+            for method in (m for m in methods if m in row):
+                try:
+                    outcomes.append(Outcome(**{k: row[method][k] for k in keys if k in row[method]}))
+                except (TypeError, KeyError) as err:
+                    raise ValueError(f"sample {row['sample']} has no complete {method!r} outcome ({err}): "
+                                     "give the samples.json of a demo run") from None  # fmt: skip
+    if not outcomes:
+        raise ValueError("no outcomes in the runs given: give the report directories of demo runs that centred samples")
+    return outcomes
 
 
 def summarise(outcomes, methods=METHODS) -> dict:
@@ -493,15 +504,18 @@ def _cell(value, fmt) -> str:
         return str(value)
 
 
-def _interval(interval, fmt) -> str:
-    return "" if interval is None else f" ({_cell(interval[0], fmt).rstrip('%')}-{_cell(interval[1], fmt)})"
+def _value_cell(value, interval, fmt) -> str:
+    """A figure, with its 95 % interval in brackets where it has one (e.g. ``81% (57-93%)``)."""
+    if value is None or interval is None:
+        return _cell(value, fmt)
+    return f"{_cell(value, fmt)} ({_cell(interval[0], fmt).rstrip('%')}-{_cell(interval[1], fmt)})"
 
 
 def table_rows(methods: dict) -> list:
     """Header and one row of formatted cells per method; rates with their 95 % interval."""
     rows = [[title for _, title, _ in _COLUMNS]]
     for name, figures in methods.items():
-        rows.append([name] + [_cell(figures.get(key), fmt) + _interval(figures.get(f"{key}_ci95"), fmt)
+        rows.append([name] + [_value_cell(figures.get(key), figures.get(f"{key}_ci95"), fmt)
                               for key, _, fmt in _COLUMNS[1:]])  # fmt: skip
     return rows
 
@@ -534,8 +548,7 @@ def format_targets(checks: list) -> str:
         fmt = fmts.get(c["figure"], "{}")
         target = _cell(c["target"], fmt) if c["figure"] != "exposures" else str(c["target"])
         met = "-" if c["met"] is None else ("yes" if c["met"] else "**no**")
-        value = _cell(c["value"], fmt) + _interval(c.get("interval"), fmt)
-        lines.append(f"| {c['figure']} | {c['op']} {target} | {value} | {met} |")
+        lines.append(f"| {c['figure']} | {c['op']} {target} | {_value_cell(c['value'], c.get('interval'), fmt)} | {met} |")
     return "\n".join(lines)
 
 

@@ -120,9 +120,16 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
         assert {k: figures[k] for k in scorecard.FIGURES} == {k: result["methods"][name][k] for k in scorecard.FIGURES}
         assert len(figures["hit_rate_ci95"]) == 2 and len(figures["empty_refused_rate_ci95"]) == 2
     assert main(["scorecard", str(out)]) == 0
-    assert "2 held-out samples (1 empty loops) of 1 runs" in capsys.readouterr().out
+    assert "2 held-out samples, 1 of them empty loops, from 1 demo run(s)" in capsys.readouterr().out
     assert main(["scorecard", str(out), str(out / "samples.json")]) == 2
     assert "more than one run" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"sample": "seed1", "has_crystal": True, "ml": {}}]))
+    assert main(["scorecard", str(broken)]) == 2
+    assert "sample seed1 has no complete 'ml' outcome" in capsys.readouterr().err
+    broken.write_text("[]")
+    assert main(["scorecard", str(broken)]) == 2
+    assert "no outcomes in the runs given" in capsys.readouterr().err
 
 
 def test_heldout_samples_are_reproducible_and_disjoint_from_training():

@@ -119,6 +119,7 @@ def test_summarise_gives_the_rates_intervals():
     assert figures["empty_refused_rate_ci95"] == pytest.approx(scorecard.wilson_interval(1, 1))
     assert scorecard.summarise_method(outcomes[:2])["empty_refused_rate_ci95"] is None
     assert "50% (9-91%)" in scorecard.format_table({"ml": figures})
+    assert "50% (9-91%)" not in scorecard.format_table({"ml": {**figures, "hit_rate": None}})
     checks = {c["figure"]: c for c in scorecard.check_targets(figures)}
     assert checks["hit_rate"]["interval"] == figures["hit_rate_ci95"] and checks["exposures"]["interval"] is None
     assert "| hit_rate | >= 95% | 50% (9-91%) | **no** |" in scorecard.format_targets(list(checks.values()))
