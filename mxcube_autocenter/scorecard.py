@@ -23,10 +23,10 @@ over the empty loops: ``empty_refused_rate`` (the method refused and left
 the sample where it was); over all: ``median_wall_s`` and ``exposures``
 (X-ray exposures per centring, 0 for optical methods). The hit and
 empty-loop rates come with their 95 % Wilson intervals (``hit_rate_ci95``,
-``empty_refused_rate_ci95``):
-over one demo's 16 crystals a hit rate of 81 % is anything from 57 % to
-93 %. :func:`pool_outcomes` joins the samples of several runs (other seeds)
-into one scorecard, whose intervals are narrower.
+``empty_refused_rate_ci95``): over one demo's 16 crystals a hit rate of
+81 % is anything from 57 % to 93 %. :func:`pool_outcomes` joins the
+samples of several runs (other seeds) into one scorecard, whose intervals
+are narrower.
 
 :func:`mesh_scan` is the X-ray reference: a raster of exposures over the
 loop at two orthogonal omega angles, the best of each combined into a 3D
