@@ -254,6 +254,8 @@ def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_pa
         ("image,spots\n1,2\n9,3\n", "do not fit a collection of 4 images"),
         ("image,spots\n1.5,2\n", "non-integer image numbers"),
         ("image,spots\n", "no rows of counts"),
+        ("image,spots\n1,2\n2,-1\n", r"column spots holds a negative value \(-1, data row 2\): give counts >= 0"),
+        ("image,spots\n1,2\n2\n3,4\n", r"data row 2 has 1 values where the header \['image', 'spots'\] names 2"),
         ('{"image": [1, 2, 3], "spots": [5, 6]}', r"columns of different lengths \(image 3, spots 2 values\)"),
         ("[1, 2]", "a JSON list must hold one object per image"),
         ('{"image": [1, 2', "not valid JSON"),
@@ -287,8 +289,9 @@ def test_crop_around_beam_is_square_in_um_and_padded_by_edge_replication():
     np.testing.assert_array_equal(crop[:22, 15:], frame[58:80, 0:25])
     np.testing.assert_array_equal(crop[:22, :15], np.repeat(frame[58:80, :1], 15, axis=1))
     np.testing.assert_array_equal(crop[22:], np.repeat(crop[21:22], 18, axis=0))
-    with pytest.raises(ValueError, match="misses"):
-        crop_around_beam(frame, (500.0, 40.0), (400.0, 400.0), 100.0)
+    for beam_off_the_frame in ((500.0, 40.0), (-30.0, 40.0), (50.0, -30.0)):
+        with pytest.raises(ValueError, match="misses"):
+            crop_around_beam(frame, beam_off_the_frame, (400.0, 400.0), 100.0)
 
 
 # Recordings of simulated collections --------------------------------------------------
@@ -590,6 +593,8 @@ def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, 
         for dataset in h5file["rows"].values():
             dataset.resize(first + 7, axis=0)
     assert len(read_dataset(out)) == first
+    with pytest.raises(DatasetError, match="reflection count -1 for detector frame 0: give counts >= 0"):
+        append_recording(out, store.path, [-1.0], match)
     result = append_recording(out, store.path, [5.0], match)
     assert result.rows == 400
     with read_dataset(out) as dataset:
@@ -598,6 +603,38 @@ def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, 
     with h5py.File(out, "r") as h5file:
         assert h5file["rows/rc"].shape[0] == first + 400
     assert [p.name for p in tmp_path.glob("*.tmp")] == []
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)`` makes writes past n bytes fail with EFBIG, as a full disk or a quota would; ``limit(None)`` lifts it."""
+    import resource
+
+    saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size):
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved if size is None else (size, saved[1]))
+
+    yield limit
+    limit(None)
+
+
+def test_a_write_that_fails_in_hdf5_itself_is_a_dataset_error_and_loses_nothing(collections, tmp_path, file_size_limit):
+    # h5py raises RuntimeError, not OSError, when a flush or the file's growth fails.
+    out, new = tmp_path / "dataset.h5", tmp_path / "new.h5"
+    first = label_recordings([collections[0].recording], out, progress=False).rows_added
+    file_size_limit(out.stat().st_size + 4096)
+    failed = label_recordings([collections[1].recording], out, progress=False).recordings[0]
+    assert failed.status == "error" and f"{out}: cannot write the set" in failed.message
+    assert "check free space" in failed.message and "please report it" not in failed.message
+    file_size_limit(64)
+    failed = label_recordings([collections[1].recording], new, progress=False).recordings[0]
+    assert failed.status == "error" and f"{new}: cannot create the training set" in failed.message
+    file_size_limit(None)
+    assert not new.exists() and [p.name for p in tmp_path.glob("*.tmp")] == []
+    with read_dataset(out) as dataset:
+        assert len(dataset) == first and len(dataset.provenance["recordings"]) == 1
+    assert label_recordings([collections[1].recording], out, progress=False).n_labelled == 1
 
 
 def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):

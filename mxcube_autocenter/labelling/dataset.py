@@ -25,12 +25,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
 from mxcube_autocenter.labelling.matching import MatchResult
+from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
     MOTOR_NAMES,
     MOTOR_UNITS,
@@ -85,6 +85,10 @@ RECORDING_FIELDS = {
 LABELS = tuple(name for name in ROW_FIELDS if name != "jpeg")
 
 
+# h5py reports a failed write or flush (a full disk, a quota, a file-size limit) as RuntimeError, not OSError.
+_WRITE_ERRORS = (OSError, RuntimeError)
+
+
 class DatasetError(Exception):
     """A training set or a recording cannot be written or read; the message names the file and the fix."""
 
@@ -117,18 +121,15 @@ def crop_around_beam(frame: np.ndarray, beam_xy, pixels_per_mm, size_um: float) 
     ValueError
         If the square misses the frame entirely (beam far outside it).
     """
+    size_px = crops.crop_side_px(size_um, pixels_per_mm)
+    try:
+        crop = crops.crop_centred(frame, beam_xy, size_px)
+    except ValueError:
+        height, width = frame.shape[:2]
+        raise ValueError(f"a {size_um} um square around the beam at {tuple(beam_xy)} misses the {width}x{height} frame") from None
+    x0, y0, w, h = crops.centred_window(beam_xy, size_px)
     height, width = frame.shape[:2]
-    crop_w = max(1, round(size_um * 1e-3 * pixels_per_mm[0]))
-    crop_h = max(1, round(size_um * 1e-3 * pixels_per_mm[1]))
-    x0 = int(np.floor(beam_xy[0] - crop_w / 2 + 0.5))
-    y0 = int(np.floor(beam_xy[1] - crop_h / 2 + 0.5))
-    x1, y1 = x0 + crop_w, y0 + crop_h
-    inside = frame[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)]
-    if inside.size == 0:
-        raise ValueError(f"a {size_um} um square around the beam at {tuple(beam_xy)} misses the {width}x{height} frame")
-    pads = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
-    padded = any(pads)
-    crop = cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REPLICATE) if padded else inside.copy()
+    padded = x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height
     return crop, np.array([beam_xy[0] - x0, beam_xy[1] - y0], dtype=np.float64), padded
 
 
@@ -236,8 +237,8 @@ def append_recording(
     ------
     DatasetError
         If the set cannot be opened or written, the recording lacks the
-        camera scale or beam position, the match does not fit it, or none of
-        its labelled frames can be decoded.
+        camera scale or beam position, the match does not fit it, a count is
+        negative, or none of its labelled frames can be decoded.
     RecordingError
         If the recording cannot be read.
     """
@@ -257,84 +258,90 @@ def append_recording(
             f"{recording.path}: matched to detector frame {frames.max()} but only {counts.size} counts given: "
             "give one count per detector frame"
         )
+    if np.any(counts < 0):
+        raise DatasetError(
+            f"{recording.path}: reflection count {counts[counts < 0][0]:g} for detector frame "
+            f"{int(np.argmax(counts < 0))}: give counts >= 0 (NaN for a frame without one)"
+        )
     ppmm, beam = _camera_geometry(recording)
     matched = np.flatnonzero(frames >= 0)
     labelled = matched[np.isfinite(counts[frames[matched]])]
     _create_if_missing(dataset_path)
-    with _open(dataset_path, "r+") as h5file:
-        known = _find(h5file, fingerprint)
-        if known is not None:
-            message = f"{recording.path} is already in {dataset_path} as {known}: skipped"
-            log.info(message)
-            return AppendResult(known, 0, 0, True, message)
-        first = int(h5file.attrs["n_rows"])
-        n_recordings = int(h5file.attrs["n_recordings"])
-        # Left by an append that was killed: never counted, now dropped.
-        _resize(h5file["rows"], first)
-        _resize(h5file["recordings"], n_recordings)
-        constant = {
-            "pixels_per_mm": ppmm,
-            "zoom": str(recording.metadata.get("zoom", "")),
-            "scan_id": scan,
-            "crystal_id": str(recording.metadata.get("crystal_id", recording.metadata.get("sample_id", ""))),
-            "scan_type": str(recording.metadata.get("experiment_type", "")),
-        }
-        unreadable = []
-        written = 0
-        try:
-            with recording.reader() as frame:
-                for start in range(0, labelled.size, _ROWS_PER_CHUNK):
-                    batch = labelled[start : start + _ROWS_PER_CHUNK]
-                    rows = _rows(recording, frame, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality,
-                                 unreadable)  # fmt: skip
-                    if len(rows["jpeg"]):
-                        _write_rows(h5file, dataset_path, first + written, {**rows, **constant})
-                        written += len(rows["jpeg"])
-            if labelled.size and not written:
-                raise DatasetError(
-                    f"{recording.path}: none of its {labelled.size} labelled camera frames can be decoded "
-                    f"({unreadable[0]}): check the camera's image format"
-                )
-            entry = {
+    try:
+        with _open(dataset_path, "r+") as h5file:
+            known = _find(h5file, fingerprint)
+            if known is not None:
+                message = f"{recording.path} is already in {dataset_path} as {known}: skipped"
+                log.info(message)
+                return AppendResult(known, 0, 0, True, message)
+            first = int(h5file.attrs["n_rows"])
+            n_recordings = int(h5file.attrs["n_recordings"])
+            # Left by an append that was killed: never counted, now dropped.
+            _resize(h5file["rows"], first)
+            _resize(h5file["recordings"], n_recordings)
+            constant = {
+                "pixels_per_mm": ppmm,
+                "zoom": str(recording.metadata.get("zoom", "")),
                 "scan_id": scan,
-                "recording": str(recording.path.resolve()),
-                "recording_status": recording.status,
-                "fingerprint": fingerprint,
-                "master_file": recording.metadata.get("master_file"),
-                "experiment_type": recording.metadata.get("experiment_type"),
-                "crystal_id": constant["crystal_id"],
-                "rows": written,
-                "unlabelled_matched_frames": int(matched.size - labelled.size),
-                "unreadable_frames": len(unreadable),
-                "unreadable_first": unreadable[:3],
-                "matching": match_result.stats(),
-                "stored_crop_um": stored_crop_um,
-                "jpeg_quality": jpeg_quality,
-                "appended": _now_iso(),
-                "tool": TOOL,
-                **(provenance or {}),
+                "crystal_id": str(recording.metadata.get("crystal_id", recording.metadata.get("sample_id", ""))),
+                "scan_type": str(recording.metadata.get("experiment_type", "")),
             }
-            _append_recording(h5file["recordings"], n_recordings, {
-                "scan_id": scan, "fingerprint": fingerprint, "first_row": first,
-                "n_rows": written, "provenance": json.dumps(entry),
-            })  # fmt: skip
-            # The rows are on disk before the counts that make them visible.
-            h5file.flush()
-            # Every row's crop is at least this large (a smaller side only lowers it).
-            previous = h5file.attrs.get("stored_crop_um", np.inf)
-            h5file.attrs["stored_crop_um"] = min(float(previous), float(stored_crop_um))
-            h5file.attrs["n_rows"] = first + written
-            h5file.attrs["n_recordings"] = n_recordings + 1
-            h5file.flush()
-        except OSError as err:
-            _roll_back(h5file, first, n_recordings)
-            raise DatasetError(
-                f"{dataset_path}: cannot write the set ({err}): check free space, quota and permissions, "
-                "or write the set elsewhere"
-            ) from err
-        except BaseException:
-            _roll_back(h5file, first, n_recordings)
-            raise
+            unreadable = []
+            written = 0
+            try:
+                with recording.reader() as frame:
+                    for start in range(0, labelled.size, _ROWS_PER_CHUNK):
+                        batch = labelled[start : start + _ROWS_PER_CHUNK]
+                        rows = _rows(recording, frame, batch, frames, counts, ppmm, beam, stored_crop_um, jpeg_quality,
+                                     unreadable)  # fmt: skip
+                        if len(rows["jpeg"]):
+                            _write_rows(h5file, dataset_path, first + written, {**rows, **constant})
+                            written += len(rows["jpeg"])
+                if labelled.size and not written:
+                    raise DatasetError(
+                        f"{recording.path}: none of its {labelled.size} labelled camera frames can be decoded "
+                        f"({unreadable[0]}): check the camera's image format"
+                    )
+                entry = {
+                    "scan_id": scan,
+                    "recording": str(recording.path.resolve()),
+                    "recording_status": recording.status,
+                    "fingerprint": fingerprint,
+                    "master_file": recording.metadata.get("master_file"),
+                    "experiment_type": recording.metadata.get("experiment_type"),
+                    "crystal_id": constant["crystal_id"],
+                    "rows": written,
+                    "unlabelled_matched_frames": int(matched.size - labelled.size),
+                    "unreadable_frames": len(unreadable),
+                    "unreadable_first": unreadable[:3],
+                    "matching": match_result.stats(),
+                    "stored_crop_um": stored_crop_um,
+                    "jpeg_quality": jpeg_quality,
+                    "appended": _now_iso(),
+                    "tool": TOOL,
+                    **(provenance or {}),
+                }
+                _append_recording(h5file["recordings"], n_recordings, {
+                    "scan_id": scan, "fingerprint": fingerprint, "first_row": first,
+                    "n_rows": written, "provenance": json.dumps(entry),
+                })  # fmt: skip
+                # The rows are on disk before the counts that make them visible.
+                h5file.flush()
+                # Every row's crop is at least this large (a smaller side only lowers it).
+                previous = h5file.attrs.get("stored_crop_um", np.inf)
+                h5file.attrs["stored_crop_um"] = min(float(previous), float(stored_crop_um))
+                h5file.attrs["n_rows"] = first + written
+                h5file.attrs["n_recordings"] = n_recordings + 1
+                h5file.flush()
+            except _WRITE_ERRORS as err:
+                _roll_back(h5file, first, n_recordings)
+                raise _write_failed(dataset_path, err) from err
+            except BaseException:
+                _roll_back(h5file, first, n_recordings)
+                raise
+    except _WRITE_ERRORS as err:
+        # Closing the file flushes it too, and can fail as the writes did.
+        raise _write_failed(dataset_path, err) from err
     message = f"{recording.path}: {written} rows appended to {dataset_path} as {scan}"
     if unreadable:
         message += f"; {len(unreadable)} corrupt camera frames left out (first: {unreadable[0]})"
@@ -461,9 +468,20 @@ def _create_if_missing(path: Path) -> None:
             for name, dtype in RECORDING_FIELDS.items():
                 recordings.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,), dtype=dtype)
         os.replace(temporary, path)
-    except OSError as err:
+    except _WRITE_ERRORS as err:
         temporary.unlink(missing_ok=True)
-        raise DatasetError(f"{path}: cannot create the training set ({err}): check the directory is writable") from err
+        raise DatasetError(
+            f"{path}: cannot create the training set ({err}): check the directory is writable and has free space"
+        ) from err
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_failed(path: Path, err: Exception) -> DatasetError:
+    return DatasetError(
+        f"{path}: cannot write the set ({err}): check free space, quota and permissions, or write the set elsewhere"
+    )
 
 
 def _open(path: Path, mode: str) -> h5py.File:

@@ -151,7 +151,7 @@ def read_spot_counts(path) -> SpotCounts:
     elif any(line.lstrip().startswith("|") for line in text.splitlines()):
         columns = _dials_table_columns(text)
     else:
-        columns = _csv_columns(text)
+        columns = _csv_columns(path, text)
     return _spot_counts(path, columns)
 
 
@@ -192,7 +192,7 @@ def _dials_table_columns(text: str) -> dict:
     return {name: [row[k] for row in rows] for k, name in enumerate(header)}
 
 
-def _csv_columns(text: str) -> dict:
+def _csv_columns(path: Path, text: str) -> dict:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return {}
@@ -204,7 +204,14 @@ def _csv_columns(text: str) -> dict:
         table = [[cell.strip() for cell in row] for row in reader]
     else:
         table = [line.split() for line in lines]
-    header, rows = table[0], [row for row in table[1:] if len(row) == len(table[0])]
+    header, rows = table[0], table[1:]
+    for k, row in enumerate(rows):
+        if len(row) != len(header):
+            # A short row is a truncated export: silently dropping it would leave that image without a count.
+            raise SpotsFileError(
+                f"{path}: data row {k + 1} has {len(row)} values where the header {header} names {len(header)}: "
+                "fix the file (a truncated export?)"
+            )
     return {name: [row[k] for row in rows] for k, name in enumerate(header)}
 
 
@@ -248,4 +255,11 @@ def _numbers(path: Path, column: str, values) -> np.ndarray:
         ) from err
     if not np.all(np.isfinite(numbers)):
         raise SpotsFileError(f"{path}: column {column} holds a missing or infinite value: fix the file")
+    if np.any(numbers < 0):
+        # Some pipelines write -1 for "not processed"; a count below zero would only be refused later, by training.
+        row = int(np.argmax(numbers < 0))
+        raise SpotsFileError(
+            f"{path}: column {column} holds a negative value ({numbers[row]:g}, data row {row + 1}): "
+            "give counts >= 0 and leave out images that were not processed"
+        )
     return numbers

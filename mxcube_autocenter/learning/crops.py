@@ -122,6 +122,18 @@ def crop_side_px(crop_um: float, pixels_per_mm) -> tuple[float, float]:
     return float(crop_um * 1e-3 * ppmm[0]), float(crop_um * 1e-3 * ppmm[1])
 
 
+def centred_window(centre_xy, size_px) -> tuple[int, int, int, int]:
+    """The whole-pixel window ``(x0, y0, width, height)`` that :func:`crop_centred` cuts out.
+
+    Its size is ``size_px`` rounded (at least 1 pixel) and its centre lies
+    within half a pixel of ``centre_xy``; ``x0, y0`` may be negative or the
+    window may reach past the image (those parts are padded).
+    """
+    w = max(1, int(round(size_px[0])))
+    h = max(1, int(round(size_px[1])))
+    return int(np.floor(centre_xy[0] - w / 2 + 0.5)), int(np.floor(centre_xy[1] - h / 2 + 0.5)), w, h
+
+
 def crop_centred(image, centre_xy, size_px) -> np.ndarray:
     """The window of ``size_px = (width, height)`` pixels centred on ``centre_xy``.
 
@@ -131,10 +143,7 @@ def crop_centred(image, centre_xy, size_px) -> np.ndarray:
     size and its centre.
     """
     image = np.asarray(image)
-    w = max(1, int(round(size_px[0])))
-    h = max(1, int(round(size_px[1])))
-    x0 = int(np.floor(centre_xy[0] - w / 2 + 0.5))
-    y0 = int(np.floor(centre_xy[1] - h / 2 + 0.5))
+    x0, y0, w, h = centred_window(centre_xy, size_px)
     H, W = image.shape[:2]
     xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
     if xa >= xb or ya >= yb:
