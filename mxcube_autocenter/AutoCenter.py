@@ -397,4 +397,8 @@ class AutoCenter(HardwareObject):
             result = self.centre()
         except gevent.GreenletExit:
             return None
+        except gevent.Timeout:
+            # No Exception, so SampleView's link callback would die on it and no verdict would reach the queue.
+            self.log.exception("AutoCenter: centring timed out")
+            return None
         return result.centred_positions if result.success else None

@@ -77,7 +77,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     centring_classifier: str | None = Field(
         default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
     )
-    centring_angles: int = Field(default=3, ge=2, le=12, description="Omega angles over 180 degrees used for the fit.")
+    # Two views 180 degrees apart see the same line through the sample: no depth, and the sine fit needs three points.
+    centring_angles: int = Field(default=3, ge=3, le=12, description="Omega angles over 180 degrees used for the fit.")
     verify_centring: Literal["off", "report", "require"] = Field(
         default="report",
         description="After the move, score the beam in one more view (half a step past the first): 'report' logs "

@@ -159,6 +159,54 @@ def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, au
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_timeout_the_sine_fit_dies_of_is_the_fits_failure_not_the_callers():
+    # mxcubecore's motor waits raise gevent.Timeout, no Exception: it must not pass for the caller's time-out.
+    def fit_whose_motor_wait_times_out():
+        raise gevent.Timeout(30)
+
+    fit = gevent.spawn(fit_whose_motor_wait_times_out)
+    with pytest.raises(procedure.CentringFailed, match=r"the sine fit failed \(Timeout: 30 seconds\)"):
+        procedure._fit_outcome(fit)
+
+
+def test_a_timeout_out_of_the_centring_still_ends_it_as_failed(beamline, autocenter, monkeypatch):
+    # Whatever escapes, the queue's mount step waits for centringAccepted and must hear it.
+    def centre_that_times_out(*args, **kwargs):
+        raise gevent.Timeout(30)
+
+    mount_at_start(beamline)
+    monkeypatch.setattr(autocenter, "centre", centre_that_times_out)
+    log = run_auto_centring(beamline)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
+
+
+def test_a_motor_that_refuses_commands_does_not_keep_the_others_from_going_back(beamline, autocenter, monkeypatch):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    autocenter.config.max_displacement_mm = 10.0
+    omega = beamline.diffractometer.omega
+    verify = procedure.verify
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("omega: motor in FAULT, command refused")
+
+    def verify_with_omega_in_fault(*args, **kwargs):
+        monkeypatch.setattr(omega, "set_value", refuse)
+        return verify(*args, **kwargs)
+
+    # Centred, then omega refuses the verification turn: the translations must still go back.
+    monkeypatch.setattr(procedure, "verify", verify_with_omega_in_fault)
+    result = autocenter.centre(save=False)
+    assert not result.success
+    assert "the sample was NOT returned to its starting position: omega (omega: motor in FAULT" in result.message
+    assert result.centred_positions is None
+    now = positions(beamline)
+    assert {name: now[name] for name in CENTRING_MOTORS if name != "omega"} == pytest.approx(
+        {name: start[name] for name in CENTRING_MOTORS if name != "omega"}, abs=1e-3
+    )
+
+
 def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)
@@ -318,8 +366,8 @@ def test_stopping_the_queue_stops_the_centring_and_puts_the_sample_back(beamline
 def test_a_queue_task_with_an_impossible_angle_count_is_refused_before_it_is_queued():
     from mxcube_autocenter.queue_entry import OpticalMLCentring
 
-    with pytest.raises(ValueError, match="n_angles = 1: .*greater than or equal to 2.*centring_angles"):
-        OpticalMLCentring(n_angles=1)
+    with pytest.raises(ValueError, match="n_angles = 2: .*greater than or equal to 3.*centring_angles"):
+        OpticalMLCentring(n_angles=2)
 
 
 def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter):
@@ -361,6 +409,23 @@ def test_a_second_abort_does_not_stop_the_sample_half_way_back(beamline, autocen
     centring.kill(block=False)
     gevent.sleep(0.1)  # now on its way back
     centring.kill(block=True)  # Stop pressed again
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_stop_pressed_twice_at_once_still_puts_the_sample_back(beamline, autocenter):
+    from mxcubecore.HardwareObjects import sample_centring
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    before = sample_centring.CURRENT_CENTRING
+    centring = gevent.spawn(autocenter.centre, save=False)
+    while sample_centring.CURRENT_CENTRING is before:
+        gevent.sleep(0.005)
+    gevent.sleep(0.3)  # the sine fit is turning omega
+    # The second abort arrives while the first stops the fit and the motors.
+    centring.kill(block=False)
+    centring.kill(block=False)
+    centring.join()
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 

@@ -268,8 +268,9 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         # GreenletExit (an abort) and a caller's gevent.Timeout are no Exception,
         # but the sample goes back all the same before they go on.
         result.message = str(err) or type(err).__name__
-        _stop_motion(bl, log)
-        _restore(bl, start, settings.move_timeout_s, log)
+        not_returned = _restore(bl, start, settings.move_timeout_s, log)
+        if not_returned:
+            result.message += f"; the sample was NOT returned to its starting position: {not_returned}"
         if not isinstance(err, Exception):
             raise
         if not isinstance(err, CentringFailed):
@@ -334,9 +335,24 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
         if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
             raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
         if fit.ready() and i < n_angles - 1:
-            fit.get()  # the fit gave up (a motor failed): re-raise its error
+            _fit_outcome(fit)  # the fit gave up (a motor failed): raise its error
             raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
-    return _by_role(bl, fit.get())
+    return _by_role(bl, _fit_outcome(fit))
+
+
+def _fit_outcome(fit: gevent.Greenlet):
+    """The fit's centred positions, or its failure as CentringFailed.
+
+    Whatever the fit died of is the fit's own failure, never the caller's
+    abort or time-out: mxcubecore's motor waits raise ``gevent.Timeout``,
+    which would otherwise pass for the caller's and skip the verdict.
+    """
+    fit.join()
+    if not fit.successful():
+        raise CentringFailed(f"the sine fit failed ({type(fit.exception).__name__}: {fit.exception})") from fit.exception
+    if isinstance(fit.value, gevent.GreenletExit):
+        raise CentringFailed("the sine fit was stopped (another centring started?)")
+    return fit.value
 
 
 def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip, timings: dict,
@@ -494,24 +510,42 @@ def _why_not(angles, settings: CentringSettings) -> str:
     return f"crystal probability {prob:.2f} < min_crystal_probability {settings.min_crystal_probability}"
 
 
-def _restore(bl: Beamline, start: dict, timeout: float, log):
-    """Put the sample back; log, never raise, if even that fails.
+def _restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
+    """Stop what moves and put the sample back; log, never raise, if even that fails.
 
-    The move runs in a greenlet of its own and is waited for to its end: a
+    The work runs in a greenlet of its own and is waited for to its end: a
     second abort (Stop pressed twice) or a caller's time-out arriving now
     must not leave the sample half-way back.
+
+    Returns
+    -------
+    str or None
+        The motors that did not go back, and why; None when all did.
     """
-    moving = gevent.spawn(_move_back, bl, start, timeout, log)
+    moving = gevent.spawn(_stop_and_move_back, bl, start, timeout, log)
     while not moving.ready():
         try:
             moving.join()
         except (gevent.GreenletExit, gevent.Timeout):
             log.warning("AutoCenter: abort while the sample goes back to its starting position: finishing that first")
+    return moving.value
 
 
-def _move_back(bl: Beamline, start: dict, timeout: float, log):
+def _stop_and_move_back(bl: Beamline, start: dict, timeout: float, log) -> str | None:
+    _stop_motion(bl, log)
     try:
         bl.move(start, timeout)
-        log.info("AutoCenter: sample returned to its starting position")
-    except Exception:
-        log.exception("AutoCenter: could not return the sample to its starting position %s", start)
+    except Exception as err:
+        # A simultaneous move may stop at the first motor that refuses: the others go back one by one.
+        log.warning("AutoCenter: moving back to %s failed (%s): moving the motors one by one", start, err)
+        failures = []
+        for name in sorted(start, key=lambda name: name == "omega"):  # translations first: they matter most
+            try:
+                bl.move({name: start[name]}, timeout)
+            except Exception as motor_err:
+                failures.append(f"{name} ({motor_err})")
+        if failures:
+            log.error("AutoCenter: could not return the sample to its starting position %s: %s", start, "; ".join(failures))
+            return "; ".join(failures)
+    log.info("AutoCenter: sample returned to its starting position")
+    return None
