@@ -318,6 +318,21 @@ def summarise_method(outcomes) -> dict:
     }
 
 
+def outcome_of(row: dict, method: str) -> Outcome:
+    """One method's :class:`Outcome` in a row of a demo's ``samples.json``.
+
+    Raises
+    ------
+    ValueError
+        If the row has no complete outcome of that method.
+    """
+    try:
+        return Outcome(**{f.name: row[method][f.name] for f in fields(Outcome) if f.name in row[method]})
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"sample {row.get('sample')} has no complete {method!r} outcome ({err}): "
+                         "give the samples.json of a demo run") from None  # fmt: skip
+
+
 def pool_outcomes(runs, methods=METHODS) -> list:
     """The outcomes of several demo runs on different held-out samples, as one list.
 
@@ -344,16 +359,7 @@ def pool_outcomes(runs, methods=METHODS) -> list:
         raise ValueError(
             f"{len(repeated)} samples are in more than one run (e.g. {repeated[0]}): pool runs of different --seed"
         )
-    keys = [f.name for f in fields(Outcome)]
-    outcomes = []
-    for rows in runs:
-        for row in rows:
-            for method in (m for m in methods if m in row):
-                try:
-                    outcomes.append(Outcome(**{k: row[method][k] for k in keys if k in row[method]}))
-                except (TypeError, KeyError) as err:
-                    raise ValueError(f"sample {row['sample']} has no complete {method!r} outcome ({err}): "
-                                     "give the samples.json of a demo run") from None  # fmt: skip
+    outcomes = [outcome_of(row, method) for rows in runs for row in rows for method in methods if method in row]
     if not outcomes:
         raise ValueError("no outcomes in the runs given: give the report directories of demo runs that centred samples")
     return outcomes
@@ -592,8 +598,9 @@ def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
         other = by_name[row["sample"]]
         if method not in row or method not in other:
             raise ValueError(f"sample {row['sample']} has no {method!r} outcome in both runs: compare a method both ran")
+        a, b = outcome_of(row, method), outcome_of(other, method)
         paired.append({"sample": row["sample"], "description": row.get("description", ""),
-                       "has_crystal": bool(row["has_crystal"]), "a": row[method], "b": other[method]})  # fmt: skip
+                       "has_crystal": a.has_crystal, "a": a.to_dict(), "b": b.to_dict()})  # fmt: skip
     return paired
 
 

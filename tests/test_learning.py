@@ -392,6 +392,8 @@ def test_training_lowers_validation_loss_and_saves_a_self_describing_model(train
 
 
 def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained, tmp_path):
+    import keras
+
     from mxcube_autocenter.learning import architectures as A
     from mxcube_autocenter.learning.training import ModelFileError, attach_info, load_model
 
@@ -417,6 +419,22 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     attach_info(A.build("fcn", (SMALL, SMALL, 3)), info).save(incomplete)
     with pytest.raises(ModelFileError, match="lacks"):
         load_model(incomplete)
+
+    # Metadata present but unusable: refused when loaded, not at the first centring.
+    broken = {
+        "unfitted": ({"transform": {"name": "log"}}, "the log transform has no fitted parameters"),
+        "nameless": ({"architecture": {}}, "the architecture {} has no name"),
+    }
+    for name, (change, message) in broken.items():
+        path = str(tmp_path / f"{name}.keras")
+        attach_info(A.build("fcn", (SMALL, SMALL, 3)), {**trained.info, **change}).save(path)
+        with pytest.raises(ModelFileError, match=message) as err:
+            load_model(path)
+        assert path in str(err.value)
+    three = keras.Sequential([keras.Input((SMALL, SMALL, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    attach_info(three, trained.info).save(str(tmp_path / "three.keras"))
+    with pytest.raises(ModelFileError, match=r"outputs of shape \(3,\), not one number per crop"):
+        load_model(str(tmp_path / "three.keras"))
 
     garbage = tmp_path / "garbage.keras"
     garbage.write_bytes(b"not a zip file")

@@ -244,8 +244,9 @@ def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the
 
 
 def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4.0):
-    outcome = {"hit": hit, "dist_um": dist, "rc_fraction": rc, "refused": refused, "wall_s": wall}
-    return {"sample": name, "description": f"loop of {name}", "has_crystal": has_crystal, "ml": outcome}
+    outcome = scorecard.Outcome("ml", name, has_crystal, refused, {"sampx": 0.0}, wall, hits=[hit] * 4 if has_crystal else None,
+                                dist_um=dist, rc_fraction=rc)  # fmt: skip
+    return {"sample": name, "description": f"loop of {name}", "has_crystal": has_crystal, "ml": outcome.to_dict()}
 
 
 def test_compare_runs_pairs_each_crystal_and_pools_the_seeds():
@@ -272,3 +273,6 @@ def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():
         scorecard.compare_runs([([_row("s0", True)], [_row("s9", True)])])
     with pytest.raises(ValueError, match="no 'lucid' outcome"):
         scorecard.compare_runs([([_row("s0", True)], [_row("s0", True)])], method="lucid")
+    incomplete = {"sample": "s0", "description": "loop of s0", "ml": {"method": "ml"}}
+    with pytest.raises(ValueError, match="sample s0 has no complete 'ml' outcome .*give the samples.json of a demo run"):
+        scorecard.compare_runs([([_row("s0", True)], [incomplete])])

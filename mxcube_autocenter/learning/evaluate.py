@@ -53,12 +53,18 @@ def _rows_for(info, table, subset, model_path):
         return np.arange(len(table))
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS} or 'all', not {subset!r}")
+    if not info.get("split"):
+        raise ValueError(
+            f"{model_path} stores no split, so its {subset} crystals are unknown: evaluate on a separate test set "
+            "with --subset all (subset='all')"
+        )
     split = Split.from_config(info["split"])
     rows = split.indices(table.crystal_id)[subset]
     if len(rows) == 0:
         raise ValueError(
             f"{table.path}: none of the {len(getattr(split, subset))} {subset} crystals of {model_path} "
-            "is in this dataset: evaluate on a dataset with them, or pass subset='all' for a separate test set"
+            "is in this dataset: evaluate on a dataset with them, or a separate test set with --subset all "
+            "(subset='all')"
         )
     return rows
 

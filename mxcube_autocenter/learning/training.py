@@ -179,10 +179,17 @@ def load_model(path):
         _refuse(path, f"unknown task {task!r} in its metadata", retrain)
     try:
         spec = crops.CropSpec.from_config(info["input"])
-        if task == "regression":
-            transform_from_config(info["transform"])
-    except (KeyError, TypeError, ValueError) as err:
-        _refuse(path, f"invalid input or transform metadata ({err})", retrain)
+        if task == "regression" and not transform_from_config(info["transform"]).fitted:
+            raise ValueError(f"the {info['transform'].get('name')} transform has no fitted parameters")
+        if task == "classifier":
+            float(info["threshold"])
+        if not isinstance(info["architecture"], dict) or not info["architecture"].get("name"):
+            raise ValueError(f"the architecture {info['architecture']!r} has no name")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        _refuse(path, f"invalid input, transform, threshold or architecture metadata ({err})", retrain)
+    if tuple(model.output_shape) != (None, 1):
+        _refuse(path, f"the network gives outputs of shape {tuple(model.output_shape)[1:]}, not one number per crop",
+                f"It must be a regressor or a classifier with a single output. {retrain}")  # fmt: skip
     expected = (None, *spec.input_shape)
     actual = tuple(model.input_shape)
     if actual != expected:
