@@ -284,21 +284,27 @@ def test_every_architecture_builds_with_the_parameter_count_of_its_spec():
         assert A.describe(name)["name"] == name
     with pytest.raises(ValueError, match="unknown architecture"):
         A.build("a11")
+    for arch in ("fcn", "fcn_gap"):
+        with pytest.raises(ValueError, match=r"input \(30, 30, 3\) is too small for the fcn trunk: at least 31 x 31"):
+            A.build(arch, (30, 30, 3))
 
 
-def test_fcn_evaluates_a_region_exactly_like_its_crops():
+@pytest.mark.parametrize("arch", ["fcn", "fcn_classifier"])
+def test_fcn_evaluates_a_region_exactly_like_its_crops(arch):
     from mxcube_autocenter.learning import architectures as A
+    from mxcube_autocenter.learning.dense import FCN_STEP
 
-    model = A.build("fcn", (SMALL, SMALL, 3))
+    model = A.build(arch, (SMALL, SMALL, 3))
     dense = A.dense_evaluator(model)
-    step = A.output_stride("fcn")
+    step = A.output_stride(arch)
+    assert step == FCN_STEP  # the region sets' label grid
     region = np.random.default_rng(4).normal(size=(1, SMALL + 2 * step, SMALL + step, 3)).astype(np.float32)
     heat = dense.predict(region, verbose=0)
     assert heat.shape == (1, 3, 2, 1)
     batch = np.stack([region[0, i * step : i * step + SMALL, j * step : j * step + SMALL]
                       for i in range(3) for j in range(2)])
     per_crop = model.predict(batch, verbose=0).reshape(3, 2)
-    assert np.allclose(heat[0, ..., 0], per_crop, atol=1e-5)
+    assert np.allclose(heat[0, ..., 0], per_crop, atol=1e-5)  # a classifier's probabilities, not its logits
 
 
 # ---------------------------------------------------------------- data

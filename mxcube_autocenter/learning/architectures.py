@@ -190,6 +190,12 @@ def _classifier(input_shape):
 
 
 def _fcn_trunk(x):
+    # Each 3x3 'valid' convolution of stride 2 takes n pixels to (n - 1) // 2: 31 is the least that leaves one.
+    smallest = 1
+    for _ in FCN_FILTERS:
+        smallest = 2 * smallest + 1
+    if x.shape[1] < smallest or x.shape[2] < smallest:
+        raise ValueError(f"input {tuple(x.shape[1:])} is too small for the fcn trunk: at least {smallest} x {smallest} (raise input_size)")
     for i, filters in enumerate(FCN_FILTERS):
         x = layers.Conv2D(filters, 3, strides=2, padding="valid", activation="relu", name=f"conv{i}")(x)
     return layers.Dropout(CONV_DROPOUT, name="drop")(x)
@@ -203,8 +209,6 @@ def _fcn(input_shape, name="fcn"):
     """
     inputs = keras.Input(input_shape, name="crop")
     x = _fcn_trunk(inputs)
-    if x.shape[1] < 1 or x.shape[2] < 1:
-        raise ValueError(f"{name}: input {input_shape} is too small (at least 31 x 31)")
     x = layers.Conv2D(FCN_HEAD, (x.shape[1], x.shape[2]), padding="valid", activation="relu", name="head")(x)
     x = layers.Conv2D(1, 1, name="rc_map")(x)
     x = layers.Flatten(name="rc")(x)
@@ -238,20 +242,21 @@ def build(name: str, input_shape=(128, 128, 3)) -> keras.Model:
 
 def output_stride(name: str = "fcn") -> int:
     """Input pixels between neighbouring outputs of :func:`dense_evaluator`."""
-    if name != "fcn":
-        raise ValueError(f"only 'fcn' evaluates densely, not {name!r}")
+    if name not in ("fcn", "fcn_classifier"):
+        raise ValueError(f"only 'fcn' and 'fcn_classifier' evaluate densely, not {name!r}")
     return 2 ** len(FCN_FILTERS)
 
 
 def dense_evaluator(model: keras.Model) -> keras.Model:
-    """A model mapping a region (B, H, W, C) to predictions (B, H', W', 1), for an ``fcn`` model.
+    """A model mapping a region (B, H, W, C) to predictions (B, H', W', 1), for an ``fcn`` or ``fcn_classifier``.
 
     Output ``[i, j]`` is the model's prediction for the input crop whose
     top-left corner is at ``(16 j, 16 i)`` (see :func:`output_stride`): the
     crops of a region on a 16-pixel grid, computed with shared convolutions.
     Denser grids: evaluate the region shifted by fractions of the stride.
     """
-    convs = [layer for layer in model.layers if isinstance(layer, (layers.Conv2D, layers.Dropout))]
+    # The same layers, so the same weights, without the Flatten; a classifier keeps its sigmoid.
+    convs = [layer for layer in model.layers if isinstance(layer, (layers.Conv2D, layers.Dropout, layers.Activation))]
     if not any(layer.name == "head" for layer in convs) or not any(layer.name == "rc_map" for layer in convs):
         raise ValueError(f"model {model.name!r} is not an fcn: no 'head' and 'rc_map' convolutions")
     inputs = keras.Input((None, None, model.input_shape[-1]), name="region")
