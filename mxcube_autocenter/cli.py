@@ -26,6 +26,14 @@ def cmd_demo(args) -> int:
 
     from mxcube_autocenter.demo import DemoError, format_scorecard, run_demo
 
+    # Options that would be silently ignored are refused: the run would not be the one asked for.
+    if args.classifier and not args.model:
+        print("error: --classifier goes with --model (otherwise the demo trains its own classifier)", file=sys.stderr)
+        return 2
+    if args.input_size is not None and not (args.from_scratch and not args.quick and not args.model):
+        print("error: --input-size applies to training with --from-scratch only (fine-tuning keeps the shipped "
+              "model's input, 128 px)", file=sys.stderr)  # fmt: skip
+        return 2
     options = {
         name: getattr(args, name)
         for name in ("n_train", "n_heldout", "n_empty", "epochs", "input_size", "nproc", "seed")
@@ -453,8 +461,8 @@ def cmd_simulate(args) -> int:
     from mxcube_autocenter.simulation.sample import make_sample
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with hardware_repository(args.config) as beamline:
+        out.mkdir(parents=True, exist_ok=True)  # once the configuration has loaded: a refused run leaves nothing
         mounted = beamline.sample_changer.mount(make_sample(args.seed), crystal_id=f"seed{args.seed}")
         sample = mounted.sample
         print(
@@ -530,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-heldout", type=COUNT, help="held-out samples to centre (default: 20; --quick: 10)")
     demo.add_argument("--n-empty", type=NON_NEGATIVE_INT, help="of which empty loops (default: 4; --quick: 2)")
     demo.add_argument("--epochs", type=COUNT, help="most training epochs (default: 12)")
-    demo.add_argument("--input-size", type=COUNT, help="model input side, pixels (default: 64)")
+    demo.add_argument("--input-size", type=COUNT, help="with --from-scratch: model input side, pixels (default: 64)")
     demo.add_argument("--nproc", type=COUNT, help="spot-finding processes (default: up to 2)")
     demo.add_argument("--seed", type=NON_NEGATIVE_INT, help="seeds looks, start positions and samples (default: 0)")
     demo.add_argument("--keep-data", action="store_true", help="keep the EIGER files and camera recordings (large)")

@@ -809,7 +809,7 @@ def run_demo(
         Train the regressor by fine-tuning the shipped one on the recordings
         (its input: 240 um crops at 128 px), as a beamline starting out
         would; False trains one from scratch with ``input_size`` and
-        ``crop_um`` (the classifier always uses those).
+        ``crop_um``. The classifier takes the regressor's input either way.
     model, classifier_model : path, optional
         Centre with these model files instead (no training).
     n_train, n_heldout, n_empty : int, optional

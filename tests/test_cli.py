@@ -57,6 +57,13 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     assert main(["demo", "--out", str(out), "--model", str(own)]) == 2  # the demo would remove it first
     assert "copy it elsewhere first" in capsys.readouterr().err and own.exists()
     assert (out / "report.md").read_text() == "the last report"
+    # Options the run would ignore are refused, not dropped.
+    assert main(["demo", "--out", str(out), "--classifier", str(own)]) == 2
+    assert "--classifier goes with --model" in capsys.readouterr().err
+    for ignored in ([], ["--quick", "--from-scratch"]):
+        assert main(["demo", "--out", str(out), "--input-size", "96", *ignored]) == 2
+        assert "--input-size applies to training with --from-scratch only" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "the last report"
 
 
 def test_web_names_an_unwritable_state_directory_and_a_missing_ui_build(tmp_path, capsys):

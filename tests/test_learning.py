@@ -468,7 +468,8 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
     rows = np.arange(16)
     spec = info_spec(info)
     np.testing.assert_allclose(predict_rows(tuned, table, rows, spec), predict_rows(initial, table, rows, spec), atol=1e-5)
-    with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0: train with crop_um=160.0"):
+    with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0: train with crop_um=160.0; on the "
+                       "command line --crop-um 160.0 \\(train-dense: a region set written with synthesize-regions"):
         train(dataset_path, "fcn", "log", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path,
               **dict(same, crop_um=200))
     with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):

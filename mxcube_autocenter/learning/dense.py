@@ -484,7 +484,6 @@ def train_dense(
     keras.utils.set_random_seed(int(seed))
     learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
-    os.makedirs(out, exist_ok=True)
     table = read_regions(regions_path)
     spec = crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size, colour=colour, normalisation=normalisation)
     initial = initial_info = None
@@ -501,6 +500,7 @@ def train_dense(
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             raise RegionSetError(f"{regions_path}: the {name} subset has no regions: give a set of more samples")
+    os.makedirs(out, exist_ok=True)  # only once the inputs are checked: a refused run leaves nothing behind
 
     counts = table.rc_expected if label == "rc_expected" else table.rc
     train_points = counts[idx["train"]][table.valid[idx["train"]]]

@@ -324,8 +324,7 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
     """
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
-    table = {}
+    table = {}  # out_dir is made by the first training, once it has checked the dataset
     combos = [(a, t) for a in archs for t in transforms]
     for arch, name in tqdm(combos, desc="sweep", unit="model"):
         result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)

@@ -368,7 +368,6 @@ def _fit(
     keras.utils.set_random_seed(int(seed))
     learning_rate = learning_rate_for(learning_rate, initial_model)
     out = str(out)
-    os.makedirs(out, exist_ok=True)
     table = read_table(dataset_path)
     spec = crops.CropSpec(crop_um=crop_um, input_size=input_size, colour=colour, normalisation=normalisation)
     initial = initial_info = None
@@ -384,6 +383,7 @@ def _fit(
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             raise ValueError(f"{dataset_path}: the {name} subset has no rows")
+    os.makedirs(out, exist_ok=True)  # only once the inputs are checked: a refused run leaves nothing behind
 
     counts = label_counts(table, label, dataset_path)
     transform = None
@@ -593,6 +593,11 @@ def transfer_regressor(classifier, regressor, regressor_info, threshold):
     classifier.set_weights(weights)
 
 
+# The command-line options that set check_initial's keys, for its hints.
+_OPTIONS = {"task": "--arch", "arch": "--arch", "crop_um": "--crop-um", "input_size": "--input-size",
+            "transform": "--transform", "threshold": "--threshold"}  # fmt: skip
+
+
 def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
     """Refuse to fine-tune a model whose task, architecture, input or label transform differ.
 
@@ -617,10 +622,15 @@ def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
             "threshold": float(threshold) if task == "classifier" else None}
     for key, value in ours.items():
         if theirs[key] != value:
+            option = _OPTIONS.get(key)
+            where = "" if option is None else f"; on the command line {option} {theirs[key]}"
+            if key in ("crop_um", "input_size"):
+                where += f" (train-dense: a region set written with synthesize-regions {option} {theirs[key]})"
             raise ValueError(
-                f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: train with {key}={theirs[key]!r} "
-                "(fine-tuning keeps the initial model's task, architecture, input and label transform)"
+                f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: train with {key}={theirs[key]!r}"
+                f"{where} (fine-tuning keeps the initial model's task, architecture, input and label transform)"
             )
+
 
 
 def train(
