@@ -134,12 +134,13 @@ class CollectionRecorder:
         """
         if self._writer is not None and dc_params is self._dc_params:
             return
+        # Whether or not this one is recorded, the previous collection has ended.
+        self.stop_later("aborted")
         cfg = self._settings()
         kind = dc_params.get("experiment_type")
         if not cfg.recording_enabled or kind not in cfg.record_scan_types:
             self.log.debug("AutoCenter: not recording a %s collection", kind)
             return
-        self.stop_later("aborted")
         fileinfo = dc_params["fileinfo"]
         directory = recording_directory(cfg.record_directory, fileinfo)
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
@@ -176,9 +177,19 @@ class CollectionRecorder:
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""
         pool = gevent.get_hub().threadpool
+        failing = False
         while self._writer is writer:
             start = time.time()
-            rgb = self._snapshot()
+            try:
+                rgb = self._snapshot()
+            except Exception:
+                # Logged once; the watchdog ends the recording if the camera stays silent.
+                if not failing:
+                    self.log.exception("AutoCenter: sample-view snapshot failed; recording waits for the camera")
+                failing = True
+                gevent.sleep(self._period)
+                continue
+            failing = False
             self._last_frame_time = time.time()
             motors = self._read_motors()
             jpeg = pool.apply(encode_jpeg, (rgb,))
@@ -197,10 +208,9 @@ class CollectionRecorder:
                 self.stop("failed")
             elif time.time() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
-                    "AutoCenter: the camera sent no frame for %.0f s; recording stopped "
-                    "(check the sample-view camera, or set record_source to 'poll')",
-                    camera_timeout_s,
-                )
+                    "AutoCenter: the camera sent no frame for %.0f s; recording stopped (check the sample-view "
+                    "camera%s)", camera_timeout_s, "" if not self._streamed else ", or set record_source to 'poll'",
+                )  # fmt: skip
                 self.stop("failed")
 
     def stop(self, status: str = "complete"):

@@ -217,6 +217,41 @@ def test_camera_that_stops_sending_stops_the_recording(beamline, autocenter, tmp
     assert "sent no frame" in caplog.text
 
 
+def test_a_collection_of_a_type_not_recorded_still_ends_the_recording_before_it(beamline, autocenter, tmp_path):
+    collect(beamline, tmp_path / "first", "OSC")
+    wait_for_summary(autocenter)
+    base = beamline.collect.current_dc_parameters
+    recorded = {**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": "loop_a"}}
+    mesh = {**recorded, "experiment_type": "Mesh", "fileinfo": {**recorded["fileinfo"], "prefix": "mesh"}}
+    assert "Mesh" not in autocenter.config.record_scan_types
+    beamline.collect.emit("collectOscillationStarted", (None, 1, "code", "1:01", recorded, 1))
+    gevent.sleep(0.6)
+    beamline.collect.emit("collectOscillationStarted", (None, 1, "code", "1:01", mesh, 2))  # no end signalled before
+    with gevent.Timeout(10, AssertionError("the recording did not close")):
+        while autocenter.recorder.recording:
+            gevent.sleep(0.05)
+    gevent.sleep(0.3)
+    assert [path.name for path in tmp_path.glob("autocenter_frames/*.h5")] == ["loop_a_1_camera.h5"]
+    assert read_recording(tmp_path / "autocenter_frames" / "loop_a_1_camera.h5").status == "aborted"
+
+
+def test_a_poll_source_whose_snapshots_fail_logs_once_and_stops_the_recording(beamline, autocenter, tmp_path, caplog,
+                                                                              monkeypatch):  # fmt: skip
+    def broken_snapshot():
+        raise RuntimeError("camera device gone")
+
+    autocenter.config.record_source = "poll"
+    autocenter.config.record_camera_timeout_s = 0.5
+    autocenter.recorder.last_summary = None
+    monkeypatch.setattr(autocenter.recorder, "_snapshot", broken_snapshot)
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        collect(beamline, tmp_path, "OSC", n_images=30)
+        summary = wait_for_summary(autocenter)
+    assert summary.status == "failed"
+    assert caplog.text.count("sample-view snapshot failed") == 1 and "camera device gone" in caplog.text
+    assert "sent no frame" in caplog.text and "record_source" not in caplog.text
+
+
 def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):
     autocenter.config.record_source = "poll"
     autocenter.recorder.last_summary = None
