@@ -135,7 +135,7 @@ class AutoCenter(HardwareObject):
         diffr = bl.diffractometer
         zoom = diffr.zoom.get_value() if getattr(diffr, "zoom", None) else None
         loaded = bl.sample_changer.get_loaded_sample() if bl.sample_changer else None
-        width, height = (bl.beam.get_beam_size() if bl.beam else (None, None))
+        width, height = bl.beam.get_beam_size()  # the beam is required: the beam position places every crop
         return {
             "beamline": getattr(bl.session, "beamline_name", None),
             "zoom": getattr(zoom, "name", zoom),

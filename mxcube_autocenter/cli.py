@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -169,8 +170,26 @@ def _input_errors_exit_2(command):
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except Exception as err:
+            message = _dataset_error_inside_tensorflow(err)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 2
 
     return run
+
+
+def _dataset_error_inside_tensorflow(err) -> str | None:
+    """The message of a DatasetError that tf.data re-raised as a TensorFlow error, or None for any other error.
+
+    A corrupt row is found only when tf.data reads it, inside a numpy function,
+    and TensorFlow re-raises the error as its own with the text embedded.
+    """
+    if not type(err).__module__.startswith("tensorflow"):
+        return None
+    found = re.search(r"DatasetError: (.+)", str(err))
+    return found.group(1).strip() if found else None
 
 
 def _refuse_to_overwrite(args):

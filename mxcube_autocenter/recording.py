@@ -746,11 +746,6 @@ class RecordingWriter:
         """Frames submitted that will not be written (so far)."""
         return self._dropped_at_submit + self._dropped_by_writer
 
-    @property
-    def path(self) -> Path | None:
-        """The recording's file, once created."""
-        return self._store.path if self._store is not None else None
-
     def submit(
         self, jpeg: bytes, timestamp: float, motors, frame_number: int | None = None
     ) -> bool:

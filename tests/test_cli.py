@@ -72,3 +72,20 @@ def test_web_names_an_unwritable_state_directory_and_a_missing_ui_build(tmp_path
     assert "choose another --state-dir" in capsys.readouterr().err
     assert main(["web", "--state-dir", str(tmp_path / "state"), "--ui-build", str(tmp_path / "no_ui")]) == 2
     assert "holds no index.html" in capsys.readouterr().err
+
+
+def test_a_corrupt_row_found_while_training_is_an_error_that_names_the_set_and_the_row(tmp_path, capsys):
+    import h5py
+    import numpy as np
+
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    dataset = tmp_path / "set.h5"
+    synthetic_dataset(dataset, n_samples=5, seed=1, crops_per_sample=4, stored_crop_um=240, progress=False)
+    with h5py.File(dataset, "r+") as h5file:
+        h5file["samples/image"][5] = np.frombuffer(b"\xff\xd8" + b"\x00" * 100, np.uint8)
+    argv = ["train", str(dataset), "--out", str(tmp_path / "model"), "--epochs", "1", "--input-size", "32",
+            "--crop-um", "120", "--batch-size", "4"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {dataset}: row 5: " in err and "write it again" in err and "Traceback" not in err

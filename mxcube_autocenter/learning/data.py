@@ -273,7 +273,7 @@ class RowReader:
         try:
             return decode_jpeg(data)
         except ValueError as err:
-            raise DatasetError(f"{self.path}: row {i}: {err}") from err
+            raise DatasetError(f"{self.path}: row {i}: {err}: the set is damaged; write it again (label or synthesize)") from err
 
     def close(self):
         with self._lock:
