@@ -1152,7 +1152,8 @@ def contact_sheet(path, out_png, n: int = 16, columns: int = 4, tile_width: int 
     Raises
     ------
     RecordingError
-        If the recording holds no readable frame.
+        If the recording holds no frame, or none of those picked can be
+        decoded (a corrupt one among others is drawn grey, marked so).
     OSError
         If ``out_png`` cannot be written.
     """
@@ -1160,7 +1161,16 @@ def contact_sheet(path, out_png, n: int = 16, columns: int = 4, tile_width: int 
     if not len(rec):
         raise RecordingError(f"{rec.path} holds no frames: nothing to show")
     indices = np.unique(np.linspace(0, len(rec) - 1, min(n, len(rec))).round().astype(int))
-    tiles = [_tile(rec, i, tile_width) for i in indices]
+    tiles = {}
+    for i in indices:
+        try:
+            tiles[i] = _tile(rec, i, tile_width)
+        except CorruptFrameError:
+            tiles[i] = None  # shown as such: one bad frame must not hide the others
+    shown = [tile for tile in tiles.values() if tile is not None]
+    if not shown:
+        raise RecordingError(f"{rec.path}: none of the {len(indices)} frames picked for the sheet can be decoded")
+    tiles = [tile if tile is not None else _corrupt_tile(shown[0].shape, rec, i) for i, tile in tiles.items()]
     blank = np.zeros_like(tiles[0])
     tiles += [blank] * (-len(tiles) % columns)
     rows = [np.hstack(tiles[k : k + columns]) for k in range(0, len(tiles), columns)]
@@ -1176,10 +1186,15 @@ def _tile(rec: Recording, i: int, width: int) -> np.ndarray:
     if beam is not None:
         centre = (round(beam[0] * scale), round(beam[1] * scale))
         cv2.drawMarker(tile, centre, (255, 0, 0), cv2.MARKER_CROSS, markerSize=16, thickness=2)
-    omega = rec.motor("omega")[i]
-    for line, text in enumerate(
-        (f"#{i}  {_clock(rec.timestamps[i])}", f"omega {omega:.2f} deg")
-    ):
+    return _caption(tile, rec, i, f"omega {rec.motor('omega')[i]:.2f} deg")
+
+
+def _corrupt_tile(shape, rec: Recording, i: int) -> np.ndarray:
+    return _caption(np.full(shape, 96, np.uint8), rec, i, "corrupt image")
+
+
+def _caption(tile: np.ndarray, rec: Recording, i: int, second_line: str) -> np.ndarray:
+    for line, text in enumerate((f"#{i}  {_clock(rec.timestamps[i])}", second_line)):
         origin = (6, 18 + 18 * line)
         # Dark outline under light text: readable on bright and dark images.
         for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):

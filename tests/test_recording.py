@@ -343,6 +343,21 @@ def test_summary_and_contact_sheet(tmp_path):
     assert tuple(image[64, 80]) == (0, 0, 255)
     assert not image[128:, 320:].any()  # the two unused tiles stay black
 
+    # A corrupt frame is drawn as such; the others are still shown.
+    damaged = FrameStore.create(tmp_path, "damaged", metadata)
+    corrupt = b"\xff\xd8" + bytes(100)
+    for k, jpeg in enumerate([jpegs[0], corrupt, jpegs[1]]):
+        damaged.append(jpeg, 1.7e9 + 0.1 * k, _motors(k), k)
+    damaged.close("complete")
+    image = cv2.imread(str(contact_sheet(damaged.path, tmp_path / "damaged.png", n=3, columns=3, tile_width=160)))
+    assert image.shape == (128, 3 * 160, 3)
+    assert tuple(image[100, 240]) == (96, 96, 96) and tuple(image[64, 80]) == (0, 0, 255)
+    hopeless = FrameStore.create(tmp_path, "hopeless", metadata)
+    hopeless.append(corrupt, 1.7e9, _motors(0), 0)
+    hopeless.close("complete")
+    with pytest.raises(RecordingError, match="none of the 1 frames picked for the sheet can be decoded"):
+        contact_sheet(hopeless.path, tmp_path / "hopeless.png")
+
 
 def test_unreadable_inputs(tmp_path):
     h5py.File(tmp_path / "other.h5", "w").close()
