@@ -148,6 +148,11 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     )
     offsets = np.arange(-reach, reach + step / ppy, step / ppy)
     du, dv = np.meshgrid(offsets, offsets, indexing="ij")
+    # The grid is separable: its columns along the spindle (a) project onto a view's x alone, and its
+    # (u, v) points onto its y alone, so each view is read column-wise, then row-wise.
+    along = np.zeros((len(xs), 3))
+    along[:, 0] = motors["phiy"] + (xs - beam_position[0]) / ppx
+    across = np.column_stack([np.zeros(du.size), motors["sampx"] + du.ravel(), motors["sampy"] + dv.ravel()])
     total = np.zeros((len(offsets), len(offsets), len(xs)), np.float32)
     lowest = np.full_like(total, np.inf)
     per_view = []
@@ -155,12 +160,9 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         values = _prepared(view, sigma_cells)
         vx = np.asarray(view.xs, dtype=np.float64)
         vy = np.asarray(view.ys, dtype=np.float64)
-        m = view.motors
-        x = xs + ppx * (motors["phiy"] - m["phiy"])
+        x = sample_to_screen(along, view.motors, pixels_per_mm, beam_position)[0][:, 0]
         columns = _interp_1d(values, (x - vx[0]) / (vx[1] - vx[0]) if len(vx) > 1 else np.zeros_like(x), axis=1)
-        omega = np.radians(m["omega"])
-        u, v = du + (motors["sampx"] - m["sampx"]), dv + (motors["sampy"] - m["sampy"])
-        y = beam_position[1] + ppy * (u * np.sin(omega) + v * np.cos(omega) - m["phiz"])
+        y = sample_to_screen(across, view.motors, pixels_per_mm, beam_position)[0][:, 1].reshape(du.shape)
         rows = (y - vy[0]) / (vy[1] - vy[0]) if len(vy) > 1 else np.zeros_like(y)
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         per_view.append(score)
@@ -172,11 +174,7 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
     if plateau is not None:
         i, j, k = _plateau_centre(total, (i, j, k), plateau)
-    point = np.array([
-        motors["phiy"] + (xs[k] - beam_position[0]) / ppx,
-        motors["sampx"] + du[i, j],
-        motors["sampy"] + dv[i, j],
-    ])
+    point = np.array([along[k, 0], *across[np.ravel_multi_index((i, j), du.shape), 1:]])
     return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
 
 
