@@ -227,21 +227,9 @@ class AutoCenter(HardwareObject):
         ValueError
             If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
-        cfg = self.config
-        return procedure.CentringSettings(
-            n_angles=cfg.centring_angles if n_angles is None else check_centring_angles(n_angles),
-            roi_width_um=cfg.roi_width_um,
-            roi_height_um=cfg.roi_height_um,
-            stride_px=cfg.heatmap_stride_px,
-            heatmap_symmetries=cfg.heatmap_symmetries,
-            min_score=cfg.min_score,
-            min_crystal_probability=cfg.min_crystal_probability,
-            fallback=cfg.no_crystal_fallback,
-            pin_side=cfg.pin_side,
-            max_displacement_mm=cfg.max_displacement_mm,
-            move_timeout_s=cfg.move_timeout_s,
-            verify=cfg.verify_centring,
-        )
+        if n_angles is None:
+            return procedure.CentringSettings.from_config(self.config)
+        return procedure.CentringSettings.from_config(self.config, n_angles=check_centring_angles(n_angles))
 
     def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
         """Centre the crystal in the beam (blocking; call it from a greenlet or a script).

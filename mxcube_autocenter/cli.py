@@ -396,6 +396,7 @@ def cmd_heatmap(args) -> int:
     from mxcube_autocenter.centring.loop import loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
+    from mxcube_autocenter.config import AutoCenterConfig
     from mxcube_autocenter.imagefiles import write_png
 
     try:
@@ -403,8 +404,8 @@ def cmd_heatmap(args) -> int:
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = CentringSettings(stride_px=args.stride, heatmap_symmetries=args.symmetries, min_score=args.min_score,
-                                pin_side=args.pin_side)
+    settings = CentringSettings.from_config(AutoCenterConfig(), stride_px=args.stride, heatmap_symmetries=args.symmetries,
+                                            min_score=args.min_score, pin_side=args.pin_side)  # fmt: skip
     ppmm = (args.pixels_per_mm, args.pixels_per_mm)
     status = 0
     for path in args.images:

@@ -24,9 +24,9 @@ from mxcubecore.HardwareObjects import sample_centring
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
+from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
-MOVE_TIMEOUT_S = 30.0
 TRANSLATION_TOLERANCE_MM = 1e-3
 OMEGA_TOLERANCE_DEG = 0.05
 
@@ -101,24 +101,36 @@ class CentringResult:
 
 @dataclass(frozen=True)
 class CentringSettings:
-    """Parameters of the procedure (from the AutoCenter XML properties)."""
+    """Parameters of the procedure: the AutoCenter XML properties (:meth:`from_config`) and fixed choices."""
 
-    n_angles: int = 3
-    roi_width_um: float = 700.0
-    roi_height_um: float = 600.0
-    stride_px: float = 6.0
-    heatmap_symmetries: str = "none"
-    min_score: float = 5.0
-    min_crystal_probability: float = 0.5
-    fallback: str = "none"
-    pin_side: str = "left"
-    max_displacement_mm: float = 1.0
-    move_timeout_s: float = MOVE_TIMEOUT_S
+    n_angles: int
+    roi_width_um: float
+    roi_height_um: float
+    stride_px: float
+    heatmap_symmetries: str
+    min_score: float
+    min_crystal_probability: float
+    fallback: str
+    pin_side: str
+    max_displacement_mm: float
+    move_timeout_s: float
+    verify: str
     loop_search_rotations: int = 4
-    verify: str = "report"
     # The middle of the fused score's plateau, not its maximum (fuse_views): on the demo's held-out
     # crystals 0.8 of the peak did as well as 0.7 and better than 0.9 (docs/centring.md, step 4).
     plateau: float = 0.8
+
+    @classmethod
+    def from_config(cls, config: AutoCenterConfig, **overrides) -> CentringSettings:
+        """The settings of validated XML properties, with ``overrides`` by field name (e.g. ``n_angles``)."""
+        return cls(**{
+            "n_angles": config.centring_angles, "roi_width_um": config.roi_width_um,
+            "roi_height_um": config.roi_height_um, "stride_px": config.heatmap_stride_px,
+            "heatmap_symmetries": config.heatmap_symmetries, "min_score": config.min_score,
+            "min_crystal_probability": config.min_crystal_probability, "fallback": config.no_crystal_fallback,
+            "pin_side": config.pin_side, "max_displacement_mm": config.max_displacement_mm,
+            "move_timeout_s": config.move_timeout_s, "verify": config.verify_centring, **overrides,
+        })  # fmt: skip
 
 
 class Beamline:
