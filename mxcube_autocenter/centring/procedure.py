@@ -492,12 +492,7 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
     angles : AngleResult or sequence of AngleResult
         The views, each scored at the chosen point's projection.
     """
-    angles = [angles] if isinstance(angles, AngleResult) else list(angles)
-    score = min(a.score for a in angles)
-    if not np.isfinite(score) or score < settings.min_score:
-        return False
-    probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
-    return not probs or float(np.mean(probs)) >= settings.min_crystal_probability
+    return _why_not(angles, settings) is None
 
 
 def _stop_motion(bl: Beamline, log):
@@ -514,12 +509,16 @@ def _stop_motion(bl: Beamline, log):
             log.exception("AutoCenter: could not stop %s", name)
 
 
-def _why_not(angles, settings: CentringSettings) -> str:
+def _why_not(angles, settings: CentringSettings) -> str | None:
+    """Why the point is not good enough to shoot at (:func:`is_crystal`), or None when it is."""
+    angles = [angles] if isinstance(angles, AngleResult) else list(angles)
     score = min(a.score for a in angles)
     if not np.isfinite(score) or score < settings.min_score:
         return f"score {score:.1f} < min_score {settings.min_score}" + (" in at least one view" if len(angles) > 1 else "")
-    prob = float(np.mean([a.crystal_probability for a in angles if a.crystal_probability is not None]))
-    return f"crystal probability {prob:.2f} < min_crystal_probability {settings.min_crystal_probability}"
+    probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
+    if probs and float(np.mean(probs)) < settings.min_crystal_probability:
+        return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
+    return None
 
 
 def _restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
