@@ -118,16 +118,23 @@ def test_model_input_shapes_and_colour():
 
 
 def test_region_normalisation_lets_crops_share_one_prepared_region():
+    # The training crops (model_input) are windows of the region the centring prepares once.
+    from mxcube_autocenter.centring.heatmap import prepare_region
+    from mxcube_autocenter.centring.loop import Roi
+
     rng = np.random.default_rng(1)
     region = rng.integers(0, 255, size=(400, 400, 3), dtype=np.uint8)
     region = np.ascontiguousarray(np.repeat(np.repeat(region[::8, ::8], 8, 0), 8, 1))  # smooth-ish
     spec = crops.CropSpec(crop_um=100, input_size=50)
     ppmm = (1000.0, 1000.0)  # 100 um = 100 px -> scale 0.5
-    prepared, (sx, sy) = crops.prepare_region(region, ppmm, spec)
-    assert prepared.shape == (200, 200, 3) and (sx, sy) == (0.5, 0.5)
+    stats = crops.region_stats(region, spec.normalisation)
+    crop_px = crops.crop_side_px(spec.crop_um, ppmm)[0]
+    prepared, origin, scale = prepare_region(region, Roi(100, 100, 300, 300), crop_px, spec.input_size,
+                                             lambda r: crops.apply_stats(r, stats))  # fmt: skip
+    assert prepared.shape == (150, 150, 3) and origin == (50.0, 50.0) and scale == 0.5
     centre = (200, 180)
     per_crop = crops.model_input(region, centre, ppmm, spec)
-    window = prepared[90 - 25 : 90 + 25, 100 - 25 : 100 + 25]
+    window = prepared[65 - 25 : 65 + 25, 75 - 25 : 75 + 25]
     assert np.allclose(per_crop, window, atol=1e-5)
 
 

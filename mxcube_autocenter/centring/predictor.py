@@ -85,8 +85,7 @@ class Predictor:
         crops = self._crops
 
         def normalise(region):
-            coloured = crops.to_colour(region, spec.colour)
-            return crops.apply_stats(coloured, crops.region_stats(coloured, spec.normalisation))
+            return crops.normalise(crops.to_colour(region, spec.colour), spec.normalisation)
 
         return normalise
 
@@ -96,7 +95,7 @@ class Predictor:
         ``symmetries`` averages the model over turned copies of the region
         (:func:`.heatmap.symmetric_heatmap`).
         """
-        crop_px = self.spec.crop_um * pixels_per_mm[0] / 1000.0
+        crop_px = self._crops.crop_side_px(self.spec.crop_um, pixels_per_mm)[0]
         prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self.normaliser(self.spec))
         raw = symmetric_heatmap(self.evaluator, *prepared, stride_px, symmetries)
         return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)

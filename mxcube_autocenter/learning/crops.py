@@ -17,7 +17,7 @@ the loop when centring), and every crop of the region is normalised with
 them: ``x' = (x - offset[c]) / scale[c]`` per colour channel ``c``. This is a
 per-pixel affine map, so it commutes with resizing and with cropping: the
 region can be resized and normalised once and the crops read out of it
-(:func:`prepare_region`).
+(:func:`mxcube_autocenter.centring.heatmap.prepare_region`).
 
 Methods (:data:`NORMALISATIONS`):
 
@@ -247,26 +247,3 @@ def model_input(image, centre_xy, pixels_per_mm, spec: CropSpec, region=None) ->
     """
     stats = region_stats(to_colour(image if region is None else region, spec.colour), spec.normalisation)
     return apply_stats(crop_uint8(image, centre_xy, pixels_per_mm, spec), stats)
-
-
-def prepare_region(region, pixels_per_mm, spec: CropSpec):
-    """A region resized to the model's scale and normalised once, for dense evaluation.
-
-    After this, the model input for any point is the ``input_size`` window of
-    the returned image centred on the point's scaled position, which equals
-    :func:`model_input` for that point up to resampling at the crop edges.
-
-    Returns
-    -------
-    image : (H', W', C) float32 ndarray
-    scale : (float, float)
-        Model pixels per region pixel, horizontally and vertically: a point
-        ``(x, y)`` of the region is at ``(x * sx, y * sy)``.
-    """
-    region = np.asarray(region)
-    side = crop_side_px(spec.crop_um, pixels_per_mm)
-    sx, sy = spec.input_size / side[0], spec.input_size / side[1]
-    size = (max(1, int(round(region.shape[1] * sx))), max(1, int(round(region.shape[0] * sy))))
-    coloured = to_colour(region, spec.colour)
-    stats = region_stats(coloured, spec.normalisation)
-    return apply_stats(to_colour(resize_to(region, size), spec.colour), stats), (sx, sy)
