@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 
 from mxcube_autocenter import scorecard  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
-from mxcube_autocenter.scorecard import METHODS, Outcome  # noqa: E402
+from mxcube_autocenter.recording import json_default  # noqa: E402
+from mxcube_autocenter.scorecard import METHODS, Outcome, format_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -596,15 +597,6 @@ def _thumbnail_sheet(thumbs, path: Path, columns: int = 4):
     return write_png(path, sheet)
 
 
-def _fmt(value, fmt="{:.1f}"):
-    if value is None:
-        return "-"
-    try:
-        return fmt.format(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def _rel(path, root: Path):
     if not path:
         return None
@@ -636,7 +628,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         f"- **mesh_oracle**: an X-ray mesh scan of the loop at omega 0 and 90 degrees in {settings['mesh_step_um']:g} um "
         f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
         "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
-        f"{_fmt((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
+        f"{format_cell((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
         "- **optical_oracle**: the best point were every crystal of uniform quality: what exact knowledge of the "
         "crystals' shapes and positions gives, the limit of any camera-based method (the camera shows nothing of "
         "a crystal's inner quality; ground truth, not timed).",
@@ -672,10 +664,10 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             elif o["refused"]:
                 cells.append("refused")
             elif row["has_crystal"]:
-                cells.append(f"{_fmt(o['dist_um'], '{:.0f}')} {'hit' if o['hit'] else 'miss'}")
+                cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {'hit' if o['hit'] else 'miss'}")
             else:
                 cells.append("moved")
-        lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {_fmt(row['best_rc'], '{:.0f}')} | "
+        lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {format_cell(row['best_rc'], '{:.0f}')} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", "## Learning", ""]
     lr = learning
@@ -685,8 +677,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
             f"rotational collections ({data['n_images']} images of {data['exposure_time']:g} s each, camera recorded "
             f"at {data['frame_rate']:g} frames/s), labelled into {data['rows']} rows in {data['label_s']:.0f} s "
-            f"(reflection counts: mean {_fmt(data['rc_stats'].get('mean'))}, "
-            f"{_fmt(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
+            f"(reflection counts: mean {format_cell(data['rc_stats'].get('mean'))}, "
+            f"{format_cell(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
             f"- split by crystal: {lr['crystals']} crystals, {lr['rows']} rows.",
             f"- regressor: fcn, log counts, {lr['crop_um']:g} um crops at {lr['input_size']} px, {lr['params']} "
             f"parameters; {lr['epochs_run']} epochs ("
@@ -695,23 +687,23 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
                ", trained from scratch."),
             f"- **{lr['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "
-            f"beamline's expected counts) **{_fmt(lr.get('spearman_expected'), '{:.3f}')}**, predicted vs recorded "
-            f"counts (spot finding on the EIGER frames) {_fmt(lr['spearman'], '{:.3f}')}; classifier accuracy "
-            f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
-            f"{_fmt(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({_fmt(lr['classifier_s'], '{:.0f}')}"
-            f" s); training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            f"beamline's expected counts) **{format_cell(lr.get('spearman_expected'), '{:.3f}')}**, predicted vs recorded "
+            f"counts (spot finding on the EIGER frames) {format_cell(lr['spearman'], '{:.3f}')}; classifier accuracy "
+            f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
+            f"{format_cell(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({format_cell(lr['classifier_s'], '{:.0f}')}"
+            f" s); training time {format_cell(lr['train_s'], '{:.0f}')} s.",
             f"- the same rows predicted from the crystals' shapes alone (exact shapes and positions, uniform "
             f"quality, median capacity: the camera shows neither quality nor capacity), a reference for any model: "
-            f"Spearman {_fmt(lr.get('shapes_spearman_expected'), '{:.3f}')} against the true counts, classifier "
-            f"accuracy {_fmt(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')} (a crystal from "
-            f"{_fmt(lr.get('shapes_count_threshold'), '{:.1f}')} shapes-only spots, the best threshold on the "
+            f"Spearman {format_cell(lr.get('shapes_spearman_expected'), '{:.3f}')} against the true counts, classifier "
+            f"accuracy {format_cell(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')} (a crystal from "
+            f"{format_cell(lr.get('shapes_count_threshold'), '{:.1f}')} shapes-only spots, the best threshold on the "
             f"training rows).",
             *([f"- the model it was fine-tuned from (`{lr['fine_tuned_from']}`, which saw none of these crystals), "
-               f"on every recorded crystal: Spearman {_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} against "
-               f"the true counts, {_fmt(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
+               f"on every recorded crystal: Spearman {format_cell(lr.get('initial_spearman_expected'), '{:.3f}')} against "
+               f"the true counts, {format_cell(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
                f"([report]({_rel(lr.get('initial_report'), out)}))."] if lr.get("fine_tuned_from") else []),
             (f"- the classifier centres only if its validation balanced accuracy reaches "
-             f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {_fmt(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
+             f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {format_cell(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
              f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
              + ("" if result["model"]["source"] == "trained in this run" else " (but centring uses another model)")
              + "." if lr.get("classifier") else "- no classifier trained."),
@@ -730,9 +722,9 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     else:
         lines += [
             f"No training in this run: the centring model's own metadata says test Spearman "
-            f"{_fmt(lr.get('spearman_expected'), '{:.3f}')} against the true counts, {_fmt(lr['spearman'], '{:.3f}')} "
-            f"against the drawn ones, classifier accuracy {_fmt(lr['classifier_accuracy'], '{:.3f}')}, "
-            f"training time {_fmt(lr['train_s'], '{:.0f}')} s.",
+            f"{format_cell(lr.get('spearman_expected'), '{:.3f}')} against the true counts, {format_cell(lr['spearman'], '{:.3f}')} "
+            f"against the drawn ones, classifier accuracy {format_cell(lr['classifier_accuracy'], '{:.3f}')}, "
+            f"training time {format_cell(lr['train_s'], '{:.0f}')} s.",
         ]
     lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
@@ -1027,21 +1019,11 @@ def run_demo(
             result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
             _write_report(out, result, rows, figures, settings)
             with open(out / "scorecard.json", "w") as f:
-                json.dump(result, f, indent=2, default=_json_default)
+                json.dump(result, f, indent=2, default=json_default)
             with open(out / "samples.json", "w") as f:
-                json.dump(rows, f, indent=1, default=_json_default)
+                json.dump(rows, f, indent=1, default=json_default)
             bar.update(1)
-    return json.loads(json.dumps(result, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return json.loads(json.dumps(result, default=json_default))
 
 
 def format_scorecard(result: dict) -> str:
@@ -1052,15 +1034,15 @@ def format_scorecard(result: dict) -> str:
         "",
         scorecard.format_table(result["methods"]),
         "",
-        f"Learning ({lr.get('source')}): Spearman {_fmt(lr.get('spearman_expected'), '{:.3f}')} against the true "
-        f"counts, {_fmt(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
-        f"{_fmt(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {_fmt(lr.get('classifier_accuracy'), '{:.3f}')}; "
-        f"training {_fmt(lr.get('train_s'), '{:.0f}')} s"
-        + (f"; from the crystals' shapes alone: Spearman {_fmt(lr.get('shapes_spearman_expected'), '{:.3f}')}, "
-           f"classifier accuracy {_fmt(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"
+        f"Learning ({lr.get('source')}): Spearman {format_cell(lr.get('spearman_expected'), '{:.3f}')} against the true "
+        f"counts, {format_cell(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
+        f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {format_cell(lr.get('classifier_accuracy'), '{:.3f}')}; "
+        f"training {format_cell(lr.get('train_s'), '{:.0f}')} s"
+        + (f"; from the crystals' shapes alone: Spearman {format_cell(lr.get('shapes_spearman_expected'), '{:.3f}')}, "
+           f"classifier accuracy {format_cell(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"
            if "shapes_spearman_expected" in lr else "")
         + (f"; before fine-tuning ({lr['fine_tuned_from']}, every recorded crystal): Spearman "
-           f"{_fmt(lr.get('initial_spearman_expected'), '{:.3f}')} / {_fmt(lr.get('initial_spearman'), '{:.3f}')}"
+           f"{format_cell(lr.get('initial_spearman_expected'), '{:.3f}')} / {format_cell(lr.get('initial_spearman'), '{:.3f}')}"
            if lr.get("fine_tuned_from") else ""),
         "ML targets: " + ", ".join(
             f"{c['figure']} {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a'}" for c in result["targets"]

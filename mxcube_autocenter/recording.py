@@ -234,7 +234,7 @@ def _now_iso() -> str:
 def _attr_value(key: str, value):
     """An HDF5 attribute value: numbers and text as they are, dicts and lists as JSON text."""
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, default=_json_default)
+        return json.dumps(value, default=json_default)
     if isinstance(value, np.ndarray):
         return json.dumps(value.tolist())
     if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
@@ -244,11 +244,13 @@ def _attr_value(key: str, value):
     )
 
 
-def _json_default(value):
-    # numpy numbers and arrays from the beamline objects, inside lists and dicts.
+def json_default(value):
+    """``json.dumps(..., default=json_default)``: numpy numbers and arrays as lists and numbers, paths as text."""
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
-    raise TypeError(f"{value!r} cannot be stored as JSON")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{value!r} ({type(value).__name__}) cannot be stored as JSON")
 
 
 def _python_value(value):

@@ -501,7 +501,8 @@ _COLUMNS = (
 )
 
 
-def _cell(value, fmt) -> str:
+def format_cell(value, fmt="{:.1f}") -> str:
+    """A table cell: ``value`` formatted, "-" for None, as text where ``fmt`` does not apply."""
     if value is None:
         return "-"
     try:
@@ -513,8 +514,8 @@ def _cell(value, fmt) -> str:
 def _value_cell(value, interval, fmt) -> str:
     """A figure, with its 95 % interval in brackets where it has one (e.g. ``81% (57-93%)``)."""
     if value is None or interval is None:
-        return _cell(value, fmt)
-    return f"{_cell(value, fmt)} ({_cell(interval[0], fmt).rstrip('%')}-{_cell(interval[1], fmt)})"
+        return format_cell(value, fmt)
+    return f"{format_cell(value, fmt)} ({format_cell(interval[0], fmt).rstrip('%')}-{format_cell(interval[1], fmt)})"
 
 
 def table_rows(methods: dict) -> list:
@@ -552,7 +553,7 @@ def format_targets(checks: list) -> str:
     fmts = dict((key, fmt) for key, _, fmt in _COLUMNS)
     for c in checks:
         fmt = fmts.get(c["figure"], "{}")
-        target = _cell(c["target"], fmt) if c["figure"] != "exposures" else str(c["target"])
+        target = format_cell(c["target"], fmt) if c["figure"] != "exposures" else str(c["target"])
         met = "-" if c["met"] is None else ("yes" if c["met"] else "**no**")
         lines.append(f"| {c['figure']} | {c['op']} {target} | {_value_cell(c['value'], c.get('interval'), fmt)} | {met} |")
     return "\n".join(lines)
@@ -672,7 +673,7 @@ def format_comparison(comparison: dict) -> str:
             return "refused"
         if not has_crystal:
             return "moved"
-        return f"{'hit ' if o['hit'] else 'miss'} {_cell(o['dist_um'], '{:.1f}'):>6} um  RC {_cell(o['rc_fraction'], '{:.2f}')}"
+        return f"{'hit ' if o['hit'] else 'miss'} {format_cell(o['dist_um'], '{:.1f}'):>6} um  RC {format_cell(o['rc_fraction'], '{:.2f}')}"
 
     width = max([len(s["sample"]) for s in comparison["samples"]] + [6])
     lines = [f"{'sample':<{width}}  {'A':<26}  {'B':<26}  description"]
@@ -691,6 +692,6 @@ def format_comparison(comparison: dict) -> str:
         f"  RC fraction, mean change per crystal: {mean} ({c['rc_fraction_up']} up, {c['rc_fraction_down']} down)",
         f"  distance to the best point, median change: {dist}",
         f"  empty loops refused: {c['empty_refused_a']} -> {c['empty_refused_b']}",
-        f"  median s per centring: {_cell(c['wall_s_median_a'], '{:.1f}')} -> {_cell(c['wall_s_median_b'], '{:.1f}')}",
+        f"  median s per centring: {format_cell(c['wall_s_median_a'], '{:.1f}')} -> {format_cell(c['wall_s_median_b'], '{:.1f}')}",
     ]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ from mxcube_autocenter.learning import architectures, crops  # noqa: E402
 from mxcube_autocenter.learning.data import Table, make_dataset, read_table  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
+from mxcube_autocenter.recording import json_default  # noqa: E402
 
 MODEL_FORMAT = "mxcube_autocenter.model"
 MODEL_FORMAT_VERSION = 1
@@ -108,16 +109,8 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
     last = model.layers[-1]
     if isinstance(last, ModelInfo):
         output = last.input
-    tagged = ModelInfo(json.dumps(info, sort_keys=True, default=_json_default), name="model_info")(output)
+    tagged = ModelInfo(json.dumps(info, sort_keys=True, default=json_default), name="model_info")(output)
     return keras.Model(model.inputs, tagged, name=model.name)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _refuse(path, problem, fix):
@@ -567,7 +560,7 @@ def save_model(model, info, work, out, strategy):
     final.save(model_path)
     if _is_chief(strategy):
         with open(os.path.join(out, "info.json"), "w") as f:
-            json.dump(info, f, indent=2, default=_json_default)
+            json.dump(info, f, indent=2, default=json_default)
     return final, model_path
 
 
@@ -630,7 +623,6 @@ def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
                 f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: train with {key}={theirs[key]!r}"
                 f"{where} (fine-tuning keeps the initial model's task, architecture, input and label transform)"
             )
-
 
 
 def train(
