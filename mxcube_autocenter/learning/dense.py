@@ -476,7 +476,7 @@ def train_dense(
     import tensorflow as tf
 
     from mxcube_autocenter.learning import architectures, training
-    from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal
+    from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split
     from mxcube_autocenter.learning.transforms import get_transform
 
     if label not in training.LABELS:
@@ -491,11 +491,7 @@ def train_dense(
         initial, initial_info = training.load_model(initial_model)
         training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
                                 transform_name=transform, threshold=None)
-    if split is None:
-        split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions or DEFAULT_FRACTIONS)
-    elif not isinstance(split, Split):
-        split = Split.from_config(split)
-    split = split.with_rows(table.crystal_id)
+    split = resolve_split(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:

@@ -125,3 +125,21 @@ def split_by_crystal(crystal_ids, seed: int = 0, fractions=DEFAULT_FRACTIONS) ->
         fractions=fractions,
     )
     return split.with_rows(crystal_ids)
+
+
+def resolve_split(split, crystal_ids, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> Split:
+    """The split a training run uses, with its row counts.
+
+    Parameters
+    ----------
+    split : Split, dict or None
+        A given split (or its ``to_config``); None makes one by crystal
+        with ``seed`` and ``fractions`` (:func:`split_by_crystal`).
+    crystal_ids : (N,) array_like
+        Crystal of each row of the training data.
+    """
+    if split is None:
+        split = split_by_crystal(crystal_ids, seed=seed, fractions=fractions)
+    elif not isinstance(split, Split):
+        split = Split.from_config(split)
+    return split.with_rows(crystal_ids)

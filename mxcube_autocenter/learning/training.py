@@ -53,7 +53,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
 from mxcube_autocenter.learning.data import Table, make_dataset, read_table  # noqa: E402
-from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, split_by_crystal  # noqa: E402
+from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
 
@@ -367,11 +367,7 @@ def _fit(
     if initial_model is not None:
         initial, initial_info = load_model(initial_model)
         check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
-    if split is None:
-        split = split_by_crystal(table.crystal_id, seed=seed, fractions=fractions)
-    elif not isinstance(split, Split):
-        split = Split.from_config(split)
-    split = split.with_rows(table.crystal_id)
+    split = resolve_split(split, table.crystal_id, seed, fractions)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
