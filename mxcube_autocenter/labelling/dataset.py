@@ -89,7 +89,7 @@ LABELS = tuple(name for name in ROW_FIELDS if name != "jpeg")
 _WRITE_ERRORS = (OSError, RuntimeError)
 
 
-class DatasetError(Exception):
+class DatasetError(ValueError):
     """A training set or a recording cannot be written or read; the message names the file and the fix."""
 
 

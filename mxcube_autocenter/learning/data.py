@@ -41,6 +41,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from mxcube_autocenter.labelling.dataset import DatasetError  # noqa: E402  (one error for the set, written or read)
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.augment import augmenter  # noqa: E402
 from mxcube_autocenter.recording import decode_jpeg  # noqa: E402
@@ -51,10 +52,6 @@ FORMAT_VERSION = 1
 NUMERIC = ("beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
 TEXT = ("scan_id", "crystal_id", "scan_type")
 REQUIRED = ("image", *NUMERIC, *TEXT)
-
-
-class DatasetError(ValueError):
-    """A dataset file that does not follow the contract."""
 
 
 def _text(values) -> np.ndarray:
