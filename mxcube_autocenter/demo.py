@@ -188,7 +188,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
         truth[mounted.crystal_id] = mounted.diffraction
         point, _ = mounted.best_point()
         centre = mounted.sample.loop_centre if point is None else point
-        # A person centres roughly: a few um off the best point.
+        # A person centres roughly: about 10 um off the best point along each axis.
         aim = centre + rng.normal(0.0, 0.01, 3) * np.array([1.0, 1.0, 1.0])
         scans = [
             ("Helical", {"helical": helical_end_points(mounted, rng), "osc_range": 0.2}),
@@ -422,7 +422,7 @@ def _thumbnail(angle, motors, mounted, ppmm, beam, label, width=400):
     return small
 
 
-def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, rng, progress):
+def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, seed, progress):
     """Centre every held-out sample with every method; returns outcomes, per-sample rows and ML thumbnails."""
     from tqdm import tqdm
 
@@ -437,6 +437,9 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, r
     outcomes, rows, thumbs = [], [], []
     bar = tqdm(samples, desc="4/5 centring held-out samples", unit="sample", disable=not progress)
     for spec in bar:
+        # Each sample's look and start come from the run's seed and its own: the same in every run of that
+        # seed, whether it trained or not, so that `compare` pairs like with like.
+        rng = np.random.default_rng([seed, spec["seed"]])
         bl.sample_view.camera.set_look(random_look(rng))
         sample = make_sample(spec["seed"], **spec["kwargs"])
         name = f"seed{spec['seed']}"
@@ -486,7 +489,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, r
                 message = "best point of the crystals' shapes (ground truth)"
             else:
                 raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
-            score = scorecard.score_position(mounted.diffraction, best, best_rc, final)
+            score = scorecard.score_position(mounted.diffraction, best, best_rc, final, refused=bool(refused))
             outcome = Outcome(method=method, sample=name, has_crystal=has_crystal, refused=bool(refused),
                               final_motors=final, wall_s=wall, exposures=int(exposures), message=str(message),
                               **score)  # fmt: skip
@@ -981,7 +984,7 @@ def run_demo(
             t = time.perf_counter()
             specs = heldout_samples(n_heldout, n_empty, seed)
             outcomes, rows, thumbs = _centre_heldout(bl, ho, specs, methods=methods, mesh_step_um=mesh_step_um,
-                                                     mesh_threshold=mesh_threshold, rng=rng, progress=progress)  # fmt: skip
+                                                     mesh_threshold=mesh_threshold, seed=seed, progress=progress)  # fmt: skip
             timings["centre"] = time.perf_counter() - t
             # The plugin saves its overlays on a worker thread: let it finish.
             n_ml = sum(o.method == "ml" for o in outcomes)

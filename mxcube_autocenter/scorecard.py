@@ -13,9 +13,14 @@ Per centring (:func:`score_position`):
 - **distance**: 3D distance, um, from the sample point in the beam and in
   focus (``geometry.point_in_beam``) to the ground-truth best point
   (``MountedSample.best_point()``);
-- **RC fraction**: the mean reflection count over a rotation with that
-  point centred (``DiffractionModel.mean_rc_centred``) over the best
-  point's.
+- **RC fraction**: the mean reflection count over the verification angles
+  with the translation motors where the centring left them
+  (``DiffractionModel.mean_rc_over_rotation``) over the best point's (with
+  it centred).
+
+A refusal ("no crystal found") shoots nothing: a crystal refused is missed
+at every angle with RC fraction 0; its distance is that of where the
+sample was left.
 
 Per method (:func:`summarise`), over the samples with crystals:
 ``hit_rate``, ``median_dist_um``, ``p90_dist_um``, ``median_rc_fraction``;
@@ -216,28 +221,40 @@ def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
 
 
 def rc_fraction(diffraction, final_motors: dict, best_rc: float) -> float | None:
-    """Mean reflection count over a rotation about the point in the beam, over the best point's (None if no best)."""
+    """Mean reflection count over a rotation at these positions, over the best point's (None if no best).
+
+    The rotation keeps every translation as it is, as a collection after the
+    centring would (a ``phiz`` left off the axis moves the point in the beam
+    as omega turns), the same positions the hits are judged at.
+    """
     if not best_rc or best_rc <= 0:
         return None
-    return float(diffraction.mean_rc_centred(point_in_beam(final_motors)) / best_rc)
+    return float(diffraction.mean_rc_over_rotation(final_motors) / best_rc)
 
 
-def score_position(diffraction, best_point, best_rc: float, final_motors: dict, omegas=VERIFY_OMEGAS) -> dict:
+def score_position(diffraction, best_point, best_rc: float, final_motors: dict, omegas=VERIFY_OMEGAS,
+                   refused: bool = False) -> dict:  # fmt: skip
     """``hits``, ``dist_um`` and ``rc_fraction`` of a goniometer position (all None for an empty loop).
 
     Parameters
     ----------
     diffraction : DiffractionModel
-        Anything with ``beam_hits_crystal(motors)`` and ``mean_rc_centred(point)``.
+        Anything with ``beam_hits_crystal(motors)`` and ``mean_rc_over_rotation(motors)``.
     best_point : (3,) array_like or None
         The ground-truth best point, mm; None for an empty loop.
     best_rc : float
         Its mean reflection count over a rotation.
     final_motors : dict
         Centring motor positions (omega is replaced by each of ``omegas``).
+    refused : bool
+        The method declined (no crystal found): nothing would be shot, so
+        every verification angle is a miss and the RC fraction is 0; the
+        distance is still that of where the sample was left.
     """
     if best_point is None:
         return {"hits": None, "dist_um": None, "rc_fraction": None}
+    if refused:
+        return {"hits": [False] * len(omegas), "dist_um": distance_um(final_motors, best_point), "rc_fraction": 0.0}
     return {
         "hits": beam_hits(diffraction, final_motors, omegas),
         "dist_um": distance_um(final_motors, best_point),
@@ -599,6 +616,10 @@ def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
         other = by_name[row["sample"]]
         if method not in row or method not in other:
             raise ValueError(f"sample {row['sample']} has no {method!r} outcome in both runs: compare a method both ran")
+        starts = [r.get("start") for r in (row, other)]
+        if None not in starts and any(abs(starts[0][m] - starts[1].get(m, np.inf)) > 1e-9 for m in starts[0]):
+            raise ValueError(f"sample {row['sample']} started from other motor positions in the two runs: compare runs "
+                             "of the same --seed made by the same version of the demo")  # fmt: skip
         a, b = outcome_of(row, method), outcome_of(other, method)
         paired.append({"sample": row["sample"], "description": row.get("description", ""),
                        "has_crystal": a.has_crystal, "a": a.to_dict(), "b": b.to_dict()})  # fmt: skip

@@ -82,11 +82,15 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
 def test_demo_with_a_given_model_runs_without_training(small_demo, tmp_path):
     out, first = small_demo
     model = first["model"]["regressor"]
-    result = run_demo(tmp_path, model=model, n_heldout=1, n_empty=0, methods=("ml", "loop_centre"), progress=False)
+    result = run_demo(tmp_path, model=model, n_heldout=2, n_empty=1, methods=("ml", "loop_centre"), progress=False)
     assert result["learning"]["source"] == "model file metadata"
-    assert result["n_samples"] == 1 and result["n_empty"] == 0
-    assert result["methods"]["ml"]["n"] == 1 and result["methods"]["lucid"]["n"] == 0
+    assert result["n_samples"] == 2 and result["n_empty"] == 1
+    assert result["methods"]["ml"]["n"] == 2 and result["methods"]["lucid"]["n"] == 0
     assert "timings_s" in result and "record" not in result["timings_s"]
+    # The same held-out samples, looks and starts as the run that trained first: the two pair up.
+    trained, given = (json.loads((path / "samples.json").read_text()) for path in (out, tmp_path))
+    assert [row["start"] for row in trained] == [row["start"] for row in given]
+    assert scorecard.compare_runs([(trained, given)], method="loop_centre")["rc_fraction_diff_mean"] == 0
 
 
 def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo, tmp_path, capsys):

@@ -32,9 +32,9 @@ class FakeDiffraction:
         self.calls += 1
         return float(self.peak * np.exp(-self._offset(motors) ** 2 / (2 * self.SIGMA**2)))
 
-    def mean_rc_centred(self, point):
-        d = np.linalg.norm(np.asarray(point) - self.centre)
-        return float(self.peak * np.exp(-(d**2) / (2 * self.SIGMA**2)))
+    def mean_rc_over_rotation(self, motors):
+        offsets = np.array([self._offset({**motors, "omega": w}) for w in scorecard.VERIFY_OMEGAS])
+        return float(np.mean(self.peak * np.exp(-(offsets**2) / (2 * self.SIGMA**2))))
 
 
 def test_moved_ignores_omega_and_tiny_changes():
@@ -66,6 +66,13 @@ def test_score_position_centred_and_off_and_empty():
     # 20 um off across the spindle: missed at some angles, not at others.
     across = scorecard.score_position(model, CRYSTAL, 100.0, {**centred_motors(CRYSTAL), "sampx": CRYSTAL[1] + 0.02})
     assert across["hits"][0] and not across["hits"][2] and not all(across["hits"])
+    # phiz left off the axis: the point in the beam at omega 0 leaves it as omega turns.
+    lifted = {**centred_motors(CRYSTAL), "sampy": CRYSTAL[2] + 0.012, "phiz": -0.012}
+    assert scorecard.distance_um(lifted, CRYSTAL) == pytest.approx(0.0, abs=1e-9)
+    assert scorecard.score_position(model, CRYSTAL, 100.0, lifted)["rc_fraction"] < 0.95
+    # A refusal shoots nothing, wherever the sample was left.
+    assert scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL), refused=True) == {
+        "hits": [False] * 4, "dist_um": pytest.approx(0.0, abs=1e-9), "rc_fraction": 0.0}
     assert scorecard.score_position(model, None, 0.0, centred_motors(CRYSTAL)) == {
         "hits": None, "dist_um": None, "rc_fraction": None}
     assert scorecard.rc_fraction(model, centred_motors(CRYSTAL), 0.0) is None
@@ -273,6 +280,9 @@ def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():
         scorecard.compare_runs([([_row("s0", True)], [_row("s9", True)])])
     with pytest.raises(ValueError, match="no 'lucid' outcome"):
         scorecard.compare_runs([([_row("s0", True)], [_row("s0", True)])], method="lucid")
+    moved = [{**_row("s0", True), "start": {"omega": 10.0}}], [{**_row("s0", True), "start": {"omega": 20.0}}]
+    with pytest.raises(ValueError, match="sample s0 started from other motor positions in the two runs"):
+        scorecard.compare_runs([moved])
     incomplete = {"sample": "s0", "description": "loop of s0", "ml": {"method": "ml"}}
     with pytest.raises(ValueError, match="sample s0 has no complete 'ml' outcome .*give the samples.json of a demo run"):
         scorecard.compare_runs([([_row("s0", True)], [incomplete])])

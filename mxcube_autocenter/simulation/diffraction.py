@@ -173,7 +173,12 @@ class DiffractionModel:
 
     def mean_rc_centred(self, point, omegas=JUDGING_OMEGAS) -> float:
         """Mean crystal reflection count over omega with ``point`` centred in the beam."""
-        return float(np.mean([self._crystal_rc(self._all_points, self._all_weights, centred_motors(point, w)) for w in omegas]))
+        return self.mean_rc_over_rotation(centred_motors(point), omegas)
+
+    def mean_rc_over_rotation(self, motors, omegas=JUDGING_OMEGAS) -> float:
+        """Mean crystal reflection count over omega with the translations of ``motors`` (omega replaced)."""
+        return float(np.mean([self._crystal_rc(self._all_points, self._all_weights, {**motors, "omega": float(w)})
+                              for w in omegas]))  # fmt: skip
 
     def best_point(self, n_candidates=400, refine_um=8.0, step_um=2.0):
         """The point to centre for the most reflections over a rotation.
