@@ -28,12 +28,9 @@ def cmd_demo(args) -> int:
     from mxcube_autocenter.demo import DemoError, format_scorecard, run_demo
 
     # Options that would be silently ignored are refused: the run would not be the one asked for.
-    if args.classifier and not args.model:
-        print("error: --classifier goes with --model (otherwise the demo trains its own classifier)", file=sys.stderr)
-        return 2
-    if args.input_size is not None and not (args.from_scratch and not args.quick and not args.model):
-        print("error: --input-size applies to training with --from-scratch only (fine-tuning keeps the shipped "
-              "model's input, 128 px)", file=sys.stderr)  # fmt: skip
+    refusal = _demo_options_ignored(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     options = {
         name: getattr(args, name)
@@ -58,6 +55,22 @@ def cmd_demo(args) -> int:
     else:
         print(format_scorecard(result))
     return 0
+
+
+def _demo_options_ignored(args) -> str | None:
+    """Why the demo's options ask for something the run would not do, or None."""
+    if args.classifier and not args.model:
+        return "--classifier goes with --model (otherwise the demo trains its own classifier)"
+    if args.quick or args.model:
+        training_only = {"--from-scratch": args.from_scratch, "--no-classifier": args.no_classifier,
+                         "--n-train": args.n_train is not None, "--epochs": args.epochs is not None,
+                         "--input-size": args.input_size is not None}  # fmt: skip
+        given = [option for option, used in training_only.items() if used]
+        if given:
+            return f"{', '.join(given)}: no training with {'--quick' if args.quick else '--model'}, so nothing to apply them to"
+    elif args.input_size is not None and not args.from_scratch:
+        return "--input-size goes with --from-scratch (fine-tuning keeps the shipped model's input, 128 px)"
+    return None
 
 
 def cmd_web(args) -> int:

@@ -166,7 +166,22 @@ def test_a_timeout_the_sine_fit_dies_of_is_the_fits_failure_not_the_callers():
 
     fit = gevent.spawn(fit_whose_motor_wait_times_out)
     with pytest.raises(procedure.CentringFailed, match=r"the sine fit failed \(Timeout: 30 seconds\)"):
-        procedure._fit_outcome(fit)
+        procedure._outcome(fit, "the sine fit")
+
+
+def test_a_timeout_while_the_sine_fit_prepares_fails_the_centring_and_the_sample_goes_back(beamline, autocenter,
+                                                                                           monkeypatch):  # fmt: skip
+    from mxcubecore.HardwareObjects import sample_centring
+
+    def prepare_whose_reference_move_times_out(centring_motors):
+        raise gevent.Timeout(30)  # what sample_centring.wait_ready raises when a motor never gets ready
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(sample_centring, "prepare", prepare_whose_reference_move_times_out)
+    result = autocenter.centre(save=False)  # returns: no time-out of the caller's escapes
+    assert not result.success and "preparing the sine fit failed (Timeout: 30 seconds)" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
 def test_a_timeout_out_of_the_centring_still_ends_it_as_failed(beamline, autocenter, monkeypatch):

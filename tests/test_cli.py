@@ -60,9 +60,10 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     # Options the run would ignore are refused, not dropped.
     assert main(["demo", "--out", str(out), "--classifier", str(own)]) == 2
     assert "--classifier goes with --model" in capsys.readouterr().err
-    for ignored in ([], ["--quick", "--from-scratch"]):
-        assert main(["demo", "--out", str(out), "--input-size", "96", *ignored]) == 2
-        assert "--input-size applies to training with --from-scratch only" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--input-size", "96"]) == 2
+    assert "--input-size goes with --from-scratch" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--quick", "--from-scratch", "--epochs", "3"]) == 2
+    assert "--from-scratch, --epochs: no training with --quick" in capsys.readouterr().err
     assert (out / "report.md").read_text() == "the last report"
 
 

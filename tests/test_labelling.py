@@ -627,6 +627,7 @@ def test_a_write_that_fails_in_hdf5_itself_is_a_dataset_error_and_loses_nothing(
     failed = label_recordings([collections[1].recording], out, progress=False).recordings[0]
     assert failed.status == "error" and f"{out}: cannot write the set" in failed.message
     assert "check free space" in failed.message and "please report it" not in failed.message
+    assert "File too large" in failed.message  # the write that failed, not the close after it
     file_size_limit(64)
     failed = label_recordings([collections[1].recording], new, progress=False).recordings[0]
     assert failed.status == "error" and f"{new}: cannot create the training set" in failed.message

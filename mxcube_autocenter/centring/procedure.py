@@ -337,34 +337,45 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
     setting its event (an omega move that times out) or when another click
     (by hand in the web UI) ends it early.
     """
-    sample_centring.start(
+    # start() first moves motors with a reference position and waits for them with a gevent.Timeout of its
+    # own: run in a greenlet of its own, whatever it dies of is the fit's failure, never the caller's time-out.
+    starting = gevent.spawn(
+        sample_centring.start,
         bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], beam_position[0], beam_position[1],
         chi_angle=bl.sample_view.chi_angle, n_points=n_angles,
     )
-    fit = sample_centring.CURRENT_CENTRING
+    try:
+        fit = _outcome(starting, "preparing the sine fit")
+    finally:
+        starting.kill(block=True)  # an abort while it prepares stops that too
     for i in range(n_angles):
         sample_centring.user_click(*project(point, bl.positions(), pixels_per_mm, beam_position))
         if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
             raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
         if fit.ready() and i < n_angles - 1:
-            _fit_outcome(fit)  # the fit gave up (a motor failed): raise its error
+            _outcome(fit, "the sine fit")  # the fit gave up (a motor failed): raise its error
             raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
-    return _by_role(bl, _fit_outcome(fit))
+    return _by_role(bl, _outcome(fit, "the sine fit"))
 
 
-def _fit_outcome(fit: gevent.Greenlet):
-    """The fit's centred positions, or its failure as CentringFailed.
+def _outcome(greenlet: gevent.Greenlet, what: str):
+    """The value of mxcubecore's ``greenlet`` (``what`` it does), or its failure as CentringFailed.
 
-    Whatever the fit died of is the fit's own failure, never the caller's
-    abort or time-out: mxcubecore's motor waits raise ``gevent.Timeout``,
-    which would otherwise pass for the caller's and skip the verdict.
+    Whatever it died of is its own failure, never the caller's abort or
+    time-out: mxcubecore's motor waits raise ``gevent.Timeout``, which would
+    otherwise pass for the caller's and skip the verdict. Its own error is
+    often a generic one raised while handling the real cause, which is
+    named too.
     """
-    fit.join()
-    if not fit.successful():
-        raise CentringFailed(f"the sine fit failed ({type(fit.exception).__name__}: {fit.exception})") from fit.exception
-    if isinstance(fit.value, gevent.GreenletExit):
-        raise CentringFailed("the sine fit was stopped (another centring started?)")
-    return fit.value
+    greenlet.join()
+    if not greenlet.successful():
+        err = greenlet.exception
+        cause = err.__cause__ or err.__context__
+        because = f"; cause: {type(cause).__name__}: {cause}" if cause is not None else ""
+        raise CentringFailed(f"{what} failed ({type(err).__name__}: {err}{because})") from err
+    if isinstance(greenlet.value, gevent.GreenletExit):
+        raise CentringFailed(f"{what} was stopped (another centring started?)")
+    return greenlet.value
 
 
 def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip, timings: dict,
@@ -516,7 +527,7 @@ def _why_not(angles, settings: CentringSettings) -> str | None:
     if not np.isfinite(score) or score < settings.min_score:
         return f"score {score:.1f} < min_score {settings.min_score}" + (" in at least one view" if len(angles) > 1 else "")
     probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
-    if probs and float(np.mean(probs)) < settings.min_crystal_probability:
+    if probs and not float(np.mean(probs)) >= settings.min_crystal_probability:  # NaN is no crystal
         return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
     return None
 
@@ -539,6 +550,10 @@ def _restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
             moving.join()
         except (gevent.GreenletExit, gevent.Timeout):
             log.warning("AutoCenter: abort while the sample goes back to its starting position: finishing that first")
+    if not moving.successful():
+        failure = f"the way back failed ({type(moving.exception).__name__}: {moving.exception})"
+        log.error("AutoCenter: %s", failure)
+        return failure
     return moving.value
 
 
@@ -546,14 +561,14 @@ def _stop_and_move_back(bl: Beamline, start: dict, timeout: float, log) -> str |
     _stop_motion(bl, log)
     try:
         bl.move(start, timeout)
-    except Exception as err:
+    except (Exception, gevent.Timeout) as err:
         # A simultaneous move may stop at the first motor that refuses: the others go back one by one.
         log.warning("AutoCenter: moving back to %s failed (%s): moving the motors one by one", start, err)
         failures = []
         for name in sorted(start, key=lambda name: name == "omega"):  # translations first: they matter most
             try:
                 bl.move({name: start[name]}, timeout)
-            except Exception as motor_err:
+            except (Exception, gevent.Timeout) as motor_err:
                 failures.append(f"{name} ({motor_err})")
         if failures:
             log.error("AutoCenter: could not return the sample to its starting position %s: %s", start, "; ".join(failures))

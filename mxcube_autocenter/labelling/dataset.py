@@ -267,6 +267,7 @@ def append_recording(
     matched = np.flatnonzero(frames >= 0)
     labelled = matched[np.isfinite(counts[frames[matched]])]
     _create_if_missing(dataset_path)
+    failure = None  # the append's own error: closing after a failed write may fail too, and must not hide it
     try:
         with _open(dataset_path, "r+") as h5file:
             known = _find(h5file, fingerprint)
@@ -335,12 +336,16 @@ def append_recording(
                 h5file.flush()
             except _WRITE_ERRORS as err:
                 _roll_back(h5file, first, n_recordings)
-                raise _write_failed(dataset_path, err) from err
-            except BaseException:
+                failure = _write_failed(dataset_path, err)
+                raise failure from err
+            except BaseException as err:
                 _roll_back(h5file, first, n_recordings)
+                failure = err
                 raise
     except _WRITE_ERRORS as err:
         # Closing the file flushes it too, and can fail as the writes did.
+        if failure is not None:
+            raise failure from err
         raise _write_failed(dataset_path, err) from err
     message = f"{recording.path}: {written} rows appended to {dataset_path} as {scan}"
     if unreadable:

@@ -496,7 +496,6 @@ def train_dense(
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             raise RegionSetError(f"{regions_path}: the {name} subset has no regions: give a set of more samples")
-    os.makedirs(out, exist_ok=True)  # only once the inputs are checked: a refused run leaves nothing behind
 
     counts = table.rc_expected if label == "rc_expected" else table.rc
     train_points = counts[idx["train"]][table.valid[idx["train"]]]
@@ -522,6 +521,7 @@ def train_dense(
                               seed=seed, augment=augment, **common).map(with_flags)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
                             shuffle=False, **common).map(with_flags)
+    os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
         region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose,

@@ -372,7 +372,6 @@ def _fit(
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             raise ValueError(f"{dataset_path}: the {name} subset has no rows")
-    os.makedirs(out, exist_ok=True)  # only once the inputs are checked: a refused run leaves nothing behind
 
     counts = label_counts(table, label, dataset_path)
     transform = None
@@ -399,6 +398,7 @@ def _fit(
                             augment=augment, jitter=jitter, **common)
     val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, **common)
 
+    os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
         model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
@@ -583,7 +583,7 @@ def transfer_regressor(classifier, regressor, regressor_info, threshold):
 
 
 # The command-line options that set check_initial's keys, for its hints.
-_OPTIONS = {"task": "--arch", "arch": "--arch", "crop_um": "--crop-um", "input_size": "--input-size",
+_OPTIONS = {"arch": "--arch", "crop_um": "--crop-um", "input_size": "--input-size",
             "transform": "--transform", "threshold": "--threshold"}  # fmt: skip
 
 
