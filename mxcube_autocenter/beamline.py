@@ -76,3 +76,25 @@ def auto_centring(beamline):
             "auto_centring.xml' to beamline.yaml and check the log for configuration errors"
         )
     return obj
+
+
+# 1.3 pixels per um on the virtual beamline: a 985 x 788 um view, the loop fills a good part of it.
+ZOOM_LEVEL = "LEVEL3"
+
+
+def set_zoom(beamline, level: str = ZOOM_LEVEL, timeout: float = 10.0):
+    """Set the diffractometer's zoom and wait until it is there (the mockup zoom returns before it moves).
+
+    Raises
+    ------
+    TimeoutError
+        If the zoom is not at ``level`` within ``timeout`` seconds.
+    """
+    import gevent
+
+    zoom = beamline.diffractometer.zoom
+    target = zoom.VALUES[level]
+    zoom.set_value(target, timeout=timeout)
+    with gevent.Timeout(timeout, TimeoutError(f"the zoom did not reach {level} within {timeout} s")):
+        while zoom.get_value() != target:
+            gevent.sleep(0.02)

@@ -45,6 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from mxcube_autocenter import scorecard  # noqa: E402
+from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
 from mxcube_autocenter.scorecard import METHODS, Outcome, format_cell  # noqa: E402
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 # Seeds of the training samples and of the held-out samples never overlap.
 TRAIN_SEED0 = 10_000
 HELDOUT_SEED0 = 50_000
-ZOOM_LEVEL = "LEVEL3"  # 1.3 pixels per um: a 985 x 788 um view, the loop fills a good part of it
 CENTRING_TIMEOUT_S = 120.0
 # Held-out samples cycle through these variations of make_sample's defaults.
 HELDOUT_VARIANTS = (
@@ -131,16 +131,11 @@ def _quiet_logging(log_path: Path):
 # -- the beamline -------------------------------------------------------------------
 
 
-def _set_zoom(bl, level: str = ZOOM_LEVEL, timeout: float = 10.0):
-    """Set the zoom and wait until it is there (the mockup zoom returns before it moves)."""
-    import gevent
-
-    zoom = bl.diffractometer.zoom
-    target = zoom.VALUES[level]
-    zoom.set_value(target, timeout=timeout)
-    with gevent.Timeout(timeout, DemoError(f"the zoom did not reach {level} within {timeout} s")):
-        while zoom.get_value() != target:
-            gevent.sleep(0.02)
+def _set_zoom(bl):
+    try:
+        set_zoom(bl, ZOOM_LEVEL)
+    except TimeoutError as err:
+        raise DemoError(str(err)) from err
 
 
 def _positions(bl) -> dict:
