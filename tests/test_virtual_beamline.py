@@ -76,6 +76,11 @@ def test_motor_faults_can_be_injected(beamline):
     phiz.inject_fault("fail")
     with pytest.raises(RuntimeError, match="simulated motor fault"):
         phiz.set_value(start + 0.1, timeout=5)
+    assert phiz.get_value() == pytest.approx(start)  # it failed at once
+    phiz.inject_fault("fail", after_s=0.02)  # of a 0.05 s move at 2 mm/s
+    with pytest.raises(RuntimeError, match="simulated motor fault"):
+        phiz.set_value(start + 0.1, timeout=5)
+    assert start < phiz.get_value() < start + 0.1  # it had moved part of the way
     phiz.inject_fault("timeout")
     with pytest.raises(RuntimeError, match="timed out"):
         phiz.set_value(start + 0.1, timeout=0.3)

@@ -40,8 +40,9 @@ class VirtualMotor(MotorMockup):
         Parameters
         ----------
         kind : {"fail", "timeout"} or None
-            ``"fail"`` raises after ``after_s`` of motion; ``"timeout"`` never
-            arrives; None clears the fault.
+            ``"fail"`` stops and raises after ``after_s`` of motion (at the
+            target if the move is shorter); ``"timeout"`` stops there and
+            never reports arrival; None clears the fault.
         after_s : float
             Seconds of normal motion before the fault strikes.
         """
@@ -55,25 +56,30 @@ class VirtualMotor(MotorMockup):
             return super()._move(value)  # already there: only its end-of-move states
         kind, after_s = self._fault
         self._fault = None
-        gevent.sleep(after_s)
+        # Normal motion first: the fault strikes part-way (a move shorter than after_s gets there first).
+        self._ramp(value, stop_after_s=after_s)
         if kind == "timeout":
             gevent.sleep(1e9)
         # A stalled move: the motor stops where it is and reports the error.
         self.update_state(self.STATES.READY)
         raise RuntimeError(f"{self.username}: simulated motor fault")
 
-    def _ramp(self, target: float):
+    def _ramp(self, target: float, stop_after_s: float = float("inf")):
         """Move at the configured velocity, reporting positions on the way.
 
         MotorMockup's own loop computes each position after its sleep, so it
         reports (and the camera films) up to a step beyond the target, and so
         beyond a limit; here no position leaves the segment to the target.
+        ``stop_after_s`` stops the motion where it is after that many seconds.
         """
         start = self.get_value()
         duration = abs(target - start) / self.get_velocity()
         self.update_specific_state(self.SPECIFIC_STATES.MOVING)
         began = time.monotonic()
         while (elapsed := time.monotonic() - began) < duration:
+            if elapsed >= stop_after_s:
+                self.update_value(start + (target - start) * stop_after_s / duration)
+                return
             self.update_value(start + (target - start) * elapsed / duration)
             gevent.sleep(_STEP_S)
         self.update_value(target)
