@@ -627,9 +627,9 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
         "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
         f"{format_cell((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
-        "- **optical_oracle**: the best point were every crystal of uniform quality: what exact knowledge of the "
-        "crystals' shapes and positions gives, the limit of any camera-based method (the camera shows nothing of "
-        "a crystal's inner quality; ground truth, not timed).",
+        "- **optical_oracle**: the best point of the crystals' shapes alone (uniform quality, the median capacity): "
+        "what exact knowledge of the crystals' shapes and positions gives, the limit of any camera-based method "
+        "(the camera shows nothing of a crystal's inner quality or capacity; ground truth, not timed).",
         "",
         "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
         "3D, from the point in the beam and in focus to the ground-truth best point. RC fraction: mean reflection "

@@ -50,9 +50,10 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from mxcube_autocenter.geometry import centred_motors, point_in_beam
+from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
 
 # Angles at which a centred crystal must be in the beam: those over which the best point is judged.
-VERIFY_OMEGAS = (0.0, 45.0, 90.0, 135.0)
+VERIFY_OMEGAS = JUDGING_OMEGAS
 TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
@@ -129,11 +130,13 @@ def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> 
 
 
 def optical_oracle(sample, beam):
-    """The best point a camera could find: the sample's best point were its crystals of uniform quality.
+    """The best point a camera could find: the best point of the crystals' shapes alone.
 
     The virtual beamline draws no trace of a crystal's quality field (good
-    regions, cracks) in the camera image, so no optical method can do better
-    than knowing every crystal's shape and position exactly.
+    regions, cracks) nor of its diffraction capacity in the camera image, so
+    no optical method can do better than knowing every crystal's shape and
+    position exactly: the counts of ``DiffractionModel.shapes_only`` (uniform
+    quality, the median capacity), the learning report's reference too.
 
     Parameters
     ----------
@@ -146,9 +149,8 @@ def optical_oracle(sample, beam):
         ``(a, u, v)``, mm; None for an empty loop.
     """
     from mxcube_autocenter.simulation.diffraction import DiffractionModel
-    from mxcube_autocenter.simulation.sample import uniform_crystals
 
-    point, _ = DiffractionModel(uniform_crystals(sample), beam).best_point()
+    point, _ = DiffractionModel(sample, beam).shapes_only().best_point()
     return point
 
 

@@ -128,11 +128,6 @@ class VirtualCamera(HardwareObject):
         self._update()
         return self._rgb.tobytes(), self._width, self._height
 
-    def get_last_frame(self) -> np.ndarray:
-        """The current frame as an RGB uint8 array (height, width, 3)."""
-        self._update()
-        return self._rgb
-
     def get_width(self) -> int:
         return self._width
 

@@ -40,7 +40,8 @@ class VirtualCollect(CollectMockup):
         self.clock_offset_s = float(self.get_property("detector_clock_offset_s", 0.12))
         self.clock_jitter_s = float(self.get_property("detector_clock_jitter_s", 0.002))
         self.geometry = DETECTORS[str(self.get_property("detector", "small"))]
-        # Spots that do not fit on a frame are clipped, as a saturated spot finder would.
+        # Spots that do not fit on a frame are clipped, as a saturated spot finder would (every collection's
+        # frames hold as many: the detector's pixel mask is the same whatever the seed).
         simulator = eiger.FrameSimulator(self.geometry)
         self.max_spots, self.max_ice_spots = simulator.capacity, simulator.ice_capacity
         self._rng = np.random.default_rng(int(self.get_property("seed", 0)))

@@ -182,6 +182,9 @@ def background_model(geometry: DetectorGeometry) -> np.ndarray:
     return 0.3 + falloff + 0.8 * np.exp(-0.5 * ((r - ring) / ring_sigma) ** 2)
 
 
+_MASK_SEED = 0  # seeds every simulated detector's dead and hot pixels
+
+
 def simulated_pixel_mask(geometry: DetectorGeometry, rng: np.random.Generator) -> np.ndarray:
     """An EIGER ``pixel_mask``: module gaps, and a few dead and hot pixels.
 
@@ -269,6 +272,8 @@ class FrameSimulator:
     ----------
     geometry : DetectorGeometry
     seed : int
+        Seeds the noise and the spots; the pixel mask is the detector's own,
+        the same for every seed.
     bit_depth : {32, 16}
         Frames are uint32 or uint16, as the EIGER's ``bit_depth_image``.
 
@@ -293,7 +298,8 @@ class FrameSimulator:
         self.invalid = int(np.iinfo(self.dtype).max)
         self.count_cutoff = COUNT_CUTOFF[bit_depth]
         self._rng = np.random.default_rng(seed)
-        self.pixel_mask = simulated_pixel_mask(geometry, self._rng)
+        # A detector's bad pixels are its own, the same in every collection: so is how many spots a frame holds.
+        self.pixel_mask = simulated_pixel_mask(geometry, np.random.default_rng(_MASK_SEED))
         self._background = _background_sampler(geometry)
         flagged = np.flatnonzero(self.pixel_mask)
         flags = self.pixel_mask.flat[flagged]
@@ -444,7 +450,7 @@ def write_eiger_collection(
     images_per_file : int
         Frames per data file (the EIGER's ``nimages_per_file``).
     seed : int
-        Seeds the pixel mask, noise and spots.
+        Seeds the noise and spots (the pixel mask is the detector's own).
     frame_start_times : sequence of float, optional
         Start of each frame by the detector's clock, unix time (s); stored as
         NXdetector ``start_time`` / ``stop_time``.

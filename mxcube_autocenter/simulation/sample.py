@@ -202,7 +202,7 @@ def _rotation(rng) -> np.ndarray:
 
 
 def _teardrop(length, width, n=96):
-    """Teardrop loop outline in the loop plane: (s, r) with the tip at s=0, neck at s=length."""
+    """Teardrop loop outline in the loop plane: (s, r), the pointed neck (where the stem joins) at s=0, the round end at s=length."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     x = np.cos(t)
     y = np.sin(t) * np.sin(t / 2) ** 1.3
