@@ -61,13 +61,16 @@ def _demo_options_ignored(args) -> str | None:
     """Why the demo's options ask for something the run would not do, or None."""
     if args.classifier and not args.model:
         return "--classifier goes with --model (otherwise the demo trains its own classifier)"
+    if args.model and args.use_shipped_model:
+        return "--model and --use-shipped-model: give one model to centre with"
     if args.quick or args.model:
         training_only = {"--from-scratch": args.from_scratch, "--no-classifier": args.no_classifier,
                          "--n-train": args.n_train is not None, "--epochs": args.epochs is not None,
-                         "--input-size": args.input_size is not None}  # fmt: skip
+                         "--input-size": args.input_size is not None, "--nproc": args.nproc is not None,
+                         "--keep-data": args.keep_data}  # fmt: skip
         given = [option for option, used in training_only.items() if used]
         if given:
-            return f"{', '.join(given)}: no training with {'--quick' if args.quick else '--model'}, so nothing to apply them to"
+            return f"{', '.join(given)}: no recording or training with {'--quick' if args.quick else '--model'}, so nothing to apply them to"
     elif args.input_size is not None and not args.from_scratch:
         return "--input-size goes with --from-scratch (fine-tuning keeps the shipped model's input, 128 px)"
     return None

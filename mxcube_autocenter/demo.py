@@ -632,9 +632,10 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "(the camera shows nothing of a crystal's inner quality or capacity; ground truth, not timed).",
         "",
         "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
-        "3D, from the point in the beam and in focus to the ground-truth best point. RC fraction: mean reflection "
-        "count over a rotation about that point, over the best point's. Empty refused: the method declined and "
-        "left the sample where it was. Medians and hit rates are over the samples with crystals; each rate with "
+        "3D, from the point in the beam and in focus to the ground-truth best point (for a crystal refused, where "
+        "the sample was left). RC fraction: mean reflection count over those angles with the motors where the "
+        "centring left them, over the best point's (0 for a crystal refused: nothing is shot). Empty refused: the "
+        "method declined and left the sample where it was. Medians and hit rates are over the samples with crystals; each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "
         "seeds (`mxcube-autocenter scorecard RUN ...` pools runs).", "",
         "## Targets of the optical ML centring", "",

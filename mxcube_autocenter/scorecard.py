@@ -20,7 +20,8 @@ Per centring (:func:`score_position`):
 
 A refusal ("no crystal found") shoots nothing: a crystal refused is missed
 at every angle with RC fraction 0; its distance is that of where the
-sample was left.
+sample was left (so it counts in the median and p90 distance, where
+:func:`compare_runs` leaves refusals out of the change in distance).
 
 Per method (:func:`summarise`), over the samples with crystals:
 ``hit_rate``, ``median_dist_um``, ``p90_dist_um``, ``median_rc_fraction``;
@@ -37,8 +38,9 @@ are narrower.
 loop at two orthogonal omega angles, the best of each combined into a 3D
 point; it needs no camera but costs one exposure per grid point.
 :func:`optical_oracle` is the camera's limit: the best point of the same
-sample were every crystal of uniform quality, i.e. what exact knowledge of
-the crystals' shapes and positions, but not of their insides, would give.
+sample were every crystal of uniform quality and the median capacity, i.e.
+what exact knowledge of the crystals' shapes and positions, but not of their
+insides, would give.
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
     return [bool(diffraction.beam_hits_crystal({**final_motors, "omega": float(w)})) for w in omegas]
 
 
-def rc_fraction(diffraction, final_motors: dict, best_rc: float) -> float | None:
+def rc_fraction(diffraction, final_motors: dict, best_rc: float, omegas=VERIFY_OMEGAS) -> float | None:
     """Mean reflection count over a rotation at these positions, over the best point's (None if no best).
 
     The rotation keeps every translation as it is, as a collection after the
@@ -231,7 +233,7 @@ def rc_fraction(diffraction, final_motors: dict, best_rc: float) -> float | None
     """
     if not best_rc or best_rc <= 0:
         return None
-    return float(diffraction.mean_rc_over_rotation(final_motors) / best_rc)
+    return float(diffraction.mean_rc_over_rotation(final_motors, omegas) / best_rc)
 
 
 def score_position(diffraction, best_point, best_rc: float, final_motors: dict, omegas=VERIFY_OMEGAS,
@@ -260,7 +262,7 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
     return {
         "hits": beam_hits(diffraction, final_motors, omegas),
         "dist_um": distance_um(final_motors, best_point),
-        "rc_fraction": rc_fraction(diffraction, final_motors, best_rc),
+        "rc_fraction": rc_fraction(diffraction, final_motors, best_rc, omegas),
     }
 
 

@@ -222,6 +222,28 @@ def test_a_motor_that_refuses_commands_does_not_keep_the_others_from_going_back(
     )
 
 
+def test_a_nan_crystal_probability_is_no_crystal():
+    from types import SimpleNamespace
+
+    from mxcube_autocenter.config import AutoCenterConfig
+
+    settings = procedure.CentringSettings.from_config(AutoCenterConfig())
+    assert procedure.is_crystal([SimpleNamespace(score=10.0, crystal_probability=0.9)], settings)
+    assert not procedure.is_crystal([SimpleNamespace(score=10.0, crystal_probability=float("nan"))], settings)
+
+
+def test_a_way_back_that_crashes_is_reported_not_taken_for_a_return(beamline, autocenter, monkeypatch):
+    def stop_motion_that_crashes(bl, log):
+        raise RuntimeError("diffractometer gone")
+
+    mount_at_start(beamline)
+    autocenter.config.max_displacement_mm = 1e-6  # fails after the views: the sample goes back
+    monkeypatch.setattr(procedure, "_stop_motion", stop_motion_that_crashes)
+    result = autocenter.centre(save=False)
+    assert not result.success
+    assert "NOT returned to its starting position: the way back failed (RuntimeError: diffractometer gone)" in result.message
+
+
 def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)

@@ -63,7 +63,9 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     assert main(["demo", "--out", str(out), "--input-size", "96"]) == 2
     assert "--input-size goes with --from-scratch" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--quick", "--from-scratch", "--epochs", "3"]) == 2
-    assert "--from-scratch, --epochs: no training with --quick" in capsys.readouterr().err
+    assert "--from-scratch, --epochs: no recording or training with --quick" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--model", str(own), "--use-shipped-model"]) == 2
+    assert "give one model to centre with" in capsys.readouterr().err
     assert (out / "report.md").read_text() == "the last report"
 
 

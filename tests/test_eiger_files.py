@@ -53,6 +53,15 @@ def test_real_eiger2_sizes_are_whole_modules():
         DetectorGeometry("odd", 500, 514, 250, 238, 12, 38, 250.0, 257.0)
 
 
+def test_a_detectors_pixel_mask_is_its_own_whatever_the_collection_seed():
+    from mxcube_autocenter.simulation.eiger import FrameSimulator
+
+    first, other = FrameSimulator(SMALL, seed=0), FrameSimulator(SMALL, seed=7)
+    np.testing.assert_array_equal(first.pixel_mask, other.pixel_mask)
+    assert (first.capacity, first.ice_capacity) == (other.capacity, other.ice_capacity) == (1198, 187)
+    assert not np.array_equal(first.frame(5)[0], other.frame(5)[0])  # noise and spots still follow the seed
+
+
 def test_files_are_named_and_linked_as_the_eiger_filewriter_does(collection):
     written, _ = collection
     assert written.master_path.name == "xtal_1_master.h5"

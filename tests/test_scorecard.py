@@ -32,8 +32,8 @@ class FakeDiffraction:
         self.calls += 1
         return float(self.peak * np.exp(-self._offset(motors) ** 2 / (2 * self.SIGMA**2)))
 
-    def mean_rc_over_rotation(self, motors):
-        offsets = np.array([self._offset({**motors, "omega": w}) for w in scorecard.VERIFY_OMEGAS])
+    def mean_rc_over_rotation(self, motors, omegas):
+        offsets = np.array([self._offset({**motors, "omega": w}) for w in omegas])
         return float(np.mean(self.peak * np.exp(-(offsets**2) / (2 * self.SIGMA**2))))
 
 
@@ -224,6 +224,14 @@ def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
     score = scorecard.score_position(real, best, best_rc, centred_motors(point, 0.0))
     assert all(score["hits"]) and 0.5 < score["rc_fraction"] <= 1.0 + 1e-9
     assert scorecard.optical_oracle(make_sample(16, n_crystals=0), Beam()) is None
+    # Nor their capacities: two crystals of other capacities are told apart by their shapes alone.
+    from mxcube_autocenter.simulation.sample import MEDIAN_CAPACITY, uniform_crystals
+
+    pair = make_sample(3, n_crystals=2)
+    shapes, _ = DiffractionModel(uniform_crystals(pair, MEDIAN_CAPACITY), Beam()).best_point()
+    own_capacities, _ = DiffractionModel(uniform_crystals(pair), Beam()).best_point()
+    np.testing.assert_allclose(scorecard.optical_oracle(pair, Beam()), shapes)
+    assert np.linalg.norm(shapes - own_capacities) > 0.01  # mm: the two definitions differ on this sample
 
 
 def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the_held_out_ones():

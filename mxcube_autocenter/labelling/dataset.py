@@ -345,7 +345,7 @@ def append_recording(
     except _WRITE_ERRORS as err:
         # Closing the file flushes it too, and can fail as the writes did.
         if failure is not None:
-            raise failure from err
+            raise failure  # its cause stays the write that failed
         raise _write_failed(dataset_path, err) from err
     message = f"{recording.path}: {written} rows appended to {dataset_path} as {scan}"
     if unreadable:

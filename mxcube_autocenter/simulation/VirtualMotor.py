@@ -74,12 +74,10 @@ class VirtualMotor(MotorMockup):
         """
         start = self.get_value()
         duration = abs(target - start) / self.get_velocity()
+        stop = min(stop_after_s, duration)  # a late wake-up must not carry a stopped move on to the target
         self.update_specific_state(self.SPECIFIC_STATES.MOVING)
         began = time.monotonic()
-        while (elapsed := time.monotonic() - began) < duration:
-            if elapsed >= stop_after_s:
-                self.update_value(start + (target - start) * stop_after_s / duration)
-                return
+        while (elapsed := time.monotonic() - began) < stop:
             self.update_value(start + (target - start) * elapsed / duration)
             gevent.sleep(_STEP_S)
-        self.update_value(target)
+        self.update_value(target if stop >= duration else start + (target - start) * stop / duration)
