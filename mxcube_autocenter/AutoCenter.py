@@ -227,9 +227,8 @@ class AutoCenter(HardwareObject):
         ValueError
             If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
-        if n_angles is None:
-            return procedure.CentringSettings.from_config(self.config)
-        return procedure.CentringSettings.from_config(self.config, n_angles=check_centring_angles(n_angles))
+        overrides = {} if n_angles is None else {"n_angles": check_centring_angles(n_angles)}
+        return procedure.CentringSettings.from_config(self.config, **overrides)
 
     def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
         """Centre the crystal in the beam (blocking; call it from a greenlet or a script).

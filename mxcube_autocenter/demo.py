@@ -131,13 +131,6 @@ def _quiet_logging(log_path: Path):
 # -- the beamline -------------------------------------------------------------------
 
 
-def _set_zoom(bl):
-    try:
-        set_zoom(bl, ZOOM_LEVEL)
-    except TimeoutError as err:
-        raise DemoError(str(err)) from err
-
-
 def _positions(bl) -> dict:
     motors = bl.diffractometer.get_motors()
     return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
@@ -893,7 +886,10 @@ def run_demo(
         with hardware_repository(config_dir) as bl:
             silence()
             ho = auto_centring(bl)
-            _set_zoom(bl)
+            try:
+                set_zoom(bl, ZOOM_LEVEL)
+            except TimeoutError as err:
+                raise DemoError(str(err)) from err
             timings["boot"] = time.perf_counter() - t
             _say(f"virtual beamline booted in {timings['boot']:.1f} s; zoom {ZOOM_LEVEL} "
                  f"({bl.diffractometer.get_pixels_per_mm()[0] / 1000:g} px/um); {mode}")  # fmt: skip
