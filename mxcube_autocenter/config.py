@@ -77,12 +77,16 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     centring_classifier: str | None = Field(
         default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
     )
-    # Two views 180 degrees apart see the same line through the sample: no depth, and the sine fit needs three points.
-    centring_angles: int = Field(default=3, ge=3, le=12, description="Omega angles over 180 degrees used for the fit.")
+    # mxcubecore's sine fit needs three points.
+    centring_angles: int = Field(
+        default=3, ge=3, le=12,
+        description="Views, spread evenly over half a turn of omega (3: 0, 60, 120 degrees), fused and fitted.",
+    )  # fmt: skip
     verify_centring: Literal["off", "report", "require"] = Field(
         default="report",
-        description="After the move, score the beam in one more view (half a step past the first): 'report' logs "
-        "a miss, 'require' fails on it and returns the sample (or, with the loop fallback, centres the loop).",
+        description="After the move, score the beam in one more view (half a view step past the fit's end): "
+        "'report' logs a miss, 'require' fails on it and returns the sample (or, with the loop fallback, centres the "
+        "loop).",
     )
     roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
     roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
@@ -93,8 +97,15 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         "flips ('flips', 4) or not at all ('none', 1).",
     )
     min_score: float = Field(
-        default=5.0, description="Smallest predicted reflection count at the best point that counts as a crystal."
+        default=5.0,
+        description="Smallest predicted reflection count at the chosen point, in every view but blind_views, that "
+        "counts as a crystal.",
     )
+    blind_views: int = Field(
+        default=1, ge=0,
+        description="Views in which the chosen point may score below min_score (a plate or needle seen edge-on "
+        "hardly shows on camera); the others, at least two, must reach it.",
+    )  # fmt: skip
     min_crystal_probability: float = Field(
         default=0.5, ge=0, le=1, description="Smallest classifier probability that counts as a crystal."
     )
@@ -123,6 +134,11 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
                 ) from err
         return value
 
+    @model_validator(mode="after")
+    def _two_views_see_the_crystal(self):
+        check_blind_views(self.blind_views, self.centring_angles)
+        return self
+
     @model_validator(mode="wrap")
     @classmethod
     def _explain_errors(cls, data, handler):
@@ -136,6 +152,28 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
                 "object's XML file, see docs/configuration.md):\n"
                 + describe_errors(err, cls)
             ) from None
+
+
+def check_blind_views(blind_views: int, n_angles: int) -> None:
+    """Check that at least two views must still see the chosen point: one view gives no depth.
+
+    Parameters
+    ----------
+    blind_views : int
+        The ``blind_views`` property.
+    n_angles : int
+        Views of the centring (``centring_angles``, or a script's ``n_angles``).
+
+    Raises
+    ------
+    ValueError
+        If ``blind_views`` exceeds ``n_angles - 2``.
+    """
+    if blind_views > n_angles - 2:
+        raise ValueError(
+            f"blind_views = {blind_views} with {n_angles} centring angles: at most {n_angles - 2}, since two views "
+            "must see the crystal to place it in 3D (lower blind_views or raise centring_angles)"
+        )
 
 
 def check_centring_angles(n_angles) -> int:
@@ -154,7 +192,7 @@ def check_centring_angles(n_angles) -> int:
     ------
     ValueError
         If ``n_angles`` is outside the ``centring_angles`` property's range
-        (fewer than 2 angles cannot fit a rotation axis).
+        (fewer than 3: mxcubecore's sine fit needs three points).
     """
     field = AutoCenterConfig.model_fields["centring_angles"]
     try:

@@ -9,6 +9,7 @@ import gevent
 import pytest
 
 from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
+from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
 
@@ -72,6 +73,14 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
         assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (4, "off", "flips")
+
+
+def test_blind_views_must_leave_two_views_to_see_the_crystal():
+    assert AutoCenterConfig(centring_angles=4, blind_views=2).blind_views == 2
+    with pytest.raises(ValueError) as err:
+        AutoCenterConfig(centring_angles=3, blind_views=2)
+    assert "blind_views = 2 with 3 centring angles: at most 1" in str(err.value)
+    assert "hardware object's XML file" in str(err.value)
 
 
 def test_camera_of_a_torn_down_beamline_stops_streaming():

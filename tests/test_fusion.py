@@ -100,6 +100,19 @@ def test_floor_prefers_a_point_seen_in_every_view():
     assert min(fused.scores) >= 10.0
 
 
+def test_a_blind_view_lets_a_crystal_that_one_view_cannot_see_win():
+    crystal = np.array([0.12, 0.05, -0.08])
+    ice = np.array([-0.05, 0.0, 0.02])
+    omegas = (30.0, 90.0, 150.0)
+    # A plate: bright face-on at two angles, nothing edge-on at the third; a faint ice ball seen at all three.
+    views = [blob_view(w, [crystal, ice], heights=[h, 20.0]) for w, h in zip(omegas, (100.0, 100.0, 0.0))]
+    assert np.abs(fuse_views(views, PPMM, BEAM, floor=10.0).point - ice).max() * 1000 < 6 / 1.3
+    fused = fuse_views(views, PPMM, BEAM, floor=10.0, blind=1)
+    # The two views that see it place it in 3D.
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+    assert sorted(fused.scores)[1] >= 10.0 and min(fused.scores) < 1.0
+
+
 def test_value_at_reads_the_smoothed_heatmap_as_the_fusion_scores_points():
     crystal = np.array([0.12, 0.05, -0.08])
     views = [blob_view(w, [crystal]) for w in (30.0, 120.0, 210.0)]

@@ -93,7 +93,7 @@ def _prepared(view: View, sigma_cells: float) -> np.ndarray:
     return values
 
 
-def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0, floor=None,
+def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.0, floor=None, blind=0,
                plateau=None) -> FusedPoint:  # fmt: skip
     """The sample point whose projections have the best mean predicted count.
 
@@ -103,8 +103,8 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     taken at different translation motor positions (before and after a
     move); the grid follows the first view's.
     With ``floor``, only points predicted at least ``floor`` in every view
-    compete (the beam must meet the crystal at every angle), unless there
-    are none.
+    but ``blind`` of them compete (the beam must meet the crystal at every
+    angle, but the camera may hardly show it in some), unless there are none.
 
     Parameters
     ----------
@@ -119,7 +119,9 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     sigma_cells : float
         Smoothing of each heatmap before fusing, grid cells (as :func:`.peak.find_peak`).
     floor : float, optional
-        Smallest prediction in any view of a point that may win.
+        Smallest prediction in any view (but ``blind``) of a point that may win.
+    blind : int
+        Views in which a point may be predicted below ``floor``.
     plateau : float, optional
         Take, instead of the best grid point, the grid point nearest the
         centroid of the connected region around it that scores at least
@@ -154,7 +156,6 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     along[:, 0] = motors["phiy"] + (xs - beam_position[0]) / ppx
     across = np.column_stack([np.zeros(du.size), motors["sampx"] + du.ravel(), motors["sampy"] + dv.ravel()])
     total = np.zeros((len(offsets), len(offsets), len(xs)), np.float32)
-    lowest = np.full_like(total, np.inf)
     per_view = []
     for view in views:
         values = _prepared(view, sigma_cells)
@@ -167,10 +168,12 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         per_view.append(score)
         total += score
-        np.minimum(lowest, score, out=lowest)
     total /= len(views)
-    if floor is not None and (lowest >= floor).any():
-        total = np.where(lowest >= floor, total, _EXCLUDED)
+    if floor is not None:
+        # The lowest prediction once the ``blind`` lowest views are left out.
+        seen = np.partition(np.stack(per_view), blind, axis=0)[blind] if blind else np.minimum.reduce(per_view)
+        if (seen >= floor).any():
+            total = np.where(seen >= floor, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
     if plateau is not None:
         i, j, k = _plateau_centre(total, (i, j, k), plateau)

@@ -24,7 +24,7 @@ from mxcubecore.HardwareObjects import sample_centring
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
-from mxcube_autocenter.config import AutoCenterConfig
+from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
 TRANSLATION_TOLERANCE_MM = 1e-3
@@ -109,6 +109,7 @@ class CentringSettings:
     stride_px: float
     heatmap_symmetries: str
     min_score: float
+    blind_views: int
     min_crystal_probability: float
     fallback: str
     pin_side: str
@@ -127,10 +128,14 @@ class CentringSettings:
             "n_angles": config.centring_angles, "roi_width_um": config.roi_width_um,
             "roi_height_um": config.roi_height_um, "stride_px": config.heatmap_stride_px,
             "heatmap_symmetries": config.heatmap_symmetries, "min_score": config.min_score,
-            "min_crystal_probability": config.min_crystal_probability, "fallback": config.no_crystal_fallback,
-            "pin_side": config.pin_side, "max_displacement_mm": config.max_displacement_mm,
-            "move_timeout_s": config.move_timeout_s, "verify": config.verify_centring, **overrides,
+            "blind_views": config.blind_views, "min_crystal_probability": config.min_crystal_probability,
+            "fallback": config.no_crystal_fallback, "pin_side": config.pin_side,
+            "max_displacement_mm": config.max_displacement_mm, "move_timeout_s": config.move_timeout_s,
+            "verify": config.verify_centring, **overrides,
         })  # fmt: skip
+
+    def __post_init__(self):
+        check_blind_views(self.blind_views, self.n_angles)
 
 
 class Beamline:
@@ -216,12 +221,13 @@ def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
 def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> CentringResult:
     """Run the procedure; on any failure or abort the sample goes back to where it was.
 
-    The views are taken first (omega turning by ``180 / (n_angles - 1)``
-    degrees between them), their heatmaps fused into one sample point
-    (:func:`.fusion.fuse_views`), and that point's projections clicked into
-    mxcubecore's sine fit as it turns on through the same steps. Unless
-    ``settings.verify`` is ``"off"``, a last view half a step past the first
-    one (a direction none of the others saw) is scored at the beam
+    The views are taken first (omega turning by ``180 / n_angles`` degrees
+    between them: each sees the sample from a direction of its own), their
+    heatmaps fused into one sample point (:func:`.fusion.fuse_views`), and
+    that point's projections clicked into mxcubecore's sine fit as it turns
+    on through its own steps (``180 / (n_angles - 1)`` degrees). Unless
+    ``settings.verify`` is ``"off"``, a last view half a view step past the
+    fit's end (a direction none of the views saw) is scored at the beam
     (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it.
 
     Parameters
@@ -245,7 +251,8 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     start = bl.positions()
     result = CentringResult(success=False, message="", method="none", start_positions=start)
     timings = result.timings
-    step_deg = 180.0 / (settings.n_angles - 1)
+    # Views over half a turn, not to 180 degrees: the view at 180 would see the line the first one saw.
+    step_deg = 180.0 / settings.n_angles
     try:
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
         ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
@@ -299,7 +306,8 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
     those of the fused point's projection in that view.
     """
     views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.motors, a.mask) for a in angles]
-    fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, plateau=settings.plateau)
+    fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, blind=settings.blind_views,
+                       plateau=settings.plateau)  # fmt: skip
     for angle, score in zip(angles, fused.scores):
         angle.point = project(fused.point, angle.motors, pixels_per_mm, beam_position)
         angle.score = score
@@ -494,9 +502,12 @@ def _align_tips(predictor, settings, angles, ppmm, timings, log):
 def is_crystal(angles, settings: CentringSettings) -> bool:
     """Whether the chosen point is good enough to shoot at.
 
-    Its predicted count must reach ``min_score`` in every view (the beam
-    has to meet the crystal at every angle) and, with a classifier, its
-    mean crystal probability over the views ``min_crystal_probability``.
+    Its predicted count must reach ``min_score`` in every view but
+    ``blind_views`` of them (the beam has to meet the crystal at every
+    angle, but a plate or needle seen edge-on hardly shows on camera; a
+    single view, as the verification's, must reach it) and, with a
+    classifier, its mean crystal probability over the views
+    ``min_crystal_probability``.
 
     Parameters
     ----------
@@ -523,9 +534,12 @@ def _stop_motion(bl: Beamline, log):
 def _why_not(angles, settings: CentringSettings) -> str | None:
     """Why the point is not good enough to shoot at (:func:`is_crystal`), or None when it is."""
     angles = [angles] if isinstance(angles, AngleResult) else list(angles)
-    score = min(a.score for a in angles)
-    if not np.isfinite(score) or score < settings.min_score:
-        return f"score {score:.1f} < min_score {settings.min_score}" + (" in at least one view" if len(angles) > 1 else "")
+    blind = min(settings.blind_views, max(len(angles) - 2, 0))
+    score = sorted(a.score if np.isfinite(a.score) else -np.inf for a in angles)[blind]  # NaN is no crystal
+    if score < settings.min_score:
+        where = f" in more than {blind} of {len(angles)} views" if blind else " in at least one view"
+        where = where if len(angles) > 1 else ""
+        return f"score {score:.1f} < min_score {settings.min_score}{where}"
     probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
     if probs and not float(np.mean(probs)) >= settings.min_crystal_probability:  # NaN is no crystal
         return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
