@@ -53,10 +53,14 @@ def decode(result) -> np.ndarray:
 
 def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter, monkeypatch):
     beamline.sample_changer.load(CRYSTAL, wait=True)
-    # Without the verification view the fit leaves omega at the first view, taken before the move.
+    # Without the verification view the fit leaves omega half a turn past the last view: no view to draw.
     monkeypatch.setattr(autocenter.config, "verify_centring", "off")
     result = autocenter.centre(save=False)
     assert result.success, result.message
+    assert grids(beamline) == []
+    # Turned on to the first view's omega, the heatmap taken there before the move is drawn where the sample is now.
+    beamline.diffractometer.set_value_motors({"omega": result.angles[0].omega + 360.0}, timeout=30)
+    autocenter._publish_heatmap(result)
     (grid,) = grids(beamline)
     angle = view_at_current_omega(beamline, result)
     hm = angle.heatmap
