@@ -225,7 +225,8 @@ class AutoCenter(HardwareObject):
         Raises
         ------
         ValueError
-            If ``n_angles`` is outside the ``centring_angles`` property's range.
+            If ``n_angles`` is outside the ``centring_angles`` property's range, or below
+            ``blind_views`` + 2.
         """
         overrides = {} if n_angles is None else {"n_angles": check_centring_angles(n_angles)}
         return procedure.CentringSettings.from_config(self.config, **overrides)
@@ -236,7 +237,8 @@ class AutoCenter(HardwareObject):
         Parameters
         ----------
         n_angles : int, optional
-            Omega angles over 180 degrees; default: the ``centring_angles`` property.
+            Views over half a turn of omega; default: the ``centring_angles`` property
+            (at least ``blind_views`` + 2).
         save : bool
             Save the heatmap overlays and a JSON record to ``centring_save_directory``.
 
@@ -250,7 +252,8 @@ class AutoCenter(HardwareObject):
         Raises
         ------
         ValueError
-            If ``n_angles`` is outside the ``centring_angles`` property's range.
+            If ``n_angles`` is outside the ``centring_angles`` property's range, or below
+            ``blind_views`` + 2.
         """
         bl = procedure.Beamline(HWR.beamline)
         settings = self.centring_settings(n_angles)

@@ -172,7 +172,7 @@ def check_blind_views(blind_views: int, n_angles: int) -> None:
     if blind_views > n_angles - 2:
         raise ValueError(
             f"blind_views = {blind_views} with {n_angles} centring angles: at most {n_angles - 2}, since two views "
-            "must see the crystal to place it in 3D (lower blind_views or raise centring_angles)"
+            "must see the crystal to place it in 3D (lower blind_views, or centre with more angles)"
         )
 
 
@@ -182,7 +182,7 @@ def check_centring_angles(n_angles) -> int:
     Parameters
     ----------
     n_angles : int
-        Omega angles over 180 degrees.
+        Views over half a turn of omega.
 
     Returns
     -------

@@ -246,7 +246,9 @@ def test_one_view_may_miss_the_crystal_but_two_must_see_it():
     # A plate seen face-on at two angles and edge-on at the third.
     assert procedure.is_crystal(views(34.3, 0.4, 21.0), settings)
     assert procedure._why_not(views(34.3, 0.4, 3.0), settings) == "score 3.0 < min_score 5.0 in more than 1 of 3 views"
-    assert not procedure.is_crystal(views(34.3, float("nan"), float("nan")), settings)
+    # A NaN, or a point outside one view's sample, is never the blind view.
+    assert procedure._why_not(views(34.3, float("nan"), 21.0), settings).startswith("score NaN")
+    assert procedure._why_not(views(34.3, -1e9, 21.0), settings).startswith("the point lies outside the sample")
     # A single view (the verification's) has none to spare.
     assert not procedure.is_crystal(views(0.4), settings)
     strict = procedure.CentringSettings.from_config(AutoCenterConfig(), blind_views=0)

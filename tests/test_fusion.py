@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
+from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
 from mxcube_autocenter.geometry import centred_motors
 
 PPMM = (1300.0, 1300.0)
@@ -111,6 +111,37 @@ def test_a_blind_view_lets_a_crystal_that_one_view_cannot_see_win():
     # The two views that see it place it in 3D.
     assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
     assert sorted(fused.scores)[1] >= 10.0 and min(fused.scores) < 1.0
+
+
+def test_a_blind_view_never_lets_a_point_off_the_sample_win():
+    ghost = np.array([-0.05, 0.0, 0.02])
+    omegas = (30.0, 90.0, 150.0)
+    # Something bright in two views whose projection in the third lies outside that view's sample mask.
+    views = [blob_view(w, [ghost], heights=[80.0]) for w in omegas]
+    x, y = project(ghost, views[2].motors, PPMM, BEAM)
+    gx, gy = np.meshgrid(XS, YS)
+    views[2] = View(views[2].values, XS, YS, views[2].motors, mask=np.hypot(gx - x, gy - y) > 100)
+    fused = fuse_views(views, PPMM, BEAM, floor=10.0, blind=1)
+    # No point inside every mask reaches the floor in two views: the best mean there, not the ghost.
+    assert not any(outside(s) for s in fused.scores)
+    assert sorted(fused.scores)[1] < 10.0
+
+
+def test_a_nan_prediction_sees_nothing():
+    crystal = np.array([0.12, 0.05, -0.08])
+    views = [blob_view(w, [crystal], heights=[30.0]) for w in (30.0, 90.0, 150.0)]
+    values = views[0].values.copy()
+    values[:10, :10] = np.nan  # far from the crystal
+    views[0] = View(values, XS, YS, views[0].motors)
+    fused = fuse_views(views, PPMM, BEAM, floor=10.0, blind=1)
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+    assert np.isfinite(fused.score)
+
+
+def test_blind_views_leave_two_views():
+    views = [blob_view(w, [np.zeros(3)]) for w in (30.0, 90.0, 150.0)]
+    with pytest.raises(ValueError, match="blind = 2: between 0 and 1 with 3 views"):
+        fuse_views(views, PPMM, BEAM, floor=5.0, blind=2)
 
 
 def test_value_at_reads_the_smoothed_heatmap_as_the_fusion_scores_points():

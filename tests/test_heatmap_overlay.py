@@ -58,7 +58,8 @@ def test_a_centring_publishes_its_heatmap_over_the_crystal(beamline, autocenter,
     result = autocenter.centre(save=False)
     assert result.success, result.message
     assert grids(beamline) == []
-    # Turned on to the first view's omega, the heatmap taken there before the move is drawn where the sample is now.
+    # With omega turned on to the first view's, the heatmap taken there before the move, published again, is drawn
+    # where the sample is now.
     beamline.diffractometer.set_value_motors({"omega": result.angles[0].omega + 360.0}, timeout=30)
     autocenter._publish_heatmap(result)
     (grid,) = grids(beamline)

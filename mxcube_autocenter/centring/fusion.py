@@ -136,6 +136,8 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     """
     if len(views) < 2:
         raise ValueError(f"fusing needs at least two views, got {len(views)}")
+    if not 0 <= blind <= len(views) - 2:
+        raise ValueError(f"blind = {blind}: between 0 and {len(views) - 2} with {len(views)} views (two must see a point)")
     motors = views[0].motors
     ppx, ppy = (float(p) for p in pixels_per_mm)
     if step_px is None:
@@ -166,14 +168,18 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         y = sample_to_screen(across, view.motors, pixels_per_mm, beam_position)[0][:, 1].reshape(du.shape)
         rows = (y - vy[0]) / (vy[1] - vy[0]) if len(vy) > 1 else np.zeros_like(y)
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
+        score = np.where(np.isfinite(score), score, _EXCLUDED)  # a NaN prediction sees nothing
         per_view.append(score)
         total += score
     total /= len(views)
     if floor is not None:
-        # The lowest prediction once the ``blind`` lowest views are left out.
-        seen = np.partition(np.stack(per_view), blind, axis=0)[blind] if blind else np.minimum.reduce(per_view)
-        if (seen >= floor).any():
-            total = np.where(seen >= floor, total, _EXCLUDED)
+        # The lowest prediction once the ``blind`` lowest views are left out; a point outside any
+        # view's region or mask is off the sample, never merely unseen.
+        stacked = np.stack(per_view)
+        seen = np.partition(stacked, blind, axis=0)[blind] if blind else stacked.min(axis=0)
+        competing = (seen >= floor) & (stacked.min(axis=0) > _EXCLUDED / 2)
+        if competing.any():
+            total = np.where(competing, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
     if plateau is not None:
         i, j, k = _plateau_centre(total, (i, j, k), plateau)
@@ -189,6 +195,11 @@ def _plateau_centre(total, peak, fraction):
     members = np.argwhere(labels == labels[peak])
     centroid = members.mean(axis=0)
     return tuple(members[np.argmin(np.sum((members - centroid) ** 2, axis=1))])
+
+
+def outside(score: float) -> bool:
+    """Whether a view's score from :func:`fuse_views` marks a point outside that view's region or mask."""
+    return score <= _EXCLUDED / 2
 
 
 def value_at(view: View, point_px, sigma_cells=1.0) -> float:

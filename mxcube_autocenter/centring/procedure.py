@@ -22,7 +22,7 @@ import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
-from mxcube_autocenter.centring.fusion import View, fuse_views, project, triangulate, value_at
+from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -534,8 +534,13 @@ def _stop_motion(bl: Beamline, log):
 def _why_not(angles, settings: CentringSettings) -> str | None:
     """Why the point is not good enough to shoot at (:func:`is_crystal`), or None when it is."""
     angles = [angles] if isinstance(angles, AngleResult) else list(angles)
+    scores = [a.score for a in angles]
+    if not np.isfinite(scores).all():
+        return "score NaN (no usable prediction) in at least one view"
+    if any(outside(score) for score in scores):
+        return "the point lies outside the sample in at least one view"
     blind = min(settings.blind_views, max(len(angles) - 2, 0))
-    score = sorted(a.score if np.isfinite(a.score) else -np.inf for a in angles)[blind]  # NaN is no crystal
+    score = sorted(scores)[blind]
     if score < settings.min_score:
         where = f" in more than {blind} of {len(angles)} views" if blind else " in at least one view"
         where = where if len(angles) > 1 else ""
