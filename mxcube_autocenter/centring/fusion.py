@@ -157,7 +157,6 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     along = np.zeros((len(xs), 3))
     along[:, 0] = motors["phiy"] + (xs - beam_position[0]) / ppx
     across = np.column_stack([np.zeros(du.size), motors["sampx"] + du.ravel(), motors["sampy"] + dv.ravel()])
-    total = np.zeros((len(offsets), len(offsets), len(xs)), np.float32)
     per_view = []
     for view in views:
         values = _prepared(view, sigma_cells)
@@ -170,13 +169,12 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         score = np.where(np.isfinite(score), score, _EXCLUDED)  # a NaN prediction sees nothing
         per_view.append(score)
-        total += score
-    total /= len(views)
+    stacked = np.stack(per_view)
+    total = stacked.sum(axis=0) / len(views)
     if floor is not None:
         # The lowest prediction once the ``blind`` lowest views are left out; a point outside any
         # view's region or mask is off the sample, never merely unseen.
-        stacked = np.stack(per_view)
-        seen = np.partition(stacked, blind, axis=0)[blind] if blind else stacked.min(axis=0)
+        seen = np.partition(stacked, blind, axis=0)[blind]
         competing = (seen >= floor) & (stacked.min(axis=0) > _EXCLUDED / 2)
         if competing.any():
             total = np.where(competing, total, _EXCLUDED)
@@ -184,7 +182,7 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
     if plateau is not None:
         i, j, k = _plateau_centre(total, (i, j, k), plateau)
     point = np.array([along[k, 0], *across[np.ravel_multi_index((i, j), du.shape), 1:]])
-    return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
+    return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s) for s in stacked[:, i, j, k]))
 
 
 def _plateau_centre(total, peak, fraction):
