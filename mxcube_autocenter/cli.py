@@ -223,7 +223,7 @@ def cmd_synthesize(args) -> int:
         args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
         random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
         near_fraction=args.near_fraction, region_fraction=args.region_fraction, empty_fraction=args.empty_fraction,
-        workers=args.workers,
+        ice_fraction=args.ice_fraction, workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -239,7 +239,7 @@ def cmd_synthesize_regions(args) -> int:
         args.out, n_samples=args.samples, seed=args.seed, views_per_sample=args.views_per_sample,
         regions_per_view=args.regions_per_view, cells=args.cells, crop_um=args.crop_um, input_size=args.input_size,
         random_looks=not args.fixed_look, crystal_fraction=args.crystal_fraction, empty_fraction=args.empty_fraction,
-        workers=args.workers,
+        ice_fraction=args.ice_fraction, workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -616,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fixed-look", action="store_true", help="no lighting/optics randomisation")
         p.add_argument("--empty-fraction", type=FRACTION, default=0.15,
                        help="share of samples with an empty loop (default: %(default)s)")
+        p.add_argument("--ice-fraction", type=FRACTION, default=0.3,
+                       help="share of samples with ice balls, which give no Bragg spots (default: %(default)s)")
         p.add_argument("--workers", type=COUNT, default=1, help="rendering processes (default: %(default)s)")
         p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 

@@ -179,14 +179,15 @@ def test_peak_hit_rate_judges_where_the_predicted_maximum_falls():
     assert dense.peak_hit_rate(expected[2:], predicted[2:], valid[2:]) is None
 
 
-def test_synthesize_regions_from_the_command_line_with_only_empty_loops(tmp_path, capsys):
+def test_synthesize_regions_from_the_command_line_with_only_empty_loops_full_of_ice(tmp_path, capsys):
     from mxcube_autocenter.cli import main
 
     path = tmp_path / "empty.h5"
     args = ["synthesize-regions", str(path), "--samples", "3", "--views-per-sample", "1", "--cells", "3",
-            "--crop-um", "160", "--input-size", str(SMALL), "--empty-fraction", "1", "--seed", "5"]  # fmt: skip
+            "--crop-um", "160", "--input-size", str(SMALL), "--empty-fraction", "1", "--ice-fraction", "1", "--seed", "5"]  # fmt: skip
     assert main(args) == 0
     assert "regions 6" in capsys.readouterr().out
     table = dense.read_regions(path)
-    # An empty loop diffracts no more than the liquid's background anywhere.
+    # An empty loop diffracts no more than the liquid's background anywhere, ice balls or not.
     assert table.rc_expected.max() < 1.0 and table.provenance["empty_fraction"] == 1.0
+    assert table.provenance["ice_fraction"] == 1.0

@@ -37,6 +37,18 @@ def test_samples_are_reproducible_and_varied():
     assert make_sample(5, n_crystals=0).is_empty
 
 
+def test_ice_fraction_sets_the_share_of_samples_with_ice_and_nothing_else():
+    seeds = range(40)
+    assert all(len(make_sample(s, ice_fraction=1.0).ice) for s in seeds)
+    assert not any(len(make_sample(s, ice_fraction=0.0).ice) for s in seeds)
+    assert 0 < sum(len(make_sample(s).ice) > 0 for s in seeds) < len(seeds)
+    # The same loop and crystals with or without ice: a set with more ice differs only by it.
+    a, b = make_sample(7, ice_fraction=0.0), make_sample(7, ice_fraction=1.0)
+    np.testing.assert_array_equal(a.loop_outline, b.loop_outline)
+    for x, y in zip(a.crystals, b.crystals, strict=True):
+        np.testing.assert_array_equal(x.vertices, y.vertices)
+
+
 def test_crystals_lie_in_the_loop_and_differ_in_quality():
     sample = make_sample(21, n_crystals=2)
     lo, hi = sample.loop_outline.min(axis=0), sample.loop_outline.max(axis=0)

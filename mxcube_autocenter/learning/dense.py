@@ -100,11 +100,12 @@ def grid_centres(origin, scale, cells: int, input_size: int) -> np.ndarray:
 
 
 def _sample_regions(k, sample_seed, look_seed, *, views_per_sample, regions_per_view, cells, crop_um, input_size,
-                    zoom_levels, random_looks, frame_size, jpeg_quality, empty_fraction, crystal_fraction,
-                    label_seed):
+                    zoom_levels, random_looks, frame_size, jpeg_quality, empty_fraction, ice_fraction,
+                    crystal_fraction, label_seed):
     """All regions of one virtual sample, as a dict of lists."""
     sample, model, renderer, rng = virtual_sample(sample_seed, look_seed, random_looks=random_looks,
-                                                  frame_size=frame_size, empty_fraction=empty_fraction)
+                                                  frame_size=frame_size, empty_fraction=empty_fraction,
+                                                  ice_fraction=ice_fraction)
     width, height = frame_size
     beam = np.array([width / 2.0, height / 2.0])
     side = region_side(cells, input_size)
@@ -159,6 +160,7 @@ def synthetic_regions(
     frame_size=(1280, 1024),
     jpeg_quality: int = 95,
     empty_fraction: float = 0.15,
+    ice_fraction: float = 0.3,
     crystal_fraction: float = 0.5,
     workers: int = 1,
     progress: bool = True,
@@ -180,6 +182,9 @@ def synthetic_regions(
         Grid crops per region side (the region is :func:`region_side` pixels).
     crop_um, input_size : float, int
         The model input the set is for (crop side on the sample, um; pixels).
+    empty_fraction, ice_fraction : float
+        Shares of samples with an empty loop and with ice balls (no Bragg
+        spots: ice-ring spots only, so the labels teach ice from crystals).
     crystal_fraction : float
         Share of regions centred near a crystal point (:data:`REGION_SPREAD_UM`
         around it); the others anywhere in the region a centring searches
@@ -192,7 +197,7 @@ def synthetic_regions(
     kwargs = dict(views_per_sample=views_per_sample, regions_per_view=regions_per_view, cells=cells,
                   crop_um=float(crop_um), input_size=int(input_size), zoom_levels=tuple(zoom_levels),
                   random_looks=random_looks, frame_size=tuple(frame_size), jpeg_quality=jpeg_quality,
-                  empty_fraction=empty_fraction, crystal_fraction=crystal_fraction)
+                  empty_fraction=empty_fraction, ice_fraction=ice_fraction, crystal_fraction=crystal_fraction)
     provenance = set_provenance("mxcube_autocenter.learning.dense.synthetic_regions", seed, n_samples, kwargs)
     columns = {
         "image": (JPEG, ()),

@@ -69,13 +69,14 @@ def crystal_offset(sample, motors, rng) -> np.ndarray:
     return xy[0]
 
 
-def virtual_sample(sample_seed, look_seed, *, random_looks=True, frame_size=(1280, 1024), empty_fraction=0.15):
+def virtual_sample(sample_seed, look_seed, *, random_looks=True, frame_size=(1280, 1024), empty_fraction=0.15,
+                   ice_fraction=0.3):
     """``(sample, diffraction, renderer, rng)`` of one virtual sample with its camera look.
 
     ``rng`` (seeded by ``look_seed``, after drawing the look) draws the views and positions.
     """
     rng = np.random.default_rng(look_seed)
-    sample = make_sample(int(sample_seed), empty_fraction=empty_fraction)
+    sample = make_sample(int(sample_seed), empty_fraction=empty_fraction, ice_fraction=ice_fraction)
     look = random_look(rng) if random_looks else DEFAULT_LOOK
     renderer = Renderer(frame_size[0], frame_size[1], look, seed=int(look_seed) % (2**31))
     return sample, DiffractionModel(sample), renderer, rng
@@ -112,11 +113,12 @@ def centring_region(loop_xy, pixels_per_mm, beam, frame_shape):
 
 
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
-                 random_looks, frame_size, jpeg_quality, empty_fraction, line_fraction, hit_fraction, near_fraction,
-                 region_fraction, label_seed):
+                 random_looks, frame_size, jpeg_quality, empty_fraction, ice_fraction, line_fraction, hit_fraction,
+                 near_fraction, region_fraction, label_seed):
     """All rows of one virtual sample, as a dict of lists."""
     sample, model, renderer, rng = virtual_sample(sample_seed, look_seed, random_looks=random_looks,
-                                                  frame_size=frame_size, empty_fraction=empty_fraction)
+                                                  frame_size=frame_size, empty_fraction=empty_fraction,
+                                                  ice_fraction=ice_fraction)
     width, height = frame_size
     beam = (width / 2.0, height / 2.0)
     label_rng = np.random.default_rng(label_seed)
@@ -284,6 +286,7 @@ def synthetic_dataset(
     frame_size=(1280, 1024),
     jpeg_quality: int = 90,
     empty_fraction: float = 0.15,
+    ice_fraction: float = 0.3,
     line_fraction: float = 0.4,
     hit_fraction: float = 0.35,
     near_fraction: float = 0.0,
@@ -316,6 +319,8 @@ def synthetic_dataset(
         Of the stored crops.
     empty_fraction : float
         Share of empty loops.
+    ice_fraction : float
+        Share of samples with ice balls (no Bragg spots: ice-ring spots only).
     line_fraction, hit_fraction, near_fraction, region_fraction : float
         Shares of positions on a line through the crystal, on the crystals,
         near them and anywhere in the centring region (see the module
@@ -338,8 +343,8 @@ def synthetic_dataset(
     kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
                   stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
-                  line_fraction=line_fraction, hit_fraction=hit_fraction, near_fraction=near_fraction,
-                  region_fraction=region_fraction)
+                  ice_fraction=ice_fraction, line_fraction=line_fraction, hit_fraction=hit_fraction,
+                  near_fraction=near_fraction, region_fraction=region_fraction)
     provenance = set_provenance("mxcube_autocenter.learning.synthetic.synthetic_dataset", seed, n_samples, kwargs,
                                 zoom="1-based index into zoom_levels (px/um)")
     columns = {

@@ -306,6 +306,7 @@ def make_sample(
     empty_fraction: float = 0.15,
     pin_side: str = "left",
     ice: bool | None = None,
+    ice_fraction: float = 0.3,
 ) -> VirtualSample:
     """Make a random but reproducible sample.
 
@@ -327,7 +328,9 @@ def make_sample(
     pin_side : {"left", "right"}
         Side from which the pin enters the view.
     ice : bool, optional
-        Whether ice or dirt is present; random (30 %) by default.
+        Whether ice or dirt is present; by default with probability ``ice_fraction``.
+    ice_fraction : float
+        Probability of ice when ``ice`` is not given.
 
     Returns
     -------
@@ -390,7 +393,7 @@ def make_sample(
         )
         crystals.append(_make_crystal(rng, habit, size, pos, normal))
 
-    has_ice = rng.random() < 0.3 if ice is None else ice
+    has_ice = rng.random() < ice_fraction if ice is None else ice
     n_ice = int(rng.integers(1, 6)) if has_ice else 0
     ice_blobs = np.column_stack(
         [
