@@ -14,6 +14,7 @@ from mxcube_autocenter.centring.heatmap import (
     prepare_region,
     reference_heatmap,
     symmetric_heatmap,
+    within_frame,
 )
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.peak import find_peak
@@ -213,6 +214,31 @@ def test_sample_mask_covers_the_loop_and_not_the_empty_field():
     assert 0.02 < mask.mean() < 0.6  # the loop, not the whole region
     assert mask[:, int(x)].any()  # the crystal's column is inside the sample
     assert not mask[0, -1] and not mask[-1, -1]  # far corners are empty field
+
+
+def test_within_frame_keeps_the_grid_points_clear_of_the_frame_edge():
+    grid = Heatmap(values=np.zeros((5, 7)), xs=np.array([-10.0, 0, 10, 50, 90, 100, 110]),
+                   ys=np.array([0.0, 10, 40, 70, 80]))  # fmt: skip
+    inside = within_frame(grid, (80, 100, 3), 10.0)
+    assert inside.shape == (5, 7)
+    np.testing.assert_array_equal(inside.any(axis=0), [False, False, True, True, True, False, False])
+    np.testing.assert_array_equal(inside.any(axis=1), [False, True, True, True, False])
+    assert within_frame(grid, (80, 100, 3), 0.0).sum() == 5 * 5  # x in [0, 100], y in [0, 80]
+
+
+def test_no_candidate_point_lies_where_the_crop_overhangs_the_frame():
+    from mxcube_autocenter.centring.procedure import EDGE_MARGIN_CROPS, CentringSettings, analyse_frame
+    from mxcube_autocenter.config import AutoCenterConfig
+
+    frame = frame_of()
+    tip = find_loop(frame)
+    predictor = load_predictor()
+    angle = analyse_frame(predictor, frame, tip, PPMM, CentringSettings.from_config(AutoCenterConfig()))
+    margin = EDGE_MARGIN_CROPS * predictor.crop_px(PPMM)
+    assert angle.roi.x0 == 0  # the searched region reaches the frame's left edge, the stem runs off it
+    assert not angle.mask[:, angle.heatmap.xs < margin].any()
+    assert angle.mask[:, angle.heatmap.xs >= margin].any()
+    assert angle.point[0] >= margin
 
 
 def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_process():

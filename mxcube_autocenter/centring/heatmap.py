@@ -245,6 +245,32 @@ def resample(frame, origin, scale, size) -> np.ndarray:
     return cv2.warpAffine(frame, matrix, (int(size[0]), int(size[1])), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
+def within_frame(heatmap: Heatmap, frame_shape, margin_px: float) -> np.ndarray:
+    """Which grid points lie at least ``margin_px`` inside the frame.
+
+    A crop nearer the frame's edge than that is partly made up: the region
+    repeats the edge pixels (:func:`resample`), and a model reads the bands
+    they draw as structure (a stem cut off by the edge becomes a long dark
+    band, a crystal-like response on the edge itself).
+
+    Parameters
+    ----------
+    heatmap : Heatmap
+    frame_shape : tuple
+        ``(height, width, ...)`` of the frame, pixels.
+    margin_px : float
+        Smallest distance from the frame's edges, pixels.
+
+    Returns
+    -------
+    (len(heatmap.ys), len(heatmap.xs)) bool ndarray
+    """
+    h, w = frame_shape[:2]
+    cols = (heatmap.xs >= margin_px) & (heatmap.xs <= w - margin_px)
+    rows = (heatmap.ys >= margin_px) & (heatmap.ys <= h - margin_px)
+    return rows[:, None] & cols[None, :]
+
+
 def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -> Heatmap:
     """Evaluate a model densely on a prepared region.
 

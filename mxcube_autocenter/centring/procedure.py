@@ -23,10 +23,14 @@ from mxcubecore.HardwareObjects import sample_centring
 
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
+from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
+# Grid points nearer the frame's edge than this share of a crop are no candidates: more of
+# their crop would be repeated edge pixels (heatmap.within_frame).
+EDGE_MARGIN_CROPS = 0.25
 TRANSLATION_TOLERANCE_MM = 1e-3
 OMEGA_TOLERANCE_DEG = 0.05
 
@@ -45,7 +49,7 @@ class AngleResult:
 
     ``point``, ``score`` and ``crystal_probability`` are the view's own
     heatmap peak until the views are fused, then the chosen sample point's
-    projection in this view. ``mask`` marks the grid points inside the loop.
+    projection in this view. ``mask`` marks the grid points inside the loop and clear of the frame's edge.
     """
 
     omega: float
@@ -473,7 +477,8 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     inside = sample_mask(frame, roi, tip, pixels_per_mm, settings.pin_side)
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
-    mask = inside[np.ix_(rows, cols)]
+    margin = EDGE_MARGIN_CROPS * predictor.crop_px(pixels_per_mm)
+    mask = inside[np.ix_(rows, cols)] & within_frame(counts, frame.shape, margin)
     peak = find_peak(counts, mask=mask if mask.any() else None)
     prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm) if classify else None
     return AngleResult(
