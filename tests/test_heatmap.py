@@ -241,6 +241,19 @@ def test_no_candidate_point_lies_where_the_crop_overhangs_the_frame():
     assert angle.point[0] >= margin
 
 
+def test_a_sample_wholly_near_the_frame_edge_keeps_its_sample_mask():
+    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame
+    from mxcube_autocenter.config import AutoCenterConfig
+
+    # A frame smaller than two edge margins: every grid point lies in the edge band.
+    sample = make_sample(3, n_crystals=1)
+    motors = {"omega": 0.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    frame = Renderer(240, 150).render(sample, motors, PPMM, (120, 75))
+    angle = analyse_frame(load_predictor(), frame, (200.0, 75.0), PPMM, CentringSettings.from_config(AutoCenterConfig()))
+    assert angle.mask.any() and not angle.mask.all()
+    assert angle.mask[np.argmin(np.abs(angle.heatmap.ys - angle.point[1])), np.argmin(np.abs(angle.heatmap.xs - angle.point[0]))]
+
+
 def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_process():
     from mxcube_autocenter.centring.benchmark import added_memory_mb
 

@@ -42,7 +42,7 @@ def test_ice_fraction_sets_the_share_of_samples_with_ice_and_nothing_else():
     assert all(len(make_sample(s, ice_fraction=1.0).ice) for s in seeds)
     assert not any(len(make_sample(s, ice_fraction=0.0).ice) for s in seeds)
     assert 0 < sum(len(make_sample(s).ice) > 0 for s in seeds) < len(seeds)
-    # The same loop and crystals with or without ice: a set with more ice differs only by it.
+    # The same loop and crystals with or without ice (the stem and pin, drawn after it, differ).
     a, b = make_sample(7, ice_fraction=0.0), make_sample(7, ice_fraction=1.0)
     np.testing.assert_array_equal(a.loop_outline, b.loop_outline)
     for x, y in zip(a.crystals, b.crystals, strict=True):

@@ -477,8 +477,10 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     inside = sample_mask(frame, roi, tip, pixels_per_mm, settings.pin_side)
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
-    margin = EDGE_MARGIN_CROPS * predictor.crop_px(pixels_per_mm)
-    mask = inside[np.ix_(rows, cols)] & within_frame(counts, frame.shape, margin)
+    inside = inside[np.ix_(rows, cols)]
+    mask = inside & within_frame(counts, frame.shape, EDGE_MARGIN_CROPS * predictor.crop_px(pixels_per_mm))
+    # A loop wholly in the edge band (a tip at the frame's edge, a high zoom) keeps its sample mask.
+    mask = mask if mask.any() else inside
     peak = find_peak(counts, mask=mask if mask.any() else None)
     prob = predictor.crystal_probability(frame, (peak.x, peak.y), roi, pixels_per_mm) if classify else None
     return AngleResult(
