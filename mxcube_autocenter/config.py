@@ -83,11 +83,16 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         description="Views, spread evenly over half a turn of omega (3: 0, 60, 120 degrees), fused and fitted.",
     )  # fmt: skip
     verify_centring: Literal["off", "report", "require"] = Field(
-        default="report",
+        default="require",
         description="After the move, score the beam in one more view (half a view step past the fit's end): "
         "'report' logs a miss, 'require' fails on it and returns the sample (or, with the loop fallback, centres the "
         "loop).",
     )
+    verify_min_score: float = Field(
+        default=2.0, ge=0,
+        description="Predicted reflection count at the beam below which the verification view counts as not seeing "
+        "the crystal; such a miss counts with the centring views below min_score against blind_views.",
+    )  # fmt: skip
     roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
     roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
     heatmap_stride_px: float = Field(default=6.0, gt=0, le=64, description="Heatmap grid step on the image, pixels.")

@@ -61,7 +61,7 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         ho = auto_centring(bl)
         assert bl.sample_view.start_auto_centring.__self__ is ho  # the web UI's button runs the ML centring
         settings = ho.centring_settings()
-        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (3, "report", "none")
+        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (3, "require", "none")
     config = _config_with(
         tmp_path,
         "</object>",

@@ -87,7 +87,7 @@ class CentringResult:
         The check after the move (``point``: the beam, ``score``: the
         prediction there); None when not made.
     verified : bool or None
-        Whether that view predicts a crystal at the beam (:func:`is_crystal`).
+        Whether that view confirms the chosen point (:func:`is_verified`).
     """
 
     success: bool
@@ -114,6 +114,7 @@ class CentringSettings:
     heatmap_symmetries: str
     min_score: float
     blind_views: int
+    verify_min_score: float
     min_crystal_probability: float
     fallback: str
     pin_side: str
@@ -132,7 +133,8 @@ class CentringSettings:
             "n_angles": config.centring_angles, "roi_width_um": config.roi_width_um,
             "roi_height_um": config.roi_height_um, "stride_px": config.heatmap_stride_px,
             "heatmap_symmetries": config.heatmap_symmetries, "min_score": config.min_score,
-            "blind_views": config.blind_views, "min_crystal_probability": config.min_crystal_probability,
+            "blind_views": config.blind_views, "verify_min_score": config.verify_min_score,
+            "min_crystal_probability": config.min_crystal_probability,
             "fallback": config.no_crystal_fallback, "pin_side": config.pin_side,
             "max_displacement_mm": config.max_displacement_mm, "move_timeout_s": config.move_timeout_s,
             "verify": config.verify_centring, **overrides,
@@ -279,9 +281,13 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         _centre_on(bl, result, point, settings, start, ppmm, beam)
         if settings.verify != "off" and result.method == "none":
             check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip, timings, log)
-            result.verified = is_crystal(check, settings)
+            result.verified = is_verified(result.angles, check, settings)
             if not result.verified:
                 _unverified(bl, result, settings, start, ppmm, beam, log)
+            elif check.score < settings.verify_min_score:
+                log.warning("AutoCenter: the verification view at omega %.1f sees almost nothing at the beam (score "
+                            "%.1f < verify_min_score %s), accepted as the blind view: the fitted views all saw the "
+                            "crystal", check.omega, check.score, settings.verify_min_score)  # fmt: skip
         result.success = True
         result.method = "ml" if result.method == "none" else result.method
         result.centred_positions = bl.positions()
@@ -396,7 +402,7 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
 
     The view's heatmap is predicted as in the fitted views; its smoothed
     prediction at the beam (and the classifier's probability there) is what
-    :func:`is_crystal` then judges.
+    :func:`is_verified` then judges.
 
     Parameters
     ----------
@@ -438,7 +444,7 @@ def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings
     """A verification view without a crystal at the beam: log it, fall back to the loop or fail (``settings.verify``)."""
     check = result.verification
     why = (f"no crystal found at the beam in the verification view at omega {check.omega:.1f} "
-           f"({_why_not([check], settings)})")  # fmt: skip
+           f"({_why_not_verified(result.angles, check, settings)})")  # fmt: skip
     if settings.verify == "report":
         log.warning("AutoCenter: %s; centred all the same (verify_centring = report)", why)
     elif settings.fallback == "loop":
@@ -512,8 +518,7 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
     Its predicted count must reach ``min_score`` in every view but
     ``blind_views`` of them (the beam has to meet the crystal at every
     angle, but a plate or needle seen edge-on hardly shows on camera; a
-    single view, as the verification's, must reach it) and, with a
-    classifier, its mean crystal probability over the views
+    single view has none to spare) and, with a classifier, its mean crystal probability over the views
     ``min_crystal_probability``.
 
     Parameters
@@ -522,6 +527,28 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
         The views, each scored at the chosen point's projection.
     """
     return _why_not(angles, settings) is None
+
+
+def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
+    """Whether the verification view confirms the point the fitted views chose.
+
+    It is one more view of the point, from a direction none of them saw, so
+    it counts with them against ``blind_views``: the point fails when it
+    scores below ``min_score`` in as many fitted views as ``blind_views``
+    allows and the verification view misses it too. The verification reads
+    its heatmap at the beam, where the fitted views' scores are those of the
+    point chosen as their best, so it misses the point only below the lower
+    ``verify_min_score``. With a classifier, its probability at the beam must
+    reach ``min_crystal_probability``.
+
+    Parameters
+    ----------
+    angles : sequence of AngleResult
+        The fitted views, each scored at the chosen point's projection.
+    check : AngleResult
+        The verification view, scored at the beam.
+    """
+    return _why_not_verified(angles, check, settings) is None
 
 
 def _stop_motion(bl: Beamline, log):
@@ -555,6 +582,23 @@ def _why_not(angles, settings: CentringSettings) -> str | None:
     probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
     if probs and not float(np.mean(probs)) >= settings.min_crystal_probability:  # NaN is no crystal
         return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
+    return None
+
+
+def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) -> str | None:
+    """Why the verification view does not confirm the point (:func:`is_verified`), or None when it does."""
+    if not np.isfinite(check.score):
+        return "score NaN (no usable prediction) at the beam"
+    if outside(check.score):
+        return "the beam lies outside the sample in this view"
+    missed = sum(a.score < settings.min_score for a in angles)
+    if check.score < settings.verify_min_score and missed >= settings.blind_views:
+        already = (f", and below min_score {settings.min_score} in {missed} of the {len(angles)} centring views "
+                   f"(blind_views = {settings.blind_views})" if missed else "")  # fmt: skip
+        return f"score {check.score:.1f} < verify_min_score {settings.verify_min_score}{already}"
+    if check.crystal_probability is not None and not check.crystal_probability >= settings.min_crystal_probability:
+        return f"crystal probability {check.crystal_probability:.2f} < min_crystal_probability " \
+               f"{settings.min_crystal_probability}"
     return None
 
 
