@@ -49,7 +49,8 @@ class AngleResult:
 
     ``point``, ``score`` and ``crystal_probability`` are the view's own
     heatmap peak until the views are fused, then the chosen sample point's
-    projection in this view. ``mask`` marks the grid points inside the loop and clear of the frame's edge.
+    projection in this view. ``mask`` marks the grid points inside the loop
+    and clear of the frame's edge.
     """
 
     omega: float
@@ -518,8 +519,8 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
     Its predicted count must reach ``min_score`` in every view but
     ``blind_views`` of them (the beam has to meet the crystal at every
     angle, but a plate or needle seen edge-on hardly shows on camera; a
-    single view has none to spare) and, with a classifier, its mean crystal probability over the views
-    ``min_crystal_probability``.
+    single view has none to spare) and, with a classifier, its mean crystal
+    probability over the views ``min_crystal_probability``.
 
     Parameters
     ----------
@@ -535,11 +536,11 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     It is one more view of the point, from a direction none of them saw, so
     it counts with them against ``blind_views``: the point fails when it
     scores below ``min_score`` in as many fitted views as ``blind_views``
-    allows and the verification view misses it too. The verification reads
-    its heatmap at the beam, where the fitted views' scores are those of the
-    point chosen as their best, so it misses the point only below the lower
-    ``verify_min_score``. With a classifier, its probability at the beam must
-    reach ``min_crystal_probability``.
+    allows and the verification view misses it too. The fitted views' scores
+    are those of the point chosen as their best, so they read high; the
+    verification's, read at the beam, is not chosen, so it misses the point
+    only below the lower ``verify_min_score``. With a classifier, its
+    probability at the beam must reach ``min_crystal_probability``.
 
     Parameters
     ----------
