@@ -84,9 +84,9 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     )  # fmt: skip
     verify_centring: Literal["off", "report", "require"] = Field(
         default="require",
-        description="After the move, score the beam in one more view (half a view step past the fit's end): "
-        "'report' logs a miss, 'require' fails on it and returns the sample (or, with the loop fallback, centres the "
-        "loop).",
+        description="After the move, score the beam in one more view (half a view step past the fit's end), counted "
+        "with the centring views against blind_views (a miss: below verify_min_score): 'report' logs a point that "
+        "fails, 'require' fails on it and returns the sample (or, with the loop fallback, centres the loop).",
     )
     verify_min_score: float = Field(
         default=2.0, ge=0,

@@ -175,7 +175,7 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         # The lowest prediction once the ``blind`` lowest views are left out; a point outside any
         # view's region or mask is off the sample, never merely unseen.
         seen = np.partition(stacked, blind, axis=0)[blind]
-        competing = (seen >= floor) & (stacked.min(axis=0) > _EXCLUDED / 2)
+        competing = (seen >= floor) & ~outside(stacked.min(axis=0))
         if competing.any():
             total = np.where(competing, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
@@ -195,8 +195,11 @@ def _plateau_centre(total, peak, fraction):
     return tuple(members[np.argmin(np.sum((members - centroid) ** 2, axis=1))])
 
 
-def outside(score: float) -> bool:
-    """Whether a view's score from :func:`fuse_views` marks a point outside that view's region or mask."""
+def outside(score):
+    """Whether a view's score from :func:`fuse_views` marks a point outside that view's region or mask.
+
+    Works on a number or elementwise on an array of them.
+    """
     return score <= _EXCLUDED / 2
 
 
