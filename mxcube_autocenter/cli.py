@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
     label.add_argument("--out", required=True, help="training set HDF5 (created or appended to)")
     label.add_argument("--spots-from", help="per-image spot counts (CSV/JSON from DIALS, dozor, ...) instead of our spot finder")
-    label.add_argument("--nproc", type=COUNT, default=1, help="processes for spot finding (default: %(default)s)")
+    label.add_argument("--nproc", type=COUNT, default=1, help="processes for spot finding, at most the cores (default: %(default)s)")
     label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
     label.set_defaults(func=cmd_label)
 

@@ -219,13 +219,13 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     """
     import gevent
 
-    from mxcube_autocenter.labelling.dataset import add_row_column, read_dataset
+    from mxcube_autocenter.labelling.dataset import add_row_column, read_table
     from mxcube_autocenter.recording import MOTOR_NAMES
 
     def compute():
         shapes = {crystal: model.shapes_only() for crystal, model in truth.items()}
-        with read_dataset(dataset) as rows:
-            crystal_motors = [(c, dict(zip(MOTOR_NAMES, m))) for c, m in zip(rows.crystal_id, rows.motors)]
+        rows = read_table(dataset)
+        crystal_motors = [(c, dict(zip(MOTOR_NAMES, m))) for c, m in zip(rows.crystal_id, rows.extra["motors"])]
         add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in crystal_motors],
                        "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
         add_row_column(dataset, "rc_shapes", [shapes[c].expected_rc(m) for c, m in crystal_motors],
@@ -320,7 +320,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
 
 def _shapes_reference(dataset: Path, split: dict, subset: str) -> dict:
     """``scorecard.shapes_reference`` on the report's rows, its count threshold fitted on the training rows."""
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.split import Split
     from mxcube_autocenter.learning.training import DEFAULT_THRESHOLD
 

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from mxcube_autocenter import scorecard
 from mxcube_autocenter.demo import DemoError, format_scorecard, heldout_samples, run_demo
-from mxcube_autocenter.learning.data import read_table
+from mxcube_autocenter.labelling.dataset import read_table
 
 FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
 

@@ -318,7 +318,8 @@ def test_fcn_evaluates_a_region_exactly_like_its_crops(arch):
 
 
 def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
-    from mxcube_autocenter.learning.data import DatasetError, load_inputs, make_dataset, read_table
+    from mxcube_autocenter.labelling.dataset import DatasetError, read_table
+    from mxcube_autocenter.learning.data import load_inputs, make_dataset
 
     table = read_table(dataset_path)
     assert len(table) == 320 and table.stored_crop_um == 240.0
@@ -366,7 +367,7 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
 
 
 def test_training_lowers_validation_loss_and_saves_a_self_describing_model(trained, dataset_path):
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.training import info_spec, info_transform, load_model, predict_rows
 
     table = read_table(dataset_path)
@@ -458,7 +459,7 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
 
 
 def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(trained, dataset_path, tmp_path):
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.training import info_spec, load_model, predict_rows, train
 
     initial, initial_info = load_model(trained.model_path)
@@ -544,7 +545,7 @@ def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tm
 
 
 def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
     table = read_table(dataset_path)
@@ -652,7 +653,7 @@ def test_collection_shares_rank_the_collections_by_their_part_of_the_loss():
 
 
 def test_fcn_classifier_starts_from_an_fcn_regressor(trained, dataset_path, tmp_path):
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.training import info_spec, info_transform, load_model, predict_rows, train_classifier
 
     regressor, regressor_info = load_model(trained.model_path)

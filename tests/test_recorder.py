@@ -282,7 +282,7 @@ def test_inspect_prints_a_summary_and_writes_a_contact_sheet(beamline, autocente
 
 def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter, tmp_path, capsys):
     from mxcube_autocenter.cli import main
-    from mxcube_autocenter.labelling.dataset import read_dataset
+    from mxcube_autocenter.labelling.dataset import RowReader, read_table
 
     autocenter.recorder.last_summary = None
     record = collect(beamline, tmp_path, "Helical", n_images=30)
@@ -290,14 +290,15 @@ def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter
     out = tmp_path / "dataset.h5"
     assert main(["label", str(recording), "--out", str(out)]) == 0
     assert str(recording.name) in capsys.readouterr().out
-    data = read_dataset(out)
+    data = read_table(out)
     assert len(data) >= 5
     # Each row carries the reflection count of the detector frame exposed at that moment.
     truth = np.asarray(record["reflection_counts"], dtype=float)
     frames = np.asarray(data.detector_frame)
     assert frames.min() >= 0 and frames.max() < 30
     assert np.mean(np.abs(np.asarray(data.rc) - truth[frames]) <= np.maximum(3, 0.1 * truth[frames])) >= 0.9
-    assert data.image(0).ndim == 3
+    with RowReader(data.path, data.image_dataset) as reader:
+        assert reader.image(0).ndim == 3
     # Labelling the same recording again is detected and skipped.
     assert main(["label", str(recording), "--out", str(out)]) == 0
-    assert len(read_dataset(out)) == len(data)
+    assert len(read_table(out)) == len(data)

@@ -4,8 +4,8 @@ One HDF5 file holds one row per labelled camera frame: the frame cropped to
 a square of ``stored_crop_um`` around the beam (JPEG), where the beam lies
 in the crop, the camera scale, the motor positions and the reflection count
 of the detector frame exposed at that moment. ``append_recording`` adds the
-rows of one camera recording; ``read_dataset`` opens the set for training
-with every label in memory and images read one row at a time. The layout is
+rows of one camera recording; ``read_table`` reads every label into memory
+and ``RowReader`` the images one row at a time, for training. The layout is
 described in ``docs/data-formats.md``, section "Training set".
 
 Appending is safe against crashes: rows are written past the committed
@@ -22,7 +22,8 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -81,8 +82,6 @@ RECORDING_FIELDS = {
     "n_rows": np.int64,
     "provenance": _TEXT,
 }
-# Labels that read_dataset loads into memory: every row field but the images.
-LABELS = tuple(name for name in ROW_FIELDS if name != "jpeg")
 
 
 # h5py reports a failed write or flush (a full disk, a quota, a file-size limit) as RuntimeError, not OSError.
@@ -489,6 +488,11 @@ def _write_failed(path: Path, err: Exception) -> DatasetError:
     )
 
 
+def check_appendable(path) -> None:
+    """Raise DatasetError unless ``path`` is a training set that ``append_recording`` can add to."""
+    _open(Path(path), "r").close()
+
+
 def _open(path: Path, mode: str) -> h5py.File:
     try:
         h5file = h5py.File(path, mode)
@@ -558,107 +562,260 @@ def _roll_back(h5file: h5py.File, n_rows: int, n_recordings: int) -> None:
         log.warning("%s: could not trim the rows of a failed append (%s)", h5file.filename, err)
 
 
-class Dataset:
-    """A training set opened by ``read_dataset``.
+# -- reading --------------------------------------------------------------------
 
-    All labels are in memory as arrays of ``len(dataset)`` rows; images are
-    read one row at a time, so indexing is cheap and any sampler or
-    ``tf.data`` pipeline can shuffle freely. The HDF5 file is opened on the
-    first image read in each process (safe to pass to worker processes).
+NUMERIC = ("beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
+TEXT = ("scan_id", "crystal_id", "scan_type")
+REQUIRED = ("image", *NUMERIC, *TEXT)
+
+
+def _text(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+@dataclass
+class Table:
+    """Everything in a dataset file but the images.
 
     Attributes
     ----------
-    path : Path
-    rc : ndarray of float32
-        Reflection count of each row.
-    beam_xy : ndarray of float, shape (n, 2)
-        Beam position in the stored crop, pixels.
-    pixels_per_mm : ndarray of float, shape (n, 2)
-        Camera scale along x and y, pixels/mm.
-    omega : ndarray of float
-        deg.
-    motors : ndarray of float, shape (n, 5)
-        ``omega`` (deg), ``phiy``, ``phiz``, ``sampx``, ``sampy`` (mm).
-    timestamp : ndarray of float
-        Camera frame reception time, unix s.
-    zoom, scan_id, crystal_id, scan_type : ndarray of str
-    detector_frame, recording_frame : ndarray of int32
-        0-based detector frame and row of the camera frame in its recording.
-    padded : ndarray of bool
-        Whether the crop was padded by edge replication.
+    path : str
+    rc : (N,) float64
+    crystal_id, scan_id, scan_type : (N,) object arrays of str
+    beam_xy, pixels_per_mm : (N, 2) float64
+    zoom, omega, timestamp : (N,) float64
+    detector_frame, recording_frame : (N,) int64
     stored_crop_um : float or None
-        Side of the smallest stored crop, um; None for an empty set.
-    provenance : dict
-        The set's creation record, with ``recordings``: one dict per
-        recording (source files, spot-finder parameters, matching statistics).
+        None when a labelling-layout file does not record it.
+    format_version : int
+    provenance : dict or str
+    extra : dict
+        Other numeric per-row datasets (e.g. ``motors``, ``padded``, ``rc_expected``).
+    image_dataset : str
+        Where the JPEG crops are: ``samples/image`` or ``rows/jpeg``.
+    recordings : list of dict
+        The labelling layout's record of each recording (source files,
+        spot-finder parameters, matching statistics); empty for the other.
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        with _open(path, "r") as h5file:
-            self.n = int(h5file.attrs["n_rows"])
-            self.stored_crop_um = float(h5file.attrs["stored_crop_um"]) if "stored_crop_um" in h5file.attrs else None
-            n_recordings = int(h5file.attrs["n_recordings"])
-            rows = h5file["rows"]
-            for name in LABELS:
-                dataset = rows[name]
-                values = dataset.asstr()[: self.n].astype(str) if dataset.dtype == _TEXT else dataset[: self.n]
-                setattr(self, name, values)
-            self.provenance = json.loads(h5file.attrs["provenance"])
-            self.provenance["recordings"] = [
-                json.loads(text) for text in h5file["recordings/provenance"].asstr()[:n_recordings]
-            ]
-        self._file = None
-        self._pid = None
+    path: str
+    rc: np.ndarray
+    crystal_id: np.ndarray
+    scan_id: np.ndarray
+    scan_type: np.ndarray
+    beam_xy: np.ndarray
+    pixels_per_mm: np.ndarray
+    zoom: np.ndarray
+    omega: np.ndarray
+    timestamp: np.ndarray
+    detector_frame: np.ndarray
+    recording_frame: np.ndarray
+    stored_crop_um: float
+    format_version: int
+    provenance: object
+    extra: dict = field(default_factory=dict)
+    image_dataset: str = "samples/image"
+    recordings: list = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return self.n
+    def __len__(self):
+        return len(self.rc)
 
-    def jpeg(self, i: int) -> bytes:
-        """The stored JPEG of row ``i``, for decoders of their own (``tf.io.decode_jpeg``)."""
-        i = range(self.n)[i]
-        if self._pid != os.getpid():
-            # A handle inherited through fork is not safe to use: open anew.
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file["rows/jpeg"][i].tobytes()
-
-    def image(self, i: int) -> np.ndarray:
-        """Row ``i``'s crop as RGB uint8, shape (h, w, 3); the beam is at ``beam_xy[i]``."""
-        return decode_jpeg(self.jpeg(i))
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-        self._pid = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
-
-    def __enter__(self) -> Dataset:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def summary(self) -> dict:
+        """Sizes and label statistics, as stored in a model's metadata."""
+        rc = self.rc
+        return {
+            # The file name only: a model file travels, the machine it was trained on does not matter.
+            "path": os.path.basename(self.path),
+            "rows": int(len(rc)),
+            "crystals": int(len(set(self.crystal_id))),
+            "scans": int(len(set(self.scan_id))),
+            "stored_crop_um": None if self.stored_crop_um is None else float(self.stored_crop_um),
+            "format_version": int(self.format_version),
+            "rc": {
+                "mean": float(rc.mean()) if len(rc) else None,
+                "median": float(np.median(rc)) if len(rc) else None,
+                "max": float(rc.max()) if len(rc) else None,
+                "zero_fraction": float(np.mean(rc == 0)) if len(rc) else None,
+            },
+            "provenance": self.provenance,
+        }
 
 
-def read_dataset(path) -> Dataset:
-    """Open a training set for reading.
+def _recordings(f, layout: str, path) -> list:
+    """The labelling layout's record of each recording (``/recordings/provenance``); none in the other layout."""
+    if layout != "rows" or "recordings/provenance" not in f:
+        return []
+    n = int(f.attrs.get("n_recordings", f["recordings/provenance"].shape[0]))
+    try:
+        return [json.loads(text) for text in f["recordings/provenance"].asstr()[:n]]
+    except ValueError as err:
+        raise DatasetError(f"{path}: /recordings/provenance is damaged ({err}): label the recordings again") from err
 
-    Parameters
-    ----------
-    path : path
-        Written by ``append_recording`` (or ``mxcube-autocenter label``).
 
-    Returns
-    -------
-    Dataset
-        Use as a context manager, or ``close()`` it.
+def _stored_crop_um(f, recordings) -> float | None:
+    """Side of the stored crops: the root attribute, else (labelling layout) the smallest of the recordings'."""
+    if "stored_crop_um" in f.attrs:
+        return float(f.attrs["stored_crop_um"])
+    sides = []
+    for record in recordings:
+        try:
+            sides.append(float(record["stored_crop_um"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return min(sides) if sides else None
+
+
+def _as_float(values) -> np.ndarray:
+    """Numbers, or text that should be numbers (NaN where it is not)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "fiub":
+        return values.astype(np.float64)
+    out = np.full(values.shape, np.nan)
+    for i, v in enumerate(_text(values.ravel())):
+        try:
+            out.flat[i] = float(v)
+        except ValueError:
+            pass
+    return out
+
+
+def read_table(path) -> Table:
+    """Read and check everything but the images of a dataset file.
+
+    Two layouts are read: the contract's (``/samples`` with ``image``, root
+    attribute ``stored_crop_um``) and the one the labelling code writes
+    (``/rows`` with ``jpeg``, only the first ``n_rows`` rows committed,
+    ``stored_crop_um`` per recording in ``/recordings/provenance``, ``zoom``
+    as text).
 
     Raises
     ------
     DatasetError
-        If the file is missing, not a training set, or of a newer format.
+        Missing file, group, dataset or attribute, unequal lengths or an
+        unknown format version, with a message that names the file and the
+        fix.
     """
-    return Dataset(Path(path))
+    path = str(path)
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: no such dataset file (make one with the labelling code or learning.synthetic.synthetic_dataset)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
+    with f:
+        version = f.attrs.get("format_version")
+        if version is None:
+            raise DatasetError(f"{path}: no root attribute 'format_version': not a mxcube_autocenter dataset")
+        if int(version) != FORMAT_VERSION:
+            raise DatasetError(
+                f"{path}: dataset format_version {int(version)}, this code reads version {FORMAT_VERSION}: "
+                "relabel the recordings with this version of mxcube_autocenter"
+            )
+        if "samples" in f:
+            layout, g, image_name = "samples", f["samples"], "image"
+        elif "rows" in f and "n_rows" in f.attrs:
+            layout, g, image_name = "rows", f["rows"], "jpeg"
+        else:
+            raise DatasetError(f"{path}: no group '/samples' (nor the labelling code's '/rows' with the attribute n_rows)")
+        required = [image_name if name == "image" else name for name in REQUIRED]
+        missing = [name for name in required if name not in g]
+        if missing:
+            raise DatasetError(f"{path}: /{layout} lacks the datasets {missing} (see docs/learning.md for the format)")
+        lengths = {name: g[name].shape[0] for name in g if isinstance(g[name], h5py.Dataset)}
+        if layout == "rows":
+            n = int(f.attrs["n_rows"])
+            short = {name: m for name, m in lengths.items() if m < n}
+            if set(short) & set(required):
+                raise DatasetError(f"{path}: n_rows is {n} but /rows datasets are shorter: {short}")
+            # A column added after labelling (add_row_column) that a later append did not extend.
+            for name in short:
+                log.warning("%s: /rows/%s covers %d of the %d rows: not read (add it again)", path, name, short[name],
+                            n)  # fmt: skip
+                del lengths[name]
+        else:
+            n = lengths[image_name]
+            unequal = {name: m for name, m in lengths.items() if m != n}
+            if unequal:
+                raise DatasetError(f"{path}: /samples datasets differ in length: image has {n} rows, {unequal}")
+        recordings = _recordings(f, layout, path)
+        stored = _stored_crop_um(f, recordings)
+        if stored is None and layout == "samples":
+            raise DatasetError(f"{path}: no root attribute 'stored_crop_um' (side of the stored crops, um)")
+        provenance = f.attrs.get("provenance", "{}")
+        if isinstance(provenance, bytes):
+            provenance = provenance.decode()
+        try:
+            provenance = json.loads(provenance)
+        except (TypeError, ValueError):
+            provenance = str(provenance)
+        arrays = {name: g[name][:n] for name in NUMERIC}
+        texts = {name: _text(g[name][:n]) for name in TEXT}
+        extra = {
+            name: g[name][:n]
+            for name in lengths
+            if name not in required and g[name].dtype.kind in "fiub"
+        }
+        table = Table(
+            path=path,
+            rc=np.asarray(arrays["rc"], dtype=np.float64).reshape(n),
+            crystal_id=texts["crystal_id"],
+            scan_id=texts["scan_id"],
+            scan_type=texts["scan_type"],
+            beam_xy=np.asarray(arrays["beam_xy"], dtype=np.float64).reshape(n, 2),
+            pixels_per_mm=np.asarray(arrays["pixels_per_mm"], dtype=np.float64).reshape(n, 2),
+            zoom=_as_float(arrays["zoom"]).reshape(n),
+            omega=np.asarray(arrays["omega"], dtype=np.float64).reshape(n),
+            timestamp=np.asarray(arrays["timestamp"], dtype=np.float64).reshape(n),
+            detector_frame=np.asarray(arrays["detector_frame"], dtype=np.int64).reshape(n),
+            recording_frame=np.asarray(arrays["recording_frame"], dtype=np.int64).reshape(n),
+            stored_crop_um=stored,
+            format_version=int(version),
+            provenance=provenance,
+            extra=extra,
+            image_dataset=f"{layout}/{image_name}",
+            recordings=recordings,
+        )
+    if np.any(~np.isfinite(table.rc)) or np.any(table.rc < 0):
+        raise DatasetError(f"{path}: reflection counts must be finite and >= 0")
+    return table
+
+
+class RowReader:
+    """Reads the stored images of a dataset one row at a time (thread-safe)."""
+
+    def __init__(self, path, image_dataset: str = "samples/image"):
+        self.path = str(path)
+        self.image_dataset = image_dataset
+        self._file = None
+        self._lock = threading.Lock()
+
+    def image(self, i: int) -> np.ndarray:
+        """The stored crop of row ``i``, RGB uint8."""
+        with self._lock:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            data = self._file[self.image_dataset][int(i)]
+        try:
+            return decode_jpeg(data)
+        except ValueError as err:
+            raise DatasetError(f"{self.path}: row {i}: {err}: the set is damaged; write it again (label or synthesize)") from err
+
+    def close(self):
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+

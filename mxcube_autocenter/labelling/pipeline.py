@@ -34,8 +34,9 @@ from mxcube_autocenter.labelling.dataset import (
     DEFAULT_STORED_CROP_UM,
     DatasetError,
     append_recording,
+    check_appendable,
     find_recording,
-    read_dataset,
+    read_table,
     recording_fingerprint,
 )
 from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
@@ -223,6 +224,15 @@ def _one_thread_per_worker():
     cv2.setNumThreads(1)
 
 
+def _usable_processes(nproc: int) -> int:
+    """``nproc``, but no more than the cores this process may run on: more only add memory and switching."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > cores:
+        log.warning("nproc %d is more than the %d cores this process may use: spot finding in %d processes",
+                    nproc, cores, cores)  # fmt: skip
+    return min(nproc, cores)
+
+
 def _executor(nproc: int) -> ProcessPoolExecutor:
     # "spawn": forking a process with threads (tqdm's monitor, gevent's hub) can deadlock the child.
     return ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
@@ -296,7 +306,8 @@ def label_recordings(
         our spot finder; with several recordings it needs a ``master_file``
         column. The master files are still needed, for their exposure times.
     nproc : int
-        Processes counting reflections (1: this process only).
+        Processes counting reflections (1: this process only); at most the
+        cores this process may use (more are reduced to that, with a warning).
     params : SpotFinderParams
         Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
     clock_offset : float, optional
@@ -332,7 +343,7 @@ def label_recordings(
     recordings = [Path(r) for r in recordings]
     out = Path(out)
     if out.exists():
-        read_dataset(out).close()
+        check_appendable(out)
     spot_counts = None if spots_from is None else read_spot_counts(spots_from)
     if spot_counts is not None and spot_counts.master_files is None and len(recordings) > 1:
         raise LabellingError(
@@ -341,7 +352,8 @@ def label_recordings(
         )
     options = dict(spot_counts=spot_counts, params=params, clock_offset=clock_offset, tolerance=tolerance,
                    camera_latency=camera_latency, regularise=regularise, stored_crop_um=stored_crop_um)  # fmt: skip
-    executor = _executor(nproc) if nproc > 1 and spot_counts is None else None
+    nproc = _usable_processes(nproc) if spot_counts is None else 1
+    executor = _executor(nproc) if nproc > 1 else None
     entries = []
     try:
         for path in tqdm(recordings, desc="labelling", unit="recording", disable=not progress):
@@ -362,7 +374,7 @@ def label_recordings(
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-    rc = read_dataset(out).rc if out.exists() else np.zeros(0)
+    rc = read_table(out).rc if out.exists() else np.zeros(0)
     histogram = rc_histogram(rc, out.with_name(f"{out.stem}_rc_histogram.png"), title=out.name) if rc.size else None
     return LabelSummary(out, entries, histogram, rc_statistics(rc), time.perf_counter() - started)
 

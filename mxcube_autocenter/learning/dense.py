@@ -322,7 +322,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
     import tensorflow as tf
 
     from mxcube_autocenter.learning.augment import dihedral_tf, group_element
-    from mxcube_autocenter.learning.data import RowReader
+    from mxcube_autocenter.labelling.dataset import RowReader
 
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:

@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter.learning.data import RowReader, read_table, row_crop  # noqa: E402
+from mxcube_autocenter.labelling.dataset import RowReader, read_table  # noqa: E402
+from mxcube_autocenter.learning.data import row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
     DEFAULT_LABEL,

@@ -27,7 +27,7 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
     """
     import numpy as np
 
-    from mxcube_autocenter.learning.data import read_table
+    from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.evaluate import evaluate
     from mxcube_autocenter.learning.split import Split
     from mxcube_autocenter.learning.synthetic import synthetic_dataset

@@ -52,7 +52,8 @@ from scipy import stats as scipy_stats  # noqa: E402
 
 from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
-from mxcube_autocenter.learning.data import Table, make_dataset, read_table  # noqa: E402
+from mxcube_autocenter.labelling.dataset import Table, read_table  # noqa: E402
+from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
