@@ -47,6 +47,7 @@ from mxcube_autocenter.learning.training import (  # noqa: E402
     train,
 )
 from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
+from mxcube_autocenter.scorecard import format_cell  # noqa: E402
 
 
 def _rows_for(info, table, subset, model_path):
@@ -167,17 +168,13 @@ def _collection_table(table, rows, groups, columns, limit):
                   "crops": int(len(members)), "share_of_error": share}
         record.update({name: f(members) for name, (f, _) in columns.items()})
         records.append(record)
-    digits = {"share_of_error": 3, **{name: d for name, (_, d) in columns.items()}}
+    formats = {"crops": "{:d}", **{name: f"{{:.{d}f}}" for name, (_, d) in columns.items()}}
     keys = ["scan_id", "scan_type", "crystal_id", "crops", *columns, "share_of_error"]
     lines = [f"## error by collection (the {min(limit, len(records))} of {len(records)} with the largest share)", "",
              "| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
     for record in records[:limit]:
-        lines.append("| " + " | ".join(_fmt(record[k], digits.get(k, 3)) for k in keys) + " |")
+        lines.append("| " + " | ".join(format_cell(record[k], formats.get(k, "{:.3f}")) for k in keys) + " |")
     return lines + [""], records
-
-
-def _fmt(v, digits=3):
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery: int = 12, batch_size: int = 64,
@@ -235,15 +232,16 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         metrics.update(expected_count_metrics(table, rows, pred))
         metrics.update(subset=subset, transform=transform.name)
         lines += ["| metric | value |", "|---|---|",
-                  f"| MSE ({transform.name} targets) | {_fmt(metrics['mse'], 4)} |",
-                  f"| MSE (counts) | {_fmt(metrics['mse_counts'], 1)} |",
-                  f"| Spearman (real vs predicted counts) | {_fmt(metrics['spearman'])} |",
-                  f"| Pearson (real vs predicted counts) | {_fmt(metrics['pearson'])} |"]
+                  f"| MSE ({transform.name} targets) | {format_cell(metrics['mse'], '{:.4f}')} |",
+                  f"| MSE (counts) | {format_cell(metrics['mse_counts'], '{:.1f}')} |",
+                  f"| Spearman (real vs predicted counts) | {format_cell(metrics['spearman'], '{:.3f}')} |",
+                  f"| Pearson (real vs predicted counts) | {format_cell(metrics['pearson'], '{:.3f}')} |"]
         if "spearman_expected" in metrics:
-            lines.append(f"| Spearman (expected vs predicted counts) | {_fmt(metrics['spearman_expected'])} |")
+            spearman = format_cell(metrics["spearman_expected"], "{:.3f}")
+            lines.append(f"| Spearman (expected vs predicted counts) | {spearman} |")
         lines.append("")
         figures["scatter"] = _scatter(os.path.join(out_dir, "scatter.png"), rc, pred,
-                                      f"{arch}, {transform.name}: Spearman {_fmt(metrics['spearman'])}")
+                                      f"{arch}, {transform.name}: Spearman {format_cell(metrics['spearman'], '{:.3f}')}")
         order = np.argsort(pred)
         k = min(gallery, len(rows))
         error = np.abs(raw - transform.forward(learnt))
@@ -270,11 +268,11 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         metrics.update(expected_count_metrics(table, rows, raw, threshold))
         metrics.update(subset=subset, threshold=threshold)
         lines += ["| metric | value |", "|---|---|",
-                  f"| accuracy | {_fmt(metrics['accuracy'])} |",
-                  f"| balanced accuracy | {_fmt(metrics['balanced_accuracy'])} |",
-                  *([f"| accuracy against the expected counts | {_fmt(metrics['accuracy_expected'])} |"]
+                  f"| accuracy | {format_cell(metrics['accuracy'], '{:.3f}')} |",
+                  f"| balanced accuracy | {format_cell(metrics['balanced_accuracy'], '{:.3f}')} |",
+                  *([f"| accuracy against the expected counts | {format_cell(metrics['accuracy_expected'], '{:.3f}')} |"]
                     if "accuracy_expected" in metrics else []),
-                  f"| crystal share (rc >= {threshold:g}) | {_fmt(metrics['positive_fraction'])} |", ""]
+                  f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |", ""]
         (tn, fp), (fn, tp) = metrics["confusion"]
         lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
                   f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
@@ -342,10 +340,12 @@ def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs):
              f"training options: `{json.dumps(train_kwargs, default=str)}`", "",
              "## Test MSE (transformed targets; the thesis' Table 2.3 layout)", "", header, rule]
     for arch, row in table.items():
-        lines.append(f"| {arch} | " + " | ".join(_fmt(row.get(t, {}).get("mse"), 4) for t in transforms) + " |")
+        cells = (format_cell(row.get(t, {}).get("mse"), "{:.4f}") for t in transforms)
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     lines += ["", "## Test Spearman correlation of predicted and real counts", "", header, rule]
     for arch, row in table.items():
-        lines.append(f"| {arch} | " + " | ".join(_fmt(row.get(t, {}).get("spearman")) for t in transforms) + " |")
+        cells = (format_cell(row.get(t, {}).get("spearman"), "{:.3f}") for t in transforms)
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     lines += ["", "MSEs of different transforms are in different units: compare them within a column, "
               "and compare columns by the Spearman correlation.", ""]
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
