@@ -281,6 +281,12 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
     assert procedure._why_not_verified(seen, view(-1e9), settings) == "the beam lies outside the sample in this view"
     assert not procedure.is_verified(seen, view(30.0, probability=0.2), settings)
     assert procedure.is_verified(seen, view(30.0, probability=0.9), settings)
+    # The blind view's crystal probability is no veto, in the verification view or in a fitted one.
+    assert procedure.is_verified(seen, view(0.3, probability=0.05), settings)
+    edge_on = [view(34.3, 0.6), view(0.4, 0.02), view(21.0, 0.5)]
+    assert settings.min_crystal_probability == 0.5 and procedure.is_crystal(edge_on, settings)
+    seen_by_all = [view(34.3, 0.6), view(12.0, 0.02), view(21.0, 0.5)]
+    assert procedure._why_not(seen_by_all, settings) == "crystal probability 0.37 < min_crystal_probability 0.5"
 
 
 def test_a_way_back_that_crashes_is_reported_not_taken_for_a_return(beamline, autocenter, monkeypatch):

@@ -520,7 +520,8 @@ def is_crystal(angles, settings: CentringSettings) -> bool:
     ``blind_views`` of them (the beam has to meet the crystal at every
     angle, but a plate or needle seen edge-on hardly shows on camera; a
     single view has none to spare) and, with a classifier, its mean crystal
-    probability over the views ``min_crystal_probability``.
+    probability over the views that saw it (the blind ones left out)
+    ``min_crystal_probability``.
 
     Parameters
     ----------
@@ -540,7 +541,8 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     are those of the point chosen as their best, so they read high; the
     verification's, read at the beam, is not chosen, so it misses the point
     only below the lower ``verify_min_score``. With a classifier, its
-    probability at the beam must reach ``min_crystal_probability``.
+    probability at the beam must reach ``min_crystal_probability``, unless
+    the view is taken as the blind view.
 
     Parameters
     ----------
@@ -580,7 +582,8 @@ def _why_not(angles, settings: CentringSettings) -> str | None:
         where = f" in more than {blind} of {len(angles)} views" if blind else " in at least one view"
         where = where if len(angles) > 1 else ""
         return f"score {score:.1f} < min_score {settings.min_score}{where}"
-    probs = [a.crystal_probability for a in angles if a.crystal_probability is not None]
+    # The blind views saw no crystal there: the classifier agreeing with them is no reason to refuse.
+    probs = [a.crystal_probability for a in angles if a.crystal_probability is not None and a.score >= settings.min_score]
     if probs and not float(np.mean(probs)) >= settings.min_crystal_probability:  # NaN is no crystal
         return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
     return None
@@ -593,7 +596,9 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     if outside(check.score):
         return "the beam lies outside the sample in this view"
     missed = sum(a.score < settings.min_score for a in angles)
-    if check.score < settings.verify_min_score and missed >= settings.blind_views:
+    if check.score < settings.verify_min_score:
+        if missed < settings.blind_views:
+            return None  # the blind view, the classifier's word on it included
         already = (f", and below min_score {settings.min_score} in {missed} of the {len(angles)} centring views "
                    f"(blind_views = {settings.blind_views})" if missed else "")  # fmt: skip
         return f"score {check.score:.1f} < verify_min_score {settings.verify_min_score}{already}"
