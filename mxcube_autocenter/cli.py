@@ -222,8 +222,8 @@ def cmd_synthesize(args) -> int:
     summary = synthetic_dataset(
         args.out, n_samples=args.samples, seed=args.seed, crops_per_sample=args.crops_per_sample,
         random_looks=not args.fixed_look, line_fraction=args.line_fraction, hit_fraction=args.hit_fraction,
-        near_fraction=args.near_fraction, region_fraction=args.region_fraction, empty_fraction=args.empty_fraction,
-        ice_fraction=args.ice_fraction, workers=args.workers,
+        near_fraction=args.near_fraction, ice_hit_fraction=args.ice_hit_fraction, region_fraction=args.region_fraction,
+        empty_fraction=args.empty_fraction, ice_fraction=args.ice_fraction, workers=args.workers,
     )
     print(", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
@@ -632,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of positions on the crystals (default: %(default)s)")
     synth.add_argument("--near-fraction", type=FRACTION, default=0.0,
                        help="share of positions near the crystals' edges (default: %(default)s)")
+    synth.add_argument("--ice-hit-fraction", type=FRACTION, default=0.0,
+                       help="share of positions on ice balls, where there are some (default: %(default)s)")
     synth.add_argument("--region-fraction", type=FRACTION, default=0.0,
                        help="share of positions anywhere in the region a centring searches, stem and background "
                             "included (default: %(default)s)")

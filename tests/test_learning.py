@@ -576,15 +576,18 @@ def test_position_kinds_of_a_synthetic_set(tmp_path):
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
 
     path = str(tmp_path / "near.h5")
-    synthetic_dataset(path, 3, 11, crops_per_sample=16, omegas_per_sample=2, line_fraction=0.25, hit_fraction=0.25,
-                      near_fraction=0.25, region_fraction=0.25, empty_fraction=0.0, progress=False)
+    synthetic_dataset(path, 3, 11, crops_per_sample=20, omegas_per_sample=2, line_fraction=0.2, hit_fraction=0.2,
+                      near_fraction=0.2, ice_hit_fraction=0.2, region_fraction=0.2, empty_fraction=0.0, ice_fraction=1.0,
+                      progress=False)  # fmt: skip
     with h5py.File(path, "r") as f:
         kinds = f["samples/scan_type"].asstr()[()]
         expected = f["samples/rc_expected"][()]
-    assert len(kinds) == 48
-    assert np.sum(kinds == "synthetic-near") == 12 and np.sum(kinds == "synthetic-region") == 12
-    # The beam on a crystal counts; the region around the loop is mostly liquid, stem and background.
+    assert len(kinds) == 60
+    assert [np.sum(kinds == f"synthetic-{kind}") for kind in ("hit", "near", "ice", "region")] == [12, 12, 12, 12]
+    # The beam on a crystal counts; the region around the loop is mostly liquid, stem and background; ice
+    # gives no reflections, so its crops count as what lies beside or behind the ball.
     assert np.median(expected[kinds == "synthetic-hit"]) > 5 > np.median(expected[kinds == "synthetic-region"])
+    assert np.median(expected[kinds == "synthetic-ice"]) < 1
     with pytest.raises(ValueError, match="at most 1"):
         synthetic_dataset(path, 1, 0, line_fraction=0.5, hit_fraction=0.3, near_fraction=0.3, progress=False)
 

@@ -13,6 +13,9 @@ points come into the beam:
   :data:`NEAR_SIGMA_UM` on screen (``near_fraction``): the beam on, across
   and just off the crystal's edges, where the count changes fastest and
   which the other kinds seldom sample for a crystal of tens of um;
+- points on ice balls (``ice_hit_fraction``): they diffract no
+  reflections (ice rings only) but look much like small crystals, and a
+  ball seldom lies under the other kinds' points;
 - points anywhere in the region a centring searches around the loop
   (:func:`~mxcube_autocenter.centring.loop.loop_roi`: stem, rim and
   background included), where a heatmap's false maxima come from
@@ -69,6 +72,14 @@ def crystal_offset(sample, motors, rng) -> np.ndarray:
     return xy[0]
 
 
+def ice_offset(sample, motors, rng) -> np.ndarray:
+    """Screen offset from the beam, mm, of a random point on the disc of a random ice ball."""
+    ball = sample.ice[rng.integers(len(sample.ice))]
+    xy, _ = sample_to_screen(ball[None, :3], motors, (1.0, 1.0), (0.0, 0.0))
+    radius, angle = ball[3] * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+    return xy[0] + radius * np.array([np.cos(angle), np.sin(angle)])
+
+
 def virtual_sample(sample_seed, look_seed, *, random_looks=True, frame_size=(1280, 1024), empty_fraction=0.15,
                    ice_fraction=0.3):
     """``(sample, diffraction, renderer, rng)`` of one virtual sample with its camera look.
@@ -114,7 +125,7 @@ def centring_region(loop_xy, pixels_per_mm, beam, frame_shape):
 
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
                  random_looks, frame_size, jpeg_quality, empty_fraction, ice_fraction, line_fraction, hit_fraction,
-                 near_fraction, region_fraction, label_seed):
+                 near_fraction, ice_hit_fraction, region_fraction, label_seed):
     """All rows of one virtual sample, as a dict of lists."""
     sample, model, renderer, rng = virtual_sample(sample_seed, look_seed, random_looks=random_looks,
                                                   frame_size=frame_size, empty_fraction=empty_fraction,
@@ -134,8 +145,9 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         n_line = int(round(n_points * line_fraction))
         n_hit = 0 if sample.is_empty else int(round(n_points * hit_fraction))
         n_near = 0 if sample.is_empty else int(round(n_points * near_fraction))
+        n_ice = int(round(n_points * ice_hit_fraction)) if len(sample.ice) else 0
         n_region = int(round(n_points * region_fraction))
-        n_rand = max(n_points - n_line - n_hit - n_near - n_region, 0)
+        n_rand = max(n_points - n_line - n_hit - n_near - n_ice - n_region, 0)
         angle = rng.uniform(0, np.pi)
         direction = np.array([np.cos(angle), np.sin(angle)])
         half = 0.5 * rng.uniform(0.6, 1.2) * max(sample.loop_size_um * 1e-3, 0.05)
@@ -147,6 +159,9 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         for _ in range(n_near):
             offsets.append(crystal_offset(sample, motors0, rng) + rng.normal(0.0, NEAR_SIGMA_UM * 1e-3, size=2))
             kinds.append("near")
+        for _ in range(n_ice):
+            offsets.append(ice_offset(sample, motors0, rng))
+            kinds.append("ice")
         for _ in range(n_rand):
             offsets.append(rng.uniform(lo - margin, hi + margin))
             kinds.append("random")
@@ -290,6 +305,7 @@ def synthetic_dataset(
     line_fraction: float = 0.4,
     hit_fraction: float = 0.35,
     near_fraction: float = 0.0,
+    ice_hit_fraction: float = 0.0,
     region_fraction: float = 0.0,
     workers: int = 1,
     progress: bool = True,
@@ -321,11 +337,12 @@ def synthetic_dataset(
         Share of empty loops.
     ice_fraction : float
         Share of samples with ice balls (no Bragg spots: ice-ring spots only).
-    line_fraction, hit_fraction, near_fraction, region_fraction : float
+    line_fraction, hit_fraction, near_fraction, ice_hit_fraction, region_fraction : float
         Shares of positions on a line through the crystal, on the crystals,
-        near them and anywhere in the centring region (see the module
-        documentation); the rest are anywhere around the loop. Their sum is at most 1. On empty loops the hit and
-        near positions are anywhere around the loop too.
+        near them, on ice balls and anywhere in the centring region (see the
+        module documentation); the rest are anywhere around the loop. Their
+        sum is at most 1. On empty loops the hit and near positions, and on
+        samples without ice the ice positions, are anywhere around the loop too.
     workers : int
         Processes rendering samples in parallel.
     progress : bool
@@ -337,14 +354,14 @@ def synthetic_dataset(
             "lower stored_crop_um or the zoom levels"
         )
     fractions = {"line_fraction": line_fraction, "hit_fraction": hit_fraction, "near_fraction": near_fraction,
-                 "region_fraction": region_fraction}
+                 "ice_hit_fraction": ice_hit_fraction, "region_fraction": region_fraction}
     if min(fractions.values()) < 0 or sum(fractions.values()) > 1 + 1e-9:
         raise ValueError(f"position shares {fractions}: each must be >= 0 and their sum at most 1: lower some of them")
     kwargs = dict(crops_per_sample=crops_per_sample, omegas_per_sample=omegas_per_sample,
                   stored_crop_um=stored_crop_um, zoom_levels=tuple(zoom_levels), random_looks=random_looks,
                   frame_size=tuple(frame_size), jpeg_quality=jpeg_quality, empty_fraction=empty_fraction,
                   ice_fraction=ice_fraction, line_fraction=line_fraction, hit_fraction=hit_fraction,
-                  near_fraction=near_fraction, region_fraction=region_fraction)
+                  near_fraction=near_fraction, ice_hit_fraction=ice_hit_fraction, region_fraction=region_fraction)
     provenance = set_provenance("mxcube_autocenter.learning.synthetic.synthetic_dataset", seed, n_samples, kwargs,
                                 zoom="1-based index into zoom_levels (px/um)")
     columns = {
