@@ -258,6 +258,10 @@ def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_pa
         ("image,spots\n", "no rows of counts"),
         ("image,spots\n1,2\n2,-1\n", r"column spots holds a negative value \(-1, data row 2\): give counts >= 0"),
         ("image,spots\n1,2\n2\n3,4\n", r"data row 2 has 1 values where the header \['image', 'spots'\] names 2"),
+        (
+            "| image | #spots |\n|-------+--------|\n| 1 | 5 |\n| 2 | 6 | 7 |\n",
+            r"line 4 has 3 cells where the table header \['image', '#spots'\] names 2",
+        ),
         ('{"image": [1, 2, 3], "spots": [5, 6]}', r"columns of different lengths \(image 3, spots 2 values\)"),
         ("[1, 2]", "a JSON list must hold one object per image"),
         ('{"image": [1, 2', "not valid JSON"),

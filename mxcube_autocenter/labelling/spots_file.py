@@ -149,7 +149,7 @@ def read_spot_counts(path) -> SpotCounts:
     if stripped[:1] in ("[", "{"):
         columns = _json_columns(path, text)
     elif any(line.lstrip().startswith("|") for line in text.splitlines()):
-        columns = _dials_table_columns(text)
+        columns = _dials_table_columns(path, text)
     else:
         columns = _csv_columns(path, text)
     return _spot_counts(path, columns)
@@ -175,10 +175,10 @@ def _json_columns(path: Path, text: str) -> dict:
     )
 
 
-def _dials_table_columns(text: str) -> dict:
+def _dials_table_columns(path: Path, text: str) -> dict:
     """Columns of the ``| image | #spots | ...`` table that DIALS prints."""
     header, rows = None, []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         # Rules are "|---+---|" or "+---+---+"; the header row repeats for each imageset.
         if not line.startswith("|") or set(line) <= set("|-+ "):
@@ -186,7 +186,13 @@ def _dials_table_columns(text: str) -> dict:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if header is None:
             header = cells
-        elif len(cells) == len(header) and cells != header:
+        elif len(cells) != len(header):
+            # As in a CSV file: dropping the row would leave its image without a count and nobody told.
+            raise SpotsFileError(
+                f"{path}: line {number} has {len(cells)} cells where the table header {header} names "
+                f"{len(header)}: fix the file (a truncated or hand-edited table?)"
+            )
+        elif cells != header:
             rows.append(cells)
     header = header or []
     return {name: [row[k] for row in rows] for k, name in enumerate(header)}
