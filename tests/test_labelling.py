@@ -409,7 +409,7 @@ def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled
     assert image.shape == (300, 300, 3) and image.dtype == np.uint8
     np.testing.assert_allclose(dataset.beam_xy[rotation[0]], [150.0, 150.0])
     np.testing.assert_allclose(dataset.pixels_per_mm, np.tile(PIXELS_PER_MM, (len(dataset), 1)))
-    assert set(dataset.zoom) == {2.0} and dataset.stored_crop_um == 600.0
+    assert set(dataset.zoom) == {"2"} and dataset.stored_crop_um == 600.0
     recordings = dataset.recordings
     assert [r["master_file"] for r in recordings] == [str(c.master.resolve()) for c in collections]
     assert recordings[0]["label_source"] == "spot finder" and recordings[0]["spot_finder"]["sigma_strong"] == 3.0
@@ -659,6 +659,14 @@ def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):
         label_recordings([collections[0].recording], other, progress=False)
     with pytest.raises(DatasetError, match=r"missing\.h5: no such dataset file"):
         read_table(tmp_path / "missing.h5")
+    damaged = tmp_path / "damaged.h5"
+    label_recordings([collections[0].recording], damaged, progress=False)
+    with h5py.File(damaged, "r+") as h5file:
+        h5file["recordings/provenance"][0] = "{not json"
+    before = damaged.read_bytes()
+    with pytest.raises(DatasetError, match=r"damaged\.h5: /recordings/provenance is damaged"):
+        label_recordings([collections[1].recording], damaged, progress=False)
+    assert damaged.read_bytes() == before  # refused before anything was added
 
 
 def test_a_column_added_after_labelling_is_read_until_an_append_outgrows_it(collections, tmp_path, caplog):

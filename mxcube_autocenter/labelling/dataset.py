@@ -489,8 +489,14 @@ def _write_failed(path: Path, err: Exception) -> DatasetError:
 
 
 def check_appendable(path) -> None:
-    """Raise DatasetError unless ``path`` is a training set that ``append_recording`` can add to."""
-    _open(Path(path), "r").close()
+    """Raise DatasetError unless ``path`` is a training set that ``append_recording`` can add to.
+
+    The recordings' record is read too: a damaged one would otherwise be
+    found only after the new rows were added.
+    """
+    path = Path(path)
+    with _open(path, "r") as h5file:
+        _recordings(h5file, "rows", path)
 
 
 def _open(path: Path, mode: str) -> h5py.File:
@@ -564,12 +570,15 @@ def _roll_back(h5file: h5py.File, n_rows: int, n_recordings: int) -> None:
 
 # -- reading --------------------------------------------------------------------
 
-NUMERIC = ("beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
-TEXT = ("scan_id", "crystal_id", "scan_type")
+NUMERIC = ("beam_xy", "pixels_per_mm", "omega", "rc", "timestamp", "detector_frame", "recording_frame")
+TEXT = ("scan_id", "crystal_id", "scan_type", "zoom")
 REQUIRED = ("image", *NUMERIC, *TEXT)
 
 
 def _text(values) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype.kind in "fiub":  # the synthetic sets store the zoom as a number; labelling as text
+        return np.array([f"{v:g}" for v in values], dtype=object)
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
@@ -582,8 +591,11 @@ class Table:
     path : str
     rc : (N,) float64
     crystal_id, scan_id, scan_type : (N,) object arrays of str
+    zoom : (N,) object array of str
+        The zoom level as recorded: a beamline's zoom names it (``"Zoom 4"``),
+        the synthetic sets by its scale.
     beam_xy, pixels_per_mm : (N, 2) float64
-    zoom, omega, timestamp : (N,) float64
+    omega, timestamp : (N,) float64
     detector_frame, recording_frame : (N,) int64
     stored_crop_um : float or None
         None when a labelling-layout file does not record it.
@@ -663,20 +675,6 @@ def _stored_crop_um(f, recordings) -> float | None:
         except (KeyError, TypeError, ValueError):
             pass
     return min(sides) if sides else None
-
-
-def _as_float(values) -> np.ndarray:
-    """Numbers, or text that should be numbers (NaN where it is not)."""
-    values = np.asarray(values)
-    if values.dtype.kind in "fiub":
-        return values.astype(np.float64)
-    out = np.full(values.shape, np.nan)
-    for i, v in enumerate(_text(values.ravel())):
-        try:
-            out.flat[i] = float(v)
-        except ValueError:
-            pass
-    return out
 
 
 def read_table(path) -> Table:
@@ -763,7 +761,7 @@ def read_table(path) -> Table:
             scan_type=texts["scan_type"],
             beam_xy=np.asarray(arrays["beam_xy"], dtype=np.float64).reshape(n, 2),
             pixels_per_mm=np.asarray(arrays["pixels_per_mm"], dtype=np.float64).reshape(n, 2),
-            zoom=_as_float(arrays["zoom"]).reshape(n),
+            zoom=texts["zoom"],
             omega=np.asarray(arrays["omega"], dtype=np.float64).reshape(n),
             timestamp=np.asarray(arrays["timestamp"], dtype=np.float64).reshape(n),
             detector_frame=np.asarray(arrays["detector_frame"], dtype=np.int64).reshape(n),

@@ -9,8 +9,8 @@ The pipeline (see ``docs/learning.md``):
 - :mod:`.augment`: the 8 dihedral flips and rotations and optional jitter,
   on the fly in ``tf.data``;
 - :mod:`.split`: the 60/20/20 split by crystal;
-- :mod:`.data`: reading the ``dataset.h5`` contract and streaming it with
-  ``tf.data``;
+- :mod:`.data`: streaming a ``dataset.h5`` (read by
+  :func:`mxcube_autocenter.labelling.dataset.read_table`) with ``tf.data``;
 - :mod:`.architectures`: the thesis' regressors ``a1``-``a10``, the
   crystal/empty classifier and compact fully convolutional regressors;
 - :mod:`.training`: ``train``, ``train_classifier`` and the self-describing

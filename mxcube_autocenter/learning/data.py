@@ -80,7 +80,7 @@ def make_dataset(
     Parameters
     ----------
     table : Table
-        From :func:`read_table`.
+        From :func:`mxcube_autocenter.labelling.dataset.read_table`.
     rows : sequence of int
         The dataset rows to stream.
     labels : (N,) array
