@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
 from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
 
@@ -26,6 +26,9 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     in its "strict" validation mode), so a misspelt property never passes
     silently.
     """
+
+    # "nan" or "inf" in the XML would switch a threshold or a limit off without a word.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     username: str = Field(default="Optical ML centring", description="Name shown in MXCuBE.")
     centring_model: str | None = Field(
@@ -102,7 +105,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         "flips ('flips', 4) or not at all ('none', 1).",
     )
     min_score: float = Field(
-        default=5.0,
+        default=5.0, ge=0,
         description="Smallest predicted reflection count at the chosen point, in every view but blind_views, that "
         "counts as a crystal.",
     )

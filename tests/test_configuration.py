@@ -127,3 +127,10 @@ def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_qu
         with hardware_repository(config):
             assert OpticalMLCentring not in queue_entry.MODEL_QUEUE_ENTRY_MAPPINGS
     assert "list auto_centring after queue_manager in beamline.yaml" in _logged(caplog)
+
+
+@pytest.mark.parametrize("prop, value", [("min_score", "nan"), ("max_displacement_mm", "inf"), ("move_timeout_s", "inf")])
+def test_nan_or_inf_never_switches_a_threshold_or_limit_off(prop, value):
+    with pytest.raises(ValueError) as err:
+        AutoCenterConfig(**{prop: value})
+    assert f"{prop} = '{value}': Input should be a finite number" in str(err.value)
