@@ -69,6 +69,12 @@ class OpticalMLCentringQueueEntry(BaseQueueEntry):
             result = centring.get()
         except Exception as err:
             raise QueueExecutionException(f"{TASK_NAME} failed: {err}", self) from err
+        except gevent.Timeout as err:
+            if centring.exception is not err:
+                raise  # the caller's time-out, not the centring's
+            # A motor's own wait (mxcubecore raises gevent.Timeout, no Exception) failed the centring:
+            # the sample is back, and the queue must go on, as after any other failure.
+            raise QueueExecutionException(f"{TASK_NAME} failed: a motor timed out ({err})", self) from err
         finally:
             # Killed itself (the queue's greenlet), this entry takes the centring
             # down with it; kill() returns once the sample is back.

@@ -434,6 +434,23 @@ def test_queue_task_centres_and_a_failed_one_lets_the_queue_go_on(beamline, queu
     assert after_entry.status == QUEUE_ENTRY_STATUS.SUCCESS  # the queue went on
 
 
+def test_a_motor_timeout_out_of_a_queue_task_fails_it_and_the_queue_goes_on(beamline, queue, monkeypatch):
+    from mxcubecore.model.queue_model_objects import DelayTask
+    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
+
+    from mxcube_autocenter.queue_entry import OpticalMLCentring, OpticalMLCentringQueueEntry
+
+    def centre_whose_motor_wait_times_out(n_angles):
+        raise gevent.Timeout(30)  # mxcubecore's motor waits raise it, no Exception
+
+    monkeypatch.setattr(OpticalMLCentringQueueEntry, "_centre", staticmethod(centre_whose_motor_wait_times_out))
+    mount_at_start(beamline)
+    entry, after_entry = queue_tasks(queue, OpticalMLCentring(), DelayTask(delay=0))
+    run_queue(queue[1])
+    assert entry.status == QUEUE_ENTRY_STATUS.FAILED
+    assert after_entry.status == QUEUE_ENTRY_STATUS.SUCCESS
+
+
 def test_stopping_the_queue_stops_the_centring_and_puts_the_sample_back(beamline, queue):
     from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
 
