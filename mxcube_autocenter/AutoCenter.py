@@ -263,10 +263,24 @@ class AutoCenter(HardwareObject):
         with self._centring_lock:
             self.emit("centringProgress", ("Optical ML centring started",))
             result = procedure.centre(bl, self.predictor, settings, self.log)
-        self.last_result = result
-        (self.user_log.info if result.success else self.user_log.warning)(f"Optical ML centring: {result.message}")
-        self.emit("centringProgress", (result.message,))
-        self._publish_heatmap(result)
+            self.last_result = result
+            try:
+                (self.user_log.info if result.success else self.user_log.warning)(
+                    f"Optical ML centring: {result.message}"
+                )
+                self.emit("centringProgress", (result.message,))
+                self._publish_heatmap(result)  # reads motors: on an MD3 it waits on the network
+            except (gevent.GreenletExit, gevent.Timeout):
+                # Aborted after the move but before anyone was told: it ends as an aborted
+                # centring, so the sample goes back as on any abort.
+                if result.success:
+                    result.success = False
+                    not_returned = procedure.restore(bl, result.start_positions, settings.move_timeout_s, self.log)
+                    result.message = "aborted after the move: " + (
+                        f"the sample was NOT returned to its starting position: {not_returned}"
+                        if not_returned else "the sample went back"
+                    )  # fmt: skip
+                raise
         if save and self.config.centring_save_directory:
             gevent.get_hub().threadpool.spawn(
                 self._save_record, result, self.config.centring_save_directory, bl.beam_position()

@@ -301,6 +301,17 @@ def test_a_way_back_that_crashes_is_reported_not_taken_for_a_return(beamline, au
     assert "NOT returned to its starting position: the way back failed (RuntimeError: diffractometer gone)" in result.message
 
 
+def test_the_sine_fits_move_to_a_reference_position_is_held_to_the_limit_too(beamline, autocenter, monkeypatch):
+    # sample_centring.start moves the motors that have a centring_reference_position before the fit has a result
+    # (2 mm: within the motor's limits, beyond max_displacement_mm).
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(beamline.sample_view.centring_motors["phiz"], "reference_position", start["phiz"] + 2.0)
+    result = autocenter.centre(save=False)
+    assert not result.success and "refusing to move phiz by +2.000 mm: more than max_displacement_mm" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)
@@ -510,6 +521,22 @@ def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter
     accepted = [args[0] for name, args in log.calls if name == "centringAccepted"]
     assert accepted == [False, True]  # the second press refused at once, the first centred
     assert autocenter.last_result.success
+
+
+def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
+    # Publishing the heatmap reads motors (network waits on an MD3): a Cancel may land there.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(autocenter, "_publish_heatmap", lambda result: gevent.sleep(10))
+    monkeypatch.setattr(autocenter, "last_result", None)
+    centring = gevent.spawn(autocenter.centre, save=False)
+    with gevent.Timeout(60, AssertionError("centring did not end")):
+        while autocenter.last_result is None:
+            gevent.sleep(0.05)
+    assert scorecard.moved(start, positions(beamline))  # centred, the result not given yet
+    centring.kill(block=True)
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    assert not autocenter.last_result.success and autocenter.last_result.message.startswith("aborted after the move")
 
 
 def test_a_second_abort_does_not_stop_the_sample_half_way_back(beamline, autocenter):

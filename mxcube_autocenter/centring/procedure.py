@@ -175,6 +175,15 @@ class Beamline:
             if abs(now[name] - target) > tolerance:
                 raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {target:.4f}")
 
+    def reference_positions(self) -> dict:
+        """Where mxcubecore's sine fit first moves the motors that have one (``centring_reference_position``)."""
+        motors = self.sample_view.centring_motors
+        return {
+            name: float(motors[name].reference_position)
+            for name in CENTRING_MOTORS
+            if name in motors and motors[name].reference_position is not None
+        }
+
     def rotate(self, degrees: float, timeout: float):
         self.diffractometer.get_motors()["omega"].set_value_relative(degrees, timeout=timeout)
 
@@ -298,7 +307,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         # GreenletExit (an abort) and a caller's gevent.Timeout are no Exception,
         # but the sample goes back all the same before they go on.
         result.message = str(err) or type(err).__name__
-        not_returned = _restore(bl, start, settings.move_timeout_s, log)
+        not_returned = restore(bl, start, settings.move_timeout_s, log)
         if not_returned:
             result.message += f"; the sample was NOT returned to its starting position: {not_returned}"
         if not isinstance(err, Exception):
@@ -338,6 +347,8 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
                beam_position):  # fmt: skip
     """Fit the point's projections as omega turns and move it to the beam, within the limits."""
     result.point = tuple(float(v) for v in point)
+    # The fit's first move, to the reference positions, comes before its result can be checked.
+    bl.check_move(start, bl.reference_positions(), settings.max_displacement_mm)
     fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
     target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
     bl.check_move(start, target, settings.max_displacement_mm)
@@ -608,7 +619,7 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     return None
 
 
-def _restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
+def restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
     """Stop what moves and put the sample back; log, never raise, if even that fails.
 
     The work runs in a greenlet of its own and is waited for to its end: a
