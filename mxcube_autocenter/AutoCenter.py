@@ -87,7 +87,8 @@ class AutoCenter(HardwareObject):
         self._button_pressed = False
         self._connect_collect()
         self._load_models()
-        if self.config.centring_enabled and self.predictor is not None:
+        self._check_geometry()
+        if self.config.centring_enabled and self.centring_error is None:
             self._take_over_auto_centring()
         self._register_queue_task()
         self.update_state(self.STATES.READY)
@@ -209,6 +210,27 @@ class AutoCenter(HardwareObject):
             self.log.info("AutoCenter: centring with %s", self.predictor.describe())
             freeze_long_lived_objects()
 
+    def _check_geometry(self):
+        """Refuse to centre on a goniometer set up unlike the projection the centring uses (geometry.py)."""
+        sample_view = HWR.beamline.sample_view
+        if sample_view is None:
+            return
+        reversed_motors = sorted(
+            name for name, motor in sample_view.centring_motors.items() if name in CENTRING_MOTORS and motor.direction != 1
+        )
+        problems = []
+        if reversed_motors:
+            problems.append(f"motor_directions of {', '.join(reversed_motors)} are not 1")
+        if sample_view.chi_angle:
+            problems.append(f"chi_angle is {sample_view.chi_angle}, not 0")
+        if problems:
+            self.centring_error = (
+                f"the sample view's {' and '.join(problems)} (SampleView XML): the optical ML centring projects "
+                "sample points with every motor direction +1 and chi 0 (mxcube_autocenter/geometry.py), so it would "
+                "centre the wrong point; keep MXCuBE's own centring on this goniometer (centring_enabled False)"
+            )
+            self.log.error("AutoCenter: optical ML centring unavailable: %s", self.centring_error)
+
     def _register_queue_task(self):
         if HWR.beamline.queue_manager is None:
             # QueueManager.init replaces the mapping that registration writes into.
@@ -257,7 +279,7 @@ class AutoCenter(HardwareObject):
         """
         bl = procedure.Beamline(HWR.beamline)
         settings = self.centring_settings(n_angles)
-        refusal = self.centring_error if self.predictor is None else self._centring_running()
+        refusal = self.centring_error or self._centring_running()
         if refusal:
             return procedure.CentringResult(success=False, message=refusal, method="none", start_positions=bl.positions())
         with self._centring_lock:

@@ -134,3 +134,19 @@ def test_nan_or_inf_never_switches_a_threshold_or_limit_off(prop, value):
     with pytest.raises(ValueError) as err:
         AutoCenterConfig(**{prop: value})
     assert f"{prop} = '{value}': Input should be a finite number" in str(err.value)
+
+
+def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring(tmp_path, caplog):
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    xml = config / "sample_view.xml"
+    xml.write_text(xml.read_text().replace('"sampx": 1,', '"sampx": -1,'))
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            ho = auto_centring(bl)
+            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            start = {name: bl.diffractometer.get_motors()[name].get_value() for name in CENTRING_MOTORS}
+            result = ho.centre(save=False)
+            assert not result.success and result.start_positions == start
+    message = "the sample view's motor_directions of sampx are not 1 (SampleView XML)"
+    assert message in result.message and message in _logged(caplog)
