@@ -210,6 +210,12 @@ class AutoCenter(HardwareObject):
             self.log.info("AutoCenter: centring with %s", self.predictor.describe())
             freeze_long_lived_objects()
 
+    def use_predictor(self, predictor):
+        """Centre with ``predictor`` from now on (a model loaded after start-up), unless the geometry forbids it."""
+        self.predictor = predictor
+        self.centring_error = None
+        self._check_geometry()
+
     def _check_geometry(self):
         """Refuse to centre on a goniometer set up unlike the projection the centring uses (geometry.py)."""
         sample_view = HWR.beamline.sample_view

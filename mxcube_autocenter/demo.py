@@ -963,8 +963,9 @@ def run_demo(
                     f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
                     "--model MODEL.keras"
                 ) from err
-            ho.predictor = predictor
-            ho.centring_error = None
+            ho.use_predictor(predictor)
+            if ho.centring_error:
+                raise DemoError(ho.centring_error)
             ho._take_over_auto_centring()
             ho.config.centring_save_directory = str(centring_dir)
             if learning is None:
