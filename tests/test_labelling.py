@@ -618,6 +618,44 @@ def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, 
     assert [p.name for p in tmp_path.glob("*.tmp")] == []
 
 
+def test_a_batch_of_equally_long_jpegs_is_written(collections, tmp_path):
+    # h5py stacks equally long arrays into a 2-D one: a single row, or a dark camera's identical frames.
+    recording = read_recording(collections[1].recording)
+    store = FrameStore.create(tmp_path, "dark", recording.metadata)
+    dark = encode_jpeg(np.zeros((CAMERA[1], CAMERA[0], 3), np.uint8))
+    for k in range(3):
+        store.append(dark, recording.timestamps[0] + k * 0.001, recording.motors[0], k)
+    store.close()
+    out = tmp_path / "dataset.h5"
+    match = match_frames(np.arange(3.0), [[-1.0, 5.0]])
+    assert append_recording(out, store.path, [5.0], match).rows == 3
+    one = tmp_path / "one.h5"  # only the first camera frame's detector frame has a count
+    first_only = match_frames(np.arange(3.0), [[-1.0, 0.5], [0.5, 5.0]])
+    assert append_recording(one, store.path, [5.0, np.nan], first_only).rows == 1
+    with RowReader(out, "rows/jpeg") as reader:
+        assert reader.image(2).shape == (300, 300, 3)
+
+
+def test_an_interrupt_in_the_flush_that_commits_an_append_leaves_the_set_as_it_was(collections, tmp_path, monkeypatch):
+    out = tmp_path / "dataset.h5"
+    first = label_recordings([collections[0].recording], out, progress=False).rows_added
+    flush = h5py.File.flush
+
+    def flush_then_interrupt(h5file):
+        flush(h5file)
+        if h5file.attrs["n_rows"] > first:  # the commit is on disk: Ctrl-C arrives as the flush returns
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(h5py.File, "flush", flush_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        label_recordings([collections[1].recording], out, progress=False)
+    monkeypatch.undo()
+    dataset = read_table(out)
+    assert len(dataset) == first and len(dataset.recordings) == 1
+    again = label_recordings([collections[1].recording], out, progress=False)
+    assert again.n_labelled == 1 and len(read_table(out).recordings) == 2
+
+
 @pytest.fixture
 def file_size_limit():
     """``limit(n)`` makes writes past n bytes fail with EFBIG, as a full disk or a quota would; ``limit(None)`` lifts it."""

@@ -276,6 +276,7 @@ def append_recording(
                 return AppendResult(known, 0, 0, True, message)
             first = int(h5file.attrs["n_rows"])
             n_recordings = int(h5file.attrs["n_recordings"])
+            committed = {name: h5file.attrs[name] for name in _COMMIT_ATTRIBUTES if name in h5file.attrs}
             # Left by an append that was killed: never counted, now dropped.
             _resize(h5file["rows"], first)
             _resize(h5file["recordings"], n_recordings)
@@ -334,11 +335,11 @@ def append_recording(
                 h5file.attrs["n_recordings"] = n_recordings + 1
                 h5file.flush()
             except _WRITE_ERRORS as err:
-                _roll_back(h5file, first, n_recordings)
+                _roll_back(h5file, committed)
                 failure = _write_failed(dataset_path, err)
                 raise failure from err
             except BaseException as err:
-                _roll_back(h5file, first, n_recordings)
+                _roll_back(h5file, committed)
                 failure = err
                 raise
     except _WRITE_ERRORS as err:
@@ -554,14 +555,33 @@ def _write_rows(h5file: h5py.File, path: Path, at: int, columns: dict) -> None:
     for name, value in columns.items():
         dataset = rows[name]
         dataset.resize(at + n, axis=0)
-        # A value of one row (the recording's scale, ids) is broadcast to all.
-        dataset[at : at + n] = value
+        if name == "jpeg":
+            # Row by row: h5py stacks a batch of equally long JPEGs (one row, a dark camera) into a 2-D array.
+            for k, jpeg in enumerate(value):
+                dataset[at + k] = jpeg
+        else:
+            # A value of one row (the recording's scale, ids) is broadcast to all.
+            dataset[at : at + n] = value
 
 
-def _roll_back(h5file: h5py.File, n_rows: int, n_recordings: int) -> None:
+# What an append commits, written last: the rows it adds count only once these say so.
+_COMMIT_ATTRIBUTES = ("n_rows", "n_recordings", "stored_crop_um")
+
+
+def _roll_back(h5file: h5py.File, committed: dict) -> None:
+    """Put the set back as it was before a failed append: its commit attributes, then its rows.
+
+    The failure (an interrupt, a full disk) may come after the new counts
+    were written, in the flush that commits them.
+    """
     try:
-        _resize(h5file["rows"], n_rows)
-        _resize(h5file["recordings"], n_recordings)
+        for name in _COMMIT_ATTRIBUTES:
+            if name in committed:
+                h5file.attrs[name] = committed[name]
+            elif name in h5file.attrs:
+                del h5file.attrs[name]
+        _resize(h5file["rows"], int(committed["n_rows"]))
+        _resize(h5file["recordings"], int(committed["n_recordings"]))
         h5file.flush()
     except Exception as err:
         # The counts still hide the rows; the next append trims them.
