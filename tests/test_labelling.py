@@ -689,6 +689,15 @@ def test_a_write_that_fails_in_hdf5_itself_is_a_dataset_error_and_loses_nothing(
     assert label_recordings([collections[1].recording], out, progress=False).n_labelled == 1
 
 
+def test_a_histogram_that_cannot_be_written_costs_only_the_figure(collections, tmp_path, caplog):
+    out = tmp_path / "dataset.h5"
+    (tmp_path / "dataset_rc_histogram.png").mkdir()  # in the figure's way, as a full disk or a read-only file would be
+    with caplog.at_level(logging.WARNING):
+        summary = label_recordings([collections[0].recording], out, progress=False)
+    assert summary.n_labelled == 1 and summary.histogram is None and len(read_table(out)) == summary.rows_added
+    assert "dataset_rc_histogram.png: reflection-count histogram not written" in caplog.text
+
+
 def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as h5file:

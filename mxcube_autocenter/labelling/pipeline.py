@@ -375,7 +375,14 @@ def label_recordings(
         if executor is not None:
             executor.shutdown(cancel_futures=True)
     rc = read_table(out).rc if out.exists() else np.zeros(0)
-    histogram = rc_histogram(rc, out.with_name(f"{out.stem}_rc_histogram.png"), title=out.name) if rc.size else None
+    histogram = None
+    if rc.size:
+        png = out.with_name(f"{out.stem}_rc_histogram.png")
+        try:
+            histogram = rc_histogram(rc, png, title=out.name)
+        except OSError as err:
+            # The figure is a by-product: the labels are written, and the summary must still be given.
+            log.warning("%s: reflection-count histogram not written (%s): check the folder's space and permissions", png, err)
     return LabelSummary(out, entries, histogram, rc_statistics(rc), time.perf_counter() - started)
 
 
