@@ -238,6 +238,34 @@ def test_truncated_data_file(tmp_path):
         open_master(written.master_path)
 
 
+@pytest.mark.parametrize(
+    "data, found",
+    [
+        (np.zeros((1, 5, 7), np.uint32), r"\(1, 5, 7\) uint32"),  # frames of another detector size
+        (np.zeros((1, 7), np.uint32), r"\(1, 7\) uint32"),  # no frame axis
+        (np.zeros(7, np.uint32)[0], r"\(\) uint32"),  # a scalar
+    ],
+)
+def test_a_data_file_that_does_not_hold_the_declared_frames(tmp_path, data, found):
+    written = small_collection(tmp_path)
+    with h5py.File(written.data_paths[1], "r+") as f:
+        del f["entry/data/data"]
+        f["entry/data/data"] = data
+    with pytest.raises(EigerFileError, match=f"xtal_2_data_000002.h5: data_000002 holds {found} data where "
+                                             r"xtal_2_master.h5 declares frames of \d+ x \d+ integer counts"):  # fmt: skip
+        open_master(written.master_path)
+
+
+def test_float_frames_are_named_in_their_data_file(tmp_path):
+    written = small_collection(tmp_path)
+    with h5py.File(written.data_paths[0], "r+") as f:
+        frames = f["entry/data/data"][()]
+        del f["entry/data/data"]
+        f["entry/data/data"] = frames.astype(np.float32)
+    with pytest.raises(EigerFileError, match=r"xtal_2_data_000001.h5: data_000001 holds .* float32 data"):
+        open_master(written.master_path)
+
+
 def test_truncated_master_file(tmp_path):
     written = small_collection(tmp_path)
     path = written.master_path

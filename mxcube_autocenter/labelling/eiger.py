@@ -106,6 +106,11 @@ class EigerSeries:
         mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
         self.pixel_mask = np.asarray(mask[()], dtype=np.uint32)
+        if self.pixel_mask.shape != (self.height, self.width):
+            raise EigerFileError(
+                f"{self.master_path}: pixel_mask is {self.pixel_mask.shape} where the detector is {self.height} x "
+                f"{self.width} pixels: the master file is corrupt; {_COPY_AGAIN}"
+            )
         self._blocks = self._data_blocks()
         self.dtype = self._blocks[0][1].dtype if self._blocks else np.dtype(np.uint32)
         invalid = np.iinfo(self.dtype).max
@@ -184,6 +189,7 @@ class EigerSeries:
                     f"or corrupt (an interrupted copy or collection?): {_COPY_AGAIN}"
                 ) from err
             self._check_filters(dataset, target)
+            self._check_frames(dataset, target, name)
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
             blocks.append((first, dataset, target))
         blocks.sort(key=lambda block: block[0])
@@ -194,6 +200,15 @@ class EigerSeries:
                 f"the collection is incomplete; {_COPY_AGAIN}"
             )
         return blocks
+
+    def _check_frames(self, dataset, target: Path, name: str):
+        """A data block must hold frames of the declared size, in integer counts (as the pixel mask is)."""
+        shape = dataset.shape
+        if len(shape or ()) != 3 or tuple(shape[1:]) != (self.height, self.width) or dataset.dtype.kind not in "iu":
+            raise EigerFileError(
+                f"{target}: {name} holds {shape} {dataset.dtype} data where {self.master_path.name} declares frames "
+                f"of {self.height} x {self.width} integer counts: is it this collection's data file? {_COPY_AGAIN}"
+            )
 
     def frame(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read one frame.
