@@ -178,10 +178,10 @@ class AutoCenter(HardwareObject):
             status = "complete"
         self.recorder.stop_later(status, only=recording)
 
-    def _stop_recording(self, status):
+    def _stop_recording(self, status, args=()):
         # The recording ends now; its file closes in the background, not on the collect object's greenlet.
         if self.recorder is not None:
-            self.recorder.stop_later(status)
+            self.recorder.stop_later(status, dc_params=find_dc_params(args))
 
     def _collection_finished(self, *args):
         # AbstractMultiCollect sends collectEnded(owner, success, message), also from
@@ -192,10 +192,10 @@ class AutoCenter(HardwareObject):
             status = "failed"
         else:
             status = "complete"
-        self._stop_recording(status)
+        self._stop_recording(status, args)
 
     def _collection_failed(self, *args):
-        self._stop_recording("failed")
+        self._stop_recording("failed", args)
 
     # -- centring -------------------------------------------------------------
 

@@ -58,6 +58,15 @@ def find_dc_params(args, fallback=None):
     return fallback
 
 
+def same_collection(a: dict, b: dict) -> bool:
+    """Whether two sets of data collection parameters describe the same collection (its files' name and place).
+
+    Collect objects may pass a copy of the parameters with the end signal.
+    """
+    key = ("directory", "prefix", "run_number")
+    return a is b or [(a.get("fileinfo") or {}).get(k) for k in key] == [(b.get("fileinfo") or {}).get(k) for k in key]
+
+
 def collection_metadata(dc_params: dict, helical_positions, context: dict, master_template: str) -> dict:
     """The ``/collection`` attributes of a recording (see docs/data-formats.md)."""
     osc = dc_params["oscillation_sequence"][0]
@@ -218,15 +227,21 @@ class CollectionRecorder:
         writer = self._detach()
         return None if writer is None else self._close(writer, status)
 
-    def stop_later(self, status: str, only=None):
+    def stop_later(self, status: str, only=None, dc_params=None):
         """End the current recording now and close its file in the background.
 
         For collect-object signals: the recording is over at once, so that a
         collection starting next gets a recording of its own whatever the
         close still has to write. With ``only`` (a :attr:`current` token),
-        only that recording is ended.
+        only that recording is ended; with ``dc_params`` (an end signal's),
+        only the recording of that collection: the late end of a collection
+        whose recording the next one's start already closed ends nothing.
         """
         if self._writer is None or (only is not None and only is not self._writer):
+            return
+        if dc_params is not None and not same_collection(dc_params, self._dc_params):
+            self.log.info("AutoCenter: end of collection %s signalled while recording %s: ignored",
+                          (dc_params.get("fileinfo") or {}).get("prefix"), self._dc_params["fileinfo"].get("prefix"))  # fmt: skip
             return
         gevent.spawn(self._close, self._detach(), status)
 

@@ -165,6 +165,31 @@ def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its
     assert "helical_start" not in recordings["loop_a_1_camera.h5"].metadata
 
 
+def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beamline, autocenter, tmp_path):
+    collect(beamline, tmp_path / "first", "OSC")
+    wait_for_summary(autocenter)
+    base = beamline.collect.current_dc_parameters
+    first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
+                     for p in ("loop_a", "loop_b"))  # fmt: skip
+    collect_ho = beamline.collect
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
+    gevent.sleep(0.3)
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
+    gevent.sleep(0.3)
+    # The first collection's end arrives late, with a copy of its parameters.
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, dict(first)))
+    gevent.sleep(0.6)
+    assert autocenter.recorder.recording
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
+    with gevent.Timeout(10, AssertionError("the recordings did not close")):
+        while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
+            gevent.sleep(0.05)
+    gevent.sleep(0.5)
+    recordings = {path.name: read_recording(path) for path in tmp_path.glob("autocenter_frames/loop_*.h5")}
+    assert recordings["loop_a_1_camera.h5"].status == "aborted"
+    assert recordings["loop_b_1_camera.h5"].status == "complete" and len(recordings["loop_b_1_camera.h5"]) >= 5
+
+
 def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline, autocenter, tmp_path, caplog):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the recording directory should be")
