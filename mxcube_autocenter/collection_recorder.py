@@ -16,6 +16,7 @@ import os
 import time
 
 import gevent
+import numpy as np
 
 from mxcube_autocenter.recording import FrameStore, RecordingWriter, encode_jpeg
 
@@ -56,6 +57,16 @@ def find_dc_params(args, fallback=None):
         if isinstance(arg, dict) and "oscillation_sequence" in arg:
             return arg
     return fallback
+
+
+def _encode_if_new(rgb, previous):
+    """The snapshot as JPEG, or None when it repeats the previous one.
+
+    A camera slower than the poll, or a frozen one, hands out its last image
+    again: recorded, it would be labelled with another moment's count, and a
+    frozen camera must reach the watchdog.
+    """
+    return None if previous is not None and np.array_equal(rgb, previous) else encode_jpeg(rgb)
 
 
 def same_collection(a: dict, b: dict) -> bool:
@@ -187,10 +198,13 @@ class CollectionRecorder:
         """The ``poll`` source: snapshot the sample view at the configured rate."""
         pool = gevent.get_hub().threadpool
         failing = False
+        previous = None
         while self._writer is writer:
             start = time.time()
             try:
                 rgb = self._snapshot()
+                motors = self._read_motors()
+                jpeg = pool.apply(_encode_if_new, (rgb, previous))
             except Exception:
                 # Logged once; the watchdog ends the recording if the camera stays silent.
                 if not failing:
@@ -199,11 +213,11 @@ class CollectionRecorder:
                 gevent.sleep(self._period)
                 continue
             failing = False
-            self._last_frame_time = time.time()
-            motors = self._read_motors()
-            jpeg = pool.apply(encode_jpeg, (rgb,))
-            if self._writer is writer:
-                writer.submit(jpeg, start, motors)
+            if jpeg is not None:
+                previous = rgb
+                self._last_frame_time = time.time()
+                if self._writer is writer:
+                    writer.submit(jpeg, start, motors)
             gevent.sleep(max(0.0, self._period - (time.time() - start)))
 
     def _watch(self, writer, camera_timeout_s):

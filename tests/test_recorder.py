@@ -277,6 +277,20 @@ def test_a_poll_source_whose_snapshots_fail_logs_once_and_stops_the_recording(be
     assert "sent no frame" in caplog.text and "record_source" not in caplog.text
 
 
+def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamline, autocenter, tmp_path, caplog,
+                                                                        monkeypatch):  # fmt: skip
+    frozen = beamline.sample_view.get_snapshot(return_as_array=True)
+    autocenter.config.record_source = "poll"
+    autocenter.config.record_camera_timeout_s = 0.5
+    autocenter.recorder.last_summary = None
+    monkeypatch.setattr(autocenter.recorder, "_snapshot", lambda: frozen.copy())
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        collect(beamline, tmp_path, "OSC", n_images=30)
+        summary = wait_for_summary(autocenter)
+    assert summary.status == "failed" and summary.frames_kept == 1  # the frozen image once, then no repeat
+    assert "sent no frame" in caplog.text
+
+
 def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):
     autocenter.config.record_source = "poll"
     autocenter.recorder.last_summary = None
