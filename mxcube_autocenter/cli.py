@@ -772,7 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        # The user's own stop, not a fault: one line instead of a traceback.
+        print(f"mxcube-autocenter {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

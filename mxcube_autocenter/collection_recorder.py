@@ -134,6 +134,7 @@ class CollectionRecorder:
         self._next_due = 0.0
         self._last_frame_time = 0.0
         self._streamed = False
+        self._motors_failing = False
         self.last_summary = None
 
     @property
@@ -192,7 +193,16 @@ class CollectionRecorder:
             return
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
-        self._writer.submit(image, now, self._read_motors())
+        try:
+            motors = self._read_motors()
+        except Exception:
+            # A frame without its positions cannot be labelled; logged once, not a traceback per frame.
+            if not self._motors_failing:
+                self.log.exception("AutoCenter: reading the centring motors failed; frames are not recorded meanwhile")
+            self._motors_failing = True
+            return
+        self._motors_failing = False
+        self._writer.submit(image, now, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""
@@ -208,7 +218,7 @@ class CollectionRecorder:
             except Exception:
                 # Logged once; the watchdog ends the recording if the camera stays silent.
                 if not failing:
-                    self.log.exception("AutoCenter: sample-view snapshot failed; recording waits for the camera")
+                    self.log.exception("AutoCenter: polling the sample view (snapshot, motor positions) failed; recording waits for it")
                 failing = True
                 gevent.sleep(self._period)
                 continue

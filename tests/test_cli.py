@@ -92,3 +92,14 @@ def test_a_corrupt_row_found_while_training_is_an_error_that_names_the_set_and_t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {dataset}: row 5: " in err and "write it again" in err and "Traceback" not in err
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    from mxcube_autocenter.labelling import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "label_recordings", interrupted)
+    assert main(["label", str(tmp_path / "x_camera.h5"), "--out", str(tmp_path / "set.h5")]) == 130
+    assert capsys.readouterr().err.strip() == "mxcube-autocenter label: interrupted"

@@ -428,6 +428,11 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     with pytest.raises(ModelFileError, match="format_version 99"):
         load_model(future)
 
+    listed = str(tmp_path / "listed.keras")
+    attach_info(A.build("fcn", (SMALL, SMALL, 3)), []).save(listed)
+    with pytest.raises(ModelFileError, match="its metadata is a JSON list, not an object"):
+        load_model(listed)
+
     incomplete = str(tmp_path / "incomplete.keras")
     info = {k: v for k, v in trained.info.items() if k != "transform"}
     attach_info(A.build("fcn", (SMALL, SMALL, 3)), info).save(incomplete)

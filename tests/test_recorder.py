@@ -273,7 +273,7 @@ def test_a_poll_source_whose_snapshots_fail_logs_once_and_stops_the_recording(be
         collect(beamline, tmp_path, "OSC", n_images=30)
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed"
-    assert caplog.text.count("sample-view snapshot failed") == 1 and "camera device gone" in caplog.text
+    assert caplog.text.count("polling the sample view (snapshot, motor positions) failed") == 1 and "camera device gone" in caplog.text
     assert "sent no frame" in caplog.text and "record_source" not in caplog.text
 
 
@@ -289,6 +289,20 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed" and summary.frames_kept == 1  # the frozen image once, then no repeat
     assert "sent no frame" in caplog.text
+
+
+def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline, autocenter, tmp_path, caplog,
+                                                                       monkeypatch):  # fmt: skip
+    def unreadable_motors():
+        raise RuntimeError("exporter connection lost")
+
+    autocenter.recorder.last_summary = None
+    monkeypatch.setattr(autocenter.recorder, "_read_motors", unreadable_motors)
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        collect(beamline, tmp_path, "OSC", n_images=20)
+        summary = wait_for_summary(autocenter)
+    assert summary.frames_kept == 0
+    assert caplog.text.count("reading the centring motors failed") == 1 and "exporter connection lost" in caplog.text
 
 
 def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):

@@ -151,6 +151,8 @@ def load_model(path):
         info = tags[-1].info
     except ValueError as err:
         _refuse(path, f"its metadata is not valid JSON ({err})", retrain)
+    if not isinstance(info, dict):
+        _refuse(path, f"its metadata is a JSON {type(info).__name__}, not an object", retrain)
     if info.get("format") != MODEL_FORMAT:
         _refuse(path, f"its metadata has format {info.get('format')!r}, not {MODEL_FORMAT!r}", retrain)
     version = info.get("format_version")
