@@ -266,6 +266,14 @@ def test_float_frames_are_named_in_their_data_file(tmp_path):
         open_master(written.master_path)
 
 
+def test_per_frame_times_for_fewer_images_than_declared(tmp_path):
+    written = small_collection(tmp_path)
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector/start_time"] = [0.0, 0.1]  # relative to data_collection_date
+    with pytest.raises(EigerFileError, match=r"xtal_2_master.h5: start_time holds 2 times for 3 images"):
+        open_master(written.master_path)
+
+
 def test_truncated_master_file(tmp_path):
     written = small_collection(tmp_path)
     path = written.master_path

@@ -156,7 +156,14 @@ class EigerSeries:
         reference = (
             self._unix_time(_text(times.attrs["start"]), f"{name}@start") if "start" in times.attrs else self.start_time
         )
-        return reference + np.asarray(times[()], dtype=np.float64)
+        values = reference + np.asarray(times[()], dtype=np.float64)
+        if values.ndim != 1 or values.size < self.nimages:
+            # Matching needs a time for every image: a short list would leave the last ones unlabelled unseen.
+            raise EigerFileError(
+                f"{self.master_path}: {name} holds {values.size} times for {self.nimages} images: the master file "
+                f"is incomplete or corrupt; {_COPY_AGAIN}"
+            )
+        return values
 
     def _check_filters(self, dataset: h5py.Dataset, path: Path) -> None:
         plist = dataset.id.get_create_plist()
