@@ -153,7 +153,7 @@ class CollectionRecorder:
         a new collection closes the previous recording, in the background,
         as ``aborted`` (its end was never signalled).
         """
-        if self._writer is not None and dc_params is self._dc_params:
+        if self._writer is not None and same_collection(dc_params, self._dc_params):
             return
         # Whether or not this one is recorded, the previous collection has ended.
         self.stop_later("aborted")

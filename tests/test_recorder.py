@@ -138,7 +138,7 @@ def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its
 
     started(first, 1)
     gevent.sleep(0.6)
-    started(first, 1)  # sent twice: still one recording
+    started(dict(first), 1)  # sent twice (a copy of the parameters): still one recording
     collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
     started(second, 2)  # the loop's next collection, with no yield in between
     gevent.sleep(0.6)
