@@ -343,6 +343,16 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
     second = np.concatenate([b[1].numpy() for b in ds])[:, 0]
     assert sorted(first) == sorted(second) == list(rows.astype(float))
     assert not np.array_equal(first, second)
+    # Streamed (no cache) and cached in a folder shared by two pipelines: each gets its own rows, reshuffled.
+    folder = tmp_path / "cache"
+    for cache in (False, folder):
+        ds = make_dataset(table, rows, rows.astype(float), spec, batch_size=40, shuffle=True, seed=1, cache=cache)
+        other = make_dataset(table, rows[:10], rows[:10] + 100.0, spec, batch_size=40, shuffle=False, cache=cache)
+        first = np.concatenate([b[1].numpy() for b in ds])[:, 0]
+        assert np.concatenate([b[1].numpy() for b in other])[:, 0].tolist() == list(rows[:10] + 100.0)
+        second = np.concatenate([b[1].numpy() for b in ds])[:, 0]
+        assert sorted(first) == sorted(second) == list(rows.astype(float)) and not np.array_equal(first, second)
+    assert len(list(folder.iterdir())) == 2
     with pytest.raises(DatasetError, match="crop_um <= 240"):
         make_dataset(table, rows, table.rc[rows], crops.CropSpec(crop_um=300, input_size=SMALL))
     # The labelling code's layout reads the same, up to its committed rows.

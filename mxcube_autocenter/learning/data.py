@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,6 +24,9 @@ from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.augment import augmenter  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# Rows a file-cached pipeline reshuffles at a time: 200 MB of 128 x 128 RGB crops.
+SHUFFLE_BUFFER_ROWS = 4096
 
 def row_crop(reader: RowReader, table: Table, i: int, spec: crops.CropSpec):
     """Row ``i``'s model input before normalisation: uint8 crop (S, S, C) and its region statistics (2, C).
@@ -94,9 +98,12 @@ def make_dataset(
     augment : {"dihedral", "flips", "none"}
     jitter : float
         Jitter strength (0: off), see :mod:`.augment`.
-    cache : bool or "file" or str
+    cache : bool or "file" or path
         Keep the decoded uint8 crops after the first epoch: in memory
-        (True), in a temporary file (``"file"``) or in the given file path.
+        (True), in a new temporary file (``"file"``) or in a new file in
+        the given folder. Without a memory cache the row indices are
+        shuffled, so the crops stream; a file cache is then reshuffled
+        within :data:`SHUFFLE_BUFFER_ROWS` rows.
     drop_remainder : bool
     """
     check_crop_fits(table, spec)
@@ -120,22 +127,24 @@ def make_dataset(
         return crop, stats, label
 
     ds = tf.data.Dataset.from_tensor_slices((rows, labels))
-    if cache is not False and cache is not None:
-        ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if cache is True:
-            ds = ds.cache()
-        else:
-            if cache == "file":
-                import tempfile
-
-                cache = os.path.join(tempfile.mkdtemp(prefix="autocenter-cache-"), "crops")
-            ds = ds.cache(str(cache))
+    if shuffle and cache is not True:
+        # Indices are cheap to shuffle whole; decoded crops are not (a dataset larger than memory).
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache is True:
+        ds = ds.cache()
         if shuffle:
             ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    else:
+    elif cache:
+        # A fresh file for each pipeline: one shared by training and validation (or left by an
+        # earlier run) would hand them another pipeline's crops.
+        folder = None if cache == "file" else os.fspath(cache)
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        ds = ds.cache(os.path.join(tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder), "crops"))
         if shuffle:
-            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            # The file replays the first epoch's order; a bounded buffer reshuffles it without reading it all back.
+            ds = ds.shuffle(min(len(rows), SHUFFLE_BUFFER_ROWS), seed=seed, reshuffle_each_iteration=True)
 
     def normalise(crop, stats, label):
         image = (tf.cast(crop, tf.float32) - stats[0]) / stats[1]

@@ -340,11 +340,15 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
         return tf.ensure_shape(image, (side, side, channels)), tf.ensure_shape(stats, (2, channels)), y, w
 
     grids = (np.asarray(targets, np.float32)[..., None], np.asarray(weights, np.float32)[..., None])
-    ds = tf.data.Dataset.from_tensor_slices((rows, *grids)).map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensor_slices((rows, *grids))
+    if shuffle and not cache:
+        # Indices are cheap to shuffle whole; decoded regions are not (a set larger than memory).
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        if shuffle:
+            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda image, stats, y, w: ((tf.cast(image, tf.float32) - stats[0]) / stats[1], y, w),
                 num_parallel_calls=tf.data.AUTOTUNE)
     if augment != "none":
