@@ -151,11 +151,11 @@ def test_value_at_reads_the_smoothed_heatmap_as_the_fusion_scores_points():
     for view, score in zip(views, fused.scores):
         assert value_at(view, project(fused.point, view.motors, PPMM, BEAM)) == pytest.approx(score, rel=1e-3)
     view = views[0]
-    assert value_at(view, (XS[0] - 20.0, YS[0])) == 0.0  # off the grid
+    assert outside(value_at(view, (XS[0] - 20.0, YS[0])))  # off the grid: off the sample, as the fusion counts it
     mask = np.ones(view.values.shape, bool)
     mask[:, : len(XS) // 2] = False
     masked = View(view.values, XS, YS, view.motors, mask)
-    assert value_at(masked, (XS[5], YS[40])) == 0.0 and value_at(masked, (XS[-5], YS[40])) >= 0.0
+    assert outside(value_at(masked, (XS[5], YS[40]))) and value_at(masked, (XS[-5], YS[40])) >= 0.0
 
 
 def test_plateau_takes_the_middle_of_a_flat_crystal_not_its_brightest_end():

@@ -217,16 +217,16 @@ def value_at(view: View, point_px, sigma_cells=1.0) -> float:
     Returns
     -------
     float
-        Predicted count (bilinear between grid points); 0 outside the grid
-        or its mask.
+        Predicted count (bilinear between grid points), at least 0; off the
+        grid or its mask a value that :func:`outside` tells apart.
     """
     values = _prepared(view, sigma_cells)
     xs, ys = np.asarray(view.xs, dtype=np.float64), np.asarray(view.ys, dtype=np.float64)
     col = (point_px[0] - xs[0]) / (xs[1] - xs[0]) if len(xs) > 1 else 0.0
     row = (point_px[1] - ys[0]) / (ys[1] - ys[0]) if len(ys) > 1 else 0.0
     value = float(_interp_1d(_interp_1d(values, [col], axis=1), [row], axis=0)[0, 0])
-    # Any weight on an excluded neighbour makes it hugely negative: outside.
-    return max(value, 0.0)
+    # Any weight on an excluded neighbour makes it hugely negative: outside, as the fusion counts it.
+    return value if outside(value) else max(value, 0.0)
 
 
 def triangulate(points, motors_list, pixels_per_mm, beam_position) -> np.ndarray:

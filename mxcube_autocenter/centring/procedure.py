@@ -439,8 +439,8 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
     timings["verify_s"] = time.perf_counter() - t
     off_um = 1000.0 * np.hypot((peak[0] - beam[0]) / ppmm[0], (peak[1] - beam[1]) / ppmm[1])
-    log.info("AutoCenter: verification at omega %.1f: score %.1f at the beam, heatmap peak %.0f um away", angle.omega,
-             angle.score, off_um)  # fmt: skip
+    at_beam = "the beam outside the sample" if outside(angle.score) else f"score {angle.score:.1f} at the beam"
+    log.info("AutoCenter: verification at omega %.1f: %s, heatmap peak %.0f um away", angle.omega, at_beam, off_um)
     return angle
 
 
