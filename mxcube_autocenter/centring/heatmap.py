@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+
+from mxcube_autocenter.learning.crops import resample
 
 
 class HeatmapError(ValueError):
@@ -233,23 +234,11 @@ def prepare_region(frame, roi, crop_px, input_size, normalise):
     return normalise(resample(frame, (x0, y0), scale, (out_w, out_h))), (x0, y0), scale
 
 
-def resample(frame, origin, scale, size) -> np.ndarray:
-    """The window of ``frame`` from ``origin`` (pixels), scaled by ``scale``, as an image of ``size`` (w, h).
-
-    Pixels outside the frame repeat its edge, so the window may overhang
-    the image without special cases.
-    """
-    x0, y0 = origin
-    matrix = np.array([[scale, 0, -x0 * scale], [0, scale, -y0 * scale]], dtype=np.float64)
-    flags = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.warpAffine(frame, matrix, (int(size[0]), int(size[1])), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-
-
 def within_frame(heatmap: Heatmap, frame_shape, margin_px: float) -> np.ndarray:
     """Which grid points lie at least ``margin_px`` inside the frame.
 
     A crop nearer the frame's edge than that is partly made up: the region
-    repeats the edge pixels (:func:`resample`), and a model reads the bands
+    repeats the edge pixels (:func:`~mxcube_autocenter.learning.crops.resample`), and a model reads the bands
     they draw as structure (a stem cut off by the edge becomes a long dark
     band, a crystal-like response on the edge itself).
 

@@ -173,12 +173,32 @@ def to_colour(image, colour: str) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
 
 
-def resize_to(image, size) -> np.ndarray:
-    """Resize to ``size = (width, height)``: area averaging when shrinking, bilinear when enlarging."""
+def resample(image, origin, scale, size) -> np.ndarray:
+    """The window of ``image`` from ``origin`` (pixels), scaled by ``scale``, as an image of ``size`` (w, h).
+
+    Parameters
+    ----------
+    image : (H, W) or (H, W, C) array
+    origin : (float, float)
+        Image position of the output's pixel (0, 0), pixels.
+    scale : float or (float, float)
+        Output pixels per image pixel (x, y).
+    size : (int, int)
+        Output width and height, pixels.
+
+    Bilinear, also when shrinking: every model input (crops for training,
+    regions for dense training and for the centring's heatmaps) is sampled
+    this one way, so that a model sees at centring what it was trained on.
+    (``cv2.warpAffine`` has no area averaging: it takes ``INTER_AREA`` for
+    ``INTER_LINEAR``.) Pixels outside the image repeat its edge, so the
+    window may overhang the image without special cases.
+    """
     image = np.asarray(image)
-    w, h = int(size[0]), int(size[1])
-    shrink = w < image.shape[1] or h < image.shape[0]
-    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+    x0, y0 = origin
+    matrix = np.array([[sx, 0, -x0 * sx], [0, sy, -y0 * sy]], dtype=np.float64)
+    out = cv2.warpAffine(np.ascontiguousarray(image), matrix, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
     if image.ndim == 3 and out.ndim == 2:
         out = out[..., None]
     return out
@@ -226,8 +246,9 @@ def normalise(region, method: str = "backlight") -> np.ndarray:
 def crop_uint8(image, centre_xy, pixels_per_mm, spec: CropSpec) -> np.ndarray:
     """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C)."""
     side = crop_side_px(spec.crop_um, pixels_per_mm)
-    window = crop_centred(image, centre_xy, side)
-    return to_colour(resize_to(window, (spec.input_size, spec.input_size)), spec.colour)
+    n = spec.input_size
+    origin = (centre_xy[0] - side[0] / 2, centre_xy[1] - side[1] / 2)
+    return to_colour(resample(image, origin, (n / side[0], n / side[1]), (n, n)), spec.colour)
 
 
 def model_input(image, centre_xy, pixels_per_mm, spec: CropSpec, region=None) -> np.ndarray:

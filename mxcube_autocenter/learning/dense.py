@@ -47,7 +47,6 @@ import os
 import h5py
 import numpy as np
 
-from mxcube_autocenter.centring.heatmap import resample
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.learning.synthetic import (
     JPEG,
@@ -125,7 +124,7 @@ def _sample_regions(k, sample_seed, look_seed, *, views_per_sample, regions_per_
             else:
                 centre = rng.uniform((roi.x0, roi.y0), (max(roi.x1, roi.x0 + 1), max(roi.y1, roi.y0 + 1)))
             origin = centre - side / (2.0 * scale)
-            image = resample(frame, origin, scale, (side, side))
+            image = crops.resample(frame, origin, scale, (side, side))
             points = grid_centres(origin, scale, cells, input_size).reshape(-1, 2)
             expected = model.expected_rc_on_screen(motors, ppmm, tuple(beam), points).reshape(cells, cells)
             valid = ((points >= 0) & (points < (width, height))).all(axis=1).reshape(cells, cells)
