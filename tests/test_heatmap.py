@@ -106,12 +106,16 @@ def test_symmetric_heatmap_is_the_mean_over_the_turned_crops(symmetries):
     assert np.abs(turned.values - plain.values).max() > 1e-3
     with pytest.raises(HeatmapError, match="'dihedral', 'flips', 'none'"):
         symmetric_heatmap(evaluator, region, origin, scale, 1.5, "rotations")
-    # A grid step of 6 px cannot be split evenly into input shifts: no mirror image, refused.
+    # A grid step of 6 px is split into shifts that divide it (not 8 of them, which repeat grid points).
     uneven = keras.Sequential([keras.Input((30, 30, 3)), keras.layers.Conv2D(4, 3, strides=3),
                                keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(1)])
     region, origin, scale = prepare_region(frame_of(), roi, 40.0, 30, standardise)
-    with pytest.raises(HeatmapError, match="not divided evenly"):
-        symmetric_heatmap(DenseEvaluator(uneven), region, origin, scale, 1.5, symmetries)
+    evaluator = DenseEvaluator(uneven)
+    assert evaluator.step == 6 and evaluator.twin(1.5 * scale)[2] == [0, 1, 2, 3, 4, 5]
+    turned = symmetric_heatmap(evaluator, region, origin, scale, 1.5, symmetries)
+    assert np.all(np.diff(turned.xs) > 0) and np.allclose(np.diff(turned.xs), turned.xs[1] - turned.xs[0])
+    ref = reference_heatmap(uneven, region, origin, scale, 30, turned.xs[::7], turned.ys[::7], symmetries=symmetries)
+    np.testing.assert_allclose(ref.values, turned.values[::7, ::7], atol=1e-5, rtol=1e-4)
 
 
 def test_same_padding_is_refused():

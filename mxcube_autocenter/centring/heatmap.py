@@ -186,9 +186,10 @@ class DenseEvaluator:
 
     def twin(self, stride_model_px: float):
         """``(fcn, out_step, shifts)`` for a grid no coarser than ``stride_model_px`` (model pixels)."""
-        n = 1
-        while self.step / n > stride_model_px and n < self.step:
-            n *= 2
+        # The subdivision must divide the step: shifted inputs (or dilated outputs) then fall evenly between
+        # the outputs; a step of 6 split in 8 would repeat grid points.
+        n = next((d for d in range(1, self.step + 1) if self.step % d == 0 and self.step / d <= stride_model_px),
+                 self.step)  # fmt: skip
         if n not in self._twins:
             try:
                 self._twins[n] = fully_convolutional(self.model, n)
@@ -328,8 +329,7 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
     Raises
     ------
     HeatmapError
-        Unknown ``symmetries``, or a model whose input shifts are not evenly
-        spaced (its grid has no mirror image).
+        Unknown ``symmetries``.
     """
     from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np, inverse_element
 
@@ -340,10 +340,7 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
     size = evaluator.input_size
     h, w = _check_region(region, size)
     _, step, shifts = evaluator.twin(stride_px * scale)
-    if step % len(shifts):
-        raise HeatmapError(f"{evaluator.model.name}: its grid step of {step} px is not divided evenly by "
-                           f"{len(shifts)} input shifts, so the grid has no mirror image: use heatmap symmetries 'none'")
-    fine = step // len(shifts)
+    fine = step // len(shifts)  # the shifts divide the step (DenseEvaluator.twin)
 
     def symmetric_length(length):
         # The grid dense_heatmap keeps (its point count a multiple of the shifts)
