@@ -500,6 +500,8 @@ def train_dense(
         training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
                                 transform_name=transform, threshold=None)
     split = resolve_split(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS)
+    if initial_info is not None:
+        training.held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:

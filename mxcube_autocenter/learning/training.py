@@ -36,6 +36,7 @@ start of the program, before other TensorFlow work), a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -57,6 +58,8 @@ from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "mxcube_autocenter.model"
 MODEL_FORMAT_VERSION = 1
@@ -371,6 +374,8 @@ def _fit(
         initial, initial_info = load_model(initial_model)
         check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
     split = resolve_split(split, table.crystal_id, seed, fractions)
+    if initial_info is not None:
+        held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
@@ -588,6 +593,24 @@ def transfer_regressor(classifier, regressor, regressor_info, threshold):
 # The command-line options that set check_initial's keys, for its hints.
 _OPTIONS = {"arch": "--arch", "crop_um": "--crop-um", "input_size": "--input-size",
             "transform": "--transform", "threshold": "--threshold"}  # fmt: skip
+
+
+def held_out_seen(path, info, split) -> list:
+    """The crystals held out here (validation, test) that the initial model at ``path`` was trained on.
+
+    Warns when there are any: fine-tuned from that model, the validation
+    and test figures would read too high (they are no longer held out).
+    """
+    trained = set((info.get("split") or {}).get("train", ()))
+    seen = sorted(c for c in (*split.validation, *split.test) if c in trained)
+    if seen:
+        named = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
+        log.warning(
+            "%s was trained on %d of the %d crystals held out here (%s): the validation and test figures will read "
+            "too high; reuse that model's split (split=info['split']) or hold out crystals it never saw",
+            path, len(seen), len(split.validation) + len(split.test), named,
+        )  # fmt: skip
+    return seen
 
 
 def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
