@@ -218,7 +218,9 @@ class CollectionRecorder:
             except Exception:
                 # Logged once; the watchdog ends the recording if the camera stays silent.
                 if not failing:
-                    self.log.exception("AutoCenter: polling the sample view (snapshot, motor positions) failed; recording waits for it")
+                    self.log.exception(
+                        "AutoCenter: polling the sample view (snapshot, motor positions) failed; recording waits for it"
+                    )
                 failing = True
                 gevent.sleep(self._period)
                 continue

@@ -176,6 +176,13 @@ def to_colour(image, colour: str) -> np.ndarray:
 def resample(image, origin, scale, size) -> np.ndarray:
     """The window of ``image`` from ``origin`` (pixels), scaled by ``scale``, as an image of ``size`` (w, h).
 
+    Bilinear, also when shrinking: every model input (crops for training,
+    regions for dense training and for the centring's heatmaps) is sampled
+    this one way, so that a model sees at centring what it was trained on.
+    (``cv2.warpAffine`` has no area averaging: it takes ``INTER_AREA`` for
+    ``INTER_LINEAR``.) Pixels outside the image repeat its edge, so the
+    window may overhang the image without special cases.
+
     Parameters
     ----------
     image : (H, W) or (H, W, C) array
@@ -186,12 +193,9 @@ def resample(image, origin, scale, size) -> np.ndarray:
     size : (int, int)
         Output width and height, pixels.
 
-    Bilinear, also when shrinking: every model input (crops for training,
-    regions for dense training and for the centring's heatmaps) is sampled
-    this one way, so that a model sees at centring what it was trained on.
-    (``cv2.warpAffine`` has no area averaging: it takes ``INTER_AREA`` for
-    ``INTER_LINEAR``.) Pixels outside the image repeat its edge, so the
-    window may overhang the image without special cases.
+    Returns
+    -------
+    ndarray, shape (size[1], size[0]) or (size[1], size[0], C), the image's dtype
     """
     image = np.asarray(image)
     sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
