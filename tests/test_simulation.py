@@ -95,6 +95,22 @@ def test_rendering_is_deterministic_for_a_seed_and_shows_the_sample():
     assert first.mean() < empty.mean() - 1
 
 
+def test_a_view_renders_the_same_frame_whatever_came_before_it():
+    # Centring results on the virtual beamline must not depend on how many frames a
+    # loaded machine happened to render during the moves.
+    sample = sample_with_crystal()
+    m = motors(20, phiy=float(sample.loop_centre[0]))
+    renderer = Renderer(640, 512, seed=4)
+    first = renderer.render(sample, m, (650.0, 650.0), (320, 256))
+    for omega in (30, 40, 50):
+        renderer.render(sample, motors(omega), (650.0, 650.0), (320, 256))
+    np.testing.assert_array_equal(renderer.render(sample, m, (650.0, 650.0), (320, 256)), first)
+    # Views 1 um apart still see different sensor noise, as consecutive frames would.
+    moved = renderer.render(sample, {**m, "sampx": 0.001}, (650.0, 650.0), (320, 256))
+    background = np.s_[:40, :40]
+    assert np.any(moved[background] != first[background])
+
+
 def test_domain_randomisation_changes_the_look():
     rng = np.random.default_rng(0)
     looks = [random_look(rng) for _ in range(10)]

@@ -10,6 +10,7 @@ milliseconds on one core.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 
 import cv2
@@ -76,6 +77,19 @@ TINTS = {
     "yellowish": (0.97, 0.92, 0.75),
     "grey": (0.9, 0.9, 0.9),
 }
+
+
+def _noise_phase(motors, pixels_per_mm, beam_position) -> int:
+    """A shift of the noise pattern that follows the view, not the frame count.
+
+    The same view renders the same frame however many frames came before it, so a
+    centring on the virtual beamline gives the same result on a loaded machine as
+    on an idle one; positions are rounded to 0.1 um and 0.001 degree.
+    """
+    values = [round(float(motors[name]), 3 if name == "omega" else 4) for name in sorted(motors)]
+    values += [round(float(v), 3) for v in (*pixels_per_mm, *beam_position)]
+    # + 0.0 turns -0.0 into 0.0, whose bytes differ
+    return zlib.crc32((np.asarray(values, np.float64) + 0.0).tobytes())
 
 
 def random_look(rng, *, lighting=True, tint=True, blur=True, noise=True, jpeg=True) -> Look:
@@ -152,11 +166,10 @@ class Renderer:
         noise = rng.normal(0, look.noise, size=(height + 16, width + 16, 3)) if look.noise else None
         self._noise_up = None if noise is None else np.clip(noise, 0, 255).astype(np.uint8)
         self._noise_down = None if noise is None else np.clip(-noise, 0, 255).astype(np.uint8)
-        self._frame_count = 0
 
     def render_empty(self) -> np.ndarray:
         """The field with nothing mounted: backlight and sensor noise only."""
-        return self._finish(self._background.copy())
+        return self._finish(self._background.copy(), noise_phase=0)
 
     def render(self, sample: VirtualSample, motors, pixels_per_mm, beam_position) -> np.ndarray:
         """The camera image of ``sample`` at these motor positions.
@@ -216,14 +229,13 @@ class Renderer:
         transmission = cv2.merge([cv2.bitwise_not(dark)] * 3)
         frame = cv2.multiply(self._background, transmission, scale=1 / 255)
         frame = cv2.add(frame, cv2.merge([bright] * 3))
-        return self._finish(frame)
+        return self._finish(frame, _noise_phase(motors, pixels_per_mm, beam_position))
 
-    def _finish(self, frame) -> np.ndarray:
-        """Sensor noise and JPEG artefacts."""
+    def _finish(self, frame, noise_phase) -> np.ndarray:
+        """Sensor noise (the pattern shifted by ``noise_phase``) and JPEG artefacts."""
         look = self.look
         if self._noise_up is not None:
-            self._frame_count += 1
-            dy, dx = (self._frame_count * 7) % 16, (self._frame_count * 11) % 16
+            dy, dx = noise_phase % 16, (noise_phase // 16) % 16
             window = np.s_[dy : dy + self.height, dx : dx + self.width]
             frame = cv2.subtract(cv2.add(frame, self._noise_up[window]), self._noise_down[window])
         if look.jpeg_quality:
