@@ -408,9 +408,21 @@ class AutoCenter(HardwareObject):
             sample_view.current_centring_method = "Automatic"
             sample_view.emit("centringStarted", ("Automatic",))
             sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
-            sample_view.current_centring_procedure.link(sample_view.auto_centring_done)
+            sample_view.current_centring_procedure.link(self._auto_centring_done)
         finally:
             self._button_pressed = False
+
+    @staticmethod
+    def _auto_centring_done(procedure):
+        # A centring cancelled before its first instruction never reached
+        # _auto_centring's except: its value is the GreenletExit, which
+        # SampleView.auto_centring_done would accept as centred positions.
+        sample_view = HWR.beamline.sample_view
+        if isinstance(procedure.value, gevent.GreenletExit):
+            sample_view.centring_failed()
+            sample_view.reject_centring()
+        else:
+            sample_view.auto_centring_done(procedure)
 
     def _refuse_auto_centring(self, sample_view, reason):
         # Whoever waits for the outcome must hear of it (the queue's mount step

@@ -348,6 +348,21 @@ def test_abort_puts_the_sample_back(beamline, autocenter):
     assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
 
 
+def test_a_cancel_before_the_centring_ran_is_no_success(beamline, autocenter):
+    # A script that presses the button and cancels at once kills the centring greenlet
+    # before its first instruction; a killed greenlet's value is its GreenletExit, which
+    # SampleView.auto_centring_done would accept as centred positions.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    beamline.sample_view.cancel_centring()
+    gevent.sleep(0.5)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_centring_saves_overlays_and_a_record(beamline, autocenter, tmp_path):
     import json
 
