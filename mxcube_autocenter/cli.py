@@ -314,10 +314,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _samples_path(run) -> Path:
+    """A demo report's samples.json (``run``: the report directory or the file)."""
+    path = Path(run)
+    return path / "samples.json" if path.is_dir() else path
+
+
 def _demo_samples(run) -> list:
     """The per-sample rows of a demo report (its directory or its samples.json)."""
-    path = Path(run)
-    path = path / "samples.json" if path.is_dir() else path
+    path = _samples_path(run)
     try:
         rows = json.loads(path.read_text())
     except FileNotFoundError:
@@ -336,6 +341,10 @@ def cmd_compare(args) -> int:
 
     if len(args.runs) % 2:
         raise ValueError(f"{len(args.runs)} runs given: give pairs, RUN_A RUN_B [RUN_A RUN_B ...]")
+    pair_of = {}
+    for i, run in enumerate(args.runs):
+        if pair_of.setdefault(_samples_path(run).resolve(), i // 2) != i // 2:
+            raise ValueError(f"{run} is in more than one pair: its crystals would count twice; give each run once")
     rows = [_demo_samples(run) for run in args.runs]
     comparison = compare_runs(list(zip(rows[0::2], rows[1::2])), method=args.method)
     print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
@@ -398,7 +407,9 @@ def _beam_position(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected the beam position as X,Y in pixels, e.g. 640,512") from None
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected the beam position as X,Y in pixels, e.g. 640,512")
     return x, y
 
 
@@ -424,9 +435,11 @@ def cmd_heatmap(args) -> int:
                                             min_score=args.min_score, pin_side=args.pin_side)  # fmt: skip
     ppmm = (args.pixels_per_mm, args.pixels_per_mm)
     status = 0
+    overlay_names = set()
     for path in args.images:
         start = time.perf_counter()
-        entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None}
+        entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None,
+                 "crystal_probability": None}
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
             entry["error"] = f"cannot read {path} as an image (JPEG, PNG, ...)"
@@ -447,7 +460,13 @@ def cmd_heatmap(args) -> int:
                     try:
                         if len(args.images) > 1:
                             out.mkdir(parents=True, exist_ok=True)
-                            out = out / (Path(path).stem + "_heatmap.png")
+                            # Images of the same name from other folders (snapshot.png, ...) get one each.
+                            name, k = f"{Path(path).stem}_heatmap.png", 1
+                            while name in overlay_names:
+                                k += 1
+                                name = f"{Path(path).stem}_{k}_heatmap.png"
+                            overlay_names.add(name)
+                            out = out / name
                         write_png(out, report.overlay(angle, beam))
                     except OSError as err:
                         entry["error"] = str(err)
@@ -572,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the scorecard as JSON only (progress on stderr)")
     demo.add_argument("--n-train", type=NON_NEGATIVE_INT, help="training samples (default: 20; --quick: none)")
     demo.add_argument("--n-heldout", type=COUNT, help="held-out samples to centre (default: 20; --quick: 10)")
-    demo.add_argument("--n-empty", type=NON_NEGATIVE_INT, help="of which empty loops (default: 4; --quick: 2)")
+    demo.add_argument("--n-empty", type=NON_NEGATIVE_INT, help="of which empty loops (default: one in five, at most 4; --quick: 2)")
     demo.add_argument("--epochs", type=COUNT, help="most training epochs (default: 12)")
     demo.add_argument("--input-size", type=COUNT, help="with --from-scratch: model input side, pixels (default: 64)")
     demo.add_argument("--nproc", type=COUNT, help="spot-finding processes (default: up to 2)")

@@ -739,7 +739,18 @@ _OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
 
 
 def _clean(out: Path):
-    """Remove what an earlier demo left in ``out`` (only the demo's own files)."""
+    """Remove what an earlier demo left in ``out`` (only the demo's own files).
+
+    Raises
+    ------
+    DemoError
+        If ``out`` holds folders of those names but no ``demo.log``: not an
+        earlier demo's report, whose folders are someone else's.
+    """
+    found = [name for name in _OWN_DIRECTORIES if (out / name).exists()]
+    if found and not (out / "demo.log").exists():
+        raise DemoError(f"{out} holds {', '.join(found)} but no demo.log, so no earlier demo report: the demo would "
+                        "remove them; choose another --out")
     for name in _OWN_DIRECTORIES:
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("report.md", "scorecard.json", "demo.log", "samples.json"):
@@ -842,7 +853,12 @@ def run_demo(
     defaults = QUICK if quick else FULL
     n_train = defaults["n_train"] if n_train is None else n_train
     n_heldout = defaults["n_heldout"] if n_heldout is None else n_heldout
-    n_empty = defaults["n_empty"] if n_empty is None else n_empty
+    if n_empty is None:
+        # The default share of empty loops (1 in 5), not the count: a small run keeps its crystals.
+        n_empty = min(defaults["n_empty"], n_heldout * defaults["n_empty"] // defaults["n_heldout"])
+    elif n_empty > n_heldout:
+        raise DemoError(f"n_empty = {n_empty} empty loops (--n-empty) among n_heldout = {n_heldout} held-out samples "
+                        "(--n-heldout): give at most as many empty loops as samples")
     nproc = nproc or max(1, min(2, os.cpu_count() or 1))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -1,5 +1,7 @@
 """The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
 
+import json
+
 import pytest
 
 from mxcube_autocenter.cli import main
@@ -103,3 +105,22 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "label_recordings", interrupted)
     assert main(["label", str(tmp_path / "x_camera.h5"), "--out", str(tmp_path / "set.h5")]) == 130
     assert capsys.readouterr().err.strip() == "mxcube-autocenter label: interrupted"
+
+
+def test_compare_refuses_a_run_given_in_two_pairs(tmp_path, capsys):
+    # Its crystals would count twice: twice the crystals and a smaller standard error.
+    from mxcube_autocenter import scorecard
+
+    def report(name, rc_fraction):
+        outcome = scorecard.Outcome("ml", "s0", True, False, {"sampx": 0.0}, 4.0, hits=[True] * 4, dist_um=5.0,
+                                    rc_fraction=rc_fraction)
+        path = tmp_path / name
+        path.write_text(json.dumps([{"sample": "s0", "description": "d", "has_crystal": True,
+                                     "ml": outcome.to_dict()}]))
+        return str(path)
+
+    a, b = report("a.json", 0.5), report("b.json", 0.9)
+    assert main(["compare", a, b, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["compare", a, b, a, b]) == 2
+    assert "a.json is in more than one pair" in capsys.readouterr().err

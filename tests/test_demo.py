@@ -149,3 +149,13 @@ def test_bad_arguments_are_refused(tmp_path):
         run_demo(tmp_path, n_train=2)
     with pytest.raises(DemoError, match="unknown methods"):
         run_demo(tmp_path, methods=("ml", "guess"))
+    with pytest.raises(DemoError, match=r"n_empty = 5 empty loops \(--n-empty\) among n_heldout = 3"):
+        run_demo(tmp_path, quick=True, n_heldout=3, n_empty=5)
+
+
+def test_the_demo_removes_only_folders_of_an_earlier_demo_report(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "beamtime_master.h5").write_bytes(b"a user's data")
+    with pytest.raises(DemoError, match="holds data but no demo.log"):
+        run_demo(tmp_path, quick=True)
+    assert (tmp_path / "data" / "beamtime_master.h5").exists()

@@ -270,6 +270,25 @@ def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_proce
     assert added_memory_mb(lambda: touch(1)) < 20
 
 
+def test_added_memory_still_makes_the_call_where_the_peak_cannot_be_reset(monkeypatch):
+    # heatmap_figures relies on the call as its warm-up; macOS has no /proc, some sandboxes refuse it.
+    import builtins
+
+    from mxcube_autocenter.centring.benchmark import added_memory_mb
+
+    real_open = builtins.open
+
+    def no_clear_refs(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_clear_refs)
+    calls = []
+    assert added_memory_mb(lambda: calls.append(1)) is None
+    assert calls == [1]
+
+
 def test_heatmap_command_finds_the_crystal_and_no_crystal_in_a_black_or_empty_frame(tmp_path, capsys):
     import json
 
@@ -357,12 +376,24 @@ def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_writ
         main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--beam", "100"])
     assert exit_info.value.code == 2
     assert "'100': expected the beam position as X,Y in pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--beam", "nan,512"])
+    assert "'nan,512': expected the beam position" in capsys.readouterr().err
 
     out = tmp_path / "no_such_directory" / "overlay.png"
     status = main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--json", "--png", str(out)])
     (entry,) = map(json.loads, capsys.readouterr().out.splitlines())
     assert status == 1 and entry["crystal_found"]  # the image was analysed; only its overlay is missing
     assert f"cannot write {out}" in entry["error"]
+
+    # Snapshots of the same name from two days' folders each get their overlay.
+    images = []
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+        images.append(str(write_png(tmp_path / day / "snapshot.png", frame_of(1))))
+    assert main(["heatmap", *images, "--pixels-per-mm", str(PPMM[0]), "--png", str(tmp_path / "overlays")]) == 0
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["snapshot_2_heatmap.png",
+                                                                         "snapshot_heatmap.png"]
 
 
 def test_write_png_says_when_the_file_cannot_be_written(tmp_path):
