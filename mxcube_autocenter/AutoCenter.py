@@ -349,6 +349,7 @@ class AutoCenter(HardwareObject):
             if self._heatmap_shape_id is not None:
                 sample_view.delete_shape(self._heatmap_shape_id)
                 self._heatmap_shape_id = None
+                sample_view.emit("shapesChanged")  # the web UI drops it now, even when no new grid follows
             now = sample_view.get_positions()
             views = result.angles + ([result.verification] if result.verification else [])
             angle = min(views, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)
@@ -429,6 +430,12 @@ class AutoCenter(HardwareObject):
         # waits for centringAccepted); SampleView's own state belongs to the
         # centring that is running and is left alone.
         self.user_log.error(f"Optical ML centring not started: {reason}")
+        if self._button_pressed or sample_view.current_centring_procedure:
+            # A centring started through SampleView (a press still getting the diffractometer ready, or a
+            # running automatic or manual centring) ends with its own centringAccepted, which every waiter
+            # hears, the refused caller included; a verdict now would end the wait of that centring's own
+            # caller (the queue's mount step) while the sample is still being moved.
+            return
         status = {**sample_view.get_centring_status(), "valid": False, "accepted": False}
         sample_view.emit("centringFailed", ("Automatic", status))
         sample_view.emit("centringAccepted", (False, status))

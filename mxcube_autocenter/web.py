@@ -95,6 +95,11 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         raise WebSetupError(f"{ui_build} holds no index.html: give the ui/build folder of a built mxcubeweb UI")
     state_dir = Path(state_dir).resolve()
     target = state_dir / WEB_CONFIG
+    if target == source.resolve():
+        # The copy below replaces target: here that would delete the configuration it copies.
+        raise WebSetupError(
+            f"--state-dir {state_dir} holds the configuration itself ({source}): choose another --state-dir"
+        )
     yaml = ruamel.yaml.YAML()
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))

@@ -79,6 +79,19 @@ def test_web_names_an_unwritable_state_directory_and_a_missing_ui_build(tmp_path
     assert "holds no index.html" in capsys.readouterr().err
 
 
+def test_web_refuses_a_state_directory_that_is_the_configuration_directory(tmp_path, capsys):
+    # The state directory gets a fresh copy of mxcube-web/: here that would delete the one it copies.
+    import shutil
+
+    from mxcube_autocenter.beamline import virtual_beamline_dir
+
+    shutil.copytree(virtual_beamline_dir(), tmp_path / "config")
+    before = sorted(p.name for p in (tmp_path / "config" / "mxcube-web").rglob("*"))
+    assert main(["web", "--config", str(tmp_path / "config"), "--state-dir", str(tmp_path / "config")]) == 2
+    assert "holds the configuration itself" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "config" / "mxcube-web").rglob("*")) == before
+
+
 def test_a_corrupt_row_found_while_training_is_an_error_that_names_the_set_and_the_row(tmp_path, capsys):
     import h5py
     import numpy as np
