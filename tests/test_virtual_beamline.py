@@ -107,6 +107,40 @@ def test_a_move_to_a_limit_never_reports_a_position_beyond_it(beamline):
         phiz.set_value(start, timeout=10)
 
 
+def test_a_move_smaller_than_the_tolerance_reports_no_jump(beamline):
+    # Below the 1e-4 mm tolerance update_value skips the last report; MotorMockup then covered the
+    # "rest" at full speed in one step, and the camera filmed phiz 40 um away for 20 ms.
+    phiz = beamline.diffractometer.phiz
+    start = phiz.get_value()
+    seen = SignalLog(phiz, "valueChanged")
+    phiz.set_value(start + 5e-5, timeout=5)
+    assert phiz.get_value() == start + 5e-5
+    assert all(start <= args[0] <= start + 5e-5 for _, args in seen.calls)
+
+
+def test_a_new_move_replaces_the_one_under_way_and_abort_stops_it(beamline):
+    # As on an MD3: a motor that reported ready at its new target stays there.
+    phiy = beamline.diffractometer.phiy  # 5 mm/s
+    start = phiy.get_value()
+    try:
+        phiy.set_value(start + 1.0, timeout=0)
+        gevent.sleep(0.05)
+        phiy.set_value(start + 0.3, timeout=0)
+        phiy.wait_ready(5)
+        gevent.sleep(0.3)
+        assert phiy.get_value() == pytest.approx(start + 0.3, abs=1e-6)
+        # abort() stops a move whoever started it, also one its caller waits for.
+        mover = gevent.spawn(phiy.set_value, start + 1.0, timeout=10)
+        gevent.sleep(0.05)
+        phiy.abort()
+        stopped = phiy.get_value()
+        gevent.sleep(0.3)
+        assert start + 0.3 < stopped < start + 1.0 and phiy.get_value() == stopped
+        mover.kill()
+    finally:
+        phiy.set_value(start, timeout=10)
+
+
 def test_sample_changer_mounts_reproducible_samples(beamline):
     changer = beamline.sample_changer
     changer.load((2, 3))

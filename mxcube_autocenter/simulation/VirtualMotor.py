@@ -22,11 +22,7 @@ class VirtualMotor(MotorMockup):
     def __init__(self, name):
         super().__init__(name)
         self._fault = None
-        # MotorMockup.__init__ skips ActuatorMockup.__init__, which creates the
-        # move task that abort() reads: without it, aborting a motor that has
-        # not yet moved without waiting raises AttributeError (as a failed
-        # centring straight after boot did).
-        self._ActuatorMockup__move_task = None
+        self._move_task = None
 
     def init(self):
         super().init()
@@ -49,6 +45,57 @@ class VirtualMotor(MotorMockup):
         if kind is not None and kind not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS} or None, not {kind!r}")
         self._fault = None if kind is None else (kind, after_s)
+
+    def set_value(self, value, timeout=0):
+        """Move to ``value``; as on an MD3, a new move replaces the one under way.
+
+        ActuatorMockup moves in the caller's greenlet when it waits, and keeps
+        an earlier move running beside a new one: the motor reported ready at
+        the new target, then the old move carried it on, and ``abort`` could
+        not stop either. Here every move is the motor's own task, waited for
+        unless ``timeout`` is 0, and ``abort`` stops it whoever started it.
+
+        Parameters
+        ----------
+        value : float
+            Target position.
+        timeout : float or None
+            Seconds to wait for the end of the move (None: no limit; 0: do not
+            wait). A move that times out goes on, as a real motor's would.
+
+        Raises
+        ------
+        ValueError
+            Outside the limits, or the motor is read-only.
+        RuntimeError
+            Time-out, or an injected fault.
+        """
+        if self.read_only:
+            raise ValueError("Attempt to set value for read-only Actuator")
+        if not self.validate_value(value):
+            raise ValueError(f"Invalid value {value}; limits are {self.get_limits()}")
+        if self._move_task is not None:
+            self._move_task.kill()
+        self.update_state(self.STATES.BUSY)
+        task = self._move_task = gevent.spawn(self._move, value)
+        task.link(self._move_ended)
+        if timeout == 0:
+            return
+        with gevent.Timeout(timeout, RuntimeError(f"Motor {self.username} timed out")):
+            task.join()
+        if task.exception is not None:
+            raise task.exception
+
+    def abort(self):
+        """Stop the move where the motor is."""
+        if self._move_task is not None:
+            self._move_task.kill()
+        self.update_state(self.STATES.READY)
+
+    def _move_ended(self, task):
+        # A failed move raised to whoever waits for it (or logged by gevent); a killed one was replaced or aborted.
+        if task.successful() and not isinstance(task.value, gevent.GreenletExit):
+            self._set_value(task.value)
 
     def _move(self, value):
         if self._fault is None:
@@ -80,4 +127,9 @@ class VirtualMotor(MotorMockup):
         while (elapsed := time.monotonic() - began) < stop:
             self.update_value(start + (target - start) * elapsed / duration)
             gevent.sleep(_STEP_S)
-        self.update_value(target if stop >= duration else start + (target - start) * stop / duration)
+        end = target if stop >= duration else start + (target - start) * stop / duration
+        # Exactly there, even within the tolerance of the last report (update_value would skip it, and
+        # MotorMockup._move would then cover the rest at full speed in one 20 ms step, far past it).
+        if end != self._nominal_value:
+            self._nominal_value = end
+            self.emit("valueChanged", (end,))
