@@ -238,7 +238,7 @@ def test_no_candidate_point_lies_where_the_crop_overhangs_the_frame():
     tip = find_loop(frame)
     predictor = load_predictor()
     angle = analyse_frame(predictor, frame, tip, PPMM, CentringSettings.from_config(AutoCenterConfig()))
-    margin = EDGE_MARGIN_CROPS * predictor.crop_px(PPMM)
+    margin = EDGE_MARGIN_CROPS * predictor.crop_px(PPMM)[0]
     assert angle.roi.x0 == 0  # the searched region reaches the frame's left edge, the stem runs off it
     assert not angle.mask[:, angle.heatmap.xs < margin].any()
     assert angle.mask[:, angle.heatmap.xs >= margin].any()
@@ -256,6 +256,24 @@ def test_a_sample_wholly_near_the_frame_edge_keeps_its_sample_mask():
     angle = analyse_frame(load_predictor(), frame, (200.0, 75.0), PPMM, CentringSettings.from_config(AutoCenterConfig()))
     assert angle.mask.any() and not angle.mask.all()
     assert angle.mask[np.argmin(np.abs(angle.heatmap.ys - angle.point[1])), np.argmin(np.abs(angle.heatmap.xs - angle.point[0]))]
+
+
+def test_non_square_pixels_give_the_heatmap_of_square_ones():
+    # A camera whose pixels are 10 % shorter than wide (analogue PAL cameras, uneven binning): the model's
+    # crop must stay 240 um square on the sample, as in training, not 240 um wide and 267 um tall.
+    import cv2
+
+    from mxcube_autocenter.centring.loop import Roi
+    from mxcube_autocenter.centring.peak import find_peak
+    from mxcube_autocenter.centring.predictor import load_predictor
+
+    predictor = load_predictor()
+    frame = frame_of()
+    square = find_peak(predictor.predict(frame, Roi(400, 300, 900, 700), PPMM, 8.0))
+    fy = 0.9
+    squashed = cv2.resize(frame, (frame.shape[1], round(frame.shape[0] * fy)), interpolation=cv2.INTER_AREA)
+    short = find_peak(predictor.predict(squashed, Roi(400, 270, 900, 630), (PPMM[0], PPMM[1] * fy), 8.0))
+    assert abs(short.x - square.x) / PPMM[0] * 1000 < 10 and abs(short.y / fy - square.y) / PPMM[1] * 1000 < 10
 
 
 def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_process():

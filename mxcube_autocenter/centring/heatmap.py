@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mxcube_autocenter.learning.crops import resample
+from mxcube_autocenter.learning.crops import per_axis, resample
 
 
 class HeatmapError(ValueError):
@@ -210,8 +210,9 @@ def prepare_region(frame, roi, crop_px, input_size, normalise):
     frame : (H, W, 3) uint8 ndarray
     roi : Roi
         Crop centres are searched inside it.
-    crop_px : float
-        Crop side on the frame, pixels.
+    crop_px : float or (float, float)
+        Crop width and height on the frame, pixels (they differ where the
+        pixels are not square: the crop is square on the sample).
     input_size : int
         Model input side, pixels.
     normalise : callable
@@ -224,15 +225,15 @@ def prepare_region(frame, roi, crop_px, input_size, normalise):
         The normalised region at model scale.
     origin : (float, float)
         Frame position of the region's pixel (0, 0), pixels.
-    scale : float
-        Model pixels per frame pixel.
+    scale : float or (float, float)
+        Model pixels per frame pixel (x, y), a float when ``crop_px`` is one.
     """
-    half = crop_px / 2
-    x0, y0 = roi.x0 - half, roi.y0 - half
-    width, height = roi.width + crop_px, roi.height + crop_px
-    scale = input_size / crop_px
-    out_w, out_h = int(round(width * scale)), int(round(height * scale))
-    return normalise(resample(frame, (x0, y0), scale, (out_w, out_h))), (x0, y0), scale
+    crop_w, crop_h = per_axis(crop_px)
+    x0, y0 = roi.x0 - crop_w / 2, roi.y0 - crop_h / 2
+    sx, sy = input_size / crop_w, input_size / crop_h
+    out_w, out_h = int(round((roi.width + crop_w) * sx)), int(round((roi.height + crop_h) * sy))
+    scale = sx if np.ndim(crop_px) == 0 else (sx, sy)
+    return normalise(resample(frame, (x0, y0), (sx, sy), (out_w, out_h))), (x0, y0), scale
 
 
 def within_frame(heatmap: Heatmap, frame_shape, margin_px: float) -> np.ndarray:
@@ -248,16 +249,18 @@ def within_frame(heatmap: Heatmap, frame_shape, margin_px: float) -> np.ndarray:
     heatmap : Heatmap
     frame_shape : tuple
         ``(height, width, ...)`` of the frame, pixels.
-    margin_px : float
-        Smallest distance from the frame's edges, pixels.
+    margin_px : float or (float, float)
+        Smallest distance from the frame's edges, pixels (from the left and
+        right edges, from the top and bottom ones).
 
     Returns
     -------
     (len(heatmap.ys), len(heatmap.xs)) bool ndarray
     """
     h, w = frame_shape[:2]
-    cols = (heatmap.xs >= margin_px) & (heatmap.xs <= w - margin_px)
-    rows = (heatmap.ys >= margin_px) & (heatmap.ys <= h - margin_px)
+    mx, my = per_axis(margin_px)
+    cols = (heatmap.xs >= mx) & (heatmap.xs <= w - mx)
+    rows = (heatmap.ys >= my) & (heatmap.ys <= h - my)
     return rows[:, None] & cols[None, :]
 
 
@@ -276,7 +279,8 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
     Heatmap
     """
     size = evaluator.input_size
-    fcn, step, shifts = evaluator.twin(stride_px * scale)
+    sx, sy = per_axis(scale)
+    fcn, step, shifts = evaluator.twin(stride_px * min(sx, sy))
     h, w = _check_region(region, size)
     outputs = {(dy, dx): np.asarray(fcn(region[None, dy:, dx:], training=False))[0, ..., 0] for dy in shifts for dx in shifts}
     # Keep the outputs whose whole crop lies in the region (pooling that floors
@@ -291,8 +295,8 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
     starts_y = (np.arange(n_rows)[:, None] * step + np.array(shifts)[None, :]).ravel()
     starts_x = (np.arange(n_cols)[:, None] * step + np.array(shifts)[None, :]).ravel()
     # Output (row, col) is the crop starting there; its centre is half a crop further.
-    ys = origin[1] + (starts_y + size / 2) / scale
-    xs = origin[0] + (starts_x + size / 2) / scale
+    ys = origin[1] + (starts_y + size / 2) / sy
+    xs = origin[0] + (starts_x + size / 2) / sx
     return Heatmap(values=values, xs=xs, ys=ys)
 
 
@@ -339,7 +343,7 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
         return dense_heatmap(evaluator, region, origin, scale, stride_px)
     size = evaluator.input_size
     h, w = _check_region(region, size)
-    _, step, shifts = evaluator.twin(stride_px * scale)
+    _, step, shifts = evaluator.twin(stride_px * min(per_axis(scale)))
     fine = step // len(shifts)  # the shifts divide the step (DenseEvaluator.twin)
 
     def symmetric_length(length):
@@ -370,8 +374,9 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
     from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np
 
     elements = GROUP_ELEMENTS[symmetries]
-    starts_x = np.rint((np.asarray(xs) - origin[0]) * scale - input_size / 2).astype(int)
-    starts_y = np.rint((np.asarray(ys) - origin[1]) * scale - input_size / 2).astype(int)
+    sx, sy = per_axis(scale)
+    starts_x = np.rint((np.asarray(xs) - origin[0]) * sx - input_size / 2).astype(int)
+    starts_y = np.rint((np.asarray(ys) - origin[1]) * sy - input_size / 2).astype(int)
     crops = []
     values = np.empty((len(starts_y), len(starts_x)), dtype=np.float32)
     index = []

@@ -89,9 +89,9 @@ class Predictor:
 
         return normalise
 
-    def crop_px(self, pixels_per_mm) -> float:
-        """Side on the frame of the regressor's crop, pixels."""
-        return self._crops.crop_side_px(self.spec.crop_um, pixels_per_mm)[0]
+    def crop_px(self, pixels_per_mm) -> tuple[float, float]:
+        """Width and height on the frame of the regressor's crop, pixels (square on the sample)."""
+        return self._crops.crop_side_px(self.spec.crop_um, pixels_per_mm)
 
     def predict(self, frame, roi, pixels_per_mm, stride_px, symmetries="none") -> Heatmap:
         """Predicted reflection counts (inverse-transformed) on a grid over ``roi``.
@@ -99,8 +99,7 @@ class Predictor:
         ``symmetries`` averages the model over turned copies of the region
         (:func:`.heatmap.symmetric_heatmap`).
         """
-        crop_px = self.crop_px(pixels_per_mm)
-        prepared = prepare_region(frame, roi, crop_px, self.spec.input_size, self.normaliser(self.spec))
+        prepared = prepare_region(frame, roi, self.crop_px(pixels_per_mm), self.spec.input_size, self.normaliser(self.spec))
         raw = symmetric_heatmap(self.evaluator, *prepared, stride_px, symmetries)
         return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
 

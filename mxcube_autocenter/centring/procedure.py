@@ -496,7 +496,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)
     inside = inside[np.ix_(rows, cols)]
-    mask = inside & within_frame(counts, frame.shape, EDGE_MARGIN_CROPS * predictor.crop_px(pixels_per_mm))
+    mask = inside & within_frame(counts, frame.shape, EDGE_MARGIN_CROPS * np.asarray(predictor.crop_px(pixels_per_mm)))
     # A loop wholly in the edge band (a tip at the frame's edge, a high zoom) keeps its sample mask.
     mask = mask if mask.any() else inside
     peak = find_peak(counts, mask=mask if mask.any() else None)

@@ -107,6 +107,12 @@ class CropSpec:
         )
 
 
+def per_axis(value) -> tuple[float, float]:
+    """``(x, y)`` of a number or a pair: a scale or size that may differ between the axes (non-square pixels)."""
+    vx, vy = np.broadcast_to(np.asarray(value, dtype=np.float64), (2,))
+    return float(vx), float(vy)
+
+
 def crop_side_px(crop_um: float, pixels_per_mm) -> tuple[float, float]:
     """Width and height in image pixels of a crop of ``crop_um`` micrometres.
 
@@ -116,10 +122,10 @@ def crop_side_px(crop_um: float, pixels_per_mm) -> tuple[float, float]:
     pixels_per_mm : float or (float, float)
         Horizontal and vertical image scale.
     """
-    ppmm = np.broadcast_to(np.asarray(pixels_per_mm, dtype=np.float64), (2,))
-    if np.any(ppmm <= 0):
+    ppx, ppy = per_axis(pixels_per_mm)
+    if ppx <= 0 or ppy <= 0:
         raise ValueError(f"pixels_per_mm must be positive, not {pixels_per_mm!r}")
-    return float(crop_um * 1e-3 * ppmm[0]), float(crop_um * 1e-3 * ppmm[1])
+    return crop_um * 1e-3 * ppx, crop_um * 1e-3 * ppy
 
 
 def centred_window(centre_xy, size_px) -> tuple[int, int, int, int]:
@@ -198,7 +204,7 @@ def resample(image, origin, scale, size) -> np.ndarray:
     ndarray, shape (size[1], size[0]) or (size[1], size[0], C), the image's dtype
     """
     image = np.asarray(image)
-    sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+    sx, sy = per_axis(scale)
     x0, y0 = origin
     matrix = np.array([[sx, 0, -x0 * sx], [0, sy, -y0 * sy]], dtype=np.float64)
     out = cv2.warpAffine(np.ascontiguousarray(image), matrix, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR,
