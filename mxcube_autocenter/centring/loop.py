@@ -166,7 +166,7 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     """
     import cv2
 
-    pixels_per_um = pixels_per_mm[0] / 1000.0
+    pixels_per_um = pixels_per_mm[1] / 1000.0  # the pin's thickness on screen is vertical
     full = np.ones((roi.height, roi.width), bool)
     found = _tip_component(frame, roi, tip, darkness, close_px, scale)
     if found is None:
