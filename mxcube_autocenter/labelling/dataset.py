@@ -597,8 +597,10 @@ REQUIRED = ("image", *NUMERIC, *TEXT)
 
 def _text(values) -> np.ndarray:
     values = np.asarray(values)
-    if values.dtype.kind in "fiub":  # the synthetic sets store the zoom as a number; labelling as text
-        return np.array([f"{v:g}" for v in values], dtype=object)
+    if values.dtype.kind in "iub":  # integer ids (a LIMS sample id) in full, never rounded to 6 digits
+        return np.array([str(int(v)) for v in values], dtype=object)
+    if values.dtype.kind == "f":  # the synthetic sets store the zoom as a number; labelling as text
+        return np.array([str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values], dtype=object)
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
@@ -795,6 +797,12 @@ def read_table(path) -> Table:
         )
     if np.any(~np.isfinite(table.rc)) or np.any(table.rc < 0):
         raise DatasetError(f"{path}: reflection counts must be finite and >= 0")
+    bad = np.flatnonzero(~np.all(np.isfinite(table.pixels_per_mm) & (table.pixels_per_mm > 0), axis=1)
+                         | ~np.all(np.isfinite(table.beam_xy), axis=1))
+    if bad.size:
+        raise DatasetError(f"{path}: {bad.size} rows (first: {bad[0]}) have a pixels_per_mm that is not positive "
+                           f"and finite ({table.pixels_per_mm[bad[0]].tolist()}) or a non-finite beam_xy "
+                           f"({table.beam_xy[bad[0]].tolist()}): write the camera scale and beam position of every row")
     return table
 
 

@@ -21,6 +21,7 @@ different transforms can be compared across columns.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +52,8 @@ from mxcube_autocenter.scorecard import format_cell  # noqa: E402
 
 
 def _rows_for(info, table, subset, model_path):
+    if len(table) == 0:
+        raise ValueError(f"{table.path}: the dataset has no rows: label recordings into it first")
     if subset == "all":
         return np.arange(len(table))
     if subset not in SUBSETS:
@@ -211,6 +214,12 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     except OSError as err:
         raise OSError(f"cannot create the report directory {out_dir} ({err}): choose another --out") from err
     print(f"evaluating {model_path} on {len(rows)} {subset} rows of {dataset_path}")
+    trained_on = (info.get("split") or {}).get("train", ())
+    seen = int(np.isin(table.crystal_id[rows].astype(str), np.asarray(trained_on, dtype=str)).sum()) if trained_on else 0
+    if seen and subset != "train":
+        logging.getLogger(__name__).warning(
+            "%s: %d of the %d %s rows are of crystals %s was trained on: their figures read too high; evaluate the "
+            "test subset (subset='test') or a set of other crystals", dataset_path, seen, len(rows), subset, model_path)
     raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
     rc = table.rc[rows]
     arch = info["architecture"]["name"]
@@ -227,10 +236,15 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         pred = transform.inverse(raw)
         # The MSE against the targets the model learnt (see training.LABELS), the correlations against the
         # recorded counts (and the expected ones where the dataset has them).
-        learnt = label_counts(table, info.get("label", DEFAULT_LABEL), dataset_path)[rows]
+        label = info.get("label", DEFAULT_LABEL)
+        if label != "rc" and label not in table.extra:
+            # A model that learnt the simulator's expected counts (the shipped one) on a beamline's own set: the
+            # recorded counts are all it has.
+            label = "rc"
+        learnt = label_counts(table, label, dataset_path)[rows]
         metrics = regression_metrics(rc, pred, transform.forward(learnt), raw)
         metrics.update(expected_count_metrics(table, rows, pred))
-        metrics.update(subset=subset, transform=transform.name)
+        metrics.update(subset=subset, transform=transform.name, mse_against=label)
         lines += ["| metric | value |", "|---|---|",
                   f"| MSE ({transform.name} targets) | {format_cell(metrics['mse'], '{:.4f}')} |",
                   f"| MSE (counts) | {format_cell(metrics['mse_counts'], '{:.1f}')} |",
@@ -288,6 +302,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" for j in wrong]
         figures["misclassified"] = _gallery(os.path.join(out_dir, "gallery_misclassified.png"), table, rows[wrong], spec,
                                             captions, "misclassified (real count / crystal probability)")
+    metrics["rows_of_training_crystals"] = seen
     lines += collection_lines
     metrics["collections"] = collection_records
     for name, fig in figures.items():

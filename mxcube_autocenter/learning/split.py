@@ -10,9 +10,12 @@ found again.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SUBSETS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -142,4 +145,9 @@ def resolve_split(split, crystal_ids, seed: int = 0, fractions=DEFAULT_FRACTIONS
         split = split_by_crystal(crystal_ids, seed=seed, fractions=fractions)
     elif not isinstance(split, Split):
         split = Split.from_config(split)
+    unknown = sorted({str(c) for c in crystal_ids} - {*split.train, *split.validation, *split.test})
+    if unknown:
+        log.warning("%d crystals of the data are in none of the given split's subsets and are left out (%s): "
+                    "make a new split (split=None) to use them", len(unknown),
+                    ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
     return split.with_rows(crystal_ids)

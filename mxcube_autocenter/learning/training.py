@@ -267,7 +267,7 @@ def regression_metrics(rc_true, rc_pred, y_true=None, y_pred=None) -> dict:
     rc_pred = np.asarray(rc_pred, dtype=np.float64)
     out = {"n": int(len(rc_true)), "mse_counts": float(np.mean((rc_true - rc_pred) ** 2)) if len(rc_true) else None}
     if y_true is not None:
-        out["mse"] = float(np.mean((np.asarray(y_true) - np.asarray(y_pred)) ** 2))
+        out["mse"] = float(np.mean((np.asarray(y_true) - np.asarray(y_pred)) ** 2)) if len(rc_true) else None
     varied = len(rc_true) > 2 and np.ptp(rc_true) > 0 and np.ptp(rc_pred) > 0
     out["spearman"] = float(scipy_stats.spearmanr(rc_true, rc_pred).statistic) if varied else None
     out["pearson"] = float(scipy_stats.pearsonr(rc_true, rc_pred).statistic) if varied else None
@@ -373,7 +373,11 @@ def _fit(
     if initial_model is not None:
         initial, initial_info = load_model(initial_model)
         check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
-    split = resolve_split(split, table.crystal_id, seed, fractions)
+    try:
+        split = resolve_split(split, table.crystal_id, seed, fractions)
+    except ValueError as err:
+        raise ValueError(f"{dataset_path}: {err}: label recordings of more crystals, or pass split= (a Split naming "
+                         "the crystals of each subset)") from err
     if initial_info is not None:
         held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)
@@ -382,6 +386,12 @@ def _fit(
             raise ValueError(f"{dataset_path}: the {name} subset has no rows")
 
     counts = label_counts(table, label, dataset_path)
+    learnt = (counts[idx["train"]] >= threshold).astype(np.int8) if task == "classifier" else counts[idx["train"]]
+    if np.ptp(learnt) == 0:
+        raise ValueError(
+            f"{dataset_path}: every one of the {len(learnt)} training rows has the same "
+            f"{'class' if task == 'classifier' else 'count'} ({float(learnt[0]):g}): a model would learn a constant; "
+            "label recordings of crystals that diffract (and of empty crops)")
     transform = None
     if task == "regression":
         # Fine-tuning keeps the initial model's fitted transform: the output scale its weights learnt.
@@ -393,6 +403,8 @@ def _fit(
         loss, metrics, monitor = "binary_crossentropy", ["accuracy"], "val_loss"
 
     strategy = strategy or default_strategy()
+    train_batch, val_batch = (replica_batch(batch_size, len(idx[name]), strategy, name, dataset_path)
+                              for name in ("train", "validation"))
     with strategy.scope():
         model = architectures.build(arch, spec.input_shape)
         if initial is not None and initial_info.get("task") != task:
@@ -401,10 +413,11 @@ def _fit(
             model.set_weights(initial.get_weights())
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
 
-    common = dict(spec=spec, batch_size=batch_size, cache=cache)
+    common = dict(spec=spec, cache=cache)
     train_ds = make_dataset(table, idx["train"], targets[idx["train"]], shuffle=True, seed=seed,
-                            augment=augment, jitter=jitter, **common)
-    val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, **common)
+                            augment=augment, jitter=jitter, batch_size=train_batch, **common)
+    val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, batch_size=val_batch,
+                          **common)
 
     os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
@@ -451,6 +464,27 @@ def _fit(
     final, model_path = save_model(model, info, work, out, strategy)
     return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                        best_epoch=best_epoch, out_dir=out, model=final)
+
+
+def replica_batch(batch_size, n_rows, strategy, subset, dataset_path) -> int:
+    """The batch size of a subset's pipeline under ``strategy``: every replica's share of its first batch equal.
+
+    Keras (3.x, tf.distribute) builds the model on the replicas' first batch averaged across them, which fails
+    (an AddN error) when its shards differ in size: the batch must split evenly, and so must a subset smaller
+    than one batch (its batch is then the largest multiple of the replicas it holds).
+    """
+    replicas = int(strategy.num_replicas_in_sync)
+    if replicas == 1:
+        return int(batch_size)
+    if batch_size % replicas:
+        raise ValueError(f"batch_size {batch_size} does not split over the {replicas} replicas of "
+                         f"{type(strategy).__name__}: use batch_size={-(-batch_size // replicas) * replicas}")
+    if n_rows >= batch_size:
+        return int(batch_size)
+    if n_rows < replicas:
+        raise ValueError(f"{dataset_path}: the {subset} subset has {n_rows} rows, fewer than the {replicas} replicas "
+                         f"of {type(strategy).__name__}: label more crystals or train on fewer devices")
+    return int(n_rows - n_rows % replicas)
 
 
 def learning_rate_for(learning_rate, initial_model) -> float:
