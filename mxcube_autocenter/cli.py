@@ -508,7 +508,7 @@ def cmd_simulate(args) -> int:
     _patch_gevent()
     import numpy as np
 
-    from mxcube_autocenter.beamline import hardware_repository
+    from mxcube_autocenter.beamline import auto_centring, hardware_repository
     from mxcube_autocenter.imagefiles import write_png
     from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
     from mxcube_autocenter.simulation.gallery import sample_gallery
@@ -540,6 +540,9 @@ def cmd_simulate(args) -> int:
                 {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}, timeout=30
             )
             progress = _ImageProgress(beamline.collect, args.images, f"{kind} collection")
+            recorder = auto_centring(beamline).recorder  # None where the configuration records nothing
+            if recorder is not None:
+                recorder.last_summary = None
             try:
                 run_collection(
                     beamline, out / "data", f"sample{args.seed}", experiment_type=kind, run_number=run,
@@ -552,6 +555,14 @@ def cmd_simulate(args) -> int:
                 f"{kind}: {len(counts)} frames, reflection counts {min(counts)}-{max(counts)} "
                 f"(mean {np.mean(counts):.1f}), master file {beamline.collect.last_collection['master_file']}"
             )
+            # The recording's file closes in the background: the beamline must not be torn down before.
+            if recorder is None:
+                continue
+            summary = recorder.wait_closed()
+            if summary is None or summary.status != "complete":
+                print(f"error: the {kind} collection's camera recording did not close: {summary}", file=sys.stderr)
+                return 1
+            print(f"{kind}: camera recording of {summary.frames_kept} frames: {summary.path}")
     return 0
 
 

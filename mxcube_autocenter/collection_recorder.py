@@ -253,6 +253,25 @@ class CollectionRecorder:
         writer = self._detach()
         return None if writer is None else self._close(writer, status)
 
+    def wait_closed(self, timeout: float = 60.0):
+        """The summary of the last recording once it is over and its file closed.
+
+        For scripts that run a collection and then use (or tear down with) its
+        recording: an end signal closes the file in the background. Set
+        :attr:`last_summary` to None before the collection.
+
+        Returns
+        -------
+        RecordingSummary or None
+            None if no recording ended and closed within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.recording and self.last_summary is not None:
+                return self.last_summary
+            gevent.sleep(0.05)
+        return None
+
     def stop_later(self, status: str, only=None, dc_params=None):
         """End the current recording now and close its file in the background.
 

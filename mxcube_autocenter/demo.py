@@ -140,18 +140,6 @@ def _move(bl, positions: dict, timeout: float = 30.0):
     bl.diffractometer.set_value_motors({k: float(v) for k, v in positions.items()}, timeout=timeout)
 
 
-def _wait_recording(ho, timeout: float = 60.0):
-    """The summary of the recording the last collection made (None if there was none)."""
-    import gevent
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not ho.recorder.recording and ho.recorder.last_summary is not None:
-            return ho.recorder.last_summary
-        gevent.sleep(0.05)
-    return None
-
-
 def _sample_text(sample) -> str:
     crystals = ", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in sample.crystals) or "empty"
     return f"{sample.loop_kind} loop {sample.loop_size_um:.0f} um, {crystals}"
@@ -191,7 +179,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
             run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,
                            exposure_time=exposure_time, osc_start=osc_start, crystal_id=mounted.crystal_id,
                            **extra)  # fmt: skip
-            summary = _wait_recording(ho)
+            summary = ho.recorder.wait_closed()
             if summary is not None and summary.status == "complete":
                 recordings.append(Path(summary.path))
             else:

@@ -137,3 +137,16 @@ def test_compare_refuses_a_run_given_in_two_pairs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", a, b, a, b]) == 2
     assert "a.json is in more than one pair" in capsys.readouterr().err
+
+
+def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys):
+    # The recordings close in the background; tearing the beamline down first left the second one open
+    # (and the process crashed at exit while its file was being written).
+    from mxcube_autocenter.recording import read_recording
+
+    assert main(["simulate", "--seed", "16", "--out", str(tmp_path), "--images", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "Helical: camera recording of" in out and "OSC: camera recording of" in out
+    recordings = sorted((tmp_path / "data").rglob("*_camera.h5"))
+    assert [p.name for p in recordings] == ["sample16_1_camera.h5", "sample16_2_camera.h5"]
+    assert all(read_recording(p).status == "complete" for p in recordings)
