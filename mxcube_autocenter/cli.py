@@ -566,6 +566,15 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _model_or_shipped(text: str) -> str:
+    """A model file, or ``shipped`` for the shipped regressor (wherever the package is installed)."""
+    if text != "shipped":
+        return text
+    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+
+    return str(DEFAULT_REGRESSOR)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mxcube_autocenter.learning.crops import DEFAULT_CROP_UM, DEFAULT_INPUT_SIZE
 
@@ -677,10 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
     train.add_argument("--threshold", type=FINITE, default=5.0,
                        help="classifier: the count from which a crop is a crystal (default: %(default)s)")
-    train.add_argument("--initial-model", metavar="MODEL.keras",
-                       help="fine-tune this model (e.g. the shipped one on site data): its architecture, input, "
-                            "label transform and threshold are used; with --arch fcn_classifier, an fcn regressor "
-                            "to start the classifier from")
+    train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
+                       help="fine-tune this model (`shipped`: the shipped regressor, e.g. on site data): its "
+                            "architecture, input, label transform and threshold are used; with --arch "
+                            "fcn_classifier, an fcn regressor to start the classifier from")
     train.add_argument("--learning-rate", type=POSITIVE, help=learning_rate_help)
     add_train_options(train)
     train.set_defaults(func=cmd_train)
@@ -710,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--patience", type=NON_NEGATIVE_INT, default=4, help="early-stopping patience, epochs (default: %(default)s)")
     dense.add_argument("--learning-rate", type=POSITIVE, help=learning_rate_help)
     dense.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
-    dense.add_argument("--initial-model", metavar="MODEL.keras", help="start from this fcn model and keep its transform")
+    dense.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
+                       help="start from this fcn model (`shipped`: the shipped regressor) and keep its transform")
     dense.add_argument("--peak-weight", type=NON_NEGATIVE, default=0.0,
                        help="weight of the loss term on where each crystal region's counts peak (default: %(default)s: MSE alone)")
     dense.add_argument("--peak-sharpness", type=POSITIVE, default=4.0,

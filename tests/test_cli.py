@@ -150,3 +150,17 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     recordings = sorted((tmp_path / "data").rglob("*_camera.h5"))
     assert [p.name for p in recordings] == ["sample16_1_camera.h5", "sample16_2_camera.h5"]
     assert all(read_recording(p).status == "complete" for p in recordings)
+    # The usual first mistakes with these files: a recording given as the dataset, a text file as the model.
+    assert main(["train", str(recordings[0]), "--out", str(tmp_path / "model")]) == 2
+    assert "a camera recording, not a dataset: label it first (`mxcube-autocenter label" in capsys.readouterr().err
+    (tmp_path / "notes.keras").write_text("not a model")
+    assert main(["train", str(recordings[0]), "--initial-model", str(tmp_path / "notes.keras")]) == 2
+    assert "notes.keras: the file is not a .keras model" in capsys.readouterr().err
+
+
+def test_initial_model_shipped_names_the_shipped_regressor():
+    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.cli import build_parser
+
+    args = build_parser().parse_args(["train", "set.h5", "--initial-model", "shipped"])
+    assert args.initial_model == str(DEFAULT_REGRESSOR)

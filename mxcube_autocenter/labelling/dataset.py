@@ -717,7 +717,8 @@ def read_table(path) -> Table:
     """
     path = str(path)
     if not os.path.exists(path):
-        raise DatasetError(f"{path}: no such dataset file (make one with the labelling code or learning.synthetic.synthetic_dataset)")
+        raise DatasetError(f"{path}: no such dataset file (make one with `mxcube-autocenter label RECORDING... --out "
+                           "DATASET` from camera recordings, or `mxcube-autocenter synthesize`)")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -735,6 +736,9 @@ def read_table(path) -> Table:
             layout, g, image_name = "samples", f["samples"], "image"
         elif "rows" in f and "n_rows" in f.attrs:
             layout, g, image_name = "rows", f["rows"], "jpeg"
+        elif "frames" in f:
+            raise DatasetError(f"{path}: a camera recording, not a dataset: label it first (`mxcube-autocenter label "
+                               f"{path} --out dataset.h5`) and give the dataset")
         else:
             raise DatasetError(f"{path}: no group '/samples' (nor the labelling code's '/rows' with the attribute n_rows)")
         required = [image_name if name == "image" else name for name in REQUIRED]

@@ -41,6 +41,7 @@ import os
 import platform
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -141,6 +142,9 @@ def load_model(path):
     retrain = "Train a model with mxcube_autocenter.learning.training.train (the `train` command)"
     if not os.path.exists(path):
         _refuse(path, "no such model file", "Give the path of a .keras file written by mxcube_autocenter")
+    if not zipfile.is_zipfile(path):
+        _refuse(path, "the file is not a .keras model (a .keras file is a zip archive)",
+                "Give the path of a .keras file written by mxcube_autocenter")
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as err:  # Keras raises many kinds for a bad file
