@@ -467,7 +467,7 @@ def cmd_heatmap(args) -> int:
                                 name = f"{Path(path).stem}_{k}_heatmap.png"
                             overlay_names.add(name)
                             out = out / name
-                        write_png(out, report.overlay(angle, beam))
+                        write_png(out, report.overlay(angle, beam, crystal_found=entry["crystal_found"]))
                     except OSError as err:
                         entry["error"] = str(err)
                         status = 1

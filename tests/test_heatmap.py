@@ -414,6 +414,22 @@ def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_writ
                                                                          "snapshot_heatmap.png"]
 
 
+def test_the_overlay_of_a_view_without_a_crystal_says_so():
+    # The heatmap's best point of an empty field is no chosen point: no green circle, and an image's NaN
+    # omega is left out of the label.
+    from mxcube_autocenter.centring import report
+    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame
+    from mxcube_autocenter.config import AutoCenterConfig
+
+    frame = frame_of()
+    angle = analyse_frame(load_predictor(), frame, find_loop(frame), PPMM, CentringSettings.from_config(AutoCenterConfig()))
+    green = np.array([0, 255, 0])
+    found = report.overlay(angle, (640, 512))
+    empty = report.overlay(angle, (640, 512), crystal_found=False)
+    assert np.all(found == green, axis=-1).sum() > 30 and np.all(empty == green, axis=-1).sum() == 0
+    assert not np.array_equal(found[:40], empty[:40])  # the label differs
+
+
 def test_write_png_says_when_the_file_cannot_be_written(tmp_path):
     from mxcube_autocenter.imagefiles import write_png
 

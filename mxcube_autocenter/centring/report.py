@@ -49,8 +49,11 @@ def heatmap_png_base64(values, alpha=0.5) -> str:
     return base64.b64encode(png.tobytes()).decode("ascii")
 
 
-def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
+def overlay(angle: AngleResult, beam_position, alpha=0.45, crystal_found=True) -> np.ndarray:
     """The frame with the heatmap over the searched region, the loop tip, the chosen point and the beam.
+
+    With ``crystal_found`` False the heatmap's best point is drawn thin and
+    grey, and the label says that no crystal was found there.
 
     Returns
     -------
@@ -71,9 +74,13 @@ def overlay(angle: AngleResult, beam_position, alpha=0.45) -> np.ndarray:
     cv2.rectangle(image, (roi.x0, roi.y0), (roi.x1 - 1, roi.y1 - 1), (80, 160, 255), 1)
     if angle.loop is not None:
         cv2.drawMarker(image, tuple(int(v) for v in angle.loop), (0, 200, 255), cv2.MARKER_DIAMOND, 18, 2)
-    cv2.circle(image, tuple(int(round(v)) for v in angle.point), 10, (0, 255, 0), 2, cv2.LINE_AA)
+    point = tuple(int(round(v)) for v in angle.point)
+    cv2.circle(image, point, 10, *(((0, 255, 0), 2) if crystal_found else ((160, 160, 160), 1)), cv2.LINE_AA)
     cv2.drawMarker(image, tuple(int(round(v)) for v in beam_position), (255, 0, 0), cv2.MARKER_CROSS, 30, 2)
-    label = f"omega {angle.omega:.1f}  score {angle.score:.1f}"
+    # An image file has no omega (NaN)
+    label = ("" if np.isnan(angle.omega) else f"omega {angle.omega:.1f}  ") + f"score {angle.score:.1f}"
+    if not crystal_found:
+        label += "  no crystal found"
     if angle.crystal_probability is not None:
         label += f"  p(crystal) {angle.crystal_probability:.2f}"
     cv2.putText(image, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
