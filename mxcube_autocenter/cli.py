@@ -776,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     scorecard_parser = sub.add_parser(
         "scorecard", help="one scorecard over the held-out samples of several demo runs",
         description="Pool the per-sample outcomes of demo runs of different --seed into one scorecard, with the "
-        "95 %% (Wilson) intervals of the hit rate and the empty-loop rate: one run's 16 crystals leave a hit rate uncertain by about +-20 "
+        "95 % (Wilson) intervals of the hit rate and the empty-loop rate: one run's 16 crystals leave a hit rate uncertain by about +-20 "
         "points, so judge the targets over several seeds.",
     )
     scorecard_parser.add_argument("runs", nargs="+", metavar="RUN", help="demo report directories (or their samples.json)")
