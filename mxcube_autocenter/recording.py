@@ -1093,7 +1093,8 @@ def summarise(path) -> str:
     -------
     str
         Several lines: status, frames kept and dropped, time span and mean
-        frame rate, experiment type, master file, and each motor's range.
+        frame rate, experiment type, master file, the camera's zoom, scale
+        and beam position, and each motor's range.
     """
     rec = read_recording(path)
     status = rec.status
@@ -1117,6 +1118,9 @@ def summarise(path) -> str:
         lines.append(f"  time         {day} {_clock(start)} to {_clock(end)}: {span:.2f} s{rate}")
     lines.append(f"  experiment   {rec.metadata.get('experiment_type', 'unknown')}")
     lines.append(f"  master file  {rec.metadata.get('master_file', 'unknown')}")
+    # What `heatmap --pixels-per-mm --beam` needs for a frame of this recording
+    camera = {key: rec.metadata.get(key) for key in ("zoom", "pixels_per_mm", "beam_position")}
+    lines.append("  camera       " + ", ".join(f"{key} {value}" for key, value in camera.items()))
     for name, unit in zip(MOTOR_NAMES, MOTOR_UNITS):
         positions = rec.motor(name)
         if np.isfinite(positions).any():

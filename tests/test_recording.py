@@ -333,6 +333,7 @@ def test_summary_and_contact_sheet(tmp_path):
         METADATA["master_file"],
         "omega        0.000 to 9.500 deg",
         "sampy        not recorded",
+        "beam_position [320, 256]",
     ):
         assert expected in text
 

@@ -156,3 +156,13 @@ def test_batch_size_not_divisible_by_the_replicas(base, tmp_path):
                          timeout=300)
     assert "AddN" not in run.stderr, run.stderr[-600:]
     assert run.returncode == 0 or ("CLEAR:" in run.stdout and "batch_size" in run.stdout), run.stdout + run.stderr[-600:]
+
+
+def test_a_test_subset_of_few_crystals_is_warned_about(base, tmp_path, caplog):
+    # Five crystals split 3 / 1 / 1: the test figures are one crystal's.
+    from mxcube_autocenter.learning.training import train
+
+    with caplog.at_level(logging.WARNING):
+        train(base, "fcn", "log", str(tmp_path / "m"), crop_um=120, input_size=32, epochs=1, batch_size=8, verbose=0,
+              augment="none")
+    assert "the test subset holds 1 crystal(s)" in caplog.text

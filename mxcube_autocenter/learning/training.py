@@ -118,6 +118,9 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
     return keras.Model(model.inputs, tagged, name=model.name)
 
 
+MIN_TEST_CRYSTALS = 3  # fewer in the test subset: a warning, its figures are anecdotes
+
+
 def _refuse(path, problem, fix):
     raise ModelFileError(f"{path}: {problem}. {fix}")
 
@@ -388,6 +391,11 @@ def _fit(
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             raise ValueError(f"{dataset_path}: the {name} subset has no rows")
+    if 0 < len(split.test) < MIN_TEST_CRYSTALS:
+        # One crystal's rows are one scan's worth of counts: its figures say little about the next crystal.
+        log.warning("%s: the test subset holds %d crystal(s): its figures say little about other crystals; label "
+                    "recordings of more crystals (%d or more in the test subset)", dataset_path, len(split.test),
+                    MIN_TEST_CRYSTALS)
 
     counts = label_counts(table, label, dataset_path)
     learnt = (counts[idx["train"]] >= threshold).astype(np.int8) if task == "classifier" else counts[idx["train"]]
