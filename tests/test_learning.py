@@ -468,7 +468,7 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
 
     garbage = tmp_path / "garbage.keras"
     garbage.write_bytes(b"not a zip file")
-    with pytest.raises(ModelFileError, match="could not read"):
+    with pytest.raises(ModelFileError, match="garbage.keras: the file is not a .keras model"):
         load_model(str(garbage))
     with pytest.raises(ModelFileError, match="no such model file"):
         load_model(str(tmp_path / "missing.keras"))
