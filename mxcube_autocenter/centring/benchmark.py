@@ -50,7 +50,7 @@ def heatmap_figures(predictor, frame, quick: bool) -> dict:
     roi = Roi(384, 256, 384 + 512, 256 + 512)
     evaluator = predictor.evaluator
     normalise = predictor.normaliser(spec)
-    crop_px = spec.crop_um * ppmm[0] / 1000.0
+    crop_px = predictor.crop_px(ppmm)[0]  # square pixels: the side is input_size
     region, origin, scale = prepare_region(frame, roi, crop_px, spec.input_size, normalise)
     # The first call builds and traces the dense twin; later calls reuse its buffers.
     first_mb = added_memory_mb(lambda: dense_heatmap(evaluator, region, origin, scale, 4.0))

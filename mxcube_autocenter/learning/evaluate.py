@@ -50,6 +50,8 @@ from mxcube_autocenter.learning.training import (  # noqa: E402
 from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
 from mxcube_autocenter.scorecard import format_cell  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 
 def _rows_for(info, table, subset, model_path):
     if len(table) == 0:
@@ -217,7 +219,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     trained_on = (info.get("split") or {}).get("train", ())
     seen = int(np.isin(table.crystal_id[rows].astype(str), np.asarray(trained_on, dtype=str)).sum()) if trained_on else 0
     if seen and subset != "train":
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s: %d of the %d %s rows are of crystals %s was trained on: their figures read too high; evaluate the "
             "test subset (subset='test') or a set of other crystals", dataset_path, seen, len(rows), subset, model_path)
     raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
