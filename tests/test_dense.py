@@ -5,6 +5,9 @@ in well under a minute on two cores.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,6 +33,35 @@ def regions_path(tmp_path_factory):
 def trained(regions_path, tmp_path_factory):
     return dense.train_dense(regions_path, tmp_path_factory.mktemp("dense_model"), epochs=6, batch_size=8,
                              patience=3, seed=0, verbose=0)
+
+
+MIRRORED = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from mxcube_autocenter.learning.dense import train_dense
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    try:
+        train_dense(sys.argv[1], sys.argv[2], epochs=1, batch_size=int(sys.argv[3]), strategy=strategy, verbose=0)
+    except ValueError as err:
+        print("CLEAR:", err)
+        sys.exit(3)
+    print("TRAINED")
+""")
+
+
+@pytest.mark.parametrize("batch_size, outcome", [(7, "CLEAR: batch_size 7 does not split"), (64, "TRAINED")])
+def test_dense_training_batches_split_over_mirrored_replicas(regions_path, tmp_path, batch_size, outcome):
+    """Two replicas: batch 7 is refused with the fix; 64, more than the small subsets hold, still trains.
+
+    Keras builds the model on the replicas' first batch averaged across them, which fails in TensorFlow's AddN
+    when the shards differ in size.
+    """
+    run = subprocess.run([sys.executable, "-c", MIRRORED, regions_path, str(tmp_path / "m"), str(batch_size)],
+                         capture_output=True, text=True, timeout=300)
+    assert "AddN" not in run.stderr, run.stderr[-600:]
+    assert outcome in run.stdout, run.stdout + run.stderr[-600:]
 
 
 def test_grid_centres_are_the_centres_of_the_crops_a_dense_output_sees():

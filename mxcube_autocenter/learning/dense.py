@@ -521,16 +521,18 @@ def train_dense(
         region_model = architectures.dense_evaluator(model)
         loss = region_loss(peak_weight, peak_sharpness, float(fitted.forward(np.array([PEAK_MIN_COUNT]))[0]))
         region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
-    common = dict(spec=spec, batch_size=batch_size, cache=cache)
+    train_batch, val_batch = (training.replica_batch(batch_size, len(idx[name]), strategy, name, regions_path)
+                              for name in ("train", "validation"))
 
     def with_flags(x, y, w):
         # region_loss reads the valid flags beside the targets.
         return x, tf.concat([y, w], axis=-1)
 
+    common = dict(spec=spec, cache=cache)
     train_ds = region_dataset(table, idx["train"], targets[idx["train"]], weights[idx["train"]], shuffle=True,
-                              seed=seed, augment=augment, **common).map(with_flags)
+                              seed=seed, augment=augment, batch_size=train_batch, **common).map(with_flags)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
-                            shuffle=False, **common).map(with_flags)
+                            shuffle=False, batch_size=val_batch, **common).map(with_flags)
     os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
@@ -543,7 +545,7 @@ def train_dense(
         if len(rows) == 0:
             results[name] = {"n": 0}
             continue
-        ds = region_dataset(table, rows, targets[rows], weights[rows], shuffle=False, **common)
+        ds = region_dataset(table, rows, targets[rows], weights[rows], shuffle=False, batch_size=batch_size, **common)
         raw = np.asarray(region_model.predict(ds.map(lambda x, y, w: x), verbose=0))[..., 0]
         valid = table.valid[rows]
         predicted = fitted.inverse(raw)
