@@ -21,7 +21,8 @@ object also takes over ``SampleView.start_auto_centring``, which the web UI's
 auto-centring button and the queue's auto loop centring on mount call,
 and shows each centring's heatmap on SampleView as a grid result, which the
 web UI draws over the camera image. One centring runs at a time: a call while
-one is running, or while a centring by hand is open on SampleView, is refused.
+one is running, or while a centring by hand is open on SampleView, is refused,
+and so are a click centring and clicks on the image while it runs.
 
 Queue: the object registers the "Optical ML centring" queue task
 (:mod:`mxcube_autocenter.queue_entry`); list it after ``queue_manager`` in
@@ -385,9 +386,33 @@ class AutoCenter(HardwareObject):
             self.log.exception("AutoCenter: could not publish the centring heatmap")
 
     def _take_over_auto_centring(self):
-        """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""
-        HWR.beamline.sample_view.start_auto_centring = self.start_auto_centring
+        """Make SampleView's automatic centring run :meth:`centre`, with its usual signals.
+
+        SampleView's click centring and image clicks are refused while an optical ML centring runs:
+        mxcubeweb only checks ``current_centring_procedure``, which a script's or queue task's centring
+        does not set, so a click centring would move the sample under it; and a click on the image during a
+        centring from the button would reach the sine fit as one of its points.
+        """
+        sample_view = HWR.beamline.sample_view
+        sample_view.start_auto_centring = self.start_auto_centring
+        sample_view.start_manual_centring = self._refused_while_centring(
+            sample_view.start_manual_centring, "Click centring not started")
+        sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
         self.log.info("AutoCenter: SampleView automatic centring now runs the optical ML centring")
+
+    def _refused_while_centring(self, method, refusal: str):
+        """``method``, refused with ``refusal`` said to the user while an optical ML centring holds the sample."""
+
+        @functools.wraps(method)
+        def unless_centring(*args, **kwargs):
+            # Cancelling a centring from the button ends it before mxcubeweb starts a click centring: a centring
+            # still running here is a script's or the queue's, or the click landed in the middle of one.
+            if self._centring_lock.locked():
+                self.user_log.warning(f"{refusal}: an optical ML centring is moving the sample; wait for it to end")
+                return None
+            return method(*args, **kwargs)
+
+        return unless_centring
 
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""

@@ -518,7 +518,7 @@ def test_a_queue_task_with_an_impossible_angle_count_is_refused_before_it_is_que
         OpticalMLCentring(n_angles=2)
 
 
-def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter):
+def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplog):
     mount_at_start(beamline)
     first = gevent.spawn(autocenter.centre, save=False)
     gevent.sleep(0.5)
@@ -530,6 +530,12 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter):
     # Refused, and said so to whoever waits (the queue's mount step waits for centringAccepted).
     assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
     assert beamline.sample_view.current_centring_procedure is None
+    # mxcubeweb starts a click centring whenever no SampleView procedure is set, which a script's is not.
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        beamline.sample_view.start_manual_centring(3)
+        beamline.sample_view.image_clicked(320, 240)
+    assert beamline.sample_view.current_centring_procedure is None
+    assert caplog.text.count("an optical ML centring is moving the sample") == 2
     assert first.get(timeout=60).success
     assert scorecard.moved(start, positions(beamline))
     with pytest.raises(ValueError, match="n_angles = 0"):
@@ -550,6 +556,20 @@ def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter
     # mount step) must hear only its centring's outcome, and so does the second's.
     assert accepted == [True]
     assert autocenter.last_result.success
+
+
+def test_a_click_centring_after_the_one_started_by_the_button_runs(beamline, autocenter):
+    """The refusal holds only while an ML centring runs: mxcubeweb cancels the button's one, then starts its own."""
+    mount_at_start(beamline)
+    sample_view = beamline.sample_view
+    sample_view.start_auto_centring()
+    gevent.sleep(0.5)
+    sample_view.cancel_centring()
+    sample_view.start_manual_centring(3)
+    try:
+        assert sample_view.current_centring_method == "Manual" and sample_view.current_centring_procedure
+    finally:
+        sample_view.cancel_centring()
 
 
 def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
