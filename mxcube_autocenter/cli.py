@@ -135,6 +135,8 @@ def cmd_inspect(args) -> int:
             png = Path(args.png) if args.png and len(args.recordings) == 1 else Path(path).with_suffix(".png")
             contact_sheet(path, png, n=args.frames)
             print(f"  contact sheet {png}")
+        except BrokenPipeError:
+            raise
         except (OSError, RecordingError) as err:
             print(f"{path}: {err}", file=sys.stderr)
             status = 1
@@ -183,6 +185,8 @@ def _input_errors_exit_2(command):
     def run(args) -> int:
         try:
             return command(args)
+        except BrokenPipeError:
+            raise
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -813,11 +817,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader gone shows here, not in Python's own flush at exit
+        return status
     except KeyboardInterrupt:
         # The user's own stop, not a fault: one line instead of a traceback.
         print(f"mxcube-autocenter {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): end quietly, as other command-line tools do; stdout goes
+        # to /dev/null so that Python's flush at exit does not fail on the closed pipe once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

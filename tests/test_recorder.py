@@ -1,6 +1,10 @@
 """Recording camera frames through the AutoCenter object during virtual collections."""
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import gevent
@@ -331,6 +335,17 @@ def test_inspect_prints_a_summary_and_writes_a_contact_sheet(beamline, autocente
     assert cv2.imread(str(png)).shape[2] == 3
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
     assert "missing.h5" in capsys.readouterr().err
+
+    # `inspect *.h5 | head`: the reader goes away; one quiet stop, not an error per recording.
+    copies = [str(shutil.copy(path, tmp_path / f"copy{k}_master.h5")) for k in range(3)]
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        run = subprocess.run([sys.executable, "-m", "mxcube_autocenter.cli", "inspect", *copies, "--frames", "1"],
+                             stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert run.returncode == 141 and "Broken pipe" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
 
 
 def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter, tmp_path, capsys):
