@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -814,8 +815,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_warnings_to_stderr():
+    """Warnings of this package's modules to stderr, as Python's default would; the beamline's own log
+    (``HWR``, which mxcubecore prints with its own handler) once, not twice.
+
+    Without a root handler, the first module-level ``logging.debug`` call in mxcubecore (its ``TaskUtils``)
+    runs ``logging.basicConfig``, whose handler printed every beamline log line a second time.
+    """
+    root = logging.getLogger()
+    if root.handlers:  # configured by whoever runs us (pytest, a script)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    hwr = logging.getLogger("HWR")
+    handler.addFilter(lambda record: not (record.name.split(".")[0] == "HWR" and hwr.handlers))
+    root.addHandler(handler)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _log_warnings_to_stderr()
     try:
         status = args.func(args)
         sys.stdout.flush()  # a reader gone shows here, not in Python's own flush at exit

@@ -1,6 +1,8 @@
 """The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -156,6 +158,16 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     (tmp_path / "notes.keras").write_text("not a model")
     assert main(["train", str(recordings[0]), "--initial-model", str(tmp_path / "notes.keras")]) == 2
     assert "notes.keras: the file is not a .keras model" in capsys.readouterr().err
+
+
+def test_the_beamline_log_is_printed_once(tmp_path):
+    # mxcubecore's first module-level logging call ran logging.basicConfig: every line came twice.
+    run = subprocess.run([sys.executable, "-m", "mxcube_autocenter.cli", "simulate", "--out", str(tmp_path),
+                          "--images", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    both = run.stdout + run.stderr
+    assert both.count("SampleView automatic centring now runs the optical ML centring") == 1, both[-3000:]
+    assert both.count("recording complete") == 2
 
 
 def test_initial_model_shipped_names_the_shipped_regressor():
