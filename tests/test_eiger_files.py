@@ -305,3 +305,91 @@ def test_missing_compression_filter(tmp_path):
             open_master(written.master_path)
     finally:
         hdf5plugin.register("bshuf")
+
+
+# Real beamline files (from a review against DECTRIS' FileWriter layouts).
+
+
+def test_an_aborted_collection_keeps_the_frames_its_data_files_hold(tmp_path, caplog):
+    # An aborted EIGER collection's master file links data files that were never written (dials/dials#605).
+    written = small_collection(tmp_path, n_frames=5, images_per_file=2)
+    written.data_paths[2].unlink()
+    with caplog.at_level("WARNING"), open_master(written.master_path) as series:
+        assert (series.nimages, series.declared_images) == (4, 5)
+        assert series.frame_windows().shape == (4, 2)
+        series.frame(3)
+        with pytest.raises(IndexError):
+            series.frame(4)
+    assert "declares 5 images but its data files hold images 1 to 4" in caplog.text
+    assert "xtal_2_data_000003.h5" in caplog.text
+
+
+def test_a_data_file_linked_by_an_absolute_path_is_found_next_to_the_master_as_hdf5_finds_it(tmp_path):
+    written = small_collection(tmp_path, n_frames=2)
+    with h5py.File(written.master_path, "r+") as f:
+        for k, path in enumerate(written.data_paths, start=1):
+            del f[f"entry/data/data_{k:06d}"]
+            f[f"entry/data/data_{k:06d}"] = h5py.ExternalLink(f"/beamline/visit/raw/{path.name}", "/entry/data/data")
+    with open_master(written.master_path) as series:
+        assert series.nimages == 2
+        series.frame(1)
+
+
+def test_negative_counts_of_signed_frames_are_invalid(tmp_path):
+    # Data converted to int32 turn EIGER's flag 0xFFFFFFFF into -1.
+    written = small_collection(tmp_path, n_frames=1)
+    with h5py.File(written.data_paths[0], "r+") as f:
+        frames = f["entry/data/data"][()].view(np.int32)
+        del f["entry/data/data"]
+        f["entry/data/data"] = frames
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector/detectorSpecific/pixel_mask"][...] = 0  # the flags alone mark the gaps
+    with open_master(written.master_path) as series:
+        frame, valid = series.frame(0)
+    assert np.any(frame < 0) and not np.any(valid[frame < 0])
+
+
+def test_eigers_top_two_values_are_invalid_without_a_count_cutoff(tmp_path):
+    written = small_collection(tmp_path, n_frames=1)
+    with h5py.File(written.master_path, "r+") as f:
+        del f["entry/instrument/detector/detectorSpecific/countrate_correction_count_cutoff"]
+        del f["entry/instrument/detector/saturation_value"]
+    with open_master(written.master_path) as series:
+        assert series.count_cutoff == 0xFFFFFFFE
+
+
+def test_per_frame_times_are_read_in_their_units(tmp_path):
+    written = small_collection(tmp_path, n_frames=3)
+    with h5py.File(written.master_path, "r+") as f:
+        detector = f["entry/instrument/detector"]
+        detector["start_time"] = np.array([0, 100_000_000, 200_000_000], np.uint64)  # ns after data_collection_date
+        detector["start_time"].attrs["units"] = np.bytes_("ns")
+    with open_master(written.master_path) as series:
+        np.testing.assert_allclose(series.frame_windows()[:, 0], START + np.array([0.0, 0.1, 0.2]), atol=1e-6)
+
+
+def test_the_v2024_2_filewriter_format_is_refused_with_the_fix(tmp_path):
+    written = small_collection(tmp_path)
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector"].create_group("threshold_1_channel")
+        del f["entry/instrument/detector/detectorSpecific"]
+    with pytest.raises(EigerFileError, match=r'xtal_2_master.h5: written in .*"hdf5 nexus v2024.2 nxmx".*legacy nxmx'):
+        open_master(written.master_path)
+
+
+def test_several_triggers_without_per_frame_times_are_refused(tmp_path):
+    # Frames of later triggers start when the beamline triggers them: start + i * frame_time would be wrong.
+    written = small_collection(tmp_path, n_frames=4)
+    with h5py.File(written.master_path, "r+") as f:
+        specific = f["entry/instrument/detector/detectorSpecific"]
+        specific["nimages"][...] = 2
+        del specific["ntrigger"]
+        specific["ntrigger"] = 2
+    with open_master(written.master_path) as series:
+        assert (series.nimages, series.ntrigger) == (4, 2)
+        with pytest.raises(EigerFileError, match="xtal_2_master.h5: 2 triggers and no per-frame start_time"):
+            series.frame_windows()
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector/start_time"] = np.array([0.0, 0.1, 5.0, 5.1])
+    with open_master(written.master_path) as series:
+        np.testing.assert_allclose(series.frame_windows()[:, 0] - START, [0.0, 0.1, 5.0, 5.1], atol=1e-6)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 
@@ -473,6 +474,26 @@ def test_corrupt_and_missing_files_fail_their_recording_only(tmp_path):
     assert set(dataset.scan_id) == {summary.recordings[1].scan_id}
     assert sorted(p.name for p in out.parent.iterdir()) == ["dataset.h5", "dataset_rc_histogram.png"]
     assert "3 failed" in format_summary(summary)
+
+
+def test_an_aborted_collection_is_labelled_up_to_its_last_written_frame(tmp_path, caplog):
+    # An aborted collection's master file declares frames its data files never got.
+    aborted = simulate_collection(tmp_path, "aborted", 24, fps=12.0)
+    with h5py.File(aborted.data_files[0], "r+") as f:
+        frames = f["entry/data/data"]
+        kept, attrs = frames[:25], dict(frames.attrs)
+        del f["entry/data/data"]
+        frames = f.create_dataset("entry/data/data", data=kept, chunks=(1, *kept.shape[1:]), **hdf5plugin.Bitshuffle())
+        frames.attrs.update({**attrs, "image_nr_high": 25})
+    out = tmp_path / "dataset.h5"
+    with caplog.at_level(logging.WARNING):
+        summary = label_recordings([aborted.recording], out, progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "labelled" and entry.detector_frames == 25, entry.message
+    assert "declares 40 images but its data files hold images 1 to 25" in caplog.text
+    dataset = read_table(out)
+    assert dataset.detector_frame.max() == 24 and entry.matching["n_after"] > 0
+    assert dataset.recordings[0]["declared_detector_frames"] == N_IMAGES
 
 
 def test_corrupt_camera_images_cost_their_own_rows_only(collections, tmp_path):

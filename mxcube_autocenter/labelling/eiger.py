@@ -13,6 +13,7 @@ file and the fix.
 from __future__ import annotations
 
 import bisect
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -25,8 +26,15 @@ except ImportError:
     # Reported by the filter check of open_master, with the fix.
     pass
 
+log = logging.getLogger(__name__)
+
 _REINSTALL = "install hdf5plugin in this Python environment (pip install hdf5plugin)"
 _COPY_AGAIN = "copy it again from the detector's storage, or re-collect"
+# NXdetector times carry their unit (NeXus NX_TIME); DECTRIS writes seconds, stream-based writers often ns.
+_SECONDS_PER = {
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6,
+    "microsecond": 1e-6, "microseconds": 1e-6, "ns": 1e-9, "nanosecond": 1e-9, "nanoseconds": 1e-9,
+}  # fmt: skip
 
 
 class EigerFileError(OSError):
@@ -43,13 +51,18 @@ def valid_pixels(frame: np.ndarray, pixel_mask: np.ndarray, count_cutoff: int) -
         EIGER ``pixel_mask``: any bit set (gap, dead, hot, noisy) excludes the pixel.
     count_cutoff : int
         Counts at and above which a pixel is saturated. EIGER's "invalid"
-        value (all bits set, 0xFFFF or 0xFFFFFFFF) lies above any cutoff.
+        values (all bits set, 0xFFFF or 0xFFFFFFFF, and the one below) lie
+        at or above any cutoff; in signed frames (data converted to int32)
+        they read as negative counts, which are invalid too.
 
     Returns
     -------
     ndarray of bool, shape (H, W)
     """
-    return (pixel_mask == 0) & (frame < count_cutoff)
+    valid = (pixel_mask == 0) & (frame < count_cutoff)
+    if frame.dtype.kind == "i":
+        valid &= frame >= 0
+    return valid
 
 
 class EigerSeries:
@@ -59,7 +72,12 @@ class EigerSeries:
     ----------
     master_path : Path
     nimages : int
-        Frames in the collection (``nimages * ntrigger``).
+        Frames in the collection (``nimages * ntrigger``), or those its data
+        files hold when an aborted collection left the last ones unwritten.
+    declared_images : int
+        Frames the master file declares (``nimages * ntrigger``).
+    ntrigger : int
+        Triggers of the collection, each of ``nimages / ntrigger`` frames.
     count_time, frame_time : float
         Exposure and period of each frame, s.
     start_time : float
@@ -87,9 +105,10 @@ class EigerSeries:
         self.master_path = master_path
         self._file = file
         detector = self._group("entry/instrument/detector")
+        self._refuse_v2024_format(detector)
         specific = self._group("entry/instrument/detector/detectorSpecific")
-        self.count_time = float(self._value(detector, "count_time"))
-        self.frame_time = float(self._value(detector, "frame_time"))
+        self.count_time = self._seconds(detector, "count_time")
+        self.frame_time = self._seconds(detector, "frame_time")
         self.beam_center_x = float(self._value(detector, "beam_center_x"))
         self.beam_center_y = float(self._value(detector, "beam_center_y"))
         # The FileWriter stores lengths in metres.
@@ -99,7 +118,9 @@ class EigerSeries:
         self.width = int(self._value(specific, "x_pixels_in_detector"))
         self.height = int(self._value(specific, "y_pixels_in_detector"))
         ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
+        self.ntrigger = ntrigger
         self.nimages = int(self._value(specific, "nimages")) * ntrigger
+        self.declared_images = self.nimages
         self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
         self.frame_start_times = self._frame_times(detector, "start_time")
         self.frame_stop_times = self._frame_times(detector, "stop_time")
@@ -118,7 +139,8 @@ class EigerSeries:
             cutoff = specific["countrate_correction_count_cutoff"][()]
         else:
             cutoff = detector["saturation_value"][()] if "saturation_value" in detector else invalid
-        self.count_cutoff = int(min(cutoff, invalid))
+        # EIGER flags gaps and bad pixels with the top two values (2^N - 1, 2^N - 2).
+        self.count_cutoff = int(min(cutoff, invalid - 1))
 
     def _group(self, name: str) -> h5py.Group:
         if name not in self._file:
@@ -139,6 +161,29 @@ class EigerSeries:
             )
         return group[name]
 
+    def _refuse_v2024_format(self, detector: h5py.Group) -> None:
+        """Refuse the FileWriter's "hdf5 nexus v2024.2 nxmx" layout, which this reader does not know."""
+        data = self._file.get("entry/data/data")
+        channels = [name for name in detector if name.endswith("_channel")]
+        if channels or (isinstance(data, h5py.Dataset) and data.ndim == 4):
+            raise EigerFileError(
+                f"{self.master_path}: written in the DECTRIS FileWriter's \"hdf5 nexus v2024.2 nxmx\" format "
+                "(multi-channel /entry/data/data, no detectorSpecific group), which cannot be read yet: set the "
+                "FileWriter's format to \"hdf5 nexus legacy nxmx\" for the collections to label"
+            )
+
+    def _seconds(self, group: h5py.Group, name: str):
+        """A time field in seconds, converted from its ``units`` attribute (seconds without one)."""
+        dataset = self._dataset(group, name)
+        units = _text(dataset.attrs["units"]).strip() if "units" in dataset.attrs else "s"
+        if units not in _SECONDS_PER:
+            raise EigerFileError(
+                f"{self.master_path}: {dataset.name} is in {units!r}, not a unit of time this reader knows "
+                f"({', '.join(_SECONDS_PER)}): fix its units attribute"
+            )
+        value = np.asarray(dataset[()], dtype=np.float64) * _SECONDS_PER[units]
+        return float(value) if value.ndim == 0 else value
+
     def _unix_time(self, text: str, what: str) -> float:
         try:
             # Python 3.10 does not read the "Z" suffix of UTC.
@@ -156,7 +201,7 @@ class EigerSeries:
         reference = (
             self._unix_time(_text(times.attrs["start"]), f"{name}@start") if "start" in times.attrs else self.start_time
         )
-        values = reference + np.asarray(times[()], dtype=np.float64)
+        values = reference + np.asarray(self._seconds(detector, name), dtype=np.float64)
         if values.ndim != 1 or values.size < self.nimages:
             # Matching needs a time for every image: a short list would leave the last ones unlabelled unseen.
             raise EigerFileError(
@@ -176,18 +221,23 @@ class EigerSeries:
                 )
 
     def _data_blocks(self) -> list:
-        """(first image index, dataset, data file) of each linked data file, in image order."""
+        """(first image index, dataset, data file) of each linked data file, in image order.
+
+        An aborted collection leaves its master file linking data files that
+        were never written (and its last written file short): the frames
+        before them, from image 1 on, are the collection (``nimages`` is
+        lowered to them, with a warning). Any other missing frame is an error.
+        """
         data = self._group("entry/data")
-        blocks = []
+        blocks, missing = [], []
         for name in sorted(key for key in data if key.startswith("data_")):
             link = data.get(name, getlink=True)
-            external = isinstance(link, h5py.ExternalLink)
-            target = self.master_path.parent / link.filename if external else self.master_path
+            target = self._link_target(link) if isinstance(link, h5py.ExternalLink) else self.master_path
             if not target.is_file():
-                raise EigerFileError(
-                    f"{target}: data file missing (linked from {self.master_path} as {name}): "
-                    f"put it next to the master file, or {_COPY_AGAIN}"
-                )
+                missing.append((name, target))
+                continue
+            if missing:
+                self._missing(*missing[0])  # a gap before this file: not an aborted collection
             try:
                 dataset = data[name]
             except (KeyError, OSError) as err:
@@ -202,11 +252,39 @@ class EigerSeries:
         blocks.sort(key=lambda block: block[0])
         held = sum(len(dataset) for _, dataset, _ in blocks)
         if held < self.nimages:
-            raise EigerFileError(
-                f"{self.master_path}: declares {self.nimages} images but its data files hold {held}: "
-                f"the collection is incomplete; {_COPY_AGAIN}"
-            )
+            firsts = [first for first, _, _ in blocks]
+            from_image_1 = firsts == list(np.cumsum([0] + [len(d) for _, d, _ in blocks[:-1]]))
+            if held == 0 or not from_image_1:
+                if missing:
+                    self._missing(*missing[0])
+                raise EigerFileError(
+                    f"{self.master_path}: declares {self.nimages} images but its data files hold {held}: "
+                    f"the collection is incomplete; {_COPY_AGAIN}"
+                )
+            log.warning(
+                "%s: declares %d images but its data files hold images 1 to %d%s: an aborted collection? "
+                "Only those are used", self.master_path, self.nimages, held,
+                f" ({len(missing)} linked data files missing, first {missing[0][1].name})" if missing else "",
+            )  # fmt: skip
+            self.nimages = held
         return blocks
+
+    def _link_target(self, link: h5py.ExternalLink) -> Path:
+        """The data file an external link leads to, found as HDF5 finds it."""
+        path = Path(link.filename)
+        target = self.master_path.parent / path
+        if path.is_absolute() and not target.is_file():
+            # HDF5 also looks for an absolute link's file next to the master file: the data moved with it.
+            beside = self.master_path.parent / path.name
+            if beside.is_file():
+                return beside
+        return target
+
+    def _missing(self, name: str, target: Path):
+        raise EigerFileError(
+            f"{target}: data file missing (linked from {self.master_path} as {name}): "
+            f"put it next to the master file, or {_COPY_AGAIN}"
+        )
 
     def _check_frames(self, dataset, target: Path, name: str):
         """A data block must hold frames of the declared size, in integer counts (as the pixel mask is)."""
@@ -260,6 +338,12 @@ class EigerSeries:
             start = self.frame_start_times[: self.nimages]
             stop = start + self.count_time if self.frame_stop_times is None else self.frame_stop_times[: self.nimages]
         else:
+            if self.ntrigger > 1:
+                # Each trigger starts when the beamline says so: the frames after the first are not evenly spaced.
+                raise EigerFileError(
+                    f"{self.master_path}: {self.ntrigger} triggers and no per-frame start_time: when the frames "
+                    "after the first trigger were taken is unknown; label collections taken with one trigger, or "
+                    "have the file writer store each frame's start_time")
             start = self.start_time + np.arange(self.nimages) * self.frame_time
             stop = start + self.count_time
         return np.column_stack([start, stop])

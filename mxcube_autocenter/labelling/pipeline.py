@@ -402,7 +402,7 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
             )
         master = find_master_file(recording)
         with open_master(master) as series:
-            nimages, windows = series.nimages, series.frame_windows()
+            nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
         spot_started = time.perf_counter()
         if spot_counts is None:
             counts = count_spots(master, params, executor=executor, progress=progress)
@@ -427,6 +427,8 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         provenance = {
             "master_file": str(master.resolve()),
             "detector_frames": nimages,
+            # More when an aborted collection left the last data files unwritten.
+            "declared_detector_frames": declared,
             "camera_latency_s": camera_latency,
             "tolerance_s": tolerance,
             "windows": {
