@@ -393,3 +393,13 @@ def test_several_triggers_without_per_frame_times_are_refused(tmp_path):
         f["entry/instrument/detector/start_time"] = np.array([0.0, 0.1, 5.0, 5.1])
     with open_master(written.master_path) as series:
         np.testing.assert_allclose(series.frame_windows()[:, 0] - START, [0.0, 0.1, 5.0, 5.1], atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["entry/instrument/detector/detector_distance", "entry/instrument/beam/incident_wavelength"])
+def test_a_geometry_never_set_is_refused(tmp_path, path):
+    # A detector distance of 0 made the ice-ring filter drop all spots or none; a zero wavelength crashed it.
+    written = small_collection(tmp_path, n_frames=1)
+    with h5py.File(written.master_path, "r+") as f:
+        f[path][...] = 0
+    with pytest.raises(EigerFileError, match=f"xtal_2_master.h5: {path.split('/')[-1]} is 0, not a length"):
+        open_master(written.master_path)

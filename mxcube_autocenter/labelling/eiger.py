@@ -115,6 +115,13 @@ class EigerSeries:
         self.pixel_size = 1e3 * float(self._value(detector, "x_pixel_size"))
         self.distance = 1e3 * float(self._value(detector, "detector_distance"))
         self.wavelength = float(self._value(self._group("entry/instrument/beam"), "incident_wavelength"))
+        for field, value in (("x_pixel_size", self.pixel_size), ("detector_distance", self.distance),
+                             ("incident_wavelength", self.wavelength)):
+            if not (np.isfinite(value) and value > 0):
+                # Spot finding converts pixels to resolution for its resolution and ice-ring filters.
+                raise EigerFileError(
+                    f"{self.master_path}: {field} is {value:g}, not a length: the collection did not record the "
+                    "geometry; set it in the master file (metres; the wavelength in angstrom) before labelling")
         self.width = int(self._value(specific, "x_pixels_in_detector"))
         self.height = int(self._value(specific, "y_pixels_in_detector"))
         ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
