@@ -15,7 +15,7 @@ from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.recording import read_recording
 from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import SignalLog, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
 
 @pytest.fixture
@@ -48,6 +48,9 @@ def collect(beamline, directory, kind, prefix="x", **params):
 def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, autocenter, tmp_path, kind):
     autocenter.recorder.last_summary = None
     delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
+    motors = beamline.diffractometer.get_motors()
+    reported = {name: (motors[name].get_value(), SignalLog(motors[name], "valueChanged"))
+                for name in ("omega", "phiy", "sampx", "sampy")}  # fmt: skip
     record = collect(beamline, tmp_path, kind)
     summary = wait_for_summary(autocenter)
     assert summary.status == "complete" and summary.error is None
@@ -68,22 +71,24 @@ def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, 
     during = (rec.timestamps >= start) & (rec.timestamps <= start + plan.duration)
     camera = [t for t in delivered.times if start <= t <= start + plan.duration]
     assert during.sum() >= 0.8 * min(10 * plan.duration, len(camera))
-    # From the first frame the camera delivered in the exposure to its last, one frame (0.1 s) of slack.
-    assert rec.timestamps[during].min() < min(camera) + 0.1
+    # From the first frame the camera delivered in the exposure to its last: the rate limiter skips a frame
+    # only within 0.1 s of the last one kept, and keeps the next one (which a slow camera delivers later).
+    later = [t for t in camera if t >= min(camera) + 0.1]
+    assert rec.timestamps[during].min() <= (later[0] if later else max(camera)) + 1e-3
     assert rec.timestamps[during].max() > max(camera) - 0.1
     assert rec.frame(0).shape == (1024, 1280, 3)
 
-    # Motor positions per frame are those of the scan at that moment, within
-    # one motion step of the simulated MD3 scan plus the camera latency.
+    # Motor positions per frame are those the motors reported at that moment (the frame's timestamp):
+    # exactly, however late a loaded machine ran the scan's motion steps.
+    for name, (initial, log) in reported.items():
+        times = np.array([-np.inf, *log.times])
+        values = np.array([initial, *(args[0] for _, args in log.calls)])
+        want = values[np.searchsorted(times, rec.timestamps[during], side="right") - 1]
+        np.testing.assert_allclose(rec.motor(name)[during], want, rtol=0, atol=1e-9, err_msg=name)
+    # ... and those of the scan: omega turned through the exposure.
     omega = rec.motor("omega")[during]
-    expected = np.array([plan.motors_at(t - start)["omega"] for t in rec.timestamps[during]])
-    speed = plan.omega_range / plan.exposure_time  # deg/s
-    assert np.max(np.abs(omega - expected)) <= speed * 0.04
-    for name in ("phiy", "sampx", "sampy"):
-        got = rec.motor(name)[during]
-        want = np.array([plan.motors_at(t - start)[name] for t in rec.timestamps[during]])
-        span = abs(plan.end[name] - plan.start[name]) / plan.duration * 0.04
-        assert np.max(np.abs(got - want)) <= span + 1e-4
+    assert np.all(np.diff(omega) >= 0)
+    assert plan.omega_start <= omega.min() and omega.max() <= plan.motors_at(plan.duration)["omega"]
 
 
 def test_unconfigured_collection_type_records_nothing(beamline, autocenter, tmp_path):
@@ -212,7 +217,7 @@ def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline,
 def test_event_loop_keeps_ticking_while_recording_at_25_fps(beamline, autocenter, tmp_path):
     autocenter.config.record_frame_rate = 25
     autocenter.recorder.last_summary = None
-    gaps = []
+    gaps = Gaps()
     ticker = gevent.spawn(tick, gaps)
     delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
     record = collect(beamline, tmp_path, "OSC", n_images=60, exposure_time=0.05)
@@ -228,7 +233,7 @@ def test_event_loop_keeps_ticking_while_recording_at_25_fps(beamline, autocenter
     camera = [t for t in delivered.times if start <= t <= start + plan.duration]
     assert kept >= 0.8 * min(len(camera), 25 * plan.duration)
     assert summary.frames_dropped == 0
-    assert max(gaps) < 0.1
+    assert_responsive(gaps)
 
 
 def test_camera_that_stops_sending_stops_the_recording(beamline, autocenter, tmp_path, caplog):

@@ -114,5 +114,8 @@ def save(result: CentringResult, directory, beam_position) -> Path:
         png = directory / f"centring_{stamp}{kind}_omega{angle.omega:.0f}.png"
         write_png(png, overlay(angle, beam_position))
     path = directory / f"centring_{stamp}.json"
-    path.write_text(json.dumps(record(result), indent=2))
+    # Written last and whole (a rename): whoever sees the record finds it complete, with its overlays.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record(result), indent=2))
+    partial.replace(path)
     return path
