@@ -364,13 +364,13 @@ def cmd_scorecard(args) -> int:
     runs = [_demo_samples(run) for run in args.runs]
     methods = scorecard.summarise(scorecard.pool_outcomes(runs))
     methods = {name: figures for name, figures in methods.items() if figures["n"]}
-    result = {"methods": methods, "n_runs": len(runs),
+    n = sum(len(rows) for rows in runs)
+    n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
+    result = {"methods": methods, "n_runs": len(runs), "n_samples": n, "n_empty": n_empty,
               "targets": scorecard.check_targets(methods.get("ml", {}))}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        n = sum(len(rows) for rows in runs)
-        n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
         print(f"Scorecard: {n} held-out samples, {n_empty} of them empty loops, from {len(runs)} demo run(s); rates "
               f"with their 95 % interval\n\n{scorecard.format_table(methods)}\n\n"
               f"{scorecard.format_targets(result['targets'])}")

@@ -319,6 +319,22 @@ def _shapes_reference(dataset: Path, split: dict, subset: str) -> dict:
     return {f"shapes_{k}": v for k, v in reference.items()}
 
 
+def training_seconds(info: dict) -> float | None:
+    """Seconds a model file's training took, its earlier stages included (``training.initial_model``, nested).
+
+    A fine-tuned model records its own stage in ``training.seconds`` and the
+    model it started from under ``training.initial_model``: the shipped
+    regressor's 526 s are its second stage, after 1583 s of the first.
+    """
+    total, seen = None, 0
+    while isinstance(info, dict) and seen < 32:
+        training = info.get("training") or {}
+        if training.get("seconds") is not None:
+            total = (total or 0.0) + float(training["seconds"])
+        info, seen = training.get("initial_model"), seen + 1
+    return total
+
+
 def _model_file_learning(predictor) -> dict:
     """The learning figures a model file carries in its metadata (a model not trained in this run)."""
     from mxcube_autocenter.learning.training import load_model
@@ -333,7 +349,7 @@ def _model_file_learning(predictor) -> dict:
         "spearman": test.get("spearman"),
         "spearman_expected": test.get("spearman_expected"),
         "pearson": test.get("pearson"),
-        "regressor_s": (info.get("training") or {}).get("seconds"),
+        "regressor_s": training_seconds(info),
         "params": (info.get("architecture") or {}).get("params"),
         "input_size": predictor.spec.input_size,
         "crop_um": predictor.spec.crop_um,
@@ -347,7 +363,7 @@ def _model_file_learning(predictor) -> dict:
         ctest = (cinfo.get("metrics") or {}).get("test") or {}
         learning.update(classifier=str(path), classifier_accuracy=ctest.get("accuracy"),
                         classifier_accuracy_expected=ctest.get("accuracy_expected"),
-                        classifier_s=(cinfo.get("training") or {}).get("seconds"))  # fmt: skip
+                        classifier_s=training_seconds(cinfo))  # fmt: skip
     times = [t for t in (learning["regressor_s"], learning["classifier_s"]) if t is not None]
     learning["train_s"] = round(sum(times), 1) if times else None
     return learning
@@ -441,11 +457,9 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                     if result.angles:
                         label = f"{name} ({spec['variant']}): {'centred' if accepted else 'refused'}"
                         thumbs.append(_thumbnail(result.angles[0], start, mounted, ppmm, beam, label))
-                refused = not accepted and not scorecard.moved(start, final)
             elif method == "lucid":
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, lambda: type(sv).start_auto_centring(sv))
                 final = _positions(bl)
-                refused = not accepted and not scorecard.moved(start, final)
                 message = message or ("accepted" if accepted else "rejected")
             elif method == "loop_centre":
                 final = centred_motors(centre, start["omega"])
@@ -465,21 +479,45 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                 message = "best point of the crystals' shapes (ground truth)"
             else:
                 raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
-            score = scorecard.score_position(mounted.diffraction, best, best_rc, final, refused=bool(refused))
+            failed = False
+            if method in ("ml", "lucid"):
+                refused, failed = declined_or_failed(method, accepted, scorecard.moved(start, final), message)
+            score = scorecard.score_position(mounted.diffraction, best, best_rc, final,
+                                             refused=bool(refused or failed))  # fmt: skip
             outcome = Outcome(method=method, sample=name, has_crystal=has_crystal, refused=bool(refused),
                               final_motors=final, wall_s=wall, exposures=int(exposures), message=str(message),
-                              **score)  # fmt: skip
+                              failed=bool(failed), **score)  # fmt: skip
             outcomes.append(outcome)
             row[method] = outcome.to_dict()
         rows.append(row)
         ml = row.get("ml")
         if ml:
             bar.set_postfix_str(
-                f"ML: {'refused' if ml['refused'] else 'hit' if ml['hit'] else 'miss' if has_crystal else 'moved'}"
+                "ML: " + ("refused" if ml["refused"] else "failed" if ml["failed"] else "hit" if ml["hit"]
+                          else "miss" if has_crystal else "moved")
                 + (f" {ml['dist_um']:.0f} um" if ml["dist_um"] is not None else "") + f", {ml['wall_s']:.1f} s"
             )
     sv.disconnect("centringAccepted", watcher.accepted)
     return outcomes, rows, thumbs
+
+
+# What the ML centring says when it declines (procedure.NoCrystalFound; no loop in view).
+ML_DECLINES = ("no crystal found", "no loop found")
+
+
+def declined_or_failed(method: str, accepted: bool, moved: bool, message: str) -> tuple:
+    """``(refused, failed)`` of a SampleView centring that ended ``accepted`` or not.
+
+    A centring not accepted shoots nothing. It is a refusal when the method
+    declined and left the sample where it was: for the ML centring, only
+    its own verdicts (:data:`ML_DECLINES`), not an error, a time-out or a
+    failed move, after which it puts the sample back as well; lucid says no
+    more than accepted or not. Anything else not accepted failed.
+    """
+    if accepted:
+        return False, False
+    declined = not moved and (method != "ml" or str(message).startswith(ML_DECLINES))
+    return declined, not declined
 
 
 def heldout_samples(n: int, n_empty: int, seed: int = 0) -> list:
@@ -607,7 +645,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         f"- **mesh_oracle**: an X-ray mesh scan of the loop at omega 0 and 90 degrees in {settings['mesh_step_um']:g} um "
         f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
         "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
-        f"{format_cell((methods.get('mesh_oracle') or {}).get('exposures', 0) / 100.0, '{:.0f}')} s).",
+        f"{format_cell(((methods.get('mesh_oracle') or {}).get('exposures') or 0) / 100.0, '{:.0f}')} s).",
         "- **optical_oracle**: the best point of the crystals' shapes alone (uniform quality, the median capacity): "
         "what exact knowledge of the crystals' shapes and positions gives, the limit of any camera-based method "
         "(the camera shows nothing of a crystal's inner quality or capacity; ground truth, not timed).",
@@ -615,8 +653,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
         "3D, from the point in the beam and in focus to the ground-truth best point (for a crystal refused, where "
         "the sample was left). RC fraction: mean reflection count over those angles with the motors where the "
-        "centring left them, over the best point's (0 for a crystal refused: nothing is shot). Empty refused: the "
-        "method declined and left the sample where it was. Medians and hit rates are over the samples with crystals; each rate with "
+        "centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
+        "Empty refused: the method declined and left the sample where it was (a failed centring is no refusal). Medians and hit rates are over the samples with crystals; each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "
         "seeds (`mxcube-autocenter scorecard RUN ...` pools runs).", "",
         "## Targets of the optical ML centring", "",
@@ -643,6 +681,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
                 cells.append("-")
             elif o["refused"]:
                 cells.append("refused")
+            elif o.get("failed"):
+                cells.append("failed")
             elif row["has_crystal"]:
                 cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {'hit' if o['hit'] else 'miss'}")
             else:

@@ -19,7 +19,9 @@ Per centring (:func:`score_position`):
   it centred).
 
 A refusal ("no crystal found") shoots nothing: a crystal refused is missed
-at every angle with RC fraction 0; its distance is that of where the
+at every angle with RC fraction 0; so does a centring that failed (an
+error, a time-out: not accepted, whether it moved or not), which on an empty
+loop is no refusal either; its distance is that of where the
 sample was left (so it counts in the median and p90 distance, where
 :func:`compare_runs` leaves refusals out of the change in distance).
 
@@ -88,6 +90,10 @@ class Outcome:
     refused : bool
         The method declined to centre (no crystal, no loop) and left the
         sample where it was.
+    failed : bool
+        The centring was not accepted for another reason (an error, a time-out,
+        a move stopped half-way): nothing is shot, as after a refusal, but an
+        empty loop it happened on is not counted as refused.
     final_motors : dict
         Centring motor positions after the centring.
     wall_s : float or None
@@ -114,6 +120,7 @@ class Outcome:
     dist_um: float | None = None
     rc_fraction: float | None = None
     message: str = ""
+    failed: bool = False
 
     @property
     def hit(self) -> bool | None:
@@ -334,7 +341,8 @@ def summarise_method(outcomes) -> dict:
         "empty_refused_rate_ci95": wilson_interval(empty_refused, len(empty)),
         "crystal_refused_rate": _rate(o.refused for o in crystal),
         "median_wall_s": _median(o.wall_s for o in outcomes),
-        "exposures": int(np.median(exposures)) if exposures else 0,
+        # None for a method not run: a 0 there would meet the "no X-rays" target with no centring at all.
+        "exposures": int(round(float(np.median(exposures)))) if exposures else None,
         "total_exposures": int(sum(exposures)),
     }
 
@@ -665,6 +673,10 @@ def compare_runs(pairs, method: str = "ml") -> dict:
         As :func:`pair_samples`.
     """
     samples = [s for rows_a, rows_b in pairs for s in pair_samples(rows_a, rows_b, method)]
+    repeated = sorted(name for name, n in Counter(s["sample"] for s in samples).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{len(repeated)} samples are in more than one pair (e.g. {repeated[0]}): they would count "
+                         "twice; pair runs of different --seed")  # fmt: skip
     crystals = [s for s in samples if s["has_crystal"]]
     empty = [s for s in samples if not s["has_crystal"]]
     d_rc = np.array([(s["b"]["rc_fraction"] or 0.0) - (s["a"]["rc_fraction"] or 0.0) for s in crystals], dtype=float)
@@ -696,6 +708,8 @@ def format_comparison(comparison: dict) -> str:
     def outcome(o, has_crystal):
         if o["refused"]:
             return "refused"
+        if o.get("failed"):
+            return "failed"
         if not has_crystal:
             return "moved"
         return f"{'hit ' if o['hit'] else 'miss'} {format_cell(o['dist_um'], '{:.1f}'):>6} um  RC {format_cell(o['rc_fraction'], '{:.2f}')}"

@@ -7,7 +7,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from mxcube_autocenter import scorecard
-from mxcube_autocenter.demo import DemoError, format_scorecard, heldout_samples, run_demo
+from mxcube_autocenter.demo import (DemoError, declined_or_failed, format_scorecard, heldout_samples, run_demo,
+                                    training_seconds)
 from mxcube_autocenter.labelling.dataset import read_table
 
 FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
@@ -159,3 +160,33 @@ def test_the_demo_removes_only_folders_of_an_earlier_demo_report(tmp_path):
     with pytest.raises(DemoError, match="holds data but no demo.log"):
         run_demo(tmp_path, quick=True)
     assert (tmp_path / "data" / "beamtime_master.h5").exists()
+
+
+def test_a_failed_centring_is_no_refusal_and_shoots_nothing():
+    no_crystal = "no crystal found (score 1.0 < min_score 5.0 in more than 1 of 3 views): the loop looks empty"
+    assert declined_or_failed("ml", True, True, "centred (ml) in 4.1 s") == (False, False)
+    assert declined_or_failed("ml", False, False, no_crystal) == (True, False)
+    assert declined_or_failed("ml", False, False, "no loop found by lucid3 after 3 rotations") == (True, False)
+    # An error or a time-out puts the sample back too: it is no verdict on the loop.
+    assert declined_or_failed("ml", False, False, "motor sampx stopped at 0.1 instead of 0.2") == (False, True)
+    assert declined_or_failed("ml", False, False, "no centringAccepted within 120.0 s") == (False, True)
+    # Not accepted but moved: nothing is shot there either.
+    assert declined_or_failed("ml", False, True, no_crystal) == (False, True)
+    assert declined_or_failed("lucid", False, False, "rejected") == (True, False)
+    assert declined_or_failed("lucid", False, True, "rejected") == (False, True)
+    empty = scorecard.Outcome("ml", "e", False, False, {"sampx": 0.0}, 120.0, failed=True)
+    crystal = scorecard.Outcome("ml", "c", True, False, {"sampx": 0.0}, 3.0, failed=True, hits=[False] * 4,
+                                dist_um=50.0, rc_fraction=0.0)  # fmt: skip
+    figures = scorecard.summarise_method([empty, crystal])
+    assert figures["empty_refused_rate"] == 0.0 and figures["hit_rate"] == 0.0
+    assert scorecard.outcome_of({"sample": "e", "ml": empty.to_dict()}, "ml").failed
+
+
+def test_training_time_of_a_fine_tuned_model_file_counts_every_stage():
+    stage1 = {"training": {"seconds": 1583.0}}
+    assert training_seconds({"training": {"seconds": 526.0, "initial_model": stage1}}) == 2109.0
+    assert training_seconds(stage1) == 1583.0 and training_seconds({}) is None
+    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.learning.training import load_model
+
+    assert training_seconds(load_model(DEFAULT_REGRESSOR)[1]) == pytest.approx(526.08 + 1582.99)

@@ -156,6 +156,12 @@ def test_summarise_without_empties_or_timings_gives_none():
     assert mesh["empty_refused_rate"] is None and mesh["median_wall_s"] is None
     assert mesh["exposures"] == 1000 and mesh["total_exposures"] == 2000
     assert summary["ml"]["n"] == 0 and summary["ml"]["hit_rate"] is None
+    # A method not run used no X-rays only because it did nothing: no figure, and no target met by it.
+    assert summary["ml"]["exposures"] is None
+    assert {c["figure"]: c["met"] for c in scorecard.check_targets(summary["ml"])}["exposures"] is None
+    # The median exposures per centring is rounded, not cut: 999.5 -> 1000.
+    assert scorecard.summarise_method([_outcome("mesh_oracle", k, True, exposures=e) for k, e in
+                                       zip("ab", (999, 1000))])["exposures"] == 1000
     assert summary["loop_centre"]["hit_rate"] == 0.0
 
 
@@ -227,7 +233,7 @@ def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
     # Nor their capacities: two crystals of other capacities are told apart by their shapes alone.
     from mxcube_autocenter.simulation.sample import MEDIAN_CAPACITY, uniform_crystals
 
-    pair = make_sample(3, n_crystals=2)
+    pair = make_sample(11, n_crystals=2)
     shapes, _ = DiffractionModel(uniform_crystals(pair, MEDIAN_CAPACITY), Beam()).best_point()
     own_capacities, _ = DiffractionModel(uniform_crystals(pair), Beam()).best_point()
     np.testing.assert_allclose(scorecard.optical_oracle(pair, Beam()), shapes)
@@ -267,20 +273,23 @@ def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4
 def test_compare_runs_pairs_each_crystal_and_pools_the_seeds():
     seed0_a = [_row("s0", True, True, 10.0, 0.8), _row("s1", True, False, 50.0, 0.1), _row("e0", False, refused=True)]
     seed0_b = [_row("e0", False), _row("s1", True, True, 8.0, 0.9, wall=7.0), _row("s0", True, True, 12.0, 0.7)]
-    seed1_a = [_row("s0", True, True, 5.0, 0.9)]  # the same name in another seed's run: paired within its run
-    seed1_b = [_row("s0", True, False, 30.0, 0.0, refused=True)]
+    seed1_a = [_row("t0", True, True, 5.0, 0.9)]  # another seed's run: its own samples
+    seed1_b = [_row("t0", True, False, 30.0, 0.0, refused=True)]
     c = scorecard.compare_runs([(seed0_a, seed0_b), (seed1_a, seed1_b)])
     assert (c["n_crystal"], c["n_empty"], c["hits_a"], c["hits_b"]) == (3, 1, 2, 2)
-    assert c["hits_gained"] == ["s1"] and c["hits_lost"] == ["s0"]
+    assert c["hits_gained"] == ["s1"] and c["hits_lost"] == ["t0"]
     diffs = np.array([-0.1, 0.8, -0.9])  # a refusal counts as RC fraction 0
     assert c["rc_fraction_diff_mean"] == pytest.approx(diffs.mean())
     assert c["rc_fraction_diff_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
     assert (c["rc_fraction_up"], c["rc_fraction_down"]) == (1, 2)
     assert c["dist_diff_median_um"] == pytest.approx(-20.0)  # +2 and -42; the refused one is left out
     assert (c["empty_refused_a"], c["empty_refused_b"]) == (1, 0)
-    assert [s["sample"] for s in c["samples"]] == ["s0", "s1", "e0", "s0"]
+    assert [s["sample"] for s in c["samples"]] == ["s0", "s1", "e0", "t0"]
     text = scorecard.format_comparison(c)
-    assert "crystals hit: 2 -> 2 (gained: s1; lost: s0)" in text and "1 up, 2 down" in text
+    assert "crystals hit: 2 -> 2 (gained: s1; lost: t0)" in text and "1 up, 2 down" in text
+    # The same samples in two pairs (a rerun of the seed paired again) would count twice.
+    with pytest.raises(ValueError, match="3 samples are in more than one pair.*count twice"):
+        scorecard.compare_runs([(seed0_a, seed0_b), (seed0_b, seed0_a)])
 
 
 def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():

@@ -180,11 +180,17 @@ class DiffractionModel:
         return float(np.mean([self._crystal_rc(self._all_points, self._all_weights, {**motors, "omega": float(w)})
                               for w in omegas]))  # fmt: skip
 
-    def best_point(self, n_candidates=400, refine_um=8.0, step_um=2.0):
+    def best_point(self, n_candidates=400, n_refined=6, refine_um=8.0, step_um=4.0, final_step_um=0.5):
         """The point to centre for the most reflections over a rotation.
 
-        Searches the crystals' integration points, then refines on a fine
-        grid around the best of them.
+        Searches ``n_candidates`` of the crystals' integration points, looks
+        around the best ``n_refined`` of them (other crystals, other good
+        regions) on a ``step_um`` grid ``refine_um`` each way, then refines
+        the best point found, halving the step down to ``final_step_um``.
+        (Refining only the best candidate on a 2 um grid missed better
+        regions by up to 12 % of the count and 37 um, and the grid's own step
+        cost up to 1 %: the beam is 5 um high. The scorecard divides by this
+        count and measures distances from this point.)
 
         Returns
         -------
@@ -198,12 +204,27 @@ class DiffractionModel:
         rng = np.random.default_rng(self.sample.seed + 104729)
         idx = rng.choice(len(self._all_points), size=min(n_candidates, len(self._all_points)), replace=False)
         scores = self._centred_scores(self._all_points[idx])
-        best = self._all_points[idx[np.argmax(scores)]]
-        steps = np.arange(-refine_um, refine_um + 1e-9, step_um) * 1e-3
-        grid = best + np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
-        scores = self._centred_scores(grid)
-        i = int(np.argmax(scores))
-        return grid[i], float(scores[i])
+        top = np.argsort(-scores, kind="stable")[: max(1, n_refined)]
+        best, best_rc = self._all_points[idx[top[0]]], float(scores[top[0]])
+
+        def around(centre, half_um, step):
+            steps = np.arange(-half_um, half_um + 1e-9, step) * 1e-3
+            grid = centre + np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
+            grid_scores = self._centred_scores(grid)
+            j = int(np.argmax(grid_scores))
+            return grid[j], float(grid_scores[j])
+
+        for i in top:
+            point, rc = around(self._all_points[idx[i]], refine_um, step_um)
+            if rc > best_rc:
+                best, best_rc = point, rc
+        step = step_um
+        while step > final_step_um + 1e-12:
+            step = max(step / 2.0, final_step_um)
+            point, rc = around(best, 2.0 * step, step)
+            if rc > best_rc:
+                best, best_rc = point, rc
+        return best, best_rc
 
     def _centred_scores(self, candidates, chunk=128) -> np.ndarray:
         """Mean reflection count over the judging omegas for each centred candidate point."""
