@@ -49,6 +49,10 @@ from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.queue_entry import TASK_NAME, register_queue_entry
 
 
+# The longest an MD3 phase change is waited for (its own wait is up to 600 s).
+PHASE_TIMEOUT_S = 120.0
+
+
 def freeze_long_lived_objects():
     """Take the objects the process holds so far out of all future garbage collections.
 
@@ -291,6 +295,11 @@ class AutoCenter(HardwareObject):
             return procedure.CentringResult(success=False, message=refusal, method="none", start_positions=bl.positions())
         with self._centring_lock:
             self.emit("centringProgress", ("Optical ML centring started",))
+            refusal = self._enter_centring_phase()
+            if refusal:
+                self.user_log.warning(f"Optical ML centring: {refusal}")
+                return procedure.CentringResult(success=False, message=refusal, method="none",
+                                                start_positions=bl.positions())  # fmt: skip
             result = procedure.centre(bl, self.predictor, settings, self.log)
             self.last_result = result
             try:
@@ -315,6 +324,25 @@ class AutoCenter(HardwareObject):
                 self._save_record, result, self.config.centring_save_directory, bl.beam_position()
             )
         return result
+
+    def _enter_centring_phase(self) -> str | None:
+        """Put the diffractometer in its Centring phase unless it is there; why not, or None.
+
+        The queue's task and scripts reach :meth:`centre` without SampleView's button, which sets
+        the phase: an MD3 left in DataCollection (after a collection) or Transfer (after a mount)
+        has its backlight out, so no loop is seen. A diffractometer in that phase already is left
+        alone: mxcubecore's set_phase waits for a state change that a phase it is in may never bring.
+        """
+        diffr = HWR.beamline.diffractometer
+        centring = diffr.get_phase_enum.CENTRE
+        try:
+            if diffr.get_phase() == centring:
+                return None
+            self.log.info("AutoCenter: diffractometer phase %s: moving to %s", diffr.get_phase(), centring.value)
+            diffr.set_phase(centring, timeout=PHASE_TIMEOUT_S)
+        except Exception as err:
+            return f"the diffractometer did not reach its Centring phase ({type(err).__name__}: {err}); nothing moved"
+        return None
 
     def _save_record(self, result, directory, beam_position):
         # On a pool thread: nobody waits for it, so a failure is only logged.

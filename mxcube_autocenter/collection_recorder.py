@@ -59,6 +59,25 @@ def find_dc_params(args, fallback=None):
     return fallback
 
 
+def stream_frame(image, args):
+    """An ``imageReceived`` payload as the writer takes it: JPEG bytes, or raw RGB pixels as an array.
+
+    MDCameraMockup-like cameras send ``(jpeg_bytes, width, height)``;
+    mxcubecore's TangoLimaVideo sends the raw pixels of its video mode,
+    ``(rgb_bytes, width, height, False)`` in RGB24. Raw RGB becomes an
+    HxWx3 view (no copy); the writer thread encodes it. Anything else is
+    passed on, and the writer refuses it.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)) and bytes(image[:2]) != b"\xff\xd8" and len(args) >= 2:
+        try:
+            width, height = int(args[0]), int(args[1])
+        except (TypeError, ValueError):
+            return image
+        if width > 0 and height > 0 and len(image) == width * height * 3:
+            return np.frombuffer(image, np.uint8).reshape(height, width, 3)
+    return image
+
+
 def _encode_if_new(rgb, previous):
     """The snapshot as JPEG, or None when it repeats the previous one.
 
@@ -202,7 +221,7 @@ class CollectionRecorder:
             self._motors_failing = True
             return
         self._motors_failing = False
-        self._writer.submit(image, now, motors)
+        self._writer.submit(stream_frame(image, args), now, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""

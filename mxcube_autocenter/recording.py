@@ -496,8 +496,10 @@ class FrameStore:
 
         Parameters
         ----------
-        image : bytes
-            The camera frame as JPEG bytes; decoded to RGB for raw storage.
+        image : bytes or ndarray
+            The camera frame as JPEG bytes (decoded to RGB for raw storage), or
+            as an HxWx3 uint8 RGB array (encoded to JPEG for jpeg storage: the
+            raw pixels of a Lima camera's stream).
         timestamp : float
             Wall-clock time the frame was received, unix s.
         motors : mapping or sequence
@@ -517,7 +519,16 @@ class FrameStore:
         """
         # Everything is checked before the first write, so that a refused frame
         # leaves all datasets the same length.
-        if self.storage == "jpeg":
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"camera frame of shape {image.shape} and type {image.dtype} is no RGB image")
+            if self.storage == "jpeg":
+                pixels = np.frombuffer(encode_jpeg(image), np.uint8)
+                images = self._frames["jpeg"]
+            else:
+                pixels = image
+                images = self._rgb_dataset(pixels.shape)
+        elif self.storage == "jpeg":
             if bytes(image[:2]) != _JPEG_MAGIC:
                 raise ValueError("camera frame is not a JPEG image (no JPEG start marker)")
             pixels = np.frombuffer(image, np.uint8)

@@ -317,9 +317,10 @@ def test_the_sine_fits_move_to_a_reference_position_is_held_to_the_limit_too(bea
     # (2 mm: within the motor's limits, beyond max_displacement_mm).
     mount_at_start(beamline)
     start = positions(beamline)
-    monkeypatch.setattr(beamline.sample_view.centring_motors["phiz"], "reference_position", start["phiz"] + 2.0)
+    # phiy: phiz's reference position is also where the rotation axis crosses the beam, which moves the views.
+    monkeypatch.setattr(beamline.sample_view.centring_motors["phiy"], "reference_position", start["phiy"] + 2.0)
     result = autocenter.centre(save=False)
-    assert not result.success and "refusing to move phiz by +2.000 mm: more than max_displacement_mm" in result.message
+    assert not result.success and "refusing to move phiy by +2.000 mm: more than max_displacement_mm" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
@@ -714,3 +715,53 @@ def test_required_verification_refuses_an_empty_loop_that_fooled_the_fitted_view
     result = shipped_autocenter.last_result
     assert "centringSuccessful" in log.names() and result.success and result.method == "loop"
     assert scorecard.moved(start, positions(beamline))
+
+
+@pytest.fixture
+def axis_off_phiz_zero(beamline):
+    """An MD3 whose rotation axis crosses the beam at phiz 0.1 mm (its calibrated AlignmentZ), not at 0.
+
+    SampleView knows it as phiz's ``centring_reference_position`` (the rotation axis calibration,
+    SampleView.set_rotation_axis_position); the virtual camera draws the scene accordingly.
+    """
+    axis = 0.1
+    camera, phiz = beamline.sample_view.camera, beamline.sample_view.centring_motors["phiz"]
+    camera.rotation_axis_phiz, phiz.reference_position = axis, axis
+    yield axis
+    camera.rotation_axis_phiz, phiz.reference_position = 0.0, None
+
+
+def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(beamline, shipped_autocenter,
+                                                                                axis_off_phiz_zero):
+    spec = HELDOUT[53002]
+    mounted = beamline.sample_changer.mount(make_sample(53002, **spec["kwargs"]))
+    centre = mounted.sample.loop_centre
+    beamline.diffractometer.set_value_motors(
+        {"omega": 40.0, "phiy": float(centre[0]) + 0.05, "phiz": axis_off_phiz_zero, "sampx": 0.0, "sampy": 0.0},
+        timeout=30,
+    )
+    log = run_auto_centring(beamline)
+    accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
+    assert accepted[0] is True, shipped_autocenter.last_result.message
+    final = positions(beamline)
+    assert final["phiz"] == pytest.approx(axis_off_phiz_zero, abs=1e-3)  # the fit keeps the axis on the beam
+    best, best_rc = mounted.best_point()
+    true_geometry = {**final, "phiz": final["phiz"] - axis_off_phiz_zero}
+    score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
+    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+def test_a_centring_from_a_script_or_the_queue_first_puts_the_diffractometer_in_its_centring_phase(
+        beamline, autocenter, monkeypatch):
+    """An MD3 left in DataCollection or Transfer has its backlight out: the queue and scripts do not press the button."""
+    diffr = beamline.diffractometer
+    mount_at_start(beamline)
+    diffr.set_phase(diffr.get_phase_enum.COLLECT)
+    phases = []
+    snapshot = procedure.Beamline.snapshot
+    monkeypatch.setattr(procedure.Beamline, "snapshot", lambda bl: (phases.append(diffr.get_phase()), snapshot(bl))[1])
+    try:
+        autocenter.centre()
+    finally:
+        diffr.set_phase(diffr.get_phase_enum.CENTRE)
+    assert phases and set(phases) == {diffr.get_phase_enum.CENTRE}

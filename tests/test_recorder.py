@@ -375,3 +375,22 @@ def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter
     # Labelling the same recording again is detected and skipped.
     assert main(["label", str(recording), "--out", str(out)]) == 0
     assert len(read_table(out)) == len(data)
+
+
+def test_a_camera_that_streams_raw_rgb_pixels_is_recorded(beamline, autocenter, tmp_path):
+    """mxcubecore's TangoLimaVideo (RGB24) sends imageReceived(rgb_bytes, width, height, False), not JPEG."""
+    camera = beamline.sample_view.camera
+    camera.stream_format = "rgb"
+    try:
+        autocenter.recorder.last_summary = None
+        collect(beamline, tmp_path, "OSC")
+        summary = wait_for_summary(autocenter)
+    finally:
+        camera.stream_format = "jpeg"
+    assert summary.status == "complete" and summary.error is None, summary
+    rec = read_recording(summary.path)
+    assert len(rec) > 5
+    expected = np.frombuffer(camera.get_last_image()[0], np.uint8).reshape(camera.get_height(), camera.get_width(), 3)
+    frame = rec.frame(len(rec) - 1)
+    assert frame.shape == expected.shape
+    assert np.abs(frame.astype(int) - expected).mean() < 8  # the same picture, once through JPEG

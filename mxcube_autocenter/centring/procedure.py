@@ -166,6 +166,25 @@ class Beamline:
     def beam_position(self):
         return tuple(self.beam.get_beam_position_on_screen())
 
+    def rotation_axis_phiz(self) -> float:
+        """phiz at which the rotation axis crosses the beam: phiz's ``centring_reference_position`` (0 without one).
+
+        On an MD3 it is the calibrated AlignmentZ (SampleView.set_rotation_axis_position), rarely 0;
+        mxcubecore's sine fit parks phiz there.
+        """
+        motor = self.sample_view.centring_motors.get("phiz")
+        reference = None if motor is None else motor.reference_position
+        return 0.0 if reference is None else float(reference)
+
+    def axis_origin(self, pixels_per_mm, beam_position) -> tuple:
+        """The ``beam_position`` of geometry.py's projection (rotation axis through it at phiz = 0).
+
+        The real beam when the axis crosses it at phiz 0; otherwise the beam moved by that phiz, so that
+        sample points project where the camera sees them. The beam itself (what the verification scores)
+        stays :meth:`beam_position`.
+        """
+        return (float(beam_position[0]), float(beam_position[1]) + pixels_per_mm[1] * self.rotation_axis_phiz())
+
     def move(self, positions: dict, timeout: float):
         """Move and check arrival: a motor that fails in a simultaneous move does not raise."""
         self.diffractometer.set_value_motors(positions, timeout=timeout)
@@ -271,7 +290,8 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     step_deg = 180.0 / settings.n_angles
     try:
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
-        ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+        ppmm = bl.pixels_per_mm()
+        beam = bl.axis_origin(ppmm, bl.beam_position())  # projections and fit; the verification takes the beam's own
         for i in range(settings.n_angles):
             if i > 0:
                 bl.rotate(step_deg, settings.move_timeout_s)
@@ -371,7 +391,7 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
     # own: run in a greenlet of its own, whatever it dies of is the fit's failure, never the caller's time-out.
     starting = gevent.spawn(
         sample_centring.start,
-        bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], beam_position[0], beam_position[1],
+        bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], *bl.beam_position(),  # the X-ray beam
         chi_angle=bl.sample_view.chi_angle, n_points=n_angles,
     )
     try:

@@ -28,7 +28,14 @@ class VirtualCamera(HardwareObject):
     XML properties: ``width``, ``height`` (pixels), ``fps`` (frames per second
     of the ``imageReceived`` stream, default 25), ``jpeg_quality``,
     ``latency_s`` (delay between exposure and delivery), ``look``
-    (``default`` or ``random``) and ``look_seed``.
+    (``default`` or ``random``), ``look_seed`` and ``rotation_axis_phiz``
+    (mm, default 0: the phiz at which the rotation axis crosses the beam, as
+    an MD3's calibrated AlignmentZ; SampleView's ``centring_reference_position``
+    of phiz on a real beamline). The scene is drawn with phiz counted from it.
+    Attribute ``stream_format``: ``"jpeg"`` (MDCameraMockup's
+    ``imageReceived(jpeg_bytes, width, height)``) or ``"rgb"`` (mxcubecore's
+    TangoLimaVideo in RGB24 video mode: ``imageReceived(rgb_bytes, width,
+    height, False)``, the raw pixels).
     """
 
     def init(self):
@@ -40,6 +47,8 @@ class VirtualCamera(HardwareObject):
             raise ValueError(f"{self.load_name}: fps = {self._fps}: give 1 to 100 frames per second")
         self._jpeg_quality = int(self.get_property("jpeg_quality", 90))
         self._latency_s = float(self.get_property("latency_s", 0.02))
+        self.rotation_axis_phiz = float(self.get_property("rotation_axis_phiz", 0.0))
+        self.stream_format = self.get_property("stream_format", "jpeg")
         look = DEFAULT_LOOK
         if self.get_property("look", "default") == "random":
             look = random_look(np.random.default_rng(int(self.get_property("look_seed", 0))))
@@ -68,6 +77,7 @@ class VirtualCamera(HardwareObject):
         bl = HWR.beamline
         diffr = bl.diffractometer
         motors = {name: float(diffr.get_motors()[name].get_value()) for name in CENTRING_MOTORS}
+        motors["phiz"] -= self.rotation_axis_phiz  # the geometry's phiz: 0 with the axis through the beam
         ppmm = tuple(diffr.get_pixels_per_mm())
         beam = tuple(bl.beam.get_beam_position_on_screen())
         mounted = bl.sample_changer.mounted
@@ -101,7 +111,10 @@ class VirtualCamera(HardwareObject):
             try:
                 self._update()
                 gevent.sleep(self._latency_s)
-                self.emit("imageReceived", self._jpeg, self._width, self._height)
+                if self.stream_format == "rgb":
+                    self.emit("imageReceived", self._rgb.tobytes(), self._width, self._height, False)
+                else:
+                    self.emit("imageReceived", self._jpeg, self._width, self._height)
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
