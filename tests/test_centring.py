@@ -149,6 +149,22 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_motors_that_arrive_after_the_diffractometer_said_ready_are_waited_for(beamline, autocenter, monkeypatch):
+    # An MD3 (mxcubecore's MicroDiffractometer) returns from set_value_motors once its state reads Ready,
+    # which it may still do just before the motors start: their arrival shows a moment later.
+    mount_at_start(beamline)
+    motors = beamline.diffractometer.get_motors()
+
+    def ready_too_early(positions, timeout=None):
+        for name, value in positions.items():
+            motors[name].set_value(value, timeout=0)
+
+    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", ready_too_early)
+    result = autocenter.centre(save=False)
+    assert result.success, result.message
+    assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
+
+
 def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, autocenter):
     from mxcubecore.HardwareObjects import sample_centring
 

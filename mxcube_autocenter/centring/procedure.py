@@ -33,6 +33,13 @@ from mxcube_autocenter.geometry import CENTRING_MOTORS
 EDGE_MARGIN_CROPS = 0.25
 TRANSLATION_TOLERANCE_MM = 1e-3
 OMEGA_TOLERANCE_DEG = 0.05
+# How long motors may take to show their arrival after the diffractometer says the move is done, s.
+ARRIVAL_SETTLE_S = 2.0
+
+
+def _tolerance(motor: str) -> float:
+    """How far from its target a motor may stop and count as arrived (degrees or mm)."""
+    return OMEGA_TOLERANCE_DEG if motor == "omega" else TRANSLATION_TOLERANCE_MM
 
 
 class CentringFailed(RuntimeError):
@@ -186,13 +193,23 @@ class Beamline:
         return (float(beam_position[0]), float(beam_position[1]) + pixels_per_mm[1] * self.rotation_axis_phiz())
 
     def move(self, positions: dict, timeout: float):
-        """Move and check arrival: a motor that fails in a simultaneous move does not raise."""
+        """Move and check arrival: a motor that fails in a simultaneous move does not raise.
+
+        Arrival is awaited for up to :data:`ARRIVAL_SETTLE_S` after ``set_value_motors`` returns: an MD3's
+        (MicroDiffractometer) returns once its state reads Ready, which it may still do just before the
+        motors start, and its positions then arrive a moment later.
+        """
         self.diffractometer.set_value_motors(positions, timeout=timeout)
-        now = self.positions()
-        for name, target in positions.items():
-            tolerance = OMEGA_TOLERANCE_DEG if name == "omega" else TRANSLATION_TOLERANCE_MM
-            if abs(now[name] - target) > tolerance:
-                raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {target:.4f}")
+        settled_by = time.monotonic() + ARRIVAL_SETTLE_S
+        while True:
+            now = self.positions()
+            off = [name for name, target in positions.items() if abs(now[name] - target) > _tolerance(name)]
+            if not off:
+                return
+            if time.monotonic() >= settled_by:
+                name = off[0]
+                raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {positions[name]:.4f}")
+            gevent.sleep(0.05)
 
     def reference_positions(self) -> dict:
         """Where mxcubecore's sine fit first moves the motors that have one (``centring_reference_position``)."""
