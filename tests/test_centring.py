@@ -678,16 +678,21 @@ def test_empty_loop_with_the_loop_fallback_centres_the_loop_and_says_so(beamline
     assert scorecard.moved(start, positions(beamline))
 
 
-def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_autocenter):
+def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_autocenter, monkeypatch):
     changer = beamline.sample_changer
     mounted = changer.mount(make_sample(changer.seed_at(5, 8)))  # an empty loop of the virtual sample changer
     assert mounted.sample.crystals == []
     beamline.diffractometer.set_value_motors({name: 0.0 for name in CENTRING_MOTORS}, timeout=30)
     start = positions(beamline)
+    aborted = []
+    for name, motor in beamline.diffractometer.get_motors().items():
+        monkeypatch.setattr(motor, "abort", lambda name=name: aborted.append(name))
     log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     assert "no crystal found" in shipped_autocenter.last_result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-4)
+    # Nothing moved when the centring gave up: no abort (an MD3 motor's abort is the diffractometer's global one).
+    assert aborted == []
 
 
 def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shipped_autocenter):

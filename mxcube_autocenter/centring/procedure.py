@@ -603,14 +603,18 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
 
 
 def _stop_motion(bl: Beamline, log):
-    """Stop the fit (it may be turning omega) and every centring motor, before moving back."""
+    """Stop the fit (it may be turning omega) and every centring motor that moves, before moving back.
+
+    Motors at rest are left alone: an MD3 motor's abort is the diffractometer's global abort.
+    """
     fit = sample_centring.CURRENT_CENTRING
     if fit is not None and not fit.ready():
         fit.kill(block=True)
     motors = bl.diffractometer.get_motors()
     for name in CENTRING_MOTORS:
         try:
-            motors[name].abort()
+            if motors[name].get_state() != motors[name].STATES.READY:
+                motors[name].abort()
         except Exception:
             # The other motors still stop, and the sample still goes back.
             log.exception("AutoCenter: could not stop %s", name)
