@@ -334,12 +334,15 @@ class AutoCenter(HardwareObject):
         alone: mxcubecore's set_phase waits for a state change that a phase it is in may never bring.
         """
         diffr = HWR.beamline.diffractometer
-        centring = diffr.get_phase_enum.CENTRE
         try:
-            if diffr.get_phase() == centring:
+            centring = diffr.get_phase_enum.CENTRE
+            phase = diffr.get_phase()
+            if phase == centring:
                 return None
-            self.log.info("AutoCenter: diffractometer phase %s: moving to %s", diffr.get_phase(), centring.value)
-            diffr.set_phase(centring, timeout=PHASE_TIMEOUT_S)
+            self.log.info("AutoCenter: diffractometer phase %s: moving to %s", phase, centring.value)
+            # An MD3's own set_phase waits up to 600 s before its timeout applies: the bound is kept here.
+            with gevent.Timeout(PHASE_TIMEOUT_S, RuntimeError(f"no Centring phase within {PHASE_TIMEOUT_S:.0f} s")):
+                diffr.set_phase(centring, timeout=PHASE_TIMEOUT_S)
         except Exception as err:
             return f"the diffractometer did not reach its Centring phase ({type(err).__name__}: {err}); nothing moved"
         return None
@@ -435,7 +438,8 @@ class AutoCenter(HardwareObject):
         def unless_centring(*args, **kwargs):
             # Cancelling a centring from the button ends it before mxcubeweb starts a click centring: a centring
             # still running here is a script's or the queue's, or the click landed in the middle of one.
-            if self._centring_lock.locked():
+            # A press of the button still readying the diffractometer (seconds on an MD3) holds the sample too.
+            if self._centring_lock.locked() or self._button_pressed:
                 self.user_log.warning(f"{refusal}: an optical ML centring is moving the sample; wait for it to end")
                 return None
             return method(*args, **kwargs)

@@ -816,11 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _log_warnings_to_stderr():
-    """Warnings of this package's modules to stderr, as Python's default would; the beamline's own log
-    (``HWR``, which mxcubecore prints with its own handler) once, not twice.
+    """One stderr handler on the root logger, for this package's warnings and the beamline's log alike.
 
-    Without a root handler, the first module-level ``logging.debug`` call in mxcubecore (its ``TaskUtils``)
-    runs ``logging.basicConfig``, whose handler printed every beamline log line a second time.
+    mxcubecore adds its own (stdout) handler to ``HWR`` only when the root logger has none; without ours,
+    it did, and then its first module-level ``logging.debug`` call (``TaskUtils``) ran
+    ``logging.basicConfig``, whose handler printed every beamline log line a second time. Should a
+    beamline's configuration give ``HWR`` a handler of its own, its records are left to that one.
     """
     root = logging.getLogger()
     if root.handlers:  # configured by whoever runs us (pytest, a script)

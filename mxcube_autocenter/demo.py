@@ -455,7 +455,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                 if result is not None:
                     message = message or result.message
                     if result.angles:
-                        label = f"{name} ({spec['variant']}): {'centred' if accepted else 'refused'}"
+                        label = f"{name} ({spec['variant']}): {'centred' if accepted else 'not centred'}"
                         thumbs.append(_thumbnail(result.angles[0], start, mounted, ppmm, beam, label))
             elif method == "lucid":
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, lambda: type(sv).start_auto_centring(sv))

@@ -342,7 +342,7 @@ def summarise_method(outcomes) -> dict:
         "crystal_refused_rate": _rate(o.refused for o in crystal),
         "median_wall_s": _median(o.wall_s for o in outcomes),
         # None for a method not run: a 0 there would meet the "no X-rays" target with no centring at all.
-        "exposures": int(round(float(np.median(exposures)))) if exposures else None,
+        "exposures": int(np.floor(np.median(exposures) + 0.5)) if exposures else None,  # half up
         "total_exposures": int(sum(exposures)),
     }
 

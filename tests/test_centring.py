@@ -1,6 +1,7 @@
 """Optical ML centring on the virtual beamline, through SampleView as the web UI runs it."""
 
 import logging
+import time
 
 import gevent
 import numpy as np
@@ -786,3 +787,62 @@ def test_a_centring_from_a_script_or_the_queue_first_puts_the_diffractometer_in_
     finally:
         diffr.set_phase(diffr.get_phase_enum.CENTRE)
     assert phases and set(phases) == {diffr.get_phase_enum.CENTRE}
+
+
+def test_a_move_reported_done_before_it_starts_is_waited_for_while_the_motor_still_moves(beamline, monkeypatch):
+    # The same early Ready, before a move longer than the settle time: a motor on its way is no stopped one.
+    motors = beamline.diffractometer.get_motors()
+    phiy = motors["phiy"]
+    velocity = phiy.get_velocity()
+
+    def ready_too_early(positions, timeout=None):
+        for name, value in positions.items():
+            motors[name].set_value(value, timeout=0)
+
+    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", ready_too_early)
+    bl = procedure.Beamline(beamline)
+    target = phiy.get_value() + 0.6
+    phiy.set_velocity(0.2)  # 3 s of motion: longer than ARRIVAL_SETTLE_S, well within the move's time-out
+    try:
+        bl.move({"phiy": target}, timeout=10.0)
+        assert phiy.get_value() == pytest.approx(target, abs=1e-3)
+    finally:
+        phiy.set_velocity(velocity)
+        phiy.set_value(target - 0.6, timeout=30)
+
+
+def test_a_click_centring_is_refused_while_the_button_readies_the_diffractometer(beamline, autocenter, monkeypatch,
+                                                                                  caplog):
+    # SampleView's button waits for the diffractometer (up to 60 s on an MD3) before the ML centring takes the lock.
+    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    mount_at_start(beamline)
+    real_wait = diffr.wait_status_ready
+    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
+    press = gevent.spawn(sample_view.start_auto_centring)
+    gevent.sleep(0.3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="user_level_log"):
+            sample_view.start_manual_centring(3)
+        assert "Click centring not started" in caplog.text, "a click centring started under the button's press"
+    finally:
+        press.join()
+        sample_view.cancel_centring()
+        gevent.sleep(0.5)
+
+
+def test_a_phase_change_that_hangs_is_given_up_after_phase_timeout_s(beamline, autocenter, monkeypatch):
+    # An MD3's _set_phase waits for its state up to 600 s itself, before set_phase's timeout applies.
+    from mxcube_autocenter import AutoCenter as module
+
+    diffr = beamline.diffractometer
+    monkeypatch.setattr(module, "PHASE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(diffr, "_set_phase", lambda value: gevent.sleep(5.0))
+    diffr.update_phase(diffr.get_phase_enum.TRANSFER)
+    try:
+        t = time.monotonic()
+        result = autocenter.centre(save=False)
+        assert time.monotonic() - t < 3.0
+        assert not result.success and "did not reach its Centring phase" in result.message
+    finally:
+        monkeypatch.undo()
+        diffr.set_phase(diffr.get_phase_enum.CENTRE)

@@ -403,3 +403,19 @@ def test_a_geometry_never_set_is_refused(tmp_path, path):
         f[path][...] = 0
     with pytest.raises(EigerFileError, match=f"xtal_2_master.h5: {path.split('/')[-1]} is 0, not a length"):
         open_master(written.master_path)
+
+
+def test_an_aborted_collection_with_per_frame_times_of_the_frames_it_took(tmp_path):
+    # The detector has no times for frames never taken: the per-frame times stop with the data.
+    written = small_collection(tmp_path, n_frames=5, images_per_file=2, frame_start_times=START + np.arange(5) * FRAME_TIME)
+    written.data_paths[2].unlink()
+    with h5py.File(written.master_path, "r+") as f:
+        detector = f["entry/instrument/detector"]
+        for name in ("start_time", "stop_time"):
+            times, attrs = detector[name][()][:4], dict(detector[name].attrs)
+            del detector[name]
+            detector[name] = times
+            detector[name].attrs.update(attrs)
+    with open_master(written.master_path) as series:
+        assert (series.nimages, series.declared_images) == (4, 5)
+        np.testing.assert_allclose(series.frame_windows()[:, 0], START + np.arange(4) * FRAME_TIME, atol=1e-6)

@@ -74,7 +74,8 @@ def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, 
     # From the first frame the camera delivered in the exposure to its last: the rate limiter skips a frame
     # only within 0.1 s of the last one kept, and keeps the next one (which a slow camera delivers later).
     later = [t for t in camera if t >= min(camera) + 0.1]
-    assert rec.timestamps[during].min() <= (later[0] if later else max(camera)) + 1e-3
+    # (20 ms: the test's listener and the recorder's stamp the same frame a thread switch apart, frames are 40 ms apart)
+    assert rec.timestamps[during].min() <= (later[0] if later else max(camera)) + 0.02
     assert rec.timestamps[during].max() > max(camera) - 0.1
     assert rec.frame(0).shape == (1024, 1280, 3)
 

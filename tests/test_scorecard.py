@@ -159,9 +159,11 @@ def test_summarise_without_empties_or_timings_gives_none():
     # A method not run used no X-rays only because it did nothing: no figure, and no target met by it.
     assert summary["ml"]["exposures"] is None
     assert {c["figure"]: c["met"] for c in scorecard.check_targets(summary["ml"])}["exposures"] is None
-    # The median exposures per centring is rounded, not cut: 999.5 -> 1000.
+    # The median exposures per centring is rounded half up, not cut: 999.5 -> 1000, 998.5 -> 999.
     assert scorecard.summarise_method([_outcome("mesh_oracle", k, True, exposures=e) for k, e in
                                        zip("ab", (999, 1000))])["exposures"] == 1000
+    assert scorecard.summarise_method([_outcome("mesh_oracle", k, True, exposures=e) for k, e in
+                                       zip("ab", (998, 999))])["exposures"] == 999
     assert summary["loop_centre"]["hit_rate"] == 0.0
 
 

@@ -197,19 +197,33 @@ class Beamline:
 
         Arrival is awaited for up to :data:`ARRIVAL_SETTLE_S` after ``set_value_motors`` returns: an MD3's
         (MicroDiffractometer) returns once its state reads Ready, which it may still do just before the
-        motors start, and its positions then arrive a moment later.
+        motors start, and its positions then arrive a moment later. A motor that then reports it is moving
+        is waited for as long as the move's ``timeout`` allows.
         """
+        begun = time.monotonic()
         self.diffractometer.set_value_motors(positions, timeout=timeout)
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
+        deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
         while True:
             now = self.positions()
             off = [name for name, target in positions.items() if abs(now[name] - target) > _tolerance(name)]
             if not off:
                 return
-            if time.monotonic() >= settled_by:
+            t = time.monotonic()
+            if t < deadline and any(self._moving(name) for name in off):
+                # Started late and still on its way: a move that takes longer than the settle time is no stop.
+                settled_by = max(settled_by, min(t + ARRIVAL_SETTLE_S, deadline))
+            elif t >= settled_by:
                 name = off[0]
                 raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {positions[name]:.4f}")
             gevent.sleep(0.05)
+
+    def _moving(self, name: str) -> bool:
+        """Whether motor ``name`` says it is moving (not ready); False when it cannot tell."""
+        try:
+            return not self.diffractometer.get_motors()[name].is_ready()
+        except Exception:
+            return False
 
     def reference_positions(self) -> dict:
         """Where mxcubecore's sine fit first moves the motors that have one (``centring_reference_position``)."""

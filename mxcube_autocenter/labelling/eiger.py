@@ -129,8 +129,6 @@ class EigerSeries:
         self.nimages = int(self._value(specific, "nimages")) * ntrigger
         self.declared_images = self.nimages
         self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
-        self.frame_start_times = self._frame_times(detector, "start_time")
-        self.frame_stop_times = self._frame_times(detector, "stop_time")
         mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
         self.pixel_mask = np.asarray(mask[()], dtype=np.uint32)
@@ -140,6 +138,9 @@ class EigerSeries:
                 f"{self.width} pixels: the master file is corrupt; {_COPY_AGAIN}"
             )
         self._blocks = self._data_blocks()
+        # After the data files: an aborted collection's per-frame times cover only the frames it took.
+        self.frame_start_times = self._frame_times(detector, "start_time")
+        self.frame_stop_times = self._frame_times(detector, "stop_time")
         self.dtype = self._blocks[0][1].dtype if self._blocks else np.dtype(np.uint32)
         invalid = np.iinfo(self.dtype).max
         if "countrate_correction_count_cutoff" in specific:
