@@ -342,6 +342,8 @@ class AutoCenter(HardwareObject):
             self.log.info("AutoCenter: diffractometer phase %s: moving to %s", phase, centring.value)
             # An MD3's own set_phase waits up to 600 s before its timeout applies: the bound is kept here.
             with gevent.Timeout(PHASE_TIMEOUT_S, RuntimeError(f"no Centring phase within {PHASE_TIMEOUT_S:.0f} s")):
+                # As the button does: an MD3 still busy (after a mount) refuses a phase change.
+                diffr.wait_status_ready(PHASE_TIMEOUT_S)
                 diffr.set_phase(centring, timeout=PHASE_TIMEOUT_S)
         except Exception as err:
             return f"the diffractometer did not reach its Centring phase ({type(err).__name__}: {err}); nothing moved"
