@@ -300,8 +300,9 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
                         classifier_s=round(clf.seconds, 1),
                         classifier_report=str(out / "classifier_report" / "report.md"))  # fmt: skip
         if not used:
-            _say(f"the classifier is not used for centring: validation balanced accuracy {validation} < "
-                 f"{CLASSIFIER_MIN_BALANCED_ACCURACY}")  # fmt: skip
+            _say("the classifier is not used for centring: validation balanced accuracy "
+                 + (f"{validation:.3f} < {CLASSIFIER_MIN_BALANCED_ACCURACY}" if validation is not None else
+                    "unknown (the validation crystals hold one class only)"))  # fmt: skip
     learning["train_s"] = round(learning["regressor_s"] + learning["classifier_s"], 1)
     return learning
 

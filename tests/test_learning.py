@@ -644,10 +644,10 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert metrics["mse"] == pytest.approx(trained.metrics["test"]["mse"], rel=1e-4)
     assert -1 <= metrics["spearman"] <= 1 and -1 <= metrics["pearson"] <= 1
     for name in ("report.md", "metrics.json", "scatter.png", "gallery_highest.png", "gallery_lowest.png",
-                 "gallery_worst.png"):
+                 "gallery_worst.png", "heatmaps.png"):
         assert (out / name).stat().st_size > 0, name
     text = (out / "report.md").read_text()
-    assert "Spearman" in text and "![scatter](scatter.png)" in text
+    assert "Spearman" in text and "![scatter](scatter.png)" in text and "![heatmaps](heatmaps.png)" in text
     by_scan = metrics["collections"]
     assert sum(c["crops"] * c["mse"] for c in by_scan) / metrics["n"] == pytest.approx(metrics["mse"], rel=1e-4)
     assert [c["share_of_error"] for c in by_scan] == sorted((c["share_of_error"] for c in by_scan), reverse=True)
@@ -660,6 +660,7 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert set(table["a1"]) == {"vanilla", "tanh"}
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| architecture | vanilla | tanh |" in text and "| a1 |" in text
+    assert "crystals" in text and "the same for every model" in text
 
 
 def test_collection_shares_rank_the_collections_by_their_part_of_the_loss():
@@ -709,3 +710,78 @@ def test_fcn_classifier_starts_from_an_fcn_regressor(trained, dataset_path, tmp_
     with pytest.raises(ValueError, match="initial model has task 'regression', not 'classifier'"):
         train_classifier(dataset_path, str(tmp_path / "bad"), arch="classifier", epochs=1,
                          initial_model=trained.model_path, **same)
+
+
+# ---------------------------------------------------------------- review: evaluation figures
+
+
+def _captured_scatter(real, pred, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from mxcube_autocenter.learning import evaluate as ev
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    ev._scatter(os.devnull, real, pred, "t")
+    return figures[0].axes[0]
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_scatter_shows_every_prediction_negative_ones_too(name, monkeypatch):
+    # A vanilla or tanh model predicts negative counts, a log one counts down to -1: all must be on the plot.
+    rng = np.random.default_rng(0)
+    rc = np.where(rng.random(500) < 0.5, 0, rng.poisson(20, 500)).astype(float)
+    t = get_transform(name).fit(rc)
+    pred = t.inverse(t.forward(rc) + rng.normal(0, 0.5, rc.size))
+    assert pred.min() < -0.5
+    ax = _captured_scatter(rc, pred, monkeypatch)
+    lo, hi = ax.get_ylim()
+    assert lo < pred.min() and hi > pred.max() and ax.get_xlim() == (lo, hi)
+    (x, y), = [line.get_data() for line in ax.get_lines()]  # x = y spans the points
+    assert np.array_equal(x, y) and x[0] <= pred.min() and x[-1] >= max(rc.max(), pred.max())
+
+
+def test_scatter_of_non_finite_predictions_does_not_fail(monkeypatch):
+    ax = _captured_scatter(np.array([0.0, 3.0, 10.0]), np.array([1.0, np.inf, 2.0]), monkeypatch)
+    assert np.all(np.isfinite(ax.get_ylim()))
+
+
+def test_balanced_accuracy_needs_both_classes():
+    from mxcube_autocenter.learning.training import classifier_metrics
+
+    # A constant "crystal" classifier on a subset of crystal crops only: its balanced accuracy is unknown, not 1.
+    only_crystals = classifier_metrics([1, 1, 1, 1], [0.9, 0.8, 0.7, 0.6])
+    assert only_crystals["balanced_accuracy"] is None
+    assert only_crystals["recall_crystal"] == 1.0 and only_crystals["recall_empty"] is None
+    m = classifier_metrics([0, 0, 0, 1, 1], [0.1, 0.9, 0.2, 0.8, 0.3])
+    assert m["confusion"] == [[2, 1], [1, 1]]  # rows real (empty, crystal), columns predicted
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_gallery_marks_the_beam_where_the_crop_puts_it():
+    # crop_uint8 maps the beam to output pixel coordinate n / 2: the gallery's cross must be there.
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[100, 100] = 255
+    for n in (32, 33, 64):
+        spec = crops.CropSpec(crop_um=100, input_size=n)
+        crop = crops.crop_uint8(image, (100.0, 100.0), (10.0 * n, 10.0 * n), spec)[..., 0].astype(float)  # 1:1
+        ys, xs = np.indices(crop.shape)
+        assert (xs * crop).sum() / crop.sum() == pytest.approx(n / 2, abs=1e-6)
+    import inspect
+
+    from mxcube_autocenter.learning import evaluate as ev
+
+    assert "c = spec.input_size / 2\n" in inspect.getsource(ev._gallery)
+
+
+def test_sweep_report_names_its_shared_test_subset(tmp_path):
+    from mxcube_autocenter.learning.evaluate import _write_sweep
+
+    split = {"train": ["a", "b", "c"], "validation": ["d"], "test": ["e", "f"], "seed": 0,
+             "rows": {"train": 30, "validation": 10, "test": 20}}
+    table = {"a1": {"vanilla": {"mse": 0.5, "spearman": 0.7}}}
+    _write_sweep(str(tmp_path), table, ("vanilla",), "set.h5", {"label": "rc_expected"}, split)
+    text = (tmp_path / "sweep.md").read_text()
+    assert "test subset: 20 crops of 2 crystals" in text and "the same for every model" in text
+    assert "transformed targets of the rc_expected counts" in text
+    assert json.loads((tmp_path / "sweep.json").read_text()) == table

@@ -57,6 +57,17 @@ def test_shipped_model_evaluates_on_a_beamline_dataset_without_rc_expected(base,
     assert metrics["n"] == 40 and np.isfinite(metrics["mse"])
 
 
+def test_report_says_which_counts_the_mse_is_against(base, tmp_path):
+    """The shipped model learnt rc_expected: its target MSE is against those, its count MSE against rc."""
+    from mxcube_autocenter.learning.evaluate import evaluate
+
+    metrics = evaluate(SHIPPED, base, str(tmp_path / "report"), subset="all", gallery=2)
+    assert metrics["mse_against"] == "rc_expected"
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| MSE (log targets, against the rc_expected counts the model learnt) |" in text
+    assert "| MSE (counts, against the recorded rc) |" in text
+
+
 def test_evaluate_refuses_an_empty_dataset(tiny, tmp_path):
     from pathlib import Path
 

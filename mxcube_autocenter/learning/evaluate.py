@@ -87,7 +87,9 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
         for ax, i, caption in zip(axes.flat, rows, captions):
             crop, _ = row_crop(reader, table, int(i), spec)
             ax.imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray" if crop.shape[-1] == 1 else None)
-            c = spec.input_size / 2 - 0.5
+            # crops.crop_uint8 puts the beam at output pixel coordinate n / 2 (pixel centres at integers, as
+            # imshow draws them), not at the middle pixel's centre (n - 1) / 2.
+            c = spec.input_size / 2
             ax.plot([c], [c], marker="+", color="red", markersize=14, mew=1.5)
             ax.set_title(caption, fontsize=8)
     for ax in axes.flat:
@@ -100,15 +102,82 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
     return os.path.basename(path)
 
 
+def _heatmaps(path, model, spec, table, rows, score, to_counts, *, crystals=4, grid=15, top=3):
+    """Prediction heatmaps over the stored images of held-out crystals, their ``top`` best points marked.
+
+    One image per crystal (of the first ``crystals`` in ``rows``): its row of the highest ``score``. The
+    model is run on the crop centred on each point of a ``grid`` x ``grid`` lattice over the stored image,
+    as far as whole crops fit (the stored crop must be larger than the model's), crop by crop, so any
+    architecture works. ``to_counts`` maps the model's outputs to what the heatmap shows.
+    """
+    from mxcube_autocenter.centring.heatmap import prepare_region, reference_heatmap
+    from mxcube_autocenter.centring.loop import Roi
+    from mxcube_autocenter.learning import crops
+
+    chosen = []
+    for crystal in dict.fromkeys(table.crystal_id[rows]):
+        mine = np.flatnonzero(table.crystal_id[rows] == crystal)
+        chosen.append(int(mine[np.argmax(score[mine])]))
+        if len(chosen) == crystals:
+            break
+    panels = []
+    with RowReader(table.path, table.image_dataset) as reader:
+        for j in chosen:
+            i = int(rows[j])
+            image = reader.image(i)
+            crop_w, crop_h = crops.crop_side_px(spec.crop_um, table.pixels_per_mm[i])
+            roi = Roi(int(np.ceil(crop_w / 2)), int(np.ceil(crop_h / 2)), int(image.shape[1] - crop_w / 2),
+                      int(image.shape[0] - crop_h / 2))  # fmt: skip
+            if roi.width <= 0 or roi.height <= 0:
+                return None  # the stored crops are no larger than the model's: no room for a heatmap
+
+            def normalise(region):
+                return crops.normalise(crops.to_colour(region, spec.colour), spec.normalisation)
+
+            region, origin, scale = prepare_region(image, roi, (crop_w, crop_h), spec.input_size, normalise)
+            xs, ys = np.linspace(roi.x0, roi.x1, grid), np.linspace(roi.y0, roi.y1, grid)
+            heatmap = reference_heatmap(model, region, origin, scale, spec.input_size, xs, ys)
+            panels.append((i, image, heatmap, np.asarray(to_counts(heatmap.values), dtype=np.float64)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    step_x, step_y = (xs[1] - xs[0]) / 2, (ys[1] - ys[0]) / 2
+    for ax, (i, image, heatmap, values) in zip(axes.flat, panels):
+        ax.imshow(image)
+        extent = (heatmap.xs[0] - step_x, heatmap.xs[-1] + step_x, heatmap.ys[-1] + step_y, heatmap.ys[0] - step_y)
+        ax.imshow(values, extent=extent, cmap="inferno", alpha=0.55, interpolation="bilinear")
+        best = np.argsort(values, axis=None)[::-1][:top]
+        for rank, flat in enumerate(best, start=1):
+            r, c = np.unravel_index(flat, values.shape)
+            ax.plot(heatmap.xs[c], heatmap.ys[r], "o", mfc="none", mec="lime", ms=10, mew=1.5)
+            ax.annotate(str(rank), (heatmap.xs[c], heatmap.ys[r]), color="lime", fontsize=8, xytext=(6, 6),
+                        textcoords="offset points")
+        ax.plot(*table.beam_xy[i], marker="+", color="red", markersize=14, mew=1.5)
+        ax.set_title(f"{table.crystal_id[i]}: rc {table.rc[i]:.0f}, max {values.max():.1f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"predictions over the stored image ({spec.crop_um:g} um crops; top {top}: green; beam: red cross)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
 def _scatter(path, real, pred, title):
     fig, ax = plt.subplots(figsize=(5, 5))
+    real = np.asarray(real, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
     ax.scatter(real, pred, s=6, alpha=0.5)
-    top = max(float(np.max(real)) if len(real) else 1.0, float(np.max(pred)) if len(pred) else 1.0, 1.0)
-    ax.plot([0, top], [0, top], color="red", lw=1, label="x = y")
+    # Both axes share one range, so that x = y is the diagonal; it takes in every finite point: a vanilla or tanh
+    # model predicts negative counts (and log ones down to -1), which a fixed lower limit would hide.
+    finite = np.concatenate([real[np.isfinite(real)], pred[np.isfinite(pred)]])
+    top = max(float(finite.max()) if finite.size else 1.0, 1.0)
+    low = min(float(finite.min()) if finite.size else 0.0, 0.0)
+    ax.plot([low, top], [low, top], color="red", lw=1, label="x = y")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlim(-0.5, top * 1.3)
-    ax.set_ylim(-0.5, top * 1.3)
+    limits = (low * 1.3 - 0.5, top * 1.3)
+    ax.set_xlim(*limits)
+    ax.set_ylim(*limits)
     ax.set_xlabel("real reflection count")
     ax.set_ylabel("predicted reflection count")
     ax.set_title(title, fontsize=9)
@@ -248,8 +317,9 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         metrics.update(expected_count_metrics(table, rows, pred))
         metrics.update(subset=subset, transform=transform.name, mse_against=label)
         lines += ["| metric | value |", "|---|---|",
-                  f"| MSE ({transform.name} targets) | {format_cell(metrics['mse'], '{:.4f}')} |",
-                  f"| MSE (counts) | {format_cell(metrics['mse_counts'], '{:.1f}')} |",
+                  f"| MSE ({transform.name} targets, against the {label} counts the model learnt) | "
+                  f"{format_cell(metrics['mse'], '{:.4f}')} |",
+                  f"| MSE (counts, against the recorded rc) | {format_cell(metrics['mse_counts'], '{:.1f}')} |",
                   f"| Spearman (real vs predicted counts) | {format_cell(metrics['spearman'], '{:.3f}')} |",
                   f"| Pearson (real vs predicted counts) | {format_cell(metrics['pearson'], '{:.3f}')} |"]
         if "spearman_expected" in metrics:
@@ -272,11 +342,15 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         for name, sel, title in (
             ("highest", order[::-1][:k], "highest predicted counts"),
             ("lowest", order[:k], "lowest predicted counts"),
-            ("worst", worst, f"worst errors ({transform.name} targets)"),
+            ("worst", worst, f"worst errors ({transform.name} targets of {label})"),
         ):
-            captions = [f"real {rc[j]:.0f} / pred {pred[j]:.0f}" for j in sel]
+            # The worst errors are against the learnt counts: show them where they are not the recorded ones.
+            captions = [f"real {rc[j]:.0f} / pred {pred[j]:.0f}" + (f" ({label} {learnt[j]:.1f})" if label != "rc" else "")
+                        for j in sel]
             figures[name] = _gallery(os.path.join(out_dir, f"gallery_{name}.png"), table, rows[sel], spec, captions,
                                      f"{title} (real / predicted; beam: red cross)")
+        figures["heatmaps"] = _heatmaps(os.path.join(out_dir, "heatmaps.png"), model, spec, table, rows, pred,
+                                        transform.inverse)
     else:
         threshold = float(info["threshold"])
         truth = rc >= threshold
@@ -286,6 +360,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         lines += ["| metric | value |", "|---|---|",
                   f"| accuracy | {format_cell(metrics['accuracy'], '{:.3f}')} |",
                   f"| balanced accuracy | {format_cell(metrics['balanced_accuracy'], '{:.3f}')} |",
+                  f"| recall of crystals / of empty crops | {format_cell(metrics['recall_crystal'], '{:.3f}')} / "
+                  f"{format_cell(metrics['recall_empty'], '{:.3f}')} |",
                   *([f"| accuracy against the expected counts | {format_cell(metrics['accuracy_expected'], '{:.3f}')} |"]
                     if "accuracy_expected" in metrics else []),
                   f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |", ""]
@@ -342,20 +418,35 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
 
     table = {}  # out_dir is made by the first training, once it has checked the dataset
     combos = [(a, t) for a in archs for t in transforms]
+    split = None
     for arch, name in tqdm(combos, desc="sweep", unit="model"):
         result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)
+        this = {k: sorted(result.info["split"][k]) for k in SUBSETS}
+        if split is None:
+            split = {**this, "rows": dict(result.info["split"].get("rows", {})), "seed": result.info["split"].get("seed")}
+        elif this != {k: split[k] for k in SUBSETS}:
+            # The table compares models on one test set: a model on other crystals has no place in it.
+            raise ValueError(f"{dataset_path}: {arch}-{name} was trained on another split than the sweep's first "
+                             "model (was the dataset changed during the sweep?): run the sweep again")
         table.setdefault(arch, {})[name] = {**result.metrics["test"], "seconds": result.seconds,
                                             "best_epoch": result.best_epoch, "model": result.model_path}
-        _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs)
+        _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split)
     return table
 
 
-def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs):
+def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split=None):
     header = "| architecture | " + " | ".join(transforms) + " |"
     rule = "|---|" + "---|" * len(transforms)
+    label = train_kwargs.get("label", DEFAULT_LABEL)
+    subset = ""
+    if split is not None:
+        rows = split.get("rows", {})
+        subset = (f"test subset: {rows.get('test', '?')} crops of {len(split['test'])} crystals (train "
+                  f"{rows.get('train', '?')} crops of {len(split['train'])}, validation {rows.get('validation', '?')} "
+                  f"of {len(split['validation'])}; split seed {split.get('seed')}), the same for every model")
     lines = ["# Architecture x transform sweep", "", f"dataset: `{os.path.abspath(dataset_path)}`; "
-             f"training options: `{json.dumps(train_kwargs, default=str)}`", "",
-             "## Test MSE (transformed targets; the thesis' Table 2.3 layout)", "", header, rule]
+             f"training options: `{json.dumps(train_kwargs, default=str)}`", "", *([subset, ""] if subset else []),
+             f"## Test MSE (transformed targets of the {label} counts; the thesis' Table 2.3 layout)", "", header, rule]
     for arch, row in table.items():
         cells = (format_cell(row.get(t, {}).get("mse"), "{:.4f}") for t in transforms)
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")

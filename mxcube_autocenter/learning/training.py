@@ -282,19 +282,28 @@ def regression_metrics(rc_true, rc_pred, y_true=None, y_pred=None) -> dict:
 
 
 def classifier_metrics(truth, probability, threshold=0.5) -> dict:
-    """Accuracy, balanced accuracy and the confusion matrix ``[[TN, FP], [FN, TP]]``."""
+    """Accuracy, balanced accuracy and the confusion matrix ``[[TN, FP], [FN, TP]]`` (rows real, columns predicted).
+
+    The balanced accuracy, the mean of the two recalls, is None when a class
+    is missing from ``truth``: one recall alone says nothing of the other
+    class (a constant classifier would score 1). ``recall_crystal`` and
+    ``recall_empty`` give each recall (None for a missing class).
+    """
     truth = np.asarray(truth).astype(bool).ravel()
     pred = np.asarray(probability).ravel() >= threshold
     tn = int(np.sum(~truth & ~pred))
     fp = int(np.sum(~truth & pred))
     fn = int(np.sum(truth & ~pred))
     tp = int(np.sum(truth & pred))
-    rates = [tp / (tp + fn) if tp + fn else None, tn / (tn + fp) if tn + fp else None]
-    rates = [r for r in rates if r is not None]
+    recall_crystal = tp / (tp + fn) if tp + fn else None
+    recall_empty = tn / (tn + fp) if tn + fp else None
+    both = recall_crystal is not None and recall_empty is not None
     return {
         "n": int(len(truth)),
         "accuracy": float(np.mean(truth == pred)) if len(truth) else None,
-        "balanced_accuracy": float(np.mean(rates)) if rates else None,
+        "balanced_accuracy": (recall_crystal + recall_empty) / 2 if both else None,
+        "recall_crystal": recall_crystal,
+        "recall_empty": recall_empty,
         "confusion": [[tn, fp], [fn, tp]],
         "positive_fraction": float(np.mean(truth)) if len(truth) else None,
     }
