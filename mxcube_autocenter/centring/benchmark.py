@@ -10,6 +10,7 @@ from mxcube_autocenter.centring.heatmap import dense_heatmap, prepare_region, re
 from mxcube_autocenter.centring.loop import Roi, find_loop
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.config import AutoCenterConfig
+from mxcube_autocenter.learning import crops
 
 
 def added_memory_mb(fn) -> float | None:
@@ -49,7 +50,7 @@ def heatmap_figures(predictor, frame, quick: bool) -> dict:
     ppmm = (spec.input_size / spec.crop_um * 1000.0,) * 2
     roi = Roi(384, 256, 384 + 512, 256 + 512)
     evaluator = predictor.evaluator
-    normalise = predictor.normaliser(spec)
+    normalise = crops.region_normaliser(spec)
     crop_px = predictor.crop_px(ppmm)[0]  # square pixels: the side is input_size
     region, origin, scale = prepare_region(frame, roi, crop_px, spec.input_size, normalise)
     # The first call builds and traces the dense twin; later calls reuse its buffers.

@@ -80,14 +80,6 @@ class Predictor:
             text += f", classifier {self.classifier[0].name}"
         return text
 
-    def normaliser(self, spec):
-        """The model input normalisation of ``spec``, applied once to a whole region."""
-        crops = self._crops
-
-        def normalise(region):
-            return crops.normalise(crops.to_colour(region, spec.colour), spec.normalisation)
-
-        return normalise
 
     def crop_px(self, pixels_per_mm) -> tuple[float, float]:
         """Width and height on the frame of the regressor's crop, pixels (square on the sample)."""
@@ -99,7 +91,8 @@ class Predictor:
         ``symmetries`` averages the model over turned copies of the region
         (:func:`.heatmap.symmetric_heatmap`).
         """
-        prepared = prepare_region(frame, roi, self.crop_px(pixels_per_mm), self.spec.input_size, self.normaliser(self.spec))
+        prepared = prepare_region(frame, roi, self.crop_px(pixels_per_mm), self.spec.input_size,
+                                  self._crops.region_normaliser(self.spec))
         raw = symmetric_heatmap(self.evaluator, *prepared, stride_px, symmetries)
         return Heatmap(np.asarray(self.transform.inverse(raw.values), dtype=np.float32), raw.xs, raw.ys)
 

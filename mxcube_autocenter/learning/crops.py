@@ -253,6 +253,15 @@ def normalise(region, method: str = "backlight") -> np.ndarray:
     return apply_stats(region, region_stats(region, method))
 
 
+def region_normaliser(spec: CropSpec):
+    """``normalise(region)``: ``spec``'s colour mode and normalisation, applied once to a whole region."""
+
+    def normalise_region(region):
+        return normalise(to_colour(region, spec.colour), spec.normalisation)
+
+    return normalise_region
+
+
 def crop_uint8(image, centre_xy, pixels_per_mm, spec: CropSpec) -> np.ndarray:
     """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C)."""
     side = crop_side_px(spec.crop_um, pixels_per_mm)

@@ -130,11 +130,8 @@ def _heatmaps(path, model, spec, table, rows, score, to_counts, *, crystals=4, g
                       int(image.shape[0] - crop_h / 2))  # fmt: skip
             if roi.width <= 0 or roi.height <= 0:
                 return None  # the stored crops are no larger than the model's: no room for a heatmap
-
-            def normalise(region):
-                return crops.normalise(crops.to_colour(region, spec.colour), spec.normalisation)
-
-            region, origin, scale = prepare_region(image, roi, (crop_w, crop_h), spec.input_size, normalise)
+            region, origin, scale = prepare_region(image, roi, (crop_w, crop_h), spec.input_size,
+                                                   crops.region_normaliser(spec))
             xs, ys = np.linspace(roi.x0, roi.x1, grid), np.linspace(roi.y0, roi.y1, grid)
             heatmap = reference_heatmap(model, region, origin, scale, spec.input_size, xs, ys)
             panels.append((i, image, heatmap, np.asarray(to_counts(heatmap.values), dtype=np.float64)))
