@@ -18,7 +18,7 @@ import time
 import gevent
 import numpy as np
 
-from mxcube_autocenter.recording import FrameStore, RecordingWriter, encode_jpeg
+from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
 
@@ -68,7 +68,7 @@ def stream_frame(image, args):
     HxWx3 view (no copy); the writer thread encodes it. Anything else is
     passed on, and the writer refuses it.
     """
-    if isinstance(image, (bytes, bytearray, memoryview)) and bytes(image[:2]) != b"\xff\xd8" and len(args) >= 2:
+    if isinstance(image, (bytes, bytearray, memoryview)) and bytes(image[:2]) != JPEG_MAGIC and len(args) >= 2:
         try:
             width, height = int(args[0]), int(args[1])
         except (TypeError, ValueError):

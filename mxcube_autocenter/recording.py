@@ -55,7 +55,7 @@ STORAGES = ("jpeg", "raw")
 COMPRESSIONS = ("lzf", "gzip")
 FINAL_STATUSES = ("complete", "failed", "aborted")
 
-_JPEG_MAGIC = b"\xff\xd8"
+JPEG_MAGIC = b"\xff\xd8"
 # Rows of the per-frame 1-D datasets per HDF5 chunk: a few minutes at 25 fps.
 _ROWS_PER_CHUNK = 4096
 # How often the writer thread wakes when no frame arrives, to flush on time
@@ -529,7 +529,7 @@ class FrameStore:
                 pixels = image
                 images = self._rgb_dataset(pixels.shape)
         elif self.storage == "jpeg":
-            if bytes(image[:2]) != _JPEG_MAGIC:
+            if bytes(image[:2]) != JPEG_MAGIC:
                 raise ValueError("camera frame is not a JPEG image (no JPEG start marker)")
             pixels = np.frombuffer(image, np.uint8)
             images = self._frames["jpeg"]

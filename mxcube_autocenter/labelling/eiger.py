@@ -124,9 +124,8 @@ class EigerSeries:
                     "geometry; set it in the master file (metres; the wavelength in angstrom) before labelling")
         self.width = int(self._value(specific, "x_pixels_in_detector"))
         self.height = int(self._value(specific, "y_pixels_in_detector"))
-        ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
-        self.ntrigger = ntrigger
-        self.nimages = int(self._value(specific, "nimages")) * ntrigger
+        self.ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
+        self.nimages = int(self._value(specific, "nimages")) * self.ntrigger
         self.declared_images = self.nimages
         self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
         mask = self._dataset(specific, "pixel_mask")
