@@ -292,14 +292,13 @@ class AutoCenter(HardwareObject):
         settings = self.centring_settings(n_angles)
         refusal = self.centring_error or self._centring_running()
         if refusal:
-            return procedure.CentringResult(success=False, message=refusal, method="none", start_positions=bl.positions())
+            return procedure.not_started(bl, refusal)
         with self._centring_lock:
             self.emit("centringProgress", ("Optical ML centring started",))
             refusal = self._enter_centring_phase()
             if refusal:
                 self.user_log.warning(f"Optical ML centring: {refusal}")
-                return procedure.CentringResult(success=False, message=refusal, method="none",
-                                                start_positions=bl.positions())  # fmt: skip
+                return procedure.not_started(bl, refusal)
             result = procedure.centre(bl, self.predictor, settings, self.log)
             self.last_result = result
             try:

@@ -150,6 +150,29 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_motor_the_diffractometer_leaves_out_refuses_the_centring_before_anything_moves(beamline, autocenter):
+    # An MD3 leaves a motor its server reports Disable or Unknown out of get_motors (the virtual one too).
+    mount_at_start(beamline)
+    start = positions(beamline)
+    phiy = beamline.diffractometer.phiy
+    phiy.update_state(phiy.STATES.OFF)
+    try:
+        log = run_auto_centring(beamline)
+    finally:
+        phiy.update_state(phiy.STATES.READY)
+    assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
+    result = autocenter.last_result
+    assert "no motor phiy" in result.message and "Disable or Unknown" in result.message
+    assert result.start_positions == {} and result.centred_positions is None
+    assert positions(beamline) == pytest.approx(start, abs=1e-6)
+    phiy.update_state(phiy.STATES.OFF)
+    try:
+        # From a script too, with the same reason, not a KeyError.
+        assert "no motor phiy" in autocenter.centre().message
+    finally:
+        phiy.update_state(phiy.STATES.READY)
+
+
 def test_motors_that_arrive_after_the_diffractometer_said_ready_are_waited_for(beamline, autocenter, monkeypatch):
     # An MD3 (mxcubecore's MicroDiffractometer) returns from set_value_motors once its state reads Ready,
     # which it may still do just before the motors start: their arrival shows a moment later.

@@ -160,8 +160,22 @@ class Beamline:
         self.diffractometer = hwr_beamline.diffractometer
         self.beam = hwr_beamline.beam
 
-    def positions(self) -> dict:
+    def motors(self, names=CENTRING_MOTORS) -> dict:
+        """The diffractometer's motors by role, refusing clearly when one of ``names`` is not among them.
+
+        An MD3 (MicroDiffractometer.get_motors) leaves out the motors whose state reads Disable or Unknown.
+        """
         motors = self.diffractometer.get_motors()
+        missing = [name for name in names if name not in motors]
+        if missing:
+            raise CentringFailed(
+                f"the diffractometer offers no motor {', '.join(missing)} (an MD3 leaves out motors whose state is "
+                f"Disable or Unknown): enable or home it in the diffractometer's software, then centre again"
+            )
+        return motors
+
+    def positions(self) -> dict:
+        motors = self.motors()
         return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
 
     def snapshot(self) -> np.ndarray:
@@ -221,7 +235,7 @@ class Beamline:
     def _moving(self, name: str) -> bool:
         """Whether motor ``name`` says it is moving (not ready); False when it cannot tell."""
         try:
-            return not self.diffractometer.get_motors()[name].is_ready()
+            return not self.motors((name,))[name].is_ready()
         except Exception:
             return False
 
@@ -235,11 +249,11 @@ class Beamline:
         }
 
     def rotate(self, degrees: float, timeout: float):
-        self.diffractometer.get_motors()["omega"].set_value_relative(degrees, timeout=timeout)
+        self.motors(("omega",))["omega"].set_value_relative(degrees, timeout=timeout)
 
     def check_move(self, start: dict, target: dict, max_displacement_mm: float):
         """Refuse a move beyond the displacement limit or a motor's limits."""
-        motors = self.diffractometer.get_motors()
+        motors = self.motors(tuple(target))
         for name, value in target.items():
             if not np.isfinite(value):
                 raise CentringFailed(f"refusing to move {name} to {value}: not a number")
@@ -314,7 +328,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     """
     log = log or logging.getLogger("HWR")
     t0 = time.perf_counter()
-    start = bl.positions()
+    try:
+        start = bl.positions()
+    except CentringFailed as err:
+        return not_started(bl, str(err))
     result = CentringResult(success=False, message="", method="none", start_positions=start)
     timings = result.timings
     # Views over half a turn, not to 180 degrees: the view at 180 would see the line the first one saw.
@@ -368,6 +385,15 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         return result
     finally:
         result.elapsed_s = time.perf_counter() - t0
+
+
+def not_started(bl: Beamline, why: str) -> CentringResult:
+    """A centring refused before anything moved; ``start_positions`` empty when they cannot be read."""
+    try:
+        start = bl.positions()
+    except CentringFailed:
+        start = {}
+    return CentringResult(success=False, message=why, method="none", start_positions=start)
 
 
 def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: CentringSettings):

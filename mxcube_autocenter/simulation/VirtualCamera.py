@@ -76,7 +76,7 @@ class VirtualCamera(HardwareObject):
         """Everything a frame depends on, as a hashable key and its parts."""
         bl = HWR.beamline
         diffr = bl.diffractometer
-        motors = {name: float(diffr.get_motors()[name].get_value()) for name in CENTRING_MOTORS}
+        motors = {name: float(diffr.all_motors()[name].get_value()) for name in CENTRING_MOTORS}
         motors["phiz"] -= self.rotation_axis_phiz  # the geometry's phiz: 0 with the axis through the beam
         ppmm = tuple(diffr.get_pixels_per_mm())
         beam = tuple(bl.beam.get_beam_position_on_screen())

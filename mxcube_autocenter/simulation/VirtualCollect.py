@@ -72,7 +72,7 @@ class VirtualCollect(CollectMockup):
     def data_collection_hook(self):
         params = self.current_dc_parameters
         diffr = HWR.beamline.diffractometer
-        motors = diffr.get_motors()
+        motors = diffr.all_motors()
         mounted = HWR.beamline.sample_changer.mounted
         plan = scan_plan(params, diffr.get_value_motors(), self._helical_positions if self._helical else None)
         fail_at, self._fail_at_image = self._fail_at_image, None

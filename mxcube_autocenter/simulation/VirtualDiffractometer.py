@@ -35,6 +35,18 @@ class VirtualDiffractometer(DiffractometerMockup):
         self.pixels_per_um = tuple(float(s) for s in scales)
         self.update_state(self.STATES.READY)
 
+    def get_motors(self):
+        """The motors by role, as an MD3 gives them: without those whose state is UNKNOWN or OFF.
+
+        mxcubecore's MicroDiffractometer leaves out the motors its server reports Unknown or Disable.
+        """
+        return {role: motor for role, motor in self.all_motors().items()
+                if motor.get_state() not in (motor.STATES.UNKNOWN, motor.STATES.OFF)}  # fmt: skip
+
+    def all_motors(self):
+        """Every motor by role, whatever its state: where the simulated sample is."""
+        return super().get_motors()
+
     def get_pixels_per_mm(self):
         """Horizontal and vertical image scale at the current zoom, pixels per mm."""
         level = self.zoom.get_value().value
