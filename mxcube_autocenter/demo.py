@@ -447,12 +447,13 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                "description": _sample_text(sample), "best_rc": best_rc, "start": start}  # fmt: skip
         for method in methods:
             _move(bl, start)
-            wall, exposures, message, accepted = None, 0, "", None
+            wall, exposures, message, accepted, declined = None, 0, "", None, True
             if method == "ml":
                 ho.last_result = None
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, sv.start_auto_centring)
                 final = _positions(bl)
                 result = ho.last_result
+                declined = not message and result is not None and result.declined  # a message: no outcome in time
                 if result is not None:
                     message = message or result.message
                     if result.angles:
@@ -482,7 +483,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                 raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
             failed = False
             if method in ("ml", "lucid"):
-                refused, failed = declined_or_failed(method, accepted, scorecard.moved(start, final), message)
+                refused, failed = declined_or_failed(accepted, scorecard.moved(start, final), declined)
             score = scorecard.score_position(mounted.diffraction, best, best_rc, final,
                                              refused=bool(refused or failed))  # fmt: skip
             outcome = Outcome(method=method, sample=name, has_crystal=has_crystal, refused=bool(refused),
@@ -502,22 +503,18 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
     return outcomes, rows, thumbs
 
 
-# What the ML centring says when it declines (procedure.NoCrystalFound; no loop in view).
-ML_DECLINES = ("no crystal found", "no loop found")
-
-
-def declined_or_failed(method: str, accepted: bool, moved: bool, message: str) -> tuple:
+def declined_or_failed(accepted: bool, moved: bool, declined: bool) -> tuple:
     """``(refused, failed)`` of a SampleView centring that ended ``accepted`` or not.
 
     A centring not accepted shoots nothing. It is a refusal when the method
-    declined and left the sample where it was: for the ML centring, only
-    its own verdicts (:data:`ML_DECLINES`), not an error, a time-out or a
-    failed move, after which it puts the sample back as well; lucid says no
-    more than accepted or not. Anything else not accepted failed.
+    ``declined`` (the ML centring's ``CentringResult.declined``: no loop, no
+    crystal; lucid says no more than accepted or not) and left the sample
+    where it was. Anything else not accepted failed: an error, a time-out or
+    a failed move, after which the ML centring puts the sample back as well.
     """
     if accepted:
         return False, False
-    declined = not moved and (method != "ml" or str(message).startswith(ML_DECLINES))
+    declined = declined and not moved
     return declined, not declined
 
 

@@ -121,7 +121,7 @@ def test_no_loop_in_view_fails_without_moving(beamline, autocenter, caplog):
     with caplog.at_level(logging.INFO, logger="HWR"):
         log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
-    assert "no loop found" in autocenter.last_result.message
+    assert "no loop found" in autocenter.last_result.message and autocenter.last_result.declined
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
@@ -145,7 +145,7 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     result = autocenter.last_result
-    assert not result.success
+    assert not result.success and not result.declined  # a fault, not a verdict on the sample
     assert "sampx" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
@@ -713,7 +713,7 @@ def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_aut
         monkeypatch.setattr(motor, "abort", lambda name=name: aborted.append(name))
     log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
-    assert "no crystal found" in shipped_autocenter.last_result.message
+    assert "no crystal found" in shipped_autocenter.last_result.message and shipped_autocenter.last_result.declined
     assert positions(beamline) == pytest.approx(start, abs=1e-4)
     # Nothing moved when the centring gave up: no abort (an MD3 motor's abort is the diffractometer's global one).
     assert aborted == []
@@ -751,7 +751,7 @@ def test_required_verification_refuses_an_empty_loop_that_fooled_the_fitted_view
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     assert procedure.is_crystal(result.angles, shipped_autocenter.centring_settings())
     assert result.verification.score < shipped_autocenter.config.verify_min_score and not result.verified
-    assert "no crystal found at the beam in the verification view" in result.message
+    assert "no crystal found at the beam in the verification view" in result.message and result.declined
     assert "verify_min_score 2.0, and below min_score 5.0 in 1 of the 3 centring views" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
     # With the loop fallback the same miss centres the loop tip instead.

@@ -50,6 +50,10 @@ class NoCrystalFound(CentringFailed):
     """The heatmap found nothing worth shooting at."""
 
 
+class NoLoopFound(CentringFailed):
+    """lucid3 found no loop in view at any of the search rotations."""
+
+
 @dataclass
 class AngleResult:
     """What the procedure saw at one omega angle.
@@ -96,6 +100,9 @@ class CentringResult:
         prediction there); None when not made.
     verified : bool or None
         Whether that view confirms the chosen point (:func:`is_verified`).
+    declined : bool
+        The procedure's own verdict ended it (no loop, no crystal: :class:`NoLoopFound`,
+        :class:`NoCrystalFound`), not an error, a refused move or an abort.
     """
 
     success: bool
@@ -109,6 +116,7 @@ class CentringResult:
     point: tuple | None = None
     verification: AngleResult | None = None
     verified: bool | None = None
+    declined: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,7 +300,7 @@ def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
         if attempt < settings.loop_search_rotations:
             log.info("AutoCenter: no loop in view, rotating omega by 90 degrees (%d/%d)", attempt + 1, settings.loop_search_rotations)
             bl.rotate(90.0, settings.move_timeout_s)
-    raise CentringFailed(
+    raise NoLoopFound(
         f"no loop found by lucid3 after {settings.loop_search_rotations} rotations of 90 degrees: "
         "check that a sample is mounted and in the field of view"
     )
@@ -375,6 +383,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         # GreenletExit (an abort) and a caller's gevent.Timeout are no Exception,
         # but the sample goes back all the same before they go on.
         result.message = str(err) or type(err).__name__
+        result.declined = isinstance(err, (NoLoopFound, NoCrystalFound))
         not_returned = restore(bl, start, settings.move_timeout_s, log)
         if not_returned:
             result.message += f"; the sample was NOT returned to its starting position: {not_returned}"
