@@ -364,6 +364,16 @@ def test_the_sine_fits_move_to_a_reference_position_is_held_to_the_limit_too(bea
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_motor_whose_limits_cannot_be_read_is_not_moved(beamline, autocenter, monkeypatch):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    autocenter.config.max_displacement_mm = 10.0
+    monkeypatch.setattr(beamline.diffractometer.sampx, "get_limits", lambda: (float("nan"), float("nan")))
+    result = autocenter.centre(save=False)
+    assert not result.success and "refusing to move sampx: its limits read (nan, nan), not numbers" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_move_beyond_the_displacement_limit_is_refused(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)

@@ -271,6 +271,10 @@ class Beamline:
                     f"max_displacement_mm = {max_displacement_mm} (raise it in the AutoCenter XML if the loop is far off)"
                 )
             low, high = motors[name].get_limits()
+            # None (or an infinity) is no limit; NaN is a limit that could not be read, not the absence of one.
+            if any(limit is not None and np.isnan(limit) for limit in (low, high)):
+                raise CentringFailed(f"refusing to move {name}: its limits read ({low}, {high}), not numbers: check the "
+                                     f"motor in the diffractometer's software")  # fmt: skip
             if (low is not None and value < low) or (high is not None and value > high):
                 raise CentringFailed(f"refusing to move {name} to {value:.4f}: outside its limits ({low}, {high})")
 
