@@ -48,7 +48,7 @@ from mxcube_autocenter import scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
-from mxcube_autocenter.scorecard import METHODS, Outcome, format_cell  # noqa: E402
+from mxcube_autocenter.scorecard import METHODS, Outcome, format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     metrics = evaluate(reg.model_path, dataset, out / "regressor_report", subset=subset)
     learning["spearman"] = metrics.get("spearman")
     learning["spearman_expected"] = metrics.get("spearman_expected")
+    learning["spearman_expected_ci95"] = metrics.get("spearman_expected_ci95")
     learning["pearson"] = metrics.get("pearson")
     learning["regressor_report"] = str(out / "regressor_report" / "report.md")
     if initial_model is not None:
@@ -295,6 +296,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
         used = validation is not None and validation >= CLASSIFIER_MIN_BALANCED_ACCURACY
         learning.update(classifier=clf.model_path, classifier_accuracy=cm.get("accuracy"),
                         classifier_accuracy_expected=cm.get("accuracy_expected"),
+                        classifier_accuracy_expected_ci95=cm.get("accuracy_expected_ci95"),
                         classifier_balanced_accuracy=cm.get("balanced_accuracy"),
                         classifier_validation_balanced_accuracy=validation, classifier_used=used,
                         classifier_s=round(clf.seconds, 1),
@@ -612,6 +614,13 @@ def _thumbnail_sheet(thumbs, path: Path, columns: int = 4):
     return write_png(path, sheet)
 
 
+def _interval_text(interval) -> str:
+    """The crystal-bootstrap interval of a held-out figure, in words (learning.evaluate.crystal_interval)."""
+    if interval is None:
+        return "no interval: fewer than two crystals"
+    return f"95 % interval over the held-out crystals {interval[0]:.3f}-{interval[1]:.3f}"
+
+
 def _rel(path, root: Path):
     if not path:
         return None
@@ -705,9 +714,11 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
                ", trained from scratch."),
             f"- **{lr['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "
-            f"beamline's expected counts) **{format_cell(lr.get('spearman_expected'), '{:.3f}')}**, predicted vs recorded "
+            f"beamline's expected counts) **{format_cell(lr.get('spearman_expected'), '{:.3f}')}** "
+            f"({_interval_text(lr.get('spearman_expected_ci95'))}), predicted vs recorded "
             f"counts (spot finding on the EIGER frames) {format_cell(lr['spearman'], '{:.3f}')}; classifier accuracy "
-            f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} against the true counts, "
+            f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} "
+            f"({_interval_text(lr.get('classifier_accuracy_expected_ci95'))}) against the true counts, "
             f"{format_cell(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({format_cell(lr['classifier_s'], '{:.0f}')}"
             f" s); training time {format_cell(lr['train_s'], '{:.0f}')} s.",
             f"- the same rows predicted from the crystals' shapes alone (exact shapes and positions, uniform "
@@ -1072,9 +1083,11 @@ def format_scorecard(result: dict) -> str:
         "",
         scorecard.format_table(result["methods"]),
         "",
-        f"Learning ({lr.get('source')}): Spearman {format_cell(lr.get('spearman_expected'), '{:.3f}')} against the true "
+        f"Learning ({lr.get('source')}): Spearman "
+        f"{value_cell(lr.get('spearman_expected'), lr.get('spearman_expected_ci95'), '{:.3f}')} against the true "
         f"counts, {format_cell(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
-        f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} / {format_cell(lr.get('classifier_accuracy'), '{:.3f}')}; "
+        f"{value_cell(lr.get('classifier_accuracy_expected'), lr.get('classifier_accuracy_expected_ci95'), '{:.3f}')} / "
+        f"{format_cell(lr.get('classifier_accuracy'), '{:.3f}')}; "
         f"training {format_cell(lr.get('train_s'), '{:.0f}')} s"
         + (f"; from the crystals' shapes alone: Spearman {format_cell(lr.get('shapes_spearman_expected'), '{:.3f}')}, "
            f"classifier accuracy {format_cell(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"

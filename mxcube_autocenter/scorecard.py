@@ -540,7 +540,7 @@ def format_cell(value, fmt="{:.1f}") -> str:
         return str(value)
 
 
-def _value_cell(value, interval, fmt) -> str:
+def value_cell(value, interval, fmt) -> str:
     """A figure, with its 95 % interval in brackets where it has one (e.g. ``81% (57-93%)``)."""
     if value is None or interval is None:
         return format_cell(value, fmt)
@@ -551,7 +551,7 @@ def table_rows(methods: dict) -> list:
     """Header and one row of formatted cells per method; rates with their 95 % interval."""
     rows = [[title for _, title, _ in _COLUMNS]]
     for name, figures in methods.items():
-        rows.append([name] + [_value_cell(figures.get(key), figures.get(f"{key}_ci95"), fmt)
+        rows.append([name] + [value_cell(figures.get(key), figures.get(f"{key}_ci95"), fmt)
                               for key, _, fmt in _COLUMNS[1:]])  # fmt: skip
     return rows
 
@@ -584,7 +584,7 @@ def format_targets(checks: list) -> str:
         fmt = fmts.get(c["figure"], "{}")
         target = format_cell(c["target"], fmt) if c["figure"] != "exposures" else str(c["target"])
         met = "-" if c["met"] is None else ("yes" if c["met"] else "**no**")
-        lines.append(f"| {c['figure']} | {c['op']} {target} | {_value_cell(c['value'], c.get('interval'), fmt)} | {met} |")
+        lines.append(f"| {c['figure']} | {c['op']} {target} | {value_cell(c['value'], c.get('interval'), fmt)} | {met} |")
     return "\n".join(lines)
 
 

@@ -67,6 +67,9 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     report = (out / "report.md").read_text()
     assert "## Scorecard" in report and "| mesh_oracle |" in report and "Spearman" in report
     assert "predicted from the crystals' shapes alone" in report and "shapes alone" in format_scorecard(result)
+    # Held-out figures with their spread over crystals (learning.evaluate.crystal_interval), where there are two.
+    interval = learning["spearman_expected_ci95"]
+    assert ("95 % interval over the held-out crystals" if interval else "no interval: fewer than two crystals") in report
     for name in ("centring_errors.png", "rc_fraction.png", "training_recording.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert (out / "learning" / "regressor_report" / "report.md").is_file()

@@ -636,6 +636,9 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     if wrong:
         assert sum(c["share_of_error"] for c in by_scan) == pytest.approx(1.0)
     text = (tmp_path / "clf_report" / "report.md").read_text()
+    low, high = report["accuracy_ci95"]
+    assert 0 <= low <= high <= 1 and f"| accuracy | {report['accuracy']:.3f} ({low:.3f}-{high:.3f}) |" in text
+    assert "resampling the subset's" in text
     assert f"## error by collection (the 1 of {len(by_scan)} with the largest share)" in text
     assert f"| {by_scan[0]['scan_id']} |" in text
 
@@ -643,6 +646,7 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     metrics = evaluate(trained.model_path, dataset_path, str(out))
     assert metrics["mse"] == pytest.approx(trained.metrics["test"]["mse"], rel=1e-4)
     assert -1 <= metrics["spearman"] <= 1 and -1 <= metrics["pearson"] <= 1
+    assert metrics["spearman_ci95"] is None or -1 <= metrics["spearman_ci95"][0] <= metrics["spearman_ci95"][1] <= 1
     for name in ("report.md", "metrics.json", "scatter.png", "gallery_highest.png", "gallery_lowest.png",
                  "gallery_worst.png", "heatmaps.png"):
         assert (out / name).stat().st_size > 0, name
@@ -661,6 +665,27 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| architecture | vanilla | tanh |" in text and "| a1 |" in text
     assert "crystals" in text and "the same for every model" in text
+
+
+def test_crystal_interval_resamples_whole_crystals():
+    from mxcube_autocenter.learning.evaluate import crystal_interval
+
+    def accuracy(correct):
+        return lambda rows: float(np.mean(correct[rows]))
+
+    # Two crystals, one always right, one always wrong: 50 % of the rows right, but a new draw of two crystals
+    # could be both right or both wrong, and the interval says so; resampling rows would give about 0.43-0.57.
+    crystals = np.repeat(["a", "b"], 100)
+    low, high = crystal_interval(crystals, accuracy(np.repeat([1.0, 0.0], 100)))
+    assert (low, high) == (0.0, 1.0)
+    # Every crystal alike: no spread.
+    crystals = np.repeat(["a", "b", "c", "d"], 10)
+    assert crystal_interval(crystals, accuracy(np.tile([1.0, 0.0], 20))) == (0.5, 0.5)
+    # Reproducible, and nothing to resample with one crystal or a statistic mostly undefined.
+    spread = np.repeat([1.0, 0.9, 0.6, 0.8], 10)
+    assert crystal_interval(crystals, accuracy(spread)) == crystal_interval(crystals, accuracy(spread))
+    assert crystal_interval(["a"] * 5, accuracy(np.ones(5))) is None
+    assert crystal_interval(crystals, lambda rows: None) is None
 
 
 def test_collection_shares_rank_the_collections_by_their_part_of_the_loss():

@@ -7,7 +7,9 @@ the counts, Spearman and Pearson correlations of predicted and real counts
 plot of real against predicted counts with the x = y line, and galleries of
 the highest- and lowest-predicted crops and of the worst errors, with the
 beam marked. For the classifier: accuracy, balanced accuracy, the confusion
-matrix and galleries of the misclassified crops. For both, a table of the
+matrix and galleries of the misclassified crops. Correlations and accuracies
+come with a 95 % interval from resampling the subset's crystals
+(:func:`crystal_interval`). For both, a table of the
 collections (scan ids) that make most of the error: figures over a whole
 subset hide that one collection, a rotation centred on a crystal's edge or a
 loop seen edge-on, can make most of it, and site data come by collection.
@@ -48,9 +50,54 @@ from mxcube_autocenter.learning.training import (  # noqa: E402
     train,
 )
 from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
-from mxcube_autocenter.scorecard import format_cell  # noqa: E402
+from mxcube_autocenter.scorecard import format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+_INTERVALS = ("In brackets: the 95 % interval from resampling the subset's {n} crystals (crystal bootstrap): how far "
+              "another draw of crystals could move the figure.")
+
+
+def crystal_interval(crystal_ids, statistic, *, level=0.95, n_resamples=1000, seed=0):
+    """Bootstrap interval of ``statistic`` over crystals: whole crystals resampled with replacement.
+
+    The rows of one crystal are not independent (its scans share its shape
+    and quality), so the interval resamples crystals, not rows: with the few
+    test crystals of a small set it is wide, as it should be.
+
+    Parameters
+    ----------
+    crystal_ids : (N,) array_like
+        The crystal of each row.
+    statistic : callable
+        ``statistic(rows) -> float or None`` of an index array into
+        ``crystal_ids`` (a crystal drawn twice gives its rows twice).
+    level : float
+        Coverage of the interval.
+    n_resamples : int
+    seed : int
+
+    Returns
+    -------
+    tuple of float or None
+        ``(low, high)``; None with fewer than two crystals, or when the
+        statistic is undefined in half the resamples or more.
+    """
+    _, inverse = np.unique(np.asarray(crystal_ids).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(inverse.max(initial=-1) + 1)]
+    if len(members) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        value = statistic(np.concatenate([members[k] for k in rng.integers(len(members), size=len(members))]))
+        if value is not None and np.isfinite(value):
+            values.append(value)
+    if len(values) * 2 <= n_resamples:
+        return None
+    tail = 50 * (1 - level)
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def _rows_for(info, table, subset, model_path):
@@ -290,6 +337,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
             "test subset (subset='test') or a set of other crystals", dataset_path, seen, len(rows), subset, model_path)
     raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
     rc = table.rc[rows]
+    crystals = table.crystal_id[rows].astype(str)
     arch = info["architecture"]["name"]
     lines = [f"# Evaluation of `{os.path.basename(model_path)}`", "",
              f"- model: `{os.path.abspath(model_path)}` ({arch}, {info['architecture'].get('params')} parameters, "
@@ -313,16 +361,21 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         metrics = regression_metrics(rc, pred, transform.forward(learnt), raw)
         metrics.update(expected_count_metrics(table, rows, pred))
         metrics.update(subset=subset, transform=transform.name, mse_against=label)
+        metrics["spearman_ci95"] = crystal_interval(crystals, lambda r: regression_metrics(rc[r], pred[r])["spearman"])
+        if "spearman_expected" in metrics:
+            metrics["spearman_expected_ci95"] = crystal_interval(
+                crystals, lambda r: expected_count_metrics(table, rows[r], pred[r])["spearman_expected"])
         lines += ["| metric | value |", "|---|---|",
                   f"| MSE ({transform.name} targets, against the {label} counts the model learnt) | "
                   f"{format_cell(metrics['mse'], '{:.4f}')} |",
                   f"| MSE (counts, against the recorded rc) | {format_cell(metrics['mse_counts'], '{:.1f}')} |",
-                  f"| Spearman (real vs predicted counts) | {format_cell(metrics['spearman'], '{:.3f}')} |",
+                  f"| Spearman (real vs predicted counts) | "
+                  f"{value_cell(metrics['spearman'], metrics['spearman_ci95'], '{:.3f}')} |",
                   f"| Pearson (real vs predicted counts) | {format_cell(metrics['pearson'], '{:.3f}')} |"]
         if "spearman_expected" in metrics:
-            spearman = format_cell(metrics["spearman_expected"], "{:.3f}")
+            spearman = value_cell(metrics["spearman_expected"], metrics["spearman_expected_ci95"], "{:.3f}")
             lines.append(f"| Spearman (expected vs predicted counts) | {spearman} |")
-        lines.append("")
+        lines += [_INTERVALS.format(n=len(set(crystals))), ""]
         figures["scatter"] = _scatter(os.path.join(out_dir, "scatter.png"), rc, pred,
                                       f"{arch}, {transform.name}: Spearman {format_cell(metrics['spearman'], '{:.3f}')}")
         order = np.argsort(pred)
@@ -354,14 +407,20 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         metrics = classifier_metrics(truth, raw)
         metrics.update(expected_count_metrics(table, rows, raw, threshold))
         metrics.update(subset=subset, threshold=threshold)
+        metrics["accuracy_ci95"] = crystal_interval(crystals, lambda r: classifier_metrics(truth[r], raw[r])["accuracy"])
+        if "accuracy_expected" in metrics:
+            metrics["accuracy_expected_ci95"] = crystal_interval(
+                crystals, lambda r: expected_count_metrics(table, rows[r], raw[r], threshold)["accuracy_expected"])
         lines += ["| metric | value |", "|---|---|",
-                  f"| accuracy | {format_cell(metrics['accuracy'], '{:.3f}')} |",
+                  f"| accuracy | {value_cell(metrics['accuracy'], metrics['accuracy_ci95'], '{:.3f}')} |",
                   f"| balanced accuracy | {format_cell(metrics['balanced_accuracy'], '{:.3f}')} |",
                   f"| recall of crystals / of empty crops | {format_cell(metrics['recall_crystal'], '{:.3f}')} / "
                   f"{format_cell(metrics['recall_empty'], '{:.3f}')} |",
-                  *([f"| accuracy against the expected counts | {format_cell(metrics['accuracy_expected'], '{:.3f}')} |"]
+                  *([f"| accuracy against the expected counts | "
+                     f"{value_cell(metrics['accuracy_expected'], metrics['accuracy_expected_ci95'], '{:.3f}')} |"]
                     if "accuracy_expected" in metrics else []),
-                  f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |", ""]
+                  f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |",
+                  _INTERVALS.format(n=len(set(crystals))), ""]
         (tn, fp), (fn, tp) = metrics["confusion"]
         lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
                   f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
