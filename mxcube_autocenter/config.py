@@ -10,6 +10,8 @@ property and says what is allowed.
 from __future__ import annotations
 
 import ast
+import os
+import string
 from typing import Annotated, Literal
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
@@ -140,6 +142,34 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
                 raise ValueError(
                     f"expected a list such as {list(SCAN_TYPES)!r}, got {value!r}"
                 ) from err
+        return value
+
+    @field_validator("record_directory")
+    @classmethod
+    def _directory_template(cls, value):
+        # Filled in at each collection (collection_recorder.recording_directory), where a bad template
+        # would only end up as "could not start recording" in the log, collection after collection.
+        try:
+            directory = value.format(data_directory="/data")
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"not a template over {{data_directory}} alone ({type(err).__name__}: {err}); "
+                "write braces as {{ and }}"
+            ) from None
+        if not os.path.isabs(directory):
+            raise ValueError("must be an absolute path, or start with {data_directory}")
+        return value
+
+    @field_validator("master_file_template")
+    @classmethod
+    def _fileinfo_template(cls, value):
+        # Filled in with dc_params["fileinfo"] at each collection (collection_recorder.master_file_path).
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"not a format string ({err}); write braces as {{{{ and }}}}") from None
+        if any(not name or name[0].isdigit() for name in fields):
+            raise ValueError("fields must be named after fileinfo keys, such as {directory}, {prefix}, {run_number}")
         return value
 
     @model_validator(mode="after")

@@ -56,6 +56,22 @@ def test_unknown_scan_type_is_refused(tmp_path, caplog):
     assert "'OSC' or 'Helical'" in messages
 
 
+def test_a_recording_path_template_that_cannot_be_filled_in_is_refused_at_load(tmp_path, caplog):
+    # Filled in only when a collection starts: there a typo would only log "could not start recording"
+    # (a KeyError naming no property) at every collection, and nothing would ever be recorded.
+    config = _config_with(tmp_path, "{data_directory}/autocenter_frames", "{data_dir}/autocenter_frames")
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            assert bl.get_object_by_role("auto_centring") is None
+    messages = _logged(caplog)
+    assert "record_directory = '{data_dir}/autocenter_frames'" in messages and "{data_directory}" in messages
+    for prop, value in [("record_directory", "autocenter_frames"), ("master_file_template", "{directory}/{prefix"),
+                        ("master_file_template", "{}/{prefix}_master.h5")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"{prop} = "):
+            AutoCenterConfig(**{prop: value})
+    assert AutoCenterConfig(record_directory="/data/frames").record_directory == "/data/frames"
+
+
 def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
     with hardware_repository() as bl:
         ho = auto_centring(bl)
