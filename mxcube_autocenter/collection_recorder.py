@@ -60,21 +60,30 @@ def find_dc_params(args, fallback=None):
 
 
 def stream_frame(image, args):
-    """An ``imageReceived`` payload as the writer takes it: JPEG bytes, or raw RGB pixels as an array.
+    """An ``imageReceived`` payload as the writer takes it: JPEG bytes, or raw pixels as an HxWx3 RGB array.
 
     MDCameraMockup-like cameras send ``(jpeg_bytes, width, height)``;
     mxcubecore's TangoLimaVideo sends the raw pixels of its video mode,
-    ``(rgb_bytes, width, height, False)`` in RGB24. Raw RGB becomes an
-    HxWx3 view (no copy); the writer thread encodes it. Anything else is
-    passed on, and the writer refuses it.
+    ``(pixel_bytes, width, height, False)``: 3 bytes a pixel in RGB24, 4
+    (RGBA) in RGB32, 1 (grey) in RGB8. Raw pixels become an HxWx3 view (no
+    copy); the writer thread encodes it. Anything else is passed on, and the
+    writer refuses it.
     """
-    if isinstance(image, (bytes, bytearray, memoryview)) and bytes(image[:2]) != JPEG_MAGIC and len(args) >= 2:
-        try:
-            width, height = int(args[0]), int(args[1])
-        except (TypeError, ValueError):
-            return image
-        if width > 0 and height > 0 and len(image) == width * height * 3:
-            return np.frombuffer(image, np.uint8).reshape(height, width, 3)
+    if not isinstance(image, (bytes, bytearray, memoryview)) or len(args) < 2:
+        return image
+    try:
+        width, height = int(args[0]), int(args[1])
+    except (TypeError, ValueError):
+        return image
+    if width <= 0 or height <= 0:
+        return image
+    pixels, size = np.frombuffer(image, np.uint8), width * height
+    # No JPEG takes 3 bytes a pixel: a raw frame whose first pixel happens to read
+    # like the JPEG start marker is still raw.
+    if len(pixels) in (3 * size, 4 * size):
+        return pixels.reshape(height, width, -1)[:, :, :3]
+    if len(pixels) == size and bytes(pixels[:2]) != JPEG_MAGIC:
+        return np.broadcast_to(pixels.reshape(height, width, 1), (height, width, 3))
     return image
 
 
@@ -208,7 +217,8 @@ class CollectionRecorder:
         """``imageReceived`` slot: keep frames at the configured rate."""
         now = time.time()
         self._last_frame_time = now
-        if self._writer is None or now < self._next_due:
+        writer = self._writer
+        if writer is None or now < self._next_due:
             return
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
@@ -221,7 +231,9 @@ class CollectionRecorder:
             self._motors_failing = True
             return
         self._motors_failing = False
-        self._writer.submit(stream_frame(image, args), now, motors)
+        # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
+        if self._writer is writer:
+            writer.submit(stream_frame(image, args), now, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""

@@ -395,3 +395,56 @@ def test_a_camera_that_streams_raw_rgb_pixels_is_recorded(beamline, autocenter, 
     frame = rec.frame(len(rec) - 1)
     assert frame.shape == expected.shape
     assert np.abs(frame.astype(int) - expected).mean() < 8  # the same picture, once through JPEG
+
+
+@pytest.mark.parametrize("video_mode", ["rgba", "grey"])
+def test_a_lima_camera_in_rgb32_or_rgb8_video_mode_is_recorded(beamline, autocenter, tmp_path, video_mode):
+    """TangoLimaVideo's RGB32 mode sends 4 bytes a pixel (RGBA), its RGB8 mode 1 (grey): not JPEG, not RGB24."""
+    camera = beamline.sample_view.camera
+    camera.stream_format = video_mode
+    try:
+        autocenter.recorder.last_summary = None
+        collect(beamline, tmp_path, "OSC")
+        summary = wait_for_summary(autocenter)
+    finally:
+        camera.stream_format = "jpeg"
+    assert summary.status == "complete" and summary.error is None and summary.frames_dropped == 0, summary
+    rec = read_recording(summary.path)
+    assert len(rec) > 5
+    rgb = np.frombuffer(camera.get_last_image()[0], np.uint8).reshape(camera.get_height(), camera.get_width(), 3)
+    expected = rgb if video_mode == "rgba" else np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    frame = rec.frame(len(rec) - 1)
+    assert frame.shape == expected.shape
+    assert np.abs(frame.astype(float) - expected).mean() < 8  # the same picture, once through JPEG
+
+
+def test_a_raw_rgb_frame_whose_first_pixel_reads_like_a_jpeg_marker_is_raw(beamline):
+    from mxcube_autocenter.collection_recorder import stream_frame
+
+    camera = beamline.sample_view.camera
+    data, width, height = camera.get_last_image()
+    pixels = bytearray(data)
+    pixels[:3] = b"\xff\xd8\xff"  # a saturated first pixel, green 216
+    frame = stream_frame(bytes(pixels), (width, height, False))
+    assert isinstance(frame, np.ndarray) and frame.shape == (height, width, 3)
+    assert tuple(frame[0, 0]) == (255, 216, 255)
+
+
+def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_quietly(beamline, autocenter, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """An MD3's motor positions come over the network: the collection may end while a frame waits for them."""
+    read_motors = autocenter.recorder._read_motors
+
+    def slow_motors():
+        gevent.sleep(0.15)  # longer than the recording's frame period: a frame is always waiting
+        return read_motors()
+
+    errors = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: errors.append(exc))  # what mxcubecore's dispatcher calls
+    monkeypatch.setattr(autocenter.recorder, "_read_motors", slow_motors)
+    for prefix in ("a", "b", "c"):
+        autocenter.recorder.last_summary = None
+        collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=10)
+        assert wait_for_summary(autocenter).status == "complete"
+    gevent.sleep(0.5)
+    assert errors == [], [str(exc[1]) for exc in errors]

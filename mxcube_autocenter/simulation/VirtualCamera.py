@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import cv2
 import gevent
 import gevent.lock
 import numpy as np
@@ -35,7 +36,8 @@ class VirtualCamera(HardwareObject):
     Attribute ``stream_format``: ``"jpeg"`` (MDCameraMockup's
     ``imageReceived(jpeg_bytes, width, height)``) or ``"rgb"`` (mxcubecore's
     TangoLimaVideo in RGB24 video mode: ``imageReceived(rgb_bytes, width,
-    height, False)``, the raw pixels).
+    height, False)``, the raw pixels), ``"rgba"`` (its RGB32 mode: 4 bytes a
+    pixel, RGBA) or ``"grey"`` (its RGB8 mode: 1 byte a pixel).
     """
 
     def init(self):
@@ -111,13 +113,22 @@ class VirtualCamera(HardwareObject):
             try:
                 self._update()
                 gevent.sleep(self._latency_s)
-                if self.stream_format == "rgb":
-                    self.emit("imageReceived", self._rgb.tobytes(), self._width, self._height, False)
+                if self.stream_format in ("rgb", "rgba", "grey"):
+                    self.emit("imageReceived", self.raw_pixels(self.stream_format), self._width, self._height, False)
                 else:
                     self.emit("imageReceived", self._jpeg, self._width, self._height)
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
+
+    def raw_pixels(self, video_mode: str) -> bytes:
+        """The current frame's pixels as TangoLimaVideo sends them in ``video_mode`` ("rgb", "rgba" or "grey")."""
+        rgb = self._rgb
+        if video_mode == "grey":
+            rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        elif video_mode == "rgba":
+            rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
+        return rgb.tobytes()
 
     def _loaded_repository_alive(self) -> bool:
         try:
