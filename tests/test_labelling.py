@@ -318,8 +318,13 @@ class Collection:
     wall_start: float
 
 
-def simulate_collection(directory, name, seed, *, kind="Helical", osc_range=0.5, beam=(240.0, 192.0), fps=20.0):
-    """Camera recording and EIGER files of one collection, as the virtual beamline makes them."""
+def simulate_collection(directory, name, seed, *, kind="Helical", osc_range=0.5, beam=(240.0, 192.0), fps=20.0,
+                        waits_at=None):  # fmt: skip
+    """Camera recording and EIGER files of one collection, as the virtual beamline makes them.
+
+    ``waits_at``: omega (deg) at which the goniometer rests for 3 s before it
+    moves to the scan's start, as after a centring while the detector arms.
+    """
     directory = Path(directory)
     rng = np.random.default_rng(seed)
     sample = make_sample(seed, n_crystals=1)
@@ -346,12 +351,18 @@ def simulate_collection(directory, name, seed, *, kind="Helical", osc_range=0.5,
     }  # fmt: skip
     store = FrameStore.create(directory, f"{name}_1_camera", metadata)
     renderer = Renderer(*CAMERA, seed=seed)
-    exposed = np.arange(wall - 0.4, wall + N_IMAGES * FRAME_TIME + 0.4, 1 / fps) + rng.uniform(0, 1 / fps)
+    first = wall - 0.4 if waits_at is None else wall - 3.4
+    exposed = np.arange(first, wall + N_IMAGES * FRAME_TIME + 0.4, 1 / fps) + rng.uniform(0, 1 / fps)
+
+    def motors_at(moment):
+        motors = plan.motors_at(moment - wall)
+        return motors if waits_at is None or moment >= wall - 0.4 else {**motors, "omega": waits_at}
+
     for k, moment in enumerate(exposed):
-        rgb = renderer.render(sample, plan.motors_at(moment - wall), PIXELS_PER_MM, beam)
+        rgb = renderer.render(sample, motors_at(moment), PIXELS_PER_MM, beam)
         # The recorder stamps a frame and reads the motors when it arrives.
         received = moment + LATENCY
-        store.append(encode_jpeg(rgb), received, plan.motors_at(received - wall), k)
+        store.append(encode_jpeg(rgb), received, motors_at(received), k)
     store.close("complete")
     return Collection(store.path, written.master_path, written.data_paths, counts, exposed, wall)
 
@@ -422,6 +433,22 @@ def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled
     text = format_summary(summary)
     assert "Labelled 2 of 2 recordings" in text and "Histogram:" in text
     assert re.search(r"clock offset \+0\.1[12]\d\d s \(omega; timing residual rms", text)
+
+
+def test_frames_while_the_goniometer_waits_inside_the_scan_range_do_not_set_the_clock_offset(tmp_path):
+    # After a centring at omega 30 the goniometer rests there, inside the scan's 20 to 40 deg, for 3 s
+    # while the detector arms: 60 camera frames at rest against 40 during the scan.
+    waiting = simulate_collection(tmp_path, "waiting", 25, waits_at=30.0)
+    out = tmp_path / "dataset.h5"
+    summary = label_recordings([waiting.recording], out, progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "labelled", entry.message
+    assert entry.matching["offset_method"] == "omega"
+    assert entry.matching["clock_offset_s"] == pytest.approx(CLOCK_OFFSET, abs=0.002)
+    dataset = read_table(out)
+    check_labels(dataset, waiting, entry.scan_id)
+    # The frames at rest are not labelled with the scan's counts.
+    assert np.all(waiting.exposed[dataset.recording_frame] > waiting.wall_start - TOLERANCE)
 
 
 def test_appending_the_same_recording_again_is_detected(labelled, collections, tmp_path):

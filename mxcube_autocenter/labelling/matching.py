@@ -29,6 +29,12 @@ import numpy as np
 _OMEGA_MARGIN_FRAMES = 0.5
 # Fewest moving camera frames for an offset from the motion.
 _MIN_MOVING_FRAMES = 3
+# A camera frame counts as taken during the scan only while omega turns at
+# between these fractions of the scan's speed (``osc_range`` per frame period),
+# in its direction: the goniometer may rest inside the scan's range before it
+# (at the last centring angle, while the detector arms) and pass through it
+# fast on its way to the start.
+_SCAN_SPEED_RANGE = (0.2, 10.0)
 
 
 class ClockOffset(float):
@@ -180,7 +186,11 @@ def estimate_clock_offset(
     Detector frame ``i`` covers omega from ``omega_start + i * omega_range``
     over one frame period from its start, so the detector time at which
     omega had a camera frame's value is known; the median difference from
-    the camera times is the offset. This holds for rotational scans and for
+    the camera times is the offset. Only frames taken while omega turns at
+    about the scan's speed count: the goniometer may rest inside the scan's
+    range before the scan (at the last centring angle, for seconds while the
+    detector arms), and such frames would pull the median off by seconds.
+    This holds for rotational scans and for
     helical scans with an oscillation range (MXCuBE rotates omega by
     ``osc_range`` per image along the line too). When omega does not move
     (``omega_range`` 0, or fewer than 3 camera frames while it moves), the
@@ -226,6 +236,7 @@ def estimate_clock_offset(
     if omega_range != 0:
         images = (omegas - omega_start) / omega_range
         moving = np.isfinite(images) & (images >= _OMEGA_MARGIN_FRAMES) & (images <= n - _OMEGA_MARGIN_FRAMES)
+        moving &= _at_scan_speed(times, images, frame_period(windows))
         if np.count_nonzero(moving) >= _MIN_MOVING_FRAMES:
             frame = np.minimum(np.floor(images[moving]).astype(np.int64), n - 1)
             detector_time = windows[frame, 0] + (images[moving] - frame) * frame_period(windows)
@@ -243,6 +254,28 @@ def estimate_clock_offset(
             "no camera frame at or after the collection start: the recording does not cover the collection"
         )
     return ClockOffset(float(windows[0, 0] - after.min()), "scan start", residuals, note)
+
+
+def _at_scan_speed(times: np.ndarray, images: np.ndarray, period: float) -> np.ndarray:
+    """Whether omega turned at about the scan's speed at each camera frame.
+
+    The speed is that between the frame's neighbours in time, in detector
+    frames per frame period (1 during the scan).
+    """
+    result = np.zeros(times.shape, bool)
+    known = np.flatnonzero(np.isfinite(times) & np.isfinite(images))
+    if known.size < 2 or not np.isfinite(period) or period <= 0:
+        return result
+    order = known[np.argsort(times[known], kind="stable")]
+    t, x = times[order], images[order]
+    before = np.concatenate([[0], np.arange(t.size - 1)])
+    after = np.concatenate([np.arange(1, t.size), [t.size - 1]])
+    dt = t[after] - t[before]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speed = (x[after] - x[before]) / dt * period
+    low, high = _SCAN_SPEED_RANGE
+    result[order] = (dt > 0) & (speed >= low) & (speed <= high)
+    return result
 
 
 @dataclass(frozen=True)
