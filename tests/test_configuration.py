@@ -29,29 +29,26 @@ def _logged(caplog):
     )
 
 
-def test_malformed_property_gives_clear_error(tmp_path, caplog):
-    config = _config_with(
-        tmp_path,
-        "<record_frame_rate>10</record_frame_rate>",
-        "<record_frame_rate>fast</record_frame_rate>",
-    )
+def _refused_at_load(tmp_path, caplog, old, new) -> str:
+    """Boot the virtual beamline with ``old`` replaced by ``new`` in the AutoCenter XML; the log of its refusal."""
     with caplog.at_level(logging.ERROR, logger="HWR"):
-        with hardware_repository(config) as bl:
+        with hardware_repository(_config_with(tmp_path, old, new)) as bl:
             assert bl.get_object_by_role("auto_centring") is None
             with pytest.raises(LookupError, match="beamline.yaml"):
                 auto_centring(bl)
-    messages = _logged(caplog)
+    return _logged(caplog)
+
+
+def test_malformed_property_gives_clear_error(tmp_path, caplog):
+    messages = _refused_at_load(tmp_path, caplog, "<record_frame_rate>10</record_frame_rate>",
+                                "<record_frame_rate>fast</record_frame_rate>")  # fmt: skip
     assert "record_frame_rate = 'fast'" in messages
     assert "Frames recorded per second" in messages
     assert "docs/configuration.md" in messages
 
 
 def test_unknown_scan_type_is_refused(tmp_path, caplog):
-    config = _config_with(tmp_path, '["OSC", "Helical"]', '["OSC", "Mesh"]')
-    with caplog.at_level(logging.ERROR, logger="HWR"):
-        with hardware_repository(config) as bl:
-            assert bl.get_object_by_role("auto_centring") is None
-    messages = _logged(caplog)
+    messages = _refused_at_load(tmp_path, caplog, '["OSC", "Helical"]', '["OSC", "Mesh"]')
     assert "record_scan_types" in messages
     assert "'OSC' or 'Helical'" in messages
 
@@ -59,11 +56,7 @@ def test_unknown_scan_type_is_refused(tmp_path, caplog):
 def test_a_recording_path_template_that_cannot_be_filled_in_is_refused_at_load(tmp_path, caplog):
     # Filled in only when a collection starts: there a typo would only log "could not start recording"
     # (a KeyError naming no property) at every collection, and nothing would ever be recorded.
-    config = _config_with(tmp_path, "{data_directory}/autocenter_frames", "{data_dir}/autocenter_frames")
-    with caplog.at_level(logging.ERROR, logger="HWR"):
-        with hardware_repository(config) as bl:
-            assert bl.get_object_by_role("auto_centring") is None
-    messages = _logged(caplog)
+    messages = _refused_at_load(tmp_path, caplog, "{data_directory}/autocenter_frames", "{data_dir}/autocenter_frames")
     assert "record_directory = '{data_dir}/autocenter_frames'" in messages and "{data_directory}" in messages
     for prop, value in [("record_directory", "autocenter_frames"), ("master_file_template", "{directory}/{prefix"),
                         ("master_file_template", "{}/{prefix}_master.h5")]:  # fmt: skip

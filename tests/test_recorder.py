@@ -378,28 +378,10 @@ def test_label_command_turns_recordings_into_a_training_set(beamline, autocenter
     assert len(read_table(out)) == len(data)
 
 
-def test_a_camera_that_streams_raw_rgb_pixels_is_recorded(beamline, autocenter, tmp_path):
-    """mxcubecore's TangoLimaVideo (RGB24) sends imageReceived(rgb_bytes, width, height, False), not JPEG."""
-    camera = beamline.sample_view.camera
-    camera.stream_format = "rgb"
-    try:
-        autocenter.recorder.last_summary = None
-        collect(beamline, tmp_path, "OSC")
-        summary = wait_for_summary(autocenter)
-    finally:
-        camera.stream_format = "jpeg"
-    assert summary.status == "complete" and summary.error is None, summary
-    rec = read_recording(summary.path)
-    assert len(rec) > 5
-    expected = np.frombuffer(camera.get_last_image()[0], np.uint8).reshape(camera.get_height(), camera.get_width(), 3)
-    frame = rec.frame(len(rec) - 1)
-    assert frame.shape == expected.shape
-    assert np.abs(frame.astype(int) - expected).mean() < 8  # the same picture, once through JPEG
-
-
-@pytest.mark.parametrize("video_mode", ["rgba", "grey"])
-def test_a_lima_camera_in_rgb32_or_rgb8_video_mode_is_recorded(beamline, autocenter, tmp_path, video_mode):
-    """TangoLimaVideo's RGB32 mode sends 4 bytes a pixel (RGBA), its RGB8 mode 1 (grey): not JPEG, not RGB24."""
+@pytest.mark.parametrize("video_mode", ["rgb", "rgba", "grey"])
+def test_a_lima_camera_that_streams_raw_pixels_is_recorded(beamline, autocenter, tmp_path, video_mode):
+    """mxcubecore's TangoLimaVideo sends imageReceived(pixel_bytes, width, height, False), not JPEG: 3 bytes a
+    pixel in its RGB24 video mode, 4 (RGBA) in RGB32, 1 (grey) in RGB8."""
     camera = beamline.sample_view.camera
     camera.stream_format = video_mode
     try:
@@ -412,7 +394,7 @@ def test_a_lima_camera_in_rgb32_or_rgb8_video_mode_is_recorded(beamline, autocen
     rec = read_recording(summary.path)
     assert len(rec) > 5
     rgb = np.frombuffer(camera.get_last_image()[0], np.uint8).reshape(camera.get_height(), camera.get_width(), 3)
-    expected = rgb if video_mode == "rgba" else np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    expected = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2) if video_mode == "grey" else rgb
     frame = rec.frame(len(rec) - 1)
     assert frame.shape == expected.shape
     assert np.abs(frame.astype(float) - expected).mean() < 8  # the same picture, once through JPEG
