@@ -368,6 +368,36 @@ def test_per_frame_times_are_read_in_their_units(tmp_path):
         np.testing.assert_allclose(series.frame_windows()[:, 0], START + np.array([0.0, 0.1, 0.2]), atol=1e-6)
 
 
+def test_geometry_is_read_in_its_units(tmp_path):
+    # NXmx lets a writer give lengths in mm and the beam centre as a length: read as metres and
+    # pixels, a distance in mm put every pixel at a resolution 1000 times too low (no ice ring, no d_min).
+    written = small_collection(tmp_path, n_frames=1)
+    with open_master(written.master_path) as series:
+        expected = (series.pixel_size, series.distance, series.wavelength, series.beam_center_x, series.beam_center_y)
+    assert expected == pytest.approx((SMALL.pixel_size, SMALL.distance, SMALL.wavelength, SMALL.beam_center_x,
+                                      SMALL.beam_center_y))  # fmt: skip
+    with h5py.File(written.master_path, "r+") as f:
+        detector, beam = f["entry/instrument/detector"], f["entry/instrument/beam"]
+        for name, value, units in (
+            ("x_pixel_size", SMALL.pixel_size, "mm"),
+            ("detector_distance", SMALL.distance, "mm"),
+            ("beam_center_x", SMALL.beam_center_x * SMALL.pixel_size, "mm"),
+            ("beam_center_y", SMALL.beam_center_y * SMALL.pixel_size * 1e-3, "m"),
+            ("incident_wavelength", SMALL.wavelength / 10, "nm"),
+        ):
+            group = beam if name == "incident_wavelength" else detector
+            del group[name]
+            group[name] = value
+            group[name].attrs["units"] = np.bytes_(units)
+    with open_master(written.master_path) as series:
+        found = (series.pixel_size, series.distance, series.wavelength, series.beam_center_x, series.beam_center_y)
+    assert found == pytest.approx(expected)
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector/detector_distance"].attrs["units"] = np.bytes_("furlong")
+    with pytest.raises(EigerFileError, match=r"xtal_2_master.h5: .*detector_distance is in 'furlong'.*units attribute"):
+        open_master(written.master_path)
+
+
 def test_the_v2024_2_filewriter_format_is_refused_with_the_fix(tmp_path):
     written = small_collection(tmp_path)
     with h5py.File(written.master_path, "r+") as f:

@@ -237,6 +237,21 @@ def test_spot_counts_are_read_from_csv_json_and_dials_tables(tmp_path, name, tex
     np.testing.assert_array_equal(counts, [12, 0, 57, np.nan, 8, np.nan])
 
 
+def test_the_json_that_dials_spot_counts_per_image_writes_is_read(tmp_path):
+    # dials.spot_counts_per_image json=... dumps its per-image statistics, one list per field
+    # in image order from image 1, and no image list.
+    path = tmp_path / "spot_counts.json"
+    path.write_text(json.dumps({
+        "d_min_distl_method_1": [-1.0, -1.0, 2.1], "d_min_distl_method_2": [-1.0, -1.0, 2.3],
+        "estimated_d_min": [-1.0, -1.0, 1.9], "n_spots_4A": [3, 0, 20], "n_spots_no_ice": [12, 0, 57],
+        "n_spots_total": [14, 0, 61], "noisiness_method_1": [-1.0, -1.0, 0.2],
+        "noisiness_method_2": [-1.0, -1.0, 0.3], "total_intensity": [5163.0, 0.0, 3821.0],
+    }))  # fmt: skip
+    spots = read_spot_counts(path)
+    assert spots.column == "n_spots_no_ice"
+    np.testing.assert_array_equal(spots.for_collection(4), [12, 0, 57, np.nan])
+
+
 def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_path):
     path = tmp_path / "counts.csv"
     path.write_text("master_file,image,spots\n/data/a_1_master.h5,1,5\n/data/a_1_master.h5,2,6\nb_1_master.h5,1,9\n")

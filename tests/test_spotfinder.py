@@ -86,9 +86,11 @@ def test_masked_pixels_never_make_spots():
     frame[blobs] = 5000
     mask = simulator.pixel_mask | np.where(blobs, np.uint32(HOT), np.uint32(0))
     valid = valid_pixels(frame, mask, simulator.count_cutoff)
-    assert find_spots(frame, valid).count == 0
+    # The flat blobs have their peak pixel in a corner: keep them whatever the peak-centroid separation.
+    params = SpotFinderParams(max_separation=None)
+    assert find_spots(frame, valid, params).count == 0
     # Unmasked, the same blobs are spots: the mask, not the data, kept them out.
-    assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)).count > 20
+    assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff), params).count > 20
 
 
 def test_saturated_pixels_never_make_spots():
@@ -111,6 +113,34 @@ def test_masked_pixels_do_not_poison_their_neighbours():
     assert spots.count == 40
     # A spot loses the masked pixel of its tail, which moves its centroid a little.
     assert np.linalg.norm(spots.centroids[:, None] - positions[None], axis=2).min(axis=1).max() < 1.0
+
+
+def _gaussian_spot(shape, x, y, intensity, sigma):
+    """Expected counts of a Gaussian spot of ``intensity`` counts centred at ``(x, y)``, pixels."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    r2 = (columns + 0.5 - x) ** 2 + (rows + 0.5 - y) ** 2
+    return intensity / (2 * np.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+
+
+def test_spots_whose_peak_is_far_from_their_centroid_are_dropped_as_in_dials():
+    # A very strong low-resolution spot on a 16-bit EIGER: its core is saturated, hence
+    # invalid, and its strong pixels are a ring whose brightest pixel lies beside the core,
+    # more than 2 pixels from the centroid. DIALS' filter.max_separation (2) drops it.
+    rng = np.random.default_rng(9)
+    shape, cutoff = (64, 96), 0xFFFE
+    expected = 1.0 + _gaussian_spot(shape, 20.5, 30.5, 3000, 1.0) + _gaussian_spot(shape, 60.5, 30.5, 3e6, 1.5)
+    frame = np.minimum(rng.poisson(expected), 0xFFFF).astype(np.uint16)
+    valid = valid_pixels(frame, np.zeros(shape, np.uint32), cutoff)
+    assert not valid[30, 60]
+    spots = find_spots(frame, valid)
+    assert spots.count == 1 and np.linalg.norm(spots.centroids[0] - (20.5, 30.5)) < 0.5
+    assert find_spots(frame, valid, SpotFinderParams(max_separation=None)).count == 2
+    # On a tie the first pixel in row order is the peak, as DIALS' peak_coordinates: a flat
+    # 5 x 5 square has it in its corner, 2.83 pixels from its centre.
+    square = np.ones(shape, np.uint32)
+    square[10:15, 40:45] = 500
+    assert find_spots(square).count == 0
+    assert find_spots(square, params=SpotFinderParams(max_separation=2.9)).count == 1
 
 
 def _reference_strong_pixels(frame, valid, params):
@@ -233,6 +263,7 @@ def test_frames_refuse_more_ice_spots_than_the_rings_hold():
         {"gain": 0},
         {"min_spot_size": 5, "max_spot_size": 4},
         {"d_min": 3.0, "d_max": 2.0},
+        {"max_separation": -1.0},
     ],
 )
 def test_parameters_are_checked(kwargs):

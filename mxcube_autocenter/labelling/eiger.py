@@ -35,6 +35,13 @@ _SECONDS_PER = {
     "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6,
     "microsecond": 1e-6, "microseconds": 1e-6, "ns": 1e-9, "nanosecond": 1e-9, "nanoseconds": 1e-9,
 }  # fmt: skip
+# NeXus lengths carry their unit too: DECTRIS writes metres (pixels for the beam centre), other NXmx writers mm.
+_MM_PER = {
+    "m": 1e3, "meter": 1e3, "metre": 1e3, "meters": 1e3, "metres": 1e3, "cm": 10.0, "mm": 1.0, "millimeter": 1.0,
+    "millimetre": 1.0, "um": 1e-3, "\u00b5m": 1e-3, "micron": 1e-3, "microns": 1e-3, "nm": 1e-6,
+}  # fmt: skip
+_ANGSTROM_PER = {"angstrom": 1.0, "angstroms": 1.0, "a": 1.0, "\u00e5": 1.0, "nm": 10.0, "m": 1e10}
+_PIXELS = ("pixel", "pixels", "px")
 
 
 class EigerFileError(OSError):
@@ -109,12 +116,11 @@ class EigerSeries:
         specific = self._group("entry/instrument/detector/detectorSpecific")
         self.count_time = self._seconds(detector, "count_time")
         self.frame_time = self._seconds(detector, "frame_time")
-        self.beam_center_x = float(self._value(detector, "beam_center_x"))
-        self.beam_center_y = float(self._value(detector, "beam_center_y"))
-        # The FileWriter stores lengths in metres.
-        self.pixel_size = 1e3 * float(self._value(detector, "x_pixel_size"))
-        self.distance = 1e3 * float(self._value(detector, "detector_distance"))
-        self.wavelength = float(self._value(self._group("entry/instrument/beam"), "incident_wavelength"))
+        # In their units attributes' units; without one, as the FileWriter writes them (metres, pixels, angstrom).
+        self.pixel_size = self._length(detector, "x_pixel_size", _MM_PER, "m")
+        self.distance = self._length(detector, "detector_distance", _MM_PER, "m")
+        self.wavelength = self._length(self._group("entry/instrument/beam"), "incident_wavelength", _ANGSTROM_PER,
+                                       "angstrom")  # fmt: skip
         for field, value in (("x_pixel_size", self.pixel_size), ("detector_distance", self.distance),
                              ("incident_wavelength", self.wavelength)):
             if not (np.isfinite(value) and value > 0):
@@ -122,6 +128,8 @@ class EigerSeries:
                 raise EigerFileError(
                     f"{self.master_path}: {field} is {value:g}, not a length: the collection did not record the "
                     "geometry; set it in the master file (metres; the wavelength in angstrom) before labelling")
+        self.beam_center_x = self._beam_center(detector, "beam_center_x")
+        self.beam_center_y = self._beam_center(detector, "beam_center_y")
         self.width = int(self._value(specific, "x_pixels_in_detector"))
         self.height = int(self._value(specific, "y_pixels_in_detector"))
         self.ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
@@ -190,6 +198,26 @@ class EigerSeries:
             )
         value = np.asarray(dataset[()], dtype=np.float64) * _SECONDS_PER[units]
         return float(value) if value.ndim == 0 else value
+
+    def _length(self, group: h5py.Group, name: str, per_unit: dict, default: str) -> float:
+        """A scalar in the unit of ``per_unit`` (value 1), converted from its ``units`` attribute."""
+        dataset = self._dataset(group, name)
+        units = _text(dataset.attrs["units"]).strip() if "units" in dataset.attrs else default
+        factor = per_unit.get(units, per_unit.get(units.lower()))
+        if factor is None:
+            raise EigerFileError(
+                f"{self.master_path}: {dataset.name} is in {units!r}, not a unit this reader knows "
+                f"({', '.join(per_unit)}): fix its units attribute"
+            )
+        return factor * float(dataset[()])
+
+    def _beam_center(self, detector: h5py.Group, name: str) -> float:
+        """Beam centre in pixels: DECTRIS writes pixels, NXmx allows a length (converted with the pixel size)."""
+        dataset = self._dataset(detector, name)
+        units = _text(dataset.attrs["units"]).strip().lower() if "units" in dataset.attrs else "pixel"
+        if units in _PIXELS:
+            return float(dataset[()])
+        return self._length(detector, name, _MM_PER, "m") / self.pixel_size
 
     def _unix_time(self, text: str, what: str) -> float:
         try:

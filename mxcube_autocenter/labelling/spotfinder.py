@@ -77,6 +77,12 @@ class SpotFinderParams:
     min_spot_size, max_spot_size : int
         Spots with fewer, or more, pixels are dropped; ``max_spot_size=None``
         keeps spots of any size. 3 is DIALS' choice for pixel-array detectors.
+    max_separation : float, optional
+        Spots whose brightest pixel (its centre; the first in row order on a
+        tie) lies more than this many pixels from their centroid are dropped,
+        as DIALS' ``filter.max_separation`` (2 by default there too): merged
+        neighbours, streaks, rings of pixels around a saturated core.
+        None keeps them.
     d_min, d_max : float, optional
         Resolution limits, Angstrom: pixels outside the shell are invalid
         (neither tested nor used for the statistics of their neighbours).
@@ -98,6 +104,7 @@ class SpotFinderParams:
     global_threshold: float = 0.0
     min_spot_size: int = 3
     max_spot_size: int | None = 1000
+    max_separation: float | None = 2.0
     d_min: float | None = None
     d_max: float | None = None
     ice_rings: bool = False
@@ -117,6 +124,8 @@ class SpotFinderParams:
             raise ValueError(
                 f"spot sizes {self.min_spot_size}..{self.max_spot_size}: need 1 <= min_spot_size <= max_spot_size"
             )
+        if self.max_separation is not None and not self.max_separation >= 0:
+            raise ValueError(f"max_separation={self.max_separation} pixels: must be 0 or more, or None")
         if self.d_min is not None and self.d_max is not None and self.d_min >= self.d_max:
             raise ValueError(f"d_min={self.d_min} A must be below d_max={self.d_max} A")
         if self.ice_ring_width <= 0:
@@ -267,7 +276,9 @@ def find_spots(
     - its value exceeds ``global_threshold``.
 
     Strong pixels sharing an edge form a spot; spots of fewer than
-    ``min_spot_size`` or more than ``max_spot_size`` pixels are dropped.
+    ``min_spot_size`` or more than ``max_spot_size`` pixels, or whose
+    brightest pixel lies more than ``max_separation`` pixels from their
+    centroid, are dropped.
 
     Parameters
     ----------
@@ -420,6 +431,11 @@ def _spots(frame, strong, params) -> SpotList:
     keep = sizes >= params.min_spot_size
     if params.max_spot_size is not None:
         keep &= sizes <= params.max_spot_size
+    if params.max_separation is not None:
+        # DIALS' peak: the brightest pixel, the first in row order on a tie (strong is sorted, lexsort stable).
+        order = np.lexsort((-values, labels))
+        peak = order[np.flatnonzero(np.diff(labels[order], prepend=-1))]
+        keep &= np.hypot(columns[peak] + 0.5 - x, rows[peak] + 0.5 - y) <= params.max_separation
     order = np.lexsort((x[keep], y[keep]))
     return SpotList(
         centroids=np.column_stack([x[keep], y[keep]])[order],

@@ -8,7 +8,8 @@ processing pipeline. Three forms are read, chosen by the content:
 * CSV (comma, semicolon or tab separated, or blank-separated columns) with a
   header row;
 * JSON: a list of objects (one per image), an object of equal-length column
-  lists (``dials.spot_counts_per_image json=...``, ``pandas.DataFrame.to_json(orient="list")``),
+  lists (``dials.spot_counts_per_image json=...``, ``pandas.DataFrame.to_json(orient="list")``;
+  without an image column, as DIALS writes it, the lists run from image 1),
   or an object mapping image numbers to counts (``{"1": 53, "2": 40}``);
 * the text table DIALS prints (``| image | #spots | #spots_no_ice | ...``).
 
@@ -166,6 +167,12 @@ def _json_columns(path: Path, text: str) -> dict:
         keys = {key for row in data for key in row}
         return {key: [row.get(key) for row in data] for key in keys}
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        names = {str(key).strip().lower(): key for key in data}
+        spots = next((names[name] for name in SPOTS_COLUMNS if name in names), None)
+        if spots is not None and not any(name in names for name in IMAGE_COLUMNS):
+            # dials.spot_counts_per_image json= writes one list per statistic, in image order from
+            # image 1, and no image list: number the images as DIALS' table does.
+            return {"image": list(range(1, len(data[spots]) + 1)), **data}
         return data
     if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
         return {"image": list(data), "spots": list(data.values())}
