@@ -422,14 +422,12 @@ def cmd_heatmap(args) -> int:
     """Loop, heatmap and best point of camera images (steps 1-4 of the centring)."""
     import time
 
-    import cv2
-
     from mxcube_autocenter.centring import report
     from mxcube_autocenter.centring.loop import loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
     from mxcube_autocenter.config import AutoCenterConfig
-    from mxcube_autocenter.imagefiles import write_png
+    from mxcube_autocenter.imagefiles import read_rgb, write_png
 
     try:
         predictor = load_predictor(args.model, args.classifier)
@@ -445,12 +443,12 @@ def cmd_heatmap(args) -> int:
         start = time.perf_counter()
         entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None,
                  "crystal_probability": None}
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-        if bgr is None:
-            entry["error"] = f"cannot read {path} as an image (JPEG, PNG, ...)"
+        try:
+            frame = read_rgb(path)
+        except OSError as err:
+            entry["error"] = str(err)
             status = 1
         else:
-            frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             _, tip = loop_tips(frame, ppmm, args.pin_side)
             if tip is not None:
                 angle = analyse_frame(predictor, frame, tip, ppmm, settings)

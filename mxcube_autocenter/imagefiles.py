@@ -1,4 +1,4 @@
-"""Writing RGB images to PNG files, with an error when the file cannot be written."""
+"""Reading image files as RGB and writing RGB images to PNG files, with errors that name the file."""
 
 from __future__ import annotations
 
@@ -38,3 +38,29 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), image):
         raise OSError(f"cannot write {path}: check that the directory exists, is writable and has free space")
     return path
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file (JPEG, PNG, TIFF, ...; colour, grey or palette, 8 or 16 bits) as RGB uint8.
+
+    EXIF orientation is applied and an alpha channel dropped. A 16-bit image
+    is scaled by the smallest camera bit depth (8, 10, 12, 14 or 16) that
+    holds its brightest pixel: cameras store 10-, 12- or 14-bit pixels in
+    16-bit files without shifting them up, and reading only the top 8 of the
+    16 bits (as OpenCV does) leaves a 12-bit frame 16 levels at most, in
+    which no loop is found.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read as an image, or its pixels are not 8- or 16-bit integers.
+    """
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if image is None:
+        raise OSError(f"cannot read {path} as an image (JPEG, PNG, ...): check that it exists and is a whole image file")
+    if image.dtype == np.uint16:
+        bits = next(b for b in (8, 10, 12, 14, 16) if int(image.max()) < 2**b)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / (2**bits - 1))
+    elif image.dtype != np.uint8:
+        raise OSError(f"cannot read {path}: its pixels are {image.dtype}; save it with 8- or 16-bit integer pixels")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -383,6 +383,48 @@ def test_heatmap_keeps_its_best_point_in_the_loop_of_real_photographs(tmp_path, 
             assert x0 <= x <= x1 and y0 <= y <= y1, (name, key, entry[key])
 
 
+def test_find_loop_finds_the_loop_of_dark_real_photographs():
+    """A dim lamp or a short exposure (backlight ~25 of 255): lucid3's fixed thresholds found nothing or the pin."""
+    import cv2
+
+    data = Path(__file__).parent / "data" / "real_oav"
+    for name, (x0, y0, x1, y1) in REAL_LOOPS.items():
+        rgb = cv2.cvtColor(cv2.imread(str(data / name)), cv2.COLOR_BGR2RGB)
+        dark = np.round(rgb * 0.25).astype(np.uint8)
+        tip = find_loop(dark, "right")
+        assert tip is not None and x0 <= tip[0] <= x1 and y0 <= tip[1] <= y1, (name, tip)
+    assert find_loop(np.zeros((768, 1024, 3), np.uint8), "right") is None
+
+
+def test_heatmap_reads_16_bit_images_of_cameras_with_fewer_bits(tmp_path, capsys):
+    """A 12-bit camera's frame in a 16-bit PNG or TIFF reads as the 8-bit one, not as 16 grey levels."""
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    name = "dls_thau_1_91_0.png"
+    grey = cv2.imread(str(Path(__file__).parent / "data" / "real_oav" / name), cv2.IMREAD_GRAYSCALE)
+    paths = []
+    for stem, factor in (("12bit.png", 16), ("12bit.tif", 16), ("16bit.png", 257)):
+        paths.append(str(tmp_path / stem))
+        assert cv2.imwrite(paths[-1], grey.astype(np.uint16) * factor)
+    assert main(["heatmap", paths[0], "--pixels-per-mm", "1000", "--pin-side", "right", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    x0, y0, x1, y1 = REAL_LOOPS[name]
+    assert entry["loop"] is not None and x0 <= entry["loop"][0] <= x1 and y0 <= entry["loop"][1] <= y1, entry
+
+    from mxcube_autocenter.imagefiles import read_rgb
+
+    for path in paths:
+        rgb = read_rgb(path)
+        assert rgb.shape == (*grey.shape, 3) and rgb.dtype == np.uint8
+        assert np.abs(rgb.astype(int) - grey[..., None]).max() <= 1, path
+    with pytest.raises(OSError, match="no_such.png as an image"):
+        read_rgb(tmp_path / "no_such.png")
+
+
 def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):
     import json
 

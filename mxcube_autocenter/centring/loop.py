@@ -30,7 +30,8 @@ def find_loop(rgb, pin_side: str = "left"):
 
     lucid3 assumes the pin enters from the left and rejects detections in the
     left fifth of the image; for a pin on the right the image is mirrored
-    first and the result mirrored back.
+    first and the result mirrored back. lucid3 thresholds at fixed grey
+    levels, so a dark frame is brightened for it first (:func:`_for_lucid`).
 
     Parameters
     ----------
@@ -47,13 +48,36 @@ def find_loop(rgb, pin_side: str = "left"):
 
     if pin_side not in ("left", "right"):
         raise ValueError(f"pin_side must be 'left' or 'right', not {pin_side!r}")
-    image = np.ascontiguousarray(rgb[:, ::-1] if pin_side == "right" else rgb)
+    image = _for_lucid(rgb)
+    image = np.ascontiguousarray(image[:, ::-1] if pin_side == "right" else image)
     info, x, y = lucid3.find_loop(image)
     if info != "Coord" or x < 0 or y < 0:
         return None
     if pin_side == "right":
         x = rgb.shape[1] - 1 - x
     return float(x), float(y)
+
+
+LUCID_BACKLIGHT = 128.0  # grey level a dark frame's backlight is raised to for lucid3
+LUCID_MAX_GAIN = 8.0  # so that a black frame's noise is not raised into structure
+
+
+def _for_lucid(rgb) -> np.ndarray:
+    """The frame brightened so that its backlight (95th percentile of grey) reaches :data:`LUCID_BACKLIGHT`.
+
+    lucid3 cuts its contrast mask, Laplacian and histogram threshold at fixed
+    grey levels (``ENHANCED_CONTRAST_MAX_THRESHOLD`` 25, a 0-255 histogram):
+    on a frame with the backlight at a fifth of full scale (a dim lamp, a
+    short exposure) it finds no loop or takes the pin for it. A brighter
+    frame is passed unchanged, at most ``LUCID_MAX_GAIN`` is applied.
+    """
+    rgb = np.asarray(rgb)
+    step = max(1, max(rgb.shape[:2]) // 256)
+    grey = rgb[::step, ::step, :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    gain = min(LUCID_MAX_GAIN, LUCID_BACKLIGHT / max(float(np.percentile(grey, 95)), 1.0))
+    if gain <= 1.0:
+        return rgb
+    return np.clip(rgb * np.float32(gain) + 0.5, 0, 255).astype(np.uint8)
 
 
 def loop_tips(rgb, pixels_per_mm, pin_side: str = "left"):
