@@ -255,12 +255,23 @@ def cmd_train_dense(args) -> int:
     """Train the fcn regressor on a region set, every grid crop of a region at once."""
     from mxcube_autocenter.learning.dense import train_dense
 
+    colours = {}
+    if args.initial_model:
+        # Fine-tuning keeps the initial model's input: its colour and normalisation, which have no options here.
+        from mxcube_autocenter.learning.training import load_model
+
+        colours = _input_colours(load_model(args.initial_model)[1])
     result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
                          batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                          learning_rate=args.learning_rate, initial_model=args.initial_model,
-                         peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness)
+                         peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness, **colours)
     _print_training(result)
     return 0
+
+
+def _input_colours(info) -> dict:
+    """The colour mode and normalisation of a model's input metadata, as training keywords."""
+    return {key: info["input"][key] for key in ("colour", "normalisation") if key in info["input"]}
 
 
 def _print_training(result):
@@ -276,10 +287,12 @@ def cmd_train(args) -> int:
     from mxcube_autocenter.learning.architectures import task_of
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
+    colours = {}
     if args.initial_model:
         # Fine-tuning: the network, its input and label transform are the initial model's; an fcn_classifier
         # started from a regressor keeps its own architecture and threshold.
         _, info = load_model(args.initial_model)
+        colours = _input_colours(info)
         transfer = args.arch == "fcn_classifier" and info.get("task") == "regression"
         if not transfer:
             args.arch = info["architecture"]["name"]
@@ -289,7 +302,7 @@ def cmd_train(args) -> int:
         print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
               f"{args.input_size} px crops of {args.crop_um} um"
               + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
-    options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate)
+    options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate, **colours)
     if task_of(args.arch) == "classifier":
         result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
     else:

@@ -109,6 +109,15 @@ def test_files_that_are_not_region_sets_are_refused_with_the_fix(tmp_path, regio
         dense.read_regions(broken)
 
 
+def test_a_region_set_of_too_few_crystals_is_refused_naming_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "two.h5"
+    dense.synthetic_regions(path, 2, seed=3, views_per_sample=1, regions_per_view=1, cells=3, crop_um=160,
+                            input_size=SMALL, progress=False)
+    with pytest.raises(dense.RegionSetError, match=f"{path}: need at least 3 distinct crystals.*--samples"):
+        dense.train_dense(path, tmp_path / "model", epochs=1, verbose=0)
+    assert not (tmp_path / "model").exists()
+
+
 def test_augmentation_turns_the_region_and_its_label_grid_together(regions_path):
     from mxcube_autocenter.learning import crops
     from mxcube_autocenter.learning.augment import dihedral_np
@@ -173,6 +182,20 @@ def test_dense_fine_tuning_keeps_the_initial_transform(trained, regions_path, tm
     same = dense.train_dense(regions_path, tmp_path / "same", epochs=1, batch_size=8, verbose=0, learning_rate=0.0,
                              initial_model=trained.model_path)
     assert same.best_epoch == 0 and not (tmp_path / "same" / "checkpoint.keras").exists()
+
+
+def test_dense_fine_tuning_on_the_command_line_keeps_the_colour_and_normalisation_of_the_file(regions_path, tmp_path,
+                                                                                               capsys):
+    from mxcube_autocenter.cli import main
+    from mxcube_autocenter.learning.training import load_model
+
+    grey = dense.train_dense(regions_path, tmp_path / "grey", colour="grey", normalisation="standardise", epochs=1,
+                             batch_size=8, verbose=0)
+    args = ["train-dense", regions_path, "--initial-model", grey.model_path, "--out", str(tmp_path / "tuned"),
+            "--epochs", "1", "--batch-size", "8"]
+    assert main(args) == 0, capsys.readouterr().err
+    _, info = load_model(tmp_path / "tuned" / "model.keras")
+    assert (info["input"]["colour"], info["input"]["normalisation"]) == ("grey", "standardise")
 
 
 def test_region_loss_is_the_masked_mse_plus_where_a_crystal_region_peaks():

@@ -374,6 +374,30 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
         read_table(str(tmp_path / "missing.h5"))
 
 
+def test_file_caches_go_with_their_pipelines_and_training_leaves_none(dataset_path, tmp_path):
+    """A file cache holds every crop of its subset: it must not outlive the pipeline (nor a training run)."""
+    import gc
+
+    from mxcube_autocenter.labelling.dataset import read_table
+    from mxcube_autocenter.learning.data import make_dataset
+    from mxcube_autocenter.learning.training import train
+
+    table = read_table(dataset_path)
+    folder = tmp_path / "cache"
+    ds = make_dataset(table, np.arange(20), np.zeros(20), crops.CropSpec(crop_um=160, input_size=SMALL),
+                      batch_size=8, cache=folder)
+    for _ in range(2):
+        assert sum(len(b[1]) for b in ds) == 20
+    assert len(list(folder.iterdir())) == 1
+    del ds
+    gc.collect()
+    assert list(folder.iterdir()) == []
+    train(dataset_path, "fcn", "log", str(tmp_path / "model"), crop_um=160, input_size=SMALL, epochs=2,
+          batch_size=16, verbose=0, cache=folder)
+    gc.collect()
+    assert list(folder.iterdir()) == []
+
+
 # ---------------------------------------------------------------- training and model files
 
 
@@ -536,6 +560,35 @@ def test_fine_tuning_keeps_the_starting_weights_when_no_epoch_improves_on_them(t
     target = (x @ np.array([1.0, -2.0, 0.5, 3.0], dtype="float32"))[:, None]
     hist, best, kept = fit(target, target, keep_start=True)
     assert best >= 1 and not kept
+
+
+def test_no_checkpoint_of_an_earlier_run_stays_when_the_starting_weights_are_kept(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.training import fit_with_early_stopping
+
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.0), loss="mse")  # no step: no epoch beats the start
+    ds = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(16)
+    model.save(tmp_path / "checkpoint.keras")  # an earlier run's best epoch, in the same output folder
+    _, _, _, best = fit_with_early_stopping(model, ds, ds, str(tmp_path), epochs=2, patience=1, verbose=0,
+                                            keep_start=True)
+    assert best == 0 and not (tmp_path / "checkpoint.keras").exists()
+
+
+def test_fine_tuning_on_the_command_line_keeps_the_colour_and_normalisation_of_the_file(dataset_path, tmp_path, capsys):
+    from mxcube_autocenter import cli
+    from mxcube_autocenter.learning.training import load_model, train
+
+    grey = train(dataset_path, "fcn", "log", str(tmp_path / "grey"), crop_um=160, input_size=SMALL, colour="grey",
+                 normalisation="standardise", epochs=1, batch_size=16, verbose=0)
+    args = ["train", dataset_path, "--initial-model", grey.model_path, "--out", str(tmp_path / "tuned"),
+            "--epochs", "1", "--batch-size", "16"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    _, info = load_model(tmp_path / "tuned" / "model.keras")
+    assert (info["input"]["colour"], info["input"]["normalisation"]) == ("grey", "standardise")
 
 
 def test_fine_tuning_takes_smaller_steps_by_default():

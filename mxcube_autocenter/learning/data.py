@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -101,7 +103,9 @@ def make_dataset(
     cache : bool or "file" or path
         Keep the decoded uint8 crops after the first epoch: in memory
         (True), in a new temporary file (``"file"``) or in a new file in
-        the given folder. Without a memory cache the row indices are
+        the given folder; a file is removed with the pipeline (when it and
+        every dataset and iterator made from it are gone, at the latest at
+        the program's end). Without a memory cache the row indices are
         shuffled, so the crops stream; a file cache is then reshuffled
         within :data:`SHUFFLE_BUFFER_ROWS` rows.
     drop_remainder : bool
@@ -127,6 +131,7 @@ def make_dataset(
         return crop, stats, label
 
     ds = tf.data.Dataset.from_tensor_slices((rows, labels))
+    cache_dir = None
     if shuffle and cache is not True:
         # Indices are cheap to shuffle whole; decoded crops are not (a dataset larger than memory).
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
@@ -141,7 +146,8 @@ def make_dataset(
         folder = None if cache == "file" else os.fspath(cache)
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-        ds = ds.cache(os.path.join(tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder), "crops"))
+        cache_dir = tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder)
+        ds = ds.cache(os.path.join(cache_dir, "crops"))
         if shuffle:
             # The file replays the first epoch's order; a bounded buffer reshuffles it without reading it all back.
             ds = ds.shuffle(min(len(rows), SHUFFLE_BUFFER_ROWS), seed=seed, reshuffle_each_iteration=True)
@@ -163,4 +169,9 @@ def make_dataset(
     # Rows come from one file through a Python function: shard by element, not by file.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # The reader stays alive with the dataset: the map function's closure holds it.
-    return ds.with_options(options)
+    ds = ds.with_options(options)
+    if cache_dir is not None:
+        # The file cache lives as long as the pipeline (its iterators and the datasets made from it hold it),
+        # at the latest until the program ends: a file of every crop per pipeline would otherwise stay behind.
+        weakref.finalize(ds, shutil.rmtree, cache_dir, ignore_errors=True)
+    return ds

@@ -499,7 +499,11 @@ def train_dense(
         initial, initial_info = training.load_model(initial_model)
         training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
                                 transform_name=transform, threshold=None)
-    split = resolve_split(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS)
+    try:
+        split = resolve_split(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS)
+    except ValueError as err:
+        raise RegionSetError(f"{regions_path}: {err}: write a set of more samples (synthesize-regions --samples), "
+                             "or pass split= (a Split naming the crystals of each subset)") from err
     if initial_info is not None:
         training.held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)

@@ -544,13 +544,17 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         (then no ``checkpoint.keras`` is written).
     """
     start_loss = None
+    checkpoint = os.path.join(work, "checkpoint.keras")
+    if os.path.exists(checkpoint):
+        # An earlier run's, in the same output: this run may write none (no epoch beats the starting weights).
+        os.remove(checkpoint)
     if keep_start:
         start_weights = model.get_weights()
         start_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)[monitor.removeprefix("val_")])
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
         # Only epochs better than the starting weights are checkpointed when those compete.
-        keras.callbacks.ModelCheckpoint(os.path.join(work, "checkpoint.keras"), monitor=monitor, save_best_only=True,
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True,
                                         initial_value_threshold=start_loss),
         keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
         keras.callbacks.TerminateOnNaN(),
