@@ -170,7 +170,12 @@ def _train_options(args) -> dict:
         "patience": args.patience,
         "seed": args.seed,
         "label": args.label,
+        "cache": _CACHES[args.cache],
     }
+
+
+# --cache: where the decoded crops are kept between epochs (learning.data.make_dataset's cache).
+_CACHES = {"auto": "auto", "memory": True, "file": "file", "none": False}
 
 
 def _input_errors_exit_2(command):
@@ -665,6 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--label", default="rc", choices=["rc", "rc_expected"],
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
                             "(rc_expected) (default: %(default)s)")
+        p.add_argument("--cache", default="auto", choices=list(_CACHES),
+                       help="where decoded crops are kept between epochs: memory, a temporary file (in TMPDIR), "
+                            "none (read again every epoch), or auto: memory if they take at most a quarter of "
+                            "it, else a file (default: %(default)s)")
 
     def add_sample_options(p):
         p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)

@@ -398,6 +398,24 @@ def test_file_caches_go_with_their_pipelines_and_training_leaves_none(dataset_pa
     assert list(folder.iterdir()) == []
 
 
+def test_auto_cache_keeps_crops_in_memory_where_they_fit_and_the_command_line_chooses(dataset_path):
+    from mxcube_autocenter.cli import _train_options, build_parser
+    from mxcube_autocenter.labelling.dataset import read_table
+    from mxcube_autocenter.learning.data import cache_for, make_dataset
+
+    spec = crops.CropSpec(crop_um=240, input_size=128)  # 49 152 bytes a decoded RGB crop
+    assert cache_for(1000, spec, memory_bytes=4 * 49152 * 1000) is True
+    assert cache_for(1001, spec, memory_bytes=4 * 49152 * 1000) == "file"  # a set larger than memory streams
+    ds = make_dataset(read_table(dataset_path), np.arange(10), np.zeros(10), crops.CropSpec(crop_um=160, input_size=SMALL),
+                      batch_size=5, cache="auto")  # fmt: skip
+    assert sum(len(b[1]) for b in ds) == 10
+    parser = build_parser()
+    assert _train_options(parser.parse_args(["train", "set.h5"]))["cache"] == "auto"
+    chosen = {name: _train_options(parser.parse_args(["train", "set.h5", "--cache", name]))["cache"]
+              for name in ("memory", "file", "none")}  # fmt: skip
+    assert chosen == {"memory": True, "file": "file", "none": False}
+
+
 # ---------------------------------------------------------------- training and model files
 
 

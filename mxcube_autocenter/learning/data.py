@@ -67,6 +67,14 @@ def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> 
     return out
 
 
+def cache_for(n_rows: int, spec: crops.CropSpec, memory_bytes: float | None = None):
+    """What ``cache="auto"`` keeps: in memory (True) when the decoded crops take at most a quarter of the
+    machine's memory (``memory_bytes``, physical memory by default), else in a temporary file (``"file"``)."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return True if n_rows * int(np.prod(spec.input_shape)) <= memory_bytes / 4 else "file"
+
+
 def make_dataset(
     table: Table,
     rows,
@@ -100,9 +108,10 @@ def make_dataset(
     augment : {"dihedral", "flips", "none"}
     jitter : float
         Jitter strength (0: off), see :mod:`.augment`.
-    cache : bool or "file" or path
+    cache : bool or "auto" or "file" or path
         Keep the decoded uint8 crops after the first epoch: in memory
-        (True), in a new temporary file (``"file"``) or in a new file in
+        (True), where they fit (``"auto"``: :func:`cache_for`), in a new
+        temporary file (``"file"``, in ``TMPDIR``) or in a new file in
         the given folder; a file is removed with the pipeline (when it and
         every dataset and iterator made from it are gone, at the latest at
         the program's end). Without a memory cache the row indices are
@@ -117,6 +126,8 @@ def make_dataset(
         raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
     if len(rows) == 0:
         raise ValueError(f"{table.path}: no rows to stream")
+    if cache == "auto":
+        cache = cache_for(len(rows), spec)
     reader = RowReader(table.path, table.image_dataset)
     size, channels = int(spec.input_size), spec.channels
 

@@ -725,7 +725,7 @@ def train(
     augment: str = "dihedral",
     jitter: float = 0.0,
     learning_rate: float | None = None,
-    cache=True,
+    cache="auto",
     fractions=DEFAULT_FRACTIONS,
     split=None,
     verbose: int = 2,
@@ -765,8 +765,9 @@ def train(
         Adam's; by default :data:`LEARNING_RATE`, or :data:`FINE_TUNE_LEARNING_RATE`
         with ``initial_model``.
     cache : bool or str
-        Keep decoded crops in memory (True), in a file (a path or ``"file"``),
-        or re-read them every epoch (False: datasets larger than memory).
+        Keep decoded crops in memory (True), in memory where they fit and
+        else in a temporary file (``"auto"``), in a file (a path or
+        ``"file"``), or re-read them every epoch (False).
     fractions : (float, float, float)
         Train/validation/test shares of crystals.
     split : Split or dict, optional
@@ -809,7 +810,7 @@ def train_classifier(
     augment: str = "dihedral",
     jitter: float = 0.0,
     learning_rate: float | None = None,
-    cache=True,
+    cache="auto",
     fractions=DEFAULT_FRACTIONS,
     split=None,
     verbose: int = 2,
