@@ -288,6 +288,45 @@ def test_added_memory_counts_the_peak_of_the_call_not_earlier_peaks_of_the_proce
     assert added_memory_mb(lambda: touch(1)) < 20
 
 
+def test_heatmap_benchmark_leaves_the_reference_models_first_call_out_of_its_time():
+    # The fast path is timed after a warm-up call; the reference's per-crop time,
+    # scaled to the whole grid, must not carry the model's one-time first-call cost.
+    import time
+
+    from mxcube_autocenter.centring.benchmark import heatmap_figures
+
+    class FirstCallSlow:
+        calls = 0
+
+        def __call__(self, crops, training=False):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(1.0)
+            return np.zeros((len(crops), 1), np.float32)
+
+    predictor = load_predictor()
+    predictor.model = FirstCallSlow()  # the dense path keeps the real model's twin
+    figures = heatmap_figures(predictor, frame_of(), quick=True)
+    # One call of 256 crops, sleep included: under 260 crops/s; the crops alone: thousands.
+    assert figures["heatmap_reference_crops_per_s"] > 1000
+
+
+def test_lucid_benchmark_leaves_lucid3s_one_time_set_up_out_of_its_time(monkeypatch):
+    import time
+
+    from mxcube_autocenter.centring import benchmark
+
+    calls = []
+
+    def first_call_slow(frame):
+        calls.append(frame)
+        if len(calls) == 1:
+            time.sleep(0.5)
+
+    monkeypatch.setattr(benchmark, "find_loop", first_call_slow)
+    assert benchmark.lucid_s(np.zeros((8, 8, 3), np.uint8), runs=3) < 0.05
+
+
 def test_added_memory_still_makes_the_call_where_the_peak_cannot_be_reset(monkeypatch):
     # heatmap_figures relies on the call as its warm-up; macOS has no /proc, some sandboxes refuse it.
     import builtins

@@ -310,6 +310,26 @@ def test_event_loop_stays_responsive(tmp_path, storage):
     assert summary.frames_kept + summary.frames_dropped == 50
 
 
+def test_benchmark_counts_the_frames_a_slow_writer_writes_at_the_rate_it_writes_them(monkeypatch):
+    # A writer at about 12 frames/s under a 25 fps camera: the queue (50) takes the
+    # backlog of a 1 s feed, and close writes it; record_fps must not read 25.
+    from gevent import monkey
+
+    from mxcube_autocenter import recording
+
+    real_sleep, real_append, real_feed = monkey.get_original("time", "sleep"), FrameStore.append, recording._feed
+
+    def slow_append(self, *args):
+        real_sleep(0.08)
+        return real_append(self, *args)
+
+    monkeypatch.setattr(FrameStore, "append", slow_append)
+    monkeypatch.setattr(recording, "_feed", lambda writer, jpeg, fps, duration_s: real_feed(writer, jpeg, fps, 1.0))
+    figures = recording.benchmark(quick=True)
+    assert figures["record_dropped_pct"] == 0.0
+    assert figures["record_fps"] < 16
+
+
 def test_summary_and_contact_sheet(tmp_path):
     _, jpegs = _frames(6, width=640, height=512)
     metadata = dict(METADATA, beam_position=[320, 256])

@@ -111,6 +111,22 @@ def test_a_view_renders_the_same_frame_whatever_came_before_it():
     assert np.any(moved[background] != first[background])
 
 
+def test_render_benchmark_gives_opencv_back_its_threads(monkeypatch):
+    # The benchmark renders on one core; the benchmarks after it (lucid3, resampling) must not stay on one.
+    import cv2
+
+    from mxcube_autocenter.simulation import render
+
+    monkeypatch.setattr(Renderer, "render", lambda self, *args: None)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        assert render.benchmark(quick=True)["render_ms_per_frame"] >= 0
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_domain_randomisation_changes_the_look():
     rng = np.random.default_rng(0)
     looks = [random_look(rng) for _ in range(10)]

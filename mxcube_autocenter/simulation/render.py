@@ -311,14 +311,19 @@ def benchmark(quick: bool = False) -> dict:
 
     from mxcube_autocenter.simulation.sample import make_sample
 
+    threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    renderer = Renderer(1280, 1024)
-    samples = [make_sample(seed, n_crystals=2) for seed in range(3)]
-    n = 30 if quick else 150
-    start = time.perf_counter()
-    for i in range(n):
-        sample = samples[i % len(samples)]
-        motors = {"omega": 2.4 * i, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
-        renderer.render(sample, motors, (1300.0, 1300.0), (640, 512))
-    cv2.setNumThreads(0)
-    return {"render_ms_per_frame": 1000 * (time.perf_counter() - start) / n}
+    try:
+        renderer = Renderer(1280, 1024)
+        samples = [make_sample(seed, n_crystals=2) for seed in range(3)]
+        n = 30 if quick else 150
+        start = time.perf_counter()
+        for i in range(n):
+            sample = samples[i % len(samples)]
+            motors = {"omega": 2.4 * i, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+            renderer.render(sample, motors, (1300.0, 1300.0), (640, 512))
+        return {"render_ms_per_frame": 1000 * (time.perf_counter() - start) / n}
+    finally:
+        # Not setNumThreads(0): that turns OpenCV's threading off for the rest of the
+        # process (the later benchmarks' lucid3, resampling and JPEG decoding included).
+        cv2.setNumThreads(threads)
