@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mxcube_autocenter import scorecard
-from mxcube_autocenter.beamline import auto_centring
+from mxcube_autocenter.beamline import auto_centring, set_zoom
 from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
@@ -804,6 +804,54 @@ def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(b
     true_geometry = {**final, "phiz": final["phiz"] - axis_off_phiz_zero}
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
     assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+def test_a_zoom_change_between_the_views_refuses_the_centring_and_puts_the_sample_back(beamline, autocenter,
+                                                                                       monkeypatch):  # fmt: skip
+    # A user zooms in the web UI while the views are taken: a view at the new scale, fused at the old one,
+    # would place the point wrong without a word.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    zoom = beamline.diffractometer.zoom
+    level = zoom.get_value().name
+    snapshot, shots = procedure.Beamline.snapshot, []
+
+    def snapshot_after_a_zoom_change(bl):
+        shots.append(None)
+        if len(shots) == 2:  # the second view
+            set_zoom(beamline, "LEVEL4" if level != "LEVEL4" else "LEVEL3")
+        return snapshot(bl)
+
+    monkeypatch.setattr(procedure.Beamline, "snapshot", snapshot_after_a_zoom_change)
+    try:
+        result = autocenter.centre(save=False)
+    finally:
+        set_zoom(beamline, level)
+    assert not result.success and "the zoom changed during the centring" in result.message, result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_the_sine_fit_decodes_the_clicks_with_the_beam_they_were_projected_from(beamline, monkeypatch):
+    # On an MD3 the beam's position on screen follows the zoom: read again when the fit starts (after a zoom
+    # change since the views), it would move phiy and phiz off the point.
+    bl = procedure.Beamline(beamline)
+    beamline.diffractometer.set_value_motors({"omega": 10.0, "phiy": 0.3, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0},
+                                             timeout=30)  # fmt: skip
+    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+    point = np.array([0.35, 0.02, -0.03])
+    monkeypatch.setattr(beamline.beam, "get_beam_position_on_screen", lambda: (beam[0] + 40.0, beam[1] - 25.0))
+    fitted = procedure._fit_point(bl, point, ppmm, bl.axis_origin(ppmm, beam), 3, 10.0)
+    assert {name: fitted[name] for name in ("phiy", "phiz", "sampx", "sampy")} == pytest.approx(
+        {"phiy": 0.35, "phiz": 0.0, "sampx": 0.02, "sampy": -0.03}, abs=1e-4)
+
+
+def test_a_scale_that_reads_no_number_refuses_the_centring_before_anything_moves(beamline, autocenter, monkeypatch):
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(beamline.diffractometer, "get_pixels_per_mm", lambda: (float("nan"), float("nan")))
+    result = autocenter.centre(save=False)
+    assert not result.success and "not usable" in result.message, result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-6)
 
 
 def test_a_centring_from_a_script_or_the_queue_first_puts_the_diffractometer_in_its_centring_phase(

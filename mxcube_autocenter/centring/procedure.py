@@ -349,17 +349,20 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     # Views over half a turn, not to 180 degrees: the view at 180 would see the line the first one saw.
     step_deg = 180.0 / settings.n_angles
     try:
+        ppmm, beam_on_screen = _optics(bl)
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
-        ppmm = bl.pixels_per_mm()
-        beam = bl.axis_origin(ppmm, bl.beam_position())  # projections and fit; the verification takes the beam's own
+        _same_optics(bl, ppmm, beam_on_screen)
+        beam = bl.axis_origin(ppmm, beam_on_screen)  # projections and fit; the verification takes the beam's own
         for i in range(settings.n_angles):
             if i > 0:
                 bl.rotate(step_deg, settings.move_timeout_s)
                 frame = bl.snapshot()
+                _same_optics(bl, ppmm, beam_on_screen)  # the views are fused at one scale and beam position
                 tip = _loop_tip(bl, frame, settings, timings, log) or tip
             angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
             result.angles.append(angle)
             log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
+        _same_optics(bl, ppmm, beam_on_screen)  # a zoom that began moving at the last frame reads changed by now
         _align_tips(predictor, settings, result.angles, ppmm, timings, log)
         t = time.perf_counter()
         point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
@@ -398,6 +401,31 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         return result
     finally:
         result.elapsed_s = time.perf_counter() - t0
+
+
+def _optics(bl: Beamline) -> tuple:
+    """``(pixels_per_mm, beam_position)`` as read now, refused unless they are usable numbers."""
+    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+    try:
+        values = np.asarray([*ppmm, *beam], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([np.nan])
+    if values.shape != (4,) or not np.isfinite(values).all() or values[:2].min() <= 0:
+        raise CentringFailed(f"the camera's scale reads pixels_per_mm {ppmm} and the beam on screen {beam}: not usable "
+                             f"(a zoom still moving, or not calibrated): centre again once the zoom is set")  # fmt: skip
+    return tuple(float(v) for v in values[:2]), tuple(float(v) for v in values[2:])
+
+
+def _same_optics(bl: Beamline, pixels_per_mm, beam_position):
+    """Refuse a frame taken at another zoom than ``pixels_per_mm`` and ``beam_position`` (read before it).
+
+    A zoom changed in the web UI during a centring changes both on an MD3: a view analysed or
+    fused at the old scale would place the sample point wrong, silently.
+    """
+    ppmm, beam = _optics(bl)
+    if not (np.allclose(ppmm, pixels_per_mm, rtol=1e-6, atol=0) and np.allclose(beam, beam_position, rtol=0, atol=0.5)):
+        raise CentringFailed(f"the zoom changed during the centring (pixels_per_mm {tuple(pixels_per_mm)} -> {ppmm}, "
+                             f"beam on screen {tuple(beam_position)} -> {beam}): centre again at one zoom")  # fmt: skip
 
 
 def not_started(bl: Beamline, why: str) -> CentringResult:
@@ -459,9 +487,12 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
     """
     # start() first moves motors with a reference position and waits for them with a gevent.Timeout of its
     # own: run in a greenlet of its own, whatever it dies of is the fit's failure, never the caller's time-out.
+    # The fit decodes the clicks with the X-ray beam they were projected from (axis_origin undone), not the
+    # beam read now: a zoom change since the views moves it on screen (phiy and phiz would come out off).
+    beam = (beam_position[0], beam_position[1] - pixels_per_mm[1] * bl.rotation_axis_phiz())
     starting = gevent.spawn(
         sample_centring.start,
-        bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], *bl.beam_position(),  # the X-ray beam
+        bl.sample_view.centring_motors, pixels_per_mm[0], pixels_per_mm[1], *beam,
         chi_angle=bl.sample_view.chi_angle, n_points=n_angles,
     )
     try:
@@ -520,8 +551,9 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     """
     t = time.perf_counter()
     bl.rotate(turn_deg, settings.move_timeout_s)
+    ppmm, beam = _optics(bl)
     frame = bl.snapshot()
-    ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
+    _same_optics(bl, ppmm, beam)  # the frame is analysed at that scale
     tip = _loop_tip(bl, frame, settings, {}, log) or tip  # timed within verify_s
     angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
     peak = angle.point
