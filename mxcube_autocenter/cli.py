@@ -538,6 +538,12 @@ def cmd_simulate(args) -> int:
 
     out = Path(args.out)
     with hardware_repository(args.config) as beamline:
+        try:
+            # An AutoCenter XML that mxcubecore refused (a wrong property value) leaves no object: say so here,
+            # not with a traceback after the gallery is written.
+            recorder_object = auto_centring(beamline)
+        except LookupError as err:
+            raise ValueError(str(err)) from None
         out.mkdir(parents=True, exist_ok=True)  # once the configuration has loaded: a refused run leaves nothing
         mounted = beamline.sample_changer.mount(make_sample(args.seed), crystal_id=f"seed{args.seed}")
         sample = mounted.sample
@@ -561,7 +567,7 @@ def cmd_simulate(args) -> int:
                 {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}, timeout=30
             )
             progress = _ImageProgress(beamline.collect, args.images, f"{kind} collection")
-            recorder = auto_centring(beamline).recorder  # None where the configuration records nothing
+            recorder = recorder_object.recorder  # None where the configuration records nothing
             if recorder is not None:
                 recorder.last_summary = None
             try:

@@ -160,6 +160,24 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     assert "notes.keras: the file is not a .keras model" in capsys.readouterr().err
 
 
+def test_simulate_names_a_refused_auto_centring_configuration_without_a_traceback(tmp_path, capsys):
+    # mxcubecore logs the refused property and loads the beamline without the object; simulate then ended
+    # in a LookupError traceback (exit code 1) after writing the gallery.
+    import shutil
+
+    from mxcube_autocenter.beamline import virtual_beamline_dir
+
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    xml = config / "auto_centring.xml"
+    xml.write_text(xml.read_text().replace("<record_frame_rate>10<", "<record_frame_rate>fast<"))
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(config), "--out", str(out), "--images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no 'auto_centring' object loaded" in err and "check the log for configuration errors" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_the_beamline_log_is_printed_once(tmp_path):
     # mxcubecore's first module-level logging call ran logging.basicConfig: every line came twice.
     run = subprocess.run([sys.executable, "-m", "mxcube_autocenter.cli", "simulate", "--out", str(tmp_path),

@@ -710,6 +710,8 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     low, high = report["accuracy_ci95"]
     assert 0 <= low <= high <= 1 and f"| accuracy | {report['accuracy']:.3f} ({low:.3f}-{high:.3f}) |" in text
     assert "resampling the subset's" in text
+    # The note follows the table after a blank line: right after it, Markdown reads it as one more row.
+    assert "|\nIn brackets" not in text and "|\n\nIn brackets" in text
     assert f"## error by collection (the 1 of {len(by_scan)} with the largest share)" in text
     assert f"| {by_scan[0]['scan_id']} |" in text
 
@@ -881,3 +883,13 @@ def test_sweep_report_names_its_shared_test_subset(tmp_path):
     assert "test subset: 20 crops of 2 crystals" in text and "the same for every model" in text
     assert "transformed targets of the rc_expected counts" in text
     assert json.loads((tmp_path / "sweep.json").read_text()) == table
+
+
+def test_interval_note_ends_the_table_and_appears_only_with_an_interval():
+    from mxcube_autocenter.learning.evaluate import interval_note
+
+    table = ["| metric | value |", "|---|---|", "| Spearman | 0.800 (0.600-0.900) |"]
+    text = "\n".join(table + interval_note(["a", "b", "a"], (0.6, 0.9), None))
+    assert "|\n\nIn brackets: the 95 % interval from resampling the subset's 2 crystals" in text
+    # One test crystal: no interval, so no figure in brackets and no note about them.
+    assert interval_note(["a", "a"], None, None) == [""]

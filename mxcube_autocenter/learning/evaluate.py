@@ -58,6 +58,17 @@ _INTERVALS = ("In brackets: the 95 % interval from resampling the subset's {n} c
               "another draw of crystals could move the figure.")
 
 
+def interval_note(crystal_ids, *intervals) -> list:
+    """The report's lines after a metrics table: a blank line, and the note on the brackets where there are any.
+
+    The blank line ends the Markdown table (a line right after it would be read as one more row); a subset
+    of one crystal has no interval (:func:`crystal_interval` gives None), so no figure is in brackets.
+    """
+    if all(interval is None for interval in intervals):
+        return [""]
+    return ["", _INTERVALS.format(n=len(set(crystal_ids))), ""]
+
+
 def crystal_interval(crystal_ids, statistic, *, level=0.95, n_resamples=1000, seed=0):
     """Bootstrap interval of ``statistic`` over crystals: whole crystals resampled with replacement.
 
@@ -375,7 +386,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         if "spearman_expected" in metrics:
             spearman = value_cell(metrics["spearman_expected"], metrics["spearman_expected_ci95"], "{:.3f}")
             lines.append(f"| Spearman (expected vs predicted counts) | {spearman} |")
-        lines += [_INTERVALS.format(n=len(set(crystals))), ""]
+        lines += interval_note(crystals, metrics["spearman_ci95"], metrics.get("spearman_expected_ci95"))
         figures["scatter"] = _scatter(os.path.join(out_dir, "scatter.png"), rc, pred,
                                       f"{arch}, {transform.name}: Spearman {format_cell(metrics['spearman'], '{:.3f}')}")
         order = np.argsort(pred)
@@ -420,7 +431,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
                      f"{value_cell(metrics['accuracy_expected'], metrics['accuracy_expected_ci95'], '{:.3f}')} |"]
                     if "accuracy_expected" in metrics else []),
                   f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |",
-                  _INTERVALS.format(n=len(set(crystals))), ""]
+                  *interval_note(crystals, metrics["accuracy_ci95"], metrics.get("accuracy_expected_ci95"))]
         (tn, fp), (fn, tp) = metrics["confusion"]
         lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
                   f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
