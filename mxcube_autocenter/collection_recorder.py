@@ -159,8 +159,11 @@ class CollectionRecorder:
         self._writer = None
         self._dc_params = None
         self._tasks = []
+        # Scheduling and the watchdog run on time.monotonic: a clock step (NTP)
+        # must neither skip frames nor stop the recording.
         self._next_due = 0.0
         self._last_frame_time = 0.0
+        self._clock_origin = (0.0, 0.0)
         self._streamed = False
         self._motors_failing = False
         self.last_summary = None
@@ -204,7 +207,8 @@ class CollectionRecorder:
         self._dc_params = dc_params
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
-        self._last_frame_time = time.time()
+        self._last_frame_time = time.monotonic()
+        self._clock_origin = (time.time(), self._last_frame_time)
         self._streamed = cfg.record_source == "stream"
         if self._streamed:
             self._camera.connect("imageReceived", self.frame_received)
@@ -215,8 +219,9 @@ class CollectionRecorder:
 
     def frame_received(self, image, *args):
         """``imageReceived`` slot: keep frames at the configured rate."""
-        now = time.time()
+        now = time.monotonic()
         self._last_frame_time = now
+        stamp = self._wall_clock(now)
         writer = self._writer
         if writer is None or now < self._next_due:
             return
@@ -233,7 +238,7 @@ class CollectionRecorder:
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
-            writer.submit(stream_frame(image, args), now, motors)
+            writer.submit(stream_frame(image, args), stamp, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""
@@ -241,7 +246,8 @@ class CollectionRecorder:
         failing = False
         previous = None
         while self._writer is writer:
-            start = time.time()
+            start = time.monotonic()
+            stamp = self._wall_clock(start)
             try:
                 rgb = self._snapshot()
                 motors = self._read_motors()
@@ -258,10 +264,16 @@ class CollectionRecorder:
             failing = False
             if jpeg is not None:
                 previous = rgb
-                self._last_frame_time = time.time()
+                self._last_frame_time = time.monotonic()
                 if self._writer is writer:
-                    writer.submit(jpeg, start, motors)
-            gevent.sleep(max(0.0, self._period - (time.time() - start)))
+                    writer.submit(jpeg, stamp, motors)
+            gevent.sleep(max(0.0, self._period - (time.monotonic() - start)))
+
+    def _wall_clock(self, monotonic: float) -> float:
+        """Unix time of a ``time.monotonic`` reading: the wall clock at the recording's start plus the time
+        since, so that the frames' timestamps run on steadily through a clock step during the collection."""
+        wall, origin = self._clock_origin
+        return wall + (monotonic - origin)
 
     def _watch(self, writer, camera_timeout_s):
         """Stop the recording on a writer error or when the camera falls silent."""
@@ -272,7 +284,7 @@ class CollectionRecorder:
             if writer.error is not None:
                 self.log.error("AutoCenter: recording stopped: %s", writer.error)
                 self.stop("failed")
-            elif time.time() - self._last_frame_time > camera_timeout_s:
+            elif time.monotonic() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
                     "AutoCenter: the camera sent no frame for %.0f s; recording stopped (check the sample-view "
                     "camera%s)", camera_timeout_s, "" if not self._streamed else ", or set record_source to 'poll'",

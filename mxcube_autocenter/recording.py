@@ -95,7 +95,8 @@ def unique_path(directory, name: str, suffix: str = ".h5") -> Path:
     directory = Path(directory)
     candidate = directory / f"{name}{suffix}"
     k = 2
-    while candidate.exists():
+    # lexists: a dangling symbolic link holds the name too (O_EXCL refuses it).
+    while os.path.lexists(candidate):
         candidate = directory / f"{name}_{k}{suffix}"
         k += 1
     return candidate
@@ -298,6 +299,19 @@ class _GuardedFile:
             self._undo.clear()
             self._committed_size = os.fstat(self._raw.fileno()).st_size
 
+    def sync(self):
+        """Put everything written so far on the disk (``fsync``).
+
+        A power cut keeps only what reached the disk, in any order; and a
+        network file system (NFS) may report a full disk or quota only here,
+        not at the write.
+        """
+        if self.error is None:
+            try:
+                os.fsync(self._raw.fileno())
+            except OSError as err:
+                self._roll_back(err)
+
     def seek(self, offset, whence=os.SEEK_SET):
         return self._raw.seek(offset, whence)
 
@@ -469,6 +483,7 @@ class FrameStore:
             h5file = h5py.File(guarded, "w")
             _write_layout(h5file, metadata, storage)
             h5file.flush()
+            guarded.sync()
             if guarded.error is not None:
                 raise RecordingError(describe_write_error(guarded.error, path))
             guarded.commit()
@@ -586,12 +601,14 @@ class FrameStore:
         OSError
             If writing failed.
         """
-        # Frames first, counts after: a process killed in between leaves counts
-        # that never promise a frame that is not on disk.
+        # Frames first, counts after: a process killed (or a power cut) in
+        # between leaves counts that never promise a frame that is not on disk.
         self._h5.flush()
+        self._guarded.sync()
         self._h5.attrs["frames_kept"] = self._kept
         self._h5.attrs["frames_dropped"] = self.frames_dropped
         self._h5.flush()
+        self._guarded.sync()
         self._raise_write_error()
         self._guarded.commit()
         self._flushed = self._kept
@@ -993,7 +1010,7 @@ class Recording:
         opens the file (and reads its heap of JPEG images) anew each time.
         """
         try:
-            h5file = h5py.File(self.path, "r")
+            h5file = h5py.File(self.path, "r", locking=False)  # as read_recording
         except OSError as err:
             raise RecordingError(f"{self.path} cannot be opened ({err}): check that the file is there") from err
         with h5file:
@@ -1040,7 +1057,9 @@ def read_recording(path) -> Recording:
     """
     path = Path(path)
     try:
-        h5file = h5py.File(path, "r")
+        # No HDF5 file lock: the writer takes none, so it would guard nothing, and a
+        # file system without locks (NFS without lockd) would refuse every recording.
+        h5file = h5py.File(path, "r", locking=False)
     except OSError as err:
         raise RecordingError(
             f"cannot open the recording {path} ({err}): check the path and that the "

@@ -430,3 +430,37 @@ def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_q
         assert wait_for_summary(autocenter).status == "complete"
     gevent.sleep(0.5)
     assert errors == [], [str(exc[1]) for exc in errors]
+
+
+def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_recording(tmp_path, monkeypatch):
+    """NTP may step the wall clock (time.time) by seconds: the frames must keep their rate and steady timestamps."""
+    from types import SimpleNamespace
+
+    from mxcube_autocenter import collection_recorder
+    from mxcube_autocenter.collection_recorder import CollectionRecorder
+    from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
+
+    step = [0.0]
+    monkeypatch.setattr(collection_recorder, "time", SimpleNamespace(
+        time=lambda: time.time() + step[0], monotonic=time.monotonic))  # fmt: skip
+    settings = SimpleNamespace(
+        recording_enabled=True, record_scan_types=["OSC"], record_directory=str(tmp_path), master_file_template=
+        "{directory}/{prefix}_{run_number}_master.h5", record_storage="jpeg", record_min_free_mb=0.0,
+        record_frame_rate=10.0, record_max_frames=1000, record_source="stream", record_camera_timeout_s=0.5,
+    )  # fmt: skip
+    camera = SimpleNamespace(connect=lambda *args: None, disconnect=lambda *args: None)
+    recorder = CollectionRecorder(lambda: settings, camera, None, lambda: {"omega": 0.0}, lambda: {})
+    dc_params = {"experiment_type": "OSC", "oscillation_sequence": [{"start": 0.0, "range": 0.1}],
+                 "fileinfo": {"directory": str(tmp_path), "prefix": "x", "run_number": 1}}  # fmt: skip
+    jpeg = encode_jpeg(synthetic_frame(160, 128))
+    recorder.start(dc_params)
+    for clock_step in (0.0, -30.0, +60.0):  # back 30 s, then 30 s ahead of the true time
+        step[0] = clock_step
+        for _ in range(15):  # 0.6 s of camera frames at 25 frames/s
+            recorder.frame_received(jpeg, 160, 128)
+            gevent.sleep(0.04)
+    summary = recorder.stop("complete")
+    assert (summary.status, summary.error) == ("complete", None)
+    timestamps = read_recording(summary.path).timestamps
+    assert len(timestamps) >= 16  # 1.8 s at 10 frames/s: none skipped while the clock was behind
+    assert np.all(np.diff(timestamps) > 0) and np.all(np.diff(timestamps) < 0.5)

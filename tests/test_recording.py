@@ -1,6 +1,9 @@
 """Camera recordings: real HDF5 files, a real writer thread, real crashes and full disks."""
 
+import errno
+import fcntl
 import json
+import os
 import re
 import signal
 import subprocess
@@ -120,6 +123,15 @@ def test_never_overwrites(tmp_path):
     second.close()
 
 
+def test_a_dangling_link_holds_its_name(tmp_path):
+    """A link to a moved file refuses O_EXCL like a file: the name must be skipped, not tried forever."""
+    (tmp_path / "run.h5").symlink_to(tmp_path / "moved" / "run.h5")
+    assert unique_path(tmp_path, "run") == tmp_path / "run_2.h5"
+    store = FrameStore.create(tmp_path, "run", METADATA)
+    assert store.path.name == "run_2.h5"
+    store.close()
+
+
 @pytest.mark.parametrize("status", ["complete", "failed", "aborted"])
 def test_status_and_counts_at_close(tmp_path, status):
     _, jpegs = _frames(3)
@@ -206,6 +218,19 @@ def test_killed_writer_leaves_a_readable_file(tmp_path, storage):
     assert "the writer stopped without closing the file" in summarise(path)
 
 
+def test_a_recording_reads_without_a_file_lock(tmp_path):
+    """NFS without lock support refuses every lock; the writer takes none, so readers need none either."""
+    _, jpegs = _frames(1)
+    store = FrameStore.create(tmp_path, "run", METADATA)
+    store.append(jpegs[0], time.time(), _motors(0), 0)
+    store.close()
+    with open(store.path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # no shared lock can be had now, as on such a file system
+        rec = read_recording(store.path)
+        assert (rec.status, len(rec)) == ("complete", 1)
+        assert rec.frame(0).shape == (128, 160, 3)
+
+
 def test_unwritable_directory(tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     directory = tmp_path / "afile" / "sub"
@@ -244,6 +269,32 @@ def test_too_little_free_space(tmp_path):
     assert "free space or set record_directory" in messages[0]
     rec = read_recording(store.path)
     assert (rec.status, rec.error, summary.status) == ("failed", messages[0], "failed")
+
+
+def test_a_full_disk_reported_only_at_fsync_stops_the_recording(tmp_path, monkeypatch):
+    """NFS reports a full disk or quota at fsync (or close), not at the write: each flush must ask."""
+    _, jpegs = _frames(2)
+    store = FrameStore.create(tmp_path, "run", METADATA, flush_interval_s=0.05)
+    store.append(jpegs[0], time.time(), _motors(0), 0)
+    store.flush()
+
+    def quota_exceeded(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", quota_exceeded)
+    messages = []
+    writer = RecordingWriter(store, on_error=messages.append)
+    writer.submit(jpegs[1], time.time(), _motors(1))
+    deadline = time.monotonic() + 5
+    while writer.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    summary = writer.close()
+    monkeypatch.undo()
+    assert messages == [f"disk quota exceeded while writing {store.path}: free space or set record_directory"]
+    assert (summary.status, summary.frames_kept, summary.frames_dropped) == ("failed", 1, 1)
+    rec = read_recording(store.path)
+    assert (rec.status, len(rec)) == ("recording", 1)
+    assert rec.frame(0).shape == (128, 160, 3)
 
 
 FULL_DISK_WRITER = """
