@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from mxcube_autocenter.labelling.matching import (
     match_frames,
     regular_windows,
 )
-from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
+from mxcube_autocenter.labelling.pipeline import STILL_WRITTEN_S, format_summary, label_recordings
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
 from mxcube_autocenter.recording import FrameStore, encode_jpeg, read_recording
 from mxcube_autocenter.simulation.collection import ScanPlan
@@ -493,6 +494,20 @@ def test_several_processes_give_the_same_labels_in_no_more_processes_than_cores(
     rows = serial.scan_id == summary.recordings[0].scan_id
     np.testing.assert_array_equal(dataset.rc, serial.rc[rows])
     np.testing.assert_array_equal(dataset.recording_frame, serial.recording_frame[rows])
+
+
+def test_a_recording_still_being_written_is_labelled_only_once_it_rests(tmp_path):
+    # Labelled while written, its frames so far would go in, and all of them again once it is complete
+    # (another fingerprint). A writer killed mid-collection leaves "recording" for good: that one is labelled.
+    still = simulate_collection(tmp_path / "still", "still", 24, fps=12.0)
+    with h5py.File(still.recording, "a") as f:
+        f.attrs["status"] = "recording"
+    out = tmp_path / "set" / "dataset.h5"
+    entry = label_recordings([still.recording], out, progress=False).recordings[0]
+    assert entry.status == "error" and "still being written" in entry.message and str(still.recording) in entry.message
+    rested = time.time() - STILL_WRITTEN_S - 1
+    os.utime(still.recording, (rested, rested))
+    assert label_recordings([still.recording], out, progress=False).recordings[0].status == "labelled"
 
 
 def test_corrupt_and_missing_files_fail_their_recording_only(tmp_path):

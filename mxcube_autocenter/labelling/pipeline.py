@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 # The virtual camera's delay from exposure to delivery; MD cameras take tens of ms.
 DEFAULT_CAMERA_LATENCY_S = 0.02
 DEFAULT_TOLERANCE_S = 0.005
+# A recording still marked "recording" and changed more recently than this is taken to be still written
+# (a writer flushes every 2 s); an older one is what a killed writer left, labelled up to its last flush.
+STILL_WRITTEN_S = 60.0
 # DIALS' defaults, but spots on the ice rings are left out: the count labels
 # what a crystal diffracts, and ice counted as crystal would teach a model to
 # centre on ice.
@@ -399,6 +402,14 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         if len(recording.timestamps) == 0:
             raise LabellingError(
                 f"{path}: the recording holds no camera frame (status {recording.status!r}): nothing to label"
+            )
+        still = time.time() - os.path.getmtime(path)
+        if recording.status == "recording" and still < STILL_WRITTEN_S:
+            # Its frames so far would go in now, and all of them again (another fingerprint) once it is complete.
+            raise LabellingError(
+                f"{path}: still being written (status 'recording', changed {still:.0f} s ago): label it once its "
+                f"collection has ended (a recording whose writer was killed is labelled {STILL_WRITTEN_S:.0f} s "
+                f"after its last change)"
             )
         master = find_master_file(recording)
         with open_master(master) as series:
