@@ -71,9 +71,31 @@ def test_grid_centres_are_the_centres_of_the_crops_a_dense_output_sees():
     assert centres.shape == (3, 3, 2)
     for i in range(3):
         for j in range(3):
-            expected = (origin[0] + (16 * j + SMALL / 2) / scale, origin[1] + (16 * i + SMALL / 2) / scale)
+            # Its centre is its middle, model pixel (SMALL - 1) / 2 past its first, as crops.crop_uint8 has it.
+            expected = (origin[0] + (16 * j + (SMALL - 1) / 2) / scale, origin[1] + (16 * i + (SMALL - 1) / 2) / scale)
             assert np.allclose(centres[i, j], expected)
     assert dense.region_side(CELLS, SMALL) == SMALL + 16 * (CELLS - 1)
+
+
+def test_a_grid_crop_centred_on_a_round_object_is_the_same_turned_so_its_label_survives_augmentation():
+    # The label of grid crop (i, j) is the count at grid_centres[i, j]; augmentation turns the region and the
+    # label grid together. Each turned crop keeps its label only if that point is the crop's middle, the point
+    # every flip and turn keeps: a disc centred there is then the same crop turned. (On SMALL / 2 a flip moved
+    # the label's point by a model pixel relative to the crop.)
+    from mxcube_autocenter.learning import crops
+    from mxcube_autocenter.learning.augment import dihedral_np
+
+    origin, scale, side = (101.0, 57.0), 0.5, dense.region_side(CELLS, SMALL)
+    centres = dense.grid_centres(origin, scale, CELLS, SMALL)
+    ys, xs = np.mgrid[0:400, 0:400]
+    for i, j in ((0, 0), (2, 3), (4, 1)):
+        cx, cy = centres[i, j]
+        frame = np.where((xs - cx) ** 2 + (ys - cy) ** 2 <= 14**2, 30, 210).astype(np.uint8)
+        region = crops.resample(frame, origin, scale, (side, side)).astype(int)
+        crop = region[16 * i : 16 * i + SMALL, 16 * j : 16 * j + SMALL]
+        assert crop.min() < 100  # the disc is in it
+        for k in range(8):
+            assert np.abs(dihedral_np(crop, k) - crop).max() <= 1, ((i, j), k)
 
 
 def test_a_region_set_holds_regions_and_their_ground_truth_grids(regions_path):

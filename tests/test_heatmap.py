@@ -81,6 +81,35 @@ def test_pooling_and_dense_head_model_equals_crop_by_crop():
     assert_fast_equals_reference(model, frame_of(), Roi(560, 420, 720, 600), 40.0, 3.0, every=5)
 
 
+def test_each_heatmap_point_is_the_middle_of_the_crop_it_evaluates():
+    # A heatmap value belongs at (xs, ys), where training put its label: the crop's middle, the point every
+    # flip and turn of the crop keeps (crops.crop_uint8). A disc centred on a grid point is then the same crop
+    # turned; on crop pixel size / 2 it was half a model pixel off (0.94 um of a 240 um crop at 128 px).
+    from mxcube_autocenter.learning.augment import dihedral_np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(2, 4, strides=4), keras.layers.Flatten(),
+                              keras.layers.Dense(1)])  # fmt: skip
+    centre = (300, 200)
+    ys, xs = np.mgrid[0:400, 0:600]
+    disc = np.where((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= 9**2, 30, 210).astype(np.uint8)
+    frame = np.repeat(disc[..., None], 3, axis=-1)
+    roi = Roi(centre[0] - 20, centre[1] - 10, centre[0] + 20, centre[1] + 30)
+    region, origin, scale = prepare_region(frame, roi, 40.0, 32, standardise)
+    heatmap = dense_heatmap(DenseEvaluator(model), region, origin, scale, 5.0)
+    col, row = int(np.argmin(np.abs(heatmap.xs - centre[0]))), int(np.argmin(np.abs(heatmap.ys - centre[1])))
+    assert heatmap.xs[col] == pytest.approx(centre[0]) and heatmap.ys[row] == pytest.approx(centre[1])
+
+    def asymmetry(batch, training=False):  # a "model": how far each crop is from its turns
+        return np.array([[max(np.abs(dihedral_np(c, k) - c).max() for k in range(8))] for c in np.asarray(batch)])
+
+    probe = reference_heatmap(asymmetry, region, origin, scale, 32, heatmap.xs[[col]], heatmap.ys[[row]])
+    assert probe.values[0, 0] < 1e-4
+    # The fast path evaluates that very crop.
+    ref = reference_heatmap(model, region, origin, scale, 32, heatmap.xs[[col]], heatmap.ys[[row]])
+    assert ref.values[0, 0] == pytest.approx(heatmap.values[row, col], abs=1e-5)
+
+
 @pytest.mark.parametrize("symmetries", ["flips", "dihedral"])
 def test_symmetric_heatmap_is_the_mean_over_the_turned_crops(symmetries):
     # A pooling model evaluates its grid on shifted inputs; the symmetric grid must keep them aligned.

@@ -132,7 +132,8 @@ def test_region_normalisation_lets_crops_share_one_prepared_region():
     crop_px = crops.crop_side_px(spec.crop_um, ppmm)[0]
     prepared, origin, scale = prepare_region(region, Roi(100, 100, 300, 300), crop_px, spec.input_size,
                                              lambda r: crops.apply_stats(r, stats))  # fmt: skip
-    assert prepared.shape == (150, 150, 3) and origin == (50.0, 50.0) and scale == 0.5
+    # The first crop's middle (model pixel 24.5) on the roi's corner.
+    assert prepared.shape == (150, 150, 3) and origin == (51.0, 51.0) and scale == 0.5
     centre = (200, 180)
     per_crop = crops.model_input(region, centre, ppmm, spec)
     window = prepared[65 - 25 : 65 + 25, 75 - 25 : 75 + 25]
@@ -857,19 +858,36 @@ def test_balanced_accuracy_needs_both_classes():
 
 
 def test_gallery_marks_the_beam_where_the_crop_puts_it():
-    # crop_uint8 maps the beam to output pixel coordinate n / 2: the gallery's cross must be there.
+    # crop_uint8 maps the beam to the crop's middle, output pixel coordinate (n - 1) / 2: the gallery's cross
+    # must be there.
     image = np.zeros((200, 200, 3), np.uint8)
     image[100, 100] = 255
     for n in (32, 33, 64):
         spec = crops.CropSpec(crop_um=100, input_size=n)
         crop = crops.crop_uint8(image, (100.0, 100.0), (10.0 * n, 10.0 * n), spec)[..., 0].astype(float)  # 1:1
         ys, xs = np.indices(crop.shape)
-        assert (xs * crop).sum() / crop.sum() == pytest.approx(n / 2, abs=1e-6)
+        assert (xs * crop).sum() / crop.sum() == pytest.approx((n - 1) / 2, abs=1e-6)
     import inspect
 
     from mxcube_autocenter.learning import evaluate as ev
 
-    assert "c = spec.input_size / 2\n" in inspect.getsource(ev._gallery)
+    assert "c = (spec.input_size - 1) / 2\n" in inspect.getsource(ev._gallery)
+
+
+def test_a_crop_is_centred_on_its_point_so_that_every_flip_and_turn_keeps_it():
+    # The dihedral augmentation turns a crop and keeps its label: the label's point must be the crop's middle,
+    # the one point every flip and quarter turn keeps. On n / 2 a flip moved it by a model pixel (0.94 um of a
+    # 240 um crop at 128 px) and a model trained on all eight learnt the middle, half a pixel off its label.
+    from mxcube_autocenter.learning.augment import dihedral_np
+
+    ys, xs = np.mgrid[0:300, 0:300]
+    disc = np.where((xs - 150) ** 2 + (ys - 140) ** 2 <= 12**2, 40, 220).astype(np.uint8)
+    frame = np.repeat(disc[..., None], 3, axis=-1)
+    for n, side_px in ((32, 64.0), (32, 48.0), (33, 66.0), (33, 33.0)):  # sampled exactly (OpenCV: 1/32 px)
+        spec = crops.CropSpec(crop_um=side_px, input_size=n)
+        crop = crops.crop_uint8(frame, (150.0, 140.0), (1000.0, 1000.0), spec).astype(int)
+        for k in range(8):
+            assert np.abs(dihedral_np(crop, k) - crop).max() <= 1, (n, side_px, k)
 
 
 def test_sweep_report_names_its_shared_test_subset(tmp_path):

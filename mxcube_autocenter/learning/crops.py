@@ -263,10 +263,17 @@ def region_normaliser(spec: CropSpec):
 
 
 def crop_uint8(image, centre_xy, pixels_per_mm, spec: CropSpec) -> np.ndarray:
-    """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C)."""
+    """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C).
+
+    ``centre_xy`` lands on the crop's middle, output pixel coordinate
+    ``(S - 1) / 2`` (pixel centres at integers): the one point every flip and
+    quarter turn of the crop (:mod:`.augment`) keeps, so an augmented crop
+    keeps its label's point.
+    """
     side = crop_side_px(spec.crop_um, pixels_per_mm)
     n = spec.input_size
-    origin = (centre_xy[0] - side[0] / 2, centre_xy[1] - side[1] / 2)
+    # Output pixel u samples origin + u side / n: pixels 0 and n - 1 lie symmetrically about the centre.
+    origin = (centre_xy[0] - side[0] * (n - 1) / (2 * n), centre_xy[1] - side[1] * (n - 1) / (2 * n))
     return to_colour(resample(image, origin, (n / side[0], n / side[1]), (n, n)), spec.colour)
 
 

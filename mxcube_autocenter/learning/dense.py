@@ -25,7 +25,8 @@ Region sets (``regions.h5``)
 ``/regions/rc_expected`` (N, n, n) float32
     Ground-truth expected reflection count with the beam on the centre of
     each grid crop (row ``i``, column ``j``: the crop whose top-left corner
-    is at model pixel ``(16 j, 16 i)``).
+    is at model pixel ``(16 j, 16 i)``; its centre is its middle, model pixel
+    coordinate ``16 j + (input_size - 1) / 2``, :func:`grid_centres`).
 ``/regions/rc`` (N, n, n) float32
     A Poisson draw of it (what a detector would count).
 ``/regions/valid`` (N, n, n) bool
@@ -92,7 +93,9 @@ def grid_centres(origin, scale, cells: int, input_size: int) -> np.ndarray:
     scale : float
         Model pixels per frame pixel.
     """
-    offsets = (FCN_STEP * np.arange(cells) + input_size / 2.0) / scale
+    # A crop's centre is its middle, model pixel (input_size - 1) / 2 past its first (crops.crop_uint8), which the
+    # dihedral augmentation keeps; input_size / 2 moved under a flip by a model pixel.
+    offsets = (FCN_STEP * np.arange(cells) + (input_size - 1) / 2.0) / scale
     xs = origin[0] + offsets
     ys = origin[1] + offsets
     return np.stack(np.meshgrid(xs, ys), axis=-1)
