@@ -464,6 +464,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
             elif method == "lucid":
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, lambda: type(sv).start_auto_centring(sv))
                 final = _positions(bl)
+                declined = not message  # a message: no centringAccepted in time, a time-out and no refusal
                 message = message or ("accepted" if accepted else "rejected")
             elif method == "loop_centre":
                 final = centred_motors(centre, start["omega"])
@@ -661,7 +662,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "3D, from the point in the beam and in focus to the ground-truth best point (for a crystal refused, where "
         "the sample was left). RC fraction: mean reflection count over those angles with the motors where the "
         "centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
-        "Empty refused: the method declined and left the sample where it was (a failed centring is no refusal). Medians and hit rates are over the samples with crystals; each rate with "
+        "Empty refused: the method declined and left the sample where it was (a failed centring is no refusal). Hit rates and the medians of distance and RC fraction are over the samples with crystals "
+        "(s/centring and exposures: over every sample); each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "
         "seeds (`mxcube-autocenter scorecard RUN ...` pools runs).", "",
         "## Targets of the optical ML centring", "",

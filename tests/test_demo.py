@@ -189,3 +189,54 @@ def test_training_time_of_a_fine_tuned_model_file_counts_every_stage():
     from mxcube_autocenter.learning.training import load_model
 
     assert training_seconds(load_model(DEFAULT_REGRESSOR)[1]) == pytest.approx(526.08 + 1582.99)
+
+
+def test_a_lucid_centring_that_timed_out_is_no_refusal(monkeypatch):
+    """lucid says only accepted or not; but no centringAccepted within the time-out is a failure, not a refusal."""
+    from mxcube_autocenter import demo
+    from mxcube_autocenter.simulation.diffraction import DiffractionModel
+
+    class Motor:
+        def __init__(self):
+            self.value = 0.0
+
+        def get_value(self):
+            return self.value
+
+    class Beamline:
+        def __init__(self):
+            self.motors = {name: Motor() for name in ("omega", "phiy", "phiz", "sampx", "sampy")}
+            self.sample_view = self
+            self.camera = self
+            self.diffractometer = self
+            self.beam = self
+            self.sample_changer = self
+
+        def connect(self, *args): ...
+        def disconnect(self, *args): ...
+        def set_look(self, look): ...
+        def get_pixels_per_mm(self): return (1000.0, 1000.0)
+        def get_beam_position_on_screen(self): return (0.0, 0.0)
+        def get_motors(self): return self.motors
+
+        def set_value_motors(self, positions, timeout=None):
+            for name, value in positions.items():
+                self.motors[name].value = value
+
+        def mount(self, sample, crystal_id=None):
+            diffraction = DiffractionModel(sample)
+            return type("Mounted", (), {"diffraction": diffraction, "best_point": lambda self: diffraction.best_point()})()
+
+    # The sample left where it was, no centringAccepted within the time-out.
+    timed_out = (False, 120.0, "no centringAccepted within 120.0 s")
+    monkeypatch.setattr(demo, "_run_sample_view_centring", lambda *args, **kwargs: timed_out)
+    specs = [{"seed": 50_000, "variant": "empty", "kwargs": {"n_crystals": 0}}]
+    outcomes, rows, _ = demo._centre_heldout(Beamline(), None, specs, methods=("lucid",), mesh_step_um=10.0,
+                                             mesh_threshold=5.0, seed=0, progress=False)  # fmt: skip
+    assert not outcomes[0].refused and outcomes[0].failed
+    assert scorecard.summarise_method(outcomes)["empty_refused_rate"] == 0.0
+    # Rejected in time and left where it was: lucid's refusal.
+    monkeypatch.setattr(demo, "_run_sample_view_centring", lambda *args, **kwargs: (False, 3.0, ""))
+    outcomes, _, _ = demo._centre_heldout(Beamline(), None, specs, methods=("lucid",), mesh_step_um=10.0,
+                                          mesh_threshold=5.0, seed=0, progress=False)  # fmt: skip
+    assert outcomes[0].refused and not outcomes[0].failed
