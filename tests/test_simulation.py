@@ -198,6 +198,25 @@ def test_ice_makes_ice_ring_spots_not_reflections():
     assert np.mean(draws) == pytest.approx(model.expected_ice_spots(in_ice), rel=0.2)
 
 
+def test_ice_is_drawn_where_its_spots_come_from():
+    # An ice ball 0.9 px right of and below a pixel centre: its drawn disc is centred on it (it was drawn 0.9 px up and
+    # left, 1.8 um at the lowest zoom), the disc within which the beam centre gives ice spots.
+    look = replace(random_look(np.random.default_rng(0), lighting=False, tint=False, blur=False, noise=False, jpeg=False),
+                   blur_px=0.0, numerical_aperture=0.0, noise=0.0, hotspot=(0.5, 0.5, 0.0), vignetting=0.0)  # fmt: skip
+    renderer, ppmm = Renderer(1280, 1024, look), (500.0, 500.0)
+    sample = make_sample(5, n_crystals=0, ice=False)
+    m = motors(phiy=float(sample.loop_centre[0]))
+    ball = np.array([[float(sample.loop_centre[0]) + 0.0018, 0.0, 0.0018, 0.012]])
+    without = renderer.render(sample, m, ppmm, BEAM).astype(np.float64).sum(axis=-1)
+    changed = np.abs(without - renderer.render(replace(sample, ice=ball), m, ppmm, BEAM).sum(axis=-1)) > 20
+    ys, xs = np.nonzero(changed)
+    xy, _ = sample_to_screen(ball[:, :3], m, ppmm, BEAM)
+    assert np.hypot(xs.mean() - xy[0, 0], ys.mean() - xy[0, 1]) < 0.3  # pixels
+    model = DiffractionModel(replace(sample, ice=ball))
+    assert model.expected_ice_spots({**m, "phiy": ball[0, 0] + 0.0119, "phiz": 0.0018}) > 0
+    assert model.expected_ice_spots({**m, "phiy": ball[0, 0] + 0.0121, "phiz": 0.0018}) == 0
+
+
 def test_empty_loop_has_no_best_point_and_only_background():
     model = DiffractionModel(make_sample(8, n_crystals=0), Beam())
     assert model.best_point() == (None, 0.0)

@@ -37,6 +37,16 @@ def test_camera_renders_the_mounted_sample_and_follows_zoom(beamline):
     gevent.sleep(0.3)
 
 
+def test_the_beam_object_reports_the_beam_that_diffracts(beamline):
+    # The beam object's size goes into recordings and onto the screen: it must be the beam the counts integrate over.
+    mounted = beamline.sample_changer.mount(make_sample(3, n_crystals=1))
+    xray = mounted.diffraction.beam
+    width, height = beamline.beam.get_beam_size()
+    assert (1000 * width, 1000 * height) == pytest.approx((xray.width_um, xray.height_um))
+    assert beamline.beam.get_beam_shape().name == ("RECTANGULAR" if xray.profile == "tophat" else "ELLIPTICAL")
+    beamline.sample_changer.mount(None)
+
+
 def test_camera_streams_jpeg_frames_without_blocking(beamline):
     camera = beamline.sample_view.camera
     log = SignalLog(camera, "imageReceived")

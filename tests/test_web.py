@@ -105,10 +105,12 @@ class Client:
 
 
 def ground_truth(location) -> DiffractionModel:
-    """The virtual sample at ``location``, rebuilt from the sample changer's configuration."""
+    """The virtual sample at ``location``, rebuilt from the sample changer's and the beam's configuration."""
     xml = ET.parse(virtual_beamline_dir() / "sample_changer.xml").getroot()
     basket, position = location.split(":")
-    beam = Beam(float(xml.findtext("beam_width_um")), float(xml.findtext("beam_height_um")), xml.findtext("beam_profile"))
+    beam_xml = ET.parse(virtual_beamline_dir() / "beam.xml").getroot()
+    beam = Beam(float(beam_xml.findtext("beam_width_um")), float(beam_xml.findtext("beam_height_um")),
+                beam_xml.findtext("beam_profile"))  # fmt: skip
     return DiffractionModel(make_sample(sample_seed(int(xml.findtext("seed")), basket, position)), beam)
 
 

@@ -36,18 +36,20 @@ class VirtualSampleChanger(SampleChangerMockup):
 
     The sample at basket ``b``, position ``p`` is made from seed
     ``seed + 100 * b + p``; :meth:`mount` puts any sample on the goniometer
-    directly (tests and the demo use it). XML properties: ``seed``,
-    ``beam_width_um``, ``beam_height_um``, ``beam_profile``.
+    directly (tests and the demo use it). XML: the ``seed`` property, and the
+    beam object (:class:`VirtualBeam`, role ``beam``) whose size and profile
+    the diffraction models use.
     """
 
     def init(self):
         super().init()
         self.mounted = None
-        self.beam = Beam(
-            width_um=float(self.get_property("beam_width_um", 20.0)),
-            height_um=float(self.get_property("beam_height_um", 5.0)),
-            profile=self.get_property("beam_profile", "gaussian"),
-        )
+        beam = self.get_object_by_role("beam")
+        if not isinstance(getattr(beam, "xray", None), Beam):
+            raise ValueError("VirtualSampleChanger needs the virtual beam object (VirtualBeam) with role 'beam' in its XML: "
+                             "the beam the diffraction models integrate over is the one the beamline reports")
+        # The beam the beamline's beam object reports (its size is in recordings and on screen) is the one that diffracts.
+        self.beam = beam.xray
 
     def seed_at(self, basket: int, position: int) -> int:
         return sample_seed(self.get_property("seed", 1000), basket, position)

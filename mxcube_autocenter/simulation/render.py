@@ -206,10 +206,12 @@ class Renderer:
             self._draw_crystal(dark, bright, crystal, motors, project, ppmm)
         if len(sample.ice):
             xy, _ = project(sample.ice[:, :3])
-            for (x, y), radius in zip(xy, sample.ice[:, 3]):
-                r = _px(radius * ppmm[0])
-                cv2.circle(dark, (int(x), int(y)), r, 150, -1, cv2.LINE_AA)
-                cv2.circle(bright, (int(x - r / 3), int(y - r / 3)), max(1, r // 3), 90, -1, cv2.LINE_AA)
+            # Sub-pixel centres and radii: the ball is drawn where the beam hits it (expected_ice_spots).
+            for (x, y), radius in zip(xy, sample.ice[:, 3] * ppmm[0]):
+                r = max(1.0, radius)
+                cv2.circle(dark, tuple(_fixed((x, y))[0, 0]), int(round(r * _SCALE)), 150, -1, cv2.LINE_AA, _SHIFT)
+                glint = tuple(_fixed((x - r / 3, y - r / 3))[0, 0])
+                cv2.circle(bright, glint, int(round(max(1.0, r / 3) * _SCALE)), 90, -1, cv2.LINE_AA, _SHIFT)
         fibre_px = _px(sample.fibre_diameter * ppmm[0])
         for seg in sample.mesh_lines:
             xy, _ = project(seg)
