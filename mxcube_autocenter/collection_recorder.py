@@ -221,10 +221,10 @@ class CollectionRecorder:
         """``imageReceived`` slot: keep frames at the configured rate."""
         now = time.monotonic()
         self._last_frame_time = now
-        stamp = self._wall_clock(now)
         writer = self._writer
         if writer is None or now < self._next_due:
             return
+        stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
         try:

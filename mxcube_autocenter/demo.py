@@ -449,7 +449,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                "description": _sample_text(sample), "best_rc": best_rc, "start": start}  # fmt: skip
         for method in methods:
             _move(bl, start)
-            wall, exposures, message, accepted, declined = None, 0, "", None, True
+            wall, exposures, message, accepted, declined = None, 0, "", None, False
             if method == "ml":
                 ho.last_result = None
                 accepted, wall, message = _run_sample_view_centring(bl, watcher, sv.start_auto_centring)
