@@ -342,8 +342,8 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     t0 = time.perf_counter()
     try:
         start = bl.positions()
-    except CentringFailed as err:
-        return not_started(bl, str(err))
+    except CentringFailed as err:  # a motor that cannot be read: nothing to read again for not_started
+        return CentringResult(success=False, message=str(err), method="none", start_positions={})
     result = CentringResult(success=False, message="", method="none", start_positions=start)
     timings = result.timings
     # Views over half a turn, not to 180 degrees: the view at 180 would see the line the first one saw.
