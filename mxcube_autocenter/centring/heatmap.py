@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mxcube_autocenter.learning.crops import per_axis, resample
+from mxcube_autocenter.learning.crops import crop_middle, per_axis, resample
 
 
 class HeatmapError(ValueError):
@@ -230,8 +230,8 @@ def prepare_region(frame, roi, crop_px, input_size, normalise):
     """
     crop_w, crop_h = per_axis(crop_px)
     sx, sy = input_size / crop_w, input_size / crop_h
-    # The first crop's centre, its middle (model pixel (input_size - 1) / 2), on the roi's corner.
-    x0, y0 = roi.x0 - (input_size - 1) / (2 * sx), roi.y0 - (input_size - 1) / (2 * sy)
+    # The first crop's point (its middle) on the roi's corner.
+    x0, y0 = roi.x0 - crop_middle(input_size) / sx, roi.y0 - crop_middle(input_size) / sy
     out_w, out_h = int(round((roi.width + crop_w) * sx)), int(round((roi.height + crop_h) * sy))
     scale = sx if np.ndim(crop_px) == 0 else (sx, sy)
     return normalise(resample(frame, (x0, y0), (sx, sy), (out_w, out_h))), (x0, y0), scale
@@ -295,10 +295,9 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
             values[i::k, j::k] = outputs[dy, dx][:n_rows, :n_cols]
     starts_y = (np.arange(n_rows)[:, None] * step + np.array(shifts)[None, :]).ravel()
     starts_x = (np.arange(n_cols)[:, None] * step + np.array(shifts)[None, :]).ravel()
-    # Output (row, col) is the crop starting there; its centre is its middle pixel coordinate, (size - 1) / 2
-    # further (crops.crop_uint8: the point a flip or turn of the crop keeps).
-    ys = origin[1] + (starts_y + (size - 1) / 2) / sy
-    xs = origin[0] + (starts_x + (size - 1) / 2) / sx
+    # Output (row, col) is the crop starting there; its point is its middle.
+    ys = origin[1] + (starts_y + crop_middle(size)) / sy
+    xs = origin[0] + (starts_x + crop_middle(size)) / sx
     return Heatmap(values=values, xs=xs, ys=ys)
 
 
@@ -377,8 +376,8 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
 
     elements = GROUP_ELEMENTS[symmetries]
     sx, sy = per_axis(scale)
-    starts_x = np.rint((np.asarray(xs) - origin[0]) * sx - (input_size - 1) / 2).astype(int)
-    starts_y = np.rint((np.asarray(ys) - origin[1]) * sy - (input_size - 1) / 2).astype(int)
+    starts_x = np.rint((np.asarray(xs) - origin[0]) * sx - crop_middle(input_size)).astype(int)
+    starts_y = np.rint((np.asarray(ys) - origin[1]) * sy - crop_middle(input_size)).astype(int)
     crops = []
     values = np.empty((len(starts_y), len(starts_x)), dtype=np.float32)
     index = []

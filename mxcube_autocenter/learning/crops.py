@@ -262,18 +262,25 @@ def region_normaliser(spec: CropSpec):
     return normalise_region
 
 
+def crop_middle(input_size: int) -> float:
+    """Model pixel coordinate of a crop's point (the beam): its middle, ``(input_size - 1) / 2``.
+
+    Pixel centres lie at integers, so this is the one point every flip and
+    quarter turn of the crop (:mod:`.augment`) keeps, and an augmented crop
+    keeps its label's point.
+    """
+    return (input_size - 1) / 2
+
+
 def crop_uint8(image, centre_xy, pixels_per_mm, spec: CropSpec) -> np.ndarray:
     """The crop of ``spec`` around ``centre_xy``, resized and in ``spec``'s colour mode, uint8 (S, S, C).
 
-    ``centre_xy`` lands on the crop's middle, output pixel coordinate
-    ``(S - 1) / 2`` (pixel centres at integers): the one point every flip and
-    quarter turn of the crop (:mod:`.augment`) keeps, so an augmented crop
-    keeps its label's point.
+    ``centre_xy`` lands on the crop's middle (:func:`crop_middle`).
     """
     side = crop_side_px(spec.crop_um, pixels_per_mm)
     n = spec.input_size
-    # Output pixel u samples origin + u side / n: pixels 0 and n - 1 lie symmetrically about the centre.
-    origin = (centre_xy[0] - side[0] * (n - 1) / (2 * n), centre_xy[1] - side[1] * (n - 1) / (2 * n))
+    # Output pixel u samples origin + u side / n.
+    origin = (centre_xy[0] - crop_middle(n) * side[0] / n, centre_xy[1] - crop_middle(n) * side[1] / n)
     return to_colour(resample(image, origin, (n / side[0], n / side[1]), (n, n)), spec.colour)
 
 

@@ -93,9 +93,7 @@ def grid_centres(origin, scale, cells: int, input_size: int) -> np.ndarray:
     scale : float
         Model pixels per frame pixel.
     """
-    # A crop's centre is its middle, model pixel (input_size - 1) / 2 past its first (crops.crop_uint8), which the
-    # dihedral augmentation keeps; input_size / 2 moved under a flip by a model pixel.
-    offsets = (FCN_STEP * np.arange(cells) + (input_size - 1) / 2.0) / scale
+    offsets = (FCN_STEP * np.arange(cells) + crops.crop_middle(input_size)) / scale
     xs = origin[0] + offsets
     ys = origin[1] + offsets
     return np.stack(np.meshgrid(xs, ys), axis=-1)

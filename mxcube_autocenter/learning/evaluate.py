@@ -145,8 +145,7 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
         for ax, i, caption in zip(axes.flat, rows, captions):
             crop, _ = row_crop(reader, table, int(i), spec)
             ax.imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray" if crop.shape[-1] == 1 else None)
-            # crops.crop_uint8 puts the beam at the crop's middle, output pixel coordinate (n - 1) / 2 (pixel
-            # centres at integers, as imshow draws them).
+            # The beam at the crop's point, crops.crop_middle (pixel centres at integers, as imshow draws them).
             c = (spec.input_size - 1) / 2
             ax.plot([c], [c], marker="+", color="red", markersize=14, mew=1.5)
             ax.set_title(caption, fontsize=8)
