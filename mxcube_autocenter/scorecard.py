@@ -638,6 +638,11 @@ def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
     return paired
 
 
+def _left(outcome: dict) -> bool:
+    """Whether a centring left the sample where it was (refused or failed)."""
+    return bool(outcome["refused"] or outcome.get("failed"))
+
+
 def compare_runs(pairs, method: str = "ml") -> dict:
     """How one method's outcomes changed, crystal by crystal, between runs on the same held-out samples.
 
@@ -663,7 +668,8 @@ def compare_runs(pairs, method: str = "ml") -> dict:
         and ``rc_fraction_diff_se`` (B - A over the crystals, a refusal
         counting as 0; se None for fewer than two), ``rc_fraction_up``,
         ``rc_fraction_down`` (changes beyond :data:`RC_FRACTION_TOLERANCE`);
-        ``dist_diff_median_um`` (B - A where neither refused);
+        ``dist_diff_median_um`` (B - A where neither run refused or failed: both
+        leave the sample where it was, so their distance is the start's);
         ``empty_refused_a``, ``empty_refused_b``; ``wall_s_median_a``,
         ``wall_s_median_b``; ``samples`` (:func:`pair_samples` of every pair).
 
@@ -680,7 +686,7 @@ def compare_runs(pairs, method: str = "ml") -> dict:
     crystals = [s for s in samples if s["has_crystal"]]
     empty = [s for s in samples if not s["has_crystal"]]
     d_rc = np.array([(s["b"]["rc_fraction"] or 0.0) - (s["a"]["rc_fraction"] or 0.0) for s in crystals], dtype=float)
-    d_dist = [s["b"]["dist_um"] - s["a"]["dist_um"] for s in crystals if not (s["a"]["refused"] or s["b"]["refused"])]
+    d_dist = [s["b"]["dist_um"] - s["a"]["dist_um"] for s in crystals if not (_left(s["a"]) or _left(s["b"]))]
     return {
         "method": method,
         "n_crystal": len(crystals),

@@ -266,9 +266,9 @@ def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the
     assert scorecard.shapes_reference(shapes, truth, [], held_out, 5.0)["count_threshold"] == 5.0
 
 
-def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4.0):
+def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4.0, failed=False):
     outcome = scorecard.Outcome("ml", name, has_crystal, refused, {"sampx": 0.0}, wall, hits=[hit] * 4 if has_crystal else None,
-                                dist_um=dist, rc_fraction=rc)  # fmt: skip
+                                dist_um=dist, rc_fraction=rc, failed=failed)  # fmt: skip
     return {"sample": name, "description": f"loop of {name}", "has_crystal": has_crystal, "ml": outcome.to_dict()}
 
 
@@ -292,6 +292,9 @@ def test_compare_runs_pairs_each_crystal_and_pools_the_seeds():
     # The same samples in two pairs (a rerun of the seed paired again) would count twice.
     with pytest.raises(ValueError, match="3 samples are in more than one pair.*count twice"):
         scorecard.compare_runs([(seed0_a, seed0_b), (seed0_b, seed0_a)])
+    # A failed centring left the sample at its start, as a refusal does: its distance is no change of method.
+    failed = [_row("s0", True, False, 90.0, 0.0, failed=True), seed0_b[1]]
+    assert scorecard.compare_runs([(seed0_a[:2], failed)])["dist_diff_median_um"] == pytest.approx(-42.0)
 
 
 def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():
