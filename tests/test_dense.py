@@ -161,6 +161,34 @@ def test_augmentation_turns_the_region_and_its_label_grid_together(regions_path)
     assert len(seen) > 3
 
 
+def test_region_sets_cache_in_memory_or_in_a_file_that_goes_with_the_pipeline(regions_path, tmp_path):
+    """``cache`` means for regions what it means for crops: "file" and a folder are on disk, not in memory."""
+    import gc
+
+    from mxcube_autocenter.learning.data import cache_for
+
+    table = dense.read_regions(regions_path)
+    rows = np.arange(6)
+    labels = np.arange(6 * CELLS * CELLS, dtype=np.float32).reshape(6, CELLS, CELLS)
+    weights = np.ones_like(labels)
+    in_memory = [np.asarray(t) for b in dense.region_dataset(table, rows, labels, weights, shuffle=False, cache=True)
+                 for t in b]  # fmt: skip
+    folder = tmp_path / "cache"
+    ds = dense.region_dataset(table, rows, labels, weights, shuffle=False, cache=folder)
+    for _ in range(2):  # the second epoch reads the file back
+        on_disk = [np.asarray(t) for b in ds for t in b]
+        assert all(np.array_equal(a, b) for a, b in zip(in_memory, on_disk))
+    (cache_dir,) = folder.iterdir()
+    assert any(cache_dir.iterdir())
+    del ds
+    gc.collect()
+    assert list(folder.iterdir()) == []
+    # "auto" counts a region's bytes, not a crop's.
+    side_bytes = table.side * table.side * 3
+    assert cache_for(4, None, memory_bytes=4 * 4 * side_bytes, row_bytes=side_bytes) is True
+    assert cache_for(5, None, memory_bytes=4 * 4 * side_bytes, row_bytes=side_bytes) == "file"
+
+
 def test_dense_training_lowers_the_loss_and_saves_an_ordinary_crop_model(trained, regions_path):
     from mxcube_autocenter.learning.training import load_model
 

@@ -27,8 +27,8 @@ from mxcube_autocenter.learning.augment import augmenter  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# Rows a file-cached pipeline reshuffles at a time: 200 MB of 128 x 128 RGB crops.
-SHUFFLE_BUFFER_ROWS = 4096
+# What a file-cached pipeline reshuffles at a time: 4096 crops of 128 x 128 RGB, 200 MB.
+SHUFFLE_BUFFER_BYTES = 4096 * 128 * 128 * 3
 
 def row_crop(reader: RowReader, table: Table, i: int, spec: crops.CropSpec):
     """Row ``i``'s model input before normalisation: uint8 crop (S, S, C) and its region statistics (2, C).
@@ -67,12 +67,58 @@ def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> 
     return out
 
 
-def cache_for(n_rows: int, spec: crops.CropSpec, memory_bytes: float | None = None):
-    """What ``cache="auto"`` keeps: in memory (True) when the decoded crops take at most a quarter of the
-    machine's memory (``memory_bytes``, physical memory by default), else in a temporary file (``"file"``)."""
+def cache_for(n_rows: int, spec: crops.CropSpec, memory_bytes: float | None = None, row_bytes: int | None = None):
+    """What ``cache="auto"`` keeps: in memory (True) when the decoded rows take at most a quarter of the
+    machine's memory (``memory_bytes``, physical memory by default), else in a temporary file (``"file"``).
+
+    A row is a decoded crop of ``spec`` unless ``row_bytes`` says otherwise (a dense training region)."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return True if n_rows * int(np.prod(spec.input_shape)) <= memory_bytes / 4 else "file"
+    if row_bytes is None:
+        row_bytes = int(np.prod(spec.input_shape))
+    return True if n_rows * row_bytes <= memory_bytes / 4 else "file"
+
+
+def decoded_rows(ds: tf.data.Dataset, decode, cache, n_rows: int, row_bytes: int, *, shuffle: bool, seed: int):
+    """Row indices -> decoded rows, shuffled and kept between epochs as ``cache`` says (:func:`make_dataset`).
+
+    Returns
+    -------
+    ds : tf.data.Dataset
+    cache_dir : str or None
+        The file cache's folder, to be removed with the finished pipeline (:func:`remove_with`).
+    """
+    cache_dir = None
+    if shuffle and cache is not True:
+        # Indices are cheap to shuffle whole; decoded rows are not (a set larger than memory).
+        ds = ds.shuffle(n_rows, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache is True:
+        ds = ds.cache()
+        if shuffle:
+            ds = ds.shuffle(n_rows, seed=seed, reshuffle_each_iteration=True)
+    elif cache:
+        # A fresh file for each pipeline: one shared by training and validation (or left by an
+        # earlier run) would hand them another pipeline's rows.
+        folder = None if cache == "file" else os.fspath(cache)
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        cache_dir = tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder)
+        ds = ds.cache(os.path.join(cache_dir, "rows"))
+        if shuffle:
+            # The file replays the first epoch's order; a bounded buffer reshuffles it without reading it all back.
+            buffer = max(1, min(n_rows, SHUFFLE_BUFFER_BYTES // max(1, row_bytes)))
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds, cache_dir
+
+
+def remove_with(ds: tf.data.Dataset, cache_dir) -> tf.data.Dataset:
+    """The finished pipeline, its file cache (if any) removed once it is gone."""
+    if cache_dir is not None:
+        # The file cache lives as long as the pipeline (its iterators and the datasets made from it hold it),
+        # at the latest until the program ends: a file of every row per pipeline would otherwise stay behind.
+        weakref.finalize(ds, shutil.rmtree, cache_dir, ignore_errors=True)
+    return ds
 
 
 def make_dataset(
@@ -116,7 +162,7 @@ def make_dataset(
         every dataset and iterator made from it are gone, at the latest at
         the program's end). Without a memory cache the row indices are
         shuffled, so the crops stream; a file cache is then reshuffled
-        within :data:`SHUFFLE_BUFFER_ROWS` rows.
+        within :data:`SHUFFLE_BUFFER_BYTES` of crops.
     drop_remainder : bool
     """
     check_crop_fits(table, spec)
@@ -142,26 +188,7 @@ def make_dataset(
         return crop, stats, label
 
     ds = tf.data.Dataset.from_tensor_slices((rows, labels))
-    cache_dir = None
-    if shuffle and cache is not True:
-        # Indices are cheap to shuffle whole; decoded crops are not (a dataset larger than memory).
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache is True:
-        ds = ds.cache()
-        if shuffle:
-            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    elif cache:
-        # A fresh file for each pipeline: one shared by training and validation (or left by an
-        # earlier run) would hand them another pipeline's crops.
-        folder = None if cache == "file" else os.fspath(cache)
-        if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-        cache_dir = tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder)
-        ds = ds.cache(os.path.join(cache_dir, "crops"))
-        if shuffle:
-            # The file replays the first epoch's order; a bounded buffer reshuffles it without reading it all back.
-            ds = ds.shuffle(min(len(rows), SHUFFLE_BUFFER_ROWS), seed=seed, reshuffle_each_iteration=True)
+    ds, cache_dir = decoded_rows(ds, tf_load, cache, len(rows), size * size * channels, shuffle=shuffle, seed=seed)
 
     def normalise(crop, stats, label):
         image = (tf.cast(crop, tf.float32) - stats[0]) / stats[1]
@@ -180,9 +207,4 @@ def make_dataset(
     # Rows come from one file through a Python function: shard by element, not by file.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # The reader stays alive with the dataset: the map function's closure holds it.
-    ds = ds.with_options(options)
-    if cache_dir is not None:
-        # The file cache lives as long as the pipeline (its iterators and the datasets made from it hold it),
-        # at the latest until the program ends: a file of every crop per pipeline would otherwise stay behind.
-        weakref.finalize(ds, shutil.rmtree, cache_dir, ignore_errors=True)
-    return ds
+    return remove_with(ds.with_options(options), cache_dir)

@@ -317,11 +317,14 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
     centring normalises its region); ``augment`` turns the region and its label and
     weight grids by the same dihedral element (the grid is symmetric: its
     crops' centres map onto each other). ``cache`` keeps the decoded
-    regions in memory after the first epoch.
+    regions between epochs as :func:`.data.make_dataset` keeps its crops:
+    in memory (True), where they fit (``"auto"``), in a temporary file
+    (``"file"`` or a folder) or not at all (False).
     """
     import tensorflow as tf
 
     from mxcube_autocenter.learning.augment import dihedral_tf, group_element
+    from mxcube_autocenter.learning.data import cache_for, decoded_rows, remove_with
     from mxcube_autocenter.labelling.dataset import RowReader
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -341,14 +344,10 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
 
     grids = (np.asarray(targets, np.float32)[..., None], np.asarray(weights, np.float32)[..., None])
     ds = tf.data.Dataset.from_tensor_slices((rows, *grids))
-    if shuffle and not cache:
-        # Indices are cheap to shuffle whole; decoded regions are not (a set larger than memory).
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
-    if cache:
-        ds = ds.cache()
-        if shuffle:
-            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    row_bytes = side * side * channels
+    if cache == "auto":
+        cache = cache_for(len(rows), spec, row_bytes=row_bytes)
+    ds, cache_dir = decoded_rows(ds, tf_load, cache, len(rows), row_bytes, shuffle=shuffle, seed=seed)
     ds = ds.map(lambda image, stats, y, w: ((tf.cast(image, tf.float32) - stats[0]) / stats[1], y, w),
                 num_parallel_calls=tf.data.AUTOTUNE)
     if augment != "none":
@@ -358,7 +357,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
 
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(turn, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return remove_with(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), cache_dir)
 
 
 def peak_hit_rate(expected, predicted, valid, min_count: float = PEAK_MIN_COUNT, share: float = 0.5) -> float | None:
