@@ -18,6 +18,7 @@ import time
 import gevent
 import numpy as np
 
+from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
@@ -166,6 +167,7 @@ class CollectionRecorder:
         self._clock_origin = (0.0, 0.0)
         self._streamed = False
         self._motors_failing = False
+        self._missing_said = False
         self.last_summary = None
 
     @property
@@ -205,6 +207,7 @@ class CollectionRecorder:
             max_frames=cfg.record_max_frames,
         )
         self._dc_params = dc_params
+        self._missing_said = False
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
@@ -228,7 +231,7 @@ class CollectionRecorder:
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
         try:
-            motors = self._read_motors()
+            motors = self._frame_motors()
         except Exception:
             # A frame without its positions cannot be labelled; logged once, not a traceback per frame.
             if not self._motors_failing:
@@ -250,7 +253,7 @@ class CollectionRecorder:
             stamp = self._wall_clock(start)
             try:
                 rgb = self._snapshot()
-                motors = self._read_motors()
+                motors = self._frame_motors()
                 jpeg = pool.apply(_encode_if_new, (rgb, previous))
             except Exception:
                 # Logged once; the watchdog ends the recording if the camera stays silent.
@@ -268,6 +271,20 @@ class CollectionRecorder:
                 if self._writer is writer:
                     writer.submit(jpeg, stamp, motors)
             gevent.sleep(max(0.0, self._period - (time.monotonic() - start)))
+
+    def _frame_motors(self) -> dict:
+        """The centring motors' positions for a frame; one missing from them is recorded as NaN, said once a recording."""
+        motors = self._read_motors()
+        missing = [name for name in CENTRING_MOTORS if name not in motors]
+        if missing and not self._missing_said:
+            self._missing_said = True
+            self.log.warning(
+                "AutoCenter: the diffractometer's get_motors() has no %s (a motor its server reports Disable or "
+                "Unknown, or one with another role name, e.g. phi): this recording stores NaN for it%s",
+                ", ".join(missing),
+                "; labelling will time its frames from the scan's start, not from omega's motion" if "omega" in missing else "",
+            )
+        return motors
 
     def _wall_clock(self, monotonic: float) -> float:
         """Unix time of a ``time.monotonic`` reading: the wall clock at the recording's start plus the time

@@ -315,6 +315,27 @@ def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline,
     assert caplog.text.count("reading the centring motors failed") == 1 and "exporter connection lost" in caplog.text
 
 
+def test_a_motor_the_diffractometer_leaves_out_is_recorded_as_nan_with_one_warning(beamline, autocenter, tmp_path,
+                                                                                    caplog, monkeypatch):  # fmt: skip
+    # An MD3 leaves a motor its server reports Disable or Unknown out of get_motors; so does the HO's read then.
+    read = autocenter.recorder._read_motors
+    for source, missing in (("stream", "phiz"), ("poll", "omega")):
+        monkeypatch.setattr(autocenter.recorder, "_read_motors",
+                            lambda: {k: v for k, v in read().items() if k != missing})  # fmt: skip
+        autocenter.recorder.last_summary = None
+        autocenter.config.record_source = source
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="HWR"):
+            collect(beamline, tmp_path, "OSC", prefix=source, n_images=20)
+            summary = wait_for_summary(autocenter)
+        assert summary.status == "complete" and summary.frames_kept > 0, source
+        rec = read_recording(summary.path)
+        assert np.all(np.isnan(rec.motor(missing))) and np.all(np.isfinite(rec.motor("sampx"))), source
+        assert caplog.text.count(f"get_motors() has no {missing}") == 1, source
+        # Labelling times frames from omega's motion: without it, from the scan's start.
+        assert ("from the scan's start" in caplog.text) == (missing == "omega")
+
+
 def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):
     autocenter.config.record_source = "poll"
     autocenter.recorder.last_summary = None
