@@ -11,14 +11,17 @@ may repeat the finish signals; the recorder relies on neither.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 
+import cv2
 import gevent
 import numpy as np
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.imagefiles import scale_to_8_bits
 from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
@@ -60,15 +63,86 @@ def find_dc_params(args, fallback=None):
     return fallback
 
 
-def stream_frame(image, args):
-    """An ``imageReceived`` payload as the writer takes it: JPEG bytes, or raw pixels as an HxWx3 RGB array.
+def _grey(pixels):
+    """Grey pixels, H x W or H x W x 1, as an H x W x 3 RGB view (no copy)."""
+    height, width = pixels.shape[:2]
+    return np.broadcast_to(pixels.reshape(height, width, 1), (height, width, 3))
+
+
+# The Lima video modes the recording decodes (TangoLimaVideo's ``video_mode``
+# property), by the samples a pixel, the bytes a sample, and the conversion of
+# the H x W x samples array (8-bit) to RGB. TangoLimaVideo passes Lima's pixel
+# bytes on unchanged in every mode (its PIL conversions keep them).
+# OpenCV names a Bayer pattern by the second and third pixels of its second
+# row: Lima's BAYER_RG, a sensor whose rows run R G R G, G B G B, is OpenCV's
+# BayerBG, and BAYER_BG is its BayerRG.
+VIDEO_MODES = {
+    "RGB24": (3, 1, lambda pixels: pixels),
+    "BGR24": (3, 1, lambda pixels: pixels[:, :, ::-1]),
+    "RGB32": (4, 1, lambda pixels: pixels[:, :, :3]),
+    "BGR32": (4, 1, lambda pixels: pixels[:, :, 2::-1]),
+    "RGB8": (1, 1, _grey),
+    "Y8": (1, 1, _grey),
+    "Y16": (1, 2, _grey),
+    "YUV422": (2, 1, lambda pixels: cv2.cvtColor(pixels, cv2.COLOR_YUV2RGB_UYVY)),
+    "BAYER_RG8": (1, 1, lambda pixels: cv2.cvtColor(pixels, cv2.COLOR_BayerBG2RGB)),
+    "BAYER_BG8": (1, 1, lambda pixels: cv2.cvtColor(pixels, cv2.COLOR_BayerRG2RGB)),
+    "BAYER_RG16": (1, 2, lambda pixels: cv2.cvtColor(pixels, cv2.COLOR_BayerBG2RGB)),
+    "BAYER_BG16": (1, 2, lambda pixels: cv2.cvtColor(pixels, cv2.COLOR_BayerRG2RGB)),
+}
+
+
+def decode_raw_frame(data, width: int, height: int, video_mode: str) -> np.ndarray:
+    """A Lima camera's raw frame as RGB.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The pixels as TangoLimaVideo sends them in ``video_mode``.
+    width, height : int
+        The frame size, pixels.
+    video_mode : str
+        One of :data:`VIDEO_MODES`. 16-bit pixels are scaled to 8 bits by the
+        bits they use (:func:`~mxcube_autocenter.imagefiles.scale_to_8_bits`).
+
+    Returns
+    -------
+    ndarray of uint8, shape (height, width, 3)
+        The image, RGB channel order; a view of ``data`` where the mode allows.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` has another size than such a frame.
+    """
+    samples, sample_bytes, to_rgb = VIDEO_MODES[video_mode]
+    pixels = np.frombuffer(data, np.uint8)
+    size = width * height * samples * sample_bytes
+    if pixels.size != size:
+        raise ValueError(
+            f"a {video_mode} frame of {width} x {height} pixels is {size} bytes, the camera sent {pixels.size}: "
+            "check the camera's video_mode property"
+        )
+    if sample_bytes == 2:
+        # Lima sends 16-bit samples little-endian.
+        pixels = scale_to_8_bits(pixels.view("<u2").reshape(height, width * samples))
+    return to_rgb(pixels.reshape(height, width, samples))
+
+
+def stream_frame(image, args, video_mode=None):
+    """An ``imageReceived`` payload as the writer takes it: JPEG bytes, raw pixels as an HxWx3 RGB array, or
+    a function that decodes raw pixels to one.
 
     MDCameraMockup-like cameras send ``(jpeg_bytes, width, height)``;
     mxcubecore's TangoLimaVideo sends the raw pixels of its video mode,
-    ``(pixel_bytes, width, height, False)``: 3 bytes a pixel in RGB24, 4
-    (RGBA) in RGB32, 1 (grey) in RGB8. Raw pixels become an HxWx3 view (no
-    copy); the writer thread encodes it. Anything else is passed on, and the
-    writer refuses it.
+    ``(pixel_bytes, width, height, False)``. With ``video_mode`` (the camera's
+    property) given, the result is a function that decodes the pixels by it
+    (:func:`decode_raw_frame`), called on the writer thread: some modes take a
+    demosaic or a colour conversion, which must not hold up the event loop.
+    Without it, the layout is guessed from the size: 3 bytes a pixel are RGB
+    (RGB24), 4 RGBA (RGB32), 1 grey (RGB8), each made an HxWx3 view (no copy)
+    which the writer encodes. Anything else is passed on, and the writer
+    refuses it.
     """
     if not isinstance(image, (bytes, bytearray, memoryview)) or len(args) < 2:
         return image
@@ -78,13 +152,15 @@ def stream_frame(image, args):
         return image
     if width <= 0 or height <= 0:
         return image
+    if video_mode is not None:
+        return functools.partial(decode_raw_frame, image, width, height, video_mode)
     pixels, size = np.frombuffer(image, np.uint8), width * height
     # No JPEG takes 3 bytes a pixel: a raw frame whose first pixel happens to read
     # like the JPEG start marker is still raw.
     if len(pixels) in (3 * size, 4 * size):
         return pixels.reshape(height, width, -1)[:, :, :3]
     if len(pixels) == size and bytes(pixels[:2]) != JPEG_MAGIC:
-        return np.broadcast_to(pixels.reshape(height, width, 1), (height, width, 3))
+        return _grey(pixels.reshape(height, width))
     return image
 
 
@@ -139,7 +215,9 @@ class CollectionRecorder:
     settings : callable
         Returns the current AutoCenter configuration (read at each collection start).
     camera : HardwareObject
-        The sample-view camera (``imageReceived`` stream, ``get_last_image``).
+        The sample-view camera (``imageReceived`` stream). Its ``video_mode``
+        property, if it has one (TangoLimaVideo), says how to decode its raw
+        frames; see :data:`VIDEO_MODES`.
     snapshot : callable
         Returns the current frame as an RGB array, for the ``poll`` source.
     read_motors : callable
@@ -166,6 +244,7 @@ class CollectionRecorder:
         self._last_frame_time = 0.0
         self._clock_origin = (0.0, 0.0)
         self._streamed = False
+        self._video_mode = None
         self._motors_failing = False
         self._missing_said = False
         self.last_summary = None
@@ -196,6 +275,16 @@ class CollectionRecorder:
             self.log.debug("AutoCenter: not recording a %s collection", kind)
             return
         fileinfo = dc_params["fileinfo"]
+        streamed = cfg.record_source == "stream"
+        # Read once a recording: the property is fixed when the camera is loaded.
+        video_mode = self._camera.get_property("video_mode") if streamed else None
+        if video_mode is not None and video_mode not in VIDEO_MODES:
+            self.log.error(
+                "AutoCenter: not recording %s collection %s: the camera's video_mode property is %r, which the "
+                "recording cannot decode; set it to one of %s", kind, fileinfo["prefix"], video_mode,
+                ", ".join(VIDEO_MODES),
+            )  # fmt: skip
+            return
         directory = recording_directory(cfg.record_directory, fileinfo)
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
         writer = self._writer = RecordingWriter(
@@ -212,7 +301,8 @@ class CollectionRecorder:
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
         self._clock_origin = (time.time(), self._last_frame_time)
-        self._streamed = cfg.record_source == "stream"
+        self._streamed = streamed
+        self._video_mode = video_mode
         if self._streamed:
             self._camera.connect("imageReceived", self.frame_received)
         else:
@@ -241,7 +331,7 @@ class CollectionRecorder:
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
-            writer.submit(stream_frame(image, args), stamp, motors)
+            writer.submit(stream_frame(image, args, self._video_mode), stamp, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""

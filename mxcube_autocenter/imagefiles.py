@@ -44,11 +44,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file (JPEG, PNG, TIFF, ...; colour, grey or palette, 8 or 16 bits) as RGB uint8.
 
     EXIF orientation is applied and an alpha channel dropped. A 16-bit image
-    is scaled by the smallest camera bit depth (8, 10, 12, 14 or 16) that
-    holds its brightest pixel: cameras store 10-, 12- or 14-bit pixels in
-    16-bit files without shifting them up, and reading only the top 8 of the
-    16 bits (as OpenCV does) leaves a 12-bit frame 16 levels at most, in
-    which no loop is found.
+    is scaled to 8 bits by :func:`scale_to_8_bits`.
 
     Raises
     ------
@@ -59,8 +55,28 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     if image is None:
         raise OSError(f"cannot read {path} as an image (JPEG, PNG, ...): check that it exists and is a whole image file")
     if image.dtype == np.uint16:
-        bits = next(b for b in (8, 10, 12, 14, 16) if int(image.max()) < 2**b)
-        image = cv2.convertScaleAbs(image, alpha=255.0 / (2**bits - 1))
+        image = scale_to_8_bits(image)
     elif image.dtype != np.uint8:
         raise OSError(f"cannot read {path}: its pixels are {image.dtype}; save it with 8- or 16-bit integer pixels")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def scale_to_8_bits(image: np.ndarray) -> np.ndarray:
+    """A 16-bit image as uint8, scaled by the bits its pixels use.
+
+    The scale is that of the smallest camera bit depth (8, 10, 12, 14 or 16)
+    that holds the brightest pixel: cameras send 10-, 12- or 14-bit pixels in
+    16 bits without shifting them up, and keeping only the top 8 of the 16
+    bits (as OpenCV does) leaves a 12-bit frame 16 levels at most, in which
+    no loop is found.
+
+    Parameters
+    ----------
+    image : ndarray of uint16
+
+    Returns
+    -------
+    ndarray of uint8, of the same height and width
+    """
+    bits = next(b for b in (8, 10, 12, 14, 16) if int(image.max()) < 2**b)
+    return cv2.convertScaleAbs(image, alpha=255.0 / (2**bits - 1))

@@ -777,14 +777,16 @@ class RecordingWriter:
         return self._dropped_at_submit + self._dropped_by_writer
 
     def submit(
-        self, jpeg: bytes, timestamp: float, motors, frame_number: int | None = None
+        self, frame, timestamp: float, motors, frame_number: int | None = None
     ) -> bool:
         """Queue one camera frame for writing, without blocking.
 
         Parameters
         ----------
-        jpeg : bytes
-            The camera frame, JPEG.
+        frame : bytes, ndarray or callable
+            The camera frame: JPEG bytes, an HxWx3 uint8 RGB array, or a
+            function returning one of them, called on the writer thread (to
+            decode a raw frame there rather than in the caller's event loop).
         timestamp : float
             Wall-clock time the frame was received, unix s.
         motors : mapping or sequence
@@ -809,7 +811,7 @@ class RecordingWriter:
             self._dropped_at_submit += 1
             return False
         try:
-            self._queue.put_nowait((jpeg, timestamp, motors, number))
+            self._queue.put_nowait((frame, timestamp, motors, number))
         except queue.Full:
             self._dropped_at_submit += 1
             return False
@@ -877,7 +879,7 @@ class RecordingWriter:
     def _write_frames(self, store: FrameStore):
         while True:
             try:
-                jpeg, timestamp, motors, number = self._queue.get(timeout=_POLL_S)
+                frame, timestamp, motors, number = self._queue.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._closing.is_set():
                     return
@@ -888,7 +890,7 @@ class RecordingWriter:
                 continue
             store.frames_dropped = self.frames_dropped
             try:
-                store.append(jpeg, timestamp, motors, number)
+                store.append(frame() if callable(frame) else frame, timestamp, motors, number)
             except ValueError as err:
                 self._dropped_by_writer += 1
                 log.warning("camera frame %s dropped from %s: %s", number, store.path, err)

@@ -433,6 +433,152 @@ def test_a_raw_rgb_frame_whose_first_pixel_reads_like_a_jpeg_marker_is_raw(beaml
     assert tuple(frame[0, 0]) == (255, 216, 255)
 
 
+# Lima's raw video modes, built byte by byte: each must come out as the image the camera saw.
+# A known image: three bands of colour (multiples of 17, exact in 12 bits), each 8 pixels wide.
+BANDS = np.array([(204, 51, 17), (17, 170, 68), (34, 85, 238)], np.uint8)
+KNOWN = np.repeat(np.repeat(BANDS[None], 12, axis=0), 8, axis=1)  # 12 x 24 pixels
+
+
+def decoded(data, video_mode, shape=KNOWN.shape):
+    """What the writer thread makes of a raw frame from a camera in ``video_mode``."""
+    from mxcube_autocenter.collection_recorder import stream_frame
+
+    frame = stream_frame(data, (shape[1], shape[0], False), video_mode)
+    assert callable(frame)  # decoded on the writer thread, not in the event loop
+    rgb = frame()
+    assert rgb.shape == (*shape[:2], 3) and rgb.dtype == np.uint8
+    return rgb
+
+
+@pytest.mark.parametrize("video_mode", ["RGB24", "BGR24", "RGB32", "BGR32"])
+def test_rgb_and_bgr_frames_are_decoded_by_the_cameras_video_mode(video_mode):
+    from mxcube_autocenter.collection_recorder import stream_frame
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    pixels = rgb[:, :, ::-1] if video_mode.startswith("BGR") else rgb
+    if video_mode.endswith("32"):
+        pixels = np.concatenate([pixels, np.full((6, 10, 1), 255, np.uint8)], axis=2)  # alpha last
+    assert np.array_equal(decoded(pixels.tobytes(), video_mode, rgb.shape), rgb)
+    if video_mode == "BGR24":  # without the mode, the layout is guessed from the byte count: red and blue swap
+        assert np.array_equal(stream_frame(pixels.tobytes(), (10, 6, False)), pixels)
+
+
+@pytest.mark.parametrize("video_mode", ["Y8", "RGB8"])
+def test_grey_frames_are_decoded_by_the_cameras_video_mode(video_mode):
+    grey = np.arange(60, dtype=np.uint8).reshape(6, 10)
+    assert np.array_equal(decoded(grey.tobytes(), video_mode, grey.shape), np.stack([grey] * 3, axis=2))
+
+
+def test_y16_frames_are_scaled_to_8_bits_by_the_bits_they_use():
+    """A 12-bit camera in Y16: 0..4095, two bytes a pixel, low byte first; 273 * k is 17 * k in 8 bits."""
+    levels = np.arange(16).repeat(4).reshape(8, 8)
+    data = b"".join(int(273 * k).to_bytes(2, "little") for k in levels.ravel())
+    assert np.array_equal(decoded(data, "Y16", levels.shape), np.stack([17 * levels] * 3, axis=2))
+
+
+def test_yuv422_frames_are_decoded_as_lima_packs_them_u_y_v_y():
+    """Each pair of pixels is U, Y0, V, Y1 (BT.601, Y in 16..235, as OpenCV takes it)."""
+
+    def yuv(r, g, b):
+        return (16 + 0.257 * r + 0.504 * g + 0.098 * b, 128 - 0.148 * r - 0.291 * g + 0.439 * b,
+                128 + 0.439 * r - 0.368 * g - 0.071 * b)  # fmt: skip
+
+    # Pairs share their colour (U, V) but not their brightness (Y): a dark and a light grey, then the bands.
+    rgb = np.concatenate([np.array([[[60, 60, 60], [200, 200, 200]]], np.uint8), BANDS.repeat(2, axis=0)[None]], axis=1)
+    data = bytearray()
+    for left, right in zip(rgb[0, 0::2], rgb[0, 1::2]):
+        (y0, u, v), (y1, _, _) = yuv(*left), yuv(*right)
+        data += bytes(round(c) for c in (u, y0, v, y1))
+    frame = decoded(bytes(data), "YUV422", rgb.shape)
+    assert np.abs(frame.astype(int) - rgb).max() <= 3, frame
+
+
+@pytest.mark.parametrize("video_mode", ["BAYER_RG8", "BAYER_BG8", "BAYER_RG16", "BAYER_BG16"])
+def test_bayer_frames_are_demosaiced_in_the_sensors_pattern(video_mode):
+    """Lima's BAYER_RG is a sensor whose rows run R G R G ..., G B G B ...; BAYER_BG's B G ..., G R ...."""
+    red, green, blue = (KNOWN[:, :, c].astype(np.uint16) for c in range(3))
+    first, last = (red, blue) if video_mode.startswith("BAYER_RG") else (blue, red)
+    mosaic = green.copy()
+    mosaic[0::2, 0::2] = first[0::2, 0::2]
+    mosaic[1::2, 1::2] = last[1::2, 1::2]
+    if video_mode.endswith("16"):
+        data = (mosaic // 17 * 273).astype("<u2").tobytes()  # a 12-bit sensor, 2 bytes a pixel, low byte first
+    else:
+        data = mosaic.astype(np.uint8).tobytes()
+    frame = decoded(data, video_mode)
+    # Inside the bands (away from their edges, where demosaicing blends neighbours) the colours are the image's.
+    for band in range(3):
+        inside = (slice(2, -2), slice(8 * band + 2, 8 * band + 6))
+        assert np.abs(frame[inside].astype(int) - KNOWN[inside]).max() <= 1, (band, frame[inside][0, 0])
+
+
+def bare_recorder(tmp_path, camera, **settings):
+    """A CollectionRecorder of ``camera`` (streamed), without a beamline, and a collection's parameters for it."""
+    from types import SimpleNamespace
+
+    from mxcube_autocenter.collection_recorder import CollectionRecorder
+
+    settings = SimpleNamespace(**{
+        "recording_enabled": True, "record_scan_types": ["OSC"], "record_directory": str(tmp_path),
+        "master_file_template": "{directory}/{prefix}_{run_number}_master.h5", "record_storage": "jpeg",
+        "record_min_free_mb": 0.0, "record_frame_rate": 10.0, "record_max_frames": 1000, "record_source": "stream",
+        "record_camera_timeout_s": 0.5, **settings,
+    })  # fmt: skip
+    recorder = CollectionRecorder(lambda: settings, camera, None, lambda: {"omega": 0.0}, lambda: {})
+    dc_params = {"experiment_type": "OSC", "oscillation_sequence": [{"start": 0.0, "range": 0.1}],
+                 "fileinfo": {"directory": str(tmp_path), "prefix": "x", "run_number": 1}}  # fmt: skip
+    return recorder, dc_params
+
+
+class BareCamera:
+    """A camera as the recorder sees it: its ``video_mode`` property (TangoLimaVideo's; None: none, as a JPEG
+    camera has), its ``imageReceived`` stream."""
+
+    def __init__(self, video_mode):
+        self.video_mode = video_mode
+        self.properties_read = 0
+
+    def get_property(self, name, default=None):
+        self.properties_read += 1
+        return self.video_mode if name == "video_mode" else default
+
+    def connect(self, *args):
+        pass
+
+    def disconnect(self, *args):
+        pass
+
+
+def test_a_lima_camera_is_recorded_by_its_video_mode_read_once_a_recording(tmp_path, caplog):
+    camera = BareCamera("BGR24")
+    recorder, dc_params = bare_recorder(tmp_path, camera, record_storage="raw")
+    recorder.start(dc_params)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            recorder.frame_received(KNOWN[:, :, ::-1].tobytes(), 24, 12, False)
+            gevent.sleep(0.15)
+        # A frame that does not fit the mode is dropped, naming the property to check.
+        recorder.frame_received(KNOWN.tobytes()[:-3], 24, 12, False)
+        summary = recorder.stop("complete")
+    assert (summary.status, summary.error, summary.frames_kept, summary.frames_dropped) == ("complete", None, 4, 1)
+    assert np.array_equal(read_recording(summary.path).frame(3), KNOWN)
+    assert camera.properties_read == 1
+    assert "a BGR24 frame of 24 x 12 pixels is 864 bytes, the camera sent 861" in caplog.text
+    assert "video_mode property" in caplog.text
+
+
+def test_a_lima_camera_in_a_video_mode_the_recorder_cannot_decode_is_not_recorded_with_one_error(tmp_path, caplog):
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera("I420"))
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        recorder.start(dc_params)
+        for _ in range(3):
+            recorder.frame_received(bytes(24 * 12 * 3 // 2), 24, 12, False)
+    assert not recorder.recording and not list(tmp_path.rglob("*.h5"))
+    [error] = caplog.records
+    assert "video_mode property is 'I420'" in error.getMessage()
+    assert "RGB24, BGR24, RGB32, BGR32, RGB8, Y8, Y16, YUV422, BAYER_RG8, BAYER_BG8, BAYER_RG16, BAYER_BG16" in error.getMessage()
+
+
 def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_quietly(beamline, autocenter, tmp_path,
                                                                                        monkeypatch):  # fmt: skip
     """An MD3's motor positions come over the network: the collection may end while a frame waits for them."""
@@ -458,21 +604,12 @@ def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_rec
     from types import SimpleNamespace
 
     from mxcube_autocenter import collection_recorder
-    from mxcube_autocenter.collection_recorder import CollectionRecorder
     from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
 
     step = [0.0]
     monkeypatch.setattr(collection_recorder, "time", SimpleNamespace(
         time=lambda: time.time() + step[0], monotonic=time.monotonic))  # fmt: skip
-    settings = SimpleNamespace(
-        recording_enabled=True, record_scan_types=["OSC"], record_directory=str(tmp_path), master_file_template=
-        "{directory}/{prefix}_{run_number}_master.h5", record_storage="jpeg", record_min_free_mb=0.0,
-        record_frame_rate=10.0, record_max_frames=1000, record_source="stream", record_camera_timeout_s=0.5,
-    )  # fmt: skip
-    camera = SimpleNamespace(connect=lambda *args: None, disconnect=lambda *args: None)
-    recorder = CollectionRecorder(lambda: settings, camera, None, lambda: {"omega": 0.0}, lambda: {})
-    dc_params = {"experiment_type": "OSC", "oscillation_sequence": [{"start": 0.0, "range": 0.1}],
-                 "fileinfo": {"directory": str(tmp_path), "prefix": "x", "run_number": 1}}  # fmt: skip
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None))  # no video_mode: a JPEG camera
     jpeg = encode_jpeg(synthetic_frame(160, 128))
     recorder.start(dc_params)
     for clock_step in (0.0, -30.0, +60.0):  # back 30 s, then 30 s ahead of the true time
