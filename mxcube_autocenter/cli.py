@@ -319,11 +319,14 @@ def cmd_train(args) -> int:
 @_input_errors_exit_2
 def cmd_sweep(args) -> int:
     """Train every architecture with every label transform into one report."""
-    from mxcube_autocenter.learning.evaluate import sweep
+    from mxcube_autocenter.learning.evaluate import sweep, sweep_failures
 
-    sweep(args.dataset, args.out, archs=args.archs, **_train_options(args))
+    failures = sweep_failures(sweep(args.dataset, args.out, archs=args.archs, **_train_options(args)))
     print(f"Sweep report: {Path(args.out) / 'sweep.md'}")
-    return 0
+    for combo, message in failures.items():
+        print(f"  {combo} failed: {message}")
+    # The others are in the report, but a script running the sweep must see that it is incomplete.
+    return 1 if failures else 0
 
 
 @_input_errors_exit_2

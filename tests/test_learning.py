@@ -911,3 +911,129 @@ def test_interval_note_ends_the_table_and_appears_only_with_an_interval():
     assert "|\n\nIn brackets: the 95 % interval from resampling the subset's 2 crystals" in text
     # One test crystal: no interval, so no figure in brackets and no note about them.
     assert interval_note(["a", "a"], None, None) == [""]
+
+
+def _captured_heatmaps(dataset_path, rows, monkeypatch, grid=15):
+    """The figure of ``evaluate._heatmaps`` over ``rows`` (one crystal each), a model giving each crop's mean."""
+    import matplotlib.pyplot as plt
+
+    from mxcube_autocenter.labelling.dataset import read_table
+    from mxcube_autocenter.learning import evaluate as ev
+
+    table = read_table(dataset_path)
+    spec = crops.CropSpec(crop_um=160, input_size=SMALL)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    model = lambda x, training=False: np.mean(np.asarray(x), axis=(1, 2, 3))[:, None]  # noqa: E731
+    assert ev._heatmaps(os.devnull, model, spec, table, np.asarray(rows), np.ones(len(rows)), lambda v: v, grid=grid)
+    return table, spec, figures[0].axes
+
+
+def test_each_heatmap_is_drawn_over_its_own_grid(dataset_path, monkeypatch):
+    # Rows of other zooms store images of other sizes, so each panel's grid has its own step: the overlay of
+    # every panel must be centred on its own grid points (it took the last panel's step for all of them).
+    from mxcube_autocenter.labelling.dataset import read_table
+
+    table = read_table(dataset_path)
+    small = int(np.argmin(table.pixels_per_mm[:, 0]))
+    other = np.flatnonzero(table.crystal_id != table.crystal_id[small])
+    large = int(other[np.argmax(table.pixels_per_mm[other, 0])])
+    assert table.pixels_per_mm[large, 0] > 2 * table.pixels_per_mm[small, 0]
+    grid = 15
+    table, spec, axes = _captured_heatmaps(dataset_path, [small, large], monkeypatch, grid=grid)
+    for ax, i in zip(axes, (small, large)):
+        height, width = ax.get_images()[0].get_array().shape[:2]
+        crop_w, crop_h = crops.crop_side_px(spec.crop_um, table.pixels_per_mm[i])
+        xs = np.linspace(np.ceil(crop_w / 2), int(width - crop_w / 2), grid)
+        ys = np.linspace(np.ceil(crop_h / 2), int(height - crop_h / 2), grid)
+        left, right, bottom, top = ax.get_images()[1].get_extent()
+        dx, dy = xs[1] - xs[0], ys[1] - ys[0]
+        assert (left, right) == pytest.approx((xs[0] - dx / 2, xs[-1] + dx / 2))
+        assert (top, bottom) == pytest.approx((ys[0] - dy / 2, ys[-1] + dy / 2))
+
+
+def test_a_report_leaves_no_figure_of_an_earlier_report_in_its_directory(trained, dataset_path, tmp_path):
+    # A classifier's confusion matrix, or galleries this run does not draw (gallery=0), left in the directory
+    # would read as this regressor's figures; files that are not the report's stay.
+    from mxcube_autocenter.learning.evaluate import evaluate
+
+    for name in ("confusion.png", "gallery_misclassified.png", "gallery_highest.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"earlier")
+    metrics = evaluate(trained.model_path, dataset_path, str(tmp_path), gallery=0)
+    assert set(metrics["figures"]) == {"scatter", "heatmaps"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmaps.png", "metrics.json", "notes.txt", "report.md",
+                                                          "scatter.png"]
+
+
+def _fake_train(calls, failing=()):
+    """A stand-in for training.train: every combination on one split, those in ``failing`` raising."""
+    from types import SimpleNamespace
+
+    split = {"train": ["a", "b", "c"], "validation": ["d"], "test": ["e", "f"], "seed": 0,
+             "rows": {"train": 30, "validation": 10, "test": 20}}
+
+    def train(dataset_path, arch, transform, out, **kwargs):
+        calls.append((arch, transform))
+        if (arch, transform) in failing:
+            raise RuntimeError(f"{arch}-{transform} ran out of memory\nthe rest of a long message")
+        os.makedirs(out, exist_ok=True)
+        return SimpleNamespace(info={"split": split}, metrics={"test": {"mse": 0.5, "spearman": 0.7}}, seconds=1.0,
+                               best_epoch=1, model_path=os.path.join(out, "model.keras"))
+
+    return train
+
+
+def test_a_failed_sweep_combination_is_reported_and_the_others_still_trained(tmp_path, monkeypatch):
+    from mxcube_autocenter.cli import main
+    from mxcube_autocenter.learning import evaluate as ev
+
+    calls = []
+    monkeypatch.setattr(ev, "train", _fake_train(calls, failing={("a1", "log")}))
+    table = ev.sweep("set.h5", str(tmp_path / "s"), archs=("a1", "a2"), transforms=("vanilla", "log"))
+    assert calls == [("a1", "vanilla"), ("a1", "log"), ("a2", "vanilla"), ("a2", "log")]
+    assert table["a1"]["log"] == {"error": "RuntimeError: a1-log ran out of memory"}
+    assert table["a2"]["log"]["mse"] == 0.5 and ev.sweep_failures(table) == {"a1-log": table["a1"]["log"]["error"]}
+    text = (tmp_path / "s" / "sweep.md").read_text()
+    assert "| a1 | 0.5000 | failed |" in text and "| a2 | 0.5000 | 0.5000 |" in text
+    assert "- a1-log: RuntimeError: a1-log ran out of memory" in text
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text()) == table
+    # The command line names the failure and says the sweep is incomplete.
+    assert main(["sweep", "set.h5", "--out", str(tmp_path / "cli"), "--archs", "a1"]) == 1
+    assert "| a1 | 0.5000 | failed | 0.5000 |" in (tmp_path / "cli" / "sweep.md").read_text()
+
+
+def test_a_sweep_refuses_wrong_names_before_training_and_raises_when_nothing_trains(tmp_path, monkeypatch):
+    from mxcube_autocenter.learning import evaluate as ev
+
+    calls = []
+    monkeypatch.setattr(ev, "train", _fake_train(calls, failing={("a1", "vanilla"), ("a1", "log")}))
+    for archs, transforms in ((("a1", "a11"), ("log",)), (("a1", "classifier"), ("log",)), (("a1",), ("sqrt",))):
+        with pytest.raises(ValueError):
+            ev.sweep("set.h5", str(tmp_path / "s"), archs=archs, transforms=transforms)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="a1-vanilla ran out of memory"):
+        ev.sweep("set.h5", str(tmp_path / "s"), archs=("a1", "a1"), transforms=("vanilla", "log"))
+    assert calls == [("a1", "vanilla"), ("a1", "log")] and not (tmp_path / "s").exists()
+
+
+def test_the_measurement_refuses_a_dataset_file_that_is_not_there(tmp_path):
+    # A mistyped --dataset was filled with a newly generated synthetic set and measured as if it were the one given.
+    from mxcube_autocenter.learning.experiment import run
+
+    missing = tmp_path / "sets" / "mistyped.h5"
+    with pytest.raises(FileNotFoundError, match="mistyped.h5: no such dataset file"):
+        run(str(tmp_path / "out"), dataset=str(missing), n_samples=2, crops_per_sample=2, epochs=1)
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_report_on_crystals_the_model_was_trained_on_says_so(trained, dataset_path, tmp_path):
+    # subset="all" on the training set: the figures read too high, and the report (not only a log) must say so.
+    from mxcube_autocenter.learning.evaluate import evaluate
+
+    metrics = evaluate(trained.model_path, dataset_path, str(tmp_path / "all"), subset="all", gallery=0)
+    seen = metrics["rows_of_training_crystals"]
+    assert 0 < seen < metrics["n"]
+    text = (tmp_path / "all" / "report.md").read_text()
+    assert f"- **{seen} of these {metrics['n']} crops are of crystals the model was trained on**" in text
+    evaluate(trained.model_path, dataset_path, str(tmp_path / "test"), gallery=0)
+    assert "trained on**" not in (tmp_path / "test" / "report.md").read_text()

@@ -54,6 +54,10 @@ from mxcube_autocenter.scorecard import format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+# Every figure a report may draw; a report removes those of them it does not draw (see evaluate).
+REPORT_FIGURES = ("scatter.png", "gallery_highest.png", "gallery_lowest.png", "gallery_worst.png", "heatmaps.png",
+                  "confusion.png", "gallery_misclassified.png")
+
 _INTERVALS = ("In brackets: the 95 % interval from resampling the subset's {n} crystals (crystal bootstrap): how far "
               "another draw of crystals could move the figure.")
 
@@ -193,10 +197,12 @@ def _heatmaps(path, model, spec, table, rows, score, to_counts, *, crystals=4, g
             heatmap = reference_heatmap(model, region, origin, scale, spec.input_size, xs, ys)
             panels.append((i, image, heatmap, np.asarray(to_counts(heatmap.values), dtype=np.float64)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    step_x, step_y = (xs[1] - xs[0]) / 2, (ys[1] - ys[0]) / 2
     for ax, (i, image, heatmap, values) in zip(axes.flat, panels):
         ax.imshow(image)
-        extent = (heatmap.xs[0] - step_x, heatmap.xs[-1] + step_x, heatmap.ys[-1] + step_y, heatmap.ys[0] - step_y)
+        # Each cell centred on its grid point: the grid's step is the panel's own (rows of other zooms store
+        # images of other sizes, so their grids have other steps).
+        half_x, half_y = (heatmap.xs[1] - heatmap.xs[0]) / 2, (heatmap.ys[1] - heatmap.ys[0]) / 2
+        extent = (heatmap.xs[0] - half_x, heatmap.xs[-1] + half_x, heatmap.ys[-1] + half_y, heatmap.ys[0] - half_y)
         ax.imshow(values, extent=extent, cmap="inferno", alpha=0.55, interpolation="bilinear")
         best = np.argsort(values, axis=None)[::-1][:top]
         for rank, flat in enumerate(best, start=1):
@@ -328,6 +334,12 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     -------
     dict
         The metrics (also in ``metrics.json``).
+
+    Notes
+    -----
+    Figures of an earlier report in ``out_dir`` (:data:`REPORT_FIGURES`) that
+    this one does not draw are removed, so that the directory holds only this
+    model's.
     """
     model, info = load_model(model_path)
     spec = info_spec(info)
@@ -356,6 +368,10 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
              f"{len(set(table.crystal_id[rows]))} crystals",
              f"- input: {spec.crop_um:g} um crops at {spec.input_size} x {spec.input_size} {spec.colour}, "
              f"{spec.normalisation} normalisation", ""]
+    if seen and subset != "train":
+        # Said in the report too, not only in a log its reader never sees.
+        lines[-1:-1] = [f"- **{seen} of these {len(rows)} crops are of crystals the model was trained on**: their "
+                        "figures read too high (evaluate the test subset, or a set of other crystals)"]
     figures = {}
     if info["task"] == "regression":
         transform = info_transform(info)
@@ -453,6 +469,11 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         if fig:
             lines += [f"## {name}", "", f"![{name}]({fig})", ""]
     metrics["figures"] = {k: v for k, v in figures.items() if v}
+    for name in REPORT_FIGURES:
+        # A figure of an earlier report in this directory (another model's, or one this model has no room or
+        # rows for) would sit beside this report as if it were its own.
+        if name not in metrics["figures"].values() and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -470,6 +491,8 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
         One sub-directory per combination (``<arch>-<transform>``), plus
         ``sweep.md`` and ``sweep.json``.
     archs, transforms : sequence of str
+        Regressor architectures and label transforms, checked before any
+        training (a name repeated is trained once).
     **train_kwargs
         Passed to :func:`training.train` (crop_um, input_size, epochs,
         batch_size, patience, seed, ...); the same seed gives every
@@ -478,26 +501,58 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
     Returns
     -------
     dict
-        ``{arch: {transform: test metrics}}``.
+        ``{arch: {transform: test metrics}}``; a combination whose training
+        failed has ``{"error": message}`` instead, and the others are still
+        trained and reported (every one failing raises the first error).
     """
     from tqdm import tqdm
 
+    from mxcube_autocenter.learning.architectures import task_of
+
+    # A wrong name is refused now, not hours later when its turn comes.
+    archs, transforms = tuple(dict.fromkeys(archs)), tuple(dict.fromkeys(transforms))
+    for arch in archs:
+        if task_of(arch) != "regression":
+            raise ValueError(f"architecture {arch!r} is a classifier: a sweep trains regressors")
+    for name in transforms:
+        if name not in TRANSFORMS:
+            raise ValueError(f"unknown label transform {name!r}: choose from {TRANSFORMS}")
+    if not archs or not transforms:
+        raise ValueError("a sweep needs at least one architecture and one transform")
     table = {}  # out_dir is made by the first training, once it has checked the dataset
     combos = [(a, t) for a in archs for t in transforms]
     split = None
+    first_error = None
     for arch, name in tqdm(combos, desc="sweep", unit="model"):
-        result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)
-        this = {k: sorted(result.info["split"][k]) for k in SUBSETS}
-        if split is None:
-            split = {**this, "rows": dict(result.info["split"].get("rows", {})), "seed": result.info["split"].get("seed")}
-        elif this != {k: split[k] for k in SUBSETS}:
-            # The table compares models on one test set: a model on other crystals has no place in it.
-            raise ValueError(f"{dataset_path}: {arch}-{name} was trained on another split than the sweep's first "
-                             "model (was the dataset changed during the sweep?): run the sweep again")
-        table.setdefault(arch, {})[name] = {**result.metrics["test"], "seconds": result.seconds,
-                                            "best_epoch": result.best_epoch, "model": result.model_path}
-        _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split)
+        try:
+            result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)
+        except Exception as err:  # noqa: BLE001 - one combination failing (memory, a diverging fit) spares the others
+            log.error("sweep: %s-%s failed", arch, name, exc_info=True)
+            first_line = (str(err).strip().splitlines() or [""])[0]  # a table cell's note: the traceback is logged
+            table.setdefault(arch, {})[name] = {"error": f"{type(err).__name__}: {first_line}"}
+            first_error = first_error or err
+        else:
+            this = {k: sorted(result.info["split"][k]) for k in SUBSETS}
+            if split is None:
+                split = {**this, "rows": dict(result.info["split"].get("rows", {})),
+                         "seed": result.info["split"].get("seed")}
+            elif this != {k: split[k] for k in SUBSETS}:
+                # The table compares models on one test set: a model on other crystals has no place in it.
+                raise ValueError(f"{dataset_path}: {arch}-{name} was trained on another split than the sweep's first "
+                                 "model (was the dataset changed during the sweep?): run the sweep again")
+            table.setdefault(arch, {})[name] = {**result.metrics["test"], "seconds": result.seconds,
+                                                "best_epoch": result.best_epoch, "model": result.model_path}
+        if split is not None:  # a report only once a model is trained: the directory exists, the split is known
+            _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split)
+    if split is None:
+        raise first_error
     return table
+
+
+def sweep_failures(table) -> dict:
+    """``{"<arch>-<transform>": error message}`` of the combinations of a :func:`sweep` table that failed."""
+    return {f"{arch}-{name}": cell["error"] for arch, row in table.items() for name, cell in row.items()
+            if "error" in cell}
 
 
 def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split=None):
@@ -510,18 +565,23 @@ def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split=N
         subset = (f"test subset: {rows.get('test', '?')} crops of {len(split['test'])} crystals (train "
                   f"{rows.get('train', '?')} crops of {len(split['train'])}, validation {rows.get('validation', '?')} "
                   f"of {len(split['validation'])}; split seed {split.get('seed')}), the same for every model")
+
+    def cell(row, transform, key, fmt):
+        return "failed" if "error" in row.get(transform, {}) else format_cell(row.get(transform, {}).get(key), fmt)
+
     lines = ["# Architecture x transform sweep", "", f"dataset: `{os.path.abspath(dataset_path)}`; "
              f"training options: `{json.dumps(train_kwargs, default=str)}`", "", *([subset, ""] if subset else []),
              f"## Test MSE (transformed targets of the {label} counts; the thesis' Table 2.3 layout)", "", header, rule]
     for arch, row in table.items():
-        cells = (format_cell(row.get(t, {}).get("mse"), "{:.4f}") for t in transforms)
-        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arch} | " + " | ".join(cell(row, t, "mse", "{:.4f}") for t in transforms) + " |")
     lines += ["", "## Test Spearman correlation of predicted and real counts", "", header, rule]
     for arch, row in table.items():
-        cells = (format_cell(row.get(t, {}).get("spearman"), "{:.3f}") for t in transforms)
-        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arch} | " + " | ".join(cell(row, t, "spearman", "{:.3f}") for t in transforms) + " |")
     lines += ["", "MSEs of different transforms are in different units: compare them within a column, "
               "and compare columns by the Spearman correlation.", ""]
+    failures = sweep_failures(table)
+    if failures:
+        lines += ["## Failed", "", *(f"- {combo}: {message}" for combo, message in failures.items()), ""]
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:

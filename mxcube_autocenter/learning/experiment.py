@@ -23,7 +23,8 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
     """Run the measurement into directory ``out``; returns the summary.
 
     ``dataset``: an existing dataset file to use instead of generating
-    ``out/dataset.h5`` from ``n_samples`` virtual samples (seed ``dataset_seed``).
+    ``out/dataset.h5`` from ``n_samples`` virtual samples (seed ``dataset_seed``);
+    a path that does not exist is refused.
     """
     import numpy as np
 
@@ -33,6 +34,10 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
     from mxcube_autocenter.learning.training import train, train_classifier
 
+    if dataset is not None and not os.path.isfile(dataset):
+        # A mistyped path would otherwise be filled with a new synthetic set (minutes) and measured as if given.
+        raise FileNotFoundError(f"{dataset}: no such dataset file: check the path, or leave dataset out to generate "
+                                f"one in {out}")
     os.makedirs(out, exist_ok=True)
     given = dataset
     dataset = dataset or os.path.join(out, "dataset.h5")
