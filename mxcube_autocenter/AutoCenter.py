@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sys
 
 import gevent
@@ -44,7 +45,7 @@ from mxcubecore.TaskUtils import TaskException
 from mxcube_autocenter.centring import procedure, report
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
-from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles
+from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles, resolve_relative_paths
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.queue_entry import TASK_NAME, register_queue_entry
 
@@ -78,6 +79,7 @@ class AutoCenter(HardwareObject):
 
     def init(self):
         super().init()
+        resolve_relative_paths(self.config, self._config_folder())
         self.log.info(
             "AutoCenter configured: %s",
             ", ".join(f"{k}={v!r}" for k, v in self.settings().items()),
@@ -97,6 +99,11 @@ class AutoCenter(HardwareObject):
             self._take_over_auto_centring()
         self._register_queue_task()
         self.update_state(self.STATES.READY)
+
+    def _config_folder(self) -> str:
+        """The folder of this object's XML file, where its relative paths start (MXCuBE's working directory without one)."""
+        xml = HWR.get_hardware_repository().find_in_repository(f"{self.load_name}.xml")
+        return os.path.dirname(xml) if xml else os.getcwd()
 
     def settings(self) -> dict:
         """The validated XML properties, by name."""

@@ -12,13 +12,16 @@ from __future__ import annotations
 import ast
 import os
 import string
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
 from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
+# Files and folders of the centring: ``~`` is expanded here, and a relative path is taken from the folder of the
+# XML file (:func:`resolve_relative_paths`), not from MXCuBE's working directory, which is no fixed place.
+PATH_PROPERTIES = ("centring_model", "centring_classifier", "centring_save_directory")
 
 
 class AutoCenterConfig(ConfiguredObject.HOConfig):
@@ -131,6 +134,46 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         default=None, description="Where each centring's heatmap PNGs and JSON record go; empty: not saved."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_written(cls, data):
+        # mxcubecore hands over an element's text with its blanks and line breaks (and makes None, True, False
+        # or a number only of text without them): an element written over several lines reads as on one line.
+        if not isinstance(data, dict):
+            return data
+        values = {}
+        for name, value in data.items():
+            if isinstance(value, str):
+                value = value.strip()
+                if value == "None":
+                    value = None  # as mxcubecore reads the text None
+            field = cls.model_fields.get(name)
+            if value is None and field is not None and "none" in get_args(field.annotation):
+                value = "none"  # the text None, for a property whose choices include 'none'
+            values[name] = value
+        return values
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_switch_for_a_number(cls, value, info):
+        # mxcubecore makes the text True or False a bool, which pydantic would read as 1 or 0.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("expected a number, not True or False")
+        return value
+
+    @field_validator(*PATH_PROPERTIES)
+    @classmethod
+    def _home(cls, value):
+        return os.path.expanduser(value) if value else value
+
+    @field_validator("centring_save_directory")
+    @classmethod
+    def _no_template(cls, value):
+        # Not filled in like record_directory's: a literal "{data_directory}" folder would be made.
+        if value and "{" in value and "}" in value:
+            raise ValueError("a folder, not a template: nothing is filled in here (centrings belong to no collection)")
+        return value
+
     @field_validator("record_scan_types", mode="before")
     @classmethod
     def _parse_list(cls, value):
@@ -149,6 +192,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     def _directory_template(cls, value):
         # Filled in at each collection (collection_recorder.recording_directory), where a bad template
         # would only end up as "could not start recording" in the log, collection after collection.
+        value = os.path.expanduser(value)
         try:
             directory = value.format(data_directory="/data")
         except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
@@ -164,6 +208,10 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     @classmethod
     def _fileinfo_template(cls, value):
         # Filled in with dc_params["fileinfo"] at each collection (collection_recorder.master_file_path).
+        if not value:
+            raise ValueError(
+                f"empty: no recording could be labelled; leave the property out for the default {DEFAULT_MASTER_FILE_TEMPLATE}"
+            )
         try:
             fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
         except ValueError as err:
@@ -259,8 +307,28 @@ def describe_errors(error: ValidationError, model) -> str:
     """
     lines = []
     for item in error.errors():
-        name = str(item["loc"][0]) if item["loc"] else "(configuration)"
+        if not item["loc"]:
+            # A check across properties (blind_views, undeclared ones): its input is every property, its message names them.
+            lines.append(f"  {item['msg']}")
+            continue
+        name = str(item["loc"][0])
         field = model.model_fields.get(name)
         meaning = f" ({field.description})" if field and field.description else ""
         lines.append(f"  {name} = {item.get('input')!r}: {item['msg']}{meaning}")
     return "\n".join(lines)
+
+
+def resolve_relative_paths(config: AutoCenterConfig, folder) -> None:
+    """Take the relative paths of :data:`PATH_PROPERTIES` from ``folder`` (the XML file's), in place.
+
+    Parameters
+    ----------
+    config : AutoCenterConfig
+        Validated properties (``~`` already expanded).
+    folder : path
+        The folder of the hardware object's XML file.
+    """
+    for name in PATH_PROPERTIES:
+        value = getattr(config, name)
+        if value and not os.path.isabs(value):
+            setattr(config, name, os.path.normpath(os.path.join(folder, value)))

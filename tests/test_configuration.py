@@ -7,8 +7,10 @@ import shutil
 
 import gevent
 import pytest
+from mxcubecore.BaseHardwareObjects import HardwareObjectNode
 
 from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
+from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -21,6 +23,14 @@ def _config_with(tmp_path, old, new):
     assert old in text
     xml.write_text(text.replace(old, new))
     return config
+
+
+def _from_xml(**texts) -> AutoCenterConfig:
+    """The configuration of XML elements with these texts, read as mxcubecore reads them (no beamline booted)."""
+    node = HardwareObjectNode("auto_centring")
+    for name, text in texts.items():
+        node._set_property(name, text)  # mxcubecore's own conversion of an element's text
+    return AutoCenterConfig(**node.get_properties())
 
 
 def _logged(caplog):
@@ -159,3 +169,87 @@ def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring
             assert not result.success and result.start_positions == start
     message = "the sample view's motor_directions of sampx are not 1 (SampleView XML)"
     assert message in result.message and message in _logged(caplog)
+
+
+def test_elements_written_over_several_lines_and_the_text_none_read_as_meant(tmp_path):
+    # mxcubecore keeps an element's blanks and line breaks, and reads the text None as None.
+    config = _config_with(
+        tmp_path,
+        '<record_scan_types>["OSC", "Helical"]</record_scan_types>',
+        '<record_scan_types>\n    ["Helical"]\n  </record_scan_types>\n'
+        "  <record_source>\n    poll\n  </record_source>\n"
+        "  <centring_enabled>\n    False\n  </centring_enabled>\n"
+        "  <heatmap_symmetries>None</heatmap_symmetries><no_crystal_fallback>None</no_crystal_fallback>",
+    )
+    with hardware_repository(config) as bl:
+        ho = auto_centring(bl)
+        assert ho.config.record_scan_types == ["Helical"] and ho.config.record_source == "poll"
+        assert ho.config.centring_enabled is False
+        assert (ho.config.heatmap_symmetries, ho.config.no_crystal_fallback) == ("none", "none")
+
+
+@pytest.mark.parametrize("prop", ["record_max_frames", "centring_angles", "blind_views", "min_crystal_probability"])
+def test_true_or_false_is_no_number(prop):
+    # mxcubecore reads the text True as a bool, which pydantic would take as 1: one frame a collection,
+    # or a classifier that refuses every crystal.
+    with pytest.raises(ValueError) as err:
+        _from_xml(**{prop: "True"})
+    assert f"{prop} = True: Value error, expected a number, not True or False" in str(err.value)
+
+
+def test_home_in_a_path_is_expanded_and_a_save_folder_is_no_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = _from_xml(centring_model="~/site.keras", centring_save_directory="~/centrings",
+                       record_directory="~/frames")  # fmt: skip
+    assert config.centring_model == str(tmp_path / "site.keras")
+    assert config.centring_save_directory == str(tmp_path / "centrings")
+    assert config.record_directory == str(tmp_path / "frames")
+    # Only record_directory is filled in at each collection: here a literal "{data_directory}" folder would be made.
+    with pytest.raises(ValueError, match=r"centring_save_directory = '\{data_directory\}/centrings': .*not a template"):
+        _from_xml(centring_save_directory="{data_directory}/centrings")
+
+
+def test_an_empty_master_file_template_is_refused():
+    # It would name the master file "." in every recording, which no labelling could find.
+    with pytest.raises(ValueError, match="master_file_template = '': .*leave the property out for the default"):
+        _from_xml(master_file_template="")
+
+
+def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):
+    # Not at MXCuBE's working directory, which is no fixed place for a service.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = _config_with(tmp_path, "</object>", "<centring_model>models/site.keras</centring_model>"
+                                                 "<centring_save_directory>centrings</centring_save_directory></object>")
+    (config / "models").mkdir()
+    shutil.copy(DEFAULT_REGRESSOR, config / "models" / "site.keras")
+    with hardware_repository(config) as bl:
+        ho = auto_centring(bl)
+        assert ho.centring_error is None
+        assert ho.predictor.regressor_path == config / "models" / "site.keras"
+        assert ho.config.centring_save_directory == str(config / "centrings")
+
+
+def test_a_model_folder_keeps_mxcubes_own_centring_and_names_the_file_in_it(tmp_path, caplog):
+    # `train --out DIR` writes DIR/model.keras: a staff member may well give DIR.
+    folder = tmp_path / "site" / "regressor"
+    folder.mkdir(parents=True)
+    shutil.copy(DEFAULT_REGRESSOR, folder / "model.keras")
+    config = _config_with(tmp_path, "</object>", f"<centring_model>{folder}</centring_model></object>")
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            ho = auto_centring(bl)  # the object loads: recording still works
+            assert ho.recorder is not None
+            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            result = ho.centre(save=False)
+    reason = f"{folder}: a folder, not a model file. Give the model file in it: {folder / 'model.keras'}"
+    assert not result.success and reason in result.message and reason in _logged(caplog)
+
+
+def test_a_check_across_properties_names_them_without_listing_every_property():
+    with pytest.raises(ValueError) as err:
+        _from_xml(username="Staff centring", centring_angles="3", blind_views="2")
+    message = str(err.value)
+    assert "blind_views = 2 with 3 centring angles: at most 1" in message
+    assert "Staff centring" not in message and "(configuration)" not in message

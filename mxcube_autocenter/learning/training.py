@@ -145,6 +145,12 @@ def load_model(path):
     retrain = "Train a model with mxcube_autocenter.learning.training.train (the `train` command)"
     if not os.path.exists(path):
         _refuse(path, "no such model file", "Give the path of a .keras file written by mxcube_autocenter")
+    if os.path.isdir(path):
+        # `train --out DIR` writes DIR/model.keras: the folder is the easy mistake.
+        inside = os.path.join(path, "model.keras")
+        _refuse(path, "a folder, not a model file",
+                f"Give the model file in it: {inside}" if os.path.isfile(inside)
+                else "Give the path of a .keras file written by mxcube_autocenter")  # fmt: skip
     if not zipfile.is_zipfile(path):
         _refuse(path, "the file is not a .keras model (a .keras file is a zip archive)",
                 "Give the path of a .keras file written by mxcube_autocenter")
