@@ -219,6 +219,10 @@ def _dataset_error_inside_tensorflow(err) -> str | None:
 
 
 def _refuse_to_overwrite(args):
+    # A folder is refused before any sample is rendered: --overwrite cannot replace it with the file.
+    if Path(args.out).is_dir():
+        raise IsADirectoryError(f"{args.out or '.'} is a folder: give the file to write, e.g. "
+                                f"{Path(args.out) / 'dataset.h5'}")
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists: choose another name, or pass --overwrite to replace it")
 
@@ -357,6 +361,15 @@ def _demo_samples(run) -> list:
         raise ValueError(f"{path} is not a demo's samples.json ({err}): run the demo again") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "sample" in r for r in rows):
         raise ValueError(f"{path} is not a demo's samples.json (no list of samples): run the demo again")
+    from mxcube_autocenter.scorecard import METHODS, outcome_of
+
+    for row in rows:
+        for method in (m for m in METHODS if m in row):
+            try:
+                outcome_of(row, method)
+            except ValueError as err:
+                # Here, where the file is known: of several runs pooled, the one to run again.
+                raise ValueError(f"{path}: {err}") from None
     return rows
 
 
@@ -449,6 +462,7 @@ def cmd_heatmap(args) -> int:
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
     from mxcube_autocenter.config import AutoCenterConfig
     from mxcube_autocenter.imagefiles import read_rgb, write_png
+    from mxcube_autocenter.outputs import make_directory
 
     try:
         predictor = load_predictor(args.model, args.classifier)
@@ -483,7 +497,7 @@ def cmd_heatmap(args) -> int:
                     out = Path(args.png)
                     try:
                         if len(args.images) > 1:
-                            out.mkdir(parents=True, exist_ok=True)
+                            make_directory(out, "--png")
                             # Images of the same name from other folders (snapshot.png, ...) get one each.
                             name, k = f"{Path(path).stem}_heatmap.png", 1
                             while name in overlay_names:
@@ -534,6 +548,7 @@ def cmd_simulate(args) -> int:
 
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
     from mxcube_autocenter.imagefiles import write_png
+    from mxcube_autocenter.outputs import make_directory
     from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
     from mxcube_autocenter.simulation.gallery import sample_gallery
     from mxcube_autocenter.simulation.render import Renderer
@@ -547,7 +562,7 @@ def cmd_simulate(args) -> int:
             recorder_object = auto_centring(beamline)
         except LookupError as err:
             raise ValueError(str(err)) from None
-        out.mkdir(parents=True, exist_ok=True)  # once the configuration has loaded: a refused run leaves nothing
+        make_directory(out)  # once the configuration has loaded: a refused run leaves nothing
         mounted = beamline.sample_changer.mount(make_sample(args.seed), crystal_id=f"seed{args.seed}")
         sample = mounted.sample
         print(
@@ -565,7 +580,14 @@ def cmd_simulate(args) -> int:
             ("Helical", {"helical": helical_end_points(mounted, rng), "osc_range": 0.1}),
             ("OSC", {"osc_range": 1.0}),
         ]
-        for run, (kind, extra) in enumerate(scans, start=1):
+        # As MXCuBE's queue does, a run number whose files exist is not used again: a second simulate into the same
+        # --out replaced the first one's EIGER files, and its camera recordings were then labelled with the new
+        # collection's counts.
+        first_run = _next_run_number(out / "data", f"sample{args.seed}")
+        if first_run > 1:
+            print(f"{out / 'data'} holds earlier collections of sample {args.seed}: these are runs {first_run} and "
+                  f"{first_run + 1}")
+        for run, (kind, extra) in enumerate(scans, start=first_run):
             beamline.diffractometer.set_value_motors(
                 {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}, timeout=30
             )
@@ -594,6 +616,14 @@ def cmd_simulate(args) -> int:
                 return 1
             print(f"{kind}: camera recording of {summary.frames_kept} frames: {summary.path}")
     return 0
+
+
+def _next_run_number(directory: Path, prefix: str) -> int:
+    """The run number after the highest of the ``<prefix>_<run>_master.h5`` files in ``directory`` (1 if none)."""
+    pattern = re.compile(rf"{re.escape(prefix)}_(\d+)_master\.h5")
+    runs = [int(found.group(1)) for path in directory.glob(f"{prefix}_*_master.h5")
+            if (found := pattern.fullmatch(path.name))]  # fmt: skip
+    return max(runs, default=0) + 1
 
 
 def _model_or_shipped(text: str) -> str:

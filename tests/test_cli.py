@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,14 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     recordings = sorted((tmp_path / "data").rglob("*_camera.h5"))
     assert [p.name for p in recordings] == ["sample16_1_camera.h5", "sample16_2_camera.h5"]
     assert all(read_recording(p).status == "complete" for p in recordings)
+    # A second run into the same --out takes the next run numbers: it replaced the first run's EIGER files,
+    # and the first run's recordings were then labelled with the second collection's counts.
+    masters = {p.name: p.read_bytes() for p in (tmp_path / "data").glob("*_master.h5")}
+    assert main(["simulate", "--seed", "16", "--out", str(tmp_path), "--images", "2"]) == 0
+    assert "these are runs 3 and 4" in capsys.readouterr().out
+    assert all((tmp_path / "data" / name).read_bytes() == content for name, content in masters.items())
+    assert sorted(p.name for p in (tmp_path / "data").glob("*_master.h5")) == [
+        f"sample16_{run}_master.h5" for run in (1, 2, 3, 4)]
     # The usual first mistakes with these files: a recording given as the dataset, a text file as the model.
     assert main(["train", str(recordings[0]), "--out", str(tmp_path / "model")]) == 2
     assert "a camera recording, not a dataset: label it first (`mxcube-autocenter label" in capsys.readouterr().err
@@ -194,3 +203,109 @@ def test_initial_model_shipped_names_the_shipped_regressor():
 
     args = build_parser().parse_args(["train", "set.h5", "--initial-model", "shipped"])
     assert args.initial_model == str(DEFAULT_REGRESSOR)
+
+
+def test_label_refuses_an_out_under_a_file_before_it_counts_any_spots(tmp_path, capsys):
+    # Each recording was spot-found, then failed with "labelling failed (NotADirectoryError ...): please report it".
+    (tmp_path / "a_file").write_text("")
+    assert main(["label", str(tmp_path / "x_camera.h5"), "--out", str(tmp_path / "a_file" / "set.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a_file'} is a file, not a folder: choose another --out" in err
+    assert "please report it" not in err and "Traceback" not in err
+
+
+def test_outputs_that_a_file_stands_in_the_way_of_are_refused_naming_it(tmp_path, capsys):
+    # They ended with a bare "[Errno 17] File exists: '.../a_file'" (or Errno 20), naming no option and no fix;
+    # synthesize --overwrite onto a folder rendered every sample before "[Errno 21] Is a directory".
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    (tmp_path / "folder").mkdir()
+    assert main(["synthesize", str(tmp_path / "folder"), "--samples", "1", "--overwrite"]) == 2
+    assert f"{tmp_path / 'folder'} is a folder: give the file to write" in capsys.readouterr().err
+    assert main(["synthesize", str(blocker / "set.h5"), "--samples", "1", "--crops-per-sample", "1"]) == 2
+    assert f"cannot create the folder {blocker} (it is a file, not a folder): choose another" in capsys.readouterr().err
+    dataset = tmp_path / "set.h5"
+    synthetic_dataset(dataset, n_samples=5, seed=1, crops_per_sample=4, stored_crop_um=240, progress=False)
+    options = ["--epochs", "1", "--input-size", "32", "--crop-um", "120", "--batch-size", "4"]
+    assert main(["train", str(dataset), "--out", str(blocker / "model"), *options]) == 2
+    assert f"({blocker} is a file, not a folder): choose another --out" in capsys.readouterr().err
+    assert main(["sweep", str(dataset), "--out", str(blocker), "--archs", "a1", *options]) == 2
+    assert f"cannot create the folder {blocker}: it is a file: choose another --out" in capsys.readouterr().err
+    regions = tmp_path / "regions.h5"
+    assert main(["synthesize-regions", str(regions), "--samples", "4", "--views-per-sample", "1", "--cells", "3",
+                 "--input-size", "32", "--crop-um", "120"]) == 0  # fmt: skip
+    assert main(["train-dense", str(regions), "--out", str(blocker), "--epochs", "1", "--batch-size", "2"]) == 2
+    assert f"cannot create the folder {blocker} (it is a file, not a folder): choose another --out" in (
+        capsys.readouterr().err)
+    assert main(["simulate", "--out", str(blocker / "simulate"), "--images", "2"]) == 2
+    assert f"({blocker} is a file, not a folder): choose another --out" in capsys.readouterr().err
+    images = [str(p) for p in sorted((Path(__file__).parent / "data" / "real_oav").glob("dls_ins_*.png"))]
+    assert main(["heatmap", *images, "--pixels-per-mm", "1000", "--json", "--png", str(blocker)]) == 1
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["error"] for e in entries] == [f"cannot create the folder {blocker} (it is a file, not a folder): "
+                                             "choose another --png"] * 2
+    assert blocker.read_text() == ""
+
+
+def test_synthesize_with_workers_ends_at_ctrl_c_and_leaves_no_part_file(tmp_path):
+    # The pool waited for the tasks Ctrl-C had ended in its workers: the command hung for ever, each worker
+    # printing a KeyboardInterrupt traceback, and DATASET.h5.part stayed. Nor does it render the samples
+    # still queued (minutes of them) before it ends.
+    import os
+    import re
+    import signal
+    import time
+
+    out, log = tmp_path / "set.h5", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:  # a file, not a pipe: gevent's patched pipes are no place for a reader thread
+        run = subprocess.Popen(
+            [sys.executable, "-m", "mxcube_autocenter.cli", "synthesize", str(out), "--samples", "300",
+             "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        # The workers are rendering: the first samples are in.
+        rendering = re.compile(r"\| +[1-9]\d*/300")
+        while not rendering.search(log.read_text()) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to every process of the terminal's group
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    err = log.read_text()
+    assert run.returncode == 130, err[-2000:]
+    assert "mxcube-autocenter synthesize: interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not Path(f"{out}.part").exists()
+
+
+def test_spot_finding_and_rendering_workers_leave_ctrl_c_to_their_parent():
+    # Each worker printed its own KeyboardInterrupt traceback under the one-line "interrupted".
+    import signal
+
+    from mxcube_autocenter.labelling import pipeline
+    from mxcube_autocenter.learning import synthetic
+
+    for initializer in (pipeline._one_thread_per_worker, synthetic.ignore_interrupts):
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            initializer()
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def test_scorecard_names_the_run_whose_samples_are_damaged(tmp_path, capsys):
+    # Of several runs pooled, the error said only "sample s0 has no complete 'ml' outcome".
+    good, damaged = tmp_path / "good.json", tmp_path / "damaged.json"
+    good.write_text(json.dumps([{"sample": "s1", "has_crystal": True}]))
+    damaged.write_text(json.dumps([{"sample": "s0", "has_crystal": True, "ml": {"dist_um": 3.0}}]))
+    assert main(["scorecard", str(good), str(damaged)]) == 2
+    assert f"error: {damaged}: sample s0 has no complete 'ml' outcome" in capsys.readouterr().err
+    assert main(["compare", str(damaged), str(good)]) == 2
+    assert f"error: {damaged}: sample s0" in capsys.readouterr().err

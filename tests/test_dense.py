@@ -5,6 +5,7 @@ in well under a minute on two cores.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -296,3 +297,32 @@ def test_synthesize_regions_from_the_command_line_with_only_empty_loops_full_of_
     # An empty loop diffracts no more than the liquid's background anywhere, ice balls or not.
     assert table.rc_expected.max() < 1.0 and table.provenance["empty_fraction"] == 1.0
     assert table.provenance["ice_fraction"] == 1.0
+
+
+def test_train_dense_prints_one_line_for_a_damaged_region_not_tensorflows_log_of_it(regions_path, tmp_path):
+    # train_dense imported keras before any module set TF_CPP_MIN_LOG_LEVEL: TensorFlow logged the damaged
+    # row's whole Python traceback (and its start-up lines) to stderr beside the one-line error.
+    import shutil
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(regions_path, damaged)
+    with h5py.File(damaged, "r+") as f:
+        f["regions/image"][1] = np.frombuffer(b"\xff\xd8" + b"\x00" * 100, np.uint8)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a shell starts the command
+    run = subprocess.run([sys.executable, "-m", "mxcube_autocenter.cli", "train-dense", str(damaged), "--out",
+                          str(tmp_path / "model"), "--epochs", "1", "--batch-size", "4"],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"error: {damaged}: row 1: camera frame is not a decodable JPEG image" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_dataset_or_a_recording_given_as_a_region_set_is_named_with_the_command_to_use(tmp_path):
+    # Both said only "not a region set (format None, not 'mxcube_autocenter.regions')".
+    for name, group, command in (("crops.h5", "samples", "train on it with `mxcube-autocenter train`"),
+                                 ("x_camera.h5", "frames", "label it (`mxcube-autocenter label`)")):  # fmt: skip
+        with h5py.File(tmp_path / name, "w") as f:
+            f.attrs["format_version"] = 1
+            f.create_group(group)
+        with pytest.raises(dense.RegionSetError, match=f"{name}: not a region set .*{re.escape(command)}"):
+            dense.read_regions(tmp_path / name)

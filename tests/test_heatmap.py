@@ -493,6 +493,29 @@ def test_heatmap_reads_16_bit_images_of_cameras_with_fewer_bits(tmp_path, capsys
         read_rgb(tmp_path / "no_such.png")
 
 
+def test_a_jpeg_cut_short_is_refused_not_read_with_its_missing_part_grey(tmp_path, capsys):
+    # libjpeg decodes what there is and fills the rest grey, warning only on stderr: heatmap found a loop
+    # and a crystal in half a camera image, with exit status 0.
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+    from mxcube_autocenter.imagefiles import read_rgb
+
+    whole, cut = tmp_path / "snapshot.jpg", tmp_path / "cut.jpg"
+    frame = frame_of(1)
+    assert cv2.imwrite(str(whole), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert read_rgb(whole).shape == frame.shape
+    with pytest.raises(OSError, match="cut.jpg: the JPEG file ends before its image does"):
+        read_rgb(cut)
+    status = main(["heatmap", str(whole), str(cut), "--pixels-per-mm", str(PPMM[0]), "--json"])
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 1 and entries[0]["loop"] is not None and "error" not in entries[0]
+    assert entries[1]["loop"] is None and "ends before its image does" in entries[1]["error"]
+
+
 def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):
     import json
 

@@ -767,6 +767,20 @@ def test_a_write_that_fails_in_hdf5_itself_is_a_dataset_error_and_loses_nothing(
     assert label_recordings([collections[1].recording], out, progress=False).n_labelled == 1
 
 
+def test_a_set_under_a_file_is_refused_before_labelling_naming_the_file(collections, tmp_path):
+    # Each recording's spots were counted, then it failed with "labelling failed (NotADirectoryError: ...
+    # set.h5.tmp): please report it": removing the temporary file that could not be made failed too.
+    from mxcube_autocenter.labelling import dataset
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(DatasetError, match="a_file is a file, not a folder: choose another --out"):
+        label_recordings([collections[0].recording], blocker / "set.h5", progress=False)
+    with pytest.raises(DatasetError, match=r"set\.h5: cannot create the training set .*File exists"):
+        dataset._create_if_missing(blocker / "set.h5")
+    assert blocker.read_text() == ""
+
+
 def test_a_histogram_that_cannot_be_written_costs_only_the_figure(collections, tmp_path, caplog):
     out = tmp_path / "dataset.h5"
     (tmp_path / "dataset_rc_histogram.png").mkdir()  # in the figure's way, as a full disk or a read-only file would be

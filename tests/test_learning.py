@@ -1037,3 +1037,73 @@ def test_a_report_on_crystals_the_model_was_trained_on_says_so(trained, dataset_
     assert f"- **{seen} of these {metrics['n']} crops are of crystals the model was trained on**" in text
     evaluate(trained.model_path, dataset_path, str(tmp_path / "test"), gallery=0)
     assert "trained on**" not in (tmp_path / "test" / "report.md").read_text()
+
+
+def test_a_sweep_on_a_file_that_is_no_dataset_stops_at_once_with_one_error(tmp_path, monkeypatch, caplog):
+    # Every combination failed on the dataset in turn, each logging its traceback (30 with the default
+    # names) before the error; an --out under a file came out as a bare "[Errno 20] Not a directory".
+    from mxcube_autocenter import cli
+    from mxcube_autocenter.labelling.dataset import DatasetError
+    from mxcube_autocenter.learning import evaluate as ev
+
+    calls = []
+
+    def train(dataset_path, arch, transform, out, **kwargs):
+        calls.append((arch, transform))
+        raise DatasetError(f"{dataset_path}: a camera recording, not a dataset: label it first")
+
+    monkeypatch.setattr(ev, "train", train)
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(DatasetError, match="a camera recording"):
+            ev.sweep("x_camera.h5", str(tmp_path / "s"), archs=("a1", "a2"), transforms=("vanilla", "log"))
+    assert calls == [("a1", "vanilla")] and not caplog.records and not (tmp_path / "s").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError, match="a_file is a file, not a folder: choose another --out"):
+        ev.sweep("set.h5", str(tmp_path / "a_file" / "s"), archs=("a1",))
+    assert calls == [("a1", "vanilla")]
+    assert cli.main(["sweep", "x_camera.h5", "--out", str(tmp_path / "s"), "--archs", "a1"]) == 2
+
+
+def test_a_model_save_cut_short_leaves_the_last_runs_model_whole(tmp_path, monkeypatch):
+    # Keras writes model.keras in place: a full disk or Ctrl-C during the save emptied the last run's model.
+    import keras
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.training import save_model
+
+    (tmp_path / "model.keras").write_bytes(b"the last run's model")
+    (tmp_path / "info.json").write_text("the last run's metadata")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+
+    def save_until_the_disk_is_full(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.Model, "save", save_until_the_disk_is_full)
+        with pytest.raises(OSError, match="No space left"):
+            save_model(model, {"task": "regression"}, str(tmp_path), str(tmp_path), tf.distribute.get_strategy())
+    assert (tmp_path / "model.keras").read_bytes() == b"the last run's model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["info.json", "model.keras"]
+    final, path = save_model(model, {"task": "regression"}, str(tmp_path), str(tmp_path), tf.distribute.get_strategy())
+    assert path == str(tmp_path / "model.keras") and keras.saving.load_model(path).count_params() == 5
+    assert json.loads((tmp_path / "info.json").read_text()) == {"task": "regression"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["info.json", "model.keras"]
+
+
+def test_a_region_set_or_an_eiger_file_given_as_a_dataset_is_named_with_the_command_to_use(tmp_path):
+    # A region set said only "no group '/samples' (nor the labelling code's '/rows' ...)", an EIGER master
+    # file "no root attribute 'format_version'".
+    from mxcube_autocenter.labelling.dataset import DatasetError, read_table
+
+    with h5py.File(tmp_path / "regions.h5", "w") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["format"] = "mxcube_autocenter.regions"
+        f.create_group("regions")
+    with h5py.File(tmp_path / "x_master.h5", "w") as f:
+        f.create_group("entry")
+    with pytest.raises(DatasetError, match="regions.h5: a region set .* with `mxcube-autocenter train-dense`"):
+        read_table(tmp_path / "regions.h5")
+    with pytest.raises(DatasetError, match="x_master.h5: an EIGER .* label the collection's camera recordings"):
+        read_table(tmp_path / "x_master.h5")

@@ -474,13 +474,23 @@ def _create_if_missing(path: Path) -> None:
                 recordings.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,), dtype=dtype)
         os.replace(temporary, path)
     except _WRITE_ERRORS as err:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise DatasetError(
             f"{path}: cannot create the training set ({err}): check the directory is writable and has free space"
         ) from err
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove what a failed write left; a removal that fails too must not hide why the write failed."""
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # nothing was written (its folder could not be made)
+    except OSError as err:
+        log.warning("%s: not removed (%s)", path, err)
 
 
 def _write_failed(path: Path, err: Exception) -> DatasetError:
@@ -724,6 +734,13 @@ def read_table(path) -> Table:
     except OSError as err:
         raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
     with f:
+        # The other files of this workflow, by what they hold: say which it is and where it goes.
+        if "regions" in f:
+            raise DatasetError(f"{path}: a region set (synthesize-regions), not a dataset of crops: train on it with "
+                               "`mxcube-autocenter train-dense`, or give a dataset (label, synthesize)")
+        if "entry" in f and "frames" not in f:
+            raise DatasetError(f"{path}: an EIGER (NeXus) file, not a dataset: label the collection's camera "
+                               "recordings (`mxcube-autocenter label RECORDING... --out DATASET`) and give the dataset")
         version = f.attrs.get("format_version")
         if version is None:
             raise DatasetError(f"{path}: no root attribute 'format_version': not a mxcube_autocenter dataset")

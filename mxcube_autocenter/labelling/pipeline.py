@@ -19,6 +19,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,6 +48,7 @@ from mxcube_autocenter.labelling.matching import (
 )
 from mxcube_autocenter.labelling.spotfinder import SpotFinderParams, count_reflections
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
+from mxcube_autocenter.outputs import check_creatable
 from mxcube_autocenter.recording import RecordingError, read_recording
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,9 @@ def _close_series():
 def _one_thread_per_worker():
     # The workers are the parallelism: OpenCV threads in each would oversubscribe the cores.
     cv2.setNumThreads(1)
+    # Ctrl-C reaches every process of the terminal: the parent stops the labelling, and each worker's
+    # KeyboardInterrupt traceback would only bury its one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _usable_processes(nproc: int) -> int:
@@ -340,13 +345,20 @@ def label_recordings(
         If ``spots_from`` cannot be read or does not say which rows belong
         to which of several recordings.
     DatasetError
-        If ``out`` exists but is not a readable training set.
+        If ``out`` exists but is not a readable training set, or a file
+        stands where it or its folder should be.
     """
     started = time.perf_counter()
     recordings = [Path(r) for r in recordings]
     out = Path(out)
     if out.exists():
         check_appendable(out)
+    else:
+        try:
+            # Now, not after every recording's spots are counted, each then failing on the same path.
+            check_creatable(out)
+        except OSError as err:
+            raise DatasetError(str(err)) from None
     spot_counts = None if spots_from is None else read_spot_counts(spots_from)
     if spot_counts is not None and spot_counts.master_files is None and len(recordings) > 1:
         raise LabellingError(

@@ -45,11 +45,15 @@ from __future__ import annotations
 import json
 import os
 
-import h5py
-import numpy as np
+# As in the other learning modules: train_dense imports keras itself, before any of them is loaded, and without
+# this TensorFlow's own log printed the traceback of a damaged row beside the one-line error.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from mxcube_autocenter.learning import crops
-from mxcube_autocenter.learning.synthetic import (
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxcube_autocenter.learning import crops  # noqa: E402
+from mxcube_autocenter.learning.synthetic import (  # noqa: E402
     JPEG,
     TEXT,
     ZOOM_PX_PER_UM,
@@ -61,7 +65,8 @@ from mxcube_autocenter.learning.synthetic import (
     virtual_sample,
     write_per_sample,
 )
-from mxcube_autocenter.recording import encode_jpeg
+from mxcube_autocenter.outputs import make_directory  # noqa: E402
+from mxcube_autocenter.recording import encode_jpeg  # noqa: E402
 
 REGIONS_FORMAT = "mxcube_autocenter.regions"
 REGIONS_FORMAT_VERSION = 1
@@ -288,8 +293,13 @@ def read_regions(path) -> RegionTable:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             if attrs.get("format") != REGIONS_FORMAT:
-                raise RegionSetError(f"{path}: not a region set (format {attrs.get('format')!r}, "
-                                     f"not {REGIONS_FORMAT!r}). {fix}")
+                # The other files of this workflow, by what they hold: say which it is and where it goes.
+                kind = ("a dataset of crops: train on it with `mxcube-autocenter train`, or give a region set"
+                        if "samples" in f or "rows" in f else
+                        "a camera recording: label it (`mxcube-autocenter label`) and train on the dataset with "
+                        "`mxcube-autocenter train`, or give a region set" if "frames" in f else
+                        f"format {attrs.get('format')!r}, not {REGIONS_FORMAT!r}")  # fmt: skip
+                raise RegionSetError(f"{path}: not a region set ({kind}). {fix}")
             if int(attrs.get("format_version", -1)) != REGIONS_FORMAT_VERSION:
                 raise RegionSetError(f"{path}: region set format_version {attrs.get('format_version')!r}; this "
                                      f"version reads {REGIONS_FORMAT_VERSION}. {fix}")
@@ -537,7 +547,7 @@ def train_dense(
                               seed=seed, augment=augment, batch_size=train_batch, **common).map(with_flags)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
                             shuffle=False, batch_size=val_batch, **common).map(with_flags)
-    os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
+    make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
         region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose,

@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter.labelling.dataset import RowReader, read_table  # noqa: E402
+from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
@@ -50,6 +50,7 @@ from mxcube_autocenter.learning.training import (  # noqa: E402
     train,
 )
 from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
+from mxcube_autocenter.outputs import check_creatable  # noqa: E402
 from mxcube_autocenter.scorecard import format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -504,6 +505,13 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
         ``{arch: {transform: test metrics}}``; a combination whose training
         failed has ``{"error": message}`` instead, and the others are still
         trained and reported (every one failing raises the first error).
+
+    Raises
+    ------
+    ValueError
+        A wrong name; a DatasetError (the dataset cannot be read) at once.
+    OSError
+        If a file stands where ``out_dir`` or a folder above it should be.
     """
     from tqdm import tqdm
 
@@ -519,6 +527,7 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
             raise ValueError(f"unknown label transform {name!r}: choose from {TRANSFORMS}")
     if not archs or not transforms:
         raise ValueError("a sweep needs at least one architecture and one transform")
+    check_creatable(out_dir, folder=True)
     table = {}  # out_dir is made by the first training, once it has checked the dataset
     combos = [(a, t) for a in archs for t in transforms]
     split = None
@@ -526,6 +535,9 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
     for arch, name in tqdm(combos, desc="sweep", unit="model"):
         try:
             result = train(dataset_path, arch, name, os.path.join(out_dir, f"{arch}-{name}"), **train_kwargs)
+        except DatasetError:
+            # The dataset is every combination's: each would fail on it in turn, each with its traceback.
+            raise
         except Exception as err:  # noqa: BLE001 - one combination failing (memory, a diverging fit) spares the others
             log.error("sweep: %s-%s failed", arch, name, exc_info=True)
             first_line = (str(err).strip().splitlines() or [""])[0]  # a table cell's note: the traceback is logged

@@ -47,6 +47,7 @@ from mxcube_autocenter import __version__
 from mxcube_autocenter.geometry import centred_motors, sample_to_screen
 from mxcube_autocenter.centring.loop import loop_roi
 from mxcube_autocenter.learning import crops
+from mxcube_autocenter.outputs import make_directory
 from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Renderer, random_look
@@ -238,7 +239,7 @@ def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict,
     ``path.part`` and renamed when complete, so ``path`` is whole or absent.
     Returns the number of rows.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_directory(os.path.dirname(os.path.abspath(path)), "output path")
     tmp = f"{path}.part"
     n = 0
     try:
@@ -272,7 +273,8 @@ def per_sample(worker, jobs, workers: int = 1, progress: bool = True):
     if workers > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(workers)
+        with _interrupts_ignored():  # inherited by the workers: a Ctrl-C while they start up is the parent's too
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=ignore_interrupts)
         results = pool.imap(worker, jobs)
     else:
         results = map(worker, jobs)
@@ -282,10 +284,42 @@ def per_sample(worker, jobs, workers: int = 1, progress: bool = True):
         results = tqdm(results, total=len(jobs), desc="virtual samples", unit="sample")
     try:
         yield results
+    except BaseException:
+        # Ctrl-C or an error: the samples still queued are not wanted, and waiting for them to be rendered
+        # (close, join) hung for ever once Ctrl-C had also ended the tasks the workers were running.
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """Ctrl-C ignored meanwhile (from the main thread, the only one that may set signal handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ignore_interrupts():
+    """A worker process's initializer: Ctrl-C, sent to every process of the terminal, is the parent's to handle.
+
+    Each worker would otherwise end its task with a KeyboardInterrupt traceback of its own.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def synthetic_dataset(

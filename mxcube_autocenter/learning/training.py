@@ -58,6 +58,7 @@ from mxcube_autocenter.labelling.dataset import Table, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
+from mxcube_autocenter.outputs import make_directory  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -446,7 +447,7 @@ def _fit(
     val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, batch_size=val_batch,
                           **common)
 
-    os.makedirs(out, exist_ok=True)  # only once the inputs and the network are checked: a refused run leaves nothing
+    make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
     hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
         model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
@@ -623,14 +624,33 @@ def model_info(task, model, *, spec, arch, label, data, split, training, metrics
 
 
 def save_model(model, info, work, out, strategy):
-    """Write ``work/model.keras`` with ``info`` attached (and ``out/info.json`` on the chief); ``(model, path)``."""
+    """Write ``work/model.keras`` with ``info`` attached (and ``out/info.json`` on the chief); ``(model, path)``.
+
+    Each file is written under a temporary name and renamed: a save cut short
+    (Ctrl-C, a full disk) leaves an earlier run's model in ``out`` whole,
+    where Keras, writing in place, had already emptied it.
+    """
     final = attach_info(model, info)
     model_path = os.path.join(work, "model.keras")
-    final.save(model_path)
+    _write_whole(model_path, final.save, partial=os.path.join(work, "model.part.keras"))  # Keras wants .keras
     if _is_chief(strategy):
-        with open(os.path.join(out, "info.json"), "w") as f:
-            json.dump(info, f, indent=2, default=json_default)
+        def dump(path):
+            with open(path, "w") as f:
+                json.dump(info, f, indent=2, default=json_default)
+
+        _write_whole(os.path.join(out, "info.json"), dump)
     return final, model_path
+
+
+def _write_whole(path, write, partial=None):
+    """``write(partial)``, then rename ``partial`` (default ``<path>.part``) to ``path``; nothing left on failure."""
+    partial = partial or f"{path}.part"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 # Logit per unit of an fcn regressor's transformed output (a z-score) when a classifier starts from it. With the

@@ -1,0 +1,82 @@
+"""Output folders of the commands: made, or refused naming the path, what is in the way and the fix.
+
+``os.makedirs`` under a file says only ``[Errno 17] File exists: 'a'`` or
+``[Errno 20] Not a directory: 'a/b'``: neither names the option nor says
+that a file stands where a folder is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_directory(path, option: str = "--out") -> Path:
+    """Create a folder for a command's output (and its parents) if missing.
+
+    Parameters
+    ----------
+    path : path
+    option : str
+        How the user gave it (``--out``, ``--png``), for the message.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    OSError
+        If it cannot be created (a file in the way, no permission, a full
+        disk), naming the path, the reason and ``option``.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the folder {path} ({_reason(path, err)}): choose another {option}") from err
+    return path
+
+
+def check_creatable(path, option: str = "--out", *, folder: bool = False) -> None:
+    """Raise OSError if ``path``, a file or folder still to be written, cannot be made there.
+
+    Nothing is created: for commands that write only once their work is done,
+    and must not leave an empty folder behind when they are refused.
+
+    Parameters
+    ----------
+    path : path
+    option : str
+        How the user gave it, for the message.
+    folder : bool
+        ``path`` is to be a folder: an existing file of that name is refused too.
+
+    Raises
+    ------
+    OSError
+        If a file stands where ``path`` or a folder above it should be
+        (permissions and space are the writer's to report).
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OSError(f"cannot create the folder {path}: it is a file: choose another {option}")
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+        raise OSError(f"cannot create {path}: {blocking} is a file, not a folder: choose another {option}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of ``path``'s parents that exists but is not a folder, or None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _reason(path: Path, err: OSError) -> str:
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a folder"
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    return err.strerror or str(err)
