@@ -28,10 +28,11 @@ class Roi:
 def find_loop(rgb, pin_side: str = "left"):
     """The loop tip on a camera frame, found by lucid3.
 
-    lucid3 assumes the pin enters from the left and rejects detections in the
-    left fifth of the image; for a pin on the right the image is mirrored
-    first and the result mirrored back. lucid3 thresholds at fixed grey
-    levels, so a dark frame is brightened for it first (:func:`_for_lucid`).
+    lucid3 assumes the pin enters from the left and rejects a tip in the left
+    fifth of the image's top and bottom fifths; for a pin on the right the
+    image is mirrored first and the result mirrored back. lucid3 thresholds
+    at fixed grey levels, so a dark frame is brightened for it first
+    (:func:`_for_lucid`).
 
     Parameters
     ----------
