@@ -152,7 +152,8 @@ def cmd_label(args) -> int:
 
     try:
         summary = label_recordings(
-            args.recordings, args.out, spots_from=args.spots_from, nproc=args.nproc, clock_offset=args.clock_offset
+            args.recordings, args.out, spots_from=args.spots_from, nproc=args.nproc, clock_offset=args.clock_offset,
+            max_clock_offset=args.max_clock_offset,
         )
     except (DatasetError, LabellingError, SpotsFileError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -694,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--spots-from", help="per-image spot counts (CSV/JSON from DIALS, dozor, ...) instead of our spot finder")
     label.add_argument("--nproc", type=COUNT, default=1, help="processes for spot finding, at most the cores (default: %(default)s)")
     label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
+    # pipeline.MAX_CLOCK_OFFSET_S (not imported here: the parser loads no HDF5 or OpenCV).
+    label.add_argument("--max-clock-offset", type=POSITIVE, default=60.0,
+                       help="largest estimated clock offset, s: a larger one means another collection's master file "
+                            "(default: %(default)s)")
     label.set_defaults(func=cmd_label)
 
     # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).

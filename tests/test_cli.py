@@ -21,6 +21,7 @@ from mxcube_autocenter.cli import main
         (["synthesize", "x.h5", "--line-fraction", "2"], "--line-fraction: '2': expected a finite number from 0 to 1"),
         (["synthesize", "x.h5", "--samples", "1.5"], "--samples: '1.5': expected a whole number"),
         (["label", "x.h5", "--out", "y.h5", "--nproc", "0"], "--nproc: '0'"),
+        (["label", "x.h5", "--out", "y.h5", "--max-clock-offset", "0"], "--max-clock-offset: '0'"),
         (["simulate", "--images", "0"], "--images: '0'"),
         (["web", "--port", "70000"], "--port: '70000': expected a whole number from 1 to 65535"),
         (["bench", "--only", "renderr"], "invalid choice: 'renderr'"),

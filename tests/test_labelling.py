@@ -14,6 +14,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 
+from mxcube_autocenter.cli import build_parser, main
 from mxcube_autocenter.geometry import centred_motors
 from mxcube_autocenter.labelling.dataset import (
     DatasetError,
@@ -29,7 +30,9 @@ from mxcube_autocenter.labelling.matching import (
     match_frames,
     regular_windows,
 )
+from mxcube_autocenter.labelling import pipeline
 from mxcube_autocenter.labelling.pipeline import STILL_WRITTEN_S, format_summary, label_recordings
+from mxcube_autocenter.labelling.spotfinder import count_reflections
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
 from mxcube_autocenter.recording import FrameStore, encode_jpeg, read_recording
 from mxcube_autocenter.simulation.collection import ScanPlan
@@ -551,6 +554,51 @@ def test_an_aborted_collection_is_labelled_up_to_its_last_written_frame(tmp_path
     dataset = read_table(out)
     assert dataset.detector_frame.max() == 24 and entry.matching["n_after"] > 0
     assert dataset.recordings[0]["declared_detector_frames"] == N_IMAGES
+
+
+def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_path, monkeypatch):
+    # A later collection with the same prefix and run number overwrote the files the recording names. Same
+    # scan: the offset estimated from the motion puts its frames on the recording's, 1000 s off.
+    recorded = simulate_collection(tmp_path / "first", "xtal", 26, fps=12.0)
+    later = simulate_collection(tmp_path / "later", "xtal", 27, fps=12.0)
+    for source, target in zip((later.master, *later.data_files), (recorded.master, *recorded.data_files)):
+        shutil.copy(source, target)
+    counted = []
+    monkeypatch.setattr(pipeline, "count_spots", lambda master, *args, **kwargs: counted.append(master) or later.counts)
+    out = tmp_path / "dataset.h5"
+    entry = label_recordings([recorded.recording], out, progress=False).recordings[0]
+    assert entry.status == "error" and not counted and not out.exists()
+    assert entry.message.startswith(f"{recorded.master}: not the collection of {recorded.recording}")
+    assert "clock +1000.1 s off the camera's (estimated from the goniometer's motion" in entry.message
+    assert "raise max_clock_offset (--max-clock-offset, s) or give clock_offset (--clock-offset" in entry.message
+    # Clocks that far apart: an offset given is taken as it is, and a larger limit lets the estimate through.
+    entry = label_recordings([recorded.recording], out, clock_offset=1000.12, progress=False).recordings[0]
+    assert entry.status == "labelled" and counted == [recorded.master]
+    assert build_parser().parse_args(["label", "x.h5", "--out", "y.h5"]).max_clock_offset == pipeline.MAX_CLOCK_OFFSET_S
+    raised = tmp_path / "raised.h5"
+    assert main(["label", str(recorded.recording), "--out", str(raised), "--max-clock-offset", "1200"]) == 0
+    assert read_table(raised).recordings[0]["matching"]["clock_offset_s"] == pytest.approx(1000.12, abs=0.01)
+
+
+def test_only_the_detector_frames_matched_to_a_camera_frame_are_counted(tmp_path, monkeypatch):
+    # A camera of 5 frames/s against a detector of 20: three in four detector frames label nothing.
+    slow = simulate_collection(tmp_path, "slow", 28, fps=5.0)
+    counted = []
+
+    def counting(frame, *args, **kwargs):
+        counted.append(1)
+        return count_reflections(frame, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "count_reflections", counting)
+    summary = label_recordings([slow.recording], tmp_path / "dataset.h5", progress=False)
+    entry = summary.recordings[0]
+    assert entry.status == "labelled", entry.message
+    dataset = read_table(tmp_path / "dataset.h5")
+    check_labels(dataset, slow, entry.scan_id)
+    assert len(counted) == entry.frames_matched == np.unique(dataset.detector_frame).size <= 12
+    assert entry.n_unlabelled == 0
+    text = format_summary(summary)
+    assert f"40 detector frames, {entry.frames_matched} with a camera frame: reflections counted" in text
 
 
 def test_corrupt_camera_images_cost_their_own_rows_only(collections, tmp_path):

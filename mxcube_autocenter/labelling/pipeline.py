@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -59,6 +60,10 @@ DEFAULT_TOLERANCE_S = 0.005
 # A recording still marked "recording" and changed more recently than this is taken to be still written
 # (a writer flushes every 2 s); an older one is what a killed writer left, labelled up to its last flush.
 STILL_WRITTEN_S = 60.0
+# Largest estimated detector-minus-camera clock offset taken as such, s. Hosts kept by NTP agree to milliseconds;
+# an estimate of minutes means the master file is another collection's (a later run that reused the prefix and
+# run number, another sample's file of the same name): its counts would label the recording unnoticed.
+MAX_CLOCK_OFFSET_S = 60.0
 # DIALS' defaults, but spots on the ice rings are left out: the count labels
 # what a crystal diffracts, and ice counted as crystal would teach a model to
 # centre on ice.
@@ -90,6 +95,9 @@ class RecordingLabels:
         Rows added to the set.
     detector_frames : int
         Frames in the collection.
+    frames_matched : int
+        Detector frames a camera frame was matched to: the only ones whose
+        reflections are counted.
     matching : dict
         ``MatchResult.stats()``: camera frames matched and dropped, clock
         offset and how it was found, timing residuals; empty when not matched.
@@ -107,6 +115,7 @@ class RecordingLabels:
     scan_id: str | None = None
     rows: int = 0
     detector_frames: int = 0
+    frames_matched: int = 0
     matching: dict = field(default_factory=dict)
     n_unlabelled: int = 0
     n_unreadable: int = 0
@@ -158,13 +167,13 @@ class LabelSummary:
         return sum(entry.rows for entry in self.recordings)
 
 
-def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, executor: Executor | None = None,
-                progress: bool = False) -> np.ndarray:  # fmt: skip
-    """Reflection count of every frame of an EIGER collection, with the spot finder.
+def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, frames=None,
+                executor: Executor | None = None, progress: bool = False) -> np.ndarray:  # fmt: skip
+    """Reflection counts of the frames of an EIGER collection, with the spot finder.
 
-    Frames are read one at a time, in tasks of up to 16 consecutive frames;
-    with an executor, the tasks run in its worker processes, each of which
-    keeps the collection open from one task to the next.
+    Frames are read one at a time, in tasks of up to 16 frames; with an
+    executor, the tasks run in its worker processes, each of which keeps the
+    collection open from one task to the next.
 
     Parameters
     ----------
@@ -172,6 +181,11 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         ``<prefix>_master.h5``.
     params : SpotFinderParams
         Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
+    frames : array_like of int, optional
+        0-based frames to count, in any order, repeats allowed; default all.
+        Labelling counts only the frames a camera frame was matched to: a
+        camera of 25 frames/s against a detector of 100 leaves three in four
+        frames unused.
     executor : concurrent.futures.Executor, optional
         Runs the tasks (``ProcessPoolExecutor``); default: this process.
     progress : bool
@@ -180,23 +194,30 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     Returns
     -------
     ndarray of float, shape (nimages,)
+        NaN for the frames not counted.
 
     Raises
     ------
     EigerFileError
         If the master file, a data file or a frame cannot be read.
+    IndexError
+        If a frame lies outside the collection.
     """
     with open_master(master_file) as series:
         n = series.nimages
-    size = max(1, min(_MAX_FRAMES_PER_TASK, math.ceil(n / _MIN_TASKS)))
-    tasks = [range(start, min(start + size, n)) for start in range(0, n, size)]
+    wanted = np.arange(n) if frames is None else np.unique(np.asarray(frames, dtype=np.int64))
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
+        raise IndexError(f"frames {wanted[0]} to {wanted[-1]} asked for, outside 0..{n - 1} of {master_file}")
+    size = max(1, min(_MAX_FRAMES_PER_TASK, math.ceil(wanted.size / _MIN_TASKS)))
+    tasks = [wanted[start : start + size].tolist() for start in range(0, wanted.size, size)]
     count = partial(_count_frames, str(master_file), params)
     results = map(count, tasks) if executor is None else executor.map(count, tasks)
-    counts = np.zeros(n)
+    counts = np.full(n, np.nan)
     try:
-        with tqdm(total=n, desc=Path(master_file).name, unit="frame", leave=False, disable=not progress) as bar:
+        with tqdm(total=wanted.size, desc=Path(master_file).name, unit="frame", leave=False,
+                  disable=not progress) as bar:  # fmt: skip
             for task, task_counts in zip(tasks, results):
-                counts[task.start : task.stop] = task_counts
+                counts[task] = task_counts
                 bar.update(len(task))
     finally:
         if executor is None:
@@ -210,7 +231,7 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
 _open_series = {}
 
 
-def _count_frames(master_file: str, params: SpotFinderParams, frames: range) -> list:
+def _count_frames(master_file: str, params: SpotFinderParams, frames: list) -> list:
     if master_file not in _open_series:
         _close_series()
         _open_series[master_file] = open_master(master_file)
@@ -293,6 +314,7 @@ def label_recordings(
     nproc: int = 1,
     params: SpotFinderParams = DEFAULT_SPOT_FINDER,
     clock_offset: float | None = None,
+    max_clock_offset: float = MAX_CLOCK_OFFSET_S,
     tolerance: float = DEFAULT_TOLERANCE_S,
     camera_latency: float = DEFAULT_CAMERA_LATENCY_S,
     regularise: bool = True,
@@ -321,6 +343,10 @@ def label_recordings(
     clock_offset : float, optional
         Detector clock minus camera clock, s; estimated per recording from
         the motion (``matching.estimate_clock_offset``) by default.
+    max_clock_offset : float
+        Largest estimated offset, s: a recording whose estimate is larger is
+        an error (its master file is taken for another collection's) and its
+        reflections are not counted. Not applied to a given ``clock_offset``.
     tolerance : float
         Largest distance outside an exposure window for a match, s.
     camera_latency : float
@@ -365,7 +391,8 @@ def label_recordings(
             f"{spot_counts.path}: no master_file column, so its counts fit one collection, not {len(recordings)}: "
             "add a master_file column naming each row's master file, or label one recording at a time"
         )
-    options = dict(spot_counts=spot_counts, params=params, clock_offset=clock_offset, tolerance=tolerance,
+    options = dict(spot_counts=spot_counts, params=params, clock_offset=clock_offset,
+                   max_clock_offset=max_clock_offset, tolerance=tolerance,
                    camera_latency=camera_latency, regularise=regularise, stored_crop_um=stored_crop_um)  # fmt: skip
     nproc = _usable_processes(nproc) if spot_counts is None else 1
     executor = _executor(nproc) if nproc > 1 else None
@@ -401,8 +428,8 @@ def label_recordings(
     return LabelSummary(out, entries, histogram, rc_statistics(rc), time.perf_counter() - started)
 
 
-def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offset, tolerance, camera_latency,
-               regularise, stored_crop_um) -> RecordingLabels:  # fmt: skip
+def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offset, max_clock_offset, tolerance,
+               camera_latency, regularise, stored_crop_um) -> RecordingLabels:  # fmt: skip
     started = time.perf_counter()
     try:
         recording = read_recording(path)
@@ -426,20 +453,16 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         master = find_master_file(recording)
         with open_master(master) as series:
             nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
-        spot_started = time.perf_counter()
-        if spot_counts is None:
-            counts = count_spots(master, params, executor=executor, progress=progress)
-            source = {"label_source": "spot finder", "spot_finder": asdict(params)}
-        else:
-            counts = spot_counts.for_collection(nimages, master)
-            source = {"label_source": str(spot_counts.path.resolve()), "spots_column": spot_counts.column}
-        spot_finding_s = time.perf_counter() - spot_started
+            detector_start = series.start_time
         fitted = regular_windows(windows) if regularise else None
         if fitted is not None and fitted.regular:
             windows = fitted.windows
+        # Matched before the reflections are counted: a recording paired with the wrong collection fails in
+        # a second, not after an hour of spot finding.
         offset = clock_offset
         if offset is None:
             offset = _estimate_offset(recording, windows)
+            _check_same_collection(recording, master, offset, detector_start, max_clock_offset)
         match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
         if match.n_matched == 0:
             raise LabellingError(
@@ -447,6 +470,15 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
                 f"{float(offset):+.3f} s, {match.offset_method}): the recording does not cover this collection; "
                 "if it does, give clock_offset"
             )
+        spot_started = time.perf_counter()
+        if spot_counts is None:
+            counts = count_spots(master, params, frames=match.detector_frame[match.detector_frame >= 0],
+                                 executor=executor, progress=progress)  # fmt: skip
+            source = {"label_source": "spot finder", "spot_finder": asdict(params)}
+        else:
+            counts = spot_counts.for_collection(nimages, master)
+            source = {"label_source": str(spot_counts.path.resolve()), "spots_column": spot_counts.column}
+        spot_finding_s = time.perf_counter() - spot_started
         provenance = {
             "master_file": str(master.resolve()),
             "detector_frames": nimages,
@@ -478,6 +510,7 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         scan_id=appended.scan_id,
         rows=appended.rows,
         detector_frames=nimages,
+        frames_matched=int(np.unique(match.detector_frame[match.detector_frame >= 0]).size),
         matching=match.stats(),
         n_unlabelled=appended.n_unlabelled,
         n_unreadable=appended.n_unreadable,
@@ -500,6 +533,49 @@ def _estimate_offset(recording, windows):
         )  # fmt: skip
     except ValueError as err:
         raise LabellingError(f"{recording.path}: {err}; give clock_offset") from err
+
+
+def _check_same_collection(recording, master: Path, offset, detector_start: float, limit: float) -> None:
+    """Refuse a master file whose collection the estimated clock offset says is not the recording's.
+
+    The offset is estimated so that the detector frames fall on the camera
+    frames, whichever collection they come from: only its size tells
+    another collection's master file (minutes or days away) from this one's.
+
+    Parameters
+    ----------
+    recording : Recording
+    master : Path
+        The master file found for it.
+    offset : ClockOffset
+        Estimated detector clock minus camera clock, s.
+    detector_start : float
+        The master file's collection start, unix s (detector clock).
+    limit : float
+        Largest offset taken as such, s.
+
+    Raises
+    ------
+    LabellingError
+        If the offset exceeds ``limit``.
+    """
+    if abs(float(offset)) <= limit:
+        return
+    started = recording.metadata.get("collection_start", recording.timestamps[0])
+    source = "the goniometer's motion" if offset.method == "omega" else "the first exposure"
+    raise LabellingError(
+        f"{master}: not the collection of {recording.path}: its frames fall on the recording's only with the "
+        f"detector's clock {float(offset):+.1f} s off the camera's (estimated from {source}; more than "
+        f"{limit:g} s); its collection started {_local_time(detector_start)}, the recording's "
+        f"{_local_time(float(started))}. Another collection took the file's name (a later run with the same prefix "
+        "and run number, another sample's file copied here): label the recording with its own collection's master "
+        "file; if the two clocks really differ that much, raise max_clock_offset (--max-clock-offset, s) or give "
+        "clock_offset (--clock-offset, detector minus camera, s)"
+    )
+
+
+def _local_time(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time).isoformat(sep=" ", timespec="seconds")
 
 
 def rc_statistics(rc) -> dict:
@@ -589,8 +665,8 @@ def format_summary(summary: LabelSummary) -> str:
             offset += f"; {m['offset_note']}"
         lines.append(offset + ")")
         lines.append(
-            f"    {entry.detector_frames} detector frames, reflections counted in {entry.spot_finding_s:.1f} s, "
-            f"{entry.total_s:.1f} s in all"
+            f"    {entry.detector_frames} detector frames, {entry.frames_matched} with a camera frame: reflections "
+            f"counted in {entry.spot_finding_s:.1f} s, {entry.total_s:.1f} s in all"
         )
     rc = summary.rc_stats
     if rc["n_rows"]:
