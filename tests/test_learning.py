@@ -492,11 +492,21 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     attach_info(A.build("fcn", (SMALL, SMALL, 3)), info).save(incomplete)
     with pytest.raises(ModelFileError, match="lacks"):
         load_model(incomplete)
+    # Everything the file describes is checked, not only what centring needs.
+    for key in ("data", "split", "metrics", "label", "training"):
+        path = str(tmp_path / f"no_{key}.keras")
+        attach_info(A.build("fcn", (SMALL, SMALL, 3)), {k: v for k, v in trained.info.items() if k != key}).save(path)
+        with pytest.raises(ModelFileError, match=rf"lacks \['{key}'\]"):
+            load_model(path)
 
     # Metadata present but unusable: refused when loaded, not at the first centring.
     broken = {
         "unfitted": ({"transform": {"name": "log"}}, "the log transform has no fitted parameters"),
         "nameless": ({"architecture": {}}, "the architecture {} has no name"),
+        "unknown_label": ({"label": "counts"}, "the label 'counts' is none of"),
+        "listed_metrics": ({"metrics": []}, "metrics is a JSON list, not an object"),
+        "shared_crystal": ({"split": {**trained.info["split"], "test": trained.info["split"]["train"][:1]}},
+                           "crystals in both train and test"),
     }
     for name, (change, message) in broken.items():
         path = str(tmp_path / f"{name}.keras")

@@ -21,8 +21,9 @@ rate, augmentation, seed, strategy, time, library versions; ``metrics`` on
 the validation and test subsets.
 
 :func:`load_model` refuses, with an error naming the file and the fix, a
-file with no metadata, an unknown format version, or a network whose input
-shape disagrees with its metadata.
+file with no metadata, an unknown format version, metadata lacking any of
+the keys above or holding one that does not parse (a split with a crystal
+in two subsets), or a network whose input shape disagrees with its metadata.
 
 Distribution
 ------------
@@ -56,7 +57,7 @@ from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
 from mxcube_autocenter.labelling.dataset import Table, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
-from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split  # noqa: E402
+from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.outputs import make_directory  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
@@ -180,7 +181,8 @@ def load_model(path):
             f"this version ({__version__}) reads format_version {MODEL_FORMAT_VERSION}",
             f"Use the mxcube_autocenter version that wrote it, or retrain. {retrain}",
         )
-    missing = [key for key in ("task", "input", "architecture") if key not in info]
+    missing = [key for key in ("package_version", "created", "task", "label", "input", "architecture", "data",
+                               "split", "training", "metrics") if key not in info]  # fmt: skip
     task = info.get("task")
     if task == "regression" and "transform" not in info:
         missing.append("transform")
@@ -198,8 +200,14 @@ def load_model(path):
             float(info["threshold"])
         if not isinstance(info["architecture"], dict) or not info["architecture"].get("name"):
             raise ValueError(f"the architecture {info['architecture']!r} has no name")
+        if info["label"] not in LABELS:
+            raise ValueError(f"the label {info['label']!r} is none of {LABELS}")
+        for key in ("data", "training", "metrics"):
+            if not isinstance(info[key], dict):
+                raise ValueError(f"{key} is a JSON {type(info[key]).__name__}, not an object")
+        Split.from_config(info["split"])  # a crystal in two subsets is refused there
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        _refuse(path, f"invalid input, transform, threshold or architecture metadata ({err})", retrain)
+        _refuse(path, f"invalid metadata ({err})", retrain)
     if tuple(model.output_shape) != (None, 1):
         _refuse(path, f"the network gives outputs of shape {tuple(model.output_shape)[1:]}, not one number per crop",
                 f"It must be a regressor or a classifier with a single output. {retrain}")  # fmt: skip
