@@ -229,23 +229,28 @@ class AutoCenter(HardwareObject):
         self._check_geometry()
 
     def _check_geometry(self):
-        """Refuse to centre on a goniometer set up unlike the projection the centring uses (geometry.py)."""
+        """Refuse to centre on a goniometer set up unlike the projection the centring uses (geometry.py).
+
+        Motor directions of -1 are taken into account (geometry.sample_frame); a motor direction other than
+        +1 or -1, or a chi angle, is not.
+        """
         sample_view = HWR.beamline.sample_view
         if sample_view is None:
             return
-        reversed_motors = sorted(
-            name for name, motor in sample_view.centring_motors.items() if name in CENTRING_MOTORS and motor.direction != 1
-        )
+        odd_motors = sorted(
+            name for name, motor in sample_view.centring_motors.items()
+            if name in CENTRING_MOTORS and motor.direction not in (1, -1)
+        )  # fmt: skip
         problems = []
-        if reversed_motors:
-            problems.append(f"motor_directions of {', '.join(reversed_motors)} are not 1")
+        if odd_motors:
+            problems.append(f"motor_directions of {', '.join(odd_motors)} are not 1 or -1")
         if sample_view.chi_angle:
             problems.append(f"chi_angle is {sample_view.chi_angle}, not 0")
         if problems:
             self.centring_error = (
                 f"the sample view's {' and '.join(problems)} (SampleView XML): the optical ML centring projects "
-                "sample points with every motor direction +1 and chi 0 (mxcube_autocenter/geometry.py), so it would "
-                "centre the wrong point; keep MXCuBE's own centring on this goniometer (centring_enabled False)"
+                "sample points with motor directions of +1 or -1 and chi 0 (mxcube_autocenter/geometry.py), so it "
+                "would centre the wrong point; keep MXCuBE's own centring on this goniometer (centring_enabled False)"
             )
             self.log.error("AutoCenter: optical ML centring unavailable: %s", self.centring_error)
 

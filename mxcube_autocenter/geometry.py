@@ -1,8 +1,11 @@
 """Screen and goniometer conventions of an MD3-like on-axis view.
 
 These are the conventions of mxcubecore's ``sample_centring`` and
-``SampleView`` with every motor direction +1 (``motor_directions`` in the
-sample view XML). Positions are in millimetres and degrees, like the motors.
+``SampleView``. They hold for motor readings times their directions
+(``motor_directions`` in the sample view XML, +1 or -1: how each motor's
+reading runs against the sample frame), as the sine fit takes them:
+:func:`sample_frame` turns readings into such positions. Positions are in
+millimetres and degrees, like the motors.
 
 The sample frame is fixed to the spindle: ``a`` runs along the rotation axis,
 ``(u, v)`` span the plane perpendicular to it. The centring table motors
@@ -23,6 +26,33 @@ from __future__ import annotations
 import numpy as np
 
 CENTRING_MOTORS = ("omega", "phiy", "phiz", "sampx", "sampy")
+
+
+def sample_frame(motors: dict, directions: dict) -> dict:
+    """Motor readings as this module's projection takes them: each reading times its direction.
+
+    mxcubecore's sine fit (``sample_centring.center``) works in these
+    positions: it turns omega by ``direction x step``, reads omega as
+    ``direction x omega`` and moves each translation by ``direction x`` the
+    shift it computed. A goniometer whose phiy reading grows as the sample
+    moves left (direction -1) is projected here as one whose phiy grows the
+    other way.
+
+    Parameters
+    ----------
+    motors : dict
+        Readings by motor role (mm, degrees).
+    directions : dict
+        ``+1`` or ``-1`` by role (SampleView's ``motor_directions``); a role
+        not in it counts as +1.
+
+    Returns
+    -------
+    dict
+        The same roles, each centring motor's reading times its direction.
+    """
+    return {name: value * directions.get(name, 1) if name in CENTRING_MOTORS else value
+            for name, value in motors.items()}  # fmt: skip
 
 
 def sample_to_screen(points, motors, pixels_per_mm, beam_position):

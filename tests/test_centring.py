@@ -12,7 +12,7 @@ from mxcube_autocenter.beamline import auto_centring, set_zoom
 from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
-from mxcube_autocenter.geometry import CENTRING_MOTORS, point_in_beam
+from mxcube_autocenter.geometry import CENTRING_MOTORS, point_in_beam, sample_frame
 from mxcube_autocenter.simulation.sample import make_sample
 from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
@@ -802,6 +802,46 @@ def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(b
     assert final["phiz"] == pytest.approx(axis_off_phiz_zero, abs=1e-3)  # the fit keeps the axis on the beam
     best, best_rc = mounted.best_point()
     true_geometry = {**final, "phiz": final["phiz"] - axis_off_phiz_zero}
+    score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
+    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+@pytest.fixture
+def reversed_motors(beamline):
+    """A goniometer whose omega, phiy, phiz and sampx readings run against the sample (SampleView motor_directions -1).
+
+    The virtual diffractometer is wired that way, as the real one SampleView's XML would describe.
+    """
+    reversed_roles = ("omega", "phiy", "phiz", "sampx")
+    diffractometer, motors = beamline.diffractometer, beamline.sample_view.centring_motors
+    for name in reversed_roles:
+        motors[name].direction = -1
+    diffractometer.motor_directions = {name: -1 for name in reversed_roles}
+    yield diffractometer.motor_directions
+    for name in reversed_roles:
+        motors[name].direction = 1
+    diffractometer.motor_directions = {}
+
+
+def test_motors_whose_readings_run_against_the_sample_still_end_in_the_beam(beamline, shipped_autocenter,
+                                                                             reversed_motors, axis_off_phiz_zero):
+    # mxcubecore's sine fit applies motor_directions, and parks phiz at its reference reading. The views are
+    # fused in the fit's frame: a phiz reading 0.03 mm off the reference is 0.03 mm the other way on screen.
+    spec = HELDOUT[53002]
+    mounted = beamline.sample_changer.mount(make_sample(53002, **spec["kwargs"]))
+    centre = mounted.sample.loop_centre
+    beamline.diffractometer.set_value_motors(
+        {"omega": -40.0, "phiy": -(float(centre[0]) + 0.05), "phiz": axis_off_phiz_zero + 0.03, "sampx": 0.0,
+         "sampy": 0.0},
+        timeout=30,
+    )
+    log = run_auto_centring(beamline)
+    accepted = [args for name, args in log.calls if name == "centringAccepted"][0]
+    assert accepted[0] is True, shipped_autocenter.last_result.message
+    final = positions(beamline)
+    assert final["phiz"] == pytest.approx(axis_off_phiz_zero, abs=1e-3)
+    best, best_rc = mounted.best_point()
+    true_geometry = sample_frame({**final, "phiz": final["phiz"] - axis_off_phiz_zero}, reversed_motors)
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
     assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
 

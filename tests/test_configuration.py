@@ -159,7 +159,7 @@ def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring
     config = tmp_path / "config"
     shutil.copytree(virtual_beamline_dir(), config)
     xml = config / "sample_view.xml"
-    xml.write_text(xml.read_text().replace('"sampx": 1,', '"sampx": -1,'))
+    xml.write_text(xml.read_text().replace('"sampx": 1,', '"sampx": 0.5,'))
     with caplog.at_level(logging.ERROR, logger="HWR"):
         with hardware_repository(config) as bl:
             ho = auto_centring(bl)
@@ -167,7 +167,7 @@ def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring
             start = {name: bl.diffractometer.get_motors()[name].get_value() for name in CENTRING_MOTORS}
             result = ho.centre(save=False)
             assert not result.success and result.start_positions == start
-    message = "the sample view's motor_directions of sampx are not 1 (SampleView XML)"
+    message = "the sample view's motor_directions of sampx are not 1 or -1 (SampleView XML)"
     assert message in result.message and message in _logged(caplog)
 
 

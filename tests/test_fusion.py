@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
-from mxcube_autocenter.geometry import centred_motors
+from mxcube_autocenter.geometry import centred_motors, sample_frame
 
 PPMM = (1300.0, 1300.0)
 BEAM = (640.0, 512.0)
@@ -169,3 +169,9 @@ def test_plateau_takes_the_middle_of_a_flat_crystal_not_its_brightest_end():
     assert np.linalg.norm(brightest.point - middle) * 1000 > 25
     assert np.linalg.norm(centred.point - middle) * 1000 < 8
     assert min(centred.scores) > 0.8 * brightest.score
+
+
+def test_sample_frame_turns_reversed_readings_and_leaves_the_rest():
+    readings = {"omega": 30.0, "phiy": 0.2, "phiz": -0.1, "sampx": 0.05, "sampy": 0.01, "kappa": 10.0}
+    frame = sample_frame(readings, {"omega": -1, "phiy": -1, "sampy": 1})
+    assert frame == {"omega": -30.0, "phiy": -0.2, "phiz": -0.1, "sampx": 0.05, "sampy": 0.01, "kappa": 10.0}

@@ -26,7 +26,7 @@ from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
-from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.geometry import CENTRING_MOTORS, sample_frame
 
 # Grid points nearer the frame's edge than this share of a crop are no candidates: more of
 # their crop would be repeated edge pixels (heatmap.within_frame).
@@ -61,7 +61,9 @@ class AngleResult:
     ``point``, ``score`` and ``crystal_probability`` are the view's own
     heatmap peak until the views are fused, then the chosen sample point's
     projection in this view. ``mask`` marks the grid points inside the loop
-    and clear of the frame's edge.
+    and clear of the frame's edge. ``motors`` are the motors' readings,
+    ``sample_frame`` the same times their directions (geometry.sample_frame):
+    what the views are fused with.
     """
 
     omega: float
@@ -71,6 +73,7 @@ class AngleResult:
     score: float
     crystal_probability: float | None
     motors: dict | None = None
+    sample_frame: dict | None = None
     heatmap: object = field(repr=False, default=None)
     mask: np.ndarray = field(repr=False, default=None)
     frame: np.ndarray = field(repr=False, default=None)
@@ -186,6 +189,11 @@ class Beamline:
         motors = self.motors()
         return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
 
+    def directions(self) -> dict:
+        """Each centring motor's direction (SampleView's ``motor_directions``): see geometry.sample_frame."""
+        motors = self.sample_view.centring_motors
+        return {name: float(motors[name].direction) for name in CENTRING_MOTORS if name in motors}
+
     def snapshot(self) -> np.ndarray:
         return self.sample_view.get_snapshot(return_as_array=True)
 
@@ -196,14 +204,15 @@ class Beamline:
         return tuple(self.beam.get_beam_position_on_screen())
 
     def rotation_axis_phiz(self) -> float:
-        """phiz at which the rotation axis crosses the beam: phiz's ``centring_reference_position`` (0 without one).
+        """Sample-frame phiz at which the rotation axis crosses the beam: phiz's ``centring_reference_position``
+        times its direction (0 without one).
 
         On an MD3 it is the calibrated AlignmentZ (SampleView.set_rotation_axis_position), rarely 0;
         mxcubecore's sine fit parks phiz there.
         """
         motor = self.sample_view.centring_motors.get("phiz")
         reference = None if motor is None else motor.reference_position
-        return 0.0 if reference is None else float(reference)
+        return 0.0 if reference is None else float(reference) * float(motor.direction)
 
     def axis_origin(self, pixels_per_mm, beam_position) -> tuple:
         """The ``beam_position`` of geometry.py's projection (rotation axis through it at phiz = 0).
@@ -359,11 +368,11 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
                 frame = bl.snapshot()
                 _same_optics(bl, ppmm, beam_on_screen)  # the views are fused at one scale and beam position
                 tip = _loop_tip(bl, frame, settings, timings, log) or tip
-            angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
+            angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), bl.directions(), timings)
             result.angles.append(angle)
             log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
         _same_optics(bl, ppmm, beam_on_screen)  # a zoom that began moving at the last frame reads changed by now
-        _align_tips(predictor, settings, result.angles, ppmm, timings, log)
+        _align_tips(predictor, settings, result.angles, ppmm, bl.directions(), timings, log)
         t = time.perf_counter()
         point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
         timings["fusion_s"] = time.perf_counter() - t
@@ -443,11 +452,11 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
     Each angle's ``point``, ``score`` and ``crystal_probability`` become
     those of the fused point's projection in that view.
     """
-    views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.motors, a.mask) for a in angles]
+    views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.sample_frame, a.mask) for a in angles]
     fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, blind=settings.blind_views,
                        plateau=settings.plateau)  # fmt: skip
     for angle, score in zip(angles, fused.scores):
-        angle.point = project(fused.point, angle.motors, pixels_per_mm, beam_position)
+        angle.point = project(fused.point, angle.sample_frame, pixels_per_mm, beam_position)
         angle.score = score
         angle.crystal_probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
     return fused.point if is_crystal(angles, settings) else None
@@ -458,7 +467,7 @@ def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, wh
     result.method = "loop"
     log.warning("AutoCenter: %s: centring the loop tip instead", why)
     angles = result.angles
-    return triangulate([a.loop for a in angles], [a.motors for a in angles], pixels_per_mm, beam_position)
+    return triangulate([a.loop for a in angles], [a.sample_frame for a in angles], pixels_per_mm, beam_position)
 
 
 def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSettings, start: dict, pixels_per_mm,
@@ -500,7 +509,8 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
     finally:
         starting.kill(block=True)  # an abort while it prepares stops that too
     for i in range(n_angles):
-        sample_centring.user_click(*project(point, bl.positions(), pixels_per_mm, beam_position))
+        sample_centring.user_click(*project(point, sample_frame(bl.positions(), bl.directions()), pixels_per_mm,
+                                            beam_position))
         if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
             raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
         if fit.ready() and i < n_angles - 1:
@@ -555,7 +565,7 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     frame = bl.snapshot()
     _same_optics(bl, ppmm, beam)  # the frame is analysed at that scale
     tip = _loop_tip(bl, frame, settings, {}, log) or tip  # timed within verify_s
-    angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), timings)
+    angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), bl.directions(), timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
     angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
@@ -568,7 +578,7 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
 
 def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
     """A view's smoothed prediction and crystal probability at its ``point``."""
-    view = View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.motors, angle.mask)
+    view = View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.sample_frame, angle.mask)
     probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
     return value_at(view, angle.point), probability
 
@@ -630,20 +640,21 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
     )
 
 
-def _score_angle(predictor, settings, frame, tip, ppmm, motors, timings) -> AngleResult:
+def _score_angle(predictor, settings, frame, tip, ppmm, motors, directions, timings) -> AngleResult:
     angle = _in_thread(analyse_frame, predictor, frame, tip, ppmm, settings, motors, False)
+    angle.sample_frame = sample_frame(motors, directions)
     timings["inference_s"] = timings.get("inference_s", 0.0) + angle.elapsed_s
     return angle
 
 
-def _align_tips(predictor, settings, angles, ppmm, timings, log):
+def _align_tips(predictor, settings, angles, ppmm, directions, timings, log):
     """Score again, from the farthest view's tip, a view whose loop tip lucid3 found short of it along the spindle."""
     tips = consistent_tips([a.loop for a in angles], ppmm, settings.pin_side)
     for k, (angle, tip) in enumerate(zip(angles, tips)):
         if tip != tuple(angle.loop):
             log.info("AutoCenter: omega %.1f: loop tip at x %.0f, another view's at %.0f: scoring its region from there",
                      angle.omega, angle.loop[0], tip[0])  # fmt: skip
-            angles[k] = _score_angle(predictor, settings, angle.frame, tip, ppmm, angle.motors, timings)
+            angles[k] = _score_angle(predictor, settings, angle.frame, tip, ppmm, angle.motors, directions, timings)
 
 
 def is_crystal(angles, settings: CentringSettings) -> bool:

@@ -32,7 +32,8 @@ class VirtualCamera(HardwareObject):
     (``default`` or ``random``), ``look_seed`` and ``rotation_axis_phiz``
     (mm, default 0: the phiz at which the rotation axis crosses the beam, as
     an MD3's calibrated AlignmentZ; SampleView's ``centring_reference_position``
-    of phiz on a real beamline). The scene is drawn with phiz counted from it.
+    of phiz on a real beamline). The scene is drawn with phiz counted from it,
+    and with the diffractometer's ``motor_directions``.
     Attribute ``stream_format``: ``"jpeg"`` (MDCameraMockup's
     ``imageReceived(jpeg_bytes, width, height)``) or ``"rgb"`` (mxcubecore's
     TangoLimaVideo in RGB24 video mode: ``imageReceived(rgb_bytes, width,
@@ -78,8 +79,8 @@ class VirtualCamera(HardwareObject):
         """Everything a frame depends on, as a hashable key and its parts."""
         bl = HWR.beamline
         diffr = bl.diffractometer
-        motors = {name: float(diffr.all_motors()[name].get_value()) for name in CENTRING_MOTORS}
-        motors["phiz"] -= self.rotation_axis_phiz  # the geometry's phiz: 0 with the axis through the beam
+        readings = {name: float(diffr.all_motors()[name].get_value()) for name in CENTRING_MOTORS}
+        motors = diffr.sample_frame({**readings, "phiz": readings["phiz"] - self.rotation_axis_phiz})
         ppmm = tuple(diffr.get_pixels_per_mm())
         beam = tuple(bl.beam.get_beam_position_on_screen())
         mounted = bl.sample_changer.mounted

@@ -99,7 +99,7 @@ class VirtualCollect(CollectMockup):
                 gevent.sleep(min(_MOTION_STEP_S, max(0.0, frame_end - now)))
             if fail_at is not None and image >= fail_at:
                 raise RuntimeError(f"simulated detector failure at image {image + 1}")
-            mid = plan.motors_at((image + 0.5) * plan.exposure_time)
+            mid = diffr.sample_frame(plan.motors_at((image + 0.5) * plan.exposure_time))
             count = mounted.diffraction.sample_rc(mid, self._rng) if mounted else 0
             counts.append(min(count, self.max_spots))
             ice = mounted.diffraction.sample_ice_spots(mid, self._rng) if mounted else 0

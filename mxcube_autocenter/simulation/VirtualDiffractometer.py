@@ -12,6 +12,8 @@ from mxcubecore.HardwareObjects.abstract.AbstractDiffractometer import (
 )
 from mxcubecore.HardwareObjects.mockup.DiffractometerMockup import DiffractometerMockup
 
+from mxcube_autocenter.geometry import sample_frame
+
 # MD3 on-axis camera scales at its zoom levels, pixels per micrometre.
 DEFAULT_PIXELS_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0, 4.2, 6.0)
 
@@ -19,8 +21,11 @@ DEFAULT_PIXELS_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0, 4.2, 6.0)
 class VirtualDiffractometer(DiffractometerMockup):
     """DiffractometerMockup with zoom-dependent pixels_per_mm and motors at rest.
 
-    XML property ``pixels_per_um``: the scale at each zoom level (level 1
-    first), pixels per micrometre.
+    XML properties: ``pixels_per_um``, the scale at each zoom level (level 1
+    first), pixels per micrometre; ``motor_directions``, how each centring
+    motor's reading runs against the simulated sample (+1 or -1 by role,
+    default +1: a goniometer wired like SampleView's ``motor_directions`` of a
+    real one).
     """
 
     def init(self):
@@ -33,6 +38,8 @@ class VirtualDiffractometer(DiffractometerMockup):
         if isinstance(scales, str):
             scales = ast.literal_eval(scales)
         self.pixels_per_um = tuple(float(s) for s in scales)
+        directions = self.get_property("motor_directions", {})
+        self.motor_directions = ast.literal_eval(directions) if isinstance(directions, str) else dict(directions)
         self.update_state(self.STATES.READY)
 
     def get_motors(self):
@@ -46,6 +53,10 @@ class VirtualDiffractometer(DiffractometerMockup):
     def all_motors(self):
         """Every motor by role, whatever its state: where the simulated sample is."""
         return super().get_motors()
+
+    def sample_frame(self, readings: dict) -> dict:
+        """Motor readings as the simulated sample moves with them: times ``motor_directions`` (geometry.py)."""
+        return sample_frame(readings, self.motor_directions)
 
     def get_pixels_per_mm(self):
         """Horizontal and vertical image scale at the current zoom, pixels per mm."""
