@@ -658,10 +658,10 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "what exact knowledge of the crystals' shapes and positions gives, the limit of any camera-based method "
         "(the camera shows nothing of a crystal's inner quality or capacity; ground truth, not timed).",
         "",
-        "Hit rate: the beam centre line passes through a crystal at omega 0, 45, 90 and 135 degrees. Distance: "
-        "3D, from the point in the beam and in focus to the ground-truth best point (for a crystal refused, where "
-        "the sample was left). RC fraction: mean reflection count over those angles with the motors where the "
-        "centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
+        "Hit rate: the beam centre line passes through a crystal at every 2 degrees of a full turn of omega. "
+        "Distance: 3D, from the point in the beam and in focus to the ground-truth best point (for a crystal "
+        "refused, where the sample was left). RC fraction: mean reflection count over omega 0, 45, 90 and 135 "
+        "degrees with the motors where the centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
         "Empty refused: the method declined and left the sample where it was (a failed centring is no refusal). Hit rates and the medians of distance and RC fraction are over the samples with crystals "
         "(s/centring and exposures: over every sample); each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "

@@ -7,13 +7,14 @@ goniometer positions it ends at into figures.
 Per centring (:func:`score_position`):
 
 - **hit**: the beam centre line passes through a crystal at every
-  verification angle (omega 0, 45, 90 and 135 degrees) with the translation
-  motors where the centring left them
-  (``DiffractionModel.beam_hits_crystal``);
+  verification angle (:data:`VERIFY_OMEGAS`: every 2 degrees of a full
+  turn, as a rotation collection sees them) with the translation motors
+  where the centring left them (``DiffractionModel.beam_hits_crystal``);
 - **distance**: 3D distance, um, from the sample point in the beam and in
   focus (``geometry.point_in_beam``) to the ground-truth best point
   (``MountedSample.best_point()``);
-- **RC fraction**: the mean reflection count over the verification angles
+- **RC fraction**: the mean reflection count over the angles the best
+  point is judged at (``JUDGING_OMEGAS``: omega 0, 45, 90 and 135 degrees)
   with the translation motors where the centring left them
   (``DiffractionModel.mean_rc_over_rotation``) over the best point's (with
   it centred).
@@ -56,8 +57,10 @@ import numpy as np
 from mxcube_autocenter.geometry import centred_motors, point_in_beam
 from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
 
-# Angles at which a centred crystal must be in the beam: those over which the best point is judged.
-VERIFY_OMEGAS = JUDGING_OMEGAS
+# Angles at which the beam must pass through a crystal for a hit: every 2 degrees of a full turn, as a rotation
+# collection sees them. At the four judging angles alone (0, 45, 90, 135), a point just outside a thin crystal
+# counted as hit while the beam left the crystal over up to 22 degrees of the turn (12 of 150 ML hits, 12 seeds).
+VERIFY_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
 TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
@@ -231,12 +234,14 @@ def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
     return [bool(diffraction.beam_hits_crystal({**final_motors, "omega": float(w)})) for w in omegas]
 
 
-def rc_fraction(diffraction, final_motors: dict, best_rc: float, omegas=VERIFY_OMEGAS) -> float | None:
+def rc_fraction(diffraction, final_motors: dict, best_rc: float, omegas=JUDGING_OMEGAS) -> float | None:
     """Mean reflection count over a rotation at these positions, over the best point's (None if no best).
 
     The rotation keeps every translation as it is, as a collection after the
     centring would (a ``phiz`` left off the axis moves the point in the beam
-    as omega turns), the same positions the hits are judged at.
+    as omega turns), the same positions the hits are judged at. ``omegas``
+    must be those ``best_rc`` was taken over (``DiffractionModel.best_point``:
+    ``JUDGING_OMEGAS``).
     """
     if not best_rc or best_rc <= 0:
         return None
@@ -257,6 +262,9 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
         Its mean reflection count over a rotation.
     final_motors : dict
         Centring motor positions (omega is replaced by each of ``omegas``).
+    omegas : sequence of float
+        Angles of the hit test. The RC fraction is taken over
+        ``JUDGING_OMEGAS``, the angles of ``best_rc``.
     refused : bool
         The method declined (no crystal found): nothing would be shot, so
         every verification angle is a miss and the RC fraction is 0; the
@@ -269,7 +277,7 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
     return {
         "hits": beam_hits(diffraction, final_motors, omegas),
         "dist_um": distance_um(final_motors, best_point),
-        "rc_fraction": rc_fraction(diffraction, final_motors, best_rc, omegas),
+        "rc_fraction": rc_fraction(diffraction, final_motors, best_rc),
     }
 
 
@@ -353,13 +361,19 @@ def outcome_of(row: dict, method: str) -> Outcome:
     Raises
     ------
     ValueError
-        If the row has no complete outcome of that method.
+        If the row has no complete outcome of that method, or its hits were
+        taken at other angles than :data:`VERIFY_OMEGAS` (an older demo's:
+        its hit would mean something else).
     """
     try:
-        return Outcome(**{f.name: row[method][f.name] for f in fields(Outcome) if f.name in row[method]})
+        outcome = Outcome(**{f.name: row[method][f.name] for f in fields(Outcome) if f.name in row[method]})
     except (TypeError, KeyError) as err:
         raise ValueError(f"sample {row.get('sample')} has no complete {method!r} outcome ({err}): "
                          "give the samples.json of a demo run") from None  # fmt: skip
+    if outcome.hits is not None and len(outcome.hits) != len(VERIFY_OMEGAS):
+        raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken at {len(outcome.hits)} angles, "
+                         f"this version's hit test takes {len(VERIFY_OMEGAS)}: run the demo again")  # fmt: skip
+    return outcome
 
 
 def pool_outcomes(runs, methods=METHODS) -> list:
@@ -590,6 +604,9 @@ def format_targets(checks: list) -> str:
 
 # RC fractions closer than this count as unchanged in a paired comparison.
 RC_FRACTION_TOLERANCE = 0.01
+# Relative difference of a sample's best-point count (``best_rc``) beyond which two runs scored it against
+# different ground truths (another best-point search), not merely on another machine.
+BEST_RC_RTOL = 1e-6
 
 
 def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
@@ -612,7 +629,9 @@ def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
     Raises
     ------
     ValueError
-        If the runs hold different samples, or a row lacks the method.
+        If the runs hold different samples, a row lacks the method, or a
+        sample started elsewhere or was scored against another ground truth
+        (``best_rc``) in the other run.
     """
     rows_a, rows_b = list(rows_a), list(rows_b)
     names_a = [(r["sample"], r.get("description")) for r in rows_a]
@@ -632,6 +651,11 @@ def pair_samples(rows_a, rows_b, method: str = "ml") -> list:
         if None not in starts and any(abs(starts[0][m] - starts[1].get(m, np.inf)) > 1e-9 for m in starts[0]):
             raise ValueError(f"sample {row['sample']} started from other motor positions in the two runs: compare runs "
                              "of the same --seed made by the same version of the demo")  # fmt: skip
+        best = [r.get("best_rc") for r in (row, other)]
+        if None not in best and not np.isclose(best[0], best[1], rtol=BEST_RC_RTOL, atol=0.0):
+            raise ValueError(f"sample {row['sample']} was scored against another ground truth in the two runs (best "
+                             f"point's count {best[0]:.6g} and {best[1]:.6g}): its RC fractions are fractions of "
+                             "different counts; compare runs scored by the same version of the demo")  # fmt: skip
         a, b = outcome_of(row, method), outcome_of(other, method)
         paired.append({"sample": row["sample"], "description": row.get("description", ""),
                        "has_crystal": a.has_crystal, "a": a.to_dict(), "b": b.to_dict()})  # fmt: skip

@@ -680,7 +680,7 @@ def shipped_autocenter(beamline):
 HELDOUT = {spec["seed"]: spec for spec in heldout_samples(16, 2, seed=3)}
 
 
-@pytest.mark.parametrize("seed", [53002, 53005, 53007])
+@pytest.mark.parametrize("seed", [53002, 53007, 53009])
 def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     spec = HELDOUT[seed]
     mounted = beamline.sample_changer.mount(make_sample(seed, **spec["kwargs"]))
@@ -693,7 +693,8 @@ def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     assert accepted[0] is True, shipped_autocenter.last_result.message
     best, best_rc = mounted.best_point()
     score = scorecard.score_position(mounted.diffraction, best, best_rc, positions(beamline))
-    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    assert not missed, f"beam off the crystal at omega {missed}: {score['dist_um']:.1f} um, RC {score['rc_fraction']:.2f}"
 
 
 def test_empty_loop_with_the_loop_fallback_centres_the_loop_and_says_so(beamline, shipped_autocenter, monkeypatch):
@@ -803,7 +804,8 @@ def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(b
     best, best_rc = mounted.best_point()
     true_geometry = {**final, "phiz": final["phiz"] - axis_off_phiz_zero}
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
-    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    assert not missed, f"beam off the crystal at omega {missed}: {score['dist_um']:.1f} um, RC {score['rc_fraction']:.2f}"
 
 
 @pytest.fixture

@@ -129,7 +129,8 @@ def test_compare_refuses_a_run_given_in_two_pairs(tmp_path, capsys):
     from mxcube_autocenter import scorecard
 
     def report(name, rc_fraction):
-        outcome = scorecard.Outcome("ml", "s0", True, False, {"sampx": 0.0}, 4.0, hits=[True] * 4, dist_um=5.0,
+        hits = [True] * len(scorecard.VERIFY_OMEGAS)
+        outcome = scorecard.Outcome("ml", "s0", True, False, {"sampx": 0.0}, 4.0, hits=hits, dist_um=5.0,
                                     rc_fraction=rc_fraction)
         path = tmp_path / name
         path.write_text(json.dumps([{"sample": "s0", "description": "d", "has_crystal": True,

@@ -8,6 +8,7 @@ from mxcube_autocenter.geometry import beam_frame, centred_motors
 from mxcube_autocenter.scorecard import Outcome
 
 CRYSTAL = np.array([0.05, -0.03, 0.02])  # mm
+N_ANGLES = len(scorecard.VERIFY_OMEGAS)
 
 
 class FakeDiffraction:
@@ -56,7 +57,7 @@ def test_distance_is_zero_when_centred_and_follows_the_offset():
 def test_score_position_centred_and_off_and_empty():
     model = FakeDiffraction()
     good = scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL, 77.0))
-    assert good["hits"] == [True, True, True, True]
+    assert good["hits"] == [True] * N_ANGLES
     assert good["dist_um"] == pytest.approx(0.0, abs=1e-9)
     assert good["rc_fraction"] == pytest.approx(1.0)
     # 10 um off along the spindle: still inside the 15 um crystal at every angle.
@@ -65,14 +66,15 @@ def test_score_position_centred_and_off_and_empty():
     assert near["rc_fraction"] == pytest.approx(np.exp(-0.5 * (10 / 20) ** 2))
     # 20 um off across the spindle: missed at some angles, not at others.
     across = scorecard.score_position(model, CRYSTAL, 100.0, {**centred_motors(CRYSTAL), "sampx": CRYSTAL[1] + 0.02})
-    assert across["hits"][0] and not across["hits"][2] and not all(across["hits"])
+    at_90 = scorecard.VERIFY_OMEGAS.index(90.0)
+    assert across["hits"][0] and not across["hits"][at_90] and not all(across["hits"])
     # phiz left off the axis: the point in the beam at omega 0 leaves it as omega turns.
     lifted = {**centred_motors(CRYSTAL), "sampy": CRYSTAL[2] + 0.012, "phiz": -0.012}
     assert scorecard.distance_um(lifted, CRYSTAL) == pytest.approx(0.0, abs=1e-9)
     assert scorecard.score_position(model, CRYSTAL, 100.0, lifted)["rc_fraction"] < 0.95
     # A refusal shoots nothing, wherever the sample was left.
     assert scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL), refused=True) == {
-        "hits": [False] * 4, "dist_um": pytest.approx(0.0, abs=1e-9), "rc_fraction": 0.0}
+        "hits": [False] * N_ANGLES, "dist_um": pytest.approx(0.0, abs=1e-9), "rc_fraction": 0.0}
     assert scorecard.score_position(model, None, 0.0, centred_motors(CRYSTAL)) == {
         "hits": None, "dist_um": None, "rc_fraction": None}
     assert scorecard.rc_fraction(model, centred_motors(CRYSTAL), 0.0) is None
@@ -133,8 +135,9 @@ def test_summarise_gives_the_rates_intervals():
 
 
 def test_pool_outcomes_joins_runs_of_other_samples():
-    seed0 = [_outcome("ml", "s0", True, hits=[True] * 4, dist=3.0, frac=0.9), _outcome("ml", "e0", False, refused=True)]
-    seed1 = [_outcome("ml", "s1", True, hits=[False] * 4, dist=90.0, frac=0.1)]
+    seed0 = [_outcome("ml", "s0", True, hits=[True] * N_ANGLES, dist=3.0, frac=0.9),
+             _outcome("ml", "e0", False, refused=True)]
+    seed1 = [_outcome("ml", "s1", True, hits=[False] * N_ANGLES, dist=90.0, frac=0.1)]
     runs = [[{"sample": o.sample, "has_crystal": o.has_crystal, "ml": o.to_dict()} for o in run] for run in (seed0, seed1)]
     pooled = scorecard.pool_outcomes(runs)
     assert pooled == seed0 + seed1
@@ -142,6 +145,10 @@ def test_pool_outcomes_joins_runs_of_other_samples():
     assert (figures["n_crystal"], figures["n_empty"], figures["hit_rate"]) == (2, 1, 0.5)
     with pytest.raises(ValueError, match="1 samples are in more than one run.*s1.*different --seed"):
         scorecard.pool_outcomes([runs[1], runs[1]])
+    # An older demo's hits, at four angles, meant something else: not pooled with these.
+    old = [{**row, "ml": {**row["ml"], "hits": [True] * 4}} for row in runs[1]]
+    with pytest.raises(ValueError, match="sample s1: the 'ml' hits were taken at 4 angles.*run the demo again"):
+        scorecard.pool_outcomes([runs[0], old])
 
 
 def test_summarise_without_empties_or_timings_gives_none():
@@ -221,6 +228,28 @@ def test_tables_show_every_method_and_dashes_for_missing_values():
     assert all(o.to_dict()["method"] == "ml" for o in outcomes)
 
 
+def test_a_point_just_outside_a_thin_crystal_is_no_hit_though_the_beam_crosses_it_at_0_45_90_135():
+    from dataclasses import replace
+
+    from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
+    from mxcube_autocenter.simulation.sample import Crystal, make_sample
+
+    # A plate 200 x 100 um, 5 um thick, lying at 20 degrees in the (u, v) plane; the point 4 um off its middle
+    # plane, 1.5 um outside it: the beam through the point runs along the plate near omega 160 and 340 and misses.
+    c, s = np.cos(np.radians(20.0)), np.sin(np.radians(20.0))
+    along, normal = np.array([0.0, c, s]), np.array([0.0, -s, c])
+    corners = np.array([[i, j, k] for i in (-0.05, 0.05) for j in (-0.1, 0.1) for k in (-0.0025, 0.0025)])
+    plate = Crystal(corners[:, :1] * [1.0, 0.0, 0.0] + corners[:, 1:2] * along + corners[:, 2:] * normal, "plate", 0.03,
+                    np.zeros((0, 4)), np.zeros((0, 4)), 0.001, np.ones(3))  # fmt: skip
+    model = DiffractionModel(replace(make_sample(3, n_crystals=0), crystals=[plate]), Beam(), points_per_crystal=500)
+    outside = centred_motors(0.004 * normal, 0.0)
+    assert all(scorecard.beam_hits(model, outside, omegas=(0.0, 45.0, 90.0, 135.0)))
+    score = scorecard.score_position(model, np.zeros(3), model.mean_rc_centred(np.zeros(3)), outside)
+    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    assert missed and all(abs(w - 160.0) < 5 or abs(w - 340.0) < 5 for w in missed)
+    assert all(scorecard.score_position(model, np.zeros(3), 1.0, centred_motors(0.002 * normal, 0.0))["hits"])
+
+
 def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
     from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
     from mxcube_autocenter.simulation.sample import make_sample
@@ -267,7 +296,7 @@ def test_shapes_reference_fits_its_threshold_on_the_training_rows_and_scores_the
 
 
 def _row(name, has_crystal, hit=False, dist=None, rc=None, refused=False, wall=4.0, failed=False):
-    outcome = scorecard.Outcome("ml", name, has_crystal, refused, {"sampx": 0.0}, wall, hits=[hit] * 4 if has_crystal else None,
+    outcome = scorecard.Outcome("ml", name, has_crystal, refused, {"sampx": 0.0}, wall, hits=[hit] * N_ANGLES if has_crystal else None,
                                 dist_um=dist, rc_fraction=rc, failed=failed)  # fmt: skip
     return {"sample": name, "description": f"loop of {name}", "has_crystal": has_crystal, "ml": outcome.to_dict()}
 
@@ -308,3 +337,14 @@ def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():
     incomplete = {"sample": "s0", "description": "loop of s0", "ml": {"method": "ml"}}
     with pytest.raises(ValueError, match="sample s0 has no complete 'ml' outcome .*give the samples.json of a demo run"):
         scorecard.compare_runs([([_row("s0", True)], [incomplete])])
+
+
+def test_compare_runs_refuses_a_sample_scored_against_another_ground_truth():
+    # The same centring scored by two versions of the best-point search: RC fractions of different counts.
+    a, b = {**_row("s0", True, True, 10.0, 0.8), "best_rc": 1015.32}, {**_row("s0", True, True, 10.0, 0.8), "best_rc": 1018.74}
+    with pytest.raises(ValueError, match="sample s0 was scored against another ground truth.*1015.32 and 1018.74"):
+        scorecard.compare_runs([([a], [b])])
+    # The same count up to rounding (another machine), and empty loops (no best point), pair up.
+    same = {**b, "best_rc": 1018.74 * (1 + 1e-9)}
+    empty = [{**_row("e0", False), "best_rc": 0.0}]
+    assert scorecard.compare_runs([([b] + empty, [same] + empty)])["n_crystal"] == 1

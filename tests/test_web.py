@@ -189,7 +189,7 @@ def press_auto_centring(client) -> list:
 def assert_beam_on_crystal(client, location):
     final = client.motors()
     hits = beam_hits(ground_truth(location), final)
-    assert all(hits), f"beam on the crystal of {location} at omega 0/45/90/135: {hits}, motors {final}"
+    assert all(hits), f"beam on the crystal of {location} at every 2 degrees of omega: {hits}, motors {final}"
 
 
 def test_auto_centring_button_puts_the_beam_on_the_crystal(client):
