@@ -35,8 +35,9 @@ def sample_frame(motors: dict, directions: dict) -> dict:
     positions: it turns omega by ``direction x step``, reads omega as
     ``direction x omega`` and moves each translation by ``direction x`` the
     shift it computed. A goniometer whose phiy reading grows as the sample
-    moves left (direction -1) is projected here as one whose phiy grows the
-    other way.
+    moves right on screen (direction -1; with +1 it moves left, as
+    ``sample_to_screen`` has it) is projected here as one whose phiy grows
+    the other way.
 
     Parameters
     ----------
