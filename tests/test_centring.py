@@ -778,13 +778,13 @@ def axis_off_phiz_zero(beamline):
     """An MD3 whose rotation axis crosses the beam at phiz 0.1 mm (its calibrated AlignmentZ), not at 0.
 
     SampleView knows it as phiz's ``centring_reference_position`` (the rotation axis calibration,
-    SampleView.set_rotation_axis_position); the virtual camera draws the scene accordingly.
+    SampleView.set_rotation_axis_position); the virtual diffractometer is built that way.
     """
     axis = 0.1
-    camera, phiz = beamline.sample_view.camera, beamline.sample_view.centring_motors["phiz"]
-    camera.rotation_axis_phiz, phiz.reference_position = axis, axis
+    diffractometer, phiz = beamline.diffractometer, beamline.sample_view.centring_motors["phiz"]
+    diffractometer.rotation_axis_phiz, phiz.reference_position = axis, axis
     yield axis
-    camera.rotation_axis_phiz, phiz.reference_position = 0.0, None
+    diffractometer.rotation_axis_phiz, phiz.reference_position = 0.0, None
 
 
 def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(beamline, shipped_autocenter,

@@ -227,19 +227,19 @@ def test_a_collection_diffracts_where_the_camera_draws_the_sample(beamline, tmp_
     from mxcube_autocenter.geometry import sample_frame
     from mxcube_autocenter.simulation.experiments import run_collection
 
-    diffractometer, camera = beamline.diffractometer, beamline.sample_view.camera
+    diffractometer = beamline.diffractometer
     directions, axis = {"omega": -1, "phiz": -1}, 0.1
     mounted = beamline.sample_changer.mount(make_sample(16))
     point, _ = mounted.best_point()
     in_beam = centred_motors(point)
     readings = sample_frame(in_beam, directions)
     readings["phiz"] += axis
-    diffractometer.motor_directions, camera.rotation_axis_phiz = directions, axis
+    diffractometer.motor_directions, diffractometer.rotation_axis_phiz = directions, axis
     try:
         diffractometer.set_value_motors({m: v for m, v in readings.items() if m != "omega"}, timeout=30)
         run_collection(beamline, tmp_path, "x", n_images=20, exposure_time=0.02, osc_range=2.0)
     finally:
-        diffractometer.motor_directions, camera.rotation_axis_phiz = {}, 0.0
+        diffractometer.motor_directions, diffractometer.rotation_axis_phiz = {}, 0.0
     counts = beamline.collect.last_collection["reflection_counts"]
     expected = [mounted.diffraction.expected_rc({**in_beam, "omega": -(2.0 * i + 1.0)}) for i in range(20)]
     assert sum(expected) > 1000

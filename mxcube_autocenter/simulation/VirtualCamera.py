@@ -29,11 +29,9 @@ class VirtualCamera(HardwareObject):
     XML properties: ``width``, ``height`` (pixels), ``fps`` (frames per second
     of the ``imageReceived`` stream, default 25), ``jpeg_quality``,
     ``latency_s`` (delay between exposure and delivery), ``look``
-    (``default`` or ``random``), ``look_seed`` and ``rotation_axis_phiz``
-    (mm, default 0: the phiz at which the rotation axis crosses the beam, as
-    an MD3's calibrated AlignmentZ; SampleView's ``centring_reference_position``
-    of phiz on a real beamline). The scene is drawn with phiz counted from it,
-    and with the diffractometer's ``motor_directions``.
+    (``default`` or ``random``), ``look_seed``. The scene is drawn at the
+    diffractometer's motor readings as its wiring turns them into sample
+    positions (``VirtualDiffractometer.sample_frame``).
     Attribute ``stream_format``: ``"jpeg"`` (MDCameraMockup's
     ``imageReceived(jpeg_bytes, width, height)``) or ``"rgb"`` (mxcubecore's
     TangoLimaVideo in RGB24 video mode: ``imageReceived(rgb_bytes, width,
@@ -50,7 +48,6 @@ class VirtualCamera(HardwareObject):
             raise ValueError(f"{self.load_name}: fps = {self._fps}: give 1 to 100 frames per second")
         self._jpeg_quality = int(self.get_property("jpeg_quality", 90))
         self._latency_s = float(self.get_property("latency_s", 0.02))
-        self.rotation_axis_phiz = float(self.get_property("rotation_axis_phiz", 0.0))
         self.stream_format = self.get_property("stream_format", "jpeg")
         look = DEFAULT_LOOK
         if self.get_property("look", "default") == "random":
@@ -80,7 +77,7 @@ class VirtualCamera(HardwareObject):
         bl = HWR.beamline
         diffr = bl.diffractometer
         readings = {name: float(diffr.all_motors()[name].get_value()) for name in CENTRING_MOTORS}
-        motors = diffr.sample_frame({**readings, "phiz": readings["phiz"] - self.rotation_axis_phiz})
+        motors = diffr.sample_frame(readings)
         ppmm = tuple(diffr.get_pixels_per_mm())
         beam = tuple(bl.beam.get_beam_position_on_screen())
         mounted = bl.sample_changer.mounted

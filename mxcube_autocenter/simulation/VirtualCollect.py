@@ -33,8 +33,9 @@ class VirtualCollect(CollectMockup):
     XML properties: ``detector_clock_offset_s`` (detector clock minus wall
     clock, s), ``detector_clock_jitter_s`` (per-frame timestamp noise, s),
     ``detector`` (``small``, ``4M`` or ``16M`` frames), ``seed``. The
-    sample diffracts in the geometry the camera draws it in: the camera's
-    ``rotation_axis_phiz`` and the diffractometer's ``motor_directions``.
+    sample diffracts where the camera draws it: at the readings as the
+    diffractometer's wiring turns them into sample positions
+    (``VirtualDiffractometer.sample_frame``).
     """
 
     def init(self):
@@ -78,9 +79,6 @@ class VirtualCollect(CollectMockup):
         mounted = HWR.beamline.sample_changer.mounted
         plan = scan_plan(params, diffr.get_value_motors(), self._helical_positions if self._helical else None)
         fail_at, self._fail_at_image = self._fail_at_image, None
-        # The sample diffracts where the camera draws it: phiz counted from the rotation axis, each reading
-        # times its direction (VirtualCamera._scene).
-        axis_phiz = float(getattr(HWR.beamline.sample_view.camera, "rotation_axis_phiz", 0.0))
         # The scan moves the motors itself (update_value), past set_value's limit check.
         for name, value in plan.motors_at(plan.duration).items():
             if not motors[name].validate_value(value):
@@ -104,8 +102,7 @@ class VirtualCollect(CollectMockup):
                 gevent.sleep(min(_MOTION_STEP_S, max(0.0, frame_end - now)))
             if fail_at is not None and image >= fail_at:
                 raise RuntimeError(f"simulated detector failure at image {image + 1}")
-            mid = plan.motors_at((image + 0.5) * plan.exposure_time)
-            mid = diffr.sample_frame({**mid, "phiz": mid["phiz"] - axis_phiz})
+            mid = diffr.sample_frame(plan.motors_at((image + 0.5) * plan.exposure_time))
             count = mounted.diffraction.sample_rc(mid, self._rng) if mounted else 0
             counts.append(min(count, self.max_spots))
             ice = mounted.diffraction.sample_ice_spots(mid, self._rng) if mounted else 0

@@ -25,7 +25,10 @@ class VirtualDiffractometer(DiffractometerMockup):
     first), pixels per micrometre; ``motor_directions``, how each centring
     motor's reading runs against the simulated sample (+1 or -1 by role,
     default +1: a goniometer wired like SampleView's ``motor_directions`` of a
-    real one).
+    real one); ``rotation_axis_phiz`` (mm, default 0), the phiz reading at
+    which the rotation axis crosses the beam, as an MD3's calibrated
+    AlignmentZ (SampleView's ``centring_reference_position`` of phiz on a
+    real beamline).
     """
 
     def init(self):
@@ -40,6 +43,7 @@ class VirtualDiffractometer(DiffractometerMockup):
         self.pixels_per_um = tuple(float(s) for s in scales)
         directions = self.get_property("motor_directions", {})
         self.motor_directions = ast.literal_eval(directions) if isinstance(directions, str) else dict(directions)
+        self.rotation_axis_phiz = float(self.get_property("rotation_axis_phiz", 0.0))
         self.update_state(self.STATES.READY)
 
     def get_motors(self):
@@ -55,7 +59,12 @@ class VirtualDiffractometer(DiffractometerMockup):
         return super().get_motors()
 
     def sample_frame(self, readings: dict) -> dict:
-        """Motor readings as the simulated sample moves with them: times ``motor_directions`` (geometry.py)."""
+        """Motor readings as the simulated sample moves with them (geometry.py), for the camera and collections.
+
+        phiz is counted from ``rotation_axis_phiz``, then each reading is taken times its ``motor_directions``.
+        """
+        if "phiz" in readings:
+            readings = {**readings, "phiz": readings["phiz"] - self.rotation_axis_phiz}
         return sample_frame(readings, self.motor_directions)
 
     def get_pixels_per_mm(self):
