@@ -580,6 +580,42 @@ def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_
     assert read_table(raised).recordings[0]["matching"]["clock_offset_s"] == pytest.approx(1000.12, abs=0.01)
 
 
+def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):
+    # Older EIGER firmware writes its dates without a UTC offset (here in UTC); labelled on a computer two hours
+    # east, the detector's clock reads 2 h off the camera's: no other collection, and the error must say so.
+    import time as _time
+    from datetime import datetime, timezone
+
+    import h5py
+
+    recorded = simulate_collection(tmp_path, "xtal", 29, fps=12.0)
+
+    def naive(value):
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        utc = datetime.fromisoformat(text).astimezone(timezone.utc).replace(tzinfo=None)
+        return np.bytes_(utc.isoformat(timespec="microseconds"))
+
+    with h5py.File(recorded.master, "r+") as master:
+        specific = master["entry/instrument/detector/detectorSpecific"]
+        date = naive(specific["data_collection_date"][()])
+        del specific["data_collection_date"]
+        specific["data_collection_date"] = date
+        for name in ("start_time", "stop_time"):
+            times = master["entry/instrument/detector"][name]
+            times.attrs["start"] = naive(times.attrs["start"])
+    monkeypatch.setenv("TZ", "Etc/GMT-2")  # UTC+02:00
+    _time.tzset()
+    try:
+        entry = label_recordings([recorded.recording], tmp_path / "dataset.h5", progress=False).recordings[0]
+    finally:
+        monkeypatch.undo()
+        _time.tzset()
+    assert entry.status == "error"
+    assert entry.message.startswith(f"{recorded.master}: its dates carry no UTC offset")
+    assert "(UTC+0200)" in entry.message and "(-2 h) off the camera's" in entry.message
+    assert "TZ=" in entry.message and "--clock-offset -7199." in entry.message
+
+
 def test_only_the_detector_frames_matched_to_a_camera_frame_are_counted(tmp_path, monkeypatch):
     # A camera of 5 frames/s against a detector of 20: three in four detector frames label nothing.
     slow = simulate_collection(tmp_path, "slow", 28, fps=5.0)

@@ -90,6 +90,9 @@ class EigerSeries:
     start_time : float
         Collection start (``data_collection_date``), unix time (s). A date
         without a UTC offset is taken as this computer's local time.
+    local_dates : bool
+        Whether a date was so taken (``data_collection_date`` or the
+        per-frame times' ``start``).
     frame_start_times, frame_stop_times : ndarray of float or None
         Per-frame start and end by the detector's clock (NXdetector
         ``start_time`` / ``stop_time``), unix time (s); None when the file has none.
@@ -135,6 +138,7 @@ class EigerSeries:
         self.ntrigger = int(specific["ntrigger"][()]) if "ntrigger" in specific else 1
         self.nimages = int(self._value(specific, "nimages")) * self.ntrigger
         self.declared_images = self.nimages
+        self.local_dates = False  # set by _unix_time on a date without a UTC offset
         self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
         mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
@@ -222,11 +226,13 @@ class EigerSeries:
     def _unix_time(self, text: str, what: str) -> float:
         try:
             # Python 3.10 does not read the "Z" suffix of UTC.
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            date = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError as err:
             raise EigerFileError(
                 f"{self.master_path}: {what} {text!r} is not an ISO-8601 date ({err}); fix or re-collect"
             ) from err
+        self.local_dates = self.local_dates or date.tzinfo is None
+        return date.timestamp()
 
     def _frame_times(self, detector: h5py.Group, name: str) -> np.ndarray | None:
         """NXdetector per-frame times, made absolute with their ``start`` attribute."""

@@ -64,6 +64,8 @@ STILL_WRITTEN_S = 60.0
 # an estimate of minutes means the master file is another collection's (a later run that reused the prefix and
 # run number, another sample's file of the same name): its counts would label the recording unnoticed.
 MAX_CLOCK_OFFSET_S = 60.0
+# Time zones differ by whole quarter hours, s.
+_TIME_ZONE_STEP_S = 900.0
 # DIALS' defaults, but spots on the ice rings are left out: the count labels
 # what a crystal diffracts, and ice counted as crystal would teach a model to
 # centre on ice.
@@ -453,7 +455,7 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         master = find_master_file(recording)
         with open_master(master) as series:
             nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
-            detector_start = series.start_time
+            detector_start, local_dates = series.start_time, series.local_dates
         fitted = regular_windows(windows) if regularise else None
         if fitted is not None and fitted.regular:
             windows = fitted.windows
@@ -462,7 +464,7 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         offset = clock_offset
         if offset is None:
             offset = _estimate_offset(recording, windows)
-            _check_same_collection(recording, master, offset, detector_start, max_clock_offset)
+            _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
         match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
         if match.n_matched == 0:
             raise LabellingError(
@@ -535,7 +537,8 @@ def _estimate_offset(recording, windows):
         raise LabellingError(f"{recording.path}: {err}; give clock_offset") from err
 
 
-def _check_same_collection(recording, master: Path, offset, detector_start: float, limit: float) -> None:
+def _check_same_collection(recording, master: Path, offset, detector_start: float, limit: float,
+                           local_dates: bool = False) -> None:  # fmt: skip
     """Refuse a master file whose collection the estimated clock offset says is not the recording's.
 
     The offset is estimated so that the detector frames fall on the camera
@@ -553,6 +556,11 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         The master file's collection start, unix s (detector clock).
     limit : float
         Largest offset taken as such, s.
+    local_dates : bool
+        The master file's dates carry no UTC offset (read as this computer's
+        local time): an offset within ``limit`` of whole quarter hours is
+        then more likely a time zone than another collection, and the error
+        says so.
 
     Raises
     ------
@@ -563,6 +571,16 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         return
     started = recording.metadata.get("collection_start", recording.timestamps[0])
     source = "the goniometer's motion" if offset.method == "omega" else "the first exposure"
+    zone_s = round(float(offset) / _TIME_ZONE_STEP_S) * _TIME_ZONE_STEP_S
+    if local_dates and abs(float(offset) - zone_s) <= limit:
+        here = datetime.fromtimestamp(detector_start).astimezone().strftime("%z")
+        raise LabellingError(
+            f"{master}: its dates carry no UTC offset and are read as this computer's local time (UTC{here}), "
+            f"and its frames fall on those of {recording.path} with the detector's clock {float(offset):+.1f} s "
+            f"({zone_s / 3600:+g} h) off the camera's: the detector wrote its dates in another time zone. Label "
+            "in the detector's time zone (TZ=... before the command), or give clock_offset (--clock-offset "
+            f"{float(offset):.3f}, detector minus camera, s)"
+        )
     raise LabellingError(
         f"{master}: not the collection of {recording.path}: its frames fall on the recording's only with the "
         f"detector's clock {float(offset):+.1f} s off the camera's (estimated from {source}; more than "
