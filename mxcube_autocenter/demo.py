@@ -343,11 +343,11 @@ def _model_file_learning(predictor) -> dict:
     from mxcube_autocenter.learning.training import load_model
 
     info = predictor.info
-    test = (info.get("metrics") or {}).get("test") or {}
+    test = info["metrics"].get("test") or {}
     learning = {
         "source": "model file metadata",
         "model": str(predictor.regressor_path),
-        "rows": (info.get("split") or {}).get("rows"),
+        "rows": info["split"].get("rows"),
         "report_subset": "test",
         "spearman": test.get("spearman"),
         "spearman_expected": test.get("spearman_expected"),

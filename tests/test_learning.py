@@ -493,11 +493,15 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     with pytest.raises(ModelFileError, match="lacks"):
         load_model(incomplete)
     # Everything the file describes is checked, not only what centring needs.
-    for key in ("data", "split", "metrics", "label", "training"):
+    for key in ("data", "split", "metrics", "training"):
         path = str(tmp_path / f"no_{key}.keras")
         attach_info(A.build("fcn", (SMALL, SMALL, 3)), {k: v for k, v in trained.info.items() if k != key}).save(path)
         with pytest.raises(ModelFileError, match=rf"lacks \['{key}'\]"):
             load_model(path)
+    # A file of a version before the label was stored (same format_version) learnt the recorded counts.
+    unlabelled = str(tmp_path / "no_label.keras")
+    attach_info(A.build("fcn", (SMALL, SMALL, 3)), {k: v for k, v in trained.info.items() if k != "label"}).save(unlabelled)
+    assert load_model(unlabelled)[1]["label"] == "rc"
 
     # Metadata present but unusable: refused when loaded, not at the first centring.
     broken = {

@@ -123,11 +123,6 @@ def _rows_for(info, table, subset, model_path):
         return np.arange(len(table))
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS} or 'all', not {subset!r}")
-    if not info.get("split"):
-        raise ValueError(
-            f"{model_path} stores no split, so its {subset} crystals are unknown: evaluate on a separate test set "
-            "with --subset all (subset='all')"
-        )
     split = Split.from_config(info["split"])
     rows = split.indices(table.crystal_id)[subset]
     if len(rows) == 0:
@@ -352,7 +347,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     except OSError as err:
         raise OSError(f"cannot create the report directory {out_dir} ({err}): choose another --out") from err
     print(f"evaluating {model_path} on {len(rows)} {subset} rows of {dataset_path}")
-    trained_on = (info.get("split") or {}).get("train", ())
+    trained_on = info["split"]["train"]
     seen = int(np.isin(table.crystal_id[rows].astype(str), np.asarray(trained_on, dtype=str)).sum()) if trained_on else 0
     if seen and subset != "train":
         log.warning(

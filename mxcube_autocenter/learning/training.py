@@ -22,7 +22,8 @@ the validation and test subsets.
 
 :func:`load_model` refuses, with an error naming the file and the fix, a
 file with no metadata, an unknown format version, metadata lacking any of
-the keys above or holding one that does not parse (a split with a crystal
+the keys above but ``label`` (absent from files of versions before it was
+stored, which learnt ``rc``) or holding one that does not parse (a split with a crystal
 in two subsets), or a network whose input shape disagrees with its metadata.
 
 Distribution
@@ -181,8 +182,10 @@ def load_model(path):
             f"this version ({__version__}) reads format_version {MODEL_FORMAT_VERSION}",
             f"Use the mxcube_autocenter version that wrote it, or retrain. {retrain}",
         )
-    missing = [key for key in ("package_version", "created", "task", "label", "input", "architecture", "data",
-                               "split", "training", "metrics") if key not in info]  # fmt: skip
+    missing = [key for key in ("package_version", "created", "task", "input", "architecture", "data", "split",
+                               "training", "metrics") if key not in info]  # fmt: skip
+    # Files written before the label was stored (format_version 1 all the same) learnt the recorded counts.
+    info.setdefault("label", DEFAULT_LABEL)
     task = info.get("task")
     if task == "regression" and "transform" not in info:
         missing.append("transform")
@@ -694,7 +697,7 @@ def held_out_seen(path, info, split) -> list:
     Warns when there are any: fine-tuned from that model, the validation
     and test figures would read too high (they are no longer held out).
     """
-    trained = set((info.get("split") or {}).get("train", ()))
+    trained = set(info["split"]["train"])
     seen = sorted(c for c in (*split.validation, *split.test) if c in trained)
     if seen:
         named = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
