@@ -119,6 +119,11 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         description="Views in which the chosen point may score below min_score (a plate or needle seen edge-on "
         "hardly shows on camera); the others, at least two, must reach it.",
     )  # fmt: skip
+    refine_max_um: float = Field(
+        default=7.0, ge=0, le=50,
+        description="Largest move of the fused point onto the dark mass of the crystal the views predict, um; 0: "
+        "the heatmaps' point as it is.",
+    )
     min_crystal_probability: float = Field(
         default=0.5, ge=0, le=1, description="Smallest classifier probability that counts as a crystal."
     )

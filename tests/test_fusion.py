@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
+from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.geometry import centred_motors, sample_frame
 
 PPMM = (1300.0, 1300.0)
@@ -175,3 +175,58 @@ def test_sample_frame_turns_reversed_readings_and_leaves_the_rest():
     readings = {"omega": 30.0, "phiy": 0.2, "phiz": -0.1, "sampx": 0.05, "sampy": 0.01, "kappa": 10.0}
     frame = sample_frame(readings, {"omega": -1, "phiy": -1, "sampy": 1})
     assert frame == {"omega": -30.0, "phiy": -0.2, "phiz": -0.1, "sampx": 0.05, "sampy": 0.01, "kappa": 10.0}
+
+
+def rod_image(axis_uv, motors, half_width_um=5.0, shape=(1024, 1280)):
+    """A backlit frame with a dark rod along the spindle through sample point ``(0, *axis_uv)``."""
+    y = project(np.array([0.0, *axis_uv]), motors, PPMM, BEAM)[1]
+    rows = np.arange(shape[0])[:, None]
+    dark = np.abs(rows - y) <= half_width_um * PPMM[1] / 1000
+    return np.broadcast_to(np.where(dark, 90.0, 200.0), shape).astype(np.float32)
+
+
+def flat_view(omega, level=50.0, mask=None):
+    return View(np.full((len(YS), len(XS)), level), XS, YS, dict(MOTORS, omega=omega), mask)
+
+
+def refine(point, axis_uv, max_um=7.0, masks=(None, None, None)):
+    views = [flat_view(w, mask=m) for w, m in zip((0.0, 60.0, 120.0), masks)]
+    images = [rod_image(axis_uv, v.motors) for v in views]
+    return refine_on_image(point, views, images, PPMM, BEAM, max_um=max_um)
+
+
+def across_um(point, axis_uv):
+    return 1000 * np.hypot(point[1] - axis_uv[0], point[2] - axis_uv[1])
+
+
+def test_refinement_moves_a_point_beside_a_thin_rod_onto_it():
+    axis_uv = (0.01, -0.02)
+    point = np.array([0.1, axis_uv[0] + 0.004, axis_uv[1] - 0.003])  # 5 um beside a 10 um thick rod
+    refined = refine(point, axis_uv)
+    assert across_um(refined, axis_uv) < 1.0
+    assert refined[0] == pytest.approx(point[0], abs=1e-4)  # the rod runs along the spindle: no pull along it
+
+
+def test_refinement_moves_at_most_max_um():
+    axis_uv = (0.01, -0.02)
+    point = np.array([0.1, axis_uv[0] + 0.012, axis_uv[1]])  # 12 um away: within reach, beyond max_um
+    for max_um in (3.0, 7.0):
+        assert 1000 * np.linalg.norm(refine(point, axis_uv, max_um) - point) == pytest.approx(max_um, abs=0.05)
+    np.testing.assert_array_equal(refine(point, axis_uv, 0.0), point)
+
+
+def test_refinement_stays_where_the_image_is_uniform():
+    views = [flat_view(w) for w in (0.0, 60.0, 120.0)]
+    point = np.array([0.1, 0.01, -0.02])
+    refined = refine_on_image(point, views, [np.full((1024, 1280, 3), 180, np.uint8)] * 3, PPMM, BEAM)
+    assert 1000 * np.linalg.norm(refined - point) < 0.1
+
+
+def test_refinement_ignores_dark_things_outside_the_sample_mask():
+    axis_uv = (0.01, -0.02)
+    point = np.array([0.1, axis_uv[0] + 0.006, axis_uv[1]])
+    masks = []
+    for w in (0.0, 60.0, 120.0):
+        y = project(np.array([0.0, *axis_uv]), dict(MOTORS, omega=w), PPMM, BEAM)[1]
+        masks.append(np.broadcast_to(np.abs(YS - y)[:, None] > 15, (len(YS), len(XS))))  # the rod is off the sample
+    assert 1000 * np.linalg.norm(refine(point, axis_uv, masks=masks) - point) < 0.5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -24,6 +25,9 @@ from mxcube_autocenter.geometry import sample_to_screen
 
 # Stands for "outside a view's region or mask"; finite so interpolation stays finite.
 _EXCLUDED = -1e9
+# Mean weight (darkness below the backlight, times the relative prediction) under which
+# refine_on_image leaves a view's projection where it is.
+_MIN_DARKNESS = 0.01
 
 
 @dataclass(frozen=True)
@@ -260,3 +264,98 @@ def project(point, motors, pixels_per_mm, beam_position) -> tuple:
     """Screen position, pixels, of a sample point at these motor positions."""
     xy, _ = sample_to_screen(np.asarray(point)[None], motors, pixels_per_mm, beam_position)
     return float(xy[0, 0]), float(xy[0, 1])
+
+
+def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=10.0, radius_um=16.0,
+                    iterations=10, background_um=90.0) -> np.ndarray:  # fmt: skip
+    """Move a fused point onto the dark mass of the crystal its views predict, by at most ``max_um``.
+
+    The heatmaps see a crop hundreds of um wide, so their plateau lies over
+    a crystal only to within several um, while a needle or a plate seen
+    edge-on may be 10 um thick. The camera image is sharper: a crystal in
+    the backlight is darker than the liquid around it. So the point goes
+    where, in every view, the darkness weighted by the view's prediction
+    has its centroid within ``radius_um`` of the point's projection (a
+    mean shift: project, take each view's centroid, triangulate, repeat).
+    The prediction, relative to its value at the fused point and at most 1,
+    keeps the point off dark things the model does not take for a crystal
+    (a loop's rim, a mesh's bars, anything outside the sample mask).
+
+    Parameters
+    ----------
+    point : (3,) array_like
+        The fused sample point, ``(a, u, v)``, mm.
+    views : sequence of View
+        The views fused (their heatmaps, masks and motor positions).
+    images : sequence of ndarray
+        Each view's camera frame, (H, W) grey or (H, W, 3) colour.
+    pixels_per_mm, beam_position
+        As in :func:`fuse_views`.
+    max_um : float
+        Largest 3D move from ``point``, um; 0 returns ``point``.
+    radius_um : float
+        Reach of each view's centroid around the projection, um.
+    iterations : int
+        Mean-shift steps.
+    background_um : float
+        Half side of the square around the fused point's projection whose
+        brightest pixels (95th percentile) are taken as the backlight, um.
+
+    Returns
+    -------
+    (3,) ndarray
+        The refined point, mm.
+    """
+    point = np.asarray(point, dtype=np.float64)
+    if max_um <= 0:
+        return point
+    ppx, ppy = (float(p) for p in pixels_per_mm)
+    weights = [_dark_weights(view, image, project(point, view.motors, pixels_per_mm, beam_position), (ppx, ppy),
+                             background_um) for view, image in zip(views, images)]  # fmt: skip
+    radius = radius_um * 1e-3
+    current = point
+    for _ in range(iterations):
+        targets = [_centroid(w, project(current, view.motors, pixels_per_mm, beam_position), radius, (ppx, ppy))
+                   for w, view in zip(weights, views)]  # fmt: skip
+        step = triangulate(targets, [view.motors for view in views], pixels_per_mm, beam_position) - point
+        length = 1000.0 * np.linalg.norm(step)
+        current = point + (step * max_um / length if length > max_um else step)
+    return current
+
+
+def _dark_weights(view: View, image, at, pixels_per_mm, background_um) -> tuple:
+    """Darkness times relative prediction on a window around ``at``: ``(weights, x0, y0)``."""
+    ppx, ppy = pixels_per_mm
+    half_x, half_y = int(np.ceil(background_um * 1e-3 * ppx)), int(np.ceil(background_um * 1e-3 * ppy))
+    x, y = int(round(at[0])), int(round(at[1]))
+    x0, y0 = max(0, x - half_x), max(0, y - half_y)
+    window = np.asarray(image[y0:y + half_y + 1, x0:x + half_x + 1], dtype=np.float32)
+    if window.size == 0:
+        return np.zeros((1, 1), np.float32), x0, y0
+    grey = window.mean(axis=2) if window.ndim == 3 else window
+    # About 1.5 um: pixel noise and JPEG blocks, not the crystal's edges.
+    grey = cv2.GaussianBlur(grey, (0, 0), 1.2e-3 * ppx)
+    darkness = np.clip(1.0 - grey / max(float(np.percentile(grey, 95)), 1e-6), 0.0, None)
+    values = _prepared(view, 1.0)
+    values = np.where(values > _EXCLUDED / 2, values, 0.0)  # outside the sample: never a crystal
+    rows = (y0 + np.arange(grey.shape[0]) - view.ys[0]) / (view.ys[1] - view.ys[0]) if len(view.ys) > 1 else None
+    cols = (x0 + np.arange(grey.shape[1]) - view.xs[0]) / (view.xs[1] - view.xs[0]) if len(view.xs) > 1 else None
+    if rows is None or cols is None:
+        return darkness, x0, y0
+    r, c = np.meshgrid(rows, cols, indexing="ij")
+    predicted = np.clip(ndimage.map_coordinates(values, [r, c], order=1, mode="constant", cval=0.0), 0.0, None)
+    own = float(predicted[min(y - y0, grey.shape[0] - 1), min(x - x0, grey.shape[1] - 1)])
+    return darkness * np.clip(predicted / max(own, 1e-6), 0.0, 1.0), x0, y0
+
+
+def _centroid(weights, at, radius_mm, pixels_per_mm) -> tuple:
+    """Weighted centroid, screen pixels, of the window's pixels within ``radius_mm`` of ``at``."""
+    w, x0, y0 = weights
+    ppx, ppy = pixels_per_mm
+    yy, xx = np.mgrid[: w.shape[0], : w.shape[1]]
+    near = ((xx + x0 - at[0]) / ppx) ** 2 + ((yy + y0 - at[1]) / ppy) ** 2 <= radius_mm**2
+    total = float(w[near].sum())
+    # Next to nothing dark the model takes for a crystal: no pull, however lopsided the little there is.
+    if total <= _MIN_DARKNESS * near.sum():
+        return at
+    return float((w[near] * xx[near]).sum() / total + x0), float((w[near] * yy[near]).sum() / total + y0)

@@ -22,7 +22,7 @@ import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
-from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, triangulate, value_at
+from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
@@ -140,6 +140,7 @@ class CentringSettings:
     max_displacement_mm: float
     move_timeout_s: float
     verify: str
+    refine_max_um: float
     loop_search_rotations: int = 4
     # The middle of the fused score's plateau, not its maximum (fuse_views): on the demo's held-out
     # crystals 0.8 of the peak did as well as 0.7 and better than 0.9 (docs/centring.md, step 4).
@@ -156,7 +157,7 @@ class CentringSettings:
             "min_crystal_probability": config.min_crystal_probability,
             "fallback": config.no_crystal_fallback, "pin_side": config.pin_side,
             "max_displacement_mm": config.max_displacement_mm, "move_timeout_s": config.move_timeout_s,
-            "verify": config.verify_centring, **overrides,
+            "verify": config.verify_centring, "refine_max_um": config.refine_max_um, **overrides,
         })  # fmt: skip
 
     def __post_init__(self):
@@ -449,17 +450,22 @@ def not_started(bl: Beamline, why: str) -> CentringResult:
 def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: CentringSettings):
     """Fuse the views into one sample point; None when it is not worth shooting at.
 
-    Each angle's ``point``, ``score`` and ``crystal_probability`` become
-    those of the fused point's projection in that view.
+    The fused point is then moved onto the crystal's dark mass in the
+    images, by at most ``refine_max_um`` (:func:`.fusion.refine_on_image`).
+    Each angle's ``point`` and ``crystal_probability`` become those of the
+    final point's projection in that view, its ``score`` the fused point's
+    prediction there (what decides whether it is a crystal).
     """
     views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.sample_frame, a.mask) for a in angles]
     fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, blind=settings.blind_views,
                        plateau=settings.plateau)  # fmt: skip
+    point = refine_on_image(fused.point, views, [a.frame for a in angles], pixels_per_mm, beam_position,
+                            max_um=settings.refine_max_um)  # fmt: skip
     for angle, score in zip(angles, fused.scores):
-        angle.point = project(fused.point, angle.sample_frame, pixels_per_mm, beam_position)
+        angle.point = project(point, angle.sample_frame, pixels_per_mm, beam_position)
         angle.score = score
         angle.crystal_probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
-    return fused.point if is_crystal(angles, settings) else None
+    return point if is_crystal(angles, settings) else None
 
 
 def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, why: str):
