@@ -375,8 +375,15 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
         read_table(str(tmp_path / "missing.h5"))
 
 
-def test_file_caches_go_with_their_pipelines_and_training_leaves_none(dataset_path, tmp_path):
-    """A file cache holds every crop of its subset: it must not outlive the pipeline (nor a training run)."""
+def open_files(path) -> list:
+    """The HDF5 files open in this process under ``path``."""
+    ids = h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+    return [i for i in ids if os.path.samefile(h5py.File(i).filename, path)]
+
+
+def test_file_caches_and_the_set_go_with_their_pipelines_and_training_leaves_none(dataset_path, tmp_path):
+    """A file cache holds every crop of its subset: it must not outlive the pipeline (nor a training run), and
+    neither may the set's file stay open (TensorFlow keeps the pipeline's reader long after it)."""
     import gc
 
     from mxcube_autocenter.labelling.dataset import read_table
@@ -390,13 +397,16 @@ def test_file_caches_go_with_their_pipelines_and_training_leaves_none(dataset_pa
     for _ in range(2):
         assert sum(len(b[1]) for b in ds) == 20
     assert len(list(folder.iterdir())) == 1
+    assert open_files(dataset_path)
     del ds
     gc.collect()
     assert list(folder.iterdir()) == []
+    assert open_files(dataset_path) == []
     train(dataset_path, "fcn", "log", str(tmp_path / "model"), crop_um=160, input_size=SMALL, epochs=2,
           batch_size=16, verbose=0, cache=folder)
     gc.collect()
     assert list(folder.iterdir()) == []
+    assert open_files(dataset_path) == []
 
 
 def test_auto_cache_keeps_crops_in_memory_where_they_fit_and_the_command_line_chooses(dataset_path):

@@ -112,8 +112,12 @@ def decoded_rows(ds: tf.data.Dataset, decode, cache, n_rows: int, row_bytes: int
     return ds, cache_dir
 
 
-def remove_with(ds: tf.data.Dataset, cache_dir) -> tf.data.Dataset:
-    """The finished pipeline, its file cache (if any) removed once it is gone."""
+def remove_with(ds: tf.data.Dataset, cache_dir, reader) -> tf.data.Dataset:
+    """The finished pipeline, its file cache (if any) removed and its ``RowReader``'s file closed once it is gone."""
+    # TensorFlow's registry of numpy_functions keeps their closures, and with them the reader,
+    # long after the pipeline: without this, every pipeline would leave its HDF5 file open.
+    # A reader closed while a copy of the pipeline still runs opens the file again.
+    weakref.finalize(ds, reader.close)
     if cache_dir is not None:
         # The file cache lives as long as the pipeline (its iterators and the datasets made from it hold it),
         # at the latest until the program ends: a file of every row per pipeline would otherwise stay behind.
@@ -206,5 +210,4 @@ def make_dataset(
     options = tf.data.Options()
     # Rows come from one file through a Python function: shard by element, not by file.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # The reader stays alive with the dataset: the map function's closure holds it.
-    return remove_with(ds.with_options(options), cache_dir)
+    return remove_with(ds.with_options(options), cache_dir, reader)

@@ -367,7 +367,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
 
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(turn, num_parallel_calls=tf.data.AUTOTUNE)
-    return remove_with(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), cache_dir)
+    return remove_with(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), cache_dir, reader)
 
 
 def peak_hit_rate(expected, predicted, valid, min_count: float = PEAK_MIN_COUNT, share: float = 0.5) -> float | None:
