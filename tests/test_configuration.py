@@ -188,13 +188,23 @@ def test_elements_written_over_several_lines_and_the_text_none_read_as_meant(tmp
         assert (ho.config.heatmap_symmetries, ho.config.no_crystal_fallback) == ("none", "none")
 
 
-@pytest.mark.parametrize("prop", ["record_max_frames", "centring_angles", "blind_views", "min_crystal_probability"])
+@pytest.mark.parametrize("prop", ["record_max_frames", "centring_angles", "blind_views", "min_crystal_probability",
+                                  "refine_max_um"])
 def test_true_or_false_is_no_number(prop):
     # mxcubecore reads the text True as a bool, which pydantic would take as 1: one frame a collection,
     # or a classifier that refuses every crystal.
     with pytest.raises(ValueError) as err:
         _from_xml(**{prop: "True"})
     assert f"{prop} = True: Value error, expected a number, not True or False" in str(err.value)
+
+
+def test_refinement_onto_the_crystal_is_bounded_and_may_be_off():
+    assert _from_xml(refine_max_um="0").refine_max_um == 0.0
+    assert _from_xml().refine_max_um == 7.0
+    for bad in ("-1", "80"):
+        with pytest.raises(ValueError) as err:
+            _from_xml(refine_max_um=bad)
+        assert f"refine_max_um = {bad}" in str(err.value)
 
 
 def test_home_in_a_path_is_expanded_and_a_save_folder_is_no_template(tmp_path, monkeypatch):
