@@ -230,3 +230,34 @@ def test_refinement_ignores_dark_things_outside_the_sample_mask():
         y = project(np.array([0.0, *axis_uv]), dict(MOTORS, omega=w), PPMM, BEAM)[1]
         masks.append(np.broadcast_to(np.abs(YS - y)[:, None] > 15, (len(YS), len(XS))))  # the rod is off the sample
     assert 1000 * np.linalg.norm(refine(point, axis_uv, masks=masks) - point) < 0.5
+
+
+def test_refinement_does_not_drift_when_the_views_translations_differ():
+    """Views taken at slightly different translations (fuse_views allows it): a uniform image moves nothing."""
+    views = [View(np.full((len(YS), len(XS)), 50.0), XS, YS, dict(MOTORS, omega=w, phiy=MOTORS["phiy"] + dy))
+             for w, dy in ((0.0, 0.0), (60.0, 0.001), (120.0, -0.0005))]  # fmt: skip
+    point = np.array([0.1, 0.01, -0.02])
+    refined = refine_on_image(point, views, [np.full((1024, 1280), 180, np.uint8)] * 3, PPMM, BEAM)
+    assert 1000 * np.linalg.norm(refined - point) < 0.01
+
+
+def test_refinement_keeps_a_point_off_the_frame_and_one_that_would_leave_a_mask():
+    views = [flat_view(w) for w in (0.0, 60.0, 120.0)]
+    far = np.array([0.1, 0.9, 0.9])  # projects hundreds of um beyond the frame's edges
+    refined = refine_on_image(far, views, [rod_image((0.01, -0.02), v.motors) for v in views], PPMM, BEAM)
+    np.testing.assert_array_equal(refined, far)
+    # A dark blob 8 um along the spindle pulls the point there in two views; the third view's mask ends
+    # 7 px (5 um) beyond the point, so the point would leave it: it stays where it was.
+    point = np.array([0.1, 0.01, -0.02])
+    blob = point + [0.008, 0.0, 0.0]
+    images, masks = [], []
+    for w in (0.0, 60.0, 120.0):
+        motors = dict(MOTORS, omega=w)
+        bx, by = project(blob, motors, PPMM, BEAM)
+        yy, xx = np.mgrid[:1024, :1280]
+        images.append(np.where((xx - bx) ** 2 + (yy - by) ** 2 <= (5 * 1.3) ** 2, 90, 200).astype(np.uint8))
+        masks.append(np.broadcast_to(XS <= project(point, motors, PPMM, BEAM)[0] + 7, (len(YS), len(XS))))
+    free = [flat_view(w) for w in (0.0, 60.0, 120.0)]
+    assert 1000 * (refine_on_image(point, free, images, PPMM, BEAM)[0] - point[0]) == pytest.approx(7.0, abs=0.05)
+    fenced = [flat_view(w, mask=m if k == 1 else None) for k, (w, m) in enumerate(zip((0.0, 60.0, 120.0), masks))]
+    np.testing.assert_array_equal(refine_on_image(point, fenced, images, PPMM, BEAM), point)

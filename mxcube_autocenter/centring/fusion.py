@@ -266,7 +266,7 @@ def project(point, motors, pixels_per_mm, beam_position) -> tuple:
     return float(xy[0, 0]), float(xy[0, 1])
 
 
-def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=10.0, radius_um=16.0,
+def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=7.0, radius_um=16.0,
                     iterations=10, background_um=90.0) -> np.ndarray:  # fmt: skip
     """Move a fused point onto the dark mass of the crystal its views predict, by at most ``max_um``.
 
@@ -279,7 +279,11 @@ def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=1
     mean shift: project, take each view's centroid, triangulate, repeat).
     The prediction, relative to its value at the fused point and at most 1,
     keeps the point off dark things the model does not take for a crystal
-    (a loop's rim, a mesh's bars, anything outside the sample mask).
+    (a loop's rim, a mesh's bars, anything outside the sample mask). In a
+    view that hardly sees the crystal (a plate edge-on, the blind view of
+    :func:`fuse_views`) that leaves the darkness nearly alone, and rightly:
+    there the crystal is a thin dark line. A point that would leave any
+    view's region or sample mask stays where it was.
 
     Parameters
     ----------
@@ -309,17 +313,22 @@ def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=1
     point = np.asarray(point, dtype=np.float64)
     if max_um <= 0:
         return point
-    ppx, ppy = (float(p) for p in pixels_per_mm)
-    weights = [_dark_weights(view, image, project(point, view.motors, pixels_per_mm, beam_position), (ppx, ppy),
-                             background_um) for view, image in zip(views, images)]  # fmt: skip
-    radius = radius_um * 1e-3
+    ppmm = tuple(float(p) for p in pixels_per_mm)
+    motors = [view.motors for view in views]
+    weights = [_dark_weights(view, image, project(point, view.motors, ppmm, beam_position), ppmm, background_um)
+               for view, image in zip(views, images)]
     current = point
     for _ in range(iterations):
-        targets = [_centroid(w, project(current, view.motors, pixels_per_mm, beam_position), radius, (ppx, ppy))
-                   for w, view in zip(weights, views)]  # fmt: skip
-        step = triangulate(targets, [view.motors for view in views], pixels_per_mm, beam_position) - point
+        at = [project(current, m, ppmm, beam_position) for m in motors]
+        targets = [_centroid(w, a, radius_um * 1e-3, ppmm) for w, a in zip(weights, at)]
+        # The move the views ask for, as a difference: triangulate takes the first view's translations
+        # for all, so it would not give ``current`` back from its own projections were the views' to differ.
+        step = current - point + triangulate(targets, motors, ppmm, beam_position) - triangulate(
+            at, motors, ppmm, beam_position)  # fmt: skip
         length = 1000.0 * np.linalg.norm(step)
         current = point + (step * max_um / length if length > max_um else step)
+    if any(outside(value_at(view, project(current, view.motors, ppmm, beam_position))) for view in views):
+        return point
     return current
 
 
@@ -329,23 +338,22 @@ def _dark_weights(view: View, image, at, pixels_per_mm, background_um) -> tuple:
     half_x, half_y = int(np.ceil(background_um * 1e-3 * ppx)), int(np.ceil(background_um * 1e-3 * ppy))
     x, y = int(round(at[0])), int(round(at[1]))
     x0, y0 = max(0, x - half_x), max(0, y - half_y)
-    window = np.asarray(image[y0:y + half_y + 1, x0:x + half_x + 1], dtype=np.float32)
-    if window.size == 0:
+    window = np.asarray(image[y0 : max(0, y + half_y + 1), x0 : max(0, x + half_x + 1)], dtype=np.float32)
+    if window.size == 0 or len(view.xs) < 2 or len(view.ys) < 2:
         return np.zeros((1, 1), np.float32), x0, y0
     grey = window.mean(axis=2) if window.ndim == 3 else window
     # About 1.5 um: pixel noise and JPEG blocks, not the crystal's edges.
-    grey = cv2.GaussianBlur(grey, (0, 0), 1.2e-3 * ppx)
+    grey = cv2.GaussianBlur(grey, (0, 0), sigmaX=1.2e-3 * ppx, sigmaY=1.2e-3 * ppy)
     darkness = np.clip(1.0 - grey / max(float(np.percentile(grey, 95)), 1e-6), 0.0, None)
     values = _prepared(view, 1.0)
     values = np.where(values > _EXCLUDED / 2, values, 0.0)  # outside the sample: never a crystal
-    rows = (y0 + np.arange(grey.shape[0]) - view.ys[0]) / (view.ys[1] - view.ys[0]) if len(view.ys) > 1 else None
-    cols = (x0 + np.arange(grey.shape[1]) - view.xs[0]) / (view.xs[1] - view.xs[0]) if len(view.xs) > 1 else None
-    if rows is None or cols is None:
-        return darkness, x0, y0
+    rows = (y0 + np.arange(grey.shape[0]) - view.ys[0]) / (view.ys[1] - view.ys[0])
+    cols = (x0 + np.arange(grey.shape[1]) - view.xs[0]) / (view.xs[1] - view.xs[0])
     r, c = np.meshgrid(rows, cols, indexing="ij")
     predicted = np.clip(ndimage.map_coordinates(values, [r, c], order=1, mode="constant", cval=0.0), 0.0, None)
-    own = float(predicted[min(y - y0, grey.shape[0] - 1), min(x - x0, grey.shape[1] - 1)])
-    return darkness * np.clip(predicted / max(own, 1e-6), 0.0, 1.0), x0, y0
+    own = value_at(view, at)
+    scale = max(0.0 if outside(own) else own, 1e-6)
+    return darkness * np.clip(predicted / scale, 0.0, 1.0), x0, y0
 
 
 def _centroid(weights, at, radius_mm, pixels_per_mm) -> tuple:
