@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from mxcube_autocenter.centring.peak import smooth
+from mxcube_autocenter.learning.crops import BACKLIGHT_PERCENTILE
 from mxcube_autocenter.geometry import sample_to_screen
 
 # Stands for "outside a view's region or mask"; finite so interpolation stays finite.
@@ -303,7 +304,8 @@ def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=7
         Mean-shift steps.
     background_um : float
         Half side of the square around the fused point's projection whose
-        brightest pixels (95th percentile) are taken as the backlight, um.
+        brightest pixels (``BACKLIGHT_PERCENTILE``, as the model's input
+        normalisation) are taken as the backlight, um.
 
     Returns
     -------
@@ -333,18 +335,18 @@ def refine_on_image(point, views, images, pixels_per_mm, beam_position, max_um=7
 
 
 def _dark_weights(view: View, image, at, pixels_per_mm, background_um) -> tuple:
-    """Darkness times relative prediction on a window around ``at``: ``(weights, x0, y0)``."""
+    """Darkness times relative prediction on a window around ``at``: ``(weights, xs, ys)``, screen pixels."""
     ppx, ppy = pixels_per_mm
     half_x, half_y = int(np.ceil(background_um * 1e-3 * ppx)), int(np.ceil(background_um * 1e-3 * ppy))
     x, y = int(round(at[0])), int(round(at[1]))
     x0, y0 = max(0, x - half_x), max(0, y - half_y)
     window = np.asarray(image[y0 : max(0, y + half_y + 1), x0 : max(0, x + half_x + 1)], dtype=np.float32)
     if window.size == 0 or len(view.xs) < 2 or len(view.ys) < 2:
-        return np.zeros((1, 1), np.float32), x0, y0
+        return np.zeros((1, 1), np.float32), np.full((1, 1), float(x0)), np.full((1, 1), float(y0))
     grey = window.mean(axis=2) if window.ndim == 3 else window
     # About 1.5 um: pixel noise and JPEG blocks, not the crystal's edges.
     grey = cv2.GaussianBlur(grey, (0, 0), sigmaX=1.2e-3 * ppx, sigmaY=1.2e-3 * ppy)
-    darkness = np.clip(1.0 - grey / max(float(np.percentile(grey, 95)), 1e-6), 0.0, None)
+    darkness = np.clip(1.0 - grey / max(float(np.percentile(grey, BACKLIGHT_PERCENTILE)), 1e-6), 0.0, None)
     values = _prepared(view, 1.0)
     values = np.where(values > _EXCLUDED / 2, values, 0.0)  # outside the sample: never a crystal
     rows = (y0 + np.arange(grey.shape[0]) - view.ys[0]) / (view.ys[1] - view.ys[0])
@@ -353,17 +355,17 @@ def _dark_weights(view: View, image, at, pixels_per_mm, background_um) -> tuple:
     predicted = np.clip(ndimage.map_coordinates(values, [r, c], order=1, mode="constant", cval=0.0), 0.0, None)
     own = value_at(view, at)
     scale = max(0.0 if outside(own) else own, 1e-6)
-    return darkness * np.clip(predicted / scale, 0.0, 1.0), x0, y0
+    ys, xs = np.mgrid[y0 : y0 + grey.shape[0], x0 : x0 + grey.shape[1]]
+    return darkness * np.clip(predicted / scale, 0.0, 1.0), xs, ys
 
 
 def _centroid(weights, at, radius_mm, pixels_per_mm) -> tuple:
     """Weighted centroid, screen pixels, of the window's pixels within ``radius_mm`` of ``at``."""
-    w, x0, y0 = weights
+    w, xs, ys = weights
     ppx, ppy = pixels_per_mm
-    yy, xx = np.mgrid[: w.shape[0], : w.shape[1]]
-    near = ((xx + x0 - at[0]) / ppx) ** 2 + ((yy + y0 - at[1]) / ppy) ** 2 <= radius_mm**2
+    near = ((xs - at[0]) / ppx) ** 2 + ((ys - at[1]) / ppy) ** 2 <= radius_mm**2
     total = float(w[near].sum())
     # Next to nothing dark the model takes for a crystal: no pull, however lopsided the little there is.
     if total <= _MIN_DARKNESS * near.sum():
         return at
-    return float((w[near] * xx[near]).sum() / total + x0), float((w[near] * yy[near]).sum() / total + y0)
+    return float((w[near] * xs[near]).sum() / total), float((w[near] * ys[near]).sum() / total)
