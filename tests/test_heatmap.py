@@ -249,6 +249,45 @@ def test_sample_mask_covers_the_loop_and_not_the_empty_field():
     assert not mask[0, -1] and not mask[-1, -1]  # far corners are empty field
 
 
+@pytest.mark.parametrize("pin_side", ["left", "right"])
+def test_the_pin_and_what_lies_behind_it_are_left_out_of_the_sample_mask(pin_side):
+    sample = make_sample(8, n_crystals=1, pin_side=pin_side)
+    towards_tip = 1.0 if pin_side == "left" else -1.0
+    phiy = float(sample.loop_centre[0]) - towards_tip * 0.2  # the pin's end 0.8 mm from the beam, in the region
+    motors = {"omega": 0.0, "phiy": phiy, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    frame = Renderer().render(sample, motors, PPMM, (640, 512))
+    tip = find_loop(frame, pin_side)
+    roi = loop_roi(tip, frame.shape, PPMM, width_um=1000.0, pin_side=pin_side)
+    pin_end = 640 + PPMM[0] * (sample.pin_start - phiy)
+    assert roi.x0 < pin_end < roi.x1
+    cols = np.nonzero(sample_mask(frame, roi, tip, PPMM, pin_side).any(axis=0))[0] + roi.x0
+    rough = 15  # px: the pin's glued end is rough on the scale of ~10 um
+    if pin_side == "left":
+        assert pin_end < cols.min() < pin_end + rough and cols.max() > tip[0] - 10
+    else:
+        assert pin_end - rough < cols.max() < pin_end and cols.min() < tip[0] + 10
+
+
+def test_a_large_dark_crystal_is_not_taken_for_the_pin():
+    # The verification view of a demo held-out sample (seed 4's seed54018, a 117 um plate, dim light): the plate
+    # is opaque and thicker than the pin's 120 um, and the sample mask used to end at its far side.
+    from mxcube_autocenter.simulation.diffraction import DiffractionModel
+    from mxcube_autocenter.simulation.render import random_look
+
+    sample = make_sample(54018, n_crystals=1)
+    motors = {"omega": 408.90, "phiy": 0.04802, "phiz": 0.0, "sampx": -0.07139, "sampy": 0.03270}
+    frame = Renderer(look=random_look(np.random.default_rng([4, 54018])), seed=54018).render(sample, motors, PPMM,
+                                                                                            (640, 512))  # fmt: skip
+    tip = (920.0, 584.0)
+    roi = loop_roi(tip, frame.shape, PPMM)
+    mask = sample_mask(frame, roi, tip, PPMM)
+    (hull,) = DiffractionModel(sample).crystal_outlines(motors, PPMM, (640, 512))
+    xs, ys = hull[:, 0, 0], hull[:, 0, 1]
+    assert xs.max() - xs.min() > 120 * PPMM[0] / 1000  # wider than the pin's 120 um
+    assert mask[512 - roi.y0, 640 - roi.x0]  # the beam, on the plate
+    assert mask[int(ys.mean()) - roi.y0, int(xs.min()) - roi.x0 + 10]  # and the plate's side towards the pin
+
+
 def test_within_frame_keeps_the_grid_points_clear_of_the_frame_edge():
     grid = Heatmap(values=np.zeros((5, 7)), xs=np.array([-10.0, 0, 10, 50, 90, 100, 110]),
                    ys=np.array([0.0, 10, 40, 70, 80]))  # fmt: skip

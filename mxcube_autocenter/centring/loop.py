@@ -181,7 +181,9 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     pixels_per_mm : (float, float)
     pin_side : {"left", "right"}
     pin_um : float
-        Opaque structures at least this thick are the pin and are left out, um.
+        Opaque structures at least this thick that run on past the region's
+        edge on the pin side are the pin, and they and everything behind
+        them are left out, um.
 
     Returns
     -------
@@ -197,11 +199,15 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     if found is None:
         return full
     component, small, backlight = found
-    # The metal pin is opaque and far thicker than loop fibres or crystals:
-    # an opening wider than ~120 um keeps only it; it is no place for the beam.
+    # The metal pin is opaque and far thicker than loop fibres: an opening wider than ~120 um keeps it; it is
+    # no place for the beam. A large, dark crystal survives the opening too, but only the pin runs on past the
+    # region's edge on the pin side, out to the goniometer.
     pin_k = max(3, int(pin_um * pixels_per_um / scale)) | 1
     opaque = (small < backlight * 0.6).astype(np.uint8) & component
-    pin_cols = np.nonzero(cv2.morphologyEx(opaque, cv2.MORPH_OPEN, np.ones((pin_k, pin_k), np.uint8)).any(axis=0))[0]
+    thick = cv2.morphologyEx(opaque, cv2.MORPH_OPEN, np.ones((pin_k, pin_k), np.uint8))
+    _, labels = cv2.connectedComponents(thick)
+    edge = labels[:, 0] if pin_side == "left" else labels[:, -1]
+    pin_cols = np.nonzero(np.isin(labels, edge[edge > 0]).any(axis=0))[0]
     if pin_cols.size:
         # Keep only what lies between the loop tip and the face of the pin.
         if pin_side == "left":
