@@ -200,14 +200,16 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
         return full
     component, small, backlight = found
     # The metal pin is opaque and far thicker than loop fibres: an opening wider than ~120 um keeps it; it is
-    # no place for the beam. A large, dark crystal survives the opening too, but only the pin runs on past the
-    # region's edge on the pin side, out to the goniometer.
-    pin_k = max(3, int(pin_um * pixels_per_um / scale)) | 1
+    # no place for the beam. A large, dark crystal survives the opening too, but only the pin runs on out of
+    # the region on the pin side, to the goniometer: the thick dark object it belongs to (the opening of the
+    # whole sample: the thin stem cut, the loop's own film on its own) reaches that edge. Opaque alone may not:
+    # the pin's far end can be lit more brightly.
+    kernel = np.ones((max(3, int(pin_um * pixels_per_um / scale)) | 1,) * 2, np.uint8)
     opaque = (small < backlight * 0.6).astype(np.uint8) & component
-    thick = cv2.morphologyEx(opaque, cv2.MORPH_OPEN, np.ones((pin_k, pin_k), np.uint8))
-    _, labels = cv2.connectedComponents(thick)
-    edge = labels[:, 0] if pin_side == "left" else labels[:, -1]
-    pin_cols = np.nonzero(np.isin(labels, edge[edge > 0]).any(axis=0))[0]
+    thick = cv2.morphologyEx(opaque, cv2.MORPH_OPEN, kernel)
+    _, bodies = cv2.connectedComponents(cv2.morphologyEx(component, cv2.MORPH_OPEN, kernel))
+    edge = bodies[:, :2] if pin_side == "left" else bodies[:, -2:]
+    pin_cols = np.nonzero((thick.astype(bool) & np.isin(bodies, edge[edge > 0])).any(axis=0))[0]
     if pin_cols.size:
         # Keep only what lies between the loop tip and the face of the pin.
         if pin_side == "left":
