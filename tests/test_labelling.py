@@ -580,6 +580,28 @@ def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_
     assert read_table(raised).recordings[0]["matching"]["clock_offset_s"] == pytest.approx(1000.12, abs=0.01)
 
 
+def test_the_own_master_file_next_to_a_recording_is_taken_when_the_recorded_path_holds_another(tmp_path, caplog):
+    # The recording and its collection's files were copied away; later, a collection with the same prefix and
+    # run number took the names the recording's metadata gives.
+    recorded = simulate_collection(tmp_path / "first", "xtal", 26, fps=12.0)
+    later = simulate_collection(tmp_path / "later", "xtal", 27, fps=12.0)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (recorded.recording, recorded.master, *recorded.data_files):
+        shutil.copy(path, copy / path.name)
+    for source, target in zip((later.master, *later.data_files), (recorded.master, *recorded.data_files)):
+        shutil.copy(source, target)
+    out = tmp_path / "dataset.h5"
+    with caplog.at_level(logging.WARNING):
+        entry = label_recordings([copy / recorded.recording.name], out, progress=False).recordings[0]
+    assert entry.status == "labelled", entry.message
+    assert f"{recorded.master}: not the collection of" in caplog.text
+    assert f"labelled with {copy / recorded.master.name}, the master file of its own collection" in caplog.text
+    dataset = read_table(out)
+    assert dataset.recordings[0]["master_file"] == str((copy / recorded.master.name).resolve())
+    assert abs(dataset.recordings[0]["matching"]["clock_offset_s"]) < 1.0
+
+
 def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):
     # Older EIGER firmware writes its dates without a UTC offset (here in UTC); labelled on a computer two hours
     # east, the detector's clock reads 2 h off the camera's: no other collection, and the error must say so.

@@ -270,12 +270,14 @@ def _executor(nproc: int) -> ProcessPoolExecutor:
                                initializer=_one_thread_per_worker)  # fmt: skip
 
 
-def find_master_file(recording) -> Path:
-    """The EIGER master file of a recording's collection.
+def find_master_files(recording) -> list:
+    """The places that hold a file named as a recording's EIGER master file, in the order to try them.
 
-    The path in the collection metadata (``master_file``) if it exists, else a
-    file of that name next to the recording or in the directory above it
-    (data copied elsewhere with its recordings).
+    The path in the collection metadata (``master_file``), then a file of
+    that name next to the recording and in the directory above it (data
+    copied elsewhere with its recordings). Labelling takes the first whose
+    collection is the recording's: the recorded path may hold a later
+    collection's file of the same name.
 
     Parameters
     ----------
@@ -284,7 +286,8 @@ def find_master_file(recording) -> Path:
 
     Returns
     -------
-    Path
+    list of Path
+        At least one, each file once.
 
     Raises
     ------
@@ -299,13 +302,16 @@ def find_master_file(recording) -> Path:
         )
     recorded = Path(recorded)
     candidates = [recorded, recording.path.parent / recorded.name, recording.path.parent.parent / recorded.name]
+    found = {}
     for candidate in candidates:
         if candidate.is_file():
-            return candidate
-    raise LabellingError(
-        f"{recorded}: EIGER master file of {recording.path} not found (looked in "
-        f"{', '.join(str(c.parent) for c in candidates)}): copy the collection's files next to the recording"
-    )
+            found.setdefault(candidate.resolve(), candidate)
+    if not found:
+        raise LabellingError(
+            f"{recorded}: EIGER master file of {recording.path} not found (looked in "
+            f"{', '.join(str(c.parent) for c in candidates)}): copy the collection's files next to the recording"
+        )
+    return list(found.values())
 
 
 def label_recordings(
@@ -452,19 +458,10 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
                 f"collection has ended (a recording whose writer was killed is labelled {STILL_WRITTEN_S:.0f} s "
                 f"after its last change)"
             )
-        master = find_master_file(recording)
-        with open_master(master) as series:
-            nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
-            detector_start, local_dates = series.start_time, series.local_dates
-        fitted = regular_windows(windows) if regularise else None
-        if fitted is not None and fitted.regular:
-            windows = fitted.windows
         # Matched before the reflections are counted: a recording paired with the wrong collection fails in
         # a second, not after an hour of spot finding.
-        offset = clock_offset
-        if offset is None:
-            offset = _estimate_offset(recording, windows)
-            _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
+        master, nimages, declared, windows, fitted, offset = _own_collection(
+            recording, find_master_files(recording), clock_offset, max_clock_offset, regularise)  # fmt: skip
         match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
         if match.n_matched == 0:
             raise LabellingError(
@@ -537,6 +534,41 @@ def _estimate_offset(recording, windows):
         raise LabellingError(f"{recording.path}: {err}; give clock_offset") from err
 
 
+def _own_collection(recording, masters, clock_offset, max_clock_offset, regularise) -> tuple:
+    """The first of ``masters`` whose collection is the recording's, with its frame windows and clock offset.
+
+    With ``clock_offset`` given there is nothing to check it by: the first is
+    taken. When none is the recording's, the first one's error is raised.
+
+    Returns
+    -------
+    tuple
+        ``(master, nimages, declared images, windows, regular-window fit or
+        None, clock offset)``.
+    """
+    first_error = None
+    for master in masters:
+        with open_master(master) as series:
+            nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
+            detector_start, local_dates = series.start_time, series.local_dates
+        fitted = regular_windows(windows) if regularise else None
+        if fitted is not None and fitted.regular:
+            windows = fitted.windows
+        if clock_offset is not None:
+            return master, nimages, declared, windows, fitted, clock_offset
+        offset = _estimate_offset(recording, windows)
+        try:
+            _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
+        except LabellingError as err:
+            first_error = first_error or err
+            continue
+        if master != masters[0]:
+            log.warning("%s: %s", recording.path, first_error)
+            log.warning("%s: labelled with %s, the master file of its own collection", recording.path, master)
+        return master, nimages, declared, windows, fitted, offset
+    raise first_error
+
+
 def _check_same_collection(recording, master: Path, offset, detector_start: float, limit: float,
                            local_dates: bool = False) -> None:  # fmt: skip
     """Refuse a master file whose collection the estimated clock offset says is not the recording's.
@@ -586,9 +618,9 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         f"detector's clock {float(offset):+.1f} s off the camera's (estimated from {source}; more than "
         f"{limit:g} s); its collection started {_local_time(detector_start)}, the recording's "
         f"{_local_time(float(started))}. Another collection took the file's name (a later run with the same prefix "
-        "and run number, another sample's file copied here): label the recording with its own collection's master "
-        "file; if the two clocks really differ that much, raise max_clock_offset (--max-clock-offset, s) or give "
-        "clock_offset (--clock-offset, detector minus camera, s)"
+        "and run number, another sample's file copied here): copy its own collection's master and data files next "
+        "to the recording, where they are looked for next; if the two clocks really differ that much, raise "
+        "max_clock_offset (--max-clock-offset, s) or give clock_offset (--clock-offset, detector minus camera, s)"
     )
 
 
