@@ -288,6 +288,23 @@ def test_a_large_dark_crystal_is_not_taken_for_the_pin():
     assert mask[int(ys.mean()) - roi.y0, int(xs.min()) - roi.x0 + 10]  # and the plate's side towards the pin
 
 
+def test_a_large_dark_crystal_in_a_loop_larger_than_the_region_is_not_taken_for_the_pin():
+    # The loop's film runs on past the region's edge on the pin side, so the thick dark object the crystal
+    # lies in reaches that edge as a pin's does; the crystal itself stays far from it.
+    import cv2
+
+    grey = np.full((1024, 1280), 200, np.uint8)
+    cv2.ellipse(grey, (625, 512), (475, 250), 0, 0, 360, 160, -1)  # the loop with its film, 730 um long
+    cv2.line(grey, (150, 512), (0, 512), 120, 20)  # the stem
+    cv2.rectangle(grey, (600, 430), (800, 630), 40, -1)  # a 150 um crystal, opaque
+    frame = np.dstack([grey] * 3)
+    tip = (1100.0, 512.0)
+    roi = loop_roi(tip, frame.shape, PPMM)
+    assert roi.x0 > 150  # the loop, not the stem, runs out of the region
+    mask = sample_mask(frame, roi, tip, PPMM)
+    assert mask[512 - roi.y0, 700 - roi.x0] and mask[512 - roi.y0, 300 - roi.x0]
+
+
 def test_within_frame_keeps_the_grid_points_clear_of_the_frame_edge():
     grid = Heatmap(values=np.zeros((5, 7)), xs=np.array([-10.0, 0, 10, 50, 90, 100, 110]),
                    ys=np.array([0.0, 10, 40, 70, 80]))  # fmt: skip

@@ -596,10 +596,21 @@ def test_the_own_master_file_next_to_a_recording_is_taken_when_the_recorded_path
         entry = label_recordings([copy / recorded.recording.name], out, progress=False).recordings[0]
     assert entry.status == "labelled", entry.message
     assert f"{recorded.master}: not the collection of" in caplog.text
-    assert f"labelled with {copy / recorded.master.name}, the master file of its own collection" in caplog.text
+    assert f"labelled with {copy / recorded.master.name} instead" in caplog.text
     dataset = read_table(out)
     assert dataset.recordings[0]["master_file"] == str((copy / recorded.master.name).resolve())
     assert abs(dataset.recordings[0]["matching"]["clock_offset_s"]) < 1.0
+    # A later collection still being written there (its master file not yet readable) is passed over too,
+    # also with the clock offset given; with no copy of its own, the recorded path's error is the one raised.
+    recorded.master.write_bytes(b"not HDF5 yet")
+    for offset in (None, 0.0):
+        again = label_recordings([copy / recorded.recording.name], tmp_path / f"again_{offset}.h5",
+                                 clock_offset=offset, progress=False).recordings[0]  # fmt: skip
+        assert again.status == "labelled", again.message
+    for path in (recorded.master, *recorded.data_files):
+        (copy / path.name).unlink()
+    entry = label_recordings([copy / recorded.recording.name], tmp_path / "none.h5", progress=False).recordings[0]
+    assert entry.status == "error" and entry.message.startswith(str(recorded.master))
 
 
 def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):

@@ -181,9 +181,10 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     pixels_per_mm : (float, float)
     pin_side : {"left", "right"}
     pin_um : float
-        Opaque structures at least this thick that run on past the region's
-        edge on the pin side are the pin, and they and everything behind
-        them are left out, um.
+        Opaque structures at least this thick that come within this distance
+        of the region's edge on the pin side, as part of a dark object that
+        runs on past it, are the pin, and they and everything behind them
+        are left out, um.
 
     Returns
     -------
@@ -201,15 +202,18 @@ def sample_mask(frame, roi: Roi, tip, pixels_per_mm, pin_side="left", *, darknes
     component, small, backlight = found
     # The metal pin is opaque and far thicker than loop fibres: an opening wider than ~120 um keeps it; it is
     # no place for the beam. A large, dark crystal survives the opening too, but only the pin runs on out of
-    # the region on the pin side, to the goniometer: the thick dark object it belongs to (the opening of the
-    # whole sample: the thin stem cut, the loop's own film on its own) reaches that edge. Opaque alone may not:
-    # the pin's far end can be lit more brightly.
-    kernel = np.ones((max(3, int(pin_um * pixels_per_um / scale)) | 1,) * 2, np.uint8)
+    # the region on the pin side, to the goniometer: its opaque part comes within the opening's width of that
+    # edge (not always to it: the pin's far end can be lit more brightly), and the thick dark object it belongs
+    # to (the opening of the whole sample: the thin stem cut, the loop with its film on its own) reaches it.
+    width = max(3, int(pin_um * pixels_per_um / scale)) | 1
+    kernel = np.ones((width, width), np.uint8)
     opaque = (small < backlight * 0.6).astype(np.uint8) & component
-    thick = cv2.morphologyEx(opaque, cv2.MORPH_OPEN, kernel)
+    _, thick = cv2.connectedComponents(cv2.morphologyEx(opaque, cv2.MORPH_OPEN, kernel))
     _, bodies = cv2.connectedComponents(cv2.morphologyEx(component, cv2.MORPH_OPEN, kernel))
-    edge = bodies[:, :2] if pin_side == "left" else bodies[:, -2:]
-    pin_cols = np.nonzero((thick.astype(bool) & np.isin(bodies, edge[edge > 0])).any(axis=0))[0]
+    near, edge = (np.s_[:, :width], np.s_[:, :2]) if pin_side == "left" else (np.s_[:, -width:], np.s_[:, -2:])
+    reaching = np.isin(bodies, bodies[edge][bodies[edge] > 0])
+    pin = np.isin(thick, thick[near][(thick[near] > 0) & reaching[near]])
+    pin_cols = np.nonzero(pin.any(axis=0))[0]
     if pin_cols.size:
         # Keep only what lies between the loop tip and the face of the pin.
         if pin_side == "left":

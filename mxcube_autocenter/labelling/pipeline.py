@@ -537,8 +537,11 @@ def _estimate_offset(recording, windows):
 def _own_collection(recording, masters, clock_offset, max_clock_offset, regularise) -> tuple:
     """The first of ``masters`` whose collection is the recording's, with its frame windows and clock offset.
 
-    With ``clock_offset`` given there is nothing to check it by: the first is
-    taken. When none is the recording's, the first one's error is raised.
+    With ``clock_offset`` given there is nothing to check it by: the first
+    readable one is taken. A file that cannot be read (a later collection
+    still being written, or aborted) is passed over like another
+    collection's. When none is the recording's, the first one's error is
+    raised.
 
     Returns
     -------
@@ -548,23 +551,23 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
     """
     first_error = None
     for master in masters:
-        with open_master(master) as series:
-            nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
-            detector_start, local_dates = series.start_time, series.local_dates
-        fitted = regular_windows(windows) if regularise else None
-        if fitted is not None and fitted.regular:
-            windows = fitted.windows
-        if clock_offset is not None:
-            return master, nimages, declared, windows, fitted, clock_offset
-        offset = _estimate_offset(recording, windows)
         try:
-            _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
-        except LabellingError as err:
+            with open_master(master) as series:
+                nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
+                detector_start, local_dates = series.start_time, series.local_dates
+            fitted = regular_windows(windows) if regularise else None
+            if fitted is not None and fitted.regular:
+                windows = fitted.windows
+            offset = clock_offset
+            if offset is None:
+                offset = _estimate_offset(recording, windows)
+                _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
+        except (EigerFileError, LabellingError) as err:
             first_error = first_error or err
             continue
-        if master != masters[0]:
+        if first_error is not None:
             log.warning("%s: %s", recording.path, first_error)
-            log.warning("%s: labelled with %s, the master file of its own collection", recording.path, master)
+            log.warning("%s: labelled with %s instead", recording.path, master)
         return master, nimages, declared, windows, fitted, offset
     raise first_error
 
@@ -619,7 +622,7 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         f"{limit:g} s); its collection started {_local_time(detector_start)}, the recording's "
         f"{_local_time(float(started))}. Another collection took the file's name (a later run with the same prefix "
         "and run number, another sample's file copied here): copy its own collection's master and data files next "
-        "to the recording, where they are looked for next; if the two clocks really differ that much, raise "
+        "to the recording (looked for there after the recorded path); if the two clocks really differ that much, raise "
         "max_clock_offset (--max-clock-offset, s) or give clock_offset (--clock-offset, detector minus camera, s)"
     )
 
