@@ -604,13 +604,16 @@ def test_the_own_master_file_next_to_a_recording_is_taken_when_the_recorded_path
     # also with the clock offset given; with no copy of its own, the recorded path's error is the one raised.
     recorded.master.write_bytes(b"not HDF5 yet")
     for offset in (None, 0.0):
-        again = label_recordings([copy / recorded.recording.name], tmp_path / f"again_{offset}.h5",
-                                 clock_offset=offset, progress=False).recordings[0]  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            again = label_recordings([copy / recorded.recording.name], tmp_path / f"again_{offset}.h5",
+                                     clock_offset=offset, progress=False).recordings[0]  # fmt: skip
         assert again.status == "labelled", again.message
-    for path in (recorded.master, *recorded.data_files):
-        (copy / path.name).unlink()
+        assert f"labelled with {copy / recorded.master.name} instead" in caplog.text
+    # None of the places readable: the recorded path's error is the one given.
+    (copy / recorded.master.name).write_bytes(b"cut short")
     entry = label_recordings([copy / recorded.recording.name], tmp_path / "none.h5", progress=False).recordings[0]
-    assert entry.status == "error" and entry.message.startswith(str(recorded.master))
+    assert entry.status == "error" and entry.message.startswith(str(recorded.master)), entry.message
 
 
 def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):

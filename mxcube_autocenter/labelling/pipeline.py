@@ -555,16 +555,23 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
             with open_master(master) as series:
                 nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
                 detector_start, local_dates = series.start_time, series.local_dates
-            fitted = regular_windows(windows) if regularise else None
-            if fitted is not None and fitted.regular:
-                windows = fitted.windows
-            offset = clock_offset
-            if offset is None:
-                offset = _estimate_offset(recording, windows)
-                _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
-        except (EigerFileError, LabellingError) as err:
+            if len(windows) == 0:
+                raise EigerFileError(f"{master}: no detector frames: the master file declares no images")
+        except EigerFileError as err:
             first_error = first_error or err
             continue
+        fitted = regular_windows(windows) if regularise else None
+        if fitted is not None and fitted.regular:
+            windows = fitted.windows
+        offset = clock_offset
+        if offset is None:
+            # Its errors are the recording's (no motion recorded, no camera frame): no other file helps.
+            offset = _estimate_offset(recording, windows)
+            try:
+                _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
+            except LabellingError as err:
+                first_error = first_error or err
+                continue
         if first_error is not None:
             log.warning("%s: %s", recording.path, first_error)
             log.warning("%s: labelled with %s instead", recording.path, master)
