@@ -282,6 +282,21 @@ def test_truncated_master_file(tmp_path):
         open_master(path)
 
 
+@pytest.mark.parametrize("signature", [b"TREE", b"HEAP", b"SNOD"])
+def test_damaged_group_structures_of_the_master_file(tmp_path, signature):
+    # h5py raises RuntimeError, not OSError, for a group's B-tree, local heap or symbol table node that
+    # has lost its signature (a bit flip, a bad copy): it must still name the file, not escape as a bug.
+    written = small_collection(tmp_path)
+    path = written.master_path
+    data = bytearray(path.read_bytes())
+    at = data.index(signature)
+    data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(EigerFileError, match="xtal_2_master.h5: cannot read its metadata.*truncated or corrupt"):
+        with open_master(path) as series:
+            series.frame(0)
+
+
 def test_corrupt_frame_is_reported_when_read(tmp_path):
     written = small_collection(tmp_path, images_per_file=3)
     path = written.data_paths[0]

@@ -204,6 +204,9 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         If the master file, a data file or a frame cannot be read.
     IndexError
         If a frame lies outside the collection.
+    BrokenProcessPool
+        If a worker of ``executor`` died; the message names the first image
+        not counted.
     """
     with open_master(master_file) as series:
         n = series.nimages
@@ -215,12 +218,19 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     count = partial(_count_frames, str(master_file), params)
     results = map(count, tasks) if executor is None else executor.map(count, tasks)
     counts = np.full(n, np.nan)
+    done = 0
     try:
         with tqdm(total=wanted.size, desc=Path(master_file).name, unit="frame", leave=False,
                   disable=not progress) as bar:  # fmt: skip
             for task, task_counts in zip(tasks, results):
                 counts[task] = task_counts
+                done += 1
                 bar.update(len(task))
+    except BrokenProcessPool as err:
+        # The tasks before it were counted; a later one may have been running in another worker.
+        raise BrokenProcessPool(
+            f"a spot-finding process died counting the frames of {master_file} from image {tasks[done][0] + 1} on"
+        ) from err
     finally:
         if executor is None:
             _close_series()
@@ -265,9 +275,26 @@ def _usable_processes(nproc: int) -> int:
 
 
 def _executor(nproc: int) -> ProcessPoolExecutor:
+    """Worker processes for spot finding, started and answering.
+
+    Raises
+    ------
+    LabellingError
+        If they cannot start: a script that runs labelling at import time
+        starts them again in each of them.
+    """
     # "spawn": forking a process with threads (tqdm's monitor, gevent's hub) can deadlock the child.
-    return ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_one_thread_per_worker)  # fmt: skip
+    executor = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_one_thread_per_worker)  # fmt: skip
+    try:
+        executor.submit(os.getpid).result()
+    except BrokenProcessPool as err:
+        executor.shutdown(cancel_futures=True)
+        raise LabellingError(
+            f"the spot-finding processes could not start ({err}): a script that calls label_recordings must do "
+            "so under `if __name__ == '__main__':`"
+        ) from err
+    return executor
 
 
 def find_master_files(recording) -> list:
@@ -344,8 +371,11 @@ def label_recordings(
         our spot finder; with several recordings it needs a ``master_file``
         column. The master files are still needed, for their exposure times.
     nproc : int
-        Processes counting reflections (1: this process only); at most the
-        cores this process may use (more are reduced to that, with a warning).
+        Processes counting reflections, at most the cores this process may
+        use (more are reduced to that, with a warning). Even one is a process
+        of its own: a worker that dies (HDF5's decompression filter crashes
+        on some damaged data) fails its recording, and the others are still
+        labelled.
     params : SpotFinderParams
         Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
     clock_offset : float, optional
@@ -377,7 +407,9 @@ def label_recordings(
     ------
     SpotsFileError, LabellingError
         If ``spots_from`` cannot be read or does not say which rows belong
-        to which of several recordings.
+        to which of several recordings, or the spot-finding processes cannot
+        start (a script that labels at import time, not under ``if __name__
+        == '__main__':``).
     DatasetError
         If ``out`` exists but is not a readable training set, or a file
         stands where it or its folder should be.
@@ -402,8 +434,12 @@ def label_recordings(
     options = dict(spot_counts=spot_counts, params=params, clock_offset=clock_offset,
                    max_clock_offset=max_clock_offset, tolerance=tolerance,
                    camera_latency=camera_latency, regularise=regularise, stored_crop_um=stored_crop_um)  # fmt: skip
-    nproc = _usable_processes(nproc) if spot_counts is None else 1
-    executor = _executor(nproc) if nproc > 1 else None
+    # Even one spot finder runs in a process of its own: HDF5's decompression filters can crash on damaged
+    # data instead of reporting it, and that must cost one recording, not the labelling of all.
+    executor = None
+    if spot_counts is None:
+        nproc = _usable_processes(nproc)
+        executor = _executor(nproc)
     entries = []
     try:
         for path in tqdm(recordings, desc="labelling", unit="recording", disable=not progress):
@@ -413,8 +449,9 @@ def label_recordings(
                 # A worker died: this recording fails, the pool is renewed.
                 entry = RecordingLabels(
                     path, "error",
-                    f"{path}: a spot-finding process died ({err}): a script that calls label_recordings with "
-                    "nproc > 1 must do so under `if __name__ == '__main__':`; otherwise use nproc=1 and report it",
+                    f"{path}: {err}: HDF5's decompression filter crashes on some damaged data, so a data file of "
+                    "that collection is probably corrupt: copy its files again from the detector's storage (the other "
+                    "recordings are labelled on); if the same files label elsewhere, report it",
                 )  # fmt: skip
                 executor.shutdown(cancel_futures=True)
                 executor = _executor(nproc)
