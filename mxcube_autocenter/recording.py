@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 from gevent import monkey
 
+from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, reading
 from mxcube_autocenter.imagefiles import write_png
 
 log = logging.getLogger(__name__)
@@ -1024,7 +1025,7 @@ class Recording:
             if self.storage == "raw":
                 return h5file["frames/rgb"][i]
             data = h5file["frames/jpeg"][i]
-        except (OSError, RuntimeError, KeyError) as err:
+        except DAMAGED_FILE_ERRORS as err:
             raise RecordingError(
                 f"frame {i} of {self.path} cannot be read ({err}): the recording "
                 "probably stopped before it was written"
@@ -1055,7 +1056,8 @@ def read_recording(path) -> Recording:
     Raises
     ------
     RecordingError
-        If the file is missing, not HDF5, not a recording, or of a newer format.
+        If the file is missing, not HDF5, not a recording, of a newer
+        format, or damaged.
     """
     path = Path(path)
     try:
@@ -1067,7 +1069,8 @@ def read_recording(path) -> Recording:
             f"cannot open the recording {path} ({err}): check the path and that the "
             "file is complete"
         ) from err
-    with h5file:
+    fix = "copy it again if it was copied; a recording damaged where it was written cannot be labelled"
+    with h5file, reading(path, "camera recording", RecordingError, fix):
         attrs = {key: _python_value(value) for key, value in h5file.attrs.items()}
         version = attrs.get("format_version")
         if version is None or "frames" not in h5file:

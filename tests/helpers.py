@@ -1,6 +1,7 @@
-"""Shared test helpers: signal recording and event-loop responsiveness."""
+"""Shared test helpers: signal recording, event-loop responsiveness and damaged HDF5 files."""
 
 import time
+from pathlib import Path
 
 import gevent
 
@@ -63,3 +64,17 @@ def assert_responsive(gaps, limit=0.1, wall_limit=0.5):
     """
     assert gaps.cpu and max(gaps.cpu) < limit, f"the event loop worked {max(gaps.cpu) * 1000:.0f} ms without a break"
     assert max(gaps.wall) < wall_limit, f"the event loop stalled {max(gaps.wall) * 1000:.0f} ms"
+
+
+# Signatures of HDF5 structures that hold a group together: its B-tree, local heap and symbol table nodes.
+# h5py reports a damaged one as RuntimeError or KeyError, not OSError.
+GROUP_SIGNATURES = (b"TREE", b"HEAP", b"SNOD")
+
+
+def damaged_copy(path, signature: bytes, out) -> Path:
+    """A copy of the HDF5 file ``path`` at ``out`` whose first ``signature`` is overwritten (a bit flip, a bad copy)."""
+    data = bytearray(Path(path).read_bytes())
+    at = data.index(signature)
+    data[at : at + len(signature)] = b"X" * len(signature)
+    Path(out).write_bytes(bytes(data))
+    return Path(out)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from mxcube_autocenter.learning import dense  # noqa: E402
+from tests.helpers import GROUP_SIGNATURES, damaged_copy  # noqa: E402
 
 SMALL = 32
 CELLS = 5
@@ -130,6 +131,14 @@ def test_files_that_are_not_region_sets_are_refused_with_the_fix(tmp_path, regio
     broken.write_bytes(open(regions_path, "rb").read()[:4096])
     with pytest.raises(dense.RegionSetError, match="broken.h5: cannot read it as HDF5"):
         dense.read_regions(broken)
+
+
+@pytest.mark.parametrize("signature", GROUP_SIGNATURES)
+def test_a_damaged_region_set_is_named_as_damaged(tmp_path, regions_path, signature):
+    damaged = damaged_copy(regions_path, signature, tmp_path / "damaged.h5")
+    with pytest.raises(dense.RegionSetError, match="damaged.h5: cannot read this region set .*the file is damaged; "
+                                                   "Write one with `mxcube-autocenter synthesize-regions`"):  # fmt: skip
+        dense.read_regions(damaged)
 
 
 def test_a_region_set_of_too_few_crystals_is_refused_naming_the_file_and_the_fix(tmp_path):

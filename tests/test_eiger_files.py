@@ -5,6 +5,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 
+from tests.helpers import GROUP_SIGNATURES, damaged_copy
 from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
 from mxcube_autocenter.simulation.eiger import (
     DEAD,
@@ -282,16 +283,11 @@ def test_truncated_master_file(tmp_path):
         open_master(path)
 
 
-@pytest.mark.parametrize("signature", [b"TREE", b"HEAP", b"SNOD"])
+@pytest.mark.parametrize("signature", GROUP_SIGNATURES)
 def test_damaged_group_structures_of_the_master_file(tmp_path, signature):
-    # h5py raises RuntimeError, not OSError, for a group's B-tree, local heap or symbol table node that
-    # has lost its signature (a bit flip, a bad copy): it must still name the file, not escape as a bug.
+    # h5py raises RuntimeError there, not OSError: it must still name the file, not escape as a bug.
     written = small_collection(tmp_path)
-    path = written.master_path
-    data = bytearray(path.read_bytes())
-    at = data.index(signature)
-    data[at : at + 4] = b"XXXX"
-    path.write_bytes(bytes(data))
+    path = damaged_copy(written.master_path, signature, written.master_path)
     with pytest.raises(EigerFileError, match="xtal_2_master.h5: cannot read its metadata.*truncated or corrupt"):
         with open_master(path) as series:
             series.frame(0)

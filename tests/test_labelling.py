@@ -17,6 +17,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 
+from tests.helpers import GROUP_SIGNATURES, damaged_copy
 from mxcube_autocenter.cli import build_parser, main
 from mxcube_autocenter.geometry import centred_motors
 from mxcube_autocenter.labelling.dataset import (
@@ -36,7 +37,7 @@ from mxcube_autocenter.labelling.matching import (
 from mxcube_autocenter.labelling import pipeline
 from mxcube_autocenter.labelling.pipeline import STILL_WRITTEN_S, count_spots, format_summary, label_recordings
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
-from mxcube_autocenter.recording import FrameStore, encode_jpeg, read_recording
+from mxcube_autocenter.recording import FrameStore, RecordingError, encode_jpeg, read_recording
 from mxcube_autocenter.simulation.collection import ScanPlan
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
 from mxcube_autocenter.simulation.eiger import write_eiger_collection
@@ -756,6 +757,21 @@ def test_an_unforeseen_error_fails_its_recording_only(collections, tmp_path, mon
     assert "KeyError" in first.message and "please report it" in first.message
     assert "Traceback" in caplog.text
     assert second.status == "labelled" and second.rows > 0
+
+
+@pytest.mark.parametrize("signature", GROUP_SIGNATURES)
+def test_damaged_recordings_and_training_sets_are_named_as_damaged(labelled, collections, tmp_path, signature):
+    # h5py raises RuntimeError or KeyError for these: "please report it" would send the user after a bug.
+    recording = damaged_copy(collections[0].recording, signature, tmp_path / "damaged_camera.h5")
+    damaged = ": the file is damaged; "
+    with pytest.raises(RecordingError, match=f"{re.escape(str(recording))}: cannot read this camera recording .*{damaged}"):
+        read_recording(recording)
+    entry = label_recordings([recording], tmp_path / "dataset.h5", progress=False).recordings[0]
+    assert entry.status == "error" and damaged in entry.message and "please report" not in entry.message
+    dataset = damaged_copy(labelled[0], signature, tmp_path / "damaged_set.h5")
+    with pytest.raises(DatasetError, match=f"{re.escape(str(dataset))}: cannot read this training set .*{damaged}"
+                                           r"write it again \(label or synthesize\)"):  # fmt: skip
+        read_table(dataset)
 
 
 def test_recording_without_master_file_or_camera_scale(collections, tmp_path):

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
+from mxcube_autocenter.hdf5errors import reading
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
@@ -52,6 +53,7 @@ TOOL = f"mxcube-autocenter {__version__}"
 
 # Rows per HDF5 chunk, and rows prepared in memory before each write.
 _ROWS_PER_CHUNK = 256
+_WRITE_AGAIN = "write it again (label or synthesize)"
 # Free space kept beyond a batch's size when writing, bytes.
 _SPARE_BYTES = 50_000_000
 
@@ -506,7 +508,7 @@ def check_appendable(path) -> None:
     found only after the new rows were added.
     """
     path = Path(path)
-    with _open(path, "r") as h5file:
+    with _open(path, "r") as h5file, reading(path, "training set", DatasetError, _WRITE_AGAIN):
         _recordings(h5file, "rows", path)
 
 
@@ -733,7 +735,7 @@ def read_table(path) -> Table:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
-    with f:
+    with f, reading(path, "training set", DatasetError, _WRITE_AGAIN):
         # The other files of this workflow, by what they hold: say which it is and where it goes.
         if "regions" in f:
             raise DatasetError(f"{path}: a region set (synthesize-regions), not a dataset of crops: train on it with "
@@ -838,14 +840,14 @@ class RowReader:
 
     def image(self, i: int) -> np.ndarray:
         """The stored crop of row ``i``, RGB uint8."""
-        with self._lock:
+        with self._lock, reading(self.path, "file's stored images", DatasetError, _WRITE_AGAIN):
             if self._file is None:
                 self._file = h5py.File(self.path, "r")
             data = self._file[self.image_dataset][int(i)]
         try:
             return decode_jpeg(data)
         except ValueError as err:
-            raise DatasetError(f"{self.path}: row {i}: {err}: the set is damaged; write it again (label or synthesize)") from err
+            raise DatasetError(f"{self.path}: row {i}: {err}: the set is damaged; {_WRITE_AGAIN}") from err
 
     def close(self):
         with self._lock:

@@ -20,6 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS
+
 try:
     import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter with HDF5)
 except ImportError:
@@ -30,10 +32,6 @@ log = logging.getLogger(__name__)
 
 _REINSTALL = "install hdf5plugin in this Python environment (pip install hdf5plugin)"
 _COPY_AGAIN = "copy it again from the detector's storage, or re-collect"
-# What h5py raises on a damaged file, by where the damage lies (seen by overwriting bytes of master and data
-# files at random): OSError, KeyError or ValueError mostly; RuntimeError for a broken B-tree, heap or symbol
-# table; TypeError for a link name that no longer decodes as text.
-_DAMAGED_FILE_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 # NXdetector times carry their unit (NeXus NX_TIME); DECTRIS writes seconds, stream-based writers often ns.
 _SECONDS_PER = {
     "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6,
@@ -285,7 +283,7 @@ class EigerSeries:
                 self._missing(*missing[0])  # a gap before this file: not an aborted collection
             try:
                 dataset = data[name]
-            except _DAMAGED_FILE_ERRORS as err:
+            except DAMAGED_FILE_ERRORS as err:
                 raise EigerFileError(
                     f"{target}: cannot open this data file of {self.master_path} ({err}); it is truncated "
                     f"or corrupt (an interrupted copy or collection?): {_COPY_AGAIN}"
@@ -361,7 +359,7 @@ class EigerSeries:
         first, dataset, target = self._blocks[block]
         try:
             frame = dataset[index - first]
-        except _DAMAGED_FILE_ERRORS as err:
+        except DAMAGED_FILE_ERRORS as err:
             raise EigerFileError(
                 f"{target}: cannot read image {index + 1} ({err}); the file is corrupt: {_COPY_AGAIN}"
             ) from err
@@ -442,7 +440,7 @@ def open_master(path) -> EigerSeries:
         return EigerSeries(path, file)
     except BaseException as err:
         file.close()
-        if isinstance(err, _DAMAGED_FILE_ERRORS) and not isinstance(err, EigerFileError):
+        if isinstance(err, DAMAGED_FILE_ERRORS) and not isinstance(err, EigerFileError):
             raise EigerFileError(
                 f"{path}: cannot read its metadata ({err}); the master file is truncated or corrupt: {_COPY_AGAIN}"
             ) from err

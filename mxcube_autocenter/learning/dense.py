@@ -52,6 +52,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mxcube_autocenter.hdf5errors import reading  # noqa: E402
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.synthetic import (  # noqa: E402
     JPEG,
@@ -290,28 +291,27 @@ def read_regions(path) -> RegionTable:
     path = str(path)
     fix = "Write one with `mxcube-autocenter synthesize-regions`"
     try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-            if attrs.get("format") != REGIONS_FORMAT:
-                # The other files of this workflow, by what they hold: say which it is and where it goes.
-                kind = ("a dataset of crops: train on it with `mxcube-autocenter train`, or give a region set"
-                        if "samples" in f or "rows" in f else
-                        "a camera recording: label it (`mxcube-autocenter label`) and train on the dataset with "
-                        "`mxcube-autocenter train`, or give a region set" if "frames" in f else
-                        f"format {attrs.get('format')!r}, not {REGIONS_FORMAT!r}")  # fmt: skip
-                raise RegionSetError(f"{path}: not a region set ({kind}). {fix}")
-            if int(attrs.get("format_version", -1)) != REGIONS_FORMAT_VERSION:
-                raise RegionSetError(f"{path}: region set format_version {attrs.get('format_version')!r}; this "
-                                     f"version reads {REGIONS_FORMAT_VERSION}. {fix}")
-            g = f["regions"]
-            columns = {name: g[name][()] for name in ("rc_expected", "rc", "valid")}
-            for name in ("crystal_id", "scan_id"):
-                columns[name] = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in g[name][()]])
-            n_images = g["image"].shape[0]
+        f = h5py.File(path, "r")
     except OSError as err:
         raise RegionSetError(f"{path}: cannot read it as HDF5 ({err}). {fix}") from err
-    except KeyError as err:
-        raise RegionSetError(f"{path}: a region set column is missing ({err}). {fix}") from err
+    with f, reading(path, "region set", RegionSetError, fix):
+        attrs = dict(f.attrs)
+        if attrs.get("format") != REGIONS_FORMAT:
+            # The other files of this workflow, by what they hold: say which it is and where it goes.
+            kind = ("a dataset of crops: train on it with `mxcube-autocenter train`, or give a region set"
+                    if "samples" in f or "rows" in f else
+                    "a camera recording: label it (`mxcube-autocenter label`) and train on the dataset with "
+                    "`mxcube-autocenter train`, or give a region set" if "frames" in f else
+                    f"format {attrs.get('format')!r}, not {REGIONS_FORMAT!r}")  # fmt: skip
+            raise RegionSetError(f"{path}: not a region set ({kind}). {fix}")
+        if int(attrs.get("format_version", -1)) != REGIONS_FORMAT_VERSION:
+            raise RegionSetError(f"{path}: region set format_version {attrs.get('format_version')!r}; this "
+                                 f"version reads {REGIONS_FORMAT_VERSION}. {fix}")
+        g = f["regions"]
+        columns = {name: g[name][()] for name in ("rc_expected", "rc", "valid")}
+        for name in ("crystal_id", "scan_id"):
+            columns[name] = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in g[name][()]])
+        n_images = g["image"].shape[0]
     lengths = {len(columns[name]) for name in columns} | {n_images}
     if len(lengths) != 1:
         raise RegionSetError(f"{path}: its columns have different lengths {sorted(lengths)}: the file is damaged. {fix}")
