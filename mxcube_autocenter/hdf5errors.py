@@ -19,6 +19,10 @@ DAMAGED_FILE_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 def reading(path, what: str, error: type[Exception], fix: str):
     """Raise ``error`` naming ``path`` for what h5py raises on a damaged file while the block reads it.
 
+    Everything the block raises of :data:`DAMAGED_FILE_ERRORS` counts as
+    damage: open the file before the block when a missing file must be
+    told apart.
+
     Parameters
     ----------
     path : path

@@ -738,6 +738,21 @@ def test_a_spot_finder_that_dies_fails_its_recording_only(collections, tmp_path,
     assert set(read_table(out).scan_id) == {second.scan_id}
 
 
+def _cannot_start():
+    raise RuntimeError("no worker here")  # as a script without a __main__ guard makes its workers fail
+
+
+def test_spot_finding_runs_here_when_no_worker_can_start(collections, tmp_path, monkeypatch, caplog):
+    spawn = multiprocessing.get_context("spawn")
+    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", lambda n, **kwargs: ProcessPoolExecutor(
+        n, mp_context=spawn, initializer=_cannot_start))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        summary = label_recordings([collections[0].recording], tmp_path / "dataset.h5", progress=False)
+    assert summary.n_labelled == 1
+    assert "spot-finding processes could not start (BrokenProcessPool" in caplog.text
+    assert "spot finding in this process" in caplog.text and "if __name__ == '__main__':" in caplog.text
+
+
 def test_an_unforeseen_error_fails_its_recording_only(collections, tmp_path, monkeypatch, caplog):
     from mxcube_autocenter.labelling import pipeline
 
@@ -769,9 +784,11 @@ def test_damaged_recordings_and_training_sets_are_named_as_damaged(labelled, col
     entry = label_recordings([recording], tmp_path / "dataset.h5", progress=False).recordings[0]
     assert entry.status == "error" and damaged in entry.message and "please report" not in entry.message
     dataset = damaged_copy(labelled[0], signature, tmp_path / "damaged_set.h5")
-    with pytest.raises(DatasetError, match=f"{re.escape(str(dataset))}: cannot read this training set .*{damaged}"
-                                           r"write it again \(label or synthesize\)"):  # fmt: skip
+    message = f"{re.escape(str(dataset))}: cannot read this training set .*{damaged}" r"write it again \(label or synthesize\)"
+    with pytest.raises(DatasetError, match=message):
         read_table(dataset)
+    with pytest.raises(DatasetError, match=message):  # appending to it
+        label_recordings([collections[1].recording], dataset, progress=False)
 
 
 def test_recording_without_master_file_or_camera_scale(collections, tmp_path):

@@ -520,15 +520,19 @@ def _open(path: Path, mode: str) -> h5py.File:
             f"{path}: cannot open the training set ({err}): check the path; to append, close programs "
             "reading it (a training run holds it open)"
         ) from err
-    version = h5file.attrs.get("format_version")
-    if version is None or "rows" not in h5file or "n_rows" not in h5file.attrs:
+    try:
+        with reading(path, "training set", DatasetError, _WRITE_AGAIN):
+            version = h5file.attrs.get("format_version")
+            if version is None or "rows" not in h5file or "n_rows" not in h5file.attrs:
+                raise DatasetError(f"{path}: not a training set (no format_version, n_rows or /rows): give another --out")
+            if version > FORMAT_VERSION:
+                raise DatasetError(
+                    f"{path}: training set format {version}, this mxcube-autocenter reads up to {FORMAT_VERSION}: "
+                    "upgrade it"
+                )
+    except DatasetError:
         h5file.close()
-        raise DatasetError(f"{path}: not a training set (no format_version, n_rows or /rows): give another --out")
-    if version > FORMAT_VERSION:
-        h5file.close()
-        raise DatasetError(
-            f"{path}: training set format {version}, this mxcube-autocenter reads up to {FORMAT_VERSION}: upgrade it"
-        )
+        raise
     return h5file
 
 
@@ -830,24 +834,32 @@ def read_table(path) -> Table:
 
 
 class RowReader:
-    """Reads the stored images of a dataset one row at a time (thread-safe)."""
+    """Reads the stored images of a dataset one row at a time (thread-safe).
 
-    def __init__(self, path, image_dataset: str = "samples/image"):
+    ``fix`` says, in the errors of a damaged file, how to make it again.
+    """
+
+    def __init__(self, path, image_dataset: str = "samples/image", fix: str = _WRITE_AGAIN):
         self.path = str(path)
         self.image_dataset = image_dataset
+        self.fix = fix
         self._file = None
         self._lock = threading.Lock()
 
     def image(self, i: int) -> np.ndarray:
         """The stored crop of row ``i``, RGB uint8."""
-        with self._lock, reading(self.path, "file's stored images", DatasetError, _WRITE_AGAIN):
+        with self._lock:
             if self._file is None:
-                self._file = h5py.File(self.path, "r")
-            data = self._file[self.image_dataset][int(i)]
+                try:
+                    self._file = h5py.File(self.path, "r")
+                except OSError as err:
+                    raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
+            with reading(self.path, f"file's {self.image_dataset}", DatasetError, self.fix):
+                data = self._file[self.image_dataset][int(i)]
         try:
             return decode_jpeg(data)
         except ValueError as err:
-            raise DatasetError(f"{self.path}: row {i}: {err}: the set is damaged; {_WRITE_AGAIN}") from err
+            raise DatasetError(f"{self.path}: row {i}: {err}: the file is damaged; {self.fix}") from err
 
     def close(self):
         with self._lock:

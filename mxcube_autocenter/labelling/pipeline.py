@@ -216,10 +216,10 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     size = max(1, min(_MAX_FRAMES_PER_TASK, math.ceil(wanted.size / _MIN_TASKS)))
     tasks = [wanted[start : start + size].tolist() for start in range(0, wanted.size, size)]
     count = partial(_count_frames, str(master_file), params)
-    results = map(count, tasks) if executor is None else executor.map(count, tasks)
     counts = np.full(n, np.nan)
     done = 0
     try:
+        results = map(count, tasks) if executor is None else executor.map(count, tasks)
         with tqdm(total=wanted.size, desc=Path(master_file).name, unit="frame", leave=False,
                   disable=not progress) as bar:  # fmt: skip
             for task, task_counts in zip(tasks, results):
@@ -236,6 +236,9 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
             _close_series()
     return counts
 
+
+# Longest wait for the spot-finding workers' first answer (each imports numpy, h5py, OpenCV), s.
+_WORKER_START_S = 120.0
 
 # The EIGER collection a process is counting, kept open between its tasks
 # (worker processes live for one label_recordings call): opening one reads
@@ -260,6 +263,9 @@ def _close_series():
 def _one_thread_per_worker():
     # The workers are the parallelism: OpenCV threads in each would oversubscribe the cores.
     cv2.setNumThreads(1)
+    # The labelling process opened each collection before its workers and logged what that said (an
+    # aborted collection's missing frames); a worker would only say it again, outside its log format.
+    logging.getLogger("mxcube_autocenter").setLevel(logging.ERROR)
     # Ctrl-C reaches every process of the terminal: the parent stops the labelling, and each worker's
     # KeyboardInterrupt traceback would only bury its one line.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -274,27 +280,33 @@ def _usable_processes(nproc: int) -> int:
     return min(nproc, cores)
 
 
-def _executor(nproc: int) -> ProcessPoolExecutor:
-    """Worker processes for spot finding, started and answering.
+def _executor(nproc: int) -> ProcessPoolExecutor | None:
+    """Worker processes for spot finding, started and answering; None, with a warning, where they cannot start.
 
-    Raises
-    ------
-    LabellingError
-        If they cannot start: a script that runs labelling at import time
-        starts them again in each of them.
+    Then spot finding runs in this process, as it can anywhere. Workers do
+    not start in a script that labels at import time (each would run it
+    again), where processes cannot be made (no semaphores), or within
+    ``_WORKER_START_S``.
     """
-    # "spawn": forking a process with threads (tqdm's monitor, gevent's hub) can deadlock the child.
-    executor = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_one_thread_per_worker)  # fmt: skip
     try:
-        executor.submit(os.getpid).result()
-    except BrokenProcessPool as err:
-        executor.shutdown(cancel_futures=True)
-        raise LabellingError(
-            f"the spot-finding processes could not start ({err}): a script that calls label_recordings must do "
-            "so under `if __name__ == '__main__':`"
-        ) from err
-    return executor
+        # "spawn": forking a process with threads (tqdm's monitor, gevent's hub) can deadlock the child.
+        executor = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_one_thread_per_worker)  # fmt: skip
+    except (OSError, NotImplementedError) as err:
+        failed = err
+    else:
+        try:
+            executor.submit(os.getpid).result(timeout=_WORKER_START_S)
+            return executor
+        except (BrokenProcessPool, OSError, NotImplementedError) as err:  # TimeoutError is an OSError
+            executor.shutdown(wait=False, cancel_futures=True)
+            failed = err
+    log.warning(
+        "spot-finding processes could not start (%s: %s): spot finding in this process, where a crash of HDF5's "
+        "decompression filter on a damaged data file would end the labelling; a script that calls "
+        "label_recordings must do so under `if __name__ == '__main__':`", type(failed).__name__, failed,
+    )  # fmt: skip
+    return None
 
 
 def find_master_files(recording) -> list:
@@ -375,7 +387,9 @@ def label_recordings(
         use (more are reduced to that, with a warning). Even one is a process
         of its own: a worker that dies (HDF5's decompression filter crashes
         on some damaged data) fails its recording, and the others are still
-        labelled.
+        labelled. Where workers cannot start (a script that labels at import
+        time, not under ``if __name__ == '__main__':``), spot finding runs in
+        this process, with a warning.
     params : SpotFinderParams
         Default: :data:`DEFAULT_SPOT_FINDER` (ice rings filtered).
     clock_offset : float, optional
@@ -407,9 +421,7 @@ def label_recordings(
     ------
     SpotsFileError, LabellingError
         If ``spots_from`` cannot be read or does not say which rows belong
-        to which of several recordings, or the spot-finding processes cannot
-        start (a script that labels at import time, not under ``if __name__
-        == '__main__':``).
+        to which of several recordings.
     DatasetError
         If ``out`` exists but is not a readable training set, or a file
         stands where it or its folder should be.

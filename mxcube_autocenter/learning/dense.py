@@ -76,6 +76,7 @@ FCN_STEP = 16  # model pixels between the crops of an fcn's dense output (archit
 REGION_SPREAD_UM = 80.0
 # Best count of a region from which the peak term of the loss applies: a crystal (the centring's min_score).
 PEAK_MIN_COUNT = 5.0
+_WRITE_REGIONS = "Write one with `mxcube-autocenter synthesize-regions`"
 
 
 class RegionSetError(ValueError):
@@ -289,7 +290,7 @@ def read_regions(path) -> RegionTable:
         Not a readable HDF5 file, not a region set, or inconsistent columns.
     """
     path = str(path)
-    fix = "Write one with `mxcube-autocenter synthesize-regions`"
+    fix = _WRITE_REGIONS
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -340,7 +341,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         raise RegionSetError(f"{table.path}: no regions to stream")
-    reader = RowReader(table.path, "regions/image")
+    reader = RowReader(table.path, "regions/image", fix=_WRITE_REGIONS)
     spec = spec or crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size)
     side, channels = table.side, spec.channels
 
