@@ -7,6 +7,7 @@ virtual beamline, so the whole file runs in about a minute on two cores.
 import logging
 import json
 import os
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -537,6 +538,16 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     garbage.write_bytes(b"not a zip file")
     with pytest.raises(ModelFileError, match="garbage.keras: the file is not a .keras model"):
         load_model(str(garbage))
+    # A byte changed inside the archive (an interrupted copy): its CRC no longer matches.
+    damaged = bytearray(open(trained.model_path, "rb").read())
+    with zipfile.ZipFile(trained.model_path) as archive:
+        weights = archive.getinfo("model.weights.h5")
+    at = weights.header_offset
+    data_start = at + 30 + len(weights.filename) + int.from_bytes(damaged[at + 28 : at + 30], "little")  # local header
+    damaged[data_start + weights.compress_size // 2] ^= 0xFF
+    (tmp_path / "damaged.keras").write_bytes(bytes(damaged))
+    with pytest.raises(ModelFileError, match=r"damaged.keras: the file is damaged \(Bad CRC-32 .*Copy it again"):
+        load_model(str(tmp_path / "damaged.keras"))
     with pytest.raises(ModelFileError, match="no such model file"):
         load_model(str(tmp_path / "missing.keras"))
 

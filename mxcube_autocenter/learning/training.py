@@ -159,6 +159,9 @@ def load_model(path):
                 "Give the path of a .keras file written by mxcube_autocenter")
     try:
         model = keras.saving.load_model(path, compile=False)
+    except zipfile.BadZipFile as err:
+        # A bad CRC: the archive's bytes changed since it was written (an interrupted copy, a bad disk).
+        _refuse(path, f"the file is damaged ({err})", "Copy it again from where it was trained, or retrain")
     except Exception as err:  # Keras raises many kinds for a bad file
         _refuse(path, f"Keras could not read it as a model ({type(err).__name__}: {err})",
                 f"It must be a .keras file written by mxcube_autocenter. {retrain}")
