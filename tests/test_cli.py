@@ -1,6 +1,7 @@
 """The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -293,13 +294,16 @@ def test_spot_finding_and_rendering_workers_leave_ctrl_c_to_their_parent():
     from mxcube_autocenter.labelling import pipeline
     from mxcube_autocenter.learning import synthetic
 
+    package_log = logging.getLogger("mxcube_autocenter")
     for initializer in (pipeline._one_thread_per_worker, synthetic.ignore_interrupts):
-        previous = signal.getsignal(signal.SIGINT)
+        previous, level = signal.getsignal(signal.SIGINT), package_log.level
         try:
             initializer()
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         finally:
+            # A worker's, not this process's: the spot finder's also quiets the package's warnings.
             signal.signal(signal.SIGINT, previous)
+            package_log.setLevel(level)
 
 
 def test_scorecard_names_the_run_whose_samples_are_damaged(tmp_path, capsys):
