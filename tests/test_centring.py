@@ -887,8 +887,6 @@ def test_the_sine_fit_decodes_the_clicks_with_the_beam_they_were_projected_from(
         {"phiy": 0.35, "phiz": 0.0, "sampx": 0.02, "sampy": -0.03}, abs=1e-4)
 
 
-# The virtual camera draws its frames at the diffractometer's scale too: at NaN, its drawing casts NaN.
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 def test_a_scale_that_reads_no_number_refuses_the_centring_before_anything_moves(beamline, autocenter, monkeypatch):
     mount_at_start(beamline)
     start = positions(beamline)
