@@ -508,8 +508,13 @@ def check_appendable(path) -> None:
     found only after the new rows were added.
     """
     path = Path(path)
-    with _open(path, "r") as h5file, reading(path, "training set", DatasetError, _WRITE_AGAIN):
+    with _open(path, "r") as h5file, _reading_set(path):
         _recordings(h5file, "rows", path)
+
+
+def _reading_set(path):
+    """:func:`.hdf5errors.reading` for a training set: what h5py raises on a damaged one is a DatasetError."""
+    return reading(path, "training set", DatasetError, _WRITE_AGAIN)
 
 
 def _open(path: Path, mode: str) -> h5py.File:
@@ -521,7 +526,7 @@ def _open(path: Path, mode: str) -> h5py.File:
             "reading it (a training run holds it open)"
         ) from err
     try:
-        with reading(path, "training set", DatasetError, _WRITE_AGAIN):
+        with _reading_set(path):
             version = h5file.attrs.get("format_version")
             if version is None or "rows" not in h5file or "n_rows" not in h5file.attrs:
                 raise DatasetError(f"{path}: not a training set (no format_version, n_rows or /rows): give another --out")
@@ -739,7 +744,7 @@ def read_table(path) -> Table:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
-    with f, reading(path, "training set", DatasetError, _WRITE_AGAIN):
+    with f, _reading_set(path):
         # The other files of this workflow, by what they hold: say which it is and where it goes.
         if "regions" in f:
             raise DatasetError(f"{path}: a region set (synthesize-regions), not a dataset of crops: train on it with "

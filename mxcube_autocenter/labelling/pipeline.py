@@ -237,9 +237,6 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     return counts
 
 
-# Longest wait for the spot-finding workers' first answer (each imports numpy, h5py, OpenCV), s.
-_WORKER_START_S = 120.0
-
 # The EIGER collection a process is counting, kept open between its tasks
 # (worker processes live for one label_recordings call): opening one reads
 # its whole pixel mask, about 60 ms for a 4M.
@@ -278,6 +275,10 @@ def _usable_processes(nproc: int) -> int:
         log.warning("nproc %d is more than the %d cores this process may use: spot finding in %d processes",
                     nproc, cores, cores)  # fmt: skip
     return min(nproc, cores)
+
+
+# Longest wait for the spot-finding workers' first answer (each imports numpy, h5py, OpenCV), s.
+_WORKER_START_S = 120.0
 
 
 def _executor(nproc: int) -> ProcessPoolExecutor | None:
