@@ -578,7 +578,8 @@ def cmd_simulate(args) -> int:
         point, _ = mounted.best_point()
         centre = sample.loop_centre if point is None else point
         scans = [
-            ("Helical", {"helical": helical_end_points(mounted, rng), "osc_range": 0.1}),
+            ("Helical", {"helical": tuple(beamline.diffractometer.readings(end)
+                                          for end in helical_end_points(mounted, rng)), "osc_range": 0.1}),
             ("OSC", {"osc_range": 1.0}),
         ]
         # As MXCuBE's queue does, a run number whose files exist is not used again: a second simulate into the same
@@ -589,8 +590,8 @@ def cmd_simulate(args) -> int:
             print(f"{out / 'data'} holds earlier collections of sample {args.seed}: these are runs {first_run} and "
                   f"{first_run + 1}")
         for run, (kind, extra) in enumerate(scans, start=first_run):
-            beamline.diffractometer.set_value_motors(
-                {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}, timeout=30
+            beamline.diffractometer.set_value_motors(beamline.diffractometer.readings(
+                {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}), timeout=30
             )
             progress = _ImageProgress(beamline.collect, args.images, f"{kind} collection")
             recorder = recorder_object.recorder  # None where the configuration records nothing

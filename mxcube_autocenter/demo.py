@@ -132,12 +132,15 @@ def _quiet_logging(log_path: Path):
 
 
 def _positions(bl) -> dict:
+    """Where the sample is, in the frame the ground truth and the scores use (not the raw readings)."""
     motors = bl.diffractometer.get_motors()
-    return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
+    return bl.diffractometer.sample_frame({name: float(motors[name].get_value()) for name in CENTRING_MOTORS})
 
 
 def _move(bl, positions: dict, timeout: float = 30.0):
-    bl.diffractometer.set_value_motors({k: float(v) for k, v in positions.items()}, timeout=timeout)
+    """Move the sample to positions in that frame, whatever the configured directions and rotation axis."""
+    readings = bl.diffractometer.readings(positions)
+    bl.diffractometer.set_value_motors({k: float(v) for k, v in readings.items()}, timeout=timeout)
 
 
 def _sample_text(sample) -> str:
@@ -166,14 +169,15 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
         centre = mounted.sample.loop_centre if point is None else point
         # A person centres roughly: about 10 um off the best point along each axis.
         aim = centre + rng.normal(0.0, 0.01, 3) * np.array([1.0, 1.0, 1.0])
+        ends = helical_end_points(mounted, rng)
         scans = [
-            ("Helical", {"helical": helical_end_points(mounted, rng), "osc_range": 0.2}),
+            ("Helical", {"helical": tuple(bl.diffractometer.readings(end) for end in ends), "osc_range": 0.2}),
             ("OSC", {"osc_range": 2.0}),
         ]
         for run, (kind, extra) in enumerate(scans, start=1):
             # Start where the scan starts, so that the collection does not wait for omega to turn there.
             osc_start = float(rng.uniform(0, 360))
-            first = extra["helical"][0] if kind == "Helical" else centred_motors(aim)
+            first = ends[0] if kind == "Helical" else centred_motors(aim)
             _move(bl, {**{m: first[m] for m in ("phiy", "phiz", "sampx", "sampy")}, "omega": osc_start})
             ho.recorder.last_summary = None
             run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,

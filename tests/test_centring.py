@@ -7,7 +7,7 @@ import gevent
 import numpy as np
 import pytest
 
-from mxcube_autocenter import scorecard
+from mxcube_autocenter import demo, scorecard
 from mxcube_autocenter.beamline import auto_centring, set_zoom
 from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
@@ -846,6 +846,18 @@ def test_motors_whose_readings_run_against_the_sample_still_end_in_the_beam(beam
     true_geometry = sample_frame({**final, "phiz": final["phiz"] - axis_off_phiz_zero}, reversed_motors)
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
     assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+
+
+def test_the_demo_moves_and_reads_the_sample_where_the_ground_truth_has_it_whatever_the_wiring(
+        beamline, reversed_motors, axis_off_phiz_zero):
+    # The demo's starts and the positions it scores are sample positions: sent and read as raw readings, a
+    # goniometer wired this way started every sample mirrored and scored a centring on the axis 0.1 mm off.
+    where = {"omega": 30.0, "phiy": 0.12, "phiz": 0.02, "sampx": -0.03, "sampy": 0.01}
+    demo._move(beamline, where)
+    raw = positions(beamline)
+    assert raw == pytest.approx({"omega": -30.0, "phiy": -0.12, "phiz": axis_off_phiz_zero - 0.02, "sampx": 0.03,
+                                 "sampy": 0.01}, abs=1e-6)
+    assert demo._positions(beamline) == pytest.approx(where, abs=1e-6)
 
 
 def test_a_zoom_change_between_the_views_refuses_the_centring_and_puts_the_sample_back(beamline, autocenter,

@@ -139,8 +139,8 @@ def centring_wall_s(n: int = 3, n_angles: int | None = 3) -> float:
         for seed in range(90000, 90000 + 4 * n):
             mounted = bl.sample_changer.mount(make_sample(seed, n_crystals=1))
             centre = mounted.sample.loop_centre
-            bl.diffractometer.set_value_motors(
-                {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
+            bl.diffractometer.set_value_motors(bl.diffractometer.readings(
+                {"omega": 0.0, "phiy": float(centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}), timeout=30
             )
             start = time.perf_counter()
             centred = ho.centre(n_angles=n_angles, save=False).success

@@ -67,6 +67,13 @@ class VirtualDiffractometer(DiffractometerMockup):
             readings = {**readings, "phiz": readings["phiz"] - self.rotation_axis_phiz}
         return sample_frame(readings, self.motor_directions)
 
+    def readings(self, positions: dict) -> dict:
+        """The motor readings that put the simulated sample at these positions: :meth:`sample_frame` undone."""
+        readings = sample_frame(positions, self.motor_directions)  # a direction of -1 undoes itself
+        if "phiz" in readings:
+            readings["phiz"] += self.rotation_axis_phiz
+        return readings
+
     def get_pixels_per_mm(self):
         """Horizontal and vertical image scale at the current zoom, pixels per mm."""
         level = self.zoom.get_value().value
