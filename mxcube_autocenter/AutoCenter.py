@@ -89,7 +89,7 @@ class AutoCenter(HardwareObject):
         self.predictor = None
         self.centring_error = None
         self.last_result = None
-        self._heatmap_shape_id = None
+        self._heatmap_grid = None
         self._centring_lock = gevent.lock.Semaphore()
         self._button_pressed = False
         self._connect_collect()
@@ -391,9 +391,11 @@ class AutoCenter(HardwareObject):
         """
         sample_view = HWR.beamline.sample_view
         try:
-            if self._heatmap_shape_id is not None:
-                sample_view.delete_shape(self._heatmap_shape_id)
-                self._heatmap_shape_id = None
+            grid, self._heatmap_grid = self._heatmap_grid, None
+            # Only our grid: mounting a sample clears the shapes and restarts their ids, so a grid the user has
+            # drawn since may have our grid's id.
+            if grid is not None and sample_view.shapes.get(grid.id) is grid:
+                sample_view.delete_shape(grid.id)
                 sample_view.emit("shapesChanged")  # the web UI drops it now, even when no new grid follows
             now = sample_view.get_positions()
             views = result.angles + ([result.verification] if result.verification else [])
@@ -423,7 +425,7 @@ class AutoCenter(HardwareObject):
             grid.pixels_per_mm = list(ppmm)
             grid.beam_pos = list(HWR.beamline.beam.get_beam_position_on_screen())
             grid.update_position(sample_view.motor_positions_to_screen)
-            self._heatmap_shape_id = grid.id
+            self._heatmap_grid = grid
             sample_view.emit("shapesChanged")
             sample_view.set_grid_data(grid.id, report.heatmap_png_base64(hm.values), "")
         except Exception:

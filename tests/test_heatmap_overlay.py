@@ -98,3 +98,16 @@ def test_a_refused_centring_shows_the_heatmap_where_the_sample_is_again(beamline
     assert grid.state == "SAVED"  # shown: taken at the omega the sample is back at
     assert grid_corner(grid) == pytest.approx(corner_of(hm), abs=1.5)
     assert decode(grid.get_result()).shape[:2] == hm.values.shape
+
+
+def test_a_grid_the_user_drew_after_a_mount_is_not_taken_for_the_last_centrings_heatmap(beamline, autocenter):
+    # Mounting a sample clears the shapes and restarts their ids (SampleView.clear_all, as mxcubeweb calls it):
+    # the user's next grid gets the id the last heatmap had, and replacing that heatmap deleted the user's grid.
+    beamline.sample_changer.load(EMPTY, wait=True)
+    result = autocenter.centre(save=False)
+    (heatmap,) = grids(beamline)
+    beamline.sample_view.clear_all()
+    mesh = beamline.sample_view.add_shape_from_mpos([beamline.sample_view.get_positions()], (100.0, 100.0), "G")
+    assert mesh.id == heatmap.id
+    autocenter._publish_heatmap(result)
+    assert mesh in grids(beamline) and len(grids(beamline)) == 2
