@@ -885,6 +885,32 @@ def test_a_zoom_change_between_the_views_refuses_the_centring_and_puts_the_sampl
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_motor_that_drops_out_during_the_views_is_the_only_one_said_not_to_be_back(beamline, autocenter,
+                                                                                     monkeypatch):
+    # An MD3 leaves out of get_motors a motor whose state turns Disable. The way back checked each motor's arrival
+    # by reading all five, so it reported every motor as not returned, omega included, which had gone back.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    sampy = beamline.diffractometer.sampy
+    snapshot, shots = procedure.Beamline.snapshot, []
+
+    def snapshot_then_sampy_disabled(bl):
+        shots.append(None)
+        if len(shots) == 2:
+            sampy.update_state(sampy.STATES.OFF)
+        return snapshot(bl)
+
+    monkeypatch.setattr(procedure.Beamline, "snapshot", snapshot_then_sampy_disabled)
+    try:
+        result = autocenter.centre(save=False)
+    finally:
+        sampy.update_state(sampy.STATES.READY)
+    assert not result.success and "no motor sampy" in result.message, result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    not_back = result.message.split("NOT returned")[-1] if "NOT returned" in result.message else ""
+    assert "omega" not in not_back and "phiy" not in not_back, result.message
+
+
 def test_the_sine_fit_decodes_the_clicks_with_the_beam_they_were_projected_from(beamline, monkeypatch):
     # On an MD3 the beam's position on screen follows the zoom: read again when the fit starts (after a zoom
     # change since the views), it would move phiy and phiz off the point.

@@ -186,9 +186,9 @@ class Beamline:
             )
         return motors
 
-    def positions(self) -> dict:
-        motors = self.motors()
-        return {name: float(motors[name].get_value()) for name in CENTRING_MOTORS}
+    def positions(self, names=CENTRING_MOTORS) -> dict:
+        motors = self.motors(names)
+        return {name: float(motors[name].get_value()) for name in names}
 
     def directions(self) -> dict:
         """Each centring motor's direction (SampleView's ``motor_directions``): see geometry.sample_frame."""
@@ -237,7 +237,7 @@ class Beamline:
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
         deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
         while True:
-            now = self.positions()
+            now = self.positions(tuple(positions))  # only these: another motor may have dropped out
             off = [name for name, target in positions.items() if abs(now[name] - target) > _tolerance(name)]
             if not off:
                 return
