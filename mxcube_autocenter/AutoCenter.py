@@ -366,6 +366,9 @@ class AutoCenter(HardwareObject):
             report.save(result, directory, beam_position)
         except OSError as err:
             self.log.error("AutoCenter: centring record not saved (check centring_save_directory): %s", err)
+        except Exception:
+            # Nothing collects the thread's result: unlogged here, the failure would reach only stderr.
+            self.log.exception("AutoCenter: centring record not saved in %s: please report it", directory)
 
     def _centring_running(self) -> str | None:
         """Why a centring may not start now, or None."""

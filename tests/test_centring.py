@@ -457,6 +457,20 @@ def test_a_record_that_cannot_be_saved_is_logged_and_the_centring_stands(beamlin
     assert "check centring_save_directory" in caplog.text and str(blocked) in caplog.text
 
 
+def test_any_failure_to_save_the_record_is_logged_not_left_to_the_thread(autocenter, tmp_path, monkeypatch, caplog):
+    # The record is saved on a pool thread whose result nobody collects: an error other than OSError
+    # (from the image encoder, say) reached only stderr.
+    from mxcube_autocenter.centring import report
+
+    def encoder_fails(result, directory, beam_position):
+        raise ValueError("unsupported image shape")
+
+    monkeypatch.setattr(report, "save", encoder_fails)
+    with caplog.at_level(logging.ERROR):
+        autocenter._save_record(procedure.CentringResult(False, "test", "ml", {}), str(tmp_path), (640.0, 512.0))
+    assert "centring record not saved in " + str(tmp_path) in caplog.text and "unsupported image shape" in caplog.text
+
+
 @pytest.fixture
 def queue(beamline, autocenter):
     """The queue model and manager, wired as mxcubeweb's queue wires them (its init_signals)."""
