@@ -55,6 +55,9 @@ def cmd_demo(args) -> int:
             k: result[k] for k in ("targets", "timings_s", "model", "report")}))
     else:
         print(format_scorecard(result))
+    if result["write_errors"]:
+        print(f"error: the report in {args.out} is not whole: " + "; ".join(result["write_errors"]), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -673,8 +673,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "## Targets of the optical ML centring", "",
         scorecard.format_targets(result["targets"]), "",
         "## Centring errors", "",
-        f"![centring errors]({figures['centring_errors']})", "",
-        f"![RC fraction]({figures['rc_fraction']})", "",
+        *([f"![centring errors]({figures['centring_errors']})", "", f"![RC fraction]({figures['rc_fraction']})", ""]
+          if "centring_errors" in figures else ["The figures could not be written (see the demo's log).", ""]),
     ]
     if figures.get("ml_heatmaps"):
         lines += ["## ML heatmaps", "",
@@ -1049,9 +1049,11 @@ def run_demo(
         t = time.perf_counter()
         with tqdm(total=1, desc="5/5 scoring and report", disable=not progress) as bar:
             methods_figures = scorecard.summarise(outcomes)  # every method, run or not (n = 0)
-            figures = _error_figures(outcomes, out / "figures")
-            sheet = _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")
-            if sheet is not None:
+            # A write that fails (a full disk) is noted and the rest still written: the scorecard is returned
+            # and printed whatever, rather than lost after the whole run.
+            write_errors = []
+            figures = _written(write_errors, lambda: _error_figures(outcomes, out / "figures")) or {}
+            if _written(write_errors, lambda: _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")):
                 figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
             learning_out = {k: learning.get(k) for k in ("spearman", "spearman_expected", "classifier_accuracy",
                                                          "classifier_accuracy_expected", "train_s")}  # fmt: skip
@@ -1072,13 +1074,34 @@ def run_demo(
             timings["report"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t_start
             result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-            _write_report(out, result, rows, figures, settings)
-            with open(out / "scorecard.json", "w") as f:
-                json.dump(result, f, indent=2, default=json_default)
-            with open(out / "samples.json", "w") as f:
-                json.dump(rows, f, indent=1, default=json_default)
+            _written(write_errors, lambda: _write_json(out / "samples.json", rows, indent=1))
+            _written(write_errors, lambda: _write_json(out / "scorecard.json", result, indent=2))
+            _written(write_errors, lambda: _write_report(out, result, rows, figures, settings))
+            result["write_errors"] = write_errors
             bar.update(1)
     return json.loads(json.dumps(result, default=json_default))
+
+
+def _written(errors: list, write):
+    """``write()``'s value, or None with its OSError added to ``errors``."""
+    try:
+        return write()
+    except OSError as err:
+        log.error("demo: %s", err)
+        errors.append(str(err))
+        return None
+
+
+def _write_json(path: Path, value, indent: int):
+    """Write ``value`` as JSON through a temporary file, so that a failed write leaves no half file."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "w") as f:
+            json.dump(value, f, indent=indent, default=json_default)
+        os.replace(part, path)
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path} ({err.strerror or err}): free space there or give another --out") from err
 
 
 def format_scorecard(result: dict) -> str:

@@ -97,6 +97,28 @@ def test_demo_with_a_given_model_runs_without_training(small_demo, tmp_path):
     assert scorecard.compare_runs([(trained, given)], method="loop_centre")["rc_fraction_diff_mean"] == 0
 
 
+def test_a_figure_that_cannot_be_written_loses_neither_the_scorecard_nor_the_rest_of_the_report(tmp_path,
+                                                                                                 monkeypatch):
+    import errno
+
+    from mxcube_autocenter import demo
+    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+
+    def disk_full(outcomes, figures):
+        raise OSError(errno.ENOSPC, "No space left on device", str(figures / "errors.png"))
+
+    monkeypatch.setattr(demo, "_error_figures", disk_full)
+    result = run_demo(tmp_path, model=DEFAULT_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",),
+                      progress=False)
+    assert result["methods"]["loop_centre"]["n"] == 2
+    (error,) = result["write_errors"]
+    assert "No space left on device" in error and "errors.png" in error
+    saved = json.loads((tmp_path / "scorecard.json").read_text())
+    assert saved["methods"] == result["methods"]
+    assert len(json.loads((tmp_path / "samples.json").read_text())) == 2
+    assert (tmp_path / "report.md").exists() and not list(tmp_path.glob("*.part"))
+
+
 def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo, tmp_path, capsys):
     from mxcube_autocenter.cli import main
 
