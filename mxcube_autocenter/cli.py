@@ -404,7 +404,8 @@ def cmd_scorecard(args) -> int:
     methods = {name: figures for name, figures in methods.items() if figures["n"]}
     n = sum(len(rows) for rows in runs)
     n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
-    result = {"methods": methods, "n_runs": len(runs), "n_samples": n, "n_empty": n_empty,
+    learning = scorecard.pool_learning([_demo_scorecard(run) for run in args.runs])
+    result = {"methods": methods, "learning": learning, "n_runs": len(runs), "n_samples": n, "n_empty": n_empty,
               "targets": scorecard.check_targets(methods.get("ml", {}))}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -412,7 +413,27 @@ def cmd_scorecard(args) -> int:
         print(f"Scorecard: {n} held-out samples, {n_empty} of them empty loops, from {len(runs)} demo run(s); rates "
               f"with their 95 % interval\n\n{scorecard.format_table(methods)}\n\n"
               f"{scorecard.format_targets(result['targets'])}")
+        if learning["source"]:
+            print(f"\nLearning ({learning['source']}): Spearman {scorecard.format_cell(learning['spearman_expected'], '{:.3f}')} "
+                  f"against the true counts, classifier accuracy "
+                  f"{scorecard.format_cell(learning['classifier_accuracy_expected'], '{:.3f}')}, training "
+                  f"{scorecard.format_cell(learning['train_s'], '{:.0f}')} s")
     return 0
+
+
+def _demo_scorecard(run) -> dict | None:
+    """The scorecard.json beside a demo report's samples.json, or None where there is none."""
+    path = _samples_path(run).with_name("scorecard.json")
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a demo's scorecard.json ({err}): run the demo again, or move it away") from None
+    if not isinstance(card, dict) or not isinstance(card.get("learning", {}), dict) \
+            or not isinstance(card.get("model", {}), dict):
+        raise ValueError(f"{path} is not a demo's scorecard.json: run the demo again, or move it away")
+    return card
 
 
 def _number(kind, low=None, high=None, low_inclusive=True):

@@ -48,7 +48,7 @@ from mxcube_autocenter import scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
-from mxcube_autocenter.scorecard import METHODS, Outcome, format_cell, value_cell  # noqa: E402
+from mxcube_autocenter.scorecard import METHODS, TRAINED_IN_RUN, Outcome, format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _train(dataset: Path, out: Path, *, epochs, classifier_epochs, input_size, c
     # The test subset may be empty in tiny runs: then the report is on the validation crystals.
     subset = "test" if split["rows"].get("test") else "validation"
     learning = {
-        "source": "trained in this run",
+        "source": TRAINED_IN_RUN,
         "model": reg.model_path,
         "rows": dict(split["rows"]),
         "crystals": {k: len(split[k]) for k in ("train", "validation", "test")},
@@ -704,7 +704,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
                      + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", "## Learning", ""]
     lr = learning
-    if lr["source"] == "trained in this run":
+    if lr["source"] == TRAINED_IN_RUN:
         data = result["data"]
         lines += [
             f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
@@ -740,7 +740,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             (f"- the classifier centres only if its validation balanced accuracy reaches "
              f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {format_cell(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
              f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
-             + ("" if result["model"]["source"] == "trained in this run" else " (but centring uses another model)")
+             + ("" if result["model"]["source"] == TRAINED_IN_RUN else " (but centring uses another model)")
              + "." if lr.get("classifier") else "- no classifier trained."),
             f"- labelling details: `{_rel(data.get('labelling'), out)}`.",
             f"- reports: [regressor]({_rel(lr['regressor_report'], out)})"
@@ -1014,7 +1014,7 @@ def run_demo(
                 if given:
                     predictor, source = given, "given model file"
                 elif trained and not use_shipped_model:
-                    predictor, source = Predictor(*trained), "trained in this run"
+                    predictor, source = Predictor(*trained), TRAINED_IN_RUN
                 else:
                     predictor, source = load_predictor(), "shipped model"
             except PredictorError as err:

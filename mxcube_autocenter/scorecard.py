@@ -408,6 +408,37 @@ def pool_outcomes(runs, methods=METHODS) -> list:
     return outcomes
 
 
+LEARNING_FIGURES = ("spearman", "spearman_expected", "classifier_accuracy", "classifier_accuracy_expected", "train_s")
+TRAINED_IN_RUN = "trained in this run"  # a demo scorecard's learning "source" when the run trained its model
+
+
+def pool_learning(scorecards) -> dict:
+    """The learning figures of several demo runs, from their scorecards (``scorecard.json``; None where missing).
+
+    Runs that trained their own models give the mean of each figure over
+    them (each run's model is one measurement); runs that all centred with
+    one model file give that file's figures once (its metadata, the same in
+    every run, is a single measurement); anything else gives None. ``runs``
+    holds each run's figures and source, None for a run without a scorecard.
+    """
+    runs = [None if card is None else {**{k: (card.get("learning") or {}).get(k) for k in LEARNING_FIGURES},
+                                       "source": (card.get("learning") or {}).get("source"),
+                                       "regressor": (card.get("model") or {}).get("regressor")}
+            for card in scorecards]  # fmt: skip
+    trained = [run for run in runs if run is not None and run["source"] == TRAINED_IN_RUN]
+    pooled = dict.fromkeys(LEARNING_FIGURES)
+    if trained:
+        for key in LEARNING_FIGURES:
+            values = [run[key] for run in trained if run[key] is not None]
+            pooled[key] = float(np.mean(values)) if values else None
+        pooled["source"] = f"mean of {len(trained)} run(s) that trained their model"
+    elif runs and None not in runs and len({run["regressor"] for run in runs}) == 1:
+        pooled.update({key: runs[0][key] for key in LEARNING_FIGURES}, source=runs[0]["source"])
+    else:
+        pooled["source"] = None
+    return {**pooled, "runs": runs}
+
+
 def summarise(outcomes, methods=METHODS) -> dict:
     """``{method: figures}`` for every method in ``methods`` (in that order), then any other seen."""
     outcomes = list(outcomes)

@@ -149,8 +149,18 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
     for name, figures in pooled["methods"].items():  # one run pooled: its own scorecard, with intervals
         assert {k: figures[k] for k in scorecard.FIGURES} == {k: result["methods"][name][k] for k in scorecard.FIGURES}
         assert len(figures["hit_rate_ci95"]) == 2 and len(figures["empty_refused_rate_ci95"]) == 2
+    # The learning figures of the run that trained its model, as its own scorecard has them.
+    assert {k: pooled["learning"][k] for k in scorecard.LEARNING_FIGURES} == {
+        k: result["learning"][k] for k in scorecard.LEARNING_FIGURES}
     assert main(["scorecard", str(out)]) == 0
-    assert "2 held-out samples, 1 of them empty loops, from 1 demo run(s)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "2 held-out samples, 1 of them empty loops, from 1 demo run(s)" in text
+    assert "Learning (mean of 1 run(s) that trained their model): Spearman" in text
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "samples.json").write_text((out / "samples.json").read_text())
+    (tmp_path / "run" / "scorecard.json").write_text("{")
+    assert main(["scorecard", str(tmp_path / "run")]) == 2
+    assert "scorecard.json is not a demo's scorecard.json" in capsys.readouterr().err
     assert main(["scorecard", str(out), str(out / "samples.json")]) == 2
     assert "more than one run" in capsys.readouterr().err
     broken = tmp_path / "broken.json"

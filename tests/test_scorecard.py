@@ -120,6 +120,27 @@ def test_wilson_interval():
         scorecard.wilson_interval(5, 4)
 
 
+def _card(source, regressor, **figures):
+    return {"learning": {"source": source, **figures}, "model": {"regressor": regressor}}
+
+
+def test_pooled_learning_is_the_mean_of_the_runs_that_trained_and_one_model_file_counts_once():
+    trained = [_card(scorecard.TRAINED_IN_RUN, f"run{i}/model.keras", spearman_expected=r, train_s=t)
+               for i, (r, t) in enumerate([(0.8, 60.0), (0.9, 70.0)])]
+    pooled = scorecard.pool_learning([*trained, None])
+    assert pooled["spearman_expected"] == pytest.approx(0.85) and pooled["train_s"] == pytest.approx(65.0)
+    assert pooled["classifier_accuracy"] is None and "2 run(s)" in pooled["source"]
+    assert len(pooled["runs"]) == 3 and pooled["runs"][2] is None
+    # Runs centring with one model file repeat its metadata: one measurement, given once.
+    given = [_card("model file metadata", "m.keras", spearman_expected=0.79, train_s=1583.0)] * 3
+    pooled = scorecard.pool_learning(given)
+    assert pooled["spearman_expected"] == 0.79 and pooled["train_s"] == 1583.0
+    # Different model files, or a run whose model is unknown: no figure stands for them all.
+    for cards in ([given[0], _card("model file metadata", "other.keras", spearman_expected=0.7)], [given[0], None]):
+        pooled = scorecard.pool_learning(cards)
+        assert pooled["source"] is None and pooled["spearman_expected"] is None and len(pooled["runs"]) == 2
+
+
 def test_summarise_gives_the_rates_intervals():
     outcomes = [_outcome("ml", "a", True, hits=[True] * 4), _outcome("ml", "b", True, hits=[False] * 4),
                 _outcome("ml", "e", False, refused=True)]  # fmt: skip
