@@ -363,7 +363,7 @@ def _demo_samples(run) -> list:
         raise FileNotFoundError(f"{path} not found: give a demo report directory (mxcube-autocenter demo --out DIR)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a demo's samples.json ({err}): run the demo again") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "sample" in r for r in rows):
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("sample"), str) for r in rows):
         raise ValueError(f"{path} is not a demo's samples.json (no list of samples): run the demo again")
     from mxcube_autocenter.scorecard import METHODS, outcome_of
 

@@ -370,10 +370,34 @@ def outcome_of(row: dict, method: str) -> Outcome:
     except (TypeError, KeyError) as err:
         raise ValueError(f"sample {row.get('sample')} has no complete {method!r} outcome ({err}): "
                          "give the samples.json of a demo run") from None  # fmt: skip
+    wrong = _wrongly_typed(outcome)
+    if wrong:
+        raise ValueError(f"sample {row.get('sample')}: its {method!r} outcome has {', '.join(wrong)}, which a demo "
+                         "does not write: give the samples.json of a demo run, unedited")  # fmt: skip
     if outcome.hits is not None and len(outcome.hits) != len(VERIFY_OMEGAS):
         raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken at {len(outcome.hits)} angles, "
                          f"this version's hit test takes {len(VERIFY_OMEGAS)}: run the demo again")  # fmt: skip
     return outcome
+
+
+def _wrongly_typed(outcome: Outcome) -> list:
+    """``"name = value"`` of each field of an outcome read from JSON whose type is not the one the scores use."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = {
+        "method": isinstance(outcome.method, str), "sample": isinstance(outcome.sample, str),
+        "message": isinstance(outcome.message, str),
+        "has_crystal": isinstance(outcome.has_crystal, bool), "refused": isinstance(outcome.refused, bool),
+        "failed": isinstance(outcome.failed, bool),
+        "final_motors": isinstance(outcome.final_motors, dict) and all(map(number, outcome.final_motors.values())),
+        "exposures": isinstance(outcome.exposures, int) and not isinstance(outcome.exposures, bool),
+        "hits": outcome.hits is None or (isinstance(outcome.hits, list)
+                                         and all(isinstance(h, bool) for h in outcome.hits)),
+        **{name: getattr(outcome, name) is None or number(getattr(outcome, name))
+           for name in ("wall_s", "dist_um", "rc_fraction")},
+    }  # fmt: skip
+    return [f"{name} = {getattr(outcome, name)!r}" for name, ok in checks.items() if not ok]
 
 
 def pool_outcomes(runs, methods=METHODS) -> list:

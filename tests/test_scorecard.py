@@ -120,6 +120,15 @@ def test_wilson_interval():
         scorecard.wilson_interval(5, 4)
 
 
+@pytest.mark.parametrize("field, value", [("hits", 5), ("dist_um", "5"), ("wall_s", "3"), ("refused", "no"),
+                                          ("final_motors", {"phiy": "0.1"}), ("hits", [1] * 180)])
+def test_an_outcome_of_the_wrong_types_is_refused_naming_the_sample_and_the_field(field, value):
+    # A hand-edited or foreign samples.json: a clear error, not a TypeError from inside the scoring.
+    row = {"sample": "seed7", "ml": {**_outcome("ml", "seed7", True, hits=[True] * 180).to_dict(), field: value}}
+    with pytest.raises(ValueError, match=rf"sample seed7: its 'ml' outcome has {field} = .* a demo does not write"):
+        scorecard.outcome_of(row, "ml")
+
+
 def _card(source, regressor, **figures):
     return {"learning": {"source": source, **figures}, "model": {"regressor": regressor}}
 
