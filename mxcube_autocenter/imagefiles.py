@@ -52,14 +52,18 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         If the file cannot be read as an image, is a JPEG cut short, or its
         pixels are not 8- or 16-bit integers.
     """
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-    if image is None:
-        raise OSError(f"cannot read {path} as an image (JPEG, PNG, ...): check that it exists and is a whole image file")
-    if _jpeg_cut_short(path):
+    try:
+        data = Path(path).read_bytes()  # once: decoded and checked for a cut-short JPEG from the same bytes
+    except OSError as err:
+        raise OSError(f"cannot read {path} ({err.strerror or err}): check that it exists and is a readable file") from err
+    if _jpeg_cut_short(data):
         # libjpeg decodes what there is and fills the rest grey, with only a warning on stderr: the loop and
         # the heatmap would be found in half an image.
         raise OSError(f"cannot read {path}: the JPEG file ends before its image does (an interrupted copy or "
                       "download?): copy it again")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data else None
+    if image is None:
+        raise OSError(f"cannot read {path} as an image (JPEG, PNG, ...): check that it exists and is a whole image file")
     if image.dtype == np.uint16:
         image = scale_to_8_bits(image)
     elif image.dtype != np.uint8:
@@ -67,14 +71,12 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _jpeg_cut_short(path) -> bool:
-    """Whether ``path`` is a JPEG file without the end-of-image marker after its last scan's start.
+def _jpeg_cut_short(data: bytes) -> bool:
+    """Whether a file's bytes are a JPEG without the end-of-image marker after its last scan's start.
 
     Inside a scan's coded data an 0xFF byte is always followed by 0x00 or a
     restart marker, so the end marker found after the scan's start is its own.
     """
-    with open(path, "rb") as f:
-        data = f.read()
     return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
