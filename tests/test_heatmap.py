@@ -235,6 +235,14 @@ def test_no_loop_in_an_empty_field():
     assert find_loop(Renderer().render_empty()) is None
 
 
+@pytest.mark.parametrize("shape", [(16, 200), (200, 16), (200, 24), (31, 31)])
+def test_no_loop_in_a_frame_too_small_to_hold_one_rather_than_lucid3s_error(shape):
+    # lucid3 raised OpenCV's or its own error on these: `heatmap` on a thumbnail ended the whole batch.
+    frame = np.full((*shape, 3), 200, np.uint8)
+    frame[shape[0] // 3: 2 * shape[0] // 3, : shape[1] // 2] = 30
+    assert find_loop(frame) is None and find_loop(frame, "right") is None
+
+
 def test_sample_mask_covers_the_loop_and_not_the_empty_field():
     sample = make_sample(3, n_crystals=1)
     frame = frame_of()
@@ -545,8 +553,28 @@ def test_heatmap_reads_16_bit_images_of_cameras_with_fewer_bits(tmp_path, capsys
         rgb = read_rgb(path)
         assert rgb.shape == (*grey.shape, 3) and rgb.dtype == np.uint8
         assert np.abs(rgb.astype(int) - grey[..., None]).max() <= 1, path
-    with pytest.raises(OSError, match="no_such.png as an image"):
+    with pytest.raises(OSError, match=r"no_such.png \(No such file or directory\)"):
         read_rgb(tmp_path / "no_such.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(OSError, match="empty.png as an image"):
+        read_rgb(tmp_path / "empty.png")
+
+
+def test_an_image_file_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    # A phone or a camera that saves turned images with an orientation tag: the loop must be found upright.
+    from PIL import Image
+
+    from mxcube_autocenter.imagefiles import read_rgb
+
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, :10] = 255  # the left end bright: at the top once turned 90 degrees clockwise
+    tagged = Image.fromarray(image)
+    exif = tagged.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    tagged.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    rgb = read_rgb(tmp_path / "turned.jpg")
+    assert rgb.shape == (40, 20, 3)
+    assert rgb[:8].mean() > 200 and rgb[-25:].mean() < 30
 
 
 def test_a_jpeg_cut_short_is_refused_not_read_with_its_missing_part_grey(tmp_path, capsys):

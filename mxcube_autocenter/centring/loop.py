@@ -43,12 +43,15 @@ def find_loop(rgb, pin_side: str = "left"):
     Returns
     -------
     (float, float) or None
-        The loop tip in pixels, or None when lucid3 finds no loop.
+        The loop tip in pixels, or None when lucid3 finds no loop (or the
+        frame is under :data:`MIN_FRAME_SIDE_PX` on a side).
     """
     import lucid3
 
     if pin_side not in ("left", "right"):
         raise ValueError(f"pin_side must be 'left' or 'right', not {pin_side!r}")
+    if min(rgb.shape[:2]) < MIN_FRAME_SIDE_PX:
+        return None
     image = _for_lucid(rgb)
     image = np.ascontiguousarray(image[:, ::-1] if pin_side == "right" else image)
     info, x, y = lucid3.find_loop(image)
@@ -59,6 +62,9 @@ def find_loop(rgb, pin_side: str = "left"):
     return float(x), float(y)
 
 
+# lucid3's filters raise on frames narrower than about 26 pixels (OpenCV's GaussianBlur and its own indexing);
+# no loop can be told apart in so few pixels anyway.
+MIN_FRAME_SIDE_PX = 32
 LUCID_BACKLIGHT = 128.0  # grey level a dark frame's backlight is raised to for lucid3
 LUCID_MAX_GAIN = 8.0  # so that a black frame's noise is not raised into structure
 
