@@ -178,7 +178,8 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
             # Start where the scan starts, so that the collection does not wait for omega to turn there.
             osc_start = float(rng.uniform(0, 360))
             first = ends[0] if kind == "Helical" else centred_motors(aim)
-            _move(bl, {**{m: first[m] for m in ("phiy", "phiz", "sampx", "sampy")}, "omega": osc_start})
+            start_omega = bl.diffractometer.sample_frame({"omega": osc_start})["omega"]  # osc_start is a reading
+            _move(bl, {**{m: first[m] for m in ("phiy", "phiz", "sampx", "sampy")}, "omega": start_omega})
             ho.recorder.last_summary = None
             run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,
                            exposure_time=exposure_time, osc_start=osc_start, crystal_id=mounted.crystal_id,
