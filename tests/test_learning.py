@@ -616,6 +616,33 @@ def test_fine_tuning_keeps_the_starting_weights_when_no_epoch_improves_on_them(t
     assert best >= 1 and not kept
 
 
+def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_path):
+    # Early stopping restores no weights when no epoch had a finite loss: the NaN ones were saved as the model,
+    # which loaded and gave heatmaps of NaN.
+    import keras
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.training import fit_with_early_stopping
+
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, x.sum(axis=1, keepdims=True))).batch(16)
+
+    def diverging():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(1e30), loss="mse")
+        return model
+
+    with pytest.raises(ValueError, match=r"training diverged \(val_loss per epoch: \[nan.*lower learning rate"):
+        fit_with_early_stopping(diverging(), ds, ds, str(tmp_path), epochs=3, patience=1, verbose=0)
+    # Fine-tuning falls back on its starting weights, as when no epoch improves on them.
+    model = diverging()
+    start = model.get_weights()
+    _, _, _, best = fit_with_early_stopping(model, ds, ds, str(tmp_path), epochs=3, patience=1, verbose=0,
+                                            keep_start=True)
+    assert best == 0 and all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
+
+
 def test_no_checkpoint_of_an_earlier_run_stays_when_the_starting_weights_are_kept(tmp_path):
     import keras
     import tensorflow as tf

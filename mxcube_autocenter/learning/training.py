@@ -586,12 +586,18 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start  # all threads: wall time on a machine shared with others overstates
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    best_epoch = int(np.argmin(hist[monitor])) + 1 if hist.get(monitor) else len(hist.get("loss", []))
-    if keep_start and not min(hist.get(monitor, [np.inf])) < start_loss:
+    # An epoch whose loss is NaN (a diverged run) is never the best one.
+    losses = [v if np.isfinite(v) else np.inf for v in hist.get(monitor, [])]
+    best_epoch = int(np.argmin(losses)) + 1 if losses else len(hist.get("loss", []))
+    if keep_start and not min(losses, default=np.inf) < start_loss:
         model.set_weights(start_weights)
         best_epoch = 0
         if verbose:
             print(f"No epoch improved on the starting weights ({monitor} {start_loss:.4g}): they are kept.")
+    elif not (losses and np.isfinite(min(losses))) or not all(np.isfinite(w).all() for w in model.get_weights()):
+        # Early stopping restores no weights when no epoch had a finite loss: the diverged ones would be saved.
+        raise ValueError(f"training diverged ({monitor} per epoch: {hist.get(monitor)}): give a lower learning "
+                         "rate (--learning-rate); no model was saved")
     return hist, seconds, cpu_seconds, best_epoch
 
 
