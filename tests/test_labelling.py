@@ -187,18 +187,16 @@ def test_regular_windows_keep_the_recorded_ones_when_frames_were_delayed():
     np.testing.assert_array_equal(fitted.windows, windows)
 
 
-def test_offset_falls_back_to_the_scan_start_when_omega_does_not_move():
-    timing = helical_timing(4, osc_range=0.0, fps=20.0)
-    collection_start = timing.wall_start - 0.2
-    offset = estimate_clock_offset(
-        timing.received, timing.omegas, timing.windows, 30.0, 0.0, collection_start=collection_start
-    )
-    first = timing.received[timing.received >= collection_start].min()
-    assert offset.method == "scan start" and "did not move" in offset.note
-    assert float(offset) == pytest.approx(timing.windows[0, 0] - first)
-    assert offset.n_used == 0 and np.isnan(offset.residual_rms_s)
-    match = match_frames(timing.received, timing.windows, clock_offset=offset)
-    assert match.stats()["offset_method"] == "scan start" and match.stats()["timing_residual_rms_s"] is None
+@pytest.mark.parametrize("osc_range, fps, why", [(0.0, 20.0, "omega did not move"),
+                                                 (0.5, 0.9, "only 2 camera frames while omega moved")])
+def test_no_clock_offset_is_made_up_when_omega_does_not_turn_under_the_camera(osc_range, fps, why):
+    # The fallback took the first camera frame after MXCuBE's collection start for the first exposure: MXCuBE
+    # signals that start before it moves to the centred position, snapshots and sets energy and resolution, so
+    # the offset was seconds off and every frame got another frame's count.
+    timing = helical_timing(4, osc_range=osc_range, fps=fps)
+    with pytest.raises(ValueError, match=f"{why}.*cannot relate the camera and detector clocks"):
+        estimate_clock_offset(timing.received, timing.omegas, timing.windows, 30.0, osc_range)
+
 
 
 # Spot-count files ---------------------------------------------------------------------
@@ -500,6 +498,21 @@ def test_several_processes_give_the_same_labels_in_no_more_processes_than_cores(
     rows = serial.scan_id == summary.recordings[0].scan_id
     np.testing.assert_array_equal(dataset.rc, serial.rc[rows])
     np.testing.assert_array_equal(dataset.recording_frame, serial.recording_frame[rows])
+
+
+def test_a_collection_without_rotation_is_labelled_with_the_clock_offset_given_only(tmp_path):
+    without = simulate_collection(tmp_path, "without", 26, osc_range=0.0, fps=12.0)
+    out = tmp_path / "set" / "dataset.h5"
+    entry = label_recordings([without.recording], out, progress=False).recordings[0]
+    assert entry.status == "error" and not out.exists()
+    assert "omega did not move (osc_range 0)" in entry.message and "give clock_offset (--clock-offset" in entry.message
+    entry = label_recordings([without.recording], out, clock_offset=CLOCK_OFFSET, progress=False).recordings[0]
+    assert entry.status == "labelled"
+    table = read_table(out)
+    # Each frame with the count of the detector frame exposed when it was taken.
+    exposed = without.exposed[table.recording_frame]
+    image = np.floor((exposed - without.wall_start) / FRAME_TIME).astype(int)
+    assert np.mean(table.rc == without.counts[np.clip(image, 0, N_IMAGES - 1)]) > 0.9
 
 
 def test_a_recording_still_being_written_is_labelled_only_once_it_rests(tmp_path):

@@ -44,37 +44,30 @@ class ClockOffset(float):
 
     Attributes
     ----------
-    method : {"omega", "scan start"}
-        "omega": from the camera frames' omega during the scan; "scan start":
-        from the first camera frame of the collection and the first exposure,
-        accurate only to the delay between the collection start and the first
-        exposure (motors moving into place), typically tenths of a second.
+    method : str
+        "omega": from the camera frames' omega during the scan.
     residuals_s : ndarray of float, shape (n_camera,)
         Per camera frame, ``camera time + offset`` minus the detector time at
         which omega had the frame's value, s; NaN for frames not used (omega
-        at rest, outside the scan, unknown) and for every frame with "scan start".
-    note : str
-        Why "scan start" was used; empty for "omega".
+        at rest, outside the scan, unknown).
     """
 
     method: str
     residuals_s: np.ndarray
-    note: str
 
-    def __new__(cls, offset_s: float, method: str, residuals_s: np.ndarray, note: str = ""):
+    def __new__(cls, offset_s: float, method: str, residuals_s: np.ndarray):
         self = super().__new__(cls, offset_s)
         self.method = method
         self.residuals_s = residuals_s
-        self.note = note
         return self
 
     def __reduce__(self):
         # float's own pickling would call __new__ with the value only.
-        return ClockOffset, (float(self), self.method, self.residuals_s, self.note)
+        return ClockOffset, (float(self), self.method, self.residuals_s)
 
     @property
     def n_used(self) -> int:
-        """Camera frames the offset was estimated from (0 for "scan start")."""
+        """Camera frames the offset was estimated from."""
         return int(np.count_nonzero(np.isfinite(self.residuals_s)))
 
     @property
@@ -178,8 +171,6 @@ def estimate_clock_offset(
     exposure_windows,
     omega_start: float,
     omega_range: float,
-    *,
-    collection_start: float | None = None,
 ) -> ClockOffset:
     """Offset between the camera and detector clocks, from the goniometer's motion.
 
@@ -194,8 +185,10 @@ def estimate_clock_offset(
     helical scans with an oscillation range (MXCuBE rotates omega by
     ``osc_range`` per image along the line too). When omega does not move
     (``omega_range`` 0, or fewer than 3 camera frames while it moves), the
-    offset falls back to the first exposure's start minus the time of the
-    first camera frame at or after ``collection_start``, and says so.
+    clocks cannot be related: the offset must be given. (Nothing else the
+    recording holds fixes it: MXCuBE signals the collection's start before
+    it moves to the centred position, takes the crystal snapshots and sets
+    energy and resolution, seconds to minutes before the first exposure.)
 
     Parameters
     ----------
@@ -211,9 +204,6 @@ def estimate_clock_offset(
     omega_range : float
         Rotation per detector frame, deg (``osc_range``); negative for a
         rotation towards lower angles.
-    collection_start : float, optional
-        Unix time the collection started (camera clock), for the fallback;
-        default the first camera frame.
 
     Returns
     -------
@@ -223,7 +213,7 @@ def estimate_clock_offset(
     Raises
     ------
     ValueError
-        If there are no detector frames, or no camera frame for the fallback.
+        If there are no detector frames, or too few camera frames while omega turned.
     """
     times = np.asarray(camera_times, dtype=np.float64)
     omegas = np.asarray(camera_omegas, dtype=np.float64)
@@ -232,7 +222,7 @@ def estimate_clock_offset(
     if n == 0:
         raise ValueError("no detector frames: the master file declares no images")
     residuals = np.full(times.shape, np.nan)
-    note = "omega did not move (osc_range 0)"
+    why = "omega did not move (osc_range 0)"
     if omega_range != 0:
         images = (omegas - omega_start) / omega_range
         moving = np.isfinite(images) & (images >= _OMEGA_MARGIN_FRAMES) & (images <= n - _OMEGA_MARGIN_FRAMES)
@@ -244,16 +234,11 @@ def estimate_clock_offset(
             offset = float(np.median(differences))
             residuals[moving] = offset - differences
             return ClockOffset(offset, "omega", residuals)
-        note = (
+        why = (
             f"only {np.count_nonzero(moving)} camera frames while omega moved from {omega_start} deg "
             f"by {omega_range} deg per image"
         )
-    after = times if collection_start is None else times[times >= collection_start]
-    if after.size == 0:
-        raise ValueError(
-            "no camera frame at or after the collection start: the recording does not cover the collection"
-        )
-    return ClockOffset(float(windows[0, 0] - after.min()), "scan start", residuals, note)
+    raise ValueError(f"{why}, so the motion cannot relate the camera and detector clocks")
 
 
 def _at_scan_speed(times: np.ndarray, images: np.ndarray, period: float) -> np.ndarray:
@@ -353,7 +338,6 @@ class MatchResult:
             "n_gap": self.n_gap,
             "clock_offset_s": float(self.clock_offset),
             "offset_method": self.offset_method,
-            "offset_note": getattr(self.clock_offset, "note", ""),
             "frame_period_s": value(self.frame_period_s),
             "timing_residual_rms_s": value(np.sqrt(np.mean(timing**2))) if timing.size else None,
             "timing_residual_max_s": value(np.max(np.abs(timing))) if timing.size else None,

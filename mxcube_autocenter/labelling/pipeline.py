@@ -578,10 +578,11 @@ def _estimate_offset(recording, windows):
     try:
         return estimate_clock_offset(
             recording.timestamps, recording.motor("omega"), windows, float(metadata["osc_start"]),
-            float(metadata["osc_range"]), collection_start=metadata.get("collection_start"),
+            float(metadata["osc_range"]),
         )  # fmt: skip
     except ValueError as err:
-        raise LabellingError(f"{recording.path}: {err}; give clock_offset") from err
+        raise LabellingError(f"{recording.path}: {err}: give clock_offset (--clock-offset: detector minus camera "
+                             "clock, s; 0 where both keep NTP time)") from err
 
 
 def _own_collection(recording, masters, clock_offset, max_clock_offset, regularise) -> tuple:
@@ -662,7 +663,6 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
     if abs(float(offset)) <= limit:
         return
     started = recording.metadata.get("collection_start", recording.timestamps[0])
-    source = "the goniometer's motion" if offset.method == "omega" else "the first exposure"
     zone_s = round(float(offset) / _TIME_ZONE_STEP_S) * _TIME_ZONE_STEP_S
     if local_dates and abs(float(offset) - zone_s) <= limit:
         here = datetime.fromtimestamp(detector_start).astimezone().strftime("%z")
@@ -675,7 +675,7 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         )
     raise LabellingError(
         f"{master}: not the collection of {recording.path}: its frames fall on the recording's only with the "
-        f"detector's clock {float(offset):+.1f} s off the camera's (estimated from {source}; more than "
+        f"detector's clock {float(offset):+.1f} s off the camera's (estimated from the goniometer's motion; more than "
         f"{limit:g} s); its collection started {_local_time(detector_start)}, the recording's "
         f"{_local_time(float(started))}. Another collection took the file's name (a later run with the same prefix "
         "and run number, another sample's file copied here): copy its own collection's master and data files next "
@@ -771,8 +771,6 @@ def format_summary(summary: LabelSummary) -> str:
                 f"max {1e3 * m['timing_residual_max_s']:.2f} ms; about {100 * m['neighbour_risk']:.1f} % "
                 "of frames may carry a neighbouring detector frame's count"
             )
-        if m["offset_note"]:
-            offset += f"; {m['offset_note']}"
         lines.append(offset + ")")
         lines.append(
             f"    {entry.detector_frames} detector frames, {entry.frames_matched} with a camera frame: reflections "
