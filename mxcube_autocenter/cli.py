@@ -300,6 +300,8 @@ def cmd_train(args) -> int:
     from mxcube_autocenter.learning.architectures import task_of
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
+    given = {"--transform": args.transform is not None, "--threshold": args.threshold is not None}
+    args.transform, args.threshold = args.transform or "log", 5.0 if args.threshold is None else args.threshold
     colours = {}
     if args.initial_model:
         # Fine-tuning: the network, its input and label transform are the initial model's; an fcn_classifier
@@ -315,8 +317,15 @@ def cmd_train(args) -> int:
         print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
               f"{args.input_size} px crops of {args.crop_um} um"
               + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
+    task = task_of(args.arch)
+    ignored = "--transform" if task == "classifier" and given["--transform"] else (
+        "--threshold" if task == "regression" and given["--threshold"] else None)
+    if ignored:
+        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch}): leave it out, or train an "
+                         "architecture it applies to (a regressor learns transformed counts, a classifier "
+                         "count >= --threshold)")
     options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate, **colours)
-    if task_of(args.arch) == "classifier":
+    if task == "classifier":
         result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
     else:
         result = train(args.dataset, args.arch, args.transform, args.out, **options)
@@ -776,10 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("dataset", metavar="DATASET.h5")
     train.add_argument("--arch", default="fcn",
                        help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: %(default)s)")
-    train.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
+    # No defaults here: cmd_train refuses the option that does not apply to the architecture's task.
+    train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log)")
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
-    train.add_argument("--threshold", type=FINITE, default=5.0,
-                       help="classifier: the count from which a crop is a crystal (default: %(default)s)")
+    train.add_argument("--threshold", type=FINITE,
+                       help="classifier: the count from which a crop is a crystal (default: 5)")
     train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
                        help="fine-tune this model (`shipped`: the shipped regressor, e.g. on site data): its "
                             "architecture, input, label transform and threshold are used; with --arch "

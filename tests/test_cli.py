@@ -172,6 +172,16 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     assert "notes.keras: the file is not a .keras model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, refused", [(["--arch", "classifier", "--transform", "tanh"], "--transform"),
+                                              (["--threshold", "3"], "--threshold"),
+                                              (["--arch", "a4", "--threshold", "3"], "--threshold")])
+def test_train_refuses_an_option_that_does_not_apply_to_the_model_it_trains(tmp_path, capsys, options, refused):
+    # Accepted and dropped, the run would not be the one asked for.
+    assert main(["train", str(tmp_path / "set.h5"), "--out", str(tmp_path / "model"), *options]) == 2
+    assert f"error: {refused} does not apply to a" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
 def test_simulate_names_a_refused_auto_centring_configuration_without_a_traceback(tmp_path, capsys):
     # mxcubecore logs the refused property and loads the beamline without the object; simulate then ended
     # in a LookupError traceback (exit code 1) after writing the gallery.
