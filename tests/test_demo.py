@@ -250,6 +250,8 @@ def test_a_lucid_centring_that_timed_out_is_no_refusal(monkeypatch):
         def get_pixels_per_mm(self): return (1000.0, 1000.0)
         def get_beam_position_on_screen(self): return (0.0, 0.0)
         def get_motors(self): return self.motors
+        def sample_frame(self, readings): return dict(readings)  # wired as the virtual diffractometer by default
+        def readings(self, positions): return dict(positions)
 
         def set_value_motors(self, positions, timeout=None):
             for name, value in positions.items():
