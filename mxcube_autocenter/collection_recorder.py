@@ -183,6 +183,23 @@ def same_collection(a: dict, b: dict) -> bool:
     return a is b or [(a.get("fileinfo") or {}).get(k) for k in key] == [(b.get("fileinfo") or {}).get(k) for k in key]
 
 
+def crystal_id(sample_reference: dict, loaded_sample: str | None):
+    """What tells this collection's crystal from others, for the split by crystal.
+
+    The collection's own ``crystal_id`` where it has one, else the LIMS
+    sample id (``blSampleId``; mxcubecore's -1 without LIMS is none), else
+    the sample's name with the sample changer position it is mounted from:
+    a position alone is every crystal mounted from it.
+    """
+    if sample_reference.get("crystal_id"):
+        return sample_reference["crystal_id"]
+    lims = sample_reference.get("blSampleId")
+    if lims is not None and str(lims).isdigit() and int(lims) > 0:
+        return lims
+    named = " @ ".join(str(part) for part in (sample_reference.get("sample_name"), loaded_sample) if part)
+    return named or None
+
+
 def collection_metadata(dc_params: dict, helical_positions, context: dict, master_template: str) -> dict:
     """The ``/collection`` attributes of a recording (see docs/data-formats.md)."""
     osc = dc_params["oscillation_sequence"][0]
@@ -198,7 +215,7 @@ def collection_metadata(dc_params: dict, helical_positions, context: dict, maste
         "master_file": master_file_path(dc_params["fileinfo"], master_template),
         "collection_start": time.time(),
         "sample_id": sample.get("blSampleId"),
-        "crystal_id": sample.get("crystal_id") or context.get("loaded_sample") or sample.get("blSampleId"),
+        "crystal_id": crystal_id(sample, context.get("loaded_sample")),
         **{k: v for k, v in context.items() if k != "loaded_sample"},
     }
     if kind == "Helical" and helical_positions:

@@ -622,3 +622,17 @@ def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_rec
     timestamps = read_recording(summary.path).timestamps
     assert len(timestamps) >= 16  # 1.8 s at 10 frames/s: none skipped while the clock was behind
     assert np.all(np.diff(timestamps) > 0) and np.all(np.diff(timestamps) < 0.5)
+
+
+def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():
+    # mxcubecore's queue sends blSampleId -1 without LIMS, and no crystal_id: the sample changer position alone
+    # made every crystal mounted from it one "crystal" for the split.
+    from mxcube_autocenter.collection_recorder import crystal_id
+
+    assert crystal_id({"crystal_id": "xtal-7", "blSampleId": 12}, "3:05") == "xtal-7"
+    assert crystal_id({"blSampleId": 345678, "sample_name": "lyso-1"}, "3:05") == 345678
+    assert crystal_id({"blSampleId": -1, "sample_name": "lyso-1"}, "3:05") == "lyso-1 @ 3:05"
+    assert crystal_id({"blSampleId": -1, "sample_name": "lyso-2"}, "3:05") != crystal_id(
+        {"blSampleId": -1, "sample_name": "lyso-1"}, "3:05")
+    assert crystal_id({"blSampleId": None}, "3:05") == "3:05"
+    assert crystal_id({}, None) is None
