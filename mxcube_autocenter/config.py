@@ -225,6 +225,15 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
             raise ValueError("fields must be named after fileinfo keys, such as {directory}, {prefix}, {run_number}")
         return value
 
+    def __setattr__(self, name, value):
+        # A script's or the queue's ``ho.config.min_score = ...`` is checked as the XML is: unchecked, NaN
+        # switched the crystal threshold off and a frame rate of 0 divided by zero at the next collection.
+        # The whole configuration is validated with the new value (pydantic's validate_assignment keeps a
+        # refused value, and runs no validator that reads several properties).
+        if name in type(self).model_fields:
+            value = getattr(type(self).model_validate({**self.model_dump(), name: value}), name)
+        super().__setattr__(name, value)
+
     @model_validator(mode="after")
     def _two_views_see_the_crystal(self):
         check_blind_views(self.blind_views, self.centring_angles)

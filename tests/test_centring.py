@@ -26,7 +26,7 @@ def autocenter(beamline, tiny_model):
     saved = ho.config.model_copy()
     ho.predictor = load_predictor(tiny_model)
     ho._take_over_auto_centring()
-    ho.config.min_score = -1e9  # the small model only has to steer the procedure here
+    ho.config.min_score = 0.0  # the small model only has to steer the procedure here
     ho.config.move_timeout_s = 5.0
     yield ho
     for name in type(ho.config).model_fields:

@@ -49,6 +49,19 @@ def _refused_at_load(tmp_path, caplog, old, new) -> str:
     return _logged(caplog)
 
 
+@pytest.mark.parametrize("name, value", [("min_score", float("nan")), ("pin_side", "up"), ("record_frame_rate", 0),
+                                         ("verify_centring", "maybe"), ("blind_views", 9)])
+def test_a_value_set_from_a_script_is_checked_as_the_xml_is_and_a_refused_one_changes_nothing(name, value):
+    # Unchecked, a NaN min_score switched the crystal threshold off and a frame rate of 0 divided by zero.
+    config = AutoCenterConfig()
+    before = config.model_dump()
+    with pytest.raises(ValueError, match=name):
+        setattr(config, name, value)
+    assert config.model_dump() == before
+    config.min_score = 3  # an accepted value takes its type
+    assert config.min_score == 3.0 and isinstance(config.min_score, float)
+
+
 def test_malformed_property_gives_clear_error(tmp_path, caplog):
     messages = _refused_at_load(tmp_path, caplog, "<record_frame_rate>10</record_frame_rate>",
                                 "<record_frame_rate>fast</record_frame_rate>")  # fmt: skip
