@@ -394,12 +394,13 @@ class AutoCenter(HardwareObject):
         """
         sample_view = HWR.beamline.sample_view
         try:
-            grid, self._heatmap_grid = self._heatmap_grid, None
+            grid = self._heatmap_grid
             # Only our grid: mounting a sample clears the shapes and restarts their ids, so a grid the user has
             # drawn since may have our grid's id.
-            if grid is not None and sample_view.shapes.get(grid.id) is grid:
+            if grid is not None and sample_view.get_shape(grid.id) is grid:
                 sample_view.delete_shape(grid.id)
                 sample_view.emit("shapesChanged")  # the web UI drops it now, even when no new grid follows
+            self._heatmap_grid = None
             now = sample_view.get_positions()
             views = result.angles + ([result.verification] if result.verification else [])
             angle = min(views, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)

@@ -441,13 +441,15 @@ def pool_learning(scorecards) -> dict:
 
     Runs that trained their own models give the mean of each figure over
     them (each run's model is one measurement); runs that all centred with
-    one model file give that file's figures once (its metadata, the same in
-    every run, is a single measurement); anything else gives None. ``runs``
+    the same model files (regressor and classifier) give their figures once
+    (their metadata, the same in every run, is a single measurement);
+    anything else gives None. ``runs``
     holds each run's figures and source, None for a run without a scorecard.
     """
     runs = [None if card is None else {**{k: (card.get("learning") or {}).get(k) for k in LEARNING_FIGURES},
                                        "source": (card.get("learning") or {}).get("source"),
-                                       "regressor": (card.get("model") or {}).get("regressor")}
+                                       "regressor": (card.get("model") or {}).get("regressor"),
+                                       "classifier": (card.get("model") or {}).get("classifier")}
             for card in scorecards]  # fmt: skip
     trained = [run for run in runs if run is not None and run["source"] == TRAINED_IN_RUN]
     pooled = dict.fromkeys(LEARNING_FIGURES)
@@ -456,7 +458,7 @@ def pool_learning(scorecards) -> dict:
             values = [run[key] for run in trained if run[key] is not None]
             pooled[key] = float(np.mean(values)) if values else None
         pooled["source"] = f"mean of {len(trained)} run(s) that trained their model"
-    elif runs and None not in runs and len({run["regressor"] for run in runs}) == 1:
+    elif runs and None not in runs and len({(run["regressor"], run["classifier"]) for run in runs}) == 1:
         pooled.update({key: runs[0][key] for key in LEARNING_FIGURES}, source=runs[0]["source"])
     else:
         pooled["source"] = None

@@ -144,8 +144,11 @@ def test_pooled_learning_is_the_mean_of_the_runs_that_trained_and_one_model_file
     given = [_card("model file metadata", "m.keras", spearman_expected=0.79, train_s=1583.0)] * 3
     pooled = scorecard.pool_learning(given)
     assert pooled["spearman_expected"] == 0.79 and pooled["train_s"] == 1583.0
-    # Different model files, or a run whose model is unknown: no figure stands for them all.
-    for cards in ([given[0], _card("model file metadata", "other.keras", spearman_expected=0.7)], [given[0], None]):
+    # Different model files, the same regressor with another classifier, or a run whose model is unknown: no
+    # figure stands for them all.
+    with_classifier = {**given[0], "model": {"regressor": "m.keras", "classifier": "c.keras"}}
+    for cards in ([given[0], _card("model file metadata", "other.keras", spearman_expected=0.7)],
+                  [given[0], with_classifier], [given[0], None]):
         pooled = scorecard.pool_learning(cards)
         assert pooled["source"] is None and pooled["spearman_expected"] is None and len(pooled["runs"]) == 2
 

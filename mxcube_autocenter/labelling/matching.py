@@ -303,7 +303,7 @@ class MatchResult:
 
     @property
     def offset_method(self) -> str:
-        """How the offset was found: "omega", "scan start", or "given"."""
+        """How the offset was found: "omega" (estimated from the motion) or "given"."""
         return self.clock_offset.method if isinstance(self.clock_offset, ClockOffset) else "given"
 
     def timing_residuals_s(self) -> np.ndarray:
