@@ -310,6 +310,14 @@ def cmd_train(args) -> int:
         colours = _input_colours(info)
         transfer = args.arch == "fcn_classifier" and info.get("task") == "regression"
         if not transfer:
+            kept = {"--transform": (args.transform, info.get("transform", {}).get("name")),
+                    "--threshold": (args.threshold, info.get("threshold"))}
+            differ = [f"{option} {asked} (the model's: {own})" for option, (asked, own) in kept.items()
+                      if given[option] and own is not None and asked != own]
+            if differ:
+                raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's label transform and threshold, "
+                                 f"so not {', '.join(differ)}: leave that out, or train a new model without "
+                                 "--initial-model")
             args.arch = info["architecture"]["name"]
             args.threshold = info.get("threshold", args.threshold)
         args.crop_um, args.input_size = info["input"]["crop_um"], info["input"]["input_size"]

@@ -182,6 +182,13 @@ def test_train_refuses_an_option_that_does_not_apply_to_the_model_it_trains(tmp_
     assert not (tmp_path / "model").exists()
 
 
+def test_fine_tuning_refuses_a_transform_other_than_the_models_own(tmp_path, capsys):
+    # The shipped regressor learns log counts: a --transform tanh was replaced by log without a word.
+    assert main(["train", str(tmp_path / "set.h5"), "--initial-model", "shipped", "--transform", "tanh"]) == 2
+    assert "fine-tuning keeps the model's label transform and threshold, so not --transform tanh (the model's: log)" \
+        in capsys.readouterr().err
+
+
 def test_simulate_names_a_refused_auto_centring_configuration_without_a_traceback(tmp_path, capsys):
     # mxcubecore logs the refused property and loads the beamline without the object; simulate then ended
     # in a LookupError traceback (exit code 1) after writing the gallery.
