@@ -446,12 +446,15 @@ class AutoCenter(HardwareObject):
         sample_view = HWR.beamline.sample_view
         sample_view.start_auto_centring = self.start_auto_centring
         sample_view.start_manual_centring = self._refused_while_centring(
-            sample_view.start_manual_centring, "Click centring not started")
+            sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
         sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
         self.log.info("AutoCenter: SampleView automatic centring now runs the optical ML centring")
 
-    def _refused_while_centring(self, method, refusal: str):
-        """``method``, refused with ``refusal`` said to the user while an optical ML centring holds the sample."""
+    def _refused_while_centring(self, method, refusal: str, verdict: str | None = None):
+        """``method``, refused with ``refusal`` said to the user while an optical ML centring holds the sample.
+
+        A refused centring method (``verdict``) also ends as failed, for whoever waits for its outcome.
+        """
 
         @functools.wraps(method)
         def unless_centring(*args, **kwargs):
@@ -460,6 +463,8 @@ class AutoCenter(HardwareObject):
             # A press of the button still readying the diffractometer (seconds on an MD3) holds the sample too.
             if self._centring_lock.locked() or self._button_pressed:
                 self.user_log.warning(f"{refusal}: an optical ML centring is moving the sample; wait for it to end")
+                if verdict:
+                    self._refused_verdict(HWR.beamline.sample_view, verdict)
                 return None
             return method(*args, **kwargs)
 
@@ -502,18 +507,24 @@ class AutoCenter(HardwareObject):
             sample_view.auto_centring_done(procedure)
 
     def _refuse_auto_centring(self, sample_view, reason):
-        # Whoever waits for the outcome must hear of it (the queue's mount step
-        # waits for centringAccepted); SampleView's own state belongs to the
-        # centring that is running and is left alone.
         self.user_log.error(f"Optical ML centring not started: {reason}")
+        self._refused_verdict(sample_view, "Automatic")
+
+    def _refused_verdict(self, sample_view, method: str):
+        # Whoever waits for the outcome of the refused centring must hear of it (the queue's mount step waits
+        # for centringAccepted, without a time-out); SampleView's own state belongs to the centring that is
+        # running and is left alone.
         if self._button_pressed or sample_view.current_centring_procedure:
             # A centring started through SampleView (a press still getting the diffractometer ready, or a
             # running automatic or manual centring) ends with its own centringAccepted, which every waiter
             # hears, the refused caller included; a verdict now would end the wait of that centring's own
             # caller (the queue's mount step) while the sample is still being moved.
             return
-        status = {**sample_view.get_centring_status(), "valid": False, "accepted": False}
-        sample_view.emit("centringFailed", ("Automatic", status))
+        # mxcubeweb saves a point at the status's motors on any centringAccepted: where the sample is now,
+        # not the last centring's positions (or none at all before the first one).
+        status = {**sample_view.get_centring_status(), "motors": sample_view.get_positions(), "valid": False,
+                  "accepted": False}
+        sample_view.emit("centringFailed", (method, status))
         sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):

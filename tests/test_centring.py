@@ -591,15 +591,21 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplo
     assert not second.success and "already running" in second.message
     log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
     beamline.sample_view.start_auto_centring()  # the button, pressed during a script's centring
-    # Refused, and said so to whoever waits (the queue's mount step waits for centringAccepted).
+    # Refused, and said so to whoever waits (the queue's mount step waits for centringAccepted), with the
+    # motors where the sample is (mxcubeweb saves a point there on any centringAccepted).
     assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+    assert set(log.calls[1][1][1]["motors"]) >= set(CENTRING_MOTORS)
     assert beamline.sample_view.current_centring_procedure is None
     # mxcubeweb starts a click centring whenever no SampleView procedure is set, which a script's is not.
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
     with caplog.at_level(logging.WARNING, logger="user_level_log"):
         beamline.sample_view.start_manual_centring(3)
         beamline.sample_view.image_clicked(320, 240)
     assert beamline.sample_view.current_centring_procedure is None
     assert caplog.text.count("an optical ML centring is moving the sample") == 2
+    # The refused click centring ends as failed for its waiter (a queue mount step with manual centring waits
+    # for centringAccepted without a time-out); the ignored click is no centring.
+    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[0][1][0] == "Manual"
     assert first.get(timeout=60).success
     assert scorecard.moved(start, positions(beamline))
     with pytest.raises(ValueError, match="n_angles = 0"):
