@@ -19,6 +19,10 @@ from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
+# dc_params["fileinfo"] as mxcubecore's queue fills it (queue_model_objects.to_collect_dict), to try templates on.
+EXAMPLE_FILEINFO = {"directory": "/data/visit/sample", "prefix": "sample", "run_number": 1,
+                    "archive_directory": "/archive/visit/sample", "process_directory": "/data/visit/sample/process",
+                    "template": "sample_1_%06d.h5", "compression": False}
 # Files and folders of the centring: ``~`` is expanded here, and a relative path is taken from the folder of the
 # XML file (:func:`resolve_relative_paths`), not from MXCuBE's working directory, which is no fixed place.
 PATH_PROPERTIES = ("centring_model", "centring_classifier", "centring_save_directory")
@@ -56,6 +60,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     )
     record_scan_types: list[Literal["OSC", "Helical"]] = Field(
         default=list(SCAN_TYPES),
+        min_length=1,  # none would record nothing with recording_enabled true: that is recording_enabled false
         description="Collection types to record, from 'OSC' (rotational) and 'Helical'.",
     )
 
@@ -223,6 +228,15 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
             raise ValueError(f"not a format string ({err}); write braces as {{{{ and }}}}") from None
         if any(not name or name[0].isdigit() for name in fields):
             raise ValueError("fields must be named after fileinfo keys, such as {directory}, {prefix}, {run_number}")
+        try:
+            path = value.format(**EXAMPLE_FILEINFO)
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"cannot be filled in with a collection's fileinfo ({type(err).__name__}: {err}); its keys are "
+                f"{', '.join('{' + key + '}' for key in EXAMPLE_FILEINFO)}"
+            ) from None
+        if not os.path.isabs(path):
+            raise ValueError("must give an absolute path: start it with {directory}")
         return value
 
     def __setattr__(self, name, value):

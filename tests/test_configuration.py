@@ -74,6 +74,9 @@ def test_unknown_scan_type_is_refused(tmp_path, caplog):
     messages = _refused_at_load(tmp_path, caplog, '["OSC", "Helical"]', '["OSC", "Mesh"]')
     assert "record_scan_types" in messages
     assert "'OSC' or 'Helical'" in messages
+    # None at all recorded nothing, without a word, while recording_enabled said yes.
+    with pytest.raises(ValueError, match=r"record_scan_types = \[\]: List should have at least 1 item"):
+        _from_xml(record_scan_types="[]")
 
 
 def test_a_recording_path_template_that_cannot_be_filled_in_is_refused_at_load(tmp_path, caplog):
@@ -230,6 +233,16 @@ def test_home_in_a_path_is_expanded_and_a_save_folder_is_no_template(tmp_path, m
     # Only record_directory is filled in at each collection: here a literal "{data_directory}" folder would be made.
     with pytest.raises(ValueError, match=r"centring_save_directory = '\{data_directory\}/centrings': .*not a template"):
         _from_xml(centring_save_directory="{data_directory}/centrings")
+
+
+@pytest.mark.parametrize("template, why", [("{dirctory}/{prefix}_{run_number}_master.h5", "KeyError: 'dirctory'"),
+                                           ("{directory}/{prefix}_{run_number:s}_master.h5", "ValueError"),
+                                           ("{prefix}_{run_number}_master.h5", "absolute path")])
+def test_a_master_file_template_that_no_collection_can_fill_in_is_refused_at_load(template, why):
+    # Accepted, it failed at every collection, as "could not start recording" in the log.
+    with pytest.raises(ValueError, match=rf"master_file_template = .*{why}"):
+        _from_xml(master_file_template=template)
+    assert _from_xml(master_file_template="{archive_directory}/../{prefix}_{run_number:d}_master.h5")
 
 
 def test_an_empty_master_file_template_is_refused():
