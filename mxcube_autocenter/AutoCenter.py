@@ -270,10 +270,14 @@ class AutoCenter(HardwareObject):
         Raises
         ------
         ValueError
-            If ``n_angles`` is outside the ``centring_angles`` property's range, or below
-            ``blind_views`` + 2.
+            If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
-        overrides = {} if n_angles is None else {"n_angles": check_centring_angles(n_angles)}
+        if n_angles is None:
+            overrides = {}
+        else:
+            # The property's blind_views, as far as fewer views allow: two must see the crystal.
+            n_angles = check_centring_angles(n_angles)
+            overrides = {"n_angles": n_angles, "blind_views": min(self.config.blind_views, n_angles - 2)}
         return procedure.CentringSettings.from_config(self.config, **overrides)
 
     def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
@@ -282,8 +286,8 @@ class AutoCenter(HardwareObject):
         Parameters
         ----------
         n_angles : int, optional
-            Views over half a turn of omega; default: the ``centring_angles`` property
-            (at least ``blind_views`` + 2).
+            Views over half a turn of omega; default: the ``centring_angles`` property.
+            Of fewer than ``blind_views`` + 2, at most ``n_angles`` - 2 may be blind.
         save : bool
             Save the heatmap overlays and a JSON record to ``centring_save_directory``.
 
@@ -297,8 +301,7 @@ class AutoCenter(HardwareObject):
         Raises
         ------
         ValueError
-            If ``n_angles`` is outside the ``centring_angles`` property's range, or below
-            ``blind_views`` + 2.
+            If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
         bl = procedure.Beamline(HWR.beamline)
         settings = self.centring_settings(n_angles)

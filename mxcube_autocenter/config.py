@@ -92,8 +92,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     )
     # mxcubecore's sine fit needs three points.
     centring_angles: int = Field(
-        default=3, ge=3, le=12,
-        description="Views, spread evenly over half a turn of omega (3: 0, 60, 120 degrees), fused and fitted.",
+        default=6, ge=3, le=12,
+        description="Views, spread evenly over half a turn of omega (6: 0, 30, ..., 150 degrees), fused and fitted.",
     )  # fmt: skip
     verify_centring: Literal["off", "report", "require"] = Field(
         default="require",
@@ -120,7 +120,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         "counts as a crystal.",
     )
     blind_views: int = Field(
-        default=1, ge=0,
+        default=2, ge=0,
         description="Views in which the chosen point may score below min_score (a plate or needle seen edge-on "
         "hardly shows on camera); the others, at least two, must reach it.",
     )  # fmt: skip
