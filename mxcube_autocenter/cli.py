@@ -294,14 +294,19 @@ def _print_training(result):
         print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 
+# The options a fine-tuned model takes from its initial model: refused when given otherwise.
+_FINE_TUNE_KEPT = {"--arch": "arch", "--crop-um": "crop_um", "--input-size": "input_size", "--transform": "transform",
+                   "--threshold": "threshold"}
+
+
 @_input_errors_exit_2
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
     from mxcube_autocenter.learning.architectures import task_of
+    from mxcube_autocenter.learning.crops import DEFAULT_CROP_UM, DEFAULT_INPUT_SIZE
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
-    given = {"--transform": args.transform is not None, "--threshold": args.threshold is not None}
-    args.transform, args.threshold = args.transform or "log", 5.0 if args.threshold is None else args.threshold
+    given = {option: getattr(args, dest) is not None for option, dest in _FINE_TUNE_KEPT.items()}
     colours = {}
     if args.initial_model:
         # Fine-tuning: the network, its input and label transform are the initial model's; an fcn_classifier
@@ -309,19 +314,25 @@ def cmd_train(args) -> int:
         _, info = load_model(args.initial_model)
         colours = _input_colours(info)
         transfer = args.arch == "fcn_classifier" and info.get("task") == "regression"
+        own = {"--crop-um": info["input"]["crop_um"], "--input-size": info["input"]["input_size"]}
         if not transfer:
-            kept = {"--transform": (args.transform, info.get("transform", {}).get("name")),
-                    "--threshold": (args.threshold, info.get("threshold"))}
-            differ = [f"{option} {asked} (the model's: {own})" for option, (asked, own) in kept.items()
-                      if given[option] and own is not None and asked != own]
-            if differ:
-                raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's label transform and threshold, "
-                                 f"so not {', '.join(differ)}: leave that out, or train a new model without "
-                                 "--initial-model")
-            args.arch = info["architecture"]["name"]
-            args.threshold = info.get("threshold", args.threshold)
-        args.crop_um, args.input_size = info["input"]["crop_um"], info["input"]["input_size"]
-        args.transform = info.get("transform", {}).get("name", args.transform)
+            own.update({"--arch": info["architecture"]["name"], "--transform": info.get("transform", {}).get("name"),
+                        "--threshold": info.get("threshold")})
+        asked = {option: getattr(args, _FINE_TUNE_KEPT[option]) for option in own}
+        differ = [f"{option} {asked[option]} (the model's: {value})" for option, value in own.items()
+                  if given[option] and value is not None and asked[option] != value]
+        if differ:
+            raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's architecture, input, label "
+                             f"transform and threshold, so not {', '.join(differ)}: leave that out, or train a new "
+                             "model without --initial-model")
+        for option, value in own.items():
+            if value is not None:
+                setattr(args, _FINE_TUNE_KEPT[option], value)
+    args.arch = args.arch or "fcn"
+    args.transform, args.threshold = args.transform or "log", 5.0 if args.threshold is None else args.threshold
+    args.crop_um = DEFAULT_CROP_UM if args.crop_um is None else args.crop_um
+    args.input_size = DEFAULT_INPUT_SIZE if args.input_size is None else args.input_size
+    if args.initial_model:
         print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
               f"{args.input_size} px crops of {args.crop_um} um"
               + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
@@ -746,9 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
     # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).
     learning_rate_help = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
 
-    def add_train_options(p):
-        p.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
-        p.add_argument("--input-size", type=COUNT, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+    def add_train_options(p, fine_tuning=False):
+        # With fine_tuning no defaults: cmd_train takes the initial model's input and refuses a different one.
+        p.add_argument("--crop-um", type=POSITIVE, default=None if fine_tuning else DEFAULT_CROP_UM,
+                       help=f"crop side on the sample, um (default: {DEFAULT_CROP_UM}"
+                            + (", or the initial model's)" if fine_tuning else ")"))
+        p.add_argument("--input-size", type=COUNT, default=None if fine_tuning else DEFAULT_INPUT_SIZE,
+                       help=f"model input side, pixels (default: {DEFAULT_INPUT_SIZE}"
+                            + (", or the initial model's)" if fine_tuning else ")"))
         p.add_argument("--epochs", type=COUNT, default=30, help="most epochs (early stopping) (default: %(default)s)")
         p.add_argument("--batch-size", type=COUNT, default=32)
         p.add_argument("--patience", type=NON_NEGATIVE_INT, default=5, help="early-stopping patience, epochs (default: %(default)s)")
@@ -791,9 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
     train.add_argument("dataset", metavar="DATASET.h5")
-    train.add_argument("--arch", default="fcn",
-                       help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: %(default)s)")
-    # No defaults here: cmd_train refuses the option that does not apply to the architecture's task.
+    # No defaults here: cmd_train refuses the option that does not apply to the architecture's task, or that
+    # differs from the initial model's.
+    train.add_argument("--arch", help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: fcn, or the "
+                                      "initial model's)")
     train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log)")
     train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
     train.add_argument("--threshold", type=FINITE,
@@ -803,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "architecture, input, label transform and threshold are used; with --arch "
                             "fcn_classifier, an fcn regressor to start the classifier from")
     train.add_argument("--learning-rate", type=POSITIVE, help=learning_rate_help)
-    add_train_options(train)
+    add_train_options(train, fine_tuning=True)
     train.set_defaults(func=cmd_train)
 
     regions = sub.add_parser("synthesize-regions",

@@ -182,11 +182,30 @@ def test_train_refuses_an_option_that_does_not_apply_to_the_model_it_trains(tmp_
     assert not (tmp_path / "model").exists()
 
 
-def test_fine_tuning_refuses_a_transform_other_than_the_models_own(tmp_path, capsys):
-    # The shipped regressor learns log counts: a --transform tanh was replaced by log without a word.
-    assert main(["train", str(tmp_path / "set.h5"), "--initial-model", "shipped", "--transform", "tanh"]) == 2
-    assert "fine-tuning keeps the model's label transform and threshold, so not --transform tanh (the model's: log)" \
-        in capsys.readouterr().err
+@pytest.mark.parametrize("options, refused", [
+    (["--transform", "tanh"], "--transform tanh (the model's: log)"),
+    (["--arch", "classifier"], "--arch classifier (the model's: fcn)"),
+    (["--arch", "a5"], "--arch a5 (the model's: fcn)"),
+    (["--crop-um", "100"], "--crop-um 100.0 (the model's: 240.0)"),
+    (["--input-size", "64"], "--input-size 64 (the model's: 128)"),
+    (["--arch", "fcn_classifier", "--input-size", "64"], "--input-size 64 (the model's: 128)"),
+])
+def test_fine_tuning_refuses_an_option_other_than_the_models_own(tmp_path, capsys, options, refused):
+    # The shipped regressor is an fcn on 128 px crops of 240 um learning log counts: any other --arch, input or
+    # --transform was replaced by the model's without a word (--arch classifier trained a regressor).
+    out = tmp_path / "model"
+    assert main(["train", str(tmp_path / "set.h5"), "--initial-model", "shipped", "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuning keeps the model's architecture, input, label transform and threshold, so not " + refused in err
+    assert not out.exists()
+
+
+def test_fine_tuning_accepts_the_models_own_settings_given_again(tmp_path, capsys):
+    # Reaches the dataset (missing here), so nothing was refused.
+    assert main(["train", str(tmp_path / "set.h5"), "--initial-model", "shipped", "--arch", "fcn", "--crop-um", "240",
+                 "--input-size", "128", "--transform", "log"]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuning keeps" not in err and "set.h5" in err
 
 
 def test_simulate_names_a_refused_auto_centring_configuration_without_a_traceback(tmp_path, capsys):
