@@ -153,10 +153,18 @@ def cmd_label(args) -> int:
     from mxcube_autocenter.labelling.pipeline import LabellingError, format_summary, label_recordings
     from mxcube_autocenter.labelling.spots_file import SpotsFileError
 
+    unused = ("--max-clock-offset goes with an estimated clock offset, not with --clock-offset"
+              if args.clock_offset is not None and args.max_clock_offset is not None else
+              "--nproc goes with our spot finder, not with --spots-from (the counts are read, not found)"
+              if args.spots_from and args.nproc is not None else None)
+    if unused:
+        print(f"error: {unused}", file=sys.stderr)
+        return 2
+    chosen = {key: value for key, value in (("nproc", args.nproc), ("max_clock_offset", args.max_clock_offset))
+              if value is not None}
     try:
         summary = label_recordings(
-            args.recordings, args.out, spots_from=args.spots_from, nproc=args.nproc, clock_offset=args.clock_offset,
-            max_clock_offset=args.max_clock_offset,
+            args.recordings, args.out, spots_from=args.spots_from, clock_offset=args.clock_offset, **chosen
         )
     except (DatasetError, LabellingError, SpotsFileError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -509,6 +517,10 @@ def cmd_heatmap(args) -> int:
     """Loop, heatmap and best point of camera images (steps 1-4 of the centring)."""
     import time
 
+    if args.beam is not None and not args.png:
+        print("error: --beam marks the beam on the --png overlay; give --png too", file=sys.stderr)
+        return 2
+
     from mxcube_autocenter.centring import report
     from mxcube_autocenter.centring.loop import loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
@@ -746,12 +758,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("recordings", nargs="+", metavar="RECORDING.h5")
     label.add_argument("--out", required=True, help="training set HDF5 (created or appended to)")
     label.add_argument("--spots-from", help="per-image spot counts (CSV/JSON from DIALS, dozor, ...) instead of our spot finder")
-    label.add_argument("--nproc", type=COUNT, default=1, help="processes for spot finding, at most the cores (default: %(default)s)")
+    label.add_argument("--nproc", type=COUNT, help="processes for spot finding, at most the cores (default: 1)")
     label.add_argument("--clock-offset", type=FINITE, help="detector clock minus camera clock, s (default: estimated)")
-    # pipeline.MAX_CLOCK_OFFSET_S (not imported here: the parser loads no HDF5 or OpenCV).
-    label.add_argument("--max-clock-offset", type=POSITIVE, default=60.0,
+    # No defaults for --nproc and --max-clock-offset (pipeline.MAX_CLOCK_OFFSET_S, 60; not imported here: the
+    # parser loads no HDF5 or OpenCV): cmd_label refuses them where the other options leave them unused.
+    label.add_argument("--max-clock-offset", type=POSITIVE,
                        help="largest estimated clock offset, s: a larger one means another collection's master file "
-                            "(default: %(default)s)")
+                            "(default: 60)")
     label.set_defaults(func=cmd_label)
 
     # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).

@@ -351,3 +351,22 @@ def test_scorecard_names_the_run_whose_samples_are_damaged(tmp_path, capsys):
     assert f"error: {damaged}: sample s0 has no complete 'ml' outcome" in capsys.readouterr().err
     assert main(["compare", str(damaged), str(good)]) == 2
     assert f"error: {damaged}: sample s0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, refused", [
+    (["--clock-offset", "0", "--max-clock-offset", "5"], "--max-clock-offset goes with an estimated clock offset"),
+    (["--spots-from", "spots.csv", "--nproc", "2"], "--nproc goes with our spot finder, not with --spots-from"),
+])
+def test_label_refuses_an_option_the_other_one_leaves_unused(tmp_path, capsys, options, refused):
+    # Accepted, they changed nothing: a given clock offset is never checked against the maximum, and counts read
+    # from a file start no spot-finding processes.
+    out = tmp_path / "set.h5"
+    assert main(["label", str(tmp_path / "x_camera.h5"), "--out", str(out), *options]) == 2
+    assert f"error: {refused}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_heatmap_refuses_a_beam_position_without_an_overlay(tmp_path, capsys):
+    # The beam position only marks the overlay: without --png it was accepted and ignored.
+    assert main(["heatmap", str(tmp_path / "frame.png"), "--pixels-per-mm", "1000", "--beam", "640,512"]) == 2
+    assert "error: --beam marks the beam on the --png overlay; give --png too" in capsys.readouterr().err
