@@ -92,6 +92,8 @@ class AutoCenter(HardwareObject):
         self._heatmap_grid = None
         self._centring_lock = gevent.lock.Semaphore()
         self._button_pressed = False
+        self._cancelled_while_readying = False
+        self._took_over = False
         self._connect_collect()
         self._load_models()
         self._check_geometry()
@@ -227,6 +229,9 @@ class AutoCenter(HardwareObject):
         self.predictor = predictor
         self.centring_error = None
         self._check_geometry()
+        # A model that failed at start-up left the button running lucid.
+        if self.config.centring_enabled and self.centring_error is None:
+            self._take_over_auto_centring()
 
     def _check_geometry(self):
         """Refuse to centre on a goniometer set up unlike the projection the centring uses (geometry.py).
@@ -423,6 +428,7 @@ class AutoCenter(HardwareObject):
             for name in ("phiy", "phiz", "sampx", "sampy"):
                 corner[name] += angle.motors[name] - now[name]
             grid = sample_view.add_shape_from_mpos([corner], (x0, y0), "G")
+            self._heatmap_grid = grid  # on SampleView now: the next centring deletes it, even if this one fails below
             grid.label = "ML heatmap"
             grid.name = f"ML heatmap omega {angle.omega % 360:.0f}"
             grid.num_cols, grid.num_rows = len(hm.xs), len(hm.ys)
@@ -432,7 +438,6 @@ class AutoCenter(HardwareObject):
             grid.pixels_per_mm = list(ppmm)
             grid.beam_pos = list(HWR.beamline.beam.get_beam_position_on_screen())
             grid.update_position(sample_view.motor_positions_to_screen)
-            self._heatmap_grid = grid
             sample_view.emit("shapesChanged")
             sample_view.set_grid_data(grid.id, report.heatmap_png_base64(hm.values), "")
         except Exception:
@@ -446,8 +451,12 @@ class AutoCenter(HardwareObject):
         does not set, so a click centring would move the sample under it; and a click on the image during a
         centring from the button would reach the sine fit as one of its points.
         """
+        if self._took_over:
+            return
+        self._took_over = True
         sample_view = HWR.beamline.sample_view
         sample_view.start_auto_centring = self.start_auto_centring
+        sample_view.cancel_centring = self._noting_cancel(sample_view.cancel_centring)
         sample_view.start_manual_centring = self._refused_while_centring(
             sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
         sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
@@ -463,8 +472,9 @@ class AutoCenter(HardwareObject):
         def unless_centring(*args, **kwargs):
             # Cancelling a centring from the button ends it before mxcubeweb starts a click centring: a centring
             # still running here is a script's or the queue's, or the click landed in the middle of one.
-            # A press of the button still readying the diffractometer (seconds on an MD3) holds the sample too.
-            if self._centring_lock.locked() or self._button_pressed:
+            # A press of the button still readying the diffractometer (seconds on an MD3) holds the sample too,
+            # unless it was cancelled meanwhile (mxcubeweb cancels before it starts a click centring).
+            if self._centring_lock.locked() or (self._button_pressed and not self._cancelled_while_readying):
                 self.user_log.warning(f"{refusal}: an optical ML centring is moving the sample; wait for it to end")
                 if verdict:
                     self._refused_verdict(HWR.beamline.sample_view, verdict)
@@ -472,6 +482,21 @@ class AutoCenter(HardwareObject):
             return method(*args, **kwargs)
 
         return unless_centring
+
+    def _noting_cancel(self, method):
+        """SampleView's ``cancel_centring``, which also cancels a press of the button still readying the diffractometer.
+
+        mxcubeweb's Stop (and a click on the image) cancels through SampleView, which has no procedure to kill
+        until the diffractometer is ready: the press must not start the centring after that.
+        """
+
+        @functools.wraps(method)
+        def cancel(*args, **kwargs):
+            if self._button_pressed:
+                self._cancelled_while_readying = True
+            return method(*args, **kwargs)
+
+        return cancel
 
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
@@ -486,10 +511,17 @@ class AutoCenter(HardwareObject):
         # Until the procedure is on SampleView, a second press (while the
         # diffractometer gets ready, which may take seconds) must see this one.
         self._button_pressed = True
+        self._cancelled_while_readying = False
         try:
             diffr = HWR.beamline.diffractometer
             diffr.wait_status_ready(60)
             diffr.set_phase(diffr.get_phase_enum.CENTRE)
+            if self._cancelled_while_readying:
+                self.user_log.info("Optical ML centring cancelled before it started")
+                self._button_pressed = False
+                # The cancel said centringFailed; whoever waits for the press's outcome waits for centringAccepted.
+                self._refused_verdict(sample_view, "Automatic", failed_said=True)
+                return
             sample_view.current_centring_method = "Automatic"
             sample_view.emit("centringStarted", ("Automatic",))
             sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
@@ -497,12 +529,17 @@ class AutoCenter(HardwareObject):
         finally:
             self._button_pressed = False
 
-    @staticmethod
-    def _auto_centring_done(procedure):
+    def _auto_centring_done(self, procedure):
         # A centring cancelled before its first instruction never reached
         # _auto_centring's except: its value is the GreenletExit, which
         # SampleView.auto_centring_done would accept as centred positions.
         sample_view = HWR.beamline.sample_view
+        if not procedure.successful() or procedure.value is None or isinstance(procedure.value, gevent.GreenletExit):
+            # SampleView's status is still the last centring's (no motors before the first), and mxcubeweb saves
+            # a point at its motors on centringAccepted(False) too: where the sample is, put back where it was.
+            status = self._failed_status(sample_view, "Automatic")
+            if status is not None:
+                sample_view.centring_status = status
         if isinstance(procedure.value, gevent.GreenletExit):
             sample_view.centring_failed()
             sample_view.reject_centring()
@@ -513,7 +550,17 @@ class AutoCenter(HardwareObject):
         self.user_log.error(f"Optical ML centring not started: {reason}")
         self._refused_verdict(sample_view, "Automatic")
 
-    def _refused_verdict(self, sample_view, method: str):
+    def _failed_status(self, sample_view, method: str) -> dict | None:
+        """The centring status of a failed or refused ``method``: the motors where they are now; None if unreadable."""
+        try:
+            motors = sample_view.get_positions()
+        except Exception:
+            self.log.exception("AutoCenter: could not read the motors for the centring status")
+            return None
+        return {**sample_view.get_centring_status(), "method": method, "motors": motors, "valid": False,
+                "accepted": False}
+
+    def _refused_verdict(self, sample_view, method: str, failed_said: bool = False):
         # Whoever waits for the outcome of the refused centring must hear of it (the queue's mount step waits
         # for centringAccepted, without a time-out); SampleView's own state belongs to the centring that is
         # running and is left alone.
@@ -525,9 +572,10 @@ class AutoCenter(HardwareObject):
             return
         # mxcubeweb saves a point at the status's motors on any centringAccepted: where the sample is now,
         # not the last centring's positions (or none at all before the first one).
-        status = {**sample_view.get_centring_status(), "motors": sample_view.get_positions(), "valid": False,
-                  "accepted": False}
-        sample_view.emit("centringFailed", (method, status))
+        status = self._failed_status(sample_view, method) or {**sample_view.get_centring_status(), "valid": False,
+                                                               "accepted": False}
+        if not failed_said:
+            sample_view.emit("centringFailed", (method, status))
         sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):

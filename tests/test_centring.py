@@ -1033,3 +1033,120 @@ def test_a_phase_change_that_hangs_is_given_up_after_phase_timeout_s(beamline, a
     finally:
         monkeypatch.undo()
         diffr.set_phase(diffr.get_phase_enum.CENTRE)
+
+
+def test_stop_pressed_while_the_button_readies_the_diffractometer_starts_no_centring(beamline, autocenter,
+                                                                                     monkeypatch):
+    # mxcubeweb's Stop cancels through SampleView, which had no procedure to kill yet: the centring then started
+    # after Stop and moved the sample.
+    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    mount_at_start(beamline)
+    start = positions(beamline)
+    real_wait = diffr.wait_status_ready
+    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    press = gevent.spawn(sample_view.start_auto_centring)
+    gevent.sleep(0.3)
+    sample_view.cancel_centring()
+    press.join()
+    gevent.sleep(0.3)
+    assert not sample_view.current_centring_procedure, "the centring started after Stop"
+    assert "centringStarted" not in log.names()
+    # Whoever waits for the press's outcome (the queue's mount step) hears it ended.
+    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_a_click_on_the_image_while_the_button_readies_runs_the_click_centring_instead(beamline, autocenter,
+                                                                                         monkeypatch):
+    # mxcubeweb's click with no procedure cancels, then starts a click centring: the press is cancelled, and the
+    # click centring it would have been refused for may start.
+    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    mount_at_start(beamline)
+    real_wait = diffr.wait_status_ready
+    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
+    press = gevent.spawn(sample_view.start_auto_centring)
+    gevent.sleep(0.3)
+    try:
+        sample_view.cancel_centring()
+        sample_view.start_manual_centring(3)
+        manual = sample_view.current_centring_procedure
+        assert manual, "the click centring was refused"
+        press.join()
+        assert sample_view.current_centring_procedure is manual and not manual.dead
+    finally:
+        sample_view.cancel_centring()
+        gevent.sleep(0.5)
+
+
+def test_a_failed_centring_tells_mxcubeweb_where_the_sample_is_not_where_the_last_one_ended(beamline, autocenter):
+    # SampleView's status was the previous centring's (accepted, at the previous sample's positions), and mxcubeweb
+    # saves a point at the status's motors on every centringAccepted.
+    mount_at_start(beamline)
+    assert "centringSuccessful" in run_auto_centring(beamline).names()
+    centred = positions(beamline)
+    beamline.sample_changer.mount(None)
+    beamline.diffractometer.set_value_motors({"phiy": centred["phiy"] + 0.3}, timeout=30)
+    here = positions(beamline)
+    log = run_auto_centring(beamline)
+    accepted, status = log.calls[-1][1]
+    assert accepted is False and status["valid"] is False and status["accepted"] is False
+    assert status["motors"]["phiy"] == pytest.approx(here["phiy"], abs=1e-3)
+
+
+def test_a_model_loaded_after_a_failed_start_takes_over_the_button(beamline, autocenter, tiny_model):
+    from mxcube_autocenter.centring.predictor import load_predictor
+
+    sample_view = beamline.sample_view
+    lucid = type(sample_view).start_auto_centring.__get__(sample_view)
+    sample_view.start_auto_centring = lucid  # as init leaves it when the model could not be loaded
+    autocenter._took_over = False
+    autocenter.centring_error = "no such model file"
+    autocenter.use_predictor(load_predictor(tiny_model))
+    assert autocenter.centring_error is None
+    assert sample_view.start_auto_centring == autocenter.start_auto_centring, "the button still runs lucid"
+
+
+def test_a_heatmap_grid_whose_publishing_failed_half_way_is_deleted_by_the_next_centring(beamline, autocenter,
+                                                                                          monkeypatch):
+    # The grid was on SampleView before its position was computed (diffractometer.wait_status_ready inside):
+    # a failure there left a grid no later centring deleted.
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+    real = sample_view.motor_positions_to_screen
+
+    def busy(*args, **kwargs):
+        raise RuntimeError("Timeout waiting for status ready")
+
+    monkeypatch.setattr(sample_view, "motor_positions_to_screen", busy)
+    assert autocenter.centre(save=False).success
+    monkeypatch.setattr(sample_view, "motor_positions_to_screen", real)
+    mount_at_start(beamline)
+    assert autocenter.centre(save=False).success
+    assert [grid.label for grid in sample_view.get_grids()] == ["ML heatmap"]
+
+
+def test_a_script_centring_stops_its_own_sine_fit_not_a_click_centring_started_since(beamline, autocenter):
+    # With centring_enabled False nothing refuses a click centring during a script's centring; the ML fit's way
+    # back killed mxcubecore's current centring, which was by then the user's.
+    from mxcubecore.HardwareObjects import sample_centring
+
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+    start = positions(beamline)
+    before = sample_centring.CURRENT_CENTRING
+    centring = gevent.spawn(autocenter.centre, save=False)
+    with gevent.Timeout(60, AssertionError("the sine fit did not start")):
+        while sample_centring.CURRENT_CENTRING is before:
+            gevent.sleep(0.005)
+    gevent.sleep(0.2)
+    manual = gevent.spawn(sample_centring.start, sample_view.centring_motors, *beamline.diffractometer.get_pixels_per_mm(),
+                          *beamline.beam.get_beam_position_on_screen(), n_points=3)
+    try:
+        result = centring.get(timeout=60)
+        assert not result.success
+        fit = manual.get(timeout=10)
+        assert not fit.dead, "the way back killed the click centring"
+        assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    finally:
+        sample_centring.CURRENT_CENTRING.kill(block=True)

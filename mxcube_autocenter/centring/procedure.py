@@ -514,15 +514,21 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
         fit = _outcome(starting, "preparing the sine fit")
     finally:
         starting.kill(block=True)  # an abort while it prepares stops that too
-    for i in range(n_angles):
-        sample_centring.user_click(*project(point, sample_frame(bl.positions(), bl.directions()), pixels_per_mm,
-                                            beam_position))
-        if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
-            raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
-        if fit.ready() and i < n_angles - 1:
-            _outcome(fit, "the sine fit")  # the fit gave up (a motor failed): raise its error
-            raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
-    return _by_role(bl, _outcome(fit, "the sine fit"))
+    try:
+        for i in range(n_angles):
+            sample_centring.user_click(*project(point, sample_frame(bl.positions(), bl.directions()), pixels_per_mm,
+                                                beam_position))
+            if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
+                raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
+            if fit.ready() and i < n_angles - 1:
+                _outcome(fit, "the sine fit")  # the fit gave up (a motor failed): raise its error
+                raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
+        return _by_role(bl, _outcome(fit, "the sine fit"))
+    finally:
+        # Whatever ends the clicks (an abort, a time-out) stops this fit, which may be turning omega; only this
+        # one: mxcubecore's current centring may by now be a click centring someone started.
+        if not fit.ready():
+            fit.kill(block=True)
 
 
 def _outcome(greenlet: gevent.Greenlet, what: str):
@@ -705,13 +711,10 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
 
 
 def _stop_motion(bl: Beamline, log):
-    """Stop the fit (it may be turning omega) and every centring motor that moves, before moving back.
+    """Stop every centring motor that moves, before moving back (the fit has stopped: :func:`_fit_point`).
 
     Motors at rest are left alone: an MD3 motor's abort is the diffractometer's global abort.
     """
-    fit = sample_centring.CURRENT_CENTRING
-    if fit is not None and not fit.ready():
-        fit.kill(block=True)
     motors = bl.diffractometer.get_motors()
     for name in CENTRING_MOTORS:
         try:
