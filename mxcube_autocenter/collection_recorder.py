@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
-from mxcube_autocenter.imagefiles import scale_to_8_bits
+from mxcube_autocenter.imagefiles import pixel_bits, scale_to_8_bits
 from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
@@ -92,7 +92,23 @@ VIDEO_MODES = {
 }
 
 
-def decode_raw_frame(data, width: int, height: int, video_mode: str) -> np.ndarray:
+class BitDepth:
+    """A camera's bit depth as its 16-bit frames show it: that of the brightest pixel so far, never lowered.
+
+    Guessed frame by frame, a 12-bit frame whose brightest pixel is 1100 comes out at 68 grey levels and the same
+    scene 9 % dimmer, read as 10-bit, at 249: frames of one recording must share one brightness scale.
+    """
+
+    def __init__(self):
+        self.bits = 8
+
+    def of(self, image: np.ndarray) -> int:
+        """The bit depth for ``image`` (uint16), raised to the bits it uses."""
+        self.bits = max(self.bits, pixel_bits(image))
+        return self.bits
+
+
+def decode_raw_frame(data, width: int, height: int, video_mode: str, depth: BitDepth | None = None) -> np.ndarray:
     """A Lima camera's raw frame as RGB.
 
     Parameters
@@ -104,6 +120,9 @@ def decode_raw_frame(data, width: int, height: int, video_mode: str) -> np.ndarr
     video_mode : str
         One of :data:`VIDEO_MODES`. 16-bit pixels are scaled to 8 bits by the
         bits they use (:func:`~mxcube_autocenter.imagefiles.scale_to_8_bits`).
+    depth : BitDepth, optional
+        The recording's bit depth, which 16-bit frames share; by default each
+        frame's own.
 
     Returns
     -------
@@ -125,11 +144,12 @@ def decode_raw_frame(data, width: int, height: int, video_mode: str) -> np.ndarr
         )
     if sample_bytes == 2:
         # Lima sends 16-bit samples little-endian.
-        pixels = scale_to_8_bits(pixels.view("<u2").reshape(height, width * samples))
+        samples16 = pixels.view("<u2").reshape(height, width * samples)
+        pixels = scale_to_8_bits(samples16, None if depth is None else depth.of(samples16))
     return to_rgb(pixels.reshape(height, width, samples))
 
 
-def stream_frame(image, args, video_mode=None):
+def stream_frame(image, args, video_mode=None, depth=None):
     """An ``imageReceived`` payload as the writer takes it: JPEG bytes, raw pixels as an HxWx3 RGB array, or
     a function that decodes raw pixels to one.
 
@@ -137,7 +157,7 @@ def stream_frame(image, args, video_mode=None):
     mxcubecore's TangoLimaVideo sends the raw pixels of its video mode,
     ``(pixel_bytes, width, height, False)``. With ``video_mode`` (the camera's
     property) given, the result is a function that decodes the pixels by it
-    (:func:`decode_raw_frame`), called on the writer thread: some modes take a
+    (:func:`decode_raw_frame`, 16-bit ones by the recording's ``depth``), called on the writer thread: some modes take a
     demosaic or a colour conversion, which must not hold up the event loop.
     Without it, the layout is guessed from the size: 3 bytes a pixel are RGB
     (RGB24), 4 RGBA (RGB32), 1 grey (RGB8), each made an HxWx3 view (no copy)
@@ -153,7 +173,7 @@ def stream_frame(image, args, video_mode=None):
     if width <= 0 or height <= 0:
         return image
     if video_mode is not None:
-        return functools.partial(decode_raw_frame, image, width, height, video_mode)
+        return functools.partial(decode_raw_frame, image, width, height, video_mode, depth)
     pixels, size = np.frombuffer(image, np.uint8), width * height
     # No JPEG takes 3 bytes a pixel: a raw frame whose first pixel happens to read
     # like the JPEG start marker is still raw.
@@ -172,6 +192,17 @@ def _encode_if_new(rgb, previous):
     frozen camera must reach the watchdog.
     """
     return None if previous is not None and np.array_equal(rgb, previous) else encode_jpeg(rgb)
+
+
+def _same_payload(image, previous) -> bool:
+    """Whether an ``imageReceived`` payload repeats the previous one (None: there was none)."""
+    if previous is None:
+        return False
+    if isinstance(image, np.ndarray) and isinstance(previous, np.ndarray):
+        return np.array_equal(image, previous)
+    if isinstance(image, (bytes, bytearray, memoryview)) and isinstance(previous, bytes):
+        return image == previous
+    return False
 
 
 def same_collection(a: dict, b: dict) -> bool:
@@ -259,6 +290,8 @@ class CollectionRecorder:
         # must neither skip frames nor stop the recording.
         self._next_due = 0.0
         self._last_frame_time = 0.0
+        self._previous_payload = None
+        self._bit_depth = BitDepth()
         self._clock_origin = (0.0, 0.0)
         self._streamed = False
         self._video_mode = None
@@ -317,6 +350,8 @@ class CollectionRecorder:
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
+        self._previous_payload = None
+        self._bit_depth = BitDepth()  # decoded on the writer's one thread, in order
         self._clock_origin = (time.time(), self._last_frame_time)
         self._streamed = streamed
         self._video_mode = video_mode
@@ -328,12 +363,17 @@ class CollectionRecorder:
         self.log.info("AutoCenter: recording the camera during %s collection %s to %s", kind, fileinfo["prefix"], directory)
 
     def frame_received(self, image, *args):
-        """``imageReceived`` slot: keep frames at the configured rate."""
+        """``imageReceived`` slot: keep frames at the configured rate, each a new image."""
         now = time.monotonic()
-        self._last_frame_time = now
         writer = self._writer
         if writer is None or now < self._next_due:
             return
+        # TangoLimaVideo sends its last image on every poll, changed or not: a repeat would be labelled with
+        # another moment's count, and a frozen camera must reach the watchdog.
+        if _same_payload(image, self._previous_payload):
+            return
+        self._previous_payload = bytes(image) if isinstance(image, (bytearray, memoryview)) else image
+        self._last_frame_time = now
         stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
@@ -348,7 +388,7 @@ class CollectionRecorder:
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
-            writer.submit(stream_frame(image, args, self._video_mode), stamp, motors)
+            writer.submit(stream_frame(image, args, self._video_mode, self._bit_depth), stamp, motors)
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""
@@ -389,7 +429,8 @@ class CollectionRecorder:
                 "AutoCenter: the diffractometer's get_motors() has no %s (a motor its server reports Disable or "
                 "Unknown, or one with another role name, e.g. phi): this recording stores NaN for it%s",
                 ", ".join(missing),
-                "; labelling will time its frames from the scan's start, not from omega's motion" if "omega" in missing else "",
+                "; labelling times frames by omega's motion, so this recording can be labelled only with the clock offset "
+                "given (label --clock-offset: detector minus camera clock, s)" if "omega" in missing else "",
             )
         return motors
 

@@ -76,7 +76,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         default=1000.0, ge=0, description="Free disk space below which recording stops, MB."
     )
     record_camera_timeout_s: float = Field(
-        default=5.0, gt=0, description="Seconds without a camera frame after which recording stops."
+        default=5.0, gt=0,
+        description="Seconds without a new camera frame (not a repeat of the last) after which recording stops.",
     )
     master_file_template: str = Field(
         default=DEFAULT_MASTER_FILE_TEMPLATE,

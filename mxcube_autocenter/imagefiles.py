@@ -80,22 +80,29 @@ def _jpeg_cut_short(data: bytes) -> bool:
     return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
-def scale_to_8_bits(image: np.ndarray) -> np.ndarray:
+def pixel_bits(image: np.ndarray) -> int:
+    """The smallest camera bit depth (8, 10, 12, 14 or 16) that holds the brightest pixel of a 16-bit image."""
+    return next(b for b in (8, 10, 12, 14, 16) if int(image.max()) < 2**b)
+
+
+def scale_to_8_bits(image: np.ndarray, bits: int | None = None) -> np.ndarray:
     """A 16-bit image as uint8, scaled by the bits its pixels use.
 
-    The scale is that of the smallest camera bit depth (8, 10, 12, 14 or 16)
-    that holds the brightest pixel: cameras send 10-, 12- or 14-bit pixels in
-    16 bits without shifting them up, and keeping only the top 8 of the 16
-    bits (as OpenCV does) leaves a 12-bit frame 16 levels at most, in which
-    no loop is found.
+    The scale is that of the camera's bit depth, by default the smallest that
+    holds the brightest pixel (:func:`pixel_bits`): cameras send 10-, 12- or
+    14-bit pixels in 16 bits without shifting them up, and keeping only the
+    top 8 of the 16 bits (as OpenCV does) leaves a 12-bit frame 16 levels at
+    most, in which no loop is found.
 
     Parameters
     ----------
     image : ndarray of uint16
+    bits : int, optional
+        The camera's bit depth, when known (frames of one recording share it).
 
     Returns
     -------
     ndarray of uint8, of the same height and width
     """
-    bits = next(b for b in (8, 10, 12, 14, 16) if int(image.max()) < 2**b)
+    bits = pixel_bits(image) if bits is None else bits
     return cv2.convertScaleAbs(image, alpha=255.0 / (2**bits - 1))

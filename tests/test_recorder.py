@@ -1,5 +1,6 @@
 """Recording camera frames through the AutoCenter object during virtual collections."""
 
+import contextlib
 import logging
 import os
 import shutil
@@ -128,6 +129,24 @@ def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, au
     assert wait_for_summary(autocenter).status == "complete"
 
 
+@contextlib.contextmanager
+def turning_omega(beamline):
+    """Omega turning as in a collection whose signals a test sends itself: each camera frame a new image (the
+    recorder keeps no repeat of the last one)."""
+    omega = beamline.diffractometer.get_motors()["omega"]
+
+    def turn():
+        while True:
+            omega.set_value(omega.get_value() + 0.5, timeout=5)
+            gevent.sleep(0.02)
+
+    task = gevent.spawn(turn)
+    try:
+        yield
+    finally:
+        task.kill()
+
+
 def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its_status(beamline, autocenter, tmp_path):
     """AbstractMultiCollect's signal sequences, sent by the collect object as such an object sends them.
 
@@ -146,26 +165,27 @@ def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its
         # AbstractMultiCollect: (owner, sample_id, sample_code, sample_location, parameters, osc_id)
         collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", params, osc_id))
 
-    started(first, 1)
-    gevent.sleep(0.6)
-    started(dict(first), 1)  # sent twice (a copy of the parameters): still one recording
-    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
-    started(second, 2)  # the loop's next collection, with no yield in between
-    gevent.sleep(0.6)
+    with turning_omega(beamline):
+        started(first, 1)
+        gevent.sleep(0.6)
+        started(dict(first), 1)  # sent twice (a copy of the parameters): still one recording
+        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
+        started(second, 2)  # the loop's next collection, with no yield in between
+        gevent.sleep(0.6)
 
-    def killed_collection():
-        try:
-            gevent.sleep(30)
-        finally:
-            collect_ho.emit("collectEnded", None, True, "Data collection successful")
+        def killed_collection():
+            try:
+                gevent.sleep(30)
+            finally:
+                collect_ho.emit("collectEnded", None, True, "Data collection successful")
 
-    running = gevent.spawn(killed_collection)
-    gevent.sleep(0.1)
-    running.kill()
-    with gevent.Timeout(10, AssertionError("the recordings did not close")):
-        while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
-            gevent.sleep(0.05)
-    gevent.sleep(0.5)
+        running = gevent.spawn(killed_collection)
+        gevent.sleep(0.1)
+        running.kill()
+        with gevent.Timeout(10, AssertionError("the recordings did not close")):
+            while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
+                gevent.sleep(0.05)
+        gevent.sleep(0.5)
     recordings = {path.name: read_recording(path) for path in tmp_path.glob("autocenter_frames/loop_*.h5")}
     assert sorted(recordings) == ["loop_a_1_camera.h5", "loop_b_1_camera.h5"]
     assert recordings["loop_a_1_camera.h5"].status == "complete"
@@ -182,15 +202,16 @@ def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beaml
     first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
                      for p in ("loop_a", "loop_b"))  # fmt: skip
     collect_ho = beamline.collect
-    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
-    gevent.sleep(0.3)
-    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
-    gevent.sleep(0.3)
-    # The first collection's end arrives late, with a copy of its parameters.
-    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, dict(first)))
-    gevent.sleep(0.6)
-    assert autocenter.recorder.recording
-    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
+    with turning_omega(beamline):
+        collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
+        gevent.sleep(0.3)
+        collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
+        gevent.sleep(0.3)
+        # The first collection's end arrives late, with a copy of its parameters.
+        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, dict(first)))
+        gevent.sleep(0.6)
+        assert autocenter.recorder.recording
+        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
     with gevent.Timeout(10, AssertionError("the recordings did not close")):
         while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
             gevent.sleep(0.05)
@@ -332,8 +353,8 @@ def test_a_motor_the_diffractometer_leaves_out_is_recorded_as_nan_with_one_warni
         rec = read_recording(summary.path)
         assert np.all(np.isnan(rec.motor(missing))) and np.all(np.isfinite(rec.motor("sampx"))), source
         assert caplog.text.count(f"get_motors() has no {missing}") == 1, source
-        # Labelling times frames from omega's motion: without it, from the scan's start.
-        assert ("from the scan's start" in caplog.text) == (missing == "omega")
+        # Labelling times frames by omega's motion: without it, only a given clock offset labels the recording.
+        assert ("labelled only with the clock offset given" in caplog.text) == (missing == "omega")
 
 
 def test_poll_source_records_snapshots(beamline, autocenter, tmp_path):
@@ -476,6 +497,18 @@ def test_y16_frames_are_scaled_to_8_bits_by_the_bits_they_use():
     assert np.array_equal(decoded(data, "Y16", levels.shape), np.stack([17 * levels] * 3, axis=2))
 
 
+def test_sixteen_bit_frames_of_one_recording_keep_one_brightness_scale():
+    # Guessed frame by frame, a 12-bit frame whose brightest pixel is 1100 came out at 68 and the same scene 9 %
+    # dimmer (1000, read as 10-bit) at 249.
+    from mxcube_autocenter.collection_recorder import BitDepth, decode_raw_frame
+
+    depth = BitDepth()
+    bright, dim = (decode_raw_frame(np.full((4, 8), level, "<u2").tobytes(), 8, 4, "Y16", depth)[0, 0, 0]
+                   for level in (1100, 1000))  # fmt: skip
+    assert (bright, dim) == (round(1100 * 255 / 4095), round(1000 * 255 / 4095))
+    assert decode_raw_frame(np.full((4, 8), 1000, "<u2").tobytes(), 8, 4, "Y16")[0, 0, 0] == round(1000 * 255 / 1023)
+
+
 def test_yuv422_frames_are_decoded_as_lima_packs_them_u_y_v_y():
     """Each pair of pixels is U, Y0, V, Y1 (BT.601, Y in 16..235, as OpenCV takes it)."""
 
@@ -553,15 +586,16 @@ def test_a_lima_camera_is_recorded_by_its_video_mode_read_once_a_recording(tmp_p
     camera = BareCamera("BGR24")
     recorder, dc_params = bare_recorder(tmp_path, camera, record_storage="raw")
     recorder.start(dc_params)
+    frames = [np.roll(KNOWN, k, axis=1) for k in range(4)]  # a repeated image is not a new frame
     with caplog.at_level(logging.WARNING):
-        for _ in range(4):
-            recorder.frame_received(KNOWN[:, :, ::-1].tobytes(), 24, 12, False)
+        for frame in frames:
+            recorder.frame_received(frame[:, :, ::-1].tobytes(), 24, 12, False)
             gevent.sleep(0.15)
         # A frame that does not fit the mode is dropped, naming the property to check.
         recorder.frame_received(KNOWN.tobytes()[:-3], 24, 12, False)
         summary = recorder.stop("complete")
     assert (summary.status, summary.error, summary.frames_kept, summary.frames_dropped) == ("complete", None, 4, 1)
-    assert np.array_equal(read_recording(summary.path).frame(3), KNOWN)
+    assert np.array_equal(read_recording(summary.path).frame(3), frames[3])
     assert camera.properties_read == 1
     assert "a BGR24 frame of 24 x 12 pixels is 864 bytes, the camera sent 861" in caplog.text
     assert "video_mode property" in caplog.text
@@ -610,18 +644,34 @@ def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_rec
     monkeypatch.setattr(collection_recorder, "time", SimpleNamespace(
         time=lambda: time.time() + step[0], monotonic=time.monotonic))  # fmt: skip
     recorder, dc_params = bare_recorder(tmp_path, BareCamera(None))  # no video_mode: a JPEG camera
-    jpeg = encode_jpeg(synthetic_frame(160, 128))
+    frame = synthetic_frame(160, 128)
+    jpegs = iter([encode_jpeg(np.clip(frame.astype(int) + k, 0, 255).astype(np.uint8)) for k in range(45)])
     recorder.start(dc_params)
     for clock_step in (0.0, -30.0, +60.0):  # back 30 s, then 30 s ahead of the true time
         step[0] = clock_step
         for _ in range(15):  # 0.6 s of camera frames at 25 frames/s
-            recorder.frame_received(jpeg, 160, 128)
+            recorder.frame_received(next(jpegs), 160, 128)
             gevent.sleep(0.04)
     summary = recorder.stop("complete")
     assert (summary.status, summary.error) == ("complete", None)
     timestamps = read_recording(summary.path).timestamps
     assert len(timestamps) >= 16  # 1.8 s at 10 frames/s: none skipped while the clock was behind
     assert np.all(np.diff(timestamps) > 0) and np.all(np.diff(timestamps) < 0.5)
+
+
+def test_a_frozen_streaming_camera_records_no_repeats_and_stops_the_recording(tmp_path):
+    # mxcubecore's TangoLimaVideo sends its last image on every poll, changed or not: each copy was kept with a new
+    # time and new motor positions (labelled with other moments' counts), and the watchdog never fired.
+    from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None), record_camera_timeout_s=0.5)
+    frozen = encode_jpeg(synthetic_frame(160, 128))
+    recorder.start(dc_params)
+    for _ in range(50):  # 2 s of the same image at 25 frames/s
+        recorder.frame_received(frozen, 160, 128)
+        gevent.sleep(0.04)
+    summary = recorder.last_summary or recorder.stop("complete")
+    assert (summary.frames_kept, summary.status) == (1, "failed")
 
 
 def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():
