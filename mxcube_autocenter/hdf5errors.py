@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
+import h5py
+
 DAMAGED_FILE_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 
 
@@ -40,3 +42,19 @@ def reading(path, what: str, error: type[Exception], fix: str):
         raise
     except DAMAGED_FILE_ERRORS as err:
         raise error(f"{path}: cannot read this {what} ({type(err).__name__}: {err}): the file is damaged; {fix}") from err
+
+
+def open_to_read(path) -> h5py.File:
+    """``h5py.File(path, "r")``, without HDF5's file lock where the file system has none.
+
+    Beamline data and home directories often sit on NFS without ``lockd``,
+    where the lock fails (errno 37) and h5py's error reads like a damaged
+    file. The lock is kept where it works: HDF5 refuses to open a file twice
+    in one process with different locking flags.
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        if "unable to lock file" not in str(err):
+            raise
+        return h5py.File(path, "r", locking=False)

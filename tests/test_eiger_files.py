@@ -471,3 +471,23 @@ def test_an_aborted_collection_with_per_frame_times_of_the_frames_it_took(tmp_pa
     with open_master(written.master_path) as series:
         assert (series.nimages, series.declared_images) == (4, 5)
         np.testing.assert_allclose(series.frame_windows()[:, 0], START + np.arange(4) * FRAME_TIME, atol=1e-6)
+
+
+def test_a_collection_reads_on_a_file_system_without_locks(collection, monkeypatch):
+    # NFS without lockd: HDF5's default file lock fails (errno 37), and every master file was then reported as
+    # truncated or corrupt. Recordings were already read without a lock.
+    from mxcube_autocenter import hdf5errors
+
+    written, _ = collection
+    real = h5py.File
+
+    def without_locks(name, mode="r", *args, **kwargs):
+        if kwargs.get("locking", True) is not False:
+            raise OSError(37, "Unable to synchronously open file (unable to lock file, errno = 37, error message = "
+                              "'No locks available')")
+        return real(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(hdf5errors.h5py, "File", without_locks)
+    with open_master(written.master_path) as series:
+        assert series.nimages == N_FRAMES
+        assert series.frame(N_FRAMES - 1) is not None  # in the last data file, through its external link

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
-from mxcube_autocenter.hdf5errors import reading
+from mxcube_autocenter.hdf5errors import open_to_read, reading
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
@@ -741,7 +741,7 @@ def read_table(path) -> Table:
         raise DatasetError(f"{path}: no such dataset file (make one with `mxcube-autocenter label RECORDING... --out "
                            "DATASET` from camera recordings, or `mxcube-autocenter synthesize`)")
     try:
-        f = h5py.File(path, "r")
+        f = open_to_read(path)
     except OSError as err:
         raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
     with f, _reading_set(path):
@@ -856,7 +856,7 @@ class RowReader:
         with self._lock:
             if self._file is None:
                 try:
-                    self._file = h5py.File(self.path, "r")
+                    self._file = open_to_read(self.path)
                 except OSError as err:
                     raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
             with reading(self.path, f"file's {self.image_dataset}", DatasetError, self.fix):

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS
+from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, open_to_read
 
 try:
     import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter with HDF5)
@@ -431,7 +431,7 @@ def open_master(path) -> EigerSeries:
     if not path.is_file():
         raise EigerFileError(f"{path}: no such EIGER master file: check the path (<prefix>_master.h5)")
     try:
-        file = h5py.File(path, "r")
+        file = open_to_read(path)
     except OSError as err:
         raise EigerFileError(
             f"{path}: not a readable HDF5 file ({err}); it is truncated or corrupt: {_COPY_AGAIN}"

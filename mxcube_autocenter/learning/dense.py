@@ -52,7 +52,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter.hdf5errors import reading  # noqa: E402
+from mxcube_autocenter.hdf5errors import open_to_read, reading  # noqa: E402
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.synthetic import (  # noqa: E402
     JPEG,
@@ -292,7 +292,7 @@ def read_regions(path) -> RegionTable:
     path = str(path)
     fix = _WRITE_REGIONS
     try:
-        f = h5py.File(path, "r")
+        f = open_to_read(path)
     except OSError as err:
         raise RegionSetError(f"{path}: cannot read it as HDF5 ({err}). {fix}") from err
     with f, reading(path, "region set", RegionSetError, fix):
