@@ -244,6 +244,32 @@ def test_split_never_shares_a_crystal():
         split_by_crystal(["a", "b", "a"])
     with pytest.raises(ValueError, match="both"):
         Split(train=("a",), validation=("a",), test=("b",))
+    with pytest.raises(ValueError, match="must be a list of crystal ids"):
+        Split(train="abc", validation=("d",), test=("e",))  # a string would be three crystals
+    with pytest.raises(ValueError, match="that an earlier model was trained on"):
+        Split(train=("a",), validation=("b",), test=("c",), trained_before=("b",))
+
+
+def test_a_split_extended_for_fine_tuning_keeps_the_initial_models_subsets_and_splits_only_new_crystals():
+    # A site appends recordings and fine-tunes again: a new split of all crystals put crystals the initial
+    # weights were trained on into validation and test.
+    from mxcube_autocenter.learning.split import extend_split
+
+    initial = split_by_crystal([f"old{i}" for i in range(10)], seed=0)
+    ids = [f"old{i}" for i in range(10)] + [f"new{i}" for i in range(10)] + ["older"] * 3
+    initial = Split(initial.train, initial.validation, initial.test, trained_before=("older",))
+    extended = extend_split(initial, ids, seed=5)
+    for name in ("validation", "test"):
+        assert set(getattr(initial, name)) <= set(getattr(extended, name))
+    assert set(initial.train) | {"older"} <= set(extended.train)
+    new = [f"new{i}" for i in range(10)]
+    assert [len(set(getattr(extended, name)) & set(new)) for name in ("train", "validation", "test")] == [6, 2, 2]
+    assert set(extended.trained_before) == set(initial.train) | {"older"}
+    assert sum(extended.rows.values()) == len(ids)
+    assert Split.from_config(json.loads(json.dumps(extended.to_config()))) == extended
+    # Fewer than three new crystals all train.
+    few = extend_split(initial, [f"old{i}" for i in range(10)] + ["x", "y"])
+    assert {"x", "y"} <= set(few.train)
 
 
 # ---------------------------------------------------------------- architectures
@@ -562,9 +588,13 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
     with caplog.at_level(logging.WARNING):
         result = train(dataset_path, "fcn", "log", str(tmp_path / "tuned"), epochs=1, learning_rate=0.0,
                        initial_model=trained.model_path, **same)
-    # Another seed's split holds out crystals the initial model learnt from: said, as its metrics read too high.
-    assert "was trained on" in caplog.text and "crystals held out here" in caplog.text
+    # Another seed, but the initial model's split: its crystals keep their subsets (a new split by the seed held
+    # out crystals the initial weights had learnt), and the crystals those weights saw are recorded.
+    assert "was trained on" not in caplog.text
     tuned, info = load_model(result.model_path)
+    for name in ("train", "validation", "test"):
+        assert info["split"][name] == initial_info["split"][name]
+    assert info["split"]["trained_before"] == sorted(initial_info["split"]["train"])
     assert result.best_epoch == 0  # no epoch improved on the starting weights: they are kept
     assert not os.path.exists(tmp_path / "tuned" / "checkpoint.keras")
     assert info["transform"] == initial_info["transform"]
@@ -573,6 +603,19 @@ def test_fine_tuning_starts_from_the_initial_model_and_keeps_its_transform(train
     rows = np.arange(16)
     spec = info_spec(info)
     np.testing.assert_allclose(predict_rows(tuned, table, rows, spec), predict_rows(initial, table, rows, spec), atol=1e-5)
+    # A given split that holds out crystals the initial weights learnt: said, and they are left out.
+    from mxcube_autocenter.learning.split import Split
+
+    own = initial_info["split"]
+    learnt = set(own["train"])
+    moved = own["train"][0]
+    given = Split(tuple(c for c in own["train"] if c != moved), (*own["validation"], moved), tuple(own["test"]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = train(dataset_path, "fcn", "log", str(tmp_path / "given"), epochs=1, learning_rate=0.0, split=given,
+                       initial_model=trained.model_path, **same)
+    assert "crystals held out in the given split" in caplog.text and "left out of validation and test" in caplog.text
+    assert not learnt & {*result.info["split"]["validation"], *result.info["split"]["test"]}
     with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0: train with crop_um=160.0; on the "
                        "command line --crop-um 160.0 \\(train-dense: a region set written with synthesize-regions"):
         train(dataset_path, "fcn", "log", str(tmp_path / "bad"), epochs=1, initial_model=trained.model_path,

@@ -495,7 +495,7 @@ def train_dense(
     import tensorflow as tf
 
     from mxcube_autocenter.learning import architectures, training
-    from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, resolve_split
+    from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS
     from mxcube_autocenter.learning.transforms import get_transform
 
     if label not in training.LABELS:
@@ -511,12 +511,11 @@ def train_dense(
         training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
                                 transform_name=transform, threshold=None)
     try:
-        split = resolve_split(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS)
+        split = training.split_for(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS, initial_model,
+                                   initial_info)  # fmt: skip
     except ValueError as err:
         raise RegionSetError(f"{regions_path}: {err}: write a set of more samples (synthesize-regions --samples), "
                              "or pass split= (a Split naming the crystals of each subset)") from err
-    if initial_info is not None:
-        training.held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:

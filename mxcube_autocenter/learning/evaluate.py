@@ -347,7 +347,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     except OSError as err:
         raise OSError(f"cannot create the report directory {out_dir} ({err}): choose another --out") from err
     print(f"evaluating {model_path} on {len(rows)} {subset} rows of {dataset_path}")
-    trained_on = info["split"]["train"]
+    trained_on = sorted(Split.from_config(info["split"]).trained_on())
     seen = int(np.isin(table.crystal_id[rows].astype(str), np.asarray(trained_on, dtype=str)).sum()) if trained_on else 0
     if seen and subset != "train":
         log.warning(

@@ -11,7 +11,7 @@ found again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +30,10 @@ class Split:
     train, validation, test : tuple of str
     seed : int or None
     fractions : (float, float, float)
+    trained_before : tuple of str
+        Crystals the models this one was fine-tuned from were trained on
+        (their ``train`` and ``trained_before``), here or in other datasets:
+        the weights have seen them, so they are in no held-out subset.
     """
 
     train: tuple
@@ -38,8 +42,17 @@ class Split:
     seed: int | None = None
     fractions: tuple = DEFAULT_FRACTIONS
     rows: dict = field(default_factory=dict, compare=False)
+    trained_before: tuple = ()
 
     def __post_init__(self):
+        for name in (*SUBSETS, "trained_before"):
+            ids = getattr(self, name)
+            if isinstance(ids, str) or not all(isinstance(c, str) for c in ids):
+                raise ValueError(f"the split's {name} must be a list of crystal ids (strings), not {ids!r:.80}")
+        before = set(self.trained_before) & {*self.validation, *self.test}
+        if before:
+            raise ValueError(f"crystals held out (validation, test) that an earlier model was trained on: "
+                             f"{sorted(before)[:5]}")
         sets = [set(getattr(self, name)) for name in SUBSETS]
         for i in range(3):
             for j in range(i + 1, 3):
@@ -62,10 +75,14 @@ class Split:
     def with_rows(self, crystal_ids) -> "Split":
         """A copy that also records the number of rows of each subset."""
         counts = {name: int(len(idx)) for name, idx in self.indices(crystal_ids).items()}
-        return Split(self.train, self.validation, self.test, self.seed, self.fractions, counts)
+        return replace(self, rows=counts)
+
+    def trained_on(self) -> set:
+        """Every crystal the weights of a model with this split have been trained on."""
+        return {*self.train, *self.trained_before}
 
     def to_config(self) -> dict:
-        return {
+        config = {
             "seed": self.seed,
             "fractions": list(self.fractions),
             "train": list(self.train),
@@ -73,6 +90,9 @@ class Split:
             "test": list(self.test),
             "rows": dict(self.rows),
         }
+        if self.trained_before:
+            config["trained_before"] = list(self.trained_before)
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "Split":
@@ -83,6 +103,7 @@ class Split:
             seed=config.get("seed"),
             fractions=tuple(config.get("fractions", DEFAULT_FRACTIONS)),
             rows=dict(config.get("rows", {})),
+            trained_before=tuple(config.get("trained_before", ())),
         )
 
 
@@ -150,4 +171,45 @@ def resolve_split(split, crystal_ids, seed: int = 0, fractions=DEFAULT_FRACTIONS
         log.warning("%d crystals of the data are in none of the given split's subsets and are left out (%s): "
                     "make a new split (split=None) to use them", len(unknown),
                     ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else ""))
+    return split.with_rows(crystal_ids)
+
+
+def extend_split(initial: Split, crystal_ids, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> Split:
+    """The split for fine-tuning a model whose split is ``initial`` on data of these crystals.
+
+    Crystals of ``initial``'s subsets keep theirs, so that a model fine-tuned
+    on a dataset with more recordings appended is never judged on crystals it
+    was trained on; crystals its weights have seen before
+    (``initial.trained_before``) go to training. The others, new, are split by
+    ``fractions`` among themselves (:func:`split_by_crystal`; all to training
+    when fewer than three). Every crystal the initial weights were trained on
+    is recorded in ``trained_before``.
+
+    Parameters
+    ----------
+    initial : Split
+        The initial model's split.
+    crystal_ids : sequence of str
+        One per row of the data (repeats allowed).
+    seed : int
+    fractions : (float, float, float)
+
+    Returns
+    -------
+    Split
+    """
+    ids = {str(c) for c in crystal_ids}
+    seen = initial.trained_on()
+    kept = {name: {c for c in getattr(initial, name) if c in ids} for name in SUBSETS}
+    kept["train"] |= ids & seen
+    new = ids - seen - set(initial.validation) - set(initial.test)
+    added = split_by_crystal(sorted(new), seed=seed, fractions=fractions) if len(new) >= 3 else Split(tuple(new), (), ())
+    split = Split(
+        train=tuple(sorted(kept["train"] | set(added.train))),
+        validation=tuple(sorted(kept["validation"] | set(added.validation))),
+        test=tuple(sorted(kept["test"] | set(added.test))),
+        seed=seed,
+        fractions=tuple(float(f) for f in fractions),
+        trained_before=tuple(sorted(seen)),
+    )
     return split.with_rows(crystal_ids)

@@ -58,7 +58,7 @@ from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
 from mxcube_autocenter.labelling.dataset import Table, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
-from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, resolve_split  # noqa: E402
+from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.outputs import make_directory  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
@@ -411,12 +411,10 @@ def _fit(
         initial, initial_info = load_model(initial_model)
         check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
     try:
-        split = resolve_split(split, table.crystal_id, seed, fractions)
+        split = split_for(split, table.crystal_id, seed, fractions, initial_model, initial_info)
     except ValueError as err:
         raise ValueError(f"{dataset_path}: {err}: label recordings of more crystals, or pass split= (a Split naming "
                          "the crystals of each subset)") from err
-    if initial_info is not None:
-        held_out_seen(initial_model, initial_info, split)
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
@@ -700,19 +698,38 @@ _OPTIONS = {"arch": "--arch", "crop_um": "--crop-um", "input_size": "--input-siz
             "transform": "--transform", "threshold": "--threshold"}  # fmt: skip
 
 
-def held_out_seen(path, info, split) -> list:
-    """The crystals held out here (validation, test) that the initial model at ``path`` was trained on.
+def split_for(split, crystal_ids, seed, fractions, initial_model=None, initial_info=None) -> Split:
+    """The split of a training run: ``split`` if given, else a new one by crystal, or, when fine-tuning, the
+    initial model's extended to the new crystals (:func:`.split.extend_split`).
 
-    Warns when there are any: fine-tuned from that model, the validation
-    and test figures would read too high (they are no longer held out).
+    A fine-tuned model's split records every crystal its initial weights were trained on (``trained_before``);
+    a given split that holds some of them out is warned about (:func:`held_out_seen`) and they are left out.
     """
-    trained = set(info["split"]["train"])
+    if initial_info is None:
+        return resolve_split(split, crystal_ids, seed, fractions)
+    initial = Split.from_config(initial_info["split"])
+    if split is None:
+        return extend_split(initial, crystal_ids, seed, fractions)
+    split = resolve_split(split, crystal_ids, seed, fractions)
+    seen = held_out_seen(initial_model, initial_info, split)
+    held_out = {name: tuple(c for c in getattr(split, name) if c not in seen) for name in ("validation", "test")}
+    return Split(split.train, held_out["validation"], held_out["test"], split.seed, split.fractions,
+                 trained_before=tuple(sorted(initial.trained_on()))).with_rows(crystal_ids)
+
+
+def held_out_seen(path, info, split) -> list:
+    """The crystals held out here (validation, test) that the initial model at ``path``, or the models it was
+    fine-tuned from, were trained on.
+
+    Warns when there are any: their figures would read too high (they are not held out from these weights).
+    """
+    trained = Split.from_config(info["split"]).trained_on()
     seen = sorted(c for c in (*split.validation, *split.test) if c in trained)
     if seen:
         named = ", ".join(seen[:3]) + (", ..." if len(seen) > 3 else "")
         log.warning(
-            "%s was trained on %d of the %d crystals held out here (%s): the validation and test figures will read "
-            "too high; reuse that model's split (split=info['split']) or hold out crystals it never saw",
+            "%s was trained on %d of the %d crystals held out in the given split (%s): they are left out of "
+            "validation and test; leave the split out to extend that model's own to the new crystals",
             path, len(seen), len(split.validation) + len(split.test), named,
         )  # fmt: skip
     return seen
