@@ -548,6 +548,15 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
         "listed_metrics": ({"metrics": []}, "metrics is a JSON list, not an object"),
         "shared_crystal": ({"split": {**trained.info["split"], "test": trained.info["split"]["train"][:1]}},
                            "crystals in both train and test"),
+        # What no fit gives: infinite targets, or (std < 0) every heatmap upside down.
+        "zero_std": ({"transform": {**trained.info["transform"], "std": 0.0}}, "std must be a positive finite"),
+        "negative_std": ({"transform": {**trained.info["transform"], "std": -1.0}}, "std must be a positive finite"),
+        "nan_mean": ({"transform": {**trained.info["transform"], "mean": float("nan")}}, "mean must be a finite"),
+        # A regressor's counts read as probabilities.
+        "task_of_another_network": ({"task": "classifier", "threshold": 5.0},
+                                    "the task 'classifier' is not that of the architecture 'fcn'"),
+        "unknown_architecture": ({"architecture": {"name": "fcn9"}}, "the architecture 'fcn9' is none of"),
+        "string_split": ({"split": {**trained.info["split"], "train": "abc"}}, "must be a list of crystal ids"),
     }
     for name, (change, message) in broken.items():
         path = str(tmp_path / f"{name}.keras")

@@ -96,6 +96,9 @@ class Split:
 
     @classmethod
     def from_config(cls, config: dict) -> "Split":
+        for name in (*SUBSETS, "trained_before"):
+            if not isinstance(config.get(name, ()), (list, tuple)):
+                raise ValueError(f"the split's {name} must be a list of crystal ids, not {config[name]!r:.80}")
         return cls(
             train=tuple(config["train"]),
             validation=tuple(config["validation"]),

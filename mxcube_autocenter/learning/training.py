@@ -202,10 +202,17 @@ def load_model(path):
         spec = crops.CropSpec.from_config(info["input"])
         if task == "regression" and not transform_from_config(info["transform"]).fitted:
             raise ValueError(f"the {info['transform'].get('name')} transform has no fitted parameters")
-        if task == "classifier":
-            float(info["threshold"])
+        if task == "classifier" and not np.isfinite(float(info["threshold"])):
+            raise ValueError(f"the threshold {info['threshold']!r} is not a number of spots")
         if not isinstance(info["architecture"], dict) or not info["architecture"].get("name"):
             raise ValueError(f"the architecture {info['architecture']!r} has no name")
+        arch = info["architecture"]["name"]
+        if arch not in architectures.ARCHITECTURES:
+            raise ValueError(f"the architecture {arch!r} is none of {architectures.ARCHITECTURES}")
+        if architectures.task_of(arch) != task:
+            # A regressor's counts read as probabilities, or a classifier's probabilities inverse-transformed.
+            raise ValueError(f"the task {task!r} is not that of the architecture {arch!r} "
+                             f"({architectures.task_of(arch)})")
         if info["label"] not in LABELS:
             raise ValueError(f"the label {info['label']!r} is none of {LABELS}")
         for key in ("data", "training", "metrics"):

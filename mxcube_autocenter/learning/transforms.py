@@ -44,6 +44,11 @@ class LabelTransform:
     def __init__(self, mean: float | None = None, std: float | None = None):
         self.mean = None if mean is None else float(mean)
         self.std = None if std is None else float(std)
+        # What fit() never gives: a std of 0 or inf makes infinite targets, a negative one turns every heatmap over.
+        if self.mean is not None and not np.isfinite(self.mean):
+            raise ValueError(f"the {self.name} transform's mean must be a finite number, not {mean!r}")
+        if self.std is not None and not (np.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"the {self.name} transform's std must be a positive finite number, not {std!r}")
 
     @property
     def fitted(self) -> bool:
@@ -109,7 +114,7 @@ class LogTransform(LabelTransform):
 
     def __init__(self, mean=None, std=None, offset: float = 1.0):
         super().__init__(mean, std)
-        if not offset > 0:
+        if not (offset > 0 and np.isfinite(offset)):
             raise ValueError(f"the log transform's offset must be positive, not {offset!r}")
         self.offset = float(offset)
 
@@ -133,7 +138,7 @@ class TanhTransform(LabelTransform):
 
     def __init__(self, mean=None, std=None, scale: float = 1.0):
         super().__init__(mean, std)
-        if not scale > 0:
+        if not (scale > 0 and np.isfinite(scale)):
             raise ValueError(f"the tanh transform's scale must be positive, not {scale!r}")
         self.scale = float(scale)
 
