@@ -454,6 +454,20 @@ def test_auto_cache_keeps_crops_in_memory_where_they_fit_and_the_command_line_ch
     assert chosen == {"memory": True, "file": "file", "none": False}
 
 
+def test_the_memory_an_auto_cache_may_take_is_the_control_groups_where_it_is_lower(tmp_path):
+    # In a container or a batch job the machine's memory is not the job's: a cache sized by it was killed.
+    from mxcube_autocenter.learning.data import memory_bytes_available
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # no limit
+    assert memory_bytes_available((str(v2), str(tmp_path / "none"))) == physical
+    v1.write_text(f"{2**30}\n")
+    assert memory_bytes_available((str(v2), str(v1))) == 2**30
+    v2.write_text(f"{physical * 2}\n")  # a limit above the machine's memory is no limit
+    assert memory_bytes_available((str(v2),)) == physical
+
+
 # ---------------------------------------------------------------- training and model files
 
 

@@ -67,13 +67,32 @@ def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> 
     return out
 
 
+# The memory limit of this process's control group (a container, a batch job), cgroup v2 and v1.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_bytes_available(limit_files=CGROUP_MEMORY_LIMITS) -> int:
+    """The memory this process may use, bytes: physical memory, or its control group's limit where lower
+    (in Docker or under SLURM the machine's memory is not the job's: a cache sized by it is killed)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in limit_files:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    return memory
+
+
 def cache_for(n_rows: int, spec: crops.CropSpec, memory_bytes: float | None = None, row_bytes: int | None = None):
     """What ``cache="auto"`` keeps: in memory (True) when the decoded rows take at most a quarter of the
-    machine's memory (``memory_bytes``, physical memory by default), else in a temporary file (``"file"``).
+    memory (``memory_bytes``, by default :func:`memory_bytes_available`), else in a temporary file (``"file"``).
 
     A row is a decoded crop of ``spec`` unless ``row_bytes`` says otherwise (a dense training region)."""
     if memory_bytes is None:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory_bytes = memory_bytes_available()
     if row_bytes is None:
         row_bytes = int(np.prod(spec.input_shape))
     return True if n_rows * row_bytes <= memory_bytes / 4 else "file"
