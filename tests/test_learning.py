@@ -791,6 +791,20 @@ def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, t
         train(recorded_only, "fcn", "log", str(tmp_path / "none"), label="rc_expected", **small)
 
 
+def test_a_views_positions_add_up_to_its_share_of_the_crops_per_sample():
+    # Each kind rounded on its own, 3 positions with line and hit shares of 0.5 each made 4 rows.
+    from mxcube_autocenter.learning.synthetic import position_counts
+
+    assert position_counts(3, (0.5, 0.5, 0, 0, 0)) == (2, 1, 0, 0, 0, 0)
+    # The shipped model's recipe (model card): 1 line, 1 on, 2 near, 3 anywhere in the region, 1 around the loop.
+    assert position_counts(8, (0.1, 0.15, 0.2, 0.0, 0.4)) == (1, 1, 2, 0, 3, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shares = rng.dirichlet(np.ones(6))[:5] * rng.uniform(0, 1)
+        n = int(rng.integers(1, 40))
+        assert sum(position_counts(n, tuple(shares))) == n
+
+
 def test_position_kinds_of_a_synthetic_set(tmp_path):
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
 

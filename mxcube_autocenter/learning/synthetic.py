@@ -124,6 +124,19 @@ def centring_region(loop_xy, pixels_per_mm, beam, frame_shape):
     return loop_roi(tip, frame_shape, pixels_per_mm)
 
 
+def position_counts(n_points: int, shares) -> tuple:
+    """How many of a view's ``n_points`` positions each kind gets, by its share, and the rest (around the loop).
+
+    Largest remainders, so that the counts add up to ``n_points`` (each rounded on its own, 3 positions with
+    shares of 0.5 and 0.5 made 2 + 2).
+    """
+    quotas = np.array([*shares, max(1.0 - sum(shares), 0.0)]) * n_points
+    counts = np.floor(quotas + 1e-9).astype(int)
+    for i in np.argsort(-(quotas - counts), kind="stable")[: n_points - counts.sum()]:
+        counts[i] += 1
+    return tuple(int(c) for c in counts)
+
+
 def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_sample, stored_crop_um, zoom_levels,
                  random_looks, frame_size, jpeg_quality, empty_fraction, ice_fraction, line_fraction, hit_fraction,
                  near_fraction, ice_hit_fraction, region_fraction, label_seed):
@@ -143,12 +156,10 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         omega, level, ppmm, motors0, loop_xy = random_view(sample, rng, zoom_levels)
         lo, hi = loop_xy.min(axis=0), loop_xy.max(axis=0)
         margin = 0.3 * (hi - lo)
-        n_line = int(round(n_points * line_fraction))
-        n_hit = 0 if sample.is_empty else int(round(n_points * hit_fraction))
-        n_near = 0 if sample.is_empty else int(round(n_points * near_fraction))
-        n_ice = int(round(n_points * ice_hit_fraction)) if len(sample.ice) else 0
-        n_region = int(round(n_points * region_fraction))
-        n_rand = max(n_points - n_line - n_hit - n_near - n_ice - n_region, 0)
+        # An empty loop's crystal positions, and the ice positions of a sample without ice, go around the loop.
+        n_line, n_hit, n_near, n_ice, n_region, n_rand = position_counts(n_points, (
+            line_fraction, 0 if sample.is_empty else hit_fraction, 0 if sample.is_empty else near_fraction,
+            ice_hit_fraction if len(sample.ice) else 0, region_fraction))  # fmt: skip
         angle = rng.uniform(0, np.pi)
         direction = np.array([np.cos(angle), np.sin(angle)])
         half = 0.5 * rng.uniform(0.6, 1.2) * max(sample.loop_size_um * 1e-3, 0.05)
