@@ -1035,3 +1035,14 @@ def test_a_column_added_after_labelling_is_read_until_an_append_outgrows_it(coll
     assert n_all > before, summary
     add_row_column(out, "rc_expected", np.ones(n_all), "ground truth")
     assert read_table(out).extra["rc_expected"].shape == (n_all,)
+
+
+def test_a_recording_without_a_crystal_or_lims_sample_is_its_own_crystal():
+    # mxcubecore's sample id is -1 without LIMS: all such collections were one crystal "-1" for the split.
+    from mxcube_autocenter.labelling.dataset import _crystal_of
+
+    assert _crystal_of({"crystal_id": "xtal-3", "sample_id": 12}, "scan_a") == "xtal-3"
+    assert _crystal_of({"sample_id": 345678}, "scan_a") == "345678"
+    assert _crystal_of({"sample_id": -1}, "scan_a") == "scan_a"
+    assert _crystal_of({"sample_id": -1}, "scan_b") == "scan_b"
+    assert _crystal_of({}, "scan_c") == "scan_c"

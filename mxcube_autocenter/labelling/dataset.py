@@ -286,7 +286,7 @@ def append_recording(
                 "pixels_per_mm": ppmm,
                 "zoom": str(recording.metadata.get("zoom", "")),
                 "scan_id": scan,
-                "crystal_id": str(recording.metadata.get("crystal_id", recording.metadata.get("sample_id", ""))),
+                "crystal_id": _crystal_of(recording.metadata, scan),
                 "scan_type": str(recording.metadata.get("experiment_type", "")),
             }
             unreadable = []
@@ -510,6 +510,22 @@ def check_appendable(path) -> None:
     path = Path(path)
     with _open(path, "r") as h5file, _reading_set(path):
         _recordings(h5file, "rows", path)
+
+
+def _crystal_of(metadata: dict, scan: str) -> str:
+    """The crystal id of a recording's rows: its own, else its LIMS sample id, else its scan's.
+
+    mxcubecore's sample id is -1 without LIMS: every such collection would be one "crystal" for the split.
+    A collection of nothing named is its own crystal.
+    """
+    if metadata.get("crystal_id") not in (None, ""):
+        return str(metadata["crystal_id"])
+    sample = metadata.get("sample_id")
+    try:
+        lims = sample is not None and int(sample) > 0
+    except (TypeError, ValueError):
+        lims = str(sample).strip() not in ("", "None")
+    return str(sample) if lims else scan
 
 
 def _reading_set(path):
