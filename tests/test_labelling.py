@@ -590,7 +590,10 @@ def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_
     # Clocks that far apart: an offset given is taken as it is, and a larger limit lets the estimate through.
     entry = label_recordings([recorded.recording], out, clock_offset=1000.12, progress=False).recordings[0]
     assert entry.status == "labelled" and counted == [recorded.master]
-    assert build_parser().parse_args(["label", "x.h5", "--out", "y.h5"]).max_clock_offset == pipeline.MAX_CLOCK_OFFSET_S
+    # The command line leaves the limit to label_recordings unless given, and says the same default.
+    assert build_parser().parse_args(["label", "x.h5", "--out", "y.h5"]).max_clock_offset is None
+    assert f"(default: {pipeline.MAX_CLOCK_OFFSET_S:g})" in " ".join(build_parser()._subparsers._group_actions[0]
+                                                                     .choices["label"].format_help().split())
     raised = tmp_path / "raised.h5"
     assert main(["label", str(recorded.recording), "--out", str(raised), "--max-clock-offset", "1200"]) == 0
     assert read_table(raised).recordings[0]["matching"]["clock_offset_s"] == pytest.approx(1000.12, abs=0.01)
@@ -1046,3 +1049,21 @@ def test_a_recording_without_a_crystal_or_lims_sample_is_its_own_crystal():
     assert _crystal_of({"sample_id": -1}, "scan_a") == "scan_a"
     assert _crystal_of({"sample_id": -1}, "scan_b") == "scan_b"
     assert _crystal_of({}, "scan_c") == "scan_c"
+
+
+def test_a_damaged_detector_frame_costs_its_own_camera_frames_only(tmp_path, caplog):
+    # One damaged chunk of a data file failed the whole recording, where a corrupt camera image costs one row.
+    collection = simulate_collection(tmp_path, "damaged", 31, fps=12.0)
+    data_file = collection.data_files[0]
+    with h5py.File(data_file, "r") as h5file:
+        chunk = h5file["entry/data/data"].id.get_chunk_info(10)  # the 11th image's compressed frame
+    with open(data_file, "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(np.random.default_rng(0).bytes(chunk.size))
+    whole = simulate_collection(tmp_path / "whole", "damaged", 31, fps=12.0)
+    with caplog.at_level(logging.WARNING):
+        damaged = label_recordings([collection.recording], tmp_path / "damaged.h5", progress=False).recordings[0]
+    intact = label_recordings([whole.recording], tmp_path / "whole.h5", progress=False).recordings[0]
+    assert damaged.status == "labelled", damaged.message
+    assert 0 < intact.rows - damaged.rows <= 3  # the camera frames matched to image 11, at 12 frames/s
+    assert "1 of its" in caplog.text and "(images 11)" in caplog.text and "are not labelled" in caplog.text

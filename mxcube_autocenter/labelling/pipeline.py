@@ -196,12 +196,13 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     Returns
     -------
     ndarray of float, shape (nimages,)
-        NaN for the frames not counted.
+        NaN for the frames not counted, and for those that cannot be read
+        (damaged chunks: logged, with their image numbers).
 
     Raises
     ------
     EigerFileError
-        If the master file, a data file or a frame cannot be read.
+        If the master file cannot be read, or none of the frames asked for.
     IndexError
         If a frame lies outside the collection.
     BrokenProcessPool
@@ -217,13 +218,15 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     tasks = [wanted[start : start + size].tolist() for start in range(0, wanted.size, size)]
     count = partial(_count_frames, str(master_file), params)
     counts = np.full(n, np.nan)
+    errors = []
     done = 0
     try:
         results = map(count, tasks) if executor is None else executor.map(count, tasks)
         with tqdm(total=wanted.size, desc=Path(master_file).name, unit="frame", leave=False,
                   disable=not progress) as bar:  # fmt: skip
-            for task, task_counts in zip(tasks, results):
+            for task, (task_counts, task_errors) in zip(tasks, results):
                 counts[task] = task_counts
+                errors += task_errors
                 done += 1
                 bar.update(len(task))
     except BrokenProcessPool as err:
@@ -234,6 +237,13 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     finally:
         if executor is None:
             _close_series()
+    if errors:
+        if len(errors) == wanted.size:
+            raise EigerFileError(errors[0])
+        unreadable = wanted[np.isnan(counts[wanted])] + 1
+        log.warning("%s: %d of its %d frames counted cannot be read (images %s): their camera frames are not "
+                    "labelled; the first error: %s", master_file, len(errors), wanted.size,
+                    ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else ""), errors[0])
     return counts
 
 
@@ -243,12 +253,21 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
 _open_series = {}
 
 
-def _count_frames(master_file: str, params: SpotFinderParams, frames: list) -> list:
+def _count_frames(master_file: str, params: SpotFinderParams, frames: list) -> tuple:
+    """The counts of ``frames`` (NaN where a frame cannot be read) and the errors of those that cannot."""
     if master_file not in _open_series:
         _close_series()
         _open_series[master_file] = open_master(master_file)
     series = _open_series[master_file]
-    return [count_reflections(*series.frame(i), params, geometry=series) for i in frames]
+    counts, errors = [], []
+    for i in frames:
+        try:
+            counts.append(count_reflections(*series.frame(i), params, geometry=series))
+        except EigerFileError as err:
+            # One damaged frame costs its own camera frames' labels, not the recording's.
+            counts.append(math.nan)
+            errors.append(str(err))
+    return counts, errors
 
 
 def _close_series():
