@@ -72,6 +72,12 @@ def _omega_gap(a: float, b: float) -> float:
     return min(gap, 360.0 - gap)
 
 
+def _collect_said(what: str, args) -> str:
+    """``what`` happened, with the collect object's message where its signal carried one."""
+    message = next((a for a in args if isinstance(a, str) and a.strip()), None)
+    return f"{what}: {message}" if message else what
+
+
 class AutoCenter(HardwareObject):
     """Optical crystal centring and training-frame recording for MXCuBE."""
 
@@ -184,32 +190,35 @@ class AutoCenter(HardwareObject):
     def _collection_task_ended(self, recording, task):
         # AbstractCollect.stop_collect kills the collection's greenlet, and a
         # killed collection sends none of the signals that end a recording.
+        reason = None
         if isinstance(task.value, gevent.GreenletExit):
-            status = "aborted"
+            status, reason = "aborted", "the collection was stopped"
         elif task.exception is not None or isinstance(task.value, TaskException):
-            status = "failed"  # TaskException: what mxcubecore's @task makes of an error
+            # TaskException: what mxcubecore's @task makes of an error
+            status, reason = "failed", f"the collection failed ({task.exception or task.value})"
         else:
             status = "complete"
-        self.recorder.stop_later(status, only=recording)
+        self.recorder.stop_later(status, only=recording, reason=reason)
 
-    def _stop_recording(self, status, args=()):
+    def _stop_recording(self, status, args=(), reason=None):
         # The recording ends now; its file closes in the background, not on the collect object's greenlet.
         if self.recorder is not None:
-            self.recorder.stop_later(status, dc_params=find_dc_params(args))
+            self.recorder.stop_later(status, dc_params=find_dc_params(args), reason=reason)
 
     def _collection_finished(self, *args):
         # AbstractMultiCollect sends collectEnded(owner, success, message), also from
         # the finally of a collection being killed.
+        reason = None
         if isinstance(sys.exc_info()[1], gevent.GreenletExit):
-            status = "aborted"
+            status, reason = "aborted", "the collection was stopped"
         elif len(args) > 1 and args[1] is False:
-            status = "failed"
+            status, reason = "failed", _collect_said("the collection ended unsuccessfully", args)
         else:
             status = "complete"
-        self._stop_recording(status, args)
+        self._stop_recording(status, args, reason)
 
     def _collection_failed(self, *args):
-        self._stop_recording("failed", args)
+        self._stop_recording("failed", args, _collect_said("the collect object signalled the collection failed", args))
 
     # -- centring -------------------------------------------------------------
 

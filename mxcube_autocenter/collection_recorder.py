@@ -318,7 +318,7 @@ class CollectionRecorder:
         if self._writer is not None and same_collection(dc_params, self._dc_params):
             return
         # Whether or not this one is recorded, the previous collection has ended.
-        self.stop_later("aborted")
+        self.stop_later("aborted", reason="another collection started before this one's end was signalled")
         cfg = self._settings()
         kind = dc_params.get("experiment_type")
         if not cfg.recording_enabled or kind not in cfg.record_scan_types:
@@ -448,18 +448,20 @@ class CollectionRecorder:
                 return
             if writer.error is not None:
                 self.log.error("AutoCenter: recording stopped: %s", writer.error)
-                self.stop("failed")
+                self.stop("failed", reason=str(writer.error))
             elif time.monotonic() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
-                    "AutoCenter: the camera sent no frame for %.0f s; recording stopped (check the sample-view "
+                    "AutoCenter: the camera sent no new frame for %.0f s; recording stopped (check the sample-view "
                     "camera%s)", camera_timeout_s, "" if not self._streamed else ", or set record_source to 'poll'",
                 )  # fmt: skip
-                self.stop("failed")
+                self.stop("failed", reason=f"the camera sent no new frame for {camera_timeout_s:g} s")
 
-    def stop(self, status: str = "complete"):
-        """End the current recording and wait until its file is closed (nothing when none is running)."""
+    def stop(self, status: str = "complete", reason: str | None = None):
+        """End the current recording and wait until its file is closed (nothing when none is running).
+
+        ``reason`` says why a recording ends failed or aborted (the file's ``error``)."""
         writer = self._detach()
-        return None if writer is None else self._close(writer, status)
+        return None if writer is None else self._close(writer, status, reason)
 
     def wait_closed(self, timeout: float = 60.0):
         """The summary of the last recording once it is over and its file closed.
@@ -480,7 +482,7 @@ class CollectionRecorder:
             gevent.sleep(0.05)
         return None
 
-    def stop_later(self, status: str, only=None, dc_params=None):
+    def stop_later(self, status: str, only=None, dc_params=None, reason: str | None = None):
         """End the current recording now and close its file in the background.
 
         For collect-object signals: the recording is over at once, so that a
@@ -496,7 +498,7 @@ class CollectionRecorder:
             self.log.info("AutoCenter: end of collection %s signalled while recording %s: ignored",
                           (dc_params.get("fileinfo") or {}).get("prefix"), self._dc_params["fileinfo"].get("prefix"))  # fmt: skip
             return
-        gevent.spawn(self._close, self._detach(), status)
+        gevent.spawn(self._close, self._detach(), status, reason)
 
     def _detach(self):
         writer, self._writer = self._writer, None
@@ -512,10 +514,10 @@ class CollectionRecorder:
         self._tasks = []
         return writer
 
-    def _close(self, writer, status):
-        summary = writer.close(status)
+    def _close(self, writer, status, reason=None):
+        summary = writer.close(status, reason=reason)
         self.last_summary = summary
-        level = logging.INFO if summary.error is None else logging.ERROR
+        level = logging.ERROR if summary.status in ("failed", "recording") else logging.INFO
         self.log.log(
             level,
             "AutoCenter: recording %s: %d frames kept, %d dropped in %s%s",

@@ -756,6 +756,7 @@ class RecordingWriter:
         self._dropped_by_writer = 0
         self._error: str | None = None
         self._final_status = "complete"
+        self._final_reason = None
         self._drain_deadline = float("inf")
         self._closing = threading.Event()
         self._summary: RecordingSummary | None = None
@@ -819,7 +820,7 @@ class RecordingWriter:
         self._queued += 1
         return True
 
-    def close(self, status: str = "complete", timeout_s: float = 30.0) -> RecordingSummary:
+    def close(self, status: str = "complete", timeout_s: float = 30.0, reason: str | None = None) -> RecordingSummary:
         """Write what is queued, close the file and stop the thread.
 
         Cooperative under gevent: it waits with ``time.sleep``, which the
@@ -832,6 +833,9 @@ class RecordingWriter:
         timeout_s : float
             Time, in s, to write the queued frames; frames still queued then
             are dropped and counted.
+        reason : str, optional
+            Why a recording ends failed or aborted, stored as the file's
+            ``error`` and given in the summary (a write error comes first).
 
         Returns
         -------
@@ -842,6 +846,7 @@ class RecordingWriter:
         if self._summary is not None:
             return self._summary
         self._final_status = status
+        self._final_reason = reason
         self._drain_deadline = time.monotonic() + timeout_s
         self._closing.set()
         finished = _wait_for_thread(self._thread, timeout_s + _CLOSE_GRACE_S)
@@ -851,7 +856,7 @@ class RecordingWriter:
         # After a failed write the file holds the frames of its last flush only.
         kept = store.frames_flushed if store else 0
         lost = store.frames_kept - kept if store else 0
-        error = self._error
+        error = self._error or reason
         if not finished:
             error = (
                 f"the writer thread was still writing {store.path if store else 'the recording'} "
@@ -873,7 +878,7 @@ class RecordingWriter:
             self._store = store if isinstance(store, FrameStore) else store()
             self._write_frames(self._store)
             self._store.frames_dropped = self.frames_dropped
-            self._store.close(self._final_status)
+            self._store.close(self._final_status, self._final_reason)
         except Exception as err:
             self._fail(err)
 

@@ -106,7 +106,9 @@ def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_
     collect(beamline, tmp_path, "OSC")
     summary = wait_for_summary(autocenter)
     assert summary.status == "failed"
-    assert read_recording(summary.path).status == "failed"
+    recording = read_recording(summary.path)
+    # Why it failed is in the file, for `inspect` to say.
+    assert recording.status == "failed" and recording.error.startswith("the collect")
 
 
 def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, autocenter, tmp_path):
@@ -270,7 +272,7 @@ def test_camera_that_stops_sending_stops_the_recording(beamline, autocenter, tmp
     finally:
         camera.start_streaming()
     assert summary.status == "failed"
-    assert "sent no frame" in caplog.text
+    assert "sent no new frame" in caplog.text
 
 
 def test_a_collection_of_a_type_not_recorded_still_ends_the_recording_before_it(beamline, autocenter, tmp_path):
@@ -305,7 +307,7 @@ def test_a_poll_source_whose_snapshots_fail_logs_once_and_stops_the_recording(be
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed"
     assert caplog.text.count("polling the sample view (snapshot, motor positions) failed") == 1 and "camera device gone" in caplog.text
-    assert "sent no frame" in caplog.text and "record_source" not in caplog.text
+    assert "sent no new frame" in caplog.text and "record_source" not in caplog.text
 
 
 def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamline, autocenter, tmp_path, caplog,
@@ -319,7 +321,7 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
         collect(beamline, tmp_path, "OSC", n_images=30)
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed" and summary.frames_kept == 1  # the frozen image once, then no repeat
-    assert "sent no frame" in caplog.text
+    assert "sent no new frame" in caplog.text
 
 
 def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline, autocenter, tmp_path, caplog,
@@ -672,6 +674,7 @@ def test_a_frozen_streaming_camera_records_no_repeats_and_stops_the_recording(tm
         gevent.sleep(0.04)
     summary = recorder.last_summary or recorder.stop("complete")
     assert (summary.frames_kept, summary.status) == (1, "failed")
+    assert summary.error == "the camera sent no new frame for 0.5 s" == read_recording(summary.path).error
 
 
 def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():
