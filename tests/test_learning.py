@@ -682,6 +682,34 @@ def test_fine_tuning_keeps_the_starting_weights_when_no_epoch_improves_on_them(t
     assert best >= 1 and not kept
 
 
+def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(dataset_path, tmp_path, monkeypatch):
+    # Ctrl-C or a killed job after some epochs: checkpoint.keras had no metadata, and the fitted label transform
+    # its outputs need was written nowhere.
+    import keras
+
+    from mxcube_autocenter.learning import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_model", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=2, batch_size=16,
+                       verbose=0)
+    with pytest.raises(training.ModelFileError, match="run.json beside it"):
+        training.load_model(str(out / "checkpoint.keras"))
+    info = json.loads((out / "run.json").read_text())
+    assert info["transform"]["std"] > 0 and info["training"]["interrupted"].startswith("the training did not end")
+    path = str(tmp_path / "recovered.keras")
+    training.attach_info(keras.models.load_model(str(out / "checkpoint.keras")), info).save(path)
+    assert training.load_model(path)[1]["transform"] == info["transform"]
+    monkeypatch.undo()
+    finished = training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=1,
+                              batch_size=16, verbose=0)
+    assert os.path.exists(finished.model_path) and not (out / "run.json").exists()  # info.json says it all now
+
+
 def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_path):
     # Early stopping restores no weights when no epoch had a finite loss: the NaN ones were saved as the model,
     # which loaded and gave heatmaps of NaN.

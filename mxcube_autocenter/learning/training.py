@@ -123,6 +123,11 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
 
 MIN_TEST_CRYSTALS = 3  # fewer in the test subset: a warning, its figures are anecdotes
 
+# Beside checkpoint.keras while a training runs: the metadata its best epoch needs to be a model file.
+RUN_INFO = "run.json"
+INTERRUPTED = ("the training did not end: these are the best epoch's weights as checkpoint.keras kept them; the "
+               "metrics are those of no test")
+
 
 def _refuse(path, problem, fix):
     raise ModelFileError(f"{path}: {problem}. {fix}")
@@ -168,7 +173,8 @@ def load_model(path):
     tags = [layer for layer in model.layers if isinstance(layer, ModelInfo)]
     if not tags:
         _refuse(path, "the model has no mxcube_autocenter metadata (no ModelInfo layer)",
-                f"{retrain}, or add the metadata with learning.training.attach_info(model, info) and save again")
+                f"{retrain}, or add the metadata with learning.training.attach_info(model, info) and save again "
+                f"(the checkpoint.keras of an interrupted training: info from the {RUN_INFO} beside it)")
     try:
         info = tags[-1].info
     except ValueError as err:
@@ -468,6 +474,32 @@ def _fit(
 
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
+    settings = {
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "optimizer": "adam",
+        "loss": loss,
+        "label": label,
+        "patience": int(patience),
+        "seed": int(seed),
+        "augment": augment,
+        "jitter": float(jitter),
+    }
+
+    def describe(training, metrics):
+        return model_info(
+            task, model, spec=spec, arch=arch, label=label, data=table.summary(), split=split, training=training,
+            metrics=metrics, strategy=strategy, transform=transform, threshold=threshold,
+            initial=None if initial is None else (initial_model, initial_info),
+            normalisation_region="the stored crop (dataset) / the region of interest (centring)",
+        )
+
+    # What checkpoint.keras lacks to be a model file (the fitted transform, the split, the input): an interrupted
+    # run (Ctrl-C, a killed job) leaves its best epoch usable with attach_info. Removed once model.keras is saved.
+    run_info = os.path.join(out, RUN_INFO)
+    if _is_chief(strategy):
+        _write_json_whole(run_info, describe({**settings, "interrupted": INTERRUPTED}, {}))
     hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
         model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
         keep_start=initial is not None)
@@ -486,29 +518,12 @@ def _fit(
             results[name] = classifier_metrics(table.rc[rows] >= threshold, raw)
             results[name].update(expected_count_metrics(table, rows, raw, threshold))
 
-    training = {
-        "epochs": int(epochs),
-        "epochs_run": len(hist.get("loss", [])),
-        "best_epoch": best_epoch,
-        "batch_size": int(batch_size),
-        "learning_rate": float(learning_rate),
-        "optimizer": "adam",
-        "loss": loss,
-        "label": label,
-        "patience": int(patience),
-        "seed": int(seed),
-        "augment": augment,
-        "jitter": float(jitter),
-        "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu_seconds, 2),
-    }
-    info = model_info(
-        task, model, spec=spec, arch=arch, label=label, data=table.summary(), split=split, training=training,
-        metrics=results, strategy=strategy, transform=transform, threshold=threshold,
-        initial=None if initial is None else (initial_model, initial_info),
-        normalisation_region="the stored crop (dataset) / the region of interest (centring)",
-    )
+    training = {**settings, "epochs_run": len(hist.get("loss", [])), "best_epoch": best_epoch,
+                "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2)}
+    info = describe(training, results)
     final, model_path = save_model(model, info, work, out, strategy)
+    if os.path.exists(run_info):
+        os.remove(run_info)
     return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                        best_epoch=best_epoch, out_dir=out, model=final)
 
@@ -659,12 +674,18 @@ def save_model(model, info, work, out, strategy):
     model_path = os.path.join(work, "model.keras")
     _write_whole(model_path, final.save, partial=os.path.join(work, "model.part.keras"))  # Keras wants .keras
     if _is_chief(strategy):
-        def dump(path):
-            with open(path, "w") as f:
-                json.dump(info, f, indent=2, default=json_default)
-
-        _write_whole(os.path.join(out, "info.json"), dump)
+        _write_json_whole(os.path.join(out, "info.json"), info)
     return final, model_path
+
+
+def _write_json_whole(path, info: dict):
+    """``info`` as indented JSON at ``path``, written whole or not at all."""
+
+    def dump(partial):
+        with open(partial, "w") as f:
+            json.dump(info, f, indent=2, default=json_default)
+
+    _write_whole(path, dump)
 
 
 def _write_whole(path, write, partial=None):
