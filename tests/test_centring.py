@@ -998,15 +998,23 @@ def test_a_move_reported_done_before_it_starts_is_waited_for_while_the_motor_sti
         phiy.set_value(target - 0.6, timeout=30)
 
 
+def press_while_readying(beamline, monkeypatch):
+    """Press the button with a diffractometer that takes a second to get ready (seconds on an MD3); returns the
+    press's greenlet 0.3 s into that wait."""
+    diffr = beamline.diffractometer
+    real_wait = diffr.wait_status_ready
+    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
+    press = gevent.spawn(beamline.sample_view.start_auto_centring)
+    gevent.sleep(0.3)
+    return press
+
+
 def test_a_click_centring_is_refused_while_the_button_readies_the_diffractometer(beamline, autocenter, monkeypatch,
                                                                                   caplog):
     # SampleView's button waits for the diffractometer (up to 60 s on an MD3) before the ML centring takes the lock.
-    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    sample_view = beamline.sample_view
     mount_at_start(beamline)
-    real_wait = diffr.wait_status_ready
-    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
-    press = gevent.spawn(sample_view.start_auto_centring)
-    gevent.sleep(0.3)
+    press = press_while_readying(beamline, monkeypatch)
     try:
         with caplog.at_level(logging.WARNING, logger="user_level_log"):
             sample_view.start_manual_centring(3)
@@ -1039,14 +1047,11 @@ def test_stop_pressed_while_the_button_readies_the_diffractometer_starts_no_cent
                                                                                      monkeypatch):
     # mxcubeweb's Stop cancels through SampleView, which had no procedure to kill yet: the centring then started
     # after Stop and moved the sample.
-    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    sample_view = beamline.sample_view
     mount_at_start(beamline)
     start = positions(beamline)
-    real_wait = diffr.wait_status_ready
-    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
     log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    press = gevent.spawn(sample_view.start_auto_centring)
-    gevent.sleep(0.3)
+    press = press_while_readying(beamline, monkeypatch)
     sample_view.cancel_centring()
     press.join()
     gevent.sleep(0.3)
@@ -1061,12 +1066,9 @@ def test_a_click_on_the_image_while_the_button_readies_runs_the_click_centring_i
                                                                                          monkeypatch):
     # mxcubeweb's click with no procedure cancels, then starts a click centring: the press is cancelled, and the
     # click centring it would have been refused for may start.
-    sample_view, diffr = beamline.sample_view, beamline.diffractometer
+    sample_view = beamline.sample_view
     mount_at_start(beamline)
-    real_wait = diffr.wait_status_ready
-    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
-    press = gevent.spawn(sample_view.start_auto_centring)
-    gevent.sleep(0.3)
+    press = press_while_readying(beamline, monkeypatch)
     try:
         sample_view.cancel_centring()
         sample_view.start_manual_centring(3)
