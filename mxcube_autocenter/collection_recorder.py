@@ -290,7 +290,7 @@ class CollectionRecorder:
         # must neither skip frames nor stop the recording.
         self._next_due = 0.0
         self._last_frame_time = 0.0
-        self._previous_payload = None
+        self._previous_payload = self._last_received = None
         self._bit_depth = BitDepth()
         self._clock_origin = (0.0, 0.0)
         self._streamed = False
@@ -350,7 +350,7 @@ class CollectionRecorder:
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
-        self._previous_payload = None
+        self._previous_payload = self._last_received = None
         self._bit_depth = BitDepth()  # decoded on the writer's one thread, in order
         self._clock_origin = (time.time(), self._last_frame_time)
         self._streamed = streamed
@@ -366,14 +366,16 @@ class CollectionRecorder:
         """``imageReceived`` slot: keep frames at the configured rate, each a new image."""
         now = time.monotonic()
         writer = self._writer
-        if writer is None or now < self._next_due:
+        if writer is None:
             return
-        # TangoLimaVideo sends its last image on every poll, changed or not: a repeat would be labelled with
-        # another moment's count, and a frozen camera must reach the watchdog.
-        if _same_payload(image, self._previous_payload):
+        # TangoLimaVideo sends its last image on every poll, changed or not: a frozen camera must reach the
+        # watchdog, and a repeat of the last frame kept would be labelled with another moment's count.
+        if not _same_payload(image, self._last_received):
+            self._last_received = bytes(image) if isinstance(image, (bytearray, memoryview)) else image
+            self._last_frame_time = now
+        if now < self._next_due or _same_payload(image, self._previous_payload):
             return
-        self._previous_payload = bytes(image) if isinstance(image, (bytearray, memoryview)) else image
-        self._last_frame_time = now
+        self._previous_payload = self._last_received
         stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
@@ -451,7 +453,7 @@ class CollectionRecorder:
                 self.stop("failed", reason=str(writer.error))
             elif time.monotonic() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
-                    "AutoCenter: the camera sent no new frame for %.0f s; recording stopped (check the sample-view "
+                    "AutoCenter: the camera sent no new frame for %g s; recording stopped (check the sample-view "
                     "camera%s)", camera_timeout_s, "" if not self._streamed else ", or set record_source to 'poll'",
                 )  # fmt: skip
                 self.stop("failed", reason=f"the camera sent no new frame for {camera_timeout_s:g} s")

@@ -10,6 +10,7 @@ property and says what is allowed.
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import string
 from typing import Annotated, Literal, get_args
@@ -26,6 +27,8 @@ EXAMPLE_FILEINFO = {"directory": "/data/visit/sample", "prefix": "sample", "run_
 # Files and folders of the centring: ``~`` is expanded here, and a relative path is taken from the folder of the
 # XML file (:func:`resolve_relative_paths`), not from MXCuBE's working directory, which is no fixed place.
 PATH_PROPERTIES = ("centring_model", "centring_classifier", "centring_save_directory")
+# Smallest region searched along or across the spindle, um: a few beam widths.
+MIN_ROI_UM = 50.0
 
 
 class AutoCenterConfig(ConfiguredObject.HOConfig):
@@ -107,8 +110,10 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         description="Predicted reflection count at the beam below which the verification view counts as not seeing "
         "the crystal; such a miss counts with the centring views below min_score against blind_views.",
     )  # fmt: skip
-    roi_width_um: float = Field(default=700.0, gt=0, description="Region searched along the spindle from the loop tip, um.")
-    roi_height_um: float = Field(default=600.0, gt=0, description="Region searched across the spindle, um.")
+    # At least a beam-sized region's worth of um: 0.7 (mm typed into a um field) gave an empty region.
+    roi_width_um: float = Field(default=700.0, ge=MIN_ROI_UM,
+                                description="Region searched along the spindle from the loop tip, um.")
+    roi_height_um: float = Field(default=600.0, ge=MIN_ROI_UM, description="Region searched across the spindle, um.")
     heatmap_stride_px: float = Field(default=6.0, gt=0, le=64, description="Heatmap grid step on the image, pixels.")
     heatmap_symmetries: Literal["dihedral", "flips", "none"] = Field(
         default="none",
@@ -245,13 +250,30 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         # switched the crystal threshold off and a frame rate of 0 divided by zero at the next collection.
         # The whole configuration is validated with the new value (pydantic's validate_assignment keeps a
         # refused value, and runs no validator that reads several properties).
-        if name in type(self).model_fields:
+        fields = type(self).model_fields
+        if name not in fields and not name.startswith("_"):
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise AttributeError(f"AutoCenter has no property {name!r}" + (f": did you mean {close[0]!r}?" if close
+                                 else ": see docs/configuration.md"))  # fmt: skip
+        if name in fields:
             value = getattr(type(self).model_validate({**self.model_dump(), name: value}), name)
         super().__setattr__(name, value)
 
     @model_validator(mode="after")
     def _two_views_see_the_crystal(self):
         check_blind_views(self.blind_views, self.centring_angles)
+        return self
+
+    @model_validator(mode="after")
+    def _a_polled_camera_is_heard_before_its_watchdog(self):
+        # The poll source looks for a new image once a frame period: a period over half the time-out stops every
+        # recording of a camera that streams fine.
+        if self.record_source == "poll" and self.record_camera_timeout_s < 2.0 / self.record_frame_rate:
+            raise ValueError(
+                f"record_camera_timeout_s ({self.record_camera_timeout_s:g} s) must be at least two frame periods of "
+                f"record_frame_rate ({self.record_frame_rate:g} frames/s, {2.0 / self.record_frame_rate:g} s) with "
+                "record_source 'poll': raise one of them"
+            )
         return self
 
     @model_validator(mode="wrap")

@@ -82,7 +82,7 @@ class OpticalMLCentringQueueEntry(BaseQueueEntry):
             self._centring = None
         if isinstance(result, gevent.GreenletExit):
             raise QueueAbortedException(f"{TASK_NAME} stopped", self)
-        model.result = result
+        model.result = result.without_images()  # the node lives as long as the queue: no camera frames on it
         if not result.success:
             raise QueueExecutionException(f"{TASK_NAME}: {result.message}", self)
 

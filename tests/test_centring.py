@@ -528,6 +528,10 @@ def test_queue_task_centres_and_a_failed_one_lets_the_queue_go_on(beamline, queu
     assert entry.status == QUEUE_ENTRY_STATUS.SUCCESS and centring.is_executed()
     assert centring.result.success and centring.result.centred_positions == pytest.approx(positions(beamline))
     assert scorecard.moved(start, positions(beamline))
+    # The node lives as long as the queue: the views' scores stay on it, their camera frames (4 MB each) do not.
+    views = [*centring.result.angles, centring.result.verification]
+    assert all(view.frame is None and view.heatmap is None and view.mask is None for view in views)
+    assert [view.score for view in centring.result.angles] == [view.score for view in auto_centring(beamline).last_result.angles]
 
     beamline.sample_changer.mount(None)
     start = positions(beamline)

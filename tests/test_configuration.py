@@ -50,7 +50,9 @@ def _refused_at_load(tmp_path, caplog, old, new) -> str:
 
 
 @pytest.mark.parametrize("name, value", [("min_score", float("nan")), ("pin_side", "up"), ("record_frame_rate", 0),
-                                         ("verify_centring", "maybe"), ("blind_views", 9)])
+                                         ("verify_centring", "maybe"), ("blind_views", 9),
+                                         # 0.7 mm typed into a um field: an empty region, an OpenCV error each time
+                                         ("roi_width_um", 0.7)])
 def test_a_value_set_from_a_script_is_checked_as_the_xml_is_and_a_refused_one_changes_nothing(name, value):
     # Unchecked, a NaN min_score switched the crystal threshold off and a frame rate of 0 divided by zero.
     config = AutoCenterConfig()
@@ -60,6 +62,20 @@ def test_a_value_set_from_a_script_is_checked_as_the_xml_is_and_a_refused_one_ch
     assert config.model_dump() == before
     config.min_score = 3  # an accepted value takes its type
     assert config.min_score == 3.0 and isinstance(config.min_score, float)
+
+
+def test_a_misspelt_property_set_from_a_script_is_refused_naming_the_right_one():
+    # It was stored beside the properties and changed nothing.
+    config = AutoCenterConfig()
+    with pytest.raises(AttributeError, match="no property 'min_scor': did you mean 'min_score'"):
+        config.min_scor = 50
+
+
+def test_a_polled_camera_must_be_heard_before_its_watchdog_ends_the_recording():
+    # A frame period over the time-out stopped every recording of a camera that streamed fine.
+    with pytest.raises(ValueError, match="record_camera_timeout_s .5 s. must be at least two frame periods"):
+        AutoCenterConfig(record_source="poll", record_frame_rate=0.1)
+    AutoCenterConfig(record_source="stream", record_frame_rate=0.1)  # the stream hears every image the camera sends
 
 
 def test_malformed_property_gives_clear_error(tmp_path, caplog):

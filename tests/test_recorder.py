@@ -1,6 +1,5 @@
 """Recording camera frames through the AutoCenter object during virtual collections."""
 
-import contextlib
 import logging
 import os
 import shutil
@@ -8,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import gevent
 import numpy as np
 import pytest
@@ -131,24 +131,6 @@ def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, au
     assert wait_for_summary(autocenter).status == "complete"
 
 
-@contextlib.contextmanager
-def turning_omega(beamline):
-    """Omega turning as in a collection whose signals a test sends itself: each camera frame a new image (the
-    recorder keeps no repeat of the last one)."""
-    omega = beamline.diffractometer.get_motors()["omega"]
-
-    def turn():
-        while True:
-            omega.set_value(omega.get_value() + 0.5, timeout=5)
-            gevent.sleep(0.02)
-
-    task = gevent.spawn(turn)
-    try:
-        yield
-    finally:
-        task.kill()
-
-
 def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its_status(beamline, autocenter, tmp_path):
     """AbstractMultiCollect's signal sequences, sent by the collect object as such an object sends them.
 
@@ -167,27 +149,26 @@ def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its
         # AbstractMultiCollect: (owner, sample_id, sample_code, sample_location, parameters, osc_id)
         collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", params, osc_id))
 
-    with turning_omega(beamline):
-        started(first, 1)
-        gevent.sleep(0.6)
-        started(dict(first), 1)  # sent twice (a copy of the parameters): still one recording
-        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
-        started(second, 2)  # the loop's next collection, with no yield in between
-        gevent.sleep(0.6)
+    started(first, 1)
+    gevent.sleep(0.6)
+    started(dict(first), 1)  # sent twice (a copy of the parameters): still one recording
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, first))
+    started(second, 2)  # the loop's next collection, with no yield in between
+    gevent.sleep(0.6)
 
-        def killed_collection():
-            try:
-                gevent.sleep(30)
-            finally:
-                collect_ho.emit("collectEnded", None, True, "Data collection successful")
+    def killed_collection():
+        try:
+            gevent.sleep(30)
+        finally:
+            collect_ho.emit("collectEnded", None, True, "Data collection successful")
 
-        running = gevent.spawn(killed_collection)
-        gevent.sleep(0.1)
-        running.kill()
-        with gevent.Timeout(10, AssertionError("the recordings did not close")):
-            while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
-                gevent.sleep(0.05)
-        gevent.sleep(0.5)
+    running = gevent.spawn(killed_collection)
+    gevent.sleep(0.1)
+    running.kill()
+    with gevent.Timeout(10, AssertionError("the recordings did not close")):
+        while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
+            gevent.sleep(0.05)
+    gevent.sleep(0.5)
     recordings = {path.name: read_recording(path) for path in tmp_path.glob("autocenter_frames/loop_*.h5")}
     assert sorted(recordings) == ["loop_a_1_camera.h5", "loop_b_1_camera.h5"]
     assert recordings["loop_a_1_camera.h5"].status == "complete"
@@ -204,16 +185,15 @@ def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beaml
     first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
                      for p in ("loop_a", "loop_b"))  # fmt: skip
     collect_ho = beamline.collect
-    with turning_omega(beamline):
-        collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
-        gevent.sleep(0.3)
-        collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
-        gevent.sleep(0.3)
-        # The first collection's end arrives late, with a copy of its parameters.
-        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, dict(first)))
-        gevent.sleep(0.6)
-        assert autocenter.recorder.recording
-        collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
+    gevent.sleep(0.3)
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
+    gevent.sleep(0.3)
+    # The first collection's end arrives late, with a copy of its parameters.
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 5, 1, dict(first)))
+    gevent.sleep(0.6)
+    assert autocenter.recorder.recording
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
     with gevent.Timeout(10, AssertionError("the recordings did not close")):
         while autocenter.recorder.recording or len(list(tmp_path.glob("autocenter_frames/loop_*_camera.h5"))) < 2:
             gevent.sleep(0.05)
@@ -675,6 +655,39 @@ def test_a_frozen_streaming_camera_records_no_repeats_and_stops_the_recording(tm
     summary = recorder.last_summary or recorder.stop("complete")
     assert (summary.frames_kept, summary.status) == (1, "failed")
     assert summary.error == "the camera sent no new frame for 0.5 s" == read_recording(summary.path).error
+
+
+def test_a_camera_sending_new_images_between_the_frames_kept_keeps_the_recording_alive(tmp_path):
+    # At 1 frame/s kept, a 0.5 s time-out heard only the frames kept: every recording of a live camera failed.
+    from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None), record_frame_rate=1.0, record_camera_timeout_s=0.5)
+    frame = synthetic_frame(160, 128)
+    recorder.start(dc_params)
+    for k in range(60):  # 2.4 s of new images at 25 frames/s
+        recorder.frame_received(encode_jpeg(np.clip(frame.astype(int) + k % 50, 0, 255).astype(np.uint8)), 160, 128)
+        gevent.sleep(0.04)
+    summary = recorder.last_summary or recorder.stop("complete")
+    assert (summary.status, summary.error) == ("complete", None) and summary.frames_kept >= 2
+
+
+def test_the_virtual_camera_streams_a_still_scene_as_new_exposures(beamline):
+    # A real sensor's noise makes each frame of a still scene differ: the recorder would take identical frames
+    # of the virtual camera for a frozen camera (a 16M collection's files take longer to write than the time-out).
+    camera = beamline.sample_view.camera
+    frames = []
+
+    def received(image, *args):
+        frames.append(image)
+
+    camera.connect("imageReceived", received)
+    try:
+        gevent.sleep(0.3)
+    finally:
+        camera.disconnect("imageReceived", received)
+    assert len(frames) >= 3 and len(set(frames)) == len(frames)
+    images = [cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR) for f in frames[:2]]
+    assert np.array_equal(*images)
 
 
 def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():

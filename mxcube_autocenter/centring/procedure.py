@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gevent
 import numpy as np
@@ -120,6 +120,16 @@ class CentringResult:
     verification: AngleResult | None = None
     verified: bool | None = None
     declined: bool = False
+
+    def without_images(self) -> "CentringResult":
+        """The same outcome without the views' camera frames, heatmaps and masks (megabytes per view).
+
+        For what is kept long, a queue task's node: a night of queued samples would hold gigabytes.
+        """
+        def light(view):
+            return None if view is None else replace(view, heatmap=None, mask=None, frame=None)
+
+        return replace(self, angles=[light(view) for view in self.angles], verification=light(self.verification))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,17 @@ from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Look, Renderer, random_look
 
 
+def new_exposure(jpeg: bytes, number: int) -> bytes:
+    """The frame as exposure ``number`` of the stream: the same image, with its number in a JPEG comment.
+
+    A real sensor's noise makes every frame of a still scene differ, and the recorder keeps no repeat of an
+    image (a frozen camera's); the virtual camera draws a scene once, so each streamed frame is told apart by
+    its number instead of by new noise, which would take a new render and encoding per frame.
+    """
+    comment = f"exposure {number}".encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
 class VirtualCamera(HardwareObject):
     """Simulated MD3 sample-view camera.
 
@@ -60,6 +71,7 @@ class VirtualCamera(HardwareObject):
         self.stream_hash = self.load_name
         self._repository = HWR.get_hardware_repository()
         self._stream_task = None
+        self._exposures = 0
         self.start_streaming()
         self.update_state(self.STATES.READY)
 
@@ -113,10 +125,13 @@ class VirtualCamera(HardwareObject):
             try:
                 self._update()
                 gevent.sleep(self._latency_s)
+                self._exposures += 1
                 if self.stream_format in ("rgb", "rgba", "grey"):
-                    self.emit("imageReceived", self.raw_pixels(self.stream_format), self._width, self._height, False)
+                    pixels = bytearray(self.raw_pixels(self.stream_format))
+                    pixels[0] ^= self._exposures & 1  # one grey level of one pixel: see new_exposure
+                    self.emit("imageReceived", bytes(pixels), self._width, self._height, False)
                 else:
-                    self.emit("imageReceived", self._jpeg, self._width, self._height)
+                    self.emit("imageReceived", new_exposure(self._jpeg, self._exposures), self._width, self._height)
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
