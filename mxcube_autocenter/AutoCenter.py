@@ -317,8 +317,8 @@ class AutoCenter(HardwareObject):
         ValueError
             If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
-        bl = procedure.Beamline(HWR.beamline)
         settings = self.centring_settings(n_angles)
+        bl = procedure.Beamline(HWR.beamline, settings.fresh_frames)
         refusal = self.centring_error or self._centring_running()
         if refusal:
             return procedure.not_started(bl, refusal)
@@ -524,19 +524,31 @@ class AutoCenter(HardwareObject):
         try:
             diffr = HWR.beamline.diffractometer
             diffr.wait_status_ready(60)
-            diffr.set_phase(diffr.get_phase_enum.CENTRE)
-            if self._cancelled_while_readying:
-                self.user_log.info("Optical ML centring cancelled before it started")
-                self._button_pressed = False
-                # The cancel said centringFailed; whoever waits for the press's outcome waits for centringAccepted.
-                self._refused_verdict(sample_view, "Automatic", failed_said=True)
+            # A cancel is looked for after each wait: no phase change (an MD3 moves its backlight and more) and
+            # no centring after Stop.
+            if self._press_cancelled(sample_view):
                 return
+            diffr.set_phase(diffr.get_phase_enum.CENTRE)
+            if self._press_cancelled(sample_view):
+                return
+            # On SampleView before centringStarted goes out: a Stop while mxcubeweb handles that signal (it
+            # yields) kills it as any running centring.
             sample_view.current_centring_method = "Automatic"
-            sample_view.emit("centringStarted", ("Automatic",))
             sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
             sample_view.current_centring_procedure.link(self._auto_centring_done)
+            sample_view.emit("centringStarted", ("Automatic",))
         finally:
             self._button_pressed = False
+
+    def _press_cancelled(self, sample_view) -> bool:
+        """Whether a cancel came while the press readied the diffractometer; if so, the press ends here."""
+        if not self._cancelled_while_readying:
+            return False
+        self.user_log.info("Optical ML centring cancelled before it started")
+        self._button_pressed = False
+        # The cancel said centringFailed; whoever waits for the press's outcome waits for centringAccepted.
+        self._refused_verdict(sample_view, "Automatic", failed_said=True)
+        return True
 
     def _auto_centring_done(self, procedure):
         # A centring cancelled before its first instruction never reached

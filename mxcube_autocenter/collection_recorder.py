@@ -22,7 +22,7 @@ import numpy as np
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.imagefiles import pixel_bits, scale_to_8_bits
-from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg
+from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg, names_a_sample
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
 
@@ -96,7 +96,9 @@ class BitDepth:
     """A camera's bit depth as its 16-bit frames show it: that of the brightest pixel so far, never lowered.
 
     Guessed frame by frame, a 12-bit frame whose brightest pixel is 1100 comes out at 68 grey levels and the same
-    scene 9 % dimmer, read as 10-bit, at 249: frames of one recording must share one brightness scale.
+    scene 9 % dimmer, read as 10-bit, at 249. Never lowered, the scale changes at most once per power of two the
+    brightest pixel crosses (a backlit view fills the camera's range from the first frame); only a depth read
+    from the camera would fix it before the first frame.
     """
 
     def __init__(self):
@@ -222,10 +224,10 @@ def crystal_id(sample_reference: dict, loaded_sample: str | None):
     the sample's name with the sample changer position it is mounted from:
     a position alone is every crystal mounted from it.
     """
-    if sample_reference.get("crystal_id"):
+    if names_a_sample(sample_reference.get("crystal_id")):
         return sample_reference["crystal_id"]
     lims = sample_reference.get("blSampleId")
-    if lims is not None and str(lims).isdigit() and int(lims) > 0:
+    if names_a_sample(lims):
         return lims
     named = " @ ".join(str(part) for part in (sample_reference.get("sample_name"), loaded_sample) if part)
     return named or None

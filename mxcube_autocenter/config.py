@@ -146,6 +146,11 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         default=1.0, gt=0, description="Largest move of a translation motor a centring may make, mm."
     )
     move_timeout_s: float = Field(default=30.0, gt=0, description="Time allowed for each motor move, s.")
+    snapshot_fresh_frames: int = Field(
+        default=2, ge=0, le=10,
+        description="New camera frames awaited before each view's snapshot: the camera's last frame may have been "
+        "exposed before the motors stopped; 0: the last frame at once.",
+    )  # fmt: skip
     centring_save_directory: str | None = Field(
         default=None, description="Where each centring's heatmap PNGs and JSON record go; empty: not saved."
     )

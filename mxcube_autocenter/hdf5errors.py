@@ -11,6 +11,8 @@ no longer decodes as what it was) and ``ValueError``.
 from __future__ import annotations
 
 import contextlib
+import errno
+import re
 
 import h5py
 
@@ -55,6 +57,9 @@ def open_to_read(path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        if "unable to lock file" not in str(err):
+        # Only a file system without locks (ENOLCK, ENOSYS); a lock another process holds (EAGAIN: it is
+        # writing the file, e.g. `label --out` appending) keeps the reader out, as it should.
+        found = re.search(r"unable to lock file, errno = (\d+)", str(err))
+        if found is None or int(found.group(1)) not in (errno.ENOLCK, errno.ENOSYS):
             raise
         return h5py.File(path, "r", locking=False)

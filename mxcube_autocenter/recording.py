@@ -366,6 +366,17 @@ class _GuardedFile:
         self._raw.close()
 
 
+def names_a_sample(value) -> bool:
+    """Whether a crystal or LIMS sample id names something: not empty, not mxcubecore's -1 (or 0) without LIMS."""
+    text = "" if value is None else str(value).strip()
+    if text in ("", "None"):
+        return False
+    try:
+        return int(text) > 0
+    except ValueError:
+        return True
+
+
 class FrameStore:
     """One HDF5 file of camera frames and motor positions for one collection.
 

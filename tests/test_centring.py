@@ -1156,3 +1156,64 @@ def test_a_script_centring_stops_its_own_sine_fit_not_a_click_centring_started_s
         assert positions(beamline) == pytest.approx(start, abs=1e-3)
     finally:
         sample_centring.CURRENT_CENTRING.kill(block=True)
+
+
+def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_is_waited_for_once(beamline):
+    # mxcubecore's get_snapshot returns the camera's last frame, which may have been exposed before the motors
+    # stopped (a frame period and the camera's latency: a degree or more of an omega turn).
+    import time
+
+    camera = beamline.sample_view.camera
+    frames = []
+
+    def received(*args):
+        frames.append(time.monotonic())
+
+    camera.connect("imageReceived", received)
+    try:
+        bl = procedure.Beamline(beamline, fresh_frames=2)
+        asked = time.monotonic()
+        bl.snapshot()
+        assert sum(t > asked for t in frames) >= 2
+        camera.stop_streaming()
+        start = time.monotonic()
+        assert bl.snapshot().shape[2] == 3  # still taken, after FRESH_FRAME_TIMEOUT_S
+        assert bl.snapshot() is not None and time.monotonic() - start < 2 * procedure.FRESH_FRAME_TIMEOUT_S
+    finally:
+        camera.disconnect("imageReceived", received)
+        camera.start_streaming()
+
+
+def test_stop_while_the_button_readies_changes_no_phase(beamline, autocenter, monkeypatch):
+    # On an MD3 the centring phase moves the backlight and more: a press the user stopped must not change it.
+    diffr = beamline.diffractometer
+    mount_at_start(beamline)
+    phases = []
+    real = diffr.set_phase
+    monkeypatch.setattr(diffr, "set_phase", lambda *args, **kwargs: (phases.append(args), real(*args, **kwargs))[1])
+    press = press_while_readying(beamline, monkeypatch)
+    beamline.sample_view.cancel_centring()
+    press.join()
+    assert phases == []
+
+
+def test_stop_while_mxcubeweb_hears_centring_started_stops_the_centring(beamline, autocenter):
+    # mxcubeweb's handler of centringStarted sends a socketio message, which yields: a Stop then found no procedure
+    # to kill, and the centring started after it.
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+    start = positions(beamline)
+
+    def stop_meanwhile(*args):
+        gevent.sleep(0.05)
+        gevent.spawn(sample_view.cancel_centring).join()
+
+    sample_view.connect("centringStarted", stop_meanwhile)
+    try:
+        sample_view.start_auto_centring()
+        gevent.sleep(0.5)
+        procedure_left = sample_view.current_centring_procedure
+        assert not (procedure_left and not procedure_left.dead), "the centring runs after Stop"
+        assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    finally:
+        sample_view.disconnect("centringStarted", stop_meanwhile)

@@ -491,3 +491,25 @@ def test_a_collection_reads_on_a_file_system_without_locks(collection, monkeypat
     with open_master(written.master_path) as series:
         assert series.nimages == N_FRAMES
         assert series.frame(N_FRAMES - 1) is not None  # in the last data file, through its external link
+
+
+def test_a_training_set_another_process_writes_is_not_read_without_its_lock(tmp_path):
+    # Only a file system without locks is read without one: a lock a writer holds (errno 11) keeps readers out.
+    import subprocess
+    import sys
+
+    from mxcube_autocenter.hdf5errors import open_to_read
+
+    path = tmp_path / "set.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    writer = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); time.sleep(30)", str(path)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(OSError, match="unable to lock file"):
+            open_to_read(path)
+    finally:
+        writer.kill()
+        writer.wait()

@@ -1049,6 +1049,7 @@ def test_a_recording_without_a_crystal_or_lims_sample_is_its_own_crystal():
     assert _crystal_of({"sample_id": -1}, "scan_a") == "scan_a"
     assert _crystal_of({"sample_id": -1}, "scan_b") == "scan_b"
     assert _crystal_of({}, "scan_c") == "scan_c"
+    assert _crystal_of({"crystal_id": "-1", "sample_id": -1}, "scan_d") == "scan_d"  # as older recordings stored it
 
 
 def test_a_damaged_detector_frame_costs_its_own_camera_frames_only(tmp_path, caplog):

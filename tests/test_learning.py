@@ -455,17 +455,26 @@ def test_auto_cache_keeps_crops_in_memory_where_they_fit_and_the_command_line_ch
 
 
 def test_the_memory_an_auto_cache_may_take_is_the_control_groups_where_it_is_lower(tmp_path):
-    # In a container or a batch job the machine's memory is not the job's: a cache sized by it was killed.
-    from mxcube_autocenter.learning.data import memory_bytes_available
+    # In a container or a batch job the machine's memory is not the job's: a cache sized by it was killed. A SLURM
+    # job's limit is on its own group, below the root's.
+    from mxcube_autocenter.learning.data import cgroup_memory_limit_files, memory_bytes_available
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    v2.write_text("max\n")  # no limit
-    assert memory_bytes_available((str(v2), str(tmp_path / "none"))) == physical
-    v1.write_text(f"{2**30}\n")
-    assert memory_bytes_available((str(v2), str(v1))) == 2**30
-    v2.write_text(f"{physical * 2}\n")  # a limit above the machine's memory is no limit
-    assert memory_bytes_available((str(v2),)) == physical
+    root = tmp_path / "cgroup"
+    job = root / "memory" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    (job / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+    (root / "memory.max").write_text("max\n")  # v2: no limit
+    proc = tmp_path / "cgroup_of_this_process"
+    proc.write_text("5:cpu:/\n4:memory:/slurm/job_7\n0::/\n")
+    files = cgroup_memory_limit_files(str(proc), str(root))
+    assert files[0] == str(job / "memory.limit_in_bytes") and str(root / "memory.max") in files
+    assert memory_bytes_available(files) == 2**30
+    assert memory_bytes_available([str(root / "memory.max")]) == physical
+    (job / "memory.limit_in_bytes").write_text(f"{physical * 2}\n")  # a limit above the machine's is no limit
+    assert memory_bytes_available(files) == physical
+    assert cgroup_memory_limit_files(str(tmp_path / "none"), str(root)) == []
 
 
 # ---------------------------------------------------------------- training and model files

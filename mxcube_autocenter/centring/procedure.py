@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import gevent
+import gevent.event
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
@@ -151,6 +152,7 @@ class CentringSettings:
     move_timeout_s: float
     verify: str
     refine_max_um: float
+    fresh_frames: int = 0
     loop_search_rotations: int = 4
     # The middle of the fused score's plateau, not its maximum (fuse_views): on the demo's held-out
     # crystals 0.8 of the peak did as well as 0.7 and better than 0.9 (docs/centring.md, step 4).
@@ -167,20 +169,30 @@ class CentringSettings:
             "min_crystal_probability": config.min_crystal_probability,
             "fallback": config.no_crystal_fallback, "pin_side": config.pin_side,
             "max_displacement_mm": config.max_displacement_mm, "move_timeout_s": config.move_timeout_s,
-            "verify": config.verify_centring, "refine_max_um": config.refine_max_um, **overrides,
+            "verify": config.verify_centring, "refine_max_um": config.refine_max_um,
+            "fresh_frames": config.snapshot_fresh_frames, **overrides,
         })  # fmt: skip
 
     def __post_init__(self):
         check_blind_views(self.blind_views, self.n_angles)
 
 
-class Beamline:
-    """The beamline objects the procedure drives, looked up through ``HWR.beamline``."""
+# Longest wait for a camera frame before a snapshot, s: a camera that streams sends several in that time.
+FRESH_FRAME_TIMEOUT_S = 0.5
 
-    def __init__(self, hwr_beamline):
+
+class Beamline:
+    """The beamline objects the procedure drives, looked up through ``HWR.beamline``.
+
+    ``fresh_frames``: new camera frames awaited before each snapshot (:meth:`snapshot`).
+    """
+
+    def __init__(self, hwr_beamline, fresh_frames: int = 0):
         self.sample_view = hwr_beamline.sample_view
         self.diffractometer = hwr_beamline.diffractometer
         self.beam = hwr_beamline.beam
+        self.fresh_frames = fresh_frames
+        self._camera_streams = True
 
     def motors(self, names=CENTRING_MOTORS) -> dict:
         """The diffractometer's motors by role, refusing clearly when one of ``names`` is not among them.
@@ -206,6 +218,31 @@ class Beamline:
         return {name: float(motors[name].direction) for name in CENTRING_MOTORS if name in motors}
 
     def snapshot(self) -> np.ndarray:
+        """The camera's image, once it has sent :attr:`fresh_frames` new frames.
+
+        A camera's last frame may have been exposed before the motors stopped (a frame period and tens of ms of
+        latency: a degree or more of an omega turn); mxcubecore's ``get_snapshot`` returns it as it is. A camera
+        that sends no frame within :data:`FRESH_FRAME_TIMEOUT_S` (no stream) is not waited for again.
+        """
+        camera = self.sample_view.camera
+        if self.fresh_frames > 0 and self._camera_streams and camera is not None:
+            arrived = gevent.event.Event()
+            seen = []
+
+            def frame_received(*args):
+                seen.append(None)
+                if len(seen) >= self.fresh_frames:
+                    arrived.set()
+
+            camera.connect("imageReceived", frame_received)
+            try:
+                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or bool(seen)
+            finally:
+                camera.disconnect("imageReceived", frame_received)
+            if not self._camera_streams:
+                logging.getLogger(__name__).info(
+                    "AutoCenter: the camera sent no frame within %g s: its snapshots are taken at once",
+                    FRESH_FRAME_TIMEOUT_S)  # fmt: skip
         return self.sample_view.get_snapshot(return_as_array=True)
 
     def pixels_per_mm(self):
@@ -521,10 +558,10 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
         chi_angle=bl.sample_view.chi_angle, n_points=n_angles,
     )
     try:
-        fit = _outcome(starting, "preparing the sine fit")
-    finally:
-        starting.kill(block=True)  # an abort while it prepares stops that too
-    try:
+        try:
+            fit = _outcome(starting, "preparing the sine fit")
+        finally:
+            starting.kill(block=True)  # an abort while it prepares stops that too
         for i in range(n_angles):
             sample_centring.user_click(*project(point, sample_frame(bl.positions(), bl.directions()), pixels_per_mm,
                                                 beam_position))
@@ -535,10 +572,12 @@ def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int,
                 raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
         return _by_role(bl, _outcome(fit, "the sine fit"))
     finally:
-        # Whatever ends the clicks (an abort, a time-out) stops this fit, which may be turning omega; only this
-        # one: mxcubecore's current centring may by now be a click centring someone started.
-        if not fit.ready():
-            fit.kill(block=True)
+        # Whatever ends the clicks (an abort, a time-out) stops this fit, which may be turning omega, also when the
+        # abort came just as it was made; only this one: mxcubecore's current centring may by now be a click
+        # centring someone started.
+        made = starting.value if starting.successful() else None
+        if isinstance(made, gevent.Greenlet) and not made.ready():
+            made.kill(block=True)
 
 
 def _outcome(greenlet: gevent.Greenlet, what: str):

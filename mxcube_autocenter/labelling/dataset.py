@@ -41,6 +41,7 @@ from mxcube_autocenter.recording import (
     _now_iso,
     decode_jpeg,
     encode_jpeg,
+    names_a_sample,
     read_recording,
 )
 
@@ -515,17 +516,13 @@ def check_appendable(path) -> None:
 def _crystal_of(metadata: dict, scan: str) -> str:
     """The crystal id of a recording's rows: its own, else its LIMS sample id, else its scan's.
 
-    mxcubecore's sample id is -1 without LIMS: every such collection would be one "crystal" for the split.
-    A collection of nothing named is its own crystal.
+    mxcubecore's sample id is -1 without LIMS (and recordings made before 2026-12-05 stored it as their crystal
+    id): every such collection would be one "crystal" for the split. A collection of nothing named is its own.
     """
-    if metadata.get("crystal_id") not in (None, ""):
-        return str(metadata["crystal_id"])
-    sample = metadata.get("sample_id")
-    try:
-        lims = sample is not None and int(sample) > 0
-    except (TypeError, ValueError):
-        lims = str(sample).strip() not in ("", "None")
-    return str(sample) if lims else scan
+    for key in ("crystal_id", "sample_id"):
+        if names_a_sample(metadata.get(key)):
+            return str(metadata[key])
+    return scan
 
 
 def _reading_set(path):

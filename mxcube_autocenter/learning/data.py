@@ -67,15 +67,38 @@ def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> 
     return out
 
 
-# The memory limit of this process's control group (a container, a batch job), cgroup v2 and v1.
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+def cgroup_memory_limit_files(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> list:
+    """The memory limit files of this process's control groups, its own and every one above it (v2 and v1).
+
+    A container sees its own group as the root; a batch job (SLURM) or a service sits in a group below it, and its
+    limit is there, not at the root.
+    """
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            places = [(os.path.join(root, "unified"), "memory.max"), (root, "memory.max")]
+        elif "memory" in controllers.split(","):
+            places = [(os.path.join(root, "memory"), "memory.limit_in_bytes")]
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            files += [os.path.join(base, *parts[:depth], name) for base, name in places]
+    return files
 
 
-def memory_bytes_available(limit_files=CGROUP_MEMORY_LIMITS) -> int:
-    """The memory this process may use, bytes: physical memory, or its control group's limit where lower
-    (in Docker or under SLURM the machine's memory is not the job's: a cache sized by it is killed)."""
+def memory_bytes_available(limit_files=None) -> int:
+    """The memory this process may use, bytes: physical memory, or its control groups' lowest limit
+    (:func:`cgroup_memory_limit_files`; in Docker or under SLURM the machine's memory is not the job's, and a
+    cache sized by it is killed)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in limit_files:
+    for path in cgroup_memory_limit_files() if limit_files is None else limit_files:
         try:
             with open(path) as f:
                 limit = f.read().strip()
