@@ -72,6 +72,10 @@ def _omega_gap(a: float, b: float) -> float:
     return min(gap, 360.0 - gap)
 
 
+# Why the recording of a killed collection ended (its file's ``error``).
+COLLECTION_STOPPED = "the collection was stopped"
+
+
 def _collect_said(what: str, args) -> str:
     """``what`` happened, with the collect object's message where its signal carried one."""
     message = next((a for a in args if isinstance(a, str) and a.strip()), None)
@@ -192,7 +196,7 @@ class AutoCenter(HardwareObject):
         # killed collection sends none of the signals that end a recording.
         reason = None
         if isinstance(task.value, gevent.GreenletExit):
-            status, reason = "aborted", "the collection was stopped"
+            status, reason = "aborted", COLLECTION_STOPPED
         elif task.exception is not None or isinstance(task.value, TaskException):
             # TaskException: what mxcubecore's @task makes of an error
             status, reason = "failed", f"the collection failed ({task.exception or task.value})"
@@ -210,7 +214,7 @@ class AutoCenter(HardwareObject):
         # the finally of a collection being killed.
         reason = None
         if isinstance(sys.exc_info()[1], gevent.GreenletExit):
-            status, reason = "aborted", "the collection was stopped"
+            status, reason = "aborted", COLLECTION_STOPPED
         elif len(args) > 1 and args[1] is False:
             status, reason = "failed", _collect_said("the collection ended unsuccessfully", args)
         else:

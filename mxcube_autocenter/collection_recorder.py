@@ -193,7 +193,7 @@ def _encode_if_new(rgb, previous):
     again: recorded, it would be labelled with another moment's count, and a
     frozen camera must reach the watchdog.
     """
-    return None if previous is not None and np.array_equal(rgb, previous) else encode_jpeg(rgb)
+    return None if _same_payload(rgb, previous) else encode_jpeg(rgb)
 
 
 def _same_payload(image, previous) -> bool:
