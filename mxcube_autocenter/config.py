@@ -17,7 +17,7 @@ from typing import Annotated, Literal, get_args
 
 from mxcubecore.BaseHardwareObjects import ConfiguredObject
 from mxcube_autocenter.collection_recorder import DEFAULT_MASTER_FILE_TEMPLATE
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 
 SCAN_TYPES = ("OSC", "Helical")
 # dc_params["fileinfo"] as mxcubecore's queue fills it (queue_model_objects.to_collect_dict), to try templates on.
@@ -41,6 +41,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
 
     # "nan" or "inf" in the XML would switch a threshold or a limit off without a word.
     model_config = ConfigDict(allow_inf_nan=False)
+    # The XML file's folder, where relative paths start (:func:`resolve_relative_paths`); None until resolved.
+    _folder: str | None = PrivateAttr(default=None)
 
     username: str = Field(default="Optical ML centring", description="Name shown in MXCuBE.")
     centring_model: str | None = Field(
@@ -262,6 +264,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
                                  else ": see docs/configuration.md"))  # fmt: skip
         if name in fields:
             value = getattr(type(self).model_validate({**self.model_dump(), name: value}), name)
+            if name in PATH_PROPERTIES and value and self._folder is not None and not os.path.isabs(value):
+                value = os.path.normpath(os.path.join(self._folder, value))
         super().__setattr__(name, value)
 
     @model_validator(mode="after")
@@ -377,6 +381,9 @@ def describe_errors(error: ValidationError, model) -> str:
 def resolve_relative_paths(config: AutoCenterConfig, folder) -> None:
     """Take the relative paths of :data:`PATH_PROPERTIES` from ``folder`` (the XML file's), in place.
 
+    The configuration keeps ``folder``: a relative path a script sets later
+    (``ho.config.centring_save_directory = "reviews"``) starts there too.
+
     Parameters
     ----------
     config : AutoCenterConfig
@@ -384,7 +391,6 @@ def resolve_relative_paths(config: AutoCenterConfig, folder) -> None:
     folder : path
         The folder of the hardware object's XML file.
     """
+    config._folder = os.fspath(folder)
     for name in PATH_PROPERTIES:
-        value = getattr(config, name)
-        if value and not os.path.isabs(value):
-            setattr(config, name, os.path.normpath(os.path.join(folder, value)))
+        setattr(config, name, getattr(config, name))  # a relative one is taken from the folder now

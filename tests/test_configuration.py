@@ -285,6 +285,9 @@ def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):
         assert ho.centring_error is None
         assert ho.predictor.regressor_path == config / "models" / "site.keras"
         assert ho.config.centring_save_directory == str(config / "centrings")
+        # A script's relative path starts there too, not where MXCuBE happens to run.
+        ho.config.centring_save_directory = "reviews"
+        assert ho.config.centring_save_directory == str(config / "reviews")
 
 
 def test_a_model_folder_keeps_mxcubes_own_centring_and_names_the_file_in_it(tmp_path, caplog):
