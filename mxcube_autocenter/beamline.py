@@ -14,8 +14,8 @@ AUTO_CENTRING_ROLE = "auto_centring"
 
 
 def virtual_beamline_dir() -> Path:
-    """The configuration directory of the virtual beamline shipped in the repository."""
-    return Path(__file__).resolve().parent.parent / "hardware_objects_xml" / "virtual_beamline"
+    """The configuration directory of the virtual beamline, shipped inside the package."""
+    return Path(__file__).resolve().parent / "virtual_beamline"
 
 
 def mxcubecore_mockup_dir() -> Path:

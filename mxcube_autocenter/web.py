@@ -89,7 +89,7 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     if not (source / "server.yaml").is_file():
         raise WebSetupError(
             f"{source / 'server.yaml'} not found: mxcubeweb needs a {WEB_CONFIG}/ folder with server.yaml and "
-            "ui.yaml in the beamline configuration directory (see hardware_objects_xml/virtual_beamline/)"
+            "ui.yaml in the beamline configuration directory (see mxcube_autocenter/virtual_beamline/)"
         )
     if ui_build and not (Path(ui_build) / "index.html").is_file():
         raise WebSetupError(f"{ui_build} holds no index.html: give the ui/build folder of a built mxcubeweb UI")

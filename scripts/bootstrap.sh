@@ -19,6 +19,17 @@ missing_system_packages() {
     echo "$missing"
 }
 
+# What Debian's own Python lacks for this: venv's ensurepip, Python.h and a C compiler (python-ldap compiles).
+missing_python_parts() {
+    local py=$1 version missing=""
+    version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    "$py" -c 'import ensurepip' 2>/dev/null || missing="$missing python$version-venv"
+    "$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing="$missing python$version-dev"
+    command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+    echo "$missing"
+}
+
 find_python() {
     for candidate in "${PYTHON:-}" python3.11 python3.10 python3; do
         [ -n "$candidate" ] || continue
@@ -32,19 +43,26 @@ find_python() {
     exit 1
 }
 
-if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ]; then
+if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ] \
+    && [ "$STAMP" -nt scripts/bootstrap.sh ]; then
     exit 0
 fi
 
+if [ -x "$VENV/bin/python" ]; then
+    python=$VENV/bin/python
+else
+    python=$(find_python)
+fi
+
 if command -v dpkg-query >/dev/null 2>&1; then
-    missing=$(missing_system_packages)
+    missing="$(missing_system_packages)$(missing_python_parts "$python")"
     if [ -n "$missing" ]; then
         if [ "$(id -u)" -eq 0 ]; then
             echo "Installing system packages:$missing"
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
         else
-            echo "error: python-ldap needs the system packages:$missing" >&2
+            echo "error: installing mxcubecore (python-ldap) needs the system packages:$missing" >&2
             echo "       run: sudo apt-get install$missing   (then run make again)" >&2
             exit 1
         fi
@@ -52,12 +70,15 @@ if command -v dpkg-query >/dev/null 2>&1; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-    "$(find_python)" -m venv "$VENV"
+    "$python" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-# The web extra (mxcubeweb) is optional: without it only the web tests are skipped.
-if ! "$VENV/bin/python" -m pip install --quiet -e ".[test,web]"; then
-    echo "warning: the web extra (mxcubeweb) did not install; installing without it (the web tests will be skipped)" >&2
+# The web extra (mxcubeweb) is optional: without it only the web tests are skipped. Without it the install is not
+# marked done, so the next make tries the web extra again (a network failure must not drop those tests for good).
+if "$VENV/bin/python" -m pip install --quiet -e ".[test,web]"; then
+    touch "$STAMP"
+else
+    echo "warning: the web extra (mxcubeweb) did not install; installing without it (the web tests will be skipped," \
+        "and the next make tries it again)" >&2
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 fi
-touch "$STAMP"

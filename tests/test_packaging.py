@@ -1,0 +1,27 @@
+"""What a non-editable install (``pip install <checkout>``, as the staff guide says) carries."""
+
+import fnmatch
+from pathlib import Path
+
+from setuptools.config.setupcfg import read_configuration
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "mxcube_autocenter"
+
+
+def test_every_data_file_of_the_package_goes_into_the_wheel():
+    # A data file that no package_data glob names stays behind in the checkout: the shipped model (the hardware
+    # object's default) or the virtual beamline's XML (the default of simulate, demo and web) would be missing.
+    globs = read_configuration(ROOT / "setup.cfg")["options"]["package_data"]["mxcube_autocenter"]
+    data_files = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc")]  # fmt: skip
+    assert any(name.startswith("virtual_beamline/") for name in data_files)
+    left_behind = [name for name in data_files if not any(fnmatch.fnmatch(name, g) for g in globs)]
+    assert not left_behind
+
+
+def test_the_virtual_beamline_is_found_inside_the_package():
+    from mxcube_autocenter.beamline import virtual_beamline_dir
+
+    assert virtual_beamline_dir().parent == PACKAGE
+    assert (virtual_beamline_dir() / "beamline.yaml").is_file()
