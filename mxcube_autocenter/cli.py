@@ -436,11 +436,13 @@ def cmd_scorecard(args) -> int:
     from mxcube_autocenter import scorecard
 
     runs = [_demo_samples(run) for run in args.runs]
+    cards = [_demo_scorecard(run) for run in args.runs]
+    scorecard.check_one_centring_model(cards, args.runs)
     methods = scorecard.summarise(scorecard.pool_outcomes(runs))
     methods = {name: figures for name, figures in methods.items() if figures["n"]}
     n = sum(len(rows) for rows in runs)
     n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
-    learning = scorecard.pool_learning([_demo_scorecard(run) for run in args.runs])
+    learning = scorecard.pool_learning(cards)
     result = {"methods": methods, "learning": learning, "n_runs": len(runs), "n_samples": n, "n_empty": n_empty,
               "targets": scorecard.check_targets(methods.get("ml", {}))}  # fmt: skip
     if args.json:
@@ -449,7 +451,10 @@ def cmd_scorecard(args) -> int:
         print(f"Scorecard: {n} held-out samples, {n_empty} of them empty loops, from {len(runs)} demo run(s); rates "
               f"with their 95 % interval\n\n{scorecard.format_table(methods)}\n\n"
               f"{scorecard.format_targets(result['targets'])}")
-        if learning["source"]:
+        if not learning["source"]:
+            print("\nLearning: no figures stand for all these runs (their models' figures differ, or a run has no "
+                  "scorecard.json); `--json` gives each run's")
+        else:
             print(f"\nLearning ({learning['source']}): Spearman {scorecard.format_cell(learning['spearman_expected'], '{:.3f}')} "
                   f"against the true counts, classifier accuracy "
                   f"{scorecard.format_cell(learning['classifier_accuracy_expected'], '{:.3f}')}, training "

@@ -708,6 +708,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     if lr["source"] == TRAINED_IN_RUN:
         data = result["data"]
         lines += [
+            *([f"- these are the figures of the model this run trained{_centred_with_another(result)}."]
+              if _centred_with_another(result) else []),
             f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
             f"rotational collections ({data['n_images']} images of {data['exposure_time']:g} s each, camera recorded "
             f"at {data['frame_rate']:g} frames/s), labelled into {data['rows']} rows in {data['label_s']:.0f} s "
@@ -741,7 +743,6 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
             (f"- the classifier centres only if its validation balanced accuracy reaches "
              f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {format_cell(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
              f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
-             + ("" if result["model"]["source"] == TRAINED_IN_RUN else " (but centring uses another model)")
              + "." if lr.get("classifier") else "- no classifier trained."),
             f"- labelling details: `{_rel(data.get('labelling'), out)}`.",
             f"- reports: [regressor]({_rel(lr['regressor_report'], out)})"
@@ -1105,6 +1106,14 @@ def _write_json(path: Path, value, indent: int):
         raise OSError(f"cannot write {path} ({err.strerror or err}): free space there or give another --out") from err
 
 
+def _centred_with_another(result: dict) -> str:
+    """``"; the centring used the shipped model, not this one"`` where the run trained one and centred with another."""
+    centred_with = (result.get("model") or {}).get("source")
+    if result["learning"].get("source") != TRAINED_IN_RUN or centred_with in (None, TRAINED_IN_RUN):
+        return ""
+    return f"; the centring used the {centred_with}, not this one"
+
+
 def format_scorecard(result: dict) -> str:
     """The scorecard table and the learning line, for the terminal."""
     lr = result["learning"]
@@ -1113,7 +1122,7 @@ def format_scorecard(result: dict) -> str:
         "",
         scorecard.format_table(result["methods"]),
         "",
-        f"Learning ({lr.get('source')}): Spearman "
+        f"Learning ({lr.get('source')}{_centred_with_another(result)}): Spearman "
         f"{value_cell(lr.get('spearman_expected'), lr.get('spearman_expected_ci95'), '{:.3f}')} against the true "
         f"counts, {format_cell(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
         f"{value_cell(lr.get('classifier_accuracy_expected'), lr.get('classifier_accuracy_expected_ci95'), '{:.3f}')} / "

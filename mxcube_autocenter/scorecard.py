@@ -382,8 +382,8 @@ def outcome_of(row: dict, method: str) -> Outcome:
 
 def _wrongly_typed(outcome: Outcome) -> list:
     """``"name = value"`` of each field of an outcome read from JSON whose type is not the one the scores use."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def number(v):  # NaN and infinity too are refused: the JSON written from them would be no JSON
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     checks = {
         "method": isinstance(outcome.method, str), "sample": isinstance(outcome.sample, str),
@@ -440,16 +440,19 @@ def pool_learning(scorecards) -> dict:
     """The learning figures of several demo runs, from their scorecards (``scorecard.json``; None where missing).
 
     Runs that trained their own models give the mean of each figure over
-    them (each run's model is one measurement); runs that all centred with
-    the same model files (regressor and classifier) give their figures once
-    (their metadata, the same in every run, is a single measurement);
-    anything else gives None. ``runs``
-    holds each run's figures and source, None for a run without a scorecard.
+    them (each run's model is one measurement; where those runs centred
+    with another model, ``source`` says so); runs that all centred with
+    the same model files (regressor and classifier) and report the same
+    figures give them once (their metadata, the same in every run, is a
+    single measurement; a file replaced between runs differs); anything
+    else gives None. ``runs`` holds each run's figures and source, None for
+    a run without a scorecard.
     """
     runs = [None if card is None else {**{k: (card.get("learning") or {}).get(k) for k in LEARNING_FIGURES},
                                        "source": (card.get("learning") or {}).get("source"),
                                        "regressor": (card.get("model") or {}).get("regressor"),
-                                       "classifier": (card.get("model") or {}).get("classifier")}
+                                       "classifier": (card.get("model") or {}).get("classifier"),
+                                       "centred_with": (card.get("model") or {}).get("source")}
             for card in scorecards]  # fmt: skip
     trained = [run for run in runs if run is not None and run["source"] == TRAINED_IN_RUN]
     pooled = dict.fromkeys(LEARNING_FIGURES)
@@ -457,12 +460,49 @@ def pool_learning(scorecards) -> dict:
         for key in LEARNING_FIGURES:
             values = [run[key] for run in trained if run[key] is not None]
             pooled[key] = float(np.mean(values)) if values else None
-        pooled["source"] = f"mean of {len(trained)} run(s) that trained their model"
-    elif runs and None not in runs and len({(run["regressor"], run["classifier"]) for run in runs}) == 1:
+        others = sorted({str(run["centred_with"]) for run in trained if run["centred_with"] != TRAINED_IN_RUN})
+        pooled["source"] = (f"mean of {len(trained)} run(s) that trained their model"
+                            + (f"; the centring used the {' / '.join(others)}, not that model" if others else ""))
+    elif (runs and None not in runs
+          and len({(run["regressor"], run["classifier"], *(run[k] for k in LEARNING_FIGURES)) for run in runs}) == 1):
         pooled.update({key: runs[0][key] for key in LEARNING_FIGURES}, source=runs[0]["source"])
     else:
         pooled["source"] = None
     return {**pooled, "runs": runs}
+
+
+def check_one_centring_model(scorecards, names) -> None:
+    """Refuse runs that centred with different models: one ML row would mix them.
+
+    Runs that each centred with the model they trained are one procedure
+    (train, then centre), pooled as such; runs without a scorecard are not
+    checked.
+
+    Parameters
+    ----------
+    scorecards : sequence of dict or None
+        Each run's ``scorecard.json``.
+    names : sequence of str
+        The runs as given, for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming each model and its runs.
+    """
+    runs_of = {}
+    for card, name in zip(scorecards, names):
+        model = (card or {}).get("model")
+        if model:
+            key = (TRAINED_IN_RUN,) if model.get("source") == TRAINED_IN_RUN else (model.get("regressor"),
+                                                                                  model.get("classifier"))
+            runs_of.setdefault(key, []).append(str(name))
+    if len(runs_of) > 1:
+        groups = "; ".join(
+            f"{'each its own trained model' if key == (TRAINED_IN_RUN,) else key[0] + (f' + {key[1]}' if key[1] else '')}"
+            f": {', '.join(runs)}" for key, runs in runs_of.items())  # fmt: skip
+        raise ValueError(f"these runs centred with different models ({groups}): pool the runs of one model, "
+                         "and compare two models with `mxcube-autocenter compare`")  # fmt: skip
 
 
 def summarise(outcomes, methods=METHODS) -> dict:

@@ -80,6 +80,10 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     saved = json.loads((out / "scorecard.json").read_text())
     assert saved["methods"] == result["methods"]
     assert "Scorecard" in format_scorecard(result)
+    assert "Learning (trained in this run): Spearman" in format_scorecard(result)
+    # `make demo` centres with the shipped model: the learning line must not pass for that model's.
+    shipped = {**result, "model": {**result["model"], "source": "shipped model"}}
+    assert "Learning (trained in this run; the centring used the shipped model, not this one)" in format_scorecard(shipped)
     assert not (out / "data").exists()  # the large raw data is removed unless keep_data
 
 
@@ -163,6 +167,16 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
     assert "scorecard.json is not a demo's scorecard.json" in capsys.readouterr().err
     assert main(["scorecard", str(out), str(out / "samples.json")]) == 2
     assert "more than one run" in capsys.readouterr().err
+    # Another run (other samples) that centred with a model file: one ML row would mix two models.
+    given = tmp_path / "given"
+    given.mkdir()
+    rows = json.loads((out / "samples.json").read_text())
+    (given / "samples.json").write_text(json.dumps([{**row, "sample": row["sample"] + "b"} for row in rows]))
+    card = json.loads((out / "scorecard.json").read_text())
+    (given / "scorecard.json").write_text(json.dumps({**card, "model": {"source": "given model file",
+                                                                         "regressor": "m.keras", "classifier": None}}))
+    assert main(["scorecard", str(out), str(given)]) == 2
+    assert f"different models (each its own trained model: {out}; m.keras: {given})" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([{"sample": "seed1", "has_crystal": True, "ml": {}}]))
     assert main(["scorecard", str(broken)]) == 2

@@ -121,7 +121,8 @@ def test_wilson_interval():
 
 
 @pytest.mark.parametrize("field, value", [("hits", 5), ("dist_um", "5"), ("wall_s", "3"), ("refused", "no"),
-                                          ("final_motors", {"phiy": "0.1"}), ("hits", [1] * 180)])
+                                          ("final_motors", {"phiy": "0.1"}), ("hits", [1] * 180),
+                                          ("rc_fraction", float("nan")), ("dist_um", float("inf"))])
 def test_an_outcome_of_the_wrong_types_is_refused_naming_the_sample_and_the_field(field, value):
     # A hand-edited or foreign samples.json: a clear error, not a TypeError from inside the scoring.
     row = {"sample": "seed7", "ml": {**_outcome("ml", "seed7", True, hits=[True] * 180).to_dict(), field: value}}
@@ -151,6 +152,32 @@ def test_pooled_learning_is_the_mean_of_the_runs_that_trained_and_one_model_file
                   [given[0], with_classifier], [given[0], None]):
         pooled = scorecard.pool_learning(cards)
         assert pooled["source"] is None and pooled["spearman_expected"] is None and len(pooled["runs"]) == 2
+
+
+def test_pooled_learning_says_when_the_runs_centred_with_another_model_and_a_replaced_file_is_no_one_model():
+    # `make demo` trains a model and centres with the shipped one: its figures are not the ML row's model's.
+    cards = [{**_card(scorecard.TRAINED_IN_RUN, f"run{i}/model.keras", spearman_expected=0.8),
+              "model": {"regressor": "shipped.keras", "source": "shipped model"}} for i in range(2)]
+    pooled = scorecard.pool_learning(cards)
+    assert pooled["spearman_expected"] == pytest.approx(0.8)
+    assert pooled["source"] == "mean of 2 run(s) that trained their model; the centring used the shipped model, not that model"
+    # One path whose file was replaced between the runs: two models, whose figures differ.
+    replaced = [_card("model file metadata", "m.keras", spearman_expected=r) for r in (0.7, 0.5)]
+    assert scorecard.pool_learning(replaced)["source"] is None
+
+
+def test_runs_that_centred_with_different_models_are_not_pooled():
+    def card(source, regressor, classifier=None):
+        return {"model": {"source": source, "regressor": regressor, "classifier": classifier}}
+
+    one = [card("given model file", "m.keras"), card("given model file", "m.keras"), None]
+    scorecard.check_one_centring_model(one, ["r0", "r1", "r2"])  # a run without a scorecard is not checked
+    own = [card(scorecard.TRAINED_IN_RUN, f"r{i}/model.keras") for i in range(2)]
+    scorecard.check_one_centring_model(own, ["r0", "r1"])  # each its own trained model: one procedure
+    with pytest.raises(ValueError, match=r"different models \(m.keras: r0; m.keras \+ c.keras: r1\): pool the runs"):
+        scorecard.check_one_centring_model([one[0], card("given model file", "m.keras", "c.keras")], ["r0", "r1"])
+    with pytest.raises(ValueError, match=r"each its own trained model: r1"):
+        scorecard.check_one_centring_model([one[0], own[0]], ["r0", "r1"])
 
 
 def test_summarise_gives_the_rates_intervals():
