@@ -103,6 +103,7 @@ class AutoCenter(HardwareObject):
         self._centring_lock = gevent.lock.Semaphore()
         self._button_pressed = False
         self._cancelled_while_readying = False
+        self._pressed_procedure = None  # the greenlet the last press of the button put on SampleView
         self._took_over = False
         self._connect_collect()
         self._load_models()
@@ -325,6 +326,7 @@ class AutoCenter(HardwareObject):
         bl = procedure.Beamline(HWR.beamline, settings.fresh_frames)
         refusal = self.centring_error or self._centring_running()
         if refusal:
+            self.user_log.warning(f"Optical ML centring not started: {refusal}")
             return procedure.not_started(bl, refusal)
         with self._centring_lock:
             self.emit("centringProgress", ("Optical ML centring started",))
@@ -393,7 +395,9 @@ class AutoCenter(HardwareObject):
 
     def _centring_running(self) -> str | None:
         """Why a centring may not start now, or None."""
-        if self._centring_lock.locked() or self._button_pressed:
+        # The press's own procedure may start before the press is over (a listener of centringStarted yields).
+        pressed = self._button_pressed and gevent.getcurrent() is not HWR.beamline.sample_view.current_centring_procedure
+        if self._centring_lock.locked() or pressed:
             return "an optical ML centring is already running: wait for it to end, or cancel it"
         # SampleView's own procedure: a centring by hand, or the one whose greenlet calls centre().
         procedure_running = HWR.beamline.sample_view.current_centring_procedure
@@ -507,6 +511,15 @@ class AutoCenter(HardwareObject):
         def cancel(*args, **kwargs):
             if self._button_pressed:
                 self._cancelled_while_readying = True
+            running = HWR.beamline.sample_view.current_centring_procedure
+            if running and running is self._pressed_procedure:
+                # Its end (_auto_centring_done) says centringFailed and centringAccepted(False); SampleView's own
+                # cancel would say centringFailed once more, after the verdict.
+                try:
+                    running.kill(block=True)
+                except Exception:
+                    self.log.exception("AutoCenter: problem aborting the optical ML centring")
+                return None
             return method(*args, **kwargs)
 
         return cancel
@@ -538,9 +551,15 @@ class AutoCenter(HardwareObject):
             # On SampleView before centringStarted goes out: a Stop while mxcubeweb handles that signal (it
             # yields) kills it as any running centring.
             sample_view.current_centring_method = "Automatic"
-            sample_view.current_centring_procedure = gevent.spawn(self._auto_centring)
+            sample_view.current_centring_procedure = self._pressed_procedure = gevent.spawn(self._auto_centring)
             sample_view.current_centring_procedure.link(self._auto_centring_done)
             sample_view.emit("centringStarted", ("Automatic",))
+        except Exception:
+            # The diffractometer not ready in time, a phase it refuses: whoever waits hears that the press failed.
+            self.log.exception("AutoCenter: the automatic centring could not start")
+            self._button_pressed = False
+            self._refused_verdict(sample_view, "Automatic")
+            raise
         finally:
             self._button_pressed = False
 

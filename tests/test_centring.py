@@ -1197,7 +1197,7 @@ def test_stop_while_the_button_readies_changes_no_phase(beamline, autocenter, mo
     assert phases == []
 
 
-def test_stop_while_mxcubeweb_hears_centring_started_stops_the_centring(beamline, autocenter):
+def test_stop_while_mxcubeweb_hears_centring_started_stops_the_centring(beamline, autocenter, caplog):
     # mxcubeweb's handler of centringStarted sends a socketio message, which yields: a Stop then found no procedure
     # to kill, and the centring started after it.
     sample_view = beamline.sample_view
@@ -1209,11 +1209,95 @@ def test_stop_while_mxcubeweb_hears_centring_started_stops_the_centring(beamline
         gevent.spawn(sample_view.cancel_centring).join()
 
     sample_view.connect("centringStarted", stop_meanwhile)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
     try:
-        sample_view.start_auto_centring()
-        gevent.sleep(0.5)
+        with caplog.at_level(logging.INFO):
+            sample_view.start_auto_centring()
+            gevent.sleep(0.5)
         procedure_left = sample_view.current_centring_procedure
         assert not (procedure_left and not procedure_left.dead), "the centring runs after Stop"
         assert positions(beamline) == pytest.approx(start, abs=1e-3)
+        # Stopped by the Stop, not refused by itself as "already running" (the press was not over yet).
+        assert "already running" not in caplog.text
+        # One verdict each (the Stop comes inside centringStarted's emit, so later listeners hear that last).
+        assert sorted(log.names()) == ["centringAccepted", "centringFailed", "centringStarted"]
     finally:
         sample_view.disconnect("centringStarted", stop_meanwhile)
+
+
+def test_a_listener_of_centring_started_that_yields_does_not_refuse_the_press(beamline, autocenter):
+    # The procedure is on SampleView before centringStarted goes out, so it may run before the press is over:
+    # it must not take its own press for another centring ("already running").
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+
+    def yielding(*args):
+        gevent.sleep(0)  # a socketio message, a log handler on the network
+
+    sample_view.connect("centringStarted", yielding)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    try:
+        sample_view.start_auto_centring()
+        log.wait_for("centringAccepted", 60)
+        assert "already running" not in autocenter.last_result.message
+        assert log.calls[-1][1][0] is autocenter.last_result.success is True
+    finally:
+        sample_view.disconnect("centringStarted", yielding)
+
+
+def test_stop_during_a_running_button_centring_says_failed_once_before_the_verdict(beamline, autocenter):
+    # SampleView's own cancel said centringFailed again after the killed procedure's centringAccepted(False).
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+    start = positions(beamline)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    gevent.sleep(1.5)
+    assert sample_view.current_centring_procedure, "the centring ended before the Stop"
+    sample_view.cancel_centring()
+    gevent.sleep(0.5)
+    assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"]
+    assert log.calls[-1][1][0] is False and positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_a_press_whose_diffractometer_never_gets_ready_ends_failed(beamline, autocenter, monkeypatch):
+    # An MD3 raises after 60 s without Ready: the queue's mount step and mxcubeweb still hear how it ended.
+    sample_view = beamline.sample_view
+    mount_at_start(beamline)
+
+    def never_ready(timeout=None):
+        raise RuntimeError("Timeout waiting for status ready")
+
+    monkeypatch.setattr(beamline.diffractometer, "wait_status_ready", never_ready)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    with pytest.raises(RuntimeError):
+        sample_view.start_auto_centring()
+    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
+    assert not autocenter._button_pressed
+
+
+def test_a_motor_unreadable_after_the_move_fails_the_centring_and_puts_the_sample_back(beamline, autocenter,
+                                                                                        monkeypatch):
+    # Success was said before the final positions were read: a queue task went on to collect on a sample that
+    # the failure had put back where it started.
+    mount_at_start(beamline)
+    autocenter.config.verify_centring = "off"
+    start = positions(beamline)
+    moved = {"done": False}
+    real_centre_on, real_positions = procedure._centre_on, procedure.Beamline.positions
+
+    def centre_on(*args, **kwargs):
+        real_centre_on(*args, **kwargs)
+        moved["done"] = True
+
+    def positions_dropping_out(self, names=procedure.CENTRING_MOTORS):
+        if moved["done"]:
+            moved["done"] = False
+            raise procedure.CentringFailed("the diffractometer offers no motor sampx")
+        return real_positions(self, names)
+
+    monkeypatch.setattr(procedure, "_centre_on", centre_on)
+    monkeypatch.setattr(procedure.Beamline, "positions", positions_dropping_out)
+    result = autocenter.centre(save=False)
+    assert not result.success and result.centred_positions is None and "no motor sampx" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)

@@ -438,9 +438,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
                 log.warning("AutoCenter: the verification view at omega %.1f sees almost nothing at the beam (score "
                             "%.1f < verify_min_score %s), accepted as the blind view: the fitted views all saw the "
                             "crystal", check.omega, check.score, settings.verify_min_score)  # fmt: skip
-        result.success = True
+        # Read before success is said: a motor unreadable now fails the centring, which puts the sample back.
+        centred_positions = bl.positions()
         result.method = "ml" if result.method == "none" else result.method
-        result.centred_positions = bl.positions()
+        result.centred_positions, result.success = centred_positions, True
         result.message = f"centred ({result.method}) in {time.perf_counter() - t0:.1f} s"
         return result
     except (Exception, gevent.GreenletExit, gevent.Timeout) as err:
