@@ -25,6 +25,8 @@ from mxcube_autocenter.imagefiles import pixel_bits, scale_to_8_bits
 from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg, names_a_sample
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
+# How often the recording's watchdog looks at the camera and the writer, s.
+WATCH_TICK_S = 0.25
 
 
 def master_file_path(fileinfo: dict, template: str = DEFAULT_MASTER_FILE_TEMPLATE) -> str:
@@ -193,10 +195,15 @@ def _encode_if_new(rgb, previous):
     again: recorded, it would be labelled with another moment's count, and a
     frozen camera must reach the watchdog.
     """
-    return None if _same_payload(rgb, previous) else encode_jpeg(rgb)
+    return None if same_payload(rgb, previous) else encode_jpeg(rgb)
 
 
-def _same_payload(image, previous) -> bool:
+def payload_reference(image):
+    """An ``imageReceived`` payload as kept to compare the next with: a copy where the camera may reuse its buffer."""
+    return bytes(image) if isinstance(image, (bytearray, memoryview)) else image
+
+
+def same_payload(image, previous) -> bool:
     """Whether an ``imageReceived`` payload repeats the previous one (None: there was none)."""
     if previous is None:
         return False
@@ -292,7 +299,7 @@ class CollectionRecorder:
         # must neither skip frames nor stop the recording.
         self._next_due = 0.0
         self._last_frame_time = 0.0
-        self._previous_payload = self._last_received = None
+        self._last_received = None
         self._bit_depth = BitDepth()
         self._clock_origin = (0.0, 0.0)
         self._streamed = False
@@ -352,16 +359,21 @@ class CollectionRecorder:
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
-        self._previous_payload = self._last_received = None
+        self._last_received = None
         self._bit_depth = BitDepth()  # decoded on the writer's one thread, in order
         self._clock_origin = (time.time(), self._last_frame_time)
         self._streamed = streamed
         self._video_mode = video_mode
-        if self._streamed:
-            self._camera.connect("imageReceived", self.frame_received)
-        else:
-            self._tasks.append(gevent.spawn(self._poll, writer))
         self._tasks.append(gevent.spawn(self._watch, writer, cfg.record_camera_timeout_s))
+        try:
+            if self._streamed:
+                # mxcubecore's connect asks the camera (TangoLimaVideo reads its Lima device): it may raise.
+                self._camera.connect("imageReceived", self.frame_received)
+            else:
+                self._tasks.append(gevent.spawn(self._poll, writer))
+        except Exception as err:
+            self.stop_later("failed", only=writer, reason=f"could not listen to the camera ({err})")
+            raise
         self.log.info("AutoCenter: recording the camera during %s collection %s to %s", kind, fileinfo["prefix"], directory)
 
     def frame_received(self, image, *args):
@@ -371,13 +383,14 @@ class CollectionRecorder:
         if writer is None:
             return
         # TangoLimaVideo sends its last image on every poll, changed or not: a frozen camera must reach the
-        # watchdog, and a repeat of the last frame kept would be labelled with another moment's count.
-        if not _same_payload(image, self._last_received):
-            self._last_received = bytes(image) if isinstance(image, (bytearray, memoryview)) else image
+        # watchdog, and only an image's first arrival is kept: a repeat's time and motors are later than its
+        # exposure, so it would be labelled with another moment's count.
+        new = not same_payload(image, self._last_received)
+        if new:
+            self._last_received = payload_reference(image)
             self._last_frame_time = now
-        if now < self._next_due or _same_payload(image, self._previous_payload):
+        if not new or now < self._next_due:
             return
-        self._previous_payload = self._last_received
         stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
@@ -447,7 +460,14 @@ class CollectionRecorder:
     def _watch(self, writer, camera_timeout_s):
         """Stop the recording on a writer error or when the camera falls silent."""
         while True:
-            gevent.sleep(0.25)
+            slept_from = time.monotonic()
+            gevent.sleep(WATCH_TICK_S)
+            now = time.monotonic()
+            # Woken late, the event loop was held up (a blocking call elsewhere), and the camera's frames with it:
+            # that time is no silence of the camera's.
+            late = now - slept_from - WATCH_TICK_S
+            if late > WATCH_TICK_S:
+                self._last_frame_time = min(self._last_frame_time + late, now)
             if self._writer is not writer:
                 return
             if writer.error is not None:

@@ -1184,6 +1184,44 @@ def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_i
         camera.start_streaming()
 
 
+def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view():
+    # TangoLimaVideo sends its last image on every poll (every 10 ms here), new or not: counted as new frames, the
+    # wait ended in 20 ms and the view was the image exposed while the motors still moved.
+    from types import SimpleNamespace
+
+    class LimaLikeCamera:
+        def __init__(self):
+            self.slots, self.t0 = [], time.monotonic()
+
+        def image(self):  # the sensor: a new image every 100 ms
+            return b"image %d" % int((time.monotonic() - self.t0) / 0.1)
+
+        def connect(self, signal, slot):
+            self.slots.append(slot)
+
+        def disconnect(self, signal, slot):
+            self.slots.remove(slot)
+
+        def poll(self):
+            while True:
+                for slot in list(self.slots):
+                    slot(self.image(), 4, 2, False)
+                gevent.sleep(0.01)
+
+    camera = LimaLikeCamera()
+    polling = gevent.spawn(camera.poll)
+    sample_view = SimpleNamespace(camera=camera, get_snapshot=lambda return_as_array: camera.image())
+    bl = procedure.Beamline(SimpleNamespace(sample_view=sample_view, diffractometer=None, beam=None), fresh_frames=2)
+    try:
+        for _ in range(3):
+            while (time.monotonic() - camera.t0) % 0.1 > 0.005:  # just after a new image: the motors stopped
+                gevent.sleep(0.001)
+            before = camera.image()
+            assert bl.snapshot() != before
+    finally:
+        polling.kill()
+
+
 def test_stop_while_the_button_readies_changes_no_phase(beamline, autocenter, monkeypatch):
     # On an MD3 the centring phase moves the backlight and more: a press the user stopped must not change it.
     diffr = beamline.diffractometer

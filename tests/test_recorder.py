@@ -671,6 +671,73 @@ def test_a_camera_sending_new_images_between_the_frames_kept_keeps_the_recording
     assert (summary.status, summary.error) == ("complete", None) and summary.frames_kept >= 2
 
 
+def test_a_frame_kept_is_an_images_first_arrival_with_its_own_time(tmp_path):
+    # A new image arriving before its due time was skipped, and its repeat after the due time kept, stamped with
+    # the repeat's arrival (up to a camera frame late) and the motors read then.
+    from mxcube_autocenter.recording import decode_jpeg, encode_jpeg, synthetic_frame
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None), record_frame_rate=10.0, record_camera_timeout_s=2)
+    base = synthetic_frame(160, 128)
+    images = [encode_jpeg(np.clip(base.astype(int) + 3 * k, 0, 255).astype(np.uint8)) for k in range(20)]
+    recorder.start(dc_params)
+    first_heard = {}
+    gevent.sleep(0.05)  # new images half-way between the due times
+    for k, image in enumerate(images):  # a new image every 60 ms, sent again every 20 ms
+        for _ in range(3):
+            first_heard.setdefault(k, time.time())
+            recorder.frame_received(image, 160, 128)
+            gevent.sleep(0.02)
+    recording = read_recording(recorder.stop("complete").path)
+    decoded = [decode_jpeg(image).astype(int) for image in images]
+    with recording.reader() as frame:
+        kept = [int(np.argmin([np.abs(frame(i).astype(int) - d).mean() for d in decoded])) for i in range(len(recording))]
+    assert len(kept) >= 5
+    late_ms = [1000 * (stamp - first_heard[k]) for stamp, k in zip(recording.timestamps, kept)]
+    assert max(late_ms) < 5
+
+
+def test_a_camera_that_cannot_be_listened_to_ends_the_recording_failed(tmp_path):
+    # mxcubecore's connect asks TangoLimaVideo's Lima device, which raises when the server is down: the recording
+    # stayed open without a watchdog until the next collection, then closed as complete.
+    class UnreachableCamera(BareCamera):
+        def connect(self, *args):
+            raise RuntimeError("DevFailed: device not exported")
+
+    recorder, dc_params = bare_recorder(tmp_path, UnreachableCamera(None))
+    with pytest.raises(RuntimeError, match="not exported"):
+        recorder.start(dc_params)
+    assert not recorder.recording
+    summary = recorder.wait_closed()
+    assert summary.status == "failed" and "could not listen to the camera" in summary.error
+
+
+def test_an_event_loop_held_up_is_no_silence_of_the_camera(tmp_path):
+    # Something else in MXCuBE holds the event loop longer than the camera time-out: the camera's frames were held
+    # up with it, and the watchdog, woken first, stopped the recording as if the camera were silent.
+    from gevent import monkey
+
+    from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None), record_camera_timeout_s=1.0)
+    base = synthetic_frame(160, 128)
+    images = [encode_jpeg(np.clip(base.astype(int) + k, 0, 255).astype(np.uint8)) for k in range(60)]
+
+    def camera():  # as TangoLimaVideo: read the device (yields), send the image, wait
+        for k in range(10**6):
+            gevent.sleep(0.005)
+            recorder.frame_received(images[k % 60], 160, 128)
+            gevent.sleep(0.04)
+
+    recorder.start(dc_params)
+    streaming = gevent.spawn(camera)
+    gevent.sleep(0.5)
+    monkey.get_original("time", "sleep")(1.5)  # the event loop held for 1.5 s
+    gevent.sleep(1.0)
+    streaming.kill()
+    assert recorder.recording
+    assert recorder.stop("complete").status == "complete"
+
+
 def test_the_virtual_camera_streams_a_still_scene_as_new_exposures(beamline):
     # A real sensor's noise makes each frame of a still scene differ: the recorder would take identical frames
     # of the virtual camera for a frozen camera (a 16M collection's files take longer to write than the time-out).

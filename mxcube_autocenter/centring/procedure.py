@@ -26,6 +26,7 @@ from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
+from mxcube_autocenter.collection_recorder import payload_reference, same_payload
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
 from mxcube_autocenter.geometry import CENTRING_MOTORS, sample_frame
 
@@ -218,7 +219,7 @@ class Beamline:
         return {name: float(motors[name].direction) for name in CENTRING_MOTORS if name in motors}
 
     def snapshot(self) -> np.ndarray:
-        """The camera's image, once it has sent :attr:`fresh_frames` new frames.
+        """The camera's image, once it has sent :attr:`fresh_frames` new frames (changed images, after the first heard).
 
         A camera's last frame may have been exposed before the motors stopped (a frame period and tens of ms of
         latency: a degree or more of an omega turn); mxcubecore's ``get_snapshot`` returns it as it is. A camera
@@ -227,16 +228,21 @@ class Beamline:
         camera = self.sample_view.camera
         if self.fresh_frames > 0 and self._camera_streams and camera is not None:
             arrived = gevent.event.Event()
-            seen = []
+            heard = {"images": 0, "last": None}
 
-            def frame_received(*args):
-                seen.append(None)
-                if len(seen) >= self.fresh_frames:
+            def frame_received(image=None, *args):
+                # TangoLimaVideo sends its last image on every poll, new or not: only a changed one counts, and
+                # the first one heard may be the old image itself.
+                if heard["images"] and same_payload(image, heard["last"]):
+                    return
+                heard["images"] += 1
+                heard["last"] = payload_reference(image)
+                if heard["images"] > self.fresh_frames:
                     arrived.set()
 
             camera.connect("imageReceived", frame_received)
             try:
-                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or bool(seen)
+                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or heard["images"] > 0
             finally:
                 camera.disconnect("imageReceived", frame_received)
             if not self._camera_streams:
