@@ -52,7 +52,8 @@ def open_to_read(path) -> h5py.File:
     Beamline data and home directories often sit on NFS without ``lockd``,
     where the lock fails (errno 37) and h5py's error reads like a damaged
     file. The lock is kept where it works: HDF5 refuses to open a file twice
-    in one process with different locking flags.
+    in one process with different locking flags, so a file this process
+    already holds open without the lock opens without it again.
     """
     try:
         return h5py.File(path, "r")
@@ -60,6 +61,7 @@ def open_to_read(path) -> h5py.File:
         # Only a file system without locks (ENOLCK, ENOSYS); a lock another process holds (EAGAIN: it is
         # writing the file, e.g. `label --out` appending) keeps the reader out, as it should.
         found = re.search(r"unable to lock file, errno = (\d+)", str(err))
-        if found is None or int(found.group(1)) not in (errno.ENOLCK, errno.ENOSYS):
+        opened_unlocked_here = "file locking flag values don't match" in str(err)
+        if not opened_unlocked_here and (found is None or int(found.group(1)) not in (errno.ENOLCK, errno.ENOSYS)):
             raise
         return h5py.File(path, "r", locking=False)

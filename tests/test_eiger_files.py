@@ -493,6 +493,18 @@ def test_a_collection_reads_on_a_file_system_without_locks(collection, monkeypat
         assert series.frame(N_FRAMES - 1) is not None  # in the last data file, through its external link
 
 
+def test_a_file_this_process_reads_without_its_lock_opens_again(tmp_path):
+    # Where the lock failed, the first reader opened the set without it; HDF5 then refused the second open with
+    # the lock (training opens the set for its training and validation rows): every run failed on NFS.
+    from mxcube_autocenter.hdf5errors import open_to_read
+
+    path = tmp_path / "set.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with h5py.File(path, "r", locking=False) as first, open_to_read(path) as second:
+        assert list(second["x"][:]) == list(first["x"][:]) == [0, 1, 2]
+
+
 def test_a_training_set_another_process_writes_is_not_read_without_its_lock(tmp_path):
     # Only a file system without locks is read without one: a lock a writer holds (errno 11) keeps readers out.
     import subprocess
