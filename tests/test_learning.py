@@ -267,9 +267,13 @@ def test_a_split_extended_for_fine_tuning_keeps_the_initial_models_subsets_and_s
     assert set(extended.trained_before) == set(initial.train) | {"older"}
     assert sum(extended.rows.values()) == len(ids)
     assert Split.from_config(json.loads(json.dumps(extended.to_config()))) == extended
-    # Fewer than three new crystals all train.
+    # Fewer than three new crystals all train,
     few = extend_split(initial, [f"old{i}" for i in range(10)] + ["x", "y"])
     assert {"x", "y"} <= set(few.train)
+    # but one validates where the data holds none of the initial model's validation crystals (early stopping
+    # needs one; the run was refused).
+    without_validation = extend_split(initial, [*initial.train, "x", "y"])
+    assert without_validation.validation == ("x",) and without_validation.train == tuple(sorted({*initial.train, "y"}))
 
 
 # ---------------------------------------------------------------- architectures
@@ -542,6 +546,13 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     with pytest.raises(ModelFileError, match="format_version 99"):
         load_model(future)
 
+    diverged = A.build("fcn", (SMALL, SMALL, 3))
+    diverged.set_weights([np.full_like(w, np.nan) for w in diverged.get_weights()])
+    nan_weights = str(tmp_path / "nan_weights.keras")
+    attach_info(diverged, trained.info).save(nan_weights)
+    with pytest.raises(ModelFileError, match="weights are not all finite numbers .*lower learning rate"):
+        load_model(nan_weights)
+
     listed = str(tmp_path / "listed.keras")
     attach_info(A.build("fcn", (SMALL, SMALL, 3)), []).save(listed)
     with pytest.raises(ModelFileError, match="its metadata is a JSON list, not an object"):
@@ -717,6 +728,12 @@ def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(d
     finished = training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=1,
                               batch_size=16, verbose=0)
     assert os.path.exists(finished.model_path) and not (out / "run.json").exists()  # info.json says it all now
+    # A run that diverged has no epoch to make a model of: its run.json (which says how to) goes too.
+    diverged = tmp_path / "diverged"
+    with pytest.raises(ValueError, match="training diverged"):
+        training.train(dataset_path, "fcn", "log", str(diverged), crop_um=160, input_size=SMALL, epochs=1,
+                       batch_size=16, learning_rate=1e30, verbose=0)
+    assert not (diverged / "run.json").exists() and not (diverged / "checkpoint.keras").exists()
 
 
 def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_path):
@@ -738,6 +755,8 @@ def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_
 
     with pytest.raises(ValueError, match=r"training diverged \(val_loss per epoch: \[nan.*lower learning rate"):
         fit_with_early_stopping(diverging(), ds, ds, str(tmp_path), epochs=3, patience=1, verbose=0)
+    # Nor is a NaN epoch checkpointed (Keras saved the first epoch whatever its loss), for attach_info to revive.
+    assert not (tmp_path / "checkpoint.keras").exists()
     # Fine-tuning falls back on its starting weights, as when no epoch improves on them.
     model = diverging()
     start = model.get_weights()

@@ -185,7 +185,8 @@ def extend_split(initial: Split, crystal_ids, seed: int = 0, fractions=DEFAULT_F
     was trained on; crystals its weights have seen before
     (``initial.trained_before``) go to training. The others, new, are split by
     ``fractions`` among themselves (:func:`split_by_crystal`; all to training
-    when fewer than three). Every crystal the initial weights were trained on
+    when fewer than three, but one to validation where none of ``initial``'s
+    validation crystals is in the data). Every crystal the initial weights were trained on
     is recorded in ``trained_before``.
 
     Parameters
@@ -206,7 +207,14 @@ def extend_split(initial: Split, crystal_ids, seed: int = 0, fractions=DEFAULT_F
     kept = {name: {c for c in getattr(initial, name) if c in ids} for name in SUBSETS}
     kept["train"] |= ids & seen
     new = ids - seen - set(initial.validation) - set(initial.test)
-    added = split_by_crystal(sorted(new), seed=seed, fractions=fractions) if len(new) >= 3 else Split(tuple(new), (), ())
+    if len(new) >= 3:
+        added = split_by_crystal(sorted(new), seed=seed, fractions=fractions)
+    elif new and not kept["validation"]:
+        # None of the initial model's validation crystals is in this data: early stopping needs one, a new one.
+        first, *others = sorted(new)
+        added = Split(tuple(others), (first,), ())
+    else:
+        added = Split(tuple(new), (), ())
     split = Split(
         train=tuple(sorted(kept["train"] | set(added.train))),
         validation=tuple(sorted(kept["validation"] | set(added.validation))),

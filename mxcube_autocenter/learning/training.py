@@ -37,6 +37,7 @@ start of the program, before other TensorFlow work), a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -239,6 +240,10 @@ def load_model(path):
             f"{spec.input_size} x {spec.input_size} {spec.colour} crops {expected[1:]}",
             f"The metadata does not belong to this network. {retrain}",
         )
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        # Every prediction would be NaN: a heatmap without a maximum, a classifier that never says crystal.
+        _refuse(path, "its weights are not all finite numbers (NaN or infinity: the training that wrote them "
+                "diverged)", "Retrain it with a lower learning rate (--learning-rate)")  # fmt: skip
     return model, info
 
 
@@ -431,7 +436,10 @@ def _fit(
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
-            raise ValueError(f"{dataset_path}: the {name} subset has no rows")
+            kept_split = name == "validation" and initial is not None
+            raise ValueError(f"{dataset_path}: the {name} subset has no rows" + (
+                ": fine-tuning keeps the initial model's split, and this data holds none of its validation crystals "
+                "and no crystal it has not seen; label recordings of a new crystal" if kept_split else ""))
     if 0 < len(split.test) < MIN_TEST_CRYSTALS:
         # One crystal's rows are one scan's worth of counts: its figures say little about the next crystal.
         log.warning("%s: the test subset holds %d crystal(s): its figures say little about other crystals; label "
@@ -500,9 +508,13 @@ def _fit(
     run_info = os.path.join(out, RUN_INFO)
     if _is_chief(strategy):
         _write_json_whole(run_info, describe({**settings, "interrupted": INTERRUPTED}, {}))
-    hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
-        model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
-        keep_start=initial is not None)
+    try:
+        hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
+            model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
+            keep_start=initial is not None)
+    except ValueError:  # diverged: no epoch to make a model of
+        _remove_run_info(run_info, strategy)
+        raise
 
     results = {}
     for name in ("validation", "test"):
@@ -522,8 +534,7 @@ def _fit(
                 "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2)}
     info = describe(training, results)
     final, model_path = save_model(model, info, work, out, strategy)
-    if os.path.exists(run_info):
-        os.remove(run_info)
+    _remove_run_info(run_info, strategy)
     return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                        best_epoch=best_epoch, out_dir=out, model=final)
 
@@ -564,6 +575,13 @@ def work_dir(out, strategy) -> str:
     return str(out) if _is_chief(strategy) else tempfile.mkdtemp(prefix="autocenter-worker-")
 
 
+def _remove_run_info(path, strategy):
+    # The chief's alone: other workers would remove it under the chief on shared storage.
+    if _is_chief(strategy):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, verbose, monitor="val_loss",
                             keep_start=False):  # fmt: skip
     """``model.fit`` with early stopping (best weights restored), a checkpoint and a CSV history in ``work``.
@@ -594,9 +612,10 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         start_loss = float(model.evaluate(val_ds, verbose=0, return_dict=True)[monitor.removeprefix("val_")])
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
-        # Only epochs better than the starting weights are checkpointed when those compete.
+        # Only epochs better than the starting weights are checkpointed when those compete; never an epoch whose
+        # loss is NaN (Keras saves the first epoch whatever its loss without a threshold).
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True,
-                                        initial_value_threshold=start_loss),
+                                        initial_value_threshold=start_loss if keep_start else np.inf),
         keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
         keras.callbacks.TerminateOnNaN(),
     ]
