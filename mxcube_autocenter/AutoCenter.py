@@ -414,8 +414,10 @@ class AutoCenter(HardwareObject):
         result is a PNG of the heatmap (MXCuBE's default
         ``mesh_result_format``). The previous centring's grid is replaced.
         Nothing is shown when no view was taken within SampleView's
-        ``hide_grid_threshold`` of the current omega. Never raises: the
-        centring's outcome stands whatever happens here.
+        ``hide_grid_threshold`` of the current omega, or at another zoom than
+        the current one (the grid's place and cells come from the current
+        scale). Never raises: the centring's outcome stands whatever happens
+        here.
         """
         sample_view = HWR.beamline.sample_view
         try:
@@ -435,6 +437,10 @@ class AutoCenter(HardwareObject):
                 return
             hm = angle.heatmap
             ppmm = HWR.beamline.diffractometer.get_pixels_per_mm()
+            beam_now = HWR.beamline.beam.get_beam_position_on_screen()
+            if result.optics is None or not procedure.same_optics(result.optics, (ppmm, beam_now)):
+                self.log.info("AutoCenter: the zoom changed since the centring's views: no heatmap shown")
+                return
             step_x = float(hm.xs[1] - hm.xs[0]) if len(hm.xs) > 1 else self.config.heatmap_stride_px
             step_y = float(hm.ys[1] - hm.ys[0]) if len(hm.ys) > 1 else self.config.heatmap_stride_px
             x0, y0 = float(hm.xs[0]) - step_x / 2, float(hm.ys[0]) - step_y / 2
@@ -453,7 +459,7 @@ class AutoCenter(HardwareObject):
             grid.cell_h_space = grid.cell_v_space = 0
             grid.width, grid.height = step_x * grid.num_cols, step_y * grid.num_rows
             grid.pixels_per_mm = list(ppmm)
-            grid.beam_pos = list(HWR.beamline.beam.get_beam_position_on_screen())
+            grid.beam_pos = list(beam_now)
             grid.update_position(sample_view.motor_positions_to_screen)
             sample_view.emit("shapesChanged")
             sample_view.set_grid_data(grid.id, report.heatmap_png_base64(hm.values), "")

@@ -105,6 +105,9 @@ class CentringResult:
         prediction there); None when not made.
     verified : bool or None
         Whether that view confirms the chosen point (:func:`is_verified`).
+    optics : tuple or None
+        ``(pixels_per_mm, beam_position)`` the views were taken at (the zoom), pixels per mm and pixels; None
+        when no view was.
     declined : bool
         The procedure's own verdict ended it (no loop, no crystal: :class:`NoLoopFound`,
         :class:`NoCrystalFound`), not an error, a refused move or an abort.
@@ -121,6 +124,7 @@ class CentringResult:
     point: tuple | None = None
     verification: AngleResult | None = None
     verified: bool | None = None
+    optics: tuple | None = None
     declined: bool = False
 
     def without_images(self) -> "CentringResult":
@@ -413,6 +417,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     step_deg = 180.0 / settings.n_angles
     try:
         ppmm, beam_on_screen = _optics(bl)
+        result.optics = (tuple(ppmm), tuple(beam_on_screen))
         frame, tip = _find_loop_rotating(bl, settings, timings, log)
         _same_optics(bl, ppmm, beam_on_screen)
         beam = bl.axis_origin(ppmm, beam_on_screen)  # projections and fit; the verification takes the beam's own
@@ -480,6 +485,11 @@ def _optics(bl: Beamline) -> tuple:
     return tuple(float(v) for v in values[:2]), tuple(float(v) for v in values[2:])
 
 
+def same_optics(a, b) -> bool:
+    """Whether two ``(pixels_per_mm, beam_position)`` are the same zoom (to float rounding, and half a pixel)."""
+    return bool(np.allclose(a[0], b[0], rtol=1e-6, atol=0) and np.allclose(a[1], b[1], rtol=0, atol=0.5))
+
+
 def _same_optics(bl: Beamline, pixels_per_mm, beam_position):
     """Refuse a frame taken at another zoom than ``pixels_per_mm`` and ``beam_position`` (read before it).
 
@@ -487,7 +497,7 @@ def _same_optics(bl: Beamline, pixels_per_mm, beam_position):
     fused at the old scale would place the sample point wrong, silently.
     """
     ppmm, beam = _optics(bl)
-    if not (np.allclose(ppmm, pixels_per_mm, rtol=1e-6, atol=0) and np.allclose(beam, beam_position, rtol=0, atol=0.5)):
+    if not same_optics((ppmm, beam), (pixels_per_mm, beam_position)):
         raise CentringFailed(f"the zoom changed during the centring (pixels_per_mm {tuple(pixels_per_mm)} -> {ppmm}, "
                              f"beam on screen {tuple(beam_position)} -> {beam}): centre again at one zoom")  # fmt: skip
 
