@@ -160,8 +160,8 @@ def cmd_label(args) -> int:
     if unused:
         print(f"error: {unused}", file=sys.stderr)
         return 2
-    chosen = {key: value for key, value in (("nproc", args.nproc), ("max_clock_offset", args.max_clock_offset))
-              if value is not None}
+    chosen = {key: value for key, value in (("nproc", args.nproc), ("max_clock_offset", args.max_clock_offset),
+                                            ("camera_latency", args.camera_latency)) if value is not None}
     try:
         summary = label_recordings(
             args.recordings, args.out, spots_from=args.spots_from, clock_offset=args.clock_offset, **chosen
@@ -770,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-clock-offset", type=POSITIVE,
                        help="largest estimated clock offset, s: a larger one means another collection's master file "
                             "(default: 60)")
+    label.add_argument("--camera-latency", type=NON_NEGATIVE,
+                       help="camera delay from a frame's exposure to its delivery, s: the estimated clock offset "
+                            "(from omega, read on delivery) cannot see it (default: 0.02, the virtual camera's)")
     label.set_defaults(func=cmd_label)
 
     # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).

@@ -597,6 +597,11 @@ def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_
     raised = tmp_path / "raised.h5"
     assert main(["label", str(recorded.recording), "--out", str(raised), "--max-clock-offset", "1200"]) == 0
     assert read_table(raised).recordings[0]["matching"]["clock_offset_s"] == pytest.approx(1000.12, abs=0.01)
+    # A camera slower to deliver than the virtual one: its latency is given, and recorded with the rows.
+    slow = tmp_path / "slow.h5"
+    assert main(["label", str(recorded.recording), "--out", str(slow), "--max-clock-offset", "1200",
+                 "--camera-latency", "0.03"]) == 0
+    assert read_table(slow).recordings[0]["camera_latency_s"] == 0.03
 
 
 def test_the_own_master_file_next_to_a_recording_is_taken_when_the_recorded_path_holds_another(tmp_path, caplog):

@@ -757,6 +757,29 @@ def test_the_virtual_camera_streams_a_still_scene_as_new_exposures(beamline):
     assert np.array_equal(*images)
 
 
+def test_the_virtual_camera_delivers_a_moving_scene_its_latency_after_the_exposure(beamline, monkeypatch):
+    # It slept latency_s after rendering: a frame of a moving scene came 30 ms after its exposure where labelling
+    # subtracts 20 ms, and one row in eight of a rotation was matched with the next detector frame.
+    camera = beamline.sample_view.camera
+    scene, exposed, delays = camera._scene, [], []
+
+    def moving_scene():  # a new scene every frame (omega turning), so that every frame is rendered
+        exposed.append(time.monotonic())
+        key, *parts = scene()
+        return (key, exposed[-1]), *parts
+
+    def received(*args):
+        delays.append(time.monotonic() - exposed[-1])
+
+    monkeypatch.setattr(camera, "_scene", moving_scene)
+    camera.connect("imageReceived", received)
+    try:
+        gevent.sleep(0.6)
+    finally:
+        camera.disconnect("imageReceived", received)
+    assert len(delays) >= 5 and abs(np.median(delays) - camera._latency_s) < 0.004
+
+
 def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():
     # mxcubecore's queue sends blSampleId -1 without LIMS, and no crystal_id: the sample changer position alone
     # made every crystal mounted from it one "crystal" for the split.

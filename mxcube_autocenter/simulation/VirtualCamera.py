@@ -121,10 +121,11 @@ class VirtualCamera(HardwareObject):
         # tests and the demo): a camera left streaming into the next repository
         # would render for nobody and take the GIL from its event loop.
         while self._loaded_repository_alive():
-            start = time.monotonic()
+            start = time.monotonic()  # the exposure: the scene as the motors are now
             try:
                 self._update()
-                gevent.sleep(self._latency_s)
+                # Delivered latency_s after the exposure, rendering included, as labelling assumes.
+                gevent.sleep(max(0.0, self._latency_s - (time.monotonic() - start)))
                 self._exposures += 1
                 if self.stream_format in ("rgb", "rgba", "grey"):
                     pixels = bytearray(self.raw_pixels(self.stream_format))
