@@ -195,7 +195,39 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
     return recordings, truth
 
 
-def _add_ground_truth(dataset: Path, truth: dict) -> None:
+def exposure_motors(scan_ids, timestamps, motors, latency_s: float) -> np.ndarray:
+    """Each row's motor positions when its camera frame was exposed, ``latency_s`` before they were read.
+
+    The recorder reads the motors when a frame arrives; the image shows the
+    sample a camera latency earlier (a degree of omega in a fast rotation).
+    Linear between the rows of one collection (the motors move at constant
+    speed during it), held at its first row before it.
+
+    Parameters
+    ----------
+    scan_ids : (N,) array_like of str
+    timestamps : (N,) array_like of float
+        Arrival times, s.
+    motors : (N, M) array_like of float
+        The positions read at arrival.
+    latency_s : float
+
+    Returns
+    -------
+    (N, M) ndarray
+    """
+    scan_ids, timestamps = np.asarray(scan_ids), np.asarray(timestamps, dtype=np.float64)
+    motors = np.asarray(motors, dtype=np.float64)
+    out = motors.copy()
+    for scan in np.unique(scan_ids):
+        rows = np.flatnonzero(scan_ids == scan)
+        rows = rows[np.argsort(timestamps[rows], kind="stable")]
+        for column in range(motors.shape[1]):
+            out[rows, column] = np.interp(timestamps[rows] - latency_s, timestamps[rows], motors[rows, column])
+    return out
+
+
+def _add_ground_truth(dataset: Path, truth: dict, sample_frame) -> None:
     """Add ``rc_expected`` and ``rc_shapes`` to the labelled set: each row's true and shapes-only expected counts.
 
     The recorded count of a row is a Poisson draw of ``rc_expected``, found
@@ -203,22 +235,29 @@ def _add_ground_truth(dataset: Path, truth: dict) -> None:
     predict, and the learning report compares predictions with both.
     ``rc_shapes`` is what exact knowledge of the crystals' shapes predicts
     (``DiffractionModel.shapes_only``), the reference the report compares
-    the models with.
+    the models with. Both at the motors of the frame's exposure
+    (:func:`exposure_motors`), the moment the image shows.
 
     Parameters
     ----------
     truth : dict
         Crystal id to the mounted sample's ``DiffractionModel``.
+    sample_frame : callable
+        The diffractometer's ``sample_frame``: the rows' motor readings as the
+        simulated sample moves with them (``motor_directions``,
+        ``rotation_axis_phiz``), as the camera and the detector see it.
     """
     import gevent
 
     from mxcube_autocenter.labelling.dataset import add_row_column, read_table
+    from mxcube_autocenter.labelling.pipeline import DEFAULT_CAMERA_LATENCY_S
     from mxcube_autocenter.recording import MOTOR_NAMES
 
     def compute():
         shapes = {crystal: model.shapes_only() for crystal, model in truth.items()}
         rows = read_table(dataset)
-        crystal_motors = [(c, dict(zip(MOTOR_NAMES, m))) for c, m in zip(rows.crystal_id, rows.extra["motors"])]
+        motors = exposure_motors(rows.scan_id, rows.timestamp, rows.extra["motors"], DEFAULT_CAMERA_LATENCY_S)
+        crystal_motors = [(c, sample_frame(dict(zip(MOTOR_NAMES, m)))) for c, m in zip(rows.crystal_id, motors)]
         add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in crystal_motors],
                        "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
         add_row_column(dataset, "rc_shapes", [shapes[c].expected_rc(m) for c, m in crystal_motors],
@@ -993,7 +1032,7 @@ def run_demo(
                 (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
                 if summary.rows_added == 0:
                     raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
-                _add_ground_truth(dataset, truth)
+                _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame)
                 data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
                             n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
                             frame_rate=frame_rate, rows=summary.rows_added,

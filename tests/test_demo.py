@@ -186,6 +186,21 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
     assert "no outcomes in the runs given" in capsys.readouterr().err
 
 
+def test_the_ground_truth_of_a_row_is_taken_at_its_frames_exposure():
+    # The recorder reads the motors when a frame arrives, a camera latency after the image it shows: in a rotation
+    # at 50 degrees/s the true count was that of a sample turned one degree further.
+    from mxcube_autocenter.demo import exposure_motors
+
+    times = np.array([10.0, 10.1, 10.2, 50.0, 50.1])
+    motors = np.array([[0.0, 1.0], [5.0, 1.0], [10.0, 1.0], [100.0, 2.0], [100.0, 3.0]])
+    scans = np.array(["rotation", "rotation", "rotation", "helical", "helical"])
+    at_exposure = exposure_motors(scans, times, motors, 0.02)
+    assert at_exposure[:, 0] == pytest.approx([0.0, 4.0, 9.0, 100.0, 100.0])
+    assert at_exposure[:, 1] == pytest.approx([1.0, 1.0, 1.0, 2.0, 2.8])  # each collection on its own
+    order = [2, 0, 4, 1, 3]  # rows in any order
+    assert exposure_motors(scans[order], times[order], motors[order], 0.02) == pytest.approx(at_exposure[order])
+
+
 def test_heldout_samples_are_reproducible_and_disjoint_from_training():
     specs = heldout_samples(10, 3, seed=0)
     assert specs == heldout_samples(10, 3, seed=0)
