@@ -342,8 +342,27 @@ def test_an_aborted_collection_keeps_the_frames_its_data_files_hold(tmp_path, ca
         series.frame(3)
         with pytest.raises(IndexError):
             series.frame(4)
-    assert "declares 5 images but its data files hold images 1 to 4" in caplog.text
+    assert "declares 5 images but its data files hold its first 4" in caplog.text
     assert "xtal_2_data_000003.h5" in caplog.text
+
+
+def test_a_collection_numbered_from_another_start_image_reads_its_frames_in_order(tmp_path):
+    # MXCuBE passes a collection's start_image_number to the FileWriter (image_nr_start): data files numbered
+    # 101, 103, 105 were read wrapping round (every frame an IndexError) and 6, 8, 10 silently shifted.
+    with open_master(small_collection(tmp_path / "from_1", n_frames=5, images_per_file=2).master_path) as series:
+        frames = [series.frame(i)[0] for i in range(5)]
+    written = small_collection(tmp_path / "from_101", n_frames=5, images_per_file=2)  # the same frames
+    for k, path in enumerate(written.data_paths):
+        with h5py.File(path, "r+") as f:
+            f["entry/data/data"].attrs["image_nr_low"] = 101 + 2 * k
+    with open_master(written.master_path) as series:
+        assert series.nimages == 5
+        assert all(np.array_equal(series.frame(i)[0], frames[i]) for i in range(5))
+    # Files that are no one run of images are refused, not read shifted.
+    with h5py.File(written.data_paths[1], "r+") as f:
+        f["entry/data/data"].attrs["image_nr_low"] = 110
+    with pytest.raises(EigerFileError, match=r"not one run of images \(image_nr_low of each file: \[101, 105, 110\]\)"):
+        open_master(written.master_path)
 
 
 def test_a_data_file_linked_by_an_absolute_path_is_found_next_to_the_master_as_hdf5_finds_it(tmp_path):

@@ -293,19 +293,26 @@ class EigerSeries:
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
             blocks.append((first, dataset, target))
         blocks.sort(key=lambda block: block[0])
+        if blocks:
+            # A collection may number its images from its start_image_number (the FileWriter's image_nr_start):
+            # its first image is frame 0 here.
+            start = blocks[0][0]
+            blocks = [(first - start, dataset, target) for first, dataset, target in blocks]
         held = sum(len(dataset) for _, dataset, _ in blocks)
+        firsts = [first for first, _, _ in blocks]
+        one_run = firsts == [int(n) for n in np.cumsum([0] + [len(d) for _, d, _ in blocks])][:len(blocks)]
+        if not one_run or held == 0 < self.nimages:
+            if missing:
+                self._missing(*missing[0])
+            raise EigerFileError(
+                f"{self.master_path}: declares {self.nimages} images but its data files hold {held}"
+                + ("" if one_run else f", not one run of images (image_nr_low of each file: "
+                                      f"{[first + start + 1 for first in firsts]})")
+                + f": the collection is incomplete; {_COPY_AGAIN}"
+            )
         if held < self.nimages:
-            firsts = [first for first, _, _ in blocks]
-            from_image_1 = firsts == list(np.cumsum([0] + [len(d) for _, d, _ in blocks[:-1]]))
-            if held == 0 or not from_image_1:
-                if missing:
-                    self._missing(*missing[0])
-                raise EigerFileError(
-                    f"{self.master_path}: declares {self.nimages} images but its data files hold {held}: "
-                    f"the collection is incomplete; {_COPY_AGAIN}"
-                )
             log.warning(
-                "%s: declares %d images but its data files hold images 1 to %d%s: an aborted collection? "
+                "%s: declares %d images but its data files hold its first %d%s: an aborted collection? "
                 "Only those are used", self.master_path, self.nimages, held,
                 f" ({len(missing)} linked data files missing, first {missing[0][1].name})" if missing else "",
             )  # fmt: skip
@@ -392,6 +399,10 @@ class EigerSeries:
         return np.column_stack([start, stop])
 
     def close(self) -> None:
+        # The data files opened through external links stay open while their datasets are referenced.
+        for _, dataset, _ in self._blocks:
+            dataset.file.close()
+        self._blocks = []
         self._file.close()
 
     def __enter__(self) -> EigerSeries:
