@@ -173,6 +173,9 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
             field = cls.model_fields.get(name)
             if value is None and field is not None and "none" in get_args(field.annotation):
                 value = "none"  # the text None, for a property whose choices include 'none'
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and field is not None
+                    and str in (field.annotation, *get_args(field.annotation))):
+                value = str(value)  # a folder, file or name that is all digits, which mxcubecore made a number
             values[name] = value
         return values
 

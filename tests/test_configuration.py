@@ -271,6 +271,12 @@ def test_an_empty_master_file_template_is_refused():
         _from_xml(master_file_template="")
 
 
+def test_a_folder_or_name_of_digits_is_text_not_a_refused_number():
+    # mxcubecore makes the text 2024 the number 2024: the object did not load for a folder named after a year.
+    config = _from_xml(centring_save_directory="2024", username="42")
+    assert (config.centring_save_directory, config.username) == ("2024", "42")
+
+
 def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):
     # Not at MXCuBE's working directory, which is no fixed place for a service.
     elsewhere = tmp_path / "elsewhere"

@@ -399,6 +399,16 @@ def test_eigers_top_two_values_are_invalid_without_a_count_cutoff(tmp_path):
         assert series.count_cutoff == 0xFFFFFFFE
 
 
+def test_a_count_cutoff_of_zero_is_none_written(tmp_path):
+    # Every pixel at or above 0 was saturated: every frame gave 0 spots without a word.
+    written = small_collection(tmp_path, n_frames=1)
+    with h5py.File(written.master_path, "r+") as f:
+        saturation = int(f["entry/instrument/detector/saturation_value"][()])
+        f["entry/instrument/detector/detectorSpecific/countrate_correction_count_cutoff"][()] = 0
+    with open_master(written.master_path) as series:
+        assert series.count_cutoff == saturation and series.frame(0)[1].any()
+
+
 def test_per_frame_times_are_read_in_their_units(tmp_path):
     written = small_collection(tmp_path, n_frames=3)
     with h5py.File(written.master_path, "r+") as f:

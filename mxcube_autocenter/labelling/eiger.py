@@ -156,10 +156,10 @@ class EigerSeries:
         self.frame_stop_times = self._frame_times(detector, "stop_time")
         self.dtype = self._blocks[0][1].dtype if self._blocks else np.dtype(np.uint32)
         invalid = np.iinfo(self.dtype).max
-        if "countrate_correction_count_cutoff" in specific:
-            cutoff = specific["countrate_correction_count_cutoff"][()]
-        else:
-            cutoff = detector["saturation_value"][()] if "saturation_value" in detector else invalid
+        # A cutoff of 0 or less is none written (every pixel would be saturated, every frame 0 spots).
+        cutoffs = [float(group[name][()]) for group, name in ((specific, "countrate_correction_count_cutoff"),
+                                                             (detector, "saturation_value")) if name in group]
+        cutoff = next((c for c in cutoffs if c > 0), invalid)
         # EIGER flags gaps and bad pixels with the top two values (2^N - 1, 2^N - 2).
         self.count_cutoff = int(min(cutoff, invalid - 1))
 
