@@ -22,6 +22,8 @@ from pathlib import Path
 from mxcube_autocenter.beamline import mxcubecore_mockup_dir, virtual_beamline_dir
 
 WEB_CONFIG = "mxcube-web"
+# In the state directory's copy of WEB_CONFIG: the command's own, which it may replace.
+WRITTEN_HERE = "WRITTEN_BY_MXCUBE_AUTOCENTER"
 DEFAULT_HOST = "127.0.0.1"
 # mxcubeweb's default, and where its UI development server sends API calls.
 DEFAULT_PORT = 8081
@@ -100,12 +102,18 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         raise WebSetupError(
             f"--state-dir {state_dir} holds the configuration itself ({source}): choose another --state-dir"
         )
+    if target.exists() and not (target / WRITTEN_HERE).is_file() and not _files(target) <= _files(source):
+        # Replaced at every start: a site's own mxcube-web/ there would be lost, and would come first on the
+        # lookup path (its beamline.yaml, too, before the virtual beamline's).
+        raise WebSetupError(f"{target} was not written by `mxcube-autocenter web`: choose another --state-dir "
+                            "(the command replaces its mxcube-web/ at every start)")  # fmt: skip
     yaml = ruamel.yaml.YAML()
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
     try:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
+        (target / WRITTEN_HERE).write_text("written by `mxcube-autocenter web`, replaced at its next start\n")
         with (target / "server.yaml").open("w") as out:
             yaml.dump(settings, out)
     except OSError as err:
@@ -116,6 +124,11 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     if ui_build:
         command += ["-s", str(Path(ui_build).resolve())]
     return command
+
+
+def _files(folder: Path) -> set:
+    """The files under ``folder``, relative to it."""
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:

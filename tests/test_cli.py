@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,18 @@ def test_web_refuses_a_state_directory_that_is_the_configuration_directory(tmp_p
     assert main(["web", "--config", str(tmp_path / "config"), "--state-dir", str(tmp_path / "config")]) == 2
     assert "holds the configuration itself" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "config" / "mxcube-web").rglob("*")) == before
+
+
+def test_web_leaves_a_site_configuration_in_the_state_directory_alone(tmp_path, capsys, monkeypatch):
+    # The copy of mxcube-web/ is replaced at every start: a site's own folder there was deleted without a word.
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
+    site = tmp_path / "state" / "mxcube-web"
+    site.mkdir(parents=True)
+    (site / "server.yaml").write_text("server: {PORT: 8090}\n")
+    (site / "custom.txt").write_text("the site's")
+    assert main(["web", "--state-dir", str(tmp_path / "state")]) == 2
+    assert "was not written by `mxcube-autocenter web`: choose another --state-dir" in capsys.readouterr().err
+    assert (site / "custom.txt").read_text() == "the site's"
 
 
 def test_a_corrupt_row_found_while_training_is_an_error_that_names_the_set_and_the_row(tmp_path, capsys):
