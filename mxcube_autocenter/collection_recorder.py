@@ -530,7 +530,12 @@ class CollectionRecorder:
         if writer is None:
             return None
         if self._streamed:
-            self._camera.disconnect("imageReceived", self.frame_received)
+            try:
+                self._camera.disconnect("imageReceived", self.frame_received)
+            except Exception:
+                # Never connected (a camera whose connect failed before it registered the slot): nothing to undo,
+                # and the recording must still close.
+                self.log.debug("AutoCenter: the recorder was not listening to the camera", exc_info=True)
         current = gevent.getcurrent()
         for task in self._tasks:
             if task is not current:

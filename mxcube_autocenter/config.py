@@ -173,11 +173,20 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
             field = cls.model_fields.get(name)
             if value is None and field is not None and "none" in get_args(field.annotation):
                 value = "none"  # the text None, for a property whose choices include 'none'
-            if (isinstance(value, (int, float)) and not isinstance(value, bool) and field is not None
-                    and str in (field.annotation, *get_args(field.annotation))):
-                value = str(value)  # a folder, file or name that is all digits, which mxcubecore made a number
             values[name] = value
         return values
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_for_a_text(cls, value, info):
+        # mxcubecore makes the text 2024, 007 or 1e3 a number, whose spelling is then lost: a folder, file or name
+        # of digits alone cannot be given in the XML.
+        annotation = cls.model_fields[info.field_name].annotation
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and str in (annotation, *get_args(annotation)) and int not in (annotation, *get_args(annotation))):
+            raise ValueError(f"mxcubecore reads this text as the number {value!r}, not as the text written: give a "
+                             "folder or file as ./NAME, a name with a letter in it")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod

@@ -227,7 +227,7 @@ def exposure_motors(scan_ids, timestamps, motors, latency_s: float) -> np.ndarra
     return out
 
 
-def _add_ground_truth(dataset: Path, truth: dict, sample_frame) -> None:
+def _add_ground_truth(dataset: Path, truth: dict, sample_frame, camera_latency_s: float) -> None:
     """Add ``rc_expected`` and ``rc_shapes`` to the labelled set: each row's true and shapes-only expected counts.
 
     The recorded count of a row is a Poisson draw of ``rc_expected``, found
@@ -246,17 +246,18 @@ def _add_ground_truth(dataset: Path, truth: dict, sample_frame) -> None:
         The diffractometer's ``sample_frame``: the rows' motor readings as the
         simulated sample moves with them (``motor_directions``,
         ``rotation_axis_phiz``), as the camera and the detector see it.
+    camera_latency_s : float
+        The camera's delay from exposure to delivery, s.
     """
     import gevent
 
     from mxcube_autocenter.labelling.dataset import add_row_column, read_table
-    from mxcube_autocenter.labelling.pipeline import DEFAULT_CAMERA_LATENCY_S
     from mxcube_autocenter.recording import MOTOR_NAMES
 
     def compute():
         shapes = {crystal: model.shapes_only() for crystal, model in truth.items()}
         rows = read_table(dataset)
-        motors = exposure_motors(rows.scan_id, rows.timestamp, rows.extra["motors"], DEFAULT_CAMERA_LATENCY_S)
+        motors = exposure_motors(rows.scan_id, rows.timestamp, rows.extra["motors"], camera_latency_s)
         crystal_motors = [(c, sample_frame(dict(zip(MOTOR_NAMES, m)))) for c, m in zip(rows.crystal_id, motors)]
         add_row_column(dataset, "rc_expected", [truth[c].expected_rc(m) for c, m in crystal_motors],
                        "virtual beamline: expected reflection count at the row's motor positions (ground truth)")
@@ -933,7 +934,9 @@ def run_demo(
     from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
-    out = Path(out)
+    # Absolute: the paths in the result stay true wherever the caller goes next, and a relative path a script
+    # gives the AutoCenter object starts at its XML file's folder (the package's here).
+    out = Path(out).resolve()
     defaults = QUICK if quick else FULL
     n_train = defaults["n_train"] if n_train is None else n_train
     n_heldout = defaults["n_heldout"] if n_heldout is None else n_heldout
@@ -1026,13 +1029,14 @@ def run_demo(
                 dataset = learning_dir / "dataset.h5"
                 learning_dir.mkdir(parents=True, exist_ok=True)
                 # Crops a little larger than the model's (not the labelling default of 600 um): 6 times less disk.
-                summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress,
+                latency = bl.sample_view.camera.get_latency()  # the virtual camera's, known here
+                summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress, camera_latency=latency,
                                            stored_crop_um=max(240.0, 1.5 * max(crop_um, regressor_crop_um)))  # fmt: skip
                 timings["label"] = time.perf_counter() - t
                 (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
                 if summary.rows_added == 0:
                     raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
-                _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame)
+                _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame, latency)
                 data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
                             n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
                             frame_rate=frame_rate, rows=summary.rows_added,
@@ -1057,7 +1061,7 @@ def run_demo(
                 elif trained and not use_shipped_model:
                     predictor, source = Predictor(*trained), TRAINED_IN_RUN
                 else:
-                    predictor, source = load_predictor(), "shipped model"
+                    predictor, source = load_predictor(), scorecard.SHIPPED_MODEL
             except PredictorError as err:
                 raise DemoError(
                     f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "

@@ -49,6 +49,7 @@ insides, would give.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
@@ -434,6 +435,7 @@ def pool_outcomes(runs, methods=METHODS) -> list:
 
 LEARNING_FIGURES = ("spearman", "spearman_expected", "classifier_accuracy", "classifier_accuracy_expected", "train_s")
 TRAINED_IN_RUN = "trained in this run"  # a demo scorecard's learning "source" when the run trained its model
+SHIPPED_MODEL = "shipped model"  # a demo scorecard's model "source" when it centred with the package's model
 
 
 def pool_learning(scorecards) -> dict:
@@ -460,7 +462,7 @@ def pool_learning(scorecards) -> dict:
         for key in LEARNING_FIGURES:
             values = [run[key] for run in trained if run[key] is not None]
             pooled[key] = float(np.mean(values)) if values else None
-        others = sorted({str(run["centred_with"]) for run in trained if run["centred_with"] != TRAINED_IN_RUN})
+        others = sorted({str(run["centred_with"]) for run in trained if run["centred_with"] not in (TRAINED_IN_RUN, None)})
         pooled["source"] = (f"mean of {len(trained)} run(s) that trained their model"
                             + (f"; the centring used the {' / '.join(others)}, not that model" if others else ""))
     elif (runs and None not in runs
@@ -494,13 +496,16 @@ def check_one_centring_model(scorecards, names) -> None:
     for card, name in zip(scorecards, names):
         model = (card or {}).get("model")
         if model:
-            key = (TRAINED_IN_RUN,) if model.get("source") == TRAINED_IN_RUN else (model.get("regressor"),
-                                                                                  model.get("classifier"))
+            if model.get("source") == TRAINED_IN_RUN:
+                key = ("each its own trained model",)
+            elif model.get("source") == SHIPPED_MODEL:  # one model wherever the package is installed
+                key = (f"the shipped {os.path.basename(str(model.get('regressor')))}",)
+            else:
+                key = tuple(str(model[k]) for k in ("regressor", "classifier") if model.get(k))
             runs_of.setdefault(key, []).append(str(name))
     if len(runs_of) > 1:
-        groups = "; ".join(
-            f"{'each its own trained model' if key == (TRAINED_IN_RUN,) else key[0] + (f' + {key[1]}' if key[1] else '')}"
-            f": {', '.join(runs)}" for key, runs in runs_of.items())  # fmt: skip
+        groups = "; ".join(f"{' + '.join(key) or 'an unnamed model'}: {', '.join(runs)}"
+                           for key, runs in runs_of.items())  # fmt: skip
         raise ValueError(f"these runs centred with different models ({groups}): pool the runs of one model, "
                          "and compare two models with `mxcube-autocenter compare`")  # fmt: skip
 

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP=$VENV/.installed
+WEB_MISSING=$VENV/.web-extra-missing  # the optional web extra failed to install
 
 # python-ldap (a dependency of mxcubecore) compiles against these headers.
 SYSTEM_PACKAGES="libldap2-dev libsasl2-dev"
@@ -45,6 +46,10 @@ find_python() {
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt pyproject.toml ] \
     && [ "$STAMP" -nt scripts/bootstrap.sh ]; then
+    if [ -f "$WEB_MISSING" ]; then
+        echo "warning: the web extra (mxcubeweb) is not installed, so the web tests are skipped;" \
+            "to try again: rm $STAMP && make install" >&2
+    fi
     exit 0
 fi
 
@@ -73,12 +78,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$python" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-# The web extra (mxcubeweb) is optional: without it only the web tests are skipped. Without it the install is not
-# marked done, so the next make tries the web extra again (a network failure must not drop those tests for good).
+# The web extra (mxcubeweb) is optional: without it only the web tests are skipped, which every later make says
+# (a network failure must not drop those tests unnoticed) until `make install` after removing the stamp.
 if "$VENV/bin/python" -m pip install --quiet -e ".[test,web]"; then
-    touch "$STAMP"
+    rm -f "$WEB_MISSING"
 else
-    echo "warning: the web extra (mxcubeweb) did not install; installing without it (the web tests will be skipped," \
-        "and the next make tries it again)" >&2
+    echo "warning: the web extra (mxcubeweb) did not install; installing without it" >&2
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$WEB_MISSING"
 fi
+touch "$STAMP"

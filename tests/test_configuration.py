@@ -271,10 +271,14 @@ def test_an_empty_master_file_template_is_refused():
         _from_xml(master_file_template="")
 
 
-def test_a_folder_or_name_of_digits_is_text_not_a_refused_number():
-    # mxcubecore makes the text 2024 the number 2024: the object did not load for a folder named after a year.
-    config = _from_xml(centring_save_directory="2024", username="42")
-    assert (config.centring_save_directory, config.username) == ("2024", "42")
+def test_a_folder_or_name_of_digits_is_refused_with_how_to_write_it():
+    # mxcubecore makes the text 2024 (or 007, 1e3) a number: the refusal said only "Input should be a valid
+    # string", and turning the number back into text would name another folder ("7", "1000.0").
+    for name, text in (("centring_save_directory", "007"), ("username", "1e3")):
+        with pytest.raises(ValueError, match=rf"{name} = .*reads this text as the number .*give a folder or file as "
+                                             r"\./NAME, a name with a letter in it"):
+            _from_xml(**{name: text})
+    assert _from_xml(centring_save_directory="./2024").centring_save_directory == "./2024"
 
 
 def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """The demo end to end in a very small configuration: record, label, train, centre, score, report."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +20,14 @@ FIGURES = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
 def small_demo(tmp_path_factory):
     """3 training samples with short collections, 2 held-out samples of which 1 empty, 1 epoch of fine-tuning (about 1.5 min)."""
     out = tmp_path_factory.mktemp("demo")
-    result = run_demo(out, n_train=3, n_heldout=2, n_empty=1, n_images=20, epochs=1, classifier_epochs=1,
-                      input_size=48, nproc=2, progress=False)
+    # A relative --out, as `make demo` gives (out/demo): the centring records went into the package's folder.
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        result = run_demo(Path(out.name), n_train=3, n_heldout=2, n_empty=1, n_images=20, epochs=1,
+                          classifier_epochs=1, input_size=48, nproc=2, progress=False)
+    finally:
+        os.chdir(cwd)
     return out, result
 
 

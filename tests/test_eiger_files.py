@@ -365,6 +365,19 @@ def test_a_collection_numbered_from_another_start_image_reads_its_frames_in_orde
         open_master(written.master_path)
 
 
+def test_a_master_file_holding_its_data_blocks_itself_reads_and_closes(tmp_path):
+    # Closing a series closes the data files its external links opened; blocks inside the master file close with
+    # it (closing the master once per block raised on the second).
+    written = small_collection(tmp_path, n_frames=4, images_per_file=2)
+    with h5py.File(written.master_path, "r+") as master:
+        for name, path in zip(("data_000001", "data_000002"), written.data_paths):
+            del master["entry/data"][name]
+            with h5py.File(path, "r") as data_file:
+                data_file.copy(data_file["entry/data/data"], master["entry/data"], name)
+    with open_master(written.master_path) as series:
+        assert series.nimages == 4 and series.frame(3)[0].shape == (SMALL.height, SMALL.width)
+
+
 def test_a_data_file_linked_by_an_absolute_path_is_found_next_to_the_master_as_hdf5_finds_it(tmp_path):
     written = small_collection(tmp_path, n_frames=2)
     with h5py.File(written.master_path, "r+") as f:

@@ -161,6 +161,8 @@ def test_pooled_learning_says_when_the_runs_centred_with_another_model_and_a_rep
     pooled = scorecard.pool_learning(cards)
     assert pooled["spearman_expected"] == pytest.approx(0.8)
     assert pooled["source"] == "mean of 2 run(s) that trained their model; the centring used the shipped model, not that model"
+    unknown = [{**card, "model": {"regressor": "shipped.keras"}} for card in cards]  # an older card: no source
+    assert scorecard.pool_learning(unknown)["source"] == "mean of 2 run(s) that trained their model"
     # One path whose file was replaced between the runs: two models, whose figures differ.
     replaced = [_card("model file metadata", "m.keras", spearman_expected=r) for r in (0.7, 0.5)]
     assert scorecard.pool_learning(replaced)["source"] is None
@@ -178,6 +180,13 @@ def test_runs_that_centred_with_different_models_are_not_pooled():
         scorecard.check_one_centring_model([one[0], card("given model file", "m.keras", "c.keras")], ["r0", "r1"])
     with pytest.raises(ValueError, match=r"each its own trained model: r1"):
         scorecard.check_one_centring_model([one[0], own[0]], ["r0", "r1"])
+    # The shipped model is one model wherever the package is installed (a laptop, CI).
+    shipped = [card(scorecard.SHIPPED_MODEL, f"/{where}/mxcube_autocenter/models/default_regressor.keras")
+               for where in ("home", "ci")]
+    scorecard.check_one_centring_model(shipped, ["r0", "r1"])
+    # A card without a model file named is said so, not a TypeError.
+    with pytest.raises(ValueError, match=r"an unnamed model: r1"):
+        scorecard.check_one_centring_model([one[0], card("given model file", None)], ["r0", "r1"])
 
 
 def test_summarise_gives_the_rates_intervals():

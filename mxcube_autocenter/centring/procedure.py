@@ -246,12 +246,13 @@ class Beamline:
 
             camera.connect("imageReceived", frame_received)
             try:
-                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or heard["images"] > 0
+                # Silent, or sending one image over and over (mxcubecore's MDCameraMockup): not waited for again.
+                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or heard["images"] > 1
             finally:
                 camera.disconnect("imageReceived", frame_received)
             if not self._camera_streams:
                 logging.getLogger(__name__).info(
-                    "AutoCenter: the camera sent no frame within %g s: its snapshots are taken at once",
+                    "AutoCenter: the camera sent no new frame within %g s: its snapshots are taken at once",
                     FRESH_FRAME_TIMEOUT_S)  # fmt: skip
         return self.sample_view.get_snapshot(return_as_array=True)
 

@@ -399,10 +399,13 @@ class EigerSeries:
         return np.column_stack([start, stop])
 
     def close(self) -> None:
-        # The data files opened through external links stay open while their datasets are referenced.
-        for _, dataset, _ in self._blocks:
-            dataset.file.close()
+        # The data files opened through external links stay open while their datasets are referenced: each closed
+        # once (a block in the master file itself closes with it).
+        data_files = {target: dataset.file for _, dataset, target in self._blocks if target != self.master_path}
         self._blocks = []
+        for data_file in data_files.values():
+            if data_file.id.valid:
+                data_file.close()
         self._file.close()
 
     def __enter__(self) -> EigerSeries:

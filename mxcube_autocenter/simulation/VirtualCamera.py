@@ -137,6 +137,10 @@ class VirtualCamera(HardwareObject):
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
 
+    def get_latency(self) -> float:
+        """Delay from a frame's exposure to its delivery, s (the ``latency_s`` property)."""
+        return self._latency_s
+
     def raw_pixels(self, video_mode: str) -> bytes:
         """The current frame's pixels as TangoLimaVideo sends them in ``video_mode`` ("rgb", "rgba" or "grey")."""
         rgb = self._rgb
