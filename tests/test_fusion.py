@@ -113,6 +113,21 @@ def test_a_blind_view_lets_a_crystal_that_one_view_cannot_see_win():
     assert sorted(fused.scores)[1] >= 10.0 and min(fused.scores) < 1.0
 
 
+def test_two_blind_views_of_six_let_a_crystal_seen_in_four_win_not_a_brighter_thing_seen_in_three():
+    crystal = np.array([0.12, 0.05, -0.08])
+    bright = np.array([-0.05, 0.0, 0.02])
+    omegas = [30.0 * k for k in range(6)]
+    crystal_heights = [40.0, 40.0, 40.0, 40.0, 0.0, 0.0]
+    bright_heights = [200.0, 200.0, 200.0, 0.0, 0.0, 0.0]
+    views = [blob_view(w, [crystal, bright], heights=[c, b]) for w, c, b in zip(omegas, crystal_heights, bright_heights)]
+    assert np.abs(fuse_views(views, PPMM, BEAM).point - bright).max() * 1000 < 6 / 1.3
+    fused = fuse_views(views, PPMM, BEAM, floor=10.0, blind=2)
+    assert np.abs(fused.point - crystal).max() * 1000 < 6 / 1.3
+    assert sum(score < 10.0 for score in fused.scores) == 2
+    # Below the floor in three views, the crystal no longer competes either: the best mean wins again.
+    assert np.abs(fuse_views(views, PPMM, BEAM, floor=10.0, blind=1).point - bright).max() * 1000 < 6 / 1.3
+
+
 def test_a_blind_view_never_lets_a_point_off_the_sample_win():
     ghost = np.array([-0.05, 0.0, 0.02])
     omegas = (30.0, 90.0, 150.0)

@@ -420,6 +420,18 @@ def test_lucid_benchmark_leaves_lucid3s_one_time_set_up_out_of_its_time(monkeypa
     assert benchmark.lucid_s(np.zeros((8, 8, 3), np.uint8), runs=3) < 0.05
 
 
+def test_fusion_benchmark_times_the_default_views_of_a_virtual_sample():
+    from mxcube_autocenter.centring import benchmark
+    from mxcube_autocenter.centring.predictor import load_predictor
+    from mxcube_autocenter.simulation.render import Renderer
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    sample = make_sample(3, n_crystals=1)
+    motors = {"omega": 30.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+    seconds = benchmark.fusion_s(load_predictor(), sample, motors, Renderer(), runs=1)
+    assert 0 < seconds < 30
+
+
 def test_added_memory_still_makes_the_call_where_the_peak_cannot_be_reset(monkeypatch):
     # heatmap_figures relies on the call as its warm-up; macOS has no /proc, some sandboxes refuse it.
     import builtins

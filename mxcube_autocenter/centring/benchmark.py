@@ -96,6 +96,41 @@ def lucid_s(frame, runs: int) -> float:
     return (time.perf_counter() - start) / runs
 
 
+def fusion_s(predictor, sample, motors, renderer, runs: int) -> float:
+    """Mean time to fuse the default number of views of ``sample`` into one point and refine it on the images, s.
+
+    The views are ``centring_angles`` (the default) frames over half a turn
+    from ``motors``, each analysed as the procedure does; only
+    :func:`.fusion.fuse_views` and :func:`.fusion.refine_on_image` are timed.
+    """
+    from mxcube_autocenter.centring.fusion import View, fuse_views, refine_on_image
+    from mxcube_autocenter.centring.loop import loop_tips
+    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame
+
+    defaults = {name: field.default for name, field in AutoCenterConfig.model_fields.items()}
+    settings = CentringSettings.from_config(AutoCenterConfig.model_construct(**defaults))
+    ppmm, beam = (1300.0, 1300.0), (640, 512)
+    views, frames = [], []
+    for k in range(settings.n_angles):
+        at = {**motors, "omega": motors["omega"] + k * 180.0 / settings.n_angles}
+        frame = renderer.render(sample, at, ppmm, beam)
+        angle = analyse_frame(predictor, frame, loop_tips(frame, ppmm, settings.pin_side)[1], ppmm, settings, at,
+                              classify=False)  # fmt: skip
+        views.append(View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, at, angle.mask))
+        frames.append(frame)
+
+    def fuse():
+        fused = fuse_views(views, ppmm, beam, floor=settings.min_score, blind=settings.blind_views,
+                           plateau=settings.plateau)  # fmt: skip
+        refine_on_image(fused.point, views, frames, ppmm, beam, max_um=settings.refine_max_um)
+
+    fuse()  # the first call of the process pays for imports and first allocations
+    start = time.perf_counter()
+    for _ in range(runs):
+        fuse()
+    return (time.perf_counter() - start) / runs
+
+
 def full_gc_figures() -> dict:
     """A full garbage collection with the model loaded, with the AutoCenter object's
     freeze (``full_gc_ms``) and without it (``full_gc_unfrozen_ms``), ms.
@@ -161,9 +196,11 @@ def benchmark(quick: bool = False) -> dict:
     predictor = load_predictor()
     sample = make_sample(3, n_crystals=1)
     motors = {"omega": 30.0, "phiy": float(sample.loop_centre[0]), "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
-    frame = Renderer().render(sample, motors, (1300.0, 1300.0), (640, 512))
+    renderer = Renderer()
+    frame = renderer.render(sample, motors, (1300.0, 1300.0), (640, 512))
     figures = heatmap_figures(predictor, frame, quick)
     figures["lucid_s"] = lucid_s(frame, runs=3 if quick else 10)
+    figures["fusion_s"] = fusion_s(predictor, sample, motors, renderer, runs=2 if quick else 5)
     figures.update(full_gc_figures())
     figures["centring_wall_s"] = centring_wall_s(n=2 if quick else 5)
     figures["centring_default_angles"] = AutoCenterConfig.model_fields["centring_angles"].default

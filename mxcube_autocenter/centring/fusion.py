@@ -174,20 +174,28 @@ def fuse_views(views, pixels_per_mm, beam_position, step_px=None, sigma_cells=1.
         score = _interp_1d(columns, rows.ravel(), axis=0).reshape(*du.shape, len(xs))
         score = np.where(np.isfinite(score), score, _EXCLUDED)  # a NaN prediction sees nothing
         per_view.append(score)
-    stacked = np.stack(per_view)
-    total = stacked.sum(axis=0) / len(views)
+    # Summed view by view, not stacked: a copy of every view's scores cost a centring up to 0.4 s.
+    total = per_view[0].copy()
+    lowest = per_view[0].copy()
+    for score in per_view[1:]:
+        total += score
+        np.minimum(lowest, score, out=lowest)
+    total /= len(views)
     if floor is not None:
-        # The lowest prediction once the ``blind`` lowest views are left out; a point outside any
-        # view's region or mask is off the sample, never merely unseen.
-        seen = np.partition(stacked, blind, axis=0)[blind]
-        competing = (seen >= floor) & ~outside(stacked.min(axis=0))
+        # At most ``blind`` views below the floor (the lowest prediction once the ``blind`` lowest views are
+        # left out reaches it; counted, not sorted: a partition along the views took half the fusion's time);
+        # a point outside any view's region or mask is off the sample, never merely unseen.
+        below = np.zeros(total.shape, np.int32)
+        for score in per_view:
+            below += score < floor
+        competing = (below <= blind) & ~outside(lowest)
         if competing.any():
             total = np.where(competing, total, _EXCLUDED)
     i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
     if plateau is not None:
         i, j, k = _plateau_centre(total, (i, j, k), plateau)
     point = np.array([along[k, 0], *across[np.ravel_multi_index((i, j), du.shape), 1:]])
-    return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s) for s in stacked[:, i, j, k]))
+    return FusedPoint(point=point, score=float(total[i, j, k]), scores=tuple(float(s[i, j, k]) for s in per_view))
 
 
 def _plateau_centre(total, peak, fraction):
