@@ -725,6 +725,25 @@ def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     assert not missed, f"beam off the crystal at omega {missed}: {score['dist_um']:.1f} um, RC {score['rc_fraction']:.2f}"
 
 
+def test_a_verification_view_where_lucid_finds_no_loop_looks_where_the_loop_went(beamline, shipped_autocenter,
+                                                                                  monkeypatch):
+    # Its region was placed at the last view's tip on screen, where the loop lay before the move: the beam fell
+    # outside it and a good centring (0.3 mm along the spindle) was refused and undone.
+    spec = HELDOUT[53002]
+    beamline.sample_changer.mount(make_sample(53002, **spec["kwargs"]))
+    centre = beamline.sample_changer.mounted.sample.loop_centre
+    beamline.diffractometer.set_value_motors(
+        {"omega": 40.0, "phiy": float(centre[0]) + 0.3, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}, timeout=30
+    )
+    verifying = []
+    tips, verify = procedure.loop_tips, procedure.verify
+    monkeypatch.setattr(procedure, "loop_tips", lambda *args: (None, None) if verifying else tips(*args))
+    monkeypatch.setattr(procedure, "verify", lambda *args: (verifying.append(True), verify(*args))[1])
+    result = shipped_autocenter.centre(save=False)
+    assert verifying and result.success and result.verified, result.message
+    assert result.verification.loop != result.angles[-1].loop
+
+
 def test_empty_loop_with_the_loop_fallback_centres_the_loop_and_says_so(beamline, shipped_autocenter, monkeypatch):
     changer = beamline.sample_changer
     mounted = changer.mount(make_sample(changer.seed_at(5, 8)))
@@ -769,8 +788,8 @@ def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shippe
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
     bl.move({"phiy": bl.positions()["phiy"] + (tip_x - beam[0]) / ppmm[0] + 0.15}, 10)
     settings = shipped_autocenter.centring_settings()
-    check = procedure.verify(bl, shipped_autocenter.predictor, settings, 45.0, result.verification.loop, {},
-                             logging.getLogger("HWR"))
+    loop = procedure._loop_point(result.angles, ppmm, bl.axis_origin(ppmm, beam))
+    check = procedure.verify(bl, shipped_autocenter.predictor, settings, 45.0, loop, {}, logging.getLogger("HWR"))
     assert check.score < settings.min_score and not procedure.is_crystal(check, settings)
 
 
@@ -963,6 +982,20 @@ def test_a_scale_that_reads_no_number_refuses_the_centring_before_anything_moves
     monkeypatch.setattr(beamline.diffractometer, "get_pixels_per_mm", lambda: (float("nan"), float("nan")))
     result = autocenter.centre(save=False)
     assert not result.success and "not usable" in result.message, result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-6)
+
+
+@pytest.mark.parametrize("reading", [float("nan"), None])
+def test_a_motor_that_reads_no_position_refuses_the_centring_before_anything_moves(beamline, autocenter, monkeypatch,
+                                                                                    reading):
+    # A NaN start let any move of that motor pass max_displacement_mm; None ended in a TypeError naming nothing.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    sampx = beamline.diffractometer.get_motors()["sampx"]
+    monkeypatch.setattr(sampx, "get_value", lambda: reading)
+    result = autocenter.centre(save=False)
+    assert not result.success and f"motor sampx reads {reading!r}, no position" in result.message, result.message
+    monkeypatch.undo()
     assert positions(beamline) == pytest.approx(start, abs=1e-6)
 
 
@@ -1210,6 +1243,16 @@ def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view():
                     slot(self.image(), 4, 2, False)
                 gevent.sleep(0.01)
 
+        def poll_changes(self):  # each image once, when it is new
+            last = None
+            while True:
+                image = self.image()
+                if image != last:
+                    for slot in list(self.slots):
+                        slot(image, 4, 2, False)
+                    last = image
+                gevent.sleep(0.01)
+
     def beamline(camera):
         sample_view = SimpleNamespace(camera=camera, get_snapshot=lambda return_as_array: camera.image())
         return procedure.Beamline(SimpleNamespace(sample_view=sample_view, diffractometer=None, beam=None),
@@ -1224,6 +1267,18 @@ def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view():
                 gevent.sleep(0.001)
             before = camera.image()
             assert bl.snapshot() != before
+        # A slow camera that sends each image once, 3 a second, is still waited for at every view: the time-out
+        # is per frame (the first image heard only sets the reference, and the next came 0.6 s later).
+        polling.kill()
+        camera.image = lambda: b"image %d" % int((time.monotonic() - camera.t0) / 0.3)
+        polling = gevent.spawn(camera.poll_changes)
+        bl = beamline(camera)
+        for _ in range(3):
+            while not 0.05 < (time.monotonic() - camera.t0) % 0.3 < 0.06:  # the last image sent a while ago
+                gevent.sleep(0.001)
+            before = camera.image()
+            assert bl.snapshot() != before
+        assert bl._camera_streams
         # One image sent over and over (mxcubecore's MDCameraMockup) is waited for once, as a silent camera.
         camera.image = lambda: b"the one image"
         bl = beamline(camera)

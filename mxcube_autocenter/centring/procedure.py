@@ -214,8 +214,23 @@ class Beamline:
         return motors
 
     def positions(self, names=CENTRING_MOTORS) -> dict:
+        """The motors' readings, refusing clearly a reading that is no number.
+
+        A NaN start would let any move of that motor pass ``max_displacement_mm``; mxcubecore's ExporterMotor
+        (MD3) reads None until its first good reading.
+        """
         motors = self.motors(names)
-        return {name: float(motors[name].get_value()) for name in names}
+        readings = {}
+        for name in names:
+            value = motors[name].get_value()
+            try:
+                readings[name] = float(value)
+            except (TypeError, ValueError):
+                readings[name] = np.nan
+            if not np.isfinite(readings[name]):
+                raise CentringFailed(f"motor {name} reads {value!r}, no position: check it in the diffractometer's "
+                                     "software, then centre again")  # fmt: skip
+        return readings
 
     def directions(self) -> dict:
         """Each centring motor's direction (SampleView's ``motor_directions``): see geometry.sample_frame."""
@@ -227,11 +242,12 @@ class Beamline:
 
         A camera's last frame may have been exposed before the motors stopped (a frame period and tens of ms of
         latency: a degree or more of an omega turn); mxcubecore's ``get_snapshot`` returns it as it is. A camera
-        that sends no frame within :data:`FRESH_FRAME_TIMEOUT_S` (no stream) is not waited for again.
+        that sends no new frame within :data:`FRESH_FRAME_TIMEOUT_S` (no stream, or one image over and over) is
+        not waited for again; a slow one is waited for as long as its frames keep coming.
         """
         camera = self.sample_view.camera
         if self.fresh_frames > 0 and self._camera_streams and camera is not None:
-            arrived = gevent.event.Event()
+            arrived, progress = gevent.event.Event(), gevent.event.Event()
             heard = {"images": 0, "last": None}
 
             def frame_received(image=None, *args):
@@ -241,13 +257,20 @@ class Beamline:
                     return
                 heard["images"] += 1
                 heard["last"] = payload_reference(image)
+                progress.set()
                 if heard["images"] > self.fresh_frames:
                     arrived.set()
 
             camera.connect("imageReceived", frame_received)
             try:
+                # The time-out is per frame, not for all of them: a camera of 3 frames a second, whose first image
+                # heard only sets the reference, took 0.5 s for one new frame and was no longer waited for.
+                while not arrived.is_set():
+                    progress.clear()
+                    if not progress.wait(FRESH_FRAME_TIMEOUT_S):
+                        break
                 # Silent, or sending one image over and over (mxcubecore's MDCameraMockup): not waited for again.
-                self._camera_streams = arrived.wait(FRESH_FRAME_TIMEOUT_S) or heard["images"] > 1
+                self._camera_streams = arrived.is_set() or heard["images"] > 1
             finally:
                 camera.disconnect("imageReceived", frame_received)
             if not self._camera_streams:
@@ -442,7 +465,10 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
             point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
         _centre_on(bl, result, point, settings, start, ppmm, beam)
         if settings.verify != "off" and result.method == "none":
-            check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip, timings, log)
+            # Where lucid3 finds no loop in the verification view, the views' loop tip moved as the sample did
+            # (their last tip on screen lies where the loop was before the move).
+            tip_point = _loop_point(result.angles, ppmm, beam)
+            check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip_point, timings, log)
             result.verified = is_verified(result.angles, check, settings)
             if not result.verified:
                 _unverified(bl, result, settings, start, ppmm, beam, log)
@@ -537,7 +563,11 @@ def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, wh
     """The configured fallback: the loop tip seen in the views, as a sample point."""
     result.method = "loop"
     log.warning("AutoCenter: %s: centring the loop tip instead", why)
-    angles = result.angles
+    return _loop_point(result.angles, pixels_per_mm, beam_position)
+
+
+def _loop_point(angles, pixels_per_mm, beam_position):
+    """The loop tip seen in the views, triangulated into a sample point, mm."""
     return triangulate([a.loop for a in angles], [a.sample_frame for a in angles], pixels_per_mm, beam_position)
 
 
@@ -618,7 +648,7 @@ def _outcome(greenlet: gevent.Greenlet, what: str):
     return greenlet.value
 
 
-def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip, timings: dict,
+def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip_point, timings: dict,
            log) -> AngleResult:  # fmt: skip
     """Turn omega by ``turn_deg`` and score the beam position in a new view.
 
@@ -630,8 +660,9 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     ----------
     turn_deg : float
         Omega turn from where the fit left it, degrees.
-    tip : (float, float)
-        Loop tip of the last view, pixels: used if lucid finds none here.
+    tip_point : (3,) array_like
+        The views' loop tip as a sample point, mm: projected into this view
+        where lucid finds no loop here.
 
     Returns
     -------
@@ -643,8 +674,11 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
     ppmm, beam = _optics(bl)
     frame = bl.snapshot()
     _same_optics(bl, ppmm, beam)  # the frame is analysed at that scale
-    tip = _loop_tip(bl, frame, settings, {}, log) or tip  # timed within verify_s
-    angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), bl.directions(), timings)
+    motors, directions = bl.positions(), bl.directions()
+    tip = _loop_tip(bl, frame, settings, {}, log)  # timed within verify_s
+    if tip is None:
+        tip = project(tip_point, sample_frame(motors, directions), ppmm, bl.axis_origin(ppmm, beam))
+    angle = _score_angle(predictor, settings, frame, tip, ppmm, motors, directions, timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
     angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
