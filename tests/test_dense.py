@@ -141,6 +141,59 @@ def test_a_damaged_region_set_is_named_as_damaged(tmp_path, regions_path, signat
         dense.read_regions(damaged)
 
 
+@pytest.mark.parametrize("damage", ["no cells", "provenance", "nan count"])
+def test_a_region_set_with_bad_attributes_or_counts_is_named_as_damaged(tmp_path, regions_path, damage):
+    import shutil
+
+    path = tmp_path / "bad.h5"
+    shutil.copy(regions_path, path)
+    with h5py.File(path, "r+") as f:
+        if damage == "no cells":
+            del f.attrs["cells"]
+        elif damage == "provenance":
+            f.attrs["provenance"] = "{not json"
+        else:
+            f["regions/rc_expected"][0] = np.nan
+    with pytest.raises(dense.RegionSetError, match=f"{path}: .*the file is damaged"):
+        dense.read_regions(path)
+
+
+def test_an_interrupted_dense_training_leaves_a_checkpoint_that_becomes_a_model_file(regions_path, tmp_path,
+                                                                                     monkeypatch):
+    # Its checkpoint was the region network (a map per region, refused as a model file) and no run.json was left.
+    import json
+
+    import keras
+
+    from mxcube_autocenter.learning import training
+
+    monkeypatch.setattr(training, "save_model", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        dense.train_dense(regions_path, out, epochs=2, batch_size=8, seed=0, verbose=0)
+    info = json.loads((out / "run.json").read_text())
+    assert info["training"]["interrupted"].startswith("the training did not end")
+    path = str(tmp_path / "recovered.keras")
+    training.attach_info(keras.models.load_model(str(out / "checkpoint.keras")), info).save(path)
+    model, loaded = training.load_model(path)
+    assert loaded["transform"] == info["transform"] and model.output_shape[1:] == (1,)
+    monkeypatch.undo()
+    dense.train_dense(regions_path, out, epochs=1, batch_size=8, seed=0, verbose=0)
+    assert not (out / "run.json").exists()
+
+
+def test_a_region_set_whose_training_counts_are_all_equal_is_refused(regions_path, tmp_path):
+    import shutil
+
+    flat = tmp_path / "flat.h5"
+    shutil.copy(regions_path, flat)
+    with h5py.File(flat, "r+") as f:
+        f["regions/rc_expected"][...] = 0.0
+    with pytest.raises(dense.RegionSetError, match="has the same rc_expected \\(0\\): a model would learn a constant"):
+        dense.train_dense(flat, tmp_path / "model", epochs=1, verbose=0)
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_region_set_of_too_few_crystals_is_refused_naming_the_file_and_the_fix(tmp_path):
     path = tmp_path / "two.h5"
     dense.synthetic_regions(path, 2, seed=3, views_per_sample=1, regions_per_view=1, cells=3, crop_um=160,
@@ -250,12 +303,17 @@ def test_dense_fine_tuning_on_the_command_line_keeps_the_colour_and_normalisatio
     from mxcube_autocenter.learning.training import load_model
 
     grey = dense.train_dense(regions_path, tmp_path / "grey", colour="grey", normalisation="standardise", epochs=1,
-                             batch_size=8, verbose=0)
+                             batch_size=8, verbose=0, transform="tanh")
     args = ["train-dense", regions_path, "--initial-model", grey.model_path, "--out", str(tmp_path / "tuned"),
             "--epochs", "1", "--batch-size", "8"]
     assert main(args) == 0, capsys.readouterr().err
     _, info = load_model(tmp_path / "tuned" / "model.keras")
     assert (info["input"]["colour"], info["input"]["normalisation"]) == ("grey", "standardise")
+    # And its label transform, as the help says (the default log was refused as not the model's).
+    assert info["transform"]["name"] == "tanh"
+    assert main([*args, "--transform", "log"]) == 2
+    assert "fine-tuning keeps the model's label transform, so not --transform log (the model's: tanh)" in (
+        capsys.readouterr().err)
 
 
 def test_region_loss_is_the_masked_mse_plus_where_a_crystal_region_peaks():

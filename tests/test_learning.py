@@ -819,6 +819,24 @@ def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tm
     assert not (tmp_path / "report").exists()  # a refused run leaves no empty report directory
 
 
+@pytest.mark.parametrize("bad", [np.nan, -3.0])
+def test_expected_counts_that_are_no_counts_are_refused_naming_the_column_and_row(dataset_path, tmp_path, bad):
+    # Unchecked, a NaN read as a diverged training ("give a lower learning rate").
+    import shutil
+
+    from mxcube_autocenter.learning.training import train
+
+    path = tmp_path / "bad.h5"
+    shutil.copy(dataset_path, path)
+    with h5py.File(path, "r+") as f:
+        f["samples/rc_expected"][5] = bad
+    with pytest.raises(ValueError, match=rf"{path}: rc_expected has 1 values that are not finite counts >= 0 "
+                                         r"\(first at row 5: .*\): write the set again"):  # fmt: skip
+        train(str(path), "fcn", "log", str(tmp_path / "model"), label="rc_expected", crop_um=160, input_size=SMALL,
+              epochs=1, batch_size=32, seed=0, verbose=0)  # fmt: skip
+    assert not (tmp_path / "model").exists()
+
+
 def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, tmp_path):
     from mxcube_autocenter.labelling.dataset import read_table
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
@@ -930,6 +948,19 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     assert "| median real count | median predicted count | spearman | mse | share of error |" in text
     with pytest.raises(ValueError, match="subset"):
         evaluate(trained.model_path, dataset_path, str(out), subset="holdout")
+    # A set stored with smaller crops than the model's: refused before the report folder is made.
+    import shutil
+
+    from mxcube_autocenter.labelling.dataset import DatasetError
+
+    narrow = tmp_path / "narrow.h5"
+    shutil.copy(dataset_path, narrow)
+    with h5py.File(narrow, "r+") as f:
+        f.attrs["stored_crop_um"] = 120.0
+    with pytest.raises(DatasetError, match=r"narrow.h5: .*model.keras needs crops of 160 um and this set stores 120 "
+                                           r"um around the beam: evaluate it on a set stored with at least 160 um"):
+        evaluate(trained.model_path, str(narrow), str(tmp_path / "narrow_report"))
+    assert not (tmp_path / "narrow_report").exists()
 
     table = sweep(dataset_path, str(tmp_path / "sweep"), archs=("a1",), transforms=("vanilla", "tanh"),
                   crop_um=160, input_size=SMALL, epochs=1, batch_size=32, verbose=0)

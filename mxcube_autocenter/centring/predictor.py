@@ -99,7 +99,9 @@ class Predictor:
     def crystal_probability(self, frame, point, roi, pixels_per_mm) -> float | None:
         """The classifier's probability of a crystal in the crop at ``point`` (None without one).
 
-        Normalised with the statistics of the same region as the heatmap.
+        Normalised with the statistics of the region of interest itself, as
+        the classifier's training crops were with their stored crop's (the
+        heatmap's statistics also cover half a crop around it).
         """
         if self.classifier is None:
             return None

@@ -313,10 +313,21 @@ def read_regions(path) -> RegionTable:
         for name in ("crystal_id", "scan_id"):
             columns[name] = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in g[name][()]])
         n_images = g["image"].shape[0]
+        # Within the block: a missing attribute or provenance that is not JSON is a damaged file, said so.
+        table = RegionTable(path, attrs, columns)
     lengths = {len(columns[name]) for name in columns} | {n_images}
     if len(lengths) != 1:
         raise RegionSetError(f"{path}: its columns have different lengths {sorted(lengths)}: the file is damaged. {fix}")
-    return RegionTable(path, attrs, columns)
+    for name in ("rc_expected", "rc", "valid"):
+        if columns[name].shape[1:] != (table.cells, table.cells):
+            raise RegionSetError(f"{path}: its {name} grids are {columns[name].shape[1:]}, not the {table.cells} x "
+                                 f"{table.cells} of its cells attribute: the file is damaged. {fix}")  # fmt: skip
+    for name in ("rc_expected", "rc"):
+        counts = columns[name][table.valid]
+        if not np.all(np.isfinite(counts) & (counts >= 0)):
+            raise RegionSetError(f"{path}: its {name} grids hold values that are not finite counts >= 0 at valid "
+                                 f"points: the file is damaged. {fix}")  # fmt: skip
+    return table
 
 
 def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.CropSpec | None = None,
@@ -523,6 +534,12 @@ def train_dense(
 
     counts = table.rc_expected if label == "rc_expected" else table.rc
     train_points = counts[idx["train"]][table.valid[idx["train"]]]
+    if train_points.size == 0 or np.ptp(train_points) == 0:
+        # As train refuses it: a network would learn a constant.
+        raise RegionSetError(f"{regions_path}: every one of the {train_points.size} valid grid points of the training "
+                             f"regions has the same {label} ({float(train_points.max(initial=0)):g}): a model would "
+                             "learn a constant; write a set with crystals in its regions (synthesize-regions "
+                             "--crystal-fraction)")  # fmt: skip
     fitted = training.info_transform(initial_info) if initial is not None else get_transform(transform).fit(train_points)
     targets = np.where(table.valid, fitted.forward(counts), 0.0)
     weights = table.valid.astype(np.float32)
@@ -549,9 +566,37 @@ def train_dense(
                             shuffle=False, batch_size=val_batch, **common).map(with_flags)
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
-    hist, seconds, cpu_seconds, best_epoch = training.fit_with_early_stopping(
-        region_model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose,
-        keep_start=initial is not None)
+    settings = {
+        "mode": "dense regions",
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "optimizer": "adam",
+        "loss": "mse over the valid grid points" + (
+            f" + {peak_weight:g} x KL divergence of softmax({peak_sharpness:g} x label) over the regions "
+            f"with a count of at least {PEAK_MIN_COUNT:g}" if peak_weight else ""),
+        "peak_weight": float(peak_weight),
+        "peak_sharpness": float(peak_sharpness),
+        "label": label,
+        "patience": int(patience),
+        "seed": int(seed),
+        "augment": augment,
+        "jitter": 0.0,
+    }
+
+    def describe(training_settings, metrics):
+        return training.model_info(
+            "regression", model, spec=spec, arch="fcn", label=label, data=table.summary(), split=split,
+            training=training_settings, metrics=metrics, strategy=strategy, transform=fitted,
+            initial=None if initial is None else (initial_model, initial_info),
+            normalisation_region="the region (region set) / the region of interest (centring)",
+        )
+
+    # The checkpoint holds the crop network (the region network shares its layers): a model file with run.json.
+    hist, seconds, cpu_seconds, best_epoch = training.fit_leaving_run_info(
+        region_model, train_ds, val_ds, work, out, strategy,
+        describe({**settings, "interrupted": training.INTERRUPTED}, {}), epochs=epochs, patience=patience,
+        verbose=verbose, keep_start=initial is not None, checkpointed=model)
 
     results = {}
     for name in ("validation", "test"):
@@ -570,33 +615,9 @@ def train_dense(
         results[name]["peak_hit_rate"] = peak_hit_rate(table.rc_expected[rows], predicted, valid)
         results[name]["regions"] = int(len(rows))
 
-    settings = {
-        "mode": "dense regions",
-        "epochs": int(epochs),
-        "epochs_run": len(hist.get("loss", [])),
-        "best_epoch": best_epoch,
-        "batch_size": int(batch_size),
-        "learning_rate": float(learning_rate),
-        "optimizer": "adam",
-        "loss": "mse over the valid grid points" + (
-            f" + {peak_weight:g} x KL divergence of softmax({peak_sharpness:g} x label) over the regions "
-            f"with a count of at least {PEAK_MIN_COUNT:g}" if peak_weight else ""),
-        "peak_weight": float(peak_weight),
-        "peak_sharpness": float(peak_sharpness),
-        "label": label,
-        "patience": int(patience),
-        "seed": int(seed),
-        "augment": augment,
-        "jitter": 0.0,
-        "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu_seconds, 2),
-    }
-    info = training.model_info(
-        "regression", model, spec=spec, arch="fcn", label=label, data=table.summary(), split=split,
-        training=settings, metrics=results, strategy=strategy, transform=fitted,
-        initial=None if initial is None else (initial_model, initial_info),
-        normalisation_region="the region (region set) / the region of interest (centring)",
-    )
+    info = describe({**settings, "epochs_run": len(hist.get("loss", [])), "best_epoch": best_epoch,
+                     "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2)}, results)
     final, model_path = training.save_model(model, info, work, out, strategy)
+    training.remove_run_info(out, strategy)
     return training.TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                                 best_epoch=best_epoch, out_dir=out, model=final)

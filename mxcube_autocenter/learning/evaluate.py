@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, read_table  # noqa: E402
-from mxcube_autocenter.learning.data import row_crop  # noqa: E402
+from mxcube_autocenter.learning.data import check_crop_fits, row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
     DEFAULT_LABEL,
@@ -307,6 +307,18 @@ def _collection_table(table, rows, groups, columns, limit):
     return lines + [""], records
 
 
+def _learnt_counts(info, table, dataset_path) -> tuple:
+    """``(label, counts)`` of the rows as a regressor learnt them (``label_counts``, checked); a classifier's: None."""
+    if info["task"] != "regression":
+        return None, None
+    label = info.get("label", DEFAULT_LABEL)
+    if label != "rc" and label not in table.extra:
+        # A model that learnt the simulator's expected counts (the shipped one) on a beamline's own set: the
+        # recorded counts are all it has.
+        label = "rc"
+    return label, label_counts(table, label, dataset_path)
+
+
 def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery: int = 12, batch_size: int = 64,
              collections: int = 10) -> dict:
     """Evaluate a model file on a dataset and write ``report.md``, figures and ``metrics.json``.
@@ -341,6 +353,13 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     spec = info_spec(info)
     table = read_table(dataset_path)
     rows = _rows_for(info, table, subset, model_path)
+    try:
+        check_crop_fits(table, spec)
+    except DatasetError as err:
+        raise DatasetError(f"{dataset_path}: {model_path} needs crops of {spec.crop_um:g} um and this set stores "
+                           f"{table.stored_crop_um:g} um around the beam: evaluate it on a set stored with at least "
+                           f"{spec.crop_um:g} um") from err  # fmt: skip
+    label, learnt_counts = _learnt_counts(info, table, dataset_path)
     # Only once the inputs are good: a refused run leaves no empty report directory behind.
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -374,12 +393,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         pred = transform.inverse(raw)
         # The MSE against the targets the model learnt (see training.LABELS), the correlations against the
         # recorded counts (and the expected ones where the dataset has them).
-        label = info.get("label", DEFAULT_LABEL)
-        if label != "rc" and label not in table.extra:
-            # A model that learnt the simulator's expected counts (the shipped one) on a beamline's own set: the
-            # recorded counts are all it has.
-            label = "rc"
-        learnt = label_counts(table, label, dataset_path)[rows]
+        learnt = learnt_counts[rows]
         metrics = regression_metrics(rc, pred, transform.forward(learnt), raw)
         metrics.update(expected_count_metrics(table, rows, pred))
         metrics.update(subset=subset, transform=transform.name, mse_against=label)

@@ -385,7 +385,26 @@ def label_counts(table: Table, label: str, dataset_path) -> np.ndarray:
             f"{dataset_path}: label='rc_expected' needs the ground-truth expected counts (the rc_expected column "
             "that `mxcube-autocenter synthesize` writes), and this dataset has none: use label='rc'"
         )
-    return table.extra["rc_expected"]
+    return checked_counts(table.extra["rc_expected"], "rc_expected", dataset_path)
+
+
+def checked_counts(counts, column: str, dataset_path) -> np.ndarray:
+    """``counts`` as floats, refused unless finite and at least 0 (as ``read_table`` checks ``rc``).
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the column, how many rows are bad and the first of them.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(counts) | (counts < 0))
+    if len(bad):
+        # Unchecked, a NaN showed up as a diverged training ("give a lower learning rate"), a negative count as
+        # the log transform's complaint about its offset.
+        raise ValueError(f"{dataset_path}: {column} has {len(bad)} values that are not finite counts >= 0 (first at "
+                         f"row {int(np.unravel_index(bad[0], counts.shape)[0])}: {counts.flat[bad[0]]!r}): write "
+                         "the set again")  # fmt: skip
+    return counts
 
 
 def _fit(
@@ -503,18 +522,9 @@ def _fit(
             normalisation_region="the stored crop (dataset) / the region of interest (centring)",
         )
 
-    # What checkpoint.keras lacks to be a model file (the fitted transform, the split, the input): an interrupted
-    # run (Ctrl-C, a killed job) leaves its best epoch usable with attach_info. Removed once model.keras is saved.
-    run_info = os.path.join(out, RUN_INFO)
-    if _is_chief(strategy):
-        _write_json_whole(run_info, describe({**settings, "interrupted": INTERRUPTED}, {}))
-    try:
-        hist, seconds, cpu_seconds, best_epoch = fit_with_early_stopping(
-            model, train_ds, val_ds, work, epochs=epochs, patience=patience, verbose=verbose, monitor=monitor,
-            keep_start=initial is not None)
-    except ValueError:  # diverged: no epoch to make a model of
-        _remove_run_info(run_info, strategy)
-        raise
+    hist, seconds, cpu_seconds, best_epoch = fit_leaving_run_info(
+        model, train_ds, val_ds, work, out, strategy, describe({**settings, "interrupted": INTERRUPTED}, {}),
+        epochs=epochs, patience=patience, verbose=verbose, monitor=monitor, keep_start=initial is not None)
 
     results = {}
     for name in ("validation", "test"):
@@ -534,7 +544,7 @@ def _fit(
                 "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2)}
     info = describe(training, results)
     final, model_path = save_model(model, info, work, out, strategy)
-    _remove_run_info(run_info, strategy)
+    remove_run_info(out, strategy)
     return TrainResult(model_path=model_path, info=info, history=hist, metrics=results, seconds=seconds,
                        best_epoch=best_epoch, out_dir=out, model=final)
 
@@ -575,16 +585,50 @@ def work_dir(out, strategy) -> str:
     return str(out) if _is_chief(strategy) else tempfile.mkdtemp(prefix="autocenter-worker-")
 
 
-def _remove_run_info(path, strategy):
+def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info: dict, **fit_options):
+    """:func:`fit_with_early_stopping`, with ``run_info`` in ``out``/``run.json`` while it runs.
+
+    ``run_info`` is what ``checkpoint.keras`` lacks to be a model file (the
+    fitted transform, the split, the input): an interrupted run (Ctrl-C, a
+    killed job) leaves its best epoch usable with :func:`attach_info`. The
+    caller removes it (:func:`remove_run_info`) once ``model.keras`` is
+    saved; a run that diverged, with no epoch to make a model of, here.
+    """
+    if _is_chief(strategy):
+        _write_json_whole(os.path.join(out, RUN_INFO), run_info)
+    try:
+        return fit_with_early_stopping(model, train_ds, val_ds, work, **fit_options)
+    except ValueError:
+        remove_run_info(out, strategy)
+        raise
+
+
+def remove_run_info(out, strategy):
+    """Remove ``out``/``run.json`` (on the chief, which wrote it)."""
     # The chief's alone: other workers would remove it under the chief on shared storage.
     if _is_chief(strategy):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            os.remove(os.path.join(out, RUN_INFO))
+
+
+class _Checkpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves ``saved`` instead of the model being fitted (which shares its weights)."""
+
+    def __init__(self, saved, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._saved = saved
+
+    def set_model(self, model):
+        super().set_model(self._saved)
 
 
 def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, verbose, monitor="val_loss",
-                            keep_start=False):  # fmt: skip
+                            keep_start=False, checkpointed=None):  # fmt: skip
     """``model.fit`` with early stopping (best weights restored), a checkpoint and a CSV history in ``work``.
+
+    ``checkpointed`` is the network ``checkpoint.keras`` holds (default
+    ``model``): the crop network of a region model, whose layers it shares,
+    so that the checkpoint becomes a model file as any other's.
 
     With ``keep_start`` (fine-tuning) the starting weights compete too: if
     no epoch improves the validation loss on theirs, they are restored.
@@ -614,8 +658,8 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
         # Only epochs better than the starting weights are checkpointed when those compete; never an epoch whose
         # loss is NaN (Keras saves the first epoch whatever its loss without a threshold).
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, save_best_only=True,
-                                        initial_value_threshold=start_loss if keep_start else np.inf),
+        _Checkpoint(checkpointed or model, checkpoint, monitor=monitor, save_best_only=True,
+                    initial_value_threshold=start_loss if keep_start else np.inf),
         keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
         keras.callbacks.TerminateOnNaN(),
     ]
