@@ -351,6 +351,7 @@ def test_a_collection_numbered_from_another_start_image_reads_its_frames_in_orde
     # 101, 103, 105 were read wrapping round (every frame an IndexError) and 6, 8, 10 silently shifted.
     with open_master(small_collection(tmp_path / "from_1", n_frames=5, images_per_file=2).master_path) as series:
         frames = [series.frame(i)[0] for i in range(5)]
+        assert series.first_image_number == 1
     written = small_collection(tmp_path / "from_101", n_frames=5, images_per_file=2)  # the same frames
     for k, path in enumerate(written.data_paths):
         with h5py.File(path, "r+") as f:
@@ -358,6 +359,7 @@ def test_a_collection_numbered_from_another_start_image_reads_its_frames_in_orde
     with open_master(written.master_path) as series:
         assert series.nimages == 5
         assert all(np.array_equal(series.frame(i)[0], frames[i]) for i in range(5))
+        assert series.first_image_number == 101  # what messages about its frames call images
     # Files that are no one run of images are refused, not read shifted.
     with h5py.File(written.data_paths[1], "r+") as f:
         f["entry/data/data"].attrs["image_nr_low"] = 110

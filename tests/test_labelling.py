@@ -812,7 +812,9 @@ def test_damaged_recordings_and_training_sets_are_named_as_damaged(labelled, col
         label_recordings([collections[1].recording], dataset, progress=False)
 
 
-def test_recording_without_master_file_or_camera_scale(collections, tmp_path):
+def test_recording_without_master_file_or_camera_scale(collections, tmp_path, monkeypatch):
+    # Both refused before any spot finding: a long collection's would be thrown away.
+    monkeypatch.setattr(pipeline, "count_spots", lambda *args, **kwargs: pytest.fail("spot finding ran"))
     recording = read_recording(collections[0].recording)
     for drop, message in (("master_file", "no master_file in its collection metadata"),
                           ("pixels_per_mm", "collection metadata pixels_per_mm is None")):  # fmt: skip
@@ -858,6 +860,24 @@ def test_spot_count_file_gives_the_labels(collections, tmp_path):
     single.write_text("image,spots\n1,3\n")
     with pytest.raises(Exception, match=r"single\.csv: no master_file column"):
         label_recordings([c.recording for c in collections], out, spots_from=single, progress=False)
+
+
+def test_a_recording_none_of_whose_frames_has_a_count_is_not_appended_and_can_be_labelled_later(collections,
+                                                                                                   tmp_path):
+    # Appended with no row, it was in the set for good: labelling it again with its counts skipped it.
+    recording = read_recording(collections[1].recording)
+    store = FrameStore.create(tmp_path, "uncounted", recording.metadata)
+    for k in range(3):
+        store.append(encode_jpeg(np.zeros((CAMERA[1], CAMERA[0], 3), np.uint8)), recording.timestamps[0] + k * 0.001,
+                     recording.motors[0], k)  # fmt: skip
+    store.close()
+    out = tmp_path / "dataset.h5"
+    match = match_frames(np.arange(3.0), [[-1.0, 0.5], [0.5, 5.0]])
+    with pytest.raises(DatasetError, match=f"{store.path}: none of its 3 matched camera frames has a reflection count"):
+        append_recording(out, store.path, [np.nan, np.nan], match)
+    assert not out.exists()
+    assert append_recording(out, store.path, [5.0, 2.0], match).rows == 3
+    assert append_recording(out, store.path, [np.nan, np.nan], match).duplicate  # in the set: skipped, as any
 
 
 def test_an_interrupted_append_leaves_the_committed_rows(collections, tmp_path, monkeypatch):

@@ -265,9 +265,16 @@ def append_recording(
             f"{recording.path}: reflection count {counts[counts < 0][0]:g} for detector frame "
             f"{int(np.argmax(counts < 0))}: give counts >= 0 (NaN for a frame without one)"
         )
-    ppmm, beam = _camera_geometry(recording)
+    ppmm, beam = camera_geometry(recording)
     matched = np.flatnonzero(frames >= 0)
     labelled = matched[np.isfinite(counts[frames[matched]])]
+    if labelled.size == 0 and find_recording(dataset_path, fingerprint) is None:
+        # Appended with no row, the recording would be in the set for good: labelling it again with the counts
+        # it lacked would skip it as a duplicate. (One already in the set is skipped below, as any.)
+        raise DatasetError(
+            f"{recording.path}: none of its {matched.size} matched camera frames has a reflection count (their "
+            "detector frames have none): nothing appended; label it again with counts for its images"
+        )
     _create_if_missing(dataset_path)
     failure = None  # the append's own error: closing after a failed write may fail too, and must not hide it
     try:
@@ -400,7 +407,7 @@ def add_row_column(dataset_path, name: str, values, description: str) -> None:
         rows[name].attrs["description"] = description
 
 
-def _camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
+def camera_geometry(recording: Recording) -> tuple[np.ndarray, np.ndarray]:
     """(pixels_per_mm, beam_position) of a recording, checked."""
     values = []
     for key in ("pixels_per_mm", "beam_position"):

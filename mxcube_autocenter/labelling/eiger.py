@@ -111,6 +111,9 @@ class EigerSeries:
         mm.
     wavelength : float
         Angstrom.
+    first_image_number : int
+        Number of frame 0 in the data files (``image_nr_low``: 1, or the
+        collection's start image number), for messages that name images.
     """
 
     def __init__(self, master_path: Path, file: h5py.File):
@@ -150,6 +153,7 @@ class EigerSeries:
                 f"{self.master_path}: pixel_mask is {self.pixel_mask.shape} where the detector is {self.height} x "
                 f"{self.width} pixels: the master file is corrupt; {_COPY_AGAIN}"
             )
+        self.first_image_number = 1  # set by _data_blocks from the data files' image_nr_low
         self._blocks = self._data_blocks()
         # After the data files: an aborted collection's per-frame times cover only the frames it took.
         self.frame_start_times = self._frame_times(detector, "start_time")
@@ -297,6 +301,7 @@ class EigerSeries:
             # A collection may number its images from its start_image_number (the FileWriter's image_nr_start):
             # its first image is frame 0 here.
             start = blocks[0][0]
+            self.first_image_number = start + 1
             blocks = [(first - start, dataset, target) for first, dataset, target in blocks]
         held = sum(len(dataset) for _, dataset, _ in blocks)
         firsts = [first for first, _, _ in blocks]
@@ -368,7 +373,8 @@ class EigerSeries:
             frame = dataset[index - first]
         except DAMAGED_FILE_ERRORS as err:
             raise EigerFileError(
-                f"{target}: cannot read image {index + 1} ({err}); the file is corrupt: {_COPY_AGAIN}"
+                f"{target}: cannot read image {index + self.first_image_number} ({err}); the file is corrupt: "
+                f"{_COPY_AGAIN}"
             ) from err
         return frame, valid_pixels(frame, self.pixel_mask, self.count_cutoff)
 

@@ -36,6 +36,7 @@ from mxcube_autocenter.labelling.dataset import (
     DEFAULT_STORED_CROP_UM,
     DatasetError,
     append_recording,
+    camera_geometry,
     check_appendable,
     find_recording,
     read_table,
@@ -210,7 +211,7 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         not counted.
     """
     with open_master(master_file) as series:
-        n = series.nimages
+        n, first_image = series.nimages, series.first_image_number
     wanted = np.arange(n) if frames is None else np.unique(np.asarray(frames, dtype=np.int64))
     if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
         raise IndexError(f"frames {wanted[0]} to {wanted[-1]} asked for, outside 0..{n - 1} of {master_file}")
@@ -232,7 +233,8 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     except BrokenProcessPool as err:
         # The tasks before it were counted; a later one may have been running in another worker.
         raise BrokenProcessPool(
-            f"a spot-finding process died counting the frames of {master_file} from image {tasks[done][0] + 1} on"
+            f"a spot-finding process died counting the frames of {master_file} from image "
+            f"{tasks[done][0] + first_image} on"
         ) from err
     finally:
         if executor is None:
@@ -240,7 +242,7 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
     if errors:
         if len(errors) == wanted.size:
             raise EigerFileError(errors[0])
-        unreadable = wanted[np.isnan(counts[wanted])] + 1
+        unreadable = wanted[np.isnan(counts[wanted])] + first_image
         log.warning("%s: %d of its %d frames counted cannot be read (images %s): their camera frames are not "
                     "labelled; the first error: %s", master_file, len(errors), wanted.size,
                     ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else ""), errors[0])
@@ -527,8 +529,9 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
                 f"collection has ended (a recording whose writer was killed is labelled {STILL_WRITTEN_S:.0f} s "
                 f"after its last change)"
             )
-        # Matched before the reflections are counted: a recording paired with the wrong collection fails in
-        # a second, not after an hour of spot finding.
+        # Checked before the reflections are counted: a recording without its camera scale, or paired with the
+        # wrong collection, fails in a second, not after an hour of spot finding.
+        camera_geometry(recording)
         master, nimages, declared, windows, fitted, offset = _own_collection(
             recording, find_master_files(recording), clock_offset, max_clock_offset, regularise)  # fmt: skip
         match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
