@@ -132,11 +132,15 @@ def cmd_inspect(args) -> int:
     """Summarise a camera recording and write a contact sheet of its frames."""
     from mxcube_autocenter.recording import RecordingError, contact_sheet, summarise
 
+    if args.png and len(args.recordings) > 1:
+        print(f"error: --png names one contact sheet, and {len(args.recordings)} recordings were given: give one "
+              "recording, or leave --png out to write each sheet next to its recording", file=sys.stderr)  # fmt: skip
+        return 2
     status = 0
     for path in args.recordings:
         try:
             print(summarise(path))
-            png = Path(args.png) if args.png and len(args.recordings) == 1 else Path(path).with_suffix(".png")
+            png = Path(args.png) if args.png else Path(path).with_suffix(".png")
             contact_sheet(path, png, n=args.frames)
             print(f"  contact sheet {png}")
         except BrokenPipeError:
@@ -276,13 +280,21 @@ def cmd_train_dense(args) -> int:
     """Train the fcn regressor on a region set, every grid crop of a region at once."""
     from mxcube_autocenter.learning.dense import train_dense
 
-    colours = {}
+    colours, transform = {}, args.transform or "log"
     if args.initial_model:
-        # Fine-tuning keeps the initial model's input: its colour and normalisation, which have no options here.
+        # Fine-tuning keeps the initial model's input (its colour and normalisation, which have no options here)
+        # and its label transform, as train does.
         from mxcube_autocenter.learning.training import load_model
 
-        colours = _input_colours(load_model(args.initial_model)[1])
-    result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
+        info = load_model(args.initial_model)[1]
+        colours = _input_colours(info)
+        own = info.get("transform", {}).get("name")
+        if args.transform is not None and own is not None and args.transform != own:
+            raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's label transform, so not "
+                             f"--transform {args.transform} (the model's: {own}): leave that out, or train a new "
+                             "model without --initial-model")  # fmt: skip
+        transform = own or transform
+    result = train_dense(args.regions, args.out, transform=transform, label=args.label, epochs=args.epochs,
                          batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                          learning_rate=args.learning_rate, initial_model=args.initial_model,
                          peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness, **colours)
@@ -481,7 +493,7 @@ def _number(kind, low=None, high=None, low_inclusive=True):
     """An argparse type: a finite number of ``kind`` within bounds, or a usage error saying what is allowed."""
     wanted = "a whole number" if kind is int else "a finite number"
     if low is not None and high is not None:
-        wanted += f" from {low} to {high}"
+        wanted += f" from {low} to {high}" if low_inclusive else f" greater than {low} and at most {high}"
     elif low is not None:
         wanted += f" of at least {low}" if low_inclusive else f" greater than {low}"
 
@@ -505,6 +517,8 @@ POSITIVE = _number(float, 0, low_inclusive=False)
 NON_NEGATIVE = _number(float, 0)
 FRACTION = _number(float, 0, 1)
 FINITE = _number(float)
+# As the heatmap_stride_px property takes it.
+STRIDE_PX = _number(float, 0, 64, low_inclusive=False)
 
 
 def _beam_position(text: str) -> tuple[float, float]:
@@ -635,11 +649,7 @@ def cmd_simulate(args) -> int:
         make_directory(out)  # once the configuration has loaded: a refused run leaves nothing
         mounted = beamline.sample_changer.mount(make_sample(args.seed), crystal_id=f"seed{args.seed}")
         sample = mounted.sample
-        print(
-            f"Sample {args.seed}: {sample.loop_kind} loop of {sample.loop_size_um:.0f} um, "
-            f"{len(sample.crystals)} crystal(s): "
-            + (", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in sample.crystals) or "empty")
-        )
+        print(f"Sample {args.seed}: {sample.describe()}")
         gallery = sample_gallery(sample, mounted.diffraction, Renderer())
         write_png(out / "gallery.png", gallery)
         print(f"Gallery (crystal outlines yellow, beam red cross, best point red circle): {out / 'gallery.png'}")
@@ -862,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     dense = sub.add_parser("train-dense", help="train the fcn regressor on a region set (every grid crop at once)")
     dense.add_argument("regions", metavar="REGIONS.h5")
     dense.add_argument("--out", default="out/dense_model", help="output directory (default: %(default)s)")
-    dense.add_argument("--transform", default="log", choices=["vanilla", "log", "tanh"], help="label transform (default: %(default)s)")
+    dense.add_argument("--transform", choices=["vanilla", "log", "tanh"],
+                       help="label transform (default: log, or the initial model's)")
     dense.add_argument("--label", default="rc_expected", choices=["rc", "rc_expected"], help="(default: %(default)s)")
     dense.add_argument("--epochs", type=COUNT, default=20, help="most epochs (early stopping) (default: %(default)s)")
     dense.add_argument("--batch-size", type=COUNT, default=16, help="regions per batch (default: %(default)s)")
@@ -898,8 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
-    heatmap.add_argument("--stride", type=POSITIVE, default=6.0, help="grid step, pixels (default: %(default)s)")
-    heatmap.add_argument("--min-score", type=FINITE, default=5.0, help="smallest predicted reflection count of a crystal")
+    heatmap.add_argument("--stride", type=STRIDE_PX, default=6.0, help="grid step, pixels (default: %(default)s)")
+    heatmap.add_argument("--min-score", type=NON_NEGATIVE, default=5.0,
+                         help="smallest predicted reflection count of a crystal")
     heatmap.add_argument("--symmetries", default="none", choices=["none", "flips", "dihedral"],
                          help="average the heatmap over the region's flips (and quarter turns), as the "
                          "heatmap_symmetries property (default: %(default)s)")

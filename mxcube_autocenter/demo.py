@@ -143,11 +143,6 @@ def _move(bl, positions: dict, timeout: float = 30.0):
     bl.diffractometer.set_value_motors({k: float(v) for k, v in readings.items()}, timeout=timeout)
 
 
-def _sample_text(sample) -> str:
-    crystals = ", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in sample.crystals) or "empty"
-    return f"{sample.loop_kind} loop {sample.loop_size_um:.0f} um, {crystals}"
-
-
 # -- 1. recording ---------------------------------------------------------------------
 
 
@@ -189,7 +184,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
                 recordings.append(Path(summary.path))
             else:
                 failures.append(f"seed {seed} {kind}: {summary}")
-        bar.set_postfix_str(_sample_text(mounted.sample)[:60])
+        bar.set_postfix_str(mounted.sample.describe()[:60])
     for failure in failures:
         log.warning("recording failed: %s", failure)
     return recordings, truth
@@ -491,7 +486,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
         start = {"omega": float(rng.uniform(0, 360)), "phiy": float(centre[0] + rng.uniform(-0.08, 0.08)),
                  "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}  # fmt: skip
         row = {"sample": name, "seed": spec["seed"], "variant": spec["variant"], "has_crystal": has_crystal,
-               "description": _sample_text(sample), "best_rc": best_rc, "start": start}  # fmt: skip
+               "description": sample.describe(), "best_rc": best_rc, "start": start}  # fmt: skip
         for method in methods:
             _move(bl, start)
             wall, exposures, message, accepted, declined = None, 0, "", None, False
@@ -823,22 +818,38 @@ def _check_gevent():
 _OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
 
 
-def _clean(out: Path):
-    """Remove what an earlier demo left in ``out`` (only the demo's own files).
+def _is_shipped(predictor) -> bool:
+    """Whether ``predictor`` holds the models the plugin centres with when none is configured."""
+    from mxcube_autocenter.centring.predictor import DEFAULT_CLASSIFIER, DEFAULT_REGRESSOR
+
+    shipped_classifier = DEFAULT_CLASSIFIER.resolve() if DEFAULT_CLASSIFIER.exists() else None
+    classifier = predictor.classifier[0].resolve() if predictor.classifier else None
+    return predictor.regressor_path.resolve() == DEFAULT_REGRESSOR.resolve() and classifier == shipped_classifier
+
+
+_OWN_FILES = ("report.md", "scorecard.json", "samples.json")
+
+
+def _check_own(out: Path):
+    """Refuse an ``out`` whose files of the demo's names are not an earlier demo's.
 
     Raises
     ------
     DemoError
-        If ``out`` holds folders of those names but no ``demo.log``: not an
-        earlier demo's report, whose folders are someone else's.
+        If ``out`` holds folders or files of those names but no ``demo.log``:
+        not an earlier demo's report, so someone else's.
     """
-    found = [name for name in _OWN_DIRECTORIES if (out / name).exists()]
+    found = [name for name in (*_OWN_DIRECTORIES, *_OWN_FILES) if (out / name).exists()]
     if found and not (out / "demo.log").exists():
         raise DemoError(f"{out} holds {', '.join(found)} but no demo.log, so no earlier demo report: the demo would "
                         "remove them; choose another --out")
+
+
+def _clean(out: Path):
+    """Remove what an earlier demo left in ``out`` (only the demo's own files; ``demo.log`` is this run's already)."""
     for name in _OWN_DIRECTORIES:
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("report.md", "scorecard.json", "demo.log", "samples.json"):
+    for name in _OWN_FILES:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
 
@@ -952,7 +963,8 @@ def run_demo(
         raise DemoError(f"unknown methods {unknown}: choose from {list(METHODS)}")
     train_here = not (quick or model)
     if train_here and n_train < 3:
-        raise DemoError(f"n_train = {n_train}: training needs at least 3 samples (the split is by crystal)")
+        raise DemoError(f"--n-train {n_train}: training needs at least 3 samples (the split is by crystal): give at "
+                        "least 3, or centre without training (--quick or --model)")
     if config_dir is not None and not (Path(config_dir) / "beamline.yaml").is_file():
         raise DemoError(f"{config_dir} holds no beamline.yaml: give the directory of an mxcubecore beamline configuration")
     # Checked before the previous report is removed: a wrong file name must not cost it.
@@ -969,7 +981,7 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DemoError(f"cannot create the report directory {out} ({err}): choose another --out") from err
-    _clean(out)
+    _check_own(out)
     rng = np.random.default_rng(seed)
     timings = {}
     data_dir, learning_dir, centring_dir = out / "data", out / "learning", out / "centring"
@@ -988,11 +1000,14 @@ def run_demo(
         t = time.perf_counter()
         with hardware_repository(config_dir) as bl:
             silence()
-            ho = auto_centring(bl)
             try:
+                ho = auto_centring(bl)
                 set_zoom(bl, ZOOM_LEVEL)
-            except TimeoutError as err:
-                raise DemoError(str(err)) from err
+            except (LookupError, TimeoutError) as err:
+                raise DemoError(f"{err} ({out / 'demo.log'} has the beamline's log)") from err
+            # Only now, the beamline up: a configuration it refuses must not cost the earlier report (its log is
+            # this run's from the start, which says why the run failed).
+            _clean(out)
             timings["boot"] = time.perf_counter() - t
             _say(f"virtual beamline booted in {timings['boot']:.1f} s; zoom {ZOOM_LEVEL} "
                  f"({bl.diffractometer.get_pixels_per_mm()[0] / 1000:g} px/um); {mode}")  # fmt: skip
@@ -1057,7 +1072,8 @@ def run_demo(
             t = time.perf_counter()
             try:
                 if given:
-                    predictor, source = given, "given model file"
+                    predictor = given
+                    source = scorecard.SHIPPED_MODEL if _is_shipped(given) else "given model file"
                 elif trained and not use_shipped_model:
                     predictor, source = Predictor(*trained), TRAINED_IN_RUN
                 else:
@@ -1109,8 +1125,9 @@ def run_demo(
                 "n_samples": len(specs),
                 "n_empty": sum(not r["has_crystal"] for r in rows),
                 "targets": scorecard.check_targets(methods_figures.get("ml", {})),
-                "model": {"regressor": str(predictor.regressor_path),
-                          "classifier": str(predictor.classifier[0]) if predictor.classifier else None,
+                # Absolute: `scorecard` tells runs of one model by these, whatever folder each ran in.
+                "model": {"regressor": str(predictor.regressor_path.resolve()),
+                          "classifier": str(predictor.classifier[0].resolve()) if predictor.classifier else None,
                           "source": source},  # fmt: skip
                 "data": data,
                 "timings_s": {},

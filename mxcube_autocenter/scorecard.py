@@ -77,10 +77,6 @@ TARGETS = (
     ("median_wall_s", "<=", 10.0),
 )
 
-FIGURES = ("hit_rate", "median_dist_um", "p90_dist_um", "median_rc_fraction", "empty_refused_rate",
-           "median_wall_s", "exposures")  # fmt: skip
-
-
 @dataclass
 class Outcome:
     """One centring of one sample by one method, scored.

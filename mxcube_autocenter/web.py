@@ -102,11 +102,13 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         raise WebSetupError(
             f"--state-dir {state_dir} holds the configuration itself ({source}): choose another --state-dir"
         )
-    if target.exists() and not (target / WRITTEN_HERE).is_file() and not _files(target) <= _files(source):
+    if target.exists() and not (target / WRITTEN_HERE).is_file():
         # Replaced at every start: a site's own mxcube-web/ there would be lost, and would come first on the
-        # lookup path (its beamline.yaml, too, before the virtual beamline's).
+        # lookup path (its beamline.yaml, too, before the virtual beamline's). Its file names tell nothing: a
+        # site's own holds server.yaml and ui.yaml, as the copy does.
         raise WebSetupError(f"{target} was not written by `mxcube-autocenter web`: choose another --state-dir "
-                            "(the command replaces its mxcube-web/ at every start)")  # fmt: skip
+                            "(the command replaces its mxcube-web/ at every start), or delete that folder if "
+                            "an earlier version of the command wrote it")  # fmt: skip
     yaml = ruamel.yaml.YAML()
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
@@ -124,11 +126,6 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     if ui_build:
         command += ["-s", str(Path(ui_build).resolve())]
     return command
-
-
-def _files(folder: Path) -> set:
-    """The files under ``folder``, relative to it."""
-    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:

@@ -19,6 +19,10 @@ from mxcube_autocenter.cli import main
         (["heatmap", "x.png", "--pixels-per-mm", "nan"], "'nan': expected a finite number greater than 0"),
         (["heatmap", "x.png", "--pixels-per-mm", "100", "--stride", "-6"], "--stride: '-6'"),
         (["heatmap", "x.png", "--pixels-per-mm", "100", "--min-score", "nan"], "--min-score: 'nan': expected a finite"),
+        # As the min_score and heatmap_stride_px properties take them.
+        (["heatmap", "x.png", "--pixels-per-mm", "100", "--min-score", "-3"], "'-3': expected a finite number of at least 0"),
+        (["heatmap", "x.png", "--pixels-per-mm", "100", "--stride", "500"],
+         "--stride: '500': expected a finite number greater than 0 and at most 64"),
         (["inspect", "x.h5", "--frames", "0"], "--frames: '0': expected a whole number of at least 1"),
         (["synthesize", "x.h5", "--line-fraction", "2"], "--line-fraction: '2': expected a finite number from 0 to 1"),
         (["synthesize", "x.h5", "--samples", "1.5"], "--samples: '1.5': expected a whole number"),
@@ -103,11 +107,13 @@ def test_web_leaves_a_site_configuration_in_the_state_directory_alone(tmp_path, 
     monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
     site = tmp_path / "state" / "mxcube-web"
     site.mkdir(parents=True)
+    # The same file names as the copy: a site's own folder holds server.yaml and ui.yaml too.
     (site / "server.yaml").write_text("server: {PORT: 8090}\n")
-    (site / "custom.txt").write_text("the site's")
+    (site / "ui.yaml").write_text("the site's")
     assert main(["web", "--state-dir", str(tmp_path / "state")]) == 2
     assert "was not written by `mxcube-autocenter web`: choose another --state-dir" in capsys.readouterr().err
-    assert (site / "custom.txt").read_text() == "the site's"
+    assert (site / "ui.yaml").read_text() == "the site's"
+    assert (site / "server.yaml").read_text() == "server: {PORT: 8090}\n"
 
 
 def test_a_corrupt_row_found_while_training_is_an_error_that_names_the_set_and_the_row(tmp_path, capsys):

@@ -365,6 +365,10 @@ def test_inspect_prints_a_summary_and_writes_a_contact_sheet(beamline, autocente
     assert cv2.imread(str(png)).shape[2] == 3
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
     assert "missing.h5" in capsys.readouterr().err
+    # One sheet for several recordings: refused, not left out for sheets beside each.
+    assert main(["inspect", str(path), str(path), "--png", str(tmp_path / "both.png")]) == 2
+    assert "--png names one contact sheet, and 2 recordings were given" in capsys.readouterr().err
+    assert not (tmp_path / "both.png").exists() and not path.with_suffix(".png").exists()
 
     # `inspect *.h5 | head`: the reader goes away; one quiet stop, not an error per recording.
     copies = [str(shutil.copy(path, tmp_path / f"copy{k}_master.h5")) for k in range(3)]

@@ -244,3 +244,11 @@ def test_best_point_refines_more_than_the_best_candidate():
     old_point, old_rc = model.best_point(n_refined=1, step_um=2.0, final_step_um=2.0)
     assert rc > 1.1 * old_rc and np.linalg.norm(point - old_point) > 0.03
     assert rc == pytest.approx(model.mean_rc_centred(point))
+
+
+def test_a_sample_describes_its_loop_and_crystals_in_a_few_words():
+    sample = make_sample(7, n_crystals=2)
+    text = sample.describe()
+    assert text.startswith(f"{sample.loop_kind} loop {sample.loop_size_um:.0f} um, ")
+    assert all(crystal.habit in text for crystal in sample.crystals) and text.count(" um") == 3
+    assert make_sample(7, n_crystals=0).describe().endswith(" um, empty")

@@ -150,6 +150,11 @@ class VirtualSample:
     def loop_centre(self) -> np.ndarray:
         return self.loop_outline.mean(axis=0)
 
+    def describe(self) -> str:
+        """Loop and crystals in a few words, e.g. ``plain loop 247 um, rod 22 um`` (crystal sizes: cube roots of volumes)."""
+        crystals = ", ".join(f"{c.habit} {c.volume_um3 ** (1 / 3):.0f} um" for c in self.crystals) or "empty"
+        return f"{self.loop_kind} loop {self.loop_size_um:.0f} um, {crystals}"
+
     @property
     def loop_size_um(self) -> float:
         """Largest extent of the loop, um."""
