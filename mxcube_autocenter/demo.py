@@ -518,7 +518,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
                 final = dict(start) if mesh.refused else centred_motors(mesh.point, start["omega"])
                 message = f"best RC {mesh.best_rc:.1f} in {mesh.exposures} exposures"
             elif method == "optical_oracle":
-                point = scorecard.optical_oracle(sample, mounted.diffraction.beam)
+                point = scorecard.optical_oracle(mounted.diffraction)
                 refused = point is None
                 final = dict(start) if refused else centred_motors(point, start["omega"])
                 message = "best point of the crystals' shapes (ground truth)"

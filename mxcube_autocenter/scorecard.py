@@ -138,7 +138,7 @@ def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> 
     return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATIONS if m in start and m in final)
 
 
-def optical_oracle(sample, beam):
+def optical_oracle(diffraction):
     """The best point a camera could find: the best point of the crystals' shapes alone.
 
     The virtual beamline draws no trace of a crystal's quality field (good
@@ -149,17 +149,15 @@ def optical_oracle(sample, beam):
 
     Parameters
     ----------
-    sample : VirtualSample
-    beam : Beam
+    diffraction : DiffractionModel
+        The mounted sample's (its sample and beam are kept).
 
     Returns
     -------
     (3,) ndarray or None
         ``(a, u, v)``, mm; None for an empty loop.
     """
-    from mxcube_autocenter.simulation.diffraction import DiffractionModel
-
-    point, _ = DiffractionModel(sample, beam).shapes_only().best_point()
+    point, _ = diffraction.shapes_only().best_point()
     return point
 
 

@@ -326,17 +326,17 @@ def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():
     sample = make_sample(16)
     real = DiffractionModel(sample, Beam())
     best, best_rc = real.best_point()
-    point = scorecard.optical_oracle(sample, Beam())
+    point = scorecard.optical_oracle(real)
     score = scorecard.score_position(real, best, best_rc, centred_motors(point, 0.0))
     assert all(score["hits"]) and 0.5 < score["rc_fraction"] <= 1.0 + 1e-9
-    assert scorecard.optical_oracle(make_sample(16, n_crystals=0), Beam()) is None
+    assert scorecard.optical_oracle(DiffractionModel(make_sample(16, n_crystals=0), Beam())) is None
     # Nor their capacities: two crystals of other capacities are told apart by their shapes alone.
     from mxcube_autocenter.simulation.sample import MEDIAN_CAPACITY, uniform_crystals
 
     pair = make_sample(11, n_crystals=2)
     shapes, _ = DiffractionModel(uniform_crystals(pair, MEDIAN_CAPACITY), Beam()).best_point()
     own_capacities, _ = DiffractionModel(uniform_crystals(pair), Beam()).best_point()
-    np.testing.assert_allclose(scorecard.optical_oracle(pair, Beam()), shapes)
+    np.testing.assert_allclose(scorecard.optical_oracle(DiffractionModel(pair, Beam())), shapes)
     assert np.linalg.norm(shapes - own_capacities) > 0.01  # mm: the two definitions differ on this sample
 
 

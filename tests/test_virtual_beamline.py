@@ -91,6 +91,11 @@ def test_motor_faults_can_be_injected(beamline):
     with pytest.raises(RuntimeError, match="simulated motor fault"):
         phiz.set_value(start + 0.1, timeout=5)
     assert start < phiz.get_value() < start + 0.1  # it had moved part of the way
+    # In FAULT, as an MD3 motor reads: READY let a simultaneous move, waited for by the diffractometer, succeed.
+    assert phiz.get_state() == phiz.STATES.FAULT
+    phiz.inject_fault("fail", after_s=0.02)
+    with pytest.raises(Exception, match="Timeout waiting for status ready"):
+        beamline.diffractometer.set_value_motors({"phiz": start + 0.2}, timeout=1)
     phiz.inject_fault("timeout")
     with pytest.raises(RuntimeError, match="timed out"):
         phiz.set_value(start + 0.1, timeout=0.3)
@@ -163,6 +168,46 @@ def test_sample_changer_mounts_reproducible_samples(beamline):
     np.testing.assert_array_equal(first.loop_outline, changer.mounted.sample.loop_outline)
     changer.unload()
     assert changer.mounted is None
+    # A sample put on directly (as the demo and tests do) is taken off too: unload raised and left it there.
+    changer.mount(first)
+    changer.unload()
+    assert changer.mounted is None
+
+
+def test_a_streamed_frame_is_the_scene_at_its_exposure_whatever_is_asked_meanwhile(beamline, monkeypatch):
+    # A snapshot asked for while a frame was on its way (the web UI's, a poll) rendered the later scene into it:
+    # the frame arrived showing the sample where it was after its exposure time.
+    import cv2
+
+    camera, phiy = beamline.sample_view.camera, beamline.diffractometer.phiy
+    mounted = beamline.sample_changer.mount(make_sample(3, n_crystals=1))
+    start = float(mounted.sample.loop_centre[0])
+    phiy.set_value(start, timeout=10)
+    camera.stop_streaming()
+    monkeypatch.setattr(camera, "_latency_s", 1.0)
+    camera.get_last_image()
+
+    def image(jpeg):
+        return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE).astype(float)
+
+    exposed = image(camera._jpeg)
+    frames = []
+    camera.connect("imageReceived", lambda image, *args: frames.append(image))
+    try:
+        camera.start_streaming()
+        gevent.sleep(0.1)  # the first frame exposed, on its way
+        phiy.set_value(start + 0.05, timeout=10)
+        camera.get_last_image()
+        later = image(camera._jpeg)
+        with gevent.Timeout(5):
+            while not frames:
+                gevent.sleep(0.02)
+    finally:
+        camera.stop_streaming()
+        camera.start_streaming()
+        phiy.set_value(start, timeout=10)
+    delivered = image(frames[0])
+    assert np.abs(delivered - exposed).mean() < 0.1 < np.abs(delivered - later).mean()
 
 
 COLLECT_SIGNALS = (

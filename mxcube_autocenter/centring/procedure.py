@@ -314,7 +314,16 @@ class Beamline:
         is waited for as long as the move's ``timeout`` allows.
         """
         begun = time.monotonic()
-        self.diffractometer.set_value_motors(positions, timeout=timeout)
+        try:
+            self.diffractometer.set_value_motors(positions, timeout=timeout)
+        except Exception as err:
+            # A motor that stalls reads FAULT (an MD3's ExporterMotor): the diffractometer then only says it timed
+            # out waiting for Ready.
+            faulty = [name for name in positions if self._in_fault(name)]
+            if not faulty:
+                raise
+            raise CentringFailed(f"motor {', '.join(faulty)} reports a fault during the move ({err}): check it in the "
+                                 "diffractometer's software") from err  # fmt: skip
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
         deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
         while True:
@@ -332,9 +341,17 @@ class Beamline:
             gevent.sleep(0.05)
 
     def _moving(self, name: str) -> bool:
-        """Whether motor ``name`` says it is moving (not ready); False when it cannot tell."""
+        """Whether motor ``name`` says it is moving (not ready, nor in fault); False when it cannot tell."""
         try:
-            return not self.motors((name,))[name].is_ready()
+            return not self.motors((name,))[name].is_ready() and not self._in_fault(name)
+        except Exception:
+            return False
+
+    def _in_fault(self, name: str) -> bool:
+        """Whether motor ``name`` reads FAULT; False when it cannot tell."""
+        try:
+            motor = self.motors((name,))[name]
+            return motor.get_state() == motor.STATES.FAULT
         except Exception:
             return False
 

@@ -112,7 +112,8 @@ class VirtualCamera(HardwareObject):
             if key != self._key and np.all(np.isfinite([*motors.values(), *ppmm, *beam])):
                 pool = gevent.get_hub().threadpool
                 self._rgb, self._jpeg = pool.apply(self._render, (motors, ppmm, beam, mounted))
-                self._key = key
+                # The sample and look drawn are held with their ids: a new sample cannot get a freed one's id.
+                self._key, self._drawn = key, (mounted, self.look)
                 self.frame_number += 1
 
     def _stream(self):
@@ -124,15 +125,17 @@ class VirtualCamera(HardwareObject):
             start = time.monotonic()  # the exposure: the scene as the motors are now
             try:
                 self._update()
+                # This exposure's frame: a snapshot asked for while it is delivered renders a later scene.
+                rgb, jpeg = self._rgb, self._jpeg
                 # Delivered latency_s after the exposure, rendering included, as labelling assumes.
                 gevent.sleep(max(0.0, self._latency_s - (time.monotonic() - start)))
                 self._exposures += 1
                 if self.stream_format in ("rgb", "rgba", "grey"):
-                    pixels = bytearray(self.raw_pixels(self.stream_format))
+                    pixels = bytearray(_pixels(rgb, self.stream_format))
                     pixels[0] ^= self._exposures & 1  # one grey level of one pixel: see new_exposure
                     self.emit("imageReceived", bytes(pixels), self._width, self._height, False)
                 else:
-                    self.emit("imageReceived", new_exposure(self._jpeg, self._exposures), self._width, self._height)
+                    self.emit("imageReceived", new_exposure(jpeg, self._exposures), self._width, self._height)
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
             gevent.sleep(max(0.0, period - (time.monotonic() - start)))
@@ -141,14 +144,6 @@ class VirtualCamera(HardwareObject):
         """Delay from a frame's exposure to its delivery, s (the ``latency_s`` property)."""
         return self._latency_s
 
-    def raw_pixels(self, video_mode: str) -> bytes:
-        """The current frame's pixels as TangoLimaVideo sends them in ``video_mode`` ("rgb", "rgba" or "grey")."""
-        rgb = self._rgb
-        if video_mode == "grey":
-            rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        elif video_mode == "rgba":
-            rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
-        return rgb.tobytes()
 
     def _loaded_repository_alive(self) -> bool:
         try:
@@ -183,3 +178,12 @@ class VirtualCamera(HardwareObject):
 
     def get_available_stream_sizes(self):
         return [(self._width, self._height), (self._width // 2, self._height // 2)]
+
+
+def _pixels(rgb, video_mode: str) -> bytes:
+    """A frame's pixels as TangoLimaVideo sends them in ``video_mode`` ("rgb", "rgba" or "grey")."""
+    if video_mode == "grey":
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    elif video_mode == "rgba":
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
+    return rgb.tobytes()

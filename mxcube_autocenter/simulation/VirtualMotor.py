@@ -107,8 +107,9 @@ class VirtualMotor(MotorMockup):
         self._ramp(value, stop_after_s=after_s)
         if kind == "timeout":
             gevent.sleep(1e9)
-        # A stalled move: the motor stops where it is and reports the error.
-        self.update_state(self.STATES.READY)
+        # A stalled move: the motor stops where it is, in FAULT as an MD3's (ExporterMotor) reads, until the next
+        # move or an abort; READY here let a simultaneous move (no caller waiting on this motor) end as a success.
+        self.update_state(self.STATES.FAULT)
         raise RuntimeError(f"{self.username}: simulated motor fault")
 
     def _ramp(self, target: float, stop_after_s: float = float("inf")):

@@ -61,8 +61,12 @@ class VirtualSampleChanger(SampleChangerMockup):
         return loaded
 
     def unload(self, sample_slot=None, wait=None):
-        super().unload(sample_slot, wait)
-        self.mount(None)
+        try:
+            # A sample put on with mount() (the demo, tests) is no sample the changer loaded: nothing to give back.
+            if self.get_loaded_sample() is not None:
+                super().unload(sample_slot, wait)
+        finally:
+            self.mount(None)
 
     def mount(self, sample: VirtualSample | None, crystal_id: str | None = None) -> MountedSample | None:
         """Put ``sample`` on the goniometer (None: nothing mounted) and announce it."""
