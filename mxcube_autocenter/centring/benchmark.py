@@ -107,8 +107,7 @@ def fusion_s(predictor, sample, motors, renderer, runs: int) -> float:
     from mxcube_autocenter.centring.loop import loop_tips
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame
 
-    defaults = {name: field.default for name, field in AutoCenterConfig.model_fields.items()}
-    settings = CentringSettings.from_config(AutoCenterConfig.model_construct(**defaults))
+    settings = CentringSettings.from_config(AutoCenterConfig())
     ppmm, beam = (1300.0, 1300.0), (640, 512)
     views, frames = [], []
     for k in range(settings.n_angles):

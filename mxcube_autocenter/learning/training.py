@@ -385,10 +385,10 @@ def label_counts(table: Table, label: str, dataset_path) -> np.ndarray:
             f"{dataset_path}: label='rc_expected' needs the ground-truth expected counts (the rc_expected column "
             "that `mxcube-autocenter synthesize` writes), and this dataset has none: use label='rc'"
         )
-    return checked_counts(table.extra["rc_expected"], "rc_expected", dataset_path)
+    return _checked_counts(table.extra["rc_expected"], "rc_expected", dataset_path)
 
 
-def checked_counts(counts, column: str, dataset_path) -> np.ndarray:
+def _checked_counts(counts, column: str, dataset_path) -> np.ndarray:
     """``counts`` as floats, refused unless finite and at least 0 (as ``read_table`` checks ``rc``).
 
     Raises
@@ -402,7 +402,7 @@ def checked_counts(counts, column: str, dataset_path) -> np.ndarray:
         # Unchecked, a NaN showed up as a diverged training ("give a lower learning rate"), a negative count as
         # the log transform's complaint about its offset.
         raise ValueError(f"{dataset_path}: {column} has {len(bad)} values that are not finite counts >= 0 (first at "
-                         f"row {int(np.unravel_index(bad[0], counts.shape)[0])}: {counts.flat[bad[0]]!r}): write "
+                         f"row {int(bad[0])}: {counts[bad[0]]!r}): write "
                          "the set again")  # fmt: skip
     return counts
 
