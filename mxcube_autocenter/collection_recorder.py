@@ -353,6 +353,7 @@ class CollectionRecorder:
             ),
             max_queue=max(8, int(2 * cfg.record_frame_rate)),
             max_frames=cfg.record_max_frames,
+            log=self.log,
         )
         self._dc_params = dc_params
         self._missing_said = False
@@ -381,6 +382,13 @@ class CollectionRecorder:
         now = time.monotonic()
         writer = self._writer
         if writer is None:
+            return
+        if not isinstance(image, (bytes, bytearray, memoryview, np.ndarray)):
+            # A Qt camera's QPixmap (AbstractVideoDevice): no bytes to store, nor to read off the GUI thread.
+            reason = (f"the camera sends {type(image).__name__} images, which the recording cannot store: set "
+                      "record_source to 'poll'")  # fmt: skip
+            self.log.error("AutoCenter: recording stopped: %s", reason)
+            self.stop_later("failed", only=writer, reason=reason)
             return
         # TangoLimaVideo sends its last image on every poll, changed or not: a frozen camera must reach the
         # watchdog, and only an image's first arrival is kept: a repeat's time and motors are later than its

@@ -184,6 +184,33 @@ def decode_jpeg(data) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# Start-of-frame markers (baseline, progressive, ...): SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """The (height, width) a JPEG's frame header gives, in pixels, without decoding the image.
+
+    Reads the marker segments up to the first start-of-frame one. None when
+    ``data`` holds no readable frame header (a truncated or damaged JPEG).
+    """
+    data = memoryview(data).cast("B")
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _JPEG_FRAME_MARKERS:
+            if at + 9 > len(data):
+                return None
+            # The segment: length (2 bytes), sample precision (1), height (2), width (2), ...
+            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+        at += 2 + length
+    return None
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     """Encode an RGB array as JPEG, as the camera sends frames.
 
@@ -408,6 +435,7 @@ class FrameStore:
         self._flush_interval_s = flush_interval_s
         self._frames = h5file["frames"]
         self._kept = 0
+        self._jpeg_shape = None  # (H, W, 3) of the frames stored as JPEG, from the first
         self._flushed = 0
         self._last_flush = time.monotonic()
         self._closed = False
@@ -545,11 +573,13 @@ class FrameStore:
             If free space fell below ``min_free_mb``; stop writing.
         """
         # Everything is checked before the first write, so that a refused frame
-        # leaves all datasets the same length.
+        # leaves all datasets the same length (and a first one sets no frame size).
+        row = motor_row(motors)
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"camera frame of shape {image.shape} and type {image.dtype} is no RGB image")
             if self.storage == "jpeg":
+                shape = self._checked_size(image.shape)
                 pixels = np.frombuffer(encode_jpeg(image), np.uint8)
                 images = self._frames["jpeg"]
             else:
@@ -558,12 +588,14 @@ class FrameStore:
         elif self.storage == "jpeg":
             if bytes(image[:2]) != JPEG_MAGIC:
                 raise ValueError("camera frame is not a JPEG image (no JPEG start marker)")
+            size = jpeg_size(image)
+            # A damaged frame is kept as it came: reading it back says it is corrupt, as for any damaged frame.
+            shape = self._jpeg_shape if size is None else self._checked_size((*size, 3))
             pixels = np.frombuffer(image, np.uint8)
             images = self._frames["jpeg"]
         else:
             pixels = decode_jpeg(image)
             images = self._rgb_dataset(pixels.shape)
-        row = motor_row(motors)
         n = self._kept
         datasets = [self._frames[name] for name in ("timestamp", "motors", "camera_frame")]
         for dataset in [*datasets, images]:
@@ -573,6 +605,8 @@ class FrameStore:
         self._frames["camera_frame"][n] = frame_number
         images[n] = pixels
         self._kept = n + 1
+        if self.storage == "jpeg":
+            self._jpeg_shape = shape
         self._raise_write_error()
         self.flush_if_due()
 
@@ -592,6 +626,14 @@ class FrameStore:
         if shape != rgb.shape[1:]:
             raise ValueError(f"camera frame is {shape}, the recording's frames {rgb.shape[1:]}")
         return rgb
+
+    def _checked_size(self, shape) -> tuple:
+        """Refuse a JPEG-stored frame of another size than the first (a zoom or binning change mid-collection):
+        the recording's one pixels_per_mm and beam position would label it wrongly."""
+        shape = tuple(int(n) for n in shape)
+        if self._jpeg_shape is not None and shape != self._jpeg_shape:
+            raise ValueError(f"camera frame is {shape}, the recording's frames {self._jpeg_shape}")
+        return shape
 
     def flush_if_due(self) -> None:
         """Flush if ``flush_interval_s`` has passed since the last flush, and check free space.
@@ -746,6 +788,11 @@ class RecordingWriter:
         ``on_error(message)``, called once on the writer thread when the
         recording stops on an error; the message names the file, the cause and
         the fix. Hand it to the event loop yourself if it touches greenlets.
+    log : logging.Logger, optional
+        Where the writer's warnings and errors go (default: this module's
+        logger). A hardware object gives its own: MXCuBE's log handlers are on
+        the ``HWR`` logger, and records of other loggers never reach its log
+        file or the web UI.
     """
 
     def __init__(
@@ -754,7 +801,9 @@ class RecordingWriter:
         max_queue: int = 50,
         max_frames: int | None = None,
         on_error: Callable[[str], None] | None = None,
+        log: logging.Logger = log,
     ):
+        self.log = log
         self._store_or_factory = store
         self._max_frames = max_frames
         self._on_error = on_error
@@ -873,7 +922,7 @@ class RecordingWriter:
                 f"the writer thread was still writing {store.path if store else 'the recording'} "
                 f"after {timeout_s + _CLOSE_GRACE_S:.0f} s: check the disk"
             )
-            log.error(error)
+            self.log.error(error)
         self._summary = RecordingSummary(
             path=store.path if store else None,
             status=("failed" if self._error else self._final_status) if finished else "recording",
@@ -892,6 +941,10 @@ class RecordingWriter:
             self._store.close(self._final_status, self._final_reason)
         except Exception as err:
             self._fail(err)
+        if self._summary is not None and self._summary.status == "recording":
+            # close() gave up waiting and reported the recording unfinished: say how the file ended.
+            self.log.warning("%s: the writer finished after close() gave up on it; the file is closed as %s",
+                             self._summary.path, "failed" if self._error else self._final_status)
 
     def _write_frames(self, store: FrameStore):
         while True:
@@ -910,7 +963,7 @@ class RecordingWriter:
                 store.append(frame() if callable(frame) else frame, timestamp, motors, number)
             except ValueError as err:
                 self._dropped_by_writer += 1
-                log.warning("camera frame %s dropped from %s: %s", number, store.path, err)
+                self.log.warning("camera frame %s dropped from %s: %s", number, store.path, err)
 
     def _fail(self, err: Exception):
         path = self._store.path if self._store is not None else None
@@ -920,21 +973,21 @@ class RecordingWriter:
             message = describe_write_error(err, path)
         else:
             message = f"unexpected error while writing {path} ({err!r}): please report it"
-            log.exception(message)
+            self.log.exception(message)
         self._error = message
-        log.error("camera recording stopped: %s", message)
+        self.log.error("camera recording stopped: %s", message)
         self._discard_queue()
         if self._store is not None:
             self._store.frames_dropped = self.frames_dropped
             try:
                 self._store.close("failed", error=message)
             except Exception as close_err:
-                log.warning("%s could not be marked failed: %s", path, close_err)
+                self.log.warning("%s could not be marked failed: %s", path, close_err)
         if self._on_error is not None:
             try:
                 self._on_error(message)
             except Exception:
-                log.exception("on_error callback of the camera recording failed")
+                self.log.exception("on_error callback of the camera recording failed")
 
     def _discard_queue(self):
         while True:

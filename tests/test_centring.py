@@ -1193,7 +1193,7 @@ def test_a_script_centring_stops_its_own_sine_fit_not_a_click_centring_started_s
         sample_centring.CURRENT_CENTRING.kill(block=True)
 
 
-def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_is_waited_for_once(beamline):
+def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_is_waited_for_once(beamline, caplog):
     # mxcubecore's get_snapshot returns the camera's last frame, which may have been exposed before the motors
     # stopped (a frame period and the camera's latency: a degree or more of an omega turn).
     import time
@@ -1206,13 +1206,15 @@ def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_i
 
     camera.connect("imageReceived", received)
     try:
-        bl = procedure.Beamline(beamline, fresh_frames=2)
+        bl = procedure.Beamline(beamline, fresh_frames=2, log=logging.getLogger("HWR.AutoCenter"))
         asked = time.monotonic()
         bl.snapshot()
         assert sum(t > asked for t in frames) >= 2
         camera.stop_streaming()
         start = time.monotonic()
-        assert bl.snapshot().shape[2] == 3  # still taken, after FRESH_FRAME_TIMEOUT_S
+        with caplog.at_level(logging.INFO, logger="HWR"):  # the hardware object's log, which MXCuBE's handlers see
+            assert bl.snapshot().shape[2] == 3  # still taken, after FRESH_FRAME_TIMEOUT_S
+        assert [r.name for r in caplog.records if "its snapshots are taken at once" in r.message] == ["HWR.AutoCenter"]
         assert bl.snapshot() is not None and time.monotonic() - start < 2 * procedure.FRESH_FRAME_TIMEOUT_S
     finally:
         camera.disconnect("imageReceived", received)

@@ -700,6 +700,22 @@ def test_a_frame_kept_is_an_images_first_arrival_with_its_own_time(tmp_path):
     assert max(late_ms) < 5
 
 
+def test_a_camera_that_sends_qt_images_ends_the_recording_failed_naming_the_fix(tmp_path, caplog):
+    # mxcubecore's Qt cameras (AbstractVideoDevice) emit imageReceived(QPixmap): it went to the writer thread, which
+    # failed with "unexpected error ... please report it" (or, the payload never compared equal, never timed out).
+    class QPixmap:
+        pass
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None))
+    recorder.start(dc_params)
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        recorder.frame_received(QPixmap())
+    summary = recorder.wait_closed(5)
+    assert summary.status == "failed" and summary.frames_kept == 0
+    assert "sends QPixmap images" in summary.error and "record_source to 'poll'" in summary.error
+    assert "sends QPixmap images" in caplog.text and "please report it" not in caplog.text
+
+
 def test_a_camera_that_cannot_be_listened_to_ends_the_recording_failed(tmp_path):
     # mxcubecore's connect asks TangoLimaVideo's Lima device, which raises when the server is down: the recording
     # stayed open without a watchdog until the next collection, then closed as complete.

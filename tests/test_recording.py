@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import signal
@@ -146,18 +147,72 @@ def test_status_and_counts_at_close(tmp_path, status):
     assert rec.error == ("beam lost" if status == "failed" else None)
 
 
-def test_bad_frames_are_refused_without_writing(tmp_path):
-    _, jpegs = _frames(1)
-    store = FrameStore.create(tmp_path, "run", {}, storage="raw")
+@pytest.mark.parametrize("storage", ["jpeg", "raw"])
+def test_bad_frames_are_refused_without_writing(tmp_path, storage):
+    rgbs, jpegs = _frames(1)
+    store = FrameStore.create(tmp_path, "run", {}, storage=storage)
+    with pytest.raises(ValueError, match="motor positions"):  # refused before it sets the recording's frame size
+        store.append(encode_jpeg(synthetic_frame(64, 64)), time.time(), [0.0, 1.0], 0)
     store.append(jpegs[0], time.time(), _motors(0), 0)
-    with pytest.raises(ValueError, match="JPEG"):
-        store.append(b"\xff\xd8 truncated", time.time(), _motors(1), 1)
+    if storage == "raw":
+        with pytest.raises(ValueError, match="JPEG"):
+            store.append(b"\xff\xd8 truncated", time.time(), _motors(1), 1)
+    # A zoom or binning change mid-collection: the recording's one pixels_per_mm would label it wrongly. JPEG
+    # storage kept such frames.
     with pytest.raises(ValueError, match="frames"):
         store.append(encode_jpeg(synthetic_frame(64, 64)), time.time(), _motors(1), 1)
+    with pytest.raises(ValueError, match="frames"):
+        store.append(synthetic_frame(64, 64), time.time(), _motors(1), 1)
     with pytest.raises(ValueError, match="motor positions"):
         store.append(jpegs[0], time.time(), [0.0, 1.0], 1)
+    store.append(rgbs[0], time.time(), _motors(1), 1)
     store.close()
-    assert len(read_recording(store.path)) == 1
+    assert len(read_recording(store.path)) == 2
+
+
+def test_jpeg_size_reads_the_frame_header():
+    from mxcube_autocenter.recording import jpeg_size
+
+    assert jpeg_size(encode_jpeg(synthetic_frame(160, 128))) == (128, 160)
+    ok, progressive = cv2.imencode(".jpg", np.zeros((30, 70, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok and jpeg_size(progressive) == (30, 70)
+    assert jpeg_size(b"\xff\xd8") is None and jpeg_size(encode_jpeg(synthetic_frame(160, 128))[:12]) is None
+
+
+def test_the_writer_logs_to_the_logger_it_is_given(tmp_path, caplog):
+    # MXCuBE's log handlers are on HWR: a hardware object gives its own logger, or the writer's warnings reach
+    # neither the log file nor the web UI.
+    _, jpegs = _frames(1)
+    writer = RecordingWriter(lambda: FrameStore.create(tmp_path, "run", METADATA),
+                             log=logging.getLogger("HWR.AutoCenter"))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="HWR"):
+        writer.submit(b"no jpeg", time.time(), _motors(0), 7)
+        writer.submit(jpegs[0], time.time(), _motors(1), 8)
+        summary = writer.close("complete")
+    assert summary.frames_kept == 1
+    assert [r.name for r in caplog.records if "camera frame 7 dropped" in r.message] == ["HWR.AutoCenter"]
+
+
+def test_a_writer_that_finishes_after_close_gave_up_says_how_the_file_ended(tmp_path, monkeypatch, caplog):
+    import mxcube_autocenter.recording as recording
+
+    class StuckStore(FrameStore):
+        def append(self, *args):
+            time.sleep(0.6)  # a hung network disk
+            super().append(*args)
+
+    monkeypatch.setattr(recording, "_CLOSE_GRACE_S", 0.0)
+    _, jpegs = _frames(1)
+    writer = RecordingWriter(lambda: StuckStore.create(tmp_path, "run", METADATA))
+    writer.submit(jpegs[0], time.time(), _motors(0))
+    time.sleep(0.1)
+    with caplog.at_level(logging.WARNING, logger="mxcube_autocenter.recording"):
+        summary = writer.close("complete", timeout_s=0.1)
+        assert summary.status == "recording" and "still writing" in summary.error
+        writer._thread.join(5)
+    assert not writer._thread.is_alive()
+    assert f"{summary.path}: the writer finished after close() gave up on it; the file is closed as complete" in caplog.text
+    assert read_recording(summary.path).status == "complete"
 
 
 def test_writer_counts_dropped_frames(tmp_path):

@@ -21,6 +21,7 @@ the crops are cut from the same resized and normalised region.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,6 +179,8 @@ class DenseEvaluator:
         self.model = model
         self.input_size = int(model.input_shape[1])
         self._twins = {1: fully_convolutional(model)}
+        # A centring's inference thread outlives its aborted greenlet: the next centring's may build a twin meanwhile.
+        self._building = threading.Lock()
 
     @property
     def step(self) -> int:
@@ -190,11 +193,12 @@ class DenseEvaluator:
         # the outputs; a step of 6 split in 8 would repeat grid points.
         n = next((d for d in range(1, self.step + 1) if self.step % d == 0 and self.step / d <= stride_model_px),
                  self.step)  # fmt: skip
-        if n not in self._twins:
-            try:
-                self._twins[n] = fully_convolutional(self.model, n)
-            except HeatmapError:
-                self._twins[n] = None
+        with self._building:
+            if n not in self._twins:
+                try:
+                    self._twins[n] = fully_convolutional(self.model, n)
+                except HeatmapError:
+                    self._twins[n] = None
         if self._twins[n] is None:
             fcn, step = self._twins[1]
             return fcn, step, [i * step // n for i in range(n)]

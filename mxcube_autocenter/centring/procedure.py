@@ -189,14 +189,16 @@ FRESH_FRAME_TIMEOUT_S = 0.5
 class Beamline:
     """The beamline objects the procedure drives, looked up through ``HWR.beamline``.
 
-    ``fresh_frames``: new camera frames awaited before each snapshot (:meth:`snapshot`).
+    ``fresh_frames``: new camera frames awaited before each snapshot (:meth:`snapshot`). ``log``: where its
+    notes go, the hardware object's (MXCuBE's log handlers are on ``HWR``).
     """
 
-    def __init__(self, hwr_beamline, fresh_frames: int = 0):
+    def __init__(self, hwr_beamline, fresh_frames: int = 0, log: logging.Logger | None = None):
         self.sample_view = hwr_beamline.sample_view
         self.diffractometer = hwr_beamline.diffractometer
         self.beam = hwr_beamline.beam
         self.fresh_frames = fresh_frames
+        self.log = log or logging.getLogger("HWR")
         self._camera_streams = True
 
     def motors(self, names=CENTRING_MOTORS) -> dict:
@@ -274,7 +276,7 @@ class Beamline:
             finally:
                 camera.disconnect("imageReceived", frame_received)
             if not self._camera_streams:
-                logging.getLogger(__name__).info(
+                self.log.info(
                     "AutoCenter: the camera sent no new frame within %g s: its snapshots are taken at once",
                     FRESH_FRAME_TIMEOUT_S)  # fmt: skip
         return self.sample_view.get_snapshot(return_as_array=True)
