@@ -961,6 +961,16 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
                                            r"um around the beam: evaluate it on a set stored with at least 160 um"):
         evaluate(trained.model_path, str(narrow), str(tmp_path / "narrow_report"))
     assert not (tmp_path / "narrow_report").exists()
+    # A damaged row is refused before any is predicted: inside tf.data, its error left the program hanging or
+    # aborting at its exit.
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(dataset_path, damaged)
+    with h5py.File(damaged, "r+") as f:
+        f["samples/image"][7] = np.frombuffer(b"\xff\xd8" + bytes(100), np.uint8)
+    with pytest.raises(DatasetError, match=r"damaged.h5: row 7: its stored image is no readable JPEG image: the file "
+                                           r"is damaged; write it again"):
+        evaluate(trained.model_path, str(damaged), str(tmp_path / "damaged_report"), subset="all")
+    assert not (tmp_path / "damaged_report").exists()
 
     table = sweep(dataset_path, str(tmp_path / "sweep"), archs=("a1",), transforms=("vanilla", "tanh"),
                   crop_um=160, input_size=SMALL, epochs=1, batch_size=32, verbose=0)

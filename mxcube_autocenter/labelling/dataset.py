@@ -41,6 +41,7 @@ from mxcube_autocenter.recording import (
     _now_iso,
     decode_jpeg,
     encode_jpeg,
+    jpeg_size,
     names_a_sample,
     read_recording,
 )
@@ -885,6 +886,28 @@ class RowReader:
             return decode_jpeg(data)
         except ValueError as err:
             raise DatasetError(f"{self.path}: row {i}: {err}: the file is damaged; {self.fix}") from err
+
+    def check(self, rows) -> None:
+        """Refuse the first of ``rows`` whose stored image cannot be read or holds no JPEG image, naming it.
+
+        Reads the rows' bytes but decodes no image (a JPEG's frame header is
+        read): a pipeline that hits a damaged row inside TensorFlow ends in an
+        abort or a hang of the whole program after its error, and the
+        test rows are read only once the training is over.
+        """
+        with self._lock:
+            if self._file is None:
+                try:
+                    self._file = open_to_read(self.path)
+                except OSError as err:
+                    raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
+            images = self._file[self.image_dataset]
+            for i in np.unique(np.asarray(rows, dtype=np.int64)):
+                with reading(self.path, f"file's {self.image_dataset} (row {i})", DatasetError, self.fix):
+                    data = images[int(i)]
+                if jpeg_size(data) is None:
+                    raise DatasetError(f"{self.path}: row {i}: its stored image is no readable JPEG image: the file "
+                                       f"is damaged; {self.fix}")  # fmt: skip
 
     def close(self):
         with self._lock:

@@ -221,6 +221,7 @@ def make_dataset(
     if cache == "auto":
         cache = cache_for(len(rows), spec)
     reader = RowReader(table.path, table.image_dataset)
+    reader.check(rows)
     size, channels = int(spec.input_size), spec.channels
 
     def load(i):

@@ -353,6 +353,7 @@ def region_dataset(table: RegionTable, rows, targets, weights, *, spec: crops.Cr
     if len(rows) == 0:
         raise RegionSetError(f"{table.path}: no regions to stream")
     reader = RowReader(table.path, "regions/image", fix=_WRITE_REGIONS)
+    reader.check(rows)
     spec = spec or crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size)
     side, channels = table.side, spec.channels
 
@@ -505,6 +506,7 @@ def train_dense(
     import keras
     import tensorflow as tf
 
+    from mxcube_autocenter.labelling.dataset import RowReader
     from mxcube_autocenter.learning import architectures, training
     from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS
     from mxcube_autocenter.learning.transforms import get_transform
@@ -564,6 +566,9 @@ def train_dense(
                               seed=seed, augment=augment, batch_size=train_batch, **common).map(with_flags)
     val_ds = region_dataset(table, idx["validation"], targets[idx["validation"]], weights[idx["validation"]],
                             shuffle=False, batch_size=val_batch, **common).map(with_flags)
+    # The test regions are read only once the training is over: a damaged one must not cost the run.
+    with RowReader(table.path, "regions/image", fix=_WRITE_REGIONS) as reader:
+        reader.check(idx["test"])
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     settings = {

@@ -360,6 +360,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
                            f"{table.stored_crop_um:g} um around the beam: evaluate it on a set stored with at least "
                            f"{spec.crop_um:g} um") from err  # fmt: skip
     label, learnt_counts = _learnt_counts(info, table, dataset_path)
+    with RowReader(table.path, table.image_dataset) as reader:
+        reader.check(rows)
     # Only once the inputs are good: a refused run leaves no empty report directory behind.
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -57,7 +57,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 
 from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
-from mxcube_autocenter.labelling.dataset import Table, read_table  # noqa: E402
+from mxcube_autocenter.labelling.dataset import RowReader, Table, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
@@ -499,6 +499,9 @@ def _fit(
     val_ds = make_dataset(table, idx["validation"], targets[idx["validation"]], shuffle=False, batch_size=val_batch,
                           **common)
 
+    # The test rows are read only once the training is over: a damaged one must not cost the run.
+    with RowReader(table.path, table.image_dataset) as reader:
+        reader.check(idx["test"])
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
     settings = {
@@ -592,14 +595,17 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
     fitted transform, the split, the input): an interrupted run (Ctrl-C, a
     killed job) leaves its best epoch usable with :func:`attach_info`. The
     caller removes it (:func:`remove_run_info`) once ``model.keras`` is
-    saved; a run that diverged, with no epoch to make a model of, here.
+    saved; a run that ends without a checkpoint (diverged, refused, or
+    failed or stopped before its first epoch ended), here.
     """
     if _is_chief(strategy):
         _write_json_whole(os.path.join(out, RUN_INFO), run_info)
     try:
         return fit_with_early_stopping(model, train_ds, val_ds, work, **fit_options)
-    except ValueError:
-        remove_run_info(out, strategy)
+    except BaseException:
+        # Kept beside a checkpoint (an interrupted run's best epoch), not alone (a run refused or failed before one).
+        if not os.path.exists(os.path.join(work, "checkpoint.keras")):
+            remove_run_info(out, strategy)
         raise
 
 
