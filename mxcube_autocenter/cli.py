@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import logging
@@ -210,7 +211,7 @@ def _input_errors_exit_2(command):
         except BrokenPipeError:
             raise
         except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_naming_the_output(err, getattr(args, 'out', None))}", file=sys.stderr)
             return 2
         except Exception as err:
             message = _dataset_error_inside_tensorflow(err)
@@ -220,6 +221,21 @@ def _input_errors_exit_2(command):
             return 2
 
     return run
+
+
+# A disk full, over its quota or mounted read-only.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _naming_the_output(err, out) -> str:
+    """The message of ``err``; for a disk that takes no more (which Keras' checkpoint names no file of), with the
+    command's output and the fix."""
+    message = str(err)
+    if not (isinstance(err, OSError) and err.errno in _NO_ROOM and out):
+        return message
+    if str(out) not in message:
+        message += f" (writing {out})"
+    return f"{message}: free space there, or choose another output"
 
 
 def _dataset_error_inside_tensorflow(err) -> str | None:
@@ -519,6 +535,8 @@ FRACTION = _number(float, 0, 1)
 FINITE = _number(float)
 # As the heatmap_stride_px property takes it.
 STRIDE_PX = _number(float, 0, 64, low_inclusive=False)
+# A model's input side, pixels: the thesis' 128 and room above; a larger one would not fit in memory.
+INPUT_SIZE = _number(int, 8, 512)
 
 
 def _beam_position(text: str) -> tuple[float, float]:
@@ -541,7 +559,7 @@ def cmd_heatmap(args) -> int:
         return 2
 
     from mxcube_autocenter.centring import report
-    from mxcube_autocenter.centring.loop import loop_tips
+    from mxcube_autocenter.centring.loop import ScaleError, loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
     from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
     from mxcube_autocenter.config import AutoCenterConfig
@@ -568,7 +586,10 @@ def cmd_heatmap(args) -> int:
             entry["error"] = str(err)
             status = 1
         else:
-            _, tip = loop_tips(frame, ppmm, args.pin_side)
+            try:
+                _, tip = loop_tips(frame, ppmm, args.pin_side)
+            except ScaleError as err:
+                entry["error"], tip, status = f"--pixels-per-mm: {err}", None, 1
             if tip is not None:
                 angle = analyse_frame(predictor, frame, tip, ppmm, settings)
                 entry.update(
@@ -754,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-heldout", type=COUNT, help="held-out samples to centre (default: 20; --quick: 10)")
     demo.add_argument("--n-empty", type=NON_NEGATIVE_INT, help="of which empty loops (default: one in five, at most 4; --quick: 2)")
     demo.add_argument("--epochs", type=COUNT, help="most training epochs (default: 12)")
-    demo.add_argument("--input-size", type=COUNT, help="with --from-scratch: model input side, pixels (default: 64)")
+    demo.add_argument("--input-size", type=INPUT_SIZE, help="with --from-scratch: model input side, pixels (default: 64)")
     demo.add_argument("--nproc", type=COUNT, help="spot-finding processes (default: up to 2)")
     demo.add_argument("--seed", type=NON_NEGATIVE_INT, help="seeds looks, start positions and samples (default: 0)")
     demo.add_argument("--keep-data", action="store_true", help="keep the EIGER files and camera recordings (large)")
@@ -793,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--crop-um", type=POSITIVE, default=None if fine_tuning else DEFAULT_CROP_UM,
                        help=f"crop side on the sample, um (default: {DEFAULT_CROP_UM}"
                             + (", or the initial model's)" if fine_tuning else ")"))
-        p.add_argument("--input-size", type=COUNT, default=None if fine_tuning else DEFAULT_INPUT_SIZE,
+        p.add_argument("--input-size", type=INPUT_SIZE, default=None if fine_tuning else DEFAULT_INPUT_SIZE,
                        help=f"model input side, pixels (default: {DEFAULT_INPUT_SIZE}"
                             + (", or the initial model's)" if fine_tuning else ")"))
         p.add_argument("--epochs", type=COUNT, default=30, help="most epochs (early stopping) (default: %(default)s)")
@@ -862,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     regions.add_argument("--regions-per-view", type=COUNT, default=2, help="(default: %(default)s)")
     regions.add_argument("--cells", type=COUNT, default=9, help="grid crops per region side (default: %(default)s)")
     regions.add_argument("--crop-um", type=POSITIVE, default=DEFAULT_CROP_UM, help="crop side on the sample, um (default: %(default)s)")
-    regions.add_argument("--input-size", type=COUNT, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
+    regions.add_argument("--input-size", type=INPUT_SIZE, default=DEFAULT_INPUT_SIZE, help="model input side, pixels (default: %(default)s)")
     regions.add_argument("--crystal-fraction", type=FRACTION, default=0.5,
                          help="share of regions centred near a crystal, the rest anywhere in the centring region "
                               "(default: %(default)s)")

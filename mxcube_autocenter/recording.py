@@ -1292,8 +1292,12 @@ def _tile(rec: Recording, i: int, width: int) -> np.ndarray:
     frame = rec.frame(i)
     scale = width / frame.shape[1]
     tile = cv2.resize(frame, (width, round(frame.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-    beam = rec.metadata.get("beam_position")
-    if beam is not None:
+    try:
+        beam = np.asarray(rec.metadata.get("beam_position"), dtype=np.float64).reshape(2)
+    except (TypeError, ValueError):
+        beam = np.full(2, np.nan)
+    # A position that reads no number (not calibrated) is left unmarked: the frames are still worth a look.
+    if np.isfinite(beam).all():
         centre = (round(beam[0] * scale), round(beam[1] * scale))
         cv2.drawMarker(tile, centre, (255, 0, 0), cv2.MARKER_CROSS, markerSize=16, thickness=2)
     return _caption(tile, rec, i, f"omega {rec.motor('omega')[i]:.2f} deg")

@@ -140,13 +140,16 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     mount_at_start(beamline)
     start = positions(beamline)
     autocenter.config.max_displacement_mm = 10.0
+    # The stalled motor reads FAULT and the diffractometer waits out move_timeout_s for a Ready that never comes:
+    # watched, the move fails at once.
+    autocenter.config.move_timeout_s = 120.0
     # Only omega turns during the fit: the first sampx move is the final centring move.
     beamline.diffractometer.sampx.inject_fault("fail", after_s=0.02)
     log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     result = autocenter.last_result
     assert not result.success and not result.declined  # a fault, not a verdict on the sample
-    assert "sampx" in result.message
+    assert "motor sampx reports a fault during the move" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
@@ -982,6 +985,18 @@ def test_a_scale_that_reads_no_number_refuses_the_centring_before_anything_moves
     monkeypatch.setattr(beamline.diffractometer, "get_pixels_per_mm", lambda: (float("nan"), float("nan")))
     result = autocenter.centre(save=False)
     assert not result.success and "not usable" in result.message, result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-6)
+
+
+def test_a_scale_no_camera_has_refuses_the_centring_naming_the_calibration(beamline, autocenter, monkeypatch):
+    # A zoom calibrated in pixels per um (1.3 for 1300 px/mm) ended in OpenCV's "!_src.empty()" assertion.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(beamline.diffractometer, "get_pixels_per_mm", lambda: (1.3, 1.3))
+    result = autocenter.centre(save=False)
+    assert not result.success and not result.declined
+    assert "the camera's scale: pixels_per_mm (1.3, 1.3) makes this 1280 x 1024 pixel image 985 x 788 mm" in result.message
+    assert "check the zoom's calibration in the diffractometer's configuration" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-6)
 
 

@@ -33,6 +33,9 @@ from mxcube_autocenter.cli import main
         (["bench", "--only", "renderr"], "invalid choice: 'renderr'"),
         (["inspect", "x.h5", "--frames", "1" + "0" * 400], "expected a whole number of at least 1"),
         (["demo", "--seed", "-1"], "--seed: '-1': expected a whole number of at least 0"),
+        # 100000 ended in TensorFlow's out-of-memory traceback, 1 in CropSpec's "input_size must be ...".
+        (["train", "x.h5", "--input-size", "100000"], "--input-size: '100000': expected a whole number from 8 to 512"),
+        (["synthesize-regions", "x.h5", "--input-size", "1"], "--input-size: '1': expected a whole number from 8"),
     ],
 )
 def test_numbers_and_names_out_of_range_are_usage_errors(argv, message, capsys):
@@ -139,6 +142,23 @@ def test_a_corrupt_row_is_an_error_that_names_the_set_and_the_row_before_anythin
     assert f"error: {dataset}: row {row}: its stored image is no readable JPEG image: the file is damaged" in err
     assert "write it again" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.keras"]
+
+
+def test_a_full_disk_names_the_output_and_the_fix(tmp_path, monkeypatch, capsys):
+    # Keras' checkpoint and the report's figures raise without a file name: the message was "[Errno 28] No space
+    # left on device" alone.
+    import errno
+
+    from mxcube_autocenter.learning import evaluate
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "evaluate", full)
+    out = tmp_path / "report"
+    assert main(["evaluate", "model.keras", "set.h5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: [Errno 28] No space left on device (writing {out}): free "
+                                               "space there, or choose another output")  # fmt: skip
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):

@@ -612,6 +612,24 @@ def test_a_jpeg_cut_short_is_refused_not_read_with_its_missing_part_grey(tmp_pat
     assert entries[1]["loop"] is None and "ends before its image does" in entries[1]["error"]
 
 
+@pytest.mark.parametrize("pixels_per_mm", ["0.5", "1e300"])
+def test_heatmap_command_names_a_scale_no_camera_has(tmp_path, capsys, pixels_per_mm):
+    # 0.5 (pixels per um given for pixels per mm) ended in OpenCV's "!_src.empty()" traceback, 1e300 in numpy's
+    # "Maximum allowed dimension exceeded".
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    image = tmp_path / "snapshot.png"
+    assert cv2.imwrite(str(image), cv2.cvtColor(frame_of(1), cv2.COLOR_RGB2BGR))
+    assert main(["heatmap", str(image), "--pixels-per-mm", pixels_per_mm, "--json"]) == 1
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["loop"] is None and entry["error"].startswith(f"--pixels-per-mm: pixels_per_mm ({float(pixels_per_mm)}")
+    assert "an on-axis camera sees 0.05 to 20 mm across: the scale is pixels per mm (not per um)" in entry["error"]
+
+
 def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):
     import json
 

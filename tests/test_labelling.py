@@ -1027,6 +1027,14 @@ def test_a_file_that_is_not_a_training_set_is_refused(collections, tmp_path):
         h5file["x"] = 1
     with pytest.raises(DatasetError, match=r"other\.h5: not a training set"):
         label_recordings([collections[0].recording], other, progress=False)
+    # A synthesize set has a format_version: "no format_version, n_rows or /rows" sent its user looking for it.
+    synthetic = tmp_path / "synthetic.h5"
+    with h5py.File(synthetic, "w") as h5file:
+        h5file.attrs["format_version"] = 1
+        h5file.create_group("samples")
+    with pytest.raises(DatasetError, match=r"synthetic\.h5: a set written by `synthesize`, which labelling does not "
+                                           r"append to: give another --out"):
+        label_recordings([collections[0].recording], synthetic, progress=False)
     with pytest.raises(DatasetError, match=r"missing\.h5: no such dataset file"):
         read_table(tmp_path / "missing.h5")
     damaged = tmp_path / "damaged.h5"

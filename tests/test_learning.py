@@ -819,6 +819,27 @@ def test_learning_commands_report_bad_input_without_a_traceback(dataset_path, tm
     assert not (tmp_path / "report").exists()  # a refused run leaves no empty report directory
 
 
+@pytest.mark.parametrize("damage", ["nan crop", "negative crop", "scalar rc"])
+def test_a_set_whose_crop_side_or_columns_are_damaged_is_named_as_damaged(dataset_path, tmp_path, damage):
+    # A NaN side was read, trained on and written into info.json (no valid JSON); a negative one asked for a crop
+    # "<= -5.0 um"; a scalar column ended in a bare IndexError.
+    import shutil
+
+    from mxcube_autocenter.labelling.dataset import DatasetError, read_table
+
+    path = tmp_path / "bad.h5"
+    shutil.copy(dataset_path, path)
+    with h5py.File(path, "r+") as f:
+        if damage == "scalar rc":
+            del f["samples/rc"]
+            f["samples/rc"] = 3.0
+        else:
+            f.attrs["stored_crop_um"] = np.nan if damage == "nan crop" else -5.0
+    what = "/samples/rc holds one value, not one per row" if damage == "scalar rc" else "stored_crop_um reads"
+    with pytest.raises(DatasetError, match=rf"{path}: {what}.*the file is damaged; write it again"):
+        read_table(str(path))
+
+
 @pytest.mark.parametrize("bad", [np.nan, -3.0])
 def test_expected_counts_that_are_no_counts_are_refused_naming_the_column_and_row(dataset_path, tmp_path, bad):
     # Unchecked, a NaN read as a diverged training ("give a lower learning rate").

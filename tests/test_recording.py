@@ -480,6 +480,14 @@ def test_summary_and_contact_sheet(tmp_path):
     with pytest.raises(RecordingError, match="none of the 1 frames picked for the sheet can be decoded"):
         contact_sheet(hopeless.path, tmp_path / "hopeless.png")
 
+    # A beam position that reads no number (an uncalibrated zoom) is not marked; it was a traceback.
+    uncalibrated = FrameStore.create(tmp_path, "uncalibrated", dict(metadata, beam_position=[np.nan, np.nan]))
+    uncalibrated.append(jpegs[0], 1.7e9, _motors(0), 0)
+    uncalibrated.close("complete")
+    image = cv2.imread(str(contact_sheet(uncalibrated.path, tmp_path / "uncalibrated.png", n=1, columns=1,
+                                         tile_width=160)))  # fmt: skip
+    assert image.shape == (128, 160, 3) and tuple(image[64, 80]) != (0, 0, 255)
+
 
 def test_unreadable_inputs(tmp_path):
     h5py.File(tmp_path / "other.h5", "w").close()

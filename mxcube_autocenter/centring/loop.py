@@ -87,6 +87,37 @@ def _for_lucid(rgb) -> np.ndarray:
     return np.clip(rgb * np.float32(gain) + 0.5, 0, 255).astype(np.uint8)
 
 
+# Fields of view of on-axis cameras, mm across: an MD3 sees about 0.2 mm at its highest zoom, 2.5 mm at its lowest.
+FIELD_OF_VIEW_MM = (0.05, 20.0)
+
+
+class ScaleError(ValueError):
+    """A camera scale no on-axis camera has (a scale in pixels per um given for pixels per mm, a typo)."""
+
+
+def check_scale(image_shape, pixels_per_mm) -> None:
+    """Refuse a scale that makes the image narrower or wider than any on-axis camera's field of view.
+
+    Parameters
+    ----------
+    image_shape : tuple
+        ``(height, width, ...)`` of the image, pixels.
+    pixels_per_mm : (float, float)
+        Horizontal and vertical scale.
+
+    Raises
+    ------
+    ScaleError
+    """
+    height, width = image_shape[:2]
+    across = (width / float(pixels_per_mm[0]), height / float(pixels_per_mm[1]))
+    low, high = FIELD_OF_VIEW_MM
+    if not all(low <= side <= high for side in across):
+        raise ScaleError(f"pixels_per_mm {tuple(float(v) for v in pixels_per_mm)} makes this {width} x {height} pixel "
+                         f"image {across[0]:.3g} x {across[1]:.3g} mm; an on-axis camera sees {low:g} to {high:g} mm "
+                         "across: the scale is pixels per mm (not per um)")  # fmt: skip
+
+
 def loop_tips(rgb, pixels_per_mm, pin_side: str = "left"):
     """lucid3's loop tip, and the tip to use: moved out along a faint loop (:func:`extend_tip`).
 
@@ -94,7 +125,13 @@ def loop_tips(rgb, pixels_per_mm, pin_side: str = "left"):
     -------
     ((float, float), (float, float)) or (None, None)
         Pixels; None when lucid3 finds no loop.
+
+    Raises
+    ------
+    ScaleError
+        If ``pixels_per_mm`` is no on-axis camera's scale for this image (:func:`check_scale`).
     """
+    check_scale(rgb.shape, pixels_per_mm)
     found = find_loop(rgb, pin_side)
     return found, None if found is None else extend_tip(rgb, found, pixels_per_mm, pin_side)
 

@@ -22,7 +22,7 @@ import gevent.event
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, consistent_tips, loop_roi, loop_tips, sample_mask
+from mxcube_autocenter.centring.loop import Roi, ScaleError, consistent_tips, loop_roi, loop_tips, sample_mask
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
@@ -37,6 +37,31 @@ TRANSLATION_TOLERANCE_MM = 1e-3
 OMEGA_TOLERANCE_DEG = 0.05
 # How long motors may take to show their arrival after the diffractometer says the move is done, s.
 ARRIVAL_SETTLE_S = 2.0
+# How often a move's motors are checked for a fault, s; and how long one already in FAULT when the move begins
+# (a stall of the last move, which a new move may clear) may stay so, s.
+FAULT_POLL_S = 0.1
+STALE_FAULT_S = 1.0
+
+
+def _raised(call, *args, **kwargs):
+    """Run ``call``; what it raised, or None.
+
+    For a greenlet whose failure its spawner reports: one that dies of an
+    exception has gevent print the traceback as well.
+    """
+    try:
+        call(*args, **kwargs)
+    except (Exception, gevent.Timeout) as err:
+        return err
+    return None
+
+
+def _in_fault(motor) -> bool:
+    """Whether a motor object reads FAULT; False when it cannot tell."""
+    try:
+        return motor.get_state() == motor.STATES.FAULT
+    except Exception:
+        return False
 
 
 def _tolerance(motor: str) -> float:
@@ -316,14 +341,26 @@ class Beamline:
         is waited for as long as the move's ``timeout`` allows.
         """
         begun = time.monotonic()
+        motors = self.motors(tuple(positions))
+        stale = {name for name in positions if _in_fault(motors[name])}
+        mover = gevent.spawn(_raised, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
-            self.diffractometer.set_value_motors(positions, timeout=timeout)
-        except Exception as err:
-            # A motor that stalls reads FAULT (an MD3's ExporterMotor): the diffractometer then only says it timed
-            # out waiting for Ready.
-            faulty = [name for name in positions if self._in_fault(name)]
-            if not faulty:
-                raise
+            # A motor that stalls reads FAULT (an MD3's ExporterMotor), and the diffractometer waits out the whole
+            # time-out for a Ready that never comes: watched, the move fails at once.
+            while not mover.ready():
+                mover.join(FAULT_POLL_S)
+                late = time.monotonic() - begun > STALE_FAULT_S
+                faulty = [name for name in positions if _in_fault(motors[name]) and (late or name not in stale)]
+                if faulty and not mover.ready():
+                    raise CentringFailed(f"motor {', '.join(faulty)} reports a fault during the move: check it in the "
+                                         "diffractometer's software")  # fmt: skip
+        finally:
+            mover.kill()
+        err = mover.value
+        if err is not None:
+            faulty = [name for name in positions if _in_fault(motors[name])]
+            if not faulty or not isinstance(err, Exception):
+                raise err
             raise CentringFailed(f"motor {', '.join(faulty)} reports a fault during the move ({err}): check it in the "
                                  "diffractometer's software") from err  # fmt: skip
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
@@ -345,15 +382,8 @@ class Beamline:
     def _moving(self, name: str) -> bool:
         """Whether motor ``name`` says it is moving (not ready, nor in fault); False when it cannot tell."""
         try:
-            return not self.motors((name,))[name].is_ready() and not self._in_fault(name)
-        except Exception:
-            return False
-
-    def _in_fault(self, name: str) -> bool:
-        """Whether motor ``name`` reads FAULT; False when it cannot tell."""
-        try:
             motor = self.motors((name,))[name]
-            return motor.get_state() == motor.STATES.FAULT
+            return not motor.is_ready() and not _in_fault(motor)
         except Exception:
             return False
 
@@ -396,7 +426,11 @@ def _in_thread(func, *args):
 def _loop_tip(bl: Beamline, frame, settings: CentringSettings, timings, log):
     """The loop tip on ``frame``: lucid3's, moved out to the loop's end when lucid3 stopped on the stem."""
     start = time.perf_counter()
-    found, tip = _in_thread(loop_tips, frame, bl.pixels_per_mm(), settings.pin_side)
+    try:
+        found, tip = _in_thread(loop_tips, frame, bl.pixels_per_mm(), settings.pin_side)
+    except ScaleError as err:
+        raise CentringFailed(f"the camera's scale: {err}; check the zoom's calibration in the diffractometer's "
+                             "configuration") from err  # fmt: skip
     timings["loop_s"] = timings.get("loop_s", 0.0) + time.perf_counter() - start
     if tip != found:
         log.info("AutoCenter: lucid3's loop tip (%.0f, %.0f) lies on a dark object that reaches (%.0f, %.0f): "

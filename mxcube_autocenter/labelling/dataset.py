@@ -549,6 +549,9 @@ def _open(path: Path, mode: str) -> h5py.File:
     try:
         with _reading_set(path):
             version = h5file.attrs.get("format_version")
+            if "samples" in h5file:
+                raise DatasetError(f"{path}: a set written by `synthesize`, which labelling does not append to: "
+                                   "give another --out")
             if version is None or "rows" not in h5file or "n_rows" not in h5file.attrs:
                 raise DatasetError(f"{path}: not a training set (no format_version, n_rows or /rows): give another --out")
             if version > FORMAT_VERSION:
@@ -794,7 +797,12 @@ def read_table(path) -> Table:
         missing = [name for name in required if name not in g]
         if missing:
             raise DatasetError(f"{path}: /{layout} lacks the datasets {missing} (see docs/learning.md for the format)")
-        lengths = {name: g[name].shape[0] for name in g if isinstance(g[name], h5py.Dataset)}
+        datasets = [name for name in g if isinstance(g[name], h5py.Dataset)]
+        scalar = [name for name in datasets if g[name].ndim == 0]
+        if scalar:
+            raise DatasetError(f"{path}: /{layout}/{scalar[0]} holds one value, not one per row: the file is damaged; "
+                               f"{_WRITE_AGAIN}")  # fmt: skip
+        lengths = {name: g[name].shape[0] for name in datasets}
         if layout == "rows":
             n = int(f.attrs["n_rows"])
             short = {name: m for name, m in lengths.items() if m < n}
@@ -814,6 +822,9 @@ def read_table(path) -> Table:
         stored = _stored_crop_um(f, recordings)
         if stored is None and layout == "samples":
             raise DatasetError(f"{path}: no root attribute 'stored_crop_um' (side of the stored crops, um)")
+        if stored is not None and not (np.isfinite(stored) and stored > 0):
+            raise DatasetError(f"{path}: stored_crop_um reads {stored}, no side of a stored crop: the file is damaged; "
+                               f"{_WRITE_AGAIN}")  # fmt: skip
         provenance = f.attrs.get("provenance", "{}")
         if isinstance(provenance, bytes):
             provenance = provenance.decode()
@@ -872,16 +883,20 @@ class RowReader:
         self._file = None
         self._lock = threading.Lock()
 
+    def _images(self) -> h5py.Dataset:
+        """The stored images, the file opened on first use; call it holding the lock."""
+        if self._file is None:
+            try:
+                self._file = open_to_read(self.path)
+            except OSError as err:
+                raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
+        return self._file[self.image_dataset]
+
     def image(self, i: int) -> np.ndarray:
         """The stored crop of row ``i``, RGB uint8."""
         with self._lock:
-            if self._file is None:
-                try:
-                    self._file = open_to_read(self.path)
-                except OSError as err:
-                    raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
             with reading(self.path, f"file's {self.image_dataset}", DatasetError, self.fix):
-                data = self._file[self.image_dataset][int(i)]
+                data = self._images()[int(i)]
         try:
             return decode_jpeg(data)
         except ValueError as err:
@@ -896,12 +911,8 @@ class RowReader:
         test rows are read only once the training is over.
         """
         with self._lock:
-            if self._file is None:
-                try:
-                    self._file = open_to_read(self.path)
-                except OSError as err:
-                    raise DatasetError(f"{self.path}: cannot open it ({err}): check that it is still there") from err
-            images = self._file[self.image_dataset]
+            with reading(self.path, f"file's {self.image_dataset}", DatasetError, self.fix):
+                images = self._images()
             for i in np.unique(np.asarray(rows, dtype=np.int64)):
                 with reading(self.path, f"file's {self.image_dataset} (row {i})", DatasetError, self.fix):
                     data = images[int(i)]
