@@ -403,6 +403,11 @@ class AutoCenter(HardwareObject):
         procedure_running = HWR.beamline.sample_view.current_centring_procedure
         if procedure_running and procedure_running is not gevent.getcurrent():
             return "a centring is open in the sample view: accept or cancel it first"
+        # The collection's greenlet (AbstractCollect's; other collect objects have none to look at): nothing in
+        # mxcubeweb keeps the button from turning and moving the sample under a running collection.
+        collecting = getattr(HWR.beamline.collect, "data_collect_task", None)
+        if collecting is not None and not collecting.dead:
+            return "a collection is running: centre once it has ended"
         return None
 
     def _publish_heatmap(self, result: procedure.CentringResult):
@@ -480,6 +485,7 @@ class AutoCenter(HardwareObject):
         sample_view = HWR.beamline.sample_view
         sample_view.start_auto_centring = self.start_auto_centring
         sample_view.cancel_centring = self._noting_cancel(sample_view.cancel_centring)
+        sample_view.reject_centring = self._ending_the_press(sample_view.reject_centring)
         sample_view.start_manual_centring = self._refused_while_centring(
             sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
         sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
@@ -517,18 +523,45 @@ class AutoCenter(HardwareObject):
         def cancel(*args, **kwargs):
             if self._button_pressed:
                 self._cancelled_while_readying = True
-            running = HWR.beamline.sample_view.current_centring_procedure
-            if running and running is self._pressed_procedure:
-                # Its end (_auto_centring_done) says centringFailed and centringAccepted(False); SampleView's own
-                # cancel would say centringFailed once more, after the verdict.
-                try:
-                    running.kill(block=True)
-                except Exception:
-                    self.log.exception("AutoCenter: problem aborting the optical ML centring")
+            if self._end_press():
+                # Its verdict said centringFailed and centringAccepted(False); SampleView's own cancel would say
+                # centringFailed once more, after the verdict.
                 return None
             return method(*args, **kwargs)
 
         return cancel
+
+    def _ending_the_press(self, method):
+        """SampleView's ``reject_centring``, which ends a centring from the button with its own verdict first.
+
+        mxcubeweb's mount step rejects the running centring, then starts the new sample's.
+        """
+
+        @functools.wraps(method)
+        def reject(*args, **kwargs):
+            if self._end_press():
+                return None  # the verdict said centringAccepted(False), as SampleView's would
+            return method(*args, **kwargs)
+
+        return reject
+
+    def _end_press(self) -> bool:
+        """Kill the centring from the button, if it is SampleView's running one, and give its verdict now.
+
+        Now, not from its link: that runs in a greenlet of its own, which reads the motors (a network
+        wait on an MD3), and mxcubeweb starts its next centring as soon as the cancel returns: a verdict
+        after that would fail the next centring in the web UI, or clear SampleView's hold on it.
+        """
+        running = HWR.beamline.sample_view.current_centring_procedure
+        if not (running and running is self._pressed_procedure):
+            return False
+        running.unlink(self._auto_centring_done)
+        try:
+            running.kill(block=True)
+        except Exception:
+            self.log.exception("AutoCenter: problem aborting the optical ML centring")
+        self._auto_centring_done(running)
+        return True
 
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
@@ -580,35 +613,56 @@ class AutoCenter(HardwareObject):
         return True
 
     def _auto_centring_done(self, procedure):
-        # A centring cancelled before its first instruction never reached
-        # _auto_centring's except: its value is the GreenletExit, which
-        # SampleView.auto_centring_done would accept as centred positions.
+        """The verdict of a centring from the button: SampleView's signals, its state if still this centring's.
+
+        What SampleView.auto_centring_done does, but with every wait (motor readings: network requests on an
+        MD3) before anything changes: a centring started meanwhile (mxcubeweb's mount step starts the next
+        sample's) keeps SampleView's procedure and method, which SampleView's own would clear.
+        """
         sample_view = HWR.beamline.sample_view
-        if not procedure.successful() or procedure.value is None or isinstance(procedure.value, gevent.GreenletExit):
-            # SampleView's status is still the last centring's (no motors before the first), and mxcubeweb saves
-            # a point at its motors on centringAccepted(False) too: where the sample is, put back where it was.
-            status = self._failed_status(sample_view, "Automatic")
-            if status is not None:
-                sample_view.centring_status = status
-        if isinstance(procedure.value, gevent.GreenletExit):
-            sample_view.centring_failed()
-            sample_view.reject_centring()
+        # A centring cancelled before its first instruction never reached _auto_centring's except: its value is
+        # the GreenletExit, which SampleView would accept as centred positions.
+        centred = (procedure.successful() and procedure.value is not None
+                   and not isinstance(procedure.value, gevent.GreenletExit))  # fmt: skip
+        status = self._status_here(sample_view, "Automatic")  # after a failure, where the sample was put back
+        if centred:
+            try:
+                HWR.beamline.diffractometer.save_centring_positions()
+                status.update(valid=True, accepted=True)
+            except Exception:
+                self.log.exception("AutoCenter: could not save the centred positions")
+                centred = False
+        if sample_view.current_centring_procedure is procedure:
+            sample_view.centring_status = status
+            sample_view.current_centring_procedure = None
+            sample_view.current_centring_method = None
+        if centred:
+            sample_view.emit("centringSuccessful", ("Automatic", status))
+            sample_view.emit("centringAccepted", (True, status))
+            self.user_log.info("Centring successful")
         else:
-            sample_view.auto_centring_done(procedure)
+            sample_view.emit("centringFailed", ("Automatic", status))
+            sample_view.emit("centringAccepted", (False, status))
+            # SampleView's words, which the web UI's log shows.
+            cancelled = isinstance(procedure.value, gevent.GreenletExit)
+            self.user_log.info("Centring cancelled" if cancelled else "Automatic loop centring failed")
 
     def _refuse_auto_centring(self, sample_view, reason):
         self.user_log.error(f"Optical ML centring not started: {reason}")
         self._refused_verdict(sample_view, "Automatic")
 
-    def _failed_status(self, sample_view, method: str) -> dict | None:
-        """The centring status of a failed or refused ``method``: the motors where they are now; None if unreadable."""
+    def _status_here(self, sample_view, method: str) -> dict:
+        """The centring status of ``method``, not valid, with the motors where they are now.
+
+        mxcubeweb saves a point at the status's motors on any centringAccepted: the sample's place, not the
+        last centring's positions (or none at all before the first one); those only if unreadable.
+        """
+        status = {**sample_view.get_centring_status(), "method": method, "valid": False, "accepted": False}
         try:
-            motors = sample_view.get_positions()
+            status["motors"] = sample_view.get_positions()
         except Exception:
             self.log.exception("AutoCenter: could not read the motors for the centring status")
-            return None
-        return {**sample_view.get_centring_status(), "method": method, "motors": motors, "valid": False,
-                "accepted": False}
+        return status
 
     def _refused_verdict(self, sample_view, method: str, failed_said: bool = False):
         # Whoever waits for the outcome of the refused centring must hear of it (the queue's mount step waits
@@ -620,13 +674,14 @@ class AutoCenter(HardwareObject):
             # hears, the refused caller included; a verdict now would end the wait of that centring's own
             # caller (the queue's mount step) while the sample is still being moved.
             return
-        # mxcubeweb saves a point at the status's motors on any centringAccepted: where the sample is now,
-        # not the last centring's positions (or none at all before the first one).
-        status = self._failed_status(sample_view, method) or {**sample_view.get_centring_status(), "valid": False,
-                                                               "accepted": False}
+        status = self._status_here(sample_view, method)
         if not failed_said:
             sample_view.emit("centringFailed", (method, status))
-        sample_view.emit("centringAccepted", (False, status))
+        # A click centring's is waited for only by the queue's mount step (centring method manual); a user's click
+        # waits for nothing, and mxcubeweb would save a point at the sample's place in the middle of the other
+        # centring, and select it for the next collection.
+        if method != "Manual" or HWR.beamline.queue_manager.is_executing():
+            sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):
         # SampleView.auto_centring_done accepts the centring unless this returns None,

@@ -223,19 +223,19 @@ def _input_errors_exit_2(command):
     return run
 
 
-# A disk full, over its quota or mounted read-only.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# What to do about a disk that takes no more.
+_NO_ROOM = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there", errno.EROFS: "it is read-only"}
 
 
 def _naming_the_output(err, out) -> str:
-    """The message of ``err``; for a disk that takes no more (which Keras' checkpoint names no file of), with the
-    command's output and the fix."""
+    """The message of ``err``; for a disk that takes no more, with the fix, and with the command's output where
+    the error names no file (Keras' checkpoint names none)."""
     message = str(err)
-    if not (isinstance(err, OSError) and err.errno in _NO_ROOM and out):
+    if not (isinstance(err, OSError) and err.errno in _NO_ROOM):
         return message
-    if str(out) not in message:
+    if out and err.filename is None and str(out) not in message:
         message += f" (writing {out})"
-    return f"{message}: free space there, or choose another output"
+    return f"{message}: {_NO_ROOM[err.errno]}, choose another output"
 
 
 def _dataset_error_inside_tensorflow(err) -> str | None:
@@ -535,6 +535,8 @@ FRACTION = _number(float, 0, 1)
 FINITE = _number(float)
 # As the heatmap_stride_px property takes it.
 STRIDE_PX = _number(float, 0, 64, low_inclusive=False)
+# A camera's delay from exposure to delivery, s: tens of ms; a second would be a stalled camera, not a delay.
+CAMERA_LATENCY_S = _number(float, 0, 1)
 # A model's input side, pixels: the thesis' 128 and room above; a larger one would not fit in memory.
 INPUT_SIZE = _number(int, 8, 512)
 
@@ -801,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-clock-offset", type=POSITIVE,
                        help="largest estimated clock offset, s: a larger one means another collection's master file "
                             "(default: 60)")
-    label.add_argument("--camera-latency", type=NON_NEGATIVE,
+    label.add_argument("--camera-latency", type=CAMERA_LATENCY_S,
                        help="camera delay from a frame's exposure to its delivery, s: the estimated clock offset "
                             "(from omega, read on delivery) cannot see it (default: 0.02, the virtual camera's)")
     label.set_defaults(func=cmd_label)

@@ -691,12 +691,15 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "- **loop_centre**: the loop's true centre centred, what a person clicking the middle of the loop gets "
         "(ground truth, not timed).",
         f"- **mesh_oracle**: an X-ray mesh scan of the loop at omega 0 and 90 degrees in {settings['mesh_step_um']:g} um "
-        f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the best "
-        "achievable, at the cost of the exposures (not timed; at 100 exposures/s a scan would take about "
+        f"steps on the noise-free count model, refusing below {settings['mesh_threshold']:g} reflections: the X-ray "
+        "way, paid for in dose; no upper bound (its two scans may pick points on different crystals, and its step "
+        "is coarse for a beam 5 um high), so the ML centring can beat it (not timed; at 100 exposures/s a scan "
+        "would take about "
         f"{format_cell(((methods.get('mesh_oracle') or {}).get('exposures') or 0) / 100.0, '{:.0f}')} s).",
         "- **optical_oracle**: the best point of the crystals' shapes alone (uniform quality, the median capacity): "
-        "what exact knowledge of the crystals' shapes and positions gives, the limit of any camera-based method "
-        "(the camera shows nothing of a crystal's inner quality or capacity; ground truth, not timed).",
+        "what exact knowledge of the crystals' shapes and positions gives, a reference for camera-based methods, "
+        "not a strict bound (the camera shows nothing of a crystal's inner quality or capacity; ground truth, "
+        "not timed; its empty loops are refused from the ground truth).",
         "",
         "Hit rate: the beam centre line passes through a crystal at every 2 degrees of a full turn of omega. "
         "Distance: 3D, from the point in the beam and in focus to the ground-truth best point (for a crystal "

@@ -57,6 +57,7 @@ COMPRESSIONS = ("lzf", "gzip")
 FINAL_STATUSES = ("complete", "failed", "aborted")
 
 JPEG_MAGIC = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
 # Rows of the per-frame 1-D datasets per HDF5 chunk: a few minutes at 25 fps.
 _ROWS_PER_CHUNK = 4096
 # How often the writer thread wakes when no frame arrives, to flush on time
@@ -192,9 +193,12 @@ def jpeg_size(data) -> tuple[int, int] | None:
     """The (height, width) a JPEG's frame header gives, in pixels, without decoding the image.
 
     Reads the marker segments up to the first start-of-frame one. None when
-    ``data`` holds no readable frame header (a truncated or damaged JPEG).
+    ``data`` holds no readable frame header (no JPEG, or a damaged one), or
+    one of no pixels.
     """
     data = memoryview(data).cast("B")
+    if bytes(data[:2]) != JPEG_MAGIC:
+        return None
     at = 2
     while at + 4 <= len(data) and data[at] == 0xFF:
         marker = data[at + 1]
@@ -206,7 +210,8 @@ def jpeg_size(data) -> tuple[int, int] | None:
             if at + 9 > len(data):
                 return None
             # The segment: length (2 bytes), sample precision (1), height (2), width (2), ...
-            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            size = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            return size if min(size) > 0 else None
         at += 2 + length
     return None
 
@@ -801,9 +806,9 @@ class RecordingWriter:
         max_queue: int = 50,
         max_frames: int | None = None,
         on_error: Callable[[str], None] | None = None,
-        log: logging.Logger = log,
+        log: logging.Logger | None = None,
     ):
-        self.log = log
+        self.log = log or globals()["log"]
         self._store_or_factory = store
         self._max_frames = max_frames
         self._on_error = on_error
@@ -815,6 +820,7 @@ class RecordingWriter:
         self._dropped_at_submit = 0
         self._dropped_by_writer = 0
         self._error: str | None = None
+        self._drop_causes: set[str] = set()
         self._final_status = "complete"
         self._final_reason = None
         self._drain_deadline = float("inf")
@@ -963,7 +969,11 @@ class RecordingWriter:
                 store.append(frame() if callable(frame) else frame, timestamp, motors, number)
             except ValueError as err:
                 self._dropped_by_writer += 1
-                self.log.warning("camera frame %s dropped from %s: %s", number, store.path, err)
+                # Once per cause: a size change drops every later frame, and each would be a line of MXCuBE's log.
+                if str(err) not in self._drop_causes:
+                    self._drop_causes.add(str(err))
+                    self.log.warning("camera frame %s dropped from %s: %s (later frames dropped for this are only "
+                                     "counted)", number, store.path, err)  # fmt: skip
 
     def _fail(self, err: Exception):
         path = self._store.path if self._store is not None else None

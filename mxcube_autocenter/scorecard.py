@@ -784,7 +784,8 @@ def compare_runs(pairs, method: str = "ml") -> dict:
     -------
     dict
         ``method``, ``n_crystal``, ``n_empty``; ``hits_a``, ``hits_b``,
-        ``hits_gained``, ``hits_lost`` (sample names); ``rc_fraction_diff_mean``
+        ``hits_gained``, ``hits_lost`` (sample names), ``hits_sign_test_p``
+        (:func:`sign_test_p` of their counts); ``rc_fraction_diff_mean``
         and ``rc_fraction_diff_se`` (B - A over the crystals, a refusal
         counting as 0; se None for fewer than two), ``rc_fraction_up``,
         ``rc_fraction_down`` (changes beyond :data:`RC_FRACTION_TOLERANCE`);
@@ -815,6 +816,8 @@ def compare_runs(pairs, method: str = "ml") -> dict:
         "hits_b": sum(bool(s["b"]["hit"]) for s in crystals),
         "hits_gained": [s["sample"] for s in crystals if s["b"]["hit"] and not s["a"]["hit"]],
         "hits_lost": [s["sample"] for s in crystals if s["a"]["hit"] and not s["b"]["hit"]],
+        "hits_sign_test_p": sign_test_p(sum(bool(s["b"]["hit"] and not s["a"]["hit"]) for s in crystals),
+                                        sum(bool(s["a"]["hit"] and not s["b"]["hit"]) for s in crystals)),
         "rc_fraction_diff_mean": float(d_rc.mean()) if d_rc.size else None,
         "rc_fraction_diff_se": float(d_rc.std(ddof=1) / np.sqrt(d_rc.size)) if d_rc.size > 1 else None,
         "rc_fraction_up": int(np.sum(d_rc > RC_FRACTION_TOLERANCE)),
@@ -826,6 +829,14 @@ def compare_runs(pairs, method: str = "ml") -> dict:
         "wall_s_median_b": _median(s["b"]["wall_s"] for s in samples),
         "samples": samples,
     }
+
+
+def sign_test_p(gained: int, lost: int) -> float:
+    """Two-sided exact sign test (McNemar's, exact) of paired outcomes: the probability of a split at least as
+    uneven as ``gained`` against ``lost`` were either run as likely to win each discordant pair (1 for none)."""
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
 
 
 def format_comparison(comparison: dict) -> str:
@@ -853,7 +864,8 @@ def format_comparison(comparison: dict) -> str:
         "",
         f"{c['method']}, B against A (samples with crystals: {c['n_crystal']}, empty loops: {c['n_empty']}):",
         f"  crystals hit: {c['hits_a']} -> {c['hits_b']}"
-        f" (gained: {', '.join(c['hits_gained']) or 'none'}; lost: {', '.join(c['hits_lost']) or 'none'})",
+        f" (gained: {', '.join(c['hits_gained']) or 'none'}; lost: {', '.join(c['hits_lost']) or 'none'};"
+        f" sign test p = {c['hits_sign_test_p']:.2g})",
         f"  RC fraction, mean change per crystal: {mean} ({c['rc_fraction_up']} up, {c['rc_fraction_down']} down)",
         f"  distance to the best point, median change: {dist}",
         f"  empty loops refused: {c['empty_refused_a']} -> {c['empty_refused_b']}",

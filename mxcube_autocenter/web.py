@@ -22,7 +22,10 @@ from pathlib import Path
 from mxcube_autocenter.beamline import mxcubecore_mockup_dir, virtual_beamline_dir
 
 WEB_CONFIG = "mxcube-web"
-# In the state directory's copy of WEB_CONFIG: the command's own, which it may replace.
+# The state directory's folder on mxcubecore's lookup path, which holds the copy of WEB_CONFIG alone: the state
+# directory itself may hold anything (a site's beamline.yaml would come before the virtual beamline's).
+LOOKUP = "lookup"
+# In the copy of WEB_CONFIG: the command's own, which it may replace.
 WRITTEN_HERE = "WRITTEN_BY_MXCUBE_AUTOCENTER"
 DEFAULT_HOST = "127.0.0.1"
 # mxcubeweb's default, and where its UI development server sends API calls.
@@ -62,8 +65,8 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     Parameters
     ----------
     state_dir : path
-        Directory for the run-time ``mxcube-web/`` copy and the user database
-        (created; reused by later runs).
+        Directory for the run-time ``lookup/mxcube-web/`` copy and the user
+        database (created; reused by later runs).
     host, port
         Where the server listens.
     config_dir : path, optional
@@ -96,7 +99,7 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     if ui_build and not (Path(ui_build) / "index.html").is_file():
         raise WebSetupError(f"{ui_build} holds no index.html: give the ui/build folder of a built mxcubeweb UI")
     state_dir = Path(state_dir).resolve()
-    target = state_dir / WEB_CONFIG
+    target = state_dir / LOOKUP / WEB_CONFIG
     if target == source.resolve():
         # The copy below replaces target: here that would delete the configuration it copies.
         raise WebSetupError(
@@ -114,14 +117,14 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
     try:
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
+        shutil.copytree(source, target)  # with its parents
         (target / WRITTEN_HERE).write_text("written by `mxcube-autocenter web`, replaced at its next start\n")
         with (target / "server.yaml").open("w") as out:
             yaml.dump(settings, out)
     except OSError as err:
         raise WebSetupError(f"cannot write the server's configuration into {state_dir} ({err}): choose another --state-dir") from None
     # The first directory holding mxcube-web/ wins; the mockup directory holds the camera images.
-    lookup = os.pathsep.join(str(p) for p in (state_dir, config_dir.resolve(), mxcubecore_mockup_dir()))
+    lookup = os.pathsep.join(str(p) for p in (target.parent, config_dir.resolve(), mxcubecore_mockup_dir()))
     command = [str(executable), "-r", lookup]
     if ui_build:
         command += ["-s", str(Path(ui_build).resolve())]

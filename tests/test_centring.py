@@ -153,6 +153,52 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_motor_in_fault_before_a_move_has_a_moment_to_leave_it(beamline, autocenter, monkeypatch):
+    # The last move's stall leaves its motor in FAULT, which a new move of an MD3 motor may clear; one it does not
+    # clear fails the move once the grace is over, said to be so from before it.
+    bl = procedure.Beamline(beamline)
+    sampx = beamline.diffractometer.sampx
+    start = sampx.get_value()
+    sampx.update_state(sampx.STATES.FAULT)
+    bl.move({"sampx": start + 0.2}, 5.0)  # this move clears it
+    assert sampx.get_state() == sampx.STATES.READY and sampx.get_value() == pytest.approx(start + 0.2, abs=1e-3)
+
+    sampx.update_state(sampx.STATES.FAULT)
+    monkeypatch.setattr(sampx, "set_value", lambda value, timeout=None: None)  # a motor deaf to the move
+    began = time.monotonic()
+    with pytest.raises(procedure.CentringFailed, match=r"motor sampx \(in FAULT since before the move\) reports"):
+        bl.move({"sampx": start + 0.2}, 20.0)
+    assert time.monotonic() - began < 10  # the grace, not the move's time-out
+
+
+def test_a_motor_in_fault_after_the_diffractometer_said_ready_is_named(beamline, autocenter, monkeypatch):
+    # An MD3 may read Ready again with a motor stalled: that was "motor sampx stopped at ... instead of ...".
+    bl = procedure.Beamline(beamline)
+    sampx = beamline.diffractometer.sampx
+
+    def stall_and_return(positions, timeout=None):
+        sampx.update_state(sampx.STATES.FAULT)
+
+    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", stall_and_return)
+    try:
+        with pytest.raises(procedure.CentringFailed, match=r"motor sampx reports a fault during the move: check it"):
+            bl.move({"sampx": sampx.get_value() + 0.2}, 5.0)
+    finally:
+        sampx.update_state(sampx.STATES.READY)
+
+
+def test_a_time_out_of_the_diffractometers_own_wait_is_the_moves_failure(beamline, autocenter, monkeypatch):
+    # mxcubecore's motor waits raise gevent.Timeout, which passed for the caller's own time-out.
+    bl = procedure.Beamline(beamline)
+
+    def wait_that_times_out(positions, timeout=None):
+        raise gevent.Timeout(0.2)
+
+    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", wait_that_times_out)
+    with pytest.raises(procedure.CentringFailed, match=r"the move to .* failed \(Timeout: 0.2 seconds\)"):
+        bl.move({"sampx": 0.1}, 5.0)
+
+
 def test_a_motor_the_diffractometer_leaves_out_refuses_the_centring_before_anything_moves(beamline, autocenter):
     # An MD3 leaves a motor its server reports Disable or Unknown out of get_motors (the virtual one too).
     mount_at_start(beamline)
@@ -593,7 +639,7 @@ def test_a_queue_task_with_an_impossible_angle_count_is_refused_before_it_is_que
         OpticalMLCentring(n_angles=2)
 
 
-def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplog):
+def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplog, monkeypatch):
     mount_at_start(beamline)
     first = gevent.spawn(autocenter.centre, save=False)
     gevent.sleep(0.5)
@@ -614,13 +660,41 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplo
         beamline.sample_view.image_clicked(320, 240)
     assert beamline.sample_view.current_centring_procedure is None
     assert caplog.text.count("an optical ML centring is moving the sample") == 2
-    # The refused click centring ends as failed for its waiter (a queue mount step with manual centring waits
-    # for centringAccepted without a time-out); the ignored click is no centring.
-    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[0][1][0] == "Manual"
+    # The refused click centring ends as failed; the ignored click is no centring. Not accepted (False): no
+    # queue runs, so no mount step waits for it, and mxcubeweb would save a point at the sample's place in the
+    # middle of the script's centring and select it for the next collection.
+    assert log.names() == ["centringFailed"] and log.calls[0][1][0] == "Manual"
+    # A mount step with manual centring waits for centringAccepted without a time-out: in the queue, it hears it.
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: True)
+    beamline.sample_view.start_manual_centring(3)
+    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
     assert first.get(timeout=60).success
     assert scorecard.moved(start, positions(beamline))
     with pytest.raises(ValueError, match="n_angles = 0"):
         autocenter.centre(n_angles=0)
+
+
+def test_the_button_is_refused_while_a_collection_runs(beamline, autocenter, tmp_path, caplog):
+    # It centred, turning omega and moving the sample under the collection, and left the phase at Centring.
+    from mxcube_autocenter.simulation.experiments import run_collection
+
+    mount_at_start(beamline)
+    collection = gevent.spawn(run_collection, beamline, tmp_path, "busy", n_images=40, exposure_time=0.05)
+    try:
+        with gevent.Timeout(10, AssertionError("the collection did not start")):
+            while getattr(beamline.collect, "data_collect_task", None) is None or beamline.collect.data_collect_task.dead:
+                gevent.sleep(0.02)
+        log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+        with caplog.at_level(logging.ERROR, logger="user_level_log"):
+            beamline.sample_view.start_auto_centring()
+        assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+        assert "Optical ML centring not started: a collection is running: centre once it has ended" in caplog.text
+        result = autocenter.centre(save=False)  # a script's, or the queue's
+        assert not result.success and result.message == "a collection is running: centre once it has ended"
+    finally:
+        collection.get(timeout=60)
+    assert autocenter._centring_running() is None
 
 
 def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter):
@@ -651,6 +725,65 @@ def test_a_click_centring_after_the_one_started_by_the_button_runs(beamline, aut
         assert sample_view.current_centring_method == "Manual" and sample_view.current_centring_procedure
     finally:
         sample_view.cancel_centring()
+
+
+def _motors_read_over_a_network(beamline, monkeypatch):
+    """SampleView's motor readings wait, as an MD3's (Exporter requests) do: other greenlets run meanwhile."""
+    sample_view = beamline.sample_view
+    read = sample_view.get_positions
+
+    def network_read(*args, **kwargs):
+        gevent.sleep(0.02)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(sample_view, "get_positions", network_read)
+
+
+def test_the_cancelled_centrings_verdict_comes_before_the_click_centring_mxcubeweb_starts(beamline, autocenter,
+                                                                                           monkeypatch):  # fmt: skip
+    # The verdict came from the centring's link, which read the motors after mxcubeweb had started its click
+    # centring: it failed that one in the web UI and cleared SampleView's hold on it (Stop then stopped nothing).
+    mount_at_start(beamline)
+    _motors_read_over_a_network(beamline, monkeypatch)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    gevent.sleep(0.5)
+    sample_view.cancel_centring()
+    (failed, (method, _)), (accepted, (ok, _)) = log.calls[-2:]  # given before the cancel returns
+    assert (failed, method, accepted, ok) == ("centringFailed", "Automatic", "centringAccepted", False)
+    sample_view.start_manual_centring(3)
+    try:
+        gevent.sleep(0.5)
+        assert sample_view.current_centring_method == "Manual" and not sample_view.current_centring_procedure.dead
+        assert log.names().count("centringFailed") == 1 and log.names().count("centringAccepted") == 1
+    finally:
+        sample_view.cancel_centring()
+
+
+def test_a_centring_from_the_button_rejected_on_mount_leaves_the_next_samples_alone(beamline, autocenter,
+                                                                                  monkeypatch):  # fmt: skip
+    # mxcubeweb's mount step rejects the running centring, then starts the new sample's: the first one's late
+    # verdict failed the second in the web UI while it moved the sample, and released the mount step's wait.
+    mount_at_start(beamline)
+    _motors_read_over_a_network(beamline, monkeypatch)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    gevent.sleep(0.5)
+    first = sample_view.current_centring_procedure
+    sample_view.reject_centring()
+    assert first.dead and [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
+    sample_view.start_auto_centring()
+    second = sample_view.current_centring_procedure
+    try:
+        gevent.sleep(0.5)
+        assert second is not first and not second.dead and sample_view.current_centring_procedure is second
+        assert sample_view.current_centring_method == "Automatic"
+        assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False]
+    finally:
+        sample_view.cancel_centring()
+    assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False, False]
 
 
 def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
@@ -986,6 +1119,23 @@ def test_a_scale_that_reads_no_number_refuses_the_centring_before_anything_moves
     result = autocenter.centre(save=False)
     assert not result.success and "not usable" in result.message, result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-6)
+
+
+def test_omega_limits_too_narrow_for_the_turns_fail_the_centring_naming_them(beamline, autocenter):
+    # mxcubecore's motors refuse such a turn with "Invalid value 120.0" alone, logged as an unforeseen error.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    omega = beamline.diffractometer.omega
+    limits = omega.get_limits()
+    omega.update_limits((-5.0, start["omega"] + 100.0))
+    try:
+        result = autocenter.centre(save=False)
+    finally:
+        omega.update_limits(limits)
+    assert not result.success and not result.declined
+    assert f"omega cannot turn by 30 to {start['omega'] + 120:g} degrees: its limits are (-5.0, " in result.message
+    assert "widen omega's limits in the diffractometer's configuration" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
 def test_a_scale_no_camera_has_refuses_the_centring_naming_the_calibration(beamline, autocenter, monkeypatch):

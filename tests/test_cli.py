@@ -36,6 +36,9 @@ from mxcube_autocenter.cli import main
         # 100000 ended in TensorFlow's out-of-memory traceback, 1 in CropSpec's "input_size must be ...".
         (["train", "x.h5", "--input-size", "100000"], "--input-size: '100000': expected a whole number from 8 to 512"),
         (["synthesize-regions", "x.h5", "--input-size", "1"], "--input-size: '1': expected a whole number from 8"),
+        # 1e9 read as "the recording does not cover this collection; if it does, give clock_offset".
+        (["label", "x.h5", "--out", "y.h5", "--camera-latency", "1e9"],
+         "--camera-latency: '1e9': expected a finite number from 0 to 1"),
     ],
 )
 def test_numbers_and_names_out_of_range_are_usage_errors(argv, message, capsys):
@@ -92,23 +95,25 @@ def test_web_names_an_unwritable_state_directory_and_a_missing_ui_build(tmp_path
     assert "holds no index.html" in capsys.readouterr().err
 
 
-def test_web_refuses_a_state_directory_that_is_the_configuration_directory(tmp_path, capsys):
-    # The state directory gets a fresh copy of mxcube-web/: here that would delete the one it copies.
+def test_web_refuses_a_state_directory_whose_copy_would_be_the_configuration(tmp_path, capsys, monkeypatch):
+    # The state directory's lookup/ gets a fresh copy of mxcube-web/: here that would delete the one it copies.
     import shutil
 
     from mxcube_autocenter.beamline import virtual_beamline_dir
 
-    shutil.copytree(virtual_beamline_dir(), tmp_path / "config")
-    before = sorted(p.name for p in (tmp_path / "config" / "mxcube-web").rglob("*"))
-    assert main(["web", "--config", str(tmp_path / "config"), "--state-dir", str(tmp_path / "config")]) == 2
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
+    config = tmp_path / "state" / "lookup"
+    shutil.copytree(virtual_beamline_dir(), config)
+    before = sorted(p.name for p in (config / "mxcube-web").rglob("*"))
+    assert main(["web", "--config", str(config), "--state-dir", str(tmp_path / "state")]) == 2
     assert "holds the configuration itself" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "config" / "mxcube-web").rglob("*")) == before
+    assert sorted(p.name for p in (config / "mxcube-web").rglob("*")) == before
 
 
 def test_web_leaves_a_site_configuration_in_the_state_directory_alone(tmp_path, capsys, monkeypatch):
     # The copy of mxcube-web/ is replaced at every start: a site's own folder there was deleted without a word.
     monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
-    site = tmp_path / "state" / "mxcube-web"
+    site = tmp_path / "state" / "lookup" / "mxcube-web"
     site.mkdir(parents=True)
     # The same file names as the copy: a site's own folder holds server.yaml and ui.yaml too.
     (site / "server.yaml").write_text("server: {PORT: 8090}\n")
@@ -117,6 +122,21 @@ def test_web_leaves_a_site_configuration_in_the_state_directory_alone(tmp_path, 
     assert "was not written by `mxcube-autocenter web`: choose another --state-dir" in capsys.readouterr().err
     assert (site / "ui.yaml").read_text() == "the site's"
     assert (site / "server.yaml").read_text() == "server: {PORT: 8090}\n"
+
+
+def test_web_looks_up_only_its_own_copy_in_the_state_directory(tmp_path):
+    # The state directory itself was first on mxcubecore's lookup path: a site's beamline.yaml there (--state-dir
+    # a configuration folder, or .) booted that site's hardware under the virtual beamline's banner.
+    from mxcube_autocenter import web
+
+    state = tmp_path / "state"
+    (state / "mxcube-web").mkdir(parents=True)
+    (state / "beamline.yaml").write_text("the site's")
+    command = web.server_command(state)
+    lookup = command[command.index("-r") + 1].split(os.pathsep)
+    assert lookup[0] == str((state / "lookup").resolve()) and str(state.resolve()) not in lookup
+    assert sorted(p.name for p in (state / "lookup").iterdir()) == ["mxcube-web"]
+    assert (state / "beamline.yaml").read_text() == "the site's" and not any((state / "mxcube-web").iterdir())
 
 
 @pytest.mark.parametrize("row", range(0, 20, 4))  # the samples' first rows: a crystal of each subset
@@ -158,7 +178,15 @@ def test_a_full_disk_names_the_output_and_the_fix(tmp_path, monkeypatch, capsys)
     out = tmp_path / "report"
     assert main(["evaluate", "model.keras", "set.h5", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: [Errno 28] No space left on device (writing {out}): free "
-                                               "space there, or choose another output")  # fmt: skip
+                                               "space there, choose another output")  # fmt: skip
+
+    def read_only(*args, **kwargs):  # a file of its own named: not blamed on --out
+        raise OSError(errno.EROFS, "Read-only file system", "/tmp/cache/x")
+
+    monkeypatch.setattr(evaluate, "evaluate", read_only)
+    assert main(["evaluate", "model.keras", "set.h5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: [Errno 30] Read-only file system: '/tmp/cache/x': it is "
+                                               "read-only, choose another output")  # fmt: skip
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):

@@ -627,7 +627,8 @@ def test_heatmap_command_names_a_scale_no_camera_has(tmp_path, capsys, pixels_pe
     assert main(["heatmap", str(image), "--pixels-per-mm", pixels_per_mm, "--json"]) == 1
     entry = json.loads(capsys.readouterr().out)
     assert entry["loop"] is None and entry["error"].startswith(f"--pixels-per-mm: pixels_per_mm ({float(pixels_per_mm)}")
-    assert "an on-axis camera sees 0.05 to 20 mm across: the scale is pixels per mm (not per um)" in entry["error"]
+    hint = {"0.5": "pixels per mm (not per um)", "1e300": "pixels per mm: this one is far too large"}[pixels_per_mm]
+    assert f"an on-axis camera sees 0.05 to 20 mm across: the scale is {hint}" in entry["error"]
 
 
 def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_write(tmp_path, capsys):

@@ -985,13 +985,14 @@ def test_classifier_training_and_evaluation_reports(trained, dataset_path, tmp_p
     # A damaged row is refused before any is predicted: inside tf.data, its error left the program hanging or
     # aborting at its exit.
     damaged = tmp_path / "damaged.h5"
-    shutil.copy(dataset_path, damaged)
-    with h5py.File(damaged, "r+") as f:
-        f["samples/image"][7] = np.frombuffer(b"\xff\xd8" + bytes(100), np.uint8)
-    with pytest.raises(DatasetError, match=r"damaged.h5: row 7: its stored image is no readable JPEG image: the file "
-                                           r"is damaged; write it again"):
-        evaluate(trained.model_path, str(damaged), str(tmp_path / "damaged_report"), subset="all")
-    assert not (tmp_path / "damaged_report").exists()
+    for row, damage in ((7, lambda jpeg: b"\xff\xd8" + bytes(100)), (9, lambda jpeg: jpeg[: len(jpeg) // 2])):
+        shutil.copy(dataset_path, damaged)
+        with h5py.File(damaged, "r+") as f:
+            f["samples/image"][row] = np.frombuffer(damage(f["samples/image"][row].tobytes()), np.uint8)
+        with pytest.raises(DatasetError, match=rf"damaged.h5: row {row}: its stored image is no readable JPEG image: "
+                                               r"the file is damaged; write it again"):  # fmt: skip
+            evaluate(trained.model_path, str(damaged), str(tmp_path / "damaged_report"), subset="all")
+        assert not (tmp_path / "damaged_report").exists()
 
     table = sweep(dataset_path, str(tmp_path / "sweep"), archs=("a1",), transforms=("vanilla", "tanh"),
                   crop_um=160, input_size=SMALL, epochs=1, batch_size=32, verbose=0)

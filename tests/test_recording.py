@@ -176,7 +176,8 @@ def test_jpeg_size_reads_the_frame_header():
     assert jpeg_size(encode_jpeg(synthetic_frame(160, 128))) == (128, 160)
     ok, progressive = cv2.imencode(".jpg", np.zeros((30, 70, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
     assert ok and jpeg_size(progressive) == (30, 70)
-    assert jpeg_size(b"\xff\xd8") is None and jpeg_size(encode_jpeg(synthetic_frame(160, 128))[:12]) is None
+    whole = encode_jpeg(synthetic_frame(160, 128))
+    assert jpeg_size(b"\xff\xd8") is None and jpeg_size(whole[:12]) is None and jpeg_size(b"\0\0" + whole[2:]) is None
 
 
 def test_the_writer_logs_to_the_logger_it_is_given(tmp_path, caplog):
@@ -191,6 +192,21 @@ def test_the_writer_logs_to_the_logger_it_is_given(tmp_path, caplog):
         summary = writer.close("complete")
     assert summary.frames_kept == 1
     assert [r.name for r in caplog.records if "camera frame 7 dropped" in r.message] == ["HWR.AutoCenter"]
+
+
+def test_a_cause_of_dropped_frames_is_logged_once(tmp_path, caplog):
+    # A binning change drops every later frame: each was a warning in MXCuBE's log. (No logger given: the module's.)
+    _, jpegs = _frames(1)
+    smaller = encode_jpeg(synthetic_frame(64, 64))
+    writer = RecordingWriter(lambda: FrameStore.create(tmp_path, "run", METADATA), max_queue=100, log=None)
+    with caplog.at_level(logging.WARNING, logger="mxcube_autocenter.recording"):
+        for k, frame in enumerate([jpegs[0], *[smaller] * 40, b"no jpeg", b"no jpeg"]):
+            writer.submit(frame, time.time(), _motors(k), k)
+        summary = writer.close("complete")
+    assert (summary.status, summary.frames_kept, summary.frames_dropped) == ("complete", 1, 42)
+    drops = [r.message for r in caplog.records if "dropped from" in r.message]
+    assert len(drops) == 2 and "camera frame 1 dropped" in drops[0] and "camera frame 41 dropped" in drops[1]
+    assert all("later frames dropped for this are only counted" in message for message in drops)
 
 
 def test_a_writer_that_finishes_after_close_gave_up_says_how_the_file_ended(tmp_path, monkeypatch, caplog):

@@ -386,13 +386,21 @@ def test_compare_runs_pairs_each_crystal_and_pools_the_seeds():
     assert (c["empty_refused_a"], c["empty_refused_b"]) == (1, 0)
     assert [s["sample"] for s in c["samples"]] == ["s0", "s1", "e0", "t0"]
     text = scorecard.format_comparison(c)
-    assert "crystals hit: 2 -> 2 (gained: s1; lost: t0)" in text and "1 up, 2 down" in text
+    assert "crystals hit: 2 -> 2 (gained: s1; lost: t0; sign test p = 1)" in text and "1 up, 2 down" in text
     # The same samples in two pairs (a rerun of the seed paired again) would count twice.
     with pytest.raises(ValueError, match="3 samples are in more than one pair.*count twice"):
         scorecard.compare_runs([(seed0_a, seed0_b), (seed0_b, seed0_a)])
     # A failed centring left the sample at its start, as a refusal does: its distance is no change of method.
     failed = [_row("s0", True, False, 90.0, 0.0, failed=True), seed0_b[1]]
     assert scorecard.compare_runs([(seed0_a[:2], failed)])["dist_diff_median_um"] == pytest.approx(-42.0)
+
+
+def test_the_sign_test_of_gained_and_lost_crystals_is_exact():
+    # The figures quoted in docs/centring.md: 19 gained and 4 lost, 4 and 0, 24 and 10.
+    assert scorecard.sign_test_p(19, 4) == pytest.approx(0.0026, abs=1e-4)
+    assert scorecard.sign_test_p(4, 0) == scorecard.sign_test_p(0, 4) == pytest.approx(0.125)
+    assert scorecard.sign_test_p(24, 10) == pytest.approx(0.0243, abs=1e-4)
+    assert scorecard.sign_test_p(0, 0) == scorecard.sign_test_p(5, 5) == 1.0
 
 
 def test_compare_runs_refuses_runs_of_other_samples_or_without_the_method():

@@ -110,12 +110,17 @@ def check_scale(image_shape, pixels_per_mm) -> None:
     ScaleError
     """
     height, width = image_shape[:2]
-    across = (width / float(pixels_per_mm[0]), height / float(pixels_per_mm[1]))
+    scale = tuple(float(v) for v in pixels_per_mm)
+    if not all(np.isfinite(scale)) or min(scale) <= 0:
+        raise ScaleError(f"pixels_per_mm {scale} is no scale: give pixels per mm, positive")
+    across = (width / scale[0], height / scale[1])
     low, high = FIELD_OF_VIEW_MM
     if not all(low <= side <= high for side in across):
-        raise ScaleError(f"pixels_per_mm {tuple(float(v) for v in pixels_per_mm)} makes this {width} x {height} pixel "
-                         f"image {across[0]:.3g} x {across[1]:.3g} mm; an on-axis camera sees {low:g} to {high:g} mm "
-                         "across: the scale is pixels per mm (not per um)")  # fmt: skip
+        # Too wide an image is a scale in pixels per um; too narrow, a typo.
+        hint = "pixels per mm (not per um)" if max(across) > high else "pixels per mm: this one is far too large"
+        raise ScaleError(f"pixels_per_mm {scale} makes this {width} x {height} pixel image {across[0]:.3g} x "
+                         f"{across[1]:.3g} mm; an on-axis camera sees {low:g} to {high:g} mm across: the scale is "
+                         f"{hint}")  # fmt: skip
 
 
 def loop_tips(rgb, pixels_per_mm, pin_side: str = "left"):

@@ -56,6 +56,14 @@ def _raised(call, *args, **kwargs):
     return None
 
 
+def _fault(names, stale, err=None) -> CentringFailed:
+    """The failure of a move whose motors ``names`` read FAULT (``stale``: those that did before it began)."""
+    said = [f"{name} (in FAULT since before the move)" if name in stale else name for name in names]
+    because = "" if err is None else f" ({err})"
+    return CentringFailed(f"motor {', '.join(said)} reports a fault during the move{because}: check it in the "
+                          "diffractometer's software")  # fmt: skip
+
+
 def _in_fault(motor) -> bool:
     """Whether a motor object reads FAULT; False when it cannot tell."""
     try:
@@ -339,30 +347,42 @@ class Beamline:
         (MicroDiffractometer) returns once its state reads Ready, which it may still do just before the
         motors start, and its positions then arrive a moment later. A motor that then reports it is moving
         is waited for as long as the move's ``timeout`` allows.
+
+        A motor that reads FAULT fails the move at once, named: one that stalls reads so (an MD3's
+        ExporterMotor), and the diffractometer would wait out the whole ``timeout`` for a Ready that never
+        comes. One already in FAULT when the move begins (the last move's stall, which a new move may clear)
+        has :data:`STALE_FAULT_S` to leave it.
         """
         begun = time.monotonic()
         motors = self.motors(tuple(positions))
         stale = {name for name in positions if _in_fault(motors[name])}
+
+        def faulty(names=positions):
+            grace_over = time.monotonic() - begun > STALE_FAULT_S
+            return [name for name in names if _in_fault(motors[name]) and (grace_over or name not in stale)]
+
         mover = gevent.spawn(_raised, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
-            # A motor that stalls reads FAULT (an MD3's ExporterMotor), and the diffractometer waits out the whole
-            # time-out for a Ready that never comes: watched, the move fails at once.
             while not mover.ready():
                 mover.join(FAULT_POLL_S)
-                late = time.monotonic() - begun > STALE_FAULT_S
-                faulty = [name for name in positions if _in_fault(motors[name]) and (late or name not in stale)]
-                if faulty and not mover.ready():
-                    raise CentringFailed(f"motor {', '.join(faulty)} reports a fault during the move: check it in the "
-                                         "diffractometer's software")  # fmt: skip
+                names = faulty()
+                if names and not mover.ready():
+                    # Stopped, an MD3 reads Ready and the diffractometer's wait returns: a greenlet killed in the
+                    # middle of an exporter request could leave its reply to the next one.
+                    _stop_motion(self, self.log)
+                    mover.join(ARRIVAL_SETTLE_S)
+                    raise _fault(names, stale)
         finally:
             mover.kill()
         err = mover.value
         if err is not None:
-            faulty = [name for name in positions if _in_fault(motors[name])]
-            if not faulty or not isinstance(err, Exception):
+            names = [name for name in positions if _in_fault(motors[name])]
+            if names:
+                raise _fault(names, stale, err) from err
+            if isinstance(err, Exception):
                 raise err
-            raise CentringFailed(f"motor {', '.join(faulty)} reports a fault during the move ({err}): check it in the "
-                                 "diffractometer's software") from err  # fmt: skip
+            # mxcubecore's motor waits raise gevent.Timeout: the move's own failure, never the caller's time-out.
+            raise CentringFailed(f"the move to {positions} failed ({type(err).__name__}: {err})") from err
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
         deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
         while True:
@@ -370,6 +390,9 @@ class Beamline:
             off = [name for name, target in positions.items() if abs(now[name] - target) > _tolerance(name)]
             if not off:
                 return
+            names = faulty(off)  # the diffractometer may read Ready with a motor in FAULT
+            if names:
+                raise _fault(names, stale)
             t = time.monotonic()
             if t < deadline and any(self._moving(name) for name in off):
                 # Started late and still on its way: a move that takes longer than the settle time is no stop.
@@ -397,7 +420,14 @@ class Beamline:
         }
 
     def rotate(self, degrees: float, timeout: float):
-        self.motors(("omega",))["omega"].set_value_relative(degrees, timeout=timeout)
+        omega = self.motors(("omega",))["omega"]
+        target = float(omega.get_value()) + degrees
+        if not omega.validate_value(target):
+            # mxcubecore's own refusal names the value alone ("Invalid value ...").
+            raise CentringFailed(f"omega cannot turn by {degrees:g} to {target:g} degrees: its limits are "
+                                 f"{omega.get_limits()}; the centring turns omega through about a full turn: widen "
+                                 "omega's limits in the diffractometer's configuration")  # fmt: skip
+        omega.set_value_relative(degrees, timeout=timeout)
 
     def check_move(self, start: dict, target: dict, max_displacement_mm: float):
         """Refuse a move beyond the displacement limit or a motor's limits."""

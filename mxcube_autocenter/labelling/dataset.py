@@ -34,6 +34,7 @@ from mxcube_autocenter.hdf5errors import open_to_read, reading
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
+    JPEG_END,
     MOTOR_NAMES,
     MOTOR_UNITS,
     Recording,
@@ -903,12 +904,14 @@ class RowReader:
             raise DatasetError(f"{self.path}: row {i}: {err}: the file is damaged; {self.fix}") from err
 
     def check(self, rows) -> None:
-        """Refuse the first of ``rows`` whose stored image cannot be read or holds no JPEG image, naming it.
+        """Refuse the first of ``rows`` whose stored image cannot be read or holds no whole JPEG image, naming it.
 
-        Reads the rows' bytes but decodes no image (a JPEG's frame header is
-        read): a pipeline that hits a damaged row inside TensorFlow ends in an
-        abort or a hang of the whole program after its error, and the
-        test rows are read only once the training is over.
+        Reads the rows' bytes but decodes no image (the start and end markers
+        and the frame header are read, which finds a cut or overwritten image
+        but not bytes changed within one): a pipeline that hits a damaged row
+        inside TensorFlow ends in an abort or a hang of the whole program
+        after its error, and the test rows are read only once the training is
+        over.
         """
         with self._lock:
             with reading(self.path, f"file's {self.image_dataset}", DatasetError, self.fix):
@@ -916,7 +919,8 @@ class RowReader:
             for i in np.unique(np.asarray(rows, dtype=np.int64)):
                 with reading(self.path, f"file's {self.image_dataset} (row {i})", DatasetError, self.fix):
                     data = images[int(i)]
-                if jpeg_size(data) is None:
+                # Written whole by this package's encoder: a start marker, a frame header, the end marker last.
+                if jpeg_size(data) is None or bytes(data[-2:]) != JPEG_END:
                     raise DatasetError(f"{self.path}: row {i}: its stored image is no readable JPEG image: the file "
                                        f"is damaged; {self.fix}")  # fmt: skip
 
