@@ -31,12 +31,14 @@ Queue: the object registers the "Optical ML centring" queue task
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import os
 import sys
 
 import gevent
+import gevent.event
 import gevent.lock
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
@@ -104,6 +106,9 @@ class AutoCenter(HardwareObject):
         self._button_pressed = False
         self._cancelled_while_readying = False
         self._pressed_procedure = None  # the greenlet the last press of the button put on SampleView
+        # Procedure -> set once its verdict is out: claimed before any wait, so that it is given once; until the
+        # next press.
+        self._verdicts = {}
         self._took_over = False
         self._connect_collect()
         self._load_models()
@@ -553,19 +558,22 @@ class AutoCenter(HardwareObject):
         after that would fail the next centring in the web UI, or clear SampleView's hold on it.
         """
         running = HWR.beamline.sample_view.current_centring_procedure
-        if not (running and running is self._pressed_procedure):
+        # Ended on its own, it is a dead (falsy) greenlet whose verdict may still be on its way.
+        if running is None or running is not self._pressed_procedure:
             return False
         running.unlink(self._auto_centring_done)
         try:
             running.kill(block=True)
         except Exception:
             self.log.exception("AutoCenter: problem aborting the optical ML centring")
-        self._auto_centring_done(running)
+        self._give_verdict(running, cancelled=True)
         return True
 
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
         sample_view = HWR.beamline.sample_view
+        # The last centring's verdict, still reading the motors, would come after this one's start.
+        self._await_verdicts()
         # A dead procedure is left there when a manual centring is killed
         # (SampleView.manual_centring_done does not catch GreenletExit): only a
         # running one refuses.
@@ -613,46 +621,74 @@ class AutoCenter(HardwareObject):
         return True
 
     def _auto_centring_done(self, procedure):
+        self._give_verdict(procedure)
+
+    def _give_verdict(self, procedure, cancelled: bool = False):
         """The verdict of a centring from the button: SampleView's signals, its state if still this centring's.
 
-        What SampleView.auto_centring_done does, but with every wait (motor readings: network requests on an
-        MD3) before anything changes: a centring started meanwhile (mxcubeweb's mount step starts the next
-        sample's) keeps SampleView's procedure and method, which SampleView's own would clear.
+        What SampleView.auto_centring_done does, but given once however many ask for it (its link, a cancel,
+        a reject; the later ones wait for it), and with every wait (motor readings: network requests on an
+        MD3) before anything changes: a centring started meanwhile keeps SampleView's procedure and method,
+        which SampleView's own would clear.
         """
+        done = self._verdicts.get(procedure)
+        if done is not None:
+            done.wait()
+            return
+        done = self._verdicts[procedure] = gevent.event.Event()
+        try:
+            self._judge(procedure, cancelled)
+        finally:
+            done.set()  # kept: a cancel after the verdict must not give another (the next press forgets it)
+
+    def _judge(self, procedure, cancelled: bool):
         sample_view = HWR.beamline.sample_view
         # A centring cancelled before its first instruction never reached _auto_centring's except: its value is
         # the GreenletExit, which SampleView would accept as centred positions.
         centred = (procedure.successful() and procedure.value is not None
                    and not isinstance(procedure.value, gevent.GreenletExit))  # fmt: skip
-        status = self._status_here(sample_view, "Automatic")  # after a failure, where the sample was put back
+        status, motors_read = self._status_here(sample_view, "Automatic")  # after a failure, where it went back
+        if centred and not motors_read:
+            # A centred position with the last centring's motors would send the next collection there.
+            self.log.error("AutoCenter: the centred position could not be read: the centring counts as failed")
+            centred = False
         if centred:
             try:
                 HWR.beamline.diffractometer.save_centring_positions()
                 status.update(valid=True, accepted=True)
-            except Exception:
+            except (Exception, gevent.Timeout):
                 self.log.exception("AutoCenter: could not save the centred positions")
                 centred = False
         if sample_view.current_centring_procedure is procedure:
-            sample_view.centring_status = status
+            sample_view.centring_status = copy.deepcopy(status)
             sample_view.current_centring_procedure = None
             sample_view.current_centring_method = None
+        # Copies, as SampleView emits: its listeners (mxcubeweb, the queue) keep or change what they get.
         if centred:
-            sample_view.emit("centringSuccessful", ("Automatic", status))
-            sample_view.emit("centringAccepted", (True, status))
+            sample_view.emit("centringSuccessful", ("Automatic", copy.deepcopy(status)))
+            sample_view.emit("centringAccepted", (True, copy.deepcopy(status)))
             self.user_log.info("Centring successful")
         else:
-            sample_view.emit("centringFailed", ("Automatic", status))
-            sample_view.emit("centringAccepted", (False, status))
+            sample_view.emit("centringFailed", ("Automatic", copy.deepcopy(status)))
+            sample_view.emit("centringAccepted", (False, copy.deepcopy(status)))
             # SampleView's words, which the web UI's log shows.
-            cancelled = isinstance(procedure.value, gevent.GreenletExit)
+            cancelled = cancelled or isinstance(procedure.value, gevent.GreenletExit)
             self.user_log.info("Centring cancelled" if cancelled else "Automatic loop centring failed")
+
+    def _await_verdicts(self, timeout: float = 60.0):
+        """Wait for the verdicts still on their way, then forget them: a centring must not start before the last
+        one's is out, and the procedures they were for are done."""
+        for done in list(self._verdicts.values()):
+            done.wait(timeout)
+        self._verdicts.clear()
 
     def _refuse_auto_centring(self, sample_view, reason):
         self.user_log.error(f"Optical ML centring not started: {reason}")
         self._refused_verdict(sample_view, "Automatic")
 
-    def _status_here(self, sample_view, method: str) -> dict:
-        """The centring status of ``method``, not valid, with the motors where they are now.
+    def _status_here(self, sample_view, method: str) -> tuple[dict, bool]:
+        """The centring status of ``method``, not valid, with the motors where they are now; whether they could
+        be read.
 
         mxcubeweb saves a point at the status's motors on any centringAccepted: the sample's place, not the
         last centring's positions (or none at all before the first one); those only if unreadable.
@@ -660,9 +696,10 @@ class AutoCenter(HardwareObject):
         status = {**sample_view.get_centring_status(), "method": method, "valid": False, "accepted": False}
         try:
             status["motors"] = sample_view.get_positions()
-        except Exception:
+        except (Exception, gevent.Timeout):
             self.log.exception("AutoCenter: could not read the motors for the centring status")
-        return status
+            return status, False
+        return status, True
 
     def _refused_verdict(self, sample_view, method: str, failed_said: bool = False):
         # Whoever waits for the outcome of the refused centring must hear of it (the queue's mount step waits
@@ -674,7 +711,7 @@ class AutoCenter(HardwareObject):
             # hears, the refused caller included; a verdict now would end the wait of that centring's own
             # caller (the queue's mount step) while the sample is still being moved.
             return
-        status = self._status_here(sample_view, method)
+        status, _ = self._status_here(sample_view, method)
         if not failed_said:
             sample_view.emit("centringFailed", (method, status))
         # A click centring's is waited for only by the queue's mount step (centring method manual); a user's click

@@ -786,6 +786,71 @@ def test_a_centring_from_the_button_rejected_on_mount_leaves_the_next_samples_al
     assert [args[0] for name, args in log.calls if name == "centringAccepted"] == [False, False]
 
 
+def test_stop_pressed_twice_gives_one_verdict(beamline, autocenter):
+    # Both cancels killed the centring (the second waiting while the sample went back) and each gave a verdict:
+    # the second could fail the next centring in the web UI.
+    mount_at_start(beamline)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    gevent.sleep(1.5)  # omega has turned: going back takes a while
+    gevent.joinall([gevent.spawn(sample_view.cancel_centring) for _ in range(2)], timeout=60)
+    assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"]
+
+
+def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter, monkeypatch):
+    # A centring that ended on its own gave its verdict from its link, reading the motors first: mxcubeweb's
+    # mount step rejected "nothing" and started the next sample's centring, which the late verdict then failed.
+    mount_at_start(beamline)
+    autocenter.config.min_score = 1e6  # refused once the views are seen: an end of its own, and soon
+    sample_view = beamline.sample_view
+    read = sample_view.get_positions
+
+    def network_read(*args, **kwargs):
+        gevent.sleep(0.3)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(sample_view, "get_positions", network_read)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    first = sample_view.current_centring_procedure
+    with gevent.Timeout(60, AssertionError("the centring did not end")):
+        while not first.dead:
+            gevent.sleep(0.01)
+    gevent.sleep(0.05)  # its verdict is reading the motors
+    assert "centringAccepted" not in log.names()
+    sample_view.reject_centring()
+    sample_view.start_auto_centring()
+    try:
+        gevent.sleep(0.5)
+        assert log.names() == ["centringStarted", "centringFailed", "centringAccepted", "centringStarted"]
+        assert not sample_view.current_centring_procedure.dead
+    finally:
+        sample_view.cancel_centring()
+
+
+def test_a_centred_position_that_cannot_be_read_is_no_success_and_the_status_is_a_copy(beamline, autocenter,
+                                                                                        monkeypatch):  # fmt: skip
+    # The success went out with the last centring's motors (mxcubeweb's point, the next collection's place);
+    # and the status sent was SampleView's own dict, which a later centring changed under its listeners.
+    mount_at_start(beamline)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    log.wait_for("centringAccepted", timeout=60)
+    (_, (ok, status)), = [call for call in log.calls if call[0] == "centringAccepted"]
+    assert ok and status is not sample_view.centring_status and status == sample_view.centring_status
+
+    def exporter_time_out(*args, **kwargs):
+        raise RuntimeError("exporter: no answer")
+
+    monkeypatch.setattr(sample_view, "get_positions", exporter_time_out)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    log.wait_for("centringAccepted", timeout=60)
+    assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
+
+
 def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
     # Publishing the heatmap reads motors (network waits on an MD3): a Cancel may land there.
     mount_at_start(beamline)
