@@ -727,27 +727,29 @@ def test_a_click_centring_after_the_one_started_by_the_button_runs(beamline, aut
         sample_view.cancel_centring()
 
 
-def _motors_read_over_a_network(beamline, monkeypatch):
-    """SampleView's motor readings wait, as an MD3's (Exporter requests) do: other greenlets run meanwhile."""
+def _pressed_with_motors_read_over_a_network(beamline, monkeypatch, delay_s=0.02):
+    """The button pressed, SampleView's motor readings waiting ``delay_s`` as an MD3's (Exporter requests) do:
+    other greenlets run meanwhile. Returns the log of its centring signals."""
     sample_view = beamline.sample_view
     read = sample_view.get_positions
 
     def network_read(*args, **kwargs):
-        gevent.sleep(0.02)
+        gevent.sleep(delay_s)
         return read(*args, **kwargs)
 
+    mount_at_start(beamline)
     monkeypatch.setattr(sample_view, "get_positions", network_read)
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    return log
 
 
 def test_the_cancelled_centrings_verdict_comes_before_the_click_centring_mxcubeweb_starts(beamline, autocenter,
                                                                                            monkeypatch):  # fmt: skip
     # The verdict came from the centring's link, which read the motors after mxcubeweb had started its click
     # centring: it failed that one in the web UI and cleared SampleView's hold on it (Stop then stopped nothing).
-    mount_at_start(beamline)
-    _motors_read_over_a_network(beamline, monkeypatch)
+    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch)
     sample_view = beamline.sample_view
-    log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    sample_view.start_auto_centring()
     gevent.sleep(0.5)
     sample_view.cancel_centring()
     (failed, (method, _)), (accepted, (ok, _)) = log.calls[-2:]  # given before the cancel returns
@@ -765,11 +767,8 @@ def test_a_centring_from_the_button_rejected_on_mount_leaves_the_next_samples_al
                                                                                   monkeypatch):  # fmt: skip
     # mxcubeweb's mount step rejects the running centring, then starts the new sample's: the first one's late
     # verdict failed the second in the web UI while it moved the sample, and released the mount step's wait.
-    mount_at_start(beamline)
-    _motors_read_over_a_network(beamline, monkeypatch)
+    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch)
     sample_view = beamline.sample_view
-    log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    sample_view.start_auto_centring()
     gevent.sleep(0.5)
     first = sample_view.current_centring_procedure
     sample_view.reject_centring()
@@ -801,18 +800,9 @@ def test_stop_pressed_twice_gives_one_verdict(beamline, autocenter):
 def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter, monkeypatch):
     # A centring that ended on its own gave its verdict from its link, reading the motors first: mxcubeweb's
     # mount step rejected "nothing" and started the next sample's centring, which the late verdict then failed.
-    mount_at_start(beamline)
     autocenter.config.min_score = 1e6  # refused once the views are seen: an end of its own, and soon
+    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch, delay_s=0.3)
     sample_view = beamline.sample_view
-    read = sample_view.get_positions
-
-    def network_read(*args, **kwargs):
-        gevent.sleep(0.3)
-        return read(*args, **kwargs)
-
-    monkeypatch.setattr(sample_view, "get_positions", network_read)
-    log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    sample_view.start_auto_centring()
     first = sample_view.current_centring_procedure
     with gevent.Timeout(60, AssertionError("the centring did not end")):
         while not first.dead:
