@@ -561,7 +561,7 @@ class AutoCenter(HardwareObject):
         # Ended on its own, it is a dead (falsy) greenlet whose verdict may still be on its way.
         if running is None or running is not self._pressed_procedure:
             return False
-        running.unlink(self._auto_centring_done)
+        running.unlink(self._give_verdict)
         try:
             running.kill(block=True)
         except Exception:
@@ -599,7 +599,7 @@ class AutoCenter(HardwareObject):
             # yields) kills it as any running centring.
             sample_view.current_centring_method = "Automatic"
             sample_view.current_centring_procedure = self._pressed_procedure = gevent.spawn(self._auto_centring)
-            sample_view.current_centring_procedure.link(self._auto_centring_done)
+            sample_view.current_centring_procedure.link(self._give_verdict)
             sample_view.emit("centringStarted", ("Automatic",))
         except Exception:
             # The diffractometer not ready in time, a phase it refuses: whoever waits hears that the press failed.
@@ -619,9 +619,6 @@ class AutoCenter(HardwareObject):
         # The cancel said centringFailed; whoever waits for the press's outcome waits for centringAccepted.
         self._refused_verdict(sample_view, "Automatic", failed_said=True)
         return True
-
-    def _auto_centring_done(self, procedure):
-        self._give_verdict(procedure)
 
     def _give_verdict(self, procedure, cancelled: bool = False):
         """The verdict of a centring from the button: SampleView's signals, its state if still this centring's.
