@@ -427,7 +427,7 @@ class Beamline:
             raise CentringFailed(f"omega cannot turn by {degrees:g} to {target:g} degrees: its limits are "
                                  f"{omega.get_limits()}; the centring turns omega through about a full turn: widen "
                                  "omega's limits in the diffractometer's configuration")  # fmt: skip
-        omega.set_value_relative(degrees, timeout=timeout)
+        omega.set_value(target, timeout=timeout)  # the target checked, not a second reading's
 
     def check_move(self, start: dict, target: dict, max_displacement_mm: float):
         """Refuse a move beyond the displacement limit or a motor's limits."""
