@@ -701,7 +701,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "not a strict bound (the camera shows nothing of a crystal's inner quality or capacity; ground truth, "
         "not timed; its empty loops are refused from the ground truth).",
         "",
-        "Hit rate: the beam centre line passes through a crystal at every 2 degrees of a full turn of omega. "
+        "Hit rate: the beam centre line passes through one crystal at every 2 degrees of a full turn of omega. "
         "Distance: 3D, from the point in the beam and in focus to the ground-truth best point (for a crystal "
         "refused, where the sample was left). RC fraction: mean reflection count over omega 0, 45, 90 and 135 "
         "degrees with the motors where the centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "

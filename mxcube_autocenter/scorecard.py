@@ -6,10 +6,10 @@ goniometer positions it ends at into figures.
 
 Per centring (:func:`score_position`):
 
-- **hit**: the beam centre line passes through a crystal at every
+- **hit**: the beam centre line passes through the same crystal at every
   verification angle (:data:`VERIFY_OMEGAS`: every 2 degrees of a full
   turn, as a rotation collection sees them) with the translation motors
-  where the centring left them (``DiffractionModel.beam_hits_crystal``);
+  where the centring left them (``DiffractionModel.crystals_in_beam``);
 - **distance**: 3D distance, um, from the sample point in the beam and in
   focus (``geometry.point_in_beam``) to the ground-truth best point
   (``MountedSample.best_point()``);
@@ -225,8 +225,18 @@ def distance_um(final_motors: dict, best_point) -> float:
 
 
 def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
-    """Whether the beam passes through a crystal at each omega, translations as in ``final_motors``."""
-    return [bool(diffraction.beam_hits_crystal({**final_motors, "omega": float(w)})) for w in omegas]
+    """Whether the beam passes through one crystal at each omega, translations as in ``final_motors``.
+
+    The flags are those of the crystal the beam passes through at the most
+    angles: a point between two crystals, whose beam crosses one at some
+    angles and the other at the rest, is inside neither and must not pass
+    for a hit at every angle.
+    """
+    per_angle = [diffraction.crystals_in_beam({**final_motors, "omega": float(w)}) for w in omegas]
+    per_crystal = np.array(per_angle, dtype=bool).reshape(len(omegas), -1).T
+    if not per_crystal.size:
+        return [False] * len(omegas)
+    return per_crystal[np.argmax(per_crystal.sum(axis=1))].tolist()
 
 
 def rc_fraction(diffraction, final_motors: dict, best_rc: float, omegas=JUDGING_OMEGAS) -> float | None:
@@ -250,7 +260,7 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
     Parameters
     ----------
     diffraction : DiffractionModel
-        Anything with ``beam_hits_crystal(motors)`` and ``mean_rc_over_rotation(motors)``.
+        Anything with ``crystals_in_beam(motors)`` and ``mean_rc_over_rotation(motors)``.
     best_point : (3,) array_like or None
         The ground-truth best point, mm; None for an empty loop.
     best_rc : float

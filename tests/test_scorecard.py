@@ -26,8 +26,8 @@ class FakeDiffraction:
         x, y, _ = beam_frame(self.centre[None], motors)[0]
         return np.hypot(x, y)
 
-    def beam_hits_crystal(self, motors):
-        return self._offset(motors) < self.RADIUS
+    def crystals_in_beam(self, motors):
+        return [self._offset(motors) < self.RADIUS]
 
     def expected_rc(self, motors):
         self.calls += 1
@@ -317,6 +317,30 @@ def test_a_point_just_outside_a_thin_crystal_is_no_hit_though_the_beam_crosses_i
     missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
     assert missed and all(abs(w - 160.0) < 5 or abs(w - 340.0) < 5 for w in missed)
     assert all(scorecard.score_position(model, np.zeros(3), 1.0, centred_motors(0.002 * normal, 0.0))["hits"])
+
+
+def test_a_point_between_two_crystals_is_no_hit_though_the_beam_crosses_one_of_them_at_every_angle():
+    from dataclasses import replace
+
+    from mxcube_autocenter.simulation.diffraction import Beam, DiffractionModel
+    from mxcube_autocenter.simulation.sample import Crystal, make_sample
+
+    def plate(centre, half_sizes):
+        corners = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)]) * half_sizes + centre
+        return Crystal(corners, "plate", 0.03, np.zeros((0, 4)), np.zeros((0, 4)), 0.001, np.ones(3))
+
+    # Two plates 200 um long and 5 um thick, crossed at right angles in the plane across the spindle and each
+    # 4 um beside the origin: a beam through the origin runs along one of them only near two omegas, and then
+    # crosses the other.
+    plates = [plate([0.0, 0.0, 0.004], [0.05, 0.1, 0.0025]), plate([0.0, 0.004, 0.0], [0.05, 0.0025, 0.1])]
+    model = DiffractionModel(replace(make_sample(3, n_crystals=0), crystals=plates), Beam(), points_per_crystal=50)
+    origin = centred_motors(np.zeros(3), 0.0)
+    each = np.array([model.crystals_in_beam({**origin, "omega": w}) for w in scorecard.VERIFY_OMEGAS])
+    assert each.any(axis=1).all() and not each.all(axis=0).any()
+    hits = scorecard.beam_hits(model, origin)
+    assert not all(hits) and sum(hits) == each.sum(axis=0).max()
+    inside = centred_motors(np.array([0.0, 0.0, 0.004]), 0.0)
+    assert all(scorecard.beam_hits(model, inside))
 
 
 def test_optical_oracle_centres_the_crystals_shape_not_its_hidden_quality():

@@ -241,10 +241,14 @@ class DiffractionModel:
 
     def beam_hits_crystal(self, motors) -> bool:
         """Whether the beam centre line passes through any crystal at these positions."""
-        return any(
+        return any(self.crystals_in_beam(motors))
+
+    def crystals_in_beam(self, motors) -> list:
+        """Whether the beam centre line passes through each crystal at these positions (one bool per crystal)."""
+        return [
             cv2.pointPolygonTest(hull, (0.0, 0.0), False) >= 0
             for hull in self.crystal_outlines(motors, (1.0, 1.0), (0.0, 0.0))
-        )
+        ]
 
     def crystal_outlines(self, motors, pixels_per_mm, beam_position) -> list:
         """Projected outline of each crystal on screen, as (K, 1, 2) float32 hulls in pixels."""
