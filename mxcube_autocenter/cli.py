@@ -380,6 +380,7 @@ def cmd_train(args) -> int:
                          "architecture it applies to (a regressor learns transformed counts, a classifier "
                          "count >= --threshold)")
     options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate, **colours)
+    args.out = args.out or ("out/classifier" if task == "classifier" else "out/model")
     if task == "classifier":
         result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
     else:
@@ -866,7 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: fcn, or the "
                                       "initial model's)")
     train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log)")
-    train.add_argument("--out", default="out/model", help="output directory (default: %(default)s)")
+    train.add_argument("--out", help="output directory (default: out/model, or out/classifier for a classifier, so "
+                                     "that one does not replace the other)")
     train.add_argument("--threshold", type=FINITE,
                        help="classifier: the count from which a crop is a crystal (default: 5)")
     train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,

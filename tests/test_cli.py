@@ -445,3 +445,22 @@ def test_heatmap_refuses_a_beam_position_without_an_overlay(tmp_path, capsys):
     # The beam position only marks the overlay: without --png it was accepted and ignored.
     assert main(["heatmap", str(tmp_path / "frame.png"), "--pixels-per-mm", "1000", "--beam", "640,512"]) == 2
     assert "error: --beam marks the beam on the --png overlay; give --png too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arch", "out"), [("fcn", "out/model"), ("a9", "out/model"), ("classifier", "out/classifier"),
+                                           ("fcn_classifier", "out/classifier")])  # fmt: skip
+def test_train_keeps_regressors_and_classifiers_apart_by_default(tmp_path, monkeypatch, arch, out):
+    # Both went to out/model: training the classifier after the regressor replaced the regressor.
+    from mxcube_autocenter.learning import training
+
+    given = []
+
+    def stop(out):
+        given.append(out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", lambda dataset, arch, transform, out, **kw: stop(out=out))
+    monkeypatch.setattr(training, "train_classifier", lambda dataset, out, **kw: stop(out=out))
+    assert main(["train", str(tmp_path / "set.h5"), "--arch", arch]) == 130
+    assert given == [out]
+

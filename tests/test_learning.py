@@ -1368,3 +1368,14 @@ def test_a_region_set_or_an_eiger_file_given_as_a_dataset_is_named_with_the_comm
         read_table(tmp_path / "regions.h5")
     with pytest.raises(DatasetError, match="x_master.h5: an EIGER .* label the collection's camera recordings"):
         read_table(tmp_path / "x_master.h5")
+
+
+def test_a_run_into_a_folder_with_a_model_says_the_model_there_is_the_earlier_runs(tmp_path, monkeypatch, caplog):
+    # An interrupted rerun left the earlier run's model.keras beside this run's history and run.json, unsaid.
+    from mxcube_autocenter.learning import training
+
+    (tmp_path / "model.keras").write_bytes(b"an earlier run's")
+    monkeypatch.setattr(training, "fit_with_early_stopping", lambda *args, **kwargs: "fitted")
+    with caplog.at_level("WARNING"):
+        assert training.fit_leaving_run_info(None, None, None, str(tmp_path), str(tmp_path), None, {}) == "fitted"
+    assert f"{tmp_path / 'model.keras'} is an earlier run's model: it stays until this run ends" in caplog.text

@@ -600,6 +600,10 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
     """
     if _is_chief(strategy):
         _write_json_whole(os.path.join(out, RUN_INFO), run_info)
+        if os.path.exists(os.path.join(work, "model.keras")):
+            # Kept whole until this run's replaces it: said now, so that a run that then stops is not taken for it.
+            log.warning("%s is an earlier run's model: it stays until this run ends and replaces it",
+                        os.path.join(work, "model.keras"))
     try:
         return fit_with_early_stopping(model, train_ds, val_ds, work, **fit_options)
     except BaseException:
