@@ -47,21 +47,27 @@ def reading(path, what: str, error: type[Exception], fix: str):
 
 
 def open_to_read(path) -> h5py.File:
-    """``h5py.File(path, "r")``, without HDF5's file lock where the file system has none.
+    """``h5py.File(path, "r")``, without HDF5's file lock where the file system has none (:func:`open_hdf5`)."""
+    return open_hdf5(path, "r")
+
+
+def open_hdf5(path, mode: str) -> h5py.File:
+    """``h5py.File(path, mode)``, without HDF5's file lock where the file system has none.
 
     Beamline data and home directories often sit on NFS without ``lockd``,
     where the lock fails (errno 37) and h5py's error reads like a damaged
     file. The lock is kept where it works: HDF5 refuses to open a file twice
     in one process with different locking flags, so a file this process
-    already holds open without the lock opens without it again.
+    already holds open without the lock opens without it again. Without the
+    lock, nothing keeps a second writer out: the file system offers no way to.
     """
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, mode)
     except OSError as err:
         # Only a file system without locks (ENOLCK, ENOSYS); a lock another process holds (EAGAIN: it is
-        # writing the file, e.g. `label --out` appending) keeps the reader out, as it should.
+        # writing the file, e.g. `label --out` appending) keeps this one out, as it should.
         found = re.search(r"unable to lock file, errno = (\d+)", str(err))
         opened_unlocked_here = "file locking flag values don't match" in str(err)
         if not opened_unlocked_here and (found is None or int(found.group(1)) not in (errno.ENOLCK, errno.ENOSYS)):
             raise
-        return h5py.File(path, "r", locking=False)
+        return h5py.File(path, mode, locking=False)

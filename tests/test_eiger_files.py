@@ -267,6 +267,31 @@ def test_float_frames_are_named_in_their_data_file(tmp_path):
         open_master(written.master_path)
 
 
+@pytest.mark.parametrize(("field", "value"), [("frame_time", 0.0), ("frame_time", np.nan), ("frame_time", -0.1),
+                                            ("count_time", 0.5), ("count_time", np.inf)])  # fmt: skip
+def test_timing_fields_that_are_no_exposure_and_period_are_refused_naming_them(tmp_path, field, value):
+    # Matching then crashed (a NaN period: "TypeError: expected non-empty vector for x ... please report it"),
+    # found no frames (a period of 0), or gave camera frames after the scan the last frames' counts (exposures
+    # longer than the period).
+    written = small_collection(tmp_path)
+    with h5py.File(written.master_path, "r+") as f:
+        f[f"entry/instrument/detector/{field}"][()] = value
+    with open_master(written.master_path) as series, pytest.raises(EigerFileError) as caught:
+        series.frame_windows()
+    assert str(written.master_path) in str(caught.value)
+    assert f"{field} {value} s" in str(caught.value) and "0 < count_time <= frame_time" in str(caught.value)
+
+
+def test_per_frame_times_that_are_not_finite_are_refused_naming_the_image(tmp_path):
+    written = small_collection(tmp_path)
+    with h5py.File(written.master_path, "r+") as f:
+        f["entry/instrument/detector/start_time"] = [0.0, np.nan, 0.2]  # relative to data_collection_date
+    with open_master(written.master_path) as series, pytest.raises(EigerFileError) as caught:
+        series.frame_windows()
+    assert f"{written.master_path}: image 2 has no exposure window (start nan" in str(caught.value)
+    assert "the master file is corrupt" in str(caught.value)
+
+
 def test_per_frame_times_for_fewer_images_than_declared(tmp_path):
     written = small_collection(tmp_path)
     with h5py.File(written.master_path, "r+") as f:

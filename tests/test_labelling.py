@@ -257,6 +257,20 @@ def test_the_json_that_dials_spot_counts_per_image_writes_is_read(tmp_path):
     np.testing.assert_array_equal(spots.for_collection(4), [12, 0, 57, np.nan])
 
 
+def test_spot_counts_numbered_as_the_detector_numbered_the_images_or_from_1_fit_the_collection(tmp_path):
+    # A collection whose images start at 101 (MXCuBE's start image number): its counts listed 101 to 140 were
+    # refused ("do not fit a collection of 40 images (numbered from 1)").
+    path = tmp_path / "counts.csv"
+    path.write_text("image,spots\n101,5\n103,7\n")
+    np.testing.assert_array_equal(read_spot_counts(path).for_collection(4, first_image=101), [5, np.nan, 7, np.nan])
+    path.write_text("image,spots\n1,5\n3,7\n")  # as DIALS numbers any collection's images
+    np.testing.assert_array_equal(read_spot_counts(path).for_collection(4, first_image=101), [5, np.nan, 7, np.nan])
+    path.write_text("image,spots\n50,5\n")
+    with pytest.raises(SpotsFileError, match=r"image numbers 50 to 50 do not fit a collection of 4 images "
+                                             r"\(numbered from 1, or from 101 as the detector numbered them\)"):
+        read_spot_counts(path).for_collection(4, first_image=101)
+
+
 def test_spot_counts_of_several_collections_are_told_apart_by_master_file(tmp_path):
     path = tmp_path / "counts.csv"
     path.write_text("master_file,image,spots\n/data/a_1_master.h5,1,5\n/data/a_1_master.h5,2,6\nb_1_master.h5,1,9\n")
@@ -640,6 +654,65 @@ def test_the_own_master_file_next_to_a_recording_is_taken_when_the_recorded_path
     assert entry.status == "error" and entry.message.startswith(str(recorded.master)), entry.message
 
 
+def test_the_own_master_file_is_taken_when_the_recorded_path_holds_a_collection_too_short_to_relate_clocks(tmp_path):
+    # The clock offset's estimate failed on the later, 4-image collection at the recorded path ("only 1 camera
+    # frames while omega moved: give clock_offset"), and the recording's own copy was never tried.
+    recorded = simulate_collection(tmp_path / "first", "xtal", 26, fps=12.0)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (recorded.recording, recorded.master, *recorded.data_files):
+        shutil.move(path, copy / path.name)
+    write_eiger_collection(recorded.master.parent, "xtal_1", [5] * 4, start_time=time.time(), frame_time=0.05,
+                           count_time=0.0499)  # fmt: skip
+    entry = label_recordings([copy / recorded.recording.name], tmp_path / "set.h5", progress=False).recordings[0]
+    assert entry.status == "labelled", entry.message
+    assert read_table(tmp_path / "set.h5").recordings[0]["master_file"] == str((copy / recorded.master.name).resolve())
+
+
+def test_a_set_that_cannot_be_written_fails_before_any_spot_finding_and_nothing_is_left(collections, tmp_path,
+                                                                                         monkeypatch, file_size_limit):  # fmt: skip
+    # A set that cannot be written there (here: no file may grow past 64 bytes) was found only at the first
+    # append, after that recording's spot finding, and then again for every recording.
+    counted = []
+    monkeypatch.setattr(pipeline, "count_spots", lambda *args, **kwargs: counted.append(args) or None)
+    file_size_limit(64)
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'set.h5'}: cannot create the training set"):
+        label_recordings([c.recording for c in collections], tmp_path / "set.h5", progress=False)
+    file_size_limit(None)
+    assert counted == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_set_into_which_nothing_went_is_not_left_behind(collections, tmp_path):
+    # The set is created before any recording is labelled (so that one that cannot be written fails first): a
+    # run into which nothing goes must not leave it behind empty.
+    recording = read_recording(collections[0].recording)
+    store = FrameStore.create(tmp_path, "empty", recording.metadata)
+    store.close("failed")
+    out = tmp_path / "set.h5"
+    summary = label_recordings([store.path], out, progress=False)
+    assert summary.recordings[0].status == "error" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [store.path.name]
+
+
+def test_a_set_is_written_on_a_file_system_without_locks(collections, tmp_path, monkeypatch):
+    # NFS without lockd: HDF5's lock fails (errno 37); reading worked without it, writing the set did not.
+    from mxcube_autocenter import hdf5errors
+
+    real = h5py.File
+
+    def without_locks(name, mode="r", *args, **kwargs):
+        if kwargs.get("locking", True) is not False:
+            raise OSError(37, "Unable to synchronously open file (unable to lock file, errno = 37, error message = "
+                              "'No locks available')")  # fmt: skip
+        return real(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(hdf5errors.h5py, "File", without_locks)
+    summary = label_recordings([collections[0].recording], tmp_path / "set.h5", progress=False)
+    assert summary.n_labelled == 1, summary.recordings[0].message
+    monkeypatch.undo()
+    assert len(read_table(tmp_path / "set.h5")) == summary.rows_added > 0
+
+
 def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):
     # Older EIGER firmware writes its dates without a UTC offset (here in UTC); labelled on a computer two hours
     # east, the detector's clock reads 2 h off the camera's: no other collection, and the error must say so.
@@ -989,8 +1062,8 @@ def test_a_write_that_fails_in_hdf5_itself_is_a_dataset_error_and_loses_nothing(
     assert "check free space" in failed.message and "please report it" not in failed.message
     assert "File too large" in failed.message  # the write that failed, not the close after it
     file_size_limit(64)
-    failed = label_recordings([collections[1].recording], new, progress=False).recordings[0]
-    assert failed.status == "error" and f"{new}: cannot create the training set" in failed.message
+    with pytest.raises(DatasetError, match=f"{new}: cannot create the training set"):
+        label_recordings([collections[1].recording], new, progress=False)
     file_size_limit(None)
     assert not new.exists() and [p.name for p in tmp_path.glob("*.tmp")] == []
     dataset = read_table(out)
@@ -1008,7 +1081,7 @@ def test_a_set_under_a_file_is_refused_before_labelling_naming_the_file(collecti
     with pytest.raises(DatasetError, match="a_file is a file, not a folder: choose another --out"):
         label_recordings([collections[0].recording], blocker / "set.h5", progress=False)
     with pytest.raises(DatasetError, match=r"set\.h5: cannot create the training set .*File exists"):
-        dataset._create_if_missing(blocker / "set.h5")
+        dataset.create_if_missing(blocker / "set.h5")
     assert blocker.read_text() == ""
 
 

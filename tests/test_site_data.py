@@ -71,11 +71,11 @@ def test_report_says_which_counts_the_mse_is_against(base, tmp_path):
 def test_evaluate_refuses_an_empty_dataset(tiny, tmp_path):
     from pathlib import Path
 
-    from mxcube_autocenter.labelling.dataset import _create_if_missing
+    from mxcube_autocenter.labelling.dataset import create_if_missing
     from mxcube_autocenter.learning.evaluate import evaluate
 
     empty = tmp_path / "empty.h5"
-    _create_if_missing(Path(empty))  # a set whose recordings had no labelled frame yet
+    create_if_missing(Path(empty))  # a set whose recordings had no labelled frame yet
     with pytest.raises(ValueError, match="empty.h5"):
         evaluate(tiny.model_path, str(empty), str(tmp_path / "report"), subset="all")
 

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
-from mxcube_autocenter.hdf5errors import open_to_read, reading
+from mxcube_autocenter.hdf5errors import open_hdf5, open_to_read, reading
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
@@ -277,7 +277,7 @@ def append_recording(
             f"{recording.path}: none of its {matched.size} matched camera frames has a reflection count (their "
             "detector frames have none): nothing appended; label it again with counts for its images"
         )
-    _create_if_missing(dataset_path)
+    create_if_missing(dataset_path)
     failure = None  # the append's own error: closing after a failed write may fail too, and must not hide it
     try:
         with _open(dataset_path, "r+") as h5file:
@@ -460,14 +460,20 @@ def _rows(recording, read_frame, batch, frames, counts, ppmm, beam, size_um, qua
     }
 
 
-def _create_if_missing(path: Path) -> None:
-    """Create an empty set, complete or not at all: written as ``<name>.tmp``, then renamed."""
+def create_if_missing(path: Path) -> bool:
+    """Create an empty set, complete or not at all (written as ``<name>.tmp``, then renamed); True if created.
+
+    Raises
+    ------
+    DatasetError
+        If it cannot be written there (permissions, space).
+    """
     if path.exists():
-        return
+        return False
     temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(temporary, "w") as h5file:
+        with open_hdf5(temporary, "w") as h5file:
             h5file.attrs["format_version"] = FORMAT_VERSION
             h5file.attrs["n_rows"] = 0
             h5file.attrs["n_recordings"] = 0
@@ -485,6 +491,7 @@ def _create_if_missing(path: Path) -> None:
             for name, dtype in RECORDING_FIELDS.items():
                 recordings.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,), dtype=dtype)
         os.replace(temporary, path)
+        return True
     except _WRITE_ERRORS as err:
         _remove_quietly(temporary)
         raise DatasetError(
@@ -541,7 +548,7 @@ def _reading_set(path):
 
 def _open(path: Path, mode: str) -> h5py.File:
     try:
-        h5file = h5py.File(path, mode)
+        h5file = open_hdf5(path, mode)
     except OSError as err:
         raise DatasetError(
             f"{path}: cannot open the training set ({err}): check the path; to append, close programs "

@@ -400,9 +400,23 @@ class EigerSeries:
                     f"{self.master_path}: {self.ntrigger} triggers and no per-frame start_time: when the frames "
                     "after the first trigger were taken is unknown; label collections taken with one trigger, or "
                     "have the file writer store each frame's start_time")
+            if not 0 < self.count_time <= self.frame_time < np.inf:
+                # A frame cannot be exposed longer than its period: the windows would overlap the next frames'.
+                raise EigerFileError(
+                    f"{self.master_path}: count_time {self.count_time} s and frame_time {self.frame_time} s are no "
+                    f"exposure and frame period (0 < count_time <= frame_time): the master file is corrupt; "
+                    f"{_COPY_AGAIN}")  # fmt: skip
             start = self.start_time + np.arange(self.nimages) * self.frame_time
             stop = start + self.count_time
-        return np.column_stack([start, stop])
+        windows = np.column_stack([start, stop])
+        bad = np.flatnonzero(~(np.isfinite(windows).all(axis=1) & (windows[:, 1] > windows[:, 0])))
+        if bad.size:
+            raise EigerFileError(
+                f"{self.master_path}: image {bad[0] + self.first_image_number} has no exposure window (start "
+                f"{windows[bad[0], 0]}, end {windows[bad[0], 1]}; {bad.size} such images): its count_time or "
+                f"per-frame times are not finite or end before they start; the master file is corrupt; {_COPY_AGAIN}"
+            )
+        return windows
 
     def close(self) -> None:
         # The data files opened through external links stay open while their datasets are referenced: each closed

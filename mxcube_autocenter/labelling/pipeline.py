@@ -38,6 +38,7 @@ from mxcube_autocenter.labelling.dataset import (
     append_recording,
     camera_geometry,
     check_appendable,
+    create_if_missing,
     find_recording,
     read_table,
     recording_fingerprint,
@@ -455,10 +456,12 @@ def label_recordings(
         check_appendable(out)
     else:
         try:
-            # Now, not after every recording's spots are counted, each then failing on the same path.
             check_creatable(out)
         except OSError as err:
             raise DatasetError(str(err)) from None
+    # Created now, not after the first recording's spots are counted: a folder nothing can be written in fails
+    # here, not once per recording after its spot finding. Removed again if nothing goes in.
+    created = create_if_missing(out)
     spot_counts = None if spots_from is None else read_spot_counts(spots_from)
     if spot_counts is not None and spot_counts.master_files is None and len(recordings) > 1:
         raise LabellingError(
@@ -495,6 +498,8 @@ def label_recordings(
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
+        if created and not any(entry.rows for entry in entries):
+            out.unlink(missing_ok=True)
     rc = read_table(out).rc if out.exists() else np.zeros(0)
     histogram = None
     if rc.size:
@@ -532,8 +537,9 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         # Checked before the reflections are counted: a recording without its camera scale, or paired with the
         # wrong collection, fails in a second, not after an hour of spot finding.
         camera_geometry(recording)
-        master, nimages, declared, windows, fitted, offset = _own_collection(
+        master, series, windows, fitted, offset = _own_collection(
             recording, find_master_files(recording), clock_offset, max_clock_offset, regularise)  # fmt: skip
+        nimages = series.nimages
         match = match_frames(recording.timestamps - camera_latency, windows, clock_offset=offset, tolerance=tolerance)
         if match.n_matched == 0:
             raise LabellingError(
@@ -547,14 +553,14 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
                                  executor=executor, progress=progress)  # fmt: skip
             source = {"label_source": "spot finder", "spot_finder": asdict(params)}
         else:
-            counts = spot_counts.for_collection(nimages, master)
+            counts = spot_counts.for_collection(nimages, master, first_image=series.first_image_number)
             source = {"label_source": str(spot_counts.path.resolve()), "spots_column": spot_counts.column}
         spot_finding_s = time.perf_counter() - spot_started
         provenance = {
             "master_file": str(master.resolve()),
             "detector_frames": nimages,
             # More when an aborted collection left the last data files unwritten.
-            "declared_detector_frames": declared,
+            "declared_detector_frames": series.declared_images,
             "camera_latency_s": camera_latency,
             "tolerance_s": tolerance,
             "windows": {
@@ -590,13 +596,18 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
     )
 
 
-def _estimate_offset(recording, windows):
+def _require_motion(recording) -> None:
+    """Refuse a recording whose metadata cannot relate its clock to any detector's (no oscillation)."""
     metadata = recording.metadata
     if "osc_start" not in metadata or "osc_range" not in metadata:
         raise LabellingError(
             f"{recording.path}: no osc_start/osc_range in its collection metadata, so the camera and detector "
             "clocks cannot be related by the motion: give clock_offset (detector minus camera clock, s)"
         )
+
+
+def _estimate_offset(recording, windows):
+    metadata = recording.metadata
     try:
         return estimate_clock_offset(
             recording.timestamps, recording.motor("omega"), windows, float(metadata["osc_start"]),
@@ -619,15 +630,16 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
     Returns
     -------
     tuple
-        ``(master, nimages, declared images, windows, regular-window fit or
-        None, clock offset)``.
+        ``(master, series (closed: for its header figures), windows,
+        regular-window fit or None, clock offset)``.
     """
+    if clock_offset is None:
+        _require_motion(recording)
     first_error = None
     for master in masters:
         try:
             with open_master(master) as series:
-                nimages, declared, windows = series.nimages, series.declared_images, series.frame_windows()
-                detector_start, local_dates = series.start_time, series.local_dates
+                windows = series.frame_windows()
             if len(windows) == 0:
                 raise EigerFileError(f"{master}: no detector frames: the master file declares no images")
         except EigerFileError as err:
@@ -638,17 +650,18 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
             windows = fitted.windows
         offset = clock_offset
         if offset is None:
-            # Its errors are the recording's (no motion recorded, no camera frame): no other file helps.
-            offset = _estimate_offset(recording, windows)
             try:
-                _check_same_collection(recording, master, offset, detector_start, max_clock_offset, local_dates)
+                # Its failure may be this file's (another collection's frames and period): the next may fit.
+                offset = _estimate_offset(recording, windows)
+                _check_same_collection(recording, master, offset, series.start_time, max_clock_offset,
+                                       series.local_dates)  # fmt: skip
             except LabellingError as err:
                 first_error = first_error or err
                 continue
         if first_error is not None:
             log.warning("%s: %s", recording.path, first_error)
             log.warning("%s: labelled with %s instead", recording.path, master)
-        return master, nimages, declared, windows, fitted, offset
+        return master, series, windows, fitted, offset
     raise first_error
 
 

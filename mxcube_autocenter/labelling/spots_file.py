@@ -75,7 +75,7 @@ class SpotCounts:
     master_files: tuple | None
     column: str
 
-    def for_collection(self, nimages: int, master_file=None) -> np.ndarray:
+    def for_collection(self, nimages: int, master_file=None, first_image: int = 1) -> np.ndarray:
         """Counts of one collection's detector frames.
 
         Parameters
@@ -85,18 +85,24 @@ class SpotCounts:
         master_file : path, optional
             The collection's master file; selects the rows of that file name
             when the spot-count file has a ``master_file`` column.
+        first_image : int
+            The detector's number of the collection's first image (its data
+            files' ``image_nr_low``). The file's image numbers are read as the
+            detector's where they all fit ``first_image`` to ``first_image +
+            nimages - 1``, else as counted from 1 (DIALS numbers the images of
+            any collection from 1).
 
         Returns
         -------
         ndarray of float, shape (nimages,)
-            Index ``i`` is detector frame ``i`` (image ``i + 1``); NaN for
-            images the file does not list.
+            Index ``i`` is detector frame ``i``; NaN for images the file does
+            not list.
 
         Raises
         ------
         SpotsFileError
             If no row belongs to the collection, an image is listed twice or
-            lies beyond ``nimages``.
+            lies beyond the collection in both numberings.
         """
         rows = np.ones(self.images.size, bool)
         if self.master_files is not None:
@@ -113,13 +119,17 @@ class SpotCounts:
         unique, seen = np.unique(images, return_counts=True)
         if np.any(seen > 1):
             raise SpotsFileError(f"{self.path}: image {unique[seen > 1][0]} is listed more than once: keep one row")
-        if images.size and (images.min() < 1 or images.max() > nimages):
+        first = next((start for start in (first_image, 1) if images.size == 0 or
+                      (images.min() >= start and images.max() < start + nimages)), None)  # fmt: skip
+        if first is None:
+            numbered = f"numbered from 1, or from {first_image} as the detector numbered them" if first_image != 1 else (
+                "numbered from 1")
             raise SpotsFileError(
                 f"{self.path}: image numbers {images.min()} to {images.max()} do not fit a collection of "
-                f"{nimages} images (numbered from 1): is it the file of this collection?"
+                f"{nimages} images ({numbered}): is it the file of this collection?"
             )
         counts = np.full(nimages, np.nan)
-        counts[images - 1] = self.counts[rows]
+        counts[images - first] = self.counts[rows]
         return counts
 
 
