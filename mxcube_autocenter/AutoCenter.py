@@ -304,7 +304,7 @@ class AutoCenter(HardwareObject):
             overrides = {"n_angles": n_angles, "blind_views": min(self.config.blind_views, n_angles - 2)}
         return procedure.CentringSettings.from_config(self.config, **overrides)
 
-    def centre(self, n_angles: int | None = None, save: bool = True) -> procedure.CentringResult:
+    def centre(self, n_angles: int | None = None, save: bool = True, keep=None) -> procedure.CentringResult:
         """Centre the crystal in the beam (blocking; call it from a greenlet or a script).
 
         Parameters
@@ -314,6 +314,11 @@ class AutoCenter(HardwareObject):
             Of fewer than ``blind_views`` + 2, at most ``n_angles`` - 2 may be blind.
         save : bool
             Save the heatmap overlays and a JSON record to ``centring_save_directory``.
+        keep : callable, optional
+            Called once centred, before anyone is told: what makes the centred
+            position the caller's (the button's: read it and save it on the
+            diffractometer). If it raises, the centring fails and the sample
+            goes back.
 
         Returns
         -------
@@ -342,6 +347,12 @@ class AutoCenter(HardwareObject):
             result = procedure.centre(bl, self.predictor, settings, self.log)
             self.last_result = result
             try:
+                if result.success and keep is not None:
+                    try:
+                        keep()
+                    except (Exception, gevent.Timeout) as err:
+                        self.log.exception("AutoCenter: the centred position could not be kept")
+                        self._put_back(bl, result, settings, f"the centred position could not be read or saved ({err})")
                 (self.user_log.info if result.success else self.user_log.warning)(
                     f"Optical ML centring: {result.message}"
                 )
@@ -351,18 +362,22 @@ class AutoCenter(HardwareObject):
                 # Aborted after the move but before anyone was told: it ends as an aborted
                 # centring, so the sample goes back as on any abort.
                 if result.success:
-                    result.success = False
-                    not_returned = procedure.restore(bl, result.start_positions, settings.move_timeout_s, self.log)
-                    result.message = "aborted after the move: " + (
-                        f"the sample was NOT returned to its starting position: {not_returned}"
-                        if not_returned else "the sample went back"
-                    )  # fmt: skip
+                    self._put_back(bl, result, settings, "aborted after the move")
                 raise
         if save and self.config.centring_save_directory:
             gevent.get_hub().threadpool.spawn(
                 self._save_record, result, self.config.centring_save_directory, bl.beam_position()
             )
         return result
+
+    def _put_back(self, bl, result, settings, why: str):
+        """Fail a centring that had moved the sample, and put the sample back where it started."""
+        result.success = False
+        not_returned = procedure.restore(bl, result.start_positions, settings.move_timeout_s, self.log)
+        result.message = f"{why}: " + (
+            f"the sample was NOT returned to its starting position: {not_returned}" if not_returned
+            else "the sample went back"
+        )  # fmt: skip
 
     def _enter_centring_phase(self) -> str | None:
         """Put the diffractometer in its Centring phase unless it is there; why not, or None.
@@ -605,7 +620,7 @@ class AutoCenter(HardwareObject):
             # The diffractometer not ready in time, a phase it refuses: whoever waits hears that the press failed.
             self.log.exception("AutoCenter: the automatic centring could not start")
             self._button_pressed = False
-            self._refused_verdict(sample_view, "Automatic")
+            self._refused_verdict(sample_view, "Automatic", refused=False)
             raise
         finally:
             self._button_pressed = False
@@ -617,7 +632,7 @@ class AutoCenter(HardwareObject):
         self.user_log.info("Optical ML centring cancelled before it started")
         self._button_pressed = False
         # The cancel said centringFailed; whoever waits for the press's outcome waits for centringAccepted.
-        self._refused_verdict(sample_view, "Automatic", failed_said=True)
+        self._refused_verdict(sample_view, "Automatic", failed_said=True, refused=False)
         return True
 
     def _give_verdict(self, procedure, cancelled: bool = False):
@@ -644,18 +659,12 @@ class AutoCenter(HardwareObject):
         # the GreenletExit, which SampleView would accept as centred positions.
         centred = (procedure.successful() and procedure.value is not None
                    and not isinstance(procedure.value, gevent.GreenletExit))  # fmt: skip
-        status, motors_read = self._status_here(sample_view, "Automatic")  # after a failure, where it went back
-        if centred and not motors_read:
-            # A centred position with the last centring's motors would send the next collection there.
-            self.log.error("AutoCenter: the centred position could not be read: the centring counts as failed")
-            centred = False
         if centred:
-            try:
-                HWR.beamline.diffractometer.save_centring_positions()
-                status.update(valid=True, accepted=True)
-            except (Exception, gevent.Timeout):
-                self.log.exception("AutoCenter: could not save the centred positions")
-                centred = False
+            # Read and saved by the procedure itself (_auto_centring), which put the sample back had either failed.
+            status = {**sample_view.get_centring_status(), "method": "Automatic", "motors": procedure.value,
+                      "valid": True, "accepted": True}  # fmt: skip
+        else:
+            status = self._status_here(sample_view, "Automatic")  # where it went back
         if sample_view.current_centring_procedure is procedure:
             sample_view.centring_status = copy.deepcopy(status)
             sample_view.current_centring_procedure = None
@@ -683,9 +692,8 @@ class AutoCenter(HardwareObject):
         self.user_log.error(f"Optical ML centring not started: {reason}")
         self._refused_verdict(sample_view, "Automatic")
 
-    def _status_here(self, sample_view, method: str) -> tuple[dict, bool]:
-        """The centring status of ``method``, not valid, with the motors where they are now; whether they could
-        be read.
+    def _status_here(self, sample_view, method: str) -> dict:
+        """The centring status of ``method``, not valid, with the motors where they are now (if they can be read).
 
         mxcubeweb saves a point at the status's motors on any centringAccepted: the sample's place, not the
         last centring's positions (or none at all before the first one); those only if unreadable.
@@ -695,10 +703,9 @@ class AutoCenter(HardwareObject):
             status["motors"] = sample_view.get_positions()
         except (Exception, gevent.Timeout):
             self.log.exception("AutoCenter: could not read the motors for the centring status")
-            return status, False
-        return status, True
+        return status
 
-    def _refused_verdict(self, sample_view, method: str, failed_said: bool = False):
+    def _refused_verdict(self, sample_view, method: str, failed_said: bool = False, refused: bool = True):
         # Whoever waits for the outcome of the refused centring must hear of it (the queue's mount step waits
         # for centringAccepted, without a time-out); SampleView's own state belongs to the centring that is
         # running and is left alone.
@@ -708,25 +715,35 @@ class AutoCenter(HardwareObject):
             # hears, the refused caller included; a verdict now would end the wait of that centring's own
             # caller (the queue's mount step) while the sample is still being moved.
             return
-        status, _ = self._status_here(sample_view, method)
+        status = self._status_here(sample_view, method)
         if not failed_said:
             sample_view.emit("centringFailed", (method, status))
-        # A click centring's is waited for only by the queue's mount step (centring method manual); a user's click
-        # waits for nothing, and mxcubeweb would save a point at the sample's place in the middle of the other
-        # centring, and select it for the next collection.
-        if method != "Manual" or HWR.beamline.queue_manager.is_executing():
+        # A press that failed or was cancelled ends as SampleView's own failed centring does. A centring refused
+        # (``refused``: another one runs, or a collection) is waited for only by the queue's mount step; a press
+        # or a click by the user waits for nothing, and mxcubeweb would save a point at the sample's place in the
+        # middle of the other centring (a script's or the queue's), and select it for the next collection.
+        if not refused or HWR.beamline.queue_manager.is_executing():
             sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):
         # SampleView.auto_centring_done accepts the centring unless this returns None,
         # and a killed greenlet returns its GreenletExit: a cancelled centring
         # (the sample already back where it started) must end as a failed one.
+        sample_view = HWR.beamline.sample_view
+        kept = {}
+
+        def keep():
+            # Before the verdict, in this greenlet: a position that cannot be read or saved is put back here, and
+            # mxcubeweb saves its point (the next collection's place) at the status's motors.
+            kept["motors"] = sample_view.get_positions()
+            HWR.beamline.diffractometer.save_centring_positions()
+
         try:
-            result = self.centre()
+            result = self.centre(keep=keep)
         except gevent.GreenletExit:
             return None
         except gevent.Timeout:
             # No Exception, so SampleView's link callback would die on it and no verdict would reach the queue.
             self.log.exception("AutoCenter: centring timed out")
             return None
-        return result.centred_positions if result.success else None
+        return kept["motors"] if result.success else None

@@ -869,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log)")
     train.add_argument("--out", help="output directory (default: out/model, or out/classifier for a classifier, so "
                                      "that one does not replace the other)")
-    train.add_argument("--threshold", type=FINITE,
+    train.add_argument("--threshold", type=POSITIVE,
                        help="classifier: the count from which a crop is a crystal (default: 5)")
     train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
                        help="fine-tune this model (`shipped`: the shipped regressor, e.g. on site data): its "

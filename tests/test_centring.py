@@ -423,7 +423,8 @@ def test_a_motor_whose_limits_cannot_be_read_is_not_moved(beamline, autocenter, 
     autocenter.config.max_displacement_mm = 10.0
     monkeypatch.setattr(beamline.diffractometer.sampx, "get_limits", lambda: (float("nan"), float("nan")))
     result = autocenter.centre(save=False)
-    assert not result.success and "refusing to move sampx: its limits read (nan, nan), not numbers" in result.message
+    assert not result.success and "refusing to move sampx to " in result.message
+    assert "the limits of sampx read (nan, nan), not numbers" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
@@ -648,10 +649,10 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplo
     assert not second.success and "already running" in second.message
     log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
     beamline.sample_view.start_auto_centring()  # the button, pressed during a script's centring
-    # Refused, and said so to whoever waits (the queue's mount step waits for centringAccepted), with the
-    # motors where the sample is (mxcubeweb saves a point there on any centringAccepted).
-    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
-    assert set(log.calls[1][1][1]["motors"]) >= set(CENTRING_MOTORS)
+    # Refused, and not accepted (False): no queue runs, so no mount step waits for it, and mxcubeweb would save
+    # a point at the sample's place in the middle of the script's centring and select it for the next collection.
+    assert log.names() == ["centringFailed"] and log.calls[0][1][0] == "Automatic"
+    assert set(log.calls[0][1][1]["motors"]) >= set(CENTRING_MOTORS)
     assert beamline.sample_view.current_centring_procedure is None
     # mxcubeweb starts a click centring whenever no SampleView procedure is set, which a script's is not.
     log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
@@ -664,11 +665,14 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplo
     # queue runs, so no mount step waits for it, and mxcubeweb would save a point at the sample's place in the
     # middle of the script's centring and select it for the next collection.
     assert log.names() == ["centringFailed"] and log.calls[0][1][0] == "Manual"
-    # A mount step with manual centring waits for centringAccepted without a time-out: in the queue, it hears it.
-    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    # A mount step waits for centringAccepted without a time-out: in the queue, it hears it, with the motors where
+    # the sample is (mxcubeweb saves a point there on any centringAccepted).
     monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: True)
-    beamline.sample_view.start_manual_centring(3)
-    assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+    for start_centring in (beamline.sample_view.start_manual_centring, beamline.sample_view.start_auto_centring):
+        log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+        start_centring()
+        assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+        assert set(log.calls[1][1][1]["motors"]) >= set(CENTRING_MOTORS)
     assert first.get(timeout=60).success
     assert scorecard.moved(start, positions(beamline))
     with pytest.raises(ValueError, match="n_angles = 0"):
@@ -688,7 +692,7 @@ def test_the_button_is_refused_while_a_collection_runs(beamline, autocenter, tmp
         log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
         with caplog.at_level(logging.ERROR, logger="user_level_log"):
             beamline.sample_view.start_auto_centring()
-        assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[1][1][0] is False
+        assert log.names() == ["centringFailed"]  # no mount step waits: no queue runs
         assert "Optical ML centring not started: a collection is running: centre once it has ended" in caplog.text
         result = autocenter.centre(save=False)  # a script's, or the queue's
         assert not result.success and result.message == "a collection is running: centre once it has ended"
@@ -819,7 +823,7 @@ def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beaml
         sample_view.cancel_centring()
 
 
-def test_a_centred_position_that_cannot_be_read_is_no_success_and_the_status_is_a_copy(beamline, autocenter,
+def test_a_centred_position_that_cannot_be_read_or_saved_is_no_success_and_the_status_is_a_copy(beamline, autocenter,
                                                                                         monkeypatch):  # fmt: skip
     # The success went out with the last centring's motors (mxcubeweb's point, the next collection's place);
     # and the status sent was SampleView's own dict, which a later centring changed under its listeners.
@@ -834,11 +838,20 @@ def test_a_centred_position_that_cannot_be_read_is_no_success_and_the_status_is_
     def exporter_time_out(*args, **kwargs):
         raise RuntimeError("exporter: no answer")
 
-    monkeypatch.setattr(sample_view, "get_positions", exporter_time_out)
-    log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    sample_view.start_auto_centring()
-    log.wait_for("centringAccepted", timeout=60)
-    assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
+    # The sample stayed where the failed centring had moved it.
+    for target, method in ((sample_view, "get_positions"), (beamline.diffractometer, "save_centring_positions")):
+        with monkeypatch.context() as patch:
+            mount_at_start(beamline)
+            start = positions(beamline)
+            patch.setattr(target, method, exporter_time_out)
+            log = SignalLog(sample_view, *CENTRING_SIGNALS)
+            sample_view.start_auto_centring()
+            log.wait_for("centringAccepted", timeout=60)
+            assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"]
+            assert log.calls[-1][1][0] is False
+            assert positions(beamline) == pytest.approx(start, abs=1e-3)
+            assert autocenter.last_result.message == ("the centred position could not be read or saved (exporter: "
+                                                      "no answer): the sample went back")  # fmt: skip
 
 
 def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
@@ -1188,8 +1201,29 @@ def test_omega_limits_too_narrow_for_the_turns_fail_the_centring_naming_them(bea
     finally:
         omega.update_limits(limits)
     assert not result.success and not result.declined
-    assert f"omega cannot turn by 30 to {start['omega'] + 120:g} degrees: its limits are (-5.0, " in result.message
+    assert f"omega cannot turn by 30 to {start['omega'] + 120:g} degrees: outside its limits (-5.0, " in result.message
     assert "widen omega's limits in the diffractometer's configuration" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_omega_turns_are_checked_against_one_sided_limits_as_read_now(beamline, autocenter):
+    # mxcubecore's validate_value takes any value when a limit is None (and an MD3's cached limits): a centring
+    # with omega limits (None, 200) turned omega to 345; and the sine fit's half turn was never checked.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    omega = beamline.diffractometer.omega
+    limits = omega.get_limits()
+    omega.update_limits((None, start["omega"] + 100.0))
+    try:
+        result = autocenter.centre(save=False)
+        bl = procedure.Beamline(beamline)
+        with pytest.raises(procedure.CentringFailed, match=r"omega cannot turn by 180 to .* degrees: outside its "
+                                                           r"limits \(None, "):  # fmt: skip
+            bl.check_turn(procedure.FIT_TURN_DEG)
+        assert bl.check_turn(90.0) == pytest.approx(start["omega"] + 90.0)
+    finally:
+        omega.update_limits(limits)
+    assert not result.success and "outside its limits (None, " in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 

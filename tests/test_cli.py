@@ -35,6 +35,8 @@ from mxcube_autocenter.cli import main
         (["demo", "--seed", "-1"], "--seed: '-1': expected a whole number of at least 0"),
         # 100000 ended in TensorFlow's out-of-memory traceback, 1 in CropSpec's "input_size must be ...".
         (["train", "x.h5", "--input-size", "100000"], "--input-size: '100000': expected a whole number from 8 to 512"),
+        # -1 read as "every one of the training rows has the same class (1) ... label recordings of crystals".
+        (["train", "x.h5", "--arch", "classifier", "--threshold", "-1"], "--threshold: '-1': expected a"),
         (["synthesize-regions", "x.h5", "--input-size", "1"], "--input-size: '1': expected a whole number from 8"),
         # 1e9 read as "the recording does not cover this collection; if it does, give clock_offset".
         (["label", "x.h5", "--out", "y.h5", "--camera-latency", "1e9"],

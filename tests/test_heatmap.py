@@ -158,10 +158,14 @@ def test_missing_or_wrong_model_is_refused(tmp_path, tiny_model):
         load_predictor(tmp_path / "nothing.keras")
     garbage = tmp_path / "garbage.keras"
     garbage.write_bytes(b"not a model")
-    with pytest.raises(PredictorError, match="garbage.keras"):
+    with pytest.raises(PredictorError, match=r"garbage.keras.*\(the centring_model property"):
         load_predictor(garbage)
     with pytest.raises(PredictorError, match="not a crystal/empty classifier"):
         load_predictor(tiny_model, tiny_model)
+    # A classifier's file named its file alone: which property was wrong went unsaid.
+    with pytest.raises(PredictorError, match=r"classifier.keras: no such model file.*\(the centring_classifier "
+                                             r"property; --classifier on the command line\)"):  # fmt: skip
+        load_predictor(tiny_model, tmp_path / "classifier.keras")
 
 
 def test_peak_is_the_smoothed_maximum():

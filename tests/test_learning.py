@@ -882,7 +882,7 @@ def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, t
     make_rows_layout_file(recorded_only, dataset_path)
     with h5py.File(recorded_only, "a") as f:
         del f["rows/rc_expected"]
-    with pytest.raises(ValueError, match="recorded_only.h5.*has none: use label='rc'"):
+    with pytest.raises(ValueError, match="recorded_only.h5.*has none: use the label rc \(--label rc\)"):
         train(recorded_only, "fcn", "log", str(tmp_path / "none"), label="rc_expected", **small)
 
 
@@ -1323,6 +1323,25 @@ def test_a_sweep_on_a_file_that_is_no_dataset_stops_at_once_with_one_error(tmp_p
         ev.sweep("set.h5", str(tmp_path / "a_file" / "s"), archs=("a1",))
     assert calls == [("a1", "vanilla")]
     assert cli.main(["sweep", "x_camera.h5", "--out", str(tmp_path / "s"), "--archs", "a1"]) == 2
+
+
+@pytest.mark.parametrize("problem", ["one crystal", "no rc_expected"])
+def test_a_sweep_on_a_dataset_no_model_can_learn_from_stops_at_once_with_one_error(tmp_path, caplog, problem):
+    # Too few crystals or a missing label column failed every combination in turn, each with its traceback.
+    from mxcube_autocenter.labelling.dataset import DatasetError
+    from mxcube_autocenter.learning import evaluate as ev
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    path = tmp_path / "set.h5"
+    synthetic_dataset(path, n_samples=1 if problem == "one crystal" else 5, seed=1, crops_per_sample=4,
+                      stored_crop_um=240, progress=False)  # fmt: skip
+    if problem == "no rc_expected":
+        with h5py.File(path, "r+") as h5file:
+            del h5file["samples/rc_expected"]
+    with caplog.at_level(logging.ERROR), pytest.raises(DatasetError, match="crystals|rc_expected"):
+        ev.sweep(str(path), str(tmp_path / "s"), archs=("a1", "a2"), transforms=("vanilla", "log"), input_size=32,
+                 crop_um=120, label="rc" if problem == "one crystal" else "rc_expected")  # fmt: skip
+    assert not caplog.records and not (tmp_path / "s").exists()
 
 
 def test_a_model_save_cut_short_leaves_the_last_runs_model_whole(tmp_path, monkeypatch):

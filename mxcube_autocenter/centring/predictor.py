@@ -24,13 +24,18 @@ class PredictorError(ValueError):
     """A model that is missing or cannot be used for centring."""
 
 
-def _load(path):
+# Where each model is configured, for the messages.
+REGRESSOR_SETTING = "the centring_model property; --model on the command line"
+CLASSIFIER_SETTING = "the centring_classifier property; --classifier on the command line"
+
+
+def _load(path, setting: str):
     from mxcube_autocenter.learning.training import ModelFileError, info_spec, load_model
 
     try:
         model, info = load_model(path)
     except ModelFileError as err:
-        raise PredictorError(str(err)) from err
+        raise PredictorError(f"{err} ({setting})") from err
     return model, info, info_spec(info)
 
 
@@ -53,24 +58,24 @@ class Predictor:
 
         self._crops = crops
         self.regressor_path = Path(regressor_path)
-        self.model, self.info, self.spec = _load(regressor_path)
+        self.model, self.info, self.spec = _load(regressor_path, REGRESSOR_SETTING)
         if self.info.get("task") != "regression":
             raise PredictorError(
                 f"{regressor_path}: a {self.info.get('task')} model, not a regressor: give a regressor "
-                "(the centring_model property; --model on the command line)"
+                f"({REGRESSOR_SETTING})"
             )
         try:
             self.evaluator = DenseEvaluator(self.model)
         except HeatmapError as err:
-            raise PredictorError(f"{regressor_path}: {err}") from err
+            raise PredictorError(f"{regressor_path}: {err} ({REGRESSOR_SETTING})") from err
         self.transform = info_transform(self.info)
         self.classifier = None
         if classifier_path:
-            model, info, spec = _load(classifier_path)
+            model, info, spec = _load(classifier_path, CLASSIFIER_SETTING)
             if info.get("task") != "classifier":
                 raise PredictorError(
                     f"{classifier_path}: not a crystal/empty classifier: give one trained with `mxcube-autocenter "
-                    "train --arch classifier` or `fcn_classifier` (the centring_classifier property; --classifier on the command line)"
+                    f"train --arch classifier` or `fcn_classifier` ({CLASSIFIER_SETTING})"
                 )
             self.classifier = (Path(classifier_path), model, spec)
 
@@ -129,9 +134,8 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
     regressor_path = Path(regressor_path) if regressor_path else DEFAULT_REGRESSOR
     if not regressor_path.exists():
         raise PredictorError(
-            f"{regressor_path}: no such model file: give a model trained with `mxcube-autocenter train` (the "
-            "centring_model property; --model on the command line), or reinstall mxcube-autocenter to restore "
-            "its shipped models"
+            f"{regressor_path}: no such model file: give a model trained with `mxcube-autocenter train` "
+            f"({REGRESSOR_SETTING}), or reinstall mxcube-autocenter to restore its shipped models"
         )
     if not classifier_path and DEFAULT_CLASSIFIER.exists():  # an empty XML property means the shipped one too
         classifier_path = DEFAULT_CLASSIFIER

@@ -35,6 +35,8 @@ from mxcube_autocenter.geometry import CENTRING_MOTORS, sample_frame
 EDGE_MARGIN_CROPS = 0.25
 TRANSLATION_TOLERANCE_MM = 1e-3
 OMEGA_TOLERANCE_DEG = 0.05
+# mxcubecore's sine fit (sample_centring.center, its omega_range) turns omega this far over its clicks.
+FIT_TURN_DEG = 180.0
 # How long motors may take to show their arrival after the diffractometer says the move is done, s.
 ARRIVAL_SETTLE_S = 2.0
 # How often a move's motors are checked for a fault, s; and how long one already in FAULT when the move begins
@@ -421,13 +423,18 @@ class Beamline:
 
     def rotate(self, degrees: float, timeout: float):
         omega = self.motors(("omega",))["omega"]
+        omega.set_value(self.check_turn(degrees), timeout=timeout)  # the target checked, not a second reading's
+
+    def check_turn(self, degrees: float) -> float:
+        """Refuse a turn of omega by ``degrees`` beyond its limits; the omega it turns to."""
+        omega = self.motors(("omega",))["omega"]
         target = float(omega.get_value()) + degrees
-        if not omega.validate_value(target):
-            # mxcubecore's own refusal names the value alone ("Invalid value ...").
-            raise CentringFailed(f"omega cannot turn by {degrees:g} to {target:g} degrees: its limits are "
-                                 f"{omega.get_limits()}; the centring turns omega through about a full turn: widen "
-                                 "omega's limits in the diffractometer's configuration")  # fmt: skip
-        omega.set_value(target, timeout=timeout)  # the target checked, not a second reading's
+        # Checked here: mxcubecore's own check (validate_value) takes any value when a limit is None, and an MD3's
+        # cached limits as they were last read; its refusal names the value alone ("Invalid value ...").
+        _check_limits("omega", omega, target, f"omega cannot turn by {degrees:g} to {target:g} degrees",
+                      "the centring turns omega through about a full turn: widen omega's limits in the "
+                      "diffractometer's configuration")  # fmt: skip
+        return target
 
     def check_move(self, start: dict, target: dict, max_displacement_mm: float):
         """Refuse a move beyond the displacement limit or a motor's limits."""
@@ -440,13 +447,18 @@ class Beamline:
                     f"refusing to move {name} by {value - start[name]:+.3f} mm: more than "
                     f"max_displacement_mm = {max_displacement_mm} (raise it in the AutoCenter XML if the loop is far off)"
                 )
-            low, high = motors[name].get_limits()
-            # None (or an infinity) is no limit; NaN is a limit that could not be read, not the absence of one.
-            if any(limit is not None and np.isnan(limit) for limit in (low, high)):
-                raise CentringFailed(f"refusing to move {name}: its limits read ({low}, {high}), not numbers: check the "
-                                     f"motor in the diffractometer's software")  # fmt: skip
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise CentringFailed(f"refusing to move {name} to {value:.4f}: outside its limits ({low}, {high})")
+            _check_limits(name, motors[name], value, f"refusing to move {name} to {value:.4f}")
+
+
+def _check_limits(name: str, motor, value: float, refusal: str, fix: str = "") -> None:
+    """Raise CentringFailed, ``refusal`` first, if ``value`` lies outside the limits ``motor`` reads now."""
+    low, high = motor.get_limits()
+    # None (or an infinity) is no limit; NaN is a limit that could not be read, not the absence of one.
+    if any(limit is not None and np.isnan(limit) for limit in (low, high)):
+        raise CentringFailed(f"{refusal}: the limits of {name} read ({low}, {high}), not numbers: check the motor in "
+                             "the diffractometer's software")  # fmt: skip
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise CentringFailed(f"{refusal}: outside its limits ({low}, {high})" + (f"; {fix}" if fix else ""))
 
 
 def _in_thread(func, *args):
@@ -658,8 +670,10 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
                beam_position):  # fmt: skip
     """Fit the point's projections as omega turns and move it to the beam, within the limits."""
     result.point = tuple(float(v) for v in point)
-    # The fit's first move, to the reference positions, comes before its result can be checked.
+    # The fit's first move, to the reference positions, and its half turn of omega come before its result can be
+    # checked.
     bl.check_move(start, bl.reference_positions(), settings.max_displacement_mm)
+    bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG)
     fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
     target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
     bl.check_move(start, target, settings.max_displacement_mm)

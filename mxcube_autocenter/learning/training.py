@@ -57,7 +57,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 
 from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
-from mxcube_autocenter.labelling.dataset import RowReader, Table, read_table  # noqa: E402
+from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, Table, read_table  # noqa: E402
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
@@ -119,7 +119,13 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
     if isinstance(last, ModelInfo):
         output = last.input
     tagged = ModelInfo(json.dumps(info, sort_keys=True, default=json_default), name="model_info")(output)
-    return keras.Model(model.inputs, tagged, name=model.name)
+    return keras.Model(_single_input(model), tagged, name=model.name)
+
+
+def _single_input(model: keras.Model):
+    """The model's one input tensor: a model built on the list of it wants a list at each call, and Keras warns
+    ("The structure of `inputs` doesn't match") whenever it is given the array of crops alone."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
 MIN_TEST_CRYSTALS = 3  # fewer in the test subset: a warning, its figures are anecdotes
@@ -244,7 +250,8 @@ def load_model(path):
         # Every prediction would be NaN: a heatmap without a maximum, a classifier that never says crystal.
         _refuse(path, "its weights are not all finite numbers (NaN or infinity: the training that wrote them "
                 "diverged)", "Retrain it with a lower learning rate (--learning-rate)")  # fmt: skip
-    return model, info
+    # Files written before attach_info took the single input: the same layers, called with the array alone.
+    return keras.Model(_single_input(model), model.outputs[0], name=model.name), info
 
 
 def info_spec(info: dict) -> crops.CropSpec:
@@ -381,9 +388,9 @@ def label_counts(table: Table, label: str, dataset_path) -> np.ndarray:
     if label == "rc":
         return table.rc
     if "rc_expected" not in table.extra:
-        raise ValueError(
-            f"{dataset_path}: label='rc_expected' needs the ground-truth expected counts (the rc_expected column "
-            "that `mxcube-autocenter synthesize` writes), and this dataset has none: use label='rc'"
+        raise DatasetError(
+            f"{dataset_path}: the label rc_expected needs the ground-truth expected counts (the rc_expected column "
+            "that `mxcube-autocenter synthesize` writes), and this dataset has none: use the label rc (--label rc)"
         )
     return _checked_counts(table.extra["rc_expected"], "rc_expected", dataset_path)
 
@@ -393,7 +400,7 @@ def _checked_counts(counts, column: str, dataset_path) -> np.ndarray:
 
     Raises
     ------
-    ValueError
+    DatasetError
         Naming the file, the column, how many rows are bad and the first of them.
     """
     counts = np.asarray(counts, dtype=np.float64)
@@ -401,7 +408,7 @@ def _checked_counts(counts, column: str, dataset_path) -> np.ndarray:
     if len(bad):
         # Unchecked, a NaN showed up as a diverged training ("give a lower learning rate"), a negative count as
         # the log transform's complaint about its offset.
-        raise ValueError(f"{dataset_path}: {column} has {len(bad)} values that are not finite counts >= 0 (first at "
+        raise DatasetError(f"{dataset_path}: {column} has {len(bad)} values that are not finite counts >= 0 (first at "
                          f"row {int(bad[0])}: {counts[bad[0]]!r}): write "
                          "the set again")  # fmt: skip
     return counts
@@ -450,13 +457,14 @@ def _fit(
     try:
         split = split_for(split, table.crystal_id, seed, fractions, initial_model, initial_info)
     except ValueError as err:
-        raise ValueError(f"{dataset_path}: {err}: label recordings of more crystals, or pass split= (a Split naming "
-                         "the crystals of each subset)") from err
+        # The dataset's, as the next ones: a sweep stops at the first (DatasetError), not at each combination.
+        raise DatasetError(f"{dataset_path}: {err}: label recordings of more crystals (or, from Python, give split: "
+                           "a Split naming the crystals of each subset)") from err
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
             kept_split = name == "validation" and initial is not None
-            raise ValueError(f"{dataset_path}: the {name} subset has no rows" + (
+            raise DatasetError(f"{dataset_path}: the {name} subset has no rows" + (
                 ": fine-tuning keeps the initial model's split, and this data holds none of its validation crystals "
                 "and no crystal it has not seen; label recordings of a new crystal" if kept_split else ""))
     if 0 < len(split.test) < MIN_TEST_CRYSTALS:
@@ -468,7 +476,7 @@ def _fit(
     counts = label_counts(table, label, dataset_path)
     learnt = (counts[idx["train"]] >= threshold).astype(np.int8) if task == "classifier" else counts[idx["train"]]
     if np.ptp(learnt) == 0:
-        raise ValueError(
+        raise DatasetError(
             f"{dataset_path}: every one of the {len(learnt)} training rows has the same "
             f"{'class' if task == 'classifier' else 'count'} ({float(learnt[0]):g}): a model would learn a constant; "
             "label recordings of crystals that diffract (and of empty crops)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mxcubecore.HardwareObjects.abstract.AbstractBeam import BeamShape
 from mxcubecore.HardwareObjects.mockup.BeamMockup import BeamMockup
 
+from mxcube_autocenter.simulation import properties
 from mxcube_autocenter.simulation.diffraction import Beam
 
 
@@ -19,9 +20,9 @@ class VirtualBeam(BeamMockup):
 
     def init(self):
         self.xray = Beam(
-            width_um=float(self.get_property("beam_width_um", 20.0)),
-            height_um=float(self.get_property("beam_height_um", 5.0)),
-            profile=self.get_property("beam_profile", "gaussian"),
+            width_um=properties.number(self, "beam_width_um", 20.0, low=0.1, unit="um"),
+            height_um=properties.number(self, "beam_height_um", 5.0, low=0.1, unit="um"),
+            profile=properties.choice(self, "beam_profile", "gaussian", ("gaussian", "tophat")),
         )
         super().init()
 

@@ -20,6 +20,7 @@ from mxcubecore.BaseHardwareObjects import HardwareObject
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.recording import encode_jpeg
+from mxcube_autocenter.simulation import properties
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Look, Renderer, random_look
 
 
@@ -52,17 +53,15 @@ class VirtualCamera(HardwareObject):
 
     def init(self):
         super().init()
-        self._width = int(self.get_property("width", 1280))
-        self._height = int(self.get_property("height", 1024))
-        self._fps = float(self.get_property("fps", 25))
-        if not 1 <= self._fps <= 100:
-            raise ValueError(f"{self.load_name}: fps = {self._fps}: give 1 to 100 frames per second")
-        self._jpeg_quality = int(self.get_property("jpeg_quality", 90))
-        self._latency_s = float(self.get_property("latency_s", 0.02))
-        self.stream_format = self.get_property("stream_format", "jpeg")
+        self._width = properties.number(self, "width", 1280, low=16, high=8192, whole=True, unit="pixels")
+        self._height = properties.number(self, "height", 1024, low=16, high=8192, whole=True, unit="pixels")
+        self._fps = properties.number(self, "fps", 25, low=1, high=100, unit="frames per second")
+        self._jpeg_quality = properties.number(self, "jpeg_quality", 90, low=1, high=100, whole=True)
+        self._latency_s = properties.number(self, "latency_s", 0.02, low=0, high=1, unit="s")
+        self.stream_format = properties.choice(self, "stream_format", "jpeg", ("jpeg", "rgb", "rgba", "grey"))
         look = DEFAULT_LOOK
-        if self.get_property("look", "default") == "random":
-            look = random_look(np.random.default_rng(int(self.get_property("look_seed", 0))))
+        if properties.choice(self, "look", "default", ("default", "random")) == "random":
+            look = random_look(np.random.default_rng(properties.number(self, "look_seed", 0, low=0, whole=True)))
         self._lock = gevent.lock.BoundedSemaphore()
         self.set_look(look)
         self.frame_number = 0

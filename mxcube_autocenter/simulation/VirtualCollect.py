@@ -19,8 +19,8 @@ import numpy as np
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.HardwareObjects.mockup.CollectMockup import CollectMockup
 
-from mxcube_autocenter.simulation import eiger
 from mxcube_autocenter.collection_recorder import master_file_path
+from mxcube_autocenter.simulation import eiger, properties
 from mxcube_autocenter.simulation.collection import scan_plan
 
 _MOTION_STEP_S = 0.01
@@ -40,14 +40,14 @@ class VirtualCollect(CollectMockup):
 
     def init(self):
         super().init()
-        self.clock_offset_s = float(self.get_property("detector_clock_offset_s", 0.12))
-        self.clock_jitter_s = float(self.get_property("detector_clock_jitter_s", 0.002))
-        self.geometry = DETECTORS[str(self.get_property("detector", "small"))]
+        self.clock_offset_s = properties.number(self, "detector_clock_offset_s", 0.12, unit="s")
+        self.clock_jitter_s = properties.number(self, "detector_clock_jitter_s", 0.002, low=0, high=1, unit="s")
+        self.geometry = DETECTORS[properties.choice(self, "detector", "small", tuple(DETECTORS))]
         # Spots that do not fit on a frame are clipped, as a saturated spot finder would (every collection's
         # frames hold as many: the detector's pixel mask is the same whatever the seed).
         simulator = eiger.FrameSimulator(self.geometry)
         self.max_spots, self.max_ice_spots = simulator.capacity, simulator.ice_capacity
-        self._rng = np.random.default_rng(int(self.get_property("seed", 0)))
+        self._rng = np.random.default_rng(properties.number(self, "seed", 0, low=0, whole=True))
         self._helical = False
         self._helical_positions = None
         self._fail_at_image = None

@@ -13,6 +13,7 @@ from mxcubecore.HardwareObjects.abstract.AbstractDiffractometer import (
 from mxcubecore.HardwareObjects.mockup.DiffractometerMockup import DiffractometerMockup
 
 from mxcube_autocenter.geometry import sample_frame
+from mxcube_autocenter.simulation import properties
 
 # MD3 on-axis camera scales at its zoom levels, pixels per micrometre.
 DEFAULT_PIXELS_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0, 4.2, 6.0)
@@ -37,14 +38,24 @@ class VirtualDiffractometer(DiffractometerMockup):
         self.head_type = DiffractometerHead.MINI_KAPPA
         self.current_phase = DiffractometerPhase.CENTRE
         self.current_constraint = DiffractometerConstraint.RELEASE
-        scales = self.get_property("pixels_per_um", DEFAULT_PIXELS_PER_UM)
-        if isinstance(scales, str):
-            scales = ast.literal_eval(scales)
-        self.pixels_per_um = tuple(float(s) for s in scales)
+        self.pixels_per_um = self._zoom_scales()
         directions = self.get_property("motor_directions", {})
         self.motor_directions = ast.literal_eval(directions) if isinstance(directions, str) else dict(directions)
-        self.rotation_axis_phiz = float(self.get_property("rotation_axis_phiz", 0.0))
+        self.rotation_axis_phiz = properties.number(self, "rotation_axis_phiz", 0.0, unit="mm")
         self.update_state(self.STATES.READY)
+
+    def _zoom_scales(self) -> tuple:
+        scales = self.get_property("pixels_per_um", DEFAULT_PIXELS_PER_UM)
+        try:
+            scales = tuple(float(s) for s in (ast.literal_eval(scales) if isinstance(scales, str) else scales))
+        except (SyntaxError, TypeError, ValueError):
+            scales = ()
+        # An on-axis camera shows 0.01 to 100 pixels per um: a scale in px/mm (500000) would pass otherwise.
+        if not scales or not all(0.01 <= s <= 100.0 for s in scales):
+            raise ValueError(f"{self.load_name}: pixels_per_um = {self.get_property('pixels_per_um')!r}: give the "
+                             "scale of each zoom level, pixels per micrometre (0.01 to 100), e.g. [0.5, 1.0, 2.0], "
+                             "in its XML file")  # fmt: skip
+        return scales
 
     def get_motors(self):
         """The motors by role, as an MD3 gives them: without those whose state is UNKNOWN or OFF.

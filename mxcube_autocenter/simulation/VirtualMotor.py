@@ -7,6 +7,8 @@ import time
 import gevent
 from mxcubecore.HardwareObjects.mockup.MotorMockup import MotorMockup
 
+from mxcube_autocenter.simulation import properties
+
 FAULTS = ("fail", "timeout")
 _STEP_S = 0.02  # between reported positions, as MotorMockup
 
@@ -26,9 +28,8 @@ class VirtualMotor(MotorMockup):
 
     def init(self):
         super().init()
-        velocity = self.get_property("velocity")
-        if velocity:
-            self.set_velocity(float(velocity))
+        if self.get_property("velocity") is not None:
+            self.set_velocity(properties.number(self, "velocity", None, low=1e-6, unit="units/s"))
 
     def inject_fault(self, kind: str | None, after_s: float = 0.0):
         """Make the next move fail or hang, for fault tests.
