@@ -765,6 +765,37 @@ def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_
     assert best == 0 and all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))
 
 
+def test_a_checkpoint_save_cut_short_leaves_the_last_best_epoch_whole(tmp_path):
+    # Keras wrote checkpoint.keras in place: a Ctrl-C or a full disk during an epoch's save emptied the best epoch
+    # before it, the one run.json promises to recover.
+    import keras
+    import tensorflow as tf
+
+    from mxcube_autocenter.learning.training import fit_with_early_stopping
+
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, x.sum(axis=1, keepdims=True))).batch(16)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    real_save, saves = model.save, []
+
+    def cut_short(path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 1:
+            return real_save(path, *args, **kwargs)
+        with open(path, "wb") as f:  # as Keras begins: the file truncated, then written
+            f.write(b"PK")
+        raise KeyboardInterrupt
+
+    model.save = cut_short
+    with pytest.raises(KeyboardInterrupt):
+        fit_with_early_stopping(model, ds, ds, str(tmp_path), epochs=3, patience=3, verbose=0)
+    assert len(saves) == 2
+    assert keras.models.load_model(str(tmp_path / "checkpoint.keras")).count_params() == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.keras", "history.csv"]
+
+
 def test_no_checkpoint_of_an_earlier_run_stays_when_the_starting_weights_are_kept(tmp_path):
     import keras
     import tensorflow as tf

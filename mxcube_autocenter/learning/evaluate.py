@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, read_table  # noqa: E402
+from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.data import check_crop_fits, row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
@@ -145,8 +146,8 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
         for ax, i, caption in zip(axes.flat, rows, captions):
             crop, _ = row_crop(reader, table, int(i), spec)
             ax.imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray" if crop.shape[-1] == 1 else None)
-            # The beam at the crop's point, crops.crop_middle (pixel centres at integers, as imshow draws them).
-            c = (spec.input_size - 1) / 2
+            # The beam at the crop's point (pixel centres at integers, as imshow draws them).
+            c = crops.crop_middle(spec.input_size)
             ax.plot([c], [c], marker="+", color="red", markersize=14, mew=1.5)
             ax.set_title(caption, fontsize=8)
     for ax in axes.flat:
@@ -169,7 +170,6 @@ def _heatmaps(path, model, spec, table, rows, score, to_counts, *, crystals=4, g
     """
     from mxcube_autocenter.centring.heatmap import prepare_region, reference_heatmap
     from mxcube_autocenter.centring.loop import Roi
-    from mxcube_autocenter.learning import crops
 
     chosen = []
     for crystal in dict.fromkeys(table.crystal_id[rows]):

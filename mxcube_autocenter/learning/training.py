@@ -630,14 +630,29 @@ def remove_run_info(out, strategy):
 
 
 class _Checkpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that saves ``saved`` instead of the model being fitted (which shares its weights)."""
+    """ModelCheckpoint that saves ``saved`` instead of the model being fitted (which shares its weights), whole.
+
+    Keras writes the file in place: a Ctrl-C or a full disk during an epoch's
+    save emptied the last best epoch's checkpoint, the one ``run.json``
+    promises to recover. It is written under a temporary name and renamed.
+    """
 
     def __init__(self, saved, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._saved = saved
+        self._saved = _SavedWhole(saved)
 
     def set_model(self, model):
         super().set_model(self._saved)
+
+
+class _SavedWhole:
+    """What ModelCheckpoint saves (it calls ``save`` alone): ``model``, through :func:`_write_whole`."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def save(self, filepath, overwrite=True):
+        _write_whole(filepath, self._model.save, partial=filepath.removesuffix(".keras") + ".part.keras")
 
 
 def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, verbose, monitor="val_loss",
