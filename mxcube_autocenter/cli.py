@@ -65,7 +65,7 @@ def cmd_demo(args) -> int:
 def _demo_options_ignored(args) -> str | None:
     """Why the demo's options ask for something the run would not do, or None."""
     if args.classifier and not args.model:
-        return "--classifier goes with --model (otherwise the demo trains its own classifier)"
+        return "--classifier goes with --model (otherwise the demo centres with the models it trains, or with --quick the shipped one)"
     if args.model and args.use_shipped_model:
         return "--model and --use-shipped-model: give one model to centre with"
     if args.quick or args.model:
@@ -422,6 +422,9 @@ def _samples_path(run) -> Path:
 def _demo_samples(run) -> list:
     """The per-sample rows of a demo report (its directory or its samples.json)."""
     path = _samples_path(run)
+    if path.name != "samples.json" and (path.parent / "samples.json").is_file():
+        # Another file of a good run (its report.md, scorecard.json): "run the demo again" would be wrong.
+        raise ValueError(f"{path}: not the run's samples.json: give the run folder {path.parent} or its samples.json")
     try:
         rows = json.loads(path.read_text())
     except FileNotFoundError:
@@ -560,6 +563,17 @@ def cmd_heatmap(args) -> int:
     if args.beam is not None and not args.png:
         print("error: --beam marks the beam on the --png overlay; give --png too", file=sys.stderr)
         return 2
+    # A folder of overlays for several images, for an existing folder or a name ending in "/", whatever the count:
+    # a shell pattern matching one image must not change what --png means.
+    png_folder = bool(args.png) and (len(args.images) > 1 or Path(args.png).is_dir() or args.png.endswith(os.sep))
+    if args.png and not png_folder and not args.png.lower().endswith(".png"):
+        print(f"error: --png {args.png}: give a file name ending in .png, or a folder (an existing one, or a name "
+              "ending in /)", file=sys.stderr)  # fmt: skip
+        return 2
+    if png_folder and args.png.lower().endswith(".png") and not Path(args.png).is_dir():
+        print(f"error: --png {args.png}: {len(args.images)} images give one overlay each: give a folder",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
     from mxcube_autocenter.centring import report
     from mxcube_autocenter.centring.loop import ScaleError, loop_tips
@@ -604,7 +618,7 @@ def cmd_heatmap(args) -> int:
                     beam = args.beam or (frame.shape[1] / 2, frame.shape[0] / 2)
                     out = Path(args.png)
                     try:
-                        if len(args.images) > 1:
+                        if png_folder:
                             make_directory(out, "--png")
                             # Images of the same name from other folders (snapshot.png, ...) get one each.
                             name, k = f"{Path(path).stem}_heatmap.png", 1
@@ -674,9 +688,9 @@ def cmd_simulate(args) -> int:
         mounted = beamline.sample_changer.mount(make_sample(args.seed), crystal_id=f"seed{args.seed}")
         sample = mounted.sample
         print(f"Sample {args.seed}: {sample.describe()}")
-        gallery = sample_gallery(sample, mounted.diffraction, Renderer())
-        write_png(out / "gallery.png", gallery)
-        print(f"Gallery (crystal outlines yellow, beam red cross, best point red circle): {out / 'gallery.png'}")
+        gallery = out / f"sample{args.seed}_gallery.png"  # one per sample: several seeds may share --out
+        write_png(gallery, sample_gallery(sample, mounted.diffraction, Renderer()))
+        print(f"Gallery (crystal outlines yellow, beam red cross, best point red circle): {gallery}")
         rng = np.random.default_rng(args.seed)
         point, _ = mounted.best_point()
         centre = sample.loop_centre if point is None else point
@@ -941,7 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="average the heatmap over the region's flips (and quarter turns), as the "
                          "heatmap_symmetries property (default: %(default)s)")
     heatmap.add_argument("--json", action="store_true", help="one JSON object per image")
-    heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a directory for several images)")
+    heatmap.add_argument("--png", metavar="OUT", help="overlay PNG (a folder for several images, or for one: an "
+                                                      "existing folder or a name ending in /)")
     heatmap.set_defaults(func=cmd_heatmap)
 
     from mxcube_autocenter.scorecard import METHODS  # light: numpy and the geometry

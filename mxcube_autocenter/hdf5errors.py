@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+from pathlib import Path
 
 import h5py
 
@@ -44,6 +45,36 @@ def reading(path, what: str, error: type[Exception], fix: str):
         raise
     except DAMAGED_FILE_ERRORS as err:
         raise error(f"{path}: cannot read this {what} ({type(err).__name__}: {err}): the file is damaged; {fix}") from err
+
+
+def not_opened(path, err: OSError) -> str:
+    """Why h5py could not open ``path``, briefly: what the path is instead where it is recognisable.
+
+    h5py's own message holds HDF5's whole error record (the time, the buffer
+    address, the bytes read): for a folder or another kind of file, the
+    path's kind is what the user needs.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "a folder, not a file: give a file in it"
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return f"{kind}, not an HDF5 file"
+    said = re.search(r"error message = '([^']*)'", str(err)) or re.search(r"\(([^()]*)\)\s*$", str(err))
+    return f"not a readable HDF5 file ({said.group(1) if said else str(err).splitlines()[0]})"
+
+
+# The files a user may give in an HDF5 file's place.
+_SIGNATURES = (
+    (b"PK", "a zip archive (a .keras model file?)"),
+    (b"\xff\xd8", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+)
 
 
 def open_to_read(path) -> h5py.File:

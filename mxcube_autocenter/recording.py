@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 from gevent import monkey
 
-from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, reading
+from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, not_opened, reading
 from mxcube_autocenter.imagefiles import write_png
 
 log = logging.getLogger(__name__)
@@ -1145,8 +1145,8 @@ def read_recording(path) -> Recording:
         h5file = h5py.File(path, "r", locking=False)
     except OSError as err:
         raise RecordingError(
-            f"cannot open the recording {path} ({err}): check the path and that the "
-            "file is complete"
+            f"cannot open the recording {path}: {not_opened(path, err)}: check the path (camera recordings are "
+            "named <prefix>_<run>_camera.h5) and that the file is complete"
         ) from err
     fix = "copy it again if it was copied; a recording damaged where it was written cannot be labelled"
     with h5file, reading(path, "camera recording", RecordingError, fix):
@@ -1195,6 +1195,22 @@ def _clock(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%H:%M:%S.%f")[:-4]
 
 
+def _as_heatmap_options(metadata: dict) -> str:
+    """The camera's scale and beam position as `heatmap` takes them for a frame of this recording."""
+    ppmm, beam = metadata.get("pixels_per_mm"), metadata.get("beam_position")
+    try:
+        x, y = (float(v) for v in ppmm)
+        scale = f"--pixels-per-mm {x:g}" if x == y else f"pixels_per_mm {x:g}, {y:g} (not square)"
+    except (TypeError, ValueError):
+        scale = f"pixels_per_mm {ppmm}"
+    try:
+        bx, by = (float(v) for v in beam)
+        where = f"--beam {bx:g},{by:g}"
+    except (TypeError, ValueError):
+        where = f"beam_position {beam}"
+    return f"{scale} {where} (as the heatmap command takes them)"
+
+
 def summarise(path) -> str:
     """A human-readable summary of a recording.
 
@@ -1232,9 +1248,7 @@ def summarise(path) -> str:
         lines.append(f"  time         {day} {_clock(start)} to {_clock(end)}: {span:.2f} s{rate}")
     lines.append(f"  experiment   {rec.metadata.get('experiment_type', 'unknown')}")
     lines.append(f"  master file  {rec.metadata.get('master_file', 'unknown')}")
-    # What `heatmap --pixels-per-mm --beam` needs for a frame of this recording
-    camera = {key: rec.metadata.get(key) for key in ("zoom", "pixels_per_mm", "beam_position")}
-    lines.append("  camera       " + ", ".join(f"{key} {value}" for key, value in camera.items()))
+    lines.append(f"  camera       zoom {rec.metadata.get('zoom')}, " + _as_heatmap_options(rec.metadata))
     for name, unit in zip(MOTOR_NAMES, MOTOR_UNITS):
         positions = rec.motor(name)
         if np.isfinite(positions).any():

@@ -232,6 +232,7 @@ def test_simulate_closes_both_camera_recordings_before_it_ends(tmp_path, capsys)
     assert "Helical: camera recording of" in out and "OSC: camera recording of" in out
     recordings = sorted((tmp_path / "data").rglob("*_camera.h5"))
     assert [p.name for p in recordings] == ["sample16_1_camera.h5", "sample16_2_camera.h5"]
+    assert (tmp_path / "sample16_gallery.png").is_file()  # gallery.png: each seed replaced the last one's
     assert all(read_recording(p).status == "complete" for p in recordings)
     # A second run into the same --out takes the next run numbers: it replaced the first run's EIGER files,
     # and the first run's recordings were then labelled with the second collection's counts.
@@ -466,3 +467,22 @@ def test_train_keeps_regressors_and_classifiers_apart_by_default(tmp_path, monke
     assert main(["train", str(tmp_path / "set.h5"), "--arch", arch]) == 130
     assert given == [out]
 
+
+
+@pytest.mark.parametrize(("given", "said"), [("folder", "a folder, not a file: give a file in it"),
+                                             ("model.keras", "a zip archive (a .keras model file?), not an HDF5 file"),
+                                             ("frame.jpg", "a JPEG image, not an HDF5 file")])  # fmt: skip
+def test_a_folder_or_another_kind_of_file_for_an_hdf5_one_is_named_as_such(tmp_path, capsys, given, said):
+    # h5py's whole error record was printed ("file read failed: time = ..., buf = 0x7ff..., total read size = 8"),
+    # with "check the path and that the file is complete" for a folder, and nothing of a model given as the dataset.
+    path = tmp_path / given
+    if given == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"PK\x03\x04 a zip" if given.endswith(".keras") else b"\xff\xd8\xff\xe0 a JPEG")
+    for argv in (["train", str(path)], ["inspect", str(path)], ["label", str(path), "--out", str(tmp_path / "s.h5")]):
+        main(argv)
+        said_here = capsys.readouterr()
+        text = said_here.out + said_here.err  # label's summary is on stdout
+        assert f"{path}: {said}" in text or f"recording {path}: {said}" in text, (argv, text)
+        assert "buf =" not in text and "Traceback" not in text

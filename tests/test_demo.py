@@ -152,6 +152,10 @@ def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo
     (other / "samples.json").write_text("{not json")
     assert main(["compare", str(out), str(other)]) == 2
     assert f"{other / 'samples.json'} is not a demo's samples.json" in capsys.readouterr().err
+    # Another file of a good run: it was "not a demo's samples.json ...: run the demo again".
+    for argv in (["compare", str(out), str(out / "scorecard.json")], ["scorecard", str(out / "scorecard.json")]):
+        assert main(argv) == 2
+        assert f"not the run's samples.json: give the run folder {out} or its samples.json" in capsys.readouterr().err
 
 
 def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):

@@ -129,7 +129,7 @@ def test_files_that_are_not_region_sets_are_refused_with_the_fix(tmp_path, regio
         dense.read_regions(other)
     broken = tmp_path / "broken.h5"
     broken.write_bytes(open(regions_path, "rb").read()[:4096])
-    with pytest.raises(dense.RegionSetError, match="broken.h5: cannot read it as HDF5"):
+    with pytest.raises(dense.RegionSetError, match="broken.h5: not a readable HDF5 file"):
         dense.read_regions(broken)
 
 

@@ -664,6 +664,17 @@ def test_heatmap_command_names_a_bad_beam_position_and_an_overlay_it_cannot_writ
     assert main(["heatmap", *images, "--pixels-per-mm", str(PPMM[0]), "--png", str(tmp_path / "overlays")]) == 0
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["snapshot_2_heatmap.png",
                                                                          "snapshot_heatmap.png"]
+    # One image and an existing folder (a shell pattern that matched one image): its overlay goes in it, as for
+    # several; it was "a PNG file name must end in .png", once the heatmap was computed.
+    assert main(["heatmap", images[0], "--pixels-per-mm", str(PPMM[0]), "--png", str(tmp_path / "overlays")]) == 0
+    assert (tmp_path / "overlays" / "snapshot_heatmap.png").is_file()
+    capsys.readouterr()
+    # Refused before any work: a file name for several overlays (it became a folder named so), no .png for one.
+    assert main(["heatmap", *images, "--pixels-per-mm", str(PPMM[0]), "--png", str(tmp_path / "many.png")]) == 2
+    assert "2 images give one overlay each: give a folder" in capsys.readouterr().err
+    assert main(["heatmap", images[0], "--pixels-per-mm", str(PPMM[0]), "--png", str(tmp_path / "overlay")]) == 2
+    assert "give a file name ending in .png, or a folder" in capsys.readouterr().err
+    assert not (tmp_path / "many.png").exists() and not (tmp_path / "overlay").exists()
 
 
 def test_the_overlay_of_a_view_without_a_crystal_says_so():

@@ -1098,7 +1098,9 @@ def test_fcn_classifier_starts_from_an_fcn_regressor(trained, dataset_path, tmp_
     with pytest.raises(ValueError, match="initial model has crop_um 160.0, not 200.0"):
         train_classifier(dataset_path, str(tmp_path / "bad"), arch="fcn_classifier", epochs=1,
                          initial_model=trained.model_path, **dict(same, crop_um=200))
-    with pytest.raises(ValueError, match="initial model has task 'regression', not 'classifier'"):
+    with pytest.raises(ValueError, match="initial model has task 'regression' and architecture 'fcn', not "
+                                         "'classifier' and 'classifier': give an initial classifier 'classifier' "
+                                         "model, or none"):  # fmt: skip
         train_classifier(dataset_path, str(tmp_path / "bad"), arch="classifier", epochs=1,
                          initial_model=trained.model_path, **same)
 
@@ -1163,7 +1165,7 @@ def test_gallery_marks_the_beam_where_the_crop_puts_it():
 
     from mxcube_autocenter.learning import evaluate as ev
 
-    assert "c = (spec.input_size - 1) / 2\n" in inspect.getsource(ev._gallery)
+    assert "c = crops.crop_middle(spec.input_size)\n" in inspect.getsource(ev._gallery)
 
 
 def test_a_crop_is_centred_on_its_point_so_that_every_flip_and_turn_keeps_it():

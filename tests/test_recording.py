@@ -470,7 +470,8 @@ def test_summary_and_contact_sheet(tmp_path):
         METADATA["master_file"],
         "omega        0.000 to 9.500 deg",
         "sampy        not recorded",
-        "beam_position [320, 256]",
+        "camera       zoom ",  # the scale and beam as `heatmap` takes them: "[320, 256]" was refused there
+        "--pixels-per-mm 1480.5 --beam 320,256 (as the heatmap command takes them)",
     ):
         assert expected in text
 

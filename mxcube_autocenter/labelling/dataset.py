@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
-from mxcube_autocenter.hdf5errors import open_hdf5, open_to_read, reading
+from mxcube_autocenter.hdf5errors import not_opened, open_hdf5, open_to_read, reading
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
@@ -550,9 +550,11 @@ def _open(path: Path, mode: str) -> h5py.File:
     try:
         h5file = open_hdf5(path, mode)
     except OSError as err:
+        locked = "unable to lock file" in str(err)  # another process holds it (HDF5's lock)
         raise DatasetError(
-            f"{path}: cannot open the training set ({err}): check the path; to append, close programs "
-            "reading it (a training run holds it open)"
+            f"{path}: cannot open the training set: " + (
+                "another program holds it open: to append, close programs reading it (a training run holds it "
+                "open)" if locked else f"{not_opened(path, err)}: check --out")
         ) from err
     try:
         with _reading_set(path):
@@ -775,7 +777,8 @@ def read_table(path) -> Table:
     try:
         f = open_to_read(path)
     except OSError as err:
-        raise DatasetError(f"{path}: not an HDF5 dataset file ({err})") from err
+        raise DatasetError(f"{path}: {not_opened(path, err)}: give a dataset (from `mxcube-autocenter label` or "
+                           "`synthesize`)") from err
     with f, _reading_set(path):
         # The other files of this workflow, by what they hold: say which it is and where it goes.
         if "regions" in f:

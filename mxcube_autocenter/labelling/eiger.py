@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, open_to_read
+from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, not_opened, open_to_read
 
 try:
     import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter with HDF5)
@@ -467,9 +467,7 @@ def open_master(path) -> EigerSeries:
     try:
         file = open_to_read(path)
     except OSError as err:
-        raise EigerFileError(
-            f"{path}: not a readable HDF5 file ({err}); it is truncated or corrupt: {_COPY_AGAIN}"
-        ) from err
+        raise EigerFileError(f"{path}: {not_opened(path, err)}; it is truncated or corrupt: {_COPY_AGAIN}") from err
     try:
         return EigerSeries(path, file)
     except BaseException as err:

@@ -52,7 +52,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter.hdf5errors import open_to_read, reading  # noqa: E402
+from mxcube_autocenter.hdf5errors import not_opened, open_to_read, reading  # noqa: E402
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.synthetic import (  # noqa: E402
     JPEG,
@@ -294,7 +294,7 @@ def read_regions(path) -> RegionTable:
     try:
         f = open_to_read(path)
     except OSError as err:
-        raise RegionSetError(f"{path}: cannot read it as HDF5 ({err}). {fix}") from err
+        raise RegionSetError(f"{path}: {not_opened(path, err)}. {fix}") from err
     with f, reading(path, "region set", RegionSetError, fix):
         attrs = dict(f.attrs)
         if attrs.get("format") != REGIONS_FORMAT:

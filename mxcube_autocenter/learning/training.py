@@ -881,16 +881,20 @@ def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
     ours = {"task": task, "arch": arch, **spec.to_config(),
             "transform": transform_name if task == "regression" else None,
             "threshold": float(threshold) if task == "classifier" else None}
+    kept = "(fine-tuning keeps the initial model's task, architecture, input and label transform)"
+    if (theirs["task"], theirs["arch"]) != (task, arch):
+        # Nothing to set otherwise: this training makes one kind of model (train-dense: an fcn regressor).
+        raise ValueError(f"{path}: the initial model has task {theirs['task']!r} and architecture "
+                         f"{theirs['arch']!r}, not {task!r} and {arch!r}: give an initial {task} {arch!r} model, "
+                         f"or none {kept}")  # fmt: skip
     for key, value in ours.items():
         if theirs[key] != value:
             option = _OPTIONS.get(key)
-            where = "" if option is None else f"; on the command line {option} {theirs[key]}"
+            where = f"train with {key}={theirs[key]!r}" + ("" if option is None else
+                                                           f"; on the command line {option} {theirs[key]}")
             if key in ("crop_um", "input_size"):
                 where += f" (train-dense: a region set written with synthesize-regions {option} {theirs[key]})"
-            raise ValueError(
-                f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: train with {key}={theirs[key]!r}"
-                f"{where} (fine-tuning keeps the initial model's task, architecture, input and label transform)"
-            )
+            raise ValueError(f"{path}: the initial model has {key} {theirs[key]!r}, not {value!r}: {where} {kept}")
 
 
 def train(
