@@ -347,6 +347,8 @@ class AutoCenter(HardwareObject):
             result = procedure.centre(bl, self.predictor, settings, self.log)
             self.last_result = result
             try:
+                self._publish_heatmap(result)  # reads motors: on an MD3 it waits on the network
+                # Last before it is said: a Stop during the reads above must not leave this position saved.
                 if result.success and keep is not None:
                     try:
                         keep()
@@ -357,7 +359,6 @@ class AutoCenter(HardwareObject):
                     f"Optical ML centring: {result.message}"
                 )
                 self.emit("centringProgress", (result.message,))
-                self._publish_heatmap(result)  # reads motors: on an MD3 it waits on the network
             except (gevent.GreenletExit, gevent.Timeout):
                 # Aborted after the move but before anyone was told: it ends as an aborted
                 # centring, so the sample goes back as on any abort.
@@ -722,7 +723,8 @@ class AutoCenter(HardwareObject):
         # (``refused``: another one runs, or a collection) is waited for only by the queue's mount step; a press
         # or a click by the user waits for nothing, and mxcubeweb would save a point at the sample's place in the
         # middle of the other centring (a script's or the queue's), and select it for the next collection.
-        if not refused or HWR.beamline.queue_manager.is_executing():
+        queue = HWR.beamline.queue_manager
+        if not refused or (queue is not None and queue.is_executing()):
             sample_view.emit("centringAccepted", (False, status))
 
     def _auto_centring(self):

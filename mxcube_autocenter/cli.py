@@ -422,17 +422,17 @@ def _samples_path(run) -> Path:
 def _demo_samples(run) -> list:
     """The per-sample rows of a demo report (its directory or its samples.json)."""
     path = _samples_path(run)
-    if path.name != "samples.json" and (path.parent / "samples.json").is_file():
-        # Another file of a good run (its report.md, scorecard.json): "run the demo again" would be wrong.
-        raise ValueError(f"{path}: not the run's samples.json: give the run folder {path.parent} or its samples.json")
+    # Another file of a good run (its report.md, scorecard.json): "run the demo again" would be wrong.
+    fix = (f"give the run folder {path.parent} or its samples.json" if path.name != "samples.json"
+           and (path.parent / "samples.json").is_file() else "run the demo again")  # fmt: skip
     try:
         rows = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: give a demo report directory (mxcube-autocenter demo --out DIR)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a demo's samples.json ({err}): run the demo again") from None
+        raise ValueError(f"{path} is not a demo's samples.json ({err}): {fix}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("sample"), str) for r in rows):
-        raise ValueError(f"{path} is not a demo's samples.json (no list of samples): run the demo again")
+        raise ValueError(f"{path} is not a demo's samples.json (no list of samples): {fix}")
     from mxcube_autocenter.scorecard import METHODS, outcome_of
 
     for row in rows:

@@ -87,4 +87,11 @@ else
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
     touch "$WEB_MISSING"
 fi
+# lucid3 asks for OpenCV's full build, this package for the headless one, and both write cv2/. Where the full
+# one lands last, cv2 needs libGL and the X libraries, which a server has not: the headless one takes cv2/ back.
+if ! "$VENV/bin/python" -c "import cv2" 2>/dev/null; then
+    headless=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("opencv-python-headless"))')
+    "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "opencv-python-headless==$headless"
+fi
+"$VENV/bin/python" -c "import cv2" || { echo "error: OpenCV (cv2) does not import in $VENV" >&2; exit 1; }
 touch "$STAMP"

@@ -1206,25 +1206,29 @@ def test_omega_limits_too_narrow_for_the_turns_fail_the_centring_naming_them(bea
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
-def test_omega_turns_are_checked_against_one_sided_limits_as_read_now(beamline, autocenter):
+@pytest.mark.parametrize("above", [100.0, 200.0])
+def test_omega_turns_are_checked_against_one_sided_limits_as_read_now(beamline, autocenter, monkeypatch, above):
     # mxcubecore's validate_value takes any value when a limit is None (and an MD3's cached limits): a centring
-    # with omega limits (None, 200) turned omega to 345; and the sine fit's half turn was never checked.
+    # with omega limits (None, start + 100) turned omega on past them. The sine fit's half turn was never
+    # checked: with (None, start + 200) the views' turns fit, and the fit drove omega to start + 330.
     mount_at_start(beamline)
     start = positions(beamline)
     omega = beamline.diffractometer.omega
     limits = omega.get_limits()
-    omega.update_limits((None, start["omega"] + 100.0))
+    omega.update_limits((None, start["omega"] + above))
+    highest = []
+    monkeypatch.setattr(omega, "set_value", lambda value, *args, real=omega.set_value, **kwargs: (
+        highest.append(value), real(value, *args, **kwargs))[1])  # fmt: skip
     try:
         result = autocenter.centre(save=False)
         bl = procedure.Beamline(beamline)
-        with pytest.raises(procedure.CentringFailed, match=r"omega cannot turn by 180 to .* degrees: outside its "
-                                                           r"limits \(None, "):  # fmt: skip
-            bl.check_turn(procedure.FIT_TURN_DEG)
         assert bl.check_turn(90.0) == pytest.approx(start["omega"] + 90.0)
     finally:
         omega.update_limits(limits)
-    assert not result.success and "outside its limits (None, " in result.message
-    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    turn = "by 180 to " if above == 200.0 else "by 30 to "
+    assert not result.success and f"omega cannot turn {turn}" in result.message
+    assert "outside its limits (None, " in result.message
+    assert max(highest) <= start["omega"] + above and positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
 def test_a_scale_no_camera_has_refuses_the_centring_naming_the_calibration(beamline, autocenter, monkeypatch):

@@ -3,6 +3,7 @@ beamline staff meet them, a freshly booted beamline, and what a torn-down one
 leaves running."""
 
 import logging
+import re
 import shutil
 
 import gevent
@@ -322,3 +323,27 @@ def test_a_check_across_properties_names_them_without_listing_every_property():
     message = str(err.value)
     assert "blind_views = 2 with 3 centring angles: at most 1" in message
     assert "Staff centring" not in message and "(configuration)" not in message
+
+
+@pytest.mark.parametrize(("xml", "element", "value", "message"), [
+    ("motor_omega.xml", "velocity", "180 deg/s", "velocity = '180 deg/s': give a number from 1e-06 units/s"),
+    ("collect.xml", "detector", "4m", "detector = '4m': give one of small, 4M, 16M"),
+    ("beam.xml", "beam_profile", "top-hat", "beam_profile = 'top-hat': give one of gaussian, tophat"),
+    ("camera.xml", "look", "Random", "look = 'Random': give one of default, random"),
+    ("diffractometer.xml", "pixels_per_um", "[500000.0]", "pixels_per_um = '[500000.0]': give the scale of each zoom"),
+])  # fmt: skip
+def test_a_virtual_beamline_property_mxcubecore_cannot_use_is_named_with_the_fix(tmp_path, caplog, xml, element,
+                                                                                  value, message):  # fmt: skip
+    # They failed as a bare ValueError or KeyError ("could not convert string to float", "KeyError: '4m'"), the
+    # object left out (a later centring said omega was "Disable or Unknown"), or were taken silently.
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    path = config / xml
+    text = path.read_text()
+    if f"<{element}>" not in text:  # camera.xml's look is present; others are added where absent
+        text = text.replace("</object>", f"  <{element}>x</{element}>\n</object>")
+    path.write_text(re.sub(f"<{element}>.*?</{element}>", f"<{element}>{value}</{element}>", text))
+    with caplog.at_level(logging.ERROR):
+        with hardware_repository(config):
+            pass
+    assert f"{xml.removesuffix('.xml')}: {message}" in caplog.text

@@ -155,7 +155,8 @@ def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo
     # Another file of a good run: it was "not a demo's samples.json ...: run the demo again".
     for argv in (["compare", str(out), str(out / "scorecard.json")], ["scorecard", str(out / "scorecard.json")]):
         assert main(argv) == 2
-        assert f"not the run's samples.json: give the run folder {out} or its samples.json" in capsys.readouterr().err
+        assert f"is not a demo's samples.json (no list of samples): give the run folder {out} or its samples.json" \
+            in capsys.readouterr().err
 
 
 def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):

@@ -257,7 +257,7 @@ def test_the_json_that_dials_spot_counts_per_image_writes_is_read(tmp_path):
     np.testing.assert_array_equal(spots.for_collection(4), [12, 0, 57, np.nan])
 
 
-def test_spot_counts_numbered_as_the_detector_numbered_the_images_or_from_1_fit_the_collection(tmp_path):
+def test_spot_counts_numbered_as_the_detector_numbered_the_images_or_from_1_fit_the_collection(tmp_path, caplog):
     # A collection whose images start at 101 (MXCuBE's start image number): its counts listed 101 to 140 were
     # refused ("do not fit a collection of 40 images (numbered from 1)").
     path = tmp_path / "counts.csv"
@@ -265,6 +265,11 @@ def test_spot_counts_numbered_as_the_detector_numbered_the_images_or_from_1_fit_
     np.testing.assert_array_equal(read_spot_counts(path).for_collection(4, first_image=101), [5, np.nan, 7, np.nan])
     path.write_text("image,spots\n1,5\n3,7\n")  # as DIALS numbers any collection's images
     np.testing.assert_array_equal(read_spot_counts(path).for_collection(4, first_image=101), [5, np.nan, 7, np.nan])
+    path.write_text("image,spots\n4,5\n")  # fits 3..6 and 1..4: the detector's numbering, said so
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(read_spot_counts(path).for_collection(4, first_image=3), [np.nan, 5, np.nan,
+                                                                                                np.nan])
+    assert "image numbers 4 to 4 fit the collection numbered from 3 (the detector's) and from 1" in caplog.text
     path.write_text("image,spots\n50,5\n")
     with pytest.raises(SpotsFileError, match=r"image numbers 50 to 50 do not fit a collection of 4 images "
                                              r"\(numbered from 1, or from 101 as the detector numbered them\)"):
@@ -683,8 +688,8 @@ def test_a_set_that_cannot_be_written_fails_before_any_spot_finding_and_nothing_
 
 
 def test_a_set_into_which_nothing_went_is_not_left_behind(collections, tmp_path):
-    # The set is created before any recording is labelled (so that one that cannot be written fails first): a
-    # run into which nothing goes must not leave it behind empty.
+    # Whether a set can be written there is checked before any recording is labelled (an empty one written and
+    # removed): a run into which nothing goes must leave nothing behind.
     recording = read_recording(collections[0].recording)
     store = FrameStore.create(tmp_path, "empty", recording.metadata)
     store.close("failed")

@@ -93,7 +93,7 @@ def test_too_few_crystals_error_names_the_file_and_the_fix(base, tmp_path):
     from mxcube_autocenter.learning.training import train
 
     one = variant(base, tmp_path, "one_crystal", crystal_id=lambda ids: np.array([b"xtal1"] * len(ids)))
-    with pytest.raises(ValueError, match="one_crystal.h5.*split="):
+    with pytest.raises(ValueError, match="one_crystal.h5.*label recordings of more crystals"):
         train(one, "fcn", "log", str(tmp_path / "m"), crop_um=120, input_size=32, epochs=1, verbose=0)
 
 

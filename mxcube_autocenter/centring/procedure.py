@@ -425,10 +425,13 @@ class Beamline:
         omega = self.motors(("omega",))["omega"]
         omega.set_value(self.check_turn(degrees), timeout=timeout)  # the target checked, not a second reading's
 
-    def check_turn(self, degrees: float) -> float:
-        """Refuse a turn of omega by ``degrees`` beyond its limits; the omega it turns to."""
+    def check_turn(self, degrees: float, start: float | None = None) -> float:
+        """Refuse a turn of omega by ``degrees`` beyond its limits; the omega it turns to.
+
+        From ``start`` (degrees) where the turn starts elsewhere than where omega is now.
+        """
         omega = self.motors(("omega",))["omega"]
-        target = float(omega.get_value()) + degrees
+        target = (float(omega.get_value()) if start is None else start) + degrees
         # Checked here: mxcubecore's own check (validate_value) takes any value when a limit is None, and an MD3's
         # cached limits as they were last read; its refusal names the value alone ("Invalid value ...").
         _check_limits("omega", omega, target, f"omega cannot turn by {degrees:g} to {target:g} degrees",
@@ -673,7 +676,8 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
     # The fit's first move, to the reference positions, and its half turn of omega come before its result can be
     # checked.
     bl.check_move(start, bl.reference_positions(), settings.max_displacement_mm)
-    bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG)
+    # From omega's reference position where it has one: the fit moves it there first.
+    bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG, start=bl.reference_positions().get("omega"))
     fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
     target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
     bl.check_move(start, target, settings.max_displacement_mm)

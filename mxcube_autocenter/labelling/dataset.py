@@ -460,8 +460,8 @@ def _rows(recording, read_frame, batch, frames, counts, ppmm, beam, size_um, qua
     }
 
 
-def create_if_missing(path: Path) -> bool:
-    """Create an empty set, complete or not at all (written as ``<name>.tmp``, then renamed); True if created.
+def create_if_missing(path: Path) -> None:
+    """Create an empty set, complete or not at all: written as ``<name>.tmp``, then renamed.
 
     Raises
     ------
@@ -469,11 +469,36 @@ def create_if_missing(path: Path) -> bool:
         If it cannot be written there (permissions, space).
     """
     if path.exists():
-        return False
+        return
     temporary = path.with_name(path.name + ".tmp")
+    _write_empty(path, temporary)
+    os.replace(temporary, path)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a set that could not be created at ``path``: an empty one is written beside it and removed.
+
+    For a run that writes the set only after long work (spot finding): a
+    folder nothing can be written in, or a file system without locks that
+    refuses even the unlocked open, fails now. Nothing is left.
+
+    Raises
+    ------
+    DatasetError
+        If it cannot be written there (permissions, space).
+    """
+    probe = path.with_name(f"{path.name}.{os.getpid()}.probe")
+    try:
+        _write_empty(path, probe)
+    finally:
+        _remove_quietly(probe)
+
+
+def _write_empty(path: Path, target: Path) -> None:
+    """An empty set for ``path``, written at ``target``; nothing left there on failure."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open_hdf5(temporary, "w") as h5file:
+        with open_hdf5(target, "w") as h5file:
             h5file.attrs["format_version"] = FORMAT_VERSION
             h5file.attrs["n_rows"] = 0
             h5file.attrs["n_recordings"] = 0
@@ -490,15 +515,13 @@ def create_if_missing(path: Path) -> bool:
             recordings = h5file.create_group("recordings")
             for name, dtype in RECORDING_FIELDS.items():
                 recordings.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(64,), dtype=dtype)
-        os.replace(temporary, path)
-        return True
     except _WRITE_ERRORS as err:
-        _remove_quietly(temporary)
+        _remove_quietly(target)
         raise DatasetError(
             f"{path}: cannot create the training set ({err}): check the directory is writable and has free space"
         ) from err
     except BaseException:
-        _remove_quietly(temporary)
+        _remove_quietly(target)
         raise
 
 
@@ -554,7 +577,7 @@ def _open(path: Path, mode: str) -> h5py.File:
         raise DatasetError(
             f"{path}: cannot open the training set: " + (
                 "another program holds it open: to append, close programs reading it (a training run holds it "
-                "open)" if locked else f"{not_opened(path, err)}: check --out")
+                "open)" if locked else f"{not_opened(path, err)}: check the path")
         ) from err
     try:
         with _reading_set(path):

@@ -38,7 +38,7 @@ from mxcube_autocenter.labelling.dataset import (
     append_recording,
     camera_geometry,
     check_appendable,
-    create_if_missing,
+    check_writable,
     find_recording,
     read_table,
     recording_fingerprint,
@@ -446,8 +446,9 @@ def label_recordings(
         If ``spots_from`` cannot be read or does not say which rows belong
         to which of several recordings.
     DatasetError
-        If ``out`` exists but is not a readable training set, or a file
-        stands where it or its folder should be.
+        If ``out`` exists but is not a readable training set, a file
+        stands where it or its folder should be, or no set can be written
+        there.
     """
     started = time.perf_counter()
     recordings = [Path(r) for r in recordings]
@@ -459,9 +460,9 @@ def label_recordings(
             check_creatable(out)
         except OSError as err:
             raise DatasetError(str(err)) from None
-    # Created now, not after the first recording's spots are counted: a folder nothing can be written in fails
-    # here, not once per recording after its spot finding. Removed again if nothing goes in.
-    created = create_if_missing(out)
+        # Now, not after the first recording's spots are counted (the set is created by its append), and then
+        # again after every other recording's.
+        check_writable(out)
     spot_counts = None if spots_from is None else read_spot_counts(spots_from)
     if spot_counts is not None and spot_counts.master_files is None and len(recordings) > 1:
         raise LabellingError(
@@ -498,8 +499,6 @@ def label_recordings(
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-        if created and not any(entry.rows for entry in entries):
-            out.unlink(missing_ok=True)
     rc = read_table(out).rc if out.exists() else np.zeros(0)
     histogram = None
     if rc.size:

@@ -15,8 +15,9 @@ processing pipeline. Three forms are read, chosen by the content:
 
 Columns (case-insensitive; the first present is used):
 
-* image number, 1-based as the detector numbers images: ``image``,
-  ``image_number``, ``image_nr``;
+* image number, as the detector numbered the collection's images (from
+  its first image number) or counted from 1 (as DIALS counts them):
+  ``image``, ``image_number``, ``image_nr``;
 * reflection count: ``n_spots_no_ice``, ``#spots_no_ice``, ``spots``,
   ``n_spots``, ``n_spots_total``, ``#spots``, ``reflections``,
   ``n_reflections``: DIALS' count off the ice rings comes first, as our
@@ -30,10 +31,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "image_number", "image_nr")
 SPOTS_COLUMNS = (
@@ -42,7 +46,7 @@ SPOTS_COLUMNS = (
 MASTER_COLUMN = "master_file"
 
 _EXPECTED = (
-    f"expected an image column ({', '.join(IMAGE_COLUMNS)}: 1-based image numbers) and a "
+    f"expected an image column ({', '.join(IMAGE_COLUMNS)}: image numbers) and a "
     f"count column ({', '.join(SPOTS_COLUMNS)}), optionally {MASTER_COLUMN}"
 )
 
@@ -59,7 +63,7 @@ class SpotCounts:
     ----------
     path : Path
     images : ndarray of int64, shape (n,)
-        1-based image numbers.
+        Image numbers as the file gives them.
     counts : ndarray of float, shape (n,)
         Reflection count of each image.
     master_files : tuple of str or None
@@ -119,8 +123,14 @@ class SpotCounts:
         unique, seen = np.unique(images, return_counts=True)
         if np.any(seen > 1):
             raise SpotsFileError(f"{self.path}: image {unique[seen > 1][0]} is listed more than once: keep one row")
-        first = next((start for start in (first_image, 1) if images.size == 0 or
-                      (images.min() >= start and images.max() < start + nimages)), None)  # fmt: skip
+        fits = [start for start in dict.fromkeys((first_image, 1))
+                if images.size == 0 or (images.min() >= start and images.max() < start + nimages)]  # fmt: skip
+        first = fits[0] if fits else None
+        if len(fits) > 1:
+            # Both read: the detector's numbering is the likelier, but a file counted from 1 that lists only
+            # later images would be shifted; said, so that a wrong guess can be seen.
+            log.warning("%s: its image numbers %d to %d fit the collection numbered from %d (the detector's) and "
+                        "from 1: read as the detector's", self.path, images.min(), images.max(), first_image)
         if first is None:
             numbered = f"numbered from 1, or from {first_image} as the detector numbered them" if first_image != 1 else (
                 "numbered from 1")
@@ -250,7 +260,7 @@ def _spot_counts(path: Path, columns: dict) -> SpotCounts:
         raise SpotsFileError(f"{path}: no rows of counts; {_EXPECTED}")
     if np.any(images != np.round(images)):
         raise SpotsFileError(
-            f"{path}: column {image_column} holds non-integer image numbers: give 1-based image numbers"
+            f"{path}: column {image_column} holds non-integer image numbers: give whole image numbers"
         )
     master = by_name.get(MASTER_COLUMN)
     counts = _numbers(path, spots_column, by_name[spots_column])

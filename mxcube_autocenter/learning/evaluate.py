@@ -367,14 +367,14 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
         raise OSError(f"cannot create the report directory {out_dir} ({err}): choose another --out") from err
-    which = "all the" if subset == "all" else f"the {subset}"
-    print(f"evaluating {model_path} on {which} rows of {dataset_path} ({len(rows)})")
+    print(f"evaluating {model_path} on {len(rows)} rows ({subset}) of {dataset_path}")
     trained_on = sorted(Split.from_config(info["split"]).trained_on())
     seen = int(np.isin(table.crystal_id[rows].astype(str), np.asarray(trained_on, dtype=str)).sum()) if trained_on else 0
     if seen and subset != "train":
         log.warning(
-            "%s: %d of %s %d rows are of crystals %s was trained on: their figures read too high; evaluate the "
-            "test subset (--subset test) or a set of other crystals", dataset_path, seen, which, len(rows), model_path)
+            "%s: %d of the %d rows evaluated (%s) are of crystals %s was trained on: their figures read too high; "
+            "evaluate the test subset (--subset test) or a set of other crystals", dataset_path, seen, len(rows), subset,
+            model_path)
     raw = predict_rows(model, table, rows, spec, batch_size=batch_size)
     rc = table.rc[rows]
     crystals = table.crystal_id[rows].astype(str)

@@ -691,7 +691,7 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=min(verbose, 1)),
         # Only epochs better than the starting weights are checkpointed when those compete; never an epoch whose
         # loss is NaN (Keras saves the first epoch whatever its loss without a threshold).
-        _Checkpoint(checkpointed or model, checkpoint, monitor=monitor, save_best_only=True,
+        _Checkpoint(checkpointed or model, checkpoint, monitor=monitor, mode="min", save_best_only=True,
                     initial_value_threshold=start_loss if keep_start else np.inf),
         keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
         keras.callbacks.TerminateOnNaN(),
