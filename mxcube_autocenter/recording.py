@@ -22,6 +22,7 @@ A typical use from a hardware object::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -35,6 +36,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -66,6 +68,8 @@ _POLL_S = 0.1
 # Extra time close() gives the writer thread to close the file after the
 # queue has been drained or discarded.
 _CLOSE_GRACE_S = 10.0
+# Time, in s, a recording still open when the program ends has to write its queued frames.
+_EXIT_CLOSE_S = 5.0
 
 
 class RecordingError(Exception):
@@ -769,6 +773,22 @@ class RecordingSummary:
     error: str | None
 
 
+# Writers not yet closed: the program's exit closes them (_close_at_exit).
+_OPEN_WRITERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit():
+    """Close the recordings still open when the program ends (MXCuBE stopped during a collection, Ctrl-C).
+
+    Left to HDF5's own exit handler, a file still open on a writer thread is
+    closed after Python has gone, and the process crashes (SIGABRT or
+    SIGSEGV), leaving the file "recording". Python's exit handlers run first.
+    """
+    for writer in list(_OPEN_WRITERS):
+        writer.close("aborted", timeout_s=_EXIT_CLOSE_S, reason="the program ended during the recording")
+
+
 class RecordingWriter:
     """Writes camera frames to a :class:`FrameStore` from its own thread.
 
@@ -827,6 +847,7 @@ class RecordingWriter:
         self._closing = threading.Event()
         self._summary: RecordingSummary | None = None
         self._thread = threading.Thread(target=self._run, name="frame-recording", daemon=True)
+        _OPEN_WRITERS.add(self)
         self._thread.start()
 
     @property
@@ -911,6 +932,7 @@ class RecordingWriter:
             raise ValueError(f"status={status!r}: use one of {FINAL_STATUSES}")
         if self._summary is not None:
             return self._summary
+        _OPEN_WRITERS.discard(self)
         self._final_status = status
         self._final_reason = reason
         self._drain_deadline = time.monotonic() + timeout_s

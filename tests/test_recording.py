@@ -524,3 +524,24 @@ def test_unreadable_inputs(tmp_path):
         read_recording(tmp_path / "partial.h5")
     with pytest.raises(ValueError, match="JPEG"):
         decode_jpeg(b"not a jpeg")
+
+
+def test_a_recording_still_open_when_the_program_ends_is_closed_as_aborted(tmp_path):
+    # MXCuBE stopped during a collection: HDF5's own exit handler closed the file after Python had gone, and the
+    # process crashed (SIGSEGV, exit 139), leaving the file "recording".
+    script = textwrap.dedent(f"""
+        import time
+        from gevent import monkey; monkey.patch_all(thread=False)
+        import gevent
+        from mxcube_autocenter.recording import FrameStore, RecordingWriter, encode_jpeg, synthetic_frame
+        jpeg = encode_jpeg(synthetic_frame())
+        writer = RecordingWriter(lambda: FrameStore.create({str(tmp_path)!r}, "run", {{"experiment_type": "OSC"}}))
+        for k in range(10):
+            writer.submit(jpeg, time.time(), (k, 0, 0, 0, 0))
+            gevent.sleep(0.02)
+    """)
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    (path,) = tmp_path.glob("*.h5")
+    recording = read_recording(path)
+    assert recording.status == "aborted" and len(recording.timestamps) == 10
