@@ -305,6 +305,7 @@ class CollectionRecorder:
         self._streamed = False
         self._video_mode = None
         self._motors_failing = False
+        self._reading_motors = False
         self._missing_said = False
         self.last_summary = None
 
@@ -397,11 +398,14 @@ class CollectionRecorder:
         if new:
             self._last_received = payload_reference(image)
             self._last_frame_time = now
-        if not new or now < self._next_due:
+        if not new or now < self._next_due or self._reading_motors:
+            # A frame arriving while the last one's motors are read (network waits on an MD3) would be written
+            # before it, and with positions read after the last one's.
             return
         stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
+        self._reading_motors = True
         try:
             motors = self._frame_motors()
         except Exception:
@@ -410,6 +414,8 @@ class CollectionRecorder:
                 self.log.exception("AutoCenter: reading the centring motors failed; frames are not recorded meanwhile")
             self._motors_failing = True
             return
+        finally:
+            self._reading_motors = False
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
@@ -479,7 +485,7 @@ class CollectionRecorder:
             if self._writer is not writer:
                 return
             if writer.error is not None:
-                self.log.error("AutoCenter: recording stopped: %s", writer.error)
+                # The writer said why as it stopped, and the closing summary says it again: no third line.
                 self.stop("failed", reason=str(writer.error))
             elif time.monotonic() - self._last_frame_time > camera_timeout_s:
                 self.log.error(
@@ -558,7 +564,7 @@ class CollectionRecorder:
         self.log.log(
             level,
             "AutoCenter: recording %s: %d frames kept, %d dropped in %s%s",
-            summary.status, summary.frames_kept, summary.frames_dropped, summary.path,
+            summary.status, summary.frames_kept, summary.frames_dropped, summary.path or "no file",
             f" ({summary.error})" if summary.error else "",
         )
         return summary

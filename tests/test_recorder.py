@@ -1,5 +1,6 @@
 """Recording camera frames through the AutoCenter object during virtual collections."""
 
+import itertools
 import logging
 import os
 import shutil
@@ -815,3 +816,46 @@ def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_s
         {"blSampleId": -1, "sample_name": "lyso-1"}, "3:05")
     assert crystal_id({"blSampleId": None}, "3:05") == "3:05"
     assert crystal_id({}, None) is None
+
+
+def test_frames_stay_in_time_order_when_a_motor_read_is_slow(tmp_path):
+    # An MD3's positions come over the exporter: a frame arriving during a slow read was written before the frame
+    # being read, with positions read after that one's.
+    from mxcube_autocenter.recording import encode_jpeg, synthetic_frame
+
+    recorder, dc_params = bare_recorder(tmp_path, BareCamera(None), record_frame_rate=25.0, record_camera_timeout_s=5)
+    delays = itertools.chain([0.005, 0.09], itertools.repeat(0.005))
+    start = time.time()
+
+    def read_motors():
+        gevent.sleep(next(delays))
+        return {"omega": 10.0 * (time.time() - start), "phiy": 0.0, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0}
+
+    recorder._read_motors = read_motors
+    base = synthetic_frame(160, 128)
+    recorder.start(dc_params)
+    arrivals = []
+    for k in range(12):  # a camera at 25 frames/s, each frame delivered in a greenlet of its own
+        frame = encode_jpeg(np.clip(base.astype(int) + 3 * k, 0, 255).astype(np.uint8))
+        arrivals.append(gevent.spawn(recorder.frame_received, frame, 160, 128))
+        gevent.sleep(0.04)
+    gevent.joinall(arrivals)
+    recording = read_recording(recorder.stop("complete").path)
+    assert np.all(np.diff(recording.timestamps) > 0), recording.timestamps - start
+    # Each row's omega was read within a short read of its time (the slow read's own frame aside).
+    lag = recording.motor("omega") / 10.0 - (recording.timestamps - start)
+    assert np.sort(lag)[-2] < 0.03, lag
+
+
+def test_a_recording_that_cannot_be_written_is_said_twice_not_three_times(tmp_path, caplog):
+    # The writer's "camera recording stopped", the watchdog's "recording stopped" and the summary's "recording
+    # failed ... in None" for one failure: three alarms per collection in a misconfigured folder.
+    (tmp_path / "a_file").write_text("")
+    recorder, dc_params = bare_recorder(tmp_path / "a_file", BareCamera(None), record_camera_timeout_s=5)
+    with caplog.at_level(logging.ERROR):
+        recorder.start(dc_params)
+        with gevent.Timeout(10, AssertionError("the recording did not stop")):
+            while recorder.recording:
+                gevent.sleep(0.05)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and "recording failed: 0 frames kept, 0 dropped in no file" in errors[1], errors
