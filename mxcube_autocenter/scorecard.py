@@ -62,6 +62,9 @@ from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
 # collection sees them. At the four judging angles alone (0, 45, 90, 135), a point just outside a thin crystal
 # counted as hit while the beam left the crystal over up to 22 degrees of the turn (12 of 150 ML hits, 12 seeds).
 VERIFY_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
+# Saved with each outcome (``hit_test``): hits taken by another test mean something else, and are not pooled.
+# Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the rest.
+HIT_TEST = "the beam's centre line through one crystal at every 2 degrees of omega"
 TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
@@ -129,6 +132,7 @@ class Outcome:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["hit"] = self.hit
+        out["hit_test"] = HIT_TEST
         out["final_motors"] = {k: float(v) for k, v in self.final_motors.items()}
         return out
 
@@ -367,8 +371,8 @@ def outcome_of(row: dict, method: str) -> Outcome:
     ------
     ValueError
         If the row has no complete outcome of that method, or its hits were
-        taken at other angles than :data:`VERIFY_OMEGAS` (an older demo's:
-        its hit would mean something else).
+        taken by another test than :data:`HIT_TEST` (an older demo's: its
+        hit would mean something else).
     """
     try:
         outcome = Outcome(**{f.name: row[method][f.name] for f in fields(Outcome) if f.name in row[method]})
@@ -379,9 +383,11 @@ def outcome_of(row: dict, method: str) -> Outcome:
     if wrong:
         raise ValueError(f"sample {row.get('sample')}: its {method!r} outcome has {', '.join(wrong)}, which a demo "
                          "does not write: give the samples.json of a demo run, unedited")  # fmt: skip
-    if outcome.hits is not None and len(outcome.hits) != len(VERIFY_OMEGAS):
-        raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken at {len(outcome.hits)} angles, "
-                         f"this version's hit test takes {len(VERIFY_OMEGAS)}: run the demo again")  # fmt: skip
+    taken_by = row[method].get("hit_test", "an older one")
+    if outcome.hits is not None and (taken_by != HIT_TEST or len(outcome.hits) != len(VERIFY_OMEGAS)):
+        raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken by another hit test "
+                         f"({taken_by}, {len(outcome.hits)} angles) than this version's ({HIT_TEST}): run the demo "
+                         "again")  # fmt: skip
     return outcome
 
 

@@ -214,10 +214,14 @@ def test_pool_outcomes_joins_runs_of_other_samples():
     assert (figures["n_crystal"], figures["n_empty"], figures["hit_rate"]) == (2, 1, 0.5)
     with pytest.raises(ValueError, match="1 samples are in more than one run.*s1.*different --seed"):
         scorecard.pool_outcomes([runs[1], runs[1]])
-    # An older demo's hits, at four angles, meant something else: not pooled with these.
+    # An older demo's hits, at four angles, or any crystal at each angle, meant something else: not pooled.
     old = [{**row, "ml": {**row["ml"], "hits": [True] * 4}} for row in runs[1]]
-    with pytest.raises(ValueError, match="sample s1: the 'ml' hits were taken at 4 angles.*run the demo again"):
+    with pytest.raises(ValueError, match="sample s1: the 'ml' hits were taken by another hit test.*4 angles.*run the "
+                                         "demo again"):  # fmt: skip
         scorecard.pool_outcomes([runs[0], old])
+    older = [{**row, "ml": {k: v for k, v in row["ml"].items() if k != "hit_test"}} for row in runs[1]]
+    with pytest.raises(ValueError, match=r"the 'ml' hits were taken by another hit test \(an older one, 180 angles"):
+        scorecard.pool_outcomes([runs[0], older])
 
 
 def test_summarise_without_empties_or_timings_gives_none():
