@@ -147,7 +147,8 @@ def _move(bl, positions: dict, timeout: float = 30.0):
 
 
 def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_time, rng, progress) -> list:
-    """Mount each training sample, collect helically and rotationally; returns the recordings."""
+    """Mount each training sample, collect helically and rotationally; ``(recordings, truth)``: the recordings and
+    each crystal's diffraction model."""
     from tqdm import tqdm
 
     from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
@@ -163,7 +164,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
         point, _ = mounted.best_point()
         centre = mounted.sample.loop_centre if point is None else point
         # A person centres roughly: about 10 um off the best point along each axis.
-        aim = centre + rng.normal(0.0, 0.01, 3) * np.array([1.0, 1.0, 1.0])
+        aim = centre + rng.normal(0.0, 0.01, 3)
         ends = helical_end_points(mounted, rng)
         scans = [
             ("Helical", {"helical": tuple(bl.diffractometer.readings(end) for end in ends), "osc_range": 0.2}),
@@ -416,7 +417,8 @@ def _model_file_learning(predictor) -> dict:
 
 
 def _run_sample_view_centring(bl, watcher: _Watcher, start_call, timeout: float = CENTRING_TIMEOUT_S):
-    """Start a SampleView centring and wait for centringAccepted; returns (accepted, seconds)."""
+    """Start a SampleView centring and wait for centringAccepted; ``(accepted, seconds, message)`` (the message
+    empty unless no outcome came in time)."""
     import gevent
 
     watcher.calls.clear()
@@ -538,8 +540,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
         ml = row.get("ml")
         if ml:
             bar.set_postfix_str(
-                "ML: " + ("refused" if ml["refused"] else "failed" if ml["failed"] else "hit" if ml["hit"]
-                          else "miss" if has_crystal else "moved")
+                f"ML: {scorecard.verdict(ml, has_crystal)}"
                 + (f" {ml['dist_um']:.0f} um" if ml["dist_um"] is not None else "") + f", {ml['wall_s']:.1f} s"
             )
     sv.disconnect("centringAccepted", watcher.accepted)
@@ -729,16 +730,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         cells = []
         for m in settings["methods"]:
             o = row.get(m)
-            if o is None:
-                cells.append("-")
-            elif o["refused"]:
-                cells.append("refused")
-            elif o.get("failed"):
-                cells.append("failed")
-            elif row["has_crystal"]:
-                cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {'hit' if o['hit'] else 'miss'}")
-            else:
-                cells.append("moved")
+            word = "-" if o is None else scorecard.verdict(o, row["has_crystal"])
+            cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {word}" if word in ("hit", "miss") else word)
         lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {format_cell(row['best_rc'], '{:.0f}')} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", "## Learning", ""]

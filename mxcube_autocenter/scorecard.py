@@ -137,6 +137,17 @@ class Outcome:
         return out
 
 
+def verdict(outcome: dict, has_crystal: bool) -> str:
+    """One word for a saved outcome: ``refused``, ``failed``, ``hit``, ``miss`` or (an empty loop centred) ``moved``."""
+    if outcome["refused"]:
+        return "refused"
+    if outcome.get("failed"):
+        return "failed"
+    if not has_crystal:
+        return "moved"
+    return "hit" if outcome["hit"] else "miss"
+
+
 def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> bool:
     """Whether any translation motor moved by more than ``tolerance_mm`` (omega turning does not count)."""
     return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATIONS if m in start and m in final)
@@ -859,13 +870,10 @@ def format_comparison(comparison: dict) -> str:
     """A paired comparison (:func:`compare_runs`) as text: one line per sample, then the summary."""
 
     def outcome(o, has_crystal):
-        if o["refused"]:
-            return "refused"
-        if o.get("failed"):
-            return "failed"
-        if not has_crystal:
-            return "moved"
-        return f"{'hit ' if o['hit'] else 'miss'} {format_cell(o['dist_um'], '{:.1f}'):>6} um  RC {format_cell(o['rc_fraction'], '{:.2f}')}"
+        word = verdict(o, has_crystal)
+        if word not in ("hit", "miss"):
+            return word
+        return f"{word:<4} {format_cell(o['dist_um'], '{:.1f}'):>6} um  RC {format_cell(o['rc_fraction'], '{:.2f}')}"
 
     width = max([len(s["sample"]) for s in comparison["samples"]] + [6])
     lines = [f"{'sample':<{width}}  {'A':<26}  {'B':<26}  description"]
