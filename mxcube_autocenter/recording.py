@@ -68,6 +68,9 @@ _POLL_S = 0.1
 # Extra time close() gives the writer thread to close the file after the
 # queue has been drained or discarded.
 _CLOSE_GRACE_S = 10.0
+# A recording opened as its writer grows it may read as truncated: tries, and the wait between them (s).
+_OPEN_TRIES = 3
+_OPEN_RETRY_S = 0.1
 # Time, in s, a recording still open when the program ends has to write its queued frames.
 _EXIT_CLOSE_S = 5.0
 
@@ -1114,9 +1117,10 @@ class Recording:
         opens the file (and reads its heap of JPEG images) anew each time.
         """
         try:
-            h5file = h5py.File(self.path, "r", locking=False)  # as read_recording
+            h5file = _open_recording(self.path)
         except OSError as err:
-            raise RecordingError(f"{self.path} cannot be opened ({err}): check that the file is there") from err
+            raise RecordingError(f"{self.path} cannot be opened: {not_opened(self.path, err)}: check that the file is "
+                                 "there") from err
         with h5file:
             yield lambda i: self._read_frame(h5file, i)
 
@@ -1137,6 +1141,23 @@ class Recording:
             raise CorruptFrameError(
                 f"frame {i} of {self.path} is a corrupt image ({err}): the camera sent it so"
             ) from err
+
+
+def _open_recording(path) -> h5py.File:
+    """The recording at ``path`` opened to read, without HDF5's file lock.
+
+    The writer takes no lock, so it would guard nothing, and a file system
+    without locks (NFS without lockd) would refuse every recording. A file
+    being written can read as truncated for a moment (opened as the writer
+    grows it, before its flush): it is tried again.
+    """
+    for attempt in range(_OPEN_TRIES):
+        try:
+            return h5py.File(path, "r", locking=False)
+        except OSError as err:
+            if "truncated file" not in str(err) or attempt == _OPEN_TRIES - 1:
+                raise
+            time.sleep(_OPEN_RETRY_S)
 
 
 def read_recording(path) -> Recording:
@@ -1162,9 +1183,7 @@ def read_recording(path) -> Recording:
     """
     path = Path(path)
     try:
-        # No HDF5 file lock: the writer takes none, so it would guard nothing, and a
-        # file system without locks (NFS without lockd) would refuse every recording.
-        h5file = h5py.File(path, "r", locking=False)
+        h5file = _open_recording(path)
     except OSError as err:
         raise RecordingError(
             f"cannot open the recording {path}: {not_opened(path, err)}: check the path (camera recordings are "

@@ -545,3 +545,28 @@ def test_a_recording_still_open_when_the_program_ends_is_closed_as_aborted(tmp_p
     (path,) = tmp_path.glob("*.h5")
     recording = read_recording(path)
     assert recording.status == "aborted" and len(recording.timestamps) == 10
+
+
+def test_a_recording_read_as_its_writer_grows_it_is_tried_again(tmp_path, monkeypatch):
+    # `inspect` during a collection: an open between the writer's growth of the file and its flush failed with
+    # "truncated file: eof=... stored_eof=..." (1 of 3150 reads).
+    from mxcube_autocenter import recording
+
+    store = FrameStore.create(tmp_path, "run", METADATA)
+    _, jpegs = _frames(2)
+    store.append(jpegs[0], 1.7e9, _motors(0), 0)
+    store.close("complete")
+    real, failures = h5py.File, []
+
+    def growing(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(args[0])
+            raise OSError("Unable to synchronously open file (truncated file: eof = 23003136, sblock->base_addr = 0, "
+                          "stored_eof = 23025328)")  # fmt: skip
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recording.h5py, "File", growing)
+    assert len(read_recording(store.path).timestamps) == 1 and len(failures) == 2
+    failures.clear()
+    with read_recording(store.path).reader() as frame:
+        assert frame(0).shape[2] == 3
