@@ -13,6 +13,7 @@ shipped files stay untouched.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -25,6 +26,8 @@ WEB_CONFIG = "mxcube-web"
 # The state directory's folder on mxcubecore's lookup path, which holds the copy of WEB_CONFIG alone: the state
 # directory itself may hold anything (a site's beamline.yaml would come before the virtual beamline's).
 LOOKUP = "lookup"
+# How the virtual beamline's server.yaml begins its secret key and salt, public placeholders.
+SHIPPED_SECRET = "virtual-beamline-"
 # In the copy of WEB_CONFIG: the command's own, which it may replace.
 WRITTEN_HERE = "WRITTEN_BY_MXCUBE_AUTOCENTER"
 DEFAULT_HOST = "127.0.0.1"
@@ -115,6 +118,11 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     yaml = ruamel.yaml.YAML()
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
+    for key in ("SECRET_KEY", "SECURITY_PASSWORD_SALT"):
+        # The virtual beamline's are in the repository for all to read: with them anyone could sign the server's
+        # session cookies. Fresh ones each start (the sessions of the last start end); a site's own are kept.
+        if str(settings["server"].get(key, "")).startswith(SHIPPED_SECRET):
+            settings["server"][key] = secrets.token_hex(32)
     try:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)  # with its parents

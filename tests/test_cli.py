@@ -141,6 +141,21 @@ def test_web_looks_up_only_its_own_copy_in_the_state_directory(tmp_path):
     assert (state / "beamline.yaml").read_text() == "the site's" and not any((state / "mxcube-web").iterdir())
 
 
+def test_the_web_servers_secret_key_is_not_the_one_in_the_repository(tmp_path):
+    # The virtual beamline's server.yaml holds a public placeholder: with it anyone could sign session cookies.
+    import ruamel.yaml
+
+    from mxcube_autocenter import web
+
+    keys = []
+    for _ in range(2):
+        web.server_command(tmp_path / "state")
+        server = ruamel.yaml.YAML().load((tmp_path / "state" / "lookup" / "mxcube-web" / "server.yaml").read_text())
+        keys.append((server["server"]["SECRET_KEY"], server["server"]["SECURITY_PASSWORD_SALT"]))
+    assert all(len(key) == 64 and not key.startswith(web.SHIPPED_SECRET) for pair in keys for key in pair)
+    assert keys[0] != keys[1]
+
+
 @pytest.mark.parametrize("row", range(0, 20, 4))  # the samples' first rows: a crystal of each subset
 def test_a_corrupt_row_is_an_error_that_names_the_set_and_the_row_before_anything_is_written(tmp_path, capsys, row):
     # Found inside tf.data the error left the program hanging or aborting at its exit; a test row was found only
