@@ -305,7 +305,8 @@ class CollectionRecorder:
         self._streamed = False
         self._video_mode = None
         self._motors_failing = False
-        self._reading_motors = False
+        self._reading_since = None  # when the motor read in progress began (monotonic s)
+        self._longest_read_s = 0.0
         self._missing_said = False
         self.last_summary = None
 
@@ -358,6 +359,8 @@ class CollectionRecorder:
         )
         self._dc_params = dc_params
         self._missing_said = False
+        self._reading_since = None
+        self._longest_read_s = cfg.record_camera_timeout_s
         self._period = 1.0 / cfg.record_frame_rate
         self._next_due = 0.0
         self._last_frame_time = time.monotonic()
@@ -398,14 +401,12 @@ class CollectionRecorder:
         if new:
             self._last_received = payload_reference(image)
             self._last_frame_time = now
-        if not new or now < self._next_due or self._reading_motors:
-            # A frame arriving while the last one's motors are read (network waits on an MD3) would be written
-            # before it, and with positions read after the last one's.
+        if not new or now < self._next_due or self._reading(now):
             return
         stamp = self._wall_clock(now)
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
-        self._reading_motors = True
+        self._reading_since = now
         try:
             motors = self._frame_motors()
         except Exception:
@@ -415,11 +416,17 @@ class CollectionRecorder:
             self._motors_failing = True
             return
         finally:
-            self._reading_motors = False
+            self._reading_since = None
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
             writer.submit(stream_frame(image, args, self._video_mode, self._bit_depth), stamp, motors)
+
+    def _reading(self, now: float) -> bool:
+        """Whether the last frame's motors are being read: a frame arriving meanwhile (network waits on an MD3)
+        would be written before it, with positions read after its. A read that hangs holds up the frames for
+        ``record_camera_timeout_s`` at most, each frame then reading for itself."""
+        return self._reading_since is not None and now - self._reading_since < self._longest_read_s
 
     def _poll(self, writer):
         """The ``poll`` source: snapshot the sample view at the configured rate."""

@@ -790,6 +790,8 @@ def _close_at_exit():
     """
     for writer in list(_OPEN_WRITERS):
         writer.close("aborted", timeout_s=_EXIT_CLOSE_S, reason="the program ended during the recording")
+        # One whose close() gave up earlier (a hung disk) is still writing: its thread gets the same time.
+        _wait_for_thread(writer._thread, _EXIT_CLOSE_S)
 
 
 class RecordingWriter:
@@ -935,11 +937,12 @@ class RecordingWriter:
             raise ValueError(f"status={status!r}: use one of {FINAL_STATUSES}")
         if self._summary is not None:
             return self._summary
-        _OPEN_WRITERS.discard(self)
-        self._final_status = status
-        self._final_reason = reason
-        self._drain_deadline = time.monotonic() + timeout_s
-        self._closing.set()
+        if not self._closing.is_set():
+            # A second close() while the first waits (the program's exit and a recorder's own) changes nothing.
+            self._final_status = status
+            self._final_reason = reason
+            self._drain_deadline = time.monotonic() + timeout_s
+            self._closing.set()
         finished = _wait_for_thread(self._thread, timeout_s + _CLOSE_GRACE_S)
         # Frames queued after the thread stopped (a race with an error) are dropped.
         self._dropped_by_writer += self._queue.qsize() if finished else 0
@@ -972,6 +975,8 @@ class RecordingWriter:
             self._store.close(self._final_status, self._final_reason)
         except Exception as err:
             self._fail(err)
+        finally:
+            _OPEN_WRITERS.discard(self)  # only now: the program's exit waits for a writer whose close() gave up
         if self._summary is not None and self._summary.status == "recording":
             # close() gave up waiting and reported the recording unfinished: say how the file ended.
             self.log.warning("%s: the writer finished after close() gave up on it; the file is closed as %s",

@@ -119,15 +119,18 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     settings = yaml.load((source / "server.yaml").read_text())
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
     for key in ("SECRET_KEY", "SECURITY_PASSWORD_SALT"):
-        # The virtual beamline's are in the repository for all to read: with them anyone could sign the server's
-        # session cookies. Fresh ones each start (the sessions of the last start end); a site's own are kept.
-        if str(settings["server"].get(key, "")).startswith(SHIPPED_SECRET):
+        # The virtual beamline's are in the repository for all to read, and mxcubeweb's own defaults (where none
+        # is given) in its source: with them anyone could sign the server's session cookies. Fresh ones each start
+        # (the sessions of the last start end); a site's own are kept.
+        if not settings["server"].get(key) or str(settings["server"][key]).startswith(SHIPPED_SECRET):
             settings["server"][key] = secrets.token_hex(32)
     try:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)  # with its parents
         (target / WRITTEN_HERE).write_text("written by `mxcube-autocenter web`, replaced at its next start\n")
-        with (target / "server.yaml").open("w") as out:
+        # Readable by its owner alone, from its first byte: the session cookies are signed with the secrets in it.
+        (target / "server.yaml").unlink()  # the copy's, readable by all
+        with os.fdopen(os.open(target / "server.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             yaml.dump(settings, out)
     except OSError as err:
         raise WebSetupError(f"cannot write the server's configuration into {state_dir} ({err}): choose another --state-dir") from None

@@ -154,6 +154,7 @@ def test_the_web_servers_secret_key_is_not_the_one_in_the_repository(tmp_path):
         keys.append((server["server"]["SECRET_KEY"], server["server"]["SECURITY_PASSWORD_SALT"]))
     assert all(len(key) == 64 and not key.startswith(web.SHIPPED_SECRET) for pair in keys for key in pair)
     assert keys[0] != keys[1]
+    assert (tmp_path / "state" / "lookup" / "mxcube-web" / "server.yaml").stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.parametrize("row", range(0, 20, 4))  # the samples' first rows: a crystal of each subset
