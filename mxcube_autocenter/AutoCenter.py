@@ -276,7 +276,9 @@ class AutoCenter(HardwareObject):
                 "sample points with motor directions of +1 or -1 and chi 0 (mxcube_autocenter/geometry.py), so it "
                 "would centre the wrong point; keep MXCuBE's own centring on this goniometer (centring_enabled False)"
             )
-            self.log.error("AutoCenter: optical ML centring unavailable: %s", self.centring_error)
+            # An error only where the button would run it: once centring_enabled is False, as the fix says, a note.
+            (self.log.error if self.config.centring_enabled else self.log.info)(
+                "AutoCenter: optical ML centring unavailable: %s", self.centring_error)
 
     def _register_queue_task(self):
         if HWR.beamline.queue_manager is None:
@@ -502,8 +504,12 @@ class AutoCenter(HardwareObject):
         """
         if self._took_over:
             return
-        self._took_over = True
         sample_view = HWR.beamline.sample_view
+        if sample_view is None:
+            self.log.error("AutoCenter: loaded before sample_view, so the auto-centring button keeps lucid's "
+                           "centring: list auto_centring after sample_view in beamline.yaml")  # fmt: skip
+            return
+        self._took_over = True
         sample_view.start_auto_centring = self.start_auto_centring
         sample_view.cancel_centring = self._noting_cancel(sample_view.cancel_centring)
         sample_view.reject_centring = self._ending_the_press(sample_view.reject_centring)

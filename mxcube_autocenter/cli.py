@@ -944,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap = sub.add_parser("heatmap", help="loop, heatmap and best point of OAV camera images")
     heatmap.add_argument("images", nargs="+", metavar="IMAGE")
     heatmap.add_argument("--pixels-per-mm", type=POSITIVE, required=True, help="image scale, pixels per mm")
-    heatmap.add_argument("--beam", type=_beam_position, help="beam position X,Y in pixels (default: image centre)")
+    heatmap.add_argument("--beam", type=_beam_position,
+                         help="beam position X,Y in pixels, marked on the --png overlay (default: image centre)")
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])

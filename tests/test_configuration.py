@@ -185,6 +185,24 @@ def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_qu
     assert "list auto_centring after queue_manager in beamline.yaml" in _logged(caplog)
 
 
+def test_auto_centring_listed_before_the_sample_view_says_so_and_the_button_keeps_lucid(tmp_path, caplog):
+    # It set an attribute on None: an AttributeError traceback, and no word of the order.
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    yaml = config / "beamline.yaml"
+    lines = yaml.read_text().splitlines(keepends=True)
+    auto = next(line for line in lines if "auto_centring:" in line)
+    lines.remove(auto)
+    lines.insert(lines.index(next(line for line in lines if "sample_view:" in line)), auto)
+    yaml.write_text("".join(lines))
+    with caplog.at_level(logging.WARNING, logger="HWR"):
+        with hardware_repository(config) as bl:
+            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            assert auto_centring(bl) is not None
+    assert "list auto_centring after sample_view in beamline.yaml" in _logged(caplog)
+    assert "AttributeError" not in caplog.text
+
+
 @pytest.mark.parametrize("prop, value", [("min_score", "nan"), ("max_displacement_mm", "inf"), ("move_timeout_s", "inf")])
 def test_nan_or_inf_never_switches_a_threshold_or_limit_off(prop, value):
     with pytest.raises(ValueError) as err:
