@@ -164,6 +164,19 @@ def test_motors_of_a_fresh_beamline_can_be_aborted():
             assert motors[name].get_state() == motors[name].STATES.READY
 
 
+def _auto_centring_listed_before(tmp_path, role: str):
+    """A copy of the virtual beamline whose beamline.yaml lists auto_centring just before ``role``."""
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    yaml = config / "beamline.yaml"
+    lines = yaml.read_text().splitlines(keepends=True)
+    auto = next(line for line in lines if "auto_centring:" in line)
+    lines.remove(auto)
+    lines.insert(lines.index(next(line for line in lines if f"{role}:" in line)), auto)
+    yaml.write_text("".join(lines))
+    return config
+
+
 def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_queue_manager(tmp_path, caplog):
     from mxcubecore import queue_entry
 
@@ -171,14 +184,7 @@ def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_qu
 
     with hardware_repository():
         assert queue_entry.MODEL_QUEUE_ENTRY_MAPPINGS[OpticalMLCentring] is OpticalMLCentringQueueEntry
-    config = tmp_path / "config"
-    shutil.copytree(virtual_beamline_dir(), config)
-    yaml = config / "beamline.yaml"
-    lines = yaml.read_text().splitlines(keepends=True)
-    auto = next(line for line in lines if "auto_centring:" in line)
-    lines.remove(auto)
-    lines.insert(lines.index(next(line for line in lines if "queue_manager:" in line)), auto)
-    yaml.write_text("".join(lines))
+    config = _auto_centring_listed_before(tmp_path, "queue_manager")
     with caplog.at_level(logging.WARNING, logger="HWR"):
         with hardware_repository(config):
             assert OpticalMLCentring not in queue_entry.MODEL_QUEUE_ENTRY_MAPPINGS
@@ -187,14 +193,7 @@ def test_the_queue_task_is_registered_only_when_auto_centring_loads_after_the_qu
 
 def test_auto_centring_listed_before_the_sample_view_says_so_and_the_button_keeps_lucid(tmp_path, caplog):
     # It set an attribute on None: an AttributeError traceback, and no word of the order.
-    config = tmp_path / "config"
-    shutil.copytree(virtual_beamline_dir(), config)
-    yaml = config / "beamline.yaml"
-    lines = yaml.read_text().splitlines(keepends=True)
-    auto = next(line for line in lines if "auto_centring:" in line)
-    lines.remove(auto)
-    lines.insert(lines.index(next(line for line in lines if "sample_view:" in line)), auto)
-    yaml.write_text("".join(lines))
+    config = _auto_centring_listed_before(tmp_path, "sample_view")
     with caplog.at_level(logging.WARNING, logger="HWR"):
         with hardware_repository(config) as bl:
             assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
