@@ -339,4 +339,3 @@ def test_helical_scan_beyond_the_limits_fails_without_moving_there(beamline, tmp
                    helical=(start, {**start, "phiz": high + 1.0}))  # fmt: skip
     assert "collectOscillationFailed" in log.names() and "collectImageTaken" not in log.names()
     assert all(low <= args[0] <= high for _, args in seen.calls)
-
