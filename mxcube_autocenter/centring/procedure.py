@@ -675,9 +675,10 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
     result.point = tuple(float(v) for v in point)
     # The fit's first move, to the reference positions, and its half turn of omega come before its result can be
     # checked.
-    bl.check_move(start, bl.reference_positions(), settings.max_displacement_mm)
+    references = bl.reference_positions()
+    bl.check_move(start, references, settings.max_displacement_mm)
     # From omega's reference position where it has one: the fit moves it there first.
-    bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG, start=bl.reference_positions().get("omega"))
+    bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG, start=references.get("omega"))
     fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
     target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
     bl.check_move(start, target, settings.max_displacement_mm)
