@@ -48,7 +48,7 @@ from mxcube_autocenter.centring import procedure, report
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles, resolve_relative_paths
-from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS
 from mxcube_autocenter.queue_entry import TASK_NAME, register_queue_entry
 
 
@@ -476,7 +476,7 @@ class AutoCenter(HardwareObject):
             # it back to the translations the view was taken at (the fitted views' are
             # where the centring started, the verification view's where it ended).
             corner = sample_view.get_centred_point_from_coord(x0, y0, return_by_names=True)
-            for name in ("phiy", "phiz", "sampx", "sampy"):
+            for name in TRANSLATION_MOTORS:
                 corner[name] += angle.motors[name] - now[name]
             grid = sample_view.add_shape_from_mpos([corner], (x0, y0), "G")
             self._heatmap_grid = grid  # on SampleView now: the next centring deletes it, even if this one fails below

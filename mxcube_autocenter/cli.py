@@ -749,9 +749,9 @@ def _model_or_shipped(text: str) -> str:
     """A model file, or ``shipped`` for the shipped regressor (wherever the package is installed)."""
     if text != "shipped":
         return text
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
 
-    return str(DEFAULT_REGRESSOR)
+    return str(SHIPPED_REGRESSOR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -772,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Record helical and rotational collections of training samples through the AutoCenter object, label "
             "them with reflection counts, train a model, centre held-out samples with the optical ML centring, "
-            "MXCuBE's lucid centring, the loop centre and an X-ray mesh scan, and score them against the ground "
-            "truth. Writes report.md with figures; prints the scorecard."
+            "MXCuBE's lucid centring, the loop centre, an X-ray mesh scan and the optical oracle, and score them "
+            "against the ground truth. Writes report.md with figures; prints the scorecard."
         ),
     )
     demo.add_argument("--out", default="out/demo", help="report directory (default: %(default)s)")

@@ -18,7 +18,8 @@ and runs the whole loop the plugin is made for:
    not centred) and centre it with each method: the optical ML centring
    through ``SampleView.start_auto_centring`` exactly as the web UI's button
    runs it, MXCuBE's own lucid loop centring, a person clicking the loop's
-   centre, and an X-ray mesh scan.
+   centre, an X-ray mesh scan and the optical oracle (the best point of the
+   crystals' shapes, known exactly).
 5. **Score** against the ground truth (:mod:`mxcube_autocenter.scorecard`)
    and write ``report.md`` with figures.
 
@@ -46,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from mxcube_autocenter import scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
-from mxcube_autocenter.geometry import CENTRING_MOTORS, centred_motors, sample_to_screen  # noqa: E402
+from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, centred_motors, sample_to_screen  # noqa: E402
 from mxcube_autocenter.recording import json_default  # noqa: E402
 from mxcube_autocenter.scorecard import METHODS, TRAINED_IN_RUN, Outcome, format_cell, value_cell  # noqa: E402
 
@@ -146,7 +147,7 @@ def _move(bl, positions: dict, timeout: float = 30.0):
 # -- 1. recording ---------------------------------------------------------------------
 
 
-def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_time, rng, progress) -> list:
+def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_time, rng, progress) -> tuple:
     """Mount each training sample, collect helically and rotationally; ``(recordings, truth)``: the recordings and
     each crystal's diffraction model."""
     from tqdm import tqdm
@@ -175,7 +176,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
             osc_start = float(rng.uniform(0, 360))
             first = ends[0] if kind == "Helical" else centred_motors(aim)
             start_omega = bl.diffractometer.sample_frame({"omega": osc_start})["omega"]  # osc_start is a reading
-            _move(bl, {**{m: first[m] for m in ("phiy", "phiz", "sampx", "sampy")}, "omega": start_omega})
+            _move(bl, {**{m: first[m] for m in TRANSLATION_MOTORS}, "omega": start_omega})
             ho.recorder.last_summary = None
             run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,
                            exposure_time=exposure_time, osc_start=osc_start, crystal_id=mounted.crystal_id,
@@ -530,7 +531,7 @@ def _centre_heldout(bl, ho, samples, *, methods, mesh_step_um, mesh_threshold, s
             if method in ("ml", "lucid"):
                 refused, failed = declined_or_failed(accepted, scorecard.moved(start, final), declined)
             score = scorecard.score_position(mounted.diffraction, best, best_rc, final,
-                                             refused=bool(refused or failed))  # fmt: skip
+                                             nothing_shot=bool(refused or failed))  # fmt: skip
             outcome = Outcome(method=method, sample=name, has_crystal=has_crystal, refused=bool(refused),
                               final_motors=final, wall_s=wall, exposures=int(exposures), message=str(message),
                               failed=bool(failed), **score)  # fmt: skip
@@ -590,7 +591,8 @@ def _error_figures(outcomes, figures: Path) -> dict:
     import matplotlib.pyplot as plt
 
     figures.mkdir(parents=True, exist_ok=True)
-    colours = {"ml": "tab:red", "lucid": "tab:blue", "loop_centre": "tab:green", "mesh_oracle": "tab:purple"}
+    colours = {"ml": "tab:red", "lucid": "tab:blue", "loop_centre": "tab:green", "mesh_oracle": "tab:purple",
+               "optical_oracle": "tab:orange"}
     by_method = {}
     for o in outcomes:
         if o.has_crystal and o.dist_um is not None:
@@ -816,11 +818,11 @@ _OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
 
 def _is_shipped(predictor) -> bool:
     """Whether ``predictor`` holds the models the plugin centres with when none is configured."""
-    from mxcube_autocenter.centring.predictor import DEFAULT_CLASSIFIER, DEFAULT_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_CLASSIFIER, SHIPPED_REGRESSOR
 
-    shipped_classifier = DEFAULT_CLASSIFIER.resolve() if DEFAULT_CLASSIFIER.exists() else None
+    shipped_classifier = SHIPPED_CLASSIFIER.resolve() if SHIPPED_CLASSIFIER.exists() else None
     classifier = predictor.classifier[0].resolve() if predictor.classifier else None
-    return predictor.regressor_path.resolve() == DEFAULT_REGRESSOR.resolve() and classifier == shipped_classifier
+    return predictor.regressor_path.resolve() == SHIPPED_REGRESSOR.resolve() and classifier == shipped_classifier
 
 
 _OWN_FILES = ("report.md", "scorecard.json", "samples.json")
@@ -928,7 +930,9 @@ def run_demo(
     dict
         ``methods`` (figures per method), ``learning`` (``spearman``,
         ``classifier_accuracy``, ``train_s``, ...), ``n_samples``,
-        ``n_empty``, plus ``targets``, ``timings_s``, ``model``, ``report``.
+        ``n_empty``, plus ``targets``, ``timings_s``, ``model``, ``data``
+        (the training data: its contact sheet, labelling summary and sizes), ``report`` and ``write_errors``
+        (the report's files that could not be written, as messages).
     """
     _check_gevent()
     import warnings
@@ -937,7 +941,7 @@ def run_demo(
     from tqdm import tqdm
 
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR, Predictor, PredictorError, load_predictor
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor, PredictorError, load_predictor
     from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
@@ -1012,7 +1016,7 @@ def run_demo(
             learning = None
             trained = None
             if train_here:
-                initial = (DEFAULT_REGRESSOR, load_model(DEFAULT_REGRESSOR)[1]) if fine_tune else None
+                initial = (SHIPPED_REGRESSOR, load_model(SHIPPED_REGRESSOR)[1]) if fine_tune else None
                 regressor_crop_um = initial[1]["input"]["crop_um"] if fine_tune else crop_um
                 # 1. record
                 t = time.perf_counter()
@@ -1079,10 +1083,10 @@ def run_demo(
                     f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
                     "--model MODEL.keras"
                 ) from err
+            ho.config.centring_enabled = True  # the button's centring is what the demo scores, whatever --config says
             ho.use_predictor(predictor)
             if ho.centring_error:
                 raise DemoError(ho.centring_error)
-            ho._take_over_auto_centring()
             ho.config.centring_save_directory = str(centring_dir)
             if learning is None:
                 learning = _model_file_learning(predictor)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 CENTRING_MOTORS = ("omega", "phiy", "phiz", "sampx", "sampy")
+TRANSLATION_MOTORS = CENTRING_MOTORS[1:]
 
 
 def sample_frame(motors: dict, directions: dict) -> dict:

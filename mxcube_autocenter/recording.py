@@ -46,13 +46,15 @@ import h5py
 import numpy as np
 from gevent import monkey
 
+from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, not_opened, reading
 from mxcube_autocenter.imagefiles import write_png
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MOTOR_NAMES = ("omega", "phiy", "phiz", "sampx", "sampy")
+# The recording file's motor columns, in this order (docs/data-formats.md).
+MOTOR_NAMES = CENTRING_MOTORS
 MOTOR_UNITS = ("deg", "mm", "mm", "mm", "mm")
 STORAGES = ("jpeg", "raw")
 COMPRESSIONS = ("lzf", "gzip")

@@ -55,8 +55,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from mxcube_autocenter.geometry import centred_motors, point_in_beam
-from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
+from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors, point_in_beam
 
 # Angles at which the beam must pass through a crystal for a hit: every 2 degrees of a full turn, as a rotation
 # collection sees them. At the four judging angles alone (0, 45, 90, 135), a point just outside a thin crystal
@@ -65,7 +64,6 @@ VERIFY_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
 # Saved with each outcome (``hit_test``): hits taken by another test mean something else, and are not pooled.
 # Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the rest.
 HIT_TEST = "the beam's centre line through one crystal at every 2 degrees of omega"
-TRANSLATIONS = ("phiy", "phiz", "sampx", "sampy")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
 METHODS = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
@@ -150,7 +148,7 @@ def verdict(outcome: dict, has_crystal: bool) -> str:
 
 def moved(start: dict, final: dict, tolerance_mm: float = MOVE_TOLERANCE_MM) -> bool:
     """Whether any translation motor moved by more than ``tolerance_mm`` (omega turning does not count)."""
-    return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATIONS if m in start and m in final)
+    return any(abs(float(final[m]) - float(start[m])) > tolerance_mm for m in TRANSLATION_MOTORS if m in start and m in final)
 
 
 def optical_oracle(diffraction):
@@ -254,22 +252,21 @@ def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
     return per_crystal[np.argmax(per_crystal.sum(axis=1))].tolist()
 
 
-def rc_fraction(diffraction, final_motors: dict, best_rc: float, omegas=JUDGING_OMEGAS) -> float | None:
+def rc_fraction(diffraction, final_motors: dict, best_rc: float) -> float | None:
     """Mean reflection count over a rotation at these positions, over the best point's (None if no best).
 
     The rotation keeps every translation as it is, as a collection after the
     centring would (a ``phiz`` left off the axis moves the point in the beam
-    as omega turns), the same positions the hits are judged at. ``omegas``
-    must be those ``best_rc`` was taken over (``DiffractionModel.best_point``:
+    as omega turns), the same positions the hits are judged at, over the
+    angles ``best_rc`` was taken over (``DiffractionModel.best_point``:
     ``JUDGING_OMEGAS``).
     """
     if not best_rc or best_rc <= 0:
         return None
-    return float(diffraction.mean_rc_over_rotation(final_motors, omegas) / best_rc)
+    return float(diffraction.mean_rc_over_rotation(final_motors) / best_rc)
 
 
-def score_position(diffraction, best_point, best_rc: float, final_motors: dict, omegas=VERIFY_OMEGAS,
-                   refused: bool = False) -> dict:  # fmt: skip
+def score_position(diffraction, best_point, best_rc: float, final_motors: dict, nothing_shot: bool = False) -> dict:
     """``hits``, ``dist_um`` and ``rc_fraction`` of a goniometer position (all None for an empty loop).
 
     Parameters
@@ -281,21 +278,20 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
     best_rc : float
         Its mean reflection count over a rotation.
     final_motors : dict
-        Centring motor positions (omega is replaced by each of ``omegas``).
-    omegas : sequence of float
-        Angles of the hit test. The RC fraction is taken over
-        ``JUDGING_OMEGAS``, the angles of ``best_rc``.
-    refused : bool
-        The method declined (no crystal found): nothing would be shot, so
-        every verification angle is a miss and the RC fraction is 0; the
-        distance is still that of where the sample was left.
+        Centring motor positions (omega is replaced by each of
+        :data:`VERIFY_OMEGAS` for the hit test; the RC fraction is taken
+        over ``JUDGING_OMEGAS``, the angles of ``best_rc``).
+    nothing_shot : bool
+        The method declined (no crystal found) or failed: nothing would be
+        shot, so every angle of the hit test is a miss and the RC fraction
+        is 0; the distance is still that of where the sample was left.
     """
     if best_point is None:
         return {"hits": None, "dist_um": None, "rc_fraction": None}
-    if refused:
-        return {"hits": [False] * len(omegas), "dist_um": distance_um(final_motors, best_point), "rc_fraction": 0.0}
+    if nothing_shot:
+        return {"hits": [False] * len(VERIFY_OMEGAS), "dist_um": distance_um(final_motors, best_point), "rc_fraction": 0.0}
     return {
-        "hits": beam_hits(diffraction, final_motors, omegas),
+        "hits": beam_hits(diffraction, final_motors),
         "dist_um": distance_um(final_motors, best_point),
         "rc_fraction": rc_fraction(diffraction, final_motors, best_rc),
     }

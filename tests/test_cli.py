@@ -331,11 +331,11 @@ def test_the_beamline_log_is_printed_once(tmp_path):
 
 
 def test_initial_model_shipped_names_the_shipped_regressor():
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
     from mxcube_autocenter.cli import build_parser
 
     args = build_parser().parse_args(["train", "set.h5", "--initial-model", "shipped"])
-    assert args.initial_model == str(DEFAULT_REGRESSOR)
+    assert args.initial_model == str(SHIPPED_REGRESSOR)
 
 
 def test_label_refuses_an_out_under_a_file_before_it_counts_any_spots(tmp_path, capsys):

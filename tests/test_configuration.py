@@ -11,7 +11,7 @@ import pytest
 from mxcubecore.BaseHardwareObjects import HardwareObjectNode
 
 from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
-from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -307,7 +307,7 @@ def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):
     config = _config_with(tmp_path, "</object>", "<centring_model>models/site.keras</centring_model>"
                                                  "<centring_save_directory>centrings</centring_save_directory></object>")
     (config / "models").mkdir()
-    shutil.copy(DEFAULT_REGRESSOR, config / "models" / "site.keras")
+    shutil.copy(SHIPPED_REGRESSOR, config / "models" / "site.keras")
     with hardware_repository(config) as bl:
         ho = auto_centring(bl)
         assert ho.centring_error is None
@@ -322,7 +322,7 @@ def test_a_model_folder_keeps_mxcubes_own_centring_and_names_the_file_in_it(tmp_
     # `train --out DIR` writes DIR/model.keras: a staff member may well give DIR.
     folder = tmp_path / "site" / "regressor"
     folder.mkdir(parents=True)
-    shutil.copy(DEFAULT_REGRESSOR, folder / "model.keras")
+    shutil.copy(SHIPPED_REGRESSOR, folder / "model.keras")
     config = _config_with(tmp_path, "</object>", f"<centring_model>{folder}</centring_model></object>")
     with caplog.at_level(logging.ERROR, logger="HWR"):
         with hardware_repository(config) as bl:

@@ -117,13 +117,13 @@ def test_a_figure_that_cannot_be_written_loses_neither_the_scorecard_nor_the_res
     import errno
 
     from mxcube_autocenter import demo
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
 
     def disk_full(outcomes, figures):
         raise OSError(errno.ENOSPC, "No space left on device", str(figures / "errors.png"))
 
     monkeypatch.setattr(demo, "_error_figures", disk_full)
-    result = run_demo(tmp_path, model=DEFAULT_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",),
+    result = run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",),
                       progress=False)
     assert result["methods"]["loop_centre"]["n"] == 2
     (error,) = result["write_errors"]
@@ -275,12 +275,12 @@ def test_the_shipped_model_given_by_its_path_is_the_shipped_model(tmp_path, monk
     # `make demo` and `demo --model <the shipped file>` centre with one model: `scorecard` must pool them.
     import shutil
 
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR, Predictor
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor
     from mxcube_autocenter.demo import _is_shipped
 
     monkeypatch.chdir(tmp_path)
-    assert _is_shipped(Predictor(os.path.relpath(DEFAULT_REGRESSOR)))
-    shutil.copy(DEFAULT_REGRESSOR, tmp_path / "copy.keras")
+    assert _is_shipped(Predictor(os.path.relpath(SHIPPED_REGRESSOR)))
+    shutil.copy(SHIPPED_REGRESSOR, tmp_path / "copy.keras")
     assert not _is_shipped(Predictor("copy.keras"))
 
 
@@ -304,10 +304,10 @@ def test_training_time_of_a_fine_tuned_model_file_counts_every_stage():
     stage1 = {"training": {"seconds": 1583.0}}
     assert training_seconds({"training": {"seconds": 526.0, "initial_model": stage1}}) == 2109.0
     assert training_seconds(stage1) == 1583.0 and training_seconds({}) is None
-    from mxcube_autocenter.centring.predictor import DEFAULT_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
     from mxcube_autocenter.learning.training import load_model
 
-    assert training_seconds(load_model(DEFAULT_REGRESSOR)[1]) == pytest.approx(526.08 + 1582.99)
+    assert training_seconds(load_model(SHIPPED_REGRESSOR)[1]) == pytest.approx(526.08 + 1582.99)
 
 
 def test_a_lucid_centring_that_timed_out_is_no_refusal(monkeypatch):

@@ -785,23 +785,31 @@ def test_the_virtual_camera_delivers_a_moving_scene_its_latency_after_the_exposu
     # It slept latency_s after rendering: a frame of a moving scene came 30 ms after its exposure where labelling
     # subtracts 20 ms, and one row in eight of a rotation was matched with the next detector frame.
     camera = beamline.sample_view.camera
-    scene, exposed, delays = camera._scene, [], []
+    scene, update, exposed, rendered, delays = camera._scene, camera._update, [], [], []
 
     def moving_scene():  # a new scene every frame (omega turning), so that every frame is rendered
         exposed.append(time.monotonic())
         key, *parts = scene()
         return (key, exposed[-1]), *parts
 
+    def timed_update():
+        update()
+        rendered.append(time.monotonic())
+
     def received(*args):
-        delays.append(time.monotonic() - exposed[-1])
+        # Due latency_s after the exposure, or once rendered where rendering takes longer (a slow machine).
+        due = max(exposed[-1] + camera._latency_s, rendered[-1])
+        delays.append((time.monotonic() - exposed[-1], time.monotonic() - due))
 
     monkeypatch.setattr(camera, "_scene", moving_scene)
+    monkeypatch.setattr(camera, "_update", timed_update)
     camera.connect("imageReceived", received)
     try:
         gevent.sleep(0.6)
     finally:
         camera.disconnect("imageReceived", received)
-    assert len(delays) >= 5 and abs(np.median(delays) - camera._latency_s) < 0.004
+    since_exposure, late = np.array(delays).T
+    assert len(delays) >= 5 and np.min(since_exposure) > camera._latency_s - 0.002 and np.median(late) < 0.004
 
 
 def test_the_crystal_id_is_the_collections_own_or_the_lims_sample_or_the_named_sample_at_its_position():
@@ -844,7 +852,7 @@ def test_frames_stay_in_time_order_when_a_motor_read_is_slow(tmp_path):
     assert np.all(np.diff(recording.timestamps) > 0), recording.timestamps - start
     # Each row's omega was read within a short read of its time (the slow read's own frame aside).
     lag = recording.motor("omega") / 10.0 - (recording.timestamps - start)
-    assert np.sort(lag)[-2] < 0.03, lag
+    assert np.sort(lag)[-2] < 0.05, lag  # a slow read written out of order lags by its 90 ms
 
 
 def test_a_recording_that_cannot_be_written_is_said_twice_not_three_times(tmp_path, caplog):

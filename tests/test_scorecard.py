@@ -6,6 +6,7 @@ import pytest
 from mxcube_autocenter import scorecard
 from mxcube_autocenter.geometry import beam_frame, centred_motors
 from mxcube_autocenter.scorecard import Outcome
+from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
 
 CRYSTAL = np.array([0.05, -0.03, 0.02])  # mm
 N_ANGLES = len(scorecard.VERIFY_OMEGAS)
@@ -33,7 +34,7 @@ class FakeDiffraction:
         self.calls += 1
         return float(self.peak * np.exp(-self._offset(motors) ** 2 / (2 * self.SIGMA**2)))
 
-    def mean_rc_over_rotation(self, motors, omegas):
+    def mean_rc_over_rotation(self, motors, omegas=JUDGING_OMEGAS):
         offsets = np.array([self._offset({**motors, "omega": w}) for w in omegas])
         return float(np.mean(self.peak * np.exp(-(offsets**2) / (2 * self.SIGMA**2))))
 
@@ -73,7 +74,7 @@ def test_score_position_centred_and_off_and_empty():
     assert scorecard.distance_um(lifted, CRYSTAL) == pytest.approx(0.0, abs=1e-9)
     assert scorecard.score_position(model, CRYSTAL, 100.0, lifted)["rc_fraction"] < 0.95
     # A refusal shoots nothing, wherever the sample was left.
-    assert scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL), refused=True) == {
+    assert scorecard.score_position(model, CRYSTAL, 100.0, centred_motors(CRYSTAL), nothing_shot=True) == {
         "hits": [False] * N_ANGLES, "dist_um": pytest.approx(0.0, abs=1e-9), "rc_fraction": 0.0}
     assert scorecard.score_position(model, None, 0.0, centred_motors(CRYSTAL)) == {
         "hits": None, "dist_um": None, "rc_fraction": None}

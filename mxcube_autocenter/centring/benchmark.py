@@ -101,32 +101,28 @@ def fusion_s(predictor, sample, motors, renderer, runs: int) -> float:
 
     The views are ``centring_angles`` (the default) frames over half a turn
     from ``motors``, each analysed as the procedure does; only
-    :func:`.fusion.fuse_views` and :func:`.fusion.refine_on_image` are timed.
+    :func:`.procedure.fuse_and_refine` (:func:`.fusion.fuse_views` and
+    :func:`.fusion.refine_on_image`) is timed.
     """
-    from mxcube_autocenter.centring.fusion import View, fuse_views, refine_on_image
     from mxcube_autocenter.centring.loop import loop_tips
-    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame
+    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, fuse_and_refine
+    from mxcube_autocenter.geometry import sample_frame
 
     settings = CentringSettings.from_config(AutoCenterConfig())
     ppmm, beam = (1300.0, 1300.0), (640, 512)
-    views, frames = [], []
+    angles = []
     for k in range(settings.n_angles):
         at = {**motors, "omega": motors["omega"] + k * 180.0 / settings.n_angles}
         frame = renderer.render(sample, at, ppmm, beam)
         angle = analyse_frame(predictor, frame, loop_tips(frame, ppmm, settings.pin_side)[1], ppmm, settings, at,
                               classify=False)  # fmt: skip
-        views.append(View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, at, angle.mask))
-        frames.append(frame)
+        angle.sample_frame = sample_frame(at, {})  # the virtual goniometer's motors all turn the +1 way
+        angles.append(angle)
 
-    def fuse():
-        fused = fuse_views(views, ppmm, beam, floor=settings.min_score, blind=settings.blind_views,
-                           plateau=settings.plateau)  # fmt: skip
-        refine_on_image(fused.point, views, frames, ppmm, beam, max_um=settings.refine_max_um)
-
-    fuse()  # the first call of the process pays for imports and first allocations
+    fuse_and_refine(angles, ppmm, beam, settings)  # the first call of the process pays for imports and allocations
     start = time.perf_counter()
     for _ in range(runs):
-        fuse()
+        fuse_and_refine(angles, ppmm, beam, settings)
     return (time.perf_counter() - start) / runs
 
 

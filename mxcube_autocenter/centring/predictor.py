@@ -16,8 +16,8 @@ from mxcube_autocenter.centring.heatmap import (
 
 # Package data, so that a plain (non-editable) install has them too.
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_REGRESSOR = MODELS_DIR / "default_regressor.keras"
-DEFAULT_CLASSIFIER = MODELS_DIR / "default_classifier.keras"
+SHIPPED_REGRESSOR = MODELS_DIR / "default_regressor.keras"
+SHIPPED_CLASSIFIER = MODELS_DIR / "default_classifier.keras"
 
 
 class PredictorError(ValueError):
@@ -131,12 +131,12 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
         that cannot be evaluated as a dense heatmap; the message names the
         file and the fix.
     """
-    regressor_path = Path(regressor_path) if regressor_path else DEFAULT_REGRESSOR
+    regressor_path = Path(regressor_path) if regressor_path else SHIPPED_REGRESSOR
     if not regressor_path.exists():
         raise PredictorError(
             f"{regressor_path}: no such model file: give a model trained with `mxcube-autocenter train` "
             f"({REGRESSOR_SETTING}), or reinstall mxcube-autocenter to restore its shipped models"
         )
-    if not classifier_path and DEFAULT_CLASSIFIER.exists():  # an empty XML property means the shipped one too
-        classifier_path = DEFAULT_CLASSIFIER
+    if not classifier_path and SHIPPED_CLASSIFIER.exists():  # an empty XML property means the shipped one too
+        classifier_path = SHIPPED_CLASSIFIER
     return Predictor(regressor_path, classifier_path)

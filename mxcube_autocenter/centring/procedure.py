@@ -28,7 +28,7 @@ from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
 from mxcube_autocenter.collection_recorder import payload_reference, same_payload
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
-from mxcube_autocenter.geometry import CENTRING_MOTORS, sample_frame
+from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, sample_frame
 
 # Grid points nearer the frame's edge than this share of a crop are no candidates: more of
 # their crop would be repeated edge pixels (heatmap.within_frame).
@@ -116,6 +116,10 @@ class AngleResult:
     frame: np.ndarray = field(repr=False, default=None)
     elapsed_s: float = 0.0
 
+    def view(self) -> View:
+        """This view's heatmap as :func:`.fusion.fuse_views` takes it."""
+        return View(self.heatmap.values, self.heatmap.xs, self.heatmap.ys, self.sample_frame, self.mask)
+
 
 @dataclass
 class CentringResult:
@@ -131,7 +135,8 @@ class CentringResult:
         Centring motor positions before and after (None when nothing moved).
     angles : list of AngleResult
     timings : dict
-        Seconds spent in loop finding, inference, fusing and moves.
+        Seconds spent in loop finding, inference, fusing, moves and the verification view
+        (``loop_s``, ``inference_s``, ``fusion_s``, ``move_s``, ``verify_s``).
     elapsed_s : float
     point : tuple or None
         The chosen sample point ``(a, u, v)``, mm.
@@ -509,7 +514,8 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     on through its own steps (``180 / (n_angles - 1)`` degrees). Unless
     ``settings.verify`` is ``"off"``, a last view half a view step past the
     fit's end (a direction none of the views saw) is scored at the beam
-    (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it.
+    (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it
+    (or, with ``fallback = "loop"``, centres the loop tip instead).
 
     Parameters
     ----------
@@ -645,16 +651,30 @@ def _choose_point(predictor, angles, pixels_per_mm, beam_position, settings: Cen
     final point's projection in that view, its ``score`` the fused point's
     prediction there (what decides whether it is a crystal).
     """
-    views = [View(a.heatmap.values, a.heatmap.xs, a.heatmap.ys, a.sample_frame, a.mask) for a in angles]
-    fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, blind=settings.blind_views,
-                       plateau=settings.plateau)  # fmt: skip
-    point = refine_on_image(fused.point, views, [a.frame for a in angles], pixels_per_mm, beam_position,
-                            max_um=settings.refine_max_um)  # fmt: skip
+    fused, point = fuse_and_refine(angles, pixels_per_mm, beam_position, settings)
     for angle, score in zip(angles, fused.scores):
         angle.point = project(point, angle.sample_frame, pixels_per_mm, beam_position)
         angle.score = score
         angle.crystal_probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
     return point if is_crystal(angles, settings) else None
+
+
+def fuse_and_refine(angles, pixels_per_mm, beam_position, settings: CentringSettings):
+    """The views' fused point (:func:`.fusion.fuse_views`), then moved onto the crystal's dark mass in the images.
+
+    Returns
+    -------
+    fused : FusedPoint
+        The fusion's result (its ``scores`` per view).
+    point : ndarray, shape (3,)
+        The refined sample point (:func:`.fusion.refine_on_image`).
+    """
+    views = [a.view() for a in angles]
+    fused = fuse_views(views, pixels_per_mm, beam_position, floor=settings.min_score, blind=settings.blind_views,
+                       plateau=settings.plateau)  # fmt: skip
+    point = refine_on_image(fused.point, views, [a.frame for a in angles], pixels_per_mm, beam_position,
+                            max_um=settings.refine_max_um)  # fmt: skip
+    return fused, point
 
 
 def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, why: str):
@@ -680,7 +700,7 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
     # From omega's reference position where it has one: the fit moves it there first.
     bl.check_turn(bl.directions().get("omega", 1.0) * FIT_TURN_DEG, start=references.get("omega"))
     fitted = _fit_point(bl, point, pixels_per_mm, beam_position, settings.n_angles, settings.move_timeout_s)
-    target = {name: fitted[name] for name in CENTRING_MOTORS if name != "omega"}
+    target = {name: fitted[name] for name in TRANSLATION_MOTORS}
     bl.check_move(start, target, settings.max_displacement_mm)
     t = time.perf_counter()
     bl.move(target, settings.move_timeout_s)
@@ -793,9 +813,8 @@ def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float,
 
 def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
     """A view's smoothed prediction and crystal probability at its ``point``."""
-    view = View(angle.heatmap.values, angle.heatmap.xs, angle.heatmap.ys, angle.sample_frame, angle.mask)
     probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
-    return value_at(view, angle.point), probability
+    return value_at(angle.view(), angle.point), probability
 
 
 def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
@@ -914,7 +933,8 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
 
 
 def _stop_motion(bl: Beamline, log):
-    """Stop every centring motor that moves, before moving back (the fit has stopped: :func:`_fit_point`).
+    """Stop every centring motor that moves: before moving back (the fit has stopped: :func:`_fit_point`), or
+    after a motor's fault (:meth:`Beamline.move`).
 
     Motors at rest are left alone: an MD3 motor's abort is the diffractometer's global abort.
     """

@@ -49,7 +49,6 @@ import os
 # this TensorFlow's own log printed the traceback of a damaged row beside the one-line error.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxcube_autocenter.hdf5errors import not_opened, open_to_read, reading  # noqa: E402

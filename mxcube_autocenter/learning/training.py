@@ -302,6 +302,9 @@ class TrainResult:
     best_epoch : int
         1-based epoch whose weights were kept.
     out_dir : str
+        The folder written: model.keras, info.json, history.csv and the checkpoint.
+    model : keras.Model
+        The trained network as saved (best weights), to predict without loading the file again.
     """
 
     model_path: str
@@ -485,10 +488,10 @@ def _fit(
         # Fine-tuning keeps the initial model's fitted transform: the output scale its weights learnt.
         transform = info_transform(initial_info) if initial is not None else get_transform(transform_name).fit(counts[idx["train"]])
         targets = transform.forward(counts)
-        loss, metrics, monitor = "mse", [], "val_loss"
+        loss, metrics = "mse", []
     else:
         targets = (counts >= threshold).astype(np.float64)
-        loss, metrics, monitor = "binary_crossentropy", ["accuracy"], "val_loss"
+        loss, metrics = "binary_crossentropy", ["accuracy"]
 
     strategy = strategy or default_strategy()
     train_batch, val_batch = (replica_batch(batch_size, len(idx[name]), strategy, name, dataset_path)
@@ -535,7 +538,7 @@ def _fit(
 
     hist, seconds, cpu_seconds, best_epoch = fit_leaving_run_info(
         model, train_ds, val_ds, work, out, strategy, describe({**settings, "interrupted": INTERRUPTED}, {}),
-        epochs=epochs, patience=patience, verbose=verbose, monitor=monitor, keep_start=initial is not None)
+        epochs=epochs, patience=patience, verbose=verbose, keep_start=initial is not None)
 
     results = {}
     for name in ("validation", "test"):

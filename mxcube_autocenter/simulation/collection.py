@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSLATION_MOTORS = ("phiy", "phiz", "sampx", "sampy")
+from mxcube_autocenter.geometry import TRANSLATION_MOTORS
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gevent
 import numpy as np
 
-from mxcube_autocenter.geometry import centred_motors
-from mxcube_autocenter.simulation.collection import TRANSLATION_MOTORS, collection_parameters
+from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors
+from mxcube_autocenter.simulation.collection import collection_parameters
 
 
 def helical_end_points(mounted, rng, length_mm=None):
