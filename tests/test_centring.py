@@ -1642,28 +1642,13 @@ def test_a_press_whose_diffractometer_never_gets_ready_ends_failed(beamline, aut
     assert not autocenter._button_pressed
 
 
-def test_a_motor_unreadable_after_the_move_fails_the_centring_and_puts_the_sample_back(beamline, autocenter,
-                                                                                        monkeypatch):
+def test_a_motor_unreadable_after_the_move_fails_the_centring_and_puts_the_sample_back(beamline, autocenter):
     # Success was said before the final positions were read: a queue task went on to collect on a sample that
     # the failure had put back where it started.
     mount_at_start(beamline)
     autocenter.config.verify_centring = "off"
     start = positions(beamline)
-    moved = {"done": False}
-    real_centre_on, real_positions = procedure._centre_on, procedure.Beamline.positions
-
-    def centre_on(*args, **kwargs):
-        real_centre_on(*args, **kwargs)
-        moved["done"] = True
-
-    def positions_dropping_out(self, names=procedure.CENTRING_MOTORS):
-        if moved["done"]:
-            moved["done"] = False
-            raise procedure.CentringFailed("the diffractometer offers no motor sampx")
-        return real_positions(self, names)
-
-    monkeypatch.setattr(procedure, "_centre_on", centre_on)
-    monkeypatch.setattr(procedure.Beamline, "positions", positions_dropping_out)
+    beamline.diffractometer.get_motors()["sampx"].inject_fault("unreadable")  # after its move: none before the fit's
     result = autocenter.centre(save=False)
-    assert not result.success and result.centred_positions is None and "no motor sampx" in result.message
+    assert not result.success and result.centred_positions is None and "motor sampx reads None" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)

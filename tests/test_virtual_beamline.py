@@ -100,6 +100,9 @@ def test_motor_faults_can_be_injected(beamline):
     with pytest.raises(RuntimeError, match="timed out"):
         phiz.set_value(start + 0.1, timeout=0.3)
     phiz.update_state(phiz.STATES.READY)
+    phiz.inject_fault("unreadable")  # the move ends, then the motor reads None until the next one begins
+    phiz.set_value(start + 0.05, timeout=5)
+    assert phiz.get_value() is None and phiz.get_state() == phiz.STATES.READY
     phiz.set_value(start, timeout=5)
     assert phiz.get_value() == pytest.approx(start)
     with pytest.raises(ValueError, match="limits"):

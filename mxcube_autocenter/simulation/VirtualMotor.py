@@ -9,7 +9,7 @@ from mxcubecore.HardwareObjects.mockup.MotorMockup import MotorMockup
 
 from mxcube_autocenter.simulation import properties
 
-FAULTS = ("fail", "timeout")
+FAULTS = ("fail", "timeout", "unreadable")
 _STEP_S = 0.02  # between reported positions, as MotorMockup
 
 
@@ -25,6 +25,7 @@ class VirtualMotor(MotorMockup):
         super().__init__(name)
         self._fault = None
         self._move_task = None
+        self._unreadable = False
 
     def init(self):
         super().init()
@@ -36,12 +37,15 @@ class VirtualMotor(MotorMockup):
 
         Parameters
         ----------
-        kind : {"fail", "timeout"} or None
+        kind : {"fail", "timeout", "unreadable"} or None
             ``"fail"`` stops and raises after ``after_s`` of motion (at the
             target if the move is shorter); ``"timeout"`` stops there and
-            never reports arrival; None clears the fault.
+            never reports arrival; ``"unreadable"`` ends the move normally,
+            then the motor reads None until another move begins (as
+            mxcubecore's ExporterMotor does until its next good reading from
+            an MD3); None clears the fault.
         after_s : float
-            Seconds of normal motion before the fault strikes.
+            Seconds of normal motion before a "fail" or "timeout" strikes.
         """
         if kind is not None and kind not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS} or None, not {kind!r}")
@@ -77,6 +81,7 @@ class VirtualMotor(MotorMockup):
             raise ValueError(f"Invalid value {value}; limits are {self.get_limits()}")
         if self._move_task is not None:
             self._move_task.kill()
+        self._unreadable = False
         self.update_state(self.STATES.BUSY)
         task = self._move_task = gevent.spawn(self._move, value)
         task.link(self._move_ended)
@@ -93,13 +98,18 @@ class VirtualMotor(MotorMockup):
             self._move_task.kill()
         self.update_state(self.STATES.READY)
 
+    def get_value(self):
+        return None if self._unreadable else super().get_value()
+
     def _move_ended(self, task):
         # A failed move raised to whoever waits for it (or logged by gevent); a killed one was replaced or aborted.
         if task.successful() and not isinstance(task.value, gevent.GreenletExit):
             self._set_value(task.value)
+            if self._fault is not None and self._fault[0] == "unreadable":
+                self._fault, self._unreadable = None, True
 
     def _move(self, value):
-        if self._fault is None:
+        if self._fault is None or self._fault[0] == "unreadable":
             self._ramp(value)
             return super()._move(value)  # already there: only its end-of-move states
         kind, after_s = self._fault
