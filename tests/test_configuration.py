@@ -120,7 +120,9 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         assert ho.centring_settings(8).blind_views == 2
     config = _config_with(
         tmp_path,
+        '<record_frame_rate>10</record_frame_rate>\n  <record_scan_types>["OSC", "Helical"]</record_scan_types>\n'
         "</object>",
+        '<record_frame_rate>7</record_frame_rate><record_scan_types>["Helical"]</record_scan_types>'
         "<centring_enabled>False</centring_enabled><centring_angles>4</centring_angles>"
         "<verify_centring>off</verify_centring><heatmap_symmetries>flips</heatmap_symmetries></object>",
     )
@@ -129,6 +131,8 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
         assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (4, "off", "flips")
+        # The recording's properties too (the virtual beamline's own XML gives their defaults).
+        assert (ho.settings()["record_frame_rate"], ho.settings()["record_scan_types"]) == (7.0, ["Helical"])
 
 
 def test_blind_views_must_leave_two_views_to_see_the_crystal():
