@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from mxcube_autocenter import scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, centred_motors, sample_to_screen  # noqa: E402
-from mxcube_autocenter.recording import json_default  # noqa: E402
+from mxcube_autocenter.outputs import json_default, write_json_whole  # noqa: E402
 from mxcube_autocenter.scorecard import METHODS, TRAINED_IN_RUN, Outcome, format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -1155,14 +1155,10 @@ def _written(errors: list, write):
 
 
 def _write_json(path: Path, value, indent: int):
-    """Write ``value`` as JSON through a temporary file, so that a failed write leaves no half file."""
-    part = path.with_name(path.name + ".part")
+    """Write ``value`` as JSON, whole or not at all, or say which file could not be written and what to do."""
     try:
-        with open(part, "w") as f:
-            json.dump(value, f, indent=indent, default=json_default)
-        os.replace(part, path)
+        write_json_whole(path, value, indent)
     except OSError as err:
-        part.unlink(missing_ok=True)
         raise OSError(f"cannot write {path} ({err.strerror or err}): free space there or give another --out") from err
 
 

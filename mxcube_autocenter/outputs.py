@@ -1,13 +1,53 @@
-"""Output folders of the commands: made, or refused naming the path, what is in the way and the fix.
+"""Output folders and files of the commands.
 
-``os.makedirs`` under a file says only ``[Errno 17] File exists: 'a'`` or
-``[Errno 20] Not a directory: 'a/b'``: neither names the option nor says
-that a file stands where a folder is needed.
+Folders are made, or refused naming the path, what is in the way and the
+fix: ``os.makedirs`` under a file says only ``[Errno 17] File exists: 'a'``
+or ``[Errno 20] Not a directory: 'a/b'``: neither names the option nor says
+that a file stands where a folder is needed. Files are written whole or not
+at all (:func:`write_whole`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+
+import numpy as np
+
+
+def json_default(value):
+    """``json.dumps(..., default=json_default)``: numpy numbers and arrays as lists and numbers, paths as text."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{value!r} ({type(value).__name__}) cannot be stored as JSON")
+
+
+def write_whole(path, write, partial=None) -> None:
+    """``write(partial)``, then rename ``partial`` (default ``<path>.part``) to ``path``.
+
+    ``path`` is then whole, or as it was before: a write cut short (a full
+    disk, an error, an interrupt) leaves nothing behind.
+    """
+    partial = os.fspath(partial or f"{os.fspath(path)}.part")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def write_json_whole(path, value, indent: int = 2) -> None:
+    """``value`` as indented JSON at ``path`` (numpy values and paths too), written whole or not at all."""
+
+    def dump(partial):
+        with open(partial, "w") as f:
+            json.dump(value, f, indent=indent, default=json_default)
+
+    write_whole(path, dump)
 
 
 def make_directory(path, option: str = "--out") -> Path:

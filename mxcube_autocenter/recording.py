@@ -49,6 +49,7 @@ from gevent import monkey
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.hdf5errors import DAMAGED_FILE_ERRORS, not_opened, reading
 from mxcube_autocenter.imagefiles import write_png
+from mxcube_autocenter.outputs import json_default
 
 log = logging.getLogger(__name__)
 
@@ -285,15 +286,6 @@ def _attr_value(key: str, value):
     raise TypeError(
         f"recording metadata {key!r} = {value!r}: use a number, text, list or dict"
     )
-
-
-def json_default(value):
-    """``json.dumps(..., default=json_default)``: numpy numbers and arrays as lists and numbers, paths as text."""
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{value!r} ({type(value).__name__}) cannot be stored as JSON")
 
 
 def _python_value(value):

@@ -47,7 +47,7 @@ from mxcube_autocenter import __version__
 from mxcube_autocenter.geometry import centred_motors, sample_to_screen
 from mxcube_autocenter.centring.loop import loop_roi
 from mxcube_autocenter.learning import crops
-from mxcube_autocenter.outputs import make_directory
+from mxcube_autocenter.outputs import make_directory, write_whole
 from mxcube_autocenter.recording import encode_jpeg
 from mxcube_autocenter.simulation.diffraction import DiffractionModel
 from mxcube_autocenter.simulation.render import DEFAULT_LOOK, Renderer, random_look
@@ -251,10 +251,11 @@ def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict,
     Returns the number of rows.
     """
     make_directory(os.path.dirname(os.path.abspath(path)), "output path")
-    tmp = f"{path}.part"
     n = 0
-    try:
-        with per_sample(worker, jobs, workers, progress) as results, h5py.File(tmp, "w") as f:
+
+    def write(partial):
+        nonlocal n
+        with per_sample(worker, jobs, workers, progress) as results, h5py.File(partial, "w") as f:
             f.attrs.update(attrs)
             g = f.create_group(group)
             for name, (dtype, shape) in columns.items():
@@ -270,10 +271,8 @@ def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict,
                     else:
                         ds[n : n + m] = np.asarray(rows[name], dtype=object if dtype is TEXT else dtype)
                 n += m
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_whole(path, write)
     return n
 
 

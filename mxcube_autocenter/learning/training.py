@@ -61,8 +61,7 @@ from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, Table, 
 from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
-from mxcube_autocenter.outputs import make_directory  # noqa: E402
-from mxcube_autocenter.recording import json_default  # noqa: E402
+from mxcube_autocenter.outputs import json_default, make_directory, write_json_whole, write_whole  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +609,7 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
     failed or stopped before its first epoch ended), here.
     """
     if _is_chief(strategy):
-        _write_json_whole(os.path.join(out, RUN_INFO), run_info)
+        write_json_whole(os.path.join(out, RUN_INFO), run_info)
         if os.path.exists(os.path.join(work, "model.keras")):
             # Kept whole until this run's replaces it: said now, so that a run that then stops is not taken for it.
             log.warning("%s is an earlier run's model: it stays until this run ends and replaces it",
@@ -649,13 +648,13 @@ class _Checkpoint(keras.callbacks.ModelCheckpoint):
 
 
 class _SavedWhole:
-    """What ModelCheckpoint saves (it calls ``save`` alone): ``model``, through :func:`_write_whole`."""
+    """What ModelCheckpoint saves (it calls ``save`` alone): ``model``, through :func:`.outputs.write_whole`."""
 
     def __init__(self, model):
         self._model = model
 
     def save(self, filepath, overwrite=True):
-        _write_whole(filepath, self._model.save, partial=filepath.removesuffix(".keras") + ".part.keras")
+        write_whole(filepath, self._model.save, partial=filepath.removesuffix(".keras") + ".part.keras")
 
 
 def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, verbose, monitor="val_loss",
@@ -771,31 +770,10 @@ def save_model(model, info, work, out, strategy):
     """
     final = attach_info(model, info)
     model_path = os.path.join(work, "model.keras")
-    _write_whole(model_path, final.save, partial=os.path.join(work, "model.part.keras"))  # Keras wants .keras
+    write_whole(model_path, final.save, partial=os.path.join(work, "model.part.keras"))  # Keras wants .keras
     if _is_chief(strategy):
-        _write_json_whole(os.path.join(out, "info.json"), info)
+        write_json_whole(os.path.join(out, "info.json"), info)
     return final, model_path
-
-
-def _write_json_whole(path, info: dict):
-    """``info`` as indented JSON at ``path``, written whole or not at all."""
-
-    def dump(partial):
-        with open(partial, "w") as f:
-            json.dump(info, f, indent=2, default=json_default)
-
-    _write_whole(path, dump)
-
-
-def _write_whole(path, write, partial=None):
-    """``write(partial)``, then rename ``partial`` (default ``<path>.part``) to ``path``; nothing left on failure."""
-    partial = partial or f"{path}.part"
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 # Logit per unit of an fcn regressor's transformed output (a z-score) when a classifier starts from it. With the
