@@ -68,12 +68,6 @@ def freeze_long_lived_objects():
     gc.freeze()
 
 
-def _omega_gap(a: float, b: float) -> float:
-    """Smallest angle between two omega positions, degrees."""
-    gap = abs(a - b) % 360.0
-    return min(gap, 360.0 - gap)
-
-
 # Why the recording of a killed collection ended (its file's ``error``).
 COLLECTION_STOPPED = "the collection was stopped"
 
@@ -458,39 +452,34 @@ class AutoCenter(HardwareObject):
             self._heatmap_grid = None
             now = sample_view.get_positions()
             views = result.angles + ([result.verification] if result.verification else [])
-            angle = min(views, key=lambda a: _omega_gap(a.omega, now["omega"]), default=None)
-            # A grid more than hide_grid_threshold away in omega is hidden by SampleView.
-            if angle is None or angle.heatmap is None or angle.heatmap.values.size == 0 \
-                    or _omega_gap(angle.omega, now["omega"]) > sample_view.hide_grid_threshold:
+            angle = report.nearest_view(views, now["omega"], sample_view.hide_grid_threshold)
+            if angle is None:
                 return
-            hm = angle.heatmap
             ppmm = HWR.beamline.diffractometer.get_pixels_per_mm()
             beam_now = HWR.beamline.beam.get_beam_position_on_screen()
             if result.optics is None or not procedure.same_optics(result.optics, (ppmm, beam_now)):
                 self.log.info("AutoCenter: the zoom changed since the centring's views: no heatmap shown")
                 return
-            step_x = float(hm.xs[1] - hm.xs[0]) if len(hm.xs) > 1 else self.config.heatmap_stride_px
-            step_y = float(hm.ys[1] - hm.ys[0]) if len(hm.ys) > 1 else self.config.heatmap_stride_px
-            x0, y0 = float(hm.xs[0]) - step_x / 2, float(hm.ys[0]) - step_y / 2
+            cells = report.grid_cells(angle.heatmap, ppmm, self.config.heatmap_stride_px)
             # get_centred_point_from_coord works from the motors as they are now: shift
             # it back to the translations the view was taken at (the fitted views' are
             # where the centring started, the verification view's where it ended).
-            corner = sample_view.get_centred_point_from_coord(x0, y0, return_by_names=True)
+            corner = sample_view.get_centred_point_from_coord(*cells.corner, return_by_names=True)
             for name in TRANSLATION_MOTORS:
                 corner[name] += angle.motors[name] - now[name]
-            grid = sample_view.add_shape_from_mpos([corner], (x0, y0), "G")
+            grid = sample_view.add_shape_from_mpos([corner], cells.corner, "G")
             self._heatmap_grid = grid  # on SampleView now: the next centring deletes it, even if this one fails below
             grid.label = "ML heatmap"
             grid.name = f"ML heatmap omega {angle.omega % 360:.0f}"
-            grid.num_cols, grid.num_rows = len(hm.xs), len(hm.ys)
-            grid.cell_width, grid.cell_height = 1000 * step_x / ppmm[0], 1000 * step_y / ppmm[1]
+            grid.num_cols, grid.num_rows = cells.columns, cells.rows
+            grid.cell_width, grid.cell_height = cells.cell_um
             grid.cell_h_space = grid.cell_v_space = 0
-            grid.width, grid.height = step_x * grid.num_cols, step_y * grid.num_rows
+            grid.width, grid.height = cells.step[0] * cells.columns, cells.step[1] * cells.rows
             grid.pixels_per_mm = list(ppmm)
             grid.beam_pos = list(beam_now)
             grid.update_position(sample_view.motor_positions_to_screen)
             sample_view.emit("shapesChanged")
-            sample_view.set_grid_data(grid.id, report.heatmap_png_base64(hm.values), "")
+            sample_view.set_grid_data(grid.id, report.heatmap_png_base64(angle.heatmap.values), "")
         except Exception:
             self.log.exception("AutoCenter: could not publish the centring heatmap")
 

@@ -111,3 +111,30 @@ def test_a_grid_the_user_drew_after_a_mount_is_not_taken_for_the_last_centrings_
     assert mesh.id == heatmap.id
     autocenter._publish_heatmap(result)
     assert mesh in grids(beamline) and len(grids(beamline)) == 2
+
+
+def test_the_grid_shows_the_view_nearest_the_current_omega_within_the_hidden_grid_threshold():
+    from mxcube_autocenter.centring.heatmap import Heatmap
+    from mxcube_autocenter.centring.procedure import AngleResult
+    from mxcube_autocenter.centring.report import nearest_view, omega_gap
+
+    assert omega_gap(350.0, 10.0) == pytest.approx(20.0) and omega_gap(-30.0, 690.0) == pytest.approx(0.0)
+    heatmap = Heatmap(np.ones((2, 3)), np.arange(3.0), np.arange(2.0))
+    views = [AngleResult(omega=w, loop=None, roi=None, point=(0, 0), score=1.0, crystal_probability=None,
+                         heatmap=heatmap) for w in (0.0, 30.0, 60.0)]  # fmt: skip
+    assert nearest_view(views, 395.0, max_gap_deg=10.0) is views[1]  # a turn on
+    assert nearest_view(views, 100.0, max_gap_deg=10.0) is None  # SampleView would hide it
+    views[1].heatmap = Heatmap(np.ones((0, 0)), np.zeros(0), np.zeros(0))
+    assert nearest_view(views, 30.0, max_gap_deg=10.0) is None  # nothing to show
+
+
+def test_the_grids_cells_are_centred_on_the_heatmaps_points():
+    from mxcube_autocenter.centring.heatmap import Heatmap
+    from mxcube_autocenter.centring.report import grid_cells
+
+    cells = grid_cells(Heatmap(np.ones((2, 3)), np.array([10.0, 16.0, 22.0]), np.array([5.0, 11.0])), (1300.0, 650.0),
+                       single_step_px=4.0)  # fmt: skip
+    assert cells.corner == (7.0, 2.0) and cells.step == (6.0, 6.0) and (cells.columns, cells.rows) == (3, 2)
+    assert cells.cell_um == pytest.approx((6 / 1.3, 6 / 0.65))
+    single = grid_cells(Heatmap(np.ones((1, 1)), np.array([10.0]), np.array([5.0])), (1300.0, 1300.0), 4.0)
+    assert single.corner == (8.0, 3.0) and single.step == (4.0, 4.0)

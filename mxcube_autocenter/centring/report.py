@@ -1,4 +1,4 @@
-"""Saving a centring for people: heatmap overlays (PNG) and a JSON record."""
+"""Showing a centring to people: heatmap overlays (PNG), the web UI's heatmap grid, and a JSON record."""
 
 from __future__ import annotations
 
@@ -47,6 +47,51 @@ def heatmap_png_base64(values, alpha=0.5) -> str:
     if not ok:
         raise ValueError("could not encode the heatmap as PNG")
     return base64.b64encode(png.tobytes()).decode("ascii")
+
+
+def omega_gap(a: float, b: float) -> float:
+    """Smallest angle between two omega positions, degrees."""
+    gap = abs(a - b) % 360.0
+    return min(gap, 360.0 - gap)
+
+
+def nearest_view(views, omega: float, max_gap_deg: float):
+    """The view (:class:`AngleResult`) taken nearest ``omega``, degrees; None when none with a heatmap is within
+    ``max_gap_deg`` of it (a grid further away in omega is hidden by SampleView, ``hide_grid_threshold``)."""
+    angle = min(views, key=lambda a: omega_gap(a.omega, omega), default=None)
+    if angle is None or angle.heatmap is None or angle.heatmap.values.size == 0 \
+            or omega_gap(angle.omega, omega) > max_gap_deg:  # fmt: skip
+        return None
+    return angle
+
+
+@dataclasses.dataclass(frozen=True)
+class GridCells:
+    """A heatmap's grid as MXCuBE's grid shape takes it: one cell centred on each grid point.
+
+    ``corner`` is the first cell's outer corner and ``step`` the cells' pitch,
+    image pixels; ``cell_um`` their size, um; ``columns``, ``rows`` their numbers.
+    """
+
+    corner: tuple
+    step: tuple
+    cell_um: tuple
+    columns: int
+    rows: int
+
+
+def grid_cells(heatmap, pixels_per_mm, single_step_px: float) -> GridCells:
+    """The cells of ``heatmap`` (``xs``, ``ys``: grid points, pixels) at ``pixels_per_mm`` (x, y).
+
+    ``single_step_px`` is the pitch along an axis with a single grid point.
+    """
+    step_x = float(heatmap.xs[1] - heatmap.xs[0]) if len(heatmap.xs) > 1 else float(single_step_px)
+    step_y = float(heatmap.ys[1] - heatmap.ys[0]) if len(heatmap.ys) > 1 else float(single_step_px)
+    return GridCells(
+        corner=(float(heatmap.xs[0]) - step_x / 2, float(heatmap.ys[0]) - step_y / 2), step=(step_x, step_y),
+        cell_um=(1000 * step_x / pixels_per_mm[0], 1000 * step_y / pixels_per_mm[1]),
+        columns=len(heatmap.xs), rows=len(heatmap.ys),
+    )
 
 
 def overlay(angle: AngleResult, beam_position, alpha=0.45, crystal_found=True) -> np.ndarray:
