@@ -669,9 +669,10 @@ def cmd_simulate(args) -> int:
     import numpy as np
 
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors
     from mxcube_autocenter.imagefiles import write_png
     from mxcube_autocenter.outputs import make_directory
-    from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
+    from mxcube_autocenter.simulation.experiments import aim_point, helical_and_rotation, recorded_collection
     from mxcube_autocenter.simulation.gallery import sample_gallery
     from mxcube_autocenter.simulation.render import Renderer
     from mxcube_autocenter.simulation.sample import make_sample
@@ -692,13 +693,8 @@ def cmd_simulate(args) -> int:
         write_png(gallery, sample_gallery(sample, mounted.diffraction, Renderer()))
         print(f"Gallery (crystal outlines yellow, beam red cross, best point red circle): {gallery}")
         rng = np.random.default_rng(args.seed)
-        point, _ = mounted.best_point()
-        centre = sample.loop_centre if point is None else point
-        scans = [
-            ("Helical", {"helical": tuple(beamline.diffractometer.readings(end)
-                                          for end in helical_end_points(mounted, rng)), "osc_range": 0.1}),
-            ("OSC", {"osc_range": 1.0}),
-        ]
+        centre = centred_motors(aim_point(mounted))
+        scans = helical_and_rotation(beamline, mounted, rng, helical_range=0.1, rotation_range=1.0)
         # As MXCuBE's queue does, a run number whose files exist is not used again: a second simulate into the same
         # --out replaced the first one's EIGER files, and its camera recordings were then labelled with the new
         # collection's counts.
@@ -707,17 +703,16 @@ def cmd_simulate(args) -> int:
             print(f"{out / 'data'} holds earlier collections of sample {args.seed}: these are runs {first_run} and "
                   f"{first_run + 1}")
         for run, (kind, extra) in enumerate(scans, start=first_run):
-            beamline.diffractometer.set_value_motors(beamline.diffractometer.readings(
-                {"phiy": float(centre[0]), "phiz": 0.0, "sampx": float(centre[1]), "sampy": float(centre[2])}), timeout=30
+            beamline.diffractometer.set_value_motors(
+                beamline.diffractometer.readings({m: centre[m] for m in TRANSLATION_MOTORS}), timeout=30
             )
             progress = _ImageProgress(beamline.collect, args.images, f"{kind} collection")
-            recorder = recorder_object.recorder  # None where the configuration records nothing
-            if recorder is not None:
-                recorder.last_summary = None
             try:
-                run_collection(
-                    beamline, out / "data", f"sample{args.seed}", experiment_type=kind, run_number=run,
-                    n_images=args.images, exposure_time=args.exposure, crystal_id=mounted.crystal_id, **extra,
+                # The recording's file closes in the background: the beamline must not be torn down before.
+                summary = recorded_collection(
+                    beamline, recorder_object.recorder, out / "data", f"sample{args.seed}", experiment_type=kind,
+                    run_number=run, n_images=args.images, exposure_time=args.exposure, crystal_id=mounted.crystal_id,
+                    **extra,
                 )
             finally:
                 progress.close()
@@ -726,10 +721,8 @@ def cmd_simulate(args) -> int:
                 f"{kind}: {len(counts)} frames, reflection counts {min(counts)}-{max(counts)} "
                 f"(mean {np.mean(counts):.1f}), master file {beamline.collect.last_collection['master_file']}"
             )
-            # The recording's file closes in the background: the beamline must not be torn down before.
-            if recorder is None:
+            if recorder_object.recorder is None:  # a configuration that records nothing
                 continue
-            summary = recorder.wait_closed()
             if summary is None or summary.status != "complete":
                 print(f"error: the {kind} collection's camera recording did not close: {summary}", file=sys.stderr)
                 return 1

@@ -152,7 +152,7 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
     each crystal's diffraction model."""
     from tqdm import tqdm
 
-    from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
+    from mxcube_autocenter.simulation.experiments import aim_point, helical_and_rotation, recorded_collection
     from mxcube_autocenter.simulation.render import random_look
     from mxcube_autocenter.simulation.sample import make_sample
 
@@ -162,26 +162,19 @@ def _record_training_data(bl, ho, data_dir: Path, seeds, *, n_images, exposure_t
         bl.sample_view.camera.set_look(random_look(rng))
         mounted = bl.sample_changer.mount(make_sample(int(seed)), crystal_id=f"seed{seed}")
         truth[mounted.crystal_id] = mounted.diffraction
-        point, _ = mounted.best_point()
-        centre = mounted.sample.loop_centre if point is None else point
         # A person centres roughly: about 10 um off the best point along each axis.
-        aim = centre + rng.normal(0.0, 0.01, 3)
-        ends = helical_end_points(mounted, rng)
-        scans = [
-            ("Helical", {"helical": tuple(bl.diffractometer.readings(end) for end in ends), "osc_range": 0.2}),
-            ("OSC", {"osc_range": 2.0}),
-        ]
+        aim = aim_point(mounted) + rng.normal(0.0, 0.01, 3)
+        scans = helical_and_rotation(bl, mounted, rng, helical_range=0.2, rotation_range=2.0)
         for run, (kind, extra) in enumerate(scans, start=1):
-            # Start where the scan starts, so that the collection does not wait for omega to turn there.
+            # Start where the scan starts, so that the collection does not wait for omega to turn there
+            # (osc_start, as the helical line's ends, is a reading).
             osc_start = float(rng.uniform(0, 360))
-            first = ends[0] if kind == "Helical" else centred_motors(aim)
-            start_omega = bl.diffractometer.sample_frame({"omega": osc_start})["omega"]  # osc_start is a reading
-            _move(bl, {**{m: first[m] for m in TRANSLATION_MOTORS}, "omega": start_omega})
-            ho.recorder.last_summary = None
-            run_collection(bl, data_dir, f"train{seed}", experiment_type=kind, run_number=run, n_images=n_images,
-                           exposure_time=exposure_time, osc_start=osc_start, crystal_id=mounted.crystal_id,
-                           **extra)  # fmt: skip
-            summary = ho.recorder.wait_closed()
+            first = extra["helical"][0] if kind == "Helical" else bl.diffractometer.readings(centred_motors(aim))
+            bl.diffractometer.set_value_motors({**{m: first[m] for m in TRANSLATION_MOTORS}, "omega": osc_start},
+                                               timeout=30.0)  # fmt: skip
+            summary = recorded_collection(bl, ho.recorder, data_dir, f"train{seed}", experiment_type=kind,
+                                          run_number=run, n_images=n_images, exposure_time=exposure_time,
+                                          osc_start=osc_start, crystal_id=mounted.crystal_id, **extra)  # fmt: skip
             if summary is not None and summary.status == "complete":
                 recordings.append(Path(summary.path))
             else:

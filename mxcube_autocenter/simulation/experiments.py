@@ -9,6 +9,12 @@ from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors
 from mxcube_autocenter.simulation.collection import collection_parameters
 
 
+def aim_point(mounted) -> np.ndarray:
+    """Where a collection on the sample aims: its best point, or the loop's centre on an empty loop, mm."""
+    point, _ = mounted.best_point()
+    return mounted.sample.loop_centre if point is None else point
+
+
 def helical_end_points(mounted, rng, length_mm=None):
     """Start and end motor positions of a helical line through the sample.
 
@@ -17,8 +23,7 @@ def helical_end_points(mounted, rng, length_mm=None):
     passes from liquid over crystal and back: many different reflection counts.
     """
     sample = mounted.sample
-    point, _ = mounted.best_point()
-    centre = sample.loop_centre if point is None else point
+    centre = aim_point(mounted)
     in_plane = np.cross(sample.loop_normal, [1.0, 0.0, 0.0])
     angle = rng.uniform(0, np.pi)
     direction = np.cos(angle) * np.array([1.0, 0.0, 0.0]) + np.sin(angle) * in_plane
@@ -28,6 +33,34 @@ def helical_end_points(mounted, rng, length_mm=None):
         {m: centred_motors(start)[m] for m in TRANSLATION_MOTORS},
         {m: centred_motors(end)[m] for m in TRANSLATION_MOTORS},
     )
+
+
+def helical_and_rotation(beamline, mounted, rng, *, helical_range: float, rotation_range: float) -> list:
+    """The two collections recorded on a training sample: a helical line through it, then a rotation.
+
+    Returns ``[(experiment_type, keywords of run_collection), ...]``; the
+    helical line's ends (:func:`helical_end_points`) as motor readings.
+    ``helical_range`` and ``rotation_range`` are the degrees per image.
+    """
+    ends = helical_end_points(mounted, rng)
+    return [
+        ("Helical", {"helical": tuple(beamline.diffractometer.readings(end) for end in ends),
+                     "osc_range": helical_range}),
+        ("OSC", {"osc_range": rotation_range}),
+    ]  # fmt: skip
+
+
+def recorded_collection(beamline, recorder, directory, prefix, **params):
+    """:func:`run_collection` with the AutoCenter object's recorder listening: its recording's summary once
+    the file is closed (None where ``recorder`` is None: a configuration that records nothing).
+
+    The recorder's ``last_summary`` is cleared first: an earlier collection's
+    summary must never pass for this one's.
+    """
+    if recorder is not None:
+        recorder.last_summary = None
+    run_collection(beamline, directory, prefix, **params)
+    return None if recorder is None else recorder.wait_closed()
 
 
 def run_collection(beamline, directory, prefix, *, experiment_type="OSC", helical=None, timeout=300, **params):
