@@ -296,31 +296,13 @@ def cmd_train_dense(args) -> int:
     """Train the fcn regressor on a region set, every grid crop of a region at once."""
     from mxcube_autocenter.learning.dense import train_dense
 
-    colours, transform = {}, args.transform or "log"
-    if args.initial_model:
-        # Fine-tuning keeps the initial model's input (its colour and normalisation, which have no options here)
-        # and its label transform, as train does.
-        from mxcube_autocenter.learning.training import load_model
-
-        info = load_model(args.initial_model)[1]
-        colours = _input_colours(info)
-        own = info.get("transform", {}).get("name")
-        if args.transform is not None and own is not None and args.transform != own:
-            raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's label transform, so not "
-                             f"--transform {args.transform} (the model's: {own}): leave that out, or train a new "
-                             "model without --initial-model")  # fmt: skip
-        transform = own or transform
-    result = train_dense(args.regions, args.out, transform=transform, label=args.label, epochs=args.epochs,
+    # Fine-tuning keeps the initial model's input and label transform (train_dense takes them from it).
+    result = train_dense(args.regions, args.out, transform=args.transform, label=args.label, epochs=args.epochs,
                          batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                          learning_rate=args.learning_rate, initial_model=args.initial_model,
-                         peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness, **colours)
+                         peak_weight=args.peak_weight, peak_sharpness=args.peak_sharpness)
     _print_training(result)
     return 0
-
-
-def _input_colours(info) -> dict:
-    """The colour mode and normalisation of a model's input metadata, as training keywords."""
-    return {key: info["input"][key] for key in ("colour", "normalisation") if key in info["input"]}
 
 
 def _print_training(result):
@@ -330,61 +312,30 @@ def _print_training(result):
         print(f"  {subset}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 
-# The options a fine-tuned model takes from its initial model: refused when given otherwise.
-_FINE_TUNE_KEPT = {"--arch": "arch", "--crop-um": "crop_um", "--input-size": "input_size", "--transform": "transform",
-                   "--threshold": "threshold"}
-
-
 @_input_errors_exit_2
 def cmd_train(args) -> int:
     """Train a reflection-count regressor (or the crystal/empty classifier)."""
     from mxcube_autocenter.learning.architectures import task_of
-    from mxcube_autocenter.learning.crops import DEFAULT_CROP_UM, DEFAULT_INPUT_SIZE
     from mxcube_autocenter.learning.training import load_model, train, train_classifier
 
-    given = {option: getattr(args, dest) is not None for option, dest in _FINE_TUNE_KEPT.items()}
-    colours = {}
-    if args.initial_model:
-        # Fine-tuning: the network, its input and label transform are the initial model's; an fcn_classifier
-        # started from a regressor keeps its own architecture and threshold.
-        _, info = load_model(args.initial_model)
-        colours = _input_colours(info)
-        transfer = args.arch == "fcn_classifier" and info.get("task") == "regression"
-        own = {"--crop-um": info["input"]["crop_um"], "--input-size": info["input"]["input_size"]}
-        if not transfer:
-            own.update({"--arch": info["architecture"]["name"], "--transform": info.get("transform", {}).get("name"),
-                        "--threshold": info.get("threshold")})
-        asked = {option: getattr(args, _FINE_TUNE_KEPT[option]) for option in own}
-        differ = [f"{option} {asked[option]} (the model's: {value})" for option, value in own.items()
-                  if given[option] and value is not None and asked[option] != value]
-        if differ:
-            raise ValueError(f"{args.initial_model}: fine-tuning keeps the model's architecture, input, label "
-                             f"transform and threshold, so not {', '.join(differ)}: leave that out, or train a new "
-                             "model without --initial-model")
-        for option, value in own.items():
-            if value is not None:
-                setattr(args, _FINE_TUNE_KEPT[option], value)
-    args.arch = args.arch or "fcn"
-    args.transform, args.threshold = args.transform or "log", 5.0 if args.threshold is None else args.threshold
-    args.crop_um = DEFAULT_CROP_UM if args.crop_um is None else args.crop_um
-    args.input_size = DEFAULT_INPUT_SIZE if args.input_size is None else args.input_size
-    if args.initial_model:
-        print(f"{'Starting from' if transfer else 'Fine-tuning'} {args.initial_model}: {args.arch}, "
-              f"{args.input_size} px crops of {args.crop_um} um"
-              + (f", transform {args.transform}" if task_of(args.arch) == "regression" else ""))
-    task = task_of(args.arch)
-    ignored = "--transform" if task == "classifier" and given["--transform"] else (
-        "--threshold" if task == "regression" and given["--threshold"] else None)
-    if ignored:
-        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch}): leave it out, or train an "
-                         "architecture it applies to (a regressor learns transformed counts, a classifier "
-                         "count >= --threshold)")
-    options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate, **colours)
-    args.out = args.out or ("out/classifier" if task == "classifier" else "out/model")
-    if task == "classifier":
-        result = train_classifier(args.dataset, args.out, threshold=args.threshold, arch=args.arch, **options)
+    # Options left out are the initial model's (fine-tuning keeps them; the library refuses others), else the
+    # defaults; without --arch the initial model's task decides which is trained.
+    if args.arch:
+        task = task_of(args.arch)
     else:
-        result = train(args.dataset, args.arch, args.transform, args.out, **options)
+        task = load_model(args.initial_model)[1].get("task", "regression") if args.initial_model else "regression"
+    ignored = "--transform" if task == "classifier" and args.transform is not None else (
+        "--threshold" if task == "regression" and args.threshold is not None else None)
+    if ignored:
+        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch or 'the initial model'}): leave it out, "
+                         "or train an architecture it applies to (a regressor learns transformed counts, a classifier "
+                         "count >= --threshold)")
+    options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate)
+    out = args.out or ("out/classifier" if task == "classifier" else "out/model")
+    if task == "classifier":
+        result = train_classifier(args.dataset, out, threshold=args.threshold, arch=args.arch, **options)
+    else:
+        result = train(args.dataset, args.arch, args.transform, out, **options)
     _print_training(result)
     return 0
 
@@ -588,8 +539,9 @@ def cmd_heatmap(args) -> int:
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = CentringSettings.from_config(AutoCenterConfig(), stride_px=args.stride, heatmap_symmetries=args.symmetries,
-                                            min_score=args.min_score, pin_side=args.pin_side)  # fmt: skip
+    settings = CentringSettings.from_config(AutoCenterConfig(), heatmap_stride_px=args.stride,
+                                            heatmap_symmetries=args.symmetries, min_score=args.min_score,
+                                            pin_side=args.pin_side)  # fmt: skip
     ppmm = (args.pixels_per_mm, args.pixels_per_mm)
     status = 0
     overlay_names = set()

@@ -370,7 +370,7 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
         return SimpleNamespace(score=score, crystal_probability=probability)
 
     settings = procedure.CentringSettings.from_config(AutoCenterConfig(**THREE_VIEWS))
-    assert (settings.verify, settings.verify_min_score, settings.min_score) == ("require", 2.0, 5.0)
+    assert (settings.verify_centring, settings.verify_min_score, settings.min_score) == ("require", 2.0, 5.0)
     seen = [view(34.3), view(12.0), view(21.0)]
     edge_on = [view(34.3), view(0.4), view(21.0)]
     # Faint at the beam (a crystal's best point is not the verification's): confirmed.

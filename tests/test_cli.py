@@ -277,20 +277,22 @@ def test_train_refuses_an_option_that_does_not_apply_to_the_model_it_trains(tmp_
 
 
 @pytest.mark.parametrize("options, refused", [
-    (["--transform", "tanh"], "--transform tanh (the model's: log)"),
-    (["--arch", "classifier"], "--arch classifier (the model's: fcn)"),
-    (["--arch", "a5"], "--arch a5 (the model's: fcn)"),
-    (["--crop-um", "100"], "--crop-um 100.0 (the model's: 240.0)"),
-    (["--input-size", "64"], "--input-size 64 (the model's: 128)"),
-    (["--arch", "fcn_classifier", "--input-size", "64"], "--input-size 64 (the model's: 128)"),
-])
+    (["--transform", "tanh"], "has transform 'log', not 'tanh': train with transform='log'; on the command line "
+                              "--transform log"),
+    (["--arch", "classifier"], "has task 'regression' and architecture 'fcn', not 'classifier' and 'classifier'"),
+    (["--arch", "a5"], "has task 'regression' and architecture 'fcn', not 'regression' and 'a5'"),
+    (["--crop-um", "100"], "has crop_um 240.0, not 100.0: train with crop_um=240.0; on the command line --crop-um 240.0"),
+    (["--input-size", "64"], "has input_size 128, not 64"),
+    (["--arch", "fcn_classifier", "--input-size", "64"], "has input_size 128, not 64"),
+])  # fmt: skip
 def test_fine_tuning_refuses_an_option_other_than_the_models_own(tmp_path, capsys, options, refused):
     # The shipped regressor is an fcn on 128 px crops of 240 um learning log counts: any other --arch, input or
-    # --transform was replaced by the model's without a word (--arch classifier trained a regressor).
+    # --transform was replaced by the model's without a word (--arch classifier trained a regressor). Refused
+    # before the dataset is read (here it is missing).
     out = tmp_path / "model"
     assert main(["train", str(tmp_path / "set.h5"), "--initial-model", "shipped", "--out", str(out), *options]) == 2
     err = capsys.readouterr().err
-    assert "fine-tuning keeps the model's architecture, input, label transform and threshold, so not " + refused in err
+    assert "the initial model " + refused in err and "fine-tuning keeps the initial model's" in err
     assert not out.exists()
 
 

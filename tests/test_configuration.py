@@ -113,7 +113,7 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         ho = auto_centring(bl)
         assert bl.sample_view.start_auto_centring.__self__ is ho  # the web UI's button runs the ML centring
         settings = ho.centring_settings()
-        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (6, "require", "none")
+        assert (settings.n_angles, settings.verify_centring, settings.heatmap_symmetries) == (6, "require", "none")
         assert settings.blind_views == 2
         # A script's or queue task's fewer views keep two that must see the crystal.
         assert (ho.centring_settings(3).n_angles, ho.centring_settings(3).blind_views) == (3, 1)
@@ -130,7 +130,7 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
         ho = auto_centring(bl)
         assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
-        assert (settings.n_angles, settings.verify, settings.heatmap_symmetries) == (4, "off", "flips")
+        assert (settings.n_angles, settings.verify_centring, settings.heatmap_symmetries) == (4, "off", "flips")
         # The recording's properties too (the virtual beamline's own XML gives their defaults).
         assert (ho.settings()["record_frame_rate"], ho.settings()["record_scan_types"]) == (7.0, ["Helical"])
 

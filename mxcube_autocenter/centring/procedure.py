@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import gevent
 import gevent.event
@@ -185,19 +185,19 @@ class CentringSettings:
     n_angles: int
     roi_width_um: float
     roi_height_um: float
-    stride_px: float
+    heatmap_stride_px: float
     heatmap_symmetries: str
     min_score: float
     blind_views: int
     verify_min_score: float
     min_crystal_probability: float
-    fallback: str
+    no_crystal_fallback: str
     pin_side: str
     max_displacement_mm: float
     move_timeout_s: float
-    verify: str
+    verify_centring: str
     refine_max_um: float
-    fresh_frames: int = 0
+    snapshot_fresh_frames: int = 0
     loop_search_rotations: int = 4
     # The middle of the fused score's plateau, not its maximum (fuse_views): on the demo's held-out
     # crystals 0.8 of the peak did as well as 0.7 and better than 0.9 (docs/centring.md, step 4).
@@ -205,18 +205,12 @@ class CentringSettings:
 
     @classmethod
     def from_config(cls, config: AutoCenterConfig, **overrides) -> CentringSettings:
-        """The settings of validated XML properties, with ``overrides`` by field name (e.g. ``n_angles``)."""
-        return cls(**{
-            "n_angles": config.centring_angles, "roi_width_um": config.roi_width_um,
-            "roi_height_um": config.roi_height_um, "stride_px": config.heatmap_stride_px,
-            "heatmap_symmetries": config.heatmap_symmetries, "min_score": config.min_score,
-            "blind_views": config.blind_views, "verify_min_score": config.verify_min_score,
-            "min_crystal_probability": config.min_crystal_probability,
-            "fallback": config.no_crystal_fallback, "pin_side": config.pin_side,
-            "max_displacement_mm": config.max_displacement_mm, "move_timeout_s": config.move_timeout_s,
-            "verify": config.verify_centring, "refine_max_um": config.refine_max_um,
-            "fresh_frames": config.snapshot_fresh_frames, **overrides,
-        })  # fmt: skip
+        """The settings of validated XML properties, with ``overrides`` by field name (e.g. ``n_angles``).
+
+        Each field is the XML property of its name; ``n_angles`` is ``centring_angles``.
+        """
+        properties = {f.name: getattr(config, f.name) for f in fields(cls) if f.name in AutoCenterConfig.model_fields}
+        return cls(**{**properties, "n_angles": config.centring_angles, **overrides})
 
     def __post_init__(self):
         check_blind_views(self.blind_views, self.n_angles)
@@ -512,7 +506,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
     heatmaps fused into one sample point (:func:`.fusion.fuse_views`), and
     that point's projections clicked into mxcubecore's sine fit as it turns
     on through its own steps (``180 / (n_angles - 1)`` degrees). Unless
-    ``settings.verify`` is ``"off"``, a last view half a view step past the
+    ``settings.verify_centring`` is ``"off"``, a last view half a view step past the
     fit's end (a direction none of the views saw) is scored at the beam
     (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it
     (or, with ``fallback = "loop"``, centres the loop tip instead).
@@ -564,11 +558,11 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         point = _in_thread(_choose_point, predictor, result.angles, ppmm, beam, settings)
         timings["fusion_s"] = time.perf_counter() - t
         if point is None:
-            if settings.fallback != "loop":
+            if settings.no_crystal_fallback != "loop":
                 raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty")
             point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
         _centre_on(bl, result, point, settings, start, ppmm, beam)
-        if settings.verify != "off" and result.method == "none":
+        if settings.verify_centring != "off" and result.method == "none":
             # Where lucid3 finds no loop in the verification view, the views' loop tip moved as the sample did
             # (their last tip on screen lies where the loop was before the move).
             tip_point = _loop_point(result.angles, ppmm, beam)
@@ -819,13 +813,13 @@ def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
 
 def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
                 beam_position, log):  # fmt: skip
-    """A verification view without a crystal at the beam: log it, fall back to the loop or fail (``settings.verify``)."""
+    """A verification view without a crystal at the beam: log it, fall back to the loop or fail (``settings.verify_centring``)."""
     check = result.verification
     why = (f"no crystal found at the beam in the verification view at omega {check.omega:.1f} "
            f"({_why_not_verified(result.angles, check, settings)})")  # fmt: skip
-    if settings.verify == "report":
+    if settings.verify_centring == "report":
         log.warning("AutoCenter: %s; centred all the same (verify_centring = report)", why)
-    elif settings.fallback == "loop":
+    elif settings.no_crystal_fallback == "loop":
         point = _loop_fallback(result, pixels_per_mm, beam_position, log, why)
         _centre_on(bl, result, point, settings, start, pixels_per_mm, beam_position)
     else:
@@ -857,7 +851,7 @@ def analyse_frame(predictor, frame, tip, pixels_per_mm, settings: CentringSettin
         tip, frame.shape, pixels_per_mm, width_um=settings.roi_width_um, height_um=settings.roi_height_um,
         pin_side=settings.pin_side,
     )
-    counts = predictor.predict(frame, roi, pixels_per_mm, settings.stride_px, settings.heatmap_symmetries)
+    counts = predictor.predict(frame, roi, pixels_per_mm, settings.heatmap_stride_px, settings.heatmap_symmetries)
     inside = sample_mask(frame, roi, tip, pixels_per_mm, settings.pin_side)
     cols = np.clip(np.round(counts.xs - roi.x0).astype(int), 0, roi.width - 1)
     rows = np.clip(np.round(counts.ys - roi.y0).astype(int), 0, roi.height - 1)

@@ -450,10 +450,10 @@ def train_dense(
     regions_path,
     out="out/dense_model",
     *,
-    transform: str = "log",
+    transform: str | None = None,
     label: str = "rc_expected",
-    colour: str = "rgb",
-    normalisation: str = "backlight",
+    colour: str | None = None,
+    normalisation: str | None = None,
     epochs: int = 20,
     batch_size: int = 16,
     patience: int = 4,
@@ -485,8 +485,12 @@ def train_dense(
         From :func:`synthetic_regions`.
     out : str
         Output directory (``model.keras``, ``checkpoint.keras``, ``history.csv``, ``info.json``).
-    transform : {"vanilla", "log", "tanh"}
-        Label transform, fitted on the training subset's valid points.
+    transform : {"vanilla", "log", "tanh"}, optional
+        Label transform, fitted on the training subset's valid points (default
+        ``log``, or the initial model's).
+    colour, normalisation : optional
+        The model input (default RGB, backlight, or the initial model's); its
+        crop side and size are the region set's.
     label : {"rc_expected", "rc"}
         Learn the noise-free expected counts or their Poisson draws.
     learning_rate : float, optional
@@ -516,10 +520,15 @@ def train_dense(
     learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
     table = read_regions(regions_path)
-    spec = crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size, colour=colour, normalisation=normalisation)
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = training.load_model(initial_model)
+    options = training.initial_or_default("regression", initial_info, colour=colour, normalisation=normalisation,
+                                          transform_name=transform)  # fmt: skip
+    transform = options["transform_name"]
+    spec = crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size, colour=options["colour"],
+                          normalisation=options["normalisation"])  # fmt: skip
+    if initial is not None:
         training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
                                 transform_name=transform, threshold=None)
     try:

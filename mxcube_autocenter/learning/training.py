@@ -443,19 +443,29 @@ def _fit(
     split,
     initial_model=None,
 ) -> TrainResult:
-    if architectures.task_of(arch) != task:
-        raise ValueError(f"architecture {arch!r} is a {architectures.task_of(arch)} model, not a {task} one")
     if label not in LABELS:
         raise ValueError(f"label {label!r}: choose one of {LABELS} (rc_expected only for synthetic datasets)")
+    initial = initial_info = None
+    if initial_model is not None:
+        initial, initial_info = load_model(initial_model)
+    options = initial_or_default(task, initial_info, arch=arch, crop_um=crop_um, input_size=input_size, colour=colour,
+                                 normalisation=normalisation, **({"transform_name": transform_name}
+                                                                 if task == "regression" else {"threshold": threshold}))
+    arch, transform_name, threshold = options["arch"], options.get("transform_name"), options.get("threshold")
+    if architectures.task_of(arch) != task:
+        raise ValueError(f"architecture {arch!r} is a {architectures.task_of(arch)} model, not a {task} one")
+    spec = crops.CropSpec(**{k: options[k] for k in ("crop_um", "input_size", "colour", "normalisation")})
+    if initial is not None:
+        check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name,
+                      threshold=threshold)  # fmt: skip
+        if verbose:
+            print(f"{'Starting from' if arch != initial_info['architecture']['name'] else 'Fine-tuning'} "
+                  f"{initial_model}: {arch}, {spec.input_size} px crops of {spec.crop_um:g} um"
+                  + (f", transform {transform_name}" if task == "regression" else ""))
     keras.utils.set_random_seed(int(seed))
     learning_rate = learning_rate_for(learning_rate, initial_model)
     out = str(out)
     table = read_table(dataset_path)
-    spec = crops.CropSpec(crop_um=crop_um, input_size=input_size, colour=colour, normalisation=normalisation)
-    initial = initial_info = None
-    if initial_model is not None:
-        initial, initial_info = load_model(initial_model)
-        check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name, threshold=threshold)
     try:
         split = split_for(split, table.crystal_id, seed, fractions, initial_model, initial_info)
     except ValueError as err:
@@ -840,6 +850,33 @@ def held_out_seen(path, info, split) -> list:
     return seen
 
 
+# What an option left None is when there is no initial model to take it from.
+_DEFAULTS = {"crop_um": crops.DEFAULT_CROP_UM, "input_size": crops.DEFAULT_INPUT_SIZE, "colour": "rgb",
+             "normalisation": "backlight", "transform_name": DEFAULT_TRANSFORM, "threshold": DEFAULT_THRESHOLD}
+_DEFAULT_ARCH = {"regression": architectures.DEFAULT_REGRESSOR, "classifier": "classifier"}
+
+
+def initial_or_default(task, initial_info, **options) -> dict:
+    """``options`` (``arch``, ``crop_um``, ``input_size``, ``colour``, ``normalisation``, ``transform_name``,
+    ``threshold``), each given as None taken from the initial model where there is one, else the default.
+
+    Fine-tuning keeps the initial model's architecture, input, label transform
+    and threshold; an ``fcn_classifier`` started from a regressor takes its
+    input alone. An option given otherwise is refused by :func:`check_initial`.
+    """
+    own = {}
+    if initial_info is not None:
+        own = {key: initial_info.get("input", {}).get(key)
+               for key in ("crop_um", "input_size", "colour", "normalisation")}  # fmt: skip
+        if not (options.get("arch") == "fcn_classifier" and initial_info.get("task") == "regression"):
+            own.update(arch=initial_info.get("architecture", {}).get("name"),
+                       transform_name=initial_info.get("transform", {}).get("name"),
+                       threshold=initial_info.get("threshold"))  # fmt: skip
+    defaults = {**_DEFAULTS, "arch": _DEFAULT_ARCH[task]}
+    return {key: next(v for v in (value, own.get(key), defaults[key]) if v is not None)
+            for key, value in options.items()}  # fmt: skip
+
+
 def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
     """Refuse to fine-tune a model whose task, architecture, input or label transform differ.
 
@@ -880,15 +917,15 @@ def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
 
 def train(
     dataset_path,
-    arch: str = architectures.DEFAULT_REGRESSOR,
-    transform: str = DEFAULT_TRANSFORM,
+    arch: str | None = None,
+    transform: str | None = None,
     out="out/model",
     *,
     label: str = DEFAULT_LABEL,
-    crop_um: float = crops.DEFAULT_CROP_UM,
-    input_size: int = crops.DEFAULT_INPUT_SIZE,
-    colour: str = "rgb",
-    normalisation: str = "backlight",
+    crop_um: float | None = None,
+    input_size: int | None = None,
+    colour: str | None = None,
+    normalisation: str | None = None,
     epochs: int = 30,
     batch_size: int = 32,
     patience: int = 5,
@@ -909,10 +946,11 @@ def train(
     ----------
     dataset_path : str
         A ``dataset.h5`` (see :mod:`.data`).
-    arch : str
-        One of :data:`architectures.REGRESSORS`.
-    transform : {"vanilla", "log", "tanh"}
-        Label transform (:mod:`.transforms`), fitted on the training subset.
+    arch : str, optional
+        One of :data:`architectures.REGRESSORS` (default ``fcn``).
+    transform : {"vanilla", "log", "tanh"}, optional
+        Label transform (:mod:`.transforms`), fitted on the training subset
+        (default ``log``).
     out : str
         Output directory: ``model.keras`` (with metadata), ``checkpoint.keras``
         (best epoch so far, without metadata), ``history.csv``, ``info.json``.
@@ -921,8 +959,9 @@ def train(
         beamline dataset has), or ``"rc_expected"``, the noise-free expected
         counts a synthetic dataset also stores (the simulator's ground truth).
         Stored in the metadata; the test figures are given against both.
-    crop_um, input_size, colour, normalisation
-        The model input (:class:`crops.CropSpec`).
+    crop_um, input_size, colour, normalisation : optional
+        The model input (:class:`crops.CropSpec`; defaults 240 um, 128 px,
+        RGB, backlight).
     epochs, batch_size, patience : int
         Maximum epochs, global batch size, epochs without improvement of the
         validation loss before stopping (the best weights are restored).
@@ -949,9 +988,10 @@ def train(
     initial_model : path, optional
         Fine-tune: start from this model file's weights and keep its fitted
         label transform (e.g. the shipped model on a site's own recordings).
-        Its task, architecture, input and transform must be the ones asked
-        for (a clear error names the difference); the label may differ (a
-        model trained on synthetic expected counts, tuned on recorded ones).
+        The architecture, input and transform left None are its own; any
+        given must be its own too (a clear error names the difference). The
+        label may differ (a model trained on synthetic expected counts,
+        tuned on recorded ones).
         The starting weights are kept if no epoch improves their validation
         loss (``best_epoch`` 0).
     """
@@ -967,13 +1007,13 @@ def train_classifier(
     dataset_path,
     out="out/classifier",
     *,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     label: str = DEFAULT_LABEL,
-    arch: str = "classifier",
-    crop_um: float = crops.DEFAULT_CROP_UM,
-    input_size: int = crops.DEFAULT_INPUT_SIZE,
-    colour: str = "rgb",
-    normalisation: str = "backlight",
+    arch: str | None = None,
+    crop_um: float | None = None,
+    input_size: int | None = None,
+    colour: str | None = None,
+    normalisation: str | None = None,
     epochs: int = 30,
     batch_size: int = 32,
     patience: int = 5,
@@ -990,7 +1030,8 @@ def train_classifier(
 ) -> TrainResult:
     """Train the crystal/empty classifier: label ``counts >= threshold``, binary cross-entropy, accuracy.
 
-    Parameters as :func:`train`; ``threshold`` is the reflection count from
+    Parameters as :func:`train`; ``arch`` is ``classifier`` by default, and
+    ``threshold`` the reflection count from
     which a crop counts as a crystal (default 5 spots), applied to the
     counts ``label`` names (``"rc"``: the recorded ones; ``"rc_expected"``:
     the noise-free expected ones of a synthetic dataset). The metrics give
