@@ -534,15 +534,14 @@ def test_bayer_frames_are_demosaiced_in_the_sensors_pattern(video_mode):
 
 def bare_recorder(tmp_path, camera, **settings):
     """A CollectionRecorder of ``camera`` (streamed), without a beamline, and a collection's parameters for it."""
-    from types import SimpleNamespace
-
     from mxcube_autocenter.collection_recorder import CollectionRecorder
+    from mxcube_autocenter.config import AutoCenterConfig
 
-    settings = SimpleNamespace(**{
+    # The XML properties' own validation: a property renamed or dropped fails here, as it would in MXCuBE.
+    settings = AutoCenterConfig(**{
         "recording_enabled": True, "record_scan_types": ["OSC"], "record_directory": str(tmp_path),
-        "master_file_template": "{directory}/{prefix}_{run_number}_master.h5", "record_storage": "jpeg",
-        "record_min_free_mb": 0.0, "record_frame_rate": 10.0, "record_max_frames": 1000, "record_source": "stream",
-        "record_camera_timeout_s": 0.5, **settings,
+        "record_storage": "jpeg", "record_min_free_mb": 0.0, "record_frame_rate": 10.0, "record_max_frames": 1000,
+        "record_source": "stream", "record_camera_timeout_s": 0.5, **settings,
     })  # fmt: skip
     recorder = CollectionRecorder(lambda: settings, camera, None, lambda: {"omega": 0.0}, lambda: {})
     dc_params = {"experiment_type": "OSC", "oscillation_sequence": [{"start": 0.0, "range": 0.1}],
