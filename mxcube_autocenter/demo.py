@@ -928,13 +928,8 @@ def run_demo(
         (the report's files that could not be written, as messages).
     """
     _check_gevent()
-    import warnings
-
-    import gevent
-    from tqdm import tqdm
-
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor, PredictorError, load_predictor
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor, PredictorError
     from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
@@ -977,7 +972,7 @@ def run_demo(
     _check_own(out)
     rng = np.random.default_rng(seed)
     timings = {}
-    data_dir, learning_dir, centring_dir = out / "data", out / "learning", out / "centring"
+    learning_dir, centring_dir = out / "learning", out / "centring"
     mode = ("quick: no training, centring with the shipped model" if quick and not model else
             "no training, centring with the given model" if model else
             "full: record, label, train, centre with the shipped model" if use_shipped_model else
@@ -987,9 +982,7 @@ def run_demo(
                 "mesh_threshold": mesh_threshold, "centring_dir": centring_dir, "log": out / "demo.log"}  # fmt: skip
     result = {}
 
-    with _quiet_logging(out / "demo.log") as silence, warnings.catch_warnings():
-        # Keras warns on every classifier call that the input is not given by its name.
-        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+    with _quiet_logging(out / "demo.log") as silence:
         t = time.perf_counter()
         with hardware_repository(config_dir) as bl:
             silence()
@@ -1011,48 +1004,11 @@ def run_demo(
             if train_here:
                 initial = (SHIPPED_REGRESSOR, load_model(SHIPPED_REGRESSOR)[1]) if fine_tune else None
                 regressor_crop_um = initial[1]["input"]["crop_um"] if fine_tune else crop_um
-                # 1. record
-                t = time.perf_counter()
-                ho.config.recording_enabled = True
-                ho.config.record_frame_rate = float(frame_rate)
-                ho.config.record_min_free_mb = 0.0
-                seeds = [TRAIN_SEED0 + 1000 * seed + i for i in range(n_train)]
-                recordings, truth = _record_training_data(bl, ho, data_dir, seeds, n_images=n_images,
-                                                   exposure_time=exposure_time, rng=rng, progress=progress)  # fmt: skip
-                timings["record"] = time.perf_counter() - t
-                if not recordings:
-                    raise DemoError(f"no camera recording was made (see {out / 'demo.log'})")
-                figures_dir = out / "figures"
-                figures_dir.mkdir(parents=True, exist_ok=True)
-                with contextlib.suppress(Exception):
-                    from mxcube_autocenter.recording import contact_sheet
-
-                    data["contact_sheet"] = str(contact_sheet(recordings[0], figures_dir / "training_recording.png",
-                                                              n=8, columns=4, tile_width=240))  # fmt: skip
-                # 2. label
-                from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
-
-                t = time.perf_counter()
-                _say(f"2/5 labelling {len(recordings)} recordings (spot finding in {nproc} processes)")
-                dataset = learning_dir / "dataset.h5"
-                learning_dir.mkdir(parents=True, exist_ok=True)
-                # Crops a little larger than the model's (not the labelling default of 600 um): 6 times less disk.
-                latency = bl.sample_view.camera.get_latency()  # the virtual camera's, known here
-                summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress, camera_latency=latency,
-                                           stored_crop_um=max(240.0, 1.5 * max(crop_um, regressor_crop_um)))  # fmt: skip
-                timings["label"] = time.perf_counter() - t
-                (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
-                if summary.rows_added == 0:
-                    raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
-                _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame, latency)
-                data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
-                            n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
-                            frame_rate=frame_rate, rows=summary.rows_added,
-                            label_errors=summary.n_errors, rc_stats=summary.rc_stats,
-                            histogram=str(summary.histogram) if summary.histogram else None,
-                            label_s=timings["label"])  # fmt: skip
-                if not keep_data:
-                    shutil.rmtree(data_dir, ignore_errors=True)
+                dataset, data = _record_and_label(
+                    bl, ho, out, seed=seed, rng=rng, n_train=n_train, n_images=n_images, exposure_time=exposure_time,
+                    frame_rate=frame_rate, nproc=nproc, stored_crop_um=max(240.0, 1.5 * max(crop_um, regressor_crop_um)),
+                    keep_data=keep_data, progress=progress, timings=timings,
+                )
                 # 3. train
                 t = time.perf_counter()
                 learning = _train(dataset, learning_dir, epochs=epochs, classifier_epochs=classifier_epochs,
@@ -1063,19 +1019,7 @@ def run_demo(
 
             # The model the plugin centres with.
             t = time.perf_counter()
-            try:
-                if given:
-                    predictor = given
-                    source = scorecard.SHIPPED_MODEL if _is_shipped(given) else "given model file"
-                elif trained and not use_shipped_model:
-                    predictor, source = Predictor(*trained), TRAINED_IN_RUN
-                else:
-                    predictor, source = load_predictor(), scorecard.SHIPPED_MODEL
-            except PredictorError as err:
-                raise DemoError(
-                    f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
-                    "--model MODEL.keras"
-                ) from err
+            predictor, source = _choose_predictor(given, None if use_shipped_model else trained)
             ho.config.centring_enabled = True  # the button's centring is what the demo scores, whatever --config says
             ho.use_predictor(predictor)
             if ho.centring_error:
@@ -1092,49 +1036,133 @@ def run_demo(
             outcomes, rows, thumbs = _centre_heldout(bl, ho, specs, methods=methods, mesh_step_um=mesh_step_um,
                                                      mesh_threshold=mesh_threshold, seed=seed, progress=progress)  # fmt: skip
             timings["centre"] = time.perf_counter() - t
-            # The plugin saves its overlays on a worker thread: let it finish.
-            n_ml = sum(o.method == "ml" for o in outcomes)
-            deadline = time.monotonic() + 30
-            while len(list(centring_dir.glob("*.json"))) < n_ml and time.monotonic() < deadline:
-                gevent.sleep(0.1)
-            gevent.sleep(0.5)
+            _await_centring_records(centring_dir, sum(o.method == "ml" for o in outcomes))
 
         # 5. score and report
-        t = time.perf_counter()
-        with tqdm(total=1, desc="5/5 scoring and report", disable=not progress) as bar:
-            methods_figures = scorecard.summarise(outcomes)  # every method, run or not (n = 0)
-            # A write that fails (a full disk) is noted and the rest still written: the scorecard is returned
-            # and printed whatever, rather than lost after the whole run.
-            write_errors = []
-            figures = _written(write_errors, lambda: _error_figures(outcomes, out / "figures")) or {}
-            if _written(write_errors, lambda: _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")):
-                figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
-            learning_out = {k: learning.get(k) for k in ("spearman", "spearman_expected", "classifier_accuracy",
-                                                         "classifier_accuracy_expected", "train_s")}  # fmt: skip
-            learning_out.update({k: v for k, v in learning.items() if k not in learning_out})
-            result = {
-                "methods": methods_figures,
-                "learning": learning_out,
-                "n_samples": len(specs),
-                "n_empty": sum(not r["has_crystal"] for r in rows),
-                "targets": scorecard.check_targets(methods_figures.get("ml", {})),
-                # Absolute: `scorecard` tells runs of one model by these, whatever folder each ran in.
-                "model": {"regressor": str(predictor.regressor_path.resolve()),
-                          "classifier": str(predictor.classifier[0].resolve()) if predictor.classifier else None,
-                          "source": source},  # fmt: skip
-                "data": data,
-                "timings_s": {},
-                "report": str(out / "report.md"),
-            }
-            timings["report"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - t_start
-            result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-            _written(write_errors, lambda: _write_json(out / "samples.json", rows, indent=1))
-            _written(write_errors, lambda: _write_json(out / "scorecard.json", result, indent=2))
-            _written(write_errors, lambda: _write_report(out, result, rows, figures, settings))
-            result["write_errors"] = write_errors
-            bar.update(1)
+        result = _score_and_report(out, outcomes, rows, thumbs, learning=learning, predictor=predictor, source=source,
+                                   data=data, settings=settings, timings=timings, t_start=t_start, progress=progress)
     return json.loads(json.dumps(result, default=json_default))
+
+
+def _record_and_label(bl, ho, out: Path, *, seed, rng, n_train, n_images, exposure_time, frame_rate, nproc,
+                      stored_crop_um, keep_data, progress, timings) -> tuple:
+    """Steps 1 and 2: record the training samples' collections, label them into ``out/learning/dataset.h5``.
+
+    Returns ``(dataset, data)``: the training set's path and what the report says of it. The crops are stored
+    a little larger than the models' (``stored_crop_um``, not the labelling default of 600 um): 6 times less disk.
+    """
+    data = {}
+    data_dir, learning_dir = out / "data", out / "learning"
+    # 1. record
+    t = time.perf_counter()
+    ho.config.recording_enabled = True
+    ho.config.record_frame_rate = float(frame_rate)
+    ho.config.record_min_free_mb = 0.0
+    seeds = [TRAIN_SEED0 + 1000 * seed + i for i in range(n_train)]
+    recordings, truth = _record_training_data(bl, ho, data_dir, seeds, n_images=n_images,
+                                       exposure_time=exposure_time, rng=rng, progress=progress)  # fmt: skip
+    timings["record"] = time.perf_counter() - t
+    if not recordings:
+        raise DemoError(f"no camera recording was made (see {out / 'demo.log'})")
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(Exception):
+        from mxcube_autocenter.recording import contact_sheet
+
+        data["contact_sheet"] = str(contact_sheet(recordings[0], figures_dir / "training_recording.png",
+                                                  n=8, columns=4, tile_width=240))  # fmt: skip
+    # 2. label
+    from mxcube_autocenter.labelling.pipeline import format_summary, label_recordings
+
+    t = time.perf_counter()
+    _say(f"2/5 labelling {len(recordings)} recordings (spot finding in {nproc} processes)")
+    dataset = learning_dir / "dataset.h5"
+    learning_dir.mkdir(parents=True, exist_ok=True)
+    latency = bl.sample_view.camera.get_latency()  # the virtual camera's, known here
+    summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress, camera_latency=latency,
+                               stored_crop_um=stored_crop_um)
+    timings["label"] = time.perf_counter() - t
+    (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
+    if summary.rows_added == 0:
+        raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
+    _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame, latency)
+    data.update(labelling=str(learning_dir / "labelling.txt"), n_train_samples=n_train,
+                n_recordings=len(recordings), n_images=n_images, exposure_time=exposure_time,
+                frame_rate=frame_rate, rows=summary.rows_added,
+                label_errors=summary.n_errors, rc_stats=summary.rc_stats,
+                histogram=str(summary.histogram) if summary.histogram else None,
+                label_s=timings["label"])  # fmt: skip
+    if not keep_data:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return dataset, data
+
+
+def _choose_predictor(given, trained) -> tuple:
+    """The model the plugin centres with, and where it comes from: ``given`` (a Predictor of --model), else the
+    run's own (``trained``: regressor and classifier paths), else the shipped one."""
+    from mxcube_autocenter.centring.predictor import Predictor, PredictorError, load_predictor
+
+    try:
+        if given:
+            return given, (scorecard.SHIPPED_MODEL if _is_shipped(given) else "given model file")
+        if trained:
+            return Predictor(*trained), TRAINED_IN_RUN
+        return load_predictor(), scorecard.SHIPPED_MODEL
+    except PredictorError as err:
+        raise DemoError(f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
+                        "--model MODEL.keras") from err
+
+
+def _await_centring_records(centring_dir: Path, n: int, timeout_s: float = 30.0):
+    """Wait until the plugin has saved ``n`` centring records (on a worker thread), ``timeout_s`` at most."""
+    import gevent
+
+    deadline = time.monotonic() + timeout_s
+    while len(list(centring_dir.glob("*.json"))) < n and time.monotonic() < deadline:
+        gevent.sleep(0.1)
+    gevent.sleep(0.5)
+
+
+def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor, source, data, settings, timings,
+                      t_start, progress) -> dict:
+    """Step 5: the scorecard of the centrings, and the report's files (``write_errors`` lists those not written)."""
+    from tqdm import tqdm
+
+    t = time.perf_counter()
+    with tqdm(total=1, desc="5/5 scoring and report", disable=not progress) as bar:
+        methods_figures = scorecard.summarise(outcomes)  # every method, run or not (n = 0)
+        # A write that fails (a full disk) is noted and the rest still written: the scorecard is returned
+        # and printed whatever, rather than lost after the whole run.
+        write_errors = []
+        figures = _written(write_errors, lambda: _error_figures(outcomes, out / "figures")) or {}
+        if _written(write_errors, lambda: _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")):
+            figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
+        learning_out = {k: learning.get(k) for k in ("spearman", "spearman_expected", "classifier_accuracy",
+                                                     "classifier_accuracy_expected", "train_s")}  # fmt: skip
+        learning_out.update({k: v for k, v in learning.items() if k not in learning_out})
+        result = {
+            "methods": methods_figures,
+            "learning": learning_out,
+            "n_samples": len(rows),
+            "n_empty": sum(not r["has_crystal"] for r in rows),
+            "targets": scorecard.check_targets(methods_figures.get("ml", {})),
+            # Absolute: `scorecard` tells runs of one model by these, whatever folder each ran in.
+            "model": {"regressor": str(predictor.regressor_path.resolve()),
+                      "classifier": str(predictor.classifier[0].resolve()) if predictor.classifier else None,
+                      "source": source},  # fmt: skip
+            "data": data,
+            "timings_s": {},
+            "report": str(out / "report.md"),
+        }
+        timings["report"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+        _written(write_errors, lambda: _write_json(out / "samples.json", rows, indent=1))
+        _written(write_errors, lambda: _write_json(out / "scorecard.json", result, indent=2))
+        _written(write_errors, lambda: _write_report(out, result, rows, figures, settings))
+        result["write_errors"] = write_errors
+        bar.update(1)
+    return result
 
 
 def _written(errors: list, write):
