@@ -667,21 +667,9 @@ def _rel(path, root: Path):
         return str(path)
 
 
-def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: dict):
-    methods = result["methods"]
-    learning = result["learning"]
-    lines = [
-        "# mxcube-autocenter demo on the virtual beamline", "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {settings['mode']}; {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}); {result['timings_s']['total']:.0f} s in all.", "",
-        f"Centring model: `{_rel(result['model']['regressor'], out)}`"
-        + (f" with classifier `{_rel(result['model']['classifier'], out)}`" if result["model"]["classifier"] else
-           " (no classifier)") + f" ({result['model']['source']}).", "",
-        "## Scorecard", "",
-        f"{result['n_samples']} held-out samples ({result['n_samples'] - result['n_empty']} with crystals, "
-        f"{result['n_empty']} empty loops), each centred by every method from the same start: the loop in view "
-        "but not centred, at a random omega.", "",
-        scorecard.markdown_table(methods), "",
+def _method_legend(methods: dict, settings: dict) -> list:
+    """The report's lines saying what each method is and how the scorecard's figures are taken."""
+    return [
         "- **ml**: this plugin, through `SampleView.start_auto_centring()` as the web UI's button runs it.",
         "- **lucid**: MXCuBE's default automatic centring (lucid3 finds the loop tip; three angles).",
         "- **loop_centre**: the loop's true centre centred, what a person clicking the middle of the loop gets "
@@ -705,6 +693,105 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
         "(s/centring and exposures: over every sample); each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "
         "seeds (`mxcube-autocenter scorecard RUN ...` pools runs).", "",
+    ]
+
+
+def _per_sample_table(rows: list, methods) -> list:
+    """The report's table of every held-out sample: each method's distance and verdict."""
+    lines = ["## Per sample", "",
+             "| sample | variant | contents | best RC | " + " | ".join(f"{m} um" for m in methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]  # fmt: skip
+    for row in rows:
+        cells = []
+        for m in methods:
+            o = row.get(m)
+            word = "-" if o is None else scorecard.verdict(o, row["has_crystal"])
+            cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {word}" if word in ("hit", "miss") else word)
+        lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {format_cell(row['best_rc'], '{:.0f}')} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
+def _learning_section(result: dict, out: Path) -> list:
+    """The report's lines on the models: the run's training and figures, or the centring model's own metadata."""
+    learning = result["learning"]
+    lines = []
+    if learning["source"] == TRAINED_IN_RUN:
+        data = result["data"]
+        another = _centred_with_another(result)
+        lines += [
+            *([f"- these are the figures of the model this run trained{another}."] if another else []),
+            f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
+            f"rotational collections ({data['n_images']} images of {data['exposure_time']:g} s each, camera recorded "
+            f"at {data['frame_rate']:g} frames/s), labelled into {data['rows']} rows in {data['label_s']:.0f} s "
+            f"(reflection counts: mean {format_cell(data['rc_stats'].get('mean'))}, "
+            f"{format_cell(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
+            f"- split by crystal: {learning['crystals']} crystals, {learning['rows']} rows.",
+            f"- regressor: fcn, log counts, {learning['crop_um']:g} um crops at {learning['input_size']} px, {learning['params']} "
+            f"parameters; {learning['epochs_run']} epochs ("
+            + (f"best {learning['best_epoch']}" if learning["best_epoch"] else "none better than the starting weights, kept")
+            + f") in {learning['regressor_s']:.0f} s"
+            + (f", fine-tuned from the shipped `{learning['fine_tuned_from']}`." if learning.get("fine_tuned_from") else
+               ", trained from scratch."),
+            f"- **{learning['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "
+            f"beamline's expected counts) **{format_cell(learning.get('spearman_expected'), '{:.3f}')}** "
+            f"({_interval_text(learning.get('spearman_expected_ci95'))}), predicted vs recorded "
+            f"counts (spot finding on the EIGER frames) {format_cell(learning['spearman'], '{:.3f}')}; classifier accuracy "
+            f"{format_cell(learning.get('classifier_accuracy_expected'), '{:.3f}')} "
+            f"({_interval_text(learning.get('classifier_accuracy_expected_ci95'))}) against the true counts, "
+            f"{format_cell(learning['classifier_accuracy'], '{:.3f}')} against the recorded ones ({format_cell(learning['classifier_s'], '{:.0f}')}"
+            f" s); training time {format_cell(learning['train_s'], '{:.0f}')} s.",
+            f"- the same rows predicted from the crystals' shapes alone (exact shapes and positions, uniform "
+            f"quality, median capacity: the camera shows neither quality nor capacity), a reference for any model: "
+            f"Spearman {format_cell(learning.get('shapes_spearman_expected'), '{:.3f}')} against the true counts, classifier "
+            f"accuracy {format_cell(learning.get('shapes_classifier_accuracy_expected'), '{:.3f}')} (a crystal from "
+            f"{format_cell(learning.get('shapes_count_threshold'), '{:.1f}')} shapes-only spots, the best threshold on the "
+            f"training rows).",
+            *([f"- the model it was fine-tuned from (`{learning['fine_tuned_from']}`, which saw none of these crystals), "
+               f"on every recorded crystal: Spearman {format_cell(learning.get('initial_spearman_expected'), '{:.3f}')} against "
+               f"the true counts, {format_cell(learning.get('initial_spearman'), '{:.3f}')} against the recorded ones "
+               f"([report]({_rel(learning.get('initial_report'), out)}))."] if learning.get("fine_tuned_from") else []),
+            ((f"- the classifier centres only if its validation balanced accuracy reaches "
+              f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {format_cell(learning.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
+              f", so it is {'used' if learning.get('classifier_used') else '**not used**'}.")
+             if learning.get("classifier") else "- no classifier trained."),
+            f"- labelling details: `{_rel(data.get('labelling'), out)}`.",
+            f"- reports: [regressor]({_rel(learning['regressor_report'], out)})"
+            + (f", [classifier]({_rel(learning.get('classifier_report'), out)})" if learning.get("classifier_report") else "")
+            + ".",
+        ]
+        if data.get("histogram"):
+            lines += ["", f"![reflection counts of the training set]({_rel(data['histogram'], out)})"]
+        if learning.get("scatter"):
+            lines += ["", f"![regressor scatter]({_rel(learning['scatter'], out)})"]
+        if data.get("contact_sheet"):
+            lines += ["", "A training recording (the camera during a helical collection):", "",
+                      f"![recording]({_rel(data['contact_sheet'], out)})"]  # fmt: skip
+    else:
+        lines += [
+            f"No training in this run: the centring model's own metadata says test Spearman "
+            f"{format_cell(learning.get('spearman_expected'), '{:.3f}')} against the true counts, {format_cell(learning['spearman'], '{:.3f}')} "
+            f"against the drawn ones, classifier accuracy {format_cell(learning['classifier_accuracy'], '{:.3f}')}, "
+            f"training time {format_cell(learning['train_s'], '{:.0f}')} s.",
+        ]
+    return lines
+
+
+def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: dict):
+    methods = result["methods"]
+    lines = [
+        "# mxcube-autocenter demo on the virtual beamline", "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {settings['mode']}; {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}); {result['timings_s']['total']:.0f} s in all.", "",
+        f"Centring model: `{_rel(result['model']['regressor'], out)}`"
+        + (f" with classifier `{_rel(result['model']['classifier'], out)}`" if result["model"]["classifier"] else
+           " (no classifier)") + f" ({result['model']['source']}).", "",
+        "## Scorecard", "",
+        f"{result['n_samples']} held-out samples ({result['n_samples'] - result['n_empty']} with crystals, "
+        f"{result['n_empty']} empty loops), each centred by every method from the same start: the loop in view "
+        "but not centred, at a random omega.", "",
+        scorecard.markdown_table(methods), "",
+        *_method_legend(methods, settings),
         "## Targets of the optical ML centring", "",
         scorecard.format_targets(result["targets"]), "",
         "## Centring errors", "",
@@ -718,77 +805,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
                   "yellow (crystal outlines, best point). The plugin's own overlays of every angle, with a JSON "
                   f"record of each centring, are in `{_rel(settings['centring_dir'], out)}/`.", "",
                   f"![ML heatmaps]({figures['ml_heatmaps']})", ""]  # fmt: skip
-    lines += ["## Per sample", "",
-              "| sample | variant | contents | best RC | " + " | ".join(f"{m} um" for m in settings["methods"]) + " |",
-              "|---|---|---|---|" + "---|" * len(settings["methods"])]  # fmt: skip
-    for row in rows:
-        cells = []
-        for m in settings["methods"]:
-            o = row.get(m)
-            word = "-" if o is None else scorecard.verdict(o, row["has_crystal"])
-            cells.append(f"{format_cell(o['dist_um'], '{:.0f}')} {word}" if word in ("hit", "miss") else word)
-        lines.append(f"| {row['sample']} | {row['variant']} | {row['description']} | {format_cell(row['best_rc'], '{:.0f}')} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
-    lines += ["", "## Learning", ""]
-    lr = learning
-    if lr["source"] == TRAINED_IN_RUN:
-        data = result["data"]
-        lines += [
-            *([f"- these are the figures of the model this run trained{_centred_with_another(result)}."]
-              if _centred_with_another(result) else []),
-            f"- training data: {data['n_train_samples']} samples, {data['n_recordings']} recordings of helical and "
-            f"rotational collections ({data['n_images']} images of {data['exposure_time']:g} s each, camera recorded "
-            f"at {data['frame_rate']:g} frames/s), labelled into {data['rows']} rows in {data['label_s']:.0f} s "
-            f"(reflection counts: mean {format_cell(data['rc_stats'].get('mean'))}, "
-            f"{format_cell(100 * (data['rc_stats'].get('zero_fraction') or 0), '{:.0f}')} % zero).",
-            f"- split by crystal: {lr['crystals']} crystals, {lr['rows']} rows.",
-            f"- regressor: fcn, log counts, {lr['crop_um']:g} um crops at {lr['input_size']} px, {lr['params']} "
-            f"parameters; {lr['epochs_run']} epochs ("
-            + (f"best {lr['best_epoch']}" if lr["best_epoch"] else "none better than the starting weights, kept")
-            + f") in {lr['regressor_s']:.0f} s"
-            + (f", fine-tuned from the shipped `{lr['fine_tuned_from']}`." if lr.get("fine_tuned_from") else
-               ", trained from scratch."),
-            f"- **{lr['report_subset']} Spearman**, held-out crystals: predicted vs true counts (the virtual "
-            f"beamline's expected counts) **{format_cell(lr.get('spearman_expected'), '{:.3f}')}** "
-            f"({_interval_text(lr.get('spearman_expected_ci95'))}), predicted vs recorded "
-            f"counts (spot finding on the EIGER frames) {format_cell(lr['spearman'], '{:.3f}')}; classifier accuracy "
-            f"{format_cell(lr.get('classifier_accuracy_expected'), '{:.3f}')} "
-            f"({_interval_text(lr.get('classifier_accuracy_expected_ci95'))}) against the true counts, "
-            f"{format_cell(lr['classifier_accuracy'], '{:.3f}')} against the recorded ones ({format_cell(lr['classifier_s'], '{:.0f}')}"
-            f" s); training time {format_cell(lr['train_s'], '{:.0f}')} s.",
-            f"- the same rows predicted from the crystals' shapes alone (exact shapes and positions, uniform "
-            f"quality, median capacity: the camera shows neither quality nor capacity), a reference for any model: "
-            f"Spearman {format_cell(lr.get('shapes_spearman_expected'), '{:.3f}')} against the true counts, classifier "
-            f"accuracy {format_cell(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')} (a crystal from "
-            f"{format_cell(lr.get('shapes_count_threshold'), '{:.1f}')} shapes-only spots, the best threshold on the "
-            f"training rows).",
-            *([f"- the model it was fine-tuned from (`{lr['fine_tuned_from']}`, which saw none of these crystals), "
-               f"on every recorded crystal: Spearman {format_cell(lr.get('initial_spearman_expected'), '{:.3f}')} against "
-               f"the true counts, {format_cell(lr.get('initial_spearman'), '{:.3f}')} against the recorded ones "
-               f"([report]({_rel(lr.get('initial_report'), out)}))."] if lr.get("fine_tuned_from") else []),
-            (f"- the classifier centres only if its validation balanced accuracy reaches "
-             f"{CLASSIFIER_MIN_BALANCED_ACCURACY}: {format_cell(lr.get('classifier_validation_balanced_accuracy'), '{:.3f}')}"
-             f", so it is {'used' if lr.get('classifier_used') else '**not used**'}"
-             + "." if lr.get("classifier") else "- no classifier trained."),
-            f"- labelling details: `{_rel(data.get('labelling'), out)}`.",
-            f"- reports: [regressor]({_rel(lr['regressor_report'], out)})"
-            + (f", [classifier]({_rel(lr.get('classifier_report'), out)})" if lr.get("classifier_report") else "")
-            + ".",
-        ]
-        if data.get("histogram"):
-            lines += ["", f"![reflection counts of the training set]({_rel(data['histogram'], out)})"]
-        if lr.get("scatter"):
-            lines += ["", f"![regressor scatter]({_rel(lr['scatter'], out)})"]
-        if data.get("contact_sheet"):
-            lines += ["", "A training recording (the camera during a helical collection):", "",
-                      f"![recording]({_rel(data['contact_sheet'], out)})"]  # fmt: skip
-    else:
-        lines += [
-            f"No training in this run: the centring model's own metadata says test Spearman "
-            f"{format_cell(lr.get('spearman_expected'), '{:.3f}')} against the true counts, {format_cell(lr['spearman'], '{:.3f}')} "
-            f"against the drawn ones, classifier accuracy {format_cell(lr['classifier_accuracy'], '{:.3f}')}, "
-            f"training time {format_cell(lr['train_s'], '{:.0f}')} s.",
-        ]
+    lines += _per_sample_table(rows, settings["methods"])
+    lines += ["", "## Learning", "", *_learning_section(result, out)]
     lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
     lines += ["", f"Log of the beamline: `{_rel(settings['log'], out)}`; scorecard as JSON: `scorecard.json`.", ""]
@@ -1193,24 +1211,24 @@ def _centred_with_another(result: dict) -> str:
 
 def format_scorecard(result: dict) -> str:
     """The scorecard table and the learning line, for the terminal."""
-    lr = result["learning"]
+    learning = result["learning"]
     lines = [
         f"Scorecard: {result['n_samples']} held-out samples ({result['n_empty']} empty loops)",
         "",
         scorecard.format_table(result["methods"]),
         "",
-        f"Learning ({lr.get('source')}{_centred_with_another(result)}): Spearman "
-        f"{value_cell(lr.get('spearman_expected'), lr.get('spearman_expected_ci95'), '{:.3f}')} against the true "
-        f"counts, {format_cell(lr.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
-        f"{value_cell(lr.get('classifier_accuracy_expected'), lr.get('classifier_accuracy_expected_ci95'), '{:.3f}')} / "
-        f"{format_cell(lr.get('classifier_accuracy'), '{:.3f}')}; "
-        f"training {format_cell(lr.get('train_s'), '{:.0f}')} s"
-        + (f"; from the crystals' shapes alone: Spearman {format_cell(lr.get('shapes_spearman_expected'), '{:.3f}')}, "
-           f"classifier accuracy {format_cell(lr.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"
-           if "shapes_spearman_expected" in lr else "")
-        + (f"; before fine-tuning ({lr['fine_tuned_from']}, every recorded crystal): Spearman "
-           f"{format_cell(lr.get('initial_spearman_expected'), '{:.3f}')} / {format_cell(lr.get('initial_spearman'), '{:.3f}')}"
-           if lr.get("fine_tuned_from") else ""),
+        f"Learning ({learning.get('source')}{_centred_with_another(result)}): Spearman "
+        f"{value_cell(learning.get('spearman_expected'), learning.get('spearman_expected_ci95'), '{:.3f}')} against the true "
+        f"counts, {format_cell(learning.get('spearman'), '{:.3f}')} against the recorded ones; classifier accuracy "
+        f"{value_cell(learning.get('classifier_accuracy_expected'), learning.get('classifier_accuracy_expected_ci95'), '{:.3f}')} / "
+        f"{format_cell(learning.get('classifier_accuracy'), '{:.3f}')}; "
+        f"training {format_cell(learning.get('train_s'), '{:.0f}')} s"
+        + (f"; from the crystals' shapes alone: Spearman {format_cell(learning.get('shapes_spearman_expected'), '{:.3f}')}, "
+           f"classifier accuracy {format_cell(learning.get('shapes_classifier_accuracy_expected'), '{:.3f}')}"
+           if "shapes_spearman_expected" in learning else "")
+        + (f"; before fine-tuning ({learning['fine_tuned_from']}, every recorded crystal): Spearman "
+           f"{format_cell(learning.get('initial_spearman_expected'), '{:.3f}')} / {format_cell(learning.get('initial_spearman'), '{:.3f}')}"
+           if learning.get("fine_tuned_from") else ""),
         "ML targets: " + ", ".join(
             f"{c['figure']} {'met' if c['met'] else 'NOT met' if c['met'] is False else 'n/a'}" for c in result["targets"]
         ),
