@@ -527,12 +527,10 @@ def cmd_heatmap(args) -> int:
         return 2
 
     from mxcube_autocenter.centring import report
-    from mxcube_autocenter.centring.loop import ScaleError, loop_tips
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
-    from mxcube_autocenter.centring.procedure import CentringSettings, analyse_frame, is_crystal
+    from mxcube_autocenter.centring.procedure import CentringSettings
     from mxcube_autocenter.config import AutoCenterConfig
-    from mxcube_autocenter.imagefiles import read_rgb, write_png
-    from mxcube_autocenter.outputs import make_directory
+    from mxcube_autocenter.imagefiles import write_png
 
     try:
         predictor = load_predictor(args.model, args.classifier)
@@ -547,53 +545,65 @@ def cmd_heatmap(args) -> int:
     overlay_names = set()
     for path in args.images:
         start = time.perf_counter()
-        entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None,
-                 "crystal_probability": None}
-        try:
-            frame = read_rgb(path)
-        except OSError as err:
-            entry["error"] = str(err)
-            status = 1
-        else:
+        entry, angle, frame = _heatmap_entry(path, predictor, settings, ppmm)
+        if angle is not None and args.png:
+            beam = args.beam or (frame.shape[1] / 2, frame.shape[0] / 2)
             try:
-                _, tip = loop_tips(frame, ppmm, args.pin_side)
-            except ScaleError as err:
-                entry["error"], tip, status = f"--pixels-per-mm: {err}", None, 1
-            if tip is not None:
-                angle = analyse_frame(predictor, frame, tip, ppmm, settings)
-                entry.update(
-                    loop=[round(v, 1) for v in tip], score=round(angle.score, 2),
-                    crystal_found=is_crystal(angle, settings), crystal_probability=angle.crystal_probability,
-                )
-                entry["best"] = [round(v, 1) for v in angle.point] if entry["crystal_found"] else None
-                if args.png:
-                    beam = args.beam or (frame.shape[1] / 2, frame.shape[0] / 2)
-                    out = Path(args.png)
-                    try:
-                        if png_folder:
-                            make_directory(out, "--png")
-                            # Images of the same name from other folders (snapshot.png, ...) get one each.
-                            name, k = f"{Path(path).stem}_heatmap.png", 1
-                            while name in overlay_names:
-                                k += 1
-                                name = f"{Path(path).stem}_{k}_heatmap.png"
-                            overlay_names.add(name)
-                            out = out / name
-                        write_png(out, report.overlay(angle, beam, crystal_found=entry["crystal_found"]))
-                    except OSError as err:
-                        entry["error"] = str(err)
-                        status = 1
+                out = _overlay_path(Path(args.png), png_folder, path, overlay_names)
+                write_png(out, report.overlay(angle, beam, crystal_found=entry["crystal_found"]))
+            except OSError as err:
+                entry["error"] = str(err)
+        status = 1 if "error" in entry else status
         entry["elapsed_s"] = round(time.perf_counter() - start, 3)
-        if args.json:
-            print(json.dumps(entry))
-        else:
-            print(
-                f"{path}: " + (entry.get("error") or (
-                    "no loop found" if entry["loop"] is None else
-                    f"loop {entry['loop']}, best {entry['best']}, score {entry['score']}, "
-                    f"crystal {'found' if entry['crystal_found'] else 'not found'} ({entry['elapsed_s']} s)"))
-            )
+        print(json.dumps(entry) if args.json else f"{path}: " + (entry.get("error") or (
+            "no loop found" if entry["loop"] is None else
+            f"loop {entry['loop']}, best {entry['best']}, score {entry['score']}, "
+            f"crystal {'found' if entry['crystal_found'] else 'not found'} ({entry['elapsed_s']} s)")))  # fmt: skip
     return status
+
+
+def _heatmap_entry(path, predictor, settings, pixels_per_mm) -> tuple:
+    """``(entry, angle, frame)`` of one image: its loop, best point and scores (or its ``error``); ``angle``
+    is the analysed view, None where the image could not be read or shows no loop."""
+    from mxcube_autocenter.centring.loop import ScaleError, loop_tips
+    from mxcube_autocenter.centring.procedure import analyse_frame, is_crystal
+    from mxcube_autocenter.imagefiles import read_rgb
+
+    entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None,
+             "crystal_probability": None}  # fmt: skip
+    try:
+        frame = read_rgb(path)
+    except OSError as err:
+        return {**entry, "error": str(err)}, None, None
+    try:
+        _, tip = loop_tips(frame, pixels_per_mm, settings.pin_side)
+    except ScaleError as err:
+        return {**entry, "error": f"--pixels-per-mm: {err}"}, None, frame
+    if tip is None:
+        return entry, None, frame
+    angle = analyse_frame(predictor, frame, tip, pixels_per_mm, settings)
+    found = is_crystal(angle, settings)
+    entry.update(loop=[round(v, 1) for v in tip], score=round(angle.score, 2), crystal_found=found,
+                 crystal_probability=angle.crystal_probability,
+                 best=[round(v, 1) for v in angle.point] if found else None)  # fmt: skip
+    return entry, angle, frame
+
+
+def _overlay_path(png: Path, folder: bool, image, taken: set) -> Path:
+    """Where an image's overlay goes: ``png`` itself, or in the folder ``png`` (made if missing) a name of the
+    image's own not in ``taken`` (added to it): images of the same name from other folders (snapshot.png, ...)
+    get one each."""
+    from mxcube_autocenter.outputs import make_directory
+
+    if not folder:
+        return png
+    make_directory(png, "--png")
+    name, k = f"{Path(image).stem}_heatmap.png", 1
+    while name in taken:
+        k += 1
+        name = f"{Path(image).stem}_{k}_heatmap.png"
+    taken.add(name)
+    return png / name
 
 
 class _ImageProgress:
