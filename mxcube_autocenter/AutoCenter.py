@@ -329,7 +329,7 @@ class AutoCenter(HardwareObject):
             If ``n_angles`` is outside the ``centring_angles`` property's range.
         """
         settings = self.centring_settings(n_angles)
-        bl = procedure.Beamline(HWR.beamline, settings.snapshot_fresh_frames, self.log)
+        bl = procedure.CentringHardware(HWR.beamline, settings.snapshot_fresh_frames, self.log)
         refusal = self.centring_error or self._centring_running()
         if refusal:
             self.user_log.warning(f"Optical ML centring not started: {refusal}")

@@ -7,7 +7,7 @@ goniometer positions it ends at into figures.
 Per centring (:func:`score_position`):
 
 - **hit**: the beam centre line passes through the same crystal at every
-  verification angle (:data:`VERIFY_OMEGAS`: every 2 degrees of a full
+  verification angle (:data:`HIT_TEST_OMEGAS`: every 2 degrees of a full
   turn, as a rotation collection sees them) with the translation motors
   where the centring left them (``DiffractionModel.crystals_in_beam``);
 - **distance**: 3D distance, um, from the sample point in the beam and in
@@ -60,7 +60,7 @@ from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors, point
 # Angles at which the beam must pass through a crystal for a hit: every 2 degrees of a full turn, as a rotation
 # collection sees them. At the four judging angles alone (0, 45, 90, 135), a point just outside a thin crystal
 # counted as hit while the beam left the crystal over up to 22 degrees of the turn (12 of 150 ML hits, 12 seeds).
-VERIFY_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
+HIT_TEST_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
 # Saved with each outcome (``hit_test``): hits taken by another test mean something else, and are not pooled.
 # Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the rest.
 HIT_TEST = "the beam's centre line through one crystal at every 2 degrees of omega"
@@ -103,7 +103,7 @@ class Outcome:
     exposures : int
         X-ray exposures the method used.
     hits : list of bool or None
-        Beam on a crystal at each of :data:`VERIFY_OMEGAS` (None: empty loop).
+        Beam on a crystal at each of :data:`HIT_TEST_OMEGAS` (None: empty loop).
     dist_um : float or None
     rc_fraction : float or None
     message : str
@@ -237,7 +237,7 @@ def distance_um(final_motors: dict, best_point) -> float:
     return float(np.linalg.norm(point_in_beam(final_motors) - np.asarray(best_point, dtype=np.float64)) * 1000.0)
 
 
-def beam_hits(diffraction, final_motors: dict, omegas=VERIFY_OMEGAS) -> list:
+def beam_hits(diffraction, final_motors: dict, omegas=HIT_TEST_OMEGAS) -> list:
     """Whether the beam passes through one crystal at each omega, translations as in ``final_motors``.
 
     The flags are those of the crystal the beam passes through at the most
@@ -279,7 +279,7 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
         Its mean reflection count over a rotation.
     final_motors : dict
         Centring motor positions (omega is replaced by each of
-        :data:`VERIFY_OMEGAS` for the hit test; the RC fraction is taken
+        :data:`HIT_TEST_OMEGAS` for the hit test; the RC fraction is taken
         over ``JUDGING_OMEGAS``, the angles of ``best_rc``).
     nothing_shot : bool
         The method declined (no crystal found) or failed: nothing would be
@@ -289,7 +289,7 @@ def score_position(diffraction, best_point, best_rc: float, final_motors: dict, 
     if best_point is None:
         return {"hits": None, "dist_um": None, "rc_fraction": None}
     if nothing_shot:
-        return {"hits": [False] * len(VERIFY_OMEGAS), "dist_um": distance_um(final_motors, best_point), "rc_fraction": 0.0}
+        return {"hits": [False] * len(HIT_TEST_OMEGAS), "dist_um": distance_um(final_motors, best_point), "rc_fraction": 0.0}
     return {
         "hits": beam_hits(diffraction, final_motors),
         "dist_um": distance_um(final_motors, best_point),
@@ -394,9 +394,9 @@ def outcome_of(row: dict, method: str) -> Outcome:
     if outcome.hits is not None and taken_by != HIT_TEST:
         raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken by another hit test "
                          f"({taken_by}) than this version's ({HIT_TEST}): run the demo again")  # fmt: skip
-    if outcome.hits is not None and len(outcome.hits) != len(VERIFY_OMEGAS):
+    if outcome.hits is not None and len(outcome.hits) != len(HIT_TEST_OMEGAS):
         raise ValueError(f"sample {row.get('sample')}: {len(outcome.hits)} {method!r} hits where the hit test takes "
-                         f"{len(VERIFY_OMEGAS)} angles: give the samples.json of a demo run, unedited")  # fmt: skip
+                         f"{len(HIT_TEST_OMEGAS)} angles: give the samples.json of a demo run, unedited")  # fmt: skip
     return outcome
 
 

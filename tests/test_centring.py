@@ -156,7 +156,7 @@ def test_motor_fault_returns_the_sample_to_its_start(beamline, autocenter):
 def test_a_motor_in_fault_before_a_move_has_a_moment_to_leave_it(beamline, autocenter, monkeypatch):
     # The last move's stall leaves its motor in FAULT, which a new move of an MD3 motor may clear; one it does not
     # clear fails the move once the grace is over, said to be so from before it.
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
     sampx = beamline.diffractometer.sampx
     start = sampx.get_value()
     sampx.update_state(sampx.STATES.FAULT)
@@ -173,7 +173,7 @@ def test_a_motor_in_fault_before_a_move_has_a_moment_to_leave_it(beamline, autoc
 
 def test_a_motor_in_fault_after_the_diffractometer_said_ready_is_named(beamline, autocenter, monkeypatch):
     # An MD3 may read Ready again with a motor stalled: that was "motor sampx stopped at ... instead of ...".
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
     sampx = beamline.diffractometer.sampx
 
     def stall_and_return(positions, timeout=None):
@@ -189,7 +189,7 @@ def test_a_motor_in_fault_after_the_diffractometer_said_ready_is_named(beamline,
 
 def test_a_time_out_of_the_diffractometers_own_wait_is_the_moves_failure(beamline, autocenter, monkeypatch):
     # mxcubecore's motor waits raise gevent.Timeout, which passed for the caller's own time-out.
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
 
     def wait_that_times_out(positions, timeout=None):
         raise gevent.Timeout(0.2)
@@ -911,7 +911,7 @@ def test_held_out_crystal_ends_in_the_beam(beamline, shipped_autocenter, seed):
     assert accepted[0] is True, shipped_autocenter.last_result.message
     best, best_rc = mounted.best_point()
     score = scorecard.score_position(mounted.diffraction, best, best_rc, positions(beamline))
-    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    missed = [w for w, hit in zip(scorecard.HIT_TEST_OMEGAS, score["hits"]) if not hit]
     assert not missed, f"beam off the crystal at omega {missed}: {score['dist_um']:.1f} um, RC {score['rc_fraction']:.2f}"
 
 
@@ -973,7 +973,7 @@ def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shippe
     result = shipped_autocenter.centre(save=False)
     assert result.success and result.verification.score >= shipped_autocenter.config.min_score
     # Put the beam 150 um beyond the loop tip (the sample moves left on screen as phiy grows).
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
     tip_x = result.verification.loop[0]
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
     bl.move({"phiy": bl.positions()["phiy"] + (tip_x - beam[0]) / ppmm[0] + 0.15}, 10)
@@ -1043,7 +1043,7 @@ def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(b
     best, best_rc = mounted.best_point()
     true_geometry = {**final, "phiz": final["phiz"] - axis_off_phiz_zero}
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
-    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    missed = [w for w, hit in zip(scorecard.HIT_TEST_OMEGAS, score["hits"]) if not hit]
     assert not missed, f"beam off the crystal at omega {missed}: {score['dist_um']:.1f} um, RC {score['rc_fraction']:.2f}"
 
 
@@ -1084,7 +1084,7 @@ def test_motors_whose_readings_run_against_the_sample_still_end_in_the_beam(beam
     best, best_rc = mounted.best_point()
     true_geometry = sample_frame({**final, "phiz": final["phiz"] - axis_off_phiz_zero}, reversed_motors)
     score = scorecard.score_position(mounted.diffraction, best, best_rc, true_geometry)
-    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.VERIFY_OMEGAS}: {score}"
+    assert all(score["hits"]), f"beam off the crystal at some of omega {scorecard.HIT_TEST_OMEGAS}: {score}"
 
 
 def test_the_demo_moves_and_reads_the_sample_where_the_ground_truth_has_it_whatever_the_wiring(
@@ -1107,7 +1107,7 @@ def test_a_zoom_change_between_the_views_refuses_the_centring_and_puts_the_sampl
     start = positions(beamline)
     zoom = beamline.diffractometer.zoom
     level = zoom.get_value().name
-    snapshot, shots = procedure.Beamline.snapshot, []
+    snapshot, shots = procedure.CentringHardware.snapshot, []
 
     def snapshot_after_a_zoom_change(bl):
         shots.append(None)
@@ -1115,7 +1115,7 @@ def test_a_zoom_change_between_the_views_refuses_the_centring_and_puts_the_sampl
             set_zoom(beamline, "LEVEL4" if level != "LEVEL4" else "LEVEL3")
         return snapshot(bl)
 
-    monkeypatch.setattr(procedure.Beamline, "snapshot", snapshot_after_a_zoom_change)
+    monkeypatch.setattr(procedure.CentringHardware, "snapshot", snapshot_after_a_zoom_change)
     try:
         result = autocenter.centre(save=False)
         # Nor is its heatmap drawn: the grid's place and cells would come from the new scale.
@@ -1133,7 +1133,7 @@ def test_a_motor_that_drops_out_during_the_views_is_the_only_one_said_not_to_be_
     mount_at_start(beamline)
     start = positions(beamline)
     sampy = beamline.diffractometer.sampy
-    snapshot, shots = procedure.Beamline.snapshot, []
+    snapshot, shots = procedure.CentringHardware.snapshot, []
 
     def snapshot_then_sampy_disabled(bl):
         shots.append(None)
@@ -1141,7 +1141,7 @@ def test_a_motor_that_drops_out_during_the_views_is_the_only_one_said_not_to_be_
             sampy.update_state(sampy.STATES.OFF)
         return snapshot(bl)
 
-    monkeypatch.setattr(procedure.Beamline, "snapshot", snapshot_then_sampy_disabled)
+    monkeypatch.setattr(procedure.CentringHardware, "snapshot", snapshot_then_sampy_disabled)
     try:
         result = autocenter.centre(save=False)
     finally:
@@ -1155,7 +1155,7 @@ def test_a_motor_that_drops_out_during_the_views_is_the_only_one_said_not_to_be_
 def test_the_sine_fit_decodes_the_clicks_with_the_beam_they_were_projected_from(beamline, monkeypatch):
     # On an MD3 the beam's position on screen follows the zoom: read again when the fit starts (after a zoom
     # change since the views), it would move phiy and phiz off the point.
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
     beamline.diffractometer.set_value_motors({"omega": 10.0, "phiy": 0.3, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0},
                                              timeout=30)  # fmt: skip
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
@@ -1207,7 +1207,7 @@ def test_omega_turns_are_checked_against_one_sided_limits_as_read_now(beamline, 
         highest.append(value), real(value, *args, **kwargs))[1])  # fmt: skip
     try:
         result = autocenter.centre(save=False)
-        bl = procedure.Beamline(beamline)
+        bl = procedure.CentringHardware(beamline)
         assert bl.check_turn(90.0) == pytest.approx(start["omega"] + 90.0)
     finally:
         omega.update_limits(limits)
@@ -1250,8 +1250,8 @@ def test_a_centring_from_a_script_or_the_queue_first_puts_the_diffractometer_in_
     mount_at_start(beamline)
     diffr.set_phase(diffr.get_phase_enum.COLLECT)
     phases = []
-    snapshot = procedure.Beamline.snapshot
-    monkeypatch.setattr(procedure.Beamline, "snapshot", lambda bl: (phases.append(diffr.get_phase()), snapshot(bl))[1])
+    snapshot = procedure.CentringHardware.snapshot
+    monkeypatch.setattr(procedure.CentringHardware, "snapshot", lambda bl: (phases.append(diffr.get_phase()), snapshot(bl))[1])
     try:
         autocenter.centre()
     finally:
@@ -1270,7 +1270,7 @@ def test_a_move_reported_done_before_it_starts_is_waited_for_while_the_motor_sti
             motors[name].set_value(value, timeout=0)
 
     monkeypatch.setattr(beamline.diffractometer, "set_value_motors", ready_too_early)
-    bl = procedure.Beamline(beamline)
+    bl = procedure.CentringHardware(beamline)
     target = phiy.get_value() + 0.6
     phiy.set_velocity(0.2)  # 3 s of motion: longer than ARRIVAL_SETTLE_S, well within the move's time-out
     try:
@@ -1451,7 +1451,7 @@ def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_i
 
     camera.connect("imageReceived", received)
     try:
-        bl = procedure.Beamline(beamline, fresh_frames=2, log=logging.getLogger("HWR.AutoCenter"))
+        bl = procedure.CentringHardware(beamline, fresh_frames=2, log=logging.getLogger("HWR.AutoCenter"))
         asked = time.monotonic()
         bl.snapshot()
         assert sum(t > asked for t in frames) >= 2
@@ -1502,7 +1502,7 @@ def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view():
 
     def beamline(camera):
         sample_view = SimpleNamespace(camera=camera, get_snapshot=lambda return_as_array: camera.image())
-        return procedure.Beamline(SimpleNamespace(sample_view=sample_view, diffractometer=None, beam=None),
+        return procedure.CentringHardware(SimpleNamespace(sample_view=sample_view, diffractometer=None, beam=None),
                                   fresh_frames=2)
 
     camera = LimaLikeCamera()
@@ -1639,3 +1639,21 @@ def test_a_motor_unreadable_after_the_move_fails_the_centring_and_puts_the_sampl
     result = autocenter.centre(save=False)
     assert not result.success and result.centred_positions is None and "motor sampx reads None" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_a_lucid_centring_that_timed_out_is_no_refusal(beamline, monkeypatch):
+    """lucid says only accepted or not; but no centringAccepted within the time-out is a failure, not a refusal
+    (the demo's scoring of MXCuBE's own centring, on the virtual beamline)."""
+    # The sample left where it was, no centringAccepted within the time-out.
+    timed_out = (False, 120.0, "no centringAccepted within 120.0 s")
+    monkeypatch.setattr(demo, "_run_sample_view_centring", lambda *args, **kwargs: timed_out)
+    specs = [{"seed": 50_000, "variant": "empty", "kwargs": {"n_crystals": 0}}]
+    outcomes, _, _ = demo._centre_heldout(beamline, None, specs, methods=("lucid",), mesh_step_um=10.0,
+                                          mesh_threshold=5.0, seed=0, progress=False)  # fmt: skip
+    assert not outcomes[0].refused and outcomes[0].failed
+    assert scorecard.summarise_method(outcomes)["empty_refused_rate"] == 0.0
+    # Rejected in time and left where it was: lucid's refusal.
+    monkeypatch.setattr(demo, "_run_sample_view_centring", lambda *args, **kwargs: (False, 3.0, ""))
+    outcomes, _, _ = demo._centre_heldout(beamline, None, specs, methods=("lucid",), mesh_step_um=10.0,
+                                          mesh_threshold=5.0, seed=0, progress=False)  # fmt: skip
+    assert outcomes[0].refused and not outcomes[0].failed

@@ -223,7 +223,7 @@ def test_compare_refuses_a_run_given_in_two_pairs(tmp_path, capsys):
     from mxcube_autocenter import scorecard
 
     def report(name, rc_fraction):
-        hits = [True] * len(scorecard.VERIFY_OMEGAS)
+        hits = [True] * len(scorecard.HIT_TEST_OMEGAS)
         outcome = scorecard.Outcome("ml", "s0", True, False, {"sampx": 0.0}, 4.0, hits=hits, dist_um=5.0,
                                     rc_fraction=rc_fraction)
         path = tmp_path / name

@@ -96,9 +96,14 @@ def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, 
 
 def test_unconfigured_collection_type_records_nothing(beamline, autocenter, tmp_path):
     autocenter.config.record_scan_types = ["Helical"]
+    autocenter.recorder.last_summary = None
     collect(beamline, tmp_path, "OSC", n_images=10)
     gevent.sleep(0.3)
-    assert not (tmp_path / "autocenter_frames").exists()
+    assert autocenter.recorder.last_summary is None and not list(tmp_path.rglob("*_camera.h5"))
+    # The same collection, its type configured, is recorded: the test above is no accident of the setup.
+    autocenter.config.record_scan_types = ["OSC"]
+    collect(beamline, tmp_path, "OSC", prefix="configured", n_images=10)
+    assert wait_for_summary(autocenter).status == "complete"
 
 
 def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_path):

@@ -9,7 +9,7 @@ from mxcube_autocenter.scorecard import Outcome
 from mxcube_autocenter.simulation.diffraction import JUDGING_OMEGAS
 
 CRYSTAL = np.array([0.05, -0.03, 0.02])  # mm
-N_ANGLES = len(scorecard.VERIFY_OMEGAS)
+N_ANGLES = len(scorecard.HIT_TEST_OMEGAS)
 
 
 class FakeDiffraction:
@@ -67,7 +67,7 @@ def test_score_position_centred_and_off_and_empty():
     assert near["rc_fraction"] == pytest.approx(np.exp(-0.5 * (10 / 20) ** 2))
     # 20 um off across the spindle: missed at some angles, not at others.
     across = scorecard.score_position(model, CRYSTAL, 100.0, {**centred_motors(CRYSTAL), "sampx": CRYSTAL[1] + 0.02})
-    at_90 = scorecard.VERIFY_OMEGAS.index(90.0)
+    at_90 = scorecard.HIT_TEST_OMEGAS.index(90.0)
     assert across["hits"][0] and not across["hits"][at_90] and not all(across["hits"])
     # phiz left off the axis: the point in the beam at omega 0 leaves it as omega turns.
     lifted = {**centred_motors(CRYSTAL), "sampy": CRYSTAL[2] + 0.012, "phiz": -0.012}
@@ -319,7 +319,7 @@ def test_a_point_just_outside_a_thin_crystal_is_no_hit_though_the_beam_crosses_i
     outside = centred_motors(0.004 * normal, 0.0)
     assert all(scorecard.beam_hits(model, outside, omegas=(0.0, 45.0, 90.0, 135.0)))
     score = scorecard.score_position(model, np.zeros(3), model.mean_rc_centred(np.zeros(3)), outside)
-    missed = [w for w, hit in zip(scorecard.VERIFY_OMEGAS, score["hits"]) if not hit]
+    missed = [w for w, hit in zip(scorecard.HIT_TEST_OMEGAS, score["hits"]) if not hit]
     assert missed and all(abs(w - 160.0) < 5 or abs(w - 340.0) < 5 for w in missed)
     assert all(scorecard.score_position(model, np.zeros(3), 1.0, centred_motors(0.002 * normal, 0.0))["hits"])
 
@@ -340,7 +340,7 @@ def test_a_point_between_two_crystals_is_no_hit_though_the_beam_crosses_one_of_t
     plates = [plate([0.0, 0.0, 0.004], [0.05, 0.1, 0.0025]), plate([0.0, 0.004, 0.0], [0.05, 0.0025, 0.1])]
     model = DiffractionModel(replace(make_sample(3, n_crystals=0), crystals=plates), Beam(), points_per_crystal=50)
     origin = centred_motors(np.zeros(3), 0.0)
-    each = np.array([model.crystals_in_beam({**origin, "omega": w}) for w in scorecard.VERIFY_OMEGAS])
+    each = np.array([model.crystals_in_beam({**origin, "omega": w}) for w in scorecard.HIT_TEST_OMEGAS])
     assert each.any(axis=1).all() and not each.all(axis=0).any()
     hits = scorecard.beam_hits(model, origin)
     assert not all(hits) and sum(hits) == each.sum(axis=0).max()

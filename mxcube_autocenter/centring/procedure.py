@@ -220,7 +220,7 @@ class CentringSettings:
 FRESH_FRAME_TIMEOUT_S = 0.5
 
 
-class Beamline:
+class CentringHardware:
     """The beamline objects the procedure drives, looked up through ``HWR.beamline``.
 
     ``fresh_frames``: new camera frames awaited before each snapshot (:meth:`snapshot`). ``log``: where its
@@ -467,7 +467,7 @@ def _in_thread(func, *args):
     return gevent.get_hub().threadpool.apply(func, args)
 
 
-def _loop_tip(bl: Beamline, frame, settings: CentringSettings, timings, log):
+def _loop_tip(bl: CentringHardware, frame, settings: CentringSettings, timings, log):
     """The loop tip on ``frame``: lucid3's, moved out to the loop's end when lucid3 stopped on the stem."""
     start = time.perf_counter()
     try:
@@ -482,7 +482,7 @@ def _loop_tip(bl: Beamline, frame, settings: CentringSettings, timings, log):
     return tip
 
 
-def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
+def _find_loop_rotating(bl: CentringHardware, settings: CentringSettings, timings, log):
     """Look for the loop, rotating by 90 degrees between tries as MXCuBE's auto_center does."""
     for attempt in range(settings.loop_search_rotations + 1):
         frame = bl.snapshot()
@@ -498,7 +498,7 @@ def _find_loop_rotating(bl: Beamline, settings: CentringSettings, timings, log):
     )
 
 
-def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> CentringResult:
+def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None) -> CentringResult:
     """Run the procedure; on any failure or abort the sample goes back to where it was.
 
     The views are taken first (omega turning by ``180 / n_angles`` degrees
@@ -513,7 +513,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
 
     Parameters
     ----------
-    bl : Beamline
+    bl : CentringHardware
     predictor : Predictor
         ``predict(frame, roi, pixels_per_mm, stride_px, symmetries) -> Heatmap`` of
         reflection counts and ``crystal_probability(frame, point, roi,
@@ -597,7 +597,7 @@ def centre(bl: Beamline, predictor, settings: CentringSettings, log=None) -> Cen
         result.elapsed_s = time.perf_counter() - t0
 
 
-def _optics(bl: Beamline) -> tuple:
+def _optics(bl: CentringHardware) -> tuple:
     """``(pixels_per_mm, beam_position)`` as read now, refused unless they are usable numbers."""
     ppmm, beam = bl.pixels_per_mm(), bl.beam_position()
     try:
@@ -615,7 +615,7 @@ def same_optics(a, b) -> bool:
     return bool(np.allclose(a[0], b[0], rtol=1e-6, atol=0) and np.allclose(a[1], b[1], rtol=0, atol=0.5))
 
 
-def _same_optics(bl: Beamline, pixels_per_mm, beam_position):
+def _same_optics(bl: CentringHardware, pixels_per_mm, beam_position):
     """Refuse a frame taken at another zoom than ``pixels_per_mm`` and ``beam_position`` (read before it).
 
     A zoom changed in the web UI during a centring changes both on an MD3: a view analysed or
@@ -627,7 +627,7 @@ def _same_optics(bl: Beamline, pixels_per_mm, beam_position):
                              f"beam on screen {tuple(beam_position)} -> {beam}): centre again at one zoom")  # fmt: skip
 
 
-def not_started(bl: Beamline, why: str) -> CentringResult:
+def not_started(bl: CentringHardware, why: str) -> CentringResult:
     """A centring refused before anything moved; ``start_positions`` empty when they cannot be read."""
     try:
         start = bl.positions()
@@ -683,7 +683,7 @@ def _loop_point(angles, pixels_per_mm, beam_position):
     return triangulate([a.loop for a in angles], [a.sample_frame for a in angles], pixels_per_mm, beam_position)
 
 
-def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSettings, start: dict, pixels_per_mm,
+def _centre_on(bl: CentringHardware, result: CentringResult, point, settings: CentringSettings, start: dict, pixels_per_mm,
                beam_position):  # fmt: skip
     """Fit the point's projections as omega turns and move it to the beam, within the limits."""
     result.point = tuple(float(v) for v in point)
@@ -701,7 +701,7 @@ def _centre_on(bl: Beamline, result: CentringResult, point, settings: CentringSe
     result.timings["move_s"] = result.timings.get("move_s", 0.0) + time.perf_counter() - t
 
 
-def _fit_point(bl: Beamline, point, pixels_per_mm, beam_position, n_angles: int, move_timeout_s: float) -> dict:
+def _fit_point(bl: CentringHardware, point, pixels_per_mm, beam_position, n_angles: int, move_timeout_s: float) -> dict:
     """Click the point's projections into mxcubecore's sine fit as it turns omega; its centred positions.
 
     The fit is the one the three-click centring uses: it turns omega and
@@ -764,7 +764,7 @@ def _outcome(greenlet: gevent.Greenlet, what: str):
     return greenlet.value
 
 
-def verify(bl: Beamline, predictor, settings: CentringSettings, turn_deg: float, tip_point, timings: dict,
+def verify(bl: CentringHardware, predictor, settings: CentringSettings, turn_deg: float, tip_point, timings: dict,
            log) -> AngleResult:  # fmt: skip
     """Turn omega by ``turn_deg`` and score the beam position in a new view.
 
@@ -811,7 +811,7 @@ def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
     return value_at(angle.view(), angle.point), probability
 
 
-def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
+def _unverified(bl: CentringHardware, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
                 beam_position, log):  # fmt: skip
     """A verification view without a crystal at the beam: log it, fall back to the loop or fail (``settings.verify_centring``)."""
     check = result.verification
@@ -826,7 +826,7 @@ def _unverified(bl: Beamline, result: CentringResult, settings: CentringSettings
         raise NoCrystalFound(why)
 
 
-def _by_role(bl: Beamline, fitted: dict) -> dict:
+def _by_role(bl: CentringHardware, fitted: dict) -> dict:
     """sample_centring returns positions keyed by motor object; key them by role."""
     roles = {id(m.motor): name for name, m in bl.sample_view.centring_motors.items()}
     return {roles[id(motor)]: float(pos) for motor, pos in fitted.items() if id(motor) in roles}
@@ -926,9 +926,9 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     return _why_not_verified(angles, check, settings) is None
 
 
-def _stop_motion(bl: Beamline, log):
+def _stop_motion(bl: CentringHardware, log):
     """Stop every centring motor that moves: before moving back (the fit has stopped: :func:`_fit_point`), or
-    after a motor's fault (:meth:`Beamline.move`).
+    after a motor's fault (:meth:`CentringHardware.move`).
 
     Motors at rest are left alone: an MD3 motor's abort is the diffractometer's global abort.
     """
@@ -982,7 +982,7 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     return None
 
 
-def restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
+def restore(bl: CentringHardware, start: dict, timeout: float, log) -> str | None:
     """Stop what moves and put the sample back; log, never raise, if even that fails.
 
     The work runs in a greenlet of its own and is waited for to its end: a
@@ -1007,7 +1007,7 @@ def restore(bl: Beamline, start: dict, timeout: float, log) -> str | None:
     return moving.value
 
 
-def _stop_and_move_back(bl: Beamline, start: dict, timeout: float, log) -> str | None:
+def _stop_and_move_back(bl: CentringHardware, start: dict, timeout: float, log) -> str | None:
     _stop_motion(bl, log)
     try:
         bl.move(start, timeout)
