@@ -598,8 +598,9 @@ def test_a_master_file_of_another_collection_is_refused_before_spot_finding(tmp_
     later = simulate_collection(tmp_path / "later", "xtal", 27, fps=12.0)
     for source, target in zip((later.master, *later.data_files), (recorded.master, *recorded.data_files)):
         shutil.copy(source, target)
-    counted = []
-    monkeypatch.setattr(pipeline, "count_spots", lambda master, *args, **kwargs: counted.append(master) or later.counts)
+    counted, count_spots = [], pipeline.count_spots
+    monkeypatch.setattr(pipeline, "count_spots",
+                        lambda master, *args, **kwargs: counted.append(master) or count_spots(master, *args, **kwargs))
     out = tmp_path / "dataset.h5"
     entry = label_recordings([recorded.recording], out, progress=False).recordings[0]
     assert entry.status == "error" and not counted and not out.exists()
@@ -841,13 +842,18 @@ def _cannot_start():
     raise RuntimeError("no worker here")  # as a script without a __main__ guard makes its workers fail
 
 
-def test_spot_finding_runs_here_when_no_worker_can_start(collections, tmp_path, monkeypatch, caplog):
+def test_spot_finding_runs_here_when_no_worker_can_start(labelled, collections, tmp_path, monkeypatch, caplog):
     spawn = multiprocessing.get_context("spawn")
     monkeypatch.setattr(pipeline, "ProcessPoolExecutor", lambda n, **kwargs: ProcessPoolExecutor(
         n, mp_context=spawn, initializer=_cannot_start))  # fmt: skip
     with caplog.at_level(logging.WARNING):
         summary = label_recordings([collections[0].recording], tmp_path / "dataset.h5", progress=False)
     assert summary.n_labelled == 1
+    # The same labels as the workers give.
+    here, workers = read_table(tmp_path / "dataset.h5"), read_table(labelled[0])
+    rows = workers.scan_id == summary.recordings[0].scan_id
+    np.testing.assert_array_equal(here.rc, workers.rc[rows])
+    np.testing.assert_array_equal(here.recording_frame, workers.recording_frame[rows])
     assert "spot-finding processes could not start (BrokenProcessPool" in caplog.text
     assert "spot finding in this process" in caplog.text and "if __name__ == '__main__':" in caplog.text
 
