@@ -327,7 +327,8 @@ def cmd_train(args) -> int:
     ignored = "--transform" if task == "classifier" and args.transform is not None else (
         "--threshold" if task == "regression" and args.threshold is not None else None)
     if ignored:
-        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch or 'the initial model'}): leave it out, "
+        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch or ('the initial model' if args.initial_model else 'fcn')}): "
+                         f"leave it out, "
                          "or train an architecture it applies to (a regressor learns transformed counts, a classifier "
                          "count >= --threshold)")
     options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate)
@@ -782,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     learning_rate_help = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
 
     def add_train_options(p, fine_tuning=False):
-        # With fine_tuning no defaults: cmd_train takes the initial model's input and refuses a different one.
+        # With fine_tuning no defaults: training takes the initial model's input and refuses a different one.
         p.add_argument("--crop-um", type=POSITIVE, default=None if fine_tuning else DEFAULT_CROP_UM,
                        help=f"crop side on the sample, um (default: {DEFAULT_CROP_UM}"
                             + (", or the initial model's)" if fine_tuning else ")"))
@@ -831,15 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a reflection-count regressor or the crystal/empty classifier")
     train.add_argument("dataset", metavar="DATASET.h5")
-    # No defaults here: cmd_train refuses the option that does not apply to the architecture's task, or that
-    # differs from the initial model's.
+    # No defaults here: cmd_train refuses the option that does not apply to the architecture's task, training
+    # one that differs from the initial model's (left out, it is the initial model's, else the default).
     train.add_argument("--arch", help="a1..a10, fcn, fcn_gap, classifier or fcn_classifier (default: fcn, or the "
                                       "initial model's)")
-    train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log)")
+    train.add_argument("--transform", choices=["vanilla", "log", "tanh"], help="regressor: label transform (default: log, or the initial model's)")
     train.add_argument("--out", help="output directory (default: out/model, or out/classifier for a classifier, so "
                                      "that one does not replace the other)")
     train.add_argument("--threshold", type=POSITIVE,
-                       help="classifier: the count from which a crop is a crystal (default: 5)")
+                       help="classifier: the count from which a crop is a crystal (default: 5, or the initial model's)")
     train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
                        help="fine-tune this model (`shipped`: the shipped regressor, e.g. on site data): its "
                             "architecture, input, label transform and threshold are used; with --arch "

@@ -7,7 +7,7 @@ goniometer positions it ends at into figures.
 Per centring (:func:`score_position`):
 
 - **hit**: the beam centre line passes through the same crystal at every
-  verification angle (:data:`HIT_TEST_OMEGAS`: every 2 degrees of a full
+  angle of the hit test (:data:`HIT_TEST_OMEGAS`: every 2 degrees of a full
   turn, as a rotation collection sees them) with the translation motors
   where the centring left them (``DiffractionModel.crystals_in_beam``);
 - **distance**: 3D distance, um, from the sample point in the beam and in

@@ -504,3 +504,20 @@ def test_a_folder_or_another_kind_of_file_for_an_hdf5_one_is_named_as_such(tmp_p
         text = said_here.out + said_here.err  # label's summary is on stdout
         assert f"{path}: {said}" in text or f"recording {path}: {said}" in text, (argv, text)
         assert "buf =" not in text and "Traceback" not in text
+
+
+def test_a_classifier_from_a_regressor_without_fcn_classifier_is_refused_naming_the_task(tmp_path):
+    # The regressor's architecture was taken for the classifier's: "architecture 'fcn' is a regression model".
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
+    from mxcube_autocenter.learning.training import train_classifier
+
+    with pytest.raises(ValueError, match=r"the initial model has task 'regression' and architecture 'fcn', not "
+                                         r"'classifier' and 'classifier'"):  # fmt: skip
+        train_classifier(tmp_path / "set.h5", tmp_path / "out", initial_model=SHIPPED_REGRESSOR, verbose=0)
+
+
+def test_train_dense_refuses_a_transform_other_than_the_initial_models_before_reading_the_regions(tmp_path, capsys):
+    assert main(["train-dense", str(tmp_path / "missing.h5"), "--initial-model", "shipped", "--transform", "tanh",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the initial model has transform 'log', not 'tanh'" in err and "missing.h5" not in err

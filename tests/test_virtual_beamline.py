@@ -103,6 +103,10 @@ def test_motor_faults_can_be_injected(beamline):
     phiz.inject_fault("unreadable")  # the move ends, then the motor reads None until the next one begins
     phiz.set_value(start + 0.05, timeout=5)
     assert phiz.get_value() is None and phiz.get_state() == phiz.STATES.READY
+    # The camera, which reads the motors to draw the scene, keeps its last frame meanwhile.
+    assert beamline.sample_view.get_snapshot(return_as_array=True).shape[2] == 3
+    phiz.inject_fault(None)  # clears it too
+    assert phiz.get_value() == pytest.approx(start + 0.05)
     phiz.set_value(start, timeout=5)
     assert phiz.get_value() == pytest.approx(start)
     with pytest.raises(ValueError, match="limits"):

@@ -509,7 +509,7 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
     ``settings.verify_centring`` is ``"off"``, a last view half a view step past the
     fit's end (a direction none of the views saw) is scored at the beam
     (:func:`verify`): ``"report"`` logs a miss, ``"require"`` fails on it
-    (or, with ``fallback = "loop"``, centres the loop tip instead).
+    (or, with ``no_crystal_fallback = "loop"``, centres the loop tip instead).
 
     Parameters
     ----------

@@ -13,6 +13,7 @@ import numpy as np
 
 from mxcube_autocenter.centring.procedure import AngleResult, CentringResult
 from mxcube_autocenter.imagefiles import write_png
+from mxcube_autocenter.outputs import write_json_whole
 
 
 def heatmap_rgb(values) -> np.ndarray:
@@ -56,8 +57,9 @@ def omega_gap(a: float, b: float) -> float:
 
 
 def nearest_view(views, omega: float, max_gap_deg: float):
-    """The view (:class:`AngleResult`) taken nearest ``omega``, degrees; None when none with a heatmap is within
-    ``max_gap_deg`` of it (a grid further away in omega is hidden by SampleView, ``hide_grid_threshold``)."""
+    """The view (:class:`AngleResult`) taken nearest ``omega``, degrees; None when it is more than
+    ``max_gap_deg`` away (a grid further away in omega is hidden by SampleView, ``hide_grid_threshold``) or has
+    no heatmap."""
     angle = min(views, key=lambda a: omega_gap(a.omega, omega), default=None)
     if angle is None or angle.heatmap is None or angle.heatmap.values.size == 0 \
             or omega_gap(angle.omega, omega) > max_gap_deg:  # fmt: skip
@@ -160,7 +162,5 @@ def save(result: CentringResult, directory, beam_position) -> Path:
         write_png(png, overlay(angle, beam_position))
     path = directory / f"centring_{stamp}.json"
     # Written last and whole (a rename): whoever sees the record finds it complete, with its overlays.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record(result), indent=2))
-    partial.replace(path)
+    write_json_whole(path, record(result), indent=2)
     return path

@@ -519,18 +519,27 @@ def train_dense(
     keras.utils.set_random_seed(int(seed))
     learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
-    table = read_regions(regions_path)
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = training.load_model(initial_model)
     options = training.initial_or_default("regression", initial_info, colour=colour, normalisation=normalisation,
                                           transform_name=transform)  # fmt: skip
     transform = options["transform_name"]
-    spec = crops.CropSpec(crop_um=table.crop_um, input_size=table.input_size, colour=options["colour"],
-                          normalisation=options["normalisation"])  # fmt: skip
+
+    def checked(crop_um, input_size) -> crops.CropSpec:
+        spec = crops.CropSpec(crop_um=crop_um, input_size=input_size, colour=options["colour"],
+                              normalisation=options["normalisation"])  # fmt: skip
+        if initial is not None:
+            training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
+                                   transform_name=transform, threshold=None)  # fmt: skip
+        return spec
+
     if initial is not None:
-        training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
-                                transform_name=transform, threshold=None)
+        # The options given before any file is read (a wrong --transform is not news of a missing set), the
+        # region set's crops once it is.
+        checked(initial_info["input"]["crop_um"], initial_info["input"]["input_size"])
+    table = read_regions(regions_path)
+    spec = checked(table.crop_um, table.input_size)
     try:
         split = training.split_for(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS, initial_model,
                                    initial_info)  # fmt: skip

@@ -445,6 +445,9 @@ def _fit(
 ) -> TrainResult:
     if label not in LABELS:
         raise ValueError(f"label {label!r}: choose one of {LABELS} (rc_expected only for synthetic datasets)")
+    # Before the initial model loads: loading draws from the random streams the new network's weights and
+    # dropout take theirs from.
+    keras.utils.set_random_seed(int(seed))
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = load_model(initial_model)
@@ -462,7 +465,6 @@ def _fit(
             print(f"{'Starting from' if arch != initial_info['architecture']['name'] else 'Fine-tuning'} "
                   f"{initial_model}: {arch}, {spec.input_size} px crops of {spec.crop_um:g} um"
                   + (f", transform {transform_name}" if task == "regression" else ""))
-    keras.utils.set_random_seed(int(seed))
     learning_rate = learning_rate_for(learning_rate, initial_model)
     out = str(out)
     table = read_table(dataset_path)
@@ -861,14 +863,16 @@ def initial_or_default(task, initial_info, **options) -> dict:
     ``threshold``), each given as None taken from the initial model where there is one, else the default.
 
     Fine-tuning keeps the initial model's architecture, input, label transform
-    and threshold; an ``fcn_classifier`` started from a regressor takes its
-    input alone. An option given otherwise is refused by :func:`check_initial`.
+    and threshold; a model of the other task (an ``fcn`` regressor an
+    ``fcn_classifier`` starts from) lends its input alone. An option given
+    otherwise is refused by :func:`check_initial`.
     """
     own = {}
     if initial_info is not None:
         own = {key: initial_info.get("input", {}).get(key)
                for key in ("crop_um", "input_size", "colour", "normalisation")}  # fmt: skip
-        if not (options.get("arch") == "fcn_classifier" and initial_info.get("task") == "regression"):
+        # A model of the other task lends no architecture, transform or threshold: check_initial names the mismatch.
+        if initial_info.get("task") == task:
             own.update(arch=initial_info.get("architecture", {}).get("name"),
                        transform_name=initial_info.get("transform", {}).get("name"),
                        threshold=initial_info.get("threshold"))  # fmt: skip
@@ -1030,9 +1034,9 @@ def train_classifier(
 ) -> TrainResult:
     """Train the crystal/empty classifier: label ``counts >= threshold``, binary cross-entropy, accuracy.
 
-    Parameters as :func:`train`; ``arch`` is ``classifier`` by default, and
-    ``threshold`` the reflection count from
-    which a crop counts as a crystal (default 5 spots), applied to the
+    Parameters as :func:`train`; ``arch`` is ``classifier`` by default (or
+    the initial model's), and ``threshold`` the reflection count from which
+    a crop counts as a crystal (default 5 spots, or the initial model's), applied to the
     counts ``label`` names (``"rc"``: the recorded ones; ``"rc_expected"``:
     the noise-free expected ones of a synthetic dataset). The metrics give
     the accuracy against the recorded counts, and (``accuracy_expected``)

@@ -87,7 +87,9 @@ class VirtualCamera(HardwareObject):
         """Everything a frame depends on, as a hashable key and its parts."""
         bl = HWR.beamline
         diffr = bl.diffractometer
-        readings = {name: float(diffr.all_motors()[name].get_value()) for name in CENTRING_MOTORS}
+        # A motor that reads None (VirtualMotor's "unreadable" fault) is NaN: the camera keeps its last frame.
+        readings = {name: float(np.nan if (value := diffr.all_motors()[name].get_value()) is None else value)
+                    for name in CENTRING_MOTORS}  # fmt: skip
         motors = diffr.sample_frame(readings)
         ppmm = tuple(diffr.get_pixels_per_mm())
         beam = tuple(bl.beam.get_beam_position_on_screen())

@@ -33,7 +33,7 @@ class VirtualMotor(MotorMockup):
             self.set_velocity(properties.number(self, "velocity", None, low=1e-6, unit="units/s"))
 
     def inject_fault(self, kind: str | None, after_s: float = 0.0):
-        """Make the next move fail or hang, for fault tests.
+        """Make the next move fail, hang or leave the motor unreadable, for fault tests.
 
         Parameters
         ----------
@@ -50,6 +50,7 @@ class VirtualMotor(MotorMockup):
         if kind is not None and kind not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS} or None, not {kind!r}")
         self._fault = None if kind is None else (kind, after_s)
+        self._unreadable = self._unreadable and kind is not None
 
     def set_value(self, value, timeout=0):
         """Move to ``value``; as on an MD3, a new move replaces the one under way.
