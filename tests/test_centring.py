@@ -226,13 +226,7 @@ def test_motors_that_arrive_after_the_diffractometer_said_ready_are_waited_for(b
     # An MD3 (mxcubecore's MicroDiffractometer) returns from set_value_motors once its state reads Ready,
     # which it may still do just before the motors start: their arrival shows a moment later.
     mount_at_start(beamline)
-    motors = beamline.diffractometer.get_motors()
-
-    def ready_too_early(positions, timeout=None):
-        for name, value in positions.items():
-            motors[name].set_value(value, timeout=0)
-
-    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", ready_too_early)
+    monkeypatch.setattr(beamline.diffractometer, "ready_before_arrival", True)
     result = autocenter.centre(save=False)
     assert result.success, result.message
     assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
@@ -1261,15 +1255,9 @@ def test_a_centring_from_a_script_or_the_queue_first_puts_the_diffractometer_in_
 
 def test_a_move_reported_done_before_it_starts_is_waited_for_while_the_motor_still_moves(beamline, monkeypatch):
     # The same early Ready, before a move longer than the settle time: a motor on its way is no stopped one.
-    motors = beamline.diffractometer.get_motors()
-    phiy = motors["phiy"]
+    phiy = beamline.diffractometer.get_motors()["phiy"]
     velocity = phiy.get_velocity()
-
-    def ready_too_early(positions, timeout=None):
-        for name, value in positions.items():
-            motors[name].set_value(value, timeout=0)
-
-    monkeypatch.setattr(beamline.diffractometer, "set_value_motors", ready_too_early)
+    monkeypatch.setattr(beamline.diffractometer, "ready_before_arrival", True)
     bl = procedure.CentringHardware(beamline)
     target = phiy.get_value() + 0.6
     phiy.set_velocity(0.2)  # 3 s of motion: longer than ARRIVAL_SETTLE_S, well within the move's time-out

@@ -30,7 +30,14 @@ class VirtualDiffractometer(DiffractometerMockup):
     which the rotation axis crosses the beam, as an MD3's calibrated
     AlignmentZ (SampleView's ``centring_reference_position`` of phiz on a
     real beamline).
+
+    Attribute ``ready_before_arrival`` (False): :meth:`set_value_motors`
+    returns once the moves are started, before the motors arrive, as an MD3
+    (mxcubecore's MicroDiffractometer) may: its state can read Ready just
+    before its motors start.
     """
+
+    ready_before_arrival = False
 
     def init(self):
         # The mockup parks every motor at a random position; a virtual MD3 starts at rest.
@@ -56,6 +63,14 @@ class VirtualDiffractometer(DiffractometerMockup):
                              "scale of each zoom level, pixels per micrometre (0.01 to 100), e.g. [0.5, 1.0, 2.0], "
                              "in its XML file")  # fmt: skip
         return scales
+
+    def set_value_motors(self, motors_positions_dict: dict, simultaneous: bool = True, timeout: float | None = None):
+        if not self.ready_before_arrival:
+            return super().set_value_motors(motors_positions_dict, simultaneous=simultaneous, timeout=timeout)
+        motors = self.get_motors()
+        for name, value in motors_positions_dict.items():
+            motors[name].set_value(value, timeout=0)
+        return None
 
     def get_motors(self):
         """The motors by role, as an MD3 gives them: without those whose state is UNKNOWN or OFF.
