@@ -327,9 +327,9 @@ def cmd_train(args) -> int:
     ignored = "--transform" if task == "classifier" and args.transform is not None else (
         "--threshold" if task == "regression" and args.threshold is not None else None)
     if ignored:
-        raise ValueError(f"{ignored} does not apply to a {task} model ({args.arch or ('the initial model' if args.initial_model else 'fcn')}): "
-                         f"leave it out, "
-                         "or train an architecture it applies to (a regressor learns transformed counts, a classifier "
+        which = args.arch or ("the initial model" if args.initial_model else "fcn")
+        raise ValueError(f"{ignored} does not apply to a {task} model ({which}): leave it out, or train an "
+                         "architecture it applies to (a regressor learns transformed counts, a classifier "
                          "count >= --threshold)")
     options = dict(_train_options(args), initial_model=args.initial_model, learning_rate=args.learning_rate)
     out = args.out or ("out/classifier" if task == "classifier" else "out/model")
