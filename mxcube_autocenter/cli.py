@@ -904,6 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="beam position X,Y in pixels, marked on the --png overlay (default: image centre)")
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
+    # The XML properties' defaults (AutoCenterConfig, not imported here: it loads mxcubecore; a test holds them equal).
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
     heatmap.add_argument("--stride", type=STRIDE_PX, default=6.0, help="grid step, pixels (default: %(default)s)")
     heatmap.add_argument("--min-score", type=NON_NEGATIVE, default=5.0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mxcube_autocenter.cli import main
+from mxcube_autocenter.cli import build_parser, main
 
 
 @pytest.mark.parametrize(
@@ -334,7 +334,6 @@ def test_the_beamline_log_is_printed_once(tmp_path):
 
 def test_initial_model_shipped_names_the_shipped_regressor():
     from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
-    from mxcube_autocenter.cli import build_parser
 
     args = build_parser().parse_args(["train", "set.h5", "--initial-model", "shipped"])
     assert args.initial_model == str(SHIPPED_REGRESSOR)
@@ -521,3 +520,12 @@ def test_train_dense_refuses_a_transform_other_than_the_initial_models_before_re
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "the initial model has transform 'log', not 'tanh'" in err and "missing.h5" not in err
+
+
+def test_the_heatmap_commands_defaults_are_the_xml_properties_defaults():
+    from mxcube_autocenter.config import AutoCenterConfig
+
+    args = build_parser().parse_args(["heatmap", "x.png", "--pixels-per-mm", "1000"])
+    config = AutoCenterConfig()
+    assert (args.pin_side, args.stride, args.min_score, args.symmetries) == (
+        config.pin_side, config.heatmap_stride_px, config.min_score, config.heatmap_symmetries)
