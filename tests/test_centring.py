@@ -1454,75 +1454,46 @@ def test_each_view_is_taken_after_new_frames_of_the_camera_and_a_silent_camera_i
         camera.start_streaming()
 
 
-def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view():
+def test_a_lima_cameras_repeats_are_no_new_frames_for_a_view(beamline):
     # TangoLimaVideo sends its last image on every poll (every 10 ms here), new or not: counted as new frames, the
     # wait ended in 20 ms and the view was the image exposed while the motors still moved.
-    from types import SimpleNamespace
+    camera = beamline.sample_view.camera
+    exposures = []  # (time heard, image) of each new image the camera sends
 
-    class LimaLikeCamera:
-        def __init__(self):
-            self.slots, self.t0 = [], time.monotonic()
+    def heard(image, *args):
+        if not exposures or image != exposures[-1][1]:
+            exposures.append((time.monotonic(), image))
 
-        def image(self):  # the sensor: a new image every 100 ms
-            return b"image %d" % int((time.monotonic() - self.t0) / 0.1)
+    def new_exposures_for_a_snapshot(bl):
+        asked = time.monotonic()
+        bl.snapshot()
+        return sum(t > asked for t, _ in exposures)
 
-        def connect(self, signal, slot):
-            self.slots.append(slot)
-
-        def disconnect(self, signal, slot):
-            self.slots.remove(slot)
-
-        def poll(self):
-            while True:
-                for slot in list(self.slots):
-                    slot(self.image(), 4, 2, False)
-                gevent.sleep(0.01)
-
-        def poll_changes(self):  # each image once, when it is new
-            last = None
-            while True:
-                image = self.image()
-                if image != last:
-                    for slot in list(self.slots):
-                        slot(image, 4, 2, False)
-                    last = image
-                gevent.sleep(0.01)
-
-    def beamline(camera):
-        sample_view = SimpleNamespace(camera=camera, get_snapshot=lambda return_as_array: camera.image())
-        return procedure.CentringHardware(SimpleNamespace(sample_view=sample_view, diffractometer=None, beam=None),
-                                  fresh_frames=2)
-
-    camera = LimaLikeCamera()
-    polling = gevent.spawn(camera.poll)
-    bl = beamline(camera)
+    fps = camera.fps
+    camera.connect("imageReceived", heard)
     try:
-        for _ in range(3):
-            while (time.monotonic() - camera.t0) % 0.1 > 0.005:  # just after a new image: the motors stopped
-                gevent.sleep(0.001)
-            before = camera.image()
-            assert bl.snapshot() != before
+        camera.set_stream("RGB24", interval_ms=10)
+        bl = procedure.CentringHardware(beamline, fresh_frames=2)
+        assert [new_exposures_for_a_snapshot(bl) >= 2 for _ in range(3)] == [True] * 3
         # A slow camera that sends each image once, 3 a second, is still waited for at every view: the time-out
         # is per frame (the first image heard only sets the reference, and the next came 0.6 s later).
-        polling.kill()
-        camera.image = lambda: b"image %d" % int((time.monotonic() - camera.t0) / 0.3)
-        polling = gevent.spawn(camera.poll_changes)
-        bl = beamline(camera)
-        for _ in range(3):
-            while not 0.05 < (time.monotonic() - camera.t0) % 0.3 < 0.06:  # the last image sent a while ago
-                gevent.sleep(0.001)
-            before = camera.image()
-            assert bl.snapshot() != before
+        camera.fps = 3
+        camera.set_stream()
+        bl = procedure.CentringHardware(beamline, fresh_frames=2)
+        assert [new_exposures_for_a_snapshot(bl) >= 2 for _ in range(3)] == [True] * 3
         assert bl._camera_streams
         # One image sent over and over (mxcubecore's MDCameraMockup) is waited for once, as a silent camera.
-        camera.image = lambda: b"the one image"
-        bl = beamline(camera)
+        camera.fps = 0.1
+        camera.set_stream("RGB24", interval_ms=10)
+        bl = procedure.CentringHardware(beamline, fresh_frames=2)
         bl.snapshot()
         start = time.monotonic()
         bl.snapshot()
         assert time.monotonic() - start < 0.5 * procedure.FRESH_FRAME_TIMEOUT_S
     finally:
-        polling.kill()
+        camera.disconnect("imageReceived", heard)
+        camera.fps = fps
+        camera.set_stream()
 
 
 def test_stop_while_the_button_readies_changes_no_phase(beamline, autocenter, monkeypatch):

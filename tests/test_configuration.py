@@ -351,6 +351,8 @@ def test_a_check_across_properties_names_them_without_listing_every_property():
     ("collect.xml", "detector", "4m", "detector = '4m': give one of small, 4M, 16M"),
     ("beam.xml", "beam_profile", "top-hat", "beam_profile = 'top-hat': give one of gaussian, tophat"),
     ("camera.xml", "look", "Random", "look = 'Random': give one of default, random"),
+    ("camera.xml", "video_mode", "BAYER_RG16", "video_mode = 'BAYER_RG16': give one of RGB24, RGB32, RGB8"),
+    ("camera.xml", "interval", "15 ms", "interval = '15 ms': give a number from 1 to 10000 ms"),
     ("diffractometer.xml", "pixels_per_um", "[500000.0]", "pixels_per_um = '[500000.0]': give the scale of each zoom"),
 ])  # fmt: skip
 def test_a_virtual_beamline_property_mxcubecore_cannot_use_is_named_with_the_fix(tmp_path, caplog, xml, element,

@@ -35,30 +35,42 @@ def new_exposure(jpeg: bytes, number: int) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
 
 
+# TangoLimaVideo's video modes whose pixels it converts and sends: grey, RGB and RGBA, a byte a sample.
+RAW_VIDEO_MODES = ("RGB24", "RGB32", "RGB8")
+
+
 class VirtualCamera(HardwareObject):
     """Simulated MD3 sample-view camera.
 
-    XML properties: ``width``, ``height`` (pixels), ``fps`` (frames per second
-    of the ``imageReceived`` stream, default 25), ``jpeg_quality``,
-    ``latency_s`` (delay between exposure and delivery), ``look``
-    (``default`` or ``random``), ``look_seed``. The scene is drawn at the
-    diffractometer's motor readings as its wiring turns them into sample
-    positions (``VirtualDiffractometer.sample_frame``).
-    Attribute ``stream_format``: ``"jpeg"`` (MDCameraMockup's
-    ``imageReceived(jpeg_bytes, width, height)``) or ``"rgb"`` (mxcubecore's
-    TangoLimaVideo in RGB24 video mode: ``imageReceived(rgb_bytes, width,
-    height, False)``, the raw pixels), ``"rgba"`` (its RGB32 mode: 4 bytes a
-    pixel, RGBA) or ``"grey"`` (its RGB8 mode: 1 byte a pixel).
+    XML properties: ``width``, ``height`` (pixels), ``fps`` (exposures per
+    second, default 25), ``jpeg_quality``, ``latency_s`` (delay between
+    exposure and delivery), ``look`` (``default`` or ``random``),
+    ``look_seed``. The scene is drawn at the diffractometer's motor readings
+    as its wiring turns them into sample positions
+    (``VirtualDiffractometer.sample_frame``).
+
+    The ``imageReceived`` stream is MDCameraMockup's, ``(jpeg_bytes, width,
+    height)``, each exposure sent once; with TangoLimaVideo's properties it is
+    that camera's: ``video_mode`` (``RGB24``, ``RGB32`` or ``RGB8``) sends the
+    raw pixels, ``(pixel_bytes, width, height, False)``, and ``interval``
+    (ms) polls, sending the last exposure at every poll, new or not
+    (:meth:`set_stream` changes both while it runs).
     """
 
     def init(self):
         super().init()
         self._width = properties.number(self, "width", 1280, low=16, high=8192, whole=True, unit="pixels")
         self._height = properties.number(self, "height", 1024, low=16, high=8192, whole=True, unit="pixels")
-        self._fps = properties.number(self, "fps", 25, low=1, high=100, unit="frames per second")
+        self.fps = properties.number(self, "fps", 25, low=1, high=100, unit="frames per second")
         self._jpeg_quality = properties.number(self, "jpeg_quality", 90, low=1, high=100, whole=True)
         self._latency_s = properties.number(self, "latency_s", 0.02, low=0, high=1, unit="s")
-        self.stream_format = properties.choice(self, "stream_format", "jpeg", ("jpeg", "rgb", "rgba", "grey"))
+        video_mode = self.get_property("video_mode")
+        if video_mode is not None:
+            video_mode = properties.choice(self, "video_mode", None, RAW_VIDEO_MODES)
+        interval = self.get_property("interval")
+        if interval is not None:
+            interval = properties.number(self, "interval", None, low=1, high=10000, unit="ms")
+        self.set_stream(video_mode, interval)
         look = DEFAULT_LOOK
         if properties.choice(self, "look", "default", ("default", "random")) == "random":
             look = random_look(np.random.default_rng(properties.number(self, "look_seed", 0, low=0, whole=True)))
@@ -117,34 +129,60 @@ class VirtualCamera(HardwareObject):
                 self._key, self._drawn = key, (mounted, self.look)
                 self.frame_number += 1
 
+    def set_stream(self, video_mode: str | None = None, interval_ms: float | None = None):
+        """Stream as MDCameraMockup (both None) or as TangoLimaVideo with these ``video_mode`` and ``interval``.
+
+        ``video_mode`` is also this camera's property, which the recorder reads as TangoLimaVideo's.
+        """
+        if video_mode is not None and video_mode not in RAW_VIDEO_MODES:
+            raise ValueError(f"video_mode {video_mode!r}: give one of {', '.join(RAW_VIDEO_MODES)}, or None for JPEG")
+        if interval_ms is not None and not interval_ms > 0:
+            raise ValueError(f"interval {interval_ms!r}: give the poll period in ms, or None to send each exposure once")
+        properties = self.get_properties()
+        if video_mode is None:
+            properties.pop("video_mode", None)
+        else:
+            properties["video_mode"] = video_mode
+        self.video_mode, self.interval_ms = video_mode, interval_ms
+
+    def _expose(self):
+        """The next exposure: the scene as the motors are now, as the stream sends it."""
+        self._update()
+        self._exposures += 1
+        if self.video_mode is None:
+            return new_exposure(self._jpeg, self._exposures), self._width, self._height
+        pixels = bytearray(_pixels(self._rgb, self.video_mode))
+        pixels[0] ^= self._exposures & 1  # one grey level of one pixel: see new_exposure
+        return bytes(pixels), self._width, self._height, False
+
     def _stream(self):
-        period = 1.0 / self._fps
+        exposed_at, image = -np.inf, None  # the last exposure, which a poll sends again
         # Ends with the HardwareRepository that loaded this camera (torn down by
         # tests and the demo): a camera left streaming into the next repository
         # would render for nobody and take the GIL from its event loop.
         while self._loaded_repository_alive():
-            start = time.monotonic()  # the exposure: the scene as the motors are now
+            start = time.monotonic()
+            period = 1.0 / self.fps  # read at every turn: a test slows the sensor down
             try:
-                self._update()
-                # This exposure's frame: a snapshot asked for while it is delivered renders a later scene.
-                rgb, jpeg = self._rgb, self._jpeg
-                # Delivered latency_s after the exposure, rendering included, as labelling assumes.
-                gevent.sleep(max(0.0, self._latency_s - (time.monotonic() - start)))
-                self._exposures += 1
-                if self.stream_format in ("rgb", "rgba", "grey"):
-                    pixels = bytearray(_pixels(rgb, self.stream_format))
-                    pixels[0] ^= self._exposures & 1  # one grey level of one pixel: see new_exposure
-                    self.emit("imageReceived", bytes(pixels), self._width, self._height, False)
+                polled = self.interval_ms is not None
+                if not polled or image is None or start - exposed_at >= period - 1e-3:
+                    exposed_at = start
+                    # This exposure's frame: a snapshot asked for while it is delivered renders a later scene.
+                    image = self._expose()
+                    # Delivered latency_s after the exposure, rendering included, as labelling assumes.
+                    gevent.sleep(max(0.0, self._latency_s - (time.monotonic() - start)))
+                    self.emit("imageReceived", *image)
                 else:
-                    self.emit("imageReceived", new_exposure(jpeg, self._exposures), self._width, self._height)
+                    self.emit("imageReceived", *image)  # TangoLimaVideo's poll: the last image again
             except Exception:
                 self.log.exception("virtual camera: could not render a frame")
-            gevent.sleep(max(0.0, period - (time.monotonic() - start)))
+                image = None
+            wait = self.interval_ms / 1000.0 if self.interval_ms is not None else period
+            gevent.sleep(max(0.0, wait - (time.monotonic() - start)))
 
     def get_latency(self) -> float:
         """Delay from a frame's exposure to its delivery, s (the ``latency_s`` property)."""
         return self._latency_s
-
 
     def _loaded_repository_alive(self) -> bool:
         try:
@@ -182,9 +220,9 @@ class VirtualCamera(HardwareObject):
 
 
 def _pixels(rgb, video_mode: str) -> bytes:
-    """A frame's pixels as TangoLimaVideo sends them in ``video_mode`` ("rgb", "rgba" or "grey")."""
-    if video_mode == "grey":
+    """A frame's pixels as TangoLimaVideo sends them in ``video_mode`` (one of :data:`RAW_VIDEO_MODES`)."""
+    if video_mode == "RGB8":
         rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    elif video_mode == "rgba":
+    elif video_mode == "RGB32":
         rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
     return rgb.tobytes()
