@@ -231,6 +231,20 @@ COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
             "|       5 |        8 |               8 |              3821 |\n"
             "+---------+----------+-----------------+-------------------+\n",
         ),
+        (
+            "spot_counts_per_image.log",  # the per-image table, then the overall statistics
+            "| image   |   #spots |   #spots_no_ice |   total_intensity |\n"
+            "|---------+----------+-----------------+-------------------|\n"
+            "| 1       |       14 |              12 |              5163 |\n"
+            "| 2       |        0 |               0 |                 0 |\n"
+            "| 3       |       61 |              57 |              3821 |\n"
+            "| 5       |        8 |               8 |              3821 |\n"
+            "\n"
+            "Overall statistics:\n"
+            "| Statistic   |   Value |\n"
+            "|-------------+---------|\n"
+            "| #spots      |      83 |\n",
+        ),
     ],
 )
 def test_spot_counts_are_read_from_csv_json_and_dials_tables(tmp_path, name, text):
@@ -894,6 +908,36 @@ def test_damaged_recordings_and_training_sets_are_named_as_damaged(labelled, col
         read_table(dataset)
     with pytest.raises(DatasetError, match=message):  # appending to it
         label_recordings([collections[1].recording], dataset, progress=False)
+
+
+@pytest.mark.parametrize("column", ["rows/motors", "recordings/fingerprint"])
+def test_a_set_with_a_damaged_column_is_refused_before_the_spot_finding(labelled, collections, tmp_path,
+                                                                         monkeypatch, column):
+    # Its column headers were opened only while appending, after the spot finding: "AttributeError: 'NoneType'
+    # object has no attribute 'shape' ... please report it".
+    with h5py.File(labelled[0], "r") as h5file:
+        header = h5py.h5o.get_info(h5file[column].id).addr
+    data = bytearray(Path(labelled[0]).read_bytes())
+    data[header : header + 4] = b"\xa5\x5a\xa5\x5a"
+    dataset = tmp_path / "damaged_set.h5"
+    dataset.write_bytes(bytes(data))
+    monkeypatch.setattr(pipeline, "count_spots", lambda *args, **kwargs: pytest.fail("spot finding ran"))
+    with pytest.raises(DatasetError, match=f"{re.escape(str(dataset))}: cannot read this training set .*damaged"):
+        label_recordings([collections[1].recording], dataset, progress=False)
+    assert dataset.read_bytes() == bytes(data)
+
+
+def test_a_stored_crop_of_no_size_is_refused_before_anything_is_written(labelled, collections, tmp_path,
+                                                                         monkeypatch):
+    # The set keeps its recordings' smallest stored crop: 0 um made every row of it unreadable.
+    dataset = tmp_path / "dataset.h5"
+    dataset.write_bytes(Path(labelled[0]).read_bytes())
+    monkeypatch.setattr(pipeline, "count_spots", lambda *args, **kwargs: pytest.fail("spot finding ran"))
+    for side in (0.0, -600, float("nan"), "600 um"):
+        with pytest.raises(DatasetError, match="stored_crop_um = .*: give the side of the stored crops"):
+            label_recordings([collections[1].recording], dataset, stored_crop_um=side, progress=False)
+    assert dataset.read_bytes() == Path(labelled[0]).read_bytes()
+    assert len(read_table(dataset)) > 0
 
 
 def test_recording_without_master_file_or_camera_scale(collections, tmp_path, monkeypatch):

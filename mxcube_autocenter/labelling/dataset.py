@@ -246,6 +246,7 @@ def append_recording(
     RecordingError
         If the recording cannot be read.
     """
+    check_stored_crop_um(stored_crop_um)
     dataset_path = Path(dataset_path)
     recording = read_recording(recording_path)
     fingerprint = recording_fingerprint(recording)
@@ -541,15 +542,34 @@ def _write_failed(path: Path, err: Exception) -> DatasetError:
     )
 
 
+def check_stored_crop_um(stored_crop_um) -> None:
+    """Raise DatasetError unless ``stored_crop_um`` is a side of stored crops, um.
+
+    The set keeps the smallest side of its recordings' crops: one of 0 would make all its rows unreadable.
+    """
+    try:
+        side = float(stored_crop_um)
+    except (TypeError, ValueError):
+        side = np.nan
+    if not (np.isfinite(side) and side > 0):
+        raise DatasetError(f"stored_crop_um = {stored_crop_um!r}: give the side of the stored crops, a number of um "
+                           f"above 0 (default {DEFAULT_STORED_CROP_UM:g}; at least the largest training crop)")
+
+
 def check_appendable(path) -> None:
     """Raise DatasetError unless ``path`` is a training set that ``append_recording`` can add to.
 
-    The recordings' record is read too: a damaged one would otherwise be
-    found only after the new rows were added.
+    The recordings' record and ids are read and every column opened too: a
+    damaged one would otherwise be found only after the spot finding, or
+    after the new rows were added.
     """
     path = Path(path)
     with _open(path, "r") as h5file, _reading_set(path):
         _recordings(h5file, "rows", path)
+        _find(h5file, "")
+        for group in ("rows", "recordings"):
+            for name in h5file[group]:
+                h5file[group][name]  # opens the column: a damaged header raises here
 
 
 def _crystal_of(metadata: dict, scan: str) -> str:
@@ -601,13 +621,17 @@ def _open(path: Path, mode: str) -> h5py.File:
 def _find(h5file: h5py.File, fingerprint: str) -> str | None:
     n = int(h5file.attrs["n_recordings"])
     recordings = h5file["recordings"]
-    fingerprints = recordings["fingerprint"].asstr()[:n]
+    with _reading_set(h5file.filename):
+        fingerprints = recordings["fingerprint"].asstr()[:n]
+        scan_ids = recordings["scan_id"].asstr()[:n]
     hits = np.flatnonzero(fingerprints == fingerprint)
-    return recordings["scan_id"].asstr()[hits[0]] if hits.size else None
+    return scan_ids[hits[0]] if hits.size else None
 
 
 def _resize(group: h5py.Group, n: int) -> None:
-    for dataset in group.values():
+    for name in group:
+        with _reading_set(group.file.filename):
+            dataset = group[name]  # group.values() gives None for a column whose header no longer reads
         # A column added after labelling (add_row_column) is not resizable and keeps its
         # length: readers leave it out once appends outgrow it.
         if dataset.shape[0] != n and dataset.maxshape[0] is None:

@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -38,6 +39,7 @@ from mxcube_autocenter.labelling.dataset import (
     append_recording,
     camera_geometry,
     check_appendable,
+    check_stored_crop_um,
     check_writable,
     find_recording,
     read_table,
@@ -318,10 +320,10 @@ def _executor(nproc: int) -> ProcessPoolExecutor | None:
     except (OSError, NotImplementedError) as err:
         failed = err
     else:
-        try:
+        try:  # the time-out is an OSError from Python 3.11 on, not in 3.10
             executor.submit(os.getpid).result(timeout=_WORKER_START_S)
             return executor
-        except (BrokenProcessPool, OSError, NotImplementedError) as err:  # TimeoutError is an OSError
+        except (BrokenProcessPool, FuturesTimeoutError, OSError, NotImplementedError) as err:
             executor.shutdown(wait=False, cancel_futures=True)
             failed = err
     log.warning(
@@ -452,6 +454,7 @@ def label_recordings(
     """
     started = time.perf_counter()
     recordings = [Path(r) for r in recordings]
+    check_stored_crop_um(stored_crop_um)
     out = Path(out)
     if out.exists():
         check_appendable(out)
