@@ -392,6 +392,27 @@ def test_a_collection_numbered_from_another_start_image_reads_its_frames_in_orde
         open_master(written.master_path)
 
 
+def test_data_files_without_image_nr_low_are_read_in_turn_unless_one_before_the_last_is_short(tmp_path):
+    # Without image_nr_low each file's images follow the previous file's: a short file in the middle shifted
+    # every later image by one, each labelled with its neighbour's count, and only an "aborted collection?"
+    # warning said anything.
+    with open_master(small_collection(tmp_path / "numbered", n_frames=7, images_per_file=3).master_path) as series:
+        frames = [series.frame(i)[0] for i in range(7)]
+    written = small_collection(tmp_path / "unnumbered", n_frames=7, images_per_file=3)  # files of 3, 3 and 1
+    for path in written.data_paths:
+        with h5py.File(path, "r+") as f:
+            del f["entry/data/data"].attrs["image_nr_low"]
+    with open_master(written.master_path) as series:
+        assert series.nimages == 7 and all(np.array_equal(series.frame(i)[0], frames[i]) for i in range(7))
+    with h5py.File(written.data_paths[1], "r+") as f:
+        kept = f["entry/data/data"][:2]
+        del f["entry/data/data"]
+        f.create_dataset("entry/data/data", data=kept)
+    with pytest.raises(EigerFileError, match=r"xtal_2_data_000002\.h5: holds 2 images where xtal_2_data_000001\.h5 "
+                                             r"holds 3, and the data files carry no image_nr_low"):
+        open_master(written.master_path)
+
+
 def test_a_master_file_holding_its_data_blocks_itself_reads_and_closes(tmp_path):
     # Closing a series closes the data files its external links opened; blocks inside the master file close with
     # it (closing the master once per block raised on the second).

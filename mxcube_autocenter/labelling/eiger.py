@@ -296,6 +296,7 @@ class EigerSeries:
             self._check_frames(dataset, target, name)
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
             blocks.append((first, dataset, target))
+        self._check_unnumbered(blocks)
         blocks.sort(key=lambda block: block[0])
         if blocks:
             # A collection may number its images from its start_image_number (the FileWriter's image_nr_start):
@@ -323,6 +324,24 @@ class EigerSeries:
             )  # fmt: skip
             self.nimages = held
         return blocks
+
+    def _check_unnumbered(self, blocks):
+        """Refuse data files without ``image_nr_low`` whose images cannot be placed: a short one before the last.
+
+        Without the attribute a file's images are taken to follow the previous file's, which holds only while
+        every file but the last holds as many as the first (the FileWriter's nimages_per_file): after a
+        short one, every later image would be labelled with another image's count.
+        """
+        if not blocks or all("image_nr_low" in dataset.attrs for _, dataset, _ in blocks):
+            return
+        per_file = len(blocks[0][1])
+        for _, dataset, target in blocks[:-1]:
+            if len(dataset) != per_file:
+                raise EigerFileError(
+                    f"{target}: holds {len(dataset)} images where {blocks[0][2].name} holds {per_file}, and the "
+                    f"data files carry no image_nr_low to place the images after it: the collection is "
+                    f"incomplete; {_COPY_AGAIN}"
+                )
 
     def _link_target(self, link: h5py.ExternalLink) -> Path:
         """The data file an external link leads to, found as HDF5 finds it."""
