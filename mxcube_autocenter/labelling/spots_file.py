@@ -203,16 +203,25 @@ def _json_columns(path: Path, text: str) -> dict:
 
 
 def _dials_table_columns(path: Path, text: str) -> dict:
-    """Columns of the ``| image | #spots | ...`` table that DIALS prints."""
-    header, rows = None, []
+    """Columns of the ``| image | #spots | ...`` table that DIALS prints.
+
+    ``dials.spot_counts_per_image`` follows it with a table of overall statistics, of other columns: a table
+    of another header, after text, ends the counts.
+    """
+    header, rows, between_tables = None, [], False
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
+        if not line.startswith(("|", "+")):
+            between_tables = between_tables or bool(line)
+            continue
         # Rules are "|---+---|" or "+---+---+"; the header row repeats for each imageset.
-        if not line.startswith("|") or set(line) <= set("|-+ "):
+        if set(line) <= set("|-+ "):
             continue
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if header is None:
             header = cells
+        elif between_tables and cells != header:
+            break  # another table's header
         elif len(cells) != len(header):
             # As in a CSV file: dropping the row would leave its image without a count and nobody told.
             raise SpotsFileError(
@@ -221,6 +230,7 @@ def _dials_table_columns(path: Path, text: str) -> dict:
             )
         elif cells != header:
             rows.append(cells)
+        between_tables = False
     header = header or []
     return {name: [row[k] for row in rows] for k, name in enumerate(header)}
 
