@@ -350,9 +350,34 @@ def test_fcn_evaluates_a_region_exactly_like_its_crops(arch):
 # ---------------------------------------------------------------- data
 
 
+def model_inputs(table, rows, spec):
+    """The rows' normalised model inputs, crop by crop: what the pipeline must give."""
+    from mxcube_autocenter.labelling.dataset import RowReader
+    from mxcube_autocenter.learning.data import row_crop
+
+    with RowReader(table.path, table.image_dataset) as reader:
+        return np.stack([crops.apply_stats(*row_crop(reader, table, int(i), spec)) for i in rows])
+
+
+def test_a_bad_augmentation_is_refused_before_any_row_is_read_or_cache_made(dataset_path, tmp_path, monkeypatch):
+    # It was checked after every row had been read and a cache folder made, which stayed behind.
+    import tempfile
+
+    from mxcube_autocenter.labelling.dataset import RowReader, read_table
+    from mxcube_autocenter.learning.data import make_dataset
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(RowReader, "check", lambda *args: pytest.fail("the rows were read"))
+    table = read_table(dataset_path)
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        make_dataset(table, np.arange(8), table.rc[:8], crops.CropSpec(crop_um=160, input_size=SMALL), augment="flip",
+                     cache=True)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
     from mxcube_autocenter.labelling.dataset import DatasetError, read_table
-    from mxcube_autocenter.learning.data import load_inputs, make_dataset
+    from mxcube_autocenter.learning.data import make_dataset
 
     table = read_table(dataset_path)
     assert len(table) == 320 and table.stored_crop_um == 240.0
@@ -368,7 +393,7 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
     y = np.concatenate([b[1].numpy() for b in batches])
     assert x.shape == (40, SMALL, SMALL, 3) and y.shape == (40, 1)
     assert np.array_equal(y[:, 0], table.rc[rows].astype(np.float32))
-    assert np.allclose(x, load_inputs(table, rows, spec), atol=1e-5)
+    assert np.allclose(x, model_inputs(table, rows, spec), atol=1e-5)
     # Shuffled, augmented, cached: the same rows, other order, each epoch anew.
     ds = make_dataset(table, rows, rows.astype(float), spec, batch_size=40, shuffle=True, seed=1,
                       augment="dihedral", cache=True)
@@ -394,7 +419,7 @@ def test_dataset_contract_and_pipeline(dataset_path, tmp_path):
     alt = read_table(other)
     assert len(alt) == 315 and alt.stored_crop_um == 240.0 and alt.image_dataset == "rows/jpeg"
     assert np.array_equal(alt.rc, table.rc[:315]) and np.array_equal(alt.zoom, table.zoom[:315])
-    assert np.allclose(load_inputs(alt, [3], spec), load_inputs(table, [3], spec))
+    assert np.allclose(model_inputs(alt, [3], spec), model_inputs(table, [3], spec))
     broken = str(tmp_path / "broken.h5")
     with h5py.File(broken, "w") as f:
         f.attrs["format_version"] = 1

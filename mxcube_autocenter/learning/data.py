@@ -51,22 +51,6 @@ def check_crop_fits(table: Table, spec: crops.CropSpec):
         )
 
 
-def load_inputs(table: Table, rows, spec: crops.CropSpec, *, progress=False) -> np.ndarray:
-    """Normalised model inputs of the given rows, float32 (N, S, S, C), in memory."""
-    rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), *spec.input_shape), dtype=np.float32)
-    iterator = enumerate(rows)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, total=len(rows), desc="crops", unit="crop")
-    with RowReader(table.path, table.image_dataset) as reader:
-        for k, i in iterator:
-            crop, stats = row_crop(reader, table, int(i), spec)
-            out[k] = crops.apply_stats(crop, stats)
-    return out
-
-
 def cgroup_memory_limit_files(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> list:
     """The memory limit files of this process's control groups, its own and every one above it (v2 and v1).
 
@@ -218,6 +202,8 @@ def make_dataset(
         raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
     if len(rows) == 0:
         raise ValueError(f"{table.path}: no rows to stream")
+    # Before the rows are read and a cache folder made: a bad augmentation option must cost neither.
+    fn = augmenter(augment, jitter_strength=jitter) if augment != "none" or jitter > 0 else None
     if cache == "auto":
         cache = cache_for(len(rows), spec)
     reader = RowReader(table.path, table.image_dataset)
@@ -242,8 +228,7 @@ def make_dataset(
         return image, label
 
     ds = ds.map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
-    if augment != "none" or jitter > 0:
-        fn = augmenter(augment, jitter_strength=jitter)
+    if fn is not None:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda xy, s: fn(xy[0], xy[1], s), num_parallel_calls=tf.data.AUTOTUNE
