@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -47,16 +48,19 @@ def reading(path, what: str, error: type[Exception], fix: str):
         raise error(f"{path}: cannot read this {what} ({type(err).__name__}: {err}): the file is damaged; {fix}") from err
 
 
-def not_opened(path, err: OSError) -> str:
+def not_opened(path, err: OSError, damaged: str = "") -> str:
     """Why h5py could not open ``path``, briefly: what the path is instead where it is recognisable.
 
     h5py's own message holds HDF5's whole error record (the time, the buffer
-    address, the bytes read): for a folder or another kind of file, the
-    path's kind is what the user needs.
+    address, the bytes read): for a folder, another kind of file or a file
+    this user may not read, that is what the user needs. ``damaged``: what to
+    add where none of these is the reason and the file itself must be damaged.
     """
     path = Path(path)
     if path.is_dir():
         return "a folder, not a file: give a file in it"
+    if path.exists() and not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        return "no permission to read it: ask for read access (beamline data is often its user's own), or copy it"
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -66,7 +70,8 @@ def not_opened(path, err: OSError) -> str:
         if head.startswith(signature):
             return f"{kind}, not an HDF5 file"
     said = re.search(r"error message = '([^']*)'", str(err)) or re.search(r"\(([^()]*)\)\s*$", str(err))
-    return f"not a readable HDF5 file ({said.group(1) if said else str(err).splitlines()[0]})"
+    reason = f"not a readable HDF5 file ({said.group(1) if said else str(err).splitlines()[0]})"
+    return f"{reason}; {damaged}" if damaged else reason
 
 
 # The files a user may give in an HDF5 file's place.

@@ -1,5 +1,8 @@
 """Synthetic EIGER files: the writer's layout, and reading them back one frame at a time."""
 
+import shutil
+from pathlib import Path
+
 import h5py
 import hdf5plugin
 import numpy as np
@@ -615,3 +618,36 @@ def test_a_training_set_another_process_writes_is_not_read_without_its_lock(tmp_
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_master_file_this_user_may_not_read_is_named_so_not_as_damaged():
+    # Beamline data often belongs to its user: "not a readable HDF5 file (Permission denied); it is truncated or
+    # corrupt: copy it again, or re-collect" sent staff after a collection that was fine.
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # a folder another user may look into
+    try:
+        folder.chmod(0o755)
+        written = small_collection(folder, n_frames=2, images_per_file=2)
+        written.master_path.chmod(0o600 if os.geteuid() == 0 else 0)
+        if os.geteuid() == 0:
+            os.seteuid(65534)  # root reads anything: read as nobody
+        try:
+            with pytest.raises(EigerFileError) as refused:
+                open_master(written.master_path)
+            assert "no permission to read it: ask for read access" in str(refused.value)
+            assert "corrupt" not in str(refused.value)
+            if os.getuid() == 0:
+                os.seteuid(0)
+            folder.chmod(0o700 if os.getuid() == 0 else 0)  # nor in a folder it may not look into (PermissionError)
+            if os.getuid() == 0:
+                os.seteuid(65534)
+            with pytest.raises(EigerFileError, match="no permission to look into its folder: ask for access"):
+                open_master(written.master_path)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)

@@ -481,12 +481,17 @@ def open_master(path) -> EigerSeries:
         EIGER's, or compressed with a filter this Python cannot decode.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except PermissionError as err:
+        raise EigerFileError(f"{path}: no permission to look into its folder: ask for access to it (beamline data is "
+                             "often its user's own), or copy the collection") from err  # fmt: skip
+    if not found:
         raise EigerFileError(f"{path}: no such EIGER master file: check the path (<prefix>_master.h5)")
     try:
         file = open_to_read(path)
     except OSError as err:
-        raise EigerFileError(f"{path}: {not_opened(path, err)}; it is truncated or corrupt: {_COPY_AGAIN}") from err
+        raise EigerFileError(f"{path}: {not_opened(path, err, f'it is truncated or corrupt: {_COPY_AGAIN}')}") from err
     try:
         return EigerSeries(path, file)
     except BaseException as err:
