@@ -1,6 +1,7 @@
 """Optical ML centring on the virtual beamline, through SampleView as the web UI runs it."""
 
 import logging
+import math
 import time
 
 import gevent
@@ -1269,23 +1270,20 @@ def test_a_move_reported_done_before_it_starts_is_waited_for_while_the_motor_sti
         phiy.set_value(target - 0.6, timeout=30)
 
 
-def press_while_readying(beamline, monkeypatch):
+def press_while_readying(beamline):
     """Press the button with a diffractometer that takes a second to get ready (seconds on an MD3); returns the
     press's greenlet 0.3 s into that wait."""
-    diffr = beamline.diffractometer
-    real_wait = diffr.wait_status_ready
-    monkeypatch.setattr(diffr, "wait_status_ready", lambda timeout=None: (gevent.sleep(1.0), real_wait(timeout))[1])
+    beamline.diffractometer.busy_for(1.0)
     press = gevent.spawn(beamline.sample_view.start_auto_centring)
     gevent.sleep(0.3)
     return press
 
 
-def test_a_click_centring_is_refused_while_the_button_readies_the_diffractometer(beamline, autocenter, monkeypatch,
-                                                                                  caplog):
+def test_a_click_centring_is_refused_while_the_button_readies_the_diffractometer(beamline, autocenter, caplog):
     # SampleView's button waits for the diffractometer (up to 60 s on an MD3) before the ML centring takes the lock.
     sample_view = beamline.sample_view
     mount_at_start(beamline)
-    press = press_while_readying(beamline, monkeypatch)
+    press = press_while_readying(beamline)
     try:
         with caplog.at_level(logging.WARNING, logger="user_level_log"):
             sample_view.start_manual_centring(3)
@@ -1303,7 +1301,7 @@ def test_a_phase_change_that_hangs_is_given_up_after_phase_timeout_s(beamline, a
 
     diffr = beamline.diffractometer
     monkeypatch.setattr(module, "PHASE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(diffr, "_set_phase", lambda value: gevent.sleep(5.0))
+    monkeypatch.setattr(diffr, "phase_change_s", 5.0)
     diffr.update_phase(diffr.get_phase_enum.TRANSFER)
     try:
         t = time.monotonic()
@@ -1315,15 +1313,41 @@ def test_a_phase_change_that_hangs_is_given_up_after_phase_timeout_s(beamline, a
         diffr.set_phase(diffr.get_phase_enum.CENTRE)
 
 
-def test_stop_pressed_while_the_button_readies_the_diffractometer_starts_no_centring(beamline, autocenter,
-                                                                                     monkeypatch):
+def test_a_diffractometer_still_busy_after_a_mount_is_waited_for_before_the_phase_change(beamline, autocenter,
+                                                                                          monkeypatch):
+    # A script's centring right after a mount: an MD3 still busy refuses a phase change, so the wait comes first;
+    # one that stays busy past PHASE_TIMEOUT_S fails the centring before anything moved.
+    from mxcube_autocenter import AutoCenter as module
+
+    diffr = beamline.diffractometer
+    mount_at_start(beamline)
+    start = positions(beamline)
+    monkeypatch.setattr(module, "PHASE_TIMEOUT_S", 1.0)
+    diffr.update_phase(diffr.get_phase_enum.TRANSFER)
+    diffr.busy_for(0.5)
+    try:
+        result = autocenter.centre(save=False)
+        assert result.success, result.message
+        assert diffr.get_phase() == diffr.get_phase_enum.CENTRE
+        mount_at_start(beamline)
+        diffr.update_phase(diffr.get_phase_enum.TRANSFER)
+        diffr.busy_for(math.inf)
+        result = autocenter.centre(save=False)
+        assert not result.success and "did not reach its Centring phase" in result.message
+        assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    finally:
+        diffr.abort()
+        diffr.set_phase(diffr.get_phase_enum.CENTRE)
+
+
+def test_stop_pressed_while_the_button_readies_the_diffractometer_starts_no_centring(beamline, autocenter):
     # mxcubeweb's Stop cancels through SampleView, which had no procedure to kill yet: the centring then started
     # after Stop and moved the sample.
     sample_view = beamline.sample_view
     mount_at_start(beamline)
     start = positions(beamline)
     log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    press = press_while_readying(beamline, monkeypatch)
+    press = press_while_readying(beamline)
     sample_view.cancel_centring()
     press.join()
     gevent.sleep(0.3)
@@ -1334,13 +1358,12 @@ def test_stop_pressed_while_the_button_readies_the_diffractometer_starts_no_cent
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
-def test_a_click_on_the_image_while_the_button_readies_runs_the_click_centring_instead(beamline, autocenter,
-                                                                                         monkeypatch):
+def test_a_click_on_the_image_while_the_button_readies_runs_the_click_centring_instead(beamline, autocenter):
     # mxcubeweb's click with no procedure cancels, then starts a click centring: the press is cancelled, and the
     # click centring it would have been refused for may start.
     sample_view = beamline.sample_view
     mount_at_start(beamline)
-    press = press_while_readying(beamline, monkeypatch)
+    press = press_while_readying(beamline)
     try:
         sample_view.cancel_centring()
         sample_view.start_manual_centring(3)
@@ -1503,7 +1526,7 @@ def test_stop_while_the_button_readies_changes_no_phase(beamline, autocenter, mo
     phases = []
     real = diffr.set_phase
     monkeypatch.setattr(diffr, "set_phase", lambda *args, **kwargs: (phases.append(args), real(*args, **kwargs))[1])
-    press = press_while_readying(beamline, monkeypatch)
+    press = press_while_readying(beamline)
     beamline.sample_view.cancel_centring()
     press.join()
     assert phases == []

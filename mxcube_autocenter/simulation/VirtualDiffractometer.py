@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import math
 
+import gevent
+import gevent.event
 from mxcubecore.HardwareObjects.abstract.AbstractDiffractometer import (
     AbstractDiffractometer,
     DiffractometerConstraint,
@@ -34,10 +37,15 @@ class VirtualDiffractometer(DiffractometerMockup):
     Attribute ``ready_before_arrival`` (False): :meth:`set_value_motors`
     returns once the moves are started, before the motors arrive, as an MD3
     (mxcubecore's MicroDiffractometer) may: its state can read Ready just
-    before its motors start.
+    before its motors start. ``phase_change_s`` (0): how long a phase change
+    takes, :meth:`set_phase` blocking meanwhile, as an MD3's does (its own
+    time-out is 600 s). :meth:`busy_for` makes it busy with a task of its own
+    for a while, as an MD3 after a mount, and :meth:`wait_status_ready` waits
+    it out as an MD3's does (DiffractometerMockup's returns at once).
     """
 
     ready_before_arrival = False
+    phase_change_s = 0.0
 
     def init(self):
         # The mockup parks every motor at a random position; a virtual MD3 starts at rest.
@@ -49,6 +57,8 @@ class VirtualDiffractometer(DiffractometerMockup):
         directions = self.get_property("motor_directions", {})
         self.motor_directions = ast.literal_eval(directions) if isinstance(directions, str) else dict(directions)
         self.rotation_axis_phiz = properties.number(self, "rotation_axis_phiz", 0.0, unit="mm")
+        self._idle, self._task = gevent.event.Event(), None  # not busy with a task of its own (busy_for)
+        self._idle.set()
         self.update_state(self.STATES.READY)
 
     def _zoom_scales(self) -> tuple:
@@ -63,6 +73,37 @@ class VirtualDiffractometer(DiffractometerMockup):
                              "scale of each zoom level, pixels per micrometre (0.01 to 100), e.g. [0.5, 1.0, 2.0], "
                              "in its XML file")  # fmt: skip
         return scales
+
+    def busy_for(self, seconds: float):
+        """Busy with a task of its own for ``seconds`` (``math.inf``: until :meth:`abort`), then Ready again."""
+        if self._task is not None:
+            self._task.kill()
+        self._idle.clear()
+        self.update_state(self.STATES.BUSY)
+        self._task = gevent.spawn_later(seconds, self._task_done) if math.isfinite(seconds) else None
+
+    def _task_done(self):
+        self._task = None
+        self._idle.set()
+        self.update_state(self.STATES.READY)
+
+    def abort(self):
+        if self._task is not None:
+            self._task.kill()
+        self._task_done()
+
+    def wait_status_ready(self, timeout: float | None = None):
+        """Wait while busy with a task of its own (:meth:`busy_for`); ``RuntimeError`` after ``timeout`` s.
+
+        Motor moves are not waited for here: DiffractometerMockup's state stays Busy after a move, and
+        SampleView waits for Ready inside the motors' own signals, so the move would wait for itself.
+        """
+        if not self._idle.wait(timeout):
+            raise RuntimeError("Timeout waiting for status ready")
+
+    def _set_phase(self, value: DiffractometerPhase):
+        gevent.sleep(self.phase_change_s)
+        super()._set_phase(value)
 
     def set_value_motors(self, motors_positions_dict: dict, simultaneous: bool = True, timeout: float | None = None):
         if not self.ready_before_arrival:
