@@ -42,6 +42,7 @@ import gevent.event
 import gevent.lock
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
+from mxcubecore.queue_entry.data_collection import DataCollectionQueueEntry
 from mxcubecore.TaskUtils import TaskException
 
 from mxcube_autocenter.centring import procedure, report
@@ -49,7 +50,7 @@ from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles, resolve_relative_paths
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS
-from mxcube_autocenter.queue_entry import TASK_NAME, register_queue_entry
+from mxcube_autocenter.queue_entry import TASK_NAME, OpticalMLCentringQueueEntry, register_queue_entry
 
 
 # The longest an MD3 phase change is waited for (its own wait is up to 600 s).
@@ -718,9 +719,20 @@ class AutoCenter(HardwareObject):
         # (``refused``: another one runs, or a collection) is waited for only by the queue's mount step; a press
         # or a click by the user waits for nothing, and mxcubeweb would save a point at the sample's place in the
         # middle of the other centring (a script's or the queue's), and select it for the next collection.
-        queue = HWR.beamline.queue_manager
-        if not refused or (queue is not None and queue.is_executing()):
+        if not refused or self._mount_step_may_wait():
             sample_view.emit("centringAccepted", (False, status))
+
+    @staticmethod
+    def _mount_step_may_wait() -> bool:
+        """Whether the queue's mount step may be the caller just refused, waiting for its verdict.
+
+        The queue runs one entry at a time: while it runs an optical ML centring or a collection, no mount step
+        of it waits, and the caller refused is the user.
+        """
+        queue = HWR.beamline.queue_manager
+        if queue is None or not queue.is_executing():
+            return False
+        return not isinstance(queue.get_current_entry(), (OpticalMLCentringQueueEntry, DataCollectionQueueEntry))
 
     def _auto_centring(self):
         # SampleView.auto_centring_done accepts the centring unless this returns None,

@@ -588,6 +588,30 @@ def test_queue_task_centres_and_a_failed_one_lets_the_queue_go_on(beamline, queu
     assert after_entry.status == QUEUE_ENTRY_STATUS.SUCCESS  # the queue went on
 
 
+def test_a_press_or_click_during_the_queues_own_centring_gets_no_verdict(beamline, queue, caplog):
+    # The queue executing was taken for its mount step waiting: the refused press was accepted as failed, and
+    # mxcubeweb saved a point at the sample's place in the middle of the queue's centring and selected it for
+    # the next collection.
+    from mxcube_autocenter.queue_entry import OpticalMLCentring
+
+    mount_at_start(beamline)
+    centring = OpticalMLCentring(n_angles=3)
+    queue_tasks(queue, centring)
+    running = gevent.spawn(run_queue, queue[1])
+    with gevent.Timeout(10, AssertionError("the queue's centring did not start")):
+        while not auto_centring(beamline)._centring_lock.locked():
+            gevent.sleep(0.02)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        beamline.sample_view.start_auto_centring()
+        beamline.sample_view.start_manual_centring(3)
+    running.get()
+    assert centring.result.success, centring.result.message
+    assert "centringAccepted" not in log.names()
+    assert "Optical ML centring not started: an optical ML centring is already running" in caplog.text
+    assert "Click centring not started" in caplog.text
+
+
 def test_a_motor_timeout_out_of_a_queue_task_fails_it_and_the_queue_goes_on(beamline, queue, monkeypatch):
     from mxcubecore.model.queue_model_objects import DelayTask
     from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
