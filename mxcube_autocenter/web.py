@@ -116,7 +116,7 @@ def server_command(state_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
                             "(the command replaces its mxcube-web/ at every start), or delete that folder if "
                             "an earlier version of the command wrote it")  # fmt: skip
     yaml = ruamel.yaml.YAML()
-    settings = yaml.load((source / "server.yaml").read_text())
+    settings = _server_settings(yaml, source / "server.yaml")
     settings["server"].update(HOST=host, PORT=int(port), USER_DB_PATH=str(state_dir / "mxcube-user.db"))
     for key in ("SECRET_KEY", "SECURITY_PASSWORD_SALT"):
         # The virtual beamline's are in the repository for all to read, and mxcubeweb's own defaults (where none
@@ -181,3 +181,18 @@ def wait_until_ready(url: str, process, timeout: float = 120.0):
             pass
         time.sleep(0.5)
     raise WebSetupError(f"mxcubeweb-server at {url} not ready after {timeout:.0f} s")
+
+
+def _server_settings(yaml, path: Path):
+    """mxcubeweb's server.yaml, refused naming the file unless it parses and has a ``server:`` section."""
+    import ruamel.yaml
+
+    try:
+        settings = yaml.load(path.read_text())
+    except (OSError, UnicodeDecodeError, ruamel.yaml.YAMLError) as err:
+        raise WebSetupError(f"{path}: cannot be read as YAML ({err}): fix it (see the virtual beamline's "
+                            f"{WEB_CONFIG}/server.yaml)") from err  # fmt: skip
+    if not isinstance(settings, dict) or not isinstance(settings.get("server"), dict):
+        raise WebSetupError(f"{path}: no server: section (mxcubeweb's HOST, PORT, ... go there): add one, as in the "
+                            f"virtual beamline's {WEB_CONFIG}/server.yaml")  # fmt: skip
+    return settings

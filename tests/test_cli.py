@@ -112,6 +112,27 @@ def test_web_refuses_a_state_directory_whose_copy_would_be_the_configuration(tmp
     assert sorted(p.name for p in (config / "mxcube-web").rglob("*")) == before
 
 
+@pytest.mark.parametrize(("server_yaml", "said"), [
+    ("", "no server: section"),
+    ("mxcube:\n  VIDEO_FORMAT: MJPEG\n", "no server: section"),
+    ("server: [PORT, 8081]\n", "no server: section"),
+    ("server:\n  PORT: 8081\n   HOST: x\n", "cannot be read as YAML"),
+])  # fmt: skip
+def test_web_refuses_a_server_yaml_without_a_server_section_naming_it(tmp_path, capsys, monkeypatch, server_yaml,
+                                                                      said):  # fmt: skip
+    # It ended in a bare KeyError or TypeError traceback.
+    import shutil
+
+    from mxcube_autocenter.beamline import virtual_beamline_dir
+
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
+    config = tmp_path / "config"
+    shutil.copytree(virtual_beamline_dir(), config)
+    (config / "mxcube-web" / "server.yaml").write_text(server_yaml)
+    assert main(["web", "--config", str(config), "--state-dir", str(tmp_path / "state")]) == 2
+    assert f"{config / 'mxcube-web' / 'server.yaml'}: {said}" in capsys.readouterr().err
+
+
 def test_web_leaves_a_site_configuration_in_the_state_directory_alone(tmp_path, capsys, monkeypatch):
     # The copy of mxcube-web/ is replaced at every start: a site's own folder there was deleted without a word.
     monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("the server was started"))
