@@ -125,9 +125,9 @@ class EigerSeries:
         self.count_time = self._seconds(detector, "count_time")
         self.frame_time = self._seconds(detector, "frame_time")
         # In their units attributes' units; without one, as the FileWriter writes them (metres, pixels, angstrom).
-        self.pixel_size = self._length(detector, "x_pixel_size", _MM_PER, "m")
-        self.distance = self._length(detector, "detector_distance", _MM_PER, "m")
-        self.wavelength = self._length(self._group("entry/instrument/beam"), "incident_wavelength", _ANGSTROM_PER,
+        self.pixel_size = self._quantity(detector, "x_pixel_size", _MM_PER, "m")
+        self.distance = self._quantity(detector, "detector_distance", _MM_PER, "m")
+        self.wavelength = self._quantity(self._group("entry/instrument/beam"), "incident_wavelength", _ANGSTROM_PER,
                                        "angstrom")  # fmt: skip
         for field, value in (("x_pixel_size", self.pixel_size), ("detector_distance", self.distance),
                              ("incident_wavelength", self.wavelength)):
@@ -199,18 +199,11 @@ class EigerSeries:
 
     def _seconds(self, group: h5py.Group, name: str):
         """A time field in seconds, converted from its ``units`` attribute (seconds without one)."""
-        dataset = self._dataset(group, name)
-        units = _text(dataset.attrs["units"]).strip() if "units" in dataset.attrs else "s"
-        if units not in _SECONDS_PER:
-            raise EigerFileError(
-                f"{self.master_path}: {dataset.name} is in {units!r}, not a unit of time this reader knows "
-                f"({', '.join(_SECONDS_PER)}): fix its units attribute"
-            )
-        value = np.asarray(dataset[()], dtype=np.float64) * _SECONDS_PER[units]
-        return float(value) if value.ndim == 0 else value
+        return self._quantity(group, name, _SECONDS_PER, "s")
 
-    def _length(self, group: h5py.Group, name: str, per_unit: dict, default: str) -> float:
-        """A scalar in the unit of ``per_unit`` (value 1), converted from its ``units`` attribute."""
+    def _quantity(self, group: h5py.Group, name: str, per_unit: dict, default: str):
+        """A field in the unit of ``per_unit`` (value 1), converted from its ``units`` attribute (``default``
+        without one): a float, or an array of them for an array field."""
         dataset = self._dataset(group, name)
         units = _text(dataset.attrs["units"]).strip() if "units" in dataset.attrs else default
         factor = per_unit.get(units, per_unit.get(units.lower()))
@@ -219,7 +212,8 @@ class EigerSeries:
                 f"{self.master_path}: {dataset.name} is in {units!r}, not a unit this reader knows "
                 f"({', '.join(per_unit)}): fix its units attribute"
             )
-        return factor * float(dataset[()])
+        value = np.asarray(dataset[()], dtype=np.float64) * factor
+        return float(value) if value.ndim == 0 else value
 
     def _beam_center(self, detector: h5py.Group, name: str) -> float:
         """Beam centre in pixels: DECTRIS writes pixels, NXmx allows a length (converted with the pixel size)."""
@@ -227,7 +221,7 @@ class EigerSeries:
         units = _text(dataset.attrs["units"]).strip().lower() if "units" in dataset.attrs else "pixel"
         if units in _PIXELS:
             return float(dataset[()])
-        return self._length(detector, name, _MM_PER, "m") / self.pixel_size
+        return self._quantity(detector, name, _MM_PER, "m") / self.pixel_size
 
     def _unix_time(self, text: str, what: str) -> float:
         try:
