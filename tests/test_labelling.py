@@ -202,6 +202,15 @@ def test_no_clock_offset_is_made_up_when_omega_does_not_turn_under_the_camera(os
 # Spot-count files ---------------------------------------------------------------------
 
 COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
+# DIALS' per-image table of those counts (#spots_no_ice).
+DIALS_TABLE = (
+    "|   image |   #spots |   #spots_no_ice |   total_intensity |\n"
+    "|---------+----------+-----------------+-------------------|\n"
+    "|       1 |       14 |              12 |              5163 |\n"
+    "|       2 |        0 |               0 |                 0 |\n"
+    "|       3 |       61 |              57 |              3821 |\n"
+    "|       5 |        8 |               8 |              3821 |\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -223,26 +232,12 @@ COUNTS = {1: 12, 2: 0, 3: 57, 5: 8}
             "dials.log",
             "Number of centroids per image for imageset 0:\n"
             "+---------+----------+-----------------+-------------------+\n"
-            "|   image |   #spots |   #spots_no_ice |   total_intensity |\n"
-            "|---------+----------+-----------------+-------------------|\n"
-            "|       1 |       14 |              12 |              5163 |\n"
-            "|       2 |        0 |               0 |                 0 |\n"
-            "|       3 |       61 |              57 |              3821 |\n"
-            "|       5 |        8 |               8 |              3821 |\n"
-            "+---------+----------+-----------------+-------------------+\n",
+            + DIALS_TABLE
+            + "+---------+----------+-----------------+-------------------+\n",
         ),
         (
             "spot_counts_per_image.log",  # the per-image table, then the overall statistics
-            "| image   |   #spots |   #spots_no_ice |   total_intensity |\n"
-            "|---------+----------+-----------------+-------------------|\n"
-            "| 1       |       14 |              12 |              5163 |\n"
-            "| 2       |        0 |               0 |                 0 |\n"
-            "| 3       |       61 |              57 |              3821 |\n"
-            "| 5       |        8 |               8 |              3821 |\n"
-            "\n"
-            "Overall statistics:\n"
-            "| Statistic   |   Value |\n"
-            "|-------------+---------|\n"
+            DIALS_TABLE + "\nOverall statistics:\n| Statistic   |   Value |\n|-------------+---------|\n"
             "| #spots      |      83 |\n",
         ),
     ],
