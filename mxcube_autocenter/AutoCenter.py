@@ -55,6 +55,8 @@ from mxcube_autocenter.queue_entry import TASK_NAME, OpticalMLCentringQueueEntry
 
 # The longest an MD3 phase change is waited for (its own wait is up to 600 s).
 PHASE_TIMEOUT_S = 120.0
+# The longest a collection waits for a running optical ML centring to end, s (one takes seconds).
+COLLECTION_WAIT_S = 120.0
 
 
 def freeze_long_lived_objects():
@@ -106,6 +108,7 @@ class AutoCenter(HardwareObject):
         self._verdicts = {}
         self._took_over = False
         self._connect_collect()
+        self._hold_collections_while_centring()
         self._load_models()
         self._check_geometry()
         if self.config.centring_enabled and self.centring_error is None:
@@ -151,6 +154,40 @@ class AutoCenter(HardwareObject):
             return original(arg)
 
         collect.set_helical_pos = set_helical_pos
+
+    def _hold_collections_while_centring(self):
+        """Make a collection started during an optical ML centring wait for the centring to end.
+
+        Nothing in mxcubeweb or the queue keeps a collection from starting while a centring moves the sample: it
+        exposed a turning, moving crystal, and a failed centring's move back moved it during the collection.
+        """
+        collect = HWR.beamline.collect
+        if collect is None:
+            return
+        original = collect.collect
+
+        @functools.wraps(original)
+        def collect_once_centred(*args, **kwargs):
+            self._await_centring()
+            return original(*args, **kwargs)
+
+        collect.collect = collect_once_centred
+
+    def _await_centring(self):
+        """Wait, up to :data:`COLLECTION_WAIT_S`, while an optical ML centring holds the sample."""
+        if not self._centring_holds_sample():
+            return
+        self.user_log.warning("Collection waits for the optical ML centring that is moving the sample to end")
+        refusal = RuntimeError(f"an optical ML centring still moves the sample after {COLLECTION_WAIT_S:g} s: "
+                               "collection not started; stop the centring, then collect")  # fmt: skip
+        with gevent.Timeout(COLLECTION_WAIT_S, refusal):
+            while self._centring_holds_sample():
+                gevent.sleep(0.05)
+
+    def _centring_holds_sample(self) -> bool:
+        """Whether an optical ML centring moves the sample, or a press of the button readies the diffractometer
+        for one (seconds on an MD3; not once cancelled: mxcubeweb cancels before it starts a click centring)."""
+        return self._centring_lock.locked() or (self._button_pressed and not self._cancelled_while_readying)
 
     def _read_motors(self) -> dict:
         motors = HWR.beamline.diffractometer.get_motors()
@@ -518,9 +555,7 @@ class AutoCenter(HardwareObject):
         def unless_centring(*args, **kwargs):
             # Cancelling a centring from the button ends it before mxcubeweb starts a click centring: a centring
             # still running here is a script's or the queue's, or the click landed in the middle of one.
-            # A press of the button still readying the diffractometer (seconds on an MD3) holds the sample too,
-            # unless it was cancelled meanwhile (mxcubeweb cancels before it starts a click centring).
-            if self._centring_lock.locked() or (self._button_pressed and not self._cancelled_while_readying):
+            if self._centring_holds_sample():
                 self.user_log.warning(f"{refusal}: an optical ML centring is moving the sample; wait for it to end")
                 if verdict:
                     self._refused_verdict(HWR.beamline.sample_view, verdict)
@@ -543,6 +578,12 @@ class AutoCenter(HardwareObject):
             if self._end_press():
                 # Its verdict said centringFailed and centringAccepted(False); SampleView's own cancel would say
                 # centringFailed once more, after the verdict.
+                return None
+            if self._centring_lock.locked():
+                # A script's or the queue's, which runs in its caller's greenlet: SampleView's cancel would say
+                # centringFailed while it goes on moving the sample.
+                self.user_log.warning("Stop: the optical ML centring running is the queue's or a script's: stop "
+                                      "the queue (or the script) to stop it")  # fmt: skip
                 return None
             return method(*args, **kwargs)
 

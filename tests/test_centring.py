@@ -588,7 +588,7 @@ def test_queue_task_centres_and_a_failed_one_lets_the_queue_go_on(beamline, queu
     assert after_entry.status == QUEUE_ENTRY_STATUS.SUCCESS  # the queue went on
 
 
-def test_a_press_or_click_during_the_queues_own_centring_gets_no_verdict(beamline, queue, caplog):
+def test_a_press_click_or_stop_during_the_queues_own_centring_gets_no_verdict(beamline, queue, caplog):
     # The queue executing was taken for its mount step waiting: the refused press was accepted as failed, and
     # mxcubeweb saved a point at the sample's place in the middle of the queue's centring and selected it for
     # the next collection.
@@ -605,11 +605,15 @@ def test_a_press_or_click_during_the_queues_own_centring_gets_no_verdict(beamlin
     with caplog.at_level(logging.WARNING, logger="user_level_log"):
         beamline.sample_view.start_auto_centring()
         beamline.sample_view.start_manual_centring(3)
+        # The web UI's Stop does not stop it (the queue's Stop does): it says so, not that a centring failed.
+        stopped = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+        beamline.sample_view.cancel_centring()
     running.get()
     assert centring.result.success, centring.result.message
-    assert "centringAccepted" not in log.names()
+    assert "centringAccepted" not in log.names() and stopped.names() == []
     assert "Optical ML centring not started: an optical ML centring is already running" in caplog.text
     assert "Click centring not started" in caplog.text
+    assert "Stop: the optical ML centring running is the queue's or a script's" in caplog.text
 
 
 def test_a_motor_timeout_out_of_a_queue_task_fails_it_and_the_queue_goes_on(beamline, queue, monkeypatch):
@@ -718,6 +722,26 @@ def test_the_button_is_refused_while_a_collection_runs(beamline, autocenter, tmp
     finally:
         collection.get(timeout=60)
     assert autocenter._centring_running() is None
+
+
+def test_a_collection_started_during_a_centring_waits_for_it(beamline, autocenter, tmp_path, caplog):
+    # Nothing kept it from starting: omega turned and the sample moved under its exposures, and the centring
+    # failed ("motor phiy stopped at ...") and moved the sample back during the collection.
+    from mxcube_autocenter.simulation.experiments import run_collection
+
+    mount_at_start(beamline)
+    omega = beamline.diffractometer.get_motors()["omega"]
+    exposed_at = []
+    beamline.collect.connect("collectImageTaken", lambda *args: exposed_at.append(omega.get_value()))
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    gevent.sleep(1.0)
+    assert autocenter._centring_lock.locked()
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        run_collection(beamline, tmp_path, "after", n_images=20, exposure_time=0.05, osc_start=10.0, osc_range=0.5)
+    assert "Collection waits for the optical ML centring" in caplog.text
+    assert log.names()[-2:] == ["centringSuccessful", "centringAccepted"]  # done before the first exposure
+    assert len(exposed_at) == 20 and np.all(np.diff(exposed_at) > 0) and 10.0 <= exposed_at[0] < exposed_at[-1] <= 20.5
 
 
 def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter):
