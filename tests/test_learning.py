@@ -8,6 +8,7 @@ import logging
 import json
 import os
 import zipfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -750,9 +751,19 @@ def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(d
     training.attach_info(keras.models.load_model(str(out / "checkpoint.keras")), info).save(path)
     assert training.load_model(path)[1]["transform"] == info["transform"]
     monkeypatch.undo()
+    # The next run into that folder would remove both: refused until they are moved (here: recovered already).
+    with pytest.raises(training.ModelFileError, match="holds an interrupted training's best epoch .*move the two"):
+        training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=1, verbose=0)
+    assert (out / "run.json").exists() and (out / "checkpoint.keras").exists()
+    (out / "run.json").unlink()
     finished = training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=1,
                               batch_size=16, verbose=0)
     assert os.path.exists(finished.model_path) and not (out / "run.json").exists()  # info.json says it all now
+    # Nor may fine-tuning replace the model it starts from (--out defaults to out/model, where it may lie).
+    before = Path(finished.model_path).read_bytes()
+    with pytest.raises(training.ModelFileError, match="holds the initial model .*choose another --out"):
+        training.train(dataset_path, None, None, str(out), initial_model=finished.model_path, epochs=1, verbose=0)
+    assert Path(finished.model_path).read_bytes() == before
     # A run that diverged has no epoch to make a model of: its run.json (which says how to) goes too.
     diverged = tmp_path / "diverged"
     with pytest.raises(ValueError, match="training diverged"):

@@ -519,6 +519,7 @@ def train_dense(
     keras.utils.set_random_seed(int(seed))
     learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
+    training.check_out(out, initial_model)
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = training.load_model(initial_model)

@@ -448,6 +448,7 @@ def _fit(
     # Before the initial model loads: loading draws from the random streams the new network's weights and
     # dropout take theirs from.
     keras.utils.set_random_seed(int(seed))
+    check_out(out, initial_model)
     initial = initial_info = None
     if initial_model is not None:
         initial, initial_info = load_model(initial_model)
@@ -477,11 +478,14 @@ def _fit(
     idx = split.indices(table.crystal_id)
     for name in ("train", "validation"):
         if len(idx[name]) == 0:
-            kept_split = name == "validation" and initial is not None
+            held = "none of its validation crystals and" if name == "validation" else "only its held-out crystals,"
             raise DatasetError(f"{dataset_path}: the {name} subset has no rows" + (
-                ": fine-tuning keeps the initial model's split, and this data holds none of its validation crystals "
-                "and no crystal it has not seen; label recordings of a new crystal" if kept_split else ""))
-    if 0 < len(split.test) < MIN_TEST_CRYSTALS:
+                f": fine-tuning keeps the initial model's split, and this data holds {held} no crystal it has not "
+                "seen; label recordings of a new crystal" if initial is not None else ""))
+    if not split.test:
+        log.warning("%s: the test subset holds no crystal: the model is saved without test figures; label "
+                    "recordings of more crystals (%d or more in the test subset)", dataset_path, MIN_TEST_CRYSTALS)
+    elif len(split.test) < MIN_TEST_CRYSTALS:
         # One crystal's rows are one scan's worth of counts: its figures say little about the next crystal.
         log.warning("%s: the test subset holds %d crystal(s): its figures say little about other crystals; label "
                     "recordings of more crystals (%d or more in the test subset)", dataset_path, len(split.test),
@@ -603,6 +607,31 @@ def learning_rate_for(learning_rate, initial_model) -> float:
     if learning_rate is not None:
         return float(learning_rate)
     return FINE_TUNE_LEARNING_RATE if initial_model is not None else LEARNING_RATE
+
+
+def check_out(out, initial_model=None) -> None:
+    """Refuse an ``out`` whose files a run would replace and that cannot be had again.
+
+    The initial model itself (fine-tuning into its own folder), or an interrupted run's best epoch
+    (``checkpoint.keras`` with its ``run.json``: the next run removes both).
+
+    Raises
+    ------
+    ModelFileError
+        Naming the folder, the file and what to do.
+    """
+    model = os.path.join(out, "model.keras")
+    try:
+        own = initial_model is not None and os.path.samefile(model, initial_model)
+    except OSError:  # either is missing
+        own = False
+    if own:
+        raise ModelFileError(f"--out {out}: holds the initial model {initial_model}, which this run would replace: "
+                             "choose another --out")  # fmt: skip
+    if os.path.exists(os.path.join(out, RUN_INFO)) and os.path.exists(os.path.join(out, "checkpoint.keras")):
+        raise ModelFileError(f"--out {out}: holds an interrupted training's best epoch (checkpoint.keras with its "
+                             f"{RUN_INFO}), which this run would remove: make it a model file (attach_info, "
+                             "docs/learning.md), move the two away, or choose another --out")  # fmt: skip
 
 
 def work_dir(out, strategy) -> str:
