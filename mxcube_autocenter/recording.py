@@ -83,7 +83,7 @@ class RecordingError(Exception):
 
 
 class CorruptFrameError(RecordingError):
-    """One frame of a readable recording holds an image that cannot be decoded."""
+    """One frame of a readable recording cannot be read, or holds an image that cannot be decoded."""
 
 
 def unique_path(directory, name: str, suffix: str = ".h5") -> Path:
@@ -1100,9 +1100,9 @@ class Recording:
         Raises
         ------
         CorruptFrameError
-            If the frame's stored image cannot be decoded.
+            If the frame cannot be read, or its stored image cannot be decoded.
         RecordingError
-            If the file cannot be read there.
+            If the file cannot be opened.
         """
         with self.reader() as frame:
             return frame(i)
@@ -1130,7 +1130,9 @@ class Recording:
                 return h5file["frames/rgb"][i]
             data = h5file["frames/jpeg"][i]
         except DAMAGED_FILE_ERRORS as err:
-            raise RecordingError(
+            # One frame: a process killed while HDF5 rewrote the last frames' heap leaves those unreadable, and
+            # the others are still a recording to label.
+            raise CorruptFrameError(
                 f"frame {i} of {self.path} cannot be read ({err}): the recording "
                 "probably stopped before it was written"
             ) from err

@@ -20,6 +20,7 @@ import pytest
 
 from mxcube_autocenter.recording import (
     MOTOR_NAMES,
+    CorruptFrameError,
     FrameStore,
     RecordingError,
     RecordingWriter,
@@ -287,6 +288,48 @@ def test_killed_writer_leaves_a_readable_file(tmp_path, storage):
     np.testing.assert_array_equal(rec.motor("omega"), np.arange(len(rec)))
     assert rec.frame(len(rec) - 1).shape == (512, 640, 3)
     assert "the writer stopped without closing the file" in summarise(path)
+
+
+KILLED_IN_A_FLUSH = """
+    import os, sys, time
+    from mxcube_autocenter import recording
+    jpegs = [recording.encode_jpeg(recording.synthetic_frame(320, 256, seed=k)) for k in range(8)]
+    store = recording.FrameStore.create(sys.argv[1], "killed", {"experiment_type": "OSC"}, flush_interval_s=1e9)
+    for k in range(700):
+        store.append(jpegs[k % 8], time.time(), [k, 0, 0, 0, 0], k)
+        if k == 349:
+            store.flush()
+    written = recording._GuardedFile.write
+
+    def write(self, data, writes=[]):  # the process killed at the flush's fifth write to the file
+        writes.append(len(data))
+        if len(writes) > 4:
+            os._exit(0)
+        return written(self, data)
+
+    recording._GuardedFile.write = write
+    store.flush()
+"""
+
+
+def test_a_writer_killed_in_a_flush_costs_the_frames_it_was_rewriting_not_the_recording(tmp_path):
+    # HDF5 rewrites the last flushed frames' heap before it moves the file's end: those read "actual len exceeds
+    # EOA", which was a RecordingError of the whole recording, and labelling and the contact sheet gave up on it.
+    process = _run_script(KILLED_IN_A_FLUSH, tmp_path)
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    rec = read_recording(tmp_path / "killed.h5")
+    assert rec.status == "recording" and len(rec) == 350
+    unreadable = []
+    with rec.reader() as frame:
+        for i in range(len(rec)):
+            try:
+                frame(i)
+            except CorruptFrameError as err:
+                unreadable.append(i)
+                assert "cannot be read" in str(err)
+    assert unreadable and min(unreadable) >= 340  # some of the last frames flushed before
+    contact_sheet(tmp_path / "killed.h5", tmp_path / "sheet.png")
+    assert (tmp_path / "sheet.png").stat().st_size > 0
 
 
 def test_a_recording_reads_without_a_file_lock(tmp_path):
