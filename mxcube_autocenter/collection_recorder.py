@@ -22,7 +22,7 @@ import numpy as np
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 from mxcube_autocenter.imagefiles import pixel_bits, scale_to_8_bits
-from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, encode_jpeg, names_a_sample
+from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, names_a_sample
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
 # How often the recording's watchdog looks at the camera and the writer, s.
@@ -188,16 +188,6 @@ def stream_frame(image, args, video_mode=None, depth=None):
     return image
 
 
-def _encode_if_new(rgb, previous):
-    """The snapshot as JPEG, or None when it repeats the previous one.
-
-    A camera slower than the poll, or a frozen one, hands out its last image
-    again: recorded, it would be labelled with another moment's count, and a
-    frozen camera must reach the watchdog.
-    """
-    return None if same_payload(rgb, previous) else encode_jpeg(rgb)
-
-
 def payload_reference(image):
     """An ``imageReceived`` payload as kept to compare the next with: a copy where the camera may reuse its buffer."""
     return bytes(image) if isinstance(image, (bytearray, memoryview)) else image
@@ -359,6 +349,7 @@ class CollectionRecorder:
         )
         self._dc_params = dc_params
         self._missing_said = False
+        self._motors_failing = False  # said once a recording: a fault that outlasts one must be said in the next
         self._reading_since = None
         self._longest_read_s = cfg.record_camera_timeout_s
         self._period = 1.0 / cfg.record_frame_rate
@@ -410,10 +401,7 @@ class CollectionRecorder:
         try:
             motors = self._frame_motors()
         except Exception:
-            # A frame without its positions cannot be labelled; logged once, not a traceback per frame.
-            if not self._motors_failing:
-                self.log.exception("AutoCenter: reading the centring motors failed; frames are not recorded meanwhile")
-            self._motors_failing = True
+            self._motors_failed(writer)
             return
         finally:
             self._reading_since = None
@@ -435,27 +423,41 @@ class CollectionRecorder:
         previous = None
         while self._writer is writer:
             start = time.monotonic()
-            stamp = self._wall_clock(start)
             try:
                 rgb = self._snapshot()
-                motors = self._frame_motors()
-                jpeg = pool.apply(_encode_if_new, (rgb, previous))
+                # A camera slower than the poll, or a frozen one, hands out its last image again: recorded, it
+                # would be labelled with another moment's count, and a frozen camera must reach the watchdog.
+                new = not pool.apply(same_payload, (rgb, previous))
             except Exception:
                 # Logged once; the watchdog ends the recording if the camera stays silent.
                 if not failing:
-                    self.log.exception(
-                        "AutoCenter: polling the sample view (snapshot, motor positions) failed; recording waits for it"
-                    )
+                    self.log.exception("AutoCenter: the sample view's snapshot failed; recording waits for it")
                 failing = True
                 gevent.sleep(self._period)
                 continue
             failing = False
-            if jpeg is not None:
+            if new:
                 previous = rgb
-                self._last_frame_time = time.monotonic()
-                if self._writer is writer:
-                    writer.submit(jpeg, stamp, motors)
+                # The frame's moment is once the snapshot is in (a Lima read takes tens of ms), its motors then.
+                self._last_frame_time = taken = time.monotonic()
+                try:
+                    motors = self._frame_motors()
+                except Exception:
+                    self._motors_failed(writer)
+                else:
+                    self._motors_failing = False
+                    if self._writer is writer:
+                        # The pixels themselves: raw storage keeps them, JPEG storage encodes on the writer thread.
+                        writer.submit(rgb, self._wall_clock(taken), motors)
             gevent.sleep(max(0.0, self._period - (time.monotonic() - start)))
+
+    def _motors_failed(self, writer):
+        """A frame whose motors could not be read: dropped (it cannot be labelled), the fault said once, not a
+        traceback a frame."""
+        if not self._motors_failing:
+            self.log.exception("AutoCenter: reading the centring motors failed; frames are not recorded meanwhile")
+        self._motors_failing = True
+        writer.drop("reading the centring motors failed")
 
     def _frame_motors(self) -> dict:
         """The centring motors' positions for a frame; one missing from them is recorded as NaN, said once a recording."""

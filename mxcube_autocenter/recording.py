@@ -840,6 +840,7 @@ class RecordingWriter:
         self._dropped_by_writer = 0
         self._error: str | None = None
         self._drop_causes: set[str] = set()
+        self._submit_drop_cause = None  # the first cause given to drop()
         self._final_status = "complete"
         self._final_reason = None
         self._drain_deadline = float("inf")
@@ -906,6 +907,13 @@ class RecordingWriter:
         self._queued += 1
         return True
 
+    def drop(self, cause: str) -> None:
+        """Count a frame the caller could not submit (its motors unreadable, say): ``cause`` says why, if none is
+        kept."""
+        self._submitted += 1
+        self._dropped_at_submit += 1
+        self._submit_drop_cause = self._submit_drop_cause or cause
+
     def close(self, status: str = "complete", timeout_s: float = 30.0, reason: str | None = None) -> RecordingSummary:
         """Write what is queued, close the file and stop the thread.
 
@@ -944,7 +952,7 @@ class RecordingWriter:
         # After a failed write the file holds the frames of its last flush only.
         kept = store.frames_flushed if store else 0
         lost = store.frames_kept - kept if store else 0
-        error = self._error or reason
+        error = self._error or self._final_reason
         if not finished:
             error = (
                 f"the writer thread was still writing {store.path if store else 'the recording'} "
@@ -966,6 +974,10 @@ class RecordingWriter:
             self._store = store if isinstance(store, FrameStore) else store()
             self._write_frames(self._store)
             self._store.frames_dropped = self.frames_dropped
+            if self._store.frames_kept == 0 and self._final_status == "complete":
+                # Nothing to label: a "complete" recording of no frame would hide why.
+                cause = self._submit_drop_cause or min(self._drop_causes, default="the camera sent none")
+                self._final_status, self._final_reason = "failed", self._final_reason or f"no frame kept: {cause}"
             self._store.close(self._final_status, self._final_reason)
         except Exception as err:
             self._fail(err)

@@ -292,8 +292,35 @@ def test_a_poll_source_whose_snapshots_fail_logs_once_and_stops_the_recording(be
         collect(beamline, tmp_path, "OSC", n_images=30)
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed"
-    assert caplog.text.count("polling the sample view (snapshot, motor positions) failed") == 1 and "camera device gone" in caplog.text
+    assert caplog.text.count("the sample view's snapshot failed") == 1 and "camera device gone" in caplog.text
     assert "sent no new frame" in caplog.text and "record_source" not in caplog.text
+
+
+def test_a_poll_sources_frames_are_timed_when_the_snapshot_came_in_and_stored_as_taken(beamline, autocenter,
+                                                                                      tmp_path, monkeypatch):
+    # The time was taken before the snapshot (tens of ms on a Lima camera) and the motors after it: omega ran
+    # ahead of each frame's time. And raw storage kept the snapshot once through JPEG.
+    snapshot = autocenter.recorder._snapshot
+    taken = []  # (wall clock when each snapshot came in, its pixels)
+
+    def slow_snapshot():
+        gevent.sleep(0.08)
+        rgb = snapshot()
+        taken.append((time.time(), rgb))
+        return rgb
+
+    autocenter.config.record_source = "poll"
+    autocenter.config.record_storage = "raw"
+    autocenter.recorder.last_summary = None
+    monkeypatch.setattr(autocenter.recorder, "_snapshot", slow_snapshot)
+    collect(beamline, tmp_path, "OSC", n_images=20)
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "complete" and summary.frames_kept > 3
+    rec = read_recording(summary.path)
+    for k, stamp in enumerate(rec.timestamps):
+        came_in, rgb = min(taken, key=lambda t: abs(t[0] - stamp))
+        assert -0.005 < stamp - came_in < 0.02
+        assert np.array_equal(rec.frame(k), rgb)
 
 
 def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamline, autocenter, tmp_path, caplog,
@@ -315,13 +342,20 @@ def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline,
     def unreadable_motors():
         raise RuntimeError("exporter connection lost")
 
-    autocenter.recorder.last_summary = None
     monkeypatch.setattr(autocenter.recorder, "_read_motors", unreadable_motors)
-    with caplog.at_level(logging.ERROR, logger="HWR"):
-        collect(beamline, tmp_path, "OSC", n_images=20)
-        summary = wait_for_summary(autocenter)
-    assert summary.frames_kept == 0
-    assert caplog.text.count("reading the centring motors failed") == 1 and "exporter connection lost" in caplog.text
+    # Each collection says it once (the second said nothing), counts the frames as dropped and ends failed (it
+    # ended complete, of no frame; the poll source blamed the camera).
+    for source, prefix in (("stream", "first"), ("stream", "second"), ("poll", "polled")):
+        autocenter.config.record_source = source
+        autocenter.recorder.last_summary = None
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="HWR"):
+            collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=20)
+            summary = wait_for_summary(autocenter)
+        assert (summary.status, summary.frames_kept) == ("failed", 0) and summary.frames_dropped > 0, prefix
+        assert summary.error == "no frame kept: reading the centring motors failed", prefix
+        assert caplog.text.count("reading the centring motors failed; frames") == 1, prefix
+        assert "exporter connection lost" in caplog.text and "sent no new frame" not in caplog.text, prefix
 
 
 def test_a_motor_the_diffractometer_leaves_out_is_recorded_as_nan_with_one_warning(beamline, autocenter, tmp_path,

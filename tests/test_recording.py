@@ -210,6 +210,26 @@ def test_a_cause_of_dropped_frames_is_logged_once(tmp_path, caplog):
     assert all("later frames dropped for this are only counted" in message for message in drops)
 
 
+def test_a_recording_that_keeps_no_frame_ends_failed_saying_why(tmp_path):
+    # It ended "complete", of nothing to label, and nobody said why.
+    causes = {
+        "none": ([], None, "no frame kept: the camera sent none"),
+        "refused": ([b"no jpeg"] * 3, None, "no frame kept: "),
+        "dropped": ([], "reading the centring motors failed", "no frame kept: reading the centring motors failed"),
+    }
+    for name, (frames, dropped, error) in causes.items():
+        writer = RecordingWriter(lambda name=name: FrameStore.create(tmp_path, name, METADATA), log=None)
+        for k, frame in enumerate(frames):
+            writer.submit(frame, time.time(), _motors(k), k)
+        if dropped:
+            writer.drop(dropped)
+        summary = writer.close("complete")
+        rec = read_recording(summary.path)
+        assert (summary.status, summary.frames_kept, rec.status) == ("failed", 0, "failed"), name
+        assert summary.error.startswith(error) and rec.error == summary.error, name
+        assert summary.frames_dropped == len(frames) + bool(dropped), name
+
+
 def test_a_writer_that_finishes_after_close_gave_up_says_how_the_file_ended(tmp_path, monkeypatch, caplog):
     import mxcube_autocenter.recording as recording
 
