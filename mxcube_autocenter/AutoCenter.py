@@ -146,6 +146,9 @@ class AutoCenter(HardwareObject):
         self.connect(collect, "collectOscillationFinished", self._collection_finished)
         self.connect(collect, "collectEnded", self._collection_finished)
         self.connect(collect, "collectOscillationFailed", self._collection_failed)
+        zoom = getattr(bl.diffractometer, "zoom", None)
+        if zoom is not None:
+            self.connect(zoom, "valueChanged", self._zoom_changed)
         # Helical end points reach the collect object only through set_helical_pos.
         original = collect.set_helical_pos
 
@@ -154,6 +157,9 @@ class AutoCenter(HardwareObject):
             return original(arg)
 
         collect.set_helical_pos = set_helical_pos
+
+    def _zoom_changed(self, value):
+        self.recorder.end_if_rescaled(HWR.beamline.diffractometer.get_pixels_per_mm(), getattr(value, "name", value))
 
     def _hold_collections_while_centring(self):
         """Make a collection started during an optical ML centring wait for the centring to end.

@@ -295,6 +295,7 @@ class CollectionRecorder:
         self._streamed = False
         self._video_mode = None
         self._motors_failing = False
+        self._pixels_per_mm = None  # the camera's scale at the recording's start
         self._reading_since = None  # when the motor read in progress began (monotonic s)
         self._longest_read_s = 0.0
         self._missing_said = False
@@ -338,6 +339,7 @@ class CollectionRecorder:
             return
         directory = recording_directory(cfg.record_directory, fileinfo)
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
+        self._pixels_per_mm = metadata.get("pixels_per_mm")
         writer = self._writer = RecordingWriter(
             lambda: FrameStore.create(
                 directory, recording_name(fileinfo), metadata, storage=cfg.record_storage,
@@ -528,6 +530,19 @@ class CollectionRecorder:
                 return self.last_summary
             gevent.sleep(0.05)
         return None
+
+    def end_if_rescaled(self, pixels_per_mm, zoom) -> None:
+        """End the recording, failed, its frames so far kept, if the camera's scale is no longer its start's.
+
+        Its frames are cropped at the scale of its start: later ones would be labelled at another (a zoom changed
+        in the web UI during the collection).
+        """
+        if self._writer is None or self._pixels_per_mm is None or np.allclose(pixels_per_mm, self._pixels_per_mm):
+            return
+        reason = (f"the zoom changed to {zoom} during the collection ({pixels_per_mm[0]:.0f} pixels/mm, not "
+                  f"{self._pixels_per_mm[0]:.0f}): later frames are not recorded; keep the zoom while collecting")
+        self.log.warning("AutoCenter: recording ended: %s", reason)
+        self.stop_later("failed", reason=reason)
 
     def stop_later(self, status: str, only=None, dc_params=None, reason: str | None = None):
         """End the current recording now and close its file in the background.

@@ -337,6 +337,29 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
     assert "sent no new frame" in caplog.text
 
 
+def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames_before(beamline, autocenter,
+                                                                                         tmp_path):
+    # The frames are cropped at the scale the recording started with: those after a zoom change in the web UI
+    # were recorded, and labelled, at the wrong scale.
+    from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom
+
+    autocenter.recorder.last_summary = None
+    collection = gevent.spawn(collect, beamline, tmp_path, "OSC", n_images=60)
+    with gevent.Timeout(10, AssertionError("the recording did not start")):
+        while not autocenter.recorder.recording:
+            gevent.sleep(0.05)
+    gevent.sleep(1.0)
+    try:
+        set_zoom(beamline, "LEVEL5")
+        summary = wait_for_summary(autocenter)
+        assert collection.get(timeout=60) and not autocenter.recorder.recording  # the collection went on
+    finally:
+        set_zoom(beamline, ZOOM_LEVEL)
+    assert summary.status == "failed" and summary.frames_kept > 5
+    assert summary.error.startswith("the zoom changed to LEVEL5 during the collection")
+    assert read_recording(summary.path).error == summary.error
+
+
 def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline, autocenter, tmp_path, caplog,
                                                                        monkeypatch):  # fmt: skip
     def unreadable_motors():
