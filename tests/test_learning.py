@@ -602,7 +602,14 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
 
     # Metadata present but unusable: refused when loaded, not at the first centring.
     broken = {
-        "unfitted": ({"transform": {"name": "log"}}, "the log transform has no fitted parameters"),
+        "unfitted": ({"transform": {"name": "log"}}, "its metadata's log transform has no fitted parameters"),
+        # A part missing or of another type is named, with what it lacks ("invalid metadata ('colour')").
+        "colourless": ({"input": {k: v for k, v in trained.info["input"].items() if k != "colour"}},
+                       "its metadata's input lacks 'colour'"),
+        "named_transform": ({"transform": "log"}, "its metadata's transform is a JSON str, not an object"),
+        "listed_split": ({"split": []}, "its metadata's split is a JSON list, not an object"),
+        "untested_split": ({"split": {k: v for k, v in trained.info["split"].items() if k != "test"}},
+                           "its metadata's split lacks 'test'"),
         "nameless": ({"architecture": {}}, "the architecture {} has no name"),
         "unknown_label": ({"label": "counts"}, "the label 'counts' is none of"),
         "listed_metrics": ({"metrics": []}, "metrics is a JSON list, not an object"),

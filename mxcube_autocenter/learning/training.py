@@ -139,6 +139,16 @@ def _refuse(path, problem, fix):
     raise ModelFileError(f"{path}: {problem}. {fix}")
 
 
+def _metadata_part(path, info: dict, key: str, parse, fix):
+    """``parse(info[key])``, refused naming the part of the metadata and what it lacks."""
+    try:
+        return parse(info[key])
+    except KeyError as err:
+        _refuse(path, f"its metadata's {key} lacks {err.args[0]!r}", fix)
+    except (AttributeError, TypeError, ValueError) as err:
+        _refuse(path, f"its metadata's {key} is invalid ({err})", fix)
+
+
 def load_model(path):
     """Load a model file written by :func:`train` or :func:`train_classifier`.
 
@@ -210,13 +220,18 @@ def load_model(path):
         _refuse(path, f"its metadata lacks {missing}", retrain)
     if task not in ("regression", "classifier"):
         _refuse(path, f"unknown task {task!r} in its metadata", retrain)
+    objects = ("input", "architecture", "data", "split", "training", "metrics", "transform")
+    for key in objects if task == "regression" else objects[:-1]:
+        if not isinstance(info[key], dict):
+            _refuse(path, f"its metadata's {key} is a JSON {type(info[key]).__name__}, not an object", retrain)
+    spec = _metadata_part(path, info, "input", crops.CropSpec.from_config, retrain)
+    if task == "regression" and not _metadata_part(path, info, "transform", transform_from_config, retrain).fitted:
+        _refuse(path, f"its metadata's {info['transform'].get('name')} transform has no fitted parameters", retrain)
+    _metadata_part(path, info, "split", Split.from_config, retrain)  # a crystal in two subsets is refused there
     try:
-        spec = crops.CropSpec.from_config(info["input"])
-        if task == "regression" and not transform_from_config(info["transform"]).fitted:
-            raise ValueError(f"the {info['transform'].get('name')} transform has no fitted parameters")
         if task == "classifier" and not np.isfinite(float(info["threshold"])):
             raise ValueError(f"the threshold {info['threshold']!r} is not a number of spots")
-        if not isinstance(info["architecture"], dict) or not info["architecture"].get("name"):
+        if not info["architecture"].get("name"):
             raise ValueError(f"the architecture {info['architecture']!r} has no name")
         arch = info["architecture"]["name"]
         if arch not in architectures.ARCHITECTURES:
@@ -227,10 +242,6 @@ def load_model(path):
                              f"({architectures.task_of(arch)})")
         if info["label"] not in LABELS:
             raise ValueError(f"the label {info['label']!r} is none of {LABELS}")
-        for key in ("data", "training", "metrics"):
-            if not isinstance(info[key], dict):
-                raise ValueError(f"{key} is a JSON {type(info[key]).__name__}, not an object")
-        Split.from_config(info["split"])  # a crystal in two subsets is refused there
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         _refuse(path, f"invalid metadata ({err})", retrain)
     if tuple(model.output_shape) != (None, 1):
