@@ -178,6 +178,9 @@ def test_an_interrupted_dense_training_leaves_a_checkpoint_that_becomes_a_model_
     model, loaded = training.load_model(path)
     assert loaded["transform"] == info["transform"] and model.output_shape[1:] == (1,)
     monkeypatch.undo()
+    with pytest.raises(training.ModelFileError, match="holds an interrupted training's best epoch"):
+        dense.train_dense(regions_path, out, epochs=1, batch_size=8, seed=0, verbose=0)
+    (out / "run.json").unlink()  # recovered above
     dense.train_dense(regions_path, out, epochs=1, batch_size=8, seed=0, verbose=0)
     assert not (out / "run.json").exists()
 
