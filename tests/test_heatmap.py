@@ -49,6 +49,16 @@ def assert_fast_equals_reference(model, frame, roi, crop_px, stride_px, every=7)
     return fast
 
 
+def test_a_pooling_models_heatmap_of_shifted_inputs_reaches_the_far_edges_of_the_roi():
+    # Each shift's outputs were cut to the last shift's count: fcn_gap left 18 px of the roi's right edge unscored.
+    from mxcube_autocenter.learning import architectures
+
+    keras.utils.set_random_seed(0)
+    model = architectures.build("fcn_gap", (128, 128, 3))
+    assert len(DenseEvaluator(model).twin(6.0 * 128 / 312.0)[2]) > 1  # shifted inputs
+    assert_fast_equals_reference(model, frame_of(), Roi(300, 200, 1210, 980), 312.0, 6.0)
+
+
 def test_trained_fcn_dense_heatmap_equals_crop_by_crop(tiny_model):
     predictor = load_predictor(tiny_model)
     frame = frame_of()
@@ -127,6 +137,8 @@ def test_symmetric_heatmap_is_the_mean_over_the_turned_crops(symmetries):
     region, origin, scale = prepare_region(frame_of(), roi, 40.0, 32, standardise)
     assert len(evaluator.twin(1.5 * scale)[2]) == 4  # four shifted inputs per axis
     plain = dense_heatmap(evaluator, region, origin, scale, 1.5)
+    # Every shift's outputs were cut to the last shift's count: the grid stopped short of the roi's far edges.
+    assert plain.xs[-1] > roi.x1 - 1.5 and plain.ys[-1] > roi.y1 - 1.5
     turned = symmetric_heatmap(evaluator, region, origin, scale, 1.5, symmetries)
     np.testing.assert_array_equal(turned.xs, plain.xs)  # the same grid
     np.testing.assert_array_equal(turned.ys, plain.ys)

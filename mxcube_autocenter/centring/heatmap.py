@@ -288,21 +288,35 @@ def dense_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_px) -
     fcn, step, shifts = evaluator.twin(stride_px * min(sx, sy))
     h, w = _check_region(region, size)
     outputs = {(dy, dx): np.asarray(fcn(region[None, dy:, dx:], training=False))[0, ..., 0] for dy in shifts for dx in shifts}
-    # Keep the outputs whose whole crop lies in the region (pooling that floors
-    # odd sizes can leave a few more).
-    n_rows = min(min(o.shape[0] for o in outputs.values()), (h - size - shifts[-1]) // step + 1)
-    n_cols = min(min(o.shape[1] for o in outputs.values()), (w - size - shifts[-1]) // step + 1)
+    # Output r of shift d is the crop starting at r * step + d: in start order, shift i's outputs fill every
+    # k-th place from place i. The grid runs as far as every shift has its output there, and the whole crop lies
+    # in the region (pooling that floors odd sizes can leave a few more); a larger shift has fewer outputs, so
+    # cutting all to the last one's count left up to a step of the region's far edge unscored.
     k = len(shifts)
-    values = np.empty((n_rows * k, n_cols * k), dtype=np.float32)
+    n_y = _places(h, size, step, shifts, [min(outputs[dy, dx].shape[0] for dx in shifts) for dy in shifts])
+    n_x = _places(w, size, step, shifts, [min(outputs[dy, dx].shape[1] for dy in shifts) for dx in shifts])
+    values = np.empty((n_y, n_x), dtype=np.float32)
     for i, dy in enumerate(shifts):
         for j, dx in enumerate(shifts):
-            values[i::k, j::k] = outputs[dy, dx][:n_rows, :n_cols]
-    starts_y = (np.arange(n_rows)[:, None] * step + np.array(shifts)[None, :]).ravel()
-    starts_x = (np.arange(n_cols)[:, None] * step + np.array(shifts)[None, :]).ravel()
+            values[i::k, j::k] = outputs[dy, dx][: len(range(i, n_y, k)), : len(range(j, n_x, k))]
+    starts_y = (np.arange(n_y) // k) * step + np.array(shifts)[np.arange(n_y) % k]
+    starts_x = (np.arange(n_x) // k) * step + np.array(shifts)[np.arange(n_x) % k]
     # Output (row, col) is the crop starting there; its point is its middle.
     ys = origin[1] + (starts_y + crop_middle(size)) / sy
     xs = origin[0] + (starts_x + crop_middle(size)) / sx
     return Heatmap(values=values, xs=xs, ys=ys)
+
+
+def _places(length, size, step, shifts, counts) -> int:
+    """Grid places along an axis of ``length`` model pixels: the first one whose crop (start r * step + shift
+    i, for place r * k + i) is not whole in it or that its shift has no output for, ends them."""
+    k = len(shifts)
+    place = 0
+    while True:
+        r, i = divmod(place, k)
+        if r >= counts[i] or r * step + shifts[i] + size > length:
+            return place
+        place += 1
 
 
 def _check_region(region, size):
@@ -352,12 +366,10 @@ def symmetric_heatmap(evaluator: DenseEvaluator, region, origin, scale, stride_p
     fine = step // len(shifts)  # the shifts divide the step (DenseEvaluator.twin)
 
     def symmetric_length(length):
-        # The grid dense_heatmap keeps (its point count a multiple of the shifts)
-        # maps onto itself when mirrored once it ends exactly one crop from the
-        # far edge: trim the region there, which drops no grid point.
-        points = (length - size) // fine + 1
-        points -= points % len(shifts)
-        return size + (points - 1) * fine
+        # The grid dense_heatmap keeps maps onto itself when mirrored once it
+        # ends exactly one crop from the far edge: trim the region there, which
+        # drops no grid point.
+        return size + (length - size) // fine * fine
 
     region = region[: symmetric_length(h), : symmetric_length(w)]
     first = dense_heatmap(evaluator, region, origin, scale, stride_px)
