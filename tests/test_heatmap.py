@@ -46,6 +46,13 @@ def assert_fast_equals_reference(model, frame, roi, crop_px, stride_px, every=7)
     ref = reference_heatmap(model, region, origin, scale, evaluator.input_size, fast.xs[::every], fast.ys[::every])
     np.testing.assert_allclose(ref.values, fast.values[::every, ::every], atol=1e-5, rtol=1e-4)
     assert fast.xs[0] < roi.x0 + stride_px and fast.xs[-1] > roi.x1 - stride_px
+    # Points off the region's pixels are evaluated at the nearest crop, and placed there (an evaluation report
+    # drew them up to half a model pixel from the crop they came from).
+    shifted = reference_heatmap(model, region, origin, scale, evaluator.input_size, fast.xs[::every] + 0.3 / scale,
+                                fast.ys[::every] - 0.3 / scale)  # fmt: skip
+    np.testing.assert_allclose(shifted.xs, fast.xs[::every])
+    np.testing.assert_allclose(shifted.ys, fast.ys[::every])
+    np.testing.assert_array_equal(shifted.values, ref.values)
     return fast
 
 

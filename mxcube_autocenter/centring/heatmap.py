@@ -386,7 +386,9 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
     ``xs`` and ``ys`` are the grid of a :func:`dense_heatmap` (or
     :func:`symmetric_heatmap`) result, so both paths evaluate the same
     crops; with ``symmetries`` each crop is turned by every element of the
-    group and the model's outputs averaged.
+    group and the model's outputs averaged. Other points are taken to the
+    nearest crop of the region's pixels: the result's ``xs`` and ``ys`` are
+    the points of the crops evaluated.
     """
     from mxcube_autocenter.learning.augment import GROUP_ELEMENTS, dihedral_np
 
@@ -407,7 +409,8 @@ def reference_heatmap(model, region, origin, scale, input_size, xs, ys, batch=25
                 crops, index = [], []
     if crops:
         _predict_into(model, crops, index, values)
-    return Heatmap(values=values, xs=np.asarray(xs), ys=np.asarray(ys))
+    return Heatmap(values=values, xs=origin[0] + (starts_x + crop_middle(input_size)) / sx,
+                   ys=origin[1] + (starts_y + crop_middle(input_size)) / sy)
 
 
 def _predict_into(model, crops, index, values):
