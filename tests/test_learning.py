@@ -779,6 +779,23 @@ def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(d
     assert not (diverged / "run.json").exists() and not (diverged / "checkpoint.keras").exists()
 
 
+def test_fine_tuning_a_network_that_is_not_its_architectures_is_refused_naming_the_file(tiny_model, dataset_path,
+                                                                                         tmp_path):
+    # An fcn network whose metadata names fcn_gap (a file written before an architecture changed) ended in a bare
+    # Keras error: "Layer fcn_gap weight shape (64, 32) is not compatible with provided weight shape (1, 1, 64, 32)".
+    import keras
+
+    from mxcube_autocenter.learning import training
+
+    model, info = training.load_model(tiny_model)
+    renamed = str(tmp_path / "renamed.keras")
+    described = {**info["architecture"], "name": "fcn_gap"}
+    training.attach_info(keras.models.clone_model(model), {**info, "architecture": described}).save(renamed)
+    with pytest.raises(training.ModelFileError, match=r"renamed\.keras: its network is not the fcn_gap network "
+                                                      r"this version builds .*Fine-tune a model trained with"):
+        training.train(dataset_path, None, None, str(tmp_path / "out"), initial_model=renamed, epochs=1, verbose=0)
+
+
 def test_a_training_run_that_diverges_is_refused_not_saved_with_nan_weights(tmp_path):
     # Early stopping restores no weights when no epoch had a finite loss: the NaN ones were saved as the model,
     # which loaded and gave heatmaps of NaN.

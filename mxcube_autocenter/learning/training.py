@@ -527,7 +527,7 @@ def _fit(
         if initial is not None and initial_info.get("task") != task:
             transfer_regressor(model, initial, initial_info, threshold)
         elif initial is not None:
-            model.set_weights(initial.get_weights())
+            copy_weights(initial, model, initial_model)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
 
     common = dict(spec=spec, cache=cache)
@@ -618,6 +618,21 @@ def learning_rate_for(learning_rate, initial_model) -> float:
     if learning_rate is not None:
         return float(learning_rate)
     return FINE_TUNE_LEARNING_RATE if initial_model is not None else LEARNING_RATE
+
+
+def copy_weights(initial, model, path) -> None:
+    """The initial model's weights into ``model``, the network its architecture builds now.
+
+    Raises
+    ------
+    ModelFileError
+        Naming ``path``, when its network is not that one (a file written before the architecture changed).
+    """
+    try:
+        model.set_weights(initial.get_weights())
+    except ValueError as err:
+        _refuse(path, f"its network is not the {model.name} network this version builds ({err})",
+                "Fine-tune a model trained with this version, or train one")  # fmt: skip
 
 
 def check_out(out, initial_model=None) -> None:
