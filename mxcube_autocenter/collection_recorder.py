@@ -406,7 +406,8 @@ class CollectionRecorder:
             self._motors_failed(writer)
             return
         finally:
-            self._reading_since = None
+            if self._writer is writer:  # a recording begun meanwhile may be reading for its own frame
+                self._reading_since = None
         self._motors_failing = False
         # Reading the motors yields (an MD3's exporter): the recording may have ended, or another begun, meanwhile.
         if self._writer is writer:
