@@ -360,6 +360,17 @@ def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames
     assert read_recording(summary.path).error == summary.error
 
 
+def recorded_alone(beamline, autocenter, tmp_path, caplog, source, prefix, level):
+    """The summary of one collection of 20 images recorded from ``source``, with its log at ``level`` alone in
+    ``caplog``."""
+    autocenter.config.record_source = source
+    autocenter.recorder.last_summary = None
+    caplog.clear()
+    with caplog.at_level(level, logger="HWR"):
+        collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=20)
+        return wait_for_summary(autocenter)
+
+
 def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline, autocenter, tmp_path, caplog,
                                                                        monkeypatch):  # fmt: skip
     def unreadable_motors():
@@ -369,12 +380,7 @@ def test_motors_that_cannot_be_read_cost_their_frames_and_one_log_line(beamline,
     # Each collection says it once (the second said nothing), counts the frames as dropped and ends failed (it
     # ended complete, of no frame; the poll source blamed the camera).
     for source, prefix in (("stream", "first"), ("stream", "second"), ("poll", "polled")):
-        autocenter.config.record_source = source
-        autocenter.recorder.last_summary = None
-        caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="HWR"):
-            collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=20)
-            summary = wait_for_summary(autocenter)
+        summary = recorded_alone(beamline, autocenter, tmp_path, caplog, source, prefix, logging.ERROR)
         assert (summary.status, summary.frames_kept) == ("failed", 0) and summary.frames_dropped > 0, prefix
         assert summary.error == "no frame kept: reading the centring motors failed", prefix
         assert caplog.text.count("reading the centring motors failed; frames") == 1, prefix
@@ -388,12 +394,7 @@ def test_a_motor_the_diffractometer_leaves_out_is_recorded_as_nan_with_one_warni
     for source, missing in (("stream", "phiz"), ("poll", "omega")):
         monkeypatch.setattr(autocenter.recorder, "_read_motors",
                             lambda: {k: v for k, v in read().items() if k != missing})  # fmt: skip
-        autocenter.recorder.last_summary = None
-        autocenter.config.record_source = source
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="HWR"):
-            collect(beamline, tmp_path, "OSC", prefix=source, n_images=20)
-            summary = wait_for_summary(autocenter)
+        summary = recorded_alone(beamline, autocenter, tmp_path, caplog, source, source, logging.WARNING)
         assert summary.status == "complete" and summary.frames_kept > 0, source
         rec = read_recording(summary.path)
         assert np.all(np.isnan(rec.motor(missing))) and np.all(np.isfinite(rec.motor("sampx"))), source
