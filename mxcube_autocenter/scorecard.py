@@ -439,13 +439,20 @@ def pool_outcomes(runs, methods=METHODS) -> list:
     ------
     ValueError
         If a sample appears twice (a run given twice, or two runs of the same
-        ``--seed``): it would count double.
+        ``--seed``): it would count double. Or if a method ran on some of the
+        samples only: its figures would be of other samples than the others'.
     """
     repeated = sorted(name for name, n in Counter(row["sample"] for rows in runs for row in rows).items() if n > 1)
     if repeated:
         raise ValueError(
             f"{len(repeated)} samples are in more than one run (e.g. {repeated[0]}): pool runs of different --seed"
         )
+    samples = [row for rows in runs for row in rows]
+    for method in methods:
+        ran = sum(method in row for row in samples)
+        if 0 < ran < len(samples):
+            raise ValueError(f"method {method!r} ran on {ran} of the {len(samples)} samples: each method's figures "
+                             "must be of the same samples; pool runs that ran the same methods")
     outcomes = [outcome_of(row, method) for rows in runs for row in rows for method in methods if method in row]
     if not outcomes:
         raise ValueError("no outcomes in the runs given: give the report directories of demo runs that centred samples")

@@ -215,6 +215,12 @@ def test_pool_outcomes_joins_runs_of_other_samples():
     assert (figures["n_crystal"], figures["n_empty"], figures["hit_rate"]) == (2, 1, 0.5)
     with pytest.raises(ValueError, match="1 samples are in more than one run.*s1.*different --seed"):
         scorecard.pool_outcomes([runs[1], runs[1]])
+    # A method of one run alone was scored on its samples alone, beside the others' of all: a table that read as
+    # the same samples.
+    lucid = [{**row, "lucid": {**row["ml"], "method": "lucid"}} for row in runs[1]]
+    with pytest.raises(ValueError, match="method 'lucid' ran on 1 of the 3 samples: each method's figures must be "
+                                         "of the same samples"):  # fmt: skip
+        scorecard.pool_outcomes([runs[0], lucid])
     # An older demo's hits (any crystal at each angle; before that, four angles) meant something else: not pooled.
     older = [{**row, "ml": {k: v for k, v in row["ml"].items() if k != "hit_test"}} for row in runs[1]]
     with pytest.raises(ValueError, match=r"sample s1: the 'ml' hits were taken by another hit test \(an older one\) "
