@@ -146,9 +146,12 @@ class AutoCenter(HardwareObject):
         self.connect(collect, "collectOscillationFinished", self._collection_finished)
         self.connect(collect, "collectEnded", self._collection_finished)
         self.connect(collect, "collectOscillationFailed", self._collection_failed)
+        # Either may come first (GenericDiffractometer updates its scale on the zoom's predefinedPositionChanged):
+        # each is compared with the recording's scale.
         zoom = getattr(bl.diffractometer, "zoom", None)
         if zoom is not None:
             self.connect(zoom, "valueChanged", self._zoom_changed)
+        self.connect(bl.diffractometer, "pixelsPerMmChanged", self._scale_changed)
         # Helical end points reach the collect object only through set_helical_pos.
         original = collect.set_helical_pos
 
@@ -160,6 +163,11 @@ class AutoCenter(HardwareObject):
 
     def _zoom_changed(self, value):
         self.recorder.end_if_rescaled(HWR.beamline.diffractometer.get_pixels_per_mm(), getattr(value, "name", value))
+
+    def _scale_changed(self, x, y):
+        # GenericDiffractometer emits ((x, y)): mxcubecore's emit passes the pair as two arguments.
+        zoom = getattr(HWR.beamline.diffractometer, "zoom", None)
+        self.recorder.end_if_rescaled((x, y), getattr(zoom.get_value(), "name", None) if zoom else None)
 
     def _hold_collections_while_centring(self):
         """Make a collection started during an optical ML centring wait for the centring to end.

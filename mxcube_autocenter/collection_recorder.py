@@ -403,7 +403,8 @@ class CollectionRecorder:
         try:
             motors = self._frame_motors()
         except Exception:
-            self._motors_failed(writer)
+            if self._writer is writer:  # not a recording begun meanwhile: its own failures are its to say
+                self._motors_failed(writer)
             return
         finally:
             if self._writer is writer:  # a recording begun meanwhile may be reading for its own frame
@@ -428,6 +429,8 @@ class CollectionRecorder:
             start = time.monotonic()
             try:
                 rgb = self._snapshot()
+                # The frame's moment is once the snapshot is in (a Lima read takes tens of ms), its motors then.
+                taken = time.monotonic()
                 # A camera slower than the poll, or a frozen one, hands out its last image again: recorded, it
                 # would be labelled with another moment's count, and a frozen camera must reach the watchdog.
                 new = not pool.apply(same_payload, (rgb, previous))
@@ -441,8 +444,7 @@ class CollectionRecorder:
             failing = False
             if new:
                 previous = rgb
-                # The frame's moment is once the snapshot is in (a Lima read takes tens of ms), its motors then.
-                self._last_frame_time = taken = time.monotonic()
+                self._last_frame_time = taken
                 try:
                     motors = self._frame_motors()
                 except Exception:
@@ -538,7 +540,12 @@ class CollectionRecorder:
         Its frames are cropped at the scale of its start: later ones would be labelled at another (a zoom changed
         in the web UI during the collection).
         """
-        if self._writer is None or self._pixels_per_mm is None or np.allclose(pixels_per_mm, self._pixels_per_mm):
+        try:
+            scale = np.asarray(pixels_per_mm, dtype=float)
+        except (TypeError, ValueError):  # (None, None): no scale to compare
+            return
+        if (self._writer is None or self._pixels_per_mm is None or not np.all(np.isfinite(scale))
+                or np.allclose(scale, self._pixels_per_mm)):  # fmt: skip
             return
         reason = (f"the zoom changed to {zoom} during the collection ({pixels_per_mm[0]:.0f} pixels/mm, not "
                   f"{self._pixels_per_mm[0]:.0f}): later frames are not recorded; keep the zoom while collecting")

@@ -839,7 +839,7 @@ class RecordingWriter:
         self._dropped_at_submit = 0
         self._dropped_by_writer = 0
         self._error: str | None = None
-        self._drop_causes: set[str] = set()
+        self._drop_causes: dict[str, None] = {}  # in the order they happened
         self._submit_drop_cause = None  # the first cause given to drop()
         self._final_status = "complete"
         self._final_reason = None
@@ -857,7 +857,7 @@ class RecordingWriter:
 
     @property
     def frames_submitted(self) -> int:
-        """Frames given to :meth:`submit`."""
+        """Frames given to :meth:`submit`, and those counted by :meth:`drop`."""
         return self._submitted
 
     @property
@@ -976,7 +976,9 @@ class RecordingWriter:
             self._store.frames_dropped = self.frames_dropped
             if self._store.frames_kept == 0 and self._final_status == "complete":
                 # Nothing to label: a "complete" recording of no frame would hide why.
-                cause = self._submit_drop_cause or min(self._drop_causes, default="the camera sent none")
+                cause = self._submit_drop_cause or next(iter(self._drop_causes), None) or (
+                    f"{self.frames_dropped} frames dropped (queue full, max_frames or the close's time-out)"
+                    if self._submitted else "the camera sent none")
                 self._final_status, self._final_reason = "failed", self._final_reason or f"no frame kept: {cause}"
             self._store.close(self._final_status, self._final_reason)
         except Exception as err:
@@ -1007,7 +1009,7 @@ class RecordingWriter:
                 self._dropped_by_writer += 1
                 # Once per cause: a size change drops every later frame, and each would be a line of MXCuBE's log.
                 if str(err) not in self._drop_causes:
-                    self._drop_causes.add(str(err))
+                    self._drop_causes[str(err)] = None
                     self.log.warning("camera frame %s dropped from %s: %s (later frames dropped for this are only "
                                      "counted)", number, store.path, err)  # fmt: skip
 

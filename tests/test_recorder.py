@@ -358,6 +358,16 @@ def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames
     assert summary.status == "failed" and summary.frames_kept > 5
     assert summary.error.startswith("the zoom changed to LEVEL5 during the collection")
     assert read_recording(summary.path).error == summary.error
+    # A diffractometer that updates its scale after the zoom's signal (GenericDiffractometer) says it apart.
+    autocenter.recorder.last_summary = None
+    collection = gevent.spawn(collect, beamline, tmp_path, "OSC", prefix="scaled", n_images=60)
+    with gevent.Timeout(10, AssertionError("the recording did not start")):
+        while not autocenter.recorder.recording:
+            gevent.sleep(0.05)
+    beamline.diffractometer.emit("pixelsPerMmChanged", ((1234.0, 1234.0)))  # as GenericDiffractometer emits it
+    summary = wait_for_summary(autocenter)
+    collection.get(timeout=60)
+    assert summary.status == "failed" and "(1234 pixels/mm, not 1300)" in summary.error
 
 
 def recorded_alone(beamline, autocenter, tmp_path, caplog, source, prefix, level):

@@ -138,11 +138,11 @@ class VirtualCamera(HardwareObject):
             raise ValueError(f"video_mode {video_mode!r}: give one of {', '.join(RAW_VIDEO_MODES)}, or None for JPEG")
         if interval_ms is not None and not interval_ms > 0:
             raise ValueError(f"interval {interval_ms!r}: give the poll period in ms, or None to send each exposure once")
-        properties = self.get_properties()
+        configured = self.get_properties()  # the XML's: the recorder reads video_mode there
         if video_mode is None:
-            properties.pop("video_mode", None)
+            configured.pop("video_mode", None)
         else:
-            properties["video_mode"] = video_mode
+            configured["video_mode"] = video_mode
         self.video_mode, self.interval_ms = video_mode, interval_ms
 
     def _expose(self):
