@@ -36,6 +36,7 @@ import functools
 import gc
 import os
 import sys
+import time
 
 import gevent
 import gevent.event
@@ -107,6 +108,7 @@ class AutoCenter(HardwareObject):
         # next press.
         self._verdicts = {}
         self._took_over = False
+        self._holding_queue = False  # the queue's next entry waits for a centring (_queue_entry_starting)
         self._connect_collect()
         self._hold_collections_while_centring()
         self._load_models()
@@ -170,11 +172,15 @@ class AutoCenter(HardwareObject):
         self.recorder.end_if_rescaled((x, y), getattr(zoom.get_value(), "name", None) if zoom else None)
 
     def _hold_collections_while_centring(self):
-        """Make a collection started during an optical ML centring wait for the centring to end.
+        """Make a collection, or the queue's next entry, started during an optical ML centring wait for it to end.
 
         Nothing in mxcubeweb or the queue keeps a collection from starting while a centring moves the sample: it
-        exposed a turning, moving crystal, and a failed centring's move back moved it during the collection.
+        exposed a turning, moving crystal, and a failed centring's move back moved it during the collection. The
+        queue's data collection reads the sample's position (its centred point) before it calls the collect
+        object, so the queue's entries wait before they start.
         """
+        if HWR.beamline.queue_manager is not None:
+            self.connect(HWR.beamline.queue_manager, "queue_entry_execute_started", self._queue_entry_starting)
         collect = HWR.beamline.collect
         if collect is None:
             return
@@ -182,21 +188,36 @@ class AutoCenter(HardwareObject):
 
         @functools.wraps(original)
         def collect_once_centred(*args, **kwargs):
-            self._await_centring()
+            if self._await_centring("Collection"):
+                raise RuntimeError(f"an optical ML centring still moves the sample after {COLLECTION_WAIT_S:g} s: "
+                                   "collection not started; stop the centring, then collect")  # fmt: skip
             return original(*args, **kwargs)
 
         collect.collect = collect_once_centred
 
-    def _await_centring(self):
-        """Wait, up to :data:`COLLECTION_WAIT_S`, while an optical ML centring holds the sample."""
-        if not self._centring_holds_sample():
-            return
-        self.user_log.warning("Collection waits for the optical ML centring that is moving the sample to end")
-        refusal = RuntimeError(f"an optical ML centring still moves the sample after {COLLECTION_WAIT_S:g} s: "
-                               "collection not started; stop the centring, then collect")  # fmt: skip
-        with gevent.Timeout(COLLECTION_WAIT_S, refusal):
-            while self._centring_holds_sample():
+    def _await_centring(self, waiting: str) -> bool:
+        """Wait, up to :data:`COLLECTION_WAIT_S`, while an optical ML centring holds the sample; whether it still does.
+
+        ``waiting`` (who waits) is told to the user.
+        """
+        if self._centring_holds_sample():
+            self.user_log.warning(f"{waiting} waits for the optical ML centring that is moving the sample to end")
+            deadline = time.monotonic() + COLLECTION_WAIT_S
+            while self._centring_holds_sample() and time.monotonic() < deadline:
                 gevent.sleep(0.05)
+        return self._centring_holds_sample()
+
+    def _queue_entry_starting(self, entry):
+        # mxcubecore's signals are plain calls: this runs in the queue's greenlet before the entry, so waiting
+        # here holds the entry back. A receiver cannot fail the entry: one still held starts, and a collection
+        # in it is refused by the collect object's own wait.
+        self._holding_queue = True
+        try:
+            if self._await_centring(f"Queue entry {entry.get_type_str()!r}"):
+                self.user_log.error(f"Queue entry {entry.get_type_str()!r} starts while an optical ML centring "
+                                    f"still moves the sample after {COLLECTION_WAIT_S:g} s: stop the centring")  # fmt: skip
+        finally:
+            self._holding_queue = False
 
     def _centring_holds_sample(self) -> bool:
         """Whether an optical ML centring moves the sample, or a press of the button readies the diffractometer
@@ -777,15 +798,14 @@ class AutoCenter(HardwareObject):
         if not refused or self._mount_step_may_wait():
             sample_view.emit("centringAccepted", (False, status))
 
-    @staticmethod
-    def _mount_step_may_wait() -> bool:
+    def _mount_step_may_wait(self) -> bool:
         """Whether the queue's mount step may be the caller just refused, waiting for its verdict.
 
-        The queue runs one entry at a time: while it runs an optical ML centring or a collection, no mount step
-        of it waits, and the caller refused is the user.
+        The queue runs one entry at a time: while it runs an optical ML centring or a collection, or holds its
+        next entry back for a centring, no mount step of it waits, and the caller refused is the user.
         """
         queue = HWR.beamline.queue_manager
-        if queue is None or not queue.is_executing():
+        if queue is None or not queue.is_executing() or self._holding_queue:
             return False
         return not isinstance(queue.get_current_entry(), (OpticalMLCentringQueueEntry, DataCollectionQueueEntry))
 

@@ -13,7 +13,7 @@ from mxcube_autocenter.beamline import auto_centring, set_zoom
 from mxcube_autocenter.centring import procedure
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
-from mxcube_autocenter.geometry import CENTRING_MOTORS, point_in_beam, sample_frame
+from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, point_in_beam, sample_frame
 from mxcube_autocenter.simulation.sample import make_sample
 from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
@@ -742,6 +742,39 @@ def test_a_collection_started_during_a_centring_waits_for_it(beamline, autocente
     assert "Collection waits for the optical ML centring" in caplog.text
     assert log.names()[-2:] == ["centringSuccessful", "centringAccepted"]  # done before the first exposure
     assert len(exposed_at) == 20 and np.all(np.diff(exposed_at) > 0) and 10.0 <= exposed_at[0] < exposed_at[-1] <= 20.5
+
+
+def test_a_queued_collection_started_during_a_centring_takes_the_centred_position(beamline, queue, tmp_path,
+                                                                                  monkeypatch, caplog):  # fmt: skip
+    # mxcubecore's data collection entry reads the sample's position (the point it collects at, and the one
+    # ISPyB and the web UI keep) before it calls the collect object, whose own wait came too late for it: it took
+    # the sample's place in the middle of the centring.
+    from mxcubecore.model import queue_model_objects as qmo
+    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
+
+    mount_at_start(beamline)
+    monkeypatch.setattr(qmo.PathTemplate, "base_directory", str(tmp_path))
+    collection = qmo.DataCollection()
+    acquisition = collection.acquisitions[0]
+    acquisition.path_template.directory = str(tmp_path / "visit" / "raw")
+    acquisition.path_template.process_directory = str(tmp_path / "visit" / "process")
+    acquisition.path_template.base_prefix = "queued"
+    parameters = acquisition.acquisition_parameters
+    parameters.num_images, parameters.exp_time, parameters.osc_range = 5, 0.05, 0.5
+    (entry,) = queue_tasks(queue, collection)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    gevent.sleep(1.0)
+    assert auto_centring(beamline)._centring_lock.locked()
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        run_queue(queue[1])
+    # The first entry to start (the sample's, here a manually mounted one) waits.
+    assert "Queue entry 'Sample' waits for the optical ML centring" in caplog.text
+    assert log.names()[-2:] == ["centringSuccessful", "centringAccepted"] and entry.status == QUEUE_ENTRY_STATUS.SUCCESS
+    # The collection moves the sample to the point it read: a point read mid-centring also undid the centring.
+    collected, centred = parameters.centred_position.as_dict(), auto_centring(beamline).last_result.centred_positions
+    assert {name: collected[name] for name in TRANSLATION_MOTORS} == pytest.approx(
+        {name: centred[name] for name in TRANSLATION_MOTORS})
 
 
 def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter):
