@@ -687,8 +687,8 @@ def _method_legend(methods: dict, settings: dict) -> list:
         "",
         "Hit rate: the beam centre line passes through one crystal at every 2 degrees of a full turn of omega. "
         "Distance: 3D, from the point in the beam and in focus to the ground-truth best point (for a crystal "
-        "refused, where the sample was left). RC fraction: mean reflection count over omega 0, 45, 90 and 135 "
-        "degrees with the motors where the centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
+        "refused, where the sample was left). RC fraction: mean reflection count over a turn of omega (every 2 "
+        "degrees) with the motors where the centring left them, over the best point's (0 for a crystal refused, or a centring failed: nothing is shot). "
         "Empty refused: the method declined and left the sample where it was (a failed centring is no refusal). Hit rates and the medians of distance and RC fraction are over the samples with crystals "
         "(s/centring and exposures: over every sample); each rate with "
         "its 95 % (Wilson) interval in brackets: a few samples leave it wide, so judge the targets over several "

@@ -13,8 +13,8 @@ Per centring (:func:`score_position`):
 - **distance**: 3D distance, um, from the sample point in the beam and in
   focus (``geometry.point_in_beam``) to the ground-truth best point
   (``MountedSample.best_point()``);
-- **RC fraction**: the mean reflection count over the angles the best
-  point is judged at (``JUDGING_OMEGAS``: omega 0, 45, 90 and 135 degrees)
+- **RC fraction**: the mean reflection count over a turn (``JUDGING_OMEGAS``:
+  every 2 degrees of a half turn, the angles the best point is judged at)
   with the translation motors where the centring left them
   (``DiffractionModel.mean_rc_over_rotation``) over the best point's (with
   it centred).
@@ -61,9 +61,11 @@ from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors, point
 # collection sees them. At the four judging angles alone (0, 45, 90, 135), a point just outside a thin crystal
 # counted as hit while the beam left the crystal over up to 22 degrees of the turn (12 of 150 ML hits, 12 seeds).
 HIT_TEST_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
-# Saved with each outcome (``hit_test``): hits taken by another test mean something else, and are not pooled.
-# Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the rest.
-HIT_TEST = "the beam's centre line through one crystal at every 2 degrees of omega"
+# Saved with each outcome (``scoring``): outcomes scored another way mean something else, and are not pooled.
+# Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the
+# rest; until 2026-12-06 the best point and RC fraction were judged at omega 0, 45, 90 and 135 degrees alone.
+SCORING = ("hit: the beam's centre line through one crystal at every 2 degrees of omega; best point and RC "
+           "fraction: mean count over every 2 degrees of a turn")
 # A translation motor that moved less than this did not move, mm.
 MOVE_TOLERANCE_MM = 1e-3
 METHODS = ("ml", "lucid", "loop_centre", "mesh_oracle", "optical_oracle")
@@ -130,7 +132,7 @@ class Outcome:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["hit"] = self.hit
-        out["hit_test"] = HIT_TEST
+        out["scoring"] = SCORING
         out["final_motors"] = {k: float(v) for k, v in self.final_motors.items()}
         return out
 
@@ -377,9 +379,9 @@ def outcome_of(row: dict, method: str) -> Outcome:
     Raises
     ------
     ValueError
-        If the row has no complete outcome of that method, or its hits were
-        taken by another test than :data:`HIT_TEST` (an older demo's: its
-        hit would mean something else).
+        If the row has no complete outcome of that method, or it was scored
+        another way than :data:`SCORING` (an older demo's: its figures would
+        mean something else).
     """
     try:
         outcome = Outcome(**{f.name: row[method][f.name] for f in fields(Outcome) if f.name in row[method]})
@@ -390,10 +392,10 @@ def outcome_of(row: dict, method: str) -> Outcome:
     if wrong:
         raise ValueError(f"sample {row.get('sample')}: its {method!r} outcome has {', '.join(wrong)}, which a demo "
                          "does not write: give the samples.json of a demo run, unedited")  # fmt: skip
-    taken_by = row[method].get("hit_test", "an older one")
-    if outcome.hits is not None and taken_by != HIT_TEST:
-        raise ValueError(f"sample {row.get('sample')}: the {method!r} hits were taken by another hit test "
-                         f"({taken_by}) than this version's ({HIT_TEST}): run the demo again")  # fmt: skip
+    scored_by = row[method].get("scoring", "an older one")
+    if outcome.hits is not None and scored_by != SCORING:
+        raise ValueError(f"sample {row.get('sample')}: the {method!r} outcome was scored another way "
+                         f"({scored_by}) than this version's ({SCORING}): run the demo again")  # fmt: skip
     if outcome.hits is not None and len(outcome.hits) != len(HIT_TEST_OMEGAS):
         raise ValueError(f"sample {row.get('sample')}: {len(outcome.hits)} {method!r} hits where the hit test takes "
                          f"{len(HIT_TEST_OMEGAS)} angles: give the samples.json of a demo run, unedited")  # fmt: skip

@@ -221,9 +221,10 @@ def test_pool_outcomes_joins_runs_of_other_samples():
     with pytest.raises(ValueError, match="method 'lucid' ran on 1 of the 3 samples: each method's figures must be "
                                          "of the same samples"):  # fmt: skip
         scorecard.pool_outcomes([runs[0], lucid])
-    # An older demo's hits (any crystal at each angle; before that, four angles) meant something else: not pooled.
-    older = [{**row, "ml": {k: v for k, v in row["ml"].items() if k != "hit_test"}} for row in runs[1]]
-    with pytest.raises(ValueError, match=r"sample s1: the 'ml' hits were taken by another hit test \(an older one\) "
+    # An older demo's outcomes (hits of any crystal at each angle, the best point judged at four angles) meant
+    # something else: not pooled.
+    older = [{**row, "ml": {k: v for k, v in row["ml"].items() if k != "scoring"}} for row in runs[1]]
+    with pytest.raises(ValueError, match=r"sample s1: the 'ml' outcome was scored another way \(an older one\) "
                                          r"than this version's .*run the demo again"):  # fmt: skip
         scorecard.pool_outcomes([runs[0], older])
     edited = [{**row, "ml": {**row["ml"], "hits": [True] * 4}} for row in runs[1]]
