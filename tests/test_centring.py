@@ -960,6 +960,21 @@ def test_stop_pressed_twice_at_once_still_puts_the_sample_back(beamline, autocen
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_time_out_while_the_sample_goes_back_still_ends_the_caller_once_it_is_back(beamline, autocenter):
+    # The way back swallowed it: a script's `with gevent.Timeout(...)` around a centring that failed went on
+    # past its time-out as if none had come.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    beamline.diffractometer.set_value_motors({**start, "omega": start["omega"] + 90.0, "phiy": start["phiy"] + 0.3},
+                                             timeout=30)  # fmt: skip
+    bl = procedure.CentringHardware(beamline, 2, logging.getLogger("test"))
+    late = gevent.Timeout(0.05)
+    with pytest.raises(gevent.Timeout) as raised, late:
+        procedure.restore(bl, start, 30.0, logging.getLogger("test"))
+    assert raised.value is late
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 @pytest.fixture
 def shipped_autocenter(beamline):
     """The AutoCenter object as a beamline gets it: the shipped model(s) and the default thresholds."""

@@ -983,28 +983,39 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
 
 
 def restore(bl: CentringHardware, start: dict, timeout: float, log) -> str | None:
-    """Stop what moves and put the sample back; log, never raise, if even that fails.
+    """Stop what moves and put the sample back; a way back that fails is logged and returned, not raised.
 
-    The work runs in a greenlet of its own and is waited for to its end: a
-    second abort (Stop pressed twice) or a caller's time-out arriving now
-    must not leave the sample half-way back.
+    The work runs in a greenlet of its own and is waited for to its end: an
+    abort (Stop pressed, or pressed twice) or a caller's time-out arriving now
+    must not leave the sample half-way back. It is raised once the sample is
+    back (the first, if several came): the caller's abort or time-out still
+    ends the caller.
 
     Returns
     -------
     str or None
         The motors that did not go back, and why; None when all did.
+
+    Raises
+    ------
+    gevent.GreenletExit, gevent.Timeout
+        What interrupted the wait, once the sample is back.
     """
     moving = gevent.spawn(_stop_and_move_back, bl, start, timeout, log)
+    interruption = None
     while not moving.ready():
         try:
             moving.join()
-        except (gevent.GreenletExit, gevent.Timeout):
+        except (gevent.GreenletExit, gevent.Timeout) as err:
+            interruption = interruption or err
             log.warning("AutoCenter: abort while the sample goes back to its starting position: finishing that first")
+    failure = None
     if not moving.successful():
         failure = f"the way back failed ({type(moving.exception).__name__}: {moving.exception})"
         log.error("AutoCenter: %s", failure)
-        return failure
-    return moving.value
+    if interruption is not None:
+        raise interruption
+    return failure or moving.value
 
 
 def _stop_and_move_back(bl: CentringHardware, start: dict, timeout: float, log) -> str | None:
