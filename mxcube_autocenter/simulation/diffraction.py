@@ -231,10 +231,13 @@ class DiffractionModel:
             point, rc = around(best, 2.0 * step, step)
             if rc > best_rc:
                 best, best_rc = point, rc
-        return best, best_rc
+        return best, self.mean_rc_centred(best)  # the search's scores are single precision
 
     def _centred_scores(self, candidates, omegas, chunk=128) -> np.ndarray:
-        """Mean reflection count over ``omegas`` (degrees) for each centred candidate point."""
+        """Mean reflection count over ``omegas`` (degrees) for each centred candidate point.
+
+        In single precision, twice as fast (relative error about 1e-6): good for ranking candidates.
+        """
         pts, w = self._all_points, self._all_weights
         total = np.zeros(len(candidates))
         for start in range(0, len(candidates), chunk):
@@ -245,10 +248,10 @@ class DiffractionModel:
             along = w[:, None] * self.beam.weight(d[..., 0], 0.0)
             # Points far along the beam's width from every candidate add nothing (< 1e-9 of the peak): skip them.
             near = self.beam.weight(np.abs(d[..., 0]).min(axis=1), 0.0) > 1e-9
-            along = along[near]
-            du, dv = np.ascontiguousarray(d[near, :, 1]), np.ascontiguousarray(d[near, :, 2])
+            along = along[near].astype(np.float32)
+            du, dv = d[near, :, 1].astype(np.float32), d[near, :, 2].astype(np.float32)
             for omega in np.radians(omegas):
-                dy = du * np.sin(omega) + dv * np.cos(omega)
+                dy = du * float(np.sin(omega)) + dv * float(np.cos(omega))
                 total[start : start + chunk] += np.einsum("pc,pc->c", along, self.beam.weight(0.0, dy))
         return total / len(omegas)
 
