@@ -300,6 +300,7 @@ class CollectionRecorder:
         self._longest_read_s = 0.0
         self._missing_said = False
         self.last_summary = None
+        self._latest = None  # the writer of the collection started last, if it was recorded
 
     @property
     def recording(self) -> bool:
@@ -321,6 +322,7 @@ class CollectionRecorder:
             return
         # Whether or not this one is recorded, the previous collection has ended.
         self.stop_later("aborted", reason="another collection started before this one's end was signalled")
+        self._latest = None
         cfg = self._settings()
         kind = dc_params.get("experiment_type")
         if not cfg.recording_enabled or kind not in cfg.record_scan_types:
@@ -340,7 +342,7 @@ class CollectionRecorder:
         directory = recording_directory(cfg.record_directory, fileinfo)
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
         self._pixels_per_mm = metadata.get("pixels_per_mm")
-        writer = self._writer = RecordingWriter(
+        writer = self._writer = self._latest = RecordingWriter(
             lambda: FrameStore.create(
                 directory, recording_name(fileinfo), metadata, storage=cfg.record_storage,
                 min_free_mb=cfg.record_min_free_mb,
@@ -520,7 +522,9 @@ class CollectionRecorder:
 
         For scripts that run a collection and then use (or tear down with) its
         recording: an end signal closes the file in the background. Set
-        :attr:`last_summary` to None before the collection.
+        :attr:`last_summary` to None before the collection: only the
+        recording of the collection started last sets it (an earlier one,
+        closed late, does not).
 
         Returns
         -------
@@ -591,7 +595,8 @@ class CollectionRecorder:
 
     def _close(self, writer, status, reason=None):
         summary = writer.close(status, reason=reason)
-        self.last_summary = summary
+        if writer is self._latest:
+            self.last_summary = summary
         level = logging.ERROR if summary.status in ("failed", "recording") else logging.INFO
         self.log.log(
             level,

@@ -209,6 +209,25 @@ def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beaml
     assert recordings["loop_b_1_camera.h5"].status == "complete" and len(recordings["loop_b_1_camera.h5"]) >= 5
 
 
+def test_a_recording_closed_late_does_not_pass_for_the_next_ones(beamline, autocenter, tmp_path):
+    # wait_closed gave the summary of whichever file closed last: the first recording, closed in the background
+    # once the second collection had started, passed for the second's.
+    collect(beamline, tmp_path / "first", "OSC")
+    wait_for_summary(autocenter)
+    base = beamline.collect.current_dc_parameters
+    first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
+                     for p in ("loop_a", "loop_b"))  # fmt: skip
+    collect_ho = beamline.collect
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
+    gevent.sleep(0.3)
+    autocenter.recorder.last_summary = None  # as a script does before its collection
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end never sent
+    gevent.sleep(0.6)
+    collect_ho.emit("collectOscillationFinished", (None, True, "Data collection successful", 6, 2, dict(second)))
+    summary = autocenter.recorder.wait_closed(10)
+    assert summary is not None and summary.path.name == "loop_b_1_camera.h5" and summary.status == "complete"
+
+
 def test_unwritable_directory_is_logged_and_the_collection_is_unharmed(beamline, autocenter, tmp_path, caplog):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the recording directory should be")
