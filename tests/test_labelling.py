@@ -1135,6 +1135,25 @@ def test_a_set_under_a_file_is_refused_before_labelling_naming_the_file(collecti
     assert blocker.read_text() == ""
 
 
+def test_two_runs_creating_the_same_set_at_once_lose_nothing(collections, tmp_path, monkeypatch):
+    # The later run's rename replaced the set that the other had created, and filled, meanwhile.
+    from mxcube_autocenter.labelling import dataset
+
+    out = tmp_path / "set.h5"
+    write_empty = dataset._write_empty
+
+    def other_run_meanwhile(path, target):
+        write_empty(path, target)
+        if target.name.endswith(".tmp"):  # this run's set written, not yet in place
+            monkeypatch.setattr(dataset, "_write_empty", write_empty)
+            label_recordings([collections[1].recording], out, progress=False)
+
+    monkeypatch.setattr(dataset, "_write_empty", other_run_meanwhile)
+    label_recordings([collections[0].recording], out, progress=False)
+    assert len(read_table(out).recordings) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.h5", "set_rc_histogram.png"]
+
+
 def test_a_histogram_that_cannot_be_written_costs_only_the_figure(collections, tmp_path, caplog):
     out = tmp_path / "dataset.h5"
     (tmp_path / "dataset_rc_histogram.png").mkdir()  # in the figure's way, as a full disk or a read-only file would be

@@ -462,7 +462,10 @@ def _rows(recording, read_frame, batch, frames, counts, ppmm, beam, size_um, qua
 
 
 def create_if_missing(path: Path) -> None:
-    """Create an empty set, complete or not at all: written as ``<name>.tmp``, then renamed.
+    """Create an empty set, complete or not at all: written as ``<name>.<pid>.tmp``, then linked to its name.
+
+    A link, unlike a rename, never replaces a set that another run (a second
+    ``label`` on the same set) created, and perhaps filled, meanwhile.
 
     Raises
     ------
@@ -471,9 +474,18 @@ def create_if_missing(path: Path) -> None:
     """
     if path.exists():
         return
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     _write_empty(path, temporary)
-    os.replace(temporary, path)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass  # another run created it meanwhile
+    except OSError:
+        # A file system without hard links: renamed, unless another run created the set meanwhile.
+        if not path.exists():
+            os.replace(temporary, path)
+    finally:
+        _remove_quietly(temporary)
 
 
 def check_writable(path: Path) -> None:
