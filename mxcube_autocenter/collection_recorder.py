@@ -402,6 +402,13 @@ class CollectionRecorder:
         # Schedule on a fixed grid so the rate does not drift with camera jitter.
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
         self._reading_since = now
+        # The motors are read in a greenlet of their own: on an MD3 each read waits on the network, which must not
+        # hold up the camera's greenlet (its poller, and every other listener of its frames). The image is copied
+        # where the camera may reuse its buffer meanwhile.
+        gevent.spawn(self._keep_frame, writer, payload_reference(image), args, stamp)
+
+    def _keep_frame(self, writer, image, args, stamp: float):
+        """Read the motors for a frame kept and hand both to ``writer`` (still the recording's)."""
         try:
             motors = self._frame_motors()
         except Exception:

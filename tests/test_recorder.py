@@ -81,13 +81,16 @@ def test_collection_is_recorded_with_its_metadata_and_motor_positions(beamline, 
     assert rec.timestamps[during].max() > max(camera) - 0.1
     assert rec.frame(0).shape == (1024, 1280, 3)
 
-    # Motor positions per frame are those the motors reported at that moment (the frame's timestamp):
-    # exactly, however late a loaded machine ran the scan's motion steps.
+    # Motor positions per frame are those the motors reported at that moment (the frame's timestamp), however
+    # late a loaded machine ran the scan's motion steps: read once the camera's greenlet has let the frame go,
+    # so one the motors reported within 30 ms after it.
     for name, (initial, log) in reported.items():
         times = np.array([-np.inf, *log.times])
         values = np.array([initial, *(args[0] for _, args in log.calls)])
-        want = values[np.searchsorted(times, rec.timestamps[during], side="right") - 1]
-        np.testing.assert_allclose(rec.motor(name)[during], want, rtol=0, atol=1e-9, err_msg=name)
+        first = np.searchsorted(times, rec.timestamps[during], side="right") - 1
+        last = np.searchsorted(times, rec.timestamps[during] + 0.03, side="right") - 1
+        for recorded, lo, hi in zip(rec.motor(name)[during], first, last):
+            assert np.any(np.abs(values[lo : hi + 1] - recorded) <= 1e-9), (name, recorded, values[lo : hi + 1])
     # ... and those of the scan: omega turned through the exposure.
     omega = rec.motor("omega")[during]
     assert np.all(np.diff(omega) >= 0)
@@ -673,6 +676,7 @@ def test_a_lima_camera_is_recorded_by_its_video_mode_read_once_a_recording(tmp_p
             gevent.sleep(0.15)
         # A frame that does not fit the mode is dropped, naming the property to check.
         recorder.frame_received(KNOWN.tobytes()[:-3], 24, 12, False)
+        gevent.sleep(0.01)  # its motors read
         summary = recorder.stop("complete")
     assert (summary.status, summary.error, summary.frames_kept, summary.frames_dropped) == ("complete", None, 4, 1)
     assert np.array_equal(read_recording(summary.path).frame(3), frames[3])
@@ -711,6 +715,28 @@ def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_q
         assert wait_for_summary(autocenter).status == "complete"
     gevent.sleep(0.5)
     assert errors == [], [str(exc[1]) for exc in errors]
+
+
+def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autocenter, tmp_path, monkeypatch):
+    # The reads ran in the camera's own greenlet: an MD3's network waits held up its poller, and every other
+    # listener of its frames (25 -> 15 frames/s recording at 10/s).
+    read_motors = autocenter.recorder._read_motors
+
+    def network_read():
+        gevent.sleep(0.06)  # five exporter requests
+        return read_motors()
+
+    monkeypatch.setattr(autocenter.recorder, "_read_motors", network_read)
+    delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
+    gevent.sleep(2.0)
+    before = len(delivered.times)
+    autocenter.recorder.last_summary = None
+    record = collect(beamline, tmp_path, "OSC", n_images=40, exposure_time=0.05)
+    summary = wait_for_summary(autocenter)
+    start, duration = record["wall_start"], record["plan"].duration
+    during = sum(start <= t <= start + duration for t in delivered.times)
+    assert during / duration >= 0.85 * before / 2.0, (during / duration, before / 2.0)
+    assert summary.frames_kept >= 0.8 * 10 * duration and summary.frames_dropped == 0
 
 
 def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_recording(tmp_path, monkeypatch):
