@@ -1,5 +1,6 @@
 """Optical ML centring on the virtual beamline, through SampleView as the web UI runs it."""
 
+import contextlib
 import logging
 import math
 import time
@@ -15,7 +16,7 @@ from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, point_in_beam, sample_frame
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
 
 CENTRING_SIGNALS = ("centringStarted", "centringSuccessful", "centringFailed", "centringAccepted")
 
@@ -793,28 +794,27 @@ def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter
     assert autocenter.last_result.success
 
 
-def _pressed_with_motors_read_over_a_network(beamline, monkeypatch, delay_s=0.02):
-    """The button pressed, SampleView's motor readings waiting ``delay_s`` as an MD3's (Exporter requests) do:
-    other greenlets run meanwhile. Returns the log of its centring signals."""
-    sample_view = beamline.sample_view
-    read = sample_view.get_positions
+@pytest.fixture
+def pressed_on_a_network(beamline, autocenter):
+    """``press(latency_s)``: the button pressed, each motor read waiting ``latency_s`` as an MD3's (an exporter
+    request) does, other greenlets running meanwhile; it returns the log of the centring's signals."""
+    with contextlib.ExitStack() as stack:
 
-    def network_read(*args, **kwargs):
-        gevent.sleep(delay_s)
-        return read(*args, **kwargs)
+        def press(latency_s=0.004):
+            mount_at_start(beamline)
+            stack.enter_context(read_latency(beamline, latency_s))
+            log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+            beamline.sample_view.start_auto_centring()
+            return log
 
-    mount_at_start(beamline)
-    monkeypatch.setattr(sample_view, "get_positions", network_read)
-    log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    sample_view.start_auto_centring()
-    return log
+        yield press
 
 
-def test_the_cancelled_centrings_verdict_comes_before_the_click_centring_mxcubeweb_starts(beamline, autocenter,
-                                                                                           monkeypatch):  # fmt: skip
+def test_the_cancelled_centrings_verdict_comes_before_the_click_centring_mxcubeweb_starts(beamline,
+                                                                                           pressed_on_a_network):  # fmt: skip
     # The verdict came from the centring's link, which read the motors after mxcubeweb had started its click
     # centring: it failed that one in the web UI and cleared SampleView's hold on it (Stop then stopped nothing).
-    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch)
+    log = pressed_on_a_network()
     sample_view = beamline.sample_view
     gevent.sleep(0.5)
     sample_view.cancel_centring()
@@ -829,11 +829,11 @@ def test_the_cancelled_centrings_verdict_comes_before_the_click_centring_mxcubew
         sample_view.cancel_centring()
 
 
-def test_a_centring_from_the_button_rejected_on_mount_leaves_the_next_samples_alone(beamline, autocenter,
-                                                                                  monkeypatch):  # fmt: skip
+def test_a_centring_from_the_button_rejected_on_mount_leaves_the_next_samples_alone(beamline,
+                                                                                  pressed_on_a_network):  # fmt: skip
     # mxcubeweb's mount step rejects the running centring, then starts the new sample's: the first one's late
     # verdict failed the second in the web UI while it moved the sample, and released the mount step's wait.
-    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch)
+    log = pressed_on_a_network()
     sample_view = beamline.sample_view
     gevent.sleep(0.5)
     first = sample_view.current_centring_procedure
@@ -863,11 +863,12 @@ def test_stop_pressed_twice_gives_one_verdict(beamline, autocenter):
     assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"]
 
 
-def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter, monkeypatch):
+def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter,
+                                                                           pressed_on_a_network):  # fmt: skip
     # A centring that ended on its own gave its verdict from its link, reading the motors first: mxcubeweb's
     # mount step rejected "nothing" and started the next sample's centring, which the late verdict then failed.
     autocenter.config.min_score = 1e6  # refused once the views are seen: an end of its own, and soon
-    log = _pressed_with_motors_read_over_a_network(beamline, monkeypatch, delay_s=0.3)
+    log = pressed_on_a_network(0.06)
     sample_view = beamline.sample_view
     first = sample_view.current_centring_procedure
     with gevent.Timeout(60, AssertionError("the centring did not end")):

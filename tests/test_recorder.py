@@ -17,7 +17,7 @@ from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.recording import read_recording
 from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
 
 
 @pytest.fixture
@@ -700,39 +700,28 @@ def test_a_lima_camera_in_a_video_mode_the_recorder_cannot_decode_is_not_recorde
 def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_quietly(beamline, autocenter, tmp_path,
                                                                                        monkeypatch):  # fmt: skip
     """An MD3's motor positions come over the network: the collection may end while a frame waits for them."""
-    read_motors = autocenter.recorder._read_motors
-
-    def slow_motors():
-        gevent.sleep(0.15)  # longer than the recording's frame period: a frame is always waiting
-        return read_motors()
-
     errors = []
     monkeypatch.setattr(sys, "excepthook", lambda *exc: errors.append(exc))  # what mxcubecore's dispatcher calls
-    monkeypatch.setattr(autocenter.recorder, "_read_motors", slow_motors)
-    for prefix in ("a", "b", "c"):
-        autocenter.recorder.last_summary = None
-        collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=10)
-        assert wait_for_summary(autocenter).status == "complete"
+    # 0.15 s for a frame's five motors: longer than the recording's frame period, so a frame is always waiting.
+    with read_latency(beamline, 0.03):
+        for prefix in ("a", "b", "c"):
+            autocenter.recorder.last_summary = None
+            collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=10)
+            assert wait_for_summary(autocenter).status == "complete"
     gevent.sleep(0.5)
     assert errors == [], [str(exc[1]) for exc in errors]
 
 
-def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autocenter, tmp_path, monkeypatch):
+def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autocenter, tmp_path):
     # The reads ran in the camera's own greenlet: an MD3's network waits held up its poller, and every other
-    # listener of its frames (25 -> 15 frames/s recording at 10/s).
-    read_motors = autocenter.recorder._read_motors
-
-    def network_read():
-        gevent.sleep(0.06)  # five exporter requests
-        return read_motors()
-
-    monkeypatch.setattr(autocenter.recorder, "_read_motors", network_read)
+    # listener of its frames (25 -> 14 frames/s recording at 10/s).
     delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
     gevent.sleep(2.0)
     before = len(delivered.times)
     autocenter.recorder.last_summary = None
-    record = collect(beamline, tmp_path, "OSC", n_images=40, exposure_time=0.05)
-    summary = wait_for_summary(autocenter)
+    with read_latency(beamline, 0.012):  # 60 ms for a frame's five motors
+        record = collect(beamline, tmp_path, "OSC", n_images=40, exposure_time=0.05)
+        summary = wait_for_summary(autocenter)
     start, duration = record["wall_start"], record["plan"].duration
     during = sum(start <= t <= start + duration for t in delivered.times)
     assert during / duration >= 0.85 * before / 2.0, (during / duration, before / 2.0)

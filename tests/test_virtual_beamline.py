@@ -1,12 +1,14 @@
 """The virtual beamline booted as a real mxcubecore beamline."""
 
+import time
+
 import gevent
 import numpy as np
 import pytest
 
 from mxcube_autocenter.geometry import beam_frame, centred_motors, sample_to_screen
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
 
 
 def screen_position(beamline, point):
@@ -111,6 +113,24 @@ def test_motor_faults_can_be_injected(beamline):
     assert phiz.get_value() == pytest.approx(start)
     with pytest.raises(ValueError, match="limits"):
         phiz.set_value(50.0, timeout=5)
+
+
+def test_motors_read_over_a_network_wait_and_let_other_greenlets_run(beamline):
+    # An MD3's position is an exporter request: a read waits, the event loop goes on, the camera films on.
+    gaps = Gaps()
+    ticker = gevent.spawn(tick, gaps)
+    camera = SignalLog(beamline.sample_view.camera, "imageReceived")
+    with read_latency(beamline, 0.05):
+        started = time.monotonic()
+        positions = beamline.sample_view.get_positions()
+        elapsed = time.monotonic() - started
+        frames = len(camera.times)
+    ticker.kill()
+    assert elapsed >= 0.05 * len(positions) and frames >= 2  # a few at 25 frames/s, even on a loaded machine
+    assert_responsive(gaps)
+    started = time.monotonic()
+    beamline.sample_view.get_positions()
+    assert time.monotonic() - started < 0.05  # the latency ends with the context
 
 
 def test_a_move_to_a_limit_never_reports_a_position_beyond_it(beamline):

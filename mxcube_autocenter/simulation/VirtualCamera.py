@@ -100,7 +100,7 @@ class VirtualCamera(HardwareObject):
         bl = HWR.beamline
         diffr = bl.diffractometer
         # A motor that reads None (VirtualMotor's "unreadable" fault) is NaN: the camera keeps its last frame.
-        readings = {name: float(np.nan if (value := diffr.all_motors()[name].get_value()) is None else value)
+        readings = {name: float(np.nan if (value := diffr.all_motors()[name].reading()) is None else value)
                     for name in CENTRING_MOTORS}  # fmt: skip
         motors = diffr.sample_frame(readings)
         ppmm = tuple(diffr.get_pixels_per_mm())

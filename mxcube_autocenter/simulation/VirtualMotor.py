@@ -14,7 +14,7 @@ _STEP_S = 0.02  # between reported positions, as MotorMockup
 
 
 class VirtualMotor(MotorMockup):
-    """MotorMockup with a configured speed and injectable faults.
+    """MotorMockup with a configured speed, an MD3's read latency and injectable faults.
 
     XML properties: ``velocity`` (units/s, MD3-like: a few mm/s for the
     centring table, ~100 deg/s for omega), ``default_limits`` and the usual
@@ -26,6 +26,17 @@ class VirtualMotor(MotorMockup):
         self._fault = None
         self._move_task = None
         self._unreadable = False
+        self.read_latency_s = 0.0
+
+    def set_read_latency(self, seconds: float):
+        """Make each :meth:`get_value` wait ``seconds`` first, as an MD3's does.
+
+        mxcubecore's ExporterMotor reads its position with a request to the
+        MD3 server: a network wait, during which other greenlets run. The
+        camera and the simulation see the motor where it is
+        (:meth:`reading`), without it.
+        """
+        self.read_latency_s = float(seconds)
 
     def init(self):
         super().init()
@@ -100,6 +111,12 @@ class VirtualMotor(MotorMockup):
         self.update_state(self.STATES.READY)
 
     def get_value(self):
+        if self.read_latency_s:
+            gevent.sleep(self.read_latency_s)
+        return self.reading()
+
+    def reading(self):
+        """The position now, without a request's latency (None while the "unreadable" fault lasts)."""
         return None if self._unreadable else super().get_value()
 
     def _move_ended(self, task):
@@ -132,7 +149,7 @@ class VirtualMotor(MotorMockup):
         beyond a limit; here no position leaves the segment to the target.
         ``stop_after_s`` stops the motion where it is after that many seconds.
         """
-        start = self.get_value()
+        start = self.reading()
         duration = abs(target - start) / self.get_velocity()
         stop = min(stop_after_s, duration)  # a late wake-up must not carry a stopped move on to the target
         self.update_specific_state(self.SPECIFIC_STATES.MOVING)
