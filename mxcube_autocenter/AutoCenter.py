@@ -56,6 +56,8 @@ from mxcube_autocenter.queue_entry import TASK_NAME, OpticalMLCentringQueueEntry
 
 # The longest an MD3 phase change is waited for (its own wait is up to 600 s).
 PHASE_TIMEOUT_S = 120.0
+# The longest a press of the button waits for the diffractometer to be ready, s (SampleView's own wait).
+READY_TIMEOUT_S = 60.0
 # The longest a collection waits for a running optical ML centring to end, s (one takes seconds).
 COLLECTION_WAIT_S = 120.0
 
@@ -675,7 +677,7 @@ class AutoCenter(HardwareObject):
         self._cancelled_while_readying = False
         try:
             diffr = HWR.beamline.diffractometer
-            diffr.wait_status_ready(60)
+            diffr.wait_status_ready(READY_TIMEOUT_S)
             # A cancel is looked for after each wait: no phase change (an MD3 moves its backlight and more) and
             # no centring after Stop.
             if self._press_cancelled(sample_view):

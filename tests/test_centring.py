@@ -1694,16 +1694,18 @@ def test_stop_during_a_running_button_centring_says_failed_once_before_the_verdi
 
 def test_a_press_whose_diffractometer_never_gets_ready_ends_failed(beamline, autocenter, monkeypatch):
     # An MD3 raises after 60 s without Ready: the queue's mount step and mxcubeweb still hear how it ended.
-    sample_view = beamline.sample_view
+    from mxcube_autocenter import AutoCenter as module
+
+    sample_view, diffr = beamline.sample_view, beamline.diffractometer
     mount_at_start(beamline)
-
-    def never_ready(timeout=None):
-        raise RuntimeError("Timeout waiting for status ready")
-
-    monkeypatch.setattr(beamline.diffractometer, "wait_status_ready", never_ready)
+    monkeypatch.setattr(module, "READY_TIMEOUT_S", 0.5)
+    diffr.busy_for(math.inf)
     log = SignalLog(sample_view, *CENTRING_SIGNALS)
-    with pytest.raises(RuntimeError):
-        sample_view.start_auto_centring()
+    try:
+        with pytest.raises(RuntimeError, match="Timeout waiting for status ready"):
+            sample_view.start_auto_centring()
+    finally:
+        diffr.abort()
     assert log.names() == ["centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
     assert not autocenter._button_pressed
 
