@@ -187,13 +187,19 @@ def test_signals_of_a_multi_collect_object_give_one_file_per_collection_with_its
     assert "helical_start" not in recordings["loop_a_1_camera.h5"].metadata
 
 
-def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beamline, autocenter, tmp_path):
+def two_collections(beamline, autocenter, tmp_path):
+    """The collect object and the parameters of two collections, ``loop_a`` and ``loop_b``, for its signals
+    (a collection's own, once it has run)."""
     collect(beamline, tmp_path / "first", "OSC")
     wait_for_summary(autocenter)
     base = beamline.collect.current_dc_parameters
     first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
                      for p in ("loop_a", "loop_b"))  # fmt: skip
-    collect_ho = beamline.collect
+    return beamline.collect, first, second
+
+
+def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beamline, autocenter, tmp_path):
+    collect_ho, first, second = two_collections(beamline, autocenter, tmp_path)
     collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
     gevent.sleep(0.3)
     collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", second, 2))  # first's end not yet sent
@@ -215,12 +221,7 @@ def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beaml
 def test_a_recording_closed_late_does_not_pass_for_the_next_ones(beamline, autocenter, tmp_path):
     # wait_closed gave the summary of whichever file closed last: the first recording, closed in the background
     # once the second collection had started, passed for the second's.
-    collect(beamline, tmp_path / "first", "OSC")
-    wait_for_summary(autocenter)
-    base = beamline.collect.current_dc_parameters
-    first, second = ({**base, "fileinfo": {**base["fileinfo"], "directory": str(tmp_path), "prefix": p}}
-                     for p in ("loop_a", "loop_b"))  # fmt: skip
-    collect_ho = beamline.collect
+    collect_ho, first, second = two_collections(beamline, autocenter, tmp_path)
     collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
     gevent.sleep(0.3)
     autocenter.recorder.last_summary = None  # as a script does before its collection
