@@ -197,29 +197,34 @@ class AutoCenter(HardwareObject):
 
         collect.collect = collect_once_centred
 
-    def _await_centring(self, waiting: str) -> bool:
-        """Wait, up to :data:`COLLECTION_WAIT_S`, while an optical ML centring holds the sample; whether it still does.
-
-        ``waiting`` (who waits) is told to the user.
-        """
+    def _await_centring(self, waiting: str, given_up=lambda: False) -> bool:
+        """Wait, up to :data:`COLLECTION_WAIT_S` or until ``given_up()``, while an optical ML centring holds the
+        sample; whether it still does. ``waiting`` (who waits) is told to the user."""
         if self._centring_holds_sample():
             self.user_log.warning(f"{waiting} waits for the optical ML centring that is moving the sample to end")
             deadline = time.monotonic() + COLLECTION_WAIT_S
-            while self._centring_holds_sample() and time.monotonic() < deadline:
+            while self._centring_holds_sample() and time.monotonic() < deadline and not given_up():
                 gevent.sleep(0.05)
         return self._centring_holds_sample()
 
     def _queue_entry_starting(self, entry):
         # mxcubecore's signals are plain calls: this runs in the queue's greenlet before the entry, so waiting
-        # here holds the entry back. A receiver cannot fail the entry: one still held starts, and a collection
-        # in it is refused by the collect object's own wait.
+        # here holds the entry back.
+        queue = HWR.beamline.queue_manager
+        name = entry.get_type_str() or type(entry).__name__  # a task group's is ""
         self._holding_queue = True
         try:
-            if self._await_centring(f"Queue entry {entry.get_type_str()!r}"):
-                self.user_log.error(f"Queue entry {entry.get_type_str()!r} starts while an optical ML centring "
-                                    f"still moves the sample after {COLLECTION_WAIT_S:g} s: stop the centring")  # fmt: skip
+            held = self._await_centring(f"Queue entry {name!r}", given_up=lambda: not queue.is_executing())
         finally:
             self._holding_queue = False
+        if held and queue.is_executing():
+            self.user_log.error(f"Queue stopped: an optical ML centring still moves the sample after "
+                                f"{COLLECTION_WAIT_S:g} s; stop the centring, then run the queue again")  # fmt: skip
+            queue.stop()
+        if not queue.is_executing():
+            # Stopped meanwhile: the entry must not start. A receiver's exceptions are printed and ignored, all but
+            # the one that ends a greenlet, as the queue's own Stop ends it (it kills no single entry run alone).
+            raise gevent.GreenletExit
 
     def _centring_holds_sample(self) -> bool:
         """Whether an optical ML centring moves the sample, or a press of the button readies the diffractometer
@@ -353,8 +358,8 @@ class AutoCenter(HardwareObject):
         if HWR.beamline.queue_manager is None:
             # QueueManager.init replaces the mapping that registration writes into.
             self.log.warning(
-                "AutoCenter: loaded before queue_manager, so the '%s' queue task is unavailable; "
-                "list auto_centring after queue_manager in beamline.yaml", TASK_NAME
+                "AutoCenter: loaded before queue_manager, so the '%s' queue task is unavailable and the queue "
+                "does not wait for a centring; list auto_centring after queue_manager in beamline.yaml", TASK_NAME
             )
             return
         register_queue_entry()
@@ -445,6 +450,7 @@ class AutoCenter(HardwareObject):
     def _put_back(self, bl, result, settings, why: str):
         """Fail a centring that had moved the sample, and put the sample back where it started."""
         result.success = False
+        result.message = f"{why}: the sample goes back"  # as it stands, should the way back be interrupted
         not_returned = procedure.restore(bl, result.start_positions, settings.move_timeout_s, self.log)
         result.message = f"{why}: " + (
             f"the sample was NOT returned to its starting position: {not_returned}" if not_returned

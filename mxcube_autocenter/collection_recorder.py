@@ -394,7 +394,7 @@ class CollectionRecorder:
         # exposure, so it would be labelled with another moment's count.
         new = not same_payload(image, self._last_received)
         if new:
-            self._last_received = payload_reference(image)
+            self._last_received = image = payload_reference(image)
             self._last_frame_time = now
         if not new or now < self._next_due or self._reading(now):
             return
@@ -403,9 +403,9 @@ class CollectionRecorder:
         self._next_due = max(self._next_due + self._period, now + 0.5 * self._period)
         self._reading_since = now
         # The motors are read in a greenlet of their own: on an MD3 each read waits on the network, which must not
-        # hold up the camera's greenlet (its poller, and every other listener of its frames). The image is copied
-        # where the camera may reuse its buffer meanwhile.
-        gevent.spawn(self._keep_frame, writer, payload_reference(image), args, stamp)
+        # hold up the camera's greenlet (its poller, and every other listener of its frames). The image is the copy
+        # kept to compare with, where the camera may reuse its buffer meanwhile.
+        gevent.spawn(self._keep_frame, writer, image, args, stamp)
 
     def _keep_frame(self, writer, image, args, stamp: float):
         """Read the motors for a frame kept and hand both to ``writer`` (still the recording's)."""

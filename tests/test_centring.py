@@ -745,15 +745,10 @@ def test_a_collection_started_during_a_centring_waits_for_it(beamline, autocente
     assert len(exposed_at) == 20 and np.all(np.diff(exposed_at) > 0) and 10.0 <= exposed_at[0] < exposed_at[-1] <= 20.5
 
 
-def test_a_queued_collection_started_during_a_centring_takes_the_centred_position(beamline, queue, tmp_path,
-                                                                                  monkeypatch, caplog):  # fmt: skip
-    # mxcubecore's data collection entry reads the sample's position (the point it collects at, and the one
-    # ISPyB and the web UI keep) before it calls the collect object, whose own wait came too late for it: it took
-    # the sample's place in the middle of the centring.
+def rotation_task(tmp_path, monkeypatch):
+    """A rotation of 5 images as the web UI queues it (mxcubecore's DataCollection)."""
     from mxcubecore.model import queue_model_objects as qmo
-    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
 
-    mount_at_start(beamline)
     monkeypatch.setattr(qmo.PathTemplate, "base_directory", str(tmp_path))
     collection = qmo.DataCollection()
     acquisition = collection.acquisitions[0]
@@ -762,7 +757,18 @@ def test_a_queued_collection_started_during_a_centring_takes_the_centred_positio
     acquisition.path_template.base_prefix = "queued"
     parameters = acquisition.acquisition_parameters
     parameters.num_images, parameters.exp_time, parameters.osc_range = 5, 0.05, 0.5
-    (entry,) = queue_tasks(queue, collection)
+    return collection
+
+
+def test_a_queued_collection_started_during_a_centring_takes_the_centred_position(beamline, queue, tmp_path,
+                                                                                  monkeypatch, caplog):  # fmt: skip
+    # mxcubecore's data collection entry reads the sample's position (the point it collects at, and the one
+    # ISPyB and the web UI keep) before it calls the collect object, whose own wait came too late for it: it took
+    # the sample's place in the middle of the centring.
+    from mxcubecore.queue_entry.base_queue_entry import QUEUE_ENTRY_STATUS
+
+    mount_at_start(beamline)
+    (entry,) = queue_tasks(queue, rotation_task(tmp_path, monkeypatch))
     log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
     beamline.sample_view.start_auto_centring()
     gevent.sleep(1.0)
@@ -773,9 +779,47 @@ def test_a_queued_collection_started_during_a_centring_takes_the_centred_positio
     assert "Queue entry 'Sample' waits for the optical ML centring" in caplog.text
     assert log.names()[-2:] == ["centringSuccessful", "centringAccepted"] and entry.status == QUEUE_ENTRY_STATUS.SUCCESS
     # The collection moves the sample to the point it read: a point read mid-centring also undid the centring.
+    parameters = entry.get_data_model().acquisitions[0].acquisition_parameters
     collected, centred = parameters.centred_position.as_dict(), auto_centring(beamline).last_result.centred_positions
     assert {name: collected[name] for name in TRANSLATION_MOTORS} == pytest.approx(
         {name: centred[name] for name in TRANSLATION_MOTORS})
+
+
+def test_a_queue_stopped_or_held_too_long_while_waiting_for_a_centring_collects_nothing(beamline, queue, tmp_path,
+                                                                                       monkeypatch, caplog):  # fmt: skip
+    # A task group run on its own (the web UI's "run this task"): the queue's Stop kills no greenlet then, and
+    # the collection held back for the centring ran to its end once the centring was over.
+    from mxcubecore.model.queue_model_objects import DelayTask
+
+    from mxcube_autocenter import AutoCenter as module
+
+    model, manager = queue
+    mount_at_start(beamline)
+    delay, collection = queue_tasks(queue, DelayTask(delay=1), rotation_task(tmp_path, monkeypatch))
+    started = SignalLog(beamline.collect, "collectOscillationStarted")
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    manager.execute(manager.get_entry_with_model(collection.get_data_model().get_parent()))
+    gevent.sleep(0.3)
+    beamline.sample_view.start_auto_centring()  # during the delay: the collection waits for it
+    gevent.sleep(1.5)
+    manager.stop()
+    log.wait_for("centringAccepted", timeout=60)
+    gevent.sleep(1.0)
+    assert started.calls == [] and not manager.is_executing()
+    # A centring that holds the sample past COLLECTION_WAIT_S stops the queue, saying why: the entries waiting
+    # one after the other (sample, group, collection) would each have waited as long again.
+    monkeypatch.setattr(module, "COLLECTION_WAIT_S", 0.5)
+    log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
+    beamline.sample_view.start_auto_centring()
+    gevent.sleep(0.5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        run_queue(manager)
+    assert "Queue stopped: an optical ML centring still moves the sample after 0.5 s" in caplog.text
+    assert caplog.text.count("waits for the optical ML centring") == 1
+    log.wait_for("centringAccepted", timeout=60)
+    gevent.sleep(0.5)
+    assert started.calls == [] and not manager.is_executing()
 
 
 def test_two_quick_presses_of_the_button_start_one_centring(beamline, autocenter):

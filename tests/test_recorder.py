@@ -703,6 +703,8 @@ def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_q
     """An MD3's motor positions come over the network: the collection may end while a frame waits for them."""
     errors = []
     monkeypatch.setattr(sys, "excepthook", lambda *exc: errors.append(exc))  # what mxcubecore's dispatcher calls
+    # What gevent calls for a greenlet's error (the frames' motor reads run in greenlets of their own).
+    monkeypatch.setattr(gevent.get_hub(), "handle_error", lambda context, *exc: errors.append(exc))
     # 0.15 s for a frame's five motors: longer than the recording's frame period, so a frame is always waiting.
     with read_latency(beamline, 0.03):
         for prefix in ("a", "b", "c"):

@@ -585,13 +585,13 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
         # but the sample goes back all the same before they go on.
         result.message = str(err) or type(err).__name__
         result.declined = isinstance(err, (NoLoopFound, NoCrystalFound))
+        if isinstance(err, Exception) and not isinstance(err, CentringFailed):
+            log.exception("AutoCenter: centring failed")  # first: an abort during the way back ends this greenlet
         not_returned = restore(bl, start, settings.move_timeout_s, log)
         if not_returned:
             result.message += f"; the sample was NOT returned to its starting position: {not_returned}"
         if not isinstance(err, Exception):
             raise
-        if not isinstance(err, CentringFailed):
-            log.exception("AutoCenter: centring failed")
         return result
     finally:
         result.elapsed_s = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -462,7 +463,7 @@ def _rows(recording, read_frame, batch, frames, counts, ppmm, beam, size_um, qua
 
 
 def create_if_missing(path: Path) -> None:
-    """Create an empty set, complete or not at all: written as ``<name>.<pid>.tmp``, then linked to its name.
+    """Create an empty set, complete or not at all: written as ``<name>.<unique>.tmp``, then linked to its name.
 
     A link, unlike a rename, never replaces a set that another run (a second
     ``label`` on the same set) created, and perhaps filled, meanwhile.
@@ -474,7 +475,7 @@ def create_if_missing(path: Path) -> None:
     """
     if path.exists():
         return
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     _write_empty(path, temporary)
     try:
         os.link(temporary, path)
@@ -482,8 +483,11 @@ def create_if_missing(path: Path) -> None:
         pass  # another run created it meanwhile
     except OSError:
         # A file system without hard links: renamed, unless another run created the set meanwhile.
-        if not path.exists():
-            os.replace(temporary, path)
+        try:
+            if not path.exists():
+                os.replace(temporary, path)
+        except OSError as err:
+            raise _write_failed(path, err) from None
     finally:
         _remove_quietly(temporary)
 

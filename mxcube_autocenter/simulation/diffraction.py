@@ -14,6 +14,7 @@ apart, as ice-ring spots, and are not part of the reflection count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -51,7 +52,8 @@ class Beam:
         fx, fy = self.width_um * 1e-3, self.height_um * 1e-3
         if self.profile == "tophat":
             return ((np.abs(dx_mm) <= fx / 2) & (np.abs(dy_mm) <= fy / 2)).astype(np.float64)
-        return np.exp(-4 * np.log(2) * ((dx_mm / fx) ** 2 + (dy_mm / fy) ** 2))
+        # A Python float keeps single-precision offsets single (a numpy scalar would make them double).
+        return np.exp(-4 * math.log(2) * ((dx_mm / fx) ** 2 + (dy_mm / fy) ** 2))
 
 
 class DiffractionModel:
