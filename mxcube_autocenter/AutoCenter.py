@@ -110,7 +110,7 @@ class AutoCenter(HardwareObject):
         # next press.
         self._verdicts = {}
         self._took_over = False
-        self._holding_queue = False  # the queue's next entry waits for a centring (_queue_entry_starting)
+        self._holding_queue = 0  # queue entries waiting for a centring to end (_queue_entry_starting)
         self._connect_collect()
         self._hold_collections_while_centring()
         self._load_models()
@@ -212,11 +212,11 @@ class AutoCenter(HardwareObject):
         # here holds the entry back.
         queue = HWR.beamline.queue_manager
         name = entry.get_type_str() or type(entry).__name__  # a task group's is ""
-        self._holding_queue = True
+        self._holding_queue += 1
         try:
             held = self._await_centring(f"Queue entry {name!r}", given_up=lambda: not queue.is_executing())
         finally:
-            self._holding_queue = False
+            self._holding_queue -= 1
         if held and queue.is_executing():
             self.user_log.error(f"Queue stopped: an optical ML centring still moves the sample after "
                                 f"{COLLECTION_WAIT_S:g} s; stop the centring, then run the queue again")  # fmt: skip
@@ -450,7 +450,8 @@ class AutoCenter(HardwareObject):
     def _put_back(self, bl, result, settings, why: str):
         """Fail a centring that had moved the sample, and put the sample back where it started."""
         result.success = False
-        result.message = f"{why}: the sample goes back"  # as it stands, should the way back be interrupted
+        # As it stands should the way back be interrupted (an abort, a caller's time-out): restore then raises.
+        result.message = f"{why}: the way back was interrupted; the log says whether the sample got there"
         not_returned = procedure.restore(bl, result.start_positions, settings.move_timeout_s, self.log)
         result.message = f"{why}: " + (
             f"the sample was NOT returned to its starting position: {not_returned}" if not_returned

@@ -131,6 +131,15 @@ def test_motors_read_over_a_network_wait_and_let_other_greenlets_run(beamline):
     started = time.monotonic()
     beamline.sample_view.get_positions()
     assert time.monotonic() - started < 0.05  # the latency ends with the context
+    # A move's own reads of its position are no requests: it ends as soon as without the latency.
+    phiz = beamline.diffractometer.phiz
+    start = phiz.reading()
+    with read_latency(beamline, 0.2):
+        started = time.monotonic()
+        phiz.set_value(start + 0.001, timeout=5)
+        moved = time.monotonic() - started
+    phiz.set_value(start, timeout=5)
+    assert moved < 0.2
 
 
 def test_a_move_to_a_limit_never_reports_a_position_beyond_it(beamline):

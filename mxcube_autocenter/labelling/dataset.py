@@ -504,7 +504,7 @@ def check_writable(path: Path) -> None:
     DatasetError
         If it cannot be written there (permissions, space).
     """
-    probe = path.with_name(f"{path.name}.{os.getpid()}.probe")
+    probe = path.with_name(f"{path.name}.{uuid.uuid4().hex}.probe")
     try:
         _write_empty(path, probe)
     finally:

@@ -111,7 +111,8 @@ class VirtualMotor(MotorMockup):
         self.update_state(self.STATES.READY)
 
     def get_value(self):
-        if self.read_latency_s:
+        # A client's read waits; the move's own task (MotorMockup's code reads the position) sees where it is.
+        if self.read_latency_s and gevent.getcurrent() is not self._move_task:
             gevent.sleep(self.read_latency_s)
         return self.reading()
 

@@ -52,7 +52,7 @@ class Beam:
         fx, fy = self.width_um * 1e-3, self.height_um * 1e-3
         if self.profile == "tophat":
             return ((np.abs(dx_mm) <= fx / 2) & (np.abs(dy_mm) <= fy / 2)).astype(np.float64)
-        # A Python float keeps single-precision offsets single (a numpy scalar would make them double).
+        # A Python float keeps single-precision offsets single (under numpy 2 a numpy scalar makes them double).
         return np.exp(-4 * math.log(2) * ((dx_mm / fx) ** 2 + (dy_mm / fy) ** 2))
 
 
