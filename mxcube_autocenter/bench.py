@@ -14,7 +14,7 @@ from typing import Callable
 Benchmark = Callable[[bool], dict]
 
 # In the order they run.
-NAMES = ("render", "eiger_write", "recording", "spotfinding", "centring")
+NAMES = ("render", "eiger_write", "recording", "recorder_md3", "spotfinding", "centring")
 
 
 def _registry() -> list[tuple[str, Benchmark]]:
@@ -22,9 +22,10 @@ def _registry() -> list[tuple[str, Benchmark]]:
     from mxcube_autocenter import recording
     from mxcube_autocenter.centring import benchmark as centring
     from mxcube_autocenter.labelling import spotfinder
-    from mxcube_autocenter.simulation import eiger, render
+    from mxcube_autocenter.simulation import eiger, experiments, render
 
-    benchmarks = (render.benchmark, eiger.benchmark, recording.benchmark, spotfinder.benchmark, centring.benchmark)
+    benchmarks = (render.benchmark, eiger.benchmark, recording.benchmark, experiments.recording_benchmark,
+                  spotfinder.benchmark, centring.benchmark)  # fmt: skip
     return list(zip(NAMES, benchmarks))
 
 

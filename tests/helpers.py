@@ -1,6 +1,5 @@
 """Shared test helpers: signal recording, event-loop responsiveness and damaged HDF5 files."""
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -79,18 +78,3 @@ def damaged_copy(path, signature: bytes, out) -> Path:
     data[at : at + len(signature)] = b"X" * len(signature)
     Path(out).write_bytes(bytes(data))
     return Path(out)
-
-
-@contextlib.contextmanager
-def read_latency(beamline, seconds: float):
-    """Every motor of the virtual MD3 read over a network that answers in ``seconds`` (an exporter request each)."""
-    from mxcube_autocenter.simulation.VirtualMotor import VirtualMotor
-
-    motors = [motor for motor in beamline.diffractometer.all_motors().values() if isinstance(motor, VirtualMotor)]
-    for motor in motors:
-        motor.set_read_latency(seconds)
-    try:
-        yield
-    finally:
-        for motor in motors:
-            motor.set_read_latency(0.0)

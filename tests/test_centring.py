@@ -16,7 +16,7 @@ from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, point_in_beam, sample_frame
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
 CENTRING_SIGNALS = ("centringStarted", "centringSuccessful", "centringFailed", "centringAccepted")
 
@@ -846,7 +846,7 @@ def pressed_on_a_network(beamline, autocenter):
 
         def press(latency_s=0.004):
             mount_at_start(beamline)
-            stack.enter_context(read_latency(beamline, latency_s))
+            stack.enter_context(beamline.diffractometer.read_latency(latency_s))
             log = SignalLog(beamline.sample_view, *CENTRING_SIGNALS)
             beamline.sample_view.start_auto_centring()
             return log

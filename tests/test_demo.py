@@ -308,3 +308,16 @@ def test_training_time_of_a_fine_tuned_model_file_counts_every_stage():
     from mxcube_autocenter.learning.training import load_model
 
     assert training_seconds(load_model(SHIPPED_REGRESSOR)[1]) == pytest.approx(526.08 + 1582.99)
+
+
+def test_the_md3_recording_benchmark_reports_the_cameras_rate_and_the_frames_kept():
+    # Figures only (bench prints them, never asserts): the camera's rate while the recorder reads the motors over
+    # a simulated MD3 network, which tests/test_recorder.py checks.
+    from mxcube_autocenter.simulation.experiments import recording_benchmark
+
+    figures = recording_benchmark(quick=True)
+    assert set(figures) == {"record_camera_idle_fps", "record_camera_md3_fps", "record_camera_md3_ratio",
+                            "record_md3_kept_fps"}  # fmt: skip
+    assert figures["record_camera_md3_ratio"] == pytest.approx(
+        figures["record_camera_md3_fps"] / figures["record_camera_idle_fps"])
+    assert figures["record_camera_md3_fps"] > 0 and 0 < figures["record_md3_kept_fps"] <= 10.5  # 10 configured

@@ -17,7 +17,7 @@ from mxcube_autocenter.beamline import auto_centring
 from mxcube_autocenter.recording import read_recording
 from mxcube_autocenter.simulation.experiments import helical_end_points, run_collection
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
 
 @pytest.fixture
@@ -706,7 +706,7 @@ def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_q
     # What gevent calls for a greenlet's error (the frames' motor reads run in greenlets of their own).
     monkeypatch.setattr(gevent.get_hub(), "handle_error", lambda context, *exc: errors.append(exc))
     # 0.15 s for a frame's five motors: longer than the recording's frame period, so a frame is always waiting.
-    with read_latency(beamline, 0.03):
+    with beamline.diffractometer.read_latency(0.03):
         for prefix in ("a", "b", "c"):
             autocenter.recorder.last_summary = None
             collect(beamline, tmp_path, "OSC", prefix=prefix, n_images=10)
@@ -722,7 +722,7 @@ def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autoce
     gevent.sleep(2.0)
     before = len(delivered.times)
     autocenter.recorder.last_summary = None
-    with read_latency(beamline, 0.012):  # 60 ms for a frame's five motors
+    with beamline.diffractometer.read_latency(0.012):  # 60 ms for a frame's five motors
         record = collect(beamline, tmp_path, "OSC", n_images=40, exposure_time=0.05)
         summary = wait_for_summary(autocenter)
     start, duration = record["wall_start"], record["plan"].duration

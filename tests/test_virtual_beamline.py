@@ -8,7 +8,7 @@ import pytest
 
 from mxcube_autocenter.geometry import beam_frame, centred_motors, sample_to_screen
 from mxcube_autocenter.simulation.sample import make_sample
-from tests.helpers import Gaps, SignalLog, assert_responsive, read_latency, tick
+from tests.helpers import Gaps, SignalLog, assert_responsive, tick
 
 
 def screen_position(beamline, point):
@@ -120,7 +120,7 @@ def test_motors_read_over_a_network_wait_and_let_other_greenlets_run(beamline):
     gaps = Gaps()
     ticker = gevent.spawn(tick, gaps)
     camera = SignalLog(beamline.sample_view.camera, "imageReceived")
-    with read_latency(beamline, 0.05):
+    with beamline.diffractometer.read_latency(0.05):
         started = time.monotonic()
         positions = beamline.sample_view.get_positions()
         elapsed = time.monotonic() - started
@@ -134,7 +134,7 @@ def test_motors_read_over_a_network_wait_and_let_other_greenlets_run(beamline):
     # A move's own reads of its position are no requests: it ends as soon as without the latency.
     phiz = beamline.diffractometer.phiz
     start = phiz.reading()
-    with read_latency(beamline, 0.2):
+    with beamline.diffractometer.read_latency(0.2):
         started = time.monotonic()
         phiz.set_value(start + 0.001, timeout=5)
         moved = time.monotonic() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 
 import gevent
@@ -17,6 +18,7 @@ from mxcubecore.HardwareObjects.mockup.DiffractometerMockup import Diffractomete
 
 from mxcube_autocenter.geometry import sample_frame
 from mxcube_autocenter.simulation import properties
+from mxcube_autocenter.simulation.VirtualMotor import VirtualMotor
 
 # MD3 on-axis camera scales at its zoom levels, pixels per micrometre.
 DEFAULT_PIXELS_PER_UM = (0.5, 0.8, 1.3, 2.0, 3.0, 4.2, 6.0)
@@ -124,6 +126,19 @@ class VirtualDiffractometer(DiffractometerMockup):
     def all_motors(self):
         """Every motor by role, whatever its state: where the simulated sample is."""
         return super().get_motors()
+
+    @contextlib.contextmanager
+    def read_latency(self, seconds: float):
+        """Every motor read over a network that answers in ``seconds`` while the context lasts, as an MD3's
+        exporter requests (``VirtualMotor.set_read_latency``)."""
+        motors = [motor for motor in self.all_motors().values() if isinstance(motor, VirtualMotor)]
+        for motor in motors:
+            motor.set_read_latency(seconds)
+        try:
+            yield
+        finally:
+            for motor in motors:
+                motor.set_read_latency(0.0)
 
     def sample_frame(self, readings: dict) -> dict:
         """Motor readings as the simulated sample moves with them (geometry.py), for the camera and collections.

@@ -96,3 +96,61 @@ def run_collection(beamline, directory, prefix, *, experiment_type="OSC", helica
         task = collect.collect("mxcube-autocenter", [dc_params])
         task.join()
     return dc_params
+
+
+# An MD3's position read: an exporter request over the network, s (a few ms to tens of ms on a loaded server).
+MD3_READ_LATENCY_S = 0.012
+
+
+def recording_benchmark(quick: bool = False) -> dict:
+    """The camera's rate while the AutoCenter object records a collection whose motors are read as an MD3's are.
+
+    Boots the virtual beamline, counts the camera's frames for 2 s, then
+    records a rotation (4 s; 10 s without ``quick``) with every motor read
+    waiting :data:`MD3_READ_LATENCY_S`, and counts them during it: the
+    recording must not slow the camera (and so the web UI's video) down.
+
+    Returns
+    -------
+    dict
+        ``record_camera_idle_fps`` and ``record_camera_md3_fps`` (frames the
+        camera delivered per second before and during the recording),
+        ``record_camera_md3_ratio`` (during over before) and
+        ``record_md3_kept_fps`` (frames the recording kept per second).
+    """
+    import tempfile
+    import time
+
+    from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.recording import read_recording
+    from mxcube_autocenter.simulation.sample import make_sample
+
+    duration_s = 4.0 if quick else 10.0
+    with hardware_repository() as bl, tempfile.TemporaryDirectory() as directory:
+        recorder = auto_centring(bl).recorder
+        bl.sample_changer.mount(make_sample(16))
+        delivered = []
+
+        def count(*args):
+            delivered.append(time.time())
+
+        # Held here: mxcubecore's dispatcher keeps only a weak reference to a receiver.
+        bl.sample_view.camera.connect("imageReceived", count)
+        gevent.sleep(2.0)
+        idle_fps = len(delivered) / 2.0
+        with bl.diffractometer.read_latency(MD3_READ_LATENCY_S):
+            summary = recorded_collection(bl, recorder, directory, "bench", n_images=int(duration_s / 0.05),
+                                          exposure_time=0.05, osc_range=0.1)  # fmt: skip
+        if summary is None:
+            raise RuntimeError("the virtual beamline's collection was not recorded: the recording benchmark has "
+                               "nothing to time")  # fmt: skip
+        record = bl.collect.last_collection
+        start, end = record["wall_start"], record["wall_start"] + record["plan"].duration
+        kept = read_recording(summary.path).timestamps
+    during_fps = sum(start <= t <= end for t in delivered) / (end - start)
+    return {
+        "record_camera_idle_fps": idle_fps,
+        "record_camera_md3_fps": during_fps,
+        "record_camera_md3_ratio": during_fps / idle_fps,
+        "record_md3_kept_fps": float(np.count_nonzero((kept >= start) & (kept <= end))) / (end - start),
+    }
