@@ -62,8 +62,8 @@ from mxcube_autocenter.geometry import TRANSLATION_MOTORS, centred_motors, point
 # counted as hit while the beam left the crystal over up to 22 degrees of the turn (12 of 150 ML hits, 12 seeds).
 HIT_TEST_OMEGAS = tuple(float(w) for w in np.arange(0.0, 360.0, 2.0))
 # Saved with each outcome (``scoring``): outcomes scored another way mean something else, and are not pooled.
-# Until 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at the
-# rest; until 2026-12-06 the best point and RC fraction were judged at omega 0, 45, 90 and 135 degrees alone.
+# Before 2026-12-06 a point between two crystals passed, the beam crossing one at some angles and the other at
+# the rest, and the best point and RC fraction were judged at omega 0, 45, 90 and 135 degrees alone.
 SCORING = ("hit: the beam's centre line through one crystal at every 2 degrees of omega; best point and RC "
            "fraction: mean count over every 2 degrees of a turn")
 # A translation motor that moved less than this did not move, mm.

@@ -213,8 +213,7 @@ class DiffractionModel:
         idx = rng.choice(len(self._all_points), size=min(n_candidates, len(self._all_points)), replace=False)
         top = np.argsort(-self._centred_scores(self._all_points[idx], SCREENING_OMEGAS), kind="stable")
         top = top[: max(1, n_refined)]
-        best = self._all_points[idx[top[0]]]
-        best_rc = float(self._centred_scores(best[None], JUDGING_OMEGAS)[0])
+        best, best_rc = None, -np.inf  # each grid holds its candidate: the first sets them
 
         def around(centre, half_um, step):
             steps = np.arange(-half_um, half_um + 1e-9, step) * 1e-3
