@@ -631,6 +631,13 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
         with pytest.raises(ModelFileError, match=message) as err:
             load_model(path)
         assert path in str(err.value)
+    # Metadata that names another network of the same task and input: its name would say what it is not.
+    renamed = str(tmp_path / "a1_as_a2.keras")
+    attach_info(A.build("a1", (SMALL, SMALL, 3)), {**trained.info, "architecture": A.describe("a2")}).save(renamed)
+    with pytest.raises(ModelFileError, match=r"a1_as_a2\.keras: its network is not the a2 network this version "
+                                             r"builds for 32 x 32 crops \(layer 2 with weights: Dense .* in the "
+                                             r"file, Conv2D .* built\)"):
+        load_model(renamed)
     three = keras.Sequential([keras.Input((SMALL, SMALL, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
     attach_info(three, trained.info).save(str(tmp_path / "three.keras"))
     with pytest.raises(ModelFileError, match=r"outputs of shape \(3,\), not one number per crop"):
@@ -792,7 +799,7 @@ def test_fine_tuning_a_network_that_is_not_its_architectures_is_refused_naming_t
     described = {**info["architecture"], "name": "fcn_gap"}
     training.attach_info(keras.models.clone_model(model), {**info, "architecture": described}).save(renamed)
     with pytest.raises(training.ModelFileError, match=r"renamed\.keras: its network is not the fcn_gap network "
-                                                      r"this version builds .*Fine-tune a model trained with"):
+                                                      r"this version builds .*Use the mxcube_autocenter version"):
         training.train(dataset_path, None, None, str(tmp_path / "out"), initial_model=renamed, epochs=1, verbose=0)
 
 

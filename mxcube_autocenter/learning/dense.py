@@ -568,7 +568,7 @@ def train_dense(
     with strategy.scope():
         model = architectures.build("fcn", spec.input_shape)
         if initial is not None:
-            training.copy_weights(initial, model, initial_model)
+            model.set_weights(initial.get_weights())
         region_model = architectures.dense_evaluator(model)
         loss = region_loss(peak_weight, peak_sharpness, float(fitted.forward(np.array([PEAK_MIN_COUNT]))[0]))
         region_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)

@@ -121,6 +121,11 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
     return keras.Model(_single_input(model), tagged, name=model.name)
 
 
+def _layout(model: keras.Model) -> list:
+    """Kind and weight shapes of each layer with weights: what makes two networks the same one."""
+    return [(type(layer).__name__, [tuple(w.shape) for w in layer.weights]) for layer in model.layers if layer.weights]
+
+
 def _single_input(model: keras.Model):
     """The model's one input tensor: a model built on the list of it wants a list at each call, and Keras warns
     ("The structure of `inputs` doesn't match") whenever it is given the array of crops alone."""
@@ -162,8 +167,9 @@ def load_model(path):
     ------
     ModelFileError
         No such file, not a Keras file, no metadata, an unknown format
-        version, incomplete metadata, or an input shape that disagrees with
-        the metadata.
+        version, incomplete metadata, an input shape that disagrees with
+        the metadata, or a network that is not the one its architecture's
+        name builds in this version.
     """
     path = str(path)
     retrain = "Train a model with mxcube_autocenter.learning.training.train (the `train` command)"
@@ -256,6 +262,15 @@ def load_model(path):
             f"{spec.input_size} x {spec.input_size} {spec.colour} crops {expected[1:]}",
             f"The metadata does not belong to this network. {retrain}",
         )
+    layout, registry = _layout(model), _layout(architectures.build(arch, spec.input_shape))
+    if layout != registry:
+        # A file written before its architecture changed, or metadata attached to another network: its weights
+        # would not fit a network built from its metadata (fine-tuning), and its name would say what it is not.
+        i = next(i for i in range(max(len(layout), len(registry))) if layout[i:i + 1] != registry[i:i + 1])
+        seen, built = (" ".join(map(str, part[i])) if i < len(part) else "nothing" for part in (layout, registry))
+        _refuse(path, f"its network is not the {arch} network this version builds for {spec.input_size} x "
+                f"{spec.input_size} crops (layer {i + 1} with weights: {seen} in the file, {built} built)",
+                f"Use the mxcube_autocenter version that wrote it, or retrain. {retrain}")
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         # Every prediction would be NaN: a heatmap without a maximum, a classifier that never says crystal.
         _refuse(path, "its weights are not all finite numbers (NaN or infinity: the training that wrote them "
@@ -527,7 +542,7 @@ def _fit(
         if initial is not None and initial_info.get("task") != task:
             transfer_regressor(model, initial, initial_info, threshold)
         elif initial is not None:
-            copy_weights(initial, model, initial_model)
+            model.set_weights(initial.get_weights())
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
 
     common = dict(spec=spec, cache=cache)
@@ -620,19 +635,6 @@ def learning_rate_for(learning_rate, initial_model) -> float:
     return FINE_TUNE_LEARNING_RATE if initial_model is not None else LEARNING_RATE
 
 
-def copy_weights(initial, model, path) -> None:
-    """The initial model's weights into ``model``, the network its architecture builds now.
-
-    Raises
-    ------
-    ModelFileError
-        Naming ``path``, when its network is not that one (a file written before the architecture changed).
-    """
-    try:
-        model.set_weights(initial.get_weights())
-    except ValueError as err:
-        _refuse(path, f"its network is not the {model.name} network this version builds ({err})",
-                "Fine-tune a model trained with this version, or train one")  # fmt: skip
 
 
 def check_out(out, initial_model=None) -> None:
