@@ -394,7 +394,8 @@ class AutoCenter(HardwareObject):
             Called once centred, before anyone is told: what makes the centred
             position the caller's (the button's: read it and save it on the
             diffractometer). If it raises, the centring fails and the sample
-            goes back.
+            goes back; a ``gevent.Timeout`` (a caller's deadline, or the
+            hardware's) is then raised again.
 
         Returns
         -------
@@ -407,6 +408,9 @@ class AutoCenter(HardwareObject):
         ------
         ValueError
             If ``n_angles`` is outside the ``centring_angles`` property's range.
+        gevent.Timeout
+            One that reached the centring after the move (in ``keep`` or
+            while the heatmap is published), raised once the sample is back.
         """
         settings = self.centring_settings(n_angles)
         bl = procedure.CentringHardware(HWR.beamline, settings.snapshot_fresh_frames, self.log)
@@ -431,6 +435,8 @@ class AutoCenter(HardwareObject):
                     except (Exception, gevent.Timeout) as err:
                         self.log.exception("AutoCenter: the centred position could not be kept")
                         self._put_back(bl, result, settings, f"the centred position could not be read or saved ({err})")
+                        if isinstance(err, gevent.Timeout):
+                            raise  # perhaps a script's deadline: it must still end the script, the sample now back
                 (self.user_log.info if result.success else self.user_log.warning)(
                     f"Optical ML centring: {result.message}"
                 )

@@ -966,6 +966,26 @@ def test_a_centred_position_that_cannot_be_read_or_saved_is_no_success_and_the_s
                                                       "no answer): the sample went back")  # fmt: skip
 
 
+def test_a_callers_time_out_while_the_position_is_kept_puts_the_sample_back_and_ends_the_caller(beamline, autocenter):
+    # It was taken for keep's own failure: the sample went back, but a script's `with gevent.Timeout(...)` around
+    # the centring went on as if its deadline had not come.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    deadline = gevent.Timeout(0.05)
+
+    def keep():
+        deadline.start()  # the script's deadline comes while the MD3 saves the position
+        gevent.sleep(5)
+
+    with pytest.raises(gevent.Timeout) as raised:
+        autocenter.centre(save=False, keep=keep)
+    assert raised.value is deadline
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+    assert not autocenter.last_result.success
+    assert autocenter.last_result.message == "the centred position could not be read or saved (0.05 seconds): " \
+                                             "the sample went back"  # fmt: skip
+
+
 def test_an_abort_after_the_move_before_the_result_is_out_puts_the_sample_back(beamline, autocenter, monkeypatch):
     # Publishing the heatmap reads motors (network waits on an MD3): a Cancel may land there.
     mount_at_start(beamline)
