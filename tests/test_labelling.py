@@ -1,5 +1,6 @@
 """Labelling: camera-to-detector time matching, spot-count files, the training set and the pipeline."""
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -7,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -1135,10 +1137,22 @@ def test_a_set_under_a_file_is_refused_before_labelling_naming_the_file(collecti
     assert blocker.read_text() == ""
 
 
-def test_two_runs_creating_the_same_set_at_once_lose_nothing(collections, tmp_path, monkeypatch):
+def without_hard_links(monkeypatch):
+    """The file system of a set where hard links cannot be made (some network and FUSE file systems)."""
+
+    def refused(source, target, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(source), None, str(target))
+
+    monkeypatch.setattr(os, "link", refused)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_two_runs_creating_the_same_set_at_once_lose_nothing(collections, tmp_path, monkeypatch, hard_links):
     # The later run's rename replaced the set that the other had created, and filled, meanwhile.
     from mxcube_autocenter.labelling import dataset
 
+    if not hard_links:
+        without_hard_links(monkeypatch)
     out = tmp_path / "set.h5"
     write_empty = dataset._write_empty
 
@@ -1152,6 +1166,48 @@ def test_two_runs_creating_the_same_set_at_once_lose_nothing(collections, tmp_pa
     label_recordings([collections[0].recording], out, progress=False)
     assert len(read_table(out).recordings) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.h5", "set_rc_histogram.png"]
+
+
+def test_without_hard_links_a_set_another_run_is_renaming_into_place_is_waited_for_not_replaced(tmp_path,
+                                                                                                  monkeypatch):  # fmt: skip
+    # Without links the set was renamed into place after a look that it was missing: a second run could look
+    # before the first one's set was there and replace it afterwards, with the rows the first had written.
+    from mxcube_autocenter.labelling import dataset
+
+    without_hard_links(monkeypatch)
+    out = tmp_path / "set.h5"
+    claim = tmp_path / "set.h5.creating"
+    claim.write_text("")  # the other run's claim: it is renaming its set into place
+
+    def other_run():
+        time.sleep(0.3)
+        dataset._write_empty(out, tmp_path / "other.tmp")
+        with h5py.File(tmp_path / "other.tmp", "r+") as h5file:
+            h5file.attrs["n_rows"] = 7  # and fills it
+        os.replace(tmp_path / "other.tmp", out)
+        claim.unlink()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    dataset.create_if_missing(out)
+    other.join()
+    with h5py.File(out, "r") as h5file:
+        assert h5file.attrs["n_rows"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5"]
+
+    # A claim that stays, the set never made: named, with what to do.
+    out.unlink()
+    claim.write_text("")
+    monkeypatch.setattr(dataset, "CLAIM_WAIT_S", 0.3)
+    with pytest.raises(DatasetError, match=r"set\.h5\.creating says another run is creating the set, .* if no other "
+                                           r"run labels into it, remove .*set\.h5\.creating and label again"):  # fmt: skip
+        dataset.create_if_missing(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["set.h5.creating"]
+    # The other run stopped before making it: this one makes it.
+    threading.Timer(0.1, claim.unlink).start()
+    monkeypatch.setattr(dataset, "CLAIM_WAIT_S", 30.0)
+    dataset.create_if_missing(out)
+    assert len(read_table(out)) == 0 and [p.name for p in tmp_path.iterdir()] == ["set.h5"]
 
 
 def test_a_histogram_that_cannot_be_written_costs_only_the_figure(collections, tmp_path, caplog):

@@ -12,7 +12,7 @@ Appending is safe against crashes: rows are written past the committed
 row count (the root attribute ``n_rows``), which is raised only once they
 are all on disk; readers never look past it, and the next append first
 trims whatever a killed append left behind. A new set is created under a
-temporary name and renamed once its layout is complete.
+temporary name and linked to its name once its layout is complete.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,12 +467,15 @@ def create_if_missing(path: Path) -> None:
     """Create an empty set, complete or not at all: written as ``<name>.<unique>.tmp``, then linked to its name.
 
     A link, unlike a rename, never replaces a set that another run (a second
-    ``label`` on the same set) created, and perhaps filled, meanwhile.
+    ``label`` on the same set) created, and perhaps filled, meanwhile. On a
+    file system without hard links the rename is made only by the run that
+    created ``<name>.creating`` (exclusively); another waits for the set.
 
     Raises
     ------
     DatasetError
-        If it cannot be written there (permissions, space).
+        If it cannot be written there (permissions, space), or if another
+        run's ``<name>.creating`` stays without the set appearing.
     """
     if path.exists():
         return
@@ -482,14 +486,46 @@ def create_if_missing(path: Path) -> None:
     except FileExistsError:
         pass  # another run created it meanwhile
     except OSError:
-        # A file system without hard links: renamed, unless another run created the set meanwhile.
-        try:
-            if not path.exists():
-                os.replace(temporary, path)
-        except OSError as err:
-            raise _write_failed(path, err) from None
+        _rename_unless_created(temporary, path)
     finally:
         _remove_quietly(temporary)
+
+
+# How long a run waits for the set that another run's claim says it is creating, s.
+CLAIM_WAIT_S = 30.0
+
+
+def _rename_unless_created(temporary: Path, path: Path) -> None:
+    """Rename ``temporary`` to ``path`` unless the set appears meanwhile; one run at a time renames."""
+    claim = path.with_name(f"{path.name}.creating")
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while True:
+        try:
+            descriptor = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pass  # another run is renaming its set: wait for it below
+        except OSError as err:
+            raise _write_failed(path, err) from None
+        while claim.exists():
+            if time.monotonic() > deadline:
+                raise DatasetError(
+                    f"{path}: {claim.name} says another run is creating the set, and for {CLAIM_WAIT_S:g} s it "
+                    f"has not appeared: if no other run labels into it, remove {claim} and label again"
+                )
+            time.sleep(0.1)
+        # Made before the claim went, so it is there unless that run failed: then claim it here.
+        if path.exists():
+            return
+    try:
+        # Checked while the claim is held: a rename would replace a set another run is filling.
+        if not path.exists():
+            os.replace(temporary, path)
+    except OSError as err:
+        raise _write_failed(path, err) from None
+    finally:
+        os.close(descriptor)
+        _remove_quietly(claim)
 
 
 def check_writable(path: Path) -> None:
