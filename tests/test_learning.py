@@ -635,9 +635,17 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
     renamed = str(tmp_path / "a1_as_a2.keras")
     attach_info(A.build("a1", (SMALL, SMALL, 3)), {**trained.info, "architecture": A.describe("a2")}).save(renamed)
     with pytest.raises(ModelFileError, match=r"a1_as_a2\.keras: its network is not the a2 network this version "
-                                             r"builds for 32 x 32 crops \(layer 2 with weights: Dense .* in the "
-                                             r"file, Conv2D .* built\)"):
+                                             r"builds for 32 x 32 crops \(layer 4: Flatten in the file, Conv2D "
+                                             r"activation=relu strides=\(1, 1\) padding=same .* built\)"):  # fmt: skip
         load_model(renamed)
+    # A classifier's network as the regressor it was fine-tuned from: the same weights, but probabilities read
+    # as counts by the centring.
+    sigmoid = str(tmp_path / "fcn_classifier_as_fcn.keras")
+    attach_info(A.build("fcn_classifier", (SMALL, SMALL, 3)), trained.info).save(sigmoid)
+    with pytest.raises(ModelFileError, match=r"fcn_classifier_as_fcn\.keras: its network is not the fcn network "
+                                             r"this version builds for 32 x 32 crops \(layer 9: Activation "
+                                             r"activation=sigmoid in the file, nothing built\)"):  # fmt: skip
+        load_model(sigmoid)
     three = keras.Sequential([keras.Input((SMALL, SMALL, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
     attach_info(three, trained.info).save(str(tmp_path / "three.keras"))
     with pytest.raises(ModelFileError, match=r"outputs of shape \(3,\), not one number per crop"):

@@ -121,9 +121,27 @@ def attach_info(model: keras.Model, info: dict) -> keras.Model:
     return keras.Model(_single_input(model), tagged, name=model.name)
 
 
-def _layout(model: keras.Model) -> list:
-    """Kind and weight shapes of each layer with weights: what makes two networks the same one."""
-    return [(type(layer).__name__, [tuple(w.shape) for w in layer.weights]) for layer in model.layers if layer.weights]
+# The settings that make a layer compute what it does, beside its kind and weight shapes (a dropout rate only
+# trains differently): an fcn and an fcn_classifier differ only by a final sigmoid.
+_LAYOUT_SETTINGS = ("activation", "strides", "padding", "pool_size", "dilation_rate")
+
+
+def _layout(model: keras.Model) -> list[str]:
+    """Each computing layer's kind, settings and weight shapes: what makes two networks the same one."""
+    layout = []
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.InputLayer, ModelInfo)):
+            continue
+        config = layer.get_config()
+        settings = [f"{name}={_as_tuple(config[name])}" for name in _LAYOUT_SETTINGS if config.get(name) is not None]
+        weights = [tuple(w.shape) for w in layer.weights]
+        layout.append(" ".join([type(layer).__name__, *settings, *([str(weights)] if weights else [])]))
+    return layout
+
+
+def _as_tuple(value):
+    """A setting as a built layer gives it: a file's configuration gives lists where the layer has tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _single_input(model: keras.Model):
@@ -267,9 +285,9 @@ def load_model(path):
         # A file written before its architecture changed, or metadata attached to another network: its weights
         # would not fit a network built from its metadata (fine-tuning), and its name would say what it is not.
         i = next(i for i in range(max(len(layout), len(registry))) if layout[i:i + 1] != registry[i:i + 1])
-        seen, built = (" ".join(map(str, part[i])) if i < len(part) else "nothing" for part in (layout, registry))
+        seen, built = (part[i] if i < len(part) else "nothing" for part in (layout, registry))
         _refuse(path, f"its network is not the {arch} network this version builds for {spec.input_size} x "
-                f"{spec.input_size} crops (layer {i + 1} with weights: {seen} in the file, {built} built)",
+                f"{spec.input_size} crops (layer {i + 1}: {seen} in the file, {built} built)",
                 f"Use the mxcube_autocenter version that wrote it, or retrain. {retrain}")
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         # Every prediction would be NaN: a heatmap without a maximum, a classifier that never says crystal.
