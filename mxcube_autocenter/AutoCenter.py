@@ -41,6 +41,7 @@ import time
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.threadpool
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
 from mxcubecore.queue_entry.data_collection import DataCollectionQueueEntry
@@ -102,6 +103,8 @@ class AutoCenter(HardwareObject):
         self.centring_error = None
         self.last_result = None
         self._heatmap_grid = None
+        self._record_writer = gevent.threadpool.ThreadPool(1)
+        self._record_saving = None  # the last record's save (AsyncResult)
         self._centring_lock = gevent.lock.Semaphore()
         self._button_pressed = False
         self._cancelled_while_readying = False
@@ -448,10 +451,18 @@ class AutoCenter(HardwareObject):
                     self._put_back(bl, result, settings, "aborted after the move")
                 raise
         if save and self.config.centring_save_directory:
-            gevent.get_hub().threadpool.spawn(
-                self._save_record, result, self.config.centring_save_directory, bl.beam_position()
-            )
+            self._save_in_background(result, self.config.centring_save_directory, bl.beam_position())
         return result
+
+    def _save_in_background(self, result, directory, beam_position):
+        """Save a centring's record on a thread of its own, one at a time; never waits."""
+        # Saves that hang (a stalled network file system) must not take the hub's pool threads, which every
+        # centring's loop finding and inference wait for, nor make the end of a centring wait for a free one.
+        if self._record_saving is not None and not self._record_saving.ready():
+            self.log.error("AutoCenter: centring record not saved in %s: the previous one is still being written "
+                           "(check the file system of centring_save_directory)", directory)  # fmt: skip
+            return
+        self._record_saving = self._record_writer.spawn(self._save_record, result, directory, beam_position)
 
     def _put_back(self, bl, result, settings, why: str):
         """Fail a centring that had moved the sample, and put the sample back where it started."""

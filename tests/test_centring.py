@@ -512,6 +512,43 @@ def test_a_record_that_cannot_be_saved_is_logged_and_the_centring_stands(beamlin
     assert "check centring_save_directory" in caplog.text and str(blocked) in caplog.text
 
 
+def test_a_save_that_hangs_costs_only_the_next_records(beamline, autocenter, tmp_path, monkeypatch, caplog):
+    # Each save took one of the hub's pool threads, which a stalled file system kept: after ten such centrings
+    # the next one waited for ever to find the loop, the sample turned and the lock held.
+    import threading
+
+    from mxcube_autocenter.centring import report
+
+    stalled, saving = threading.Event(), threading.Event()
+    save = report.save
+
+    def stalled_file_system(*args):
+        saving.set()
+        stalled.wait(60)
+        save(*args)
+
+    monkeypatch.setattr(report, "save", stalled_file_system)
+    autocenter.config.centring_save_directory = str(tmp_path)
+    mount_at_start(beamline)
+    try:
+        assert autocenter.centre().success
+        with gevent.Timeout(20, AssertionError("the first record's save did not start")):
+            while not saving.is_set():
+                gevent.sleep(0.05)
+        assert len(gevent.get_hub().threadpool) == 0  # no unfinished task: its threads wait for the next centring
+        with caplog.at_level(logging.ERROR):
+            mount_at_start(beamline)
+            assert autocenter.centre().success
+        assert "the previous one is still being written (check the file system of centring_save_directory)" \
+               in caplog.text  # fmt: skip
+    finally:
+        stalled.set()
+    with gevent.Timeout(20, AssertionError("the first record was not saved once the file system answered")):
+        while len(list(tmp_path.glob("*.json"))) < 1:
+            gevent.sleep(0.1)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
 def test_any_failure_to_save_the_record_is_logged_not_left_to_the_thread(autocenter, tmp_path, monkeypatch, caplog):
     # The record is saved on a pool thread whose result nobody collects: an error other than OSError
     # (from the image encoder, say) reached only stderr.
