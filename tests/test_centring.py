@@ -1067,6 +1067,29 @@ def test_stop_pressed_twice_at_once_still_puts_the_sample_back(beamline, autocen
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_turn_of_omega_is_checked_to_have_arrived(beamline, monkeypatch):
+    # An MD3's ExporterMotor sets BUSY itself when told to move; the Ready the exporter had sent before may arrive
+    # after it, and set_value returned mid-turn: the view was taken, and its omega read, there.
+    omega = beamline.diffractometer.get_motors()["omega"]
+    bl = procedure.CentringHardware(beamline, 2, logging.getLogger("test"))
+    turn = omega.set_value
+    with monkeypatch.context() as patch:
+        patch.setattr(omega, "set_value", lambda value, timeout=0: turn(value, timeout=0))  # back at once
+        start = omega.get_value()
+        bl.rotate(90.0, 30.0)
+        assert omega.get_value() == pytest.approx(start + 90.0, abs=procedure.OMEGA_TOLERANCE_DEG)
+        # One that stops short, reading Ready: named.
+        patch.setattr(omega, "set_value", lambda value, timeout=0: turn(value - 10.0, timeout=30))
+        with pytest.raises(procedure.CentringFailed, match=r"motor omega stopped at .* instead of "):
+            bl.rotate(90.0, 30.0)
+    # A goniometer that reads omega within one turn (0-360) has arrived at 390 degrees when it reads 30.
+    omega.set_value(300.0, timeout=30)
+    reading = omega.get_value
+    monkeypatch.setattr(omega, "get_value", lambda: reading() % 360.0)
+    bl.rotate(90.0, 30.0)
+    assert omega.get_value() == pytest.approx(30.0, abs=procedure.OMEGA_TOLERANCE_DEG)
+
+
 def test_a_time_out_while_the_sample_goes_back_still_ends_the_caller_once_it_is_back(beamline, autocenter):
     # The way back swallowed it: a script's `with gevent.Timeout(...)` around a centring that failed went on
     # past its time-out as if none had come.

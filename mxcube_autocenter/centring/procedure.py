@@ -58,12 +58,25 @@ def _raised(call, *args, **kwargs):
     return None
 
 
-def _fault(names, stale, err=None) -> CentringFailed:
-    """The failure of a move whose motors ``names`` read FAULT (``stale``: those that did before it began)."""
-    said = [f"{name} (in FAULT since before the move)" if name in stale else name for name in names]
-    because = "" if err is None else f" ({err})"
-    return CentringFailed(f"motor {', '.join(said)} reports a fault during the move{because}: check it in the "
-                          "diffractometer's software")  # fmt: skip
+class _FaultWatch:
+    """Which of a move's motors read FAULT: ``watch(names)``; one already in FAULT when the move began has
+    :data:`STALE_FAULT_S` to leave it (the last move's stall, which a new move may clear) unless ``grace`` is
+    False. ``watch.failure(names, err)`` is the move's CentringFailed."""
+
+    def __init__(self, motors: dict, begun: float):
+        self.motors, self.begun = motors, begun
+        self.stale = {name for name, motor in motors.items() if _in_fault(motor)}
+
+    def __call__(self, names=None, grace: bool = True) -> list:
+        grace_over = not grace or time.monotonic() - self.begun > STALE_FAULT_S
+        names = self.motors if names is None else names
+        return [name for name in names if _in_fault(self.motors[name]) and (grace_over or name not in self.stale)]
+
+    def failure(self, names, err=None) -> CentringFailed:
+        said = [f"{name} (in FAULT since before the move)" if name in self.stale else name for name in names]
+        because = "" if err is None else f" ({err})"
+        return CentringFailed(f"motor {', '.join(said)} reports a fault during the move{because}: check it in the "
+                              "diffractometer's software")  # fmt: skip
 
 
 def _in_fault(motor) -> bool:
@@ -72,6 +85,13 @@ def _in_fault(motor) -> bool:
         return motor.get_state() == motor.STATES.FAULT
     except Exception:
         return False
+
+
+def _distance(motor: str, position: float, target: float) -> float:
+    """How far ``position`` is from ``target`` (degrees or mm); omega's modulo a turn, as some goniometers read it."""
+    if motor == "omega":
+        return abs((position - target + 180.0) % 360.0 - 180.0)
+    return abs(position - target)
 
 
 def _tolerance(motor: str) -> float:
@@ -355,13 +375,7 @@ class CentringHardware:
         has :data:`STALE_FAULT_S` to leave it.
         """
         begun = time.monotonic()
-        motors = self.motors(tuple(positions))
-        stale = {name for name in positions if _in_fault(motors[name])}
-
-        def faulty(names=positions):
-            grace_over = time.monotonic() - begun > STALE_FAULT_S
-            return [name for name in names if _in_fault(motors[name]) and (grace_over or name not in stale)]
-
+        faulty = _FaultWatch(self.motors(tuple(positions)), begun)
         mover = gevent.spawn(_raised, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
             while not mover.ready():
@@ -372,28 +386,33 @@ class CentringHardware:
                     # middle of an exporter request could leave its reply to the next one.
                     _stop_motion(self, self.log)
                     mover.join(ARRIVAL_SETTLE_S)
-                    raise _fault(names, stale)
+                    raise faulty.failure(names)
         finally:
             mover.kill()
         err = mover.value
         if err is not None:
-            names = [name for name in positions if _in_fault(motors[name])]
+            names = faulty(grace=False)
             if names:
-                raise _fault(names, stale, err) from err
+                raise faulty.failure(names, err) from err
             if isinstance(err, Exception):
                 raise err
             # mxcubecore's motor waits raise gevent.Timeout: the move's own failure, never the caller's time-out.
             raise CentringFailed(f"the move to {positions} failed ({type(err).__name__}: {err})") from err
+        self._await_arrival(positions, begun, timeout, faulty)
+
+    def _await_arrival(self, positions: dict, begun: float, timeout: float, faulty):
+        """Wait until the motors read ``positions``, up to :data:`ARRIVAL_SETTLE_S` after now, longer (to
+        ``begun + timeout``) while one says it is moving; CentringFailed for one that stopped elsewhere."""
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
         deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
         while True:
             now = self.positions(tuple(positions))  # only these: another motor may have dropped out
-            off = [name for name, target in positions.items() if abs(now[name] - target) > _tolerance(name)]
+            off = [name for name, target in positions.items() if _distance(name, now[name], target) > _tolerance(name)]
             if not off:
                 return
             names = faulty(off)  # the diffractometer may read Ready with a motor in FAULT
             if names:
-                raise _fault(names, stale)
+                raise faulty.failure(names)
             t = time.monotonic()
             if t < deadline and any(self._moving(name) for name in off):
                 # Started late and still on its way: a move that takes longer than the settle time is no stop.
@@ -421,8 +440,15 @@ class CentringHardware:
         }
 
     def rotate(self, degrees: float, timeout: float):
-        omega = self.motors(("omega",))["omega"]
-        omega.set_value(self.check_turn(degrees), timeout=timeout)  # the target checked, not a second reading's
+        """Turn omega by ``degrees`` within its limits, and check that it arrived."""
+        target = {"omega": self.check_turn(degrees)}  # the target checked, not a second reading's
+        begun = time.monotonic()
+        motors = self.motors(("omega",))
+        faulty = _FaultWatch(motors, begun)
+        motors["omega"].set_value(target["omega"], timeout=timeout)
+        # An MD3's motor reads BUSY once told to move (ExporterMotor sets it), and the state the exporter sent
+        # before may still arrive and read Ready: the view would be taken, and its omega read, mid-turn.
+        self._await_arrival(target, begun, timeout, faulty)
 
     def check_turn(self, degrees: float, start: float | None = None) -> float:
         """Refuse a turn of omega by ``degrees`` beyond its limits; the omega it turns to.
