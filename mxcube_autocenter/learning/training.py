@@ -133,15 +133,10 @@ def _layout(model: keras.Model) -> list[str]:
         if isinstance(layer, (keras.layers.InputLayer, ModelInfo)):
             continue
         config = layer.get_config()
-        settings = [f"{name}={_as_tuple(config[name])}" for name in _LAYOUT_SETTINGS if config.get(name) is not None]
+        settings = [f"{name}={config[name]}" for name in _LAYOUT_SETTINGS if config.get(name) is not None]
         weights = [tuple(w.shape) for w in layer.weights]
         layout.append(" ".join([type(layer).__name__, *settings, *([str(weights)] if weights else [])]))
     return layout
-
-
-def _as_tuple(value):
-    """A setting as a built layer gives it: a file's configuration gives lists where the layer has tuples."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _single_input(model: keras.Model):
