@@ -18,7 +18,9 @@ def added_memory_mb(fn) -> float | None:
 
     The kernel's peak (``VmHWM``) is reset first (``/proc/self/clear_refs``),
     so earlier peaks of the process do not count. None where that cannot be
-    done (not Linux, or a kernel that refuses it).
+    done (not Linux, or a kernel that refuses it). Memory the allocator kept
+    resident from earlier work and hands to ``fn`` adds nothing: the figure is
+    what the call adds to the process, which depends on what ran before.
     """
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
