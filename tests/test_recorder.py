@@ -715,20 +715,27 @@ def test_a_recording_that_ends_while_a_frame_reads_the_motors_takes_that_frame_q
     assert errors == [], [str(exc[1]) for exc in errors]
 
 
-def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autocenter, tmp_path):
+def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autocenter, tmp_path, monkeypatch):
     # The reads ran in the camera's own greenlet: an MD3's network waits held up its poller, and every other
-    # listener of its frames (25 -> 14 frames/s recording at 10/s).
-    delivered = SignalLog(beamline.sample_view.camera, "imageReceived")
-    gevent.sleep(2.0)
-    before = len(delivered.times)
+    # listener of its frames (25 -> 14 frames/s recording at 10/s). Measured as the time each frame's delivery holds
+    # the camera, which a slow machine's rendering does not change (its frame rate it does).
+    camera = beamline.sample_view.camera
+    emit, holds = camera.emit, []
+
+    def timed_emit(signal, *args):
+        start = time.monotonic()
+        emit(signal, *args)
+        if signal == "imageReceived":
+            holds.append(time.monotonic() - start)
+
+    monkeypatch.setattr(camera, "emit", timed_emit)
     autocenter.recorder.last_summary = None
     with beamline.diffractometer.read_latency(0.012):  # 60 ms for a frame's five motors
         record = collect(beamline, tmp_path, "OSC", n_images=40, exposure_time=0.05)
         summary = wait_for_summary(autocenter)
-    start, duration = record["wall_start"], record["plan"].duration
-    during = sum(start <= t <= start + duration for t in delivered.times)
-    assert during / duration >= 0.85 * before / 2.0, (during / duration, before / 2.0)
+    duration = record["plan"].duration
     assert summary.frames_kept >= 0.8 * 10 * duration and summary.frames_dropped == 0
+    assert len(holds) >= summary.frames_kept and np.mean(holds) < 0.015, (len(holds), np.mean(holds), max(holds))
 
 
 def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_recording(tmp_path, monkeypatch):
@@ -908,6 +915,8 @@ def test_the_virtual_camera_delivers_a_moving_scene_its_latency_after_the_exposu
         rendered.append(time.monotonic())
 
     def received(*args):
+        if not rendered:  # the exposure under way when the scene was swapped
+            return
         # Due latency_s after the exposure, or once rendered where rendering takes longer (a slow machine).
         due = max(exposed[-1] + camera._latency_s, rendered[-1])
         delays.append((time.monotonic() - exposed[-1], time.monotonic() - due))
@@ -916,7 +925,10 @@ def test_the_virtual_camera_delivers_a_moving_scene_its_latency_after_the_exposu
     monkeypatch.setattr(camera, "_update", timed_update)
     camera.connect("imageReceived", received)
     try:
-        gevent.sleep(0.6)
+        # Five frames: 0.2 s at 25 frames/s, longer where each takes 150 ms to render (a loaded 2-core machine).
+        with gevent.Timeout(5.0, False):
+            while len(delays) < 5:
+                gevent.sleep(0.05)
     finally:
         camera.disconnect("imageReceived", received)
     since_exposure, late = np.array(delays).T
