@@ -312,7 +312,8 @@ class AutoCenter(HardwareObject):
     def _load_models(self):
         """Load the models now, so that a missing or wrong model shows at start-up, not at the first click."""
         try:
-            self.predictor = load_predictor(self.config.centring_model, self.config.centring_classifier)
+            self.predictor = load_predictor(self.config.centring_model, self.config.centring_classifier,
+                                            self.config.centring_ice_model)
         except PredictorError as err:
             self.centring_error = str(err)
             self.log.error("AutoCenter: optical ML centring unavailable: %s", err)

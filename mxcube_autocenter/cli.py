@@ -45,7 +45,8 @@ def cmd_demo(args) -> int:
             result = run_demo(
                 args.out, quick=args.quick, use_shipped_model=args.use_shipped_model, fine_tune=not args.from_scratch,
                 model=args.model,
-                classifier_model=args.classifier, classifier=not args.no_classifier, keep_data=args.keep_data,
+                classifier_model=args.classifier, ice_model=args.ice_model, classifier=not args.no_classifier,
+                keep_data=args.keep_data,
                 config_dir=args.config, progress=not args.no_progress, **options,
             )
     except DemoError as err:
@@ -534,7 +535,7 @@ def cmd_heatmap(args) -> int:
     from mxcube_autocenter.imagefiles import write_png
 
     try:
-        predictor = load_predictor(args.model, args.classifier)
+        predictor = load_predictor(args.model, args.classifier, args.ice_model)
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -571,7 +572,7 @@ def _heatmap_entry(path, predictor, settings, pixels_per_mm) -> tuple:
     from mxcube_autocenter.imagefiles import read_rgb
 
     entry = {"image": path, "loop": None, "best": None, "crystal_found": False, "score": None,
-             "crystal_probability": None}  # fmt: skip
+             "crystal_probability": None, "ice_probability": None}  # fmt: skip
     try:
         frame = read_rgb(path)
     except OSError as err:
@@ -586,6 +587,8 @@ def _heatmap_entry(path, predictor, settings, pixels_per_mm) -> tuple:
     found = is_crystal(angle, settings)
     entry.update(loop=[round(v, 1) for v in tip], score=round(angle.score, 2), crystal_found=found,
                  crystal_probability=angle.crystal_probability,
+                 # What the centring asks in its verification view, here at the best point (in focus or not).
+                 ice_probability=predictor.ice_probability(frame, angle.point, angle.roi, pixels_per_mm),
                  best=[round(v, 1) for v in angle.point] if found else None)  # fmt: skip
     return entry, angle, frame
 
@@ -743,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="centre with this regressor .keras file (no training)")
     demo.add_argument("--classifier", help="with --model: this crystal/empty classifier .keras file")
     demo.add_argument("--no-classifier", action="store_true", help="train no crystal/empty classifier")
+    demo.add_argument("--ice-model", help="the ice network .keras file the centring asks in the verification view "
+                                          "(default: the shipped one)")
     demo.add_argument("--json", action="store_true", help="print the scorecard as JSON only (progress on stderr)")
     demo.add_argument("--n-train", type=NON_NEGATIVE_INT, help="training samples (default: 20; --quick: none)")
     demo.add_argument("--n-heldout", type=COUNT, help="held-out samples to centre (default: 20; --quick: 10)")
@@ -794,9 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=COUNT, default=32)
         p.add_argument("--patience", type=NON_NEGATIVE_INT, default=5, help="early-stopping patience, epochs (default: %(default)s)")
         p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
-        p.add_argument("--label", default="rc", choices=["rc", "rc_expected"],
+        p.add_argument("--label", default="rc", choices=["rc", "rc_expected", "on_ice"],
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
-                            "(rc_expected) (default: %(default)s)")
+                            "(rc_expected); or, for a classifier, a synthetic set's flag of the beam on ice "
+                            "(on_ice: the ice network) (default: %(default)s)")
         p.add_argument("--cache", default="auto", choices=list(_CACHES),
                        help="where decoded crops are kept between epochs: memory, a temporary file (in TMPDIR), "
                             "none (read again every epoch), or auto: memory if they take at most a quarter of "
@@ -904,6 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="beam position X,Y in pixels, marked on the --png overlay (default: image centre)")
     heatmap.add_argument("--model", help="regressor .keras (default: the shipped model)")
     heatmap.add_argument("--classifier", help="crystal/empty classifier .keras (default: the shipped one, if any)")
+    heatmap.add_argument("--ice-model", help="ice network .keras, asked at the best point (default: the shipped one, "
+                                             "if any)")
     # The XML properties' defaults (AutoCenterConfig, not imported here: it loads mxcubecore; a test holds them equal).
     heatmap.add_argument("--pin-side", default="left", choices=["left", "right"])
     heatmap.add_argument("--stride", type=STRIDE_PX, default=6.0, help="grid step, pixels (default: %(default)s)")

@@ -26,7 +26,7 @@ EXAMPLE_FILEINFO = {"directory": "/data/visit/sample", "prefix": "sample", "run_
                     "template": "sample_1_%06d.h5", "compression": False}
 # Files and folders of the centring: ``~`` is expanded here, and a relative path is taken from the folder of the
 # XML file (:func:`resolve_relative_paths`), not from MXCuBE's working directory, which is no fixed place.
-PATH_PROPERTIES = ("centring_model", "centring_classifier", "centring_save_directory")
+PATH_PROPERTIES = ("centring_model", "centring_classifier", "centring_ice_model", "centring_save_directory")
 # Smallest region searched along or across the spindle, um: a few beam widths.
 MIN_ROI_UM = 50.0
 
@@ -96,6 +96,10 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     centring_classifier: str | None = Field(
         default=None, description="Keras crystal/empty classifier file; empty: the shipped one, if any."
     )
+    centring_ice_model: str | None = Field(
+        default=None, description="Keras ice network file (a classifier of the beam on ice, asked in the "
+        "verification view); empty: the shipped one, if any.",
+    )
     # mxcubecore's sine fit needs three points.
     centring_angles: int = Field(
         default=6, ge=3, le=12,
@@ -139,6 +143,11 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     )
     min_crystal_probability: float = Field(
         default=0.5, ge=0, le=1, description="Smallest classifier probability that counts as a crystal."
+    )
+    max_ice_probability: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Ice network probability at the beam in the verification view from which the point is taken "
+        "for an ice ball, not a crystal; 1: never.",
     )
     no_crystal_fallback: Literal["none", "loop"] = Field(
         default="none", description="With no crystal found: 'none' (fail, no move) or 'loop' (centre the loop tip)."

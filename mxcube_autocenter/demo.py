@@ -829,11 +829,13 @@ _OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
 
 def _is_shipped(predictor) -> bool:
     """Whether ``predictor`` holds the models the plugin centres with when none is configured."""
-    from mxcube_autocenter.centring.predictor import SHIPPED_CLASSIFIER, SHIPPED_REGRESSOR
+    from mxcube_autocenter.centring.predictor import SHIPPED_CLASSIFIER, SHIPPED_ICE_MODEL, SHIPPED_REGRESSOR
 
-    shipped_classifier = SHIPPED_CLASSIFIER.resolve() if SHIPPED_CLASSIFIER.exists() else None
-    classifier = predictor.classifier[0].resolve() if predictor.classifier else None
-    return predictor.regressor_path.resolve() == SHIPPED_REGRESSOR.resolve() and classifier == shipped_classifier
+    def same(slot, shipped):
+        return (slot[0].resolve() if slot else None) == (shipped.resolve() if shipped.exists() else None)
+
+    return (predictor.regressor_path.resolve() == SHIPPED_REGRESSOR.resolve()
+            and same(predictor.classifier, SHIPPED_CLASSIFIER) and same(predictor.ice, SHIPPED_ICE_MODEL))
 
 
 _OWN_FILES = ("report.md", "scorecard.json", "samples.json")
@@ -871,6 +873,7 @@ def run_demo(
     fine_tune: bool = True,
     model=None,
     classifier_model=None,
+    ice_model=None,
     n_train: int | None = None,
     n_heldout: int | None = None,
     n_empty: int | None = None,
@@ -912,6 +915,9 @@ def run_demo(
         ``crop_um``. The classifier takes the regressor's input either way.
     model, classifier_model : path, optional
         Centre with these model files instead (no training).
+    ice_model : path, optional
+        The ice network the centring asks in the verification view (default:
+        the shipped one, as the plugin's).
     n_train, n_heldout, n_empty : int, optional
         Training samples, held-out samples, of which empty loops; defaults
         :data:`FULL` or :data:`QUICK`.
@@ -947,7 +953,7 @@ def run_demo(
     """
     _check_gevent()
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor, PredictorError
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, PredictorError, load_predictor
     from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
@@ -974,15 +980,18 @@ def run_demo(
     if config_dir is not None and not (Path(config_dir) / "beamline.yaml").is_file():
         raise DemoError(f"{config_dir} holds no beamline.yaml: give the directory of an mxcubecore beamline configuration")
     # Checked before the previous report is removed: a wrong file name must not cost it.
-    for path in (model, classifier_model):
+    for path in (model, classifier_model, ice_model):
         if path and any(Path(path).resolve().is_relative_to((out / name).resolve()) for name in _OWN_DIRECTORIES):
             raise DemoError(f"{path} lies in {out}, whose earlier results the demo removes: copy it elsewhere first")
     given = None
-    if model:
+    if model or ice_model:
         try:
-            given = Predictor(model, classifier_model)
+            if model:
+                given = load_predictor(model, classifier_model, ice_model)
+            else:
+                load_predictor(ice_path=ice_model)  # checked now, not once the training is over
         except PredictorError as err:
-            raise DemoError(f"{err}\n(the model given with --model / --classifier)") from err
+            raise DemoError(f"{err}\n(the model given with --model / --classifier / --ice-model)") from err
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -1037,7 +1046,7 @@ def run_demo(
 
             # The model the plugin centres with.
             t = time.perf_counter()
-            predictor, source = _choose_predictor(given, None if use_shipped_model else trained)
+            predictor, source = _choose_predictor(given, None if use_shipped_model else trained, ice_model)
             ho.config.centring_enabled = True  # the button's centring is what the demo scores, whatever --config says
             ho.use_predictor(predictor)
             if ho.centring_error:
@@ -1115,17 +1124,18 @@ def _record_and_label(bl, ho, out: Path, *, seed, rng, n_train, n_images, exposu
     return dataset, data
 
 
-def _choose_predictor(given, trained) -> tuple:
+def _choose_predictor(given, trained, ice_model) -> tuple:
     """The model the plugin centres with, and where it comes from: ``given`` (a Predictor of --model), else the
-    run's own (``trained``: regressor and classifier paths), else the shipped one."""
-    from mxcube_autocenter.centring.predictor import Predictor, PredictorError, load_predictor
+    run's own (``trained``: regressor and classifier paths), else the shipped one; each with ``ice_model`` (or
+    the shipped ice network)."""
+    from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 
     try:
         if given:
             return given, (scorecard.SHIPPED_MODEL if _is_shipped(given) else "given model file")
         if trained:
-            return Predictor(*trained), TRAINED_IN_RUN
-        return load_predictor(), scorecard.SHIPPED_MODEL
+            return load_predictor(*trained, ice_model), TRAINED_IN_RUN
+        return load_predictor(ice_path=ice_model), scorecard.SHIPPED_MODEL
     except PredictorError as err:
         raise DemoError(f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
                         "--model MODEL.keras") from err

@@ -88,18 +88,6 @@ def test_auto_centring_runs_the_ml_procedure_with_the_standard_signals(beamline,
     assert_responsive(gaps)  # the UI stays responsive
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory):
-    """A small real crystal/empty classifier trained for one epoch on virtual-beamline crops."""
-    from mxcube_autocenter.learning.synthetic import synthetic_dataset
-    from mxcube_autocenter.learning.training import train_classifier
-
-    root = tmp_path_factory.mktemp("tiny_classifier")
-    synthetic_dataset(root / "data.h5", n_samples=6, seed=2, crops_per_sample=16, stored_crop_um=240, progress=False)
-    return train_classifier(root / "data.h5", root / "model", crop_um=120, input_size=48, epochs=1, batch_size=16,
-                            verbose=0).model_path  # fmt: skip
-
-
 def test_the_classifier_gives_each_view_a_crystal_probability_and_can_veto(beamline, autocenter, tiny_model,
                                                                            tiny_classifier):  # fmt: skip
     autocenter.predictor = load_predictor(tiny_model, tiny_classifier)
@@ -114,6 +102,23 @@ def test_the_classifier_gives_each_view_a_crystal_probability_and_can_veto(beaml
     autocenter.config.min_crystal_probability = 1.0
     result = autocenter.centre(save=False)
     assert not result.success and "crystal probability" in result.message and "min_crystal_probability" in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_the_ice_network_asks_the_verification_view_at_the_beam_and_can_veto(beamline, autocenter, tiny_model,
+                                                                              tiny_ice_model):  # fmt: skip
+    autocenter.predictor = load_predictor(tiny_model, None, tiny_ice_model)
+    mount_at_start(beamline)
+    autocenter.config.verify_min_score = 0.0  # the verification view is never the blind one: it is always judged
+    autocenter.config.max_ice_probability = 1.0
+    result = autocenter.centre(save=False)
+    assert result.success and 0.0 <= result.verification.ice_probability <= 1.0
+    assert all(view.ice_probability is None for view in result.angles)  # asked in focus only
+    # Every point is ice at a threshold of 0: the centring refuses, and the sample goes back.
+    start = positions(beamline)
+    autocenter.config.max_ice_probability = 0.0
+    result = autocenter.centre(save=False)
+    assert not result.success and "ice probability" in result.message and "max_ice_probability 0.0" in result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
@@ -362,8 +367,8 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
 
     from mxcube_autocenter.config import AutoCenterConfig
 
-    def view(score, probability=None):
-        return SimpleNamespace(score=score, crystal_probability=probability)
+    def view(score, probability=None, ice=None):
+        return SimpleNamespace(score=score, crystal_probability=probability, ice_probability=ice)
 
     settings = procedure.CentringSettings.from_config(AutoCenterConfig(**THREE_VIEWS))
     assert (settings.verify_centring, settings.verify_min_score, settings.min_score) == ("require", 2.0, 5.0)
@@ -381,8 +386,13 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
     assert procedure._why_not_verified(seen, view(-1e9), settings) == "the beam lies outside the sample in this view"
     assert not procedure.is_verified(seen, view(30.0, probability=0.2), settings)
     assert procedure.is_verified(seen, view(30.0, probability=0.9), settings)
-    # The blind view's crystal probability is no veto, in the verification view or in a fitted one.
+    # The ice network's veto: from max_ice_probability on.
+    assert settings.max_ice_probability == 0.5 and procedure.is_verified(seen, view(30.0, ice=0.49), settings)
+    assert procedure._why_not_verified(seen, view(30.0, ice=0.5), settings) == \
+        "ice probability 0.50 >= max_ice_probability 0.5"
+    # The blind view's crystal or ice probability is no veto, in the verification view or in a fitted one.
     assert procedure.is_verified(seen, view(0.3, probability=0.05), settings)
+    assert procedure.is_verified(seen, view(0.3, ice=0.99), settings)
     edge_on = [view(34.3, 0.6), view(0.4, 0.02), view(21.0, 0.5)]
     assert settings.min_crystal_probability == 0.5 and procedure.is_crystal(edge_on, settings)
     seen_by_all = [view(34.3, 0.6), view(12.0, 0.02), view(21.0, 0.5)]

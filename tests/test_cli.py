@@ -69,6 +69,10 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     assert main(["demo", "--out", str(out), "--model", str(tmp_path / "missing.keras")]) == 2
     err = capsys.readouterr().err
     assert "missing.keras: no such model file" in err and "given with --model" in err
+    # An ice network is checked before the training too, with or without --model.
+    assert main(["demo", "--out", str(out), "--ice-model", str(tmp_path / "ice.keras")]) == 2
+    err = capsys.readouterr().err
+    assert "ice.keras: no such model file" in err and "centring_ice_model property; --ice-model" in err
     assert main(["demo", "--quick", "--out", str(out), "--config", str(tmp_path / "nowhere")]) == 2
     assert "holds no beamline.yaml" in capsys.readouterr().err
     (out / "learning").mkdir()

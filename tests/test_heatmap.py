@@ -19,7 +19,7 @@ from mxcube_autocenter.centring.heatmap import (
 )
 from mxcube_autocenter.centring.loop import Roi, consistent_tips, extend_tip, find_loop, loop_roi, sample_mask
 from mxcube_autocenter.centring.peak import find_peak
-from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
+from mxcube_autocenter.centring.predictor import Predictor, PredictorError, load_predictor
 from mxcube_autocenter.geometry import sample_to_screen
 from mxcube_autocenter.simulation.render import Look, Renderer
 from mxcube_autocenter.simulation.sample import make_sample
@@ -186,6 +186,38 @@ def test_missing_or_wrong_model_is_refused(tmp_path, tiny_model):
     with pytest.raises(PredictorError, match=r"classifier.keras: no such model file.*\(the centring_classifier "
                                              r"property; --classifier on the command line\)"):  # fmt: skip
         load_predictor(tiny_model, tmp_path / "classifier.keras")
+
+
+def test_the_ice_network_and_the_classifier_are_not_taken_for_each_other(tmp_path, tiny_model, tiny_classifier,
+                                                                         tiny_ice_model):  # fmt: skip
+    # Both are classifiers: an ice network in the classifier's place would call every ice ball a crystal.
+    with pytest.raises(PredictorError, match=r"an ice network, not a crystal/empty classifier: give it as the "
+                                             r"centring_ice_model property"):  # fmt: skip
+        load_predictor(tiny_model, tiny_ice_model)
+    with pytest.raises(PredictorError, match=r"not an ice network: .*--label on_ice.*\(the centring_ice_model "
+                                             r"property; --ice-model on the command line\)"):  # fmt: skip
+        load_predictor(tiny_model, None, tiny_classifier)
+    with pytest.raises(PredictorError, match=r"ice.keras: no such model file.*\(the centring_ice_model property"):
+        load_predictor(tiny_model, None, tmp_path / "ice.keras")
+    predictor = Predictor(tiny_model, tiny_classifier, tiny_ice_model)
+    assert predictor.describe().endswith(f"classifier model.keras, ice network {Path(tiny_ice_model).name}")
+    frame, roi = frame_of(), Roi(500, 300, 900, 700)
+    assert 0.0 <= predictor.ice_probability(frame, (700.0, 500.0), roi, PPMM) <= 1.0
+    assert Predictor(tiny_model).ice_probability(frame, (700.0, 500.0), roi, PPMM) is None
+
+
+def test_heatmap_command_gives_the_ice_networks_word_on_the_best_point(tmp_path, capsys, tiny_model, tiny_ice_model):
+    import json
+
+    import cv2
+
+    from mxcube_autocenter.cli import main
+
+    image = str(tmp_path / "crystal.png")
+    cv2.imwrite(image, cv2.cvtColor(frame_of(1), cv2.COLOR_RGB2BGR))
+    assert main(["heatmap", image, "--pixels-per-mm", str(PPMM[0]), "--json", "--model", str(tiny_model),
+                 "--ice-model", str(tiny_ice_model)]) == 0  # fmt: skip
+    assert 0.0 <= json.loads(capsys.readouterr().out)["ice_probability"] <= 1.0
 
 
 def test_peak_is_the_smoothed_maximum():

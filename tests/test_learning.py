@@ -992,6 +992,51 @@ def test_label_option_learns_the_expected_counts_and_is_recorded(dataset_path, t
         train(recorded_only, "fcn", "log", str(tmp_path / "none"), label="rc_expected", **small)
 
 
+def test_a_point_is_on_ice_within_the_disc_a_ball_projects():
+    from types import SimpleNamespace
+
+    from mxcube_autocenter.geometry import centred_motors, sample_to_screen
+    from mxcube_autocenter.learning.synthetic import on_ice_ball
+
+    ball = (0.01, 0.02, 0.0, 0.015)  # (a, u, v) and radius, mm
+    motors, ppmm, beam = centred_motors((0.0, 0.0, 0.0)), (1000.0, 1000.0), (640.0, 512.0)
+    (centre,), _ = sample_to_screen([ball[:3]], motors, ppmm, beam)
+    inside, edge, outside = centre + (0.0, 14.0), centre + (15.0, 0.0), centre + (0.0, 16.0)  # 15 px radius
+    assert on_ice_ball(SimpleNamespace(ice=np.array([ball])), motors, ppmm, beam,
+                       [centre, inside, edge, outside]).tolist() == [True, True, True, False]  # fmt: skip
+    assert on_ice_ball(SimpleNamespace(ice=np.zeros((0, 4))), motors, ppmm, beam, [centre]).tolist() == [False]
+
+
+def test_the_ice_network_learns_the_on_ice_flag_and_is_evaluated_against_it(tmp_path):
+    from mxcube_autocenter.labelling.dataset import read_table
+    from mxcube_autocenter.learning.evaluate import evaluate
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+    from mxcube_autocenter.learning.training import load_model, train, train_classifier
+
+    path = str(tmp_path / "ice.h5")
+    synthetic_dataset(path, 8, 3, crops_per_sample=16, ice_fraction=1.0, line_fraction=0.1, ice_hit_fraction=0.5,
+                      progress=False)  # fmt: skip
+    small = dict(crop_um=80, input_size=SMALL, epochs=1, batch_size=16, seed=0, verbose=0)
+    result = train_classifier(path, str(tmp_path / "ice"), label="on_ice", **small)
+    _, info = load_model(result.model_path)
+    # The flag is set at 1: the crystal threshold of 5 spots would have made every row "not on ice".
+    assert info["label"] == "on_ice" and info["threshold"] == 1.0
+    assert "accuracy_expected" not in info["metrics"]["test"]  # counts say nothing of ice
+    report = evaluate(result.model_path, path, str(tmp_path / "report"), collections=1)
+    table = read_table(path)
+    rows = Split.from_config(info["split"]).indices(table.crystal_id)["test"]
+    assert sum(report["confusion"][1]) == int(table.extra["on_ice"][rows].sum())  # the real positives: on ice
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| on ice share (on_ice >= 1) |" in text and "| real \\ predicted | not on ice | on ice |" in text
+
+    with pytest.raises(ValueError, match="label 'on_ice' is a flag .* train a classifier"):
+        train(path, "fcn", "log", str(tmp_path / "regressor"), label="on_ice", **small)
+    with h5py.File(path, "a") as f:
+        del f["samples/on_ice"]
+    with pytest.raises(ValueError, match=r"ice.h5: the label on_ice needs .*the on_ice column .*write the set again"):
+        train_classifier(path, str(tmp_path / "none"), label="on_ice", **small)
+
+
 def test_a_views_positions_add_up_to_its_share_of_the_crops_per_sample():
     # Each kind rounded on its own, 3 positions with line and hit shares of 0.5 each made 4 rows.
     from mxcube_autocenter.learning.synthetic import position_counts
@@ -1016,12 +1061,17 @@ def test_position_kinds_of_a_synthetic_set(tmp_path):
     with h5py.File(path, "r") as f:
         kinds = f["samples/scan_type"].asstr()[()]
         expected = f["samples/rc_expected"][()]
+        on_ice = f["samples/on_ice"][()]
     assert len(kinds) == 60
     assert [np.sum(kinds == f"synthetic-{kind}") for kind in ("hit", "near", "ice", "region")] == [12, 12, 12, 12]
     # The beam on a crystal counts; the region around the loop is mostly liquid, stem and background; ice
     # gives no reflections, so its crops count as what lies beside or behind the ball.
     assert np.median(expected[kinds == "synthetic-hit"]) > 5 > np.median(expected[kinds == "synthetic-region"])
     assert np.median(expected[kinds == "synthetic-ice"]) < 1
+    # The ice network's label: the points put on a ball (a few clipped at the frame's edge or diffracting from a
+    # crystal behind it aside), never one that diffracts.
+    assert set(np.unique(on_ice)) <= {0.0, 1.0} and np.mean(on_ice[kinds == "synthetic-ice"]) > 0.8
+    assert not on_ice[expected >= 5].any()
     with pytest.raises(ValueError, match="at most 1"):
         synthetic_dataset(path, 1, 0, line_fraction=0.5, hit_fraction=0.3, near_fraction=0.3, progress=False)
 

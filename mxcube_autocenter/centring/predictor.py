@@ -18,6 +18,7 @@ from mxcube_autocenter.centring.heatmap import (
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 SHIPPED_REGRESSOR = MODELS_DIR / "default_regressor.keras"
 SHIPPED_CLASSIFIER = MODELS_DIR / "default_classifier.keras"
+SHIPPED_ICE_MODEL = MODELS_DIR / "default_ice.keras"
 
 
 class PredictorError(ValueError):
@@ -27,6 +28,9 @@ class PredictorError(ValueError):
 # Where each model is configured, for the messages.
 REGRESSOR_SETTING = "the centring_model property; --model on the command line"
 CLASSIFIER_SETTING = "the centring_classifier property; --classifier on the command line"
+ICE_SETTING = "the centring_ice_model property; --ice-model on the command line"
+# The label of the ice network (training.LABELS): a classifier of the beam on ice, not of a crystal.
+ICE_LABEL = "on_ice"
 
 
 def _load(path, setting: str):
@@ -39,8 +43,23 @@ def _load(path, setting: str):
     return model, info, info_spec(info)
 
 
+def _load_classifier(path, setting: str, ice: bool) -> tuple:
+    """``(path, model, input spec)`` of a crystal/empty classifier, or (``ice``) of an ice network."""
+    model, info, spec = _load(path, setting)
+    if info.get("task") == "classifier" and (info.get("label") == ICE_LABEL) == ice:
+        return Path(path), model, spec
+    if ice:
+        raise PredictorError(f"{path}: not an ice network: give a classifier trained with `mxcube-autocenter train "
+                             f"--arch classifier --label {ICE_LABEL}` ({setting})")
+    if info.get("label") == ICE_LABEL:
+        raise PredictorError(f"{path}: an ice network, not a crystal/empty classifier: give it as the "
+                             f"centring_ice_model property (--ice-model), or another classifier ({setting})")
+    raise PredictorError(f"{path}: not a crystal/empty classifier: give one trained with `mxcube-autocenter train "
+                         f"--arch classifier` or `fcn_classifier` ({setting})")
+
+
 class Predictor:
-    """Predicted reflection counts over a region of a frame, and a crystal check at a point.
+    """Predicted reflection counts over a region of a frame, and a crystal and an ice check at a point.
 
     Parameters
     ----------
@@ -50,9 +69,13 @@ class Predictor:
     classifier_path : path, optional
         Predicts the probability that a crop shows a crystal; evaluated on the
         one crop at the heatmap's peak, so it needs no dense form.
+    ice_path : path, optional
+        The ice network: predicts the probability that the beam at the
+        crop's centre is on an ice ball and on no crystal; evaluated at the
+        beam in the verification view, where the centred point is in focus.
     """
 
-    def __init__(self, regressor_path, classifier_path=None):
+    def __init__(self, regressor_path, classifier_path=None, ice_path=None):
         from mxcube_autocenter.learning import crops
         from mxcube_autocenter.learning.training import info_transform
 
@@ -69,20 +92,15 @@ class Predictor:
         except HeatmapError as err:
             raise PredictorError(f"{regressor_path}: {err} ({REGRESSOR_SETTING})") from err
         self.transform = info_transform(self.info)
-        self.classifier = None
-        if classifier_path:
-            model, info, spec = _load(classifier_path, CLASSIFIER_SETTING)
-            if info.get("task") != "classifier":
-                raise PredictorError(
-                    f"{classifier_path}: not a crystal/empty classifier: give one trained with `mxcube-autocenter "
-                    f"train --arch classifier` or `fcn_classifier` ({CLASSIFIER_SETTING})"
-                )
-            self.classifier = (Path(classifier_path), model, spec)
+        self.classifier = _load_classifier(classifier_path, CLASSIFIER_SETTING, ice=False) if classifier_path else None
+        self.ice = _load_classifier(ice_path, ICE_SETTING, ice=True) if ice_path else None
 
     def describe(self) -> str:
         text = f"regressor {self.regressor_path.name} ({self.info['architecture']['name']})"
         if self.classifier is not None:
             text += f", classifier {self.classifier[0].name}"
+        if self.ice is not None:
+            text += f", ice network {self.ice[0].name}"
         return text
 
 
@@ -108,21 +126,32 @@ class Predictor:
         the classifier's training crops were with their stored crop's (the
         heatmap's statistics also cover half a crop around it).
         """
-        if self.classifier is None:
+        return self._probability(self.classifier, frame, point, roi, pixels_per_mm)
+
+    def ice_probability(self, frame, point, roi, pixels_per_mm) -> float | None:
+        """The ice network's probability that the beam at ``point`` is on ice and on no crystal (None without one).
+
+        Normalised as :meth:`crystal_probability`.
+        """
+        return self._probability(self.ice, frame, point, roi, pixels_per_mm)
+
+    def _probability(self, classifier, frame, point, roi, pixels_per_mm) -> float | None:
+        if classifier is None:
             return None
-        _, model, spec = self.classifier
+        _, model, spec = classifier
         region = frame[roi.y0 : roi.y1, roi.x0 : roi.x1]
         crop = self._crops.model_input(frame, point, pixels_per_mm, spec, region=region)
         return float(np.asarray(model(crop[None], training=False))[0, 0])
 
 
-def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
+def load_predictor(regressor_path=None, classifier_path=None, ice_path=None) -> Predictor:
     """The centring models: the configured files, or the ones shipped in ``models/``.
 
     With no (or an empty) ``regressor_path``, ``models/default_regressor.keras``;
     with no (or an empty) ``classifier_path``, ``models/default_classifier.keras``
     where it exists, else no classifier (empty loops are then refused by
-    ``min_score`` alone).
+    ``min_score`` alone); with no (or an empty) ``ice_path``,
+    ``models/default_ice.keras`` where it exists, else no ice network.
 
     Raises
     ------
@@ -139,4 +168,6 @@ def load_predictor(regressor_path=None, classifier_path=None) -> Predictor:
         )
     if not classifier_path and SHIPPED_CLASSIFIER.exists():  # an empty XML property means the shipped one too
         classifier_path = SHIPPED_CLASSIFIER
-    return Predictor(regressor_path, classifier_path)
+    if not ice_path and SHIPPED_ICE_MODEL.exists():
+        ice_path = SHIPPED_ICE_MODEL
+    return Predictor(regressor_path, classifier_path, ice_path)

@@ -130,6 +130,8 @@ class AngleResult:
     score: float
     crystal_probability: float | None
     motors: dict | None = None
+    # The ice network's word on the beam, asked in the verification view only.
+    ice_probability: float | None = None
     sample_frame: dict | None = None
     heatmap: object = field(repr=False, default=None)
     mask: np.ndarray = field(repr=False, default=None)
@@ -211,6 +213,7 @@ class CentringSettings:
     blind_views: int
     verify_min_score: float
     min_crystal_probability: float
+    max_ice_probability: float
     no_crystal_fallback: str
     pin_side: str
     max_displacement_mm: float
@@ -823,7 +826,7 @@ def verify(bl: CentringHardware, predictor, settings: CentringSettings, turn_deg
     angle = _score_angle(predictor, settings, frame, tip, ppmm, motors, directions, timings)
     peak = angle.point
     angle.point = tuple(float(v) for v in beam)
-    angle.score, angle.crystal_probability = _in_thread(_scores_at, predictor, angle, ppmm)
+    angle.score, angle.crystal_probability, angle.ice_probability = _in_thread(_scores_at, predictor, angle, ppmm)
     timings["verify_s"] = time.perf_counter() - t
     off_um = 1000.0 * np.hypot((peak[0] - beam[0]) / ppmm[0], (peak[1] - beam[1]) / ppmm[1])
     at_beam = "the beam outside the sample" if outside(angle.score) else f"score {angle.score:.1f} at the beam"
@@ -832,9 +835,9 @@ def verify(bl: CentringHardware, predictor, settings: CentringSettings, turn_deg
 
 
 def _scores_at(predictor, angle: AngleResult, pixels_per_mm) -> tuple:
-    """A view's smoothed prediction and crystal probability at its ``point``."""
-    probability = predictor.crystal_probability(angle.frame, angle.point, angle.roi, pixels_per_mm)
-    return value_at(angle.view(), angle.point), probability
+    """A view's smoothed prediction, crystal probability and ice probability at its ``point``."""
+    at = (angle.frame, angle.point, angle.roi, pixels_per_mm)
+    return value_at(angle.view(), angle.point), predictor.crystal_probability(*at), predictor.ice_probability(*at)
 
 
 def _unverified(bl: CentringHardware, result: CentringResult, settings: CentringSettings, start: dict, pixels_per_mm,
@@ -939,8 +942,11 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     are those of the point chosen as their best, so they read high; the
     verification's, read at the beam, is not chosen, so it misses the point
     only below the lower ``verify_min_score``. With a classifier, its
-    probability at the beam must reach ``min_crystal_probability``, unless
-    the view is taken as the blind view.
+    probability at the beam must reach ``min_crystal_probability``, and with
+    an ice network, its probability of ice at the beam must stay below
+    ``max_ice_probability`` (the point centred is in focus here, where an ice
+    ball looks least like a crystal), unless the view is taken as the blind
+    view.
 
     Parameters
     ----------
@@ -1005,6 +1011,8 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     if check.crystal_probability is not None and not check.crystal_probability >= settings.min_crystal_probability:
         return f"crystal probability {check.crystal_probability:.2f} < min_crystal_probability " \
                f"{settings.min_crystal_probability}"
+    if check.ice_probability is not None and not check.ice_probability < settings.max_ice_probability:
+        return f"ice probability {check.ice_probability:.2f} >= max_ice_probability {settings.max_ice_probability}"
     return None
 
 

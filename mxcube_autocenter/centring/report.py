@@ -130,6 +130,8 @@ def overlay(angle: AngleResult, beam_position, alpha=0.45, crystal_found=True) -
         label += "  no crystal found"
     if angle.crystal_probability is not None:
         label += f"  p(crystal) {angle.crystal_probability:.2f}"
+    if angle.ice_probability is not None:
+        label += f"  p(ice) {angle.ice_probability:.2f}"
     cv2.putText(image, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
     return image
 

@@ -39,6 +39,7 @@ from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.data import check_crop_fits, row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
 from mxcube_autocenter.learning.training import (  # noqa: E402
+    COUNT_LABELS,
     DEFAULT_LABEL,
     classifier_metrics,
     expected_count_metrics,
@@ -244,16 +245,16 @@ def _scatter(path, real, pred, title):
     return os.path.basename(path)
 
 
-def _confusion(path, confusion, threshold):
+def _confusion(path, confusion, real: str, classes):
     fig, ax = plt.subplots(figsize=(4, 3.6))
     m = np.asarray(confusion)
     ax.imshow(m, cmap="Blues")
     for (r, c), v in np.ndenumerate(m):
         ax.text(c, r, str(v), ha="center", va="center", color="black", fontsize=12)
-    ax.set_xticks([0, 1], ["empty", "crystal"])
-    ax.set_yticks([0, 1], ["empty", "crystal"])
+    ax.set_xticks([0, 1], list(classes))
+    ax.set_yticks([0, 1], list(classes))
     ax.set_xlabel("predicted")
-    ax.set_ylabel(f"real (rc >= {threshold:g})")
+    ax.set_ylabel(f"real ({real})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -442,9 +443,14 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
                                         transform.inverse)
     else:
         threshold = float(info["threshold"])
-        truth = rc >= threshold
+        # A crystal/empty classifier against the recorded counts; the ice network against its flag.
+        flag = info["label"] not in COUNT_LABELS
+        truth = (label_counts(table, info["label"], dataset_path)[rows] if flag else rc) >= threshold
+        real = f"{info['label']} >= {threshold:g}" if flag else f"rc >= {threshold:g}"
+        positive, negative = ("on ice", "not on ice") if flag else ("crystal", "empty")
         metrics = classifier_metrics(truth, raw)
-        metrics.update(expected_count_metrics(table, rows, raw, threshold))
+        if not flag:
+            metrics.update(expected_count_metrics(table, rows, raw, threshold))
         metrics.update(subset=subset, threshold=threshold)
         metrics["accuracy_ci95"] = crystal_interval(crystals, lambda r: classifier_metrics(truth[r], raw[r])["accuracy"])
         if "accuracy_expected" in metrics:
@@ -453,17 +459,18 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         lines += ["| metric | value |", "|---|---|",
                   f"| accuracy | {value_cell(metrics['accuracy'], metrics['accuracy_ci95'], '{:.3f}')} |",
                   f"| balanced accuracy | {format_cell(metrics['balanced_accuracy'], '{:.3f}')} |",
-                  f"| recall of crystals / of empty crops | {format_cell(metrics['recall_crystal'], '{:.3f}')} / "
-                  f"{format_cell(metrics['recall_empty'], '{:.3f}')} |",
+                  f"| recall of {positive} / of {negative} crops | {format_cell(metrics['recall_crystal'], '{:.3f}')}"
+                  f" / {format_cell(metrics['recall_empty'], '{:.3f}')} |",
                   *([f"| accuracy against the expected counts | "
                      f"{value_cell(metrics['accuracy_expected'], metrics['accuracy_expected_ci95'], '{:.3f}')} |"]
                     if "accuracy_expected" in metrics else []),
-                  f"| crystal share (rc >= {threshold:g}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |",
+                  f"| {positive} share ({real}) | {format_cell(metrics['positive_fraction'], '{:.3f}')} |",
                   *interval_note(crystals, metrics["accuracy_ci95"], metrics.get("accuracy_expected_ci95"))]
         (tn, fp), (fn, tp) = metrics["confusion"]
-        lines += ["| real \\ predicted | empty | crystal |", "|---|---|---|",
-                  f"| empty | {tn} | {fp} |", f"| crystal | {fn} | {tp} |", ""]
-        figures["confusion"] = _confusion(os.path.join(out_dir, "confusion.png"), metrics["confusion"], threshold)
+        lines += [f"| real \\ predicted | {negative} | {positive} |", "|---|---|---|",
+                  f"| {negative} | {tn} | {fp} |", f"| {positive} | {fn} | {tp} |", ""]
+        figures["confusion"] = _confusion(os.path.join(out_dir, "confusion.png"), metrics["confusion"], real,
+                                          (negative, positive))
         mistaken = truth != (raw >= 0.5)
         collection_lines, collection_records = _collection_table(table, rows, collection_shares(
             table.scan_id[rows], mistaken), {
@@ -472,9 +479,10 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         }, collections)
         wrong = np.flatnonzero(mistaken)
         wrong = wrong[np.argsort(np.abs(raw[wrong] - truth[wrong]))[::-1]][:gallery]
-        captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" for j in wrong]
+        captions = [f"rc {rc[j]:.0f} / p {raw[j]:.2f}" + (f" ({info['label']} {int(truth[j])})" if flag else "")
+                    for j in wrong]
         figures["misclassified"] = _gallery(os.path.join(out_dir, "gallery_misclassified.png"), table, rows[wrong], spec,
-                                            captions, "misclassified (real count / crystal probability)")
+                                            captions, f"misclassified (real count / {positive} probability)")
     metrics["rows_of_training_crystals"] = seen
     lines += collection_lines
     metrics["collections"] = collection_records

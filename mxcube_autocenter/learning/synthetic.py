@@ -28,7 +28,10 @@ which shifts the image, so the ``stored_crop_um`` square around the point's
 position in that frame stands for the crop the camera would show (as each
 crop of a centring's heatmap does); it is stored as JPEG. The label is a
 Poisson draw of the ground-truth expected reflection count with the beam on
-that point (also stored, as ``rc_expected``). The file follows the dataset
+that point (also stored, as ``rc_expected``); ``on_ice`` marks the points
+where the beam's centre falls on an ice ball and finds no crystal (fewer
+than :data:`ICE_MAX_RC` expected spots), what a network learns to veto an
+ice ball taken for a crystal. The file follows the dataset
 contract of :mod:`.data`; the crystal id is the sample's (one id per
 sample, empty loops included), so the split by crystal keeps every sample in
 one subset.
@@ -58,6 +61,9 @@ DATASET_FORMAT_VERSION = 1
 # Spread of the "near" points around a crystal point, um on screen: a few beam widths (the beam is 20 x 5 um),
 # so that about half of them fall off a needle or a small crystal and the rest on it.
 NEAR_SIGMA_UM = 20.0
+# Fewer expected spots than the crystal/empty classifier's threshold (training.DEFAULT_THRESHOLD): an ice ball in
+# front of a crystal still diffracts, and a point there is no ice to veto.
+ICE_MAX_RC = 5.0
 
 
 def _crystal_point(sample, rng):
@@ -79,6 +85,30 @@ def ice_offset(sample, motors, rng) -> np.ndarray:
     xy, _ = sample_to_screen(ball[None, :3], motors, (1.0, 1.0), (0.0, 0.0))
     radius, angle = ball[3] * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
     return xy[0] + radius * np.array([np.cos(angle), np.sin(angle)])
+
+
+def on_ice_ball(sample, motors, pixels_per_mm, beam, positions) -> np.ndarray:
+    """Whether each screen position lies on the disc an ice ball of ``sample`` projects, (N,) bool.
+
+    Parameters
+    ----------
+    sample : Sample
+        Its ``ice`` rows are ``(a, u, v, radius)`` in mm.
+    motors : dict
+        Centring motor positions (omega in degrees, translations in mm).
+    pixels_per_mm : (float, float)
+        Image scale, px/mm.
+    beam : (float, float)
+        Beam position on screen, px.
+    positions : (N, 2) array_like
+        Screen positions, px.
+    """
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    if not len(sample.ice):
+        return np.zeros(len(positions), dtype=bool)
+    centres, _ = sample_to_screen(sample.ice[:, :3], motors, pixels_per_mm, beam)
+    offset_mm = (positions[:, None, :] - centres[None]) / np.asarray(pixels_per_mm, dtype=np.float64)
+    return (np.linalg.norm(offset_mm, axis=2) <= sample.ice[None, :, 3]).any(axis=1)
 
 
 def virtual_sample(sample_seed, look_seed, *, random_looks=True, frame_size=(1280, 1024), empty_fraction=0.15,
@@ -149,7 +179,7 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
     label_rng = np.random.default_rng(label_seed)
     crystal_id = f"sim-{int(sample_seed):06d}"
     rows = {name: [] for name in ("image", "beam_xy", "pixels_per_mm", "zoom", "omega", "rc", "rc_expected",
-                                  "scan_id", "crystal_id", "scan_type", "timestamp", "detector_frame",
+                                  "on_ice", "scan_id", "crystal_id", "scan_type", "timestamp", "detector_frame",
                                   "recording_frame")}
     per_omega = np.diff(np.linspace(0, crops_per_sample, omegas_per_sample + 1).round().astype(int))
     for j, n_points in enumerate(per_omega):
@@ -187,6 +217,7 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
         frame = renderer.render(sample, motors0, ppmm, beam)
         positions = np.clip(beam + np.asarray(offsets).reshape(-1, 2) * np.asarray(ppmm), 0, (width - 1, height - 1))
         expected = model.expected_rc_on_screen(motors0, ppmm, beam, positions)
+        on_ice = on_ice_ball(sample, motors0, ppmm, beam, positions) & (expected < ICE_MAX_RC)
         scan_id = f"{crystal_id}-w{j}"
         side_px = crops.crop_side_px(stored_crop_um, ppmm)
         for i, (position, kind) in enumerate(zip(positions, kinds)):
@@ -201,6 +232,7 @@ def _sample_rows(k, sample_seed, look_seed, *, crops_per_sample, omegas_per_samp
             rows["omega"].append(omega)
             rows["rc"].append(float(label_rng.poisson(expected[i])))
             rows["rc_expected"].append(float(expected[i]))
+            rows["on_ice"].append(float(on_ice[i]))
             rows["scan_id"].append(scan_id)
             rows["crystal_id"].append(crystal_id)
             rows["scan_type"].append("Helical" if kind == "line" else f"synthetic-{kind}")
@@ -407,7 +439,8 @@ def synthetic_dataset(
                   ice_fraction=ice_fraction, line_fraction=line_fraction, hit_fraction=hit_fraction,
                   near_fraction=near_fraction, ice_hit_fraction=ice_hit_fraction, region_fraction=region_fraction)
     provenance = set_provenance("mxcube_autocenter.learning.synthetic.synthetic_dataset", seed, n_samples, kwargs,
-                                zoom="1-based index into zoom_levels (px/um)")
+                                zoom="1-based index into zoom_levels (px/um)",
+                                on_ice=f"1 where the beam's centre lies on an ice ball and rc_expected < {ICE_MAX_RC:g}, else 0")
     columns = {
         "image": (JPEG, ()),
         "beam_xy": (np.float64, (2,)),
@@ -416,6 +449,7 @@ def synthetic_dataset(
         "omega": (np.float64, ()),
         "rc": (np.float64, ()),
         "rc_expected": (np.float64, ()),
+        "on_ice": (np.float64, ()),
         "scan_id": (TEXT, ()),
         "crystal_id": (TEXT, ()),
         "scan_type": (TEXT, ()),

@@ -76,8 +76,10 @@ FINE_TUNE_LEARNING_RATE = 1e-4
 DEFAULT_TRANSFORM = "log"
 # The counts a model learns: "rc", the reflection count as recorded (on a beamline, and in the synthetic sets a
 # Poisson draw of the expected count), or "rc_expected", the simulator's noise-free expected count (synthetic
-# sets only), which spares the model the Poisson noise.
-LABELS = ("rc", "rc_expected")
+# sets only), which spares the model the Poisson noise. Or a flag of the synthetic sets that a classifier learns:
+# "on_ice", the beam on an ice ball and on no crystal (the ice network that vetoes a centring on ice).
+COUNT_LABELS = ("rc", "rc_expected")
+LABELS = (*COUNT_LABELS, "on_ice")
 DEFAULT_LABEL = "rc"
 
 
@@ -425,15 +427,16 @@ def predict_rows(model, table: Table, rows, spec: crops.CropSpec, batch_size=64)
 
 
 def label_counts(table: Table, label: str, dataset_path) -> np.ndarray:
-    """The counts a model learns from: ``table.rc`` or the ground-truth ``rc_expected`` column."""
+    """The values a model learns from: ``table.rc``, or the ground-truth ``rc_expected`` or ``on_ice`` column."""
     if label == "rc":
         return table.rc
-    if "rc_expected" not in table.extra:
-        raise DatasetError(
-            f"{dataset_path}: the label rc_expected needs the ground-truth expected counts (the rc_expected column "
-            "that `mxcube-autocenter synthesize` writes), and this dataset has none: use the label rc (--label rc)"
-        )
-    return _checked_counts(table.extra["rc_expected"], "rc_expected", dataset_path)
+    if label not in table.extra:
+        what = "expected counts" if label == "rc_expected" else "flags of the beam on ice"
+        instead = ": use the label rc (--label rc)" if label == "rc_expected" else \
+            ": write the set again with `mxcube-autocenter synthesize`"
+        raise DatasetError(f"{dataset_path}: the label {label} needs the ground-truth {what} (the {label} column "
+                           f"that `mxcube-autocenter synthesize` writes), and this dataset has none{instead}")
+    return _checked_counts(table.extra[label], label, dataset_path)
 
 
 def _checked_counts(counts, column: str, dataset_path) -> np.ndarray:
@@ -483,7 +486,14 @@ def _fit(
     initial_model=None,
 ) -> TrainResult:
     if label not in LABELS:
-        raise ValueError(f"label {label!r}: choose one of {LABELS} (rc_expected only for synthetic datasets)")
+        raise ValueError(f"label {label!r}: choose one of {LABELS} (rc_expected and on_ice only for synthetic "
+                         "datasets)")
+    if label not in COUNT_LABELS:
+        if task != "classifier":
+            raise ValueError(f"label {label!r} is a flag (0 or 1), not a count: train a classifier (--arch "
+                             "classifier) on it")
+        # A flag is set at 1: the crystal threshold's default of 5 spots would make every row negative.
+        threshold = 1.0 if threshold is None else threshold
     # Before the initial model loads: loading draws from the random streams the new network's weights and
     # dropout take theirs from.
     keras.utils.set_random_seed(int(seed))
@@ -598,15 +608,17 @@ def _fit(
     for name in ("validation", "test"):
         rows = idx[name]
         raw = predict_rows(model, table, rows, spec)
-        # Figures against the drawn counts (what a beamline measures) whatever the label, and against the
-        # expected counts where the dataset has them.
+        # Figures against the drawn counts (what a beamline measures) whatever count the model learnt, and
+        # against the expected counts where the dataset has them; a flag's against the flag.
         if task == "regression":
             pred = transform.inverse(raw)
             results[name] = regression_metrics(table.rc[rows], pred, targets[rows], raw)
             results[name].update(expected_count_metrics(table, rows, pred))
-        else:
+        elif label in COUNT_LABELS:
             results[name] = classifier_metrics(table.rc[rows] >= threshold, raw)
             results[name].update(expected_count_metrics(table, rows, raw, threshold))
+        else:
+            results[name] = classifier_metrics(counts[rows] >= threshold, raw)
 
     training = {**settings, "epochs_run": len(hist.get("loss", [])), "best_epoch": best_epoch,
                 "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2)}
@@ -1110,7 +1122,10 @@ def train_classifier(
     counts ``label`` names (``"rc"``: the recorded ones; ``"rc_expected"``:
     the noise-free expected ones of a synthetic dataset). The metrics give
     the accuracy against the recorded counts, and (``accuracy_expected``)
-    against the expected ones where the dataset has them. ``initial_model``
+    against the expected ones where the dataset has them. With ``label``
+    ``"on_ice"`` (a synthetic dataset's flag of the beam on ice, threshold 1
+    by default) it is the ice network that vetoes a centring on ice, and
+    its metrics are against that flag. ``initial_model``
     fine-tunes a classifier file with the same threshold and input, or, with
     ``arch="fcn_classifier"``, starts from an ``fcn`` regressor with the same
     input (:func:`transfer_regressor`).
