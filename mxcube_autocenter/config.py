@@ -146,7 +146,7 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     )
     max_ice_probability: float = Field(
         default=0.5, ge=0, le=1,
-        description="Ice network probability at the beam in the verification view from which the point is taken "
+        description="Ice network probability at the beam in the verification view above which the point is taken "
         "for an ice ball, not a crystal; 1: never.",
     )
     no_crystal_fallback: Literal["none", "loop"] = Field(

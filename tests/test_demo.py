@@ -275,13 +275,15 @@ def test_the_shipped_model_given_by_its_path_is_the_shipped_model(tmp_path, monk
     # `make demo` and `demo --model <the shipped file>` centre with one model: `scorecard` must pool them.
     import shutil
 
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, Predictor
+    from mxcube_autocenter.centring.predictor import SHIPPED_ICE_MODEL, SHIPPED_REGRESSOR, Predictor, load_predictor
     from mxcube_autocenter.demo import _is_shipped
 
     monkeypatch.chdir(tmp_path)
-    assert _is_shipped(Predictor(os.path.relpath(SHIPPED_REGRESSOR)))
+    assert _is_shipped(load_predictor(os.path.relpath(SHIPPED_REGRESSOR)))
     shutil.copy(SHIPPED_REGRESSOR, tmp_path / "copy.keras")
-    assert not _is_shipped(Predictor("copy.keras"))
+    assert not _is_shipped(load_predictor("copy.keras"))
+    # The shipped regressor without the shipped ice network centres otherwise.
+    assert _is_shipped(Predictor(SHIPPED_REGRESSOR)) == (not SHIPPED_ICE_MODEL.exists())
 
 
 def test_a_failed_centring_is_no_refusal_and_shoots_nothing():

@@ -943,7 +943,7 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     verification's, read at the beam, is not chosen, so it misses the point
     only below the lower ``verify_min_score``. With a classifier, its
     probability at the beam must reach ``min_crystal_probability``, and with
-    an ice network, its probability of ice at the beam must stay below
+    an ice network, its probability of ice at the beam must not exceed
     ``max_ice_probability`` (the point centred is in focus here, where an ice
     ball looks least like a crystal), unless the view is taken as the blind
     view.
@@ -1011,8 +1011,8 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     if check.crystal_probability is not None and not check.crystal_probability >= settings.min_crystal_probability:
         return f"crystal probability {check.crystal_probability:.2f} < min_crystal_probability " \
                f"{settings.min_crystal_probability}"
-    if check.ice_probability is not None and not check.ice_probability < settings.max_ice_probability:
-        return f"ice probability {check.ice_probability:.2f} >= max_ice_probability {settings.max_ice_probability}"
+    if check.ice_probability is not None and not check.ice_probability <= settings.max_ice_probability:  # NaN: ice
+        return f"ice probability {check.ice_probability:.2f} > max_ice_probability {settings.max_ice_probability}"
     return None
 
 
