@@ -188,6 +188,23 @@ def stream_frame(image, args, video_mode=None, depth=None):
     return image
 
 
+def clock_origin(tries: int = 5) -> tuple[float, float]:
+    """``(time.time(), time.monotonic())`` as at one moment, s.
+
+    Another thread may take the GIL between two clock reads (5 ms at a
+    time, Python's switch interval, on a loaded machine), and every frame's
+    wall-clock time, counted from this pair, would be off by as much. So the
+    wall clock is read between two monotonic reads, their midpoint taken,
+    and the closest of a few such triples kept.
+    """
+    best = None
+    for _ in range(tries):
+        before, wall, after = time.monotonic(), time.time(), time.monotonic()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall, 0.5 * (before + after))
+    return best[1], best[2]
+
+
 def payload_reference(image):
     """An ``imageReceived`` payload as kept to compare the next with: a copy where the camera may reuse its buffer."""
     return bytes(image) if isinstance(image, (bytearray, memoryview)) else image
@@ -361,7 +378,7 @@ class CollectionRecorder:
         self._last_frame_time = time.monotonic()
         self._last_received = None
         self._bit_depth = BitDepth()  # decoded on the writer's one thread, in order
-        self._clock_origin = (time.time(), self._last_frame_time)
+        self._clock_origin = clock_origin()
         self._streamed = streamed
         self._video_mode = video_mode
         self._tasks.append(gevent.spawn(self._watch, writer, cfg.record_camera_timeout_s))

@@ -738,6 +738,27 @@ def test_motors_read_over_a_network_do_not_slow_the_camera_down(beamline, autoce
     assert len(holds) >= summary.frames_kept and np.mean(holds) < 0.015, (len(holds), np.mean(holds), max(holds))
 
 
+def test_the_clock_origin_is_read_as_at_one_moment_when_another_thread_takes_the_gil_between_reads(monkeypatch):
+    # Read one after the other, a GIL switch between the two reads (5 ms) put every frame's time 5 ms early.
+    from mxcube_autocenter import collection_recorder
+
+    now, reads = [100.0], []
+
+    def read(offset):
+        def clock():
+            reads.append(offset)
+            if len(reads) == 2:  # the first wall-clock read comes 5 ms late
+                now[0] += 0.005
+            now[0] += 1e-6
+            return now[0] + offset
+        return clock
+
+    monkeypatch.setattr(collection_recorder.time, "monotonic", read(0.0))
+    monkeypatch.setattr(collection_recorder.time, "time", read(1.7e9))
+    wall, monotonic = collection_recorder.clock_origin()
+    assert abs((wall - monotonic) - 1.7e9) < 2e-6
+
+
 def test_a_clock_step_during_a_collection_neither_skips_frames_nor_stops_the_recording(tmp_path, monkeypatch):
     """NTP may step the wall clock (time.time) by seconds: the frames must keep their rate and steady timestamps."""
     from types import SimpleNamespace
