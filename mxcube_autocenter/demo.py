@@ -953,7 +953,7 @@ def run_demo(
     """
     _check_gevent()
     from mxcube_autocenter.beamline import auto_centring, hardware_repository
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, PredictorError, load_predictor
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, PredictorError, check_ice_model, load_predictor
     from mxcube_autocenter.learning.training import load_model
 
     t_start = time.perf_counter()
@@ -989,7 +989,7 @@ def run_demo(
             if model:
                 given = load_predictor(model, classifier_model, ice_model)
             else:
-                load_predictor(ice_path=ice_model)  # checked now, not once the training is over
+                check_ice_model(ice_model)  # now, not once the training is over
         except PredictorError as err:
             raise DemoError(f"{err}\n(the model given with --model / --classifier / --ice-model)") from err
     try:

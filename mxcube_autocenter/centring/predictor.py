@@ -58,6 +58,11 @@ def _load_classifier(path, setting: str, ice: bool) -> tuple:
                          f"--arch classifier` or `fcn_classifier` ({setting})")
 
 
+def check_ice_model(path):
+    """Load ``path`` as an ice network, for its errors alone (:class:`PredictorError`), without a regressor."""
+    _load_classifier(path, ICE_SETTING, ice=True)
+
+
 class Predictor:
     """Predicted reflection counts over a region of a frame, and a crystal and an ice check at a point.
 
