@@ -294,6 +294,9 @@ def test_dense_fine_tuning_keeps_the_initial_transform(trained, regions_path, tm
     with pytest.raises(ValueError, match="initial model has transform 'log', not 'tanh'"):
         dense.train_dense(regions_path, tmp_path / "x", transform="tanh", epochs=1, verbose=0,
                           initial_model=trained.model_path)
+    # A region set holds counts: the ice network's flag is not among them (nor silently read as rc).
+    with pytest.raises(ValueError, match=r"label 'on_ice': choose one of \('rc', 'rc_expected'\)"):
+        dense.train_dense(regions_path, tmp_path / "ice", label="on_ice", epochs=1, verbose=0)
     # An epoch that changes nothing does not beat the starting weights: they are kept.
     same = dense.train_dense(regions_path, tmp_path / "same", epochs=1, batch_size=8, verbose=0, learning_rate=0.0,
                              initial_model=trained.model_path)

@@ -612,6 +612,8 @@ def test_model_files_without_metadata_or_with_a_wrong_shape_are_refused(trained,
                            "its metadata's split lacks 'test'"),
         "nameless": ({"architecture": {}}, "the architecture {} has no name"),
         "unknown_label": ({"label": "counts"}, "the label 'counts' is none of"),
+        # The ice network's flag is a classifier's to learn: a regressor of it would centre on ice.
+        "flag_regressor": ({"label": "on_ice"}, "a regressor of the label 'on_ice', a flag"),
         "listed_metrics": ({"metrics": []}, "metrics is a JSON list, not an object"),
         "shared_crystal": ({"split": {**trained.info["split"], "test": trained.info["split"]["train"][:1]}},
                            "crystals in both train and test"),
@@ -1031,6 +1033,14 @@ def test_the_ice_network_learns_the_on_ice_flag_and_is_evaluated_against_it(tmp_
 
     with pytest.raises(ValueError, match="label 'on_ice' is a flag .* train a classifier"):
         train(path, "fcn", "log", str(tmp_path / "regressor"), label="on_ice", **small)
+    # Nor does one start the other: its threshold of 1 would make a crystal of every spot.
+    with pytest.raises(ValueError, match=r"ice/model\.keras: the initial model is a classifier of the label 'on_ice', "
+                                         r"this one learns 'rc': give an initial classifier of 'rc'"):  # fmt: skip
+        train_classifier(path, str(tmp_path / "crystal_from_ice"), initial_model=result.model_path, **small)
+    crystal = train_classifier(path, str(tmp_path / "crystal"), **small)
+    with pytest.raises(ValueError, match="the initial model is a classifier of the label 'rc', this one learns "
+                                         "'on_ice'"):  # fmt: skip
+        train_classifier(path, str(tmp_path / "ice2"), label="on_ice", initial_model=crystal.model_path, **small)
     with h5py.File(path, "a") as f:
         del f["samples/on_ice"]
     with pytest.raises(ValueError, match=r"ice.h5: the label on_ice needs .*the on_ice column .*write the set again"):

@@ -29,8 +29,6 @@ class PredictorError(ValueError):
 REGRESSOR_SETTING = "the centring_model property; --model on the command line"
 CLASSIFIER_SETTING = "the centring_classifier property; --classifier on the command line"
 ICE_SETTING = "the centring_ice_model property; --ice-model on the command line"
-# The label of the ice network (training.LABELS): a classifier of the beam on ice, not of a crystal.
-ICE_LABEL = "on_ice"
 
 
 def _load(path, setting: str):
@@ -45,6 +43,8 @@ def _load(path, setting: str):
 
 def _load_classifier(path, setting: str, ice: bool) -> tuple:
     """``(path, model, input spec)`` of a crystal/empty classifier, or (``ice``) of an ice network."""
+    from mxcube_autocenter.learning.training import ICE_LABEL
+
     model, info, spec = _load(path, setting)
     if info.get("task") == "classifier" and (info.get("label") == ICE_LABEL) == ice:
         return Path(path), model, spec

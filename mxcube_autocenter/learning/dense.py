@@ -514,8 +514,8 @@ def train_dense(
     from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS
     from mxcube_autocenter.learning.transforms import get_transform
 
-    if label not in training.LABELS:
-        raise ValueError(f"label {label!r}: choose one of {training.LABELS}")
+    if label not in training.COUNT_LABELS:
+        raise ValueError(f"label {label!r}: choose one of {training.COUNT_LABELS} (a region set holds counts)")
     keras.utils.set_random_seed(int(seed))
     learning_rate = training.learning_rate_for(learning_rate, initial_model)
     out = str(out)
@@ -532,7 +532,7 @@ def train_dense(
                               normalisation=options["normalisation"])  # fmt: skip
         if initial is not None:
             training.check_initial(initial_model, initial_info, task="regression", arch="fcn", spec=spec,
-                                   transform_name=transform, threshold=None)  # fmt: skip
+                                   transform_name=transform, threshold=None, label=label)  # fmt: skip
         return spec
 
     if initial is not None:

@@ -79,7 +79,8 @@ DEFAULT_TRANSFORM = "log"
 # sets only), which spares the model the Poisson noise. Or a flag of the synthetic sets that a classifier learns:
 # "on_ice", the beam on an ice ball and on no crystal (the ice network that vetoes a centring on ice).
 COUNT_LABELS = ("rc", "rc_expected")
-LABELS = (*COUNT_LABELS, "on_ice")
+ICE_LABEL = "on_ice"
+LABELS = (*COUNT_LABELS, ICE_LABEL)
 DEFAULT_LABEL = "rc"
 
 
@@ -263,6 +264,8 @@ def load_model(path):
                              f"({architectures.task_of(arch)})")
         if info["label"] not in LABELS:
             raise ValueError(f"the label {info['label']!r} is none of {LABELS}")
+        if task == "regression" and info["label"] not in COUNT_LABELS:
+            raise ValueError(f"a regressor of the label {info['label']!r}, a flag: it is learnt by a classifier")
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         _refuse(path, f"invalid metadata ({err})", retrain)
     if tuple(model.output_shape) != (None, 1):
@@ -510,7 +513,7 @@ def _fit(
     spec = crops.CropSpec(**{k: options[k] for k in ("crop_um", "input_size", "colour", "normalisation")})
     if initial is not None:
         check_initial(initial_model, initial_info, task=task, arch=arch, spec=spec, transform_name=transform_name,
-                      threshold=threshold)  # fmt: skip
+                      threshold=threshold, label=label)  # fmt: skip
         if verbose:
             print(f"{'Starting from' if arch != initial_info['architecture']['name'] else 'Fine-tuning'} "
                   f"{initial_model}: {arch}, {spec.input_size} px crops of {spec.crop_um:g} um"
@@ -963,12 +966,19 @@ def initial_or_default(task, initial_info, **options) -> dict:
             for key, value in options.items()}  # fmt: skip
 
 
-def check_initial(path, info, *, task, arch, spec, transform_name, threshold):
-    """Refuse to fine-tune a model whose task, architecture, input or label transform differ.
+def check_initial(path, info, *, task, arch, spec, transform_name, threshold, label):
+    """Refuse to fine-tune a model whose task, architecture, input, label transform or kind of label differ.
 
-    The label may differ: recorded counts and the simulator's expected counts have the same mean. An
-    ``fcn_classifier`` may also start from an ``fcn`` regressor with the same input (:func:`transfer_regressor`).
+    A count label may replace the other: recorded counts and the simulator's expected counts have the same mean.
+    A classifier of a flag (the ice network) and one of counts (crystal/empty) are not each other's start: their
+    thresholds mean different things. An ``fcn_classifier`` may also start from an ``fcn`` regressor with the
+    same input (:func:`transfer_regressor`), whatever it is to learn.
     """
+    theirs_flag, ours_flag = info.get("label") not in COUNT_LABELS, label not in COUNT_LABELS
+    if task == "classifier" and info.get("task") == "classifier" and theirs_flag != ours_flag:
+        raise ValueError(f"{path}: the initial model is a classifier of the label {info.get('label')!r}, this one "
+                         f"learns {label!r}: give an initial classifier of {label!r} (or an fcn regressor, for an "
+                         "fcn_classifier), or none")  # fmt: skip
     if arch == "fcn_classifier" and info.get("task") == "regression":
         if info.get("architecture", {}).get("name") != "fcn":
             raise ValueError(f"{path}: an fcn_classifier starts from an fcn regressor, not from "
