@@ -1131,11 +1131,11 @@ def _choose_predictor(given, trained, ice_model) -> tuple:
     from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
 
     try:
-        if given:
-            return given, (scorecard.SHIPPED_MODEL if _is_shipped(given) else "given model file")
-        if trained:
+        if given is None and trained:
             return load_predictor(*trained, ice_model), TRAINED_IN_RUN
-        return load_predictor(ice_path=ice_model), scorecard.SHIPPED_MODEL
+        # The shipped regressor with another ice network is not the shipped models.
+        predictor = given if given is not None else load_predictor(ice_path=ice_model)
+        return predictor, (scorecard.SHIPPED_MODEL if _is_shipped(predictor) else "given model file")
     except PredictorError as err:
         raise DemoError(f"{err}\nThe demo needs a model to centre with: run it without --quick to train one, or pass "
                         "--model MODEL.keras") from err
@@ -1177,6 +1177,7 @@ def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor,
             # Absolute: `scorecard` tells runs of one model by these, whatever folder each ran in.
             "model": {"regressor": str(predictor.regressor_path.resolve()),
                       "classifier": str(predictor.classifier[0].resolve()) if predictor.classifier else None,
+                      "ice": str(predictor.ice[0].resolve()) if predictor.ice else None,
                       "source": source},  # fmt: skip
             "data": data,
             "timings_s": {},

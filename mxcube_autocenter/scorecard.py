@@ -529,7 +529,7 @@ def check_one_centring_model(scorecards, names) -> None:
             elif model.get("source") == SHIPPED_MODEL:  # one model wherever the package is installed
                 key = (f"the shipped {os.path.basename(str(model.get('regressor')))}",)
             else:
-                key = tuple(str(model[k]) for k in ("regressor", "classifier") if model.get(k))
+                key = tuple(str(model[k]) for k in ("regressor", "classifier", "ice") if model.get(k))
             runs_of.setdefault(key, []).append(str(name))
     if len(runs_of) > 1:
         groups = "; ".join(f"{' + '.join(key) or 'an unnamed model'}: {', '.join(runs)}"

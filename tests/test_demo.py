@@ -276,7 +276,7 @@ def test_the_shipped_model_given_by_its_path_is_the_shipped_model(tmp_path, monk
     import shutil
 
     from mxcube_autocenter.centring.predictor import SHIPPED_ICE_MODEL, SHIPPED_REGRESSOR, Predictor, load_predictor
-    from mxcube_autocenter.demo import _is_shipped
+    from mxcube_autocenter.demo import _choose_predictor, _is_shipped
 
     monkeypatch.chdir(tmp_path)
     assert _is_shipped(load_predictor(os.path.relpath(SHIPPED_REGRESSOR)))
@@ -284,6 +284,11 @@ def test_the_shipped_model_given_by_its_path_is_the_shipped_model(tmp_path, monk
     assert not _is_shipped(load_predictor("copy.keras"))
     # The shipped regressor without the shipped ice network centres otherwise.
     assert _is_shipped(Predictor(SHIPPED_REGRESSOR)) == (not SHIPPED_ICE_MODEL.exists())
+    # So does `demo --quick --ice-model <another>`, and `scorecard` must not pool it with the shipped runs.
+    assert _choose_predictor(None, None, None)[1] == scorecard.SHIPPED_MODEL
+    shutil.copy(SHIPPED_ICE_MODEL, tmp_path / "ice.keras")
+    predictor, source = _choose_predictor(None, None, "ice.keras")
+    assert source == "given model file" and predictor.ice[0] == Path("ice.keras")
 
 
 def test_a_failed_centring_is_no_refusal_and_shoots_nothing():

@@ -170,8 +170,8 @@ def test_pooled_learning_says_when_the_runs_centred_with_another_model_and_a_rep
 
 
 def test_runs_that_centred_with_different_models_are_not_pooled():
-    def card(source, regressor, classifier=None):
-        return {"model": {"source": source, "regressor": regressor, "classifier": classifier}}
+    def card(source, regressor, classifier=None, ice=None):
+        return {"model": {"source": source, "regressor": regressor, "classifier": classifier, "ice": ice}}
 
     one = [card("given model file", "m.keras"), card("given model file", "m.keras"), None]
     scorecard.check_one_centring_model(one, ["r0", "r1", "r2"])  # a run without a scorecard is not checked
@@ -179,6 +179,9 @@ def test_runs_that_centred_with_different_models_are_not_pooled():
     scorecard.check_one_centring_model(own, ["r0", "r1"])  # each its own trained model: one procedure
     with pytest.raises(ValueError, match=r"different models \(m.keras: r0; m.keras \+ c.keras: r1\): pool the runs"):
         scorecard.check_one_centring_model([one[0], card("given model file", "m.keras", "c.keras")], ["r0", "r1"])
+    # Another ice network vetoes other centrings.
+    with pytest.raises(ValueError, match=r"m.keras: r0; m.keras \+ i.keras: r1"):
+        scorecard.check_one_centring_model([one[0], card("given model file", "m.keras", ice="i.keras")], ["r0", "r1"])
     with pytest.raises(ValueError, match=r"each its own trained model: r1"):
         scorecard.check_one_centring_model([one[0], own[0]], ["r0", "r1"])
     # The shipped model is one model wherever the package is installed (a laptop, CI).
