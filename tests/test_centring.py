@@ -386,13 +386,15 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
     assert procedure._why_not_verified(seen, view(-1e9), settings) == "the beam lies outside the sample in this view"
     assert not procedure.is_verified(seen, view(30.0, probability=0.2), settings)
     assert procedure.is_verified(seen, view(30.0, probability=0.9), settings)
-    # The ice network's veto: above max_ice_probability (1: never), or NaN.
+    # The ice network's veto: above max_ice_probability, or NaN; at 1 it is off, NaN included.
     assert settings.max_ice_probability == 0.5 and procedure.is_verified(seen, view(30.0, ice=0.5), settings)
     assert procedure._why_not_verified(seen, view(30.0, ice=0.51), settings) == \
         "ice probability 0.51 > max_ice_probability 0.5"
-    assert not procedure.is_verified(seen, view(30.0, ice=float("nan")), settings)
+    assert procedure._why_not_verified(seen, view(30.0, ice=float("nan")), settings) == \
+        "ice probability NaN (no usable prediction) at the beam"
     never = procedure.CentringSettings.from_config(AutoCenterConfig(**THREE_VIEWS), max_ice_probability=1.0)
     assert procedure.is_verified(seen, view(30.0, ice=1.0), never)
+    assert procedure.is_verified(seen, view(30.0, ice=float("nan")), never)
     # The blind view's crystal or ice probability is no veto, in the verification view or in a fitted one.
     assert procedure.is_verified(seen, view(0.3, probability=0.05), settings)
     assert procedure.is_verified(seen, view(0.3, ice=0.99), settings)

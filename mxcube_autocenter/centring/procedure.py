@@ -545,8 +545,8 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
     bl : CentringHardware
     predictor : Predictor
         ``predict(frame, roi, pixels_per_mm, stride_px, symmetries) -> Heatmap`` of
-        reflection counts and ``crystal_probability(frame, point, roi,
-        pixels_per_mm) -> float or None``.
+        reflection counts, and ``crystal_probability`` and ``ice_probability``,
+        each ``(frame, point, roi, pixels_per_mm) -> float or None``.
     settings : CentringSettings
     log : logging.Logger, optional
 
@@ -798,8 +798,8 @@ def verify(bl: CentringHardware, predictor, settings: CentringSettings, turn_deg
     """Turn omega by ``turn_deg`` and score the beam position in a new view.
 
     The view's heatmap is predicted as in the fitted views; its smoothed
-    prediction at the beam (and the classifier's probability there) is what
-    :func:`is_verified` then judges.
+    prediction at the beam (and the classifier's and the ice network's
+    probabilities there) is what :func:`is_verified` then judges.
 
     Parameters
     ----------
@@ -945,8 +945,8 @@ def is_verified(angles, check: AngleResult, settings: CentringSettings) -> bool:
     probability at the beam must reach ``min_crystal_probability``, and with
     an ice network, its probability of ice at the beam must not exceed
     ``max_ice_probability`` (the point centred is in focus here, where an ice
-    ball looks least like a crystal), unless the view is taken as the blind
-    view.
+    ball looks least like a crystal; 1 turns this off), unless the view is
+    taken as the blind view.
 
     Parameters
     ----------
@@ -1011,8 +1011,11 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
     if check.crystal_probability is not None and not check.crystal_probability >= settings.min_crystal_probability:
         return f"crystal probability {check.crystal_probability:.2f} < min_crystal_probability " \
                f"{settings.min_crystal_probability}"
-    if check.ice_probability is not None and not check.ice_probability <= settings.max_ice_probability:  # NaN: ice
-        return f"ice probability {check.ice_probability:.2f} > max_ice_probability {settings.max_ice_probability}"
+    if check.ice_probability is not None and settings.max_ice_probability < 1:  # 1: the veto is off
+        if not np.isfinite(check.ice_probability):
+            return "ice probability NaN (no usable prediction) at the beam"
+        if check.ice_probability > settings.max_ice_probability:
+            return f"ice probability {check.ice_probability:.2f} > max_ice_probability {settings.max_ice_probability}"
     return None
 
 
