@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
 from mxcube_autocenter.cli import build_parser, main
 
 
@@ -73,6 +74,9 @@ def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_repor
     assert main(["demo", "--out", str(out), "--ice-model", str(tmp_path / "ice.keras")]) == 2
     err = capsys.readouterr().err
     assert "ice.keras: no such model file" in err and "centring_ice_model property; --ice-model" in err
+    assert main(["demo", "--out", str(out), "--model", str(SHIPPED_REGRESSOR), "--ice-model",
+                 str(tmp_path / "ice.keras")]) == 2  # fmt: skip
+    assert "ice.keras: no such model file" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(out), "--config", str(tmp_path / "nowhere")]) == 2
     assert "holds no beamline.yaml" in capsys.readouterr().err
     (out / "learning").mkdir()

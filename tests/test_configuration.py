@@ -11,7 +11,7 @@ import pytest
 from mxcubecore.BaseHardwareObjects import HardwareObjectNode
 
 from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtual_beamline_dir
-from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
+from mxcube_autocenter.centring.predictor import SHIPPED_ICE_MODEL, SHIPPED_REGRESSOR
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
 
@@ -309,17 +309,34 @@ def test_relative_paths_start_at_the_xml_files_folder(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     config = _config_with(tmp_path, "</object>", "<centring_model>models/site.keras</centring_model>"
+                                                 "<centring_ice_model>models/ice.keras</centring_ice_model>"
                                                  "<centring_save_directory>centrings</centring_save_directory></object>")
     (config / "models").mkdir()
     shutil.copy(SHIPPED_REGRESSOR, config / "models" / "site.keras")
+    shutil.copy(SHIPPED_ICE_MODEL, config / "models" / "ice.keras")
     with hardware_repository(config) as bl:
         ho = auto_centring(bl)
         assert ho.centring_error is None
         assert ho.predictor.regressor_path == config / "models" / "site.keras"
+        assert ho.predictor.ice[0] == config / "models" / "ice.keras"
         assert ho.config.centring_save_directory == str(config / "centrings")
         # A script's relative path starts there too, not where MXCuBE happens to run.
         ho.config.centring_save_directory = "reviews"
         assert ho.config.centring_save_directory == str(config / "reviews")
+
+
+def test_the_shipped_ice_network_is_asked_unless_another_is_configured(tmp_path, caplog):
+    with hardware_repository() as bl:
+        assert auto_centring(bl).predictor.ice[0] == SHIPPED_ICE_MODEL
+    # A crystal regressor given as the ice network: refused at start-up, MXCuBE's own centring kept.
+    config = _config_with(tmp_path, "</object>", f"<centring_ice_model>{SHIPPED_REGRESSOR}</centring_ice_model></object>")
+    with caplog.at_level(logging.ERROR, logger="HWR"):
+        with hardware_repository(config) as bl:
+            ho = auto_centring(bl)
+            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            result = ho.centre(save=False)
+    reason = f"{SHIPPED_REGRESSOR}: not an ice network"
+    assert not result.success and reason in result.message and "centring_ice_model property" in _logged(caplog)
 
 
 def test_a_model_folder_keeps_mxcubes_own_centring_and_names_the_file_in_it(tmp_path, caplog):
