@@ -362,8 +362,6 @@ def test_the_beamline_log_is_printed_once(tmp_path):
 
 
 def test_initial_model_shipped_names_the_shipped_regressor():
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
-
     args = build_parser().parse_args(["train", "set.h5", "--initial-model", "shipped"])
     assert args.initial_model == str(SHIPPED_REGRESSOR)
 
@@ -536,7 +534,6 @@ def test_a_folder_or_another_kind_of_file_for_an_hdf5_one_is_named_as_such(tmp_p
 
 def test_a_classifier_from_a_regressor_without_fcn_classifier_is_refused_naming_the_task(tmp_path):
     # The regressor's architecture was taken for the classifier's: "architecture 'fcn' is a regression model".
-    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
     from mxcube_autocenter.learning.training import train_classifier
 
     with pytest.raises(ValueError, match=r"the initial model has task 'regression' and architecture 'fcn', not "
