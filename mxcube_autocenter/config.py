@@ -147,7 +147,8 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
     max_ice_probability: float = Field(
         default=0.5, ge=0, le=1,
         description="Ice network probability at the beam in the verification view above which (or NaN) the point "
-        "is taken for an ice ball, not a crystal (with verify_centring 'require'); 1: never, the veto is off.",
+        "is taken for an ice ball, not a crystal: the verification fails (asked only with verify_centring on; 'report' "
+        "only warns); 1: never, the veto is off.",
     )
     no_crystal_fallback: Literal["none", "loop"] = Field(
         default="none", description="With no crystal found: 'none' (fail, no move) or 'loop' (centre the loop tip)."

@@ -1035,7 +1035,7 @@ def test_the_ice_network_learns_the_on_ice_flag_and_is_evaluated_against_it(tmp_
         train(path, "fcn", "log", str(tmp_path / "regressor"), label="on_ice", **small)
     # Nor does one start the other: its threshold of 1 would make a crystal of every spot.
     with pytest.raises(ValueError, match=r"ice/model\.keras: the initial model is a classifier of the label 'on_ice', "
-                                         r"this one learns 'rc': give an initial classifier of 'rc'"):  # fmt: skip
+                                         r"this one learns 'rc': give an initial classifier of counts \(rc or rc_expected\)"):  # fmt: skip
         train_classifier(path, str(tmp_path / "crystal_from_ice"), initial_model=result.model_path, **small)
     crystal = train_classifier(path, str(tmp_path / "crystal"), **small)
     with pytest.raises(ValueError, match="the initial model is a classifier of the label 'rc', this one learns "

@@ -977,7 +977,8 @@ def check_initial(path, info, *, task, arch, spec, transform_name, threshold, la
     theirs_flag, ours_flag = info.get("label") not in COUNT_LABELS, label not in COUNT_LABELS
     if task == "classifier" and info.get("task") == "classifier" and theirs_flag != ours_flag:
         raise ValueError(f"{path}: the initial model is a classifier of the label {info.get('label')!r}, this one "
-                         f"learns {label!r}: give an initial classifier of {label!r} (or an fcn regressor, for an "
+                         f"learns {label!r}: give an initial classifier of "
+                         f"{repr(label) if ours_flag else 'counts (rc or rc_expected)'} (or an fcn regressor, for an "
                          "fcn_classifier), or none")  # fmt: skip
     if arch == "fcn_classifier" and info.get("task") == "regression":
         if info.get("architecture", {}).get("name") != "fcn":
