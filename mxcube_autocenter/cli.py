@@ -423,13 +423,15 @@ def cmd_scorecard(args) -> int:
     runs = [_demo_samples(run) for run in args.runs]
     cards = [_demo_scorecard(run) for run in args.runs]
     scorecard.check_one_centring_model(cards, args.runs)
+    scorecard.check_one_centring_setup(cards, args.runs)
     methods = scorecard.summarise(scorecard.pool_outcomes(runs))
     methods = {name: figures for name, figures in methods.items() if figures["n"]}
     n = sum(len(rows) for rows in runs)
     n_empty = sum(not r.get("has_crystal") for rows in runs for r in rows)
     learning = scorecard.pool_learning(cards)
+    code = scorecard.code_versions(cards, args.runs)
     result = {"methods": methods, "learning": learning, "n_runs": len(runs), "n_samples": n, "n_empty": n_empty,
-              "targets": scorecard.check_targets(methods.get("ml", {}))}  # fmt: skip
+              "targets": scorecard.check_targets(methods.get("ml", {})), "code": code}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -444,6 +446,7 @@ def cmd_scorecard(args) -> int:
                   f"against the true counts, classifier accuracy "
                   f"{scorecard.format_cell(learning['classifier_accuracy_expected'], '{:.3f}')}, training "
                   f"{scorecard.format_cell(learning['train_s'], '{:.0f}')} s")
+        print("\nCode: " + "; ".join(f"{version} ({len(names)} run(s))" for version, names in code.items()))
     return 0
 
 

@@ -38,14 +38,14 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter import scorecard  # noqa: E402
+from mxcube_autocenter import code_version, scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, centred_motors, sample_to_screen  # noqa: E402
 from mxcube_autocenter.outputs import json_default, write_json_whole  # noqa: E402
@@ -782,7 +782,8 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     lines = [
         "# mxcube-autocenter demo on the virtual beamline", "",
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {settings['mode']}; {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}); {result['timings_s']['total']:.0f} s in all.", "",
+        f"({platform.processor() or platform.machine()}); {result['timings_s']['total']:.0f} s in all; "
+        f"mxcube-autocenter {result['code']}.", "",
         f"Centring model: `{_rel(result['model']['regressor'], out)}`"
         + (f" with classifier `{_rel(result['model']['classifier'], out)}`" if result["model"]["classifier"] else
            " (no classifier)") + f" ({result['model']['source']}).", "",
@@ -1056,6 +1057,8 @@ def run_demo(
                 learning = _model_file_learning(predictor)
             timings["load_model"] = time.perf_counter() - t
             _say(f"centring with {predictor.describe()} ({source})")
+            # What made the ML row, beside its models: `scorecard` pools only runs that centred alike.
+            provenance = {"centring": asdict(ho.centring_settings()), "code": code_version()}
 
             # 4. centre the held-out samples
             t = time.perf_counter()
@@ -1067,7 +1070,8 @@ def run_demo(
 
         # 5. score and report
         result = _score_and_report(out, outcomes, rows, thumbs, learning=learning, predictor=predictor, source=source,
-                                   data=data, settings=settings, timings=timings, t_start=t_start, progress=progress)
+                                   provenance=provenance, data=data, settings=settings, timings=timings,
+                                   t_start=t_start, progress=progress)  # fmt: skip
     return json.loads(json.dumps(result, default=json_default))
 
 
@@ -1151,8 +1155,8 @@ def _await_centring_records(centring_dir: Path, n: int, timeout_s: float = 30.0)
     gevent.sleep(0.5)
 
 
-def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor, source, data, settings, timings,
-                      t_start, progress) -> dict:
+def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor, source, provenance, data, settings,
+                      timings, t_start, progress) -> dict:
     """Step 5: the scorecard of the centrings, and the report's files (``write_errors`` lists those not written)."""
     from tqdm import tqdm
 
@@ -1179,6 +1183,7 @@ def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor,
                       "classifier": str(predictor.classifier[0].resolve()) if predictor.classifier else None,
                       "ice": str(predictor.ice[0].resolve()) if predictor.ice else None,
                       "source": source},  # fmt: skip
+            **provenance,
             "data": data,
             "timings_s": {},
             "report": str(out / "report.md"),

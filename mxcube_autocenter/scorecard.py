@@ -48,6 +48,7 @@ insides, would give.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -536,6 +537,46 @@ def check_one_centring_model(scorecards, names) -> None:
                            for key, runs in runs_of.items())  # fmt: skip
         raise ValueError(f"these runs centred with different models ({groups}): pool the runs of one model, "
                          "and compare two models with `mxcube-autocenter compare`")  # fmt: skip
+
+
+def check_one_centring_setup(scorecards, names) -> None:
+    """Refuse runs whose ML centrings ran with different settings: one ML row would mix them.
+
+    Runs whose scorecard names no settings (written before they were kept, or no scorecard) are not
+    checked.
+
+    Parameters
+    ----------
+    scorecards : sequence of dict or None
+        Each run's ``scorecard.json``; ``centring`` holds the procedure's settings.
+    names : sequence of str
+        The runs as given, for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming each differing setting, its values and their runs.
+    """
+    settings = [(card["centring"], str(name)) for card, name in zip(scorecards, names)
+                if isinstance((card or {}).get("centring"), dict)]  # fmt: skip
+    differing = []
+    for key in sorted({key for values, _ in settings for key in values}):
+        runs_of = {}
+        for values, name in settings:
+            runs_of.setdefault(json.dumps(values.get(key)), []).append(name)
+        if len(runs_of) > 1:
+            differing.append(f"{key} " + "; ".join(f"{value} in {', '.join(runs)}" for value, runs in runs_of.items()))
+    if differing:
+        raise ValueError(f"these runs centred with different settings ({' / '.join(differing)}): pool the runs of "
+                         "one configuration, and compare two with `mxcube-autocenter compare`")  # fmt: skip
+
+
+def code_versions(scorecards, names) -> dict:
+    """``{code version: [runs]}``: which code wrote each run's scorecard ("unknown" where it does not say)."""
+    runs_of = {}
+    for card, name in zip(scorecards, names):
+        runs_of.setdefault(str((card or {}).get("code") or "unknown"), []).append(str(name))
+    return runs_of
 
 
 def summarise(outcomes, methods=METHODS) -> dict:

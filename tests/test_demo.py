@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from mxcube_autocenter import scorecard
+from mxcube_autocenter import code_version, scorecard
 from mxcube_autocenter.demo import (DemoError, declined_or_failed, format_scorecard, heldout_samples, run_demo,
                                     training_seconds)
 from mxcube_autocenter.labelling.dataset import read_table
@@ -90,6 +90,9 @@ def test_demo_writes_the_report_and_the_scorecard(small_demo):
     assert list((out / "centring").glob("centring_*_omega*.png"))
     saved = json.loads((out / "scorecard.json").read_text())
     assert saved["methods"] == result["methods"]
+    # What made the ML row beside its models: the procedure's settings as the XML gave them, and the code.
+    assert saved["centring"]["max_ice_probability"] == 0.5 and saved["centring"]["n_angles"] >= 3
+    assert saved["code"] == code_version() and f"mxcube-autocenter {saved['code']}." in (out / "report.md").read_text()
     assert "Scorecard" in format_scorecard(result)
     assert "Learning (trained in this run): Spearman" in format_scorecard(result)
     # `make demo` centres with the shipped model: the learning line must not pass for that model's.
@@ -193,6 +196,13 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
                                                                          "regressor": "m.keras", "classifier": None}}))
     assert main(["scorecard", str(out), str(given)]) == 2
     assert f"different models (each its own trained model: {out}; m.keras: {given})" in capsys.readouterr().err
+    # The same models with the ice veto off: another procedure. A card of older code names no settings.
+    (given / "scorecard.json").write_text(json.dumps({**card, "centring": {**card["centring"], "max_ice_probability": 1}}))
+    assert main(["scorecard", str(out), str(given)]) == 2
+    assert f"different settings (max_ice_probability 0.5 in {out}; 1 in {given})" in capsys.readouterr().err
+    (given / "scorecard.json").write_text(json.dumps({k: v for k, v in card.items() if k not in ("centring", "code")}))
+    assert main(["scorecard", str(out), str(given)]) == 0
+    assert f"Code: {card['code']} (1 run(s)); unknown (1 run(s))" in capsys.readouterr().out
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([{"sample": "seed1", "has_crystal": True, "ml": {}}]))
     assert main(["scorecard", str(broken)]) == 2

@@ -1,6 +1,8 @@
 """What a non-editable install (``pip install <checkout>``, as the staff guide says) carries."""
 
 import glob
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools.config.setupcfg import read_configuration
@@ -26,3 +28,14 @@ def test_the_virtual_beamline_is_found_inside_the_package():
 
     assert virtual_beamline_dir().parent == PACKAGE
     assert (virtual_beamline_dir() / "beamline.yaml").is_file()
+
+
+def test_the_code_version_names_the_commit_of_a_checkout():
+    from mxcube_autocenter import __version__, code_version
+
+    version = code_version()
+    assert version.startswith(__version__)
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        assert version.split(".dirty")[0] == f"{__version__}+g{head}"

@@ -193,6 +193,22 @@ def test_runs_that_centred_with_different_models_are_not_pooled():
         scorecard.check_one_centring_model([one[0], card("given model file", None)], ["r0", "r1"])
 
 
+def test_runs_that_centred_with_different_settings_are_not_pooled():
+    def card(**settings):
+        return {"centring": {"n_angles": 6, "max_ice_probability": 0.5, **settings}}
+
+    scorecard.check_one_centring_setup([card(), card(), None, {}], ["r0", "r1", "r2", "r3"])  # older cards: unchecked
+    with pytest.raises(ValueError, match=r"different settings \(max_ice_probability 0.5 in r0, r2; 1 in r1 / "
+                                         r"min_score null in r0, r1; 5 in r2\): pool the runs of one configuration"):
+        scorecard.check_one_centring_setup([card(), card(max_ice_probability=1), card(min_score=5)], ["r0", "r1", "r2"])
+
+
+def test_code_versions_names_each_runs_code():
+    cards = [{"code": "0.1.0+g1234567"}, {"code": "0.1.0+g1234567"}, None, {"model": {}}]
+    assert scorecard.code_versions(cards, ["r0", "r1", "r2", "r3"]) == {"0.1.0+g1234567": ["r0", "r1"],
+                                                                         "unknown": ["r2", "r3"]}
+
+
 def test_summarise_gives_the_rates_intervals():
     outcomes = [_outcome("ml", "a", True, hits=[True] * 4), _outcome("ml", "b", True, hits=[False] * 4),
                 _outcome("ml", "e", False, refused=True)]  # fmt: skip
