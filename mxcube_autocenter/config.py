@@ -142,7 +142,9 @@ class AutoCenterConfig(ConfiguredObject.HOConfig):
         "the heatmaps' point as it is.",
     )
     min_crystal_probability: float = Field(
-        default=0.5, ge=0, le=1, description="Smallest classifier probability that counts as a crystal."
+        default=0.5, ge=0, le=1,
+        description="Smallest classifier probability that counts as a crystal (a NaN counts as none); 0: the "
+        "classifier's veto is off, NaN included.",
     )
     max_ice_probability: float = Field(
         default=0.5, ge=0, le=1,

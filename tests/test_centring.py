@@ -331,7 +331,13 @@ def test_a_nan_crystal_probability_is_no_crystal():
 
     settings = procedure.CentringSettings.from_config(AutoCenterConfig())
     assert procedure.is_crystal([SimpleNamespace(score=10.0, crystal_probability=0.9)], settings)
-    assert not procedure.is_crystal([SimpleNamespace(score=10.0, crystal_probability=float("nan"))], settings)
+    assert procedure._why_not([SimpleNamespace(score=10.0, crystal_probability=float("nan"))], settings) == \
+        "crystal probability NaN (no usable prediction) in the views that saw the point"
+    assert procedure._why_not([SimpleNamespace(score=10.0, crystal_probability=0.2)], settings) == \
+        "crystal probability 0.20 < min_crystal_probability 0.5"
+    # At 0 the classifier's veto is off, NaN included (as the ice network's at max_ice_probability 1).
+    off = procedure.CentringSettings.from_config(AutoCenterConfig(min_crystal_probability=0))
+    assert procedure.is_crystal([SimpleNamespace(score=10.0, crystal_probability=float("nan"))], off)
 
 
 # The rules below, on three views with one of them blind (the defaults until 2026-12-06).
@@ -386,6 +392,8 @@ def test_the_verification_view_counts_with_the_fitted_views_against_blind_views(
     assert procedure._why_not_verified(seen, view(-1e9), settings) == "the beam lies outside the sample in this view"
     assert not procedure.is_verified(seen, view(30.0, probability=0.2), settings)
     assert procedure.is_verified(seen, view(30.0, probability=0.9), settings)
+    assert procedure._why_not_verified(seen, view(30.0, probability=float("nan")), settings) == \
+        "crystal probability NaN (no usable prediction) at the beam"
     # The ice network's veto: above max_ice_probability, or NaN; at 1 it is off, NaN included.
     assert settings.max_ice_probability == 0.5 and procedure.is_verified(seen, view(30.0, ice=0.5), settings)
     assert procedure._why_not_verified(seen, view(30.0, ice=0.51), settings) == \

@@ -990,8 +990,18 @@ def _why_not(angles, settings: CentringSettings) -> str | None:
         return f"score {score:.1f} < min_score {settings.min_score}{where}"
     # The blind views saw no crystal there: the classifier agreeing with them is no reason to refuse.
     probs = [a.crystal_probability for a in angles if a.crystal_probability is not None and a.score >= settings.min_score]
-    if probs and not float(np.mean(probs)) >= settings.min_crystal_probability:  # NaN is no crystal
-        return f"crystal probability {float(np.mean(probs)):.2f} < min_crystal_probability {settings.min_crystal_probability}"
+    return _not_a_crystal(float(np.mean(probs)), settings, "in the views that saw the point") if probs else None
+
+
+def _not_a_crystal(probability, settings: CentringSettings, where: str) -> str | None:
+    """Why the classifier's crystal probability refuses the point, or None: below ``min_crystal_probability``,
+    or NaN; at 0 the veto is off, NaN included (as the ice network's at ``max_ice_probability`` 1)."""
+    if probability is None or settings.min_crystal_probability <= 0:
+        return None
+    if not np.isfinite(probability):
+        return f"crystal probability NaN (no usable prediction) {where}"
+    if probability < settings.min_crystal_probability:
+        return f"crystal probability {probability:.2f} < min_crystal_probability {settings.min_crystal_probability}"
     return None
 
 
@@ -1008,9 +1018,9 @@ def _why_not_verified(angles, check: AngleResult, settings: CentringSettings) ->
         already = (f", and below min_score {settings.min_score} in {missed} of the {len(angles)} centring views "
                    f"(blind_views = {settings.blind_views})" if missed else "")  # fmt: skip
         return f"score {check.score:.1f} < verify_min_score {settings.verify_min_score}{already}"
-    if check.crystal_probability is not None and not check.crystal_probability >= settings.min_crystal_probability:
-        return f"crystal probability {check.crystal_probability:.2f} < min_crystal_probability " \
-               f"{settings.min_crystal_probability}"
+    not_a_crystal = _not_a_crystal(check.crystal_probability, settings, "at the beam")
+    if not_a_crystal:
+        return not_a_crystal
     if check.ice_probability is not None and settings.max_ice_probability < 1:  # 1: the veto is off
         if not np.isfinite(check.ice_probability):
             return "ice probability NaN (no usable prediction) at the beam"
