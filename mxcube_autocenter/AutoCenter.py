@@ -799,10 +799,17 @@ class AutoCenter(HardwareObject):
         last centring's positions (or none at all before the first one); those only if unreadable.
         """
         status = {**sample_view.get_centring_status(), "method": method, "valid": False, "accepted": False}
+        # Read in a greenlet of its own: a gevent.Timeout of the reading's (no Exception) stays there, while the
+        # caller's own, which may strike during the wait, goes on up to the caller.
+        reader = gevent.spawn(procedure.outcome, sample_view.get_positions)
         try:
-            status["motors"] = sample_view.get_positions()
-        except (Exception, gevent.Timeout):
-            self.log.exception("AutoCenter: could not read the motors for the centring status")
+            positions, error = reader.get()
+        finally:
+            reader.kill(block=False)
+        if error is None:
+            status["motors"] = positions
+        else:
+            self.log.error("AutoCenter: could not read the motors for the centring status", exc_info=error)
         return status
 
     def _refused_verdict(self, sample_view, method: str, failed_said: bool = False, refused: bool = True):

@@ -45,17 +45,17 @@ FAULT_POLL_S = 0.1
 STALE_FAULT_S = 1.0
 
 
-def _raised(call, *args, **kwargs):
-    """Run ``call``; what it raised, or None.
+def outcome(call, *args, **kwargs):
+    """``(call(*args, **kwargs), None)``, or ``(None, what it raised)``, gevent.Timeout included.
 
-    For a greenlet whose failure its spawner reports: one that dies of an
-    exception has gevent print the traceback as well.
+    For a greenlet whose outcome its spawner reads: one that dies of an
+    exception has gevent print the traceback as well, and a gevent.Timeout
+    raised in it is its own, never its spawner's.
     """
     try:
-        call(*args, **kwargs)
+        return call(*args, **kwargs), None
     except (Exception, gevent.Timeout) as err:
-        return err
-    return None
+        return None, err
 
 
 class _FaultWatch:
@@ -379,7 +379,7 @@ class CentringHardware:
         """
         begun = time.monotonic()
         faulty = _FaultWatch(self.motors(tuple(positions)), begun)
-        mover = gevent.spawn(_raised, self.diffractometer.set_value_motors, positions, timeout=timeout)
+        mover = gevent.spawn(outcome, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
             while not mover.ready():
                 mover.join(FAULT_POLL_S)
@@ -392,7 +392,7 @@ class CentringHardware:
                     raise faulty.failure(names)
         finally:
             mover.kill()
-        err = mover.value
+        _, err = mover.value
         if err is not None:
             names = faulty(grace=False)
             if names:
