@@ -640,6 +640,19 @@ def test_a_master_file_this_user_may_not_read_is_named_so_not_as_damaged():
             assert "corrupt" not in str(refused.value)
             if os.getuid() == 0:
                 os.seteuid(0)
+            # Nor a data file of a master file it may read.
+            written.master_path.chmod(0o644)
+            data_file = next(folder.glob("*_data_*.h5"))
+            data_file.chmod(0o600 if os.geteuid() == 0 else 0)
+            if os.getuid() == 0:
+                os.seteuid(65534)
+            with pytest.raises(EigerFileError) as refused:
+                open_master(written.master_path)
+            assert f"{data_file}: cannot open this data file" in str(refused.value)
+            assert "no permission to read it: ask for read access" in str(refused.value)
+            assert "corrupt" not in str(refused.value)
+            if os.getuid() == 0:
+                os.seteuid(0)
             folder.chmod(0o700 if os.getuid() == 0 else 0)  # nor in a folder it may not look into (PermissionError)
             if os.getuid() == 0:
                 os.seteuid(65534)

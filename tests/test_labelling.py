@@ -711,6 +711,28 @@ def test_a_set_into_which_nothing_went_is_not_left_behind(collections, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [store.path.name]
 
 
+def test_a_set_held_open_elsewhere_is_refused_before_any_spot_finding(collections, tmp_path):
+    # A training run reading the set holds HDF5's lock: the append would fail, so it fails before the spots are
+    # counted, as it does for a set that cannot be created.
+    import subprocess
+    import sys
+
+    from mxcube_autocenter.labelling.dataset import DatasetError
+
+    out = tmp_path / "set.h5"
+    label_recordings([collections[0].recording], out, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        # Raised up front: once the spots were counted, the append's failure would be that recording's error.
+        with pytest.raises(DatasetError, match="another program holds it open"):
+            label_recordings([collections[1].recording], out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_set_is_written_on_a_file_system_without_locks(collections, tmp_path, monkeypatch):
     # NFS without lockd: HDF5's lock fails (errno 37); reading worked without it, writing the set did not.
     from mxcube_autocenter import hdf5errors

@@ -613,10 +613,12 @@ def check_appendable(path) -> None:
 
     The recordings' record and ids are read and every column opened too: a
     damaged one would otherwise be found only after the spot finding, or
-    after the new rows were added.
+    after the new rows were added. Opened for writing, as the append opens
+    it: a set this user may not write, or one another program holds open,
+    fails now too.
     """
     path = Path(path)
-    with _open(path, "r") as h5file, _reading_set(path):
+    with _open(path, "r+") as h5file, _reading_set(path):
         _recordings(h5file, "rows", path)
         _find(h5file, "")
         for group in ("rows", "recordings"):
@@ -646,10 +648,13 @@ def _open(path: Path, mode: str) -> h5py.File:
         h5file = open_hdf5(path, mode)
     except OSError as err:
         locked = "unable to lock file" in str(err)  # another process holds it (HDF5's lock)
+        read_only = mode != "r" and os.access(path, os.R_OK) and not os.access(path, os.W_OK)
         raise DatasetError(
             f"{path}: cannot open the training set: " + (
                 "another program holds it open: to append, close programs reading it (a training run holds it "
-                "open)" if locked else f"{not_opened(path, err)}: check the path")
+                "open)" if locked else
+                "no permission to write to it: ask for write access, or give another --out" if read_only else
+                f"{not_opened(path, err)}: check the path")
         ) from err
     try:
         with _reading_set(path):

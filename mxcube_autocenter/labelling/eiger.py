@@ -282,10 +282,9 @@ class EigerSeries:
             try:
                 dataset = data[name]
             except DAMAGED_FILE_ERRORS as err:
-                raise EigerFileError(
-                    f"{target}: cannot open this data file of {self.master_path} ({err}); it is truncated "
-                    f"or corrupt (an interrupted copy or collection?): {_COPY_AGAIN}"
-                ) from err
+                damaged = f"it is truncated or corrupt (an interrupted copy or collection?): {_COPY_AGAIN}"
+                raise EigerFileError(f"{target}: cannot open this data file of {self.master_path}: "
+                                     f"{not_opened(target, err, damaged)}") from err
             self._check_filters(dataset, target)
             self._check_frames(dataset, target, name)
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
