@@ -171,10 +171,12 @@ class AutoCenter(HardwareObject):
     def _zoom_changed(self, value):
         self.recorder.end_if_rescaled(HWR.beamline.diffractometer.get_pixels_per_mm(), getattr(value, "name", value))
 
-    def _scale_changed(self, x, y):
-        # GenericDiffractometer emits ((x, y)): mxcubecore's emit passes the pair as two arguments.
+    def _scale_changed(self, *pair):
+        # GenericDiffractometer emits ((x, y)), which mxcubecore's emit passes as two arguments; others (EMBLMiniDiff,
+        # PX2Diffractometer...) emit (((x, y),)), one.
         zoom = getattr(HWR.beamline.diffractometer, "zoom", None)
-        self.recorder.end_if_rescaled((x, y), getattr(zoom.get_value(), "name", None) if zoom else None)
+        self.recorder.end_if_rescaled(pair[0] if len(pair) == 1 else pair,
+                                      getattr(zoom.get_value(), "name", None) if zoom else None)
 
     def _hold_collections_while_centring(self):
         """Make a collection, or the queue's next entry, started during an optical ML centring wait for it to end.

@@ -271,6 +271,14 @@ def collection_metadata(dc_params: dict, helical_positions, context: dict, maste
     return metadata
 
 
+def _scale(pixels_per_mm) -> np.ndarray:
+    """Pixels per mm as numbers, NaN where there are none: an uncalibrated camera's (None, None) is no scale."""
+    try:
+        return np.asarray(pixels_per_mm, dtype=float)
+    except (TypeError, ValueError):
+        return np.array(np.nan)
+
+
 class CollectionRecorder:
     """Records the camera during collections of the configured types.
 
@@ -568,15 +576,13 @@ class CollectionRecorder:
         Its frames are cropped at the scale of its start: later ones would be labelled at another (a zoom changed
         in the web UI during the collection).
         """
-        try:
-            scale = np.asarray(pixels_per_mm, dtype=float)
-        except (TypeError, ValueError):  # (None, None): no scale to compare
+        if self._writer is None:
             return
-        if (self._writer is None or self._pixels_per_mm is None or not np.all(np.isfinite(scale))
-                or np.allclose(scale, self._pixels_per_mm)):  # fmt: skip
+        scale, start = _scale(pixels_per_mm), _scale(self._pixels_per_mm)
+        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(start))) or np.allclose(scale, start):
             return
-        reason = (f"the zoom changed to {zoom} during the collection ({pixels_per_mm[0]:.0f} pixels/mm, not "
-                  f"{self._pixels_per_mm[0]:.0f}): later frames are not recorded; keep the zoom while collecting")
+        reason = (f"the camera's scale changed during the collection (zoom {zoom}: {scale[0]:.0f} pixels/mm, not "
+                  f"{start[0]:.0f}): later frames are not recorded; keep the zoom while collecting")
         self.log.warning("AutoCenter: recording ended: %s", reason)
         self.stop_later("failed", reason=reason)
 

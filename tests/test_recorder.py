@@ -361,7 +361,7 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
 
 
 def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames_before(beamline, autocenter,
-                                                                                         tmp_path):
+                                                                                         tmp_path, monkeypatch):
     # The frames are cropped at the scale the recording started with: those after a zoom change in the web UI
     # were recorded, and labelled, at the wrong scale.
     from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom
@@ -379,7 +379,7 @@ def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames
     finally:
         set_zoom(beamline, ZOOM_LEVEL)
     assert summary.status == "failed" and summary.frames_kept > 5
-    assert summary.error.startswith("the zoom changed to LEVEL5 during the collection")
+    assert summary.error.startswith("the camera's scale changed during the collection (zoom LEVEL5: ")
     assert read_recording(summary.path).error == summary.error
     # A diffractometer that updates its scale after the zoom's signal (GenericDiffractometer) says it apart.
     autocenter.recorder.last_summary = None
@@ -390,7 +390,29 @@ def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames
     beamline.diffractometer.emit("pixelsPerMmChanged", ((1234.0, 1234.0)))  # as GenericDiffractometer emits it
     summary = wait_for_summary(autocenter)
     collection.get(timeout=60)
-    assert summary.status == "failed" and "(1234 pixels/mm, not 1300)" in summary.error
+    assert summary.status == "failed" and f"(zoom {ZOOM_LEVEL}: 1234 pixels/mm, not 1300)" in summary.error
+    # and as EMBLMiniDiff, PX2Diffractometer and others emit it: one argument, the pair.
+    autocenter.recorder.last_summary = None
+    collection = gevent.spawn(collect, beamline, tmp_path, "OSC", prefix="scaled_pair", n_images=60)
+    with gevent.Timeout(10, AssertionError("the recording did not start")):
+        while not autocenter.recorder.recording:
+            gevent.sleep(0.05)
+    beamline.diffractometer.emit("pixelsPerMmChanged", (((1234.0, 1234.0),)))
+    summary = wait_for_summary(autocenter)
+    collection.get(timeout=60)
+    assert summary.status == "failed" and "1234 pixels/mm, not 1300" in summary.error
+    # A recording started without a scale (an uncalibrated zoom level reads (None, None)) has none to compare.
+    autocenter.recorder.last_summary = None
+    with monkeypatch.context() as patched:
+        patched.setattr(beamline.diffractometer, "get_pixels_per_mm", lambda: (None, None))
+        collection = gevent.spawn(collect, beamline, tmp_path, "OSC", prefix="unscaled", n_images=30)
+        with gevent.Timeout(10, AssertionError("the recording did not start")):
+            while not autocenter.recorder.recording:
+                gevent.sleep(0.05)
+    beamline.diffractometer.emit("pixelsPerMmChanged", ((1234.0, 1234.0)))
+    summary = wait_for_summary(autocenter)
+    collection.get(timeout=60)
+    assert summary.status == "complete", summary.error
 
 
 def recorded_alone(beamline, autocenter, tmp_path, caplog, source, prefix, level):

@@ -613,17 +613,18 @@ def check_appendable(path) -> None:
 
     The recordings' record and ids are read and every column opened too: a
     damaged one would otherwise be found only after the spot finding, or
-    after the new rows were added. Opened for writing, as the append opens
-    it: a set this user may not write, or one another program holds open,
-    fails now too.
+    after the new rows were added. Then it is opened for writing, as the
+    append opens it: a set this user may not write, or one another program
+    holds open, fails now too.
     """
     path = Path(path)
-    with _open(path, "r+") as h5file, _reading_set(path):
+    with _open(path, "r") as h5file, _reading_set(path):
         _recordings(h5file, "rows", path)
         _find(h5file, "")
         for group in ("rows", "recordings"):
             for name in h5file[group]:
                 h5file[group][name]  # opens the column: a damaged header raises here
+    _open(path, "r+").close()
 
 
 def _crystal_of(metadata: dict, scan: str) -> str:
