@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -10,7 +11,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -999,13 +1002,39 @@ def _log_warnings_to_stderr():
     root.addHandler(handler)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, systemd, a batch system's stop), ended as Ctrl-C ends a command: its worker
+    processes stopped and its part files removed, where Python's default would leave them."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`_Terminated` while the context lasts (Python's handlers belong to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _log_warnings_to_stderr()
     try:
-        status = args.func(args)
+        with _sigterm_as_interrupt():
+            status = args.func(args)
         sys.stdout.flush()  # a reader gone shows here, not in Python's own flush at exit
         return status
+    except _Terminated:
+        print(f"mxcube-autocenter {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         # The user's own stop, not a fault: one line instead of a traceback.
         print(f"mxcube-autocenter {args.command}: interrupted", file=sys.stderr)

@@ -1147,8 +1147,8 @@ class Recording:
             # One frame: a process killed while HDF5 rewrote the last frames' heap leaves those unreadable, and
             # the others are still a recording to label.
             raise CorruptFrameError(
-                f"frame {i} of {self.path} cannot be read ({err}): the recording "
-                "probably stopped before it was written"
+                f"frame {i} of {self.path} cannot be read ({err}): the recording probably stopped before it "
+                "was written, or its writer was killed in a flush, which can cost frames flushed before"
             ) from err
         try:
             return decode_jpeg(data)

@@ -1,5 +1,6 @@
 """The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
 
+import contextlib
 import json
 import logging
 import os
@@ -442,6 +443,49 @@ def test_synthesize_with_workers_ends_at_ctrl_c_and_leaves_no_part_file(tmp_path
     err = log.read_text()
     assert run.returncode == 130, err[-2000:]
     assert "mxcube-autocenter synthesize: interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not Path(f"{out}.part").exists()
+
+
+def test_a_command_stopped_with_sigterm_ends_as_at_ctrl_c_and_leaves_no_worker(tmp_path):
+    # `timeout`, systemd and batch systems stop with SIGTERM, which Python's default ends at once: the worker
+    # processes (spot finding, rendering) were left running, holding their files open, and DATASET.h5.part stayed.
+    import os
+    import re
+    import signal
+    import time
+
+    out, log = tmp_path / "set.h5", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "mxcube_autocenter.cli", "synthesize", str(out), "--samples", "300",
+             "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        rendering = re.compile(r"\| +[1-9]\d*/300")
+        while not rendering.search(log.read_text()) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(run.pid, signal.SIGTERM)  # to the command alone, as `timeout` sends it
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # its workers end with it: nothing left in its process group
+            try:
+                os.killpg(run.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("worker processes still run after the command ended")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    err = log.read_text()
+    assert run.returncode == 143, err[-2000:]
+    assert "mxcube-autocenter synthesize: terminated" in err and "Traceback" not in err
     assert not out.exists() and not Path(f"{out}.part").exists()
 
 

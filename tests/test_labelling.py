@@ -477,6 +477,8 @@ def test_labelling_writes_every_matched_frame_with_its_reflection_count(labelled
     assert recordings[0]["label_source"] == "spot finder" and recordings[0]["spot_finder"]["sigma_strong"] == 3.0
     assert recordings[0]["spot_finder"]["ice_rings"] is True
     assert recordings[0]["matching"]["n_matched"] == helical.size and recordings[0]["windows"]["regularised"]
+    # detector_frame counts from the collection's first image number, kept to give the rows' image numbers back.
+    assert (recordings[0]["first_image_number"], recordings[0]["detector_frames"]) == (1, N_IMAGES)
     assert dataset.provenance["tool"].startswith("mxcube-autocenter")
     assert summary.histogram == out.with_name("dataset_rc_histogram.png") and summary.histogram.stat().st_size > 0
     assert summary.rc_stats["n_rows"] == summary.rows_added
@@ -709,6 +711,20 @@ def test_a_set_into_which_nothing_went_is_not_left_behind(collections, tmp_path)
     summary = label_recordings([store.path], out, progress=False)
     assert summary.recordings[0].status == "error" and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [store.path.name]
+
+
+def test_spot_finding_processes_are_counted_from_one_and_are_processes(collections, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mxcube_autocenter.labelling.pipeline import LabellingError, count_spots
+
+    for nproc in (0, -1, 1.5, True):
+        with pytest.raises(LabellingError, match=rf"nproc = {re.escape(repr(nproc))}: .*a whole number from 1"):
+            label_recordings([collections[0].recording], tmp_path / "new" / "set.h5", nproc=nproc, progress=False)
+    assert not (tmp_path / "new").exists()  # refused before anything was made
+    # Each worker keeps one collection open between its tasks: threads would share (and race for) it.
+    with ThreadPoolExecutor(2) as threads, pytest.raises(TypeError, match="executor is a ThreadPoolExecutor"):
+        count_spots(collections[0].master, executor=threads)
 
 
 def test_a_set_held_open_elsewhere_is_refused_before_any_spot_finding(collections, tmp_path):

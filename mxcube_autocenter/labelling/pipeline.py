@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import numbers
 import os
 import signal
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -174,7 +175,7 @@ class LabelSummary:
 
 
 def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, frames=None,
-                executor: Executor | None = None, progress: bool = False) -> np.ndarray:  # fmt: skip
+                executor: ProcessPoolExecutor | None = None, progress: bool = False) -> np.ndarray:  # fmt: skip
     """Reflection counts of the frames of an EIGER collection, with the spot finder.
 
     Frames are read one at a time, in tasks of up to 16 frames; with an
@@ -192,8 +193,10 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         Labelling counts only the frames a camera frame was matched to: a
         camera of 25 frames/s against a detector of 100 leaves three in four
         frames unused.
-    executor : concurrent.futures.Executor, optional
-        Runs the tasks (``ProcessPoolExecutor``); default: this process.
+    executor : concurrent.futures.ProcessPoolExecutor, optional
+        Runs the tasks in its processes; default: this process. No thread
+        pool: each process keeps one collection open at a time, which
+        threads would share.
     progress : bool
         Show a tqdm bar of the frames.
 
@@ -213,6 +216,9 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         If a worker of ``executor`` died; the message names the first image
         not counted.
     """
+    if executor is not None and not isinstance(executor, ProcessPoolExecutor):
+        raise TypeError(f"executor is a {type(executor).__name__}: give a ProcessPoolExecutor, or None to count in "
+                        "this process")  # fmt: skip
     with open_master(master_file) as series:
         n, first_image = series.nimages, series.first_image_number
     wanted = np.arange(n) if frames is None else np.unique(np.asarray(frames, dtype=np.int64))
@@ -406,7 +412,9 @@ def label_recordings(
     spots_from : path, optional
         Per-image counts from another spot finder (``spots_file``) instead of
         our spot finder; with several recordings it needs a ``master_file``
-        column. The master files are still needed, for their exposure times.
+        column. The collections are still opened as for spot finding (their
+        frame counts and exposure times): master and data files in place and
+        readable, with hdf5plugin's filters.
     nproc : int
         Processes counting reflections, at most the cores this process may
         use (more are reduced to that, with a warning). Even one is a process
@@ -446,7 +454,8 @@ def label_recordings(
     ------
     SpotsFileError, LabellingError
         If ``spots_from`` cannot be read or does not say which rows belong
-        to which of several recordings.
+        to which of several recordings; LabellingError also if ``nproc`` is
+        not a whole number from 1.
     DatasetError
         If ``out`` exists but is not a readable training set, a file
         stands where it or its folder should be, or no set can be written
@@ -455,6 +464,8 @@ def label_recordings(
     started = time.perf_counter()
     recordings = [Path(r) for r in recordings]
     check_stored_crop_um(stored_crop_um)
+    if isinstance(nproc, bool) or not isinstance(nproc, numbers.Integral) or nproc < 1:
+        raise LabellingError(f"nproc = {nproc!r}: give the number of spot-finding processes, a whole number from 1")
     out = Path(out)
     if out.exists():
         check_appendable(out)
@@ -561,6 +572,8 @@ def _label_one(path, out, *, executor, progress, spot_counts, params, clock_offs
         provenance = {
             "master_file": str(master.resolve()),
             "detector_frames": nimages,
+            # The rows' detector_frame counts from it: image number - first_image_number.
+            "first_image_number": series.first_image_number,
             # More when an aborted collection left the last data files unwritten.
             "declared_detector_frames": series.declared_images,
             "camera_latency_s": camera_latency,
