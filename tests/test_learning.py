@@ -7,6 +7,7 @@ virtual beamline, so the whole file runs in about a minute on two cores.
 import logging
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -466,6 +467,21 @@ def test_file_caches_and_the_set_go_with_their_pipelines_and_training_leaves_non
     assert open_files(dataset_path) == []
 
 
+def test_a_file_cache_without_room_for_the_rows_is_refused_before_the_first_epoch(tmp_path):
+    # TensorFlow failed only once the folder was full, part-way through the first epoch, with a traceback.
+    import errno
+
+    from mxcube_autocenter.learning.data import check_cache_room
+
+    cache_dir = tmp_path / "autocenter-cache-x"
+    cache_dir.mkdir()
+    check_cache_room(str(cache_dir), 1000)
+    with pytest.raises(OSError, match=rf"needs 1000000000000 MB in {re.escape(str(tmp_path))}, .*set TMPDIR .*"
+                                      r"--cache none") as refused:  # fmt: skip
+        check_cache_room(str(cache_dir), 10**18)
+    assert refused.value.errno == errno.ENOSPC and not cache_dir.exists()
+
+
 def test_auto_cache_keeps_crops_in_memory_where_they_fit_and_the_command_line_chooses(dataset_path):
     from mxcube_autocenter.cli import _train_options, build_parser
     from mxcube_autocenter.labelling.dataset import read_table
@@ -774,6 +790,8 @@ def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(d
     path = str(tmp_path / "recovered.keras")
     training.attach_info(keras.models.load_model(str(out / "checkpoint.keras")), info).save(path)
     assert training.load_model(path)[1]["transform"] == info["transform"]
+    # Its history stays beside them under its running name: history.csv is the saved model's.
+    assert (out / "history.part.csv").read_text().startswith("epoch,") and not (out / "history.csv").exists()
     monkeypatch.undo()
     # The next run into that folder would remove both: refused until they are moved (here: recovered already).
     with pytest.raises(training.ModelFileError, match="holds an interrupted training's best epoch .*move the two"):
@@ -788,12 +806,19 @@ def test_an_interrupted_training_leaves_a_checkpoint_that_becomes_a_model_file(d
     with pytest.raises(training.ModelFileError, match="holds the initial model .*choose another --out"):
         training.train(dataset_path, None, None, str(out), initial_model=finished.model_path, epochs=1, verbose=0)
     assert Path(finished.model_path).read_bytes() == before
-    # A run that diverged has no epoch to make a model of: its run.json (which says how to) goes too.
-    diverged = tmp_path / "diverged"
+    history = (out / "history.csv").read_text()
+    assert len(history.splitlines()) == 2 and not (out / "history.part.csv").exists()
+    # A run that diverged has no epoch to make a model of: its run.json (which says how to) goes too, and its
+    # history; the earlier run's model, info and history stay, together.
     with pytest.raises(ValueError, match="training diverged"):
-        training.train(dataset_path, "fcn", "log", str(diverged), crop_um=160, input_size=SMALL, epochs=1,
+        training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=1,
                        batch_size=16, learning_rate=1e30, verbose=0)
-    assert not (diverged / "run.json").exists() and not (diverged / "checkpoint.keras").exists()
+    assert not (out / "run.json").exists() and not (out / "checkpoint.keras").exists()
+    assert (out / "history.csv").read_text() == history and not (out / "history.part.csv").exists()
+    assert Path(finished.model_path).read_bytes() == before
+    with pytest.raises(ValueError, match="epochs = 0: give at least 1 epoch"):
+        training.train(dataset_path, "fcn", "log", str(out), crop_um=160, input_size=SMALL, epochs=0, verbose=0)
+    assert (out / "history.csv").read_text() == history and not (out / "run.json").exists()
 
 
 def test_fine_tuning_a_network_that_is_not_its_architectures_is_refused_naming_the_file(tiny_model, dataset_path,
@@ -1041,6 +1066,11 @@ def test_the_ice_network_learns_the_on_ice_flag_and_is_evaluated_against_it(tmp_
     with pytest.raises(ValueError, match="the initial model is a classifier of the label 'rc', this one learns "
                                          "'on_ice'"):  # fmt: skip
         train_classifier(path, str(tmp_path / "ice2"), label="on_ice", initial_model=crystal.model_path, **small)
+    # Fine-tuned with nothing else given, an ice network keeps its own threshold.
+    half = train_classifier(path, str(tmp_path / "ice_half"), label="on_ice", threshold=0.5, **small)
+    tuned = train_classifier(path, str(tmp_path / "ice_tuned"), label="on_ice", initial_model=half.model_path,
+                             **{**small, "crop_um": None, "input_size": None})  # fmt: skip
+    assert load_model(tuned.model_path)[1]["threshold"] == 0.5
     with h5py.File(path, "a") as f:
         del f["samples/on_ice"]
     with pytest.raises(ValueError, match=r"ice.h5: the label on_ice needs .*the on_ice column .*write the set again"):

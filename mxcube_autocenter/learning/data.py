@@ -10,6 +10,7 @@ in memory after the first epoch, with ``cache="file"`` on disk.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -130,12 +131,30 @@ def decoded_rows(ds: tf.data.Dataset, decode, cache, n_rows: int, row_bytes: int
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
         cache_dir = tempfile.mkdtemp(prefix="autocenter-cache-", dir=folder)
+        check_cache_room(cache_dir, n_rows * row_bytes)
         ds = ds.cache(os.path.join(cache_dir, "rows"))
         if shuffle:
             # The file replays the first epoch's order; a bounded buffer reshuffles it without reading it all back.
             buffer = max(1, min(n_rows, SHUFFLE_BUFFER_BYTES // max(1, row_bytes)))
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     return ds, cache_dir
+
+
+def check_cache_room(cache_dir: str, needed_bytes: int) -> None:
+    """Refuse, with the fix, a file cache whose folder has no room for the decoded rows (``needed_bytes``): TensorFlow
+    would fail only once the folder is full, part-way through the first epoch, with a traceback.
+
+    Raises
+    ------
+    OSError
+        ENOSPC, naming the folder, the room needed and the options; the empty ``cache_dir`` is removed.
+    """
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed_bytes:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"the file cache of the decoded rows needs {needed_bytes / 1e6:.0f} MB in "
+                      f"{os.path.dirname(cache_dir)}, which has {free / 1e6:.0f} MB free: free space there, set TMPDIR "
+                      "to a folder with room, or keep no cache (--cache none)")
 
 
 def remove_with(ds: tf.data.Dataset, cache_dir, reader) -> tf.data.Dataset:

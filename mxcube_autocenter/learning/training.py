@@ -152,6 +152,9 @@ MIN_TEST_CRYSTALS = 3  # fewer in the test subset: a warning, its figures are an
 
 # Beside checkpoint.keras while a training runs: the metadata its best epoch needs to be a model file.
 RUN_INFO = "run.json"
+# The running training's history, named history.csv once its model is saved: a run that fails or is stopped
+# leaves the earlier run's history.csv beside the earlier run's model.keras.
+HISTORY_PART = "history.part.csv"
 INTERRUPTED = ("the training did not end: these are the best epoch's weights as checkpoint.keras kept them; the "
                "metrics are those of no test")
 
@@ -495,8 +498,9 @@ def _fit(
         if task != "classifier":
             raise ValueError(f"label {label!r} is a flag (0 or 1), not a count: train a classifier (--arch "
                              "classifier) on it")
-        # A flag is set at 1: the crystal threshold's default of 5 spots would make every row negative.
-        threshold = 1.0 if threshold is None else threshold
+        # A flag is set at 1: the crystal threshold's default of 5 spots would make every row negative. Fine-tuning
+        # keeps the initial model's.
+        threshold = 1.0 if threshold is None and initial_model is None else threshold
     # Before the initial model loads: loading draws from the random streams the new network's weights and
     # dropout take theirs from.
     keras.utils.set_random_seed(int(seed))
@@ -717,6 +721,8 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
         # Kept beside a checkpoint (an interrupted run's best epoch), not alone (a run refused or failed before one).
         if not os.path.exists(os.path.join(work, "checkpoint.keras")):
             remove_run_info(out, strategy)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(work, HISTORY_PART))
         raise
 
 
@@ -778,6 +784,8 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         1-based epoch whose weights were kept; 0 for the starting weights
         (then no ``checkpoint.keras`` is written).
     """
+    if epochs < 1:
+        raise ValueError(f"epochs = {epochs}: give at least 1 epoch")
     start_loss = None
     checkpoint = os.path.join(work, "checkpoint.keras")
     if os.path.exists(checkpoint):
@@ -792,7 +800,7 @@ def fit_with_early_stopping(model, train_ds, val_ds, work, *, epochs, patience, 
         # loss is NaN (Keras saves the first epoch whatever its loss without a threshold).
         _Checkpoint(checkpointed or model, checkpoint, monitor=monitor, mode="min", save_best_only=True,
                     initial_value_threshold=start_loss if keep_start else np.inf),
-        keras.callbacks.CSVLogger(os.path.join(work, "history.csv")),
+        keras.callbacks.CSVLogger(os.path.join(work, HISTORY_PART)),
         keras.callbacks.TerminateOnNaN(),
     ]
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -859,7 +867,8 @@ def model_info(task, model, *, spec, arch, label, data, split, training, metrics
 
 
 def save_model(model, info, work, out, strategy):
-    """Write ``work/model.keras`` with ``info`` attached (and ``out/info.json`` on the chief); ``(model, path)``.
+    """Write ``work/model.keras`` with ``info`` attached (and ``out/info.json`` on the chief), and name the run's
+    history ``history.csv``; ``(model, path)``.
 
     Each file is written under a temporary name and renamed: a save cut short
     (Ctrl-C, a full disk) leaves an earlier run's model in ``out`` whole,
@@ -870,6 +879,8 @@ def save_model(model, info, work, out, strategy):
     write_whole(model_path, final.save, partial=os.path.join(work, "model.part.keras"))  # Keras wants .keras
     if _is_chief(strategy):
         write_json_whole(os.path.join(out, "info.json"), info)
+    with contextlib.suppress(FileNotFoundError):  # the run's history, now its model's
+        os.replace(os.path.join(work, HISTORY_PART), os.path.join(work, "history.csv"))
     return final, model_path
 
 
