@@ -229,6 +229,11 @@ def test_peak_is_the_smoothed_maximum():
     assert (peak.row, peak.col) == (6, 21)
     assert (peak.x, peak.y) == (84.0, 24.0)
     assert find_peak(hm, sigma_cells=0).col == 3
+    # An overflowed prediction (inf) is no number, as NaN: no crystal, not the largest one.
+    values[15, 3] = np.inf
+    values[2, 2] = np.nan
+    peak = find_peak(hm, sigma_cells=1.5)
+    assert (peak.row, peak.col) == (6, 21) and np.isfinite(peak.score)
     values[:] = np.nan
     assert np.isfinite(find_peak(Heatmap(values, hm.xs, hm.ys)).x)
 

@@ -33,8 +33,11 @@ class Peak:
 
 
 def smooth(values, sigma_cells=1.0) -> np.ndarray:
-    """Light Gaussian smoothing of a heatmap, so that one noisy cell does not win."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-np.inf)
+    """Light Gaussian smoothing of a heatmap, so that one noisy cell does not win.
+
+    Cells that hold no number (NaN, or infinite: an overflowed prediction) take the lowest finite value: no crystal.
+    """
+    values = np.asarray(values, dtype=np.float32)
     finite = np.isfinite(values)
     floor = values[finite].min() if finite.any() else 0.0
     values = np.where(finite, values, floor)
