@@ -424,6 +424,16 @@ def test_a_way_back_that_crashes_is_reported_not_taken_for_a_return(beamline, au
     assert "NOT returned to its starting position: the way back failed (RuntimeError: diffractometer gone)" in result.message
 
 
+def test_the_verification_looks_midway_between_two_views_wherever_the_fit_left_omega():
+    # From a centring_reference_position of omega the fit ends off the views' directions: half a step on from
+    # there looked along a view's direction again.
+    views = [30.0 + 30.0 * i for i in range(6)]
+    for now in (375.0 - 15.0, 45.0 + 180.0, 117.0 + 180.0, -2.0):
+        turn = procedure.verification_turn(views[0], now, 30.0)
+        assert 0.0 <= turn < 30.0
+        assert min(abs((now + turn - view + 90.0) % 180.0 - 90.0) for view in views) == pytest.approx(15.0)
+
+
 def test_the_sine_fits_move_to_a_reference_position_is_held_to_the_limit_too(beamline, autocenter, monkeypatch):
     # sample_centring.start moves the motors that have a centring_reference_position before the fit has a result
     # (2 mm: within the motor's limits, beyond max_displacement_mm).

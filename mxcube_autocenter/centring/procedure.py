@@ -595,7 +595,8 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
             # Where lucid3 finds no loop in the verification view, the views' loop tip moved as the sample did
             # (their last tip on screen lies where the loop was before the move).
             tip_point = _loop_point(result.angles, ppmm, beam)
-            check = result.verification = verify(bl, predictor, settings, step_deg / 2, tip_point, timings, log)
+            turn = verification_turn(result.angles[0].omega, bl.positions(("omega",))["omega"], step_deg)
+            check = result.verification = verify(bl, predictor, settings, turn, tip_point, timings, log)
             result.verified = is_verified(result.angles, check, settings)
             if not result.verified:
                 _unverified(bl, result, settings, start, ppmm, beam, log)
@@ -791,6 +792,16 @@ def _outcome(greenlet: gevent.Greenlet, what: str):
     if isinstance(greenlet.value, gevent.GreenletExit):
         raise CentringFailed(f"{what} was stopped (another centring started?)")
     return greenlet.value
+
+
+def verification_turn(first_view_omega: float, omega: float, step_deg: float) -> float:
+    """The turn of omega, degrees (0 to ``step_deg``), from ``omega`` to a direction midway between two views.
+
+    The views lie ``step_deg`` apart from ``first_view_omega`` over half a turn: the verification's direction is
+    one none of them saw, wherever the fit left omega (from omega's ``centring_reference_position`` where it has
+    one, not from the last view).
+    """
+    return float((first_view_omega + step_deg / 2 - omega) % step_deg)
 
 
 def verify(bl: CentringHardware, predictor, settings: CentringSettings, turn_deg: float, tip_point, timings: dict,
