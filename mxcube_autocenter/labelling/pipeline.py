@@ -15,6 +15,7 @@ The command line runs ``label_recordings`` and prints ``format_summary``::
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import multiprocessing
@@ -216,7 +217,7 @@ def count_spots(master_file, params: SpotFinderParams = DEFAULT_SPOT_FINDER, *, 
         If a worker of ``executor`` died; the message names the first image
         not counted.
     """
-    if executor is not None and not isinstance(executor, ProcessPoolExecutor):
+    if executor is not None and not isinstance(executor, concurrent.futures.ProcessPoolExecutor):
         raise TypeError(f"executor is a {type(executor).__name__}: give a ProcessPoolExecutor, or None to count in "
                         "this process")  # fmt: skip
     with open_master(master_file) as series:
