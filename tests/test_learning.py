@@ -895,7 +895,7 @@ def test_a_checkpoint_save_cut_short_leaves_the_last_best_epoch_whole(tmp_path):
         fit_with_early_stopping(model, ds, ds, str(tmp_path), epochs=3, patience=3, verbose=0)
     assert len(saves) == 2
     assert keras.models.load_model(str(tmp_path / "checkpoint.keras")).count_params() == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.keras", "history.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.keras", "history.part.csv"]
 
 
 def test_no_checkpoint_of_an_earlier_run_stays_when_the_starting_weights_are_kept(tmp_path):
