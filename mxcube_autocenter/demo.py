@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from mxcube_autocenter import code_version, scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, centred_motors, sample_to_screen  # noqa: E402
-from mxcube_autocenter.outputs import json_default, write_json_whole  # noqa: E402
+from mxcube_autocenter.outputs import json_default, write_json_whole, write_whole  # noqa: E402
 from mxcube_autocenter.scorecard import METHODS, TRAINED_IN_RUN, Outcome, format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ def _say(message: str):
 def _quiet_logging(log_path: Path):
     """Send the beamline's log to ``log_path`` instead of the terminal while the demo runs."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, mode="w")
+    try:
+        handler = logging.FileHandler(log_path, mode="w")
+    except OSError as err:  # an --out that exists but may not be written (read-only, another user's)
+        raise DemoError(f"cannot write {log_path} ({err.strerror or err}): choose another --out") from err
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -811,10 +814,29 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
     lines += ["", f"Log of the beamline: `{_rel(settings['log'], out)}`; scorecard as JSON: `scorecard.json`.", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_whole(out / "report.md", lambda partial: Path(partial).write_text("\n".join(lines)))
 
 
 # -- the whole job ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _booted(config_dir, log_path: Path):
+    """:func:`hardware_repository`, a configuration that does not boot refused as a DemoError naming ``--config``."""
+    from mxcube_autocenter.beamline import hardware_repository, virtual_beamline_dir
+
+    booted = False
+    try:
+        with hardware_repository(config_dir) as bl:
+            booted = True
+            yield bl
+    except Exception as err:
+        if booted:
+            raise
+        said = " ".join(str(err).split())  # a YAML parser's message spans lines
+        raise DemoError(f"--config {config_dir or virtual_beamline_dir()}: the beamline does not boot "
+                        f"({type(err).__name__}: {said}): fix its configuration ({log_path} has the beamline's "
+                        "log)") from err  # fmt: skip
 
 
 def _check_gevent():
@@ -953,7 +975,7 @@ def run_demo(
         (the report's files that could not be written, as messages).
     """
     _check_gevent()
-    from mxcube_autocenter.beamline import auto_centring, hardware_repository
+    from mxcube_autocenter.beamline import auto_centring
     from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR, PredictorError, check_ice_model, load_predictor
     from mxcube_autocenter.learning.training import load_model
 
@@ -1012,7 +1034,7 @@ def run_demo(
 
     with _quiet_logging(out / "demo.log") as silence:
         t = time.perf_counter()
-        with hardware_repository(config_dir) as bl:
+        with _booted(config_dir, out / "demo.log") as bl:
             silence()
             try:
                 ho = auto_centring(bl)
@@ -1166,8 +1188,9 @@ def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor,
         # A write that fails (a full disk) is noted and the rest still written: the scorecard is returned
         # and printed whatever, rather than lost after the whole run.
         write_errors = []
-        figures = _written(write_errors, lambda: _error_figures(outcomes, out / "figures")) or {}
-        if _written(write_errors, lambda: _thumbnail_sheet(thumbs[:16], out / "figures" / "ml_heatmaps.png")):
+        figures = _written(write_errors, out / "figures", lambda: _error_figures(outcomes, out / "figures")) or {}
+        sheet = out / "figures" / "ml_heatmaps.png"
+        if _written(write_errors, sheet, lambda: _thumbnail_sheet(thumbs[:16], sheet)):
             figures["ml_heatmaps"] = "figures/ml_heatmaps.png"
         learning_out = {k: learning.get(k) for k in ("spearman", "spearman_expected", "classifier_accuracy",
                                                      "classifier_accuracy_expected", "train_s")}  # fmt: skip
@@ -1191,30 +1214,24 @@ def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor,
         timings["report"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-        _written(write_errors, lambda: _write_json(out / "samples.json", rows, indent=1))
-        _written(write_errors, lambda: _write_json(out / "scorecard.json", result, indent=2))
-        _written(write_errors, lambda: _write_report(out, result, rows, figures, settings))
+        _written(write_errors, out / "samples.json", lambda: write_json_whole(out / "samples.json", rows, indent=1))
+        _written(write_errors, out / "scorecard.json", lambda: write_json_whole(out / "scorecard.json", result, indent=2))
+        _written(write_errors, out / "report.md", lambda: _write_report(out, result, rows, figures, settings))
         result["write_errors"] = write_errors
         bar.update(1)
     return result
 
 
-def _written(errors: list, write):
-    """``write()``'s value, or None with its OSError added to ``errors``."""
+def _written(errors: list, path: Path, write):
+    """``write()``'s value, or None with why ``path`` (a file or folder of the report) was not written, and what to
+    do, added to ``errors``."""
     try:
         return write()
     except OSError as err:
-        log.error("demo: %s", err)
-        errors.append(str(err))
+        said = f"cannot write {err.filename or path} ({err.strerror or err}): free space there or give another --out"
+        log.error("demo: %s", said)
+        errors.append(said)
         return None
-
-
-def _write_json(path: Path, value, indent: int):
-    """Write ``value`` as JSON, whole or not at all, or say which file could not be written and what to do."""
-    try:
-        write_json_whole(path, value, indent)
-    except OSError as err:
-        raise OSError(f"cannot write {path} ({err.strerror or err}): free space there or give another --out") from err
 
 
 def _centred_with_another(result: dict) -> str:

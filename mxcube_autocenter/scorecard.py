@@ -526,7 +526,10 @@ def check_one_centring_model(scorecards, names) -> None:
         model = (card or {}).get("model")
         if model:
             if model.get("source") == TRAINED_IN_RUN:
-                key = ("each its own trained model",)
+                # Each run's own regressor, but one ice network for all (by file name, as the shipped one is).
+                ice = (f"ice network {os.path.basename(str(model['ice']))}" if model.get("ice") else "no ice network"
+                       ) if "ice" in model else "an ice network not named (an older run)"  # fmt: skip
+                key = ("each its own trained model", ice)
             elif model.get("source") == SHIPPED_MODEL:  # one model wherever the package is installed
                 key = (f"the shipped {os.path.basename(str(model.get('regressor')))}",)
             else:

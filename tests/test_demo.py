@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,8 @@ def test_a_figure_that_cannot_be_written_loses_neither_the_scorecard_nor_the_res
                       progress=False)
     assert result["methods"]["loop_centre"]["n"] == 2
     (error,) = result["write_errors"]
-    assert "No space left on device" in error and "errors.png" in error
+    assert error == f"cannot write {tmp_path / 'figures' / 'errors.png'} (No space left on device): free space there " \
+                    "or give another --out"
     saved = json.loads((tmp_path / "scorecard.json").read_text())
     assert saved["methods"] == result["methods"]
     assert len(json.loads((tmp_path / "samples.json").read_text())) == 2
@@ -195,7 +197,8 @@ def test_scorecard_pools_demo_reports(small_demo, tmp_path, capsys):
     (given / "scorecard.json").write_text(json.dumps({**card, "model": {"source": "given model file",
                                                                          "regressor": "m.keras", "classifier": None}}))
     assert main(["scorecard", str(out), str(given)]) == 2
-    assert f"different models (each its own trained model: {out}; m.keras: {given})" in capsys.readouterr().err
+    assert f"different models (each its own trained model + ice network default_ice.keras: {out}; m.keras: {given})" \
+        in capsys.readouterr().err
     # The same models with the ice veto off: another procedure. A card of older code names no settings.
     (given / "scorecard.json").write_text(json.dumps({**card, "centring": {**card["centring"], "max_ice_probability": 1}}))
     assert main(["scorecard", str(out), str(given)]) == 2
@@ -279,6 +282,18 @@ def test_a_configuration_the_beamline_refuses_keeps_the_earlier_report_and_names
     assert (out / "report.md").read_text() == "an earlier demo's"
     assert (out / "figures").is_dir()
     assert "record_frame_rate" in (out / "demo.log").read_text()
+    # Nor one that does not boot at all (a beamline.yaml mxcubecore cannot read): named, not a traceback.
+    (config / "beamline.yaml").write_text("not: [a beamline\n")
+    with pytest.raises(DemoError, match=rf"--config {re.escape(str(config))}: the beamline does not boot \(.*\): fix "
+                                        r"its configuration \(.*demo.log has the beamline's log\)"):  # fmt: skip
+        run_demo(out, quick=True, config_dir=config)
+    assert (out / "report.md").read_text() == "an earlier demo's"
+    # An --out that exists but may not be written (another user's, read-only): named, not a traceback.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "demo.log").mkdir()  # what even root cannot open as a file
+    with pytest.raises(DemoError, match=r"cannot write .*locked/demo.log \(Is a directory\): choose another --out"):
+        run_demo(locked, quick=True)
 
 
 def test_the_shipped_model_given_by_its_path_is_the_shipped_model(tmp_path, monkeypatch):

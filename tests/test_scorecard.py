@@ -182,8 +182,19 @@ def test_runs_that_centred_with_different_models_are_not_pooled():
     # Another ice network vetoes other centrings.
     with pytest.raises(ValueError, match=r"m.keras: r0; m.keras \+ i.keras: r1"):
         scorecard.check_one_centring_model([one[0], card("given model file", "m.keras", ice="i.keras")], ["r0", "r1"])
-    with pytest.raises(ValueError, match=r"each its own trained model: r1"):
+    with pytest.raises(ValueError, match=r"each its own trained model \+ no ice network: r1"):
         scorecard.check_one_centring_model([one[0], own[0]], ["r0", "r1"])
+    # Runs that trained their own regressors share one ice network, or another veto would be pooled in.
+    iced = [card(scorecard.TRAINED_IN_RUN, f"r{i}/model.keras", ice=ice)
+            for i, ice in enumerate(("/a/mxcube_autocenter/models/default_ice.keras", "/b/models/default_ice.keras"))]
+    scorecard.check_one_centring_model(iced, ["r0", "r1"])
+    with pytest.raises(ValueError, match=r"ice network default_ice.keras: r0; each its own trained model \+ ice "
+                                         r"network my_ice.keras: r1"):  # fmt: skip
+        scorecard.check_one_centring_model([iced[0], card(scorecard.TRAINED_IN_RUN, "m.keras", ice="/c/my_ice.keras")],
+                                           ["r0", "r1"])
+    older = {"model": {"source": scorecard.TRAINED_IN_RUN, "regressor": "m.keras"}}  # before the ice network's key
+    with pytest.raises(ValueError, match=r"an ice network not named \(an older run\): r1"):
+        scorecard.check_one_centring_model([iced[0], older], ["r0", "r1"])
     # The shipped model is one model wherever the package is installed (a laptop, CI).
     shipped = [card(scorecard.SHIPPED_MODEL, f"/{where}/mxcube_autocenter/models/default_regressor.keras")
                for where in ("home", "ci")]
