@@ -118,6 +118,8 @@ class AutoCenter(HardwareObject):
         self._hold_collections_while_centring()
         self._load_models()
         self._check_geometry()
+        # Whatever centring_enabled says: the queue task and scripts centre all the same.
+        self._guard_sample_view()
         if self.config.centring_enabled and self.centring_error is None:
             self._take_over_auto_centring()
         self._register_queue_task()
@@ -585,28 +587,35 @@ class AutoCenter(HardwareObject):
         except Exception:
             self.log.exception("AutoCenter: could not publish the centring heatmap")
 
-    def _take_over_auto_centring(self):
-        """Make SampleView's automatic centring run :meth:`centre`, with its usual signals.
+    def _guard_sample_view(self):
+        """Refuse SampleView's own centrings and image clicks while an optical ML centring runs.
 
-        SampleView's click centring and image clicks are refused while an optical ML centring runs:
-        mxcubeweb only checks ``current_centring_procedure``, which a script's or queue task's centring
-        does not set, so a click centring would move the sample under it; and a click on the image during a
-        centring from the button would reach the sine fit as one of its points.
+        mxcubeweb only checks ``current_centring_procedure``, which a script's or queue task's centring does
+        not set, so a click centring (or lucid's, from the button while it is not taken over) would move the
+        sample under it; and a click on the image during a centring from the button would reach the sine fit as
+        one of its points.
         """
-        if self._took_over:
-            return
         sample_view = HWR.beamline.sample_view
         if sample_view is None:
-            self.log.error("AutoCenter: loaded before sample_view, so the auto-centring button keeps lucid's "
-                           "centring: list auto_centring after sample_view in beamline.yaml")  # fmt: skip
+            self.log.error("AutoCenter: loaded before sample_view, so nothing keeps SampleView's centrings from "
+                           "moving the sample during an optical ML centring, and the auto-centring button keeps "
+                           "lucid's centring: list auto_centring after sample_view in beamline.yaml")  # fmt: skip
+            return
+        sample_view.start_auto_centring = self._refused_while_centring(
+            sample_view.start_auto_centring, "Automatic centring not started", verdict="Automatic")
+        sample_view.start_manual_centring = self._refused_while_centring(
+            sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
+        sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
+
+    def _take_over_auto_centring(self):
+        """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""
+        sample_view = HWR.beamline.sample_view
+        if self._took_over or sample_view is None:  # the latter said by _guard_sample_view
             return
         self._took_over = True
         sample_view.start_auto_centring = self.start_auto_centring
         sample_view.cancel_centring = self._noting_cancel(sample_view.cancel_centring)
         sample_view.reject_centring = self._ending_the_press(sample_view.reject_centring)
-        sample_view.start_manual_centring = self._refused_while_centring(
-            sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
-        sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
         self.log.info("AutoCenter: SampleView automatic centring now runs the optical ML centring")
 
     def _refused_while_centring(self, method, refusal: str, verdict: str | None = None):
@@ -678,7 +687,8 @@ class AutoCenter(HardwareObject):
         # Ended on its own, it is a dead (falsy) greenlet whose verdict may still be on its way.
         if running is None or running is not self._pressed_procedure:
             return False
-        running.unlink(self._give_verdict)
+        # Its link stays: a caller that gives up waiting for the way back (its own gevent.Timeout) would leave no
+        # verdict at all. It gives none twice: each is given once (_give_verdict).
         try:
             running.kill(block=True)
         except Exception:

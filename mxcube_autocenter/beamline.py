@@ -52,8 +52,9 @@ def hardware_repository(config_dir: str | os.PathLike | None = None):
             "beamline configuration"
         )
     lookup_path = os.pathsep.join([str(config_dir), str(mxcubecore_mockup_dir())])
-    HWR.init_hardware_repository(lookup_path)
     try:
+        # A configuration that fails part-way leaves the repository initialised: the next boot would be refused.
+        HWR.init_hardware_repository(lookup_path)
         yield HWR.beamline
     finally:
         HWR.uninit_hardware_repository()

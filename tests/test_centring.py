@@ -987,6 +987,24 @@ def test_stop_pressed_twice_gives_one_verdict(beamline, autocenter):
     assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"]
 
 
+def test_a_stop_whose_caller_gives_up_waiting_still_gives_the_verdict(beamline, autocenter):
+    # The cancel took the centring's link away before it waited for the sample to go back: a caller's own
+    # time-out then left no verdict at all, and the queue's mount step waits for centringAccepted without one.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    gevent.sleep(1.5)  # omega has turned: going back takes a while
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.05):
+        sample_view.cancel_centring()
+    with gevent.Timeout(60, AssertionError("no verdict")):
+        while "centringAccepted" not in log.names():
+            gevent.sleep(0.05)
+    assert log.names() == ["centringStarted", "centringFailed", "centringAccepted"] and log.calls[-1][1][0] is False
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter,
                                                                            pressed_on_a_network):  # fmt: skip
     # A centring that ended on its own gave its verdict from its link, reading the motors first: mxcubeweb's
@@ -1660,7 +1678,7 @@ def test_a_model_loaded_after_a_failed_start_takes_over_the_button(beamline, aut
 
     sample_view = beamline.sample_view
     lucid = type(sample_view).start_auto_centring.__get__(sample_view)
-    sample_view.start_auto_centring = lucid  # as init leaves it when the model could not be loaded
+    sample_view.start_auto_centring = lucid  # MXCuBE's own, which init leaves (guarded) when the model could not load
     autocenter._took_over = False
     autocenter.centring_error = "no such model file"
     autocenter.use_predictor(load_predictor(tiny_model))
@@ -1688,8 +1706,8 @@ def test_a_heatmap_grid_whose_publishing_failed_half_way_is_deleted_by_the_next_
 
 
 def test_a_script_centring_stops_its_own_sine_fit_not_a_click_centring_started_since(beamline, autocenter):
-    # With centring_enabled False nothing refuses a click centring during a script's centring; the ML fit's way
-    # back killed mxcubecore's current centring, which was by then the user's.
+    # A sine fit started during a script's centring behind SampleView's back (sample_centring.start, which nothing
+    # refuses): the ML fit's way back killed mxcubecore's current centring, which was by then that one.
     from mxcubecore.HardwareObjects import sample_centring
 
     sample_view = beamline.sample_view

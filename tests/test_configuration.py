@@ -14,6 +14,7 @@ from mxcube_autocenter.beamline import auto_centring, hardware_repository, virtu
 from mxcube_autocenter.centring.predictor import SHIPPED_ICE_MODEL, SHIPPED_REGRESSOR
 from mxcube_autocenter.config import AutoCenterConfig
 from mxcube_autocenter.geometry import CENTRING_MOTORS
+from mxcube_autocenter.simulation.sample import make_sample
 
 
 def _config_with(tmp_path, old, new):
@@ -128,11 +129,25 @@ def test_centring_properties_from_xml_and_the_take_over_switch(tmp_path):
     )
     with hardware_repository(config) as bl:
         ho = auto_centring(bl)
-        assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view  # MXCuBE's own lucid centring
+        sample_view = bl.sample_view
+        assert sample_view.start_auto_centring.__wrapped__.__self__ is sample_view  # MXCuBE's own lucid centring
         settings = ho.centring_settings()
         assert (settings.n_angles, settings.verify_centring, settings.heatmap_symmetries) == (4, "off", "flips")
         # The recording's properties too (the virtual beamline's own XML gives their defaults).
         assert (ho.settings()["record_frame_rate"], ho.settings()["record_scan_types"]) == (7.0, ["Helical"])
+        # A script's or the queue task's optical ML centring runs all the same: SampleView's own centrings, lucid's
+        # from the button and a click centring, must not move the sample under it.
+        mounted = bl.sample_changer.mount(make_sample(16))
+        bl.diffractometer.set_value_motors({"omega": 0.0, "phiy": float(mounted.sample.loop_centre[0]), "phiz": 0.0,
+                                            "sampx": 0.0, "sampy": 0.0}, timeout=30)  # fmt: skip
+        centring = gevent.spawn(ho.centre, save=False)
+        with gevent.Timeout(60, AssertionError("the centring did not start")):
+            while not ho._centring_lock.locked():
+                gevent.sleep(0.02)
+        sample_view.start_auto_centring()
+        sample_view.start_manual_centring(3)
+        assert sample_view.current_centring_procedure is None
+        assert centring.get(timeout=150).success
 
 
 def test_blind_views_must_leave_two_views_to_see_the_crystal():
@@ -221,7 +236,7 @@ def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring
     with caplog.at_level(logging.ERROR, logger="HWR"):
         with hardware_repository(config) as bl:
             ho = auto_centring(bl)
-            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            assert bl.sample_view.start_auto_centring.__wrapped__.__self__ is bl.sample_view
             start = {name: bl.diffractometer.get_motors()[name].get_value() for name in CENTRING_MOTORS}
             result = ho.centre(save=False)
             assert not result.success and result.start_positions == start
@@ -333,7 +348,7 @@ def test_the_shipped_ice_network_is_asked_unless_another_is_configured(tmp_path,
     with caplog.at_level(logging.ERROR, logger="HWR"):
         with hardware_repository(config) as bl:
             ho = auto_centring(bl)
-            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            assert bl.sample_view.start_auto_centring.__wrapped__.__self__ is bl.sample_view
             result = ho.centre(save=False)
     reason = f"{SHIPPED_REGRESSOR}: not an ice network"
     assert not result.success and reason in result.message and "centring_ice_model property" in _logged(caplog)
@@ -349,7 +364,7 @@ def test_a_model_folder_keeps_mxcubes_own_centring_and_names_the_file_in_it(tmp_
         with hardware_repository(config) as bl:
             ho = auto_centring(bl)  # the object loads: recording still works
             assert ho.recorder is not None
-            assert bl.sample_view.start_auto_centring.__self__ is bl.sample_view
+            assert bl.sample_view.start_auto_centring.__wrapped__.__self__ is bl.sample_view
             result = ho.centre(save=False)
     reason = f"{folder}: a folder, not a model file. Give the model file in it: {folder / 'model.keras'}"
     assert not result.success and reason in result.message and reason in _logged(caplog)
