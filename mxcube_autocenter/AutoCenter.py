@@ -699,6 +699,13 @@ class AutoCenter(HardwareObject):
     def start_auto_centring(self):
         """What SampleView.start_auto_centring does, with the ML procedure instead of lucid's loop centring."""
         sample_view = HWR.beamline.sample_view
+        ended = self._pressed_procedure
+        if ended is not None and ended.dead:
+            # Just ended on its own: its link, a greenlet of its own, gives its verdict a few turns of the loop
+            # later, and mxcubeweb lets a press through a dead procedure. Given (or waited for) now, before this
+            # press's centringStarted; the link, not yet run, is taken away (the verdicts are forgotten below).
+            ended.unlink(self._give_verdict)
+            self._give_verdict(ended)
         # The last centring's verdict, still reading the motors, would come after this one's start.
         self._await_verdicts()
         # A dead procedure is left there when a manual centring is killed
@@ -764,6 +771,8 @@ class AutoCenter(HardwareObject):
             self._judge(procedure, cancelled)
         finally:
             done.set()  # kept: a cancel after the verdict must not give another (the next press forgets it)
+            if self._pressed_procedure is procedure:
+                self._pressed_procedure = None  # given: no later press gives it again
 
     def _judge(self, procedure, cancelled: bool):
         sample_view = HWR.beamline.sample_view

@@ -1005,6 +1005,39 @@ def test_a_stop_whose_caller_gives_up_waiting_still_gives_the_verdict(beamline, 
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
+def test_a_press_just_as_the_last_centring_ended_hears_that_ones_verdict_before_its_own_start(beamline, autocenter,
+                                                                                               monkeypatch):
+    # The verdict of a centring that had just ended came from its link a few turns of the loop later: after the
+    # next press's centringStarted, failing that one in the web UI (mxcubeweb lets a press through a dead procedure).
+    real, calls = procedure.centre, []
+
+    def first_ends_at_once(bl, *args, **kwargs):  # a loop found empty at once: the window is widest
+        calls.append(1)
+        if len(calls) == 1:
+            return procedure.CentringResult(success=False, message="no crystal found: the loop looks empty",
+                                            method="none", start_positions=bl.positions())  # fmt: skip
+        return real(bl, *args, **kwargs)
+
+    monkeypatch.setattr(procedure, "centre", first_ends_at_once)
+    mount_at_start(beamline)
+    sample_view = beamline.sample_view
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    sample_view.start_auto_centring()
+    first = sample_view.current_centring_procedure
+    with gevent.Timeout(120, AssertionError("the centring did not end")):
+        while not first.dead:
+            gevent.sleep(0)
+    sample_view.start_auto_centring()
+    try:
+        names = log.names()
+        assert names[0] == "centringStarted" and names.index("centringStarted", 1) == names.index("centringAccepted") + 1
+        second = sample_view.current_centring_procedure
+        assert second is not first and not second.dead
+    finally:
+        sample_view.cancel_centring()
+    assert log.names().count("centringAccepted") == 2
+
+
 def test_a_verdict_still_reading_the_motors_comes_before_the_next_centring(beamline, autocenter,
                                                                            pressed_on_a_network):  # fmt: skip
     # A centring that ended on its own gave its verdict from its link, reading the motors first: mxcubeweb's
