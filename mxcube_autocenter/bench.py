@@ -8,6 +8,8 @@ figures into one flat dictionary, the JSON object of ``bench --json``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from typing import Callable
 
@@ -30,7 +32,11 @@ def _registry() -> list[tuple[str, Benchmark]]:
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, progress=print) -> dict:
-    """Run the benchmarks and return all their figures in one dictionary."""
+    """Run the benchmarks and return all their figures in one dictionary.
+
+    A figure that is no finite number (NaN, infinite) is None, as one this machine cannot measure: ``bench
+    --json`` must stay JSON, which has no NaN.
+    """
     figures: dict = {}
     for name, bench in _registry():
         if only and name not in only:
@@ -39,4 +45,5 @@ def run_all(quick: bool = False, only: list[str] | None = None, progress=print) 
         start = time.perf_counter()
         figures.update(bench(quick))
         progress(f"[bench] {name} done in {time.perf_counter() - start:.1f} s")
-    return figures
+    return {name: None if isinstance(value, numbers.Real) and not math.isfinite(value) else value
+            for name, value in figures.items()}

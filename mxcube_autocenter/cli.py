@@ -123,7 +123,7 @@ def cmd_bench(args) -> int:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
-        print(json.dumps(figures, sort_keys=True))
+        print(json.dumps(figures, sort_keys=True, allow_nan=False))
         return 0
     figures = run_all(quick=args.quick, only=args.only, progress=print)
     width = max(map(len, figures), default=0)

@@ -599,3 +599,14 @@ def test_the_heatmap_commands_defaults_are_the_xml_properties_defaults():
     config = AutoCenterConfig()
     assert (args.pin_side, args.stride, args.min_score, args.symmetries) == (
         config.pin_side, config.heatmap_stride_px, config.min_score, config.heatmap_symmetries)
+
+
+def test_bench_json_stays_json_when_a_figure_is_no_number(monkeypatch):
+    # A NaN figure printed NaN, which no JSON reader takes: the whole object was lost to a tracker.
+    from mxcube_autocenter import bench
+
+    monkeypatch.setattr(bench, "_registry", lambda: [("render", lambda quick: {"a_ms": float("nan"), "b_s": 2.5,
+                                                                             "c_pct": float("inf"), "n": 3})])
+    figures = bench.run_all(only=["render"], progress=lambda message: None)
+    assert figures == {"a_ms": None, "b_s": 2.5, "c_pct": None, "n": 3}
+    json.dumps(figures, allow_nan=False)  # as bench --json prints it
