@@ -411,13 +411,10 @@ def test_outputs_that_a_file_stands_in_the_way_of_are_refused_naming_it(tmp_path
     assert blocker.read_text() == ""
 
 
-def test_synthesize_with_workers_ends_at_ctrl_c_and_leaves_no_part_file(tmp_path):
-    # The pool waited for the tasks Ctrl-C had ended in its workers: the command hung for ever, each worker
-    # printing a KeyboardInterrupt traceback, and DATASET.h5.part stayed. Nor does it render the samples
-    # still queued (minutes of them) before it ends.
-    import os
+def _synthesize_rendering(tmp_path, **popen_options):
+    """``synthesize`` with two rendering workers in a session of its own, once the first samples are in; the
+    process, its set's path and its stderr's file."""
     import re
-    import signal
     import time
 
     out, log = tmp_path / "set.h5", tmp_path / "stderr.txt"
@@ -425,15 +422,25 @@ def test_synthesize_with_workers_ends_at_ctrl_c_and_leaves_no_part_file(tmp_path
         run = subprocess.Popen(
             [sys.executable, "-m", "mxcube_autocenter.cli", "synthesize", str(out), "--samples", "300",
              "--workers", "2"],
-            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, **popen_options,
         )  # fmt: skip
+    deadline = time.monotonic() + 120
+    rendering = re.compile(r"\| +[1-9]\d*/300")
+    while not rendering.search(log.read_text()) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return run, out, log
+
+
+def test_synthesize_with_workers_ends_at_ctrl_c_and_leaves_no_part_file(tmp_path):
+    # The pool waited for the tasks Ctrl-C had ended in its workers: the command hung for ever, each worker
+    # printing a KeyboardInterrupt traceback, and DATASET.h5.part stayed. Nor does it render the samples
+    # still queued (minutes of them) before it ends.
+    import os
+    import signal
+
+    run, out, log = _synthesize_rendering(
+        tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it
     try:
-        deadline = time.monotonic() + 120
-        # The workers are rendering: the first samples are in.
-        rendering = re.compile(r"\| +[1-9]\d*/300")
-        while not rendering.search(log.read_text()) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to every process of the terminal's group
         run.wait(timeout=30)
     finally:
@@ -450,22 +457,11 @@ def test_a_command_stopped_with_sigterm_ends_as_at_ctrl_c_and_leaves_no_worker(t
     # `timeout`, systemd and batch systems stop with SIGTERM, which Python's default ends at once: the worker
     # processes (spot finding, rendering) were left running, holding their files open, and DATASET.h5.part stayed.
     import os
-    import re
     import signal
     import time
 
-    out, log = tmp_path / "set.h5", tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "mxcube_autocenter.cli", "synthesize", str(out), "--samples", "300",
-             "--workers", "2"],
-            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-        )  # fmt: skip
+    run, out, log = _synthesize_rendering(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        rendering = re.compile(r"\| +[1-9]\d*/300")
-        while not rendering.search(log.read_text()) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
         os.kill(run.pid, signal.SIGTERM)  # to the command alone, as `timeout` sends it
         run.wait(timeout=30)
         deadline = time.monotonic() + 10
