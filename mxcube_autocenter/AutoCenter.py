@@ -37,6 +37,7 @@ import gc
 import os
 import sys
 import time
+import weakref
 
 import gevent
 import gevent.event
@@ -109,9 +110,9 @@ class AutoCenter(HardwareObject):
         self._button_pressed = False
         self._cancelled_while_readying = False
         self._pressed_procedure = None  # the greenlet the last press of the button put on SampleView
-        # Procedure -> set once its verdict is out: claimed before any wait, so that it is given once; until the
-        # next press.
-        self._verdicts = {}
+        # Procedure -> set once its verdict is out: claimed before any wait, so that it is given once however late
+        # its link runs; forgotten with the procedure.
+        self._verdicts = weakref.WeakKeyDictionary()
         self._took_over = False
         self._holding_queue = 0  # queue entries waiting for a centring to end (_queue_entry_starting)
         self._connect_collect()
@@ -703,8 +704,7 @@ class AutoCenter(HardwareObject):
         if ended is not None and ended.dead:
             # Just ended on its own: its link, a greenlet of its own, gives its verdict a few turns of the loop
             # later, and mxcubeweb lets a press through a dead procedure. Given (or waited for) now, before this
-            # press's centringStarted; the link, not yet run, is taken away (the verdicts are forgotten below).
-            ended.unlink(self._give_verdict)
+            # press's centringStarted.
             self._give_verdict(ended)
         # The last centring's verdict, still reading the motors, would come after this one's start.
         self._await_verdicts()
@@ -770,9 +770,7 @@ class AutoCenter(HardwareObject):
         try:
             self._judge(procedure, cancelled)
         finally:
-            done.set()  # kept: a cancel after the verdict must not give another (the next press forgets it)
-            if self._pressed_procedure is procedure:
-                self._pressed_procedure = None  # given: no later press gives it again
+            done.set()  # kept: a cancel, a press or the link after the verdict must not give another
 
     def _judge(self, procedure, cancelled: bool):
         sample_view = HWR.beamline.sample_view
@@ -803,11 +801,9 @@ class AutoCenter(HardwareObject):
             self.user_log.info("Centring cancelled" if cancelled else "Automatic loop centring failed")
 
     def _await_verdicts(self, timeout: float = 60.0):
-        """Wait for the verdicts still on their way, then forget them: a centring must not start before the last
-        one's is out, and the procedures they were for are done."""
+        """Wait for the verdicts still on their way: a centring must not start before the last one's is out."""
         for done in list(self._verdicts.values()):
             done.wait(timeout)
-        self._verdicts.clear()
 
     def _refuse_auto_centring(self, sample_view, reason):
         self.user_log.error(f"Optical ML centring not started: {reason}")
