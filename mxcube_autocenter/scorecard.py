@@ -521,25 +521,34 @@ def check_one_centring_model(scorecards, names) -> None:
     ValueError
         Naming each model and its runs.
     """
-    runs_of = {}
-    for card, name in zip(scorecards, names):
-        model = (card or {}).get("model")
-        if model:
-            if model.get("source") == TRAINED_IN_RUN:
-                # Each run's own regressor, but one ice network for all (by file name, as the shipped one is).
-                ice = (f"ice network {os.path.basename(str(model['ice']))}" if model.get("ice") else "no ice network"
-                       ) if "ice" in model else "an ice network not named (an older run)"  # fmt: skip
-                key = ("each its own trained model", ice)
-            elif model.get("source") == SHIPPED_MODEL:  # one model wherever the package is installed
-                key = (f"the shipped {os.path.basename(str(model.get('regressor')))}",)
-            else:
-                key = tuple(str(model[k]) for k in ("regressor", "classifier", "ice") if model.get(k))
-            runs_of.setdefault(key, []).append(str(name))
+    runs_of = _runs_by((_model_key(card["model"]), name) for card, name in zip(scorecards, names)
+                       if (card or {}).get("model"))  # fmt: skip
     if len(runs_of) > 1:
         groups = "; ".join(f"{' + '.join(key) or 'an unnamed model'}: {', '.join(runs)}"
                            for key, runs in runs_of.items())  # fmt: skip
         raise ValueError(f"these runs centred with different models ({groups}): pool the runs of one model, "
                          "and compare two models with `mxcube-autocenter compare`")  # fmt: skip
+
+
+def _model_key(model: dict) -> tuple:
+    """What tells a scorecard's centring models apart from another's, in words."""
+    if model.get("source") == TRAINED_IN_RUN:
+        # Each run's own regressor, but one ice network for all (by file name, as the shipped one is).
+        if "ice" not in model:
+            return "each its own trained model", "an ice network not named (an older run)"
+        ice = model.get("ice")
+        return "each its own trained model", f"ice network {os.path.basename(str(ice))}" if ice else "no ice network"
+    if model.get("source") == SHIPPED_MODEL:  # one model wherever the package is installed
+        return (f"the shipped {os.path.basename(str(model.get('regressor')))}",)
+    return tuple(str(model[k]) for k in ("regressor", "classifier", "ice") if model.get(k))
+
+
+def _runs_by(keyed_runs) -> dict:
+    """``{key: [run, ...]}`` of ``(key, run)`` pairs, in their order."""
+    runs_of = {}
+    for key, name in keyed_runs:
+        runs_of.setdefault(key, []).append(str(name))
+    return runs_of
 
 
 def check_one_centring_setup(scorecards, names) -> None:
@@ -564,9 +573,7 @@ def check_one_centring_setup(scorecards, names) -> None:
                 if isinstance((card or {}).get("centring"), dict)]  # fmt: skip
     differing = []
     for key in sorted({key for values, _ in settings for key in values}):
-        runs_of = {}
-        for values, name in settings:
-            runs_of.setdefault(json.dumps(values.get(key)), []).append(name)
+        runs_of = _runs_by((json.dumps(values.get(key)), name) for values, name in settings)
         if len(runs_of) > 1:
             differing.append(f"{key} " + "; ".join(f"{value} in {', '.join(runs)}" for value, runs in runs_of.items()))
     if differing:
@@ -576,10 +583,7 @@ def check_one_centring_setup(scorecards, names) -> None:
 
 def code_versions(scorecards, names) -> dict:
     """``{code version: [runs]}``: which code wrote each run's scorecard ("unknown" where it does not say)."""
-    runs_of = {}
-    for card, name in zip(scorecards, names):
-        runs_of.setdefault(str((card or {}).get("code") or "unknown"), []).append(str(name))
-    return runs_of
+    return _runs_by((str((card or {}).get("code") or "unknown"), name) for card, name in zip(scorecards, names))
 
 
 def summarise(outcomes, methods=METHODS) -> dict:
