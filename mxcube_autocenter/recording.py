@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -304,34 +305,68 @@ def _python_value(value):
     return value
 
 
+# The undo journal beside a recording being written (<recording>.undo): the bytes of the file as at its
+# last flush wherever the flush in progress overwrote them. A header (magic, the file's size at that flush),
+# then records (offset, length, the bytes).
+JOURNAL_SUFFIX = ".undo"
+_JOURNAL_HEADER = struct.Struct("<8sQ")
+_JOURNAL_MAGIC = b"ACUNDO01"
+_JOURNAL_RECORD = struct.Struct("<QQ")
+
+
+def journal_path(path) -> Path:
+    """The undo journal of the recording at ``path``: ``<path>.undo``."""
+    path = Path(path)
+    return path.with_name(path.name + JOURNAL_SUFFIX)
+
+
 class _GuardedFile:
-    """The file object HDF5 writes through, which never reports a failed write.
+    """The file object HDF5 writes through, which never reports a failed write and keeps an undo journal.
 
     HDF5 cannot recover from a failed write: closing the file retries it, and
     h5py may then crash the whole process (seen on EFBIG with HDF5 1.14).
     This file records the first ``OSError`` and reports success to HDF5;
     :class:`FrameStore` raises the recorded error itself.
 
-    A write can fail half-way through a flush, leaving metadata that points
-    past the end of the file. So the bytes each write overwrites are kept
-    until the next :meth:`commit` (a successful flush); after a failed write
-    they are put back, the file is cut to its committed size, and later
-    writes are ignored: the file stays as it was at the last flush.
-    Writes go straight to the operating system, so whatever HDF5 has flushed
-    also survives a killed process.
+    A flush rewrites HDF5's metadata in place (the frames' index, the heap of
+    JPEG images), so a write that fails half-way through one, or a process
+    killed in one, leaves a file whose metadata points at frames it no longer
+    holds (raw storage: all of them). So before a write overwrites any byte
+    of the file as at its last flush, the bytes are appended to the undo
+    journal (:func:`journal_path`) and that reaches the disk; a
+    :meth:`commit` (after a successful flush) empties it. After a failed
+    write the journal is played back, the file cut to its committed size, and
+    later writes ignored: the file stays as it was at the last flush. After a
+    killed process, :func:`read_recording` reads the file through the journal
+    it left. Writes go straight to the operating system, so whatever HDF5 has
+    flushed also survives a killed process.
     """
 
     def __init__(self, path: Path):
         self._raw = io.FileIO(path, "x+")
         self.error: OSError | None = None
         self._committed_size = 0
-        self._undo: list[tuple[int, bytes]] = []
+        # The recording's name is this process's (created exclusively): a journal there is a stale one's.
+        try:
+            self._journal = io.FileIO(journal_path(path), "w+")
+            self._journal.write(_JOURNAL_HEADER.pack(_JOURNAL_MAGIC, 0))
+        except OSError:
+            self._raw.close()
+            path.unlink()
+            raise
 
     def commit(self):
         """Make the file as it is now the state to return to after a failed write."""
         if self.error is None:
-            self._undo.clear()
-            self._committed_size = os.fstat(self._raw.fileno()).st_size
+            try:
+                self._committed_size = os.fstat(self._raw.fileno()).st_size
+                # Emptied before the new size is written: a journal cut short in between is empty, and the file,
+                # already on disk as it is now, is read as it is.
+                self._journal.truncate(0)
+                os.pwrite(self._journal.fileno(), _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, self._committed_size), 0)
+                self._journal.seek(0, os.SEEK_END)
+            except OSError as err:
+                self._roll_back(err)
 
     def sync(self):
         """Put everything written so far on the disk (``fsync``).
@@ -363,9 +398,7 @@ class _GuardedFile:
         if self.error is None:
             offset = self._raw.tell()
             try:
-                if offset < self._committed_size:
-                    size = min(len(view), self._committed_size - offset)
-                    self._undo.append((offset, os.pread(self._raw.fileno(), size, offset)))
+                self._keep_committed(offset, len(view))
                 written = 0
                 while written < len(view):
                     written += self._raw.write(view[written:])
@@ -376,27 +409,129 @@ class _GuardedFile:
     def truncate(self, size=None):
         if self.error is None:
             try:
+                size = self._raw.tell() if size is None else size
+                self._keep_committed(size, self._committed_size - size)
                 self._raw.truncate(size)
             except OSError as err:
                 self._roll_back(err)
         return size
 
+    def _keep_committed(self, offset: int, size: int):
+        """Journal the committed bytes that a write of ``size`` bytes at ``offset`` is about to change."""
+        size = min(size, self._committed_size - offset)
+        if size > 0:
+            original = os.pread(self._raw.fileno(), size, offset)
+            self._journal.write(_JOURNAL_RECORD.pack(offset, len(original)) + original)
+            # On disk before the write it undoes can be: a power cut keeps writes in any order.
+            os.fdatasync(self._journal.fileno())
+
     def _roll_back(self, err: OSError):
         self.error = err
         try:
+            _, records = _read_journal(journal_path(self._raw.name))
             # Overwriting bytes already on disk needs no new space.
-            for offset, original in reversed(self._undo):
+            for offset, original in reversed(records):
                 os.pwrite(self._raw.fileno(), original, offset)
             self._raw.truncate(self._committed_size)
-        except OSError as undo_err:
-            log.warning("%s could not be put back as at its last flush: %s", self._raw.name, undo_err)
+            self._journal.truncate(_JOURNAL_HEADER.size)
+        except (OSError, RecordingError) as undo_err:
+            log.warning("%s could not be put back as at its last flush (its journal %s is kept to read it so): %s",
+                        self._raw.name, journal_path(self._raw.name), undo_err)
 
     def flush(self):
         # Unbuffered: every write is already with the operating system.
         pass
 
     def close(self):
+        """Close the file, and remove its journal unless the file still needs it to read as at its last flush.
+
+        Call it once HDF5 has closed the file, which leaves it whole: what
+        HDF5 wrote in closing is committed first.
+        """
+        self.commit()
         self._raw.close()
+        self._journal.close()
+        try:
+            if os.stat(self._journal.name).st_size <= _JOURNAL_HEADER.size:
+                os.unlink(self._journal.name)
+        except OSError as err:
+            log.warning("the undo journal %s could not be removed: %s", self._journal.name, err)
+
+
+def _read_journal(path) -> tuple[int, list[tuple[int, bytes]]]:
+    """A recording's undo journal: the committed size, and its complete records in order.
+
+    A record cut short (a process killed while writing it) is left out: the
+    write it would undo had not started.
+
+    Raises
+    ------
+    RecordingError
+        If the journal is not one.
+    """
+    data = Path(path).read_bytes()
+    if len(data) < _JOURNAL_HEADER.size:
+        return 0, []
+    magic, committed_size = _JOURNAL_HEADER.unpack_from(data)
+    if magic != _JOURNAL_MAGIC:
+        raise RecordingError(f"{path} is not an undo journal of mxcube-autocenter's recorder: move it away")
+    records = []
+    at = _JOURNAL_HEADER.size
+    while at + _JOURNAL_RECORD.size <= len(data):
+        offset, size = _JOURNAL_RECORD.unpack_from(data, at)
+        at += _JOURNAL_RECORD.size
+        if at + size > len(data):
+            break
+        records.append((offset, data[at:at + size]))
+        at += size
+    return committed_size, records
+
+
+class _AsLastFlushed(io.RawIOBase):
+    """A recording whose writer was killed in a flush, read-only, as it was at the last flush.
+
+    Reads come from the file itself, up to the size it had then, with the
+    bytes its journal kept put back in their places (the earliest record of
+    a place is the flushed one). Nothing is written to either file.
+    """
+
+    def __init__(self, path, committed_size: int, records):
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)
+        self._size = committed_size
+        self._records = records
+        self._position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self):
+        return self._position
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        size = max(0, min(len(view), self._size - self._position))
+        start = self._position
+        data = bytearray(os.pread(self._file.fileno(), size, start).ljust(size, b"\0"))
+        for offset, original in reversed(self._records):
+            lo, hi = max(offset, start), min(offset + len(original), start + size)
+            if lo < hi:
+                data[lo - start:hi - start] = original[lo - offset:hi - offset]
+        view[:size] = data
+        self._position += size
+        return size
+
+    def close(self):
+        self._file.close()
+        super().close()
 
 
 def names_a_sample(value) -> bool:
@@ -539,6 +674,7 @@ class FrameStore:
                 h5file.close()
             guarded.close()
             path.unlink()
+            journal_path(path).unlink(missing_ok=True)
             raise
         return cls(path, h5file, guarded, storage, compression, flush_interval_s, min_free_mb)
 
@@ -1148,7 +1284,8 @@ class Recording:
             # the others are still a recording to label.
             raise CorruptFrameError(
                 f"frame {i} of {self.path} cannot be read ({err}): the recording probably stopped before it "
-                "was written, or its writer was killed in a flush, which can cost frames flushed before"
+                f"was written, or its writer was killed in a flush and {journal_path(self.path).name}, which "
+                "would read it as at the flush before, is not beside it (copy it with the recording)"
             ) from err
         try:
             return decode_jpeg(data)
@@ -1159,7 +1296,8 @@ class Recording:
 
 
 def _open_recording(path) -> h5py.File:
-    """The recording at ``path`` opened to read, without HDF5's file lock.
+    """The recording at ``path`` opened to read, without HDF5's file lock; as at its last flush if its writer was
+    killed in one (its undo journal holds records).
 
     The writer takes no lock, so it would guard nothing, and a file system
     without locks (NFS without lockd) would refuse every recording. A file
@@ -1168,6 +1306,10 @@ def _open_recording(path) -> h5py.File:
     """
     for attempt in range(_OPEN_TRIES):
         try:
+            journal = journal_path(path)
+            committed_size, records = _read_journal(journal) if journal.exists() else (0, [])
+            if records:
+                return h5py.File(_AsLastFlushed(path, committed_size, records), "r")
             return h5py.File(path, "r", locking=False)
         except OSError as err:
             if "truncated file" not in str(err) or attempt == _OPEN_TRIES - 1:

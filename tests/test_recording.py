@@ -27,6 +27,7 @@ from mxcube_autocenter.recording import (
     contact_sheet,
     decode_jpeg,
     encode_jpeg,
+    journal_path,
     read_recording,
     summarise,
     synthetic_frame,
@@ -88,6 +89,7 @@ def test_round_trip(tmp_path, storage):
 
     rec = read_recording(store.path)
     assert store.path == tmp_path / "new" / "dir" / "lyso1_1.h5"
+    assert os.listdir(store.path.parent) == ["lyso1_1.h5"]  # its undo journal gone with the writer
     assert (rec.status, rec.storage, len(rec)) == ("complete", storage, 5)
     assert (rec.frames_kept, rec.frames_dropped, rec.error) == (5, 2, None)
     assert rec.created and rec.finished
@@ -313,43 +315,83 @@ def test_killed_writer_leaves_a_readable_file(tmp_path, storage):
 KILLED_IN_A_FLUSH = """
     import os, sys, time
     from mxcube_autocenter import recording
-    jpegs = [recording.encode_jpeg(recording.synthetic_frame(320, 256, seed=k)) for k in range(8)]
-    store = recording.FrameStore.create(sys.argv[1], "killed", {"experiment_type": "OSC"}, flush_interval_s=1e9)
-    for k in range(700):
-        store.append(jpegs[k % 8], time.time(), [k, 0, 0, 0, 0], k)
-        if k == 349:
-            store.flush()
+    directory, storage, flushed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    jpegs = [recording.encode_jpeg(recording.synthetic_frame(160, 128, seed=k)) for k in range(8)]
     written = recording._GuardedFile.write
+    for kill_at in range(1, 100):
+        child = os.fork()
+        if child == 0:
+            store = recording.FrameStore.create(directory, f"killed_{kill_at}", {"experiment_type": "OSC"},
+                                                storage=storage, flush_interval_s=1e9)
+            for k in range(flushed + 1):
+                if k == flushed:
+                    store.flush()
+                store.append(jpegs[k % 8], time.time(), [k, 0, 0, 0, 0], k)
+            writes = []
 
-    def write(self, data, writes=[]):  # the process killed at the flush's fifth write to the file
-        writes.append(len(data))
-        if len(writes) > 4:
-            os._exit(0)
-        return written(self, data)
+            def write(self, data):  # the process killed at this write of the next flush
+                writes.append(len(data))
+                if len(writes) == kill_at:
+                    os._exit(0)
+                return written(self, data)
 
-    recording._GuardedFile.write = write
-    store.flush()
+            recording._GuardedFile.write = write
+            store.flush()
+            os._exit(3)  # that flush had fewer writes: done
+        if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 3:
+            break
+    print(kill_at - 1)
 """
 
 
-def test_a_writer_killed_in_a_flush_costs_the_frames_it_was_rewriting_not_the_recording(tmp_path):
+def _killed_in_every_write_of_a_flush(directory, storage, flushed):
+    """Recordings of ``flushed`` frames flushed, then one more, each killed at another write of the next flush."""
+    process = _run_script(KILLED_IN_A_FLUSH, directory, storage, flushed)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    writes = int(process.stdout.read())
+    assert writes >= 5
+    return [directory / f"killed_{k}.h5" for k in range(1, writes + 1)]
+
+
+# Raw storage: the 65th frame's flush splits HDF5's index of the frames, which it rewrites in place; JPEG
+# storage: every flush rewrites the heap of the last frames' images.
+@pytest.mark.parametrize(("storage", "flushed"), [("raw", 64), ("jpeg", 350)])
+def test_a_writer_killed_anywhere_in_a_flush_leaves_the_recording_as_at_the_flush_before(tmp_path, storage, flushed):
+    # Without the undo journal, killed in 3 of the raw flush's 10 writes, not one frame could be read.
+    _, jpegs = _frames(8)
+    for path in _killed_in_every_write_of_a_flush(tmp_path, storage, flushed):
+        assert journal_path(path).exists()
+        rec = read_recording(path)
+        assert rec.status == "recording" and len(rec) == flushed, path
+        np.testing.assert_array_equal(rec.motor("omega"), np.arange(flushed))
+        with rec.reader() as frame:
+            for i in range(flushed):
+                np.testing.assert_array_equal(frame(i), decode_jpeg(jpegs[i % 8]))
+        assert rec.frame(flushed - 1).shape == (128, 160, 3)
+
+
+def test_a_killed_writer_s_recording_copied_without_its_journal_loses_frames_not_the_recording(tmp_path):
     # HDF5 rewrites the last flushed frames' heap before it moves the file's end: those read "actual len exceeds
     # EOA", which was a RecordingError of the whole recording, and labelling and the contact sheet gave up on it.
-    process = _run_script(KILLED_IN_A_FLUSH, tmp_path)
-    assert process.wait(timeout=60) == 0, process.stderr.read()
-    rec = read_recording(tmp_path / "killed.h5")
-    assert rec.status == "recording" and len(rec) == 350
-    unreadable = []
-    with rec.reader() as frame:
-        for i in range(len(rec)):
-            try:
-                frame(i)
-            except CorruptFrameError as err:
-                unreadable.append(i)
-                assert "cannot be read" in str(err)
-    assert unreadable and min(unreadable) >= 340  # some of the last frames flushed before
-    contact_sheet(tmp_path / "killed.h5", tmp_path / "sheet.png")
-    assert (tmp_path / "sheet.png").stat().st_size > 0
+    damaged = []
+    for path in _killed_in_every_write_of_a_flush(tmp_path, "jpeg", 350):
+        journal_path(path).unlink()
+        rec = read_recording(path)
+        assert rec.status == "recording" and len(rec) == 350
+        unreadable = []
+        with rec.reader() as frame:
+            for i in range(len(rec)):
+                try:
+                    frame(i)
+                except CorruptFrameError as err:
+                    unreadable.append(i)
+                    assert "cannot be read" in str(err)
+        assert not unreadable or min(unreadable) >= 340  # some of the last frames flushed before
+        if unreadable:
+            damaged.append(path)
+            contact_sheet(path, tmp_path / "sheet.png")
+            assert (tmp_path / "sheet.png").stat().st_size > 0
+    assert damaged
 
 
 def test_a_recording_reads_without_a_file_lock(tmp_path):
@@ -468,7 +510,8 @@ def test_full_disk_stops_the_recording(tmp_path):
     assert (result["status"], result["error"]) == ("failed", result["messages"][0])
     assert result["kept"] + result["dropped"] == 41
     assert 0 < result["kept"] < 15
-    # The file is put back as at its last flush, and that stays readable.
+    # The file is put back as at its last flush, and that stays readable, with no journal left to read it so.
+    assert not journal_path(result["path"]).exists()
     rec = read_recording(result["path"])
     assert rec.status == "recording" and len(rec) == result["kept"] > 0
     assert rec.frame(len(rec) - 1).shape == (1024, 1280, 3)
