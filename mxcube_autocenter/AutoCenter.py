@@ -589,12 +589,13 @@ class AutoCenter(HardwareObject):
             self.log.exception("AutoCenter: could not publish the centring heatmap")
 
     def _guard_sample_view(self):
-        """Refuse SampleView's own centrings and image clicks while an optical ML centring runs.
+        """Refuse SampleView's own centrings, image clicks and moves to the beam while an optical ML centring runs.
 
         mxcubeweb only checks ``current_centring_procedure``, which a script's or queue task's centring does
         not set, so a click centring (or lucid's, from the button while it is not taken over) would move the
-        sample under it; and a click on the image during a centring from the button would reach the sine fit as
-        one of its points.
+        sample under it; a click on the image during a centring from the button would reach the sine fit as
+        one of its points; and mxcubeweb's "move to beam" checks nothing, so it would move the sample between
+        the views, whose projections the fusion takes for those of one sample position.
         """
         sample_view = HWR.beamline.sample_view
         if sample_view is None:
@@ -607,6 +608,7 @@ class AutoCenter(HardwareObject):
         sample_view.start_manual_centring = self._refused_while_centring(
             sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
         sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
+        sample_view.move_to_beam = self._refused_while_centring(sample_view.move_to_beam, "Move to beam refused")
 
     def _take_over_auto_centring(self):
         """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""
