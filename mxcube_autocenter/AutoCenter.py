@@ -317,8 +317,16 @@ class AutoCenter(HardwareObject):
     def _load_models(self):
         """Load the models now, so that a missing or wrong model shows at start-up, not at the first click."""
         try:
-            self.predictor = load_predictor(self.config.centring_model, self.config.centring_classifier,
-                                            self.config.centring_ice_model)
+            # On a thread: TensorFlow and the models take seconds to load, which the other hardware objects'
+            # greenlets (channel polls, camera streams) would otherwise wait out.
+            loader = gevent.threadpool.ThreadPool(1)
+            try:
+                self.predictor = loader.apply(
+                    load_predictor,
+                    (self.config.centring_model, self.config.centring_classifier, self.config.centring_ice_model),
+                )
+            finally:
+                loader.kill()
         except PredictorError as err:
             self.centring_error = str(err)
             self.log.error("AutoCenter: optical ML centring unavailable: %s", err)

@@ -12,6 +12,7 @@ import pytest
 from mxcube_autocenter import demo, scorecard
 from mxcube_autocenter.beamline import auto_centring, set_zoom
 from mxcube_autocenter.centring import procedure
+from mxcube_autocenter.centring.fusion import project, triangulate
 from mxcube_autocenter.centring.predictor import load_predictor
 from mxcube_autocenter.demo import heldout_samples
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, point_in_beam, sample_frame
@@ -1961,3 +1962,24 @@ def test_a_lucid_centring_that_timed_out_is_no_refusal(beamline, monkeypatch):
     outcomes, _, _ = demo._centre_heldout(beamline, None, specs, methods=("lucid",), mesh_step_um=10.0,
                                           mesh_threshold=5.0, seed=0, progress=False)  # fmt: skip
     assert outcomes[0].refused and not outcomes[0].failed
+
+
+def test_the_loop_tip_is_triangulated_from_the_views_that_saw_it():
+    # A view where lucid3 found no tip carries the last view's on screen; taken as seen there, it moved the loop
+    # fallback's point (and the verification's region, where lucid3 finds no tip) by 17-31 um in the demo.
+    ppmm, beam = (1000.0, 1000.0), (640.0, 512.0)
+    tip = np.array([0.2, 0.05, -0.08])  # mm: along the spindle, sampx, sampy
+    frames = [{"omega": omega, "phiy": 0.0, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0} for omega in (0.0, 30.0, 60.0)]
+    seen = [project(tip, frame, ppmm, beam) for frame in frames]
+
+    def view(frame, loop, loop_seen=True):
+        return procedure.AngleResult(omega=frame["omega"], loop=loop, roi=None, point=loop, score=0.0,
+                                     crystal_probability=None, sample_frame=frame, loop_seen=loop_seen)
+
+    angles = [view(frames[0], seen[0]), view(frames[1], seen[1]), view(frames[2], seen[1], loop_seen=False)]
+    np.testing.assert_allclose(procedure._loop_point(angles, ppmm, beam), tip, atol=1e-9)
+    assert np.linalg.norm(triangulate([a.loop for a in angles], frames, ppmm, beam) - tip) > 0.01
+    # With one view alone that saw it, the carried tips are all there is.
+    angles[1].loop_seen = False
+    np.testing.assert_allclose(procedure._loop_point(angles, ppmm, beam),
+                               triangulate([a.loop for a in angles], frames, ppmm, beam))

@@ -3,11 +3,13 @@
 import gc
 import sys
 
+import gevent
 import numpy as np
 import pytest
 
 from mxcube_autocenter.AutoCenter import AutoCenter
 from mxcube_autocenter.beamline import auto_centring
+from tests.helpers import Gaps, assert_responsive, tick
 
 
 def test_plugin_loads_from_xml_with_its_properties(beamline):
@@ -30,6 +32,20 @@ def test_loaded_model_is_out_of_full_garbage_collections(beamline):
     assert gc.get_freeze_count() > 100_000
     gc.collect()  # an unfrozen model, wherever it was, is then in generation 2, which get_objects() lists
     assert not any(obj is keras_model for obj in gc.get_objects())
+
+
+def test_the_models_load_with_the_event_loop_free(beamline):
+    # At start-up the other hardware objects' greenlets run on: loaded on the loop, the models held them 1-5 s.
+    ho = auto_centring(beamline)
+    before = ho.predictor
+    gaps = Gaps()
+    ticker = gevent.spawn(tick, gaps)
+    gevent.sleep(0.05)
+    ho._load_models()
+    ticker.kill()
+    assert ho.centring_error is None and ho.predictor is not before
+    assert len(gaps.wall) > 20  # the loop ran while the models loaded
+    assert_responsive(gaps)
 
 
 def test_sample_view_camera_and_motors_reachable(beamline):

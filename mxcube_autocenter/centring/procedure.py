@@ -132,6 +132,8 @@ class AngleResult:
     motors: dict | None = None
     # The ice network's word on the beam, asked in the verification view only.
     ice_probability: float | None = None
+    # Whether lucid3 found ``loop`` in this view; if not, it is the previous view's, carried over.
+    loop_seen: bool = True
     sample_frame: dict | None = None
     heatmap: object = field(repr=False, default=None)
     mask: np.ndarray = field(repr=False, default=None)
@@ -577,8 +579,10 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
                 bl.rotate(step_deg, settings.move_timeout_s)
                 frame = bl.snapshot()
                 _same_optics(bl, ppmm, beam_on_screen)  # the views are fused at one scale and beam position
-                tip = _loop_tip(bl, frame, settings, timings, log) or tip
+                seen = _loop_tip(bl, frame, settings, timings, log)
+                tip = seen or tip
             angle = _score_angle(predictor, settings, frame, tip, ppmm, bl.positions(), bl.directions(), timings)
+            angle.loop_seen = i == 0 or seen is not None
             result.angles.append(angle)
             log.info("AutoCenter: omega %.1f: heatmap peak (%.0f, %.0f), score %.1f", angle.omega, *angle.point, angle.score)
         _same_optics(bl, ppmm, beam_on_screen)  # a zoom that began moving at the last frame reads changed by now
@@ -709,7 +713,14 @@ def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, wh
 
 
 def _loop_point(angles, pixels_per_mm, beam_position):
-    """The loop tip seen in the views, triangulated into a sample point, mm."""
+    """The loop tip seen in the views, triangulated into a sample point, mm.
+
+    A view where lucid3 found no tip carries the previous view's, seen from
+    another angle: triangulated as if seen there, it moved the point by
+    17-31 um. Such views are left out while two others saw the tip.
+    """
+    seen = [a for a in angles if a.loop_seen]
+    angles = seen if len(seen) >= 2 else angles
     return triangulate([a.loop for a in angles], [a.sample_frame for a in angles], pixels_per_mm, beam_position)
 
 
@@ -923,6 +934,7 @@ def _align_tips(predictor, settings, angles, ppmm, directions, timings, log):
             log.info("AutoCenter: omega %.1f: loop tip at x %.0f, another view's at %.0f: scoring its region from there",
                      angle.omega, angle.loop[0], tip[0])  # fmt: skip
             angles[k] = _score_angle(predictor, settings, angle.frame, tip, ppmm, angle.motors, directions, timings)
+            angles[k].loop_seen = angle.loop_seen
 
 
 def is_crystal(angles, settings: CentringSettings) -> bool:
