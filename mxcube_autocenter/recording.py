@@ -346,13 +346,20 @@ class _GuardedFile:
         self._raw = io.FileIO(path, "x+")
         self.error: OSError | None = None
         self._committed_size = 0
+        # Byte ranges [start, end) of the committed file already in the journal: each is kept once per flush
+        # (the per-frame datasets' chunks are rewritten at every frame).
+        self._journaled: list[tuple[int, int]] = []
+        self._journal = None
         # The recording's name is this process's (created exclusively): a journal there is a stale one's.
         try:
             self._journal = io.FileIO(journal_path(path), "w+")
-            self._journal.write(_JOURNAL_HEADER.pack(_JOURNAL_MAGIC, 0))
+            _write_all(self._journal, _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, 0))
         except OSError:
             self._raw.close()
+            if self._journal is not None:
+                self._journal.close()
             path.unlink()
+            journal_path(path).unlink(missing_ok=True)
             raise
 
     def commit(self):
@@ -360,11 +367,12 @@ class _GuardedFile:
         if self.error is None:
             try:
                 self._committed_size = os.fstat(self._raw.fileno()).st_size
-                # Emptied before the new size is written: a journal cut short in between is empty, and the file,
-                # already on disk as it is now, is read as it is.
+                self._journaled.clear()
+                # Emptied before the new size is written: a journal cut short in between holds no record, and the
+                # file, already on disk as it is now, is read as it is.
                 self._journal.truncate(0)
-                os.pwrite(self._journal.fileno(), _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, self._committed_size), 0)
-                self._journal.seek(0, os.SEEK_END)
+                self._journal.seek(0)
+                _write_all(self._journal, _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, self._committed_size))
             except OSError as err:
                 self._roll_back(err)
 
@@ -399,9 +407,7 @@ class _GuardedFile:
             offset = self._raw.tell()
             try:
                 self._keep_committed(offset, len(view))
-                written = 0
-                while written < len(view):
-                    written += self._raw.write(view[written:])
+                _write_all(self._raw, view)
             except OSError as err:
                 self._roll_back(err)
         return len(view)
@@ -417,13 +423,20 @@ class _GuardedFile:
         return size
 
     def _keep_committed(self, offset: int, size: int):
-        """Journal the committed bytes that a write of ``size`` bytes at ``offset`` is about to change."""
-        size = min(size, self._committed_size - offset)
-        if size > 0:
-            original = os.pread(self._raw.fileno(), size, offset)
-            self._journal.write(_JOURNAL_RECORD.pack(offset, len(original)) + original)
+        """Journal the committed bytes that a write of ``size`` bytes at ``offset`` is about to change.
+
+        Only those not journaled since the last commit: the first record of a
+        place holds its committed bytes.
+        """
+        new = _uncovered(self._journaled, offset, min(offset + size, self._committed_size))
+        for start, end in new:
+            original = os.pread(self._raw.fileno(), end - start, start)
+            # Whole, or an error before the write it undoes: a record cut short (a full disk) is no record.
+            _write_all(self._journal, _JOURNAL_RECORD.pack(start, len(original)) + original)
+        if new:
             # On disk before the write it undoes can be: a power cut keeps writes in any order.
             os.fdatasync(self._journal.fileno())
+            self._journaled = _merged(self._journaled + new)
 
     def _roll_back(self, err: OSError):
         self.error = err
@@ -433,6 +446,7 @@ class _GuardedFile:
             for offset, original in reversed(records):
                 os.pwrite(self._raw.fileno(), original, offset)
             self._raw.truncate(self._committed_size)
+            os.fsync(self._raw.fileno())  # the file put back on disk before its journal is emptied
             self._journal.truncate(_JOURNAL_HEADER.size)
         except (OSError, RecordingError) as undo_err:
             log.warning("%s could not be put back as at its last flush (its journal %s is kept to read it so): %s",
@@ -446,8 +460,9 @@ class _GuardedFile:
         """Close the file, and remove its journal unless the file still needs it to read as at its last flush.
 
         Call it once HDF5 has closed the file, which leaves it whole: what
-        HDF5 wrote in closing is committed first.
+        HDF5 wrote in closing is put on disk and committed first.
         """
+        self.sync()
         self.commit()
         self._raw.close()
         self._journal.close()
@@ -458,19 +473,56 @@ class _GuardedFile:
             log.warning("the undo journal %s could not be removed: %s", self._journal.name, err)
 
 
+def _write_all(file: io.FileIO, data) -> None:
+    """Write all of ``data`` at the file's position: a short write (a full disk) goes on until it raises."""
+    view = memoryview(data).cast("B")
+    written = 0
+    while written < len(view):
+        written += file.write(view[written:])
+
+
+def _uncovered(ranges, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` outside the sorted, disjoint ``ranges`` (``[start, end)`` pairs)."""
+    parts = []
+    for lo, hi in ranges:
+        if hi <= start or lo >= end:
+            continue
+        if lo > start:
+            parts.append((start, lo))
+        start = max(start, hi)
+    if start < end:
+        parts.append((start, end))
+    return parts
+
+
+def _merged(ranges) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges sorted, with those that touch or overlap joined."""
+    merged = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
 def _read_journal(path) -> tuple[int, list[tuple[int, bytes]]]:
     """A recording's undo journal: the committed size, and its complete records in order.
 
     A record cut short (a process killed while writing it) is left out: the
-    write it would undo had not started.
+    write it would undo had not started. No journal (a writer that closed the
+    file meanwhile), or one without a record, has nothing to put back.
 
     Raises
     ------
     RecordingError
         If the journal is not one.
     """
-    data = Path(path).read_bytes()
-    if len(data) < _JOURNAL_HEADER.size:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0, []
+    if len(data) <= _JOURNAL_HEADER.size:
         return 0, []
     magic, committed_size = _JOURNAL_HEADER.unpack_from(data)
     if magic != _JOURNAL_MAGIC:
@@ -653,6 +705,8 @@ class FrameStore:
             except FileExistsError:
                 continue  # another recorder took this name since unique_path looked
             except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the journal's first bytes
+                    raise RecordingError(describe_write_error(err, path)) from err
                 raise RecordingError(
                     f"cannot create {path} ({err.strerror}): make {directory} writable "
                     "or set record_directory"
@@ -1306,8 +1360,7 @@ def _open_recording(path) -> h5py.File:
     """
     for attempt in range(_OPEN_TRIES):
         try:
-            journal = journal_path(path)
-            committed_size, records = _read_journal(journal) if journal.exists() else (0, [])
+            committed_size, records = _read_journal(journal_path(path))
             if records:
                 return h5py.File(_AsLastFlushed(path, committed_size, records), "r")
             return h5py.File(path, "r", locking=False)

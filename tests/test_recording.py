@@ -370,6 +370,27 @@ def test_a_writer_killed_anywhere_in_a_flush_leaves_the_recording_as_at_the_flus
         assert rec.frame(flushed - 1).shape == (128, 160, 3)
 
 
+def test_the_undo_journal_keeps_each_place_once_per_flush(tmp_path):
+    # Every frame rewrites the chunks of the per-frame datasets: journaled at each write, they made a journal
+    # four times the size of the recording, which a full disk or a quota then hit first.
+    _, jpegs = _frames(8)
+    store = FrameStore.create(tmp_path, "run", METADATA, flush_interval_s=1e9)
+    journal = journal_path(store.path)
+    sizes = []
+    for k in range(200):
+        store.append(jpegs[k % 8], time.time(), _motors(k), k)
+        if k % 50 == 49:
+            sizes.append(journal.stat().st_size)
+            store.flush()
+            assert journal.stat().st_size == 16  # its header alone
+        elif k % 50 == 9:
+            sizes.append(journal.stat().st_size)
+    store.close()
+    assert not journal.exists()
+    assert sizes[1] == sizes[0] and sizes[3] == sizes[2]  # 40 frames more, no byte more
+    assert max(sizes) < 0.5 * store.path.stat().st_size
+
+
 def test_a_killed_writer_s_recording_copied_without_its_journal_loses_frames_not_the_recording(tmp_path):
     # HDF5 rewrites the last flushed frames' heap before it moves the file's end: those read "actual len exceeds
     # EOA", which was a RecordingError of the whole recording, and labelling and the contact sheet gave up on it.
