@@ -338,6 +338,7 @@ class AutoCenter(HardwareObject):
         """Centre with ``predictor`` from now on (a model loaded after start-up), unless the geometry forbids it."""
         self.predictor = predictor
         self.centring_error = None
+        freeze_long_lived_objects()  # as at start-up: the new model out of full garbage collections
         self._check_geometry()
         # A model that failed at start-up left the button running lucid.
         if self.config.centring_enabled and self.centring_error is None:
