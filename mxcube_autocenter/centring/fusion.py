@@ -231,7 +231,10 @@ def value_at(view: View, point_px, sigma_cells=1.0) -> float:
     -------
     float
         Predicted count (bilinear between grid points), at least 0; off the
-        grid or its mask a value that :func:`outside` tells apart.
+        grid or its mask a value that :func:`outside` tells apart. Within
+        half a cell inside the mask's edge (an excluded neighbour weighs less
+        than half), 0: hugely negative there, such a point falls below any
+        ``floor`` in :func:`fuse_views` too, so both read it as not seen.
     """
     values = _prepared(view, sigma_cells)
     xs, ys = np.asarray(view.xs, dtype=np.float64), np.asarray(view.ys, dtype=np.float64)
