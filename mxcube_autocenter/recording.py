@@ -1481,6 +1481,8 @@ def summarise(path) -> str:
     status = rec.status
     if status == "recording":
         status += " (still being written, or the writer stopped without closing the file)"
+        if _read_journal(journal_path(path))[1]:
+            status += f"; read as at its last flush through {journal_path(path).name}"
     submitted = rec.frames_kept + rec.frames_dropped
     dropped_pct = 100.0 * rec.frames_dropped / submitted if submitted else 0.0
     lines = [

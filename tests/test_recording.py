@@ -368,6 +368,7 @@ def test_a_writer_killed_anywhere_in_a_flush_leaves_the_recording_as_at_the_flus
             for i in range(flushed):
                 np.testing.assert_array_equal(frame(i), decode_jpeg(jpegs[i % 8]))
         assert rec.frame(flushed - 1).shape == (128, 160, 3)
+        assert f"read as at its last flush through {path.name}.undo" in summarise(path)
 
 
 def test_the_undo_journal_keeps_each_place_once_per_flush(tmp_path):
