@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from mxcube_autocenter.labelling import spotfinder
-from mxcube_autocenter.labelling.eiger import open_master, valid_pixels
+from mxcube_autocenter.labelling.eiger import open_master, overloaded_pixels, valid_pixels
 from mxcube_autocenter.labelling.spotfinder import (
     SpotFinderParams,
     count_reflections,
@@ -141,6 +141,27 @@ def test_spots_whose_peak_is_far_from_their_centroid_are_dropped_as_in_dials():
     square[10:15, 40:45] = 500
     assert find_spots(square).count == 0
     assert find_spots(square, params=SpotFinderParams(max_separation=2.9)).count == 1
+
+
+def test_a_spot_with_a_saturated_core_counts_once():
+    # Its strong pixels around the core (invalid: its count is unknown) form a ring that 4-connectivity broke
+    # into 2 to 4 spots, or that max_separation dropped: the strongest crystals got erratic counts.
+    rng = np.random.default_rng(3)
+    shape, cutoff = (240, 240), 20000
+    centres = [(40.2 + 80 * (k // 3), 40.7 + 80 * (k % 3)) for k in range(9)]
+    expected = 1.0 + sum(_gaussian_spot(shape, x, y, 1e6, 1.0) for x, y in centres)
+    frame = np.minimum(rng.poisson(expected), cutoff).astype(np.uint32)  # saturated pixels read the cutoff
+    mask = np.zeros(shape, np.uint32)
+    valid, overloaded = valid_pixels(frame, mask, cutoff), overloaded_pixels(frame, mask, cutoff)
+    assert overloaded.sum() >= 9 * 9 and not (valid & overloaded).any()
+    assert find_spots(frame, valid).count != 9
+    spots = find_spots(frame, valid, overloaded=overloaded)
+    assert spots.count == 9
+    found = np.linalg.norm(spots.centroids[:, None] - np.array(centres)[None], axis=2).min(axis=1)
+    assert found.max() < 0.5
+    # Masked saturated pixels (a gap, a hot pixel) are no core: only the pixel mask's zeros count.
+    mask[overloaded] = 1
+    assert not overloaded_pixels(frame, mask, cutoff).any()
 
 
 def _reference_strong_pixels(frame, valid, params):

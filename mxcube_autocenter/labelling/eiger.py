@@ -74,6 +74,27 @@ def valid_pixels(frame: np.ndarray, pixel_mask: np.ndarray, count_cutoff: int) -
     return valid
 
 
+def overloaded_pixels(frame: np.ndarray, pixel_mask: np.ndarray, count_cutoff: int) -> np.ndarray:
+    """Saturated pixels of the detector's area: the cores of the strongest spots.
+
+    Unlike a masked pixel, such a pixel did count: it counted more than it
+    can tell. ``find_spots`` keeps it out of the background statistics (its
+    count is not known) but in the spot it lies in.
+
+    Parameters
+    ----------
+    frame, pixel_mask, count_cutoff
+        As in :func:`valid_pixels`.
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+        Unmasked pixels at or above ``count_cutoff`` (EIGER's "invalid"
+        values are set on masked pixels only).
+    """
+    return (pixel_mask == 0) & (frame >= count_cutoff)
+
+
 class EigerSeries:
     """An open EIGER collection (use ``open_master``).
 
@@ -389,6 +410,10 @@ class EigerSeries:
                 f"{_COPY_AGAIN}"
             ) from err
         return frame, valid_pixels(frame, self.pixel_mask, self.count_cutoff)
+
+    def overloaded(self, frame: np.ndarray) -> np.ndarray:
+        """The saturated pixels of one of its frames (:func:`overloaded_pixels`)."""
+        return overloaded_pixels(frame, self.pixel_mask, self.count_cutoff)
 
     def frame_windows(self) -> np.ndarray:
         """Exposure window of each frame.

@@ -274,7 +274,8 @@ def _count_frames(master_file: str, params: SpotFinderParams, frames: list) -> t
     counts, errors = [], []
     for i in frames:
         try:
-            counts.append(count_reflections(*series.frame(i), params, geometry=series))
+            frame, valid = series.frame(i)
+            counts.append(count_reflections(frame, valid, params, geometry=series, overloaded=series.overloaded(frame)))
         except EigerFileError as err:
             # One damaged frame costs its own camera frames' labels, not the recording's.
             counts.append(math.nan)

@@ -265,6 +265,7 @@ def find_spots(
     valid: np.ndarray | None = None,
     params: SpotFinderParams = SpotFinderParams(),
     geometry: BeamGeometry | None = None,
+    overloaded: np.ndarray | None = None,
 ) -> SpotList:
     """Find the Bragg spots of one frame with DIALS' dispersion threshold.
 
@@ -275,10 +276,11 @@ def find_spots(
     - its value exceeds ``m + sigma_strong * sqrt(gain * m)``, and
     - its value exceeds ``global_threshold``.
 
-    Strong pixels sharing an edge form a spot; spots of fewer than
-    ``min_spot_size`` or more than ``max_spot_size`` pixels, or whose
-    brightest pixel lies more than ``max_separation`` pixels from their
-    centroid, are dropped.
+    Strong pixels sharing an edge form a spot, and so do the saturated ones
+    (``overloaded``); spots of fewer than ``min_spot_size`` or more than
+    ``max_spot_size`` pixels, or whose brightest pixel (the centre of its
+    saturated ones, where it has some) lies more than ``max_separation``
+    pixels from their centroid, are dropped.
 
     Parameters
     ----------
@@ -293,6 +295,11 @@ def find_spots(
         Needed only for ``params.d_min`` / ``params.d_max`` and
         ``params.ice_rings``: a ``DetectorGeometry`` or the ``EigerSeries``
         the frame came from.
+    overloaded : ndarray of bool, shape (H, W), optional
+        Saturated pixels (``labelling.eiger.overloaded_pixels``; invalid in
+        ``valid`` too): the core of a strong spot. Left out, the strong
+        pixels around a core form a ring that 4-connectivity splits into 2
+        to 4 spots, or one that ``max_separation`` drops. Default: none.
 
     Returns
     -------
@@ -312,7 +319,13 @@ def find_spots(
         )
     shell = _resolution_shell(params, geometry)
     strong = _strong_pixels(frame, valid, params, shell)
-    spots = _spots(frame, strong, params)
+    cores = np.zeros(0, np.int64)
+    if overloaded is not None:
+        if overloaded.shape != frame.shape:
+            raise ValueError(f"overloaded mask {overloaded.shape} and frame {frame.shape} differ in shape")
+        cores = _in_shell(np.flatnonzero(overloaded), shell, frame.shape[1])
+        strong = np.union1d(strong, cores)
+    spots = _spots(frame, strong, params, cores)
     if params.ice_rings and spots.count:
         keep = ~on_ice_ring(spots.centroids, geometry, params.ice_ring_width)
         spots = SpotList(spots.centroids[keep], spots.sizes[keep], spots.intensities[keep])
@@ -324,9 +337,10 @@ def count_reflections(
     valid: np.ndarray | None = None,
     params: SpotFinderParams = SpotFinderParams(),
     geometry: BeamGeometry | None = None,
+    overloaded: np.ndarray | None = None,
 ) -> int:
     """Reflection count of one frame: the number of spots ``find_spots`` finds."""
-    return find_spots(frame, valid, params, geometry).count
+    return find_spots(frame, valid, params, geometry, overloaded).count
 
 
 def _resolution_shell(params, geometry):
@@ -341,6 +355,16 @@ def _resolution_shell(params, geometry):
     r_min = 0.0 if params.d_max is None else resolution_radius(params.d_max, geometry)
     r_max = float("inf") if params.d_min is None else resolution_radius(params.d_min, geometry)
     return geometry.beam_center_x, geometry.beam_center_y, r_min**2, r_max**2
+
+
+def _in_shell(flat: np.ndarray, shell, width: int) -> np.ndarray:
+    """The flat pixel indices ``flat`` that lie within the resolution shell (all of them without one)."""
+    if shell is None:
+        return flat
+    x0, y0, r2_min, r2_max = shell
+    rows, columns = np.divmod(flat, width)
+    r2 = (rows + 0.5 - y0) ** 2 + (columns + 0.5 - x0) ** 2
+    return flat[(r2 >= r2_min) & (r2 <= r2_max)]
 
 
 def _valid_rows(valid, shell, row0, row1, width) -> np.ndarray:
@@ -417,7 +441,8 @@ def _label_4_connected(flat: np.ndarray, width: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _spots(frame, strong, params) -> SpotList:
+def _spots(frame, strong, params, cores) -> SpotList:
+    """The spots of the sorted flat indices ``strong``; ``cores``, among them, are saturated."""
     if strong.size == 0:
         return SpotList(np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0))
     width = frame.shape[1]
@@ -435,7 +460,15 @@ def _spots(frame, strong, params) -> SpotList:
         # DIALS' peak: the brightest pixel, the first in row order on a tie (strong is sorted, lexsort stable).
         order = np.lexsort((-values, labels))
         peak = order[np.flatnonzero(np.diff(labels[order], prepend=-1))]
-        keep &= np.hypot(columns[peak] + 0.5 - x, rows[peak] + 0.5 - y) <= params.max_separation
+        peak_x, peak_y = columns[peak] + 0.5, rows[peak] + 0.5
+        # A saturated core's pixels all read the cutoff: its peak is their centre, not the first of them.
+        core = np.isin(strong, cores, assume_unique=True)
+        if core.any():
+            n_core = np.bincount(labels[core], minlength=sizes.size)
+            cored = n_core > 0
+            peak_x[cored] = (np.bincount(labels[core], columns[core] + 0.5, sizes.size) / np.maximum(n_core, 1))[cored]
+            peak_y[cored] = (np.bincount(labels[core], rows[core] + 0.5, sizes.size) / np.maximum(n_core, 1))[cored]
+        keep &= np.hypot(peak_x - x, peak_y - y) <= params.max_separation
     order = np.lexsort((x[keep], y[keep]))
     return SpotList(
         centroids=np.column_stack([x[keep], y[keep]])[order],
@@ -449,9 +482,9 @@ def benchmark(quick: bool) -> dict:
 
     The frames come from the EIGER simulator (300 Bragg spots on Poisson
     background, module gaps and hot pixels masked); the time covers
-    ``find_spots`` only, not reading or building the valid mask.
+    ``find_spots`` only, not reading or building the masks.
     """
-    from mxcube_autocenter.labelling.eiger import valid_pixels
+    from mxcube_autocenter.labelling.eiger import overloaded_pixels, valid_pixels
     from mxcube_autocenter.simulation.eiger import EIGER_4M, EIGER_16M, FrameSimulator
 
     threads = cv2.getNumThreads()
@@ -462,11 +495,12 @@ def benchmark(quick: bool) -> dict:
             simulator = FrameSimulator(geometry, seed=1)
             frame, _, _ = simulator.frame(300)
             valid = valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
-            find_spots(frame, valid)  # warm-up: first-touch of the strip buffers
+            overloaded = overloaded_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
+            find_spots(frame, valid, overloaded=overloaded)  # warm-up: first-touch of the strip buffers
             times = []
             for _ in range(1 if quick else 5):
                 start = time.perf_counter()
-                find_spots(frame, valid)
+                find_spots(frame, valid, overloaded=overloaded)
                 times.append(time.perf_counter() - start)
             figures[f"spotfind_s_per_{key}_frame"] = float(np.median(times))
         return figures
