@@ -81,8 +81,13 @@ COLLECTION_STOPPED = "the collection was stopped"
 
 
 def _collect_said(what: str, args) -> str:
-    """``what`` happened, with the collect object's message where its signal carried one."""
-    message = next((a for a in args if isinstance(a, str) and a.strip()), None)
+    """``what`` happened, with the collect object's message where its signal carried one.
+
+    Signals of more than one argument start with the collect object's owner ("mxcube" for the queue's, in
+    AbstractMultiCollect and others; None in AbstractCollect), which is no message.
+    """
+    message = next((a for a in args[1:] if isinstance(a, str) and a.strip()), None) if len(args) > 1 else (
+        args[0] if args and isinstance(args[0], str) and args[0].strip() else None)  # fmt: skip
     return f"{what}: {message}" if message else what
 
 

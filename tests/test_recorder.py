@@ -218,6 +218,24 @@ def test_the_late_end_of_a_collection_does_not_end_the_next_ones_recording(beaml
     assert recordings["loop_b_1_camera.h5"].status == "complete" and len(recordings["loop_b_1_camera.h5"]) >= 5
 
 
+@pytest.mark.parametrize(("signal", "args"), [
+    # AbstractMultiCollect (ESRF, MD2MultiCollect) and ALBA/PX1: the owner first, "mxcube" for the queue's.
+    ("collectOscillationFailed", ("mxcube", False, "detector timeout", 1, 1)),
+    ("collectEnded", ("mxcube", False, "detector timeout")),
+    ("collectOscillationFailed", (None, False, "detector timeout", 1, 1)),  # AbstractCollect
+])
+def test_a_failed_collection_s_recording_keeps_the_collect_object_s_message(beamline, autocenter, tmp_path, signal,
+                                                                           args):  # fmt: skip
+    # The owner, the first string, was taken for the message: the file's error said "...: mxcube".
+    collect_ho, first, _ = two_collections(beamline, autocenter, tmp_path)
+    collect_ho.emit("collectOscillationStarted", (None, 1, "code", "1:01", first, 1))
+    gevent.sleep(0.3)
+    autocenter.recorder.last_summary = None
+    collect_ho.emit(signal, args)
+    summary = autocenter.recorder.wait_closed(10)
+    assert summary.status == "failed" and summary.error.endswith(": detector timeout"), summary.error
+
+
 def test_a_recording_closed_late_does_not_pass_for_the_next_ones(beamline, autocenter, tmp_path):
     # wait_closed gave the summary of whichever file closed last: the first recording, closed in the background
     # once the second collection had started, passed for the second's.
