@@ -3,6 +3,7 @@
 import glob
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools.config.setupcfg import read_configuration
@@ -39,3 +40,12 @@ def test_the_code_version_names_the_commit_of_a_checkout():
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip
         assert version.split(".dirty")[0] == f"{__version__}+g{head}"
+
+
+def test_a_tango_object_loaded_after_the_models_does_not_abort_the_process():
+    # PyTango and TensorFlow both bundle gRPC: PyTango imported after TensorFlow aborted the process ("Flag
+    # 'grpc_experiments' was defined more than once"), as an MXCuBE loading a Tango object after this plugin would.
+    script = ("from mxcube_autocenter.centring.predictor import load_predictor; load_predictor(); "
+              "from mxcubecore.HardwareObjects.TangoLimaVideo import TangoLimaVideo; print('loaded')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
