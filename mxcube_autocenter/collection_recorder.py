@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import time
+import weakref
 
 import cv2
 import gevent
@@ -25,8 +26,44 @@ from mxcube_autocenter.imagefiles import pixel_bits, scale_to_8_bits
 from mxcube_autocenter.recording import JPEG_MAGIC, FrameStore, RecordingWriter, names_a_sample
 
 DEFAULT_MASTER_FILE_TEMPLATE = "{directory}/{prefix}_{run_number}_master.h5"
+
 # How often the recording's watchdog looks at the camera and the writer, s.
 WATCH_TICK_S = 0.25
+
+# mxcubecore's TangoLimaVideo (and its subclasses) starts polling its Lima device on the first connection to
+# imageReceived and never stops; each poll converts a whole frame on the event loop. mxcubeweb does not listen,
+# so on a web-only MXCuBE it is this plugin's connection that starts it: the pollers ours started, by camera.
+_LIMA_POLLER = "_TangoLimaVideo__polling"
+_pollers_started = weakref.WeakKeyDictionary()
+
+
+def listen_to_camera(camera, slot) -> None:
+    """Connect ``slot`` to the camera's ``imageReceived``, noting a poller the connection starts.
+
+    Raises what the camera's ``connect`` raises (TangoLimaVideo reads its Lima device).
+    """
+    before = getattr(camera, _LIMA_POLLER, None)
+    camera.connect("imageReceived", slot)
+    poller = getattr(camera, _LIMA_POLLER, None)
+    if before is None and poller is not None:
+        _pollers_started[camera] = poller
+
+
+def stop_listening_to_camera(camera, slot) -> None:
+    """Disconnect ``slot``; stop the camera's poller if a connection of ours started it and no one listens now.
+
+    A later :func:`listen_to_camera` starts it again (the camera's own ``connect_notify``).
+    """
+    from mxcubecore.dispatcher import dispatcher
+
+    camera.disconnect("imageReceived", slot)
+    poller = _pollers_started.get(camera)
+    if poller is None or getattr(camera, _LIMA_POLLER, None) is not poller:
+        return
+    if not list(dispatcher.liveReceivers(dispatcher.getReceivers(camera, "imageReceived"))):
+        poller.kill(block=False)
+        setattr(camera, _LIMA_POLLER, None)
+        del _pollers_started[camera]
 
 
 def master_file_path(fileinfo: dict, template: str = DEFAULT_MASTER_FILE_TEMPLATE) -> str:
@@ -393,7 +430,7 @@ class CollectionRecorder:
         try:
             if self._streamed:
                 # mxcubecore's connect asks the camera (TangoLimaVideo reads its Lima device): it may raise.
-                self._camera.connect("imageReceived", self.frame_received)
+                listen_to_camera(self._camera, self.frame_received)
             else:
                 self._tasks.append(gevent.spawn(self._poll, writer))
         except Exception as err:
@@ -611,7 +648,7 @@ class CollectionRecorder:
             return None
         if self._streamed:
             try:
-                self._camera.disconnect("imageReceived", self.frame_received)
+                stop_listening_to_camera(self._camera, self.frame_received)
             except Exception:
                 # Never connected (a camera whose connect failed before it registered the slot): nothing to undo,
                 # and the recording must still close.

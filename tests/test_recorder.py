@@ -1051,3 +1051,53 @@ def test_a_recording_that_cannot_be_written_is_said_twice_not_three_times(tmp_pa
                 gevent.sleep(0.05)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2 and "recording failed: 0 frames kept, 0 dropped in no file" in errors[1], errors
+
+
+def test_a_lima_camera_s_poller_that_listening_started_stops_when_no_one_listens(beamline):
+    # mxcubecore's TangoLimaVideo starts polling its device when imageReceived is first connected to, and never
+    # stops: after the first recording or centring, each poll converted a frame on the event loop for good
+    # (16-36 % of it), though mxcubeweb itself never listens.
+    from mxcubecore.HardwareObjects.TangoLimaVideo import TangoLimaVideo
+
+    from mxcube_autocenter.collection_recorder import listen_to_camera, stop_listening_to_camera
+    from mxcube_autocenter.simulation.lima import VirtualLimaDevice
+
+    camera = TangoLimaVideo("lima")
+    camera._video_mode = "RGB24"
+    camera.device = VirtualLimaDevice(beamline.sample_view.camera)
+    heard = []
+
+    def recorder(image, width, height, *args):
+        heard.append((width, height))
+
+    def centring(*args):
+        pass
+
+    def others(*args):
+        pass
+
+    def polled_within(seconds=0.3):
+        before = camera.device.reads
+        gevent.sleep(seconds)
+        return camera.device.reads > before
+
+    listen_to_camera(camera, recorder)
+    listen_to_camera(camera, centring)
+    assert polled_within() and heard[-1] == (1280, 1024)
+    stop_listening_to_camera(camera, recorder)
+    assert polled_within()  # the centring still listens
+    stop_listening_to_camera(camera, centring)
+    assert not polled_within()
+    listen_to_camera(camera, centring)  # and it starts again
+    assert polled_within()
+    stop_listening_to_camera(camera, centring)
+    assert not polled_within()
+    # A poller that someone else's connection started is theirs.
+    camera.connect("imageReceived", others)
+    listen_to_camera(camera, centring)
+    stop_listening_to_camera(camera, centring)
+    camera.disconnect("imageReceived", others)
+    try:
+        assert polled_within()
+    finally:
+        camera._TangoLimaVideo__polling.kill()

@@ -26,7 +26,8 @@ from mxcube_autocenter.centring.loop import Roi, ScaleError, consistent_tips, lo
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
-from mxcube_autocenter.collection_recorder import payload_reference, same_payload
+from mxcube_autocenter.collection_recorder import (listen_to_camera, payload_reference, same_payload,
+                                                    stop_listening_to_camera)
 from mxcube_autocenter.config import AutoCenterConfig, check_blind_views
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, sample_frame
 
@@ -322,7 +323,7 @@ class CentringHardware:
                 if heard["images"] > self.fresh_frames:
                     arrived.set()
 
-            camera.connect("imageReceived", frame_received)
+            listen_to_camera(camera, frame_received)
             try:
                 # The time-out is per frame, not for all of them: a camera of 3 frames a second, whose first image
                 # heard only sets the reference, took 0.5 s for one new frame and was no longer waited for.
@@ -333,7 +334,7 @@ class CentringHardware:
                 # Silent, or sending one image over and over (mxcubecore's MDCameraMockup): not waited for again.
                 self._camera_streams = arrived.is_set() or heard["images"] > 1
             finally:
-                camera.disconnect("imageReceived", frame_received)
+                stop_listening_to_camera(camera, frame_received)
             if not self._camera_streams:
                 self.log.info(
                     "AutoCenter: the camera sent no new frame within %g s: its snapshots are taken at once",
