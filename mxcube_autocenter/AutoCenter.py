@@ -727,6 +727,11 @@ class AutoCenter(HardwareObject):
         # A dead procedure is left there when a manual centring is killed
         # (SampleView.manual_centring_done does not catch GreenletExit): only a
         # running one refuses.
+        if self._clicks_hold_the_sample_view(sample_view) and self._mount_step_may_wait():
+            # The queue's mount step waits for this centring's verdict without a time-out, and a click centring
+            # ends without one unless the user saves its point: it gives way, as lucid's centring takes over.
+            self.user_log.warning("Click centring cancelled: the queue centres the sample it mounted")
+            sample_view.cancel_centring()
         refusal = self._centring_running()
         if refusal:
             self._refuse_auto_centring(sample_view, refusal)
@@ -759,6 +764,12 @@ class AutoCenter(HardwareObject):
             raise
         finally:
             self._button_pressed = False
+
+    def _clicks_hold_the_sample_view(self, sample_view) -> bool:
+        """Whether SampleView's running procedure is another's than this object's: a click centring, mostly."""
+        running = sample_view.current_centring_procedure
+        return bool(running) and running is not self._pressed_procedure and not self._button_pressed \
+            and not self._centring_lock.locked()
 
     def _press_cancelled(self, sample_view) -> bool:
         """Whether a cancel came while the press readied the diffractometer; if so, the press ends here."""
@@ -851,9 +862,10 @@ class AutoCenter(HardwareObject):
         # running and is left alone.
         if self._button_pressed or sample_view.current_centring_procedure:
             # A centring started through SampleView (a press still getting the diffractometer ready, or a
-            # running automatic or manual centring) ends with its own centringAccepted, which every waiter
-            # hears, the refused caller included; a verdict now would end the wait of that centring's own
-            # caller (the queue's mount step) while the sample is still being moved.
+            # running automatic centring) ends with its own centringAccepted, which every waiter hears, the
+            # refused caller included; a verdict now would end the wait of that centring's own caller (the
+            # queue's mount step) while the sample is still being moved. A click centring says it only once its
+            # point is saved: the queue's mount step cancels one (start_auto_centring).
             return
         status = self._status_here(sample_view, method)
         if not failed_said:

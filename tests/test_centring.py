@@ -1987,3 +1987,41 @@ def test_the_loop_tip_is_triangulated_from_the_views_that_saw_it():
     angles[1].loop_seen = False
     np.testing.assert_allclose(procedure._loop_point(angles, ppmm, beam),
                                triangulate([a.loop for a in angles], frames, ppmm, beam))
+
+
+def test_the_queue_s_mount_step_cancels_a_click_centring_left_open_and_centres(beamline, autocenter, monkeypatch,
+                                                                               caplog):  # fmt: skip
+    # mxcubeweb starts a click centring at any click on the image while none runs, and one says centringAccepted
+    # only once its point is saved: refused, with "accept or cancel it first", the mount step (mxcubecore's own,
+    # below) waited for a verdict for ever, also after the user cancelled the click centring.
+    from mxcubecore.model import queue_model_objects as qmo
+    from mxcubecore.queue_entry.base_queue_entry import CENTRING_METHOD, mount_sample
+
+    sample_view = beamline.sample_view
+    sample_view.start_manual_centring(3)
+    assert sample_view.current_centring_method == "Manual" and sample_view.current_centring_procedure
+    monkeypatch.setattr(beamline.queue_manager, "centring_method", CENTRING_METHOD.LOOP)
+    monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: True)
+    sample = qmo.Sample()
+    sample.location, sample.loc_str = (1, 2), "1:02"
+    verdict = gevent.event.AsyncResult()
+
+    def centring_done(accepted, status):
+        verdict.set(status)
+
+    log = SignalLog(sample_view, *CENTRING_SIGNALS)
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        step = gevent.spawn(mount_sample, sample, centring_done, verdict)
+        step.join(timeout=120)
+    assert step.dead and verdict.ready()
+    assert "Click centring cancelled: the queue centres the sample it mounted" in caplog.text
+    names = log.names()
+    assert names[:2] == ["centringFailed", "centringStarted"] and names[-1] == "centringAccepted"
+    assert log.calls[0][1][0] == "Manual" and autocenter.last_result is not None
+    # The button, pressed by the user during a click centring, is still refused: mxcubeweb never calls it then.
+    monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: False)
+    sample_view.start_manual_centring(3)
+    with caplog.at_level(logging.ERROR, logger="user_level_log"):
+        sample_view.start_auto_centring()
+    assert "a centring is open in the sample view: accept or cancel it first" in caplog.text
+    sample_view.cancel_centring()
