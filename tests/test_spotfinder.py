@@ -99,6 +99,11 @@ def test_saturated_pixels_never_make_spots():
     blobs = _bright_blobs(frame.shape, np.random.default_rng(1))
     frame[blobs] = simulator.count_cutoff + np.random.default_rng(2).integers(0, 1000, np.count_nonzero(blobs))
     assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)).count == 0
+    # Nor as spots' cores: saturated pixels without a spot's strong tail around them (an unmasked hot cluster).
+    overloaded = overloaded_pixels(frame, simulator.pixel_mask, simulator.count_cutoff)
+    assert overloaded.sum() > 20
+    assert find_spots(frame, valid_pixels(frame, simulator.pixel_mask, simulator.count_cutoff),
+                      overloaded=overloaded).count == 0
 
 
 def test_masked_pixels_do_not_poison_their_neighbours():

@@ -277,10 +277,11 @@ def find_spots(
     - its value exceeds ``global_threshold``.
 
     Strong pixels sharing an edge form a spot, and so do the saturated ones
-    (``overloaded``); spots of fewer than ``min_spot_size`` or more than
-    ``max_spot_size`` pixels, or whose brightest pixel (the centre of its
-    saturated ones, where it has some) lies more than ``max_separation``
-    pixels from their centroid, are dropped.
+    (``overloaded``) among them; spots of saturated pixels alone, of fewer
+    than ``min_spot_size`` or more than ``max_spot_size`` pixels, or whose
+    brightest pixel (the centre of its saturated ones, where it has some)
+    lies more than ``max_separation`` pixels from their centroid, are
+    dropped.
 
     Parameters
     ----------
@@ -456,15 +457,18 @@ def _spots(frame, strong, params, cores) -> SpotList:
     keep = sizes >= params.min_spot_size
     if params.max_spot_size is not None:
         keep &= sizes <= params.max_spot_size
+    core = np.isin(strong, cores, assume_unique=True)
+    n_core = np.bincount(labels[core], minlength=sizes.size)
+    # A spot's saturated core lies in its strong tail; saturated pixels alone (an unmasked hot cluster, the
+    # direct beam, a zinger) are no spot.
+    keep &= (n_core == 0) | (sizes > n_core)
     if params.max_separation is not None:
         # DIALS' peak: the brightest pixel, the first in row order on a tie (strong is sorted, lexsort stable).
         order = np.lexsort((-values, labels))
         peak = order[np.flatnonzero(np.diff(labels[order], prepend=-1))]
         peak_x, peak_y = columns[peak] + 0.5, rows[peak] + 0.5
         # A saturated core's pixels all read the cutoff: its peak is their centre, not the first of them.
-        core = np.isin(strong, cores, assume_unique=True)
         if core.any():
-            n_core = np.bincount(labels[core], minlength=sizes.size)
             cored = n_core > 0
             peak_x[cored] = (np.bincount(labels[core], columns[core] + 0.5, sizes.size) / np.maximum(n_core, 1))[cored]
             peak_y[cored] = (np.bincount(labels[core], rows[core] + 0.5, sizes.size) / np.maximum(n_core, 1))[cored]
