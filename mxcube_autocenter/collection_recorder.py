@@ -19,6 +19,7 @@ import weakref
 
 import cv2
 import gevent
+import gevent.lock
 import numpy as np
 
 from mxcube_autocenter.geometry import CENTRING_MOTORS
@@ -35,6 +36,9 @@ WATCH_TICK_S = 0.25
 # so on a web-only MXCuBE it is this plugin's connection that starts it: the pollers ours started, by camera.
 _LIMA_POLLER = "_TangoLimaVideo__polling"
 _pollers_started = weakref.WeakKeyDictionary()
+# Its connect_notify reads the device (a yield) between looking for a poller and starting one: two first listeners
+# at once started two, one of them lost. Ours connect and disconnect one at a time.
+_listening = gevent.lock.RLock()
 
 
 def listen_to_camera(camera, slot) -> None:
@@ -42,11 +46,12 @@ def listen_to_camera(camera, slot) -> None:
 
     Raises what the camera's ``connect`` raises (TangoLimaVideo reads its Lima device).
     """
-    before = getattr(camera, _LIMA_POLLER, None)
-    camera.connect("imageReceived", slot)
-    poller = getattr(camera, _LIMA_POLLER, None)
-    if before is None and poller is not None:
-        _pollers_started[camera] = poller
+    with _listening:
+        before = getattr(camera, _LIMA_POLLER, None)
+        camera.connect("imageReceived", slot)
+        poller = getattr(camera, _LIMA_POLLER, None)
+        if before is None and poller is not None:
+            _pollers_started[camera] = poller
 
 
 def stop_listening_to_camera(camera, slot) -> None:
@@ -56,14 +61,15 @@ def stop_listening_to_camera(camera, slot) -> None:
     """
     from mxcubecore.dispatcher import dispatcher
 
-    camera.disconnect("imageReceived", slot)
-    poller = _pollers_started.get(camera)
-    if poller is None or getattr(camera, _LIMA_POLLER, None) is not poller:
-        return
-    if not list(dispatcher.liveReceivers(dispatcher.getReceivers(camera, "imageReceived"))):
-        poller.kill(block=False)
-        setattr(camera, _LIMA_POLLER, None)
-        del _pollers_started[camera]
+    with _listening:
+        camera.disconnect("imageReceived", slot)
+        poller = _pollers_started.get(camera)
+        if poller is None or getattr(camera, _LIMA_POLLER, None) is not poller:
+            return
+        if not list(dispatcher.liveReceivers(dispatcher.getReceivers(camera, "imageReceived"))):
+            poller.kill(block=False)
+            setattr(camera, _LIMA_POLLER, None)
+            del _pollers_started[camera]
 
 
 def master_file_path(fileinfo: dict, template: str = DEFAULT_MASTER_FILE_TEMPLATE) -> str:

@@ -1092,6 +1092,12 @@ def test_a_lima_camera_s_poller_that_listening_started_stops_when_no_one_listens
     assert polled_within()
     stop_listening_to_camera(camera, centring)
     assert not polled_within()
+    # Two first listeners at once (the recorder's and a centring's): the camera reads its device between looking
+    # for a poller and starting one, so both started one, and one of them ran on for good.
+    gevent.joinall([gevent.spawn(listen_to_camera, camera, recorder), gevent.spawn(listen_to_camera, camera, centring)])
+    gevent.joinall([gevent.spawn(stop_listening_to_camera, camera, recorder),
+                    gevent.spawn(stop_listening_to_camera, camera, centring)])  # fmt: skip
+    assert not polled_within()
     # A poller that someone else's connection started is theirs.
     camera.connect("imageReceived", others)
     listen_to_camera(camera, centring)

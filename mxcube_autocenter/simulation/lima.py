@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+import gevent
+
 # Lima's VIDEO_IMAGE header: magic, header version, image mode, frame number, width, height, endianness,
 # header size, padding (two).
 _HEADER = struct.Struct(">IHHqiiHHHH")
@@ -34,11 +36,17 @@ class VirtualLimaDevice:
 
     def __init__(self, camera, exposure_s: float = 0.04):
         self._camera = camera
-        self.video_exposure = exposure_s
+        self._exposure_s = exposure_s
         self.reads = 0
 
     @property
+    def video_exposure(self) -> float:
+        gevent.sleep(0)  # a read of the device: PyTango in gevent green mode yields
+        return self._exposure_s
+
+    @property
     def video_last_image(self) -> tuple[str, bytes]:
+        gevent.sleep(0)
         self.reads += 1
         rgb, width, height = self._camera.get_last_image()
         header = _HEADER.pack(_MAGIC, 1, _RGB24, self.reads, width, height, 0, _HEADER.size, 0, 0)
