@@ -80,6 +80,14 @@ def freeze_long_lived_objects():
 COLLECTION_STOPPED = "the collection was stopped"
 
 
+def _predictor_or_error(*paths):
+    """``load_predictor(*paths)``, or its error: raised on a pool's thread, gevent would print its traceback."""
+    try:
+        return load_predictor(*paths)
+    except PredictorError as err:
+        return err
+
+
 def _collect_said(what: str, args) -> str:
     """``what`` happened, with the collect object's message where its signal carried one.
 
@@ -326,12 +334,15 @@ class AutoCenter(HardwareObject):
             # greenlets (channel polls, camera streams) would otherwise wait out.
             loader = gevent.threadpool.ThreadPool(1)
             try:
-                self.predictor = loader.apply(
-                    load_predictor,
+                loaded = loader.apply(
+                    _predictor_or_error,
                     (self.config.centring_model, self.config.centring_classifier, self.config.centring_ice_model),
                 )
             finally:
                 loader.kill()
+            if isinstance(loaded, PredictorError):
+                raise loaded
+            self.predictor = loaded
         except PredictorError as err:
             self.centring_error = str(err)
             self.log.error("AutoCenter: optical ML centring unavailable: %s", err)

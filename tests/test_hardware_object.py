@@ -48,6 +48,20 @@ def test_the_models_load_with_the_event_loop_free(beamline):
     assert_responsive(gaps)
 
 
+def test_a_missing_model_is_one_error_at_start_up_not_a_traceback(beamline, tmp_path, monkeypatch, capfd):
+    # Loaded on a thread of its own, the error was printed with a traceback by gevent's pool as well.
+    ho = auto_centring(beamline)
+    predictor = ho.predictor
+    monkeypatch.setattr(ho.config, "centring_model", str(tmp_path / "missing.keras"))
+    try:
+        ho._load_models()
+        assert ho.centring_error.startswith(f"{tmp_path / 'missing.keras'}: no such model file")
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        ho.use_predictor(predictor)
+    assert ho.centring_error is None
+
+
 def test_sample_view_camera_and_motors_reachable(beamline):
     frame = beamline.sample_view.get_snapshot(return_as_array=True)
     assert frame.ndim == 3 and frame.shape[2] == 3
