@@ -45,6 +45,7 @@ import gevent.lock
 import gevent.threadpool
 from mxcubecore import HardwareRepository as HWR
 from mxcubecore.BaseHardwareObjects import HardwareObject
+from mxcubecore.queue_entry.base_queue_entry import SampleQueueEntry
 from mxcubecore.queue_entry.data_collection import DataCollectionQueueEntry
 from mxcubecore.TaskUtils import TaskException
 
@@ -738,7 +739,7 @@ class AutoCenter(HardwareObject):
         # A dead procedure is left there when a manual centring is killed
         # (SampleView.manual_centring_done does not catch GreenletExit): only a
         # running one refuses.
-        if self._clicks_hold_the_sample_view(sample_view) and self._mount_step_may_wait():
+        if self._clicks_hold_the_sample_view(sample_view) and self._mounting():
             # The queue's mount step waits for this centring's verdict without a time-out, and a click centring
             # ends without one unless the user saves its point: it gives way, as lucid's centring takes over.
             self.user_log.warning("Click centring cancelled: the queue centres the sample it mounted")
@@ -887,6 +888,12 @@ class AutoCenter(HardwareObject):
         # middle of the other centring (a script's or the queue's), and select it for the next collection.
         if not refused or self._mount_step_may_wait():
             sample_view.emit("centringAccepted", (False, status))
+
+    @staticmethod
+    def _mounting() -> bool:
+        """Whether the queue is mounting a sample (its mount step centres it after loading it)."""
+        queue = HWR.beamline.queue_manager
+        return queue is not None and queue.is_executing() and isinstance(queue.get_current_entry(), SampleQueueEntry)
 
     def _mount_step_may_wait(self) -> bool:
         """Whether the queue's mount step may be the caller just refused, waiting for its verdict.

@@ -1995,15 +1995,17 @@ def test_the_queue_s_mount_step_cancels_a_click_centring_left_open_and_centres(b
     # only once its point is saved: refused, with "accept or cancel it first", the mount step (mxcubecore's own,
     # below) waited for a verdict for ever, also after the user cancelled the click centring.
     from mxcubecore.model import queue_model_objects as qmo
-    from mxcubecore.queue_entry.base_queue_entry import CENTRING_METHOD, mount_sample
+    from mxcubecore.queue_entry.base_queue_entry import CENTRING_METHOD, SampleQueueEntry, mount_sample
 
     sample_view = beamline.sample_view
     sample_view.start_manual_centring(3)
     assert sample_view.current_centring_method == "Manual" and sample_view.current_centring_procedure
-    monkeypatch.setattr(beamline.queue_manager, "centring_method", CENTRING_METHOD.LOOP)
-    monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: True)
     sample = qmo.Sample()
     sample.location, sample.loc_str = (1, 2), "1:02"
+    # The queue running the sample's entry, whose execute() calls mount_sample.
+    monkeypatch.setattr(beamline.queue_manager, "centring_method", CENTRING_METHOD.LOOP)
+    monkeypatch.setattr(beamline.queue_manager, "is_executing", lambda node_id=None: True)
+    monkeypatch.setattr(beamline.queue_manager, "get_current_entry", lambda: SampleQueueEntry(data_model=sample))
     verdict = gevent.event.AsyncResult()
 
     def centring_done(accepted, status):
