@@ -49,3 +49,7 @@ def test_a_tango_object_loaded_after_the_models_does_not_abort_the_process():
               "from mxcubecore.HardwareObjects.TangoLimaVideo import TangoLimaVideo; print('loaded')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
+    # A script that imports TensorFlow itself first: PyTango, imported after it, would abort it at once.
+    script = "import tensorflow; from mxcube_autocenter.learning import training; print('loaded')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]

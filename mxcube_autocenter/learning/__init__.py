@@ -23,13 +23,18 @@ The pipeline (see ``docs/learning.md``):
 
 Importing this package does not import TensorFlow; the modules that need it
 (``augment``, ``data``, ``architectures``, ``training``, ``evaluate``) do.
-It imports PyTango first, where it is installed (mxcubecore requires it):
-both bundle gRPC, and PyTango imported after TensorFlow aborts the process
-("Flag 'grpc_experiments' was defined more than once"), as an MXCuBE that
-loads a Tango object after this plugin's models would.
+Unless TensorFlow is imported already, it imports PyTango first, where it is
+installed (mxcubecore requires it): both bundle gRPC, and PyTango imported
+after TensorFlow aborts the process ("Flag 'grpc_experiments' was defined
+more than once"), as an MXCuBE that loads a Tango object after this plugin's
+models would. Imported after TensorFlow (a script of its own), PyTango would
+abort it at once, so it is not.
 """
 
-try:
-    import tango  # noqa: F401
-except ImportError:
-    pass
+import sys
+
+if "tensorflow" not in sys.modules:
+    try:
+        import tango  # noqa: F401
+    except ImportError:
+        pass
