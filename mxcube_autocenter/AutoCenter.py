@@ -95,8 +95,8 @@ def _collect_said(what: str, args) -> str:
     Signals of more than one argument start with the collect object's owner ("mxcube" for the queue's, in
     AbstractMultiCollect and others; None in AbstractCollect), which is no message.
     """
-    message = next((a for a in args[1:] if isinstance(a, str) and a.strip()), None) if len(args) > 1 else (
-        args[0] if args and isinstance(args[0], str) and args[0].strip() else None)  # fmt: skip
+    said = args[1:] if len(args) > 1 else args
+    message = next((a for a in said if isinstance(a, str) and a.strip()), None)
     return f"{what}: {message}" if message else what
 
 
