@@ -358,23 +358,23 @@ def _resolution_shell(params, geometry):
     return geometry.beam_center_x, geometry.beam_center_y, r_min**2, r_max**2
 
 
+def _within_shell(rows, columns, shell) -> np.ndarray:
+    """Whether pixels (their row and column indices, broadcast) lie within the resolution shell."""
+    x0, y0, r2_min, r2_max = shell
+    r2 = (rows + 0.5 - y0) ** 2 + (columns + 0.5 - x0) ** 2
+    return (r2 >= r2_min) & (r2 <= r2_max)
+
+
 def _in_shell(flat: np.ndarray, shell, width: int) -> np.ndarray:
     """The flat pixel indices ``flat`` that lie within the resolution shell (all of them without one)."""
-    if shell is None:
-        return flat
-    x0, y0, r2_min, r2_max = shell
-    rows, columns = np.divmod(flat, width)
-    r2 = (rows + 0.5 - y0) ** 2 + (columns + 0.5 - x0) ** 2
-    return flat[(r2 >= r2_min) & (r2 <= r2_max)]
+    return flat if shell is None else flat[_within_shell(*np.divmod(flat, width), shell)]
 
 
 def _valid_rows(valid, shell, row0, row1, width) -> np.ndarray:
     """The valid pixels of rows ``row0:row1`` as a uint8 (0/1) image."""
     rows = np.ones((row1 - row0, width), bool) if valid is None else valid[row0:row1]
     if shell is not None:
-        x0, y0, r2_min, r2_max = shell
-        r2 = (np.arange(row0, row1) + 0.5 - y0)[:, None] ** 2 + (np.arange(width) + 0.5 - x0)[None, :] ** 2
-        rows = rows & (r2 >= r2_min) & (r2 <= r2_max)
+        rows = rows & _within_shell(np.arange(row0, row1)[:, None], np.arange(width)[None, :], shell)
     return rows.view(np.uint8)
 
 
