@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from mxcube_autocenter import code_version, scorecard  # noqa: E402
 from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom  # noqa: E402
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS, centred_motors, sample_to_screen  # noqa: E402
-from mxcube_autocenter.outputs import json_default, write_json_whole, write_whole  # noqa: E402
+from mxcube_autocenter.outputs import json_default, save_figure_whole, write_json_whole, write_text_whole  # noqa: E402
 from mxcube_autocenter.scorecard import METHODS, TRAINED_IN_RUN, Outcome, format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -614,7 +614,7 @@ def _error_figures(outcomes, figures: Path) -> dict:
     ax_c.set_title("cumulative; dashed: the 10 um target", fontsize=10)
     ax_c.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(figures / "centring_errors.png", dpi=100)
+    save_figure_whole(fig, figures / "centring_errors.png", dpi=100)
     plt.close(fig)
     out["centring_errors"] = "figures/centring_errors.png"
 
@@ -632,7 +632,7 @@ def _error_figures(outcomes, figures: Path) -> dict:
     ax.set_ylim(-0.05, 1.1)
     ax.set_title("reflections reached (bar: median; dashed: the 0.8 target)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(figures / "rc_fraction.png", dpi=100)
+    save_figure_whole(fig, figures / "rc_fraction.png", dpi=100)
     plt.close(fig)
     out["rc_fraction"] = "figures/rc_fraction.png"
     return out
@@ -814,7 +814,7 @@ def _write_report(out: Path, result: dict, rows: list, figures: dict, settings: 
     lines += ["", "## Timings", "", "| phase | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
     lines += ["", f"Log of the beamline: `{_rel(settings['log'], out)}`; scorecard as JSON: `scorecard.json`.", ""]
-    write_whole(out / "report.md", lambda partial: Path(partial).write_text("\n".join(lines)))
+    write_text_whole(out / "report.md", "\n".join(lines))
 
 
 # -- the whole job ---------------------------------------------------------------------
@@ -1135,7 +1135,7 @@ def _record_and_label(bl, ho, out: Path, *, seed, rng, n_train, n_images, exposu
     summary = label_recordings(recordings, dataset, nproc=nproc, progress=progress, camera_latency=latency,
                                stored_crop_um=stored_crop_um)
     timings["label"] = time.perf_counter() - t
-    (learning_dir / "labelling.txt").write_text(format_summary(summary) + "\n")
+    write_text_whole(learning_dir / "labelling.txt", format_summary(summary) + "\n")
     if summary.rows_added == 0:
         raise DemoError(f"labelling produced no rows: {[e.message for e in summary.recordings][:3]}")
     _add_ground_truth(dataset, truth, bl.diffractometer.sample_frame, latency)

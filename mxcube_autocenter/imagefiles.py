@@ -8,11 +8,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mxcube_autocenter.outputs import write_whole
+
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an RGB image (or a grey one) to a PNG file.
 
-    ``cv2.imwrite`` only returns False on failure; this says so.
+    The file is whole or as it was before; a failure says why, where
+    ``cv2.imwrite`` only returns False.
 
     Parameters
     ----------
@@ -35,8 +38,15 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     if path.suffix.lower() != ".png":
         raise OSError(f"cannot write {path}: a PNG file name must end in .png")
     image = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"cannot write {path}: check that the directory exists, is writable and has free space")
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise OSError(f"cannot write {path}: the image ({rgb.shape}, {rgb.dtype}) cannot be encoded as PNG")
+    try:
+        # Whole or not at all: a PNG rewritten in place and cut short (a full disk) would be a broken image.
+        write_whole(path, lambda partial: Path(partial).write_bytes(data.tobytes()))
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror or err}): check that the directory exists, is "
+                                 "writable and has free space") from err  # fmt: skip
     return path
 
 

@@ -50,6 +50,21 @@ def write_json_whole(path, value, indent: int = 2) -> None:
     write_whole(path, dump)
 
 
+def write_text_whole(path, text: str) -> None:
+    """``text`` at ``path``, written whole or not at all."""
+    write_whole(path, lambda partial: Path(partial).write_text(text))
+
+
+def save_figure_whole(figure, path, **savefig) -> None:
+    """``figure.savefig`` to ``path`` (PNG unless ``format`` says otherwise), written whole or not at all.
+
+    A figure rewritten in place and cut short (a full disk) would leave the
+    report beside it linking to a broken image.
+    """
+    savefig.setdefault("format", "png")  # the partial file's name says no format
+    write_whole(path, lambda partial: figure.savefig(partial, **savefig))
+
+
 def make_directory(path, option: str = "--out") -> Path:
     """Create a folder for a command's output (and its parents) if missing.
 

@@ -1426,6 +1426,22 @@ def test_a_report_leaves_no_figure_of_an_earlier_report_in_its_directory(trained
                                                           "scatter.png"]
 
 
+def test_a_report_that_cannot_be_written_leaves_the_earlier_one_whole(trained, dataset_path, tmp_path):
+    # Each figure was written over the last report's in place: on a full disk, the scatter plot was cut short and
+    # the earlier report linked a broken image. /dev/full refuses each write with ENOSPC, as a full disk does.
+    import errno
+
+    from mxcube_autocenter.learning.evaluate import evaluate
+
+    evaluate(trained.model_path, dataset_path, str(tmp_path), gallery=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "scatter.png.part").symlink_to("/dev/full")
+    with pytest.raises(OSError) as raised:
+        evaluate(trained.model_path, dataset_path, str(tmp_path), gallery=0)
+    assert raised.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def _fake_train(calls, failing=()):
     """A stand-in for training.train: every combination on one split, those in ``failing`` raising."""
     from types import SimpleNamespace

@@ -55,7 +55,7 @@ from mxcube_autocenter.labelling.matching import (
 )
 from mxcube_autocenter.labelling.spotfinder import SpotFinderParams, count_reflections
 from mxcube_autocenter.labelling.spots_file import SpotsFileError, read_spot_counts
-from mxcube_autocenter.outputs import check_creatable, write_whole
+from mxcube_autocenter.outputs import check_creatable, save_figure_whole
 from mxcube_autocenter.recording import RecordingError, read_recording
 
 log = logging.getLogger(__name__)
@@ -788,7 +788,7 @@ def rc_histogram(rc, path, *, title: str = "") -> Path:
     axes.set_ylabel("camera frames")
     axes.set_title(f"Reflection counts of {rc.size} samples" + (f": {title}" if title else ""))
     figure.tight_layout()
-    write_whole(path, lambda partial: figure.savefig(partial, format="png"))
+    save_figure_whole(figure, path)
     return path
 
 

@@ -52,7 +52,7 @@ from mxcube_autocenter.learning.training import (  # noqa: E402
     train,
 )
 from mxcube_autocenter.learning.transforms import TRANSFORMS  # noqa: E402
-from mxcube_autocenter.outputs import check_creatable  # noqa: E402
+from mxcube_autocenter.outputs import check_creatable, save_figure_whole, write_json_whole, write_text_whole  # noqa: E402
 from mxcube_autocenter.scorecard import format_cell, value_cell  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _gallery(path, table, rows, spec, captions, title, columns=6):
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure_whole(fig, path, dpi=80)
     plt.close(fig)
     return os.path.basename(path)
 
@@ -214,7 +214,7 @@ def _heatmaps(path, model, spec, table, rows, score, to_counts, *, crystals=4, g
     fig.suptitle(f"predictions over the stored image ({spec.crop_um:g} um crops; top {top}: green; beam: red cross)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure_whole(fig, path, dpi=80)
     plt.close(fig)
     return os.path.basename(path)
 
@@ -240,7 +240,7 @@ def _scatter(path, real, pred, title):
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_whole(fig, path, dpi=100)
     plt.close(fig)
     return os.path.basename(path)
 
@@ -256,7 +256,7 @@ def _confusion(path, confusion, real: str, classes):
     ax.set_xlabel("predicted")
     ax.set_ylabel(f"real ({real})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_whole(fig, path, dpi=100)
     plt.close(fig)
     return os.path.basename(path)
 
@@ -495,10 +495,8 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
         # rows for) would sit beside this report as if it were its own.
         if name not in metrics["figures"].values() and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_text_whole(os.path.join(out_dir, "report.md"), "\n".join(lines))
+    write_json_whole(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 
@@ -614,7 +612,5 @@ def _write_sweep(out_dir, table, transforms, dataset_path, train_kwargs, split=N
     failures = sweep_failures(table)
     if failures:
         lines += ["## Failed", "", *(f"- {combo}: {message}" for combo, message in failures.items()), ""]
-    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(table, f, indent=2)
+    write_text_whole(os.path.join(out_dir, "sweep.md"), "\n".join(lines))
+    write_json_whole(os.path.join(out_dir, "sweep.json"), table)

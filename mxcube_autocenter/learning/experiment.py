@@ -33,6 +33,7 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
     from mxcube_autocenter.learning.split import Split
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
     from mxcube_autocenter.learning.training import train, train_classifier
+    from mxcube_autocenter.outputs import write_text_whole
 
     if dataset is not None and not os.path.isfile(dataset):
         # A mistyped path would otherwise be filled with a new synthetic set (minutes) and measured as if given.
@@ -90,11 +91,9 @@ def run(out, *, n_samples=200, crops_per_sample=48, dataset_seed=1, seed=0, arch
         }
         print(json.dumps(summary["classifier"], default=str), flush=True)
 
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    lines = ["# Learning measurement", "", "```json", json.dumps(summary, indent=2, default=str), "```", ""]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(lines))
+    text = json.dumps(summary, indent=2, default=str)
+    write_text_whole(os.path.join(out, "summary.json"), text)
+    write_text_whole(os.path.join(out, "summary.md"), "\n".join(["# Learning measurement", "", "```json", text, "```", ""]))
     return summary
 
 
