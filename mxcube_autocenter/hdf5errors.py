@@ -74,6 +74,21 @@ def not_opened(path, err: OSError, damaged: str = "") -> str:
     return f"{reason}; {damaged}" if damaged else reason
 
 
+def system_error(path, err: Exception) -> OSError | None:
+    """The system's error behind what h5py raised writing ``path`` (an ``OSError`` naming it), or None.
+
+    HDF5 reports a failed write with the system's errno in its message only,
+    and h5py raises it as ``RuntimeError`` where it happens while the file
+    is flushed or closed ("errno = 28, error message = 'No space left on
+    device'"): a full disk would read like a fault of the program.
+    """
+    found = re.search(r"errno = (\d+)", str(err))
+    if found is None or not isinstance(err, (OSError, RuntimeError)):
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), os.fspath(path))
+
+
 # The files a user may give in an HDF5 file's place.
 _SIGNATURES = (
     (b"PK", "a zip archive (a .keras model file?)"),

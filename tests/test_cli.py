@@ -1,6 +1,7 @@
 """The command line's handling of bad input: a usage error or "error: ..." with exit code 2, nothing lost."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -62,6 +63,18 @@ def test_synthesize_never_overwrites_without_being_told(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert main(["synthesize-regions", str(blocked), "--samples", "1", "--overwrite"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_synthesize_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, capsys):
+    # HDF5's message (its whole error record: time, buffer address, bytes) was all the user got; a failed
+    # close came as RuntimeError, a traceback. /dev/full refuses every write with ENOSPC, as a full disk does.
+    out = tmp_path / "set.h5"
+    Path(f"{out}.part").symlink_to("/dev/full")
+    assert main(["synthesize", str(out), "--samples", "2", "--crops-per-sample", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: [Errno {errno.ENOSPC}] No space left on device: '{out}': free space there, choose another " \
+           "output" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_checks_its_model_and_configuration_before_it_clears_the_last_report(tmp_path, capsys):

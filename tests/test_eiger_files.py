@@ -620,6 +620,23 @@ def test_a_training_set_another_process_writes_is_not_read_without_its_lock(tmp_
         writer.wait()
 
 
+def test_the_system_error_behind_a_failed_hdf5_write_names_the_file():
+    # What h5py raised closing a synthetic set on a full tmpfs: a RuntimeError, whose only clue is HDF5's record.
+    import errno
+
+    from mxcube_autocenter.hdf5errors import system_error
+
+    raised = RuntimeError("Disable slist on flush dest failure failed (file write failed: time = Mon Dec  7 20:43:14 "
+                          "2026\n, filename = 'small/s.h5.part', file descriptor = 7, errno = 28, error message = 'No "
+                          "space left on device', buf = 0x55638c74c238, total write size = 512, bytes this sub-write "
+                          "= 512, offset = 230536)")  # fmt: skip
+    found = system_error("small/s.h5", raised)
+    assert isinstance(found, OSError) and found.errno == errno.ENOSPC and found.filename == "small/s.h5"
+    assert str(found) == "[Errno 28] No space left on device: 'small/s.h5'"
+    assert system_error("small/s.h5", RuntimeError("Unable to synchronously create group (name already exists)")) is None
+    assert system_error("small/s.h5", KeyError("errno = 28")) is None
+
+
 def test_a_master_file_this_user_may_not_read_is_named_so_not_as_damaged():
     # Beamline data often belongs to its user: "not a readable HDF5 file (Permission denied); it is truncated or
     # corrupt: copy it again, or re-collect" sent staff after a collection that was fine.

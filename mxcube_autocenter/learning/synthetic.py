@@ -48,6 +48,7 @@ import numpy as np
 
 from mxcube_autocenter import __version__
 from mxcube_autocenter.geometry import centred_motors, sample_to_screen
+from mxcube_autocenter.hdf5errors import system_error
 from mxcube_autocenter.centring.loop import loop_roi
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.outputs import make_directory, write_whole
@@ -304,7 +305,13 @@ def write_per_sample(path, worker, jobs, group: str, columns: dict, attrs: dict,
                         ds[n : n + m] = np.asarray(rows[name], dtype=object if dtype is TEXT else dtype)
                 n += m
 
-    write_whole(path, write)
+    try:
+        write_whole(path, write)
+    except (OSError, RuntimeError) as err:
+        system = system_error(path, err)
+        if system is None:
+            raise
+        raise system from err
     return n
 
 
