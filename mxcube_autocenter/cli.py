@@ -218,10 +218,12 @@ def _input_errors_exit_2(command):
             print(f"error: {_naming_the_output(err, getattr(args, 'out', None))}", file=sys.stderr)
             return 2
         except Exception as err:
-            message = _dataset_error_inside_tensorflow(err)
-            if message is None:
+            from mxcube_autocenter.labelling.dataset import raised_inside_tensorflow
+
+            inside = raised_inside_tensorflow(err)
+            if inside is None:
                 raise
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {inside}", file=sys.stderr)
             return 2
 
     return run
@@ -240,18 +242,6 @@ def _naming_the_output(err, out) -> str:
     if out and err.filename is None and str(out) not in message:
         message += f" (writing {out})"
     return f"{message}: {_NO_ROOM[err.errno]}, choose another output"
-
-
-def _dataset_error_inside_tensorflow(err) -> str | None:
-    """The message of a DatasetError that tf.data re-raised as a TensorFlow error, or None for any other error.
-
-    A corrupt row is found only when tf.data reads it, inside a numpy function,
-    and TensorFlow re-raises the error as its own with the text embedded.
-    """
-    if not type(err).__module__.startswith("tensorflow"):
-        return None
-    found = re.search(r"DatasetError: (.+)", str(err))
-    return found.group(1).strip() if found else None
 
 
 def _refuse_to_overwrite(args):

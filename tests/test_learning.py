@@ -1541,6 +1541,27 @@ def test_a_sweep_on_a_file_that_is_no_dataset_stops_at_once_with_one_error(tmp_p
     assert cli.main(["sweep", "x_camera.h5", "--out", str(tmp_path / "s"), "--archs", "a1"]) == 2
 
 
+def test_a_sweep_stops_at_the_first_row_that_does_not_decode(tmp_path, caplog):
+    # A JPEG whose markers are whole but whose Huffman table is not passes the check before training and fails
+    # only inside tf.data, which wraps the error as its own: every combination failed in turn, each with its
+    # traceback, and left an empty folder.
+    from mxcube_autocenter.labelling.dataset import DatasetError
+    from mxcube_autocenter.learning import evaluate as ev
+    from mxcube_autocenter.learning.synthetic import synthetic_dataset
+
+    path = tmp_path / "set.h5"
+    synthetic_dataset(path, n_samples=5, seed=1, crops_per_sample=4, stored_crop_um=240, progress=False)
+    with h5py.File(path, "r+") as h5file:
+        jpeg = bytearray(h5file["samples/image"][0].tobytes())
+        table = jpeg.index(b"\xff\xc4") + 5  # a Huffman table's 16 code counts, now summing to 240 codes
+        jpeg[table : table + 16] = bytes([15] * 16)
+        h5file["samples/image"][0] = np.frombuffer(bytes(jpeg), np.uint8)
+    with caplog.at_level(logging.ERROR), pytest.raises(DatasetError, match=f"{path}: row 0: "):
+        ev.sweep(str(path), str(tmp_path / "s"), archs=("a1", "a2"), transforms=("log",), input_size=32,
+                 crop_um=120, epochs=1, batch_size=4, cache="none", verbose=0)  # fmt: skip
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("problem", ["one crystal", "no rc_expected"])
 def test_a_sweep_on_a_dataset_no_model_can_learn_from_stops_at_once_with_one_error(tmp_path, caplog, problem):
     # Too few crystals or a missing label column failed every combination in turn, each with its traceback.

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -97,6 +98,18 @@ _WRITE_ERRORS = (OSError, RuntimeError)
 
 class DatasetError(ValueError):
     """A training set or a recording cannot be written or read; the message names the file and the fix."""
+
+
+def raised_inside_tensorflow(err: BaseException) -> DatasetError | None:
+    """The DatasetError that tf.data re-raised as a TensorFlow error, or None for any other error.
+
+    A corrupt row is found only when tf.data reads it, inside a numpy function,
+    and TensorFlow re-raises the error as its own with the text embedded.
+    """
+    if not type(err).__module__.startswith("tensorflow"):
+        return None
+    found = re.search(r"DatasetError: (.+)", str(err))
+    return DatasetError(found.group(1).strip()) if found else None
 
 
 def crop_around_beam(frame: np.ndarray, beam_xy, pixels_per_mm, size_um: float) -> tuple[np.ndarray, np.ndarray, bool]:

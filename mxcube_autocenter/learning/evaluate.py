@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, read_table  # noqa: E402
+from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, raised_inside_tensorflow, read_table  # noqa: E402
 from mxcube_autocenter.learning import crops  # noqa: E402
 from mxcube_autocenter.learning.data import check_crop_fits, row_crop  # noqa: E402
 from mxcube_autocenter.learning.split import SUBSETS, Split  # noqa: E402
@@ -557,6 +557,9 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
             # The dataset is every combination's: each would fail on it in turn, each with its traceback.
             raise
         except Exception as err:  # noqa: BLE001 - one combination failing (memory, a diverging fit) spares the others
+            inside = raised_inside_tensorflow(err)
+            if inside is not None:  # a damaged row, found only when tf.data read it
+                raise inside from err
             log.error("sweep: %s-%s failed", arch, name, exc_info=True)
             first_line = (str(err).strip().splitlines() or [""])[0]  # a table cell's note: the traceback is logged
             table.setdefault(arch, {})[name] = {"error": f"{type(err).__name__}: {first_line}"}
