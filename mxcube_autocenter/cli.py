@@ -783,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     # training.LEARNING_RATE and FINE_TUNE_LEARNING_RATE (not imported here: the parser loads no TensorFlow).
     learning_rate_help = "Adam's (default: 1e-3, or 1e-4 when fine-tuning with --initial-model)"
 
-    def add_train_options(p, fine_tuning=False):
+    def add_train_options(p, fine_tuning=False, sweep=False):
         # With fine_tuning no defaults: training takes the initial model's input and refuses a different one.
         p.add_argument("--crop-um", type=POSITIVE, default=None if fine_tuning else DEFAULT_CROP_UM,
                        help=f"crop side on the sample, um (default: {DEFAULT_CROP_UM}"
@@ -795,10 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=COUNT, default=32)
         p.add_argument("--patience", type=NON_NEGATIVE_INT, default=5, help="early-stopping patience, epochs (default: %(default)s)")
         p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
-        p.add_argument("--label", default="rc", choices=["rc", "rc_expected", "on_ice"],
+        # A sweep trains regressors: the ice flag is only for `train --arch classifier`.
+        p.add_argument("--label", default="rc", choices=["rc", "rc_expected"] + ([] if sweep else ["on_ice"]),
                        help="counts to learn: recorded (rc) or, in a synthetic set, noise-free expected "
-                            "(rc_expected); or, for a classifier, a synthetic set's flag of the beam on ice "
-                            "(on_ice: the ice network) (default: %(default)s)")
+                            "(rc_expected)" + ("" if sweep else "; or, for a classifier, a synthetic set's flag of "
+                                                                 "the beam on ice (on_ice: the ice network)")
+                            + " (default: %(default)s)")  # fmt: skip
         p.add_argument("--cache", default="auto", choices=list(_CACHES),
                        help="where decoded crops are kept between epochs: memory, a temporary file (in TMPDIR), "
                             "none (read again every epoch), or auto: memory if they take at most a quarter of "
@@ -842,7 +844,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output directory (default: out/model, or out/classifier for a classifier, so "
                                      "that one does not replace the other)")
     train.add_argument("--threshold", type=POSITIVE,
-                       help="classifier: the count from which a crop is a crystal (default: 5, or the initial model's)")
+                       help="classifier: the count from which a crop is a crystal (default: 5, 1 with --label "
+                            "on_ice, or the initial model's)")
     train.add_argument("--initial-model", metavar="MODEL.keras", type=_model_or_shipped,
                        help="fine-tune this model (`shipped`: the shipped regressor, e.g. on site data): its "
                             "architecture, input, label transform and threshold are used; with --arch "
@@ -889,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("dataset", metavar="DATASET.h5")
     sweep.add_argument("--out", required=True, help="report directory")
     sweep.add_argument("--archs", nargs="+", default=[f"a{i}" for i in range(1, 11)], help="architectures (default: a1..a10)")
-    add_train_options(sweep)
+    add_train_options(sweep, sweep=True)
     sweep.set_defaults(func=cmd_sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluation report of a model on a training set")

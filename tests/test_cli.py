@@ -41,6 +41,7 @@ from mxcube_autocenter.cli import build_parser, main
         # -1 read as "every one of the training rows has the same class (1) ... label recordings of crystals".
         (["train", "x.h5", "--arch", "classifier", "--threshold", "-1"], "--threshold: '-1': expected a"),
         (["synthesize-regions", "x.h5", "--input-size", "1"], "--input-size: '1': expected a whole number from 8"),
+        (["sweep", "x.h5", "--label", "on_ice"], "--label: invalid choice: 'on_ice'"),
         # 1e9 read as "the recording does not cover this collection; if it does, give clock_offset".
         (["label", "x.h5", "--out", "y.h5", "--camera-latency", "1e9"],
          "--camera-latency: '1e9': expected a finite number from 0 to 1"),

@@ -1487,6 +1487,10 @@ def test_a_sweep_refuses_wrong_names_before_training_and_raises_when_nothing_tra
     for archs, transforms in ((("a1", "a11"), ("log",)), (("a1", "classifier"), ("log",)), (("a1",), ("sqrt",))):
         with pytest.raises(ValueError):
             ev.sweep("set.h5", str(tmp_path / "s"), archs=archs, transforms=transforms)
+    # The ice flag failed each combination in turn, then advised a classifier, which a sweep refuses.
+    with pytest.raises(ValueError, match="label 'on_ice': a sweep trains regressors of a count, rc or rc_expected; "
+                                         "learn a flag with train --arch classifier"):  # fmt: skip
+        ev.sweep("set.h5", str(tmp_path / "s"), archs=("a1",), transforms=("log",), label="on_ice")
     assert calls == []
     with pytest.raises(RuntimeError, match="a1-vanilla ran out of memory"):
         ev.sweep("set.h5", str(tmp_path / "s"), archs=("a1", "a1"), transforms=("vanilla", "log"))

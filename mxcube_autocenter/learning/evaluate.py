@@ -545,6 +545,10 @@ def sweep(dataset_path, out_dir, archs=tuple(f"a{i}" for i in range(1, 11)), tra
             raise ValueError(f"unknown label transform {name!r}: choose from {TRANSFORMS}")
     if not archs or not transforms:
         raise ValueError("a sweep needs at least one architecture and one transform")
+    label = train_kwargs.get("label", DEFAULT_LABEL)
+    if label not in COUNT_LABELS:
+        raise ValueError(f"label {label!r}: a sweep trains regressors of a count, {' or '.join(COUNT_LABELS)}; "
+                         "learn a flag with train --arch classifier")
     check_creatable(out_dir, folder=True)
     table = {}  # out_dir is made by the first training, once it has checked the dataset
     combos = [(a, t) for a in archs for t in transforms]
