@@ -197,6 +197,25 @@ def test_a_region_set_whose_training_counts_are_all_equal_is_refused(regions_pat
     assert not (tmp_path / "model").exists()
 
 
+def test_a_region_set_too_small_for_the_fcn_is_refused_before_rendering_and_named_with_the_fix(regions_path,
+                                                                                                 tmp_path):
+    # synthesize-regions took --input-size 16 and rendered for minutes a set train-dense refused with "raise
+    # input_size", an option train-dense does not have: the set's own crops decide.
+    import shutil
+
+    with pytest.raises(ValueError, match="input_size 16: a region set is for the fcn, whose input is at least 31"):
+        dense.synthetic_regions(tmp_path / "r.h5", n_samples=1, input_size=16, progress=False)
+    assert not (tmp_path / "r.h5").exists()
+    small = tmp_path / "small.h5"
+    shutil.copy(regions_path, small)
+    with h5py.File(small, "r+") as f:
+        f.attrs["input_size"] = 16
+    with pytest.raises(dense.RegionSetError, match="small.h5: its crops are 16 pixels, fewer than the 31 the fcn takes: "
+                                                   "write it again with `synthesize-regions --input-size 31` or more"):
+        dense.train_dense(small, tmp_path / "model", epochs=1, verbose=0)
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_region_set_of_too_few_crystals_is_refused_naming_the_file_and_the_fix(tmp_path):
     path = tmp_path / "two.h5"
     dense.synthetic_regions(path, 2, seed=3, views_per_sample=1, regions_per_view=1, cells=3, crop_um=160,

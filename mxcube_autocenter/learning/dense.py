@@ -71,6 +71,8 @@ from mxcube_autocenter.recording import encode_jpeg  # noqa: E402
 REGIONS_FORMAT = "mxcube_autocenter.regions"
 REGIONS_FORMAT_VERSION = 1
 FCN_STEP = 16  # model pixels between the crops of an fcn's dense output (architectures.output_stride)
+# The least input the fcn's trunk (its stride-2 convolutions, FCN_STEP in all) leaves an output of, pixels.
+FCN_MIN_INPUT = 2 * FCN_STEP - 1
 # Spread of a region's centre around a crystal point, um: the region still holds the crystal, seen off-centre.
 REGION_SPREAD_UM = 80.0
 # Best count of a region from which the peak term of the loss applies: a crystal (the centring's min_score).
@@ -200,6 +202,9 @@ def synthetic_regions(
     """
     if not 0.0 <= crystal_fraction <= 1.0:
         raise ValueError(f"crystal_fraction {crystal_fraction}: give a share between 0 and 1")
+    if input_size < FCN_MIN_INPUT:  # refused before the rendering: train-dense could never use the set
+        raise ValueError(f"input_size {input_size}: a region set is for the fcn, whose input is at least "
+                         f"{FCN_MIN_INPUT} pixels")
     kwargs = dict(views_per_sample=views_per_sample, regions_per_view=regions_per_view, cells=cells,
                   crop_um=float(crop_um), input_size=int(input_size), zoom_levels=tuple(zoom_levels),
                   random_looks=random_looks, frame_size=tuple(frame_size), jpeg_quality=jpeg_quality,
@@ -540,6 +545,10 @@ def train_dense(
         # region set's crops once it is.
         checked(initial_info["input"]["crop_um"], initial_info["input"]["input_size"])
     table = read_regions(regions_path)
+    if table.input_size < FCN_MIN_INPUT:
+        raise RegionSetError(f"{regions_path}: its crops are {table.input_size} pixels, fewer than the {FCN_MIN_INPUT} "
+                             f"the fcn takes: write it again with `synthesize-regions --input-size {FCN_MIN_INPUT}` or "
+                             "more")  # fmt: skip
     spec = checked(table.crop_um, table.input_size)
     try:
         split = training.split_for(split, table.crystal_id, seed, fractions or DEFAULT_FRACTIONS, initial_model,
