@@ -1413,6 +1413,25 @@ def test_each_heatmap_is_drawn_over_its_own_grid(dataset_path, monkeypatch):
         assert (top, bottom) == pytest.approx((ys[0] - dy / 2, ys[-1] + dy / 2), abs=pixel)
 
 
+def test_fine_tuning_on_a_set_of_smaller_crops_names_the_initial_model_and_both_ways_out(trained, dataset_path,
+                                                                                        tmp_path):
+    # "choose crop_um <= 120" led to "the initial model has crop_um 160, not 120": advice in a circle.
+    import shutil
+
+    from mxcube_autocenter.labelling.dataset import DatasetError
+    from mxcube_autocenter.learning.training import train
+
+    narrow = tmp_path / "narrow.h5"
+    shutil.copy(dataset_path, narrow)
+    with h5py.File(narrow, "r+") as f:
+        f.attrs["stored_crop_um"] = 120.0
+    with pytest.raises(DatasetError, match=rf"narrow.h5: {re.escape(trained.model_path)} needs crops of 160 um and "
+                                           r"this set stores 120 um around the beam: fine-tune it on a set stored "
+                                           r"with at least 160 um, or train a new model with --crop-um 120 or less"):
+        train(str(narrow), out=str(tmp_path / "tuned"), initial_model=trained.model_path, epochs=1, verbose=0)
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_a_report_leaves_no_figure_of_an_earlier_report_in_its_directory(trained, dataset_path, tmp_path):
     # A classifier's confusion matrix, or galleries this run does not draw (gallery=0), left in the directory
     # would read as this regressor's figures; files that are not the report's stay.

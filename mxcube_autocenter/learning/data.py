@@ -43,13 +43,19 @@ def row_crop(reader: RowReader, table: Table, i: int, spec: crops.CropSpec):
     return crop, stats
 
 
-def check_crop_fits(table: Table, spec: crops.CropSpec):
-    """Refuse a crop larger than the dataset's stored crops (it would be padded)."""
-    if table.stored_crop_um is not None and spec.crop_um > table.stored_crop_um * (1 + 1e-6):
-        raise DatasetError(
-            f"{table.path}: crop of {spec.crop_um} um asked for, the dataset stores only "
-            f"{table.stored_crop_um} um around the beam: choose crop_um <= {table.stored_crop_um}"
-        )
+def check_crop_fits(table: Table, spec: crops.CropSpec, model_path=None, fix: str = ""):
+    """Refuse a crop larger than the dataset's stored crops (it would be padded).
+
+    ``model_path``: the model whose crops these are, and ``fix``, what to do
+    instead, where the crop side is the model's, not the user's to choose.
+    """
+    if table.stored_crop_um is None or spec.crop_um <= table.stored_crop_um * (1 + 1e-6):
+        return
+    if model_path is None:
+        raise DatasetError(f"{table.path}: crop of {spec.crop_um} um asked for, the dataset stores only "
+                           f"{table.stored_crop_um} um around the beam: choose crop_um <= {table.stored_crop_um}")
+    raise DatasetError(f"{table.path}: {model_path} needs crops of {spec.crop_um:g} um and this set stores "
+                       f"{table.stored_crop_um:g} um around the beam: {fix}")
 
 
 def cgroup_memory_limit_files(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> list:

@@ -354,12 +354,7 @@ def evaluate(model_path, dataset_path, out_dir, *, subset: str = "test", gallery
     spec = info_spec(info)
     table = read_table(dataset_path)
     rows = _rows_for(info, table, subset, model_path)
-    try:
-        check_crop_fits(table, spec)
-    except DatasetError as err:
-        raise DatasetError(f"{dataset_path}: {model_path} needs crops of {spec.crop_um:g} um and this set stores "
-                           f"{table.stored_crop_um:g} um around the beam: evaluate it on a set stored with at least "
-                           f"{spec.crop_um:g} um") from err  # fmt: skip
+    check_crop_fits(table, spec, model_path, f"evaluate it on a set stored with at least {spec.crop_um:g} um")
     label, learnt_counts = _learnt_counts(info, table, dataset_path)
     with RowReader(table.path, table.image_dataset) as reader:
         reader.check(rows)

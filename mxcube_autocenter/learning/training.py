@@ -58,7 +58,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 from mxcube_autocenter import __version__  # noqa: E402
 from mxcube_autocenter.learning import architectures, crops  # noqa: E402
 from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, Table, read_table  # noqa: E402
-from mxcube_autocenter.learning.data import make_dataset  # noqa: E402
+from mxcube_autocenter.learning.data import check_crop_fits, make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
 from mxcube_autocenter.outputs import json_default, make_directory, write_json_whole, write_whole  # noqa: E402
@@ -525,6 +525,9 @@ def _fit(
     learning_rate = learning_rate_for(learning_rate, initial_model)
     out = str(out)
     table = read_table(dataset_path)
+    if initial is not None:  # the crop side is the initial model's: crop_um is no fix
+        check_crop_fits(table, spec, initial_model, f"fine-tune it on a set stored with at least {spec.crop_um:g} um, "
+                        f"or train a new model with --crop-um {table.stored_crop_um:g} or less")  # fmt: skip
     try:
         split = split_for(split, table.crystal_id, seed, fractions, initial_model, initial_info)
     except ValueError as err:
