@@ -1572,17 +1572,30 @@ def test_a_sweep_stops_at_the_first_row_that_does_not_decode(tmp_path, caplog):
     from mxcube_autocenter.learning import evaluate as ev
     from mxcube_autocenter.learning.synthetic import synthetic_dataset
 
-    path = tmp_path / "set.h5"
+    import shutil
+
+    path, everywhere = tmp_path / "set.h5", tmp_path / "everywhere.h5"
     synthetic_dataset(path, n_samples=5, seed=1, crops_per_sample=4, stored_crop_um=240, progress=False)
-    with h5py.File(path, "r+") as h5file:
-        jpeg = bytearray(h5file["samples/image"][0].tobytes())
-        table = jpeg.index(b"\xff\xc4") + 5  # a Huffman table's 16 code counts, now summing to 240 codes
-        jpeg[table : table + 16] = bytes([15] * 16)
-        h5file["samples/image"][0] = np.frombuffer(bytes(jpeg), np.uint8)
+    shutil.copy(path, everywhere)
+    for damaged, rows in ((path, [0]), (everywhere, range(20))):
+        with h5py.File(damaged, "r+") as h5file:
+            for row in rows:
+                jpeg = bytearray(h5file["samples/image"][row].tobytes())
+                table = jpeg.index(b"\xff\xc4") + 5  # a Huffman table's 16 code counts, now summing to 240 codes
+                jpeg[table : table + 16] = bytes([15] * 16)
+                h5file["samples/image"][row] = np.frombuffer(bytes(jpeg), np.uint8)
+
+    def sweep(dataset, out):
+        ev.sweep(str(dataset), str(out), archs=("a1", "a2"), transforms=("log",), input_size=32, crop_um=120,
+                 epochs=1, batch_size=4, cache="none", verbose=0)  # fmt: skip
+
     with caplog.at_level(logging.ERROR), pytest.raises(DatasetError, match=f"{path}: row 0: "):
-        ev.sweep(str(path), str(tmp_path / "s"), archs=("a1", "a2"), transforms=("log",), input_size=32,
-                 crop_um=120, epochs=1, batch_size=4, cache="none", verbose=0)  # fmt: skip
+        sweep(path, tmp_path / "s")
     assert not caplog.records
+    # Failed before its first epoch ended, a training leaves no empty folder (after one, its checkpoint stays).
+    with pytest.raises(DatasetError, match=f"{everywhere}: row "):
+        sweep(everywhere, tmp_path / "s2")
+    assert list((tmp_path / "s2").iterdir()) == []
 
 
 @pytest.mark.parametrize("problem", ["one crystal", "no rc_expected"])

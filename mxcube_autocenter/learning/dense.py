@@ -596,6 +596,7 @@ def train_dense(
     # The test regions are read only once the training is over: a damaged one must not cost the run.
     with RowReader(table.path, "regions/image", fix=_WRITE_REGIONS) as reader:
         reader.check(idx["test"])
+    made = not os.path.isdir(out)
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     settings = {
@@ -627,7 +628,7 @@ def train_dense(
     # The checkpoint holds the crop network (the region network shares its layers): a model file with run.json.
     hist, seconds, cpu_seconds, best_epoch = training.fit_leaving_run_info(
         region_model, train_ds, val_ds, work, out, strategy,
-        describe({**settings, "interrupted": training.INTERRUPTED}, {}), epochs=epochs, patience=patience,
+        describe({**settings, "interrupted": training.INTERRUPTED}, {}), made, epochs=epochs, patience=patience,
         verbose=verbose, keep_start=initial is not None, checkpointed=model)
 
     results = {}

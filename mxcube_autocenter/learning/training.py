@@ -587,6 +587,7 @@ def _fit(
     # The test rows are read only once the training is over: a damaged one must not cost the run.
     with RowReader(table.path, table.image_dataset) as reader:
         reader.check(idx["test"])
+    made = not os.path.isdir(out)
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
     settings = {
@@ -611,7 +612,7 @@ def _fit(
         )
 
     hist, seconds, cpu_seconds, best_epoch = fit_leaving_run_info(
-        model, train_ds, val_ds, work, out, strategy, describe({**settings, "interrupted": INTERRUPTED}, {}),
+        model, train_ds, val_ds, work, out, strategy, describe({**settings, "interrupted": INTERRUPTED}, {}), made,
         epochs=epochs, patience=patience, verbose=verbose, keep_start=initial is not None)
 
     results = {}
@@ -702,7 +703,8 @@ def work_dir(out, strategy) -> str:
     return str(out) if _is_chief(strategy) else tempfile.mkdtemp(prefix="autocenter-worker-")
 
 
-def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info: dict, **fit_options):
+def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info: dict, made_out: bool = False,
+                         **fit_options):
     """:func:`fit_with_early_stopping`, with ``run_info`` in ``out``/``run.json`` while it runs.
 
     ``run_info`` is what ``checkpoint.keras`` lacks to be a model file (the
@@ -710,7 +712,8 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
     killed job) leaves its best epoch usable with :func:`attach_info`. The
     caller removes it (:func:`remove_run_info`) once ``model.keras`` is
     saved; a run that ends without a checkpoint (diverged, refused, or
-    failed or stopped before its first epoch ended), here.
+    failed or stopped before its first epoch ended), here, and ``out`` too
+    where the run made it (``made_out``) and left it empty.
     """
     if _is_chief(strategy):
         write_json_whole(os.path.join(out, RUN_INFO), run_info)
@@ -726,6 +729,9 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
             remove_run_info(out, strategy)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(work, HISTORY_PART))
+            if made_out:
+                with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                    os.rmdir(out)
         raise
 
 
