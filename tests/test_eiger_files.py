@@ -440,6 +440,42 @@ def test_a_data_file_linked_by_an_absolute_path_is_found_next_to_the_master_as_h
         series.frame(1)
 
 
+def test_a_master_file_in_jungfraujochs_layout_reads_its_virtual_dataset_and_start_time(tmp_path, monkeypatch):
+    # One virtual /entry/data/data over the data files and the start in /entry/start_time alone: read as "declares
+    # 4 images but its data files hold 0" and "not a complete EIGER master file", which copying cannot fix.
+    from datetime import datetime, timezone
+
+    written = small_collection(tmp_path, n_frames=4, images_per_file=2)
+    frames = []
+    for path in written.data_paths:
+        with h5py.File(path, "r") as data_file:
+            frames.extend(data_file["entry/data/data"][()])
+    layout = h5py.VirtualLayout(shape=(4, SMALL.height, SMALL.width), dtype=frames[0].dtype)
+    for k, path in enumerate(written.data_paths):
+        layout[2 * k : 2 * k + 2] = h5py.VirtualSource(path.name, "entry/data/data", shape=(2, SMALL.height, SMALL.width))
+    start = datetime.fromtimestamp(START, timezone.utc).isoformat().replace("+00:00", "Z")
+    with h5py.File(written.master_path, "r+") as master:
+        for k in (1, 2):
+            del master[f"entry/data/data_{k:06d}"]
+        master["entry/data"].create_virtual_dataset("data", layout)
+        del master["entry/instrument/detector/detectorSpecific/data_collection_date"]
+        master["entry/start_time"] = start
+    monkeypatch.chdir(tmp_path.parent)  # the sources are found next to the master file, wherever this runs
+    with open_master(written.master_path) as series:
+        assert series.nimages == 4 and series.start_time == pytest.approx(START, abs=1e-6)
+        for k in range(4):
+            assert np.array_equal(series.frame(k)[0], frames[k])
+    # HDF5 fills the frames of a missing source with zeros, which would count no spot.
+    written.data_paths[1].unlink()
+    with pytest.raises(EigerFileError, match=f"{written.data_paths[1]}: data file missing"):
+        open_master(written.master_path)
+    with h5py.File(written.master_path, "r+") as master:
+        del master["entry/start_time"]
+    with pytest.raises(EigerFileError, match="neither /entry/instrument/detector/detectorSpecific/data_collection_date "
+                                             "nor /entry/start_time, so no time the collection started"):
+        open_master(written.master_path)
+
+
 def test_negative_counts_of_signed_frames_are_invalid(tmp_path):
     # Data converted to int32 turn EIGER's flag 0xFFFFFFFF into -1.
     written = small_collection(tmp_path, n_frames=1)

@@ -2,7 +2,9 @@
 
 An EIGER collection is a ``<prefix>_master.h5`` holding the metadata and
 external links (``/entry/data/data_000001`` ...) to ``<prefix>_data_NNNNNN.h5``
-files whose frames are bitshuffle-LZ4 compressed. ``open_master`` reads the
+files whose frames are bitshuffle-LZ4 compressed (other writers, such as
+Jungfraujoch, give one ``/entry/data/data``, virtual over the data files, and
+the start in ``/entry/start_time``). ``open_master`` reads the
 metadata and checks that every data file is present, readable and decodable;
 ``EigerSeries.frame`` then reads one frame through the links (an EIGER2 16M
 frame is 18 Mpixel: never load them all) with the mask of its valid pixels.
@@ -165,7 +167,7 @@ class EigerSeries:
         self.nimages = int(self._value(specific, "nimages")) * self.ntrigger
         self.declared_images = self.nimages
         self.local_dates = False  # set by _unix_time on a date without a UTC offset
-        self.start_time = self._unix_time(_text(self._value(specific, "data_collection_date")), "data_collection_date")
+        self.start_time = self._collection_start(specific)
         mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
         self.pixel_mask = np.asarray(mask[()], dtype=np.uint32)
@@ -255,6 +257,21 @@ class EigerSeries:
         self.local_dates = self.local_dates or date.tzinfo is None
         return date.timestamp()
 
+    def _collection_start(self, specific: h5py.Group) -> float:
+        """When the collection started: DECTRIS' ``data_collection_date``, else NXmx's ``/entry/start_time``.
+
+        Writers other than DECTRIS' (Jungfraujoch) keep the DECTRIS layout
+        but write the start in NXmx's field alone.
+        """
+        if "data_collection_date" in specific:
+            return self._unix_time(_text(specific["data_collection_date"][()]), "data_collection_date")
+        if isinstance(self._file.get("entry/start_time"), h5py.Dataset):
+            return self._unix_time(_text(self._file["entry/start_time"][()]), "/entry/start_time")
+        raise EigerFileError(
+            f"{self.master_path}: neither {specific.name}/data_collection_date nor /entry/start_time, so no time the "
+            f"collection started: give the <prefix>_master.h5 that the detector wrote, or {_COPY_AGAIN}"
+        )
+
     def _frame_times(self, detector: h5py.Group, name: str) -> np.ndarray | None:
         """NXdetector per-frame times, made absolute with their ``start`` attribute."""
         if name not in detector:
@@ -292,9 +309,14 @@ class EigerSeries:
         """
         data = self._group("entry/data")
         blocks, missing = [], []
-        for name in sorted(key for key in data if key.startswith("data_")):
+        names = sorted(key for key in data if key.startswith("data_"))
+        if not names and isinstance(data.get("data"), h5py.Dataset):
+            # Writers without DECTRIS' links (Jungfraujoch): one dataset of every frame, in the master file or
+            # virtual over the data files.
+            names = ["data"]
+        for name in names:
             link = data.get(name, getlink=True)
-            target = self._link_target(link) if isinstance(link, h5py.ExternalLink) else self.master_path
+            target = self._link_target(link.filename) if isinstance(link, h5py.ExternalLink) else self.master_path
             if not target.is_file():
                 missing.append((name, target))
                 continue
@@ -306,6 +328,11 @@ class EigerSeries:
                 damaged = f"it is truncated or corrupt (an interrupted copy or collection?): {_COPY_AGAIN}"
                 raise EigerFileError(f"{target}: cannot open this data file of {self.master_path}: "
                                      f"{not_opened(target, err, damaged)}") from err
+            if dataset.is_virtual:
+                # HDF5 reads the frames of a missing source file as its fill value: frames without a spot.
+                for source in dataset.virtual_sources():
+                    if source.file_name != "." and not self._link_target(source.file_name).is_file():
+                        self._missing(name, self._link_target(source.file_name))
             self._check_filters(dataset, target)
             self._check_frames(dataset, target, name)
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
@@ -357,9 +384,9 @@ class EigerSeries:
                     f"incomplete; {_COPY_AGAIN}"
                 )
 
-    def _link_target(self, link: h5py.ExternalLink) -> Path:
-        """The data file an external link leads to, found as HDF5 finds it."""
-        path = Path(link.filename)
+    def _link_target(self, filename: str) -> Path:
+        """The data file an external link (or a virtual dataset's source) names, found as HDF5 finds it."""
+        path = Path(filename)
         target = self.master_path.parent / path
         if path.is_absolute() and not target.is_file():
             # HDF5 also looks for an absolute link's file next to the master file: the data moved with it.
