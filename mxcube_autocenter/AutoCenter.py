@@ -71,8 +71,11 @@ def freeze_long_lived_objects():
     TensorFlow and the model bring some 400 000 long-lived objects, and every
     full collection would walk them all, stalling MXCuBE's event loop for
     0.2 s or more (``bench``: ``full_gc_ms``). Garbage is collected once
-    first, at start-up, so that nothing unreachable is kept.
+    first, so that nothing unreachable is kept; what an earlier freeze holds
+    is given back to that collection first: a replaced model, full of
+    reference cycles, would otherwise stay frozen, never collected.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
