@@ -136,6 +136,7 @@ class AutoCenter(HardwareObject):
         self._hold_collections_while_centring()
         self._load_models()
         self._check_geometry()
+        self._note_rotation_axis()
         # Whatever centring_enabled says: the queue task and scripts centre all the same.
         self._guard_sample_view()
         if self.config.centring_enabled and self.centring_error is None:
@@ -391,6 +392,21 @@ class AutoCenter(HardwareObject):
             # An error only where the button would run it: once centring_enabled is False, as the fix says, a note.
             (self.log.error if self.config.centring_enabled else self.log.info)(
                 "AutoCenter: optical ML centring unavailable: %s", self.centring_error)
+
+    def _note_rotation_axis(self):
+        """Warn where phiz has no ``centring_reference_position``: the centring then takes the axis at phiz 0.
+
+        mxcubecore's sine fit finds the axis from the clicks, so a click centring works without it; the
+        optical ML centring projects its views with the axis where the reference says, and a centring with
+        the axis 30 um off lay some 60 um off the crystal, which the verification view did not catch.
+        """
+        sample_view = HWR.beamline.sample_view
+        phiz = None if sample_view is None else sample_view.centring_motors.get("phiz")
+        if phiz is not None and phiz.reference_position is None and self.config.centring_enabled:
+            self.log.warning(
+                "AutoCenter: phiz has no centring_reference_position (SampleView XML), so the optical ML centring "
+                "takes the rotation axis to cross the beam at phiz 0; where it does not (an MD3's calibrated "
+                "AlignmentZ), centred points are off by about twice the difference: give phiz its reference position")
 
     def _register_queue_task(self):
         if HWR.beamline.queue_manager is None:
