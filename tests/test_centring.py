@@ -1279,9 +1279,21 @@ def test_empty_loop_ends_with_no_crystal_found_and_no_move(beamline, shipped_aut
     log = run_auto_centring(beamline)
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()
     assert "no crystal found" in shipped_autocenter.last_result.message and shipped_autocenter.last_result.declined
+    assert "pin_side" not in shipped_autocenter.last_result.message
     assert positions(beamline) == pytest.approx(start, abs=1e-4)
     # Nothing moved when the centring gave up: no abort (an MD3 motor's abort is the diffractometer's global one).
     assert aborted == []
+
+
+def test_a_pin_from_the_side_pin_side_does_not_say_is_named_not_only_an_empty_loop(beamline, shipped_autocenter):
+    # lucid3 and the regions then look at the pin's end: every centring read "the loop looks empty", nothing more.
+    spec = HELDOUT[53002]
+    beamline.sample_changer.mount(make_sample(53002, **{**spec["kwargs"], "pin_side": "right"}))
+    start = positions(beamline)
+    result = shipped_autocenter.centre(save=False)
+    assert not result.success and result.declined and positions(beamline) == pytest.approx(start, abs=1e-4)
+    assert result.message.endswith("the loop looks empty; but the sample seems to enter from the right, and pin_side is "
+                                   "left: check pin_side in the AutoCenter XML")
 
 
 def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shipped_autocenter):

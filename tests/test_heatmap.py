@@ -238,6 +238,20 @@ def test_peak_is_the_smoothed_maximum():
     assert np.isfinite(find_peak(Heatmap(values, hm.xs, hm.ys)).x)
 
 
+def test_the_side_a_pin_enters_from_is_told_where_it_is_clear():
+    from mxcube_autocenter.centring.loop import pin_entry_side
+    from mxcube_autocenter.imagefiles import read_rgb
+
+    for seed in range(4):
+        for pin_side in ("left", "right"):
+            assert pin_entry_side(frame_of(seed, omega=90.0 * seed, pin_side=pin_side)) == pin_side
+    # Real photographs, whose pins enter from the right (in two of them lit too brightly to darken the edge).
+    real = sorted((Path(__file__).parent / "data" / "real_oav").glob("*.png"))
+    sides = [pin_entry_side(read_rgb(path)) for path in real]
+    assert sides.count("right") >= 3 and "left" not in sides
+    assert pin_entry_side(np.full((480, 640, 3), 200, np.uint8)) is None
+
+
 @pytest.mark.parametrize("pin_side", ["left", "right"])
 def test_lucid_finds_the_loop_tip_on_either_side(pin_side):
     sample = make_sample(3, n_crystals=1, pin_side=pin_side)

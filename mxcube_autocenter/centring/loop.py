@@ -366,6 +366,39 @@ def extend_tip(frame, tip, pixels_per_mm, pin_side="left", *, reach_um=800.0, he
     return float(roi.x0 + (xs[nearest] + 0.5) * scale), float(roi.y0 + (ys[nearest] + 0.5) * scale)
 
 
+def pin_entry_side(rgb, *, darkness=0.4, min_share=0.005, scale=4):
+    """The edge of the frame, ``"left"`` or ``"right"``, that the sample enters from, or None where it is unclear.
+
+    The pin is opaque: over its thickness it darkens the frame's edge it
+    comes in by, while the other edge shows the backlight. For telling a
+    ``pin_side`` set the wrong way from an empty loop, never to steer a
+    centring: a pin lit brightly at its far end darkens neither edge.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8 ndarray
+    darkness : float
+        Pixels below ``(1 - darkness)`` of the backlight are opaque.
+    min_share : float
+        Share of an edge's height that must be opaque to be the pin's.
+    scale : int
+        The frame is looked at ``scale`` times coarser.
+
+    Returns
+    -------
+    {"left", "right"} or None
+    """
+    import cv2
+
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(grey, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA).astype(np.float32)
+    opaque = small < np.percentile(small, 95) * (1 - darkness)
+    left, right = opaque[:, :2].mean(), opaque[:, -2:].mean()
+    if max(left, right) < min_share or min(left, right) * 3 > max(left, right):
+        return None
+    return "left" if left > right else "right"
+
+
 def _backlight(grey) -> np.ndarray:
     """The empty field under the sample: a smooth quadratic surface fitted to the bright pixels.
 

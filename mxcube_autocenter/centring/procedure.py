@@ -22,7 +22,15 @@ import gevent.event
 import numpy as np
 from mxcubecore.HardwareObjects import sample_centring
 
-from mxcube_autocenter.centring.loop import Roi, ScaleError, consistent_tips, loop_roi, loop_tips, sample_mask
+from mxcube_autocenter.centring.loop import (
+    Roi,
+    ScaleError,
+    consistent_tips,
+    loop_roi,
+    loop_tips,
+    pin_entry_side,
+    sample_mask,
+)
 from mxcube_autocenter.centring.fusion import View, fuse_views, outside, project, refine_on_image, triangulate, value_at
 from mxcube_autocenter.centring.heatmap import within_frame
 from mxcube_autocenter.centring.peak import find_peak
@@ -593,7 +601,8 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
         timings["fusion_s"] = time.perf_counter() - t
         if point is None:
             if settings.no_crystal_fallback != "loop":
-                raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty")
+                raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty"
+                                     + _pin_side_hint(frame, settings))  # fmt: skip
             point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
         _centre_on(bl, result, point, settings, start, ppmm, beam)
         if settings.verify_centring != "off" and result.method == "none":
@@ -630,6 +639,19 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
         return result
     finally:
         result.elapsed_s = time.perf_counter() - t0
+
+
+def _pin_side_hint(frame, settings: CentringSettings) -> str:
+    """What to check where the sample seems to enter from the side ``pin_side`` does not say ("" elsewhere).
+
+    With ``pin_side`` the wrong way, lucid3 and the regions look at the pin's end: every centring reads as an
+    empty loop.
+    """
+    side = pin_entry_side(frame)
+    if side is None or side == settings.pin_side:
+        return ""
+    return (f"; but the sample seems to enter from the {side}, and pin_side is {settings.pin_side}: check pin_side "
+            "in the AutoCenter XML")
 
 
 def _optics(bl: CentringHardware) -> tuple:
