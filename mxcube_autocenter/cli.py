@@ -374,6 +374,15 @@ def _demo_samples(run) -> list:
     try:
         rows = json.loads(path.read_text())
     except FileNotFoundError:
+        if (path.parent / "demo.log").is_file():
+            # A demo's folder whose run ended before its report: interrupted, or failed.
+            from mxcube_autocenter.demo import PREVIOUS
+
+            previous = path.parent / PREVIOUS / "samples.json"
+            raise FileNotFoundError(
+                f"{path} not found: the demo in {path.parent} did not finish (interrupted or failed: its demo.log "
+                "says); run it again" + (f", or give {previous.parent}, the earlier run's report it kept"
+                                         if previous.is_file() else "")) from None  # fmt: skip
         raise FileNotFoundError(f"{path} not found: give a demo report directory (mxcube-autocenter demo --out DIR)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a demo's samples.json ({err}): {fix}") from None

@@ -848,6 +848,8 @@ def _check_gevent():
 
 
 _OWN_DIRECTORIES = ("data", "learning", "centring", "figures")
+# Where an earlier demo's report waits while this run writes its own: removed once this one's is whole.
+PREVIOUS = "previous"
 
 
 def _is_shipped(predictor) -> bool:
@@ -873,19 +875,41 @@ def _check_own(out: Path):
         If ``out`` holds folders or files of those names but no ``demo.log``:
         not an earlier demo's report, so someone else's.
     """
-    found = [name for name in (*_OWN_DIRECTORIES, *_OWN_FILES) if (out / name).exists()]
+    found = [name for name in (*_OWN_DIRECTORIES, *_OWN_FILES, PREVIOUS) if (out / name).exists()]
     if found and not (out / "demo.log").exists():
         raise DemoError(f"{out} holds {', '.join(found)} but no demo.log, so no earlier demo report: the demo would "
                         "remove them; choose another --out")
 
 
-def _clean(out: Path):
-    """Remove what an earlier demo left in ``out`` (only the demo's own files; ``demo.log`` is this run's already)."""
-    for name in _OWN_DIRECTORIES:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in _OWN_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
+def _set_aside(out: Path):
+    """Move what an earlier demo left in ``out`` to ``out/previous`` (only the demo's own files; ``demo.log`` is
+    this run's already), replacing what an earlier run left there.
+
+    Kept until this run's report is whole (:func:`_drop_previous`): a run interrupted or failed leaves the last
+    report there, not only its own parts.
+    """
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+    for name in (*_OWN_DIRECTORIES, *_OWN_FILES):
+        if (out / name).exists():
+            (out / PREVIOUS).mkdir(exist_ok=True)
+            os.replace(out / name, out / PREVIOUS / name)
+
+
+@contextlib.contextmanager
+def _saying_where_the_last_report_is(out: Path):
+    """Say where the earlier report waits when this run ends before its own is whole (an error, Ctrl-C)."""
+    try:
+        yield
+    except BaseException:
+        if (out / PREVIOUS).is_dir():
+            _say(f"the earlier demo's report is kept in {out / PREVIOUS}")
+        raise
+
+
+def _drop_previous(out: Path, result: dict):
+    """Remove the earlier report set aside, once this run's is whole (every file of it written)."""
+    if not result["write_errors"]:
+        shutil.rmtree(out / PREVIOUS, ignore_errors=True)
 
 
 def run_demo(
@@ -1032,7 +1056,7 @@ def run_demo(
                 "mesh_threshold": mesh_threshold, "centring_dir": centring_dir, "log": out / "demo.log"}  # fmt: skip
     result = {}
 
-    with _quiet_logging(out / "demo.log") as silence:
+    with _saying_where_the_last_report_is(out), _quiet_logging(out / "demo.log") as silence:
         t = time.perf_counter()
         with _booted(config_dir, out / "demo.log") as bl:
             silence()
@@ -1041,9 +1065,9 @@ def run_demo(
                 set_zoom(bl, ZOOM_LEVEL)
             except (LookupError, TimeoutError) as err:
                 raise DemoError(f"{err} ({out / 'demo.log'} has the beamline's log)") from err
-            # Only now, the beamline up: a configuration it refuses must not cost the earlier report (its log is
+            # Only now, the beamline up: a configuration it refuses must not move the earlier report (its log is
             # this run's from the start, which says why the run failed).
-            _clean(out)
+            _set_aside(out)
             timings["boot"] = time.perf_counter() - t
             _say(f"virtual beamline booted in {timings['boot']:.1f} s; zoom {ZOOM_LEVEL} "
                  f"({bl.diffractometer.get_pixels_per_mm()[0] / 1000:g} px/um); {mode}")  # fmt: skip
@@ -1094,6 +1118,7 @@ def run_demo(
         result = _score_and_report(out, outcomes, rows, thumbs, learning=learning, predictor=predictor, source=source,
                                    provenance=provenance, data=data, settings=settings, timings=timings,
                                    t_start=t_start, progress=progress)  # fmt: skip
+        _drop_previous(out, result)
     return json.loads(json.dumps(result, default=json_default))
 
 

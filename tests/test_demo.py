@@ -116,6 +116,36 @@ def test_demo_with_a_given_model_runs_without_training(small_demo, tmp_path):
     assert scorecard.compare_runs([(trained, given)], method="loop_centre")["rc_fraction_diff_mean"] == 0
 
 
+def test_a_run_cut_short_keeps_the_earlier_report_until_its_own_is_whole(tmp_path, monkeypatch, capsys):
+    # The earlier report was removed once the beamline was up: a Ctrl-C then left neither it nor a new one.
+    from mxcube_autocenter import demo
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
+    from mxcube_autocenter.cli import main
+
+    earlier = {"report.md": "the earlier report", "samples.json": "[]", "figures/errors.png": "a figure"}
+    for name, text in earlier.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "demo.log").write_text("the earlier run's log")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "_centre_heldout", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",),
+                     progress=False)  # fmt: skip
+    assert f"the earlier demo's report is kept in {tmp_path / 'previous'}" in capsys.readouterr().err
+    assert {name: (tmp_path / "previous" / name).read_text() for name in earlier} == earlier
+    assert not (tmp_path / "report.md").exists()
+    assert main(["scorecard", str(tmp_path)]) == 2
+    assert (f"the demo in {tmp_path} did not finish (interrupted or failed: its demo.log says); run it again, or "
+            f"give {tmp_path / 'previous'}, the earlier run's report it kept") in capsys.readouterr().err
+    run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",), progress=False)
+    assert (tmp_path / "report.md").exists() and not (tmp_path / "previous").exists()
+
+
 def test_a_figure_that_cannot_be_written_loses_neither_the_scorecard_nor_the_rest_of_the_report(tmp_path,
                                                                                                  monkeypatch):
     import errno
