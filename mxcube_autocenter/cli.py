@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="out/demo", help="report directory (default: %(default)s)")
     demo.add_argument("--quick", action="store_true",
-                      help="no recording or training: centre 10 samples with the shipped model (under 3 minutes)")
+                      help="no recording or training: centre 10 samples with the shipped model (under 3 minutes); "
+                           "the learning figures are those its model file records")
     demo.add_argument("--use-shipped-model", action="store_true",
                       help="centre with the shipped model (models/) instead of the one trained in this run")
     demo.add_argument("--from-scratch", action="store_true",
