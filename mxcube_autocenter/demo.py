@@ -888,11 +888,20 @@ def _set_aside(out: Path):
     Kept until this run's report is whole (:func:`_drop_previous`): a run interrupted or failed leaves the last
     report there, not only its own parts.
     """
+    shutil.rmtree(out / "data", ignore_errors=True)  # the recordings: no part of a report, and large
+    found = [out / name for name in (*_OWN_DIRECTORIES, *_OWN_FILES) if (out / name).exists()]
+    if not (out / "samples.json").exists():
+        # A run cut short before its report: its parts must not replace the report kept from before it.
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return
     shutil.rmtree(out / PREVIOUS, ignore_errors=True)
-    for name in (*_OWN_DIRECTORIES, *_OWN_FILES):
-        if (out / name).exists():
-            (out / PREVIOUS).mkdir(exist_ok=True)
-            os.replace(out / name, out / PREVIOUS / name)
+    for path in found:
+        (out / PREVIOUS).mkdir(exist_ok=True)
+        os.replace(path, out / PREVIOUS / path.name)
 
 
 @contextlib.contextmanager
@@ -1028,7 +1037,8 @@ def run_demo(
         raise DemoError(f"{config_dir} holds no beamline.yaml: give the directory of an mxcubecore beamline configuration")
     # Checked before the previous report is removed: a wrong file name must not cost it.
     for path in (model, classifier_model, ice_model):
-        if path and any(Path(path).resolve().is_relative_to((out / name).resolve()) for name in _OWN_DIRECTORIES):
+        if path and any(Path(path).resolve().is_relative_to((out / name).resolve())
+                        for name in (*_OWN_DIRECTORIES, PREVIOUS)):  # fmt: skip
             raise DemoError(f"{path} lies in {out}, whose earlier results the demo removes: copy it elsewhere first")
     given = None
     if model or ice_model:

@@ -142,6 +142,17 @@ def test_a_run_cut_short_keeps_the_earlier_report_until_its_own_is_whole(tmp_pat
     assert main(["scorecard", str(tmp_path)]) == 2
     assert (f"the demo in {tmp_path} did not finish (interrupted or failed: its demo.log says); run it again, or "
             f"give {tmp_path / 'previous'}, the earlier run's report it kept") in capsys.readouterr().err
+    # Cut short again, the parts of the run before are no report: the one kept stays.
+    (tmp_path / "centring").mkdir(exist_ok=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "_centre_heldout", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",),
+                     progress=False)  # fmt: skip
+    assert {name: (tmp_path / "previous" / name).read_text() for name in earlier} == earlier
+    # A model given from the report kept would be removed with it once the run's own report is whole.
+    assert main(["demo", "--out", str(tmp_path), "--model", str(tmp_path / "previous" / "report.md")]) == 2
+    assert "copy it elsewhere first" in capsys.readouterr().err
     run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=2, n_empty=1, methods=("loop_centre",), progress=False)
     assert (tmp_path / "report.md").exists() and not (tmp_path / "previous").exists()
 

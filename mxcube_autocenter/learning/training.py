@@ -525,7 +525,7 @@ def _fit(
     learning_rate = learning_rate_for(learning_rate, initial_model)
     out = str(out)
     table = read_table(dataset_path)
-    if initial is not None:  # the crop side is the initial model's: crop_um is no fix
+    if initial is not None and table.stored_crop_um is not None:  # the crop side is the initial model's
         check_crop_fits(table, spec, initial_model, f"fine-tune it on a set stored with at least {spec.crop_um:g} um, "
                         f"or train a new model with --crop-um {table.stored_crop_um:g} or less")  # fmt: skip
     try:
