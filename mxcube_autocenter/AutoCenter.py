@@ -402,7 +402,8 @@ class AutoCenter(HardwareObject):
         """
         sample_view = HWR.beamline.sample_view
         phiz = None if sample_view is None else sample_view.centring_motors.get("phiz")
-        if phiz is not None and phiz.reference_position is None and self.config.centring_enabled:
+        if phiz is not None and phiz.reference_position is None and self.config.centring_enabled \
+                and self.centring_error is None:  # fmt: skip
             self.log.warning(
                 "AutoCenter: phiz has no centring_reference_position (SampleView XML), so the optical ML centring "
                 "takes the rotation axis to cross the beam at phiz 0; where it does not (an MD3's calibrated "

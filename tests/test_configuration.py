@@ -247,21 +247,19 @@ def test_a_goniometer_unlike_the_centrings_projection_keeps_mxcubes_own_centring
 def test_a_rotation_axis_without_its_reference_position_is_warned_of_once_and_not_otherwise(tmp_path, caplog):
     # Without phiz's reference the centring takes the axis at phiz 0: 30 um off, it centred 58 um off the crystal,
     # and the verification view accepted it.
+    with caplog.at_level(logging.WARNING, logger="HWR"):
+        with hardware_repository() as bl:
+            assert bl.sample_view.centring_motors["phiz"].reference_position == 0.0
+    assert "centring_reference_position" not in _logged(caplog)
     config = tmp_path / "config"
     shutil.copytree(virtual_beamline_dir(), config)
+    xml = config / "sample_view.xml"
+    xml.write_text(xml.read_text().replace('<centring_reference_position>{"phiz": 0.0}</centring_reference_position>',
+                                           ""))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="HWR"):
         with hardware_repository(config) as bl:
             auto_centring(bl).use_predictor(auto_centring(bl).predictor)
     assert _logged(caplog).count("phiz has no centring_reference_position (SampleView XML)") == 1
-    caplog.clear()
-    xml = config / "sample_view.xml"
-    xml.write_text(xml.read_text().replace("<motor_directions>",
-                                           '<centring_reference_position>{"phiz": 0.0}</centring_reference_position>'
-                                           "\n  <motor_directions>"))  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="HWR"):
-        with hardware_repository(config) as bl:
-            assert bl.sample_view.centring_motors["phiz"].reference_position == 0.0
-    assert "centring_reference_position" not in _logged(caplog)
 
 
 def test_elements_written_over_several_lines_and_the_text_none_read_as_meant(tmp_path):

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from mxcube_autocenter import __version__
-from mxcube_autocenter.hdf5errors import not_opened, open_hdf5, open_to_read, reading
+from mxcube_autocenter.hdf5errors import not_opened, open_hdf5, open_to_read, reading, system_error
 from mxcube_autocenter.labelling.matching import MatchResult
 from mxcube_autocenter.learning import crops
 from mxcube_autocenter.recording import (
@@ -584,7 +584,8 @@ def _write_empty(path: Path, target: Path) -> None:
     except _WRITE_ERRORS as err:
         _remove_quietly(target)
         raise DatasetError(
-            f"{path}: cannot create the training set ({err}): check the directory is writable and has free space"
+            f"{path}: cannot create the training set ({system_error(path, err) or err}): check the directory is "
+            "writable and has free space"
         ) from err
     except BaseException:
         _remove_quietly(target)
@@ -603,7 +604,8 @@ def _remove_quietly(path: Path) -> None:
 
 def _write_failed(path: Path, err: Exception) -> DatasetError:
     return DatasetError(
-        f"{path}: cannot write the set ({err}): check free space, quota and permissions, or write the set elsewhere"
+        f"{path}: cannot write the set ({system_error(path, err) or err}): check free space, quota and permissions, "
+        "or write the set elsewhere"
     )
 
 
