@@ -469,6 +469,9 @@ def test_a_master_file_in_jungfraujochs_layout_reads_its_virtual_dataset_and_sta
     written.data_paths[1].unlink()
     with pytest.raises(EigerFileError, match=f"{written.data_paths[1]}: data file missing"):
         open_master(written.master_path)
+    h5py.File(written.data_paths[1], "w").close()  # created, never written (an aborted writer)
+    with pytest.raises(EigerFileError, match=f"{written.data_paths[1]}: holds no readable entry/data/data, which "):
+        open_master(written.master_path)
     with h5py.File(written.master_path, "r+") as master:
         del master["entry/start_time"]
     with pytest.raises(EigerFileError, match="neither /entry/instrument/detector/detectorSpecific/data_collection_date "

@@ -329,10 +329,7 @@ class EigerSeries:
                 raise EigerFileError(f"{target}: cannot open this data file of {self.master_path}: "
                                      f"{not_opened(target, err, damaged)}") from err
             if dataset.is_virtual:
-                # HDF5 reads the frames of a missing source file as its fill value: frames without a spot.
-                for source in dataset.virtual_sources():
-                    if source.file_name != "." and not self._link_target(source.file_name).is_file():
-                        self._missing(name, self._link_target(source.file_name))
+                self._check_sources(dataset, name)
             self._check_filters(dataset, target)
             self._check_frames(dataset, target, name)
             first = int(dataset.attrs.get("image_nr_low", sum(len(b[1]) for b in blocks) + 1)) - 1
@@ -394,6 +391,28 @@ class EigerSeries:
             if beside.is_file():
                 return beside
         return target
+
+    def _check_sources(self, dataset: h5py.Dataset, name: str):
+        """Refuse a virtual dataset with a source file missing, or holding no source dataset.
+
+        HDF5 reads the frames of a missing source as the fill value: frames without a spot.
+        """
+        for source in dataset.virtual_sources():
+            if source.file_name == ".":
+                continue
+            path = self._link_target(source.file_name)
+            if not path.is_file():
+                self._missing(name, path)
+            try:
+                with open_to_read(path) as data_file:
+                    held = isinstance(data_file.get(source.dset_name), h5py.Dataset)
+            except DAMAGED_FILE_ERRORS:
+                held = False
+            if not held:
+                raise EigerFileError(
+                    f"{path}: holds no readable {source.dset_name}, which {self.master_path}'s /entry/data/{name} "
+                    f"reads its frames from: the collection is incomplete; {_COPY_AGAIN}"
+                )
 
     def _missing(self, name: str, target: Path):
         raise EigerFileError(
