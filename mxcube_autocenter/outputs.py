@@ -65,6 +65,25 @@ def save_figure_whole(figure, path, **savefig) -> None:
     write_whole(path, lambda partial: figure.savefig(partial, **savefig))
 
 
+def first_missing(path) -> Path | None:
+    """The outermost of ``path`` and the folders above it that do not exist yet: what making it would create."""
+    path, missing = Path(path).absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    return missing
+
+
+def remove_empty(path, up_to) -> None:
+    """Remove ``path`` and the folders above it, up to ``up_to`` included, as long as each is empty."""
+    path, up_to = Path(path).absolute(), Path(up_to).absolute()
+    while path.is_relative_to(up_to):
+        try:
+            path.rmdir()
+        except OSError:  # not empty: something else was written there meanwhile
+            return
+        path = path.parent
+
+
 def make_directory(path, option: str = "--out") -> Path:
     """Create a folder for a command's output (and its parents) if missing.
 

@@ -1595,7 +1595,7 @@ def test_a_sweep_stops_at_the_first_row_that_does_not_decode(tmp_path, caplog):
     # Failed before its first epoch ended, a training leaves no empty folder (after one, its checkpoint stays).
     with pytest.raises(DatasetError, match=f"{everywhere}: row "):
         sweep(everywhere, tmp_path / "s2")
-    assert list((tmp_path / "s2").iterdir()) == []
+    assert not (tmp_path / "s2").exists()
 
 
 @pytest.mark.parametrize("problem", ["one crystal", "no rc_expected"])

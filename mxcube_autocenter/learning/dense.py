@@ -65,7 +65,7 @@ from mxcube_autocenter.learning.synthetic import (  # noqa: E402
     virtual_sample,
     write_per_sample,
 )
-from mxcube_autocenter.outputs import make_directory  # noqa: E402
+from mxcube_autocenter.outputs import first_missing, make_directory  # noqa: E402
 from mxcube_autocenter.recording import encode_jpeg  # noqa: E402
 
 REGIONS_FORMAT = "mxcube_autocenter.regions"
@@ -596,7 +596,7 @@ def train_dense(
     # The test regions are read only once the training is over: a damaged one must not cost the run.
     with RowReader(table.path, "regions/image", fix=_WRITE_REGIONS) as reader:
         reader.check(idx["test"])
-    made = not os.path.isdir(out)
+    made = first_missing(out)
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = training.work_dir(out, strategy)
     settings = {

@@ -61,7 +61,14 @@ from mxcube_autocenter.labelling.dataset import DatasetError, RowReader, Table, 
 from mxcube_autocenter.learning.data import check_crop_fits, make_dataset  # noqa: E402
 from mxcube_autocenter.learning.split import DEFAULT_FRACTIONS, Split, extend_split, resolve_split  # noqa: E402
 from mxcube_autocenter.learning.transforms import LabelTransform, get_transform, transform_from_config  # noqa: E402
-from mxcube_autocenter.outputs import json_default, make_directory, write_json_whole, write_whole  # noqa: E402
+from mxcube_autocenter.outputs import (  # noqa: E402
+    first_missing,
+    json_default,
+    make_directory,
+    remove_empty,
+    write_json_whole,
+    write_whole,
+)
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +594,7 @@ def _fit(
     # The test rows are read only once the training is over: a damaged one must not cost the run.
     with RowReader(table.path, table.image_dataset) as reader:
         reader.check(idx["test"])
-    made = not os.path.isdir(out)
+    made = first_missing(out)
     make_directory(out)  # only once the inputs and the network are checked: a refused run leaves nothing
     work = work_dir(out, strategy)
     settings = {
@@ -703,8 +710,7 @@ def work_dir(out, strategy) -> str:
     return str(out) if _is_chief(strategy) else tempfile.mkdtemp(prefix="autocenter-worker-")
 
 
-def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info: dict, made_out: bool = False,
-                         **fit_options):
+def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info: dict, made_out=None, **fit_options):
     """:func:`fit_with_early_stopping`, with ``run_info`` in ``out``/``run.json`` while it runs.
 
     ``run_info`` is what ``checkpoint.keras`` lacks to be a model file (the
@@ -712,8 +718,9 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
     killed job) leaves its best epoch usable with :func:`attach_info`. The
     caller removes it (:func:`remove_run_info`) once ``model.keras`` is
     saved; a run that ends without a checkpoint (diverged, refused, or
-    failed or stopped before its first epoch ended), here, and ``out`` too
-    where the run made it (``made_out``) and left it empty.
+    failed or stopped before its first epoch ended), here, and ``out`` too,
+    with the folders above it up to ``made_out`` (the outermost the run
+    made), where they are left empty.
     """
     if _is_chief(strategy):
         write_json_whole(os.path.join(out, RUN_INFO), run_info)
@@ -729,9 +736,8 @@ def fit_leaving_run_info(model, train_ds, val_ds, work, out, strategy, run_info:
             remove_run_info(out, strategy)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(work, HISTORY_PART))
-            if made_out:
-                with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
-                    os.rmdir(out)
+            if made_out is not None:
+                remove_empty(out, made_out)
         raise
 
 
