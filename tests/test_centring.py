@@ -1294,6 +1294,14 @@ def test_a_pin_from_the_side_pin_side_does_not_say_is_named_not_only_an_empty_lo
     assert not result.success and result.declined and positions(beamline) == pytest.approx(start, abs=1e-4)
     assert result.message.endswith("the loop looks empty; but the sample seems to enter from the right, and pin_side is "
                                    "left: check pin_side in the AutoCenter XML")
+    # Nor is the pin's end taken for the loop's tip where the loop is the fallback.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shipped_autocenter.config, "no_crystal_fallback", "loop")
+        patch.setattr(shipped_autocenter.config, "max_displacement_mm", 3.0)
+        result = shipped_autocenter.centre(save=False)
+    assert not result.success and positions(beamline) == pytest.approx(start, abs=1e-4)
+    assert result.message.endswith("no crystal found: not centring the loop tip; but the sample seems to enter from "
+                                   "the right, and pin_side is left: check pin_side in the AutoCenter XML")
 
 
 def test_verification_sees_no_crystal_at_a_beam_beyond_the_loop(beamline, shipped_autocenter):

@@ -603,7 +603,7 @@ def centre(bl: CentringHardware, predictor, settings: CentringSettings, log=None
             if settings.no_crystal_fallback != "loop":
                 raise NoCrystalFound(f"no crystal found ({_why_not(result.angles, settings)}): the loop looks empty"
                                      + _pin_side_hint(frame, settings))  # fmt: skip
-            point = _loop_fallback(result, ppmm, beam, log, "no crystal found")
+            point = _loop_fallback(result, settings, ppmm, beam, log, "no crystal found")
         _centre_on(bl, result, point, settings, start, ppmm, beam)
         if settings.verify_centring != "off" and result.method == "none":
             # Where lucid3 finds no loop in the verification view, the views' loop tip moved as the sample did
@@ -728,8 +728,14 @@ def fuse_and_refine(angles, pixels_per_mm, beam_position, settings: CentringSett
     return fused, point
 
 
-def _loop_fallback(result: CentringResult, pixels_per_mm, beam_position, log, why: str):
-    """The configured fallback: the loop tip seen in the views, as a sample point."""
+def _loop_fallback(result: CentringResult, settings: CentringSettings, pixels_per_mm, beam_position, log, why: str):
+    """The configured fallback: the loop tip seen in the views, as a sample point.
+
+    Refused where the sample seems to enter from the side ``pin_side`` does not say: the "tip" is the pin's end.
+    """
+    hint = _pin_side_hint(result.angles[0].frame, settings)
+    if hint:
+        raise CentringFailed(f"{why}: not centring the loop tip{hint}")
     result.method = "loop"
     log.warning("AutoCenter: %s: centring the loop tip instead", why)
     return _loop_point(result.angles, pixels_per_mm, beam_position)
@@ -894,7 +900,7 @@ def _unverified(bl: CentringHardware, result: CentringResult, settings: Centring
     if settings.verify_centring == "report":
         log.warning("AutoCenter: %s; centred all the same (verify_centring = report)", why)
     elif settings.no_crystal_fallback == "loop":
-        point = _loop_fallback(result, pixels_per_mm, beam_position, log, why)
+        point = _loop_fallback(result, settings, pixels_per_mm, beam_position, log, why)
         _centre_on(bl, result, point, settings, start, pixels_per_mm, beam_position)
     else:
         raise NoCrystalFound(why)
