@@ -342,12 +342,12 @@ def test_a_poll_sources_frames_are_timed_when_the_snapshot_came_in_and_stored_as
     # The time was taken before the snapshot (tens of ms on a Lima camera) and the motors after it: omega ran
     # ahead of each frame's time. And raw storage kept the snapshot once through JPEG.
     snapshot = autocenter.recorder._snapshot
-    taken = []  # (wall clock when each snapshot came in, its pixels)
+    taken = []  # (monotonic clock when each snapshot came in, its pixels)
 
     def slow_snapshot():
         gevent.sleep(0.08)
         rgb = snapshot()
-        taken.append((time.time(), rgb))
+        taken.append((time.monotonic(), rgb))
         return rgb
 
     autocenter.config.record_source = "poll"
@@ -358,6 +358,9 @@ def test_a_poll_sources_frames_are_timed_when_the_snapshot_came_in_and_stored_as
     summary = wait_for_summary(autocenter)
     assert summary.status == "complete" and summary.frames_kept > 3
     rec = read_recording(summary.path)
+    # On the recorder's own clock (monotonic, counted from the wall clock at the start), which a slewed wall
+    # clock does not stretch: this machine's ran 0.5 % fast, 7 ms over the recording.
+    taken = [(autocenter.recorder._wall_clock(t), rgb) for t, rgb in taken]
     for k, stamp in enumerate(rec.timestamps):
         came_in, rgb = min(taken, key=lambda t: abs(t[0] - stamp))
         assert -0.005 < stamp - came_in < 0.02
@@ -376,6 +379,18 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed" and summary.frames_kept == 1  # the frozen image once, then no repeat
     assert "sent no new frame" in caplog.text
+
+
+def test_a_poll_source_records_a_sample_that_stands_still(beamline, autocenter, tmp_path):
+    # A collection of still images (no oscillation): each snapshot shows the same scene, and a real sensor's noise
+    # still makes them differ. The virtual camera's once were identical, and the recording stopped as frozen.
+    autocenter.config.record_source = "poll"
+    autocenter.config.record_camera_timeout_s = 0.5
+    autocenter.recorder.last_summary = None
+    collect(beamline, tmp_path, "OSC", n_images=30, osc_range=0.0)  # 1.5 s of exposures
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "complete", summary.error
+    assert summary.frames_kept >= 8
 
 
 def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames_before(beamline, autocenter,

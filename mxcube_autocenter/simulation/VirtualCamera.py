@@ -35,6 +35,22 @@ def new_exposure(jpeg: bytes, number: int) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
 
 
+EXPOSURE_MARK_BITS = 32
+
+
+def mark_exposure(pixels: bytes, number: int) -> bytes:
+    """Raw pixels as exposure ``number``: the lowest bit of the first 32 bytes holds the number.
+
+    The raw formats carry no comment (see :func:`new_exposure`); one grey level in the first 32 bytes (the
+    frame's top-left corner) tells the exposures apart, as sensor noise would, also to a reader that polls
+    fewer frames than the camera exposes.
+    """
+    marked = np.frombuffer(pixels, dtype=np.uint8).copy()
+    bits = (number >> np.arange(EXPOSURE_MARK_BITS)) & 1
+    marked[:EXPOSURE_MARK_BITS] = (marked[:EXPOSURE_MARK_BITS] & 0xFE) | bits
+    return marked.tobytes()
+
+
 # TangoLimaVideo's video modes whose pixels it converts and sends: grey, RGB and RGBA, a byte a sample.
 RAW_VIDEO_MODES = ("RGB24", "RGB32", "RGB8")
 
@@ -151,9 +167,7 @@ class VirtualCamera(HardwareObject):
         self._exposures += 1
         if self.video_mode is None:
             return new_exposure(self._jpeg, self._exposures), self._width, self._height
-        pixels = bytearray(_pixels(self._rgb, self.video_mode))
-        pixels[0] ^= self._exposures & 1  # one grey level of one pixel: see new_exposure
-        return bytes(pixels), self._width, self._height, False
+        return mark_exposure(_pixels(self._rgb, self.video_mode), self._exposures), self._width, self._height, False
 
     def _stream(self):
         exposed_at, image = -np.inf, None  # the last exposure, which a poll sends again
@@ -202,9 +216,14 @@ class VirtualCamera(HardwareObject):
             self._stream_task = None
 
     def get_last_image(self):
-        """The current frame as ``(rgb_bytes, width, height)``, like MDCameraMockup."""
+        """The current frame as ``(rgb_bytes, width, height)``, like MDCameraMockup.
+
+        Marked as the last exposure (:func:`mark_exposure`): snapshots polled while the scene stands still
+        differ from one exposure to the next, as a real sensor's, and not while the stream is stopped (a
+        frozen camera's).
+        """
         self._update()
-        return self._rgb.tobytes(), self._width, self._height
+        return mark_exposure(self._rgb.tobytes(), self._exposures), self._width, self._height
 
     def get_width(self) -> int:
         return self._width
