@@ -641,7 +641,9 @@ class AutoCenter(HardwareObject):
         not set, so a click centring (or lucid's, from the button while it is not taken over) would move the
         sample under it; a click on the image during a centring from the button would reach the sine fit as
         one of its points; and mxcubeweb's "move to beam" checks nothing, so it would move the sample between
-        the views, whose projections the fusion takes for those of one sample position.
+        the views, whose projections the fusion takes for those of one sample position. mxcubeweb's "accept
+        centring" would say ``centringAccepted(True)`` mid-centring: mxcubeweb saves a point there, and the queue's
+        mount step goes on with the sample still turning.
         """
         sample_view = HWR.beamline.sample_view
         if sample_view is None:
@@ -655,6 +657,7 @@ class AutoCenter(HardwareObject):
             sample_view.start_manual_centring, "Click centring not started", verdict="Manual")
         sample_view.image_clicked = self._refused_while_centring(sample_view.image_clicked, "Click ignored")
         sample_view.move_to_beam = self._refused_while_centring(sample_view.move_to_beam, "Move to beam refused")
+        sample_view.accept_centring = self._refused_while_centring(sample_view.accept_centring, "Centring not accepted")
 
     def _take_over_auto_centring(self):
         """Make SampleView's automatic centring run :meth:`centre`, with its usual signals."""

@@ -762,11 +762,12 @@ def test_a_second_centring_is_refused_while_one_runs(beamline, autocenter, caplo
         beamline.sample_view.image_clicked(320, 240)
         translations = {name: value for name, value in positions(beamline).items() if name != "omega"}
         beamline.sample_view.move_to_beam(100, 100)  # mxcubeweb's "move to beam" on the image
+        beamline.sample_view.accept_centring()  # mxcubeweb's "accept centring": no centringAccepted mid-centring
         gevent.sleep(0.3)
         # Omega turns between the views; the sample moves only once they are all taken.
         assert {name: value for name, value in positions(beamline).items() if name != "omega"} == translations
     assert beamline.sample_view.current_centring_procedure is None
-    assert caplog.text.count("an optical ML centring is moving the sample") == 3
+    assert caplog.text.count("an optical ML centring is moving the sample") == 4
     # The refused click centring ends as failed; the ignored click is no centring. Not accepted (False): no
     # queue runs, so no mount step waits for it, and mxcubeweb would save a point at the sample's place in the
     # middle of the script's centring and select it for the next collection.
