@@ -418,6 +418,8 @@ class CollectionRecorder:
             max_queue=max(8, int(2 * cfg.record_frame_rate)),
             max_frames=cfg.record_max_frames,
             log=self.log,
+            # Made by the collect object once it has announced the collection, with the site's permissions.
+            await_directory=fileinfo["directory"] if "{data_directory}" in cfg.record_directory else None,
         )
         self._dc_params = dc_params
         self._missing_said = False

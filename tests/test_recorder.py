@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import gevent
@@ -379,6 +380,46 @@ def test_a_poll_source_whose_camera_freezes_records_no_repeats_and_stops(beamlin
         summary = wait_for_summary(autocenter)
     assert summary.status == "failed" and summary.frames_kept == 1  # the frozen image once, then no repeat
     assert "sent no new frame" in caplog.text
+
+
+def test_the_collection_s_data_directory_is_made_by_the_collect_object_not_by_the_recording(beamline, autocenter,
+                                                                                          tmp_path, monkeypatch):
+    # AbstractCollect announces the collection before it makes its directories (after the shutters and the LIMS):
+    # the recording made the data directory first, with the process's umask, and a collect object that makes it
+    # with the site's permissions (P11Collect: 0o777) skips one that exists.
+    collect_object = beamline.collect
+    make = collect_object.create_directories
+    found = []
+
+    def slow_create_directories(*directories):
+        gevent.sleep(0.5)
+        found.append(Path(directories[0]).exists())
+        make(*directories)
+
+    monkeypatch.setattr(collect_object, "create_directories", slow_create_directories)
+    autocenter.recorder.last_summary = None
+    data_directory = tmp_path / "visit" / "RAW_DATA"
+    collect(beamline, data_directory, "OSC", n_images=20)
+    summary = wait_for_summary(autocenter)
+    assert found == [False]
+    assert summary.status == "complete" and summary.path.parent == data_directory / "autocenter_frames"
+    assert summary.frames_kept >= 5
+
+
+def test_a_collection_that_fails_before_making_its_data_directory_records_nothing(beamline, autocenter, tmp_path,
+                                                                                   monkeypatch):
+    def failing_create_directories(*directories):
+        raise OSError(13, "Permission denied", directories[0])
+
+    monkeypatch.setattr(beamline.collect, "create_directories", failing_create_directories)
+    autocenter.recorder.last_summary = None
+    data_directory = tmp_path / "visit" / "RAW_DATA"
+    collect(beamline, data_directory, "OSC", n_images=20)
+    summary = wait_for_summary(autocenter)
+    assert summary.status == "failed" and summary.path is None
+    assert summary.error == (f"the collection ended before its data directory {data_directory} was made: "
+                             "nothing recorded")
+    assert not (tmp_path / "visit").exists()
 
 
 def test_a_poll_source_records_a_sample_that_stands_still(beamline, autocenter, tmp_path):
