@@ -86,6 +86,10 @@ class RecordingError(Exception):
     """A recording cannot be created, written or read; the message says why and what to do."""
 
 
+class FrameSizeChanged(ValueError):
+    """A camera frame of another size than the recording's first (a binning, ROI or stream size change)."""
+
+
 class CorruptFrameError(RecordingError):
     """One frame of a readable recording cannot be read, or holds an image that cannot be decoded."""
 
@@ -823,7 +827,7 @@ class FrameStore:
             )
         rgb = self._frames["rgb"]
         if shape != rgb.shape[1:]:
-            raise ValueError(f"camera frame is {shape}, the recording's frames {rgb.shape[1:]}")
+            raise FrameSizeChanged(f"camera frame is {shape}, the recording's frames {rgb.shape[1:]}")
         return rgb
 
     def _checked_size(self, shape) -> tuple:
@@ -831,7 +835,7 @@ class FrameStore:
         the recording's one pixels_per_mm and beam position would label it wrongly."""
         shape = tuple(int(n) for n in shape)
         if self._jpeg_shape is not None and shape != self._jpeg_shape:
-            raise ValueError(f"camera frame is {shape}, the recording's frames {self._jpeg_shape}")
+            raise FrameSizeChanged(f"camera frame is {shape}, the recording's frames {self._jpeg_shape}")
         return shape
 
     def flush_if_due(self) -> None:
@@ -1225,9 +1229,16 @@ class RecordingWriter:
             store.frames_dropped = self.frames_dropped
             try:
                 store.append(frame() if callable(frame) else frame, timestamp, motors, number)
+            except FrameSizeChanged as err:
+                # Every later frame is of the new size: the recording ends, as at a zoom change, saying why in its file.
+                raise RecordingError(
+                    f"{err} from camera frame {number} on: the camera's image size changed during the collection "
+                    "(binning, ROI or stream size), so later frames are not recorded; keep the camera's settings "
+                    "while collecting"
+                ) from err
             except ValueError as err:
                 self._dropped_by_writer += 1
-                # Once per cause: a size change drops every later frame, and each would be a line of MXCuBE's log.
+                # Once per cause: a camera that sends no JPEG sends none, and each would be a line of MXCuBE's log.
                 if str(err) not in self._drop_causes:
                     self._drop_causes[str(err)] = None
                     self.log.warning("camera frame %s dropped from %s: %s (later frames dropped for this are only "

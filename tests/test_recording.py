@@ -198,18 +198,34 @@ def test_the_writer_logs_to_the_logger_it_is_given(tmp_path, caplog):
 
 
 def test_a_cause_of_dropped_frames_is_logged_once(tmp_path, caplog):
-    # A binning change drops every later frame: each was a warning in MXCuBE's log. (No logger given: the module's.)
-    _, jpegs = _frames(1)
-    smaller = encode_jpeg(synthetic_frame(64, 64))
+    # A camera that sends no JPEG sends none: each frame was a warning in MXCuBE's log. (No logger given: the module's.)
+    _, jpegs = _frames(2)
     writer = RecordingWriter(lambda: FrameStore.create(tmp_path, "run", METADATA), max_queue=100, log=None)
     with caplog.at_level(logging.WARNING, logger="mxcube_autocenter.recording"):
-        for k, frame in enumerate([jpegs[0], *[smaller] * 40, b"no jpeg", b"no jpeg"]):
-            writer.submit(frame, time.time(), _motors(k), k)
+        for k, frame in enumerate([jpegs[0], *[b"no jpeg"] * 40, jpegs[1], jpegs[1]]):
+            writer.submit(frame, time.time(), _motors(k) if k < 41 else [0.0, 1.0], k)
         summary = writer.close("complete")
     assert (summary.status, summary.frames_kept, summary.frames_dropped) == ("complete", 1, 42)
     drops = [r.message for r in caplog.records if "dropped from" in r.message]
     assert len(drops) == 2 and "camera frame 1 dropped" in drops[0] and "camera frame 41 dropped" in drops[1]
     assert all("later frames dropped for this are only counted" in message for message in drops)
+
+
+@pytest.mark.parametrize("storage", ["jpeg", "raw"])
+def test_a_frame_size_change_ends_the_recording_failed_keeping_the_frames_before(tmp_path, storage):
+    # A binning change mid-collection dropped every later frame, and the file said "complete" with no cause.
+    rgbs, jpegs = _frames(3)
+    smaller = synthetic_frame(64, 64)
+    frames = [*jpegs[:2], encode_jpeg(smaller), jpegs[2]] if storage == "jpeg" else [*rgbs[:2], smaller, rgbs[2]]
+    writer = RecordingWriter(lambda: FrameStore.create(tmp_path, "run", METADATA, storage=storage), log=None)
+    for k, frame in enumerate(frames):
+        writer.submit(frame, time.time(), _motors(k), k)
+    summary = writer.close("complete")
+    assert (summary.status, summary.frames_kept) == ("failed", 2)
+    assert summary.error.startswith("camera frame is (64, 64, 3), the recording's frames (128, 160, 3) from camera "
+                                    "frame 2 on: the camera's image size changed during the collection")
+    recording = read_recording(summary.path)
+    assert (recording.status, recording.error, len(recording.timestamps)) == ("failed", summary.error, 2)
 
 
 def test_a_recording_that_keeps_no_frame_ends_failed_saying_why(tmp_path):
