@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import GROUP_SIGNATURES, damaged_copy
-from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
+from mxcube_autocenter.labelling.eiger import EigerFileError, iso_date, open_master
 from mxcube_autocenter.simulation.eiger import (
     DEAD,
     EIGER_4M,
@@ -476,6 +476,27 @@ def test_a_master_file_in_jungfraujochs_layout_reads_its_virtual_dataset_and_sta
         del master["entry/start_time"]
     with pytest.raises(EigerFileError, match="neither /entry/instrument/detector/detectorSpecific/data_collection_date "
                                              "nor /entry/start_time, so no time the collection started"):
+        open_master(written.master_path)
+
+
+@pytest.mark.parametrize("text, read", [
+    ("2023-11-14T22:13:20.123+01:00 ", "2023-11-14T22:13:20.123000+01:00"),  # a blank after it (a padded string)
+    ("2023-11-14T22:13:20.123456789Z", "2023-11-14T22:13:20.123456+00:00"),  # nanoseconds: Python 3.10 read 3 or 6
+    ("2023-11-14T22:13:20z", "2023-11-14T22:13:20+00:00"),
+    ("2023-11-14 22:13:20.1+0200", "2023-11-14T22:13:20.100000+02:00"),
+    ("2023-11-14T22:13:20+01", "2023-11-14T22:13:20+01:00"),
+    ("2023-11-14T22:13:20.5", "2023-11-14T22:13:20.500000"),  # local time: no offset
+])
+def test_detector_dates_are_read_as_written_by_any_writer(text, read):
+    assert iso_date(text).isoformat() == read
+
+
+def test_a_date_that_is_none_is_refused_naming_the_field_and_the_form(tmp_path):
+    written = small_collection(tmp_path, n_frames=1)
+    with h5py.File(written.master_path, "r+") as master:
+        master["entry/instrument/detector/detectorSpecific/data_collection_date"][()] = b"14/11/2023 22:13"
+    with pytest.raises(EigerFileError, match=r"data_collection_date '14/11/2023 22:13' is not an ISO-8601 date "
+                                             r"\(expected YYYY-MM-DDThh:mm:ss.*\): fix it in the file"):
         open_master(written.master_path)
 
 

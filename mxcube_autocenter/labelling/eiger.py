@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -248,11 +249,11 @@ class EigerSeries:
 
     def _unix_time(self, text: str, what: str) -> float:
         try:
-            # Python 3.10 does not read the "Z" suffix of UTC.
-            date = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            date = iso_date(text)
         except ValueError as err:
             raise EigerFileError(
-                f"{self.master_path}: {what} {text!r} is not an ISO-8601 date ({err}); fix or re-collect"
+                f"{self.master_path}: {what} {text!r} is not an ISO-8601 date ({err}): fix it in the file, e.g. "
+                "2023-11-14T22:13:20.123+01:00"
             ) from err
         self.local_dates = self.local_dates or date.tzinfo is None
         return date.timestamp()
@@ -516,6 +517,33 @@ class EigerSeries:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# A date and time as detectors write them: "T" or a space, a fraction of any length, and "Z", "+01:00", "+0100" or "+01".
+_ISO_DATE = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})[T ](?P<time>\d{2}:\d{2}:\d{2})(?:[.,](?P<fraction>\d+))?"
+    r"(?:(?P<utc>[zZ])|(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})?)?"
+)
+
+
+def iso_date(text: str) -> datetime:
+    """An ISO-8601 date and time as a detector writes it: naive where it gives no UTC offset.
+
+    Read alike by every Python the package supports (3.10's ``fromisoformat`` reads only 3 or 6 digits of a
+    second and no ``Z``); a fraction beyond microseconds is cut, and blanks around the text are ignored.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is no such date.
+    """
+    match = _ISO_DATE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("expected YYYY-MM-DDThh:mm:ss, a fraction of a second and a UTC offset being optional")
+    fraction = (match["fraction"] or "")[:6].ljust(6, "0")
+    offset = "+00:00" if match["utc"] else (
+        f"{match['sign']}{match['hours']}:{match['minutes'] or '00'}" if match["sign"] else "")
+    return datetime.fromisoformat(f"{match['date']}T{match['time']}.{fraction}{offset}")
 
 
 def _text(value) -> str:

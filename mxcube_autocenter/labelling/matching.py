@@ -224,7 +224,7 @@ def estimate_clock_offset(
     residuals = np.full(times.shape, np.nan)
     why = "omega did not move (osc_range 0)"
     if omega_range != 0:
-        images = (omegas - omega_start) / omega_range
+        images = (_nearest_turn(omegas, omega_start + 0.5 * omega_range * n) - omega_start) / omega_range
         moving = np.isfinite(images) & (images >= _OMEGA_MARGIN_FRAMES) & (images <= n - _OMEGA_MARGIN_FRAMES)
         moving &= _at_scan_speed(times, images, frame_period(windows))
         if np.count_nonzero(moving) >= _MIN_MOVING_FRAMES:
@@ -239,6 +239,18 @@ def estimate_clock_offset(
             f"by {omega_range} deg per image"
         )
     raise ValueError(f"{why}, so the motion cannot relate the camera and detector clocks")
+
+
+def _nearest_turn(omegas: np.ndarray, middle: float) -> np.ndarray:
+    """``omegas`` moved by the whole turns that bring their median nearest to the scan's ``middle``, deg.
+
+    A goniometer may read omega a turn away from MXCuBE's ``osc_start`` (350 for a scan from -10): as
+    read, no camera frame would fall inside the scan.
+    """
+    finite = np.isfinite(omegas)
+    if not finite.any():
+        return omegas
+    return omegas - 360.0 * np.round((np.median(omegas[finite]) - middle) / 360.0)
 
 
 def _at_scan_speed(times: np.ndarray, images: np.ndarray, period: float) -> np.ndarray:
