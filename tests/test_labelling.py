@@ -408,6 +408,8 @@ def simulate_collection(directory, name, seed, *, kind="Helical", osc_range=0.5,
         "sample_id": seed, "crystal_id": f"xtal-{seed}", "zoom": 2, "pixels_per_mm": list(PIXELS_PER_MM),
         "beam_position": list(beam),
     }  # fmt: skip
+    if kind == "Helical":  # as the recorder writes them (collection_metadata)
+        metadata.update(helical_start=dict(plan.start), helical_end=dict(plan.end))
     store = FrameStore.create(directory, f"{name}_1_camera", metadata)
     renderer = Renderer(*CAMERA, seed=seed)
     first = wall - 0.4 if waits_at is None else wall - 3.4
@@ -541,19 +543,45 @@ def test_several_processes_give_the_same_labels_in_no_more_processes_than_cores(
     np.testing.assert_array_equal(dataset.recording_frame, serial.recording_frame[rows])
 
 
-def test_a_collection_without_rotation_is_labelled_with_the_clock_offset_given_only(tmp_path):
-    without = simulate_collection(tmp_path, "without", 26, osc_range=0.0, fps=12.0)
+def test_a_collection_without_rotation_is_labelled_by_its_helical_line_or_the_clock_offset_given(tmp_path):
+    def labelled_right(collection, out):
+        # Each frame with the count of the detector frame exposed when it was taken.
+        table = read_table(out)
+        exposed = collection.exposed[table.recording_frame]
+        image = np.floor((exposed - collection.wall_start) / FRAME_TIME).astype(int)
+        return np.mean(table.rc == collection.counts[np.clip(image, 0, N_IMAGES - 1)])
+
+    # A helical line without oscillation: the sample moves along it from the first exposure to the last, as omega
+    # would turn. It was refused, and the advice to give 0 where both clocks keep NTP time labelled every frame
+    # with another frame's count where the EIGER dates its master file at arming, before the first trigger.
+    line = simulate_collection(tmp_path, "line", 26, osc_range=0.0, fps=12.0)
+    entry = label_recordings([line.recording], tmp_path / "line.h5", progress=False).recordings[0]
+    assert entry.status == "labelled" and entry.matching["offset_method"] == "helical line"
+    assert entry.matching["clock_offset_s"] == pytest.approx(CLOCK_OFFSET, abs=0.005)
+    assert labelled_right(line, tmp_path / "line.h5") > 0.9
+    # A still collection (no rotation, no line): nothing relates the clocks.
+    still = simulate_collection(tmp_path, "still", 27, kind="OSC", osc_range=0.0, fps=12.0)
     out = tmp_path / "set" / "dataset.h5"
-    entry = label_recordings([without.recording], out, progress=False).recordings[0]
+    entry = label_recordings([still.recording], out, progress=False).recordings[0]
     assert entry.status == "error" and not out.exists()
     assert "omega did not move (osc_range 0)" in entry.message and "give clock_offset (--clock-offset" in entry.message
-    entry = label_recordings([without.recording], out, clock_offset=CLOCK_OFFSET, progress=False).recordings[0]
-    assert entry.status == "labelled"
-    table = read_table(out)
-    # Each frame with the count of the detector frame exposed when it was taken.
-    exposed = without.exposed[table.recording_frame]
-    image = np.floor((exposed - without.wall_start) / FRAME_TIME).astype(int)
-    assert np.mean(table.rc == without.counts[np.clip(image, 0, N_IMAGES - 1)]) > 0.9
+    entry = label_recordings([still.recording], out, clock_offset=CLOCK_OFFSET, progress=False).recordings[0]
+    assert entry.status == "labelled" and labelled_right(still, out) > 0.9
+
+
+def test_a_helical_line_without_rotation_relates_the_clocks_by_the_sample_s_place_along_it():
+    timing = helical_timing(3)
+    start, end = np.array([0.10, -0.20, 0.0, 0.05]), np.array([0.30, -0.20, 0.01, 0.05])
+    place = (timing.omegas - 30.0) / 0.5 / 40  # where omega turned 0.5 deg an image over 40, the sample moves
+    positions = start + np.outer(np.clip(place, 0, 1), end - start)
+    fitted = regular_windows(timing.windows)
+    offset = estimate_clock_offset(timing.received, np.full(len(place), 30.0), fitted.windows, 30.0, 0.0,
+                                   line=(start, end, positions))  # fmt: skip
+    assert offset.method == "helical line" and offset == pytest.approx(CLOCK_OFFSET, abs=0.001)
+    with pytest.raises(ValueError, match="omega did not move .*, and only 0 while the sample moved along the helical "
+                                         "line, so the motion cannot relate"):
+        estimate_clock_offset(timing.received, np.full(len(place), 30.0), fitted.windows, 30.0, 0.0,
+                              line=(start, end, np.tile(start, (len(place), 1))))  # fmt: skip
 
 
 def test_a_recording_still_being_written_is_labelled_only_once_it_rests(tmp_path):

@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-# Omega within this many detector frames of the scan's first or last angle is
+# Omega (or the place along a helical line) within this many detector frames of the scan's first or last image is
 # not used for the offset: the goniometer rests there before and after the scan.
-_OMEGA_MARGIN_FRAMES = 0.5
+_MARGIN_FRAMES = 0.5
 # Fewest moving camera frames for an offset from the motion.
 _MIN_MOVING_FRAMES = 3
 # A camera frame counts as taken during the scan only while omega turns at
@@ -45,11 +45,12 @@ class ClockOffset(float):
     Attributes
     ----------
     method : str
-        "omega": from the camera frames' omega during the scan.
+        "omega": from the camera frames' omega during the scan; "helical
+        line": from their places along a helical scan's line (no rotation).
     residuals_s : ndarray of float, shape (n_camera,)
         Per camera frame, ``camera time + offset`` minus the detector time at
-        which omega had the frame's value, s; NaN for frames not used (omega
-        at rest, outside the scan, unknown).
+        which omega (or the place along the line) had the frame's value, s;
+        NaN for frames not used (at rest, outside the scan, unknown).
     """
 
     method: str
@@ -171,6 +172,7 @@ def estimate_clock_offset(
     exposure_windows,
     omega_start: float,
     omega_range: float,
+    line=None,
 ) -> ClockOffset:
     """Offset between the camera and detector clocks, from the goniometer's motion.
 
@@ -185,10 +187,13 @@ def estimate_clock_offset(
     helical scans with an oscillation range (MXCuBE rotates omega by
     ``osc_range`` per image along the line too). When omega does not move
     (``omega_range`` 0, or fewer than 3 camera frames while it moves), the
-    clocks cannot be related: the offset must be given. (Nothing else the
-    recording holds fixes it: MXCuBE signals the collection's start before
-    it moves to the centred position, takes the crystal snapshots and sets
-    energy and resolution, seconds to minutes before the first exposure.)
+    clocks cannot be related, unless a helical ``line`` is given: the sample
+    then moves along it from the first exposure to the last, as omega would
+    turn, and frames are timed by their positions along it. Otherwise the
+    offset must be given. (Nothing else the recording holds fixes it: MXCuBE
+    signals the collection's start before it moves to the centred position,
+    takes the crystal snapshots and sets energy and resolution, seconds to
+    minutes before the first exposure.)
 
     Parameters
     ----------
@@ -204,11 +209,16 @@ def estimate_clock_offset(
     omega_range : float
         Rotation per detector frame, deg (``osc_range``); negative for a
         rotation towards lower angles.
+    line : (start, end, positions), optional
+        A helical scan's translation, used where omega tells nothing: the
+        start and end of its line, shape (k,), and each camera frame's
+        position, shape (n, k), in mm (the same k translation motors).
 
     Returns
     -------
     ClockOffset
-        A float (s) with ``method``, per-frame ``residuals_s``, ``note``.
+        A float (s) with ``method`` (``"omega"`` or ``"helical line"``),
+        per-frame ``residuals_s``, ``note``.
 
     Raises
     ------
@@ -221,24 +231,47 @@ def estimate_clock_offset(
     n = len(windows)
     if n == 0:
         raise ValueError("no detector frames: the master file declares no images")
-    residuals = np.full(times.shape, np.nan)
     why = "omega did not move (osc_range 0)"
     if omega_range != 0:
         images = (_nearest_turn(omegas, omega_start + 0.5 * omega_range * n) - omega_start) / omega_range
-        moving = np.isfinite(images) & (images >= _OMEGA_MARGIN_FRAMES) & (images <= n - _OMEGA_MARGIN_FRAMES)
-        moving &= _at_scan_speed(times, images, frame_period(windows))
-        if np.count_nonzero(moving) >= _MIN_MOVING_FRAMES:
-            frame = np.minimum(np.floor(images[moving]).astype(np.int64), n - 1)
-            detector_time = windows[frame, 0] + (images[moving] - frame) * frame_period(windows)
-            differences = detector_time - times[moving]
-            offset = float(np.median(differences))
-            residuals[moving] = offset - differences
-            return ClockOffset(offset, "omega", residuals)
-        why = (
-            f"only {np.count_nonzero(moving)} camera frames while omega moved from {omega_start} deg "
-            f"by {omega_range} deg per image"
-        )
+        offset = _offset_from_motion(times, images, windows, "omega")
+        if offset is not None:
+            return offset
+        why = (f"only {_moving(times, images, windows).sum()} camera frames while omega moved from {omega_start} "
+               f"deg by {omega_range} deg per image")  # fmt: skip
+    if line is not None:
+        start, end, positions = (np.asarray(a, dtype=np.float64) for a in line)
+        length_squared = float(np.dot(end - start, end - start))
+        if length_squared > 0:
+            images = n * ((positions - start) @ (end - start)) / length_squared
+            offset = _offset_from_motion(times, images, windows, "helical line")
+            if offset is not None:
+                return offset
+            why += f", and only {_moving(times, images, windows).sum()} while the sample moved along the helical line"
     raise ValueError(f"{why}, so the motion cannot relate the camera and detector clocks")
+
+
+def _moving(times: np.ndarray, images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Whether each camera frame was taken during the scan, moving at its speed (``images``: its place in it, in
+    detector frames from the first's start)."""
+    n = len(windows)
+    moving = np.isfinite(images) & (images >= _MARGIN_FRAMES) & (images <= n - _MARGIN_FRAMES)
+    return moving & _at_scan_speed(times, images, frame_period(windows))
+
+
+def _offset_from_motion(times, images, windows, method: str) -> ClockOffset | None:
+    """The median difference between the detector's time of each moving camera frame's place in the scan and its
+    camera time; None with too few moving frames."""
+    moving = _moving(times, images, windows)
+    if np.count_nonzero(moving) < _MIN_MOVING_FRAMES:
+        return None
+    frame = np.minimum(np.floor(images[moving]).astype(np.int64), len(windows) - 1)
+    detector_time = windows[frame, 0] + (images[moving] - frame) * frame_period(windows)
+    differences = detector_time - times[moving]
+    offset = float(np.median(differences))
+    residuals = np.full(times.shape, np.nan)
+    residuals[moving] = offset - differences
+    return ClockOffset(offset, method, residuals)
 
 
 def _nearest_turn(omegas: np.ndarray, middle: float) -> np.ndarray:

@@ -47,6 +47,7 @@ from mxcube_autocenter.labelling.dataset import (
     read_table,
     recording_fingerprint,
 )
+from mxcube_autocenter.geometry import TRANSLATION_MOTORS
 from mxcube_autocenter.labelling.eiger import EigerFileError, open_master
 from mxcube_autocenter.labelling.matching import (
     estimate_clock_offset,
@@ -628,11 +629,26 @@ def _estimate_offset(recording, windows):
     try:
         return estimate_clock_offset(
             recording.timestamps, recording.motor("omega"), windows, float(metadata["osc_start"]),
-            float(metadata["osc_range"]),
+            float(metadata["osc_range"]), line=_helical_line(recording),
         )  # fmt: skip
     except ValueError as err:
         raise LabellingError(f"{recording.path}: {err}: give clock_offset (--clock-offset: detector minus camera "
-                             "clock, s; 0 where both keep NTP time)") from err
+                             "clock, s; 0 where both keep NTP time and the master file holds each image's start "
+                             "time, as an EIGER may date the file when armed, before the first image)") from err
+
+
+def _helical_line(recording):
+    """A helical recording's ``(start, end, positions)`` of the translation motors both ends give, mm; None for
+    another scan."""
+    metadata = recording.metadata
+    start, end = metadata.get("helical_start"), metadata.get("helical_end")
+    if not start or not end:
+        return None
+    motors = [name for name in TRANSLATION_MOTORS if start.get(name) is not None and end.get(name) is not None]
+    if not motors:
+        return None
+    positions = np.column_stack([recording.motor(name) for name in motors])
+    return [start[name] for name in motors], [end[name] for name in motors], positions
 
 
 def _own_collection(recording, masters, clock_offset, max_clock_offset, regularise) -> tuple:
