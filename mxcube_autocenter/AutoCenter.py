@@ -51,7 +51,7 @@ from mxcubecore.TaskUtils import TaskException
 
 from mxcube_autocenter.centring import procedure, report
 from mxcube_autocenter.centring.predictor import PredictorError, load_predictor
-from mxcube_autocenter.collection_recorder import CollectionRecorder, find_dc_params
+from mxcube_autocenter.collection_recorder import COLLECTION_FAILED, CollectionRecorder, find_dc_params
 from mxcube_autocenter.config import AutoCenterConfig, check_centring_angles, resolve_relative_paths
 from mxcube_autocenter.geometry import CENTRING_MOTORS, TRANSLATION_MOTORS
 from mxcube_autocenter.queue_entry import TASK_NAME, OpticalMLCentringQueueEntry, register_queue_entry
@@ -311,7 +311,7 @@ class AutoCenter(HardwareObject):
             status, reason = "aborted", COLLECTION_STOPPED
         elif task.exception is not None or isinstance(task.value, TaskException):
             # TaskException: what mxcubecore's @task makes of an error
-            status, reason = "failed", f"the collection failed ({task.exception or task.value})"
+            status, reason = "failed", f"{COLLECTION_FAILED} ({task.exception or task.value})"
         else:
             status = "complete"
         self.recorder.stop_later(status, only=recording, reason=reason)
@@ -334,7 +334,7 @@ class AutoCenter(HardwareObject):
         self._stop_recording(status, args, reason)
 
     def _collection_failed(self, *args):
-        self._stop_recording("failed", args, _collect_said("the collect object signalled the collection failed", args))
+        self._stop_recording("failed", args, _collect_said(f"{COLLECTION_FAILED}, as the collect object signalled", args))
 
     # -- centring -------------------------------------------------------------
 

@@ -86,6 +86,10 @@ def master_file_path(fileinfo: dict, template: str = DEFAULT_MASTER_FILE_TEMPLAT
     return os.path.normpath(template.format(**fileinfo))
 
 
+# Why the recording of a failed collection ended (its file's ``error`` begins so): the user has heard of it.
+COLLECTION_FAILED = "the collection failed"
+
+
 def recording_directory(template: str, fileinfo: dict) -> str:
     """Where a collection's recording goes: ``template`` with ``{data_directory}`` filled in."""
     return os.path.normpath(template.format(data_directory=fileinfo["directory"]))
@@ -679,4 +683,8 @@ class CollectionRecorder:
             summary.status, summary.frames_kept, summary.frames_dropped, summary.path or "no file",
             f" ({summary.error})" if summary.error else "",
         )
+        if summary.status == "failed" and summary.error and not summary.error.startswith(COLLECTION_FAILED):
+            # MXCuBE's web UI shows the user log alone: a zoom changed mid-collection, or a full disk, is theirs to know.
+            logging.getLogger("user_level_log").warning(
+                "Camera recording for the optical ML centring failed: %s", summary.error)
         return summary

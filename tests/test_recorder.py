@@ -110,15 +110,18 @@ def test_unconfigured_collection_type_records_nothing(beamline, autocenter, tmp_
     assert wait_for_summary(autocenter).status == "complete"
 
 
-def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_path):
+def test_failed_collection_gives_a_file_marked_failed(beamline, autocenter, tmp_path, caplog):
     autocenter.recorder.last_summary = None
     beamline.collect.inject_failure(at_image=10)
-    collect(beamline, tmp_path, "OSC")
-    summary = wait_for_summary(autocenter)
+    with caplog.at_level(logging.WARNING, logger="user_level_log"):
+        collect(beamline, tmp_path, "OSC")
+        summary = wait_for_summary(autocenter)
     assert summary.status == "failed"
     recording = read_recording(summary.path)
     # Why it failed is in the file, for `inspect` to say.
-    assert recording.status == "failed" and recording.error.startswith("the collect")
+    assert recording.status == "failed" and recording.error.startswith("the collection failed")
+    # The user hears of the collection's failure from the collect object, not of the recording's again.
+    assert "Camera recording" not in caplog.text
 
 
 def test_collection_stopped_by_the_user_gives_a_file_marked_aborted(beamline, autocenter, tmp_path):
@@ -435,12 +438,14 @@ def test_a_poll_source_records_a_sample_that_stands_still(beamline, autocenter, 
 
 
 def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames_before(beamline, autocenter,
-                                                                                         tmp_path, monkeypatch):
+                                                                                         tmp_path, monkeypatch,
+                                                                                         caplog):  # fmt: skip
     # The frames are cropped at the scale the recording started with: those after a zoom change in the web UI
     # were recorded, and labelled, at the wrong scale.
     from mxcube_autocenter.beamline import ZOOM_LEVEL, set_zoom
 
     autocenter.recorder.last_summary = None
+    caplog.set_level(logging.INFO, logger="user_level_log")
     collection = gevent.spawn(collect, beamline, tmp_path, "OSC", n_images=60)
     with gevent.Timeout(10, AssertionError("the recording did not start")):
         while not autocenter.recorder.recording:
@@ -454,6 +459,9 @@ def test_a_zoom_change_during_a_collection_ends_its_recording_keeping_the_frames
         set_zoom(beamline, ZOOM_LEVEL)
     assert summary.status == "failed" and summary.frames_kept > 5
     assert summary.error.startswith("the camera's scale changed during the collection (zoom LEVEL5: ")
+    # The web UI shows the user log alone: the user changed the zoom, and hears what it did.
+    told = [r.getMessage() for r in caplog.records if r.name == "user_level_log" and r.levelno >= logging.WARNING]
+    assert told == [f"Camera recording for the optical ML centring failed: {summary.error}"]
     assert read_recording(summary.path).error == summary.error
     # A diffractometer that updates its scale after the zoom's signal (GenericDiffractometer) says it apart.
     autocenter.recorder.last_summary = None
