@@ -526,6 +526,14 @@ class AutoCenter(HardwareObject):
             return
         self._record_saving = self._record_writer.spawn(self._save_record, result, directory, beam_position)
 
+    def wait_for_records(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the last centring's record to be saved (or to fail); whether it ended."""
+        saving = self._record_saving
+        if saving is None:
+            return True
+        saving.wait(timeout_s)
+        return saving.ready()
+
     def _put_back(self, bl, result, settings, why: str):
         """Fail a centring that had moved the sample, and put the sample back where it started."""
         result.success = False

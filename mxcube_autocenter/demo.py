@@ -1122,12 +1122,12 @@ def run_demo(
             outcomes, rows, thumbs = _centre_heldout(bl, ho, specs, methods=methods, mesh_step_um=mesh_step_um,
                                                      mesh_threshold=mesh_threshold, seed=seed, progress=progress)  # fmt: skip
             timings["centre"] = time.perf_counter() - t
-            _await_centring_records(centring_dir, sum(o.method == "ml" for o in outcomes))
+            unsaved = _await_centring_records(ho, centring_dir, sum(o.method == "ml" for o in outcomes))
 
         # 5. score and report
         result = _score_and_report(out, outcomes, rows, thumbs, learning=learning, predictor=predictor, source=source,
                                    provenance=provenance, data=data, settings=settings, timings=timings,
-                                   t_start=t_start, progress=progress)  # fmt: skip
+                                   t_start=t_start, progress=progress, write_errors=unsaved)  # fmt: skip
         _drop_previous(out, result)
     return json.loads(json.dumps(result, default=json_default))
 
@@ -1202,19 +1202,24 @@ def _choose_predictor(given, trained, ice_model) -> tuple:
                         "--model MODEL.keras") from err
 
 
-def _await_centring_records(centring_dir: Path, n: int, timeout_s: float = 30.0):
-    """Wait until the plugin has saved ``n`` centring records (on a worker thread), ``timeout_s`` at most."""
-    import gevent
+def _await_centring_records(ho, centring_dir: Path, n: int, timeout_s: float = 30.0) -> list:
+    """Wait until the plugin has saved its last centring's record (on a worker thread), ``timeout_s`` at most.
 
-    deadline = time.monotonic() + timeout_s
-    while len(list(centring_dir.glob("*.json"))) < n and time.monotonic() < deadline:
-        gevent.sleep(0.1)
-    gevent.sleep(0.5)
+    Returns what is missing of ``n`` records then, as ``write_errors``: the plugin only logs a record it could not
+    save (a full disk), which the report's reader would otherwise find missing unannounced.
+    """
+    ho.wait_for_records(timeout_s)
+    saved = len(list(centring_dir.glob("*.json")))
+    if saved >= n:
+        return []
+    return [f"{n - saved} of the {n} ML centrings' overlays and records were not saved in {centring_dir} (demo.log "
+            "says why)"]
 
 
 def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor, source, provenance, data, settings,
-                      timings, t_start, progress) -> dict:
-    """Step 5: the scorecard of the centrings, and the report's files (``write_errors`` lists those not written)."""
+                      timings, t_start, progress, write_errors) -> dict:
+    """Step 5: the scorecard of the centrings, and the report's files (``write_errors``, those not written so far,
+    gains those not written here)."""
     from tqdm import tqdm
 
     t = time.perf_counter()
@@ -1222,7 +1227,7 @@ def _score_and_report(out: Path, outcomes, rows, thumbs, *, learning, predictor,
         methods_figures = scorecard.summarise(outcomes)  # every method, run or not (n = 0)
         # A write that fails (a full disk) is noted and the rest still written: the scorecard is returned
         # and printed whatever, rather than lost after the whole run.
-        write_errors = []
+        write_errors = list(write_errors)
         figures = _written(write_errors, out / "figures", lambda: _error_figures(outcomes, out / "figures")) or {}
         sheet = out / "figures" / "ml_heatmaps.png"
         if _written(write_errors, sheet, lambda: _thumbnail_sheet(thumbs[:16], sheet)):

@@ -180,6 +180,23 @@ def test_a_figure_that_cannot_be_written_loses_neither_the_scorecard_nor_the_res
     assert (tmp_path / "report.md").exists() and not list(tmp_path.glob("*.part"))
 
 
+def test_centring_records_the_plugin_could_not_save_are_named_as_missing_from_the_report(tmp_path, monkeypatch):
+    # The plugin saves them on a thread and only logs a failure: the demo exited 0 with centring/ empty.
+    import errno
+
+    from mxcube_autocenter.centring import report
+    from mxcube_autocenter.centring.predictor import SHIPPED_REGRESSOR
+
+    def disk_full(result, directory, beam_position):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "centring.png"))
+
+    monkeypatch.setattr(report, "save", disk_full)
+    result = run_demo(tmp_path, model=SHIPPED_REGRESSOR, n_heldout=1, n_empty=0, methods=("ml",), progress=False)
+    assert result["write_errors"] == [f"1 of the 1 ML centrings' overlays and records were not saved in "
+                                      f"{tmp_path / 'centring'} (demo.log says why)"]
+    assert (tmp_path / "report.md").exists()
+
+
 def test_compare_pairs_a_demo_report_with_another_of_the_same_samples(small_demo, tmp_path, capsys):
     from mxcube_autocenter.cli import main
 
