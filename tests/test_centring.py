@@ -241,6 +241,21 @@ def test_motors_that_arrive_after_the_diffractometer_said_ready_are_waited_for(b
     assert result.centred_positions == pytest.approx(positions(beamline), abs=1e-3)
 
 
+def test_after_a_loop_search_of_a_whole_turn_the_verdict_waits_for_omega_to_turn_back(beamline, autocenter,
+                                                                                    monkeypatch):
+    # The search turns omega four quarter turns: 360 reads as its start modulo a turn, and on an MD3 (Ready before
+    # its motors start) the way back was taken as arrived at once. The verdict came with omega still turning a
+    # whole turn back, and a centring started then took its views mid-turn.
+    beamline.sample_changer.mount(None)
+    beamline.diffractometer.set_value_motors({"omega": 0.0, "phiy": 0.0, "phiz": 0.0, "sampx": 0.0, "sampy": 0.0},
+                                             timeout=30)  # fmt: skip
+    monkeypatch.setattr(beamline.diffractometer, "ready_before_arrival", True)
+    result = autocenter.centre(save=False)
+    omega = beamline.diffractometer.omega
+    assert "no loop found" in result.message and result.declined
+    assert omega.get_state() == omega.STATES.READY and omega.get_value() == pytest.approx(0.0, abs=1e-3)
+
+
 def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, autocenter):
     from mxcubecore.HardwareObjects import sample_centring
 

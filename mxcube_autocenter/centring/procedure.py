@@ -422,19 +422,34 @@ class CentringHardware:
         while True:
             now = self.positions(tuple(positions))  # only these: another motor may have dropped out
             off = [name for name, target in positions.items() if _distance(name, now[name], target) > _tolerance(name)]
-            if not off:
+            # Omega is compared modulo a turn, so a whole turn back (after the loop search's four quarter turns)
+            # reads as arrived at once: it has arrived only once it stops, or the verdict would come with the
+            # goniometer still turning.
+            turning = not off and "omega" in positions and self._busy("omega")
+            if not off and not turning:
                 return
             names = faulty(off)  # the diffractometer may read Ready with a motor in FAULT
             if names:
                 raise faulty.failure(names)
             t = time.monotonic()
-            if t < deadline and any(self._moving(name) for name in off):
+            if t < deadline and (turning or any(self._moving(name) for name in off)):
                 # Started late and still on its way: a move that takes longer than the settle time is no stop.
                 settled_by = max(settled_by, min(t + ARRIVAL_SETTLE_S, deadline))
+            elif t >= settled_by and turning:
+                raise CentringFailed(f"omega still turns at {now['omega']:.2f} degrees after {t - begun:.0f} s, on its "
+                                     f"way to {positions['omega']:.2f}: check it in the diffractometer's software")
             elif t >= settled_by:
                 name = off[0]
                 raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {positions[name]:.4f}")
             gevent.sleep(0.05)
+
+    def _busy(self, name: str) -> bool:
+        """Whether motor ``name`` reads BUSY (moving); False when it cannot tell."""
+        try:
+            motor = self.motors((name,))[name]
+            return motor.get_state() == motor.STATES.BUSY
+        except Exception:
+            return False
 
     def _moving(self, name: str) -> bool:
         """Whether motor ``name`` says it is moving (not ready, nor in fault); False when it cannot tell."""
