@@ -256,6 +256,53 @@ def test_after_a_loop_search_of_a_whole_turn_the_verdict_waits_for_omega_to_turn
     assert omega.get_state() == omega.STATES.READY and omega.get_value() == pytest.approx(0.0, abs=1e-3)
 
 
+def test_a_reference_motor_that_hangs_before_the_fit_fails_the_centring_in_time_naming_it(beamline, autocenter,
+                                                                                         axis_off_phiz_zero,
+                                                                                         monkeypatch):  # fmt: skip
+    # The fit first moves phiz to its reference (an MD3's AlignmentZ) and waits 60 s of its own: the button froze
+    # for a minute, then said "preparing the sine fit failed (Timeout: 60 seconds)".
+    from mxcubecore.HardwareObjects import sample_centring
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    start_fit = sample_centring.start
+
+    def start_with_phiz_hanging(*args, **kwargs):
+        beamline.diffractometer.get_motors()["phiz"].inject_fault("timeout")
+        return start_fit(*args, **kwargs)
+
+    monkeypatch.setattr(sample_centring, "start", start_with_phiz_hanging)
+    t = time.monotonic()
+    result = autocenter.centre(save=False)
+    assert not result.success and time.monotonic() - t < 30
+    assert (f"the sine fit's first move, to {{'phiz': {axis_off_phiz_zero}}} failed (not done within "
+            "move_timeout_s = 5.0 s); phiz not there: check the motors in the diffractometer's software") in result.message
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
+def test_omega_in_fault_during_the_fit_fails_the_centring_at_once_naming_it(beamline, autocenter):
+    # The fit's own way out of an error waits 30 s on omega: "did not turn omega within move_timeout_s", as if slow.
+    from mxcubecore.HardwareObjects import sample_centring
+
+    mount_at_start(beamline)
+    start = positions(beamline)
+    omega = beamline.diffractometer.omega
+    before = sample_centring.CURRENT_CENTRING
+
+    def fail_omega_once_the_fit_starts():
+        while sample_centring.CURRENT_CENTRING is before:
+            gevent.sleep(0.01)
+        omega.inject_fault("fail")
+
+    saboteur = gevent.spawn(fail_omega_once_the_fit_starts)
+    t = time.monotonic()
+    result = autocenter.centre(save=False)
+    saboteur.kill()
+    assert not result.success and "motor omega reports a fault during the move" in result.message, result.message
+    assert time.monotonic() - t < 20
+    assert positions(beamline) == pytest.approx(start, abs=1e-3)
+
+
 def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, autocenter):
     from mxcubecore.HardwareObjects import sample_centring
 
@@ -333,7 +380,9 @@ def test_a_motor_that_refuses_commands_does_not_keep_the_others_from_going_back(
     monkeypatch.setattr(procedure, "verify", verify_with_omega_in_fault)
     result = autocenter.centre(save=False)
     assert not result.success
-    assert "the sample was NOT returned to its starting position: omega (omega: motor in FAULT" in result.message
+    assert ("the sample was NOT returned to its starting position: omega (the move to {'omega': 0.0} failed "
+            "(RuntimeError: omega: motor in FAULT, command refused); omega not there: check the motors in the "
+            "diffractometer's software)") in result.message
     assert result.centred_positions is None
     now = positions(beamline)
     assert {name: now[name] for name in CENTRING_MOTORS if name != "omega"} == pytest.approx(
@@ -1374,9 +1423,10 @@ def axis_off_phiz_zero(beamline):
     """
     axis = 0.1
     diffractometer, phiz = beamline.diffractometer, beamline.sample_view.centring_motors["phiz"]
+    saved = diffractometer.rotation_axis_phiz, phiz.reference_position  # the XML's: 0 and 0
     diffractometer.rotation_axis_phiz, phiz.reference_position = axis, axis
     yield axis
-    diffractometer.rotation_axis_phiz, phiz.reference_position = 0.0, None
+    diffractometer.rotation_axis_phiz, phiz.reference_position = saved
 
 
 def test_a_rotation_axis_calibrated_away_from_phiz_zero_still_ends_in_the_beam(beamline, shipped_autocenter,

@@ -408,11 +408,25 @@ class CentringHardware:
             names = faulty(grace=False)
             if names:
                 raise faulty.failure(names, err) from err
-            if isinstance(err, Exception):
+            if isinstance(err, CentringFailed):
                 raise err
             # mxcubecore's motor waits raise gevent.Timeout: the move's own failure, never the caller's time-out.
-            raise CentringFailed(f"the move to {positions} failed ({type(err).__name__}: {err})") from err
+            raise self.move_failure(f"the move to {positions}", positions, err) from err
         self._await_arrival(positions, begun, timeout, faulty)
+
+    def move_failure(self, what: str, positions: dict, err) -> CentringFailed:
+        """``what`` failed with ``err`` (an exception in mxcubecore's own words, e.g. "Timeout waiting for status
+        ready", or why in words), naming the motors not at their ``positions`` or still moving."""
+        try:
+            now = self.positions(tuple(positions))
+            stuck = [name for name, target in positions.items()
+                     if _distance(name, now[name], target) > _tolerance(name) or self._busy(name)]  # fmt: skip
+        except CentringFailed:
+            stuck = []
+        which = f"; {', '.join(stuck)} not there" if stuck else ""
+        because = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else err
+        return CentringFailed(f"{what} failed ({because}){which}: check the motors in the diffractometer's "
+                              "software")  # fmt: skip
 
     def _await_arrival(self, positions: dict, begun: float, timeout: float, faulty):
         """Wait until the motors read ``positions``, up to :data:`ARRIVAL_SETTLE_S` after now, longer (to
@@ -474,7 +488,15 @@ class CentringHardware:
         begun = time.monotonic()
         motors = self.motors(("omega",))
         faulty = _FaultWatch(motors, begun)
-        motors["omega"].set_value(target["omega"], timeout=timeout)
+        try:
+            motors["omega"].set_value(target["omega"], timeout=timeout)
+        except CentringFailed:
+            raise
+        except Exception as err:  # a motor that stalls or hangs: mxcubecore's words name neither it nor a fix
+            names = faulty(grace=False)
+            if names:
+                raise faulty.failure(names, err) from err
+            raise self.move_failure(f"turning omega by {degrees:g} degrees", target, err) from err
         # An MD3's motor reads BUSY once told to move (ExporterMotor sets it), and the state the exporter sent
         # before may still arrive and read Ready: the view would be taken, and its omega read, mid-turn.
         self._await_arrival(target, begun, timeout, faulty)
@@ -808,14 +830,19 @@ def _fit_point(bl: CentringHardware, point, pixels_per_mm, beam_position, n_angl
     )
     try:
         try:
+            # Its move to the reference positions waits 60 s of its own for them.
+            starting.join(move_timeout_s)
+            if not starting.ready():
+                references = bl.reference_positions()
+                raise bl.move_failure(f"the sine fit's first move, to {references}", references,
+                                      f"not done within move_timeout_s = {move_timeout_s} s")  # fmt: skip
             fit = _outcome(starting, "preparing the sine fit")
         finally:
             starting.kill(block=True)  # an abort while it prepares stops that too
         for i in range(n_angles):
             sample_centring.user_click(*project(point, sample_frame(bl.positions(), bl.directions()), pixels_per_mm,
                                                 beam_position))
-            if not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=move_timeout_s, count=1):
-                raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
+            _await_fit_turn(bl, fit, move_timeout_s)
             if fit.ready() and i < n_angles - 1:
                 _outcome(fit, "the sine fit")  # the fit gave up (a motor failed): raise its error
                 raise CentringFailed("the sine fit ended before all its points were clicked (a click by hand?)")
@@ -827,6 +854,22 @@ def _fit_point(bl: CentringHardware, point, pixels_per_mm, beam_position, n_angl
         made = starting.value if starting.successful() else None
         if isinstance(made, gevent.Greenlet) and not made.ready():
             made.kill(block=True)
+
+
+def _await_fit_turn(bl: CentringHardware, fit: gevent.Greenlet, move_timeout_s: float):
+    """Wait for the sine fit to turn omega to its next point (or to end), ``move_timeout_s`` at most.
+
+    Omega in FAULT fails it at once, named: the fit's own way out of an error
+    moves the motors back first and waits 30 s on omega, so its error would come
+    after the time-out, as if omega were merely slow.
+    """
+    watch = _FaultWatch(bl.motors(("omega",)), time.monotonic())
+    deadline = time.monotonic() + move_timeout_s
+    while not gevent.wait([sample_centring.READY_FOR_NEXT_POINT, fit], timeout=FAULT_POLL_S, count=1):
+        if watch():
+            raise watch.failure(["omega"])
+        if time.monotonic() > deadline:
+            raise CentringFailed(f"the sine fit did not turn omega within move_timeout_s = {move_timeout_s} s")
 
 
 def _outcome(greenlet: gevent.Greenlet, what: str):
