@@ -841,6 +841,39 @@ def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_a
     assert "TZ=" in entry.message and "--clock-offset -7199." in entry.message
 
 
+def test_master_dates_without_a_utc_offset_in_the_hour_daylight_saving_repeats_are_labelled(tmp_path, monkeypatch):
+    # A date without a UTC offset in the autumn's repeated hour reads at its first reading, an hour early: the
+    # frames fell on the camera's with the clocks 1 h apart, and the error blamed a time zone the detector shares.
+    import time as _time
+    from datetime import datetime
+
+    import h5py
+
+    recorded = simulate_collection(tmp_path, "xtal", 29, fps=12.0)  # at about START + 29 000 s
+    # A zone of UTC+1, +2 in summer, whose summer ends 10 minutes before the collection: its hour repeats.
+    monkeypatch.setenv("TZ", "XST-1XDT,J1/0,J319/08:06:40")
+    _time.tzset()
+    try:
+        def naive(value):  # as older EIGER firmware writes it: local time, no offset
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return np.bytes_(datetime.fromisoformat(text).astimezone().replace(tzinfo=None).isoformat())
+
+        with h5py.File(recorded.master, "r+") as master:
+            specific = master["entry/instrument/detector/detectorSpecific"]
+            date = naive(specific["data_collection_date"][()])
+            del specific["data_collection_date"]
+            specific["data_collection_date"] = date
+            for name in ("start_time", "stop_time"):
+                times = master["entry/instrument/detector"][name]
+                times.attrs["start"] = naive(times.attrs["start"])
+        entry = label_recordings([recorded.recording], tmp_path / "dataset.h5", progress=False).recordings[0]
+    finally:
+        monkeypatch.undo()
+        _time.tzset()
+    assert entry.status == "labelled", entry.message
+    assert entry.matching["clock_offset_s"] == pytest.approx(CLOCK_OFFSET - 3600.0, abs=0.005)
+
+
 def test_only_the_detector_frames_matched_to_a_camera_frame_are_counted(tmp_path, monkeypatch):
     # A camera of 5 frames/s against a detector of 20: three in four detector frames label nothing.
     slow = simulate_collection(tmp_path, "slow", 28, fps=5.0)

@@ -119,6 +119,10 @@ class EigerSeries:
     local_dates : bool
         Whether a date was so taken (``data_collection_date`` or the
         per-frame times' ``start``).
+    ambiguous_local_s : float
+        For such a date in the hour a daylight-saving change repeats (or
+        skips), how much later its other reading is, s (3600 in the autumn
+        hour); 0 elsewhere. It is taken at its first reading.
     frame_start_times, frame_stop_times : ndarray of float or None
         Per-frame start and end by the detector's clock (NXdetector
         ``start_time`` / ``stop_time``), unix time (s); None when the file has none.
@@ -168,6 +172,7 @@ class EigerSeries:
         self.nimages = int(self._value(specific, "nimages")) * self.ntrigger
         self.declared_images = self.nimages
         self.local_dates = False  # set by _unix_time on a date without a UTC offset
+        self.ambiguous_local_s = 0.0  # so is this, on one in an hour a daylight-saving change repeats
         self.start_time = self._collection_start(specific)
         mask = self._dataset(specific, "pixel_mask")
         self._check_filters(mask, self.master_path)
@@ -255,7 +260,9 @@ class EigerSeries:
                 f"{self.master_path}: {what} {text!r} is not an ISO-8601 date ({err}): fix it in the file, e.g. "
                 "2023-11-14T22:13:20.123+01:00"
             ) from err
-        self.local_dates = self.local_dates or date.tzinfo is None
+        if date.tzinfo is None:
+            self.local_dates = True
+            self.ambiguous_local_s = max(self.ambiguous_local_s, date.replace(fold=1).timestamp() - date.timestamp())
         return date.timestamp()
 
     def _collection_start(self, specific: h5py.Group) -> float:

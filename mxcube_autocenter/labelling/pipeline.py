@@ -687,7 +687,7 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
                 # Its failure may be this file's (another collection's frames and period): the next may fit.
                 offset = _estimate_offset(recording, windows)
                 _check_same_collection(recording, master, offset, series.start_time, max_clock_offset,
-                                       series.local_dates)  # fmt: skip
+                                       series.local_dates, series.ambiguous_local_s)  # fmt: skip
             except LabellingError as err:
                 first_error = first_error or err
                 continue
@@ -699,7 +699,7 @@ def _own_collection(recording, masters, clock_offset, max_clock_offset, regulari
 
 
 def _check_same_collection(recording, master: Path, offset, detector_start: float, limit: float,
-                           local_dates: bool = False) -> None:  # fmt: skip
+                           local_dates: bool = False, ambiguous_local_s: float = 0.0) -> None:  # fmt: skip
     """Refuse a master file whose collection the estimated clock offset says is not the recording's.
 
     The offset is estimated so that the detector frames fall on the camera
@@ -722,6 +722,10 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         local time): an offset within ``limit`` of whole quarter hours is
         then more likely a time zone than another collection, and the error
         says so.
+    ambiguous_local_s : float
+        Such a date in the hour a daylight-saving change repeats, read at its
+        first reading: an offset within ``limit`` of minus this much is its
+        second reading, the same collection (the offset carries the hour).
 
     Raises
     ------
@@ -729,6 +733,10 @@ def _check_same_collection(recording, master: Path, offset, detector_start: floa
         If the offset exceeds ``limit``.
     """
     if abs(float(offset)) <= limit:
+        return
+    if local_dates and ambiguous_local_s and abs(float(offset) + ambiguous_local_s) <= limit:
+        log.info("%s: its dates carry no UTC offset and fall in the hour a daylight-saving change repeats: read at "
+                 "the second one (the clock offset %+.1f s carries the hour)", master, float(offset))  # fmt: skip
         return
     started = recording.metadata.get("collection_start", recording.timestamps[0])
     zone_s = round(float(offset) / _TIME_ZONE_STEP_S) * _TIME_ZONE_STEP_S
