@@ -280,21 +280,26 @@ def test_a_reference_motor_that_hangs_before_the_fit_fails_the_centring_in_time_
     assert positions(beamline) == pytest.approx(start, abs=1e-3)
 
 
-def test_omega_in_fault_during_the_fit_fails_the_centring_at_once_naming_it(beamline, autocenter):
-    # The fit's own way out of an error waits 30 s on omega: "did not turn omega within move_timeout_s", as if slow.
+def fault_omega_once_the_fit_starts(beamline, kind: str) -> gevent.Greenlet:
+    """A greenlet that makes omega's next move ``kind`` (VirtualMotor.inject_fault) once mxcubecore's sine fit has
+    started."""
     from mxcubecore.HardwareObjects import sample_centring
 
-    mount_at_start(beamline)
-    start = positions(beamline)
-    omega = beamline.diffractometer.omega
     before = sample_centring.CURRENT_CENTRING
 
-    def fail_omega_once_the_fit_starts():
+    def saboteur():
         while sample_centring.CURRENT_CENTRING is before:
             gevent.sleep(0.01)
-        omega.inject_fault("fail")
+        beamline.diffractometer.omega.inject_fault(kind)
 
-    saboteur = gevent.spawn(fail_omega_once_the_fit_starts)
+    return gevent.spawn(saboteur)
+
+
+def test_omega_in_fault_during_the_fit_fails_the_centring_at_once_naming_it(beamline, autocenter):
+    # The fit's own way out of an error waits 30 s on omega: "did not turn omega within move_timeout_s", as if slow.
+    mount_at_start(beamline)
+    start = positions(beamline)
+    saboteur = fault_omega_once_the_fit_starts(beamline, "fail")
     t = time.monotonic()
     result = autocenter.centre(save=False)
     saboteur.kill()
@@ -304,20 +309,10 @@ def test_omega_in_fault_during_the_fit_fails_the_centring_at_once_naming_it(beam
 
 
 def test_omega_that_hangs_during_the_fit_fails_the_centring_in_time(beamline, autocenter):
-    from mxcubecore.HardwareObjects import sample_centring
-
     mount_at_start(beamline)
     start = positions(beamline)
     autocenter.config.max_displacement_mm = 10.0
-    omega = beamline.diffractometer.omega
-    before = sample_centring.CURRENT_CENTRING
-
-    def hang_omega_once_the_fit_starts():
-        while sample_centring.CURRENT_CENTRING is before:
-            gevent.sleep(0.01)
-        omega.inject_fault("timeout")
-
-    saboteur = gevent.spawn(hang_omega_once_the_fit_starts)
+    saboteur = fault_omega_once_the_fit_starts(beamline, "timeout")
     log = run_auto_centring(beamline, timeout=30)
     saboteur.kill()
     assert "centringFailed" in log.names() and "centringSuccessful" not in log.names()

@@ -1,5 +1,6 @@
 """Labelling: camera-to-detector time matching, spot-count files, the training set and the pipeline."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -12,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -805,36 +807,43 @@ def test_a_set_is_written_on_a_file_system_without_locks(collections, tmp_path, 
     assert len(read_table(tmp_path / "set.h5")) == summary.rows_added > 0
 
 
-def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):
-    # Older EIGER firmware writes its dates without a UTC offset (here in UTC); labelled on a computer two hours
-    # east, the detector's clock reads 2 h off the camera's: no other collection, and the error must say so.
-    import time as _time
-    from datetime import datetime, timezone
+def rewrite_master_dates(path, rewrite):
+    """Write a master file's dates again as ``rewrite(datetime) -> datetime`` gives them (older EIGER firmware:
+    without a UTC offset)."""
 
-    import h5py
-
-    recorded = simulate_collection(tmp_path, "xtal", 29, fps=12.0)
-
-    def naive(value):
+    def again(value):
         text = value.decode() if isinstance(value, bytes) else str(value)
-        utc = datetime.fromisoformat(text).astimezone(timezone.utc).replace(tzinfo=None)
-        return np.bytes_(utc.isoformat(timespec="microseconds"))
+        return np.bytes_(rewrite(datetime.fromisoformat(text)).isoformat(timespec="microseconds"))
 
-    with h5py.File(recorded.master, "r+") as master:
+    with h5py.File(path, "r+") as master:
         specific = master["entry/instrument/detector/detectorSpecific"]
-        date = naive(specific["data_collection_date"][()])
+        date = again(specific["data_collection_date"][()])
         del specific["data_collection_date"]
         specific["data_collection_date"] = date
         for name in ("start_time", "stop_time"):
             times = master["entry/instrument/detector"][name]
-            times.attrs["start"] = naive(times.attrs["start"])
-    monkeypatch.setenv("TZ", "Etc/GMT-2")  # UTC+02:00
-    _time.tzset()
+            times.attrs["start"] = again(times.attrs["start"])
+
+
+@contextlib.contextmanager
+def time_zone(monkeypatch, zone: str):
+    """This process in time zone ``zone`` (a TZ value) for the ``with`` block."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
     try:
-        entry = label_recordings([recorded.recording], tmp_path / "dataset.h5", progress=False).recordings[0]
+        yield
     finally:
         monkeypatch.undo()
-        _time.tzset()
+        time.tzset()
+
+
+def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_as_such(tmp_path, monkeypatch):
+    # Older EIGER firmware writes its dates without a UTC offset (here in UTC); labelled on a computer two hours
+    # east, the detector's clock reads 2 h off the camera's: no other collection, and the error must say so.
+    recorded = simulate_collection(tmp_path, "xtal", 29, fps=12.0)
+    rewrite_master_dates(recorded.master, lambda date: date.astimezone(timezone.utc).replace(tzinfo=None))
+    with time_zone(monkeypatch, "Etc/GMT-2"):  # UTC+02:00
+        entry = label_recordings([recorded.recording], tmp_path / "dataset.h5", progress=False).recordings[0]
     assert entry.status == "error"
     assert entry.message.startswith(f"{recorded.master}: its dates carry no UTC offset")
     assert "(UTC+0200)" in entry.message and "(-2 h) off the camera's" in entry.message
@@ -844,32 +853,11 @@ def test_master_dates_without_a_utc_offset_read_in_another_time_zone_are_named_a
 def test_master_dates_without_a_utc_offset_in_the_hour_daylight_saving_repeats_are_labelled(tmp_path, monkeypatch):
     # A date without a UTC offset in the autumn's repeated hour reads at its first reading, an hour early: the
     # frames fell on the camera's with the clocks 1 h apart, and the error blamed a time zone the detector shares.
-    import time as _time
-    from datetime import datetime
-
-    import h5py
-
     recorded = simulate_collection(tmp_path, "xtal", 29, fps=12.0)  # at about START + 29 000 s
     # A zone of UTC+1, +2 in summer, whose summer ends 10 minutes before the collection: its hour repeats.
-    monkeypatch.setenv("TZ", "XST-1XDT,J1/0,J319/08:06:40")
-    _time.tzset()
-    try:
-        def naive(value):  # as older EIGER firmware writes it: local time, no offset
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            return np.bytes_(datetime.fromisoformat(text).astimezone().replace(tzinfo=None).isoformat())
-
-        with h5py.File(recorded.master, "r+") as master:
-            specific = master["entry/instrument/detector/detectorSpecific"]
-            date = naive(specific["data_collection_date"][()])
-            del specific["data_collection_date"]
-            specific["data_collection_date"] = date
-            for name in ("start_time", "stop_time"):
-                times = master["entry/instrument/detector"][name]
-                times.attrs["start"] = naive(times.attrs["start"])
+    with time_zone(monkeypatch, "XST-1XDT,J1/0,J319/08:06:40"):
+        rewrite_master_dates(recorded.master, lambda date: date.astimezone().replace(tzinfo=None))  # local time
         entry = label_recordings([recorded.recording], tmp_path / "dataset.h5", progress=False).recordings[0]
-    finally:
-        monkeypatch.undo()
-        _time.tzset()
     assert entry.status == "labelled", entry.message
     assert entry.matching["clock_offset_s"] == pytest.approx(CLOCK_OFFSET - 3600.0, abs=0.005)
 
