@@ -174,6 +174,7 @@ class AutoCenter(HardwareObject):
             read_motors=self._read_motors,
             context=self._recording_context,
             log=self.log,
+            make_data_directory=lambda path: collect.create_directories(path),
         )
         self.connect(collect, "collectOscillationStarted", self._collection_started)
         # Collect objects may send both, or either, and some send them twice.

@@ -345,10 +345,19 @@ class CollectionRecorder:
         Returns beamline metadata for the recording (beamline, zoom,
         pixels_per_mm, beam_position, beam_size_um, loaded_sample).
     log : logging.Logger
+    make_data_directory : callable, optional
+        ``make_data_directory(path)`` makes a collection's data directory as
+        the collect object does (its ``create_directories``, with the site's
+        permissions). A recording inside the data directory is announced
+        before the collect object makes it (after the shutters and the LIMS):
+        made by the recording, it would get the process's umask, and a
+        collect object that makes it with other permissions skips one that
+        exists.
     """
 
-    def __init__(self, settings, camera, snapshot, read_motors, context, log=None):
+    def __init__(self, settings, camera, snapshot, read_motors, context, log=None, make_data_directory=None):
         self._settings = settings
+        self._make_data_directory = make_data_directory
         self._camera = camera
         self._snapshot = snapshot
         self._read_motors = read_motors
@@ -412,6 +421,8 @@ class CollectionRecorder:
             )  # fmt: skip
             return
         directory = recording_directory(cfg.record_directory, fileinfo)
+        if "{data_directory}" in cfg.record_directory:
+            self._make_data_directory_first(fileinfo["directory"])
         metadata = collection_metadata(dc_params, helical_positions, self._context(), cfg.master_file_template)
         self._pixels_per_mm = metadata.get("pixels_per_mm")
         writer = self._writer = self._latest = RecordingWriter(
@@ -422,8 +433,6 @@ class CollectionRecorder:
             max_queue=max(8, int(2 * cfg.record_frame_rate)),
             max_frames=cfg.record_max_frames,
             log=self.log,
-            # Made by the collect object once it has announced the collection, with the site's permissions.
-            await_directory=fileinfo["directory"] if "{data_directory}" in cfg.record_directory else None,
         )
         self._dc_params = dc_params
         self._missing_said = False
@@ -449,6 +458,17 @@ class CollectionRecorder:
             self.stop_later("failed", only=writer, reason=f"could not listen to the camera ({err})")
             raise
         self.log.info("AutoCenter: recording the camera during %s collection %s to %s", kind, fileinfo["prefix"], directory)
+
+    def _make_data_directory_first(self, path: str):
+        """The collection's data directory made as the collect object makes it, unless it exists; on failure the
+        recording makes it itself, as any other ``record_directory``."""
+        if self._make_data_directory is None or os.path.isdir(path):
+            return
+        try:
+            self._make_data_directory(path)
+        except Exception as err:
+            self.log.warning("AutoCenter: the collect object could not make the data directory %s for the camera "
+                             "recording (%s): the recording makes it", path, err)  # fmt: skip
 
     def frame_received(self, image, *args):
         """``imageReceived`` slot: keep frames at the configured rate, each a new image."""

@@ -69,9 +69,6 @@ _ROWS_PER_CHUNK = 4096
 # How often the writer thread wakes when no frame arrives, to flush on time
 # and to notice close().
 _POLL_S = 0.1
-# How long a recording waits for the collect object to make the collection's data directory (opening the shutters,
-# a phase change and the LIMS come first), s.
-AWAIT_DIRECTORY_S = 30.0
 # Extra time close() gives the writer thread to close the file after the
 # queue has been drained or discarded.
 _CLOSE_GRACE_S = 10.0
@@ -1014,14 +1011,6 @@ class RecordingWriter:
         logger). A hardware object gives its own: MXCuBE's log handlers are on
         the ``HWR`` logger, and records of other loggers never reach its log
         file or the web UI.
-    await_directory : path, optional
-        A directory that someone else makes, inside which the store goes: the
-        collection's data directory, which the collect object makes (with the
-        site's permissions) only after it has announced the collection. The
-        factory is called once it exists, so that the recording does not make
-        it first; frames wait in the queue meanwhile. A recording that ends
-        before then fails with nothing written; after
-        :data:`AWAIT_DIRECTORY_S` the store makes it itself.
     """
 
     def __init__(
@@ -1031,11 +1020,9 @@ class RecordingWriter:
         max_frames: int | None = None,
         on_error: Callable[[str], None] | None = None,
         log: logging.Logger | None = None,
-        await_directory=None,
     ):
         self.log = log or globals()["log"]
         self._store_or_factory = store
-        self._await_directory = await_directory
         self._max_frames = max_frames
         self._on_error = on_error
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -1178,10 +1165,7 @@ class RecordingWriter:
     def _run(self):
         try:
             store = self._store_or_factory
-            if not isinstance(store, FrameStore):
-                self._await_made(self._await_directory)
-                store = store()
-            self._store = store
+            self._store = store if isinstance(store, FrameStore) else store()
             self._write_frames(self._store)
             self._store.frames_dropped = self.frames_dropped
             if self._store.frames_kept == 0 and self._final_status == "complete":
@@ -1199,20 +1183,6 @@ class RecordingWriter:
             # close() gave up waiting and reported the recording unfinished: say how the file ended.
             self.log.warning("%s: the writer finished after close() gave up on it; the file is closed as %s",
                              self._summary.path, "failed" if self._error else self._final_status)
-
-    def _await_made(self, directory):
-        """Wait until ``directory`` exists (see ``await_directory``); RecordingError if the recording ends first."""
-        if directory is None:
-            return
-        give_up = time.monotonic() + AWAIT_DIRECTORY_S
-        while not os.path.isdir(directory):
-            if self._closing.wait(_POLL_S):
-                raise RecordingError(f"the collection ended before its data directory {directory} was made: "
-                                     "nothing recorded")  # fmt: skip
-            if time.monotonic() > give_up:
-                self.log.warning("%s was not made within %g s of the collection's start: the camera recording makes "
-                                 "it", directory, AWAIT_DIRECTORY_S)  # fmt: skip
-                return
 
     def _write_frames(self, store: FrameStore):
         while True:
