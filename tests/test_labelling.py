@@ -571,6 +571,18 @@ def test_a_collection_without_rotation_is_labelled_by_its_helical_line_or_the_cl
     assert entry.status == "labelled" and labelled_right(still, out) > 0.9
 
 
+@pytest.mark.parametrize("rest_omega, rest_s, osc_range", [(270.0, 30.0, 0.1), (-1.0, 60.0, 0.36), (0.0, 60.0, 0.72)])
+def test_a_long_rest_before_the_scan_does_not_move_omega_by_a_turn(rest_omega, rest_s, osc_range):
+    # The turn was chosen by where most camera frames lay: a minute at the centring's angle before a scan of
+    # 100 or 360 degrees put none of them in the scan, and before one of 720 degrees gave an offset a turn's time off.
+    start, period, n_images, offset = 1000.0, 0.1, 1000, 5.0
+    times = np.arange(start - rest_s, start + n_images * period + 2.0, 0.1)
+    omegas = np.where(times < start, rest_omega, np.clip((times - start) / period, 0, n_images) * osc_range)
+    starts = start + offset + np.arange(n_images) * period
+    windows = np.column_stack([starts, starts + 0.99 * period])
+    assert estimate_clock_offset(times, omegas, windows, 0.0, osc_range) == pytest.approx(offset, abs=1e-6)
+
+
 def test_a_helical_line_without_rotation_relates_the_clocks_by_the_sample_s_place_along_it():
     timing = helical_timing(3)
     start, end = np.array([0.10, -0.20, 0.0, 0.05]), np.array([0.30, -0.20, 0.01, 0.05])

@@ -233,7 +233,7 @@ def estimate_clock_offset(
         raise ValueError("no detector frames: the master file declares no images")
     why = "omega did not move (osc_range 0)"
     if omega_range != 0:
-        images = (_nearest_turn(omegas, omega_start + 0.5 * omega_range * n) - omega_start) / omega_range
+        images = _scan_images(times, omegas, windows, omega_start, omega_range)
         offset = _offset_from_motion(times, images, windows, "omega")
         if offset is not None:
             return offset
@@ -274,16 +274,16 @@ def _offset_from_motion(times, images, windows, method: str) -> ClockOffset | No
     return ClockOffset(offset, method, residuals)
 
 
-def _nearest_turn(omegas: np.ndarray, middle: float) -> np.ndarray:
-    """``omegas`` moved by the whole turns that bring their median nearest to the scan's ``middle``, deg.
+def _scan_images(times, omegas, windows, omega_start: float, omega_range: float) -> np.ndarray:
+    """Each camera frame's place in the scan, in detector frames from the first's start, by its omega.
 
-    A goniometer may read omega a turn away from MXCuBE's ``osc_start`` (350 for a scan from -10): as
-    read, no camera frame would fall inside the scan.
+    A goniometer may read omega whole turns away from MXCuBE's ``osc_start`` (350 for a scan from -10): the
+    readings are taken as they are, or moved by the whole turns (up to two) that put the most camera frames in
+    the scan while omega turns at its speed. Not by where most frames lie: before the scan the goniometer may
+    rest for a minute elsewhere (the centring's angle, the crystal snapshots).
     """
-    finite = np.isfinite(omegas)
-    if not finite.any():
-        return omegas
-    return omegas - 360.0 * np.round((np.median(omegas[finite]) - middle) / 360.0)
+    candidates = [(omegas - 360.0 * turns - omega_start) / omega_range for turns in (0, -1, 1, -2, 2)]
+    return max(candidates, key=lambda images: np.count_nonzero(_moving(times, images, windows)))
 
 
 def _at_scan_speed(times: np.ndarray, images: np.ndarray, period: float) -> np.ndarray:
