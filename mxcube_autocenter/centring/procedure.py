@@ -88,6 +88,11 @@ class _FaultWatch:
                               "diffractometer's software")  # fmt: skip
 
 
+def _whole_turns_away(omega: float, target: float) -> bool:
+    """Whether omega at ``omega`` reads as at ``target`` only modulo a turn (degrees): a move of whole turns."""
+    return abs(target - omega) >= 180.0 and _distance("omega", omega, target) <= _tolerance("omega")
+
+
 def _in_fault(motor) -> bool:
     """Whether a motor object reads FAULT; False when it cannot tell."""
     try:
@@ -390,6 +395,7 @@ class CentringHardware:
         """
         begun = time.monotonic()
         faulty = _FaultWatch(self.motors(tuple(positions)), begun)
+        whole_turns = "omega" in positions and _whole_turns_away(self.positions(("omega",))["omega"], positions["omega"])
         mover = gevent.spawn(outcome, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
             while not mover.ready():
@@ -412,7 +418,7 @@ class CentringHardware:
                 raise err
             # mxcubecore's motor waits raise gevent.Timeout: the move's own failure, never the caller's time-out.
             raise self.move_failure(f"the move to {positions}", positions, err) from err
-        self._await_arrival(positions, begun, timeout, faulty)
+        self._await_arrival(positions, begun, timeout, faulty, whole_turns)
 
     def move_failure(self, what: str, positions: dict, err) -> CentringFailed:
         """``what`` failed with ``err`` (an exception in mxcubecore's own words, e.g. "Timeout waiting for status
@@ -428,17 +434,26 @@ class CentringHardware:
         return CentringFailed(f"{what} failed ({because}){which}: check the motors in the diffractometer's "
                               "software")  # fmt: skip
 
-    def _await_arrival(self, positions: dict, begun: float, timeout: float, faulty):
+    def _await_arrival(self, positions: dict, begun: float, timeout: float, faulty, whole_turns: bool = False):
         """Wait until the motors read ``positions``, up to :data:`ARRIVAL_SETTLE_S` after now, longer (to
-        ``begun + timeout``) while one says it is moving; CentringFailed for one that stopped elsewhere."""
+        ``begun + timeout``) while one says it is moving; CentringFailed for one that stopped elsewhere.
+
+        Omega is compared modulo a turn, so a move of ``whole_turns`` (the way back after the loop search's four
+        quarter turns) reads as arrived before it starts: it has arrived only once omega has been seen turning
+        (within :data:`ARRIVAL_SETTLE_S`; a goniometer that takes the target modulo a turn may not turn) and
+        then stops, or the verdict would come with the goniometer still turning.
+        """
         settled_by = time.monotonic() + ARRIVAL_SETTLE_S
         deadline = max(settled_by, begun + timeout) if timeout else settled_by  # the move's own time-out
+        first_settle = settled_by
         while True:
             now = self.positions(tuple(positions))  # only these: another motor may have dropped out
             off = [name for name, target in positions.items() if _distance(name, now[name], target) > _tolerance(name)]
-            # Omega is compared modulo a turn, so a whole turn back (after the loop search's four quarter turns)
-            # reads as arrived at once: it has arrived only once it stops, or the verdict would come with the
-            # goniometer still turning.
+            if whole_turns and "omega" not in off:
+                if self._busy("omega"):
+                    whole_turns = False  # it has started: from now on it is waited for until it stops
+                elif time.monotonic() < first_settle:
+                    off.append("omega")
             turning = not off and "omega" in positions and self._busy("omega")
             if not off and not turning:
                 return

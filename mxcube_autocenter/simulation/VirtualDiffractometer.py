@@ -39,7 +39,8 @@ class VirtualDiffractometer(DiffractometerMockup):
     Attribute ``ready_before_arrival`` (False): :meth:`set_value_motors`
     returns once the moves are started, before the motors arrive, as an MD3
     (mxcubecore's MicroDiffractometer) may: its state can read Ready just
-    before its motors start. ``phase_change_s`` (0): how long a phase change
+    before its motors start; with ``start_latency_s`` (0) the motors start
+    that long after it has returned, still reading Ready meanwhile. ``phase_change_s`` (0): how long a phase change
     takes, :meth:`set_phase` blocking meanwhile, as an MD3's does (its own
     time-out is 600 s). :meth:`busy_for` makes it busy with a task of its own
     for a while, as an MD3 after a mount, and :meth:`wait_status_ready` waits
@@ -47,6 +48,7 @@ class VirtualDiffractometer(DiffractometerMockup):
     """
 
     ready_before_arrival = False
+    start_latency_s = 0.0
     phase_change_s = 0.0
 
     def init(self):
@@ -111,8 +113,15 @@ class VirtualDiffractometer(DiffractometerMockup):
         if not self.ready_before_arrival:
             return super().set_value_motors(motors_positions_dict, simultaneous=simultaneous, timeout=timeout)
         motors = self.get_motors()
-        for name, value in motors_positions_dict.items():
-            motors[name].set_value(value, timeout=0)
+
+        def start():
+            for name, value in motors_positions_dict.items():
+                motors[name].set_value(value, timeout=0)
+
+        if self.start_latency_s > 0:
+            gevent.spawn_later(self.start_latency_s, start)
+        else:
+            start()
         return None
 
     def get_motors(self):
