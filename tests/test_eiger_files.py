@@ -486,6 +486,8 @@ def test_a_master_file_in_jungfraujochs_layout_reads_its_virtual_dataset_and_sta
     ("2023-11-14 22:13:20.1+0200", "2023-11-14T22:13:20.100000+02:00"),
     ("2023-11-14T22:13:20+01", "2023-11-14T22:13:20+01:00"),
     ("2023-11-14T22:13:20.5", "2023-11-14T22:13:20.500000"),  # local time: no offset
+    ("20231114T221320Z", "2023-11-14T22:13:20+00:00"),  # rarer forms, as Python 3.11 reads them
+    ("2023-11-14T22:13", "2023-11-14T22:13:00"),
 ])
 def test_detector_dates_are_read_as_written_by_any_writer(text, read):
     assert iso_date(text).isoformat() == read

@@ -546,7 +546,11 @@ def iso_date(text: str) -> datetime:
     """
     match = _ISO_DATE.fullmatch(text.strip())
     if match is None:
-        raise ValueError("expected YYYY-MM-DDThh:mm:ss, a fraction of a second and a UTC offset being optional")
+        try:  # the rarer forms this Python reads itself (3.11: "20231114T221320Z", seconds in the offset)
+            return datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError("expected YYYY-MM-DDThh:mm:ss, a fraction of a second and a UTC offset being "
+                             "optional") from None
     fraction = (match["fraction"] or "")[:6].ljust(6, "0")
     offset = "+00:00" if match["utc"] else (
         f"{match['sign']}{match['hours']}:{match['minutes'] or '00'}" if match["sign"] else "")
