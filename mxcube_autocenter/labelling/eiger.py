@@ -536,8 +536,9 @@ _ISO_DATE = re.compile(
 def iso_date(text: str) -> datetime:
     """An ISO-8601 date and time as a detector writes it: naive where it gives no UTC offset.
 
-    Read alike by every Python the package supports (3.10's ``fromisoformat`` reads only 3 or 6 digits of a
-    second and no ``Z``); a fraction beyond microseconds is cut, and blanks around the text are ignored.
+    The forms detectors write are read alike by every Python the package supports (3.10's ``fromisoformat``
+    reads only 3 or 6 digits of a second and no ``Z``); a fraction beyond microseconds is cut, and blanks around
+    the text are ignored. Rarer forms are read as this Python's ``fromisoformat`` reads them.
 
     Raises
     ------
