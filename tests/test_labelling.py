@@ -203,7 +203,7 @@ def test_no_clock_offset_is_made_up_when_omega_does_not_turn_under_the_camera(os
 
 
 
-@pytest.mark.parametrize("turns", [-1, 1, 2])
+@pytest.mark.parametrize("turns", [-1, 1, 2, 5])
 def test_an_omega_read_whole_turns_from_the_scan_s_start_still_relates_the_clocks(turns):
     # A goniometer reading 390 for MXCuBE's osc_start 30 was "omega did not move": no frame fell inside the scan.
     timing = helical_timing(0)

@@ -278,11 +278,16 @@ def _scan_images(times, omegas, windows, omega_start: float, omega_range: float)
     """Each camera frame's place in the scan, in detector frames from the first's start, by its omega.
 
     A goniometer may read omega whole turns away from MXCuBE's ``osc_start`` (350 for a scan from -10): the
-    readings are taken as they are, or moved by the whole turns (up to two) that put the most camera frames in
-    the scan while omega turns at its speed. Not by where most frames lie: before the scan the goniometer may
-    rest for a minute elsewhere (the centring's angle, the crystal snapshots).
+    readings are taken as they are, or moved by the whole turns that put the most camera frames in the scan
+    while omega turns at its speed, among those within two of where most frames lie. Not by where most frames
+    lie alone: before the scan the goniometer may rest for a minute elsewhere (the centring's angle, the crystal
+    snapshots).
     """
-    candidates = [(omegas - 360.0 * turns - omega_start) / omega_range for turns in (0, -1, 1, -2, 2)]
+    finite = omegas[np.isfinite(omegas)]
+    middle = omega_start + 0.5 * omega_range * len(windows)
+    nearest = int(np.round((np.median(finite) - middle) / 360.0)) if finite.size else 0
+    shifts = dict.fromkeys([0, nearest, nearest - 1, nearest + 1, nearest - 2, nearest + 2])  # in this order
+    candidates = [(omegas - 360.0 * turns - omega_start) / omega_range for turns in shifts]
     return max(candidates, key=lambda images: np.count_nonzero(_moving(times, images, windows)))
 
 
