@@ -526,19 +526,21 @@ class EigerSeries:
         self.close()
 
 
-# A date and time as detectors write them: "T" or a space, a fraction of any length, and "Z", "+01:00", "+0100" or "+01".
+# A date and time as detectors write them: extended or basic ("20231114T221320"), "T" or a space, a fraction of
+# any length, and "Z", "+01:00", "+0100" or "+01".
 _ISO_DATE = re.compile(
-    r"(?P<date>\d{4}-\d{2}-\d{2})[T ](?P<time>\d{2}:\d{2}:\d{2})(?:[.,](?P<fraction>\d+))?"
-    r"(?:(?P<utc>[zZ])|(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})?)?"
+    r"(?P<year>\d{4})-?(?P<month>\d{2})-?(?P<day>\d{2})[T ](?P<hour>\d{2}):?(?P<minute>\d{2}):?(?P<second>\d{2})"
+    r"(?:[.,](?P<fraction>\d+))?(?:(?P<utc>[zZ])|(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})?)?"
 )
 
 
 def iso_date(text: str) -> datetime:
     """An ISO-8601 date and time as a detector writes it: naive where it gives no UTC offset.
 
-    The forms detectors write are read alike by every Python the package supports (3.10's ``fromisoformat``
-    reads only 3 or 6 digits of a second and no ``Z``); a fraction beyond microseconds is cut, and blanks around
-    the text are ignored. Rarer forms are read as this Python's ``fromisoformat`` reads them.
+    Read alike by every Python the package supports (3.10's ``fromisoformat`` reads only 3 or 6 digits of a
+    second and no ``Z``); a fraction beyond microseconds is cut, and blanks around the text are ignored. A date
+    without the seconds of its time (a day alone, a week date) is refused: read, it would move the collection's
+    start by up to a day.
 
     Raises
     ------
@@ -547,15 +549,12 @@ def iso_date(text: str) -> datetime:
     """
     match = _ISO_DATE.fullmatch(text.strip())
     if match is None:
-        try:  # the rarer forms this Python reads itself (3.11: "20231114T221320Z", seconds in the offset)
-            return datetime.fromisoformat(text.strip())
-        except ValueError:
-            raise ValueError("expected YYYY-MM-DDThh:mm:ss, a fraction of a second and a UTC offset being "
-                             "optional") from None
+        raise ValueError("expected YYYY-MM-DDThh:mm:ss, a fraction of a second and a UTC offset being optional")
     fraction = (match["fraction"] or "")[:6].ljust(6, "0")
     offset = "+00:00" if match["utc"] else (
         f"{match['sign']}{match['hours']}:{match['minutes'] or '00'}" if match["sign"] else "")
-    return datetime.fromisoformat(f"{match['date']}T{match['time']}.{fraction}{offset}")
+    return datetime.fromisoformat(f"{match['year']}-{match['month']}-{match['day']}T{match['hour']}:"
+                                  f"{match['minute']}:{match['second']}.{fraction}{offset}")
 
 
 def _text(value) -> str:
