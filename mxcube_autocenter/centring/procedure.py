@@ -395,11 +395,14 @@ class CentringHardware:
         """
         begun = time.monotonic()
         faulty = _FaultWatch(self.motors(tuple(positions)), begun)
-        whole_turns = "omega" in positions and _whole_turns_away(self.positions(("omega",))["omega"], positions["omega"])
+        omega_before = self.positions(("omega",))["omega"] if "omega" in positions else None
+        whole_turns = omega_before is not None and _whole_turns_away(omega_before, positions["omega"])
         mover = gevent.spawn(outcome, self.diffractometer.set_value_motors, positions, timeout=timeout)
         try:
             while not mover.ready():
                 mover.join(FAULT_POLL_S)
+                # A diffractometer that waits for its moves turns omega here: seen, it need not be seen again.
+                whole_turns = whole_turns and not self._has_turned(omega_before)
                 names = faulty()
                 if names and not mover.ready():
                     # Stopped, an MD3 reads Ready and the diffractometer's wait returns: a greenlet killed in the
@@ -450,8 +453,8 @@ class CentringHardware:
             now = self.positions(tuple(positions))  # only these: another motor may have dropped out
             off = [name for name, target in positions.items() if _distance(name, now[name], target) > _tolerance(name)]
             if whole_turns and "omega" not in off:
-                if self._busy("omega"):
-                    whole_turns = False  # it has started: from now on it is waited for until it stops
+                if self._busy("omega") or abs(now["omega"] - positions["omega"]) <= _tolerance("omega"):
+                    whole_turns = False  # it has started, or is there by its reading itself: no turn ahead
                 elif time.monotonic() < first_settle:
                     off.append("omega")
             turning = not off and "omega" in positions and self._busy("omega")
@@ -471,6 +474,13 @@ class CentringHardware:
                 name = off[0]
                 raise CentringFailed(f"motor {name} stopped at {now[name]:.4f} instead of {positions[name]:.4f}")
             gevent.sleep(0.05)
+
+    def _has_turned(self, omega_before: float) -> bool:
+        """Whether omega reads BUSY or away from ``omega_before`` (degrees, its reading before a move)."""
+        try:
+            return self._busy("omega") or abs(self.positions(("omega",))["omega"] - omega_before) > _tolerance("omega")
+        except CentringFailed:
+            return False
 
     def _busy(self, name: str) -> bool:
         """Whether motor ``name`` reads BUSY (moving); False when it cannot tell."""

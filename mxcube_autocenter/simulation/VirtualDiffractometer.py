@@ -62,6 +62,7 @@ class VirtualDiffractometer(DiffractometerMockup):
         self.motor_directions = ast.literal_eval(directions) if isinstance(directions, str) else dict(directions)
         self.rotation_axis_phiz = properties.number(self, "rotation_axis_phiz", 0.0, unit="mm")
         self._idle, self._task = gevent.event.Event(), None  # not busy with a task of its own (busy_for)
+        self._late_start = None  # a move waiting out start_latency_s
         self._idle.set()
         self.update_state(self.STATES.READY)
 
@@ -92,6 +93,7 @@ class VirtualDiffractometer(DiffractometerMockup):
         self.update_state(self.STATES.READY)
 
     def abort(self):
+        self._cancel_late_start()
         if self._task is not None:
             self._task.kill()
         self._task_done()
@@ -113,16 +115,26 @@ class VirtualDiffractometer(DiffractometerMockup):
         if not self.ready_before_arrival:
             return super().set_value_motors(motors_positions_dict, simultaneous=simultaneous, timeout=timeout)
         motors = self.get_motors()
+        for name, value in motors_positions_dict.items():
+            if not motors[name].validate_value(value):  # refused now, as without a latency
+                raise ValueError(f"Invalid value {value}; limits are {motors[name].get_limits()}")
 
         def start():
             for name, value in motors_positions_dict.items():
                 motors[name].set_value(value, timeout=0)
 
+        self._cancel_late_start()
         if self.start_latency_s > 0:
-            gevent.spawn_later(self.start_latency_s, start)
+            self._late_start = gevent.spawn_later(self.start_latency_s, start)
         else:
             start()
         return None
+
+    def _cancel_late_start(self):
+        """A move still waiting out ``start_latency_s`` never starts: a stop, or the next move, replaces it."""
+        if self._late_start is not None:
+            self._late_start.kill()
+            self._late_start = None
 
     def get_motors(self):
         """The motors by role, as an MD3 gives them: without those whose state is UNKNOWN or OFF.
